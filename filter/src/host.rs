@@ -1,0 +1,56 @@
+//! Host calls that cannot panic.
+//!
+//! The SDK's trait methods `unwrap` the host's status and decode header values
+//! as UTF-8 with `unwrap`; either would trap the VM on a bad header or an
+//! unexpected host answer. These wrappers take bytes and log failures instead.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType};
+
+pub fn log_error(message: &str) {
+    let _ = hostcalls::log(LogLevel::Error, message);
+}
+
+fn log_failure(what: &str, status: proxy_wasm::types::Status) {
+    log_error(&format!("modelgate: {what} failed: {status:?}"));
+}
+
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).unwrap_or_else(|s| {
+        log_failure("reading a request header", s);
+        None
+    })
+}
+
+pub fn set_request_header(name: &str, value: &str) {
+    if let Err(s) = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value.as_bytes())) {
+        log_failure("setting a request header", s);
+    }
+}
+
+pub fn remove_request_header(name: &str) {
+    if let Err(s) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
+        log_failure("removing a request header", s);
+    }
+}
+
+pub fn request_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).unwrap_or_else(|s| {
+        log_failure("reading the request body", s);
+        None
+    })
+    .unwrap_or_default()
+}
+
+/// Makes Envoy pick the route again, now that the routing header is set.
+pub fn clear_route_cache() {
+    if let Err(s) = hostcalls::call_foreign_function("clear_route_cache", None) {
+        log_failure("clear_route_cache", s);
+    }
+}
+
+pub fn send_response(status: u16, headers: Vec<(&str, &str)>, body: &[u8]) {
+    if let Err(s) = hostcalls::send_http_response(u32::from(status), headers, Some(body)) {
+        log_failure("sending a local reply", s);
+    }
+}

@@ -1,0 +1,178 @@
+//! Reads the `model` field of a JSON request body.
+//!
+//! The body is parsed once, in full (so malformed JSON is refused), but only
+//! `model` is kept: every other value is skipped without being built.
+//! When `model` appears more than once the last one wins, as it does for the
+//! Python and Go JSON decoders backends use, so routing and backend agree.
+
+use modelgate_proto::error::GatewayError;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value;
+use std::fmt;
+
+/// The model a request body names, or the 400 to answer with.
+pub fn read_model(body: &[u8]) -> Result<String, GatewayError> {
+    // serde_json does not check the UTF-8 of values it skips; the backend would.
+    let body = std::str::from_utf8(body).map_err(|e| {
+        GatewayError::invalid_request(format!("The request body is not valid UTF-8 ({e})."), None, None)
+    })?;
+    let found: ModelField = serde_json::from_str(body).map_err(|e| {
+        if e.is_data() {
+            GatewayError::invalid_request("The request body must be a JSON object.".into(), None, None)
+        } else {
+            GatewayError::invalid_request(
+                format!("We could not parse the JSON body of your request ({e}). The API expects a JSON object."),
+                None,
+                None,
+            )
+        }
+    })?;
+    match found.0 {
+        None | Some(Value::Null) => Err(GatewayError::invalid_request(
+            "Missing required parameter: 'model'.".into(),
+            Some("model"),
+            Some("missing_required_parameter"),
+        )),
+        Some(Value::String(model)) if model.is_empty() => Err(GatewayError::invalid_request(
+            "Invalid 'model': empty string. Expected a string with minimum length 1.".into(),
+            Some("model"),
+            Some("empty_string"),
+        )),
+        Some(Value::String(model)) => Ok(model),
+        Some(other) => Err(GatewayError::invalid_request(
+            format!("Invalid type for 'model': expected a string, but got {} instead.", json_type_name(&other)),
+            Some("model"),
+            Some("invalid_type"),
+        )),
+    }
+}
+
+fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a decimal",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The value of `model` in a JSON object; anything but an object is a data error.
+struct ModelField(Option<Value>);
+
+impl<'de> serde::Deserialize<'de> for ModelField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ModelFieldVisitor)
+    }
+}
+
+struct ModelFieldVisitor;
+
+impl<'de> Visitor<'de> for ModelFieldVisitor {
+    type Value = ModelField;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ModelField, A::Error> {
+        let mut model = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "model" {
+                model = Some(map.next_value::<Value>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(ModelField(model))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn err(body: &str) -> GatewayError {
+        read_model(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn reads_the_model_and_ignores_the_rest() {
+        let body = r#"{"messages":[{"role":"user","content":"hi \"model\": x"}],"model":"llama-3","stream":true}"#;
+        assert_eq!(read_model(body.as_bytes()).unwrap(), "llama-3");
+        assert_eq!(read_model(br#"{"model":"a\u00e9\"b"}"#).unwrap(), "a\u{e9}\"b");
+    }
+
+    #[test]
+    fn the_last_duplicate_model_wins() {
+        assert_eq!(read_model(br#"{"model":"a","model":"b"}"#).unwrap(), "b");
+    }
+
+    #[test]
+    fn malformed_bodies_get_400_without_param() {
+        for body in ["", "not json", "{\"model\":\"a\"", "{\"model\":\"a\"} trailing", "[\"model\"]", "\"model\"", "42"] {
+            let e = err(body);
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.body.kind, "invalid_request_error");
+            assert_eq!(e.body.param, None, "{body}");
+        }
+        assert!(err("[1]").body.message.contains("must be a JSON object"));
+        assert!(err("{").body.message.contains("could not parse the JSON body"));
+    }
+
+    #[test]
+    fn missing_or_ill_typed_model_names_the_param() {
+        for (body, code, words) in [
+            ("{}", "missing_required_parameter", "Missing required parameter: 'model'"),
+            (r#"{"model":null}"#, "missing_required_parameter", "Missing required"),
+            (r#"{"model":""}"#, "empty_string", "empty string"),
+            (r#"{"model":7}"#, "invalid_type", "got an integer"),
+            (r#"{"model":1.5}"#, "invalid_type", "got a decimal"),
+            (r#"{"model":["a"]}"#, "invalid_type", "got an array"),
+            (r#"{"model":{"a":1}}"#, "invalid_type", "got an object"),
+            (r#"{"model":true}"#, "invalid_type", "got a boolean"),
+        ] {
+            let e = err(body);
+            assert_eq!((e.status, e.body.param.as_deref(), e.body.code.as_deref()), (400, Some("model"), Some(code)), "{body}");
+            assert!(e.body.message.contains(words), "{body}: {}", e.body.message);
+        }
+    }
+
+    #[test]
+    fn deep_nesting_and_invalid_utf8_are_refused_not_crashed() {
+        // Skipped values are walked without recursion, so depth costs no stack.
+        let deep_elsewhere = format!("{{\"model\":\"m\",\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(read_model(deep_elsewhere.as_bytes()).unwrap(), "m");
+        let deep_model = format!("{{\"model\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(err(&deep_model).status, 400);
+        for body in [&b"{\"model\":\"\xff\xfe\"}"[..], b"{\"x\":\"\xc3\x28\",\"model\":\"m\"}"] {
+            let e = read_model(body).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.body.message.contains("not valid UTF-8"), "{}", e.body.message);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read_model(&body);
+        }
+
+        #[test]
+        fn every_truncation_of_a_valid_body_is_handled(cut in 0usize..80) {
+            let body = br#"{"model":"llama-3","messages":[{"role":"user","content":"hello"}],"n":2}"#;
+            let cut = cut.min(body.len());
+            let result = read_model(&body[..cut]);
+            prop_assert_eq!(result.is_ok(), cut == body.len());
+        }
+
+        #[test]
+        fn any_string_model_round_trips(model in "\\PC{1,64}") {
+            let body = serde_json::to_vec(&serde_json::json!({"model": model, "x": [1, {"y": null}]})).unwrap();
+            prop_assert_eq!(read_model(&body).unwrap(), model);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! What the filter does with a request, decided without Envoy.
+//!
+//! The proxy-wasm callbacks in `lib.rs` only read what Envoy hands them, call
+//! these functions, and carry out the verdict.
+
+use crate::endpoint::{classify, Endpoint};
+use crate::model_field::read_model;
+use modelgate_proto::error::GatewayError;
+use modelgate_proto::models;
+use modelgate_proto::routing::Router;
+
+/// A complete answer the filter sends itself; the body is always JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, &'static str)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    fn ok(body: Vec<u8>) -> Self {
+        Reply { status: 200, headers: Vec::new(), body }
+    }
+}
+
+impl From<GatewayError> for Reply {
+    fn from(err: GatewayError) -> Self {
+        Reply { status: err.status, headers: Vec::new(), body: err.to_json() }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadersVerdict {
+    /// Not a request the filter handles.
+    PassThrough,
+    /// A model-routed request: hold the headers and read the body.
+    ReadBody,
+    Respond(Reply),
+}
+
+/// Where a model-routed request goes, to be written into its headers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Routing {
+    pub cluster: String,
+    pub upstream_model: Option<String>,
+}
+
+/// Decides on the request headers alone. `content_length` is the header's
+/// value if sent, so an oversized body is refused before any of it is buffered.
+pub fn on_request_headers(
+    router: &Router,
+    method: &str,
+    path: &str,
+    content_length: Option<&[u8]>,
+    end_of_stream: bool,
+) -> HeadersVerdict {
+    match classify(method, path) {
+        Endpoint::Other => HeadersVerdict::PassThrough,
+        Endpoint::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router))),
+        Endpoint::RetrieveModel(id) => HeadersVerdict::Respond(match models::retrieve_json(router, &id) {
+            Some(body) => Reply::ok(body),
+            None => GatewayError::model_not_found(&id).into(),
+        }),
+        Endpoint::WrongMethod(allowed) => {
+            let mut reply = Reply::from(GatewayError::method_not_allowed(method, path, allowed));
+            reply.headers.push(("allow", allowed));
+            HeadersVerdict::Respond(reply)
+        }
+        Endpoint::ModelRouted => {
+            let limit = router.max_request_body_bytes();
+            let declared = content_length.and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u64>().ok());
+            if declared.is_some_and(|len| len > limit as u64) {
+                HeadersVerdict::Respond(GatewayError::body_too_large(limit).into())
+            } else if end_of_stream {
+                HeadersVerdict::Respond(
+                    GatewayError::invalid_request("The request body is empty. The API expects a JSON object.".into(), None, None)
+                        .into(),
+                )
+            } else {
+                HeadersVerdict::ReadBody
+            }
+        }
+    }
+}
+
+/// True once the buffered body is over the limit, for bodies without a
+/// content-length (chunked uploads).
+pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
+    let limit = router.max_request_body_bytes();
+    (buffered > limit).then(|| GatewayError::body_too_large(limit).into())
+}
+
+/// Decides on the complete request body of a model-routed request.
+pub fn on_request_body(router: &Router, body: &[u8]) -> Result<Routing, Reply> {
+    let model = read_model(body)?;
+    let target = router.resolve(&model).ok_or_else(|| GatewayError::model_not_found(&model))?;
+    Ok(Routing { cluster: target.cluster.clone(), upstream_model: target.upstream_model.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn router() -> Router {
+        Router::from_json(
+            br#"{"max_request_body_bytes": 64,
+                "backends": {"a": {"cluster": "cluster_a"}, "b": {"cluster": "cluster_b"}},
+                "models": [{"match": "llama-*", "backend": "a"},
+                           {"match": "gpt-4o-mini", "backend": "b", "rename": "qwen-7b"}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn json(reply: &Reply) -> Value {
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    fn respond(verdict: HeadersVerdict) -> Reply {
+        match verdict {
+            HeadersVerdict::Respond(r) => r,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn model_routed_requests_read_their_body_then_route() {
+        let r = router();
+        assert_eq!(on_request_headers(&r, "POST", "/v1/chat/completions", Some(b"20"), false), HeadersVerdict::ReadBody);
+        assert_eq!(
+            on_request_body(&r, br#"{"model":"llama-3"}"#).unwrap(),
+            Routing { cluster: "cluster_a".into(), upstream_model: None }
+        );
+        assert_eq!(
+            on_request_body(&r, br#"{"model":"gpt-4o-mini"}"#).unwrap(),
+            Routing { cluster: "cluster_b".into(), upstream_model: Some("qwen-7b".into()) }
+        );
+    }
+
+    #[test]
+    fn unknown_model_is_404_model_not_found() {
+        let reply = on_request_body(&router(), br#"{"model":"claude-3"}"#).unwrap_err();
+        assert_eq!(reply.status, 404);
+        assert_eq!(json(&reply)["error"]["code"], "model_not_found");
+        assert_eq!(json(&reply)["error"]["param"], "model");
+    }
+
+    #[test]
+    fn oversized_bodies_are_413_by_header_or_by_count() {
+        let r = router();
+        let reply = respond(on_request_headers(&r, "POST", "/v1/embeddings", Some(b"65"), false));
+        assert_eq!(reply.status, 413);
+        assert!(json(&reply)["error"]["message"].as_str().unwrap().contains("64 bytes"));
+        assert_eq!(on_request_headers(&r, "POST", "/v1/embeddings", Some(b"64"), false), HeadersVerdict::ReadBody);
+        assert_eq!(on_request_headers(&r, "POST", "/v1/embeddings", Some(b"junk"), false), HeadersVerdict::ReadBody);
+        assert!(body_too_large(&r, 64).is_none());
+        assert_eq!(body_too_large(&r, 65).unwrap().status, 413);
+    }
+
+    #[test]
+    fn a_bodyless_post_is_400() {
+        let reply = respond(on_request_headers(&router(), "POST", "/v1/chat/completions", None, true));
+        assert_eq!(reply.status, 400);
+    }
+
+    #[test]
+    fn models_are_answered_from_configuration() {
+        let r = router();
+        let list = respond(on_request_headers(&r, "GET", "/v1/models", None, true));
+        assert_eq!(list.status, 200);
+        assert_eq!(json(&list)["data"][0]["id"], "gpt-4o-mini");
+        let one = respond(on_request_headers(&r, "GET", "/v1/models/llama-3-70b", None, true));
+        assert_eq!(json(&one)["id"], "llama-3-70b");
+        let missing = respond(on_request_headers(&r, "GET", "/v1/models/nope", None, true));
+        assert_eq!(missing.status, 404);
+    }
+
+    #[test]
+    fn wrong_method_is_405_with_allow() {
+        let reply = respond(on_request_headers(&router(), "GET", "/v1/chat/completions", None, true));
+        assert_eq!(reply.status, 405);
+        assert_eq!(reply.headers, vec![("allow", "POST")]);
+    }
+
+    #[test]
+    fn other_paths_pass_through() {
+        assert_eq!(on_request_headers(&router(), "GET", "/health", None, true), HeadersVerdict::PassThrough);
+    }
+}

@@ -1,0 +1,54 @@
+//! The filter's configuration: the JSON inside the Envoy YAML's
+//! `plugin_config.configuration`. Unknown keys are rejected so that a typo
+//! fails loudly when Envoy loads the configuration, not silently at run time.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Default limit on a request body the filter buffers to read `model`.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Requests with a larger body get a 413.
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_request_body_bytes: usize,
+    /// Backends by name.
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// Which backend serves which model names.
+    pub models: Vec<ModelRouteConfig>,
+}
+
+fn default_max_request_body_bytes() -> usize {
+    DEFAULT_MAX_REQUEST_BODY_BYTES
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// The Envoy cluster requests for this backend go to.
+    pub cluster: String,
+    /// `owned_by` in `/v1/models` answers; the backend's name if unset.
+    #[serde(default)]
+    pub owned_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRouteConfig {
+    /// An exact model name, a prefix pattern ending in `*` (`claude-*`), or `*` alone.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Name of an entry in `backends`.
+    pub backend: String,
+    /// The model name the backend expects, when it differs from the client's.
+    #[serde(default)]
+    pub rename: Option<String>,
+}
+
+impl FilterConfig {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("invalid modelgate configuration: {e}"))
+    }
+}

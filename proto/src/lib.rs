@@ -1,0 +1,10 @@
+//! Types shared by the wasm filter and the ext-proc service.
+//!
+//! Everything here is plain Rust with no I/O, so it builds for `wasm32-wasip1`
+//! and natively, and is unit-tested without Envoy.
+
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod models;
+pub mod routing;

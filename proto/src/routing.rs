@@ -1,0 +1,193 @@
+//! The routing table: which backend serves a model name.
+//!
+//! Precedence does not depend on the order of the configuration: an exact
+//! name wins over any pattern, a longer prefix over a shorter one, and the
+//! catch-all `*` comes last.
+
+use crate::config::{BackendConfig, FilterConfig, ModelRouteConfig};
+use std::collections::HashMap;
+
+/// Where one model's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub backend: String,
+    pub cluster: String,
+    pub owned_by: String,
+    /// The model name to send upstream, when the backend expects another one.
+    pub upstream_model: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<String, Target>,
+    /// Longest prefix first.
+    prefixes: Vec<(String, Target)>,
+    catch_all: Option<Target>,
+    /// Exact names in configuration order: what `/v1/models` lists.
+    listed: Vec<String>,
+    max_request_body_bytes: usize,
+}
+
+impl Router {
+    pub fn from_config(config: &FilterConfig) -> Result<Self, String> {
+        let mut router = Router { max_request_body_bytes: config.max_request_body_bytes, ..Router::default() };
+        for route in &config.models {
+            let backend = config
+                .backends
+                .get(&route.backend)
+                .ok_or_else(|| format!("model route `{}` names unknown backend `{}`", route.pattern, route.backend))?;
+            let target = target_for(route, backend);
+            let duplicate = match Pattern::parse(&route.pattern)? {
+                Pattern::CatchAll => router.catch_all.replace(target).is_some(),
+                Pattern::Prefix(prefix) => {
+                    let seen = router.prefixes.iter().any(|(p, _)| p == prefix);
+                    router.prefixes.push((prefix.to_string(), target));
+                    seen
+                }
+                Pattern::Exact(name) => {
+                    router.listed.push(name.to_string());
+                    router.exact.insert(name.to_string(), target).is_some()
+                }
+            };
+            if duplicate {
+                return Err(format!("model pattern `{}` is configured twice", route.pattern));
+            }
+        }
+        router.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Ok(router)
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        Self::from_config(&FilterConfig::from_json(bytes)?)
+    }
+
+    /// The backend for a model name, or `None` when no route serves it.
+    pub fn resolve(&self, model: &str) -> Option<&Target> {
+        if let Some(target) = self.exact.get(model) {
+            return Some(target);
+        }
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| model.starts_with(prefix.as_str()))
+            .map(|(_, target)| target)
+            .or(self.catch_all.as_ref())
+    }
+
+    /// Models listed by `/v1/models`: the exact names, in configuration order.
+    /// Patterns cannot be enumerated; their models can still be retrieved by id.
+    pub fn listed_models(&self) -> impl Iterator<Item = (&str, &Target)> {
+        self.listed.iter().filter_map(|name| self.exact.get(name).map(|t| (name.as_str(), t)))
+    }
+
+    pub fn max_request_body_bytes(&self) -> usize {
+        self.max_request_body_bytes
+    }
+}
+
+fn target_for(route: &ModelRouteConfig, backend: &BackendConfig) -> Target {
+    Target {
+        backend: route.backend.clone(),
+        cluster: backend.cluster.clone(),
+        owned_by: backend.owned_by.clone().unwrap_or_else(|| route.backend.clone()),
+        upstream_model: route.rename.clone(),
+    }
+}
+
+enum Pattern<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+    CatchAll,
+}
+
+impl<'a> Pattern<'a> {
+    fn parse(pattern: &'a str) -> Result<Self, String> {
+        match pattern.find('*') {
+            None if pattern.is_empty() => Err("a model pattern must not be empty".to_string()),
+            None => Ok(Pattern::Exact(pattern)),
+            Some(0) if pattern.len() == 1 => Ok(Pattern::CatchAll),
+            Some(i) if i == pattern.len() - 1 => Ok(Pattern::Prefix(&pattern[..i])),
+            Some(_) => Err(format!("model pattern `{pattern}`: `*` is allowed only at the end")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(models: &str) -> Result<Router, String> {
+        Router::from_json(
+            format!(
+                r#"{{"backends": {{"a": {{"cluster": "ca"}}, "b": {{"cluster": "cb", "owned_by": "team-b"}}}},
+                   "models": {models}}}"#
+            )
+            .as_bytes(),
+        )
+    }
+
+    fn backend_of(r: &Router, model: &str) -> Option<String> {
+        r.resolve(model).map(|t| t.backend.clone())
+    }
+
+    #[test]
+    fn exact_beats_longer_prefix_beats_shorter_prefix_beats_catch_all() {
+        let r = router(
+            r#"[{"match": "*", "backend": "a"},
+                {"match": "gpt-*", "backend": "b"},
+                {"match": "gpt-4*", "backend": "a"},
+                {"match": "gpt-4o", "backend": "b"}]"#,
+        )
+        .unwrap();
+        assert_eq!(backend_of(&r, "gpt-4o").as_deref(), Some("b"));
+        assert_eq!(backend_of(&r, "gpt-4-turbo").as_deref(), Some("a"));
+        assert_eq!(backend_of(&r, "gpt-3.5").as_deref(), Some("b"));
+        assert_eq!(backend_of(&r, "llama").as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn unknown_model_without_catch_all_is_unrouted() {
+        let r = router(r#"[{"match": "claude-*", "backend": "a"}]"#).unwrap();
+        assert_eq!(backend_of(&r, "claude-3"), Some("a".into()));
+        assert_eq!(backend_of(&r, "claude"), None);
+        assert_eq!(backend_of(&r, ""), None);
+    }
+
+    #[test]
+    fn rename_and_owner_travel_with_the_target() {
+        let r = router(r#"[{"match": "fast", "backend": "b", "rename": "llama-3.1-8b"}]"#).unwrap();
+        let t = r.resolve("fast").unwrap();
+        assert_eq!(t.cluster, "cb");
+        assert_eq!(t.owned_by, "team-b");
+        assert_eq!(t.upstream_model.as_deref(), Some("llama-3.1-8b"));
+    }
+
+    #[test]
+    fn only_exact_names_are_listed_in_order() {
+        let r = router(r#"[{"match": "z", "backend": "a"}, {"match": "p-*", "backend": "a"}, {"match": "m", "backend": "b"}]"#)
+            .unwrap();
+        let names: Vec<_> = r.listed_models().map(|(n, _)| n).collect();
+        assert_eq!(names, ["z", "m"]);
+    }
+
+    #[test]
+    fn bad_configurations_are_rejected_with_the_reason() {
+        let err = router(r#"[{"match": "x", "backend": "nope"}]"#).unwrap_err();
+        assert!(err.contains("unknown backend `nope`"), "{err}");
+        assert!(router(r#"[{"match": "a*b", "backend": "a"}]"#).unwrap_err().contains("only at the end"));
+        assert!(router(r#"[{"match": "", "backend": "a"}]"#).unwrap_err().contains("empty"));
+        assert!(router(r#"[{"match": "x", "backend": "a"}, {"match": "x", "backend": "b"}]"#)
+            .unwrap_err()
+            .contains("twice"));
+        assert!(router(r#"[{"match": "p*", "backend": "a"}, {"match": "p*", "backend": "b"}]"#).is_err());
+        assert!(router(r#"[{"match": "x", "backend": "a", "renmae": "y"}]"#).unwrap_err().contains("unknown field"));
+        assert!(Router::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn body_limit_defaults_and_overrides() {
+        let r = router("[]").unwrap();
+        assert_eq!(r.max_request_body_bytes(), crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES);
+        let r = Router::from_json(br#"{"max_request_body_bytes": 10, "backends": {}, "models": []}"#).unwrap();
+        assert_eq!(r.max_request_body_bytes(), 10);
+    }
+}
