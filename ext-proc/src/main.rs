@@ -1,0 +1,39 @@
+use clap::Parser;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use modelgate_ext_proc::service::Processor;
+use std::net::SocketAddr;
+
+/// modelgate's ext_proc gRPC service for Envoy.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "MODELGATE_EXT_PROC_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    tracing::info!(listen = %args.listen, "modelgate ext-proc listening");
+    tonic::transport::Server::builder()
+        .add_service(ExternalProcessorServer::new(Processor))
+        .serve_with_shutdown(args.listen, shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,315 @@
+//! The OpenAI (vLLM-like) face: chat completions, completions, embeddings and
+//! models, streaming or not, with injected latency and failures.
+
+use crate::generate;
+use crate::settings::Behaviour;
+use crate::Sim;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub fn routes() -> Router<Arc<Sim>> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+}
+
+/// An error in vLLM's own shape: `code` is the HTTP status as an integer,
+/// which is exactly what the gateway has to normalise.
+pub fn vllm_error(status: u16, message: &str) -> Response {
+    let kind = match status {
+        400 => "BadRequestError",
+        401 => "AuthenticationError",
+        404 => "NotFoundError",
+        429 => "RateLimitError",
+        _ => "InternalServerError",
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}});
+    (status, Json(body)).into_response()
+}
+
+/// A request that passed the checks every endpoint shares.
+struct Call {
+    body: Value,
+    model: String,
+    behaviour: Behaviour,
+}
+
+fn begin(sim: &Sim, uri: &Uri, headers: &HeaderMap, bytes: &Bytes) -> Result<Call, Response> {
+    let body: Value = serde_json::from_slice(bytes).map_err(|e| vllm_error(400, &format!("invalid JSON body: {e}")))?;
+    sim.journal.record(uri.path(), headers, &body);
+    let behaviour = sim.settings.behaviour(headers);
+    if let Some(status) = behaviour.injected_failure() {
+        return Err(vllm_error(status, "simulated failure"));
+    }
+    let model = body["model"].as_str().ok_or_else(|| vllm_error(400, "`model` is required"))?.to_string();
+    if !sim.settings.models.is_empty() && !sim.settings.models.contains(&model) {
+        return Err(vllm_error(404, &format!("The model `{model}` does not exist.")));
+    }
+    Ok(Call { body, model, behaviour })
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", fastrand::u64(..))
+}
+
+/// How many tokens to produce for each choice, and why generation stopped.
+fn plan_tokens(body: &Value, behaviour: &Behaviour) -> (u32, &'static str) {
+    let limit = body["max_completion_tokens"].as_u64().or_else(|| body["max_tokens"].as_u64());
+    match limit {
+        Some(limit) if limit < u64::from(behaviour.output_tokens) => (limit as u32, "length"),
+        _ => (behaviour.output_tokens, "stop"),
+    }
+}
+
+fn choices_count(body: &Value) -> u32 {
+    body["n"].as_u64().unwrap_or(1).clamp(1, 16) as u32
+}
+
+fn usage(prompt: u32, completion: u32) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The time a non-streamed answer of `tokens` tokens takes.
+fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
+    behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
+}
+
+async fn chat_completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Response {
+    let call = match begin(&sim, &uri, &headers, &bytes) {
+        Ok(call) => call,
+        Err(response) => return response,
+    };
+    let Some(messages) = call.body["messages"].as_array() else {
+        return vllm_error(400, "`messages` is required");
+    };
+    let prompt = generate::chat_prompt_tokens(messages);
+    let kind = StreamKind::Chat;
+    respond(sim, call, kind, prompt).await
+}
+
+async fn completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Response {
+    let call = match begin(&sim, &uri, &headers, &bytes) {
+        Ok(call) => call,
+        Err(response) => return response,
+    };
+    if call.body["prompt"].is_null() {
+        return vllm_error(400, "`prompt` is required");
+    }
+    let prompt = generate::items(&call.body["prompt"]).iter().map(generate::item_tokens).sum();
+    respond(sim, call, StreamKind::Completion, prompt).await
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StreamKind {
+    Chat,
+    Completion,
+}
+
+async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: u32) -> Response {
+    let (tokens, finish) = plan_tokens(&call.body, &call.behaviour);
+    let n = choices_count(&call.body);
+    let plan = Plan {
+        kind,
+        id: new_id(match kind {
+            StreamKind::Chat => "chatcmpl",
+            StreamKind::Completion => "cmpl",
+        }),
+        created: now(),
+        model: call.model,
+        n,
+        tokens,
+        finish,
+        prompt,
+        include_usage: call.body["stream_options"]["include_usage"].as_bool() == Some(true),
+        behaviour: call.behaviour,
+    };
+    if call.body["stream"].as_bool() == Some(true) {
+        stream(sim, plan)
+    } else {
+        let running = sim.metrics.start(&plan.model);
+        tokio::time::sleep(generation_time(&plan.behaviour, tokens)).await;
+        running.finish(prompt, tokens * n);
+        Json(plan.whole()).into_response()
+    }
+}
+
+/// Everything needed to write one completion, whole or as a stream.
+struct Plan {
+    kind: StreamKind,
+    id: String,
+    created: u64,
+    model: String,
+    n: u32,
+    tokens: u32,
+    finish: &'static str,
+    prompt: u32,
+    include_usage: bool,
+    behaviour: Behaviour,
+}
+
+impl Plan {
+    fn whole(&self) -> Value {
+        let text = generate::text(self.tokens);
+        let choices: Vec<Value> = (0..self.n)
+            .map(|index| match self.kind {
+                StreamKind::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": text, "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": self.finish,
+                }),
+                StreamKind::Completion => json!({"index": index, "text": text, "logprobs": null, "finish_reason": self.finish}),
+            })
+            .collect();
+        let object = match self.kind {
+            StreamKind::Chat => "chat.completion",
+            StreamKind::Completion => "text_completion",
+        };
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": choices, "usage": usage(self.prompt, self.tokens * self.n),
+        })
+    }
+
+    /// One chunk with one choice. `piece` is the new text, `None` for the role-only opening chunk of chat.
+    fn chunk(&self, index: u32, piece: Option<&str>, finish: Option<&str>) -> Value {
+        let (object, choice) = match self.kind {
+            StreamKind::Chat => {
+                let delta = match (piece, finish) {
+                    (_, Some(_)) => json!({}),
+                    (None, None) => json!({"role": "assistant", "content": ""}),
+                    (Some(text), None) => json!({"content": text}),
+                };
+                ("chat.completion.chunk", json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}))
+            }
+            StreamKind::Completion => (
+                "text_completion",
+                json!({"index": index, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            ),
+        };
+        let mut chunk = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
+    fn usage_chunk(&self) -> Value {
+        let object = match self.kind {
+            StreamKind::Chat => "chat.completion.chunk",
+            StreamKind::Completion => "text_completion",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "choices": [], "usage": usage(self.prompt, self.tokens * self.n)})
+    }
+}
+
+fn sse(event: &Value) -> Result<Bytes, std::io::Error> {
+    Ok(Bytes::from(format!("data: {event}\n\n")))
+}
+
+/// Streams `plan` as server-sent events with the planned delays. An abort
+/// drops the connection mid-body, as a crashing engine would.
+fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let running = sim.metrics.start(&plan.model);
+        tokio::time::sleep(plan.behaviour.ttft).await;
+        if matches!(plan.kind, StreamKind::Chat) {
+            for index in 0..plan.n {
+                if tx.send(sse(&plan.chunk(index, None, None))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        for i in 0..plan.tokens {
+            if plan.behaviour.abort_after == Some(i) {
+                let _ = tx.send(Err(std::io::Error::other("simulated abort"))).await;
+                return;
+            }
+            if i > 0 {
+                tokio::time::sleep(plan.behaviour.itl).await;
+            }
+            let piece = generate::token(i);
+            for index in 0..plan.n {
+                if tx.send(sse(&plan.chunk(index, Some(&piece), None))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        for index in 0..plan.n {
+            let _ = tx.send(sse(&plan.chunk(index, None, Some(plan.finish)))).await;
+        }
+        if plan.include_usage {
+            let _ = tx.send(sse(&plan.usage_chunk())).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        running.finish(plan.prompt, plan.tokens * plan.n);
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(ReceiverStream::new(rx)))
+        .unwrap_or_else(|_| vllm_error(500, "could not build the stream"))
+}
+
+async fn embeddings(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Response {
+    let call = match begin(&sim, &uri, &headers, &bytes) {
+        Ok(call) => call,
+        Err(response) => return response,
+    };
+    if call.body["input"].is_null() {
+        return vllm_error(400, "`input` is required");
+    }
+    let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
+    let base64 = call.body["encoding_format"].as_str() == Some("base64");
+    let running = sim.metrics.start(&call.model);
+    tokio::time::sleep(call.behaviour.ttft).await;
+    let inputs = generate::items(&call.body["input"]);
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let vector = generate::embedding(item, dim);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let prompt: u32 = inputs.iter().map(generate::item_tokens).sum();
+    running.finish(prompt, 0);
+    Json(json!({"object": "list", "data": data, "model": call.model,
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
+    .into_response()
+}
+
+async fn list_models(State(sim): State<Arc<Sim>>) -> Response {
+    let data: Vec<Value> = sim
+        .settings
+        .models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "vllm"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}

@@ -1,0 +1,95 @@
+//! How a simulated backend behaves: set at start-up, and overridable per
+//! request with `x-sim-*` headers so one process can serve many test cases.
+
+use axum::http::HeaderMap;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// An OpenAI/vLLM-like LLM backend that answers instantly-generated text.
+#[derive(Debug, Clone, Parser)]
+#[command(version)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// Name of this backend, returned in the `x-sim-backend` response header.
+    #[arg(long, default_value = "simulator")]
+    pub name: String,
+    /// A model this backend serves (repeatable). With none, any model is accepted.
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Time to first token, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub ttft_ms: u64,
+    /// Time between tokens, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub itl_ms: u64,
+    /// Tokens generated when the request sets no lower max_tokens.
+    #[arg(long, default_value_t = 16)]
+    pub output_tokens: u32,
+    /// Length of embedding vectors when the request sets no `dimensions`.
+    #[arg(long, default_value_t = 16)]
+    pub embedding_dim: usize,
+    /// Answer requests with this HTTP status instead of a completion.
+    #[arg(long)]
+    pub fail_status: Option<u16>,
+    /// Fraction of requests (0 to 1) that get `fail_status`.
+    #[arg(long, default_value_t = 1.0)]
+    pub fail_rate: f64,
+    /// Abort streams (reset the connection) after this many content chunks.
+    #[arg(long)]
+    pub abort_after: Option<u32>,
+}
+
+/// The behaviour for one request: the settings, with any `x-sim-*` header applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Behaviour {
+    pub ttft: Duration,
+    pub itl: Duration,
+    pub output_tokens: u32,
+    pub fail_status: Option<u16>,
+    pub fail_rate: f64,
+    pub abort_after: Option<u32>,
+}
+
+impl Settings {
+    pub fn behaviour(&self, headers: &HeaderMap) -> Behaviour {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
+        Behaviour {
+            ttft: Duration::from_millis(number("x-sim-ttft-ms").unwrap_or(self.ttft_ms)),
+            itl: Duration::from_millis(number("x-sim-itl-ms").unwrap_or(self.itl_ms)),
+            output_tokens: number("x-sim-output-tokens").map_or(self.output_tokens, |n| n.min(u32::MAX as u64) as u32),
+            fail_status: number("x-sim-fail-status").and_then(|s| u16::try_from(s).ok()).or(self.fail_status),
+            fail_rate: get("x-sim-fail-rate").and_then(|v| v.parse().ok()).unwrap_or(self.fail_rate),
+            abort_after: number("x-sim-abort-after").map(|n| n.min(u32::MAX as u64) as u32).or(self.abort_after),
+        }
+    }
+}
+
+impl Behaviour {
+    /// The status to fail this request with, if it is one of the unlucky ones.
+    pub fn injected_failure(&self) -> Option<u16> {
+        self.fail_status.filter(|_| fastrand::f64() < self.fail_rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_override_settings() {
+        let settings = Settings::parse_from(["sim", "--ttft-ms", "5", "--fail-status", "503", "--fail-rate", "0"]);
+        let mut headers = HeaderMap::new();
+        assert_eq!(settings.behaviour(&headers).ttft, Duration::from_millis(5));
+        assert_eq!(settings.behaviour(&headers).injected_failure(), None);
+        headers.insert("x-sim-ttft-ms", "50".parse().unwrap());
+        headers.insert("x-sim-fail-status", "429".parse().unwrap());
+        headers.insert("x-sim-fail-rate", "1".parse().unwrap());
+        headers.insert("x-sim-abort-after", "3".parse().unwrap());
+        let b = settings.behaviour(&headers);
+        assert_eq!((b.ttft, b.abort_after, b.injected_failure()), (Duration::from_millis(50), Some(3), Some(429)));
+    }
+}
