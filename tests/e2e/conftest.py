@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-import httpx2 as httpx  # the HTTP client the openai SDK itself is built on
+import httpx2  # the HTTP client the openai SDK itself is built on
 import openai
 import pytest
 import yaml
@@ -34,13 +34,13 @@ def client(stack) -> openai.OpenAI:
 
 @pytest.fixture
 def http(stack):
-    with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}", timeout=30) as c:
+    with httpx2.Client(base_url=f"http://127.0.0.1:{stack.port}", timeout=30) as c:
         yield c
 
 
 def backend_requests(stack, backend: str) -> list[dict]:
     """What a simulated backend received, oldest first."""
-    return httpx.get(f"{stack.backend_url(backend)}/sim/requests").json()["requests"]
+    return httpx2.get(f"{stack.backend_url(backend)}/sim/requests").json()["requests"]
 
 
 def received_by(stack, backend: str, request_id: str) -> dict | None:

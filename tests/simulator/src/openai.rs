@@ -241,6 +241,9 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         }
         for i in 0..plan.tokens {
             if plan.behaviour.abort_after == Some(i) {
+                // Crash when the next token is due; the pause also lets the
+                // chunks already sent leave before the connection drops.
+                tokio::time::sleep(plan.behaviour.itl.max(Duration::from_millis(20))).await;
                 let _ = tx.send(Err(std::io::Error::other("simulated abort"))).await;
                 return;
             }
