@@ -91,29 +91,20 @@ fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
     behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
 }
 
-async fn chat_completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Response {
-    let call = match begin(&sim, &uri, &headers, &bytes) {
-        Ok(call) => call,
-        Err(response) => return response,
-    };
-    let Some(messages) = call.body["messages"].as_array() else {
-        return vllm_error(400, "`messages` is required");
-    };
+async fn chat_completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Result<Response, Response> {
+    let call = begin(&sim, &uri, &headers, &bytes)?;
+    let messages = call.body["messages"].as_array().ok_or_else(|| vllm_error(400, "`messages` is required"))?;
     let prompt = generate::chat_prompt_tokens(messages);
-    let kind = StreamKind::Chat;
-    respond(sim, call, kind, prompt).await
+    Ok(respond(sim, call, StreamKind::Chat, prompt).await)
 }
 
-async fn completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Response {
-    let call = match begin(&sim, &uri, &headers, &bytes) {
-        Ok(call) => call,
-        Err(response) => return response,
-    };
+async fn completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Result<Response, Response> {
+    let call = begin(&sim, &uri, &headers, &bytes)?;
     if call.body["prompt"].is_null() {
-        return vllm_error(400, "`prompt` is required");
+        return Err(vllm_error(400, "`prompt` is required"));
     }
     let prompt = generate::items(&call.body["prompt"]).iter().map(generate::item_tokens).sum();
-    respond(sim, call, StreamKind::Completion, prompt).await
+    Ok(respond(sim, call, StreamKind::Completion, prompt).await)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -273,13 +264,10 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         .unwrap_or_else(|_| vllm_error(500, "could not build the stream"))
 }
 
-async fn embeddings(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Response {
-    let call = match begin(&sim, &uri, &headers, &bytes) {
-        Ok(call) => call,
-        Err(response) => return response,
-    };
+async fn embeddings(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Result<Response, Response> {
+    let call = begin(&sim, &uri, &headers, &bytes)?;
     if call.body["input"].is_null() {
-        return vllm_error(400, "`input` is required");
+        return Err(vllm_error(400, "`input` is required"));
     }
     let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
     let base64 = call.body["encoding_format"].as_str() == Some("base64");
@@ -302,9 +290,9 @@ async fn embeddings(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, b
         .collect();
     let prompt: u32 = inputs.iter().map(generate::item_tokens).sum();
     running.finish(prompt, 0);
-    Json(json!({"object": "list", "data": data, "model": call.model,
-                "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
-    .into_response()
+    Ok(Json(json!({"object": "list", "data": data, "model": call.model,
+                   "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
+    .into_response())
 }
 
 async fn list_models(State(sim): State<Arc<Sim>>) -> Response {
