@@ -53,7 +53,7 @@ impl Router {
                 return Err(format!("model pattern `{}` is configured twice", route.pattern));
             }
         }
-        router.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        router.prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Ok(router)
     }
 

@@ -47,6 +47,7 @@ struct Call {
     behaviour: Behaviour,
 }
 
+#[allow(clippy::result_large_err)] // an error here is the finished answer, built once per request
 fn begin(sim: &Sim, uri: &Uri, headers: &HeaderMap, bytes: &Bytes) -> Result<Call, Response> {
     let body: Value = serde_json::from_slice(bytes).map_err(|e| vllm_error(400, &format!("invalid JSON body: {e}")))?;
     sim.journal.record(uri.path(), headers, &body);
