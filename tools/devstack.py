@@ -108,10 +108,11 @@ class Stack:
         demo = next(port for port, backend in DEMO_BACKENDS.items() if backend == name)
         return f"http://127.0.0.1:{self.ports[demo]}"
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Starts a process that lives and dies with the stack; its output goes to `<name>.log`."""
         log = open(self.workdir / f"{name}.log", "wb")
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=ROOT, preexec_fn=_die_with_parent)
+                                   cwd=ROOT, preexec_fn=_die_with_parent, env=env)
         self.processes.append((name, process))
 
     def start(self) -> "Stack":
@@ -120,28 +121,46 @@ class Stack:
                 sys.exit(f"{artifact} is missing: run `make build` first")
         try:
             for demo, name in DEMO_BACKENDS.items():
-                self._spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
+                self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
                                    "--listen", f"127.0.0.1:{self.ports[demo]}"])
-            self._spawn("ext-proc", [str(BIN / "modelgate-ext-proc"),
+            self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"),
                                      "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
-            config = self.workdir / "envoy.yaml"
-            config.write_text(render_config(DEMO_CONFIG, self.ports))
-            self._spawn("envoy", [envoy_binary(), "-c", str(config), "--concurrency", "2",
-                                  "--disable-hot-restart", "--log-level", self.log_level])
             for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT]]:
-                self._wait_for_port(port)
-            self._wait_until_envoy_is_live()
+                self.wait_for_port(port)
+            self.start_envoy("envoy", DEMO_CONFIG, self.ports)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_envoy(self, name: str, template: Path, ports: dict[int, int]) -> None:
+        """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
+        config = self.workdir / f"{name}.yaml"
+        config.write_text(render_config(template, ports))
+        self.spawn(name, [envoy_binary(), "-c", str(config), "--concurrency", "2",
+                           "--disable-hot-restart", "--log-level", self.log_level])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[ADMIN_PORT]}/ready", timeout=1) as r:
+                    if r.read().strip() == b"LIVE":
+                        self.wait_for_port(ports[LISTENER_PORT])
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} is not ready after 60s:\n{self.log_tail(name)}")
+
+    def pid(self, name: str) -> int:
+        return next(process.pid for n, process in self.processes if n == name)
 
     def _check_alive(self) -> None:
         for name, process in self.processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
 
-    def _wait_for_port(self, port: int, timeout: float = 30) -> None:
+    def wait_for_port(self, port: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
@@ -151,20 +170,6 @@ class Stack:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
-
-    def _wait_until_envoy_is_live(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                with urllib.request.urlopen(f"{self.admin_url}/ready", timeout=1) as r:
-                    if r.read().strip() == b"LIVE":
-                        self._wait_for_port(self.port)
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"Envoy is not ready after {timeout}s:\n{self.log_tail('envoy')}")
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.workdir / f"{name}.log"

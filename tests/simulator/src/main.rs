@@ -9,6 +9,7 @@ mod openai;
 mod settings;
 
 use axum::extract::State;
+use axum::serve::ListenerExt;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -42,7 +43,10 @@ async fn main() -> std::io::Result<()> {
             }
         }))
         .with_state(sim);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    // Without TCP_NODELAY, small SSE chunks wait on the client's delayed ACK (~40 ms).
+    let listener = tokio::net::TcpListener::bind(listen).await?.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     eprintln!("modelgate-simulator listening on {listen}");
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
 }

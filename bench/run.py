@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""`make bench`: what modelgate adds to every request, measured in one run
+against bare Envoy, the backend directly, and LiteLLM, on the same simulator.
+
+    python bench/run.py [--short] [--out DIR]
+
+Every figure is reported against bare Envoy measured in the same run: these
+machines are shared and noisy, and absolute numbers mean little on their own.
+Writes DIR/bench-<time>.json, .md and .svg (latency against offered rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from devstack import ADMIN_PORT, LISTENER_PORT, Stack, free_port  # noqa: E402
+
+LOADGEN = ROOT / "target" / "release" / "modelgate-loadgen"
+LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+BARE_CONFIG = ROOT / "bench" / "bare-envoy.yaml"
+BACKEND = "vllm-llama"
+MODEL = "llama-3.1-8b-instruct"      # routed straight to BACKEND
+RENAMED = "gpt-4o-mini"              # routed to BACKEND through ext_proc
+PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
+
+STREAM_TOKENS = 20
+STREAM_ITL_MS = 10
+
+
+class Run:
+    def __init__(self, short: bool):
+        self.short = short
+        self.duration = 1.0 if short else 5.0
+        self.warmup = 0.2 if short else 1.0
+        self.urls: dict[str, tuple[str, str]] = {}
+
+    def load(self, scenario: str, *, rate: float | None = None, concurrency: int | None = None,
+             stream: bool = False, headers: dict[str, str] | None = None, duration: float | None = None) -> dict:
+        url, model = self.urls[scenario]
+        body = {"model": model, "messages": PROMPT, "max_tokens": 16}
+        if stream:
+            body["stream"] = True
+        argv = [str(LOADGEN), "--url", url, "--body", json.dumps(body),
+                "--duration", str(duration or self.duration), "--warmup", str(self.warmup)]
+        argv += ["--rate", str(rate)] if rate else ["--concurrency", str(concurrency or 1)]
+        for name, value in (headers or {}).items():
+            argv += ["--header", f"{name}: {value}"]
+        result = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+        result["scenario"] = scenario
+        return result
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def start_litellm(stack: Stack, backend_url: str) -> int | None:
+    """LiteLLM's proxy with one worker in front of the same backend, if `make bench` installed it."""
+    if not LITELLM.exists():
+        return None
+    port = free_port()
+    config = stack.workdir / "litellm.yaml"
+    config.write_text(json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": {
+        "model": f"openai/{MODEL}", "api_base": f"{backend_url}/v1", "api_key": "unused"}}]}))
+    env = {"PATH": "/usr/bin:/bin", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
+           "HOME": str(stack.workdir)}
+    stack.spawn("litellm", [str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                            "--num_workers", "1"], env=env)
+    stack.wait_for_port(port, timeout=180)
+    return port
+
+
+def measure(run: Run, stack: Stack, peer: bool) -> dict:
+    results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    scenarios = ["direct", "bare", "passthrough", "ext_proc"]
+    if peer and "litellm" in run.urls:
+        scenarios.append("litellm")
+
+    # Closed loop: the most each scenario serves.
+    concurrency = 4 if run.short else 16
+    results["throughput"] = {s: run.load(s, concurrency=concurrency) for s in scenarios}
+    bare_max = results["throughput"]["bare"]["throughput_rps"]
+
+    # Open loop: latency at fixed offered rates, scenarios interleaved so drift hits all alike.
+    fractions = [0.5] if run.short else [0.1, 0.25, 0.5, 0.75]
+    rates = sorted({round(bare_max * f) for f in fractions} | ({1000} if bare_max > 1200 and not run.short else set()))
+    sweep = []
+    for rate in rates:
+        for s in ["direct", "bare", "passthrough", "ext_proc"]:
+            sweep.append(run.load(s, rate=rate))
+    if "litellm" in scenarios:
+        peer_max = results["throughput"]["litellm"]["throughput_rps"]
+        for f in [0.25, 0.5, 0.75]:
+            rate = max(1, round(peer_max * f))
+            for s in ["bare", "passthrough", "litellm"]:
+                sweep.append(run.load(s, rate=rate))
+    results["latency"] = sweep
+
+    # Streams of STREAM_TOKENS chunks, STREAM_ITL_MS apart, at a modest fixed rate.
+    stream_headers = {"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)}
+    stream_rate = 20 if run.short else 100
+    results["streaming"] = {s: run.load(s, rate=stream_rate, stream=True, headers=stream_headers)
+                            for s in ["direct", "bare", "passthrough", "ext_proc"]}
+
+    # Memory with many open streams through the ext_proc route.
+    open_streams = 50 if run.short else 1000
+    pids = {"envoy": stack.pid("envoy"), "ext-proc": stack.pid("ext-proc")}
+    before = {name: rss_kib(pid) for name, pid in pids.items()}
+    peak = dict(before)
+    sampling = True
+
+    def sample():
+        while sampling:
+            for name, pid in pids.items():
+                peak[name] = max(peak[name], rss_kib(pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        held = run.load("ext_proc", concurrency=open_streams, stream=True, duration=3.0 if not run.short else 1.0,
+                        headers={"x-sim-output-tokens": "20", "x-sim-itl-ms": "100"})
+    finally:
+        sampling = False
+        sampler.join()
+    results["memory"] = {"open_streams": open_streams, "stream_errors": held["errors"],
+                         "rss_before_kib": before, "rss_peak_kib": peak}
+    return results
+
+
+def latency_at(results: dict, scenario: str, rate: float) -> dict | None:
+    found = [r for r in results["latency"] if r["scenario"] == scenario and r["offered_rps"] == rate]
+    return found[-1]["latency"] if found else None
+
+
+def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(target, measured, goal, met) rows; met is None where the run could not measure it."""
+    tp = results["throughput"]
+    bare = tp["bare"]["throughput_rps"]
+    rows = []
+
+    def ratio_row(name, scenario, goal):
+        r = tp[scenario]["throughput_rps"] / bare
+        rows.append((f"{name} throughput / bare Envoy", f"{r:.2f}x", f">= {goal}x", r >= goal))
+
+    ratio_row("passthrough", "passthrough", 0.85)
+    half = round(bare * 0.5)
+    b, p = latency_at(results, "bare", half), latency_at(results, "passthrough", half)
+    if b and p:
+        added50, added99 = p["p50_ms"] - b["p50_ms"], p["p99_ms"] - b["p99_ms"]
+        rows.append((f"passthrough added p50 at {half} rps", f"{added50:+.3f} ms", "<= 0.1 ms", added50 <= 0.1))
+        rows.append((f"passthrough added p99 at {half} rps", f"{added99:+.3f} ms", "<= 0.5 ms", added99 <= 0.5))
+    ratio_row("ext_proc", "ext_proc", 0.5)
+    b, e = latency_at(results, "bare", 1000), latency_at(results, "ext_proc", 1000)
+    if b and e:
+        added99 = e["p99_ms"] - b["p99_ms"]
+        rows.append(("ext_proc added p99 at 1000 rps", f"{added99:+.3f} ms", "<= 1 ms", added99 <= 1.0))
+    else:
+        rows.append(("ext_proc added p99 at 1000 rps", "not measured (short run or bare < 1200 rps)", "<= 1 ms", None))
+    st = results["streaming"]
+    for route in ["passthrough", "ext_proc"]:
+        ttft = st[route]["first_chunk"]["p50_ms"] - st["bare"]["first_chunk"]["p50_ms"]
+        gap = st[route]["chunk_gap"]["p99_ms"] - st["bare"]["chunk_gap"]["p99_ms"]
+        rows.append((f"streaming {route}: added time to first chunk (p50)", f"{ttft:+.3f} ms", "<= 1 ms", ttft <= 1.0))
+        rows.append((f"streaming {route}: added gap between chunks (p99)", f"{gap:+.3f} ms", "<= 0.2 ms", gap <= 0.2))
+    if "litellm" in tp:
+        r = tp["passthrough"]["throughput_rps"] / tp["litellm"]["throughput_rps"]
+        rows.append(("passthrough throughput / LiteLLM", f"{r:.1f}x", ">= 20x", r >= 20))
+        rate = max(1, round(tp["litellm"]["throughput_rps"] * 0.5))
+        p, l = latency_at(results, "passthrough", rate), latency_at(results, "litellm", rate)
+        if p and l:
+            rows.append((f"p99 at {rate} rps: passthrough vs LiteLLM", f"{p['p99_ms']:.2f} vs {l['p99_ms']:.2f} ms",
+                         "lower", p["p99_ms"] < l["p99_ms"]))
+    else:
+        rows.append(("passthrough throughput / LiteLLM", "not measured (short run, or LiteLLM not installed)",
+                     ">= 20x", None))
+    return rows
+
+
+def markdown(results: dict) -> str:
+    tp = results["throughput"]
+    bare = tp["bare"]["throughput_rps"]
+    out = [f"# modelgate benchmark, {results['started']}{' (short run)' if results['short'] else ''}", "",
+           "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for name, measured, goal, met in targets(results):
+        out.append(f"| {name} | {measured} | {goal} | {'yes' if met else 'no' if met is False else 'n/a'} |")
+    out += ["", "## Throughput (closed loop)", "", "| scenario | req/s | vs bare Envoy | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|"]
+    for s, r in tp.items():
+        out.append(f"| {s} | {r['throughput_rps']:.0f} | {r['throughput_rps'] / bare:.2f}x | "
+                   f"{r['latency']['p50_ms']:.3f} | {r['latency']['p99_ms']:.3f} | {r['errors']} |")
+    out += ["", "## Latency at fixed offered rates (open loop)", "",
+            "| offered req/s | scenario | p50 ms | p90 ms | p99 ms | max ms | added p50 | added p99 | errors |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["latency"]:
+        b = latency_at(results, "bare", r["offered_rps"])
+        l = r["latency"]
+        added = (f"{l['p50_ms'] - b['p50_ms']:+.3f} | {l['p99_ms'] - b['p99_ms']:+.3f}") if b else "| "
+        out.append(f"| {r['offered_rps']:.0f} | {r['scenario']} | {l['p50_ms']:.3f} | {l['p90_ms']:.3f} | "
+                   f"{l['p99_ms']:.3f} | {l['max_ms']:.3f} | {added} | {r['errors']} |")
+    out += ["", f"## Streaming ({STREAM_TOKENS} chunks, {STREAM_ITL_MS} ms apart)", "",
+            "| scenario | first chunk p50 ms | added | chunk gap p50 ms | chunk gap p99 ms | added p99 | errors |",
+            "|---|---|---|---|---|---|---|"]
+    st = results["streaming"]
+    for s, r in st.items():
+        out.append(f"| {s} | {r['first_chunk']['p50_ms']:.3f} | "
+                   f"{r['first_chunk']['p50_ms'] - st['bare']['first_chunk']['p50_ms']:+.3f} | "
+                   f"{r['chunk_gap']['p50_ms']:.3f} | {r['chunk_gap']['p99_ms']:.3f} | "
+                   f"{r['chunk_gap']['p99_ms'] - st['bare']['chunk_gap']['p99_ms']:+.3f} | {r['errors']} |")
+    m = results["memory"]
+    out += ["", f"## Memory with {m['open_streams']} open streams (ext_proc route)", "",
+            "| process | RSS before MiB | peak RSS MiB |", "|---|---|---|"]
+    for name in m["rss_before_kib"]:
+        out.append(f"| {name} | {m['rss_before_kib'][name] / 1024:.1f} | {m['rss_peak_kib'][name] / 1024:.1f} |")
+    out.append(f"\nStreams that failed: {m['stream_errors']}.")
+    return "\n".join(out) + "\n"
+
+
+def chart(results: dict) -> str:
+    """p99 latency (log scale) against offered rate, one line per scenario, as SVG."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results["latency"]:
+        series.setdefault(r["scenario"], []).append((r["offered_rps"], max(r["latency"]["p99_ms"], 0.01)))
+    width, height, pad = 720, 420, 60
+    xs = [x for points in series.values() for x, _ in points] or [1]
+    ys = [math.log10(y) for points in series.values() for _, y in points] or [0]
+    x_max, y_min, y_max = max(xs) * 1.05, math.floor(min(ys)), math.ceil(max(ys)) or 1
+    if y_max == y_min:
+        y_max += 1
+
+    def px(x, y):
+        return (pad + x / x_max * (width - 2 * pad),
+                height - pad - (math.log10(y) - y_min) / (y_max - y_min) * (height - 2 * pad))
+
+    colours = {"direct": "#888888", "bare": "#000000", "passthrough": "#1f77b4", "ext_proc": "#ff7f0e",
+               "litellm": "#d62728"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">p99 latency against offered rate '
+             f'({results["started"]})</text>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">offered requests/s</text>',
+             f'<text x="15" y="{height / 2}" transform="rotate(-90 15 {height / 2})" text-anchor="middle">'
+             f'p99 ms (log)</text>']
+    for exp in range(y_min, y_max + 1):
+        _, y = px(1, 10 ** exp)
+        parts.append(f'<text x="{pad - 5}" y="{y + 4}" text-anchor="end">{10 ** exp:g}</text>'
+                     f'<line x1="{pad}" y1="{y}" x2="{width - pad}" y2="{y}" stroke="#eeeeee"/>')
+    for i in range(5):
+        x_value = x_max * i / 4
+        x, _ = px(x_value, 10 ** y_min)
+        parts.append(f'<text x="{x}" y="{height - pad + 16}" text-anchor="middle">{x_value:.0f}</text>')
+    for n, (name, points) in enumerate(sorted(series.items())):
+        points.sort()
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (px(a, b) for a, b in points))
+        colour = colours.get(name, "#2ca02c")
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>' for x, y in (px(a, b) for a, b in points))
+        parts.append(f'<text x="{width - pad + 5 - 120}" y="{pad + 15 * n}" fill="{colour}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="a few seconds per scenario group, no LiteLLM")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    args = parser.parse_args()
+
+    run = Run(short=args.short)
+    with Stack(log_level="error") as stack:
+        bare_ports = {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001]}
+        stack.start_envoy("bare-envoy", BARE_CONFIG, bare_ports)
+        backend = stack.backend_url(BACKEND)
+        chat = "/v1/chat/completions"
+        run.urls = {
+            "direct": (backend + chat, MODEL),
+            "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{chat}", MODEL),
+            "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL),
+            "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED),
+        }
+        peer = not args.short
+        if peer:
+            litellm_port = start_litellm(stack, backend)
+            if litellm_port:
+                run.urls["litellm"] = (f"http://127.0.0.1:{litellm_port}{chat}", MODEL)
+        results = measure(run, stack, peer)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}{'-short' if args.short else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    report = markdown(results)
+    stem.with_suffix(".md").write_text(report)
+    stem.with_suffix(".svg").write_text(chart(results))
+    print(report)
+    print(f"written: {stem}.json, .md, .svg")
+
+
+if __name__ == "__main__":
+    main()

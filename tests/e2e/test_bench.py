@@ -1,0 +1,35 @@
+"""`make bench` in its short mode, so the benchmark harness cannot rot.
+
+Speed is judged by `make bench`, not here: this checks that every scenario ran,
+every request succeeded, and the reports were written."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_short_benchmark_runs_every_scenario(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--short", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    [result_file] = tmp_path.glob("bench-*-short.json")
+    results = json.loads(result_file.read_text())
+
+    assert set(results["throughput"]) == {"direct", "bare", "passthrough", "ext_proc"}
+    runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
+    for run in runs:
+        assert run["errors"] == 0, run
+        assert run["ok"] > 0, run
+    assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", "passthrough", "ext_proc"}
+    for scenario in results["streaming"].values():
+        # 1 role chunk + 20 tokens + finish + [DONE] arrive as separate chunks, so gaps were measured
+        assert scenario["chunk_gap"]["count"] > 0
+        assert scenario["first_chunk"]["count"] == scenario["ok"]
+    memory = results["memory"]
+    assert memory["stream_errors"] == 0
+    assert memory["rss_peak_kib"]["envoy"] >= memory["rss_before_kib"]["envoy"] > 0
+
+    report = result_file.with_suffix(".md").read_text()
+    assert "| passthrough throughput / bare Envoy |" in report
+    assert result_file.with_suffix(".svg").read_text().startswith("<svg")
