@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import secrets
 import subprocess
 import sys
 import threading
@@ -43,18 +44,19 @@ class Run:
         self.short = short
         self.duration = 1.0 if short else 5.0
         self.warmup = 0.2 if short else 1.0
-        self.urls: dict[str, tuple[str, str]] = {}
+        # scenario -> (url, model, headers of that scenario)
+        self.urls: dict[str, tuple[str, str, dict[str, str]]] = {}
 
     def load(self, scenario: str, *, rate: float | None = None, concurrency: int | None = None,
              stream: bool = False, headers: dict[str, str] | None = None, duration: float | None = None) -> dict:
-        url, model = self.urls[scenario]
+        url, model, scenario_headers = self.urls[scenario]
         body = {"model": model, "messages": PROMPT, "max_tokens": 16}
         if stream:
             body["stream"] = True
         argv = [str(LOADGEN), "--url", url, "--body", json.dumps(body),
                 "--duration", str(duration or self.duration), "--warmup", str(self.warmup)]
         argv += ["--rate", str(rate)] if rate else ["--concurrency", str(concurrency or 1)]
-        for name, value in (headers or {}).items():
+        for name, value in {**scenario_headers, **(headers or {})}.items():
             argv += ["--header", f"{name}: {value}"]
         result = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
         result["scenario"] = scenario
@@ -68,20 +70,23 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def start_litellm(stack: Stack, backend_url: str) -> int | None:
-    """LiteLLM's proxy with one worker in front of the same backend, if `make bench` installed it."""
+def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
+    """LiteLLM's proxy with one worker in front of the same backend, if `make bench` installed it.
+    Returns its port and the key it requires."""
     if not LITELLM.exists():
         return None
     port = free_port()
+    key = f"sk-{secrets.token_hex(16)}"
     config = stack.workdir / "litellm.yaml"
     config.write_text(json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": {
         "model": f"openai/{MODEL}", "api_base": f"{backend_url}/v1", "api_key": "unused"}}]}))
-    env = {"PATH": "/usr/bin:/bin", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
-           "HOME": str(stack.workdir)}
+    # No network at start-up (local cost map), no telemetry, errors only.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(stack.workdir), "LITELLM_MASTER_KEY": key, "LITELLM_LOG": "ERROR",
+           "LITELLM_TELEMETRY": "False", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     stack.spawn("litellm", [str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
                             "--num_workers", "1"], env=env)
     stack.wait_for_port(port, timeout=180)
-    return port
+    return port, key
 
 
 def measure(run: Run, stack: Stack, peer: bool) -> dict:
@@ -96,12 +101,15 @@ def measure(run: Run, stack: Stack, peer: bool) -> dict:
     bare_max = results["throughput"]["bare"]["throughput_rps"]
 
     # Open loop: latency at fixed offered rates, scenarios interleaved so drift hits all alike.
-    fractions = [0.5] if run.short else [0.1, 0.25, 0.5, 0.75]
+    fractions = [0.2, 0.5] if run.short else [0.1, 0.25, 0.5, 0.75]
     rates = sorted({round(bare_max * f) for f in fractions} | ({1000} if bare_max > 1200 and not run.short else set()))
     sweep = []
+    capacity = {s: r["throughput_rps"] for s, r in results["throughput"].items()}
     for rate in rates:
         for s in ["direct", "bare", "passthrough", "ext_proc"]:
-            sweep.append(run.load(s, rate=rate))
+            # Past its capacity a scenario only queues without bound; its latency there says nothing.
+            if rate <= 0.9 * capacity[s]:
+                sweep.append(run.load(s, rate=rate))
     if "litellm" in scenarios:
         peer_max = results["throughput"]["litellm"]["throughput_rps"]
         for f in [0.25, 0.5, 0.75]:
@@ -289,16 +297,17 @@ def main() -> None:
         backend = stack.backend_url(BACKEND)
         chat = "/v1/chat/completions"
         run.urls = {
-            "direct": (backend + chat, MODEL),
-            "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{chat}", MODEL),
-            "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL),
-            "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED),
+            "direct": (backend + chat, MODEL, {}),
+            "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{chat}", MODEL, {}),
+            "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL, {}),
+            "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED, {}),
         }
         peer = not args.short
         if peer:
-            litellm_port = start_litellm(stack, backend)
-            if litellm_port:
-                run.urls["litellm"] = (f"http://127.0.0.1:{litellm_port}{chat}", MODEL)
+            litellm = start_litellm(stack, backend)
+            if litellm:
+                port, key = litellm
+                run.urls["litellm"] = (f"http://127.0.0.1:{port}{chat}", MODEL, {"authorization": f"Bearer {key}"})
         results = measure(run, stack, peer)
 
     args.out.mkdir(parents=True, exist_ok=True)

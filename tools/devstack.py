@@ -123,8 +123,8 @@ class Stack:
             for demo, name in DEMO_BACKENDS.items():
                 self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
                                    "--listen", f"127.0.0.1:{self.ports[demo]}"])
-            self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"),
-                                     "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
+            self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
+                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
             for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT]]:
                 self.wait_for_port(port)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports)

@@ -134,16 +134,26 @@ impl Target {
 }
 
 async fn open_loop(target: Arc<Target>, rate: f64, duration: Duration, recorder: Arc<Mutex<Recorder>>) -> usize {
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    // Burst: a late tick is sent at once and still timed from when it was due.
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let end = Instant::now() + duration;
-    let mut tasks = Vec::new();
-    loop {
-        let due = ticks.tick().await.into_std();
-        if due >= end {
-            break;
+    // The schedule runs on its own thread with the OS's sleep: tokio's timer
+    // has millisecond ticks, too coarse for sub-millisecond latencies.
+    let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    let count = (duration.as_secs_f64() * rate) as u32;
+    std::thread::spawn(move || {
+        for i in 0..count {
+            let due = start + period * i;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            // Late ticks are sent at once and still timed from when they were due.
+            if due_tx.send(due).is_err() {
+                return;
+            }
         }
+    });
+    let mut tasks = Vec::new();
+    while let Some(due) = due_rx.recv().await {
         let (target, recorder) = (Arc::clone(&target), Arc::clone(&recorder));
         tasks.push(tokio::spawn(async move { target.hit(due, &recorder).await }));
     }

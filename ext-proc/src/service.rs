@@ -1,46 +1,30 @@
-//! The tonic side of ext_proc: one task per gRPC stream, feeding each message
-//! to an [`Exchange`] and sending back its answer.
+//! The tonic side of ext_proc: each gRPC stream's messages are answered in
+//! order by one [`Exchange`], as a stream transformation — no task or channel
+//! per request on this hot path.
 
 use crate::exchange::Exchange;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use std::pin::Pin;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Debug, Default)]
 pub struct Processor;
 
+type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ExternalProcessor for Processor {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+    type ProcessStream = Answers;
 
-    async fn process(
-        &self,
-        request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
-        let mut inbound = request.into_inner();
-        // One answer per message, so a small buffer never blocks a well-behaved Envoy.
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut exchange = Exchange::default();
-            loop {
-                match inbound.message().await {
-                    Ok(Some(message)) => {
-                        if let Some(answer) = exchange.on_message(message) {
-                            if tx.send(Ok(answer)).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(%status, "ext_proc stream ended by Envoy");
-                        break;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+    async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
+        let mut exchange = Exchange::default();
+        let answers = request
+            .into_inner()
+            // Envoy ending or resetting the stream ends the exchange.
+            .map_while(|message| message.ok())
+            .filter_map(move |message| exchange.on_message(message).map(Ok));
+        Ok(Response::new(Box::pin(answers)))
     }
 }

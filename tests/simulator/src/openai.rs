@@ -87,6 +87,14 @@ fn usage(prompt: u32, completion: u32) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// Waits `d`; no time at all for zero, where tokio's timer would still wait for
+/// its next millisecond tick and blur every latency the benchmark measures.
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 /// The time a non-streamed answer of `tokens` tokens takes.
 fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
     behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
@@ -136,7 +144,7 @@ async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: u32) -> Re
         stream(sim, plan)
     } else {
         let running = sim.metrics.start(&plan.model);
-        tokio::time::sleep(generation_time(&plan.behaviour, tokens)).await;
+        pause(generation_time(&plan.behaviour, tokens)).await;
         running.finish(prompt, tokens * n);
         Json(plan.whole()).into_response()
     }
@@ -223,7 +231,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let running = sim.metrics.start(&plan.model);
-        tokio::time::sleep(plan.behaviour.ttft).await;
+        pause(plan.behaviour.ttft).await;
         if matches!(plan.kind, StreamKind::Chat) {
             for index in 0..plan.n {
                 if tx.send(sse(&plan.chunk(index, None, None))).await.is_err() {
@@ -240,7 +248,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
                 return;
             }
             if i > 0 {
-                tokio::time::sleep(plan.behaviour.itl).await;
+                pause(plan.behaviour.itl).await;
             }
             let piece = generate::token(i);
             for index in 0..plan.n {
@@ -273,7 +281,7 @@ async fn embeddings(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, b
     let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
     let base64 = call.body["encoding_format"].as_str() == Some("base64");
     let running = sim.metrics.start(&call.model);
-    tokio::time::sleep(call.behaviour.ttft).await;
+    pause(call.behaviour.ttft).await;
     let inputs = generate::items(&call.body["input"]);
     let data: Vec<Value> = inputs
         .iter()
