@@ -41,6 +41,13 @@ struct Args {
     /// Unmeasured warm-up before the run, in seconds.
     #[arg(long, default_value_t = 0.5)]
     warmup: f64,
+    /// Most requests (and so connections) in flight at once; an open-loop
+    /// request due while all are busy waits, and its wait counts in its latency.
+    #[arg(long, default_value_t = 1000)]
+    max_in_flight: usize,
+    /// A request not answered in full within this many seconds counts as an error.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
 }
 
 /// What one run measured, in microseconds.
@@ -81,19 +88,41 @@ struct Target {
     url: hyper::Uri,
     body: Bytes,
     headers: Vec<(String, String)>,
+    in_flight: tokio::sync::Semaphore,
+    timeout: Duration,
 }
 
 impl Target {
     /// Sends one request and reads the whole answer, timing from `due`.
     async fn hit(&self, due: Instant, recorder: &Mutex<Recorder>) {
+        let Ok(_slot) = self.in_flight.acquire().await else { return };
+        let mut first_chunk = None;
+        let mut gaps = Vec::new();
+        let ok = tokio::time::timeout(self.timeout, self.exchange(&mut first_chunk, &mut gaps)).await.unwrap_or(false);
+        let done = Instant::now();
+        let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
+        if !ok {
+            r.errors += 1;
+            return;
+        }
+        let _ = r.latency.record(micros(done - due));
+        if let Some(first) = first_chunk {
+            let _ = r.first_chunk.record(micros(first - due));
+        }
+        for gap in gaps {
+            let _ = r.chunk_gap.record(micros(gap));
+        }
+    }
+
+    /// One request and its whole answer; true if it succeeded. Notes when the
+    /// first body chunk came and the gaps between later ones.
+    async fn exchange(&self, first_chunk: &mut Option<Instant>, gaps: &mut Vec<Duration>) -> bool {
         let mut request = hyper::Request::post(self.url.clone()).header("content-type", "application/json");
         for (k, v) in &self.headers {
             request = request.header(k, v);
         }
-        let Ok(request) = request.body(Full::new(self.body.clone())) else { return };
-        let mut first_chunk = None;
-        let mut gaps = Vec::new();
-        let ok = match self.client.request(request).await {
+        let Ok(request) = request.body(Full::new(self.body.clone())) else { return false };
+        match self.client.request(request).await {
             Ok(response) => {
                 let success = response.status().is_success();
                 let mut body = response.into_body();
@@ -116,19 +145,6 @@ impl Target {
                 success && clean
             }
             Err(_) => false,
-        };
-        let done = Instant::now();
-        let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
-        if !ok {
-            r.errors += 1;
-            return;
-        }
-        let _ = r.latency.record(micros(done - due));
-        if let Some(first) = first_chunk {
-            let _ = r.first_chunk.record(micros(first - due));
-        }
-        for gap in gaps {
-            let _ = r.chunk_gap.record(micros(gap));
         }
     }
 }
@@ -202,7 +218,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .filter_map(|h| h.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
         .collect();
-    let target = Arc::new(Target { client, url: args.url.parse()?, body: Bytes::from(args.body.clone()), headers });
+    let target = Arc::new(Target {
+        client,
+        url: args.url.parse()?,
+        body: Bytes::from(args.body.clone()),
+        headers,
+        in_flight: tokio::sync::Semaphore::new(args.max_in_flight),
+        timeout: Duration::from_secs_f64(args.timeout),
+    });
     let duration = Duration::from_secs_f64(args.duration);
     let warmup = Duration::from_secs_f64(args.warmup);
     let mode = match (args.rate, args.concurrency) {
