@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import secrets
 import subprocess
 import sys
@@ -35,6 +36,13 @@ MODEL = "llama-3.1-8b-instruct"      # routed straight to BACKEND
 RENAMED = "gpt-4o-mini"              # routed to BACKEND through ext_proc
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 
+# On two or more CPUs, the gateway under test (Envoy, ext-proc) and its peer (LiteLLM) get
+# CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
+# machine is otherwise so contended that the figures measure the scheduler, not the gateway.
+PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "ext-proc", "litellm"]}
+           | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", "loadgen"]}
+           if (os.cpu_count() or 1) >= 2 else {})
+
 STREAM_TOKENS = 20
 STREAM_ITL_MS = 10
 
@@ -53,7 +61,7 @@ class Run:
         body = {"model": model, "messages": PROMPT, "max_tokens": 16}
         if stream:
             body["stream"] = True
-        argv = [str(LOADGEN), "--url", url, "--body", json.dumps(body),
+        argv = [*(["taskset", "-c", PINNING["loadgen"]] if PINNING else []), str(LOADGEN), "--url", url, "--body", json.dumps(body),
                 "--duration", str(duration or self.duration), "--warmup", str(self.warmup)]
         argv += ["--rate", str(rate)] if rate else ["--concurrency", str(concurrency or 1)]
         for name, value in {**scenario_headers, **(headers or {})}.items():
@@ -68,6 +76,12 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
@@ -97,7 +111,20 @@ def measure(run: Run, stack: Stack, peer: bool) -> dict:
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
-    results["throughput"] = {s: run.load(s, concurrency=concurrency) for s in scenarios}
+    # Rounds interleave the scenarios so a noisy neighbour hits them alike; the median round counts.
+    # CPU time per request of the processes doing the serving shows where the time goes.
+    serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "passthrough": ["envoy"],
+               "ext_proc": ["envoy", "ext-proc"], "litellm": ["litellm"]}
+    rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
+    for _ in range(1 if run.short else 3):
+        for s in scenarios:
+            pids = {name: stack.pid(name) for name in serving[s]}
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            result = run.load(s, concurrency=concurrency)
+            result["cpu_us_per_request"] = {name: (cpu_seconds(pid) - before[name]) / max(result["ok"], 1) * 1e6
+                                            for name, pid in pids.items()}
+            rounds[s].append(result)
+    results["throughput"] = {s: sorted(r, key=lambda x: x["throughput_rps"])[len(r) // 2] for s, r in rounds.items()}
     bare_max = results["throughput"]["bare"]["throughput_rps"]
 
     # Open loop: latency at fixed offered rates, scenarios interleaved so drift hits all alike.
@@ -206,11 +233,13 @@ def markdown(results: dict) -> str:
            "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for name, measured, goal, met in targets(results):
         out.append(f"| {name} | {measured} | {goal} | {'yes' if met else 'no' if met is False else 'n/a'} |")
-    out += ["", "## Throughput (closed loop)", "", "| scenario | req/s | vs bare Envoy | p50 ms | p99 ms | errors |",
-            "|---|---|---|---|---|---|"]
+    out += ["", "## Throughput (closed loop, median of rounds) and CPU per request", "",
+            "| scenario | req/s | vs bare Envoy | p50 ms | p99 ms | errors | CPU µs per request |",
+            "|---|---|---|---|---|---|---|"]
     for s, r in tp.items():
+        cpu = ", ".join(f"{name} {us:.1f}" for name, us in r.get("cpu_us_per_request", {}).items())
         out.append(f"| {s} | {r['throughput_rps']:.0f} | {r['throughput_rps'] / bare:.2f}x | "
-                   f"{r['latency']['p50_ms']:.3f} | {r['latency']['p99_ms']:.3f} | {r['errors']} |")
+                   f"{r['latency']['p50_ms']:.3f} | {r['latency']['p99_ms']:.3f} | {r['errors']} | {cpu} |")
     out += ["", "## Latency at fixed offered rates (open loop)", "",
             "| offered req/s | scenario | p50 ms | p90 ms | p99 ms | max ms | added p50 | added p99 | errors |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -291,7 +320,7 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Run(short=args.short)
-    with Stack(log_level="error") as stack:
+    with Stack(log_level="error", envoy_concurrency=1, cpus=PINNING) as stack:
         bare_ports = {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001]}
         stack.start_envoy("bare-envoy", BARE_CONFIG, bare_ports)
         backend = stack.backend_url(BACKEND)

@@ -84,11 +84,16 @@ def render_config(template: Path, ports: dict[int, int]) -> str:
 class Stack:
     """The demo gateway and its backends as real processes on 127.0.0.1."""
 
-    def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn"):
+    def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn",
+                 envoy_concurrency: int = 2, cpus: dict[str, str] | None = None):
+        """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
+        the gateway and the load off each other's cores."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, *DEMO_BACKENDS]}
         self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
         self.log_level = log_level
+        self.envoy_concurrency = envoy_concurrency
+        self.cpus = cpus or {}
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
@@ -111,6 +116,8 @@ class Stack:
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         """Starts a process that lives and dies with the stack; its output goes to `<name>.log`."""
         log = open(self.workdir / f"{name}.log", "wb")
+        if name in self.cpus:
+            argv = ["taskset", "-c", self.cpus[name], *argv]
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    cwd=ROOT, preexec_fn=_die_with_parent, env=env)
         self.processes.append((name, process))
@@ -137,7 +144,7 @@ class Stack:
         """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
         config = self.workdir / f"{name}.yaml"
         config.write_text(render_config(template, ports))
-        self.spawn(name, [envoy_binary(), "-c", str(config), "--concurrency", "2",
+        self.spawn(name, [envoy_binary(), "-c", str(config), "--concurrency", str(self.envoy_concurrency),
                            "--disable-hot-restart", "--log-level", self.log_level])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
