@@ -60,9 +60,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def render_config(template: Path, ports: dict[int, int]) -> str:
-    """The Envoy YAML with demo ports remapped and the wasm path made absolute."""
+def render_config(template: Path, ports: dict[int, int], adjust=None) -> str:
+    """The Envoy YAML with demo ports remapped and the wasm path made absolute;
+    `adjust`, if given, may change the parsed configuration first."""
     config = yaml.safe_load(template.read_text())
+    if adjust:
+        adjust(config)
 
     def walk(node):
         if isinstance(node, dict):
@@ -85,15 +88,17 @@ class Stack:
     """The demo gateway and its backends as real processes on 127.0.0.1."""
 
     def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn",
-                 envoy_concurrency: int = 2, cpus: dict[str, str] | None = None):
+                 envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
-        the gateway and the load off each other's cores."""
+        the gateway and the load off each other's cores. `adjust_config` may change the demo
+        configuration (parsed YAML) before Envoy starts, as tests do to add failing backends."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, *DEMO_BACKENDS]}
         self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
         self.log_level = log_level
         self.envoy_concurrency = envoy_concurrency
         self.cpus = cpus or {}
+        self.adjust_config = adjust_config
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
@@ -134,16 +139,16 @@ class Stack:
                                     "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
             for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT]]:
                 self.wait_for_port(port)
-            self.start_envoy("envoy", DEMO_CONFIG, self.ports)
+            self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def start_envoy(self, name: str, template: Path, ports: dict[int, int]) -> None:
+    def start_envoy(self, name: str, template: Path, ports: dict[int, int], adjust=None) -> None:
         """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
         config = self.workdir / f"{name}.yaml"
-        config.write_text(render_config(template, ports))
+        config.write_text(render_config(template, ports, adjust))
         self.spawn(name, [envoy_binary(), "-c", str(config), "--concurrency", str(self.envoy_concurrency),
                            "--disable-hot-restart", "--log-level", self.log_level])
         deadline = time.monotonic() + 60

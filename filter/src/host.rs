@@ -6,6 +6,7 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use std::time::SystemTime;
 
 pub fn log_error(message: &str) {
     let _ = hostcalls::log(LogLevel::Error, message);
@@ -15,31 +16,52 @@ fn log_failure(what: &str, status: proxy_wasm::types::Status) {
     log_error(&format!("modelgate: {what} failed: {status:?}"));
 }
 
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).unwrap_or_else(|s| {
-        log_failure("reading a request header", s);
+pub fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(map, name).unwrap_or_else(|s| {
+        log_failure("reading a header", s);
         None
     })
 }
 
-pub fn set_request_header(name: &str, value: &str) {
-    if let Err(s) = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value.as_bytes())) {
-        log_failure("setting a request header", s);
+pub fn set_header(map: MapType, name: &str, value: &str) {
+    if let Err(s) = hostcalls::set_map_value_bytes(map, name, Some(value.as_bytes())) {
+        log_failure("setting a header", s);
     }
 }
 
-pub fn remove_request_header(name: &str) {
-    if let Err(s) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
-        log_failure("removing a request header", s);
+pub fn remove_header(map: MapType, name: &str) {
+    if let Err(s) = hostcalls::remove_map_value(map, name) {
+        log_failure("removing a header", s);
     }
 }
 
-pub fn request_body(size: usize) -> Vec<u8> {
-    hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size).unwrap_or_else(|s| {
-        log_failure("reading the request body", s);
+/// The first `size` bytes of a buffered body.
+pub fn body(buffer: BufferType, size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(buffer, 0, size)
+        .unwrap_or_else(|s| {
+            log_failure("reading a body", s);
+            None
+        })
+        .unwrap_or_default()
+}
+
+/// Replaces the whole buffered body (`size` bytes long) with `body`.
+pub fn replace_body(buffer: BufferType, size: usize, body: &[u8]) {
+    if let Err(s) = hostcalls::set_buffer(buffer, 0, size, body) {
+        log_failure("replacing a body", s);
+    }
+}
+
+/// An Envoy attribute, such as `response.code_details`.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).unwrap_or_else(|s| {
+        log_failure("reading a property", s);
         None
     })
-    .unwrap_or_default()
+}
+
+pub fn now() -> Option<SystemTime> {
+    hostcalls::get_current_time().ok()
 }
 
 /// Makes Envoy pick the route again, now that the routing header is set.

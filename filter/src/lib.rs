@@ -3,7 +3,10 @@
 //! Per request it drops internal headers a client may have sent, answers
 //! `/v1/models` from configuration, and for model-routed endpoints buffers the
 //! body (up to the configured limit), reads `model` once, and writes the
-//! chosen cluster into a header the route table matches on.
+//! chosen cluster into a header the route table matches on. On the way back it
+//! adds `openai-processing-ms` and rewrites every error answer — a backend's or
+//! Envoy's own — as an OpenAI error envelope. Successful answers, streams
+//! included, are never buffered.
 //!
 //! The callbacks stay thin: decisions are in [`request`]. Host calls go through
 //! [`host`], which never panics, because a panic kills the VM for every later
@@ -14,12 +17,14 @@ mod host;
 pub mod model_field;
 pub mod request;
 
+use modelgate_proto::error_normalize::{normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::routing::Router;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
-use request::{HeadersVerdict, Reply};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use request::{HeadersVerdict, Reply, RequestHead};
 use std::rc::Rc;
+use std::time::SystemTime;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -49,7 +54,7 @@ impl RootContext for Plugin {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { router: Rc::clone(&self.router) }))
+        Some(Box::new(Request { router: Rc::clone(&self.router), started: None, answered_here: false, error: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -59,57 +64,125 @@ impl RootContext for Plugin {
 
 struct Request {
     router: Rc<Router>,
+    started: Option<SystemTime>,
+    /// The filter answered itself: the answer is already an OpenAI error.
+    answered_here: bool,
+    /// Status and Envoy's code details of an error answer buffered for rewriting.
+    error: Option<(u16, String)>,
 }
 
 impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.started = host::now();
         for name in headers::INTERNAL {
-            host::remove_request_header(name);
+            host::remove_header(MapType::HttpRequestHeaders, name);
         }
-        let method = host::request_header(":method").unwrap_or_default();
-        let path = host::request_header(":path").unwrap_or_default();
-        let content_length = host::request_header("content-length");
-        let verdict = request::on_request_headers(
-            &self.router,
-            &String::from_utf8_lossy(&method),
-            &String::from_utf8_lossy(&path),
-            content_length.as_deref(),
+        let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
+        let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        let content_type = host::header(MapType::HttpRequestHeaders, "content-type");
+        let content_length = host::header(MapType::HttpRequestHeaders, "content-length");
+        let head = RequestHead {
+            method: &String::from_utf8_lossy(&method),
+            path: &String::from_utf8_lossy(&path),
+            content_type: content_type.as_deref(),
+            content_length: content_length.as_deref(),
             end_of_stream,
-        );
+        };
+        let verdict = request::on_request_headers(&self.router, head);
         match verdict {
             HeadersVerdict::PassThrough => Action::Continue,
             HeadersVerdict::ReadBody => Action::Pause,
-            HeadersVerdict::Respond(reply) => respond(&reply),
+            HeadersVerdict::Respond(reply) => self.respond(&reply),
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Some(reply) = request::body_too_large(&self.router, body_size) {
-            return respond(&reply);
+            return self.respond(&reply);
         }
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = host::request_body(body_size);
+        let body = host::body(BufferType::HttpRequestBody, body_size);
         match request::on_request_body(&self.router, &body) {
             Ok(routing) => {
-                host::set_request_header(headers::CLUSTER, &routing.cluster);
+                host::set_header(MapType::HttpRequestHeaders, headers::CLUSTER, &routing.cluster);
                 if let Some(model) = &routing.upstream_model {
-                    host::set_request_header(headers::UPSTREAM_MODEL, model);
+                    host::set_header(MapType::HttpRequestHeaders, headers::UPSTREAM_MODEL, model);
                 }
                 host::clear_route_cache();
                 Action::Continue
             }
-            Err(reply) => respond(&reply),
+            Err(reply) => self.respond(&reply),
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Some(ms) = self.processing_ms() {
+            host::set_header(MapType::HttpResponseHeaders, PROCESSING_MS, &ms);
+        }
+        if self.answered_here {
+            return Action::Continue;
+        }
+        let status = host::header(MapType::HttpResponseHeaders, ":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+            .unwrap_or(200);
+        if status < 400 {
+            return Action::Continue;
+        }
+        let details = host::property(&["response", "code_details"]).map(|d| String::from_utf8_lossy(&d).into_owned());
+        let details = details.unwrap_or_default();
+        if end_of_stream {
+            // No body will follow to rewrite: answer anew with the envelope.
+            return match normalize(status, Origin::from_code_details(&details), b"") {
+                Some(rewritten) => self.respond(&Reply::rewritten(status, rewritten)),
+                None => Action::Continue,
+            };
+        }
+        self.error = Some((status, details));
+        host::remove_header(MapType::HttpResponseHeaders, "content-length");
+        Action::Pause
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some((status, details)) = &self.error else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = host::body(BufferType::HttpResponseBody, body_size);
+        if let Some(rewritten) = normalize(*status, Origin::from_code_details(details), &body) {
+            host::replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
+            let reply = Reply::rewritten(*status, rewritten);
+            host::set_header(MapType::HttpResponseHeaders, "content-type", "application/json");
+            host::set_header(MapType::HttpResponseHeaders, "content-length", &reply.body.len().to_string());
+            for (name, value) in &reply.headers {
+                host::set_header(MapType::HttpResponseHeaders, name, value);
+            }
+        }
+        Action::Continue
     }
 }
 
-fn respond(reply: &Reply) -> Action {
-    let mut response_headers = vec![("content-type", "application/json")];
-    response_headers.extend(reply.headers.iter().copied());
-    host::send_response(reply.status, response_headers, &reply.body);
-    Action::Pause
+/// Milliseconds the gateway and the backend took, as OpenAI reports them.
+const PROCESSING_MS: &str = "openai-processing-ms";
+
+impl Request {
+    fn processing_ms(&self) -> Option<String> {
+        let elapsed = host::now()?.duration_since(self.started?).ok()?;
+        Some(elapsed.as_millis().to_string())
+    }
+
+    /// Answers the request from the filter; the answer is an OpenAI error or a models listing.
+    fn respond(&mut self, reply: &Reply) -> Action {
+        self.answered_here = true;
+        let processing_ms = self.processing_ms().unwrap_or_default();
+        let mut response_headers = vec![("content-type", "application/json"), (PROCESSING_MS, processing_ms.as_str())];
+        response_headers.extend(reply.headers.iter().copied());
+        host::send_response(reply.status, response_headers, &reply.body);
+        Action::Pause
+    }
 }

@@ -6,6 +6,7 @@
 use crate::endpoint::{classify, Endpoint};
 use crate::model_field::read_model;
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
 
@@ -23,9 +24,25 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// An error answer rewritten as an OpenAI envelope, with the retry advice it carries.
+    pub fn rewritten(status: u16, rewritten: Rewritten) -> Self {
+        let headers = match rewritten.should_retry {
+            Some(true) => vec![(SHOULD_RETRY, "true")],
+            Some(false) => vec![(SHOULD_RETRY, "false")],
+            None => Vec::new(),
+        };
+        Reply { status, headers, body: rewritten.body }
+    }
+}
+
+/// The openai SDKs' retry advice header, which overrides their status-based rule.
+const SHOULD_RETRY: &str = "x-should-retry";
+
 impl From<GatewayError> for Reply {
+    /// The filter's own refusals: the same request would be refused again.
     fn from(err: GatewayError) -> Self {
-        Reply { status: err.status, headers: Vec::new(), body: err.to_json() }
+        Reply { status: err.status, headers: vec![(SHOULD_RETRY, "false")], body: err.to_json() }
     }
 }
 
@@ -45,15 +62,26 @@ pub struct Routing {
     pub upstream_model: Option<String>,
 }
 
-/// Decides on the request headers alone. `content_length` is the header's
-/// value if sent, so an oversized body is refused before any of it is buffered.
-pub fn on_request_headers(
-    router: &Router,
-    method: &str,
-    path: &str,
-    content_length: Option<&[u8]>,
-    end_of_stream: bool,
-) -> HeadersVerdict {
+/// The request headers the filter decides on.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub content_type: Option<&'a [u8]>,
+    pub content_length: Option<&'a [u8]>,
+    pub end_of_stream: bool,
+}
+
+/// True for a JSON media type; a request that sends none is read as JSON too.
+fn is_json(content_type: &[u8]) -> bool {
+    let media_type = content_type.split(|&b| b == b';').next().unwrap_or_default();
+    media_type.trim_ascii().eq_ignore_ascii_case(b"application/json")
+}
+
+/// Decides on the request headers alone: an oversized or non-JSON body is
+/// refused before any of it is buffered.
+pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerdict {
+    let RequestHead { method, path, content_type, content_length, end_of_stream } = head;
     match classify(method, path) {
         Endpoint::Other => HeadersVerdict::PassThrough,
         Endpoint::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router))),
@@ -71,6 +99,8 @@ pub fn on_request_headers(
             let declared = content_length.and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u64>().ok());
             if declared.is_some_and(|len| len > limit as u64) {
                 HeadersVerdict::Respond(GatewayError::body_too_large(limit).into())
+            } else if let Some(declared) = content_type.filter(|c| !is_json(c)) {
+                HeadersVerdict::Respond(GatewayError::unsupported_media_type(&String::from_utf8_lossy(declared)).into())
             } else if end_of_stream {
                 HeadersVerdict::Respond(
                     GatewayError::invalid_request("The request body is empty. The API expects a JSON object.".into(), None, None)
@@ -126,7 +156,7 @@ mod tests {
     #[test]
     fn model_routed_requests_read_their_body_then_route() {
         let r = router();
-        assert_eq!(on_request_headers(&r, "POST", "/v1/chat/completions", Some(b"20"), false), HeadersVerdict::ReadBody);
+        assert_eq!(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/chat/completions", content_length: Some(b"20"), end_of_stream: false, ..Default::default() }), HeadersVerdict::ReadBody);
         assert_eq!(
             on_request_body(&r, br#"{"model":"llama-3"}"#).unwrap(),
             Routing { cluster: "cluster_a".into(), upstream_model: None }
@@ -148,42 +178,61 @@ mod tests {
     #[test]
     fn oversized_bodies_are_413_by_header_or_by_count() {
         let r = router();
-        let reply = respond(on_request_headers(&r, "POST", "/v1/embeddings", Some(b"65"), false));
+        let reply = respond(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/embeddings", content_length: Some(b"65"), end_of_stream: false, ..Default::default() }));
         assert_eq!(reply.status, 413);
         assert!(json(&reply)["error"]["message"].as_str().unwrap().contains("64 bytes"));
-        assert_eq!(on_request_headers(&r, "POST", "/v1/embeddings", Some(b"64"), false), HeadersVerdict::ReadBody);
-        assert_eq!(on_request_headers(&r, "POST", "/v1/embeddings", Some(b"junk"), false), HeadersVerdict::ReadBody);
+        assert_eq!(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/embeddings", content_length: Some(b"64"), end_of_stream: false, ..Default::default() }), HeadersVerdict::ReadBody);
+        assert_eq!(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/embeddings", content_length: Some(b"junk"), end_of_stream: false, ..Default::default() }), HeadersVerdict::ReadBody);
         assert!(body_too_large(&r, 64).is_none());
         assert_eq!(body_too_large(&r, 65).unwrap().status, 413);
     }
 
     #[test]
+    fn only_json_bodies_are_read() {
+        let r = router();
+        let head = |content_type: &'static [u8]| RequestHead {
+            method: "POST",
+            path: "/v1/chat/completions",
+            content_type: Some(content_type),
+            ..Default::default()
+        };
+        for json in [&b"application/json"[..], b"Application/JSON; charset=utf-8", b" application/json "] {
+            assert_eq!(on_request_headers(&r, head(json)), HeadersVerdict::ReadBody);
+        }
+        for other in [&b"text/plain"[..], b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b""] {
+            let reply = respond(on_request_headers(&r, head(other)));
+            assert_eq!(reply.status, 415);
+            assert_eq!(json(&reply)["error"]["code"], "unsupported_media_type");
+        }
+    }
+
+    #[test]
     fn a_bodyless_post_is_400() {
-        let reply = respond(on_request_headers(&router(), "POST", "/v1/chat/completions", None, true));
+        let reply = respond(on_request_headers(&router(), RequestHead { method: "POST", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() }));
         assert_eq!(reply.status, 400);
     }
 
     #[test]
     fn models_are_answered_from_configuration() {
         let r = router();
-        let list = respond(on_request_headers(&r, "GET", "/v1/models", None, true));
+        let list = respond(on_request_headers(&r, RequestHead { method: "GET", path: "/v1/models", end_of_stream: true, ..Default::default() }));
         assert_eq!(list.status, 200);
         assert_eq!(json(&list)["data"][0]["id"], "gpt-4o-mini");
-        let one = respond(on_request_headers(&r, "GET", "/v1/models/llama-3-70b", None, true));
+        let one = respond(on_request_headers(&r, RequestHead { method: "GET", path: "/v1/models/llama-3-70b", end_of_stream: true, ..Default::default() }));
         assert_eq!(json(&one)["id"], "llama-3-70b");
-        let missing = respond(on_request_headers(&r, "GET", "/v1/models/nope", None, true));
+        let missing = respond(on_request_headers(&r, RequestHead { method: "GET", path: "/v1/models/nope", end_of_stream: true, ..Default::default() }));
         assert_eq!(missing.status, 404);
     }
 
     #[test]
     fn wrong_method_is_405_with_allow() {
-        let reply = respond(on_request_headers(&router(), "GET", "/v1/chat/completions", None, true));
+        let reply = respond(on_request_headers(&router(), RequestHead { method: "GET", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() }));
         assert_eq!(reply.status, 405);
-        assert_eq!(reply.headers, vec![("allow", "POST")]);
+        assert_eq!(reply.headers, vec![("x-should-retry", "false"), ("allow", "POST")]);
     }
 
     #[test]
     fn other_paths_pass_through() {
-        assert_eq!(on_request_headers(&router(), "GET", "/health", None, true), HeadersVerdict::PassThrough);
+        assert_eq!(on_request_headers(&router(), RequestHead { method: "GET", path: "/health", end_of_stream: true, ..Default::default() }), HeadersVerdict::PassThrough);
     }
 }

@@ -69,6 +69,17 @@ impl GatewayError {
         )
     }
 
+    /// 415 for a body declared as something other than JSON.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::new(
+            415,
+            INVALID_REQUEST,
+            format!("Unsupported content-type `{content_type}`: send the body as JSON with `content-type: application/json`."),
+            None,
+            Some("unsupported_media_type"),
+        )
+    }
+
     /// 405 for a known path called with the wrong method.
     pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
         Self::new(

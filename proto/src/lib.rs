@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+pub mod error_normalize;
 pub mod headers;
 pub mod models;
 pub mod routing;

@@ -4,6 +4,7 @@ answers against when the spec is at hand."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,14 +17,44 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from devstack import Stack  # noqa: E402
+from devstack import Stack, free_port  # noqa: E402
 
 SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))
 
 
+def add_failing_backends(config: dict) -> None:
+    """Three models whose backends fail inside Envoy: `dead-model`'s port refuses connections,
+    `ghost-model` names a cluster Envoy does not have, and `slow-model` reaches the llama
+    backend through a route with a 0.5 s timeout."""
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    plugin = next(f for f in hcm["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
+    routing = json.loads(plugin["configuration"]["value"])
+    routing["backends"].update({"dead": {"cluster": "dead_pool"}, "ghost": {"cluster": "no_such_cluster"},
+                                "slow": {"cluster": "slow_pool"}})
+    routing["models"] += [{"match": "dead-model", "backend": "dead"}, {"match": "ghost-model", "backend": "ghost"},
+                          {"match": "slow-model", "backend": "slow"}]
+    plugin["configuration"]["value"] = json.dumps(routing)
+
+    def cluster(name: str, port: int) -> dict:
+        return {"name": name, "type": "STATIC", "connect_timeout": "0.25s",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+
+    # 8001 is the llama backend's port in demo.yaml; the harness remaps it with the others.
+    config["static_resources"]["clusters"] += [cluster("dead_pool", free_port()), cluster("slow_pool", 8001)]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    routes.insert(0, {
+        "match": {"prefix": "/", "headers": [{"name": "x-modelgate-cluster", "string_match": {"exact": "slow_pool"}}]},
+        "route": {"cluster": "slow_pool", "timeout": "0.5s"},
+        "request_headers_to_remove": ["x-modelgate-cluster"],
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}},
+    })
+
+
 @pytest.fixture(scope="session")
 def stack():
-    with Stack() as s:
+    with Stack(adjust_config=add_failing_backends) as s:
         yield s
 
 

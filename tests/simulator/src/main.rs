@@ -2,6 +2,7 @@
 //! configurable latency and failures, used by `make run`, the tests and the
 //! benchmarks in place of a GPU.
 
+mod failure;
 mod generate;
 mod journal;
 mod metrics;
@@ -34,7 +35,7 @@ async fn main() -> std::io::Result<()> {
         .route("/health", get(|| async { "" }))
         .route("/metrics", get(metrics_text))
         .route("/sim/requests", get(requests))
-        .fallback(|| async { openai::vllm_error(404, "Not Found") })
+        .fallback(|| async { failure::vllm_error(404, "Not Found") })
         .layer(axum::middleware::map_response(move |mut response: Response| {
             let name = name.clone();
             async move {

@@ -1,12 +1,13 @@
 //! The OpenAI (vLLM-like) face: chat completions, completions, embeddings and
 //! models, streaming or not, with injected latency and failures.
 
+use crate::failure::{failure, vllm_error};
 use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -25,21 +26,6 @@ pub fn routes() -> Router<Arc<Sim>> {
         .route("/v1/models", get(list_models))
 }
 
-/// An error in vLLM's own shape: `code` is the HTTP status as an integer,
-/// which is exactly what the gateway has to normalise.
-pub fn vllm_error(status: u16, message: &str) -> Response {
-    let kind = match status {
-        400 => "BadRequestError",
-        401 => "AuthenticationError",
-        404 => "NotFoundError",
-        429 => "RateLimitError",
-        _ => "InternalServerError",
-    };
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}});
-    (status, Json(body)).into_response()
-}
-
 /// A request that passed the checks every endpoint shares.
 struct Call {
     body: Value,
@@ -53,7 +39,7 @@ fn begin(sim: &Sim, uri: &Uri, headers: &HeaderMap, bytes: &Bytes) -> Result<Cal
     sim.journal.record(uri.path(), headers, &body);
     let behaviour = sim.settings.behaviour(headers);
     if let Some(status) = behaviour.injected_failure() {
-        return Err(vllm_error(status, "simulated failure"));
+        return Err(failure(status, "simulated failure", behaviour.error_format, behaviour.retry_after));
     }
     let model = body["model"].as_str().ok_or_else(|| vllm_error(400, "`model` is required"))?.to_string();
     if !sim.settings.models.is_empty() && !sim.settings.models.contains(&model) {

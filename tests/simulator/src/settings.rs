@@ -1,6 +1,7 @@
 //! How a simulated backend behaves: set at start-up, and overridable per
 //! request with `x-sim-*` headers so one process can serve many test cases.
 
+use crate::failure::ErrorFormat;
 use axum::http::HeaderMap;
 use clap::Parser;
 use std::net::SocketAddr;
@@ -40,6 +41,12 @@ pub struct Settings {
     /// Abort streams (reset the connection) after this many content chunks.
     #[arg(long)]
     pub abort_after: Option<u32>,
+    /// Shape of injected error answers.
+    #[arg(long, value_enum, default_value_t = ErrorFormat::Vllm)]
+    pub error_format: ErrorFormat,
+    /// `retry-after` seconds sent with injected error answers.
+    #[arg(long)]
+    pub retry_after: Option<u64>,
 }
 
 /// The behaviour for one request: the settings, with any `x-sim-*` header applied.
@@ -51,6 +58,8 @@ pub struct Behaviour {
     pub fail_status: Option<u16>,
     pub fail_rate: f64,
     pub abort_after: Option<u32>,
+    pub error_format: ErrorFormat,
+    pub retry_after: Option<u64>,
 }
 
 impl Settings {
@@ -64,6 +73,8 @@ impl Settings {
             fail_status: number("x-sim-fail-status").and_then(|s| u16::try_from(s).ok()).or(self.fail_status),
             fail_rate: get("x-sim-fail-rate").and_then(|v| v.parse().ok()).unwrap_or(self.fail_rate),
             abort_after: number("x-sim-abort-after").map(|n| n.min(u32::MAX as u64) as u32).or(self.abort_after),
+            error_format: get("x-sim-error-format").and_then(ErrorFormat::parse).unwrap_or(self.error_format),
+            retry_after: number("x-sim-retry-after").or(self.retry_after),
         }
     }
 }

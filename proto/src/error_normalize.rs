@@ -1,0 +1,287 @@
+//! Turns any error answer into an OpenAI error envelope.
+//!
+//! Errors reach clients from two places besides modelgate itself: backends,
+//! in whatever shape their server writes (vLLM's integer `code`, older vLLM's
+//! flat `{"object":"error"}`, FastAPI's `{"detail":...}`, a load balancer's
+//! HTML page, plain text, nothing at all), and Envoy's own local replies
+//! ("no healthy upstream" and the like). Both are rewritten here, keeping the
+//! status, so the SDKs raise the right exception with a usable message.
+
+use crate::error::{ErrorBody, ErrorEnvelope};
+use serde_json::{Map, Value};
+
+/// Where an error answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// The backend answered it (Envoy's `response.code_details` is `via_upstream`).
+    Backend,
+    /// Envoy answered it itself; `details` is its `response.code_details`.
+    Envoy { details: &'a str },
+}
+
+impl<'a> Origin<'a> {
+    /// The origin Envoy's `response.code_details` names.
+    pub fn from_code_details(details: &'a str) -> Self {
+        if details == "via_upstream" {
+            Origin::Backend
+        } else {
+            Origin::Envoy { details }
+        }
+    }
+}
+
+/// An error answer rewritten as an OpenAI envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    pub body: Vec<u8>,
+    /// `x-should-retry` for the SDKs, where the gateway knows better than the status says.
+    pub should_retry: Option<bool>,
+}
+
+/// Longest piece of a backend's non-JSON body quoted in a message.
+const QUOTE_LIMIT: usize = 300;
+
+const OPENAI_TYPES: &[&str] = &[
+    "invalid_request_error",
+    "authentication_error",
+    "permission_error",
+    "not_found_error",
+    "rate_limit_error",
+    "server_error",
+    "api_error",
+    "insufficient_quota",
+];
+
+/// The OpenAI error `type` for an HTTP status.
+pub fn type_for_status(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
+/// The error answer as an OpenAI envelope, or `None` when it already is one.
+pub fn normalize(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritten> {
+    match origin {
+        // Envoy's replies configured as OpenAI errors (such as the unknown-URL route) stay as they are.
+        Origin::Envoy { .. } if is_openai_envelope(body) => None,
+        Origin::Envoy { details } => Some(envoy_reply(status, details, body)),
+        Origin::Backend => backend_reply(status, body).map(|error| Rewritten { body: to_json(error), should_retry: None }),
+    }
+}
+
+fn is_openai_envelope(body: &[u8]) -> bool {
+    serde_json::from_slice::<Map<String, Value>>(body).is_ok_and(|object| from_json_object(0, &object).is_none())
+}
+
+fn to_json(error: ErrorBody) -> Vec<u8> {
+    serde_json::to_vec(&ErrorEnvelope { error }).unwrap_or_default()
+}
+
+fn error(status: u16, message: String, code: Option<&str>) -> ErrorBody {
+    ErrorBody { message, kind: type_for_status(status).to_string(), param: None, code: code.map(str::to_string) }
+}
+
+/// Envoy's local replies, by the `response.code_details` Envoy gives them.
+fn envoy_reply(status: u16, details: &str, body: &[u8]) -> Rewritten {
+    let (message, code, should_retry) = if details == "no_healthy_upstream" {
+        ("No healthy backend is available for this model right now.".to_string(), Some("backend_unavailable"), Some(true))
+    } else if details.starts_with("upstream_reset_before_response_started") {
+        if details.contains("connection_failure") || details.contains("connect") {
+            ("The gateway could not connect to the backend for this model.".to_string(), Some("backend_connect_failed"), Some(true))
+        } else {
+            ("The backend closed the connection before answering.".to_string(), Some("backend_reset"), Some(true))
+        }
+    } else if details.contains("timeout") {
+        ("The backend did not answer in time.".to_string(), Some("backend_timeout"), Some(true))
+    } else if details == "cluster_not_found" {
+        ("The backend configured for this model does not exist in Envoy's configuration.".to_string(), Some("backend_not_configured"), Some(false))
+    } else if details == "route_not_found" {
+        ("Unknown request URL.".to_string(), Some("unknown_url"), Some(false))
+    } else if status == 413 {
+        ("The request body is too large.".to_string(), Some("request_too_large"), Some(false))
+    } else {
+        let text = quote(body);
+        let message = if text.is_empty() { format!("The gateway answered HTTP {status} ({details}).") } else { text };
+        (message, None, None)
+    };
+    Rewritten { body: to_json(error(status, message, code)), should_retry }
+}
+
+/// A backend's error answer in OpenAI's shape; `None` if it is already exactly that.
+fn backend_reply(status: u16, body: &[u8]) -> Option<ErrorBody> {
+    match serde_json::from_slice::<Map<String, Value>>(body) {
+        Ok(object) => from_json_object(status, &object),
+        Err(_) => Some(error(status, non_json_message(status, body), None)),
+    }
+}
+
+/// A JSON error answer in OpenAI's shape; `None` if it is already exactly that.
+fn from_json_object(status: u16, object: &Map<String, Value>) -> Option<ErrorBody> {
+    let (fields, nested) = match object.get("error") {
+        Some(Value::Object(inner)) => (inner, true),
+        Some(Value::String(message)) => {
+            return Some(error(status, message.clone(), None));
+        }
+        _ => (object, false),
+    };
+    let message = ["message", "detail", "msg"].iter().find_map(|k| fields.get(*k)).map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    let Some(message) = message else {
+        return Some(error(status, format!("The backend answered HTTP {status}: {}", truncate(&Value::Object(object.clone()).to_string())), None));
+    };
+    let kind = fields.get("type").and_then(Value::as_str).filter(|t| OPENAI_TYPES.contains(t));
+    let param = fields.get("param").and_then(Value::as_str);
+    let code = fields.get("code").and_then(Value::as_str);
+    let exact = nested
+        && kind.is_some()
+        && fields.len() == 4
+        && matches!(fields.get("param"), Some(Value::String(_) | Value::Null))
+        && matches!(fields.get("code"), Some(Value::String(_) | Value::Null));
+    if exact {
+        return None;
+    }
+    Some(ErrorBody {
+        message,
+        kind: kind.unwrap_or_else(|| type_for_status(status)).to_string(),
+        param: param.map(str::to_string),
+        code: code.map(str::to_string),
+    })
+}
+
+fn non_json_message(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        format!("The backend answered HTTP {status} with an empty body.")
+    } else if text.starts_with('<') {
+        match html_title(text) {
+            Some(title) => format!("The backend answered HTTP {status} with an HTML page: {}", truncate(title)),
+            None => format!("The backend answered HTTP {status} with an HTML page."),
+        }
+    } else {
+        format!("The backend answered HTTP {status}: {}", truncate(text))
+    }
+}
+
+fn html_title(html: &str) -> Option<&str> {
+    let lower = html.to_ascii_lowercase();
+    let start = lower.find("<title>")? + "<title>".len();
+    let end = start + lower.get(start..)?.find("</title>")?;
+    html.get(start..end).map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// Envoy's own plain-text body, as a message.
+fn quote(body: &[u8]) -> String {
+    truncate(String::from_utf8_lossy(body).trim())
+}
+
+fn truncate(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_LIMIT) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn backend(status: u16, body: &str) -> Option<Value> {
+        normalize(status, Origin::Backend, body.as_bytes()).map(|r| serde_json::from_slice(&r.body).unwrap())
+    }
+
+    #[test]
+    fn exact_openai_errors_pass_untouched() {
+        let body = r#"{"error":{"message":"m","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#;
+        assert_eq!(backend(404, body), None);
+        assert_eq!(backend(500, r#"{"error":{"message":"m","type":"server_error","param":null,"code":null}}"#), None);
+    }
+
+    #[test]
+    fn vllm_integer_codes_become_openai_errors() {
+        let v = backend(400, r#"{"error":{"message":"max_tokens is too large","type":"BadRequestError","param":null,"code":400}}"#);
+        assert_eq!(
+            v.unwrap(),
+            json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "param": null, "code": null}})
+        );
+    }
+
+    #[test]
+    fn flat_and_fastapi_errors_keep_their_message() {
+        let v = backend(404, r#"{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError","param":null,"code":404}"#).unwrap();
+        assert_eq!(v["error"]["message"], "The model `x` does not exist.");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        let v = backend(422, r#"{"detail":[{"loc":["body","messages"],"msg":"field required"}]}"#).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains("field required"));
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let v = backend(429, r#"{"error":"slow down"}"#).unwrap();
+        assert_eq!((v["error"]["message"].as_str(), v["error"]["type"].as_str()), (Some("slow down"), Some("rate_limit_error")));
+    }
+
+    #[test]
+    fn html_text_and_empty_bodies_get_a_message_a_person_can_act_on() {
+        let v = backend(502, "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>").unwrap();
+        assert_eq!(v["error"]["message"], "The backend answered HTTP 502 with an HTML page: 502 Bad Gateway");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert_eq!(backend(503, "overloaded, try later").unwrap()["error"]["message"], "The backend answered HTTP 503: overloaded, try later");
+        assert_eq!(backend(500, "").unwrap()["error"]["message"], "The backend answered HTTP 500 with an empty body.");
+        let long = "x".repeat(5000);
+        assert!(backend(500, &long).unwrap()["error"]["message"].as_str().unwrap().chars().count() < 400);
+    }
+
+    #[test]
+    fn envoy_replies_already_in_openai_shape_stay() {
+        let body = br#"{"error":{"message":"Unknown request URL.","type":"invalid_request_error","param":null,"code":"unknown_url"}}"#;
+        assert_eq!(normalize(404, Origin::Envoy { details: "direct_response" }, body), None);
+    }
+
+    #[test]
+    fn envoy_local_replies_say_what_happened_and_whether_to_retry() {
+        let r = normalize(503, Origin::Envoy { details: "no_healthy_upstream" }, b"no healthy upstream").unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((v["error"]["type"].as_str(), v["error"]["code"].as_str()), (Some("server_error"), Some("backend_unavailable")));
+        assert_eq!(r.should_retry, Some(true));
+        let r = normalize(
+            503,
+            Origin::Envoy { details: "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}" },
+            b"",
+        )
+        .unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_connect_failed");
+        let r = normalize(504, Origin::Envoy { details: "response_timeout" }, b"upstream request timeout").unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_timeout");
+        let r = normalize(431, Origin::Envoy { details: "http1.headers_too_large" }, b"").unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("431"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_becomes_a_valid_envelope(status in 400u16..600, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Some(r) = normalize(status, Origin::Backend, &body) {
+                let v: ErrorEnvelope = serde_json::from_slice(&r.body).unwrap();
+                prop_assert!(!v.error.message.is_empty());
+            }
+            let r = normalize(status, Origin::Envoy { details: "x" }, &body).unwrap();
+            prop_assert!(serde_json::from_slice::<ErrorEnvelope>(&r.body).is_ok());
+        }
+
+        #[test]
+        fn any_json_error_object_becomes_a_valid_envelope(message in "\\PC{0,40}", code in any::<i64>(), kind in "[A-Za-z_]{0,12}") {
+            let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}}).to_string();
+            let r = normalize(400, Origin::Backend, body.as_bytes()).unwrap();
+            let v: ErrorEnvelope = serde_json::from_slice(&r.body).unwrap();
+            prop_assert_eq!(v.error.code, None);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+"""Every error that leaves the gateway is an OpenAI error envelope with the
+right status, whoever produced it: a backend in its own shape, Envoy itself,
+or modelgate. Checked the way applications see it, through the openai SDK,
+with retries off and then on."""
+
+import uuid
+
+import openai
+import pytest
+
+from conftest import backend_requests, httpx2
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def rid() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+def sdk(stack, retries: int) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=retries, timeout=30)
+
+
+def attempts_seen(stack, request_id: str) -> int:
+    return sum(1 for r in backend_requests(stack, "vllm-llama") if r["headers"].get("x-request-id") == request_id)
+
+
+def downstream_5xx(stack) -> int:
+    stats = httpx2.get(f"{stack.admin_url}/stats", params={"filter": r"^http\.modelgate\.downstream_rq_5xx$"}).text
+    return int(stats.split(":")[1]) if ":" in stats else 0
+
+
+@pytest.mark.parametrize("error_format, status, exception, kind, message", [
+    ("vllm", 400, openai.BadRequestError, "invalid_request_error", "simulated failure"),
+    ("vllm-flat", 404, openai.NotFoundError, "not_found_error", "simulated failure"),
+    ("vllm", 401, openai.AuthenticationError, "authentication_error", "simulated failure"),
+    ("vllm", 422, openai.UnprocessableEntityError, "invalid_request_error", "simulated failure"),
+    ("html", 502, openai.InternalServerError, "server_error", "The backend answered HTTP 502 with an HTML page: 502 Bad Gateway"),
+    ("text", 503, openai.InternalServerError, "server_error", "The backend answered HTTP 503: simulated failure"),
+    ("empty", 500, openai.InternalServerError, "server_error", "The backend answered HTTP 500 with an empty body."),
+])
+def test_backend_errors_in_foreign_shapes_become_openai_errors(stack, spec, error_format, status, exception, kind, message):
+    request_id = rid()
+    with pytest.raises(exception) as err:
+        sdk(stack, retries=0).chat.completions.create(
+            model="llama-3.1-8b-instruct", messages=HELLO,
+            extra_headers={"x-request-id": request_id, "x-sim-fail-status": str(status),
+                           "x-sim-error-format": error_format})
+    assert err.value.status_code == status
+    assert err.value.body == {"message": message, "type": kind, "param": None, "code": None}
+    assert err.value.request_id == request_id
+    assert err.value.response.headers["content-type"] == "application/json"
+    assert int(err.value.response.headers["openai-processing-ms"]) >= 0
+    spec.validate("ErrorResponse", err.value.response.json())
+
+
+def test_an_exact_openai_error_from_a_backend_passes_unchanged(stack):
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(stack, retries=0).chat.completions.create(
+            model="llama-3.1-8b-instruct", messages=HELLO,
+            extra_headers={"x-sim-fail-status": "500", "x-sim-error-format": "openai"})
+    assert err.value.body == {"message": "simulated failure", "type": "server_error", "param": None, "code": "simulated"}
+
+
+def attempts_at_failing_backend(stack, retries: int, status: int, retry_after: int, exception) -> int:
+    """How many attempts the SDK made at a backend that always fails with `status`."""
+    request_id = rid()
+    with pytest.raises(exception):
+        sdk(stack, retries=retries).chat.completions.create(
+            model="llama-3.1-8b-instruct", messages=HELLO,
+            extra_headers={"x-request-id": request_id, "x-sim-fail-status": str(status),
+                           "x-sim-retry-after": str(retry_after)})
+    return attempts_seen(stack, request_id)
+
+
+def test_retryable_backend_errors_are_retried_by_the_sdk(stack):
+    assert attempts_at_failing_backend(stack, retries=2, status=503, retry_after=0,
+                                       exception=openai.InternalServerError) == 3
+
+
+def test_retry_after_reaches_the_client_and_the_sdk_honours_it(stack, http):
+    response = http.post("/v1/chat/completions", json={"model": "llama-3.1-8b-instruct", "messages": HELLO},
+                         headers={"x-sim-fail-status": "429", "x-sim-retry-after": "7"})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+    assert attempts_at_failing_backend(stack, retries=1, status=429, retry_after=1,
+                                       exception=openai.RateLimitError) == 2
+
+
+def test_unreachable_backend_is_a_retryable_503(stack, spec):
+    before = downstream_5xx(stack)
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(stack, retries=0).chat.completions.create(model="dead-model", messages=HELLO)
+    assert err.value.status_code == 503
+    assert (err.value.body["type"], err.value.body["code"]) == ("server_error", "backend_connect_failed")
+    assert err.value.response.headers["x-should-retry"] == "true"
+    assert err.value.request_id
+    spec.validate("ErrorResponse", err.value.response.json())
+
+    with pytest.raises(openai.InternalServerError):
+        sdk(stack, retries=2).chat.completions.create(model="dead-model", messages=HELLO)
+    assert downstream_5xx(stack) - before == 1 + 3
+
+
+def test_misconfigured_backend_is_a_503_the_sdk_does_not_retry(stack):
+    before = downstream_5xx(stack)
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(stack, retries=3).chat.completions.create(model="ghost-model", messages=HELLO)
+    assert err.value.status_code == 503
+    assert err.value.body["code"] == "backend_not_configured"
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert downstream_5xx(stack) - before == 1
+
+
+def test_gateway_refusals_are_not_retried(stack):
+    with pytest.raises(openai.NotFoundError) as err:
+        sdk(stack, retries=3).chat.completions.create(model="no-such-model", messages=HELLO)
+    assert err.value.response.headers["x-should-retry"] == "false"
+
+
+def test_backend_timeout_is_a_retryable_504(stack, spec):
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(stack, retries=0).chat.completions.create(model="slow-model", messages=HELLO,
+                                                      extra_headers={"x-sim-ttft-ms": "2000"})
+    assert err.value.status_code == 504
+    assert (err.value.body["type"], err.value.body["code"]) == ("server_error", "backend_timeout")
+    assert err.value.response.headers["x-should-retry"] == "true"
+    spec.validate("ErrorResponse", err.value.response.json())
+
+
+def test_non_json_content_type_is_415(http, spec):
+    response = http.post("/v1/chat/completions", content=b'{"model": "llama-3"}', headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+    spec.validate("ErrorResponse", response.json())
+
+
+def test_successful_answers_carry_processing_time(stack):
+    raw = sdk(stack, retries=0).chat.completions.with_raw_response.create(model="llama-3.1-8b-instruct", messages=HELLO)
+    assert int(raw.headers["openai-processing-ms"]) >= 0
