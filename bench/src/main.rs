@@ -180,7 +180,12 @@ async fn open_loop(target: Arc<Target>, rate: f64, duration: Duration, recorder:
     sent
 }
 
-async fn closed_loop(target: Arc<Target>, concurrency: usize, duration: Duration, recorder: Arc<Mutex<Recorder>>) -> usize {
+async fn closed_loop(
+    target: Arc<Target>,
+    concurrency: usize,
+    duration: Duration,
+    recorder: Arc<Mutex<Recorder>>,
+) -> usize {
     let end = Instant::now() + duration;
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {

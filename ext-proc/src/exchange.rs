@@ -3,7 +3,9 @@
 
 use crate::messages;
 use crate::rename::rewrite_model;
-use envoy_types::pb::envoy::service::ext_proc::v3::{processing_request::Request, ProcessingRequest, ProcessingResponse};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    processing_request::Request, ProcessingRequest, ProcessingResponse,
+};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 
@@ -27,7 +29,9 @@ impl Exchange {
                 Some(model) => match rewrite_model(&body.body, model) {
                     Ok(rewritten) => messages::replace_request_body(rewritten),
                     Err(e) => messages::reject(&GatewayError::invalid_request(
-                        format!("We could not parse the JSON body of your request ({e}). The API expects a JSON object."),
+                        format!(
+                            "We could not parse the JSON body of your request ({e}). The API expects a JSON object."
+                        ),
                         None,
                         None,
                     )),
@@ -76,7 +80,8 @@ mod tests {
     #[test]
     fn renames_the_model_and_fixes_content_length() {
         let mut ex = Exchange::default();
-        let first = ex.on_message(headers_message(&[(":path", "/v1/chat/completions"), (headers::UPSTREAM_MODEL, "llama-3")]));
+        let first =
+            ex.on_message(headers_message(&[(":path", "/v1/chat/completions"), (headers::UPSTREAM_MODEL, "llama-3")]));
         assert!(matches!(first.unwrap().response, Some(Response::RequestHeaders(_))));
 
         let answer = ex.on_message(body_message(r#"{"model":"gpt-4o-mini","n":1}"#)).unwrap();

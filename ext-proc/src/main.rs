@@ -27,9 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     tracing::info!(listen = %args.listen, "modelgate ext-proc listening");
     tonic::transport::Server::builder()

@@ -4,8 +4,8 @@
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    body_mutation::Mutation, processing_response::Response, BodyMutation, BodyResponse, CommonResponse,
-    HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse, ProcessingResponse, TrailersResponse,
+    body_mutation::Mutation, processing_response::Response, BodyMutation, BodyResponse, CommonResponse, HeaderMutation,
+    HeadersResponse, HttpHeaders, ImmediateResponse, ProcessingResponse, TrailersResponse,
 };
 use modelgate_proto::error::GatewayError;
 
@@ -69,7 +69,9 @@ pub fn reject(err: &GatewayError) -> ProcessingResponse {
 
 /// The neutral answer to a phase this service was not configured to see; Envoy
 /// requires one answer per message, so an unexpected phase must not hang the request.
-pub fn continue_other(request: &envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request) -> ProcessingResponse {
+pub fn continue_other(
+    request: &envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request,
+) -> ProcessingResponse {
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
     respond(match request {
         Request::RequestHeaders(_) => Response::RequestHeaders(HeadersResponse::default()),

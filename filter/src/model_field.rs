@@ -113,7 +113,8 @@ mod tests {
 
     #[test]
     fn malformed_bodies_get_400_without_param() {
-        for body in ["", "not json", "{\"model\":\"a\"", "{\"model\":\"a\"} trailing", "[\"model\"]", "\"model\"", "42"] {
+        for body in ["", "not json", "{\"model\":\"a\"", "{\"model\":\"a\"} trailing", "[\"model\"]", "\"model\"", "42"]
+        {
             let e = err(body);
             assert_eq!(e.status, 400, "{body}");
             assert_eq!(e.body.kind, "invalid_request_error");
@@ -136,7 +137,11 @@ mod tests {
             (r#"{"model":true}"#, "invalid_type", "got a boolean"),
         ] {
             let e = err(body);
-            assert_eq!((e.status, e.body.param.as_deref(), e.body.code.as_deref()), (400, Some("model"), Some(code)), "{body}");
+            assert_eq!(
+                (e.status, e.body.param.as_deref(), e.body.code.as_deref()),
+                (400, Some("model"), Some(code)),
+                "{body}"
+            );
             assert!(e.body.message.contains(words), "{body}: {}", e.body.message);
         }
     }

@@ -96,15 +96,20 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
         }
         Endpoint::ModelRouted => {
             let limit = router.max_request_body_bytes();
-            let declared = content_length.and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u64>().ok());
+            let declared =
+                content_length.and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u64>().ok());
             if declared.is_some_and(|len| len > limit as u64) {
                 HeadersVerdict::Respond(GatewayError::body_too_large(limit).into())
             } else if let Some(declared) = content_type.filter(|c| !is_json(c)) {
                 HeadersVerdict::Respond(GatewayError::unsupported_media_type(&String::from_utf8_lossy(declared)).into())
             } else if end_of_stream {
                 HeadersVerdict::Respond(
-                    GatewayError::invalid_request("The request body is empty. The API expects a JSON object.".into(), None, None)
-                        .into(),
+                    GatewayError::invalid_request(
+                        "The request body is empty. The API expects a JSON object.".into(),
+                        None,
+                        None,
+                    )
+                    .into(),
                 )
             } else {
                 HeadersVerdict::ReadBody
@@ -156,7 +161,19 @@ mod tests {
     #[test]
     fn model_routed_requests_read_their_body_then_route() {
         let r = router();
-        assert_eq!(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/chat/completions", content_length: Some(b"20"), end_of_stream: false, ..Default::default() }), HeadersVerdict::ReadBody);
+        assert_eq!(
+            on_request_headers(
+                &r,
+                RequestHead {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    content_length: Some(b"20"),
+                    end_of_stream: false,
+                    ..Default::default()
+                }
+            ),
+            HeadersVerdict::ReadBody
+        );
         assert_eq!(
             on_request_body(&r, br#"{"model":"llama-3"}"#).unwrap(),
             Routing { cluster: "cluster_a".into(), upstream_model: None }
@@ -178,11 +195,44 @@ mod tests {
     #[test]
     fn oversized_bodies_are_413_by_header_or_by_count() {
         let r = router();
-        let reply = respond(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/embeddings", content_length: Some(b"65"), end_of_stream: false, ..Default::default() }));
+        let reply = respond(on_request_headers(
+            &r,
+            RequestHead {
+                method: "POST",
+                path: "/v1/embeddings",
+                content_length: Some(b"65"),
+                end_of_stream: false,
+                ..Default::default()
+            },
+        ));
         assert_eq!(reply.status, 413);
         assert!(json(&reply)["error"]["message"].as_str().unwrap().contains("64 bytes"));
-        assert_eq!(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/embeddings", content_length: Some(b"64"), end_of_stream: false, ..Default::default() }), HeadersVerdict::ReadBody);
-        assert_eq!(on_request_headers(&r, RequestHead { method: "POST", path: "/v1/embeddings", content_length: Some(b"junk"), end_of_stream: false, ..Default::default() }), HeadersVerdict::ReadBody);
+        assert_eq!(
+            on_request_headers(
+                &r,
+                RequestHead {
+                    method: "POST",
+                    path: "/v1/embeddings",
+                    content_length: Some(b"64"),
+                    end_of_stream: false,
+                    ..Default::default()
+                }
+            ),
+            HeadersVerdict::ReadBody
+        );
+        assert_eq!(
+            on_request_headers(
+                &r,
+                RequestHead {
+                    method: "POST",
+                    path: "/v1/embeddings",
+                    content_length: Some(b"junk"),
+                    end_of_stream: false,
+                    ..Default::default()
+                }
+            ),
+            HeadersVerdict::ReadBody
+        );
         assert!(body_too_large(&r, 64).is_none());
         assert_eq!(body_too_large(&r, 65).unwrap().status, 413);
     }
@@ -199,7 +249,8 @@ mod tests {
         for json in [&b"application/json"[..], b"Application/JSON; charset=utf-8", b" application/json "] {
             assert_eq!(on_request_headers(&r, head(json)), HeadersVerdict::ReadBody);
         }
-        for other in [&b"text/plain"[..], b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b""] {
+        for other in [&b"text/plain"[..], b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b""]
+        {
             let reply = respond(on_request_headers(&r, head(other)));
             assert_eq!(reply.status, 415);
             assert_eq!(json(&reply)["error"]["code"], "unsupported_media_type");
@@ -208,31 +259,52 @@ mod tests {
 
     #[test]
     fn a_bodyless_post_is_400() {
-        let reply = respond(on_request_headers(&router(), RequestHead { method: "POST", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() }));
+        let reply = respond(on_request_headers(
+            &router(),
+            RequestHead { method: "POST", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() },
+        ));
         assert_eq!(reply.status, 400);
     }
 
     #[test]
     fn models_are_answered_from_configuration() {
         let r = router();
-        let list = respond(on_request_headers(&r, RequestHead { method: "GET", path: "/v1/models", end_of_stream: true, ..Default::default() }));
+        let list = respond(on_request_headers(
+            &r,
+            RequestHead { method: "GET", path: "/v1/models", end_of_stream: true, ..Default::default() },
+        ));
         assert_eq!(list.status, 200);
         assert_eq!(json(&list)["data"][0]["id"], "gpt-4o-mini");
-        let one = respond(on_request_headers(&r, RequestHead { method: "GET", path: "/v1/models/llama-3-70b", end_of_stream: true, ..Default::default() }));
+        let one = respond(on_request_headers(
+            &r,
+            RequestHead { method: "GET", path: "/v1/models/llama-3-70b", end_of_stream: true, ..Default::default() },
+        ));
         assert_eq!(json(&one)["id"], "llama-3-70b");
-        let missing = respond(on_request_headers(&r, RequestHead { method: "GET", path: "/v1/models/nope", end_of_stream: true, ..Default::default() }));
+        let missing = respond(on_request_headers(
+            &r,
+            RequestHead { method: "GET", path: "/v1/models/nope", end_of_stream: true, ..Default::default() },
+        ));
         assert_eq!(missing.status, 404);
     }
 
     #[test]
     fn wrong_method_is_405_with_allow() {
-        let reply = respond(on_request_headers(&router(), RequestHead { method: "GET", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() }));
+        let reply = respond(on_request_headers(
+            &router(),
+            RequestHead { method: "GET", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() },
+        ));
         assert_eq!(reply.status, 405);
         assert_eq!(reply.headers, vec![("x-should-retry", "false"), ("allow", "POST")]);
     }
 
     #[test]
     fn other_paths_pass_through() {
-        assert_eq!(on_request_headers(&router(), RequestHead { method: "GET", path: "/health", end_of_stream: true, ..Default::default() }), HeadersVerdict::PassThrough);
+        assert_eq!(
+            on_request_headers(
+                &router(),
+                RequestHead { method: "GET", path: "/health", end_of_stream: true, ..Default::default() }
+            ),
+            HeadersVerdict::PassThrough
+        );
     }
 }

@@ -119,7 +119,8 @@ mod tests {
             }})
         );
 
-        let v: Value = serde_json::from_slice(&GatewayError::invalid_request("bad".into(), None, None).to_json()).unwrap();
+        let v: Value =
+            serde_json::from_slice(&GatewayError::invalid_request("bad".into(), None, None).to_json()).unwrap();
         assert_eq!(v["error"]["code"], Value::Null);
         assert_eq!(v["error"]["param"], Value::Null);
     }

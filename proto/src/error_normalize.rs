@@ -70,7 +70,9 @@ pub fn normalize(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritt
         // Envoy's replies configured as OpenAI errors (such as the unknown-URL route) stay as they are.
         Origin::Envoy { .. } if is_openai_envelope(body) => None,
         Origin::Envoy { details } => Some(envoy_reply(status, details, body)),
-        Origin::Backend => backend_reply(status, body).map(|error| Rewritten { body: to_json(error), should_retry: None }),
+        Origin::Backend => {
+            backend_reply(status, body).map(|error| Rewritten { body: to_json(error), should_retry: None })
+        }
     }
 }
 
@@ -89,17 +91,29 @@ fn error(status: u16, message: String, code: Option<&str>) -> ErrorBody {
 /// Envoy's local replies, by the `response.code_details` Envoy gives them.
 fn envoy_reply(status: u16, details: &str, body: &[u8]) -> Rewritten {
     let (message, code, should_retry) = if details == "no_healthy_upstream" {
-        ("No healthy backend is available for this model right now.".to_string(), Some("backend_unavailable"), Some(true))
+        (
+            "No healthy backend is available for this model right now.".to_string(),
+            Some("backend_unavailable"),
+            Some(true),
+        )
     } else if details.starts_with("upstream_reset_before_response_started") {
         if details.contains("connection_failure") || details.contains("connect") {
-            ("The gateway could not connect to the backend for this model.".to_string(), Some("backend_connect_failed"), Some(true))
+            (
+                "The gateway could not connect to the backend for this model.".to_string(),
+                Some("backend_connect_failed"),
+                Some(true),
+            )
         } else {
             ("The backend closed the connection before answering.".to_string(), Some("backend_reset"), Some(true))
         }
     } else if details.contains("timeout") {
         ("The backend did not answer in time.".to_string(), Some("backend_timeout"), Some(true))
     } else if details == "cluster_not_found" {
-        ("The backend configured for this model does not exist in Envoy's configuration.".to_string(), Some("backend_not_configured"), Some(false))
+        (
+            "The backend configured for this model does not exist in Envoy's configuration.".to_string(),
+            Some("backend_not_configured"),
+            Some(false),
+        )
     } else if details == "route_not_found" {
         ("Unknown request URL.".to_string(), Some("unknown_url"), Some(false))
     } else if status == 413 {
@@ -134,7 +148,11 @@ fn from_json_object(status: u16, object: &Map<String, Value>) -> Option<ErrorBod
         other => other.to_string(),
     });
     let Some(message) = message else {
-        return Some(error(status, format!("The backend answered HTTP {status}: {}", truncate(&Value::Object(object.clone()).to_string())), None));
+        return Some(error(
+            status,
+            format!("The backend answered HTTP {status}: {}", truncate(&Value::Object(object.clone()).to_string())),
+            None,
+        ));
     };
     let kind = fields.get("type").and_then(Value::as_str).filter(|t| OPENAI_TYPES.contains(t));
     let param = fields.get("param").and_then(Value::as_str);
@@ -201,14 +219,18 @@ mod tests {
 
     #[test]
     fn exact_openai_errors_pass_untouched() {
-        let body = r#"{"error":{"message":"m","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#;
+        let body =
+            r#"{"error":{"message":"m","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#;
         assert_eq!(backend(404, body), None);
         assert_eq!(backend(500, r#"{"error":{"message":"m","type":"server_error","param":null,"code":null}}"#), None);
     }
 
     #[test]
     fn vllm_integer_codes_become_openai_errors() {
-        let v = backend(400, r#"{"error":{"message":"max_tokens is too large","type":"BadRequestError","param":null,"code":400}}"#);
+        let v = backend(
+            400,
+            r#"{"error":{"message":"max_tokens is too large","type":"BadRequestError","param":null,"code":400}}"#,
+        );
         assert_eq!(
             v.unwrap(),
             json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "param": null, "code": null}})
@@ -224,7 +246,10 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("field required"));
         assert_eq!(v["error"]["type"], "invalid_request_error");
         let v = backend(429, r#"{"error":"slow down"}"#).unwrap();
-        assert_eq!((v["error"]["message"].as_str(), v["error"]["type"].as_str()), (Some("slow down"), Some("rate_limit_error")));
+        assert_eq!(
+            (v["error"]["message"].as_str(), v["error"]["type"].as_str()),
+            (Some("slow down"), Some("rate_limit_error"))
+        );
     }
 
     #[test]
@@ -232,7 +257,10 @@ mod tests {
         let v = backend(502, "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>").unwrap();
         assert_eq!(v["error"]["message"], "The backend answered HTTP 502 with an HTML page: 502 Bad Gateway");
         assert_eq!(v["error"]["type"], "server_error");
-        assert_eq!(backend(503, "overloaded, try later").unwrap()["error"]["message"], "The backend answered HTTP 503: overloaded, try later");
+        assert_eq!(
+            backend(503, "overloaded, try later").unwrap()["error"]["message"],
+            "The backend answered HTTP 503: overloaded, try later"
+        );
         assert_eq!(backend(500, "").unwrap()["error"]["message"], "The backend answered HTTP 500 with an empty body.");
         let long = "x".repeat(5000);
         assert!(backend(500, &long).unwrap()["error"]["message"].as_str().unwrap().chars().count() < 400);
@@ -248,7 +276,10 @@ mod tests {
     fn envoy_local_replies_say_what_happened_and_whether_to_retry() {
         let r = normalize(503, Origin::Envoy { details: "no_healthy_upstream" }, b"no healthy upstream").unwrap();
         let v: Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!((v["error"]["type"].as_str(), v["error"]["code"].as_str()), (Some("server_error"), Some("backend_unavailable")));
+        assert_eq!(
+            (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+            (Some("server_error"), Some("backend_unavailable"))
+        );
         assert_eq!(r.should_retry, Some(true));
         let r = normalize(
             503,

@@ -24,7 +24,8 @@ fn model<'a>(id: &'a str, owned_by: &'a str) -> Model<'a> {
 
 /// `GET /v1/models`.
 pub fn list_json(router: &Router) -> Vec<u8> {
-    let list = ModelList { object: "list", data: router.listed_models().map(|(id, t)| model(id, &t.owned_by)).collect() };
+    let list =
+        ModelList { object: "list", data: router.listed_models().map(|(id, t)| model(id, &t.owned_by)).collect() };
     serde_json::to_vec(&list).unwrap_or_default()
 }
 
@@ -47,7 +48,10 @@ mod tests {
         )
         .unwrap();
         let list: Value = serde_json::from_slice(&list_json(&r)).unwrap();
-        assert_eq!(list, json!({"object": "list", "data": [{"id": "m1", "object": "model", "created": 0, "owned_by": "a"}]}));
+        assert_eq!(
+            list,
+            json!({"object": "list", "data": [{"id": "m1", "object": "model", "created": 0, "owned_by": "a"}]})
+        );
         let one: Value = serde_json::from_slice(&retrieve_json(&r, "q-7b").unwrap()).unwrap();
         assert_eq!(one, json!({"id": "q-7b", "object": "model", "created": 0, "owned_by": "acme"}));
         assert!(retrieve_json(&r, "nope").is_none());

@@ -163,8 +163,10 @@ mod tests {
 
     #[test]
     fn only_exact_names_are_listed_in_order() {
-        let r = router(r#"[{"match": "z", "backend": "a"}, {"match": "p-*", "backend": "a"}, {"match": "m", "backend": "b"}]"#)
-            .unwrap();
+        let r = router(
+            r#"[{"match": "z", "backend": "a"}, {"match": "p-*", "backend": "a"}, {"match": "m", "backend": "b"}]"#,
+        )
+        .unwrap();
         let names: Vec<_> = r.listed_models().map(|(n, _)| n).collect();
         assert_eq!(names, ["z", "m"]);
     }

@@ -49,18 +49,23 @@ pub fn failure(status: u16, message: &str, format: ErrorFormat, retry_after: Opt
     let code = status.as_u16();
     let mut response = match format {
         ErrorFormat::Vllm => {
-            Json(json!({"error": {"message": message, "type": vllm_type(code), "param": null, "code": code}})).into_response()
+            Json(json!({"error": {"message": message, "type": vllm_type(code), "param": null, "code": code}}))
+                .into_response()
         }
         ErrorFormat::VllmFlat => {
             Json(json!({"object": "error", "message": message, "type": vllm_type(code), "param": null, "code": code}))
                 .into_response()
         }
-        ErrorFormat::Openai => Json(json!({"error": {"message": message, "type": "server_error", "param": null, "code": "simulated"}}))
-            .into_response(),
+        ErrorFormat::Openai => {
+            Json(json!({"error": {"message": message, "type": "server_error", "param": null, "code": "simulated"}}))
+                .into_response()
+        }
         ErrorFormat::Html => (
             [(header::CONTENT_TYPE, "text/html")],
-            format!("<html><head><title>{code} {}</title></head><body><center>nginx</center></body></html>",
-                    status.canonical_reason().unwrap_or("Error")),
+            format!(
+                "<html><head><title>{code} {}</title></head><body><center>nginx</center></body></html>",
+                status.canonical_reason().unwrap_or("Error")
+            ),
         )
             .into_response(),
         ErrorFormat::Text => ([(header::CONTENT_TYPE, "text/plain")], message.to_string()).into_response(),

@@ -9,7 +9,11 @@ const WORDS: &[&str] = &["This", "is", "a", "simulated", "reply", "from", "the",
 /// The `i`th generated token; tokens join into readable text.
 pub fn token(i: u32) -> String {
     let word = WORDS[i as usize % WORDS.len()];
-    if i == 0 { word.to_string() } else { format!(" {word}") }
+    if i == 0 {
+        word.to_string()
+    } else {
+        format!(" {word}")
+    }
 }
 
 /// Text of `n` tokens.

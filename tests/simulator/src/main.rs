@@ -10,10 +10,10 @@ mod openai;
 mod settings;
 
 use axum::extract::State;
-use axum::serve::ListenerExt;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Parser;
 use std::sync::Arc;
@@ -53,7 +53,8 @@ async fn main() -> std::io::Result<()> {
 }
 
 async fn metrics_text(State(sim): State<Arc<Sim>>) -> Response {
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], sim.metrics.encode()).into_response()
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], sim.metrics.encode())
+        .into_response()
 }
 
 async fn requests(State(sim): State<Arc<Sim>>) -> Response {

@@ -86,14 +86,24 @@ fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
     behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
 }
 
-async fn chat_completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Result<Response, Response> {
+async fn chat_completions(
+    State(sim): State<Arc<Sim>>,
+    uri: Uri,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, Response> {
     let call = begin(&sim, &uri, &headers, &bytes)?;
     let messages = call.body["messages"].as_array().ok_or_else(|| vllm_error(400, "`messages` is required"))?;
     let prompt = generate::chat_prompt_tokens(messages);
     Ok(respond(sim, call, StreamKind::Chat, prompt).await)
 }
 
-async fn completions(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Result<Response, Response> {
+async fn completions(
+    State(sim): State<Arc<Sim>>,
+    uri: Uri,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, Response> {
     let call = begin(&sim, &uri, &headers, &bytes)?;
     if call.body["prompt"].is_null() {
         return Err(vllm_error(400, "`prompt` is required"));
@@ -161,7 +171,9 @@ impl Plan {
                     "logprobs": null,
                     "finish_reason": self.finish,
                 }),
-                StreamKind::Completion => json!({"index": index, "text": text, "logprobs": null, "finish_reason": self.finish}),
+                StreamKind::Completion => {
+                    json!({"index": index, "text": text, "logprobs": null, "finish_reason": self.finish})
+                }
             })
             .collect();
         let object = match self.kind {
@@ -183,14 +195,18 @@ impl Plan {
                     (None, None) => json!({"role": "assistant", "content": ""}),
                     (Some(text), None) => json!({"content": text}),
                 };
-                ("chat.completion.chunk", json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}))
+                (
+                    "chat.completion.chunk",
+                    json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}),
+                )
             }
             StreamKind::Completion => (
                 "text_completion",
                 json!({"index": index, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
             ),
         };
-        let mut chunk = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
+        let mut chunk =
+            json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]});
         if self.include_usage {
             chunk["usage"] = Value::Null;
         }
@@ -259,7 +275,12 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         .unwrap_or_else(|_| vllm_error(500, "could not build the stream"))
 }
 
-async fn embeddings(State(sim): State<Arc<Sim>>, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Result<Response, Response> {
+async fn embeddings(
+    State(sim): State<Arc<Sim>>,
+    uri: Uri,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, Response> {
     let call = begin(&sim, &uri, &headers, &bytes)?;
     if call.body["input"].is_null() {
         return Err(vllm_error(400, "`input` is required"));
