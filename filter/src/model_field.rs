@@ -160,6 +160,15 @@ mod tests {
         }
     }
 
+    #[test]
+    fn huge_strings_are_read_or_refused_without_trouble() {
+        let huge = "m".repeat(4 * 1024 * 1024);
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"{huge}"}}],"model":"{huge}"}}"#);
+        assert_eq!(read_model(body.as_bytes()).unwrap().len(), huge.len());
+        let unterminated = format!(r#"{{"model":"{huge}"#);
+        assert_eq!(err(&unterminated).status, 400);
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {

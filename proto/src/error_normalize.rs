@@ -296,6 +296,17 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("431"));
     }
 
+    #[test]
+    fn huge_and_deep_bodies_are_handled() {
+        let huge = format!(r#"{{"error":{{"message":"{}","type":"x","code":1}}}}"#, "m".repeat(1 << 20));
+        let v = backend(500, &huge).unwrap();
+        assert_eq!(v["error"]["message"].as_str().unwrap().len(), 1 << 20);
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(backend(500, &deep).unwrap()["error"]["message"].as_str().unwrap().starts_with("The backend answered HTTP 500"));
+        let invalid_utf8 = normalize(502, Origin::Backend, b"\xff\xfe<html>").unwrap();
+        assert!(serde_json::from_slice::<ErrorEnvelope>(&invalid_utf8.body).is_ok());
+    }
+
     proptest! {
         #[test]
         fn any_body_becomes_a_valid_envelope(status in 400u16..600, body in proptest::collection::vec(any::<u8>(), 0..300)) {
