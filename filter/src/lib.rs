@@ -154,15 +154,18 @@ impl HttpContext for Request {
             return Action::Pause;
         }
         let body = host::body(BufferType::HttpResponseBody, body_size);
-        if let Some(rewritten) = normalize(*status, Origin::from_code_details(details), &body) {
-            host::replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
-            let reply = Reply::rewritten(*status, rewritten);
-            host::set_header(MapType::HttpResponseHeaders, "content-type", "application/json");
-            host::set_header(MapType::HttpResponseHeaders, "content-length", &reply.body.len().to_string());
-            for (name, value) in &reply.headers {
-                host::set_header(MapType::HttpResponseHeaders, name, value);
+        let length = match normalize(*status, Origin::from_code_details(details), &body) {
+            Some(rewritten) => {
+                host::replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
+                host::set_header(MapType::HttpResponseHeaders, "content-type", "application/json");
+                for (name, value) in request::retry_advice(rewritten.should_retry) {
+                    host::set_header(MapType::HttpResponseHeaders, name, value);
+                }
+                rewritten.body.len()
             }
-        }
+            None => body.len(),
+        };
+        host::set_header(MapType::HttpResponseHeaders, "content-length", &length.to_string());
         Action::Continue
     }
 }

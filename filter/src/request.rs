@@ -27,13 +27,13 @@ impl Reply {
 impl Reply {
     /// An error answer rewritten as an OpenAI envelope, with the retry advice it carries.
     pub fn rewritten(status: u16, rewritten: Rewritten) -> Self {
-        let headers = match rewritten.should_retry {
-            Some(true) => vec![(SHOULD_RETRY, "true")],
-            Some(false) => vec![(SHOULD_RETRY, "false")],
-            None => Vec::new(),
-        };
-        Reply { status, headers, body: rewritten.body }
+        Reply { status, headers: retry_advice(rewritten.should_retry).collect(), body: rewritten.body }
     }
+}
+
+/// The `x-should-retry` header for the gateway's advice, if it has any.
+pub fn retry_advice(should_retry: Option<bool>) -> impl Iterator<Item = (&'static str, &'static str)> {
+    should_retry.map(|retry| (SHOULD_RETRY, if retry { "true" } else { "false" })).into_iter()
 }
 
 /// The openai SDKs' retry advice header, which overrides their status-based rule.

@@ -302,7 +302,10 @@ mod tests {
         let v = backend(500, &huge).unwrap();
         assert_eq!(v["error"]["message"].as_str().unwrap().len(), 1 << 20);
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(backend(500, &deep).unwrap()["error"]["message"].as_str().unwrap().starts_with("The backend answered HTTP 500"));
+        assert!(backend(500, &deep).unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("The backend answered HTTP 500"));
         let invalid_utf8 = normalize(502, Origin::Backend, b"\xff\xfe<html>").unwrap();
         assert!(serde_json::from_slice::<ErrorEnvelope>(&invalid_utf8.body).is_ok());
     }
