@@ -128,7 +128,7 @@ def measure(run: Run, stack: Stack, peer: bool) -> dict:
     bare_max = results["throughput"]["bare"]["throughput_rps"]
 
     # Open loop: latency at fixed offered rates, scenarios interleaved so drift hits all alike.
-    fractions = [0.2, 0.5] if run.short else [0.1, 0.25, 0.5, 0.75]
+    fractions = [0.1, 0.5] if run.short else [0.1, 0.25, 0.5, 0.75]
     rates = sorted({round(bare_max * f) for f in fractions} | ({1000} if bare_max > 1200 and not run.short else set()))
     sweep = []
     capacity = {s: r["throughput_rps"] for s, r in results["throughput"].items()}

@@ -8,8 +8,8 @@
 pub const CLUSTER: &str = "x-modelgate-cluster";
 
 /// Set by the filter when the backend expects another model name than the
-/// client sent. Its presence selects the route that runs ext_proc, which
-/// rewrites the body's `model` to this value.
+/// client sent. Its presence is what engages ext_proc (a matcher on it creates
+/// the ext_proc filter), which rewrites the body's `model` to this value.
 pub const UPSTREAM_MODEL: &str = "x-modelgate-upstream-model";
 
 /// Every internal request header; a client's copy of any of them is dropped.

@@ -47,8 +47,6 @@ def add_failing_backends(config: dict) -> None:
         "match": {"prefix": "/", "headers": [{"name": "x-modelgate-cluster", "string_match": {"exact": "slow_pool"}}]},
         "route": {"cluster": "slow_pool", "timeout": "0.5s"},
         "request_headers_to_remove": ["x-modelgate-cluster"],
-        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}},
     })
 
 

@@ -21,7 +21,7 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     for run in runs:
         assert run["errors"] == 0, run
         assert run["ok"] > 0, run
-    # at 0.2x bare Envoy's capacity every scenario is measured; at 0.5x, those that can serve it
+    # at 0.1x bare Envoy's capacity every scenario is measured; at 0.5x, those that can serve it
     assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", "passthrough", "ext_proc"}
     for scenario in results["streaming"].values():
         # 1 role chunk + 20 tokens + finish + [DONE] arrive as separate chunks, so gaps were measured
