@@ -151,6 +151,10 @@ mod tests {
         serde_json::from_slice(&reply.body).unwrap()
     }
 
+    fn head(method: &'static str, path: &'static str) -> RequestHead<'static> {
+        RequestHead { method, path, ..Default::default() }
+    }
+
     fn respond(verdict: HeadersVerdict) -> Reply {
         match verdict {
             HeadersVerdict::Respond(r) => r,
@@ -162,16 +166,7 @@ mod tests {
     fn model_routed_requests_read_their_body_then_route() {
         let r = router();
         assert_eq!(
-            on_request_headers(
-                &r,
-                RequestHead {
-                    method: "POST",
-                    path: "/v1/chat/completions",
-                    content_length: Some(b"20"),
-                    end_of_stream: false,
-                    ..Default::default()
-                }
-            ),
+            on_request_headers(&r, RequestHead { content_length: Some(b"20"), ..head("POST", "/v1/chat/completions") }),
             HeadersVerdict::ReadBody
         );
         assert_eq!(
@@ -197,40 +192,16 @@ mod tests {
         let r = router();
         let reply = respond(on_request_headers(
             &r,
-            RequestHead {
-                method: "POST",
-                path: "/v1/embeddings",
-                content_length: Some(b"65"),
-                end_of_stream: false,
-                ..Default::default()
-            },
+            RequestHead { content_length: Some(b"65"), ..head("POST", "/v1/embeddings") },
         ));
         assert_eq!(reply.status, 413);
         assert!(json(&reply)["error"]["message"].as_str().unwrap().contains("64 bytes"));
         assert_eq!(
-            on_request_headers(
-                &r,
-                RequestHead {
-                    method: "POST",
-                    path: "/v1/embeddings",
-                    content_length: Some(b"64"),
-                    end_of_stream: false,
-                    ..Default::default()
-                }
-            ),
+            on_request_headers(&r, RequestHead { content_length: Some(b"64"), ..head("POST", "/v1/embeddings") }),
             HeadersVerdict::ReadBody
         );
         assert_eq!(
-            on_request_headers(
-                &r,
-                RequestHead {
-                    method: "POST",
-                    path: "/v1/embeddings",
-                    content_length: Some(b"junk"),
-                    end_of_stream: false,
-                    ..Default::default()
-                }
-            ),
+            on_request_headers(&r, RequestHead { content_length: Some(b"junk"), ..head("POST", "/v1/embeddings") }),
             HeadersVerdict::ReadBody
         );
         assert!(body_too_large(&r, 64).is_none());
@@ -240,18 +211,16 @@ mod tests {
     #[test]
     fn only_json_bodies_are_read() {
         let r = router();
-        let head = |content_type: &'static [u8]| RequestHead {
-            method: "POST",
-            path: "/v1/chat/completions",
+        let typed = |content_type: &'static [u8]| RequestHead {
             content_type: Some(content_type),
-            ..Default::default()
+            ..head("POST", "/v1/chat/completions")
         };
         for json in [&b"application/json"[..], b"Application/JSON; charset=utf-8", b" application/json "] {
-            assert_eq!(on_request_headers(&r, head(json)), HeadersVerdict::ReadBody);
+            assert_eq!(on_request_headers(&r, typed(json)), HeadersVerdict::ReadBody);
         }
         for other in [&b"text/plain"[..], b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b""]
         {
-            let reply = respond(on_request_headers(&r, head(other)));
+            let reply = respond(on_request_headers(&r, typed(other)));
             assert_eq!(reply.status, 415);
             assert_eq!(json(&reply)["error"]["code"], "unsupported_media_type");
         }
@@ -261,7 +230,7 @@ mod tests {
     fn a_bodyless_post_is_400() {
         let reply = respond(on_request_headers(
             &router(),
-            RequestHead { method: "POST", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() },
+            RequestHead { end_of_stream: true, ..head("POST", "/v1/chat/completions") },
         ));
         assert_eq!(reply.status, 400);
     }
@@ -269,21 +238,16 @@ mod tests {
     #[test]
     fn models_are_answered_from_configuration() {
         let r = router();
-        let list = respond(on_request_headers(
-            &r,
-            RequestHead { method: "GET", path: "/v1/models", end_of_stream: true, ..Default::default() },
-        ));
+        let list = respond(on_request_headers(&r, RequestHead { end_of_stream: true, ..head("GET", "/v1/models") }));
         assert_eq!(list.status, 200);
         assert_eq!(json(&list)["data"][0]["id"], "gpt-4o-mini");
         let one = respond(on_request_headers(
             &r,
-            RequestHead { method: "GET", path: "/v1/models/llama-3-70b", end_of_stream: true, ..Default::default() },
+            RequestHead { end_of_stream: true, ..head("GET", "/v1/models/llama-3-70b") },
         ));
         assert_eq!(json(&one)["id"], "llama-3-70b");
-        let missing = respond(on_request_headers(
-            &r,
-            RequestHead { method: "GET", path: "/v1/models/nope", end_of_stream: true, ..Default::default() },
-        ));
+        let missing =
+            respond(on_request_headers(&r, RequestHead { end_of_stream: true, ..head("GET", "/v1/models/nope") }));
         assert_eq!(missing.status, 404);
     }
 
@@ -291,7 +255,7 @@ mod tests {
     fn wrong_method_is_405_with_allow() {
         let reply = respond(on_request_headers(
             &router(),
-            RequestHead { method: "GET", path: "/v1/chat/completions", end_of_stream: true, ..Default::default() },
+            RequestHead { end_of_stream: true, ..head("GET", "/v1/chat/completions") },
         ));
         assert_eq!(reply.status, 405);
         assert_eq!(reply.headers, vec![("x-should-retry", "false"), ("allow", "POST")]);
@@ -300,10 +264,7 @@ mod tests {
     #[test]
     fn other_paths_pass_through() {
         assert_eq!(
-            on_request_headers(
-                &router(),
-                RequestHead { method: "GET", path: "/health", end_of_stream: true, ..Default::default() }
-            ),
+            on_request_headers(&router(), RequestHead { end_of_stream: true, ..head("GET", "/health") }),
             HeadersVerdict::PassThrough
         );
     }

@@ -48,6 +48,15 @@ fn begin(sim: &Sim, uri: &Uri, headers: &HeaderMap, bytes: &Bytes) -> Result<Cal
     Ok(Call { body, model, behaviour })
 }
 
+/// A field the request must carry, or vLLM's 400.
+#[allow(clippy::result_large_err)] // as for `begin`
+fn required<'a>(call: &'a Call, field: &str) -> Result<&'a Value, Response> {
+    match &call.body[field] {
+        Value::Null => Err(vllm_error(400, &format!("`{field}` is required"))),
+        value => Ok(value),
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -93,7 +102,8 @@ async fn chat_completions(
     bytes: Bytes,
 ) -> Result<Response, Response> {
     let call = begin(&sim, &uri, &headers, &bytes)?;
-    let messages = call.body["messages"].as_array().ok_or_else(|| vllm_error(400, "`messages` is required"))?;
+    let messages =
+        required(&call, "messages")?.as_array().ok_or_else(|| vllm_error(400, "`messages` must be a list"))?;
     let prompt = generate::chat_prompt_tokens(messages);
     Ok(respond(sim, call, StreamKind::Chat, prompt).await)
 }
@@ -105,10 +115,7 @@ async fn completions(
     bytes: Bytes,
 ) -> Result<Response, Response> {
     let call = begin(&sim, &uri, &headers, &bytes)?;
-    if call.body["prompt"].is_null() {
-        return Err(vllm_error(400, "`prompt` is required"));
-    }
-    let prompt = generate::items(&call.body["prompt"]).iter().map(generate::item_tokens).sum();
+    let prompt = generate::items(required(&call, "prompt")?).iter().map(generate::item_tokens).sum();
     Ok(respond(sim, call, StreamKind::Completion, prompt).await)
 }
 
@@ -282,14 +289,11 @@ async fn embeddings(
     bytes: Bytes,
 ) -> Result<Response, Response> {
     let call = begin(&sim, &uri, &headers, &bytes)?;
-    if call.body["input"].is_null() {
-        return Err(vllm_error(400, "`input` is required"));
-    }
+    let inputs = generate::items(required(&call, "input")?);
     let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
     let base64 = call.body["encoding_format"].as_str() == Some("base64");
     let running = sim.metrics.start(&call.model);
     pause(call.behaviour.ttft).await;
-    let inputs = generate::items(&call.body["input"]);
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
