@@ -6,7 +6,7 @@ use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,11 +26,22 @@ pub fn routes() -> Router<Arc<Sim>> {
         .route("/v1/models", get(list_models))
 }
 
-/// A request that passed the checks every endpoint shares.
+/// A request that passed the checks every endpoint shares; extracting it
+/// records the request and applies injected failures.
 struct Call {
     body: Value,
     model: String,
     behaviour: Behaviour,
+}
+
+impl FromRequest<Arc<Sim>> for Call {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, sim: &Arc<Sim>) -> Result<Self, Response> {
+        let (parts, body) = request.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| vllm_error(400, &e.to_string()))?;
+        begin(sim, &parts.uri, &parts.headers, &bytes)
+    }
 }
 
 #[allow(clippy::result_large_err)] // an error here is the finished answer, built once per request
@@ -95,26 +106,14 @@ fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
     behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
 }
 
-async fn chat_completions(
-    State(sim): State<Arc<Sim>>,
-    uri: Uri,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Result<Response, Response> {
-    let call = begin(&sim, &uri, &headers, &bytes)?;
+async fn chat_completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let messages =
         required(&call, "messages")?.as_array().ok_or_else(|| vllm_error(400, "`messages` must be a list"))?;
     let prompt = generate::chat_prompt_tokens(messages);
     Ok(respond(sim, call, StreamKind::Chat, prompt).await)
 }
 
-async fn completions(
-    State(sim): State<Arc<Sim>>,
-    uri: Uri,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Result<Response, Response> {
-    let call = begin(&sim, &uri, &headers, &bytes)?;
+async fn completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let prompt = generate::items(required(&call, "prompt")?).iter().map(generate::item_tokens).sum();
     Ok(respond(sim, call, StreamKind::Completion, prompt).await)
 }
@@ -282,13 +281,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         .unwrap_or_else(|_| vllm_error(500, "could not build the stream"))
 }
 
-async fn embeddings(
-    State(sim): State<Arc<Sim>>,
-    uri: Uri,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Result<Response, Response> {
-    let call = begin(&sim, &uri, &headers, &bytes)?;
+async fn embeddings(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let inputs = generate::items(required(&call, "input")?);
     let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
     let base64 = call.body["encoding_format"].as_str() == Some("base64");
