@@ -22,8 +22,11 @@ run: setup build
 
 test: unit e2e
 
+# Cases per property test (the parsers' fuzzing): bounded, a few seconds in all.
+PROPTEST_CASES ?= 4096
+
 unit:
-	cargo test --workspace --release
+	PROPTEST_CASES=$(PROPTEST_CASES) cargo test --workspace --release
 
 e2e: setup build
 	cd tests/e2e && ../../$(VPY) -m pytest -q
