@@ -23,16 +23,15 @@ SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / 
 
 
 def add_failing_backends(config: dict) -> None:
-    """Three models whose backends fail inside Envoy: `dead-model`'s port refuses connections,
-    `ghost-model` names a cluster Envoy does not have, and `slow-model` reaches the llama
-    backend through a route with a 0.5 s timeout."""
+    """Models whose backends fail inside Envoy: `dead-model`'s port refuses connections,
+    `empty-model`'s cluster has no endpoints, `ghost-model` names a cluster Envoy does not
+    have, and `slow-model` reaches the llama backend through a route with a 0.5 s timeout."""
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     plugin = next(f for f in hcm["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
     routing = json.loads(plugin["configuration"]["value"])
-    routing["backends"].update({"dead": {"cluster": "dead_pool"}, "ghost": {"cluster": "no_such_cluster"},
-                                "slow": {"cluster": "slow_pool"}})
-    routing["models"] += [{"match": "dead-model", "backend": "dead"}, {"match": "ghost-model", "backend": "ghost"},
-                          {"match": "slow-model", "backend": "slow"}]
+    routing["backends"].update({"dead": {"cluster": "dead_pool"}, "empty": {"cluster": "empty_pool"},
+                                "ghost": {"cluster": "no_such_cluster"}, "slow": {"cluster": "slow_pool"}})
+    routing["models"] += [{"match": f"{name}-model", "backend": name} for name in ["dead", "empty", "ghost", "slow"]]
     plugin["configuration"]["value"] = json.dumps(routing)
 
     def cluster(name: str, port: int) -> dict:
@@ -41,7 +40,8 @@ def add_failing_backends(config: dict) -> None:
                     {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
 
     # 8001 is the llama backend's port in demo.yaml; the harness remaps it with the others.
-    config["static_resources"]["clusters"] += [cluster("dead_pool", free_port()), cluster("slow_pool", 8001)]
+    empty = {"name": "empty_pool", "type": "STATIC", "load_assignment": {"cluster_name": "empty_pool"}}
+    config["static_resources"]["clusters"] += [cluster("dead_pool", free_port()), cluster("slow_pool", 8001), empty]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {
         "match": {"prefix": "/", "headers": [{"name": "x-modelgate-cluster", "string_match": {"exact": "slow_pool"}}]},

@@ -104,6 +104,16 @@ def test_unreachable_backend_is_a_retryable_503(stack, spec):
     assert downstream_5xx(stack) - before == 1 + 3
 
 
+def test_backend_without_healthy_endpoints_is_a_retryable_503(stack, spec):
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(stack, retries=0).chat.completions.create(model="empty-model", messages=HELLO)
+    assert err.value.status_code == 503
+    assert err.value.body == {"message": "No healthy backend is available for this model right now.",
+                              "type": "server_error", "param": None, "code": "backend_unavailable"}
+    assert err.value.response.headers["x-should-retry"] == "true"
+    spec.validate("ErrorResponse", err.value.response.json())
+
+
 def test_misconfigured_backend_is_a_503_the_sdk_does_not_retry(stack):
     before = downstream_5xx(stack)
     with pytest.raises(openai.InternalServerError) as err:
