@@ -97,7 +97,9 @@ fn envoy_reply(status: u16, details: &str, body: &[u8]) -> Rewritten {
             Some(true),
         )
     } else if details.starts_with("upstream_reset_before_response_started") {
-        if details.contains("connection_failure") || details.contains("connect") {
+        // e.g. `{remote_connection_failure,delayed_connect_error:_Connection_refused}`, as
+        // opposed to `{connection_termination}` once connected
+        if details.contains("connection_failure") || details.contains("connect_error") {
             (
                 "The gateway could not connect to the backend for this model.".to_string(),
                 Some("backend_connect_failed"),
@@ -288,6 +290,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_connect_failed");
+        let r = normalize(
+            503,
+            Origin::Envoy { details: "upstream_reset_before_response_started{connection_termination}" },
+            b"",
+        )
+        .unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_reset");
         let r = normalize(504, Origin::Envoy { details: "response_timeout" }, b"upstream request timeout").unwrap();
         assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_timeout");
         let r = normalize(431, Origin::Envoy { details: "http1.headers_too_large" }, b"").unwrap();

@@ -114,6 +114,17 @@ def test_backend_without_healthy_endpoints_is_a_retryable_503(stack, spec):
     spec.validate("ErrorResponse", err.value.response.json())
 
 
+def test_backend_dropping_the_connection_is_a_retryable_503(stack):
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(stack, retries=0).chat.completions.create(
+            model="llama-3.1-8b-instruct", messages=HELLO,
+            extra_headers={"x-sim-fail-status": "500", "x-sim-error-format": "reset"})
+    assert err.value.status_code == 503
+    assert err.value.body == {"message": "The backend closed the connection before answering.",
+                              "type": "server_error", "param": None, "code": "backend_reset"}
+    assert err.value.response.headers["x-should-retry"] == "true"
+
+
 def test_misconfigured_backend_is_a_503_the_sdk_does_not_retry(stack):
     before = downstream_5xx(stack)
     with pytest.raises(openai.InternalServerError) as err:

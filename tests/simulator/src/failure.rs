@@ -20,6 +20,8 @@ pub enum ErrorFormat {
     Text,
     /// No body at all.
     Empty,
+    /// No answer at all: the connection drops before the status line, as when a backend crashes.
+    Reset,
 }
 
 impl ErrorFormat {
@@ -70,6 +72,12 @@ pub fn failure(status: u16, message: &str, format: ErrorFormat, retry_after: Opt
             .into_response(),
         ErrorFormat::Text => ([(header::CONTENT_TYPE, "text/plain")], message.to_string()).into_response(),
         ErrorFormat::Empty => ().into_response(),
+        ErrorFormat::Reset => {
+            // A body that fails before its first byte makes hyper drop the connection
+            // without writing the response head.
+            let failing = tokio_stream::once(Err::<axum::body::Bytes, _>(std::io::Error::other("simulated reset")));
+            return axum::body::Body::from_stream(failing).into_response();
+        }
     };
     *response.status_mut() = status;
     if let Some(seconds) = retry_after {
