@@ -276,33 +276,24 @@ mod tests {
 
     #[test]
     fn envoy_local_replies_say_what_happened_and_whether_to_retry() {
-        let r = normalize(503, Origin::Envoy { details: "no_healthy_upstream" }, b"no healthy upstream").unwrap();
-        let v: Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(
-            (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
-            (Some("server_error"), Some("backend_unavailable"))
-        );
-        assert_eq!(r.should_retry, Some(true));
-        let r = normalize(
-            503,
-            Origin::Envoy { details: "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}" },
-            b"",
-        )
-        .unwrap();
-        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_connect_failed");
-        let r = normalize(
-            503,
-            Origin::Envoy { details: "upstream_reset_before_response_started{connection_termination}" },
-            b"",
-        )
-        .unwrap();
-        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_reset");
-        let r = normalize(504, Origin::Envoy { details: "response_timeout" }, b"upstream request timeout").unwrap();
-        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"], "backend_timeout");
+        let envoy = |status, details| {
+            let r = normalize(status, Origin::Envoy { details }, b"plain text from Envoy").unwrap();
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            let field = |name: &str| v["error"][name].as_str().map(str::to_string);
+            (field("type"), field("code"), r.should_retry)
+        };
+        let server = |code: &str, retry| (Some("server_error".to_string()), Some(code.to_string()), retry);
+        assert_eq!(envoy(503, "no_healthy_upstream"), server("backend_unavailable", Some(true)));
+        let refused = "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}";
+        assert_eq!(envoy(503, refused), server("backend_connect_failed", Some(true)));
+        let dropped = "upstream_reset_before_response_started{connection_termination}";
+        assert_eq!(envoy(503, dropped), server("backend_reset", Some(true)));
+        assert_eq!(envoy(504, "response_timeout"), server("backend_timeout", Some(true)));
+        assert_eq!(envoy(503, "cluster_not_found"), server("backend_not_configured", Some(false)));
+        assert_eq!(envoy(431, "http1.headers_too_large"), (Some("invalid_request_error".to_string()), None, None));
         let r = normalize(431, Origin::Envoy { details: "http1.headers_too_large" }, b"").unwrap();
-        let v: Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert!(v["error"]["message"].as_str().unwrap().contains("431"));
+        let message = serde_json::from_slice::<ErrorEnvelope>(&r.body).unwrap().error.message;
+        assert!(message.contains("431"), "{message}");
     }
 
     #[test]
