@@ -71,9 +71,9 @@ class Run:
         return result
 
 
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
+def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
+        if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
 
@@ -103,11 +103,9 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
     return port, key
 
 
-def measure(run: Run, stack: Stack, peer: bool) -> dict:
+def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = ["direct", "bare", "passthrough", "ext_proc"]
-    if peer and "litellm" in run.urls:
-        scenarios.append("litellm")
+    scenarios = [s for s in ["direct", "bare", "passthrough", "ext_proc", "litellm"] if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
@@ -331,13 +329,12 @@ def main() -> None:
             "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL, {}),
             "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED, {}),
         }
-        peer = not args.short
-        if peer:
+        if not args.short:
             litellm = start_litellm(stack, backend)
             if litellm:
                 port, key = litellm
                 run.urls["litellm"] = (f"http://127.0.0.1:{port}{chat}", MODEL, {"authorization": f"Bearer {key}"})
-        results = measure(run, stack, peer)
+        results = measure(run, stack)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}{'-short' if args.short else ''}"
