@@ -54,12 +54,18 @@ def test_backend_errors_in_foreign_shapes_become_openai_errors(stack, spec, erro
     spec.validate("ErrorResponse", err.value.response.json())
 
 
-def test_an_exact_openai_error_from_a_backend_passes_unchanged(stack):
-    with pytest.raises(openai.InternalServerError) as err:
+def backend_failure(stack, status: int, error_format: str, exception) -> openai.APIStatusError:
+    """The error the SDK raises when the llama backend fails with `status` in `error_format`."""
+    with pytest.raises(exception) as err:
         sdk(stack, retries=0).chat.completions.create(
             model="llama-3.1-8b-instruct", messages=HELLO,
-            extra_headers={"x-sim-fail-status": "500", "x-sim-error-format": "openai"})
-    assert err.value.body == {"message": "simulated failure", "type": "server_error", "param": None, "code": "simulated"}
+            extra_headers={"x-sim-fail-status": str(status), "x-sim-error-format": error_format})
+    return err.value
+
+
+def test_an_exact_openai_error_from_a_backend_passes_unchanged(stack):
+    error = backend_failure(stack, 500, "openai", openai.InternalServerError)
+    assert error.body == {"message": "simulated failure", "type": "server_error", "param": None, "code": "simulated"}
 
 
 def attempts_at_failing_backend(stack, retries: int, status: int, retry_after: int, exception) -> int:
@@ -115,14 +121,11 @@ def test_backend_without_healthy_endpoints_is_a_retryable_503(stack, spec):
 
 
 def test_backend_dropping_the_connection_is_a_retryable_503(stack):
-    with pytest.raises(openai.InternalServerError) as err:
-        sdk(stack, retries=0).chat.completions.create(
-            model="llama-3.1-8b-instruct", messages=HELLO,
-            extra_headers={"x-sim-fail-status": "500", "x-sim-error-format": "reset"})
-    assert err.value.status_code == 503
-    assert err.value.body == {"message": "The backend closed the connection before answering.",
-                              "type": "server_error", "param": None, "code": "backend_reset"}
-    assert err.value.response.headers["x-should-retry"] == "true"
+    error = backend_failure(stack, 500, "reset", openai.InternalServerError)
+    assert error.status_code == 503
+    assert error.body == {"message": "The backend closed the connection before answering.",
+                          "type": "server_error", "param": None, "code": "backend_reset"}
+    assert error.response.headers["x-should-retry"] == "true"
 
 
 def test_misconfigured_backend_is_a_503_the_sdk_does_not_retry(stack):
