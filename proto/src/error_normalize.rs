@@ -162,6 +162,7 @@ fn from_json_object(status: u16, object: &Map<String, Value>) -> Option<ErrorBod
     let exact = nested
         && kind.is_some()
         && fields.len() == 4
+        && matches!(fields.get("message"), Some(Value::String(_)))
         && matches!(fields.get("param"), Some(Value::String(_) | Value::Null))
         && matches!(fields.get("code"), Some(Value::String(_) | Value::Null));
     if exact {
@@ -225,6 +226,8 @@ mod tests {
             r#"{"error":{"message":"m","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#;
         assert_eq!(backend(404, body), None);
         assert_eq!(backend(500, r#"{"error":{"message":"m","type":"server_error","param":null,"code":null}}"#), None);
+        let numeric_message = r#"{"error":{"message":7,"type":"server_error","param":null,"code":null}}"#;
+        assert_eq!(backend(500, numeric_message).unwrap()["error"]["message"], "7");
     }
 
     #[test]
