@@ -23,22 +23,16 @@ impl Exchange {
             Request::RequestHeaders(ref h) => {
                 self.upstream_model =
                     messages::header(h, headers::UPSTREAM_MODEL).map(|v| String::from_utf8_lossy(v).into_owned());
-                messages::continue_request_headers()
+                messages::pass(&request)
             }
             Request::RequestBody(ref body) => match &self.upstream_model {
                 Some(model) => match rewrite_model(&body.body, model) {
                     Ok(rewritten) => messages::replace_request_body(rewritten),
-                    Err(e) => messages::reject(&GatewayError::invalid_request(
-                        format!(
-                            "We could not parse the JSON body of your request ({e}). The API expects a JSON object."
-                        ),
-                        None,
-                        None,
-                    )),
+                    Err(e) => messages::reject(&GatewayError::unparsable_json(&e)),
                 },
-                None => messages::continue_request_body(),
+                None => messages::pass(&request),
             },
-            ref other => messages::continue_other(other),
+            _ => messages::pass(&request),
         })
     }
 }

@@ -4,8 +4,9 @@
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    body_mutation::Mutation, processing_response::Response, BodyMutation, BodyResponse, CommonResponse, HeaderMutation,
-    HeadersResponse, HttpHeaders, ImmediateResponse, ProcessingResponse, TrailersResponse,
+    body_mutation::Mutation, processing_request::Request, processing_response::Response, BodyMutation, BodyResponse,
+    CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse, ProcessingResponse,
+    TrailersResponse,
 };
 use modelgate_proto::error::GatewayError;
 
@@ -26,16 +27,6 @@ fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
 
 fn respond(response: Response) -> ProcessingResponse {
     ProcessingResponse { response: Some(response), ..Default::default() }
-}
-
-/// Lets the request headers through unchanged.
-pub fn continue_request_headers() -> ProcessingResponse {
-    respond(Response::RequestHeaders(HeadersResponse::default()))
-}
-
-/// Lets a request body chunk through unchanged.
-pub fn continue_request_body() -> ProcessingResponse {
-    respond(Response::RequestBody(BodyResponse::default()))
 }
 
 /// Replaces the whole (buffered) request body and sets its content-length to match.
@@ -67,12 +58,9 @@ pub fn reject(err: &GatewayError) -> ProcessingResponse {
     }))
 }
 
-/// The neutral answer to a phase this service was not configured to see; Envoy
-/// requires one answer per message, so an unexpected phase must not hang the request.
-pub fn continue_other(
-    request: &envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request,
-) -> ProcessingResponse {
-    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+/// Lets a message through unchanged. Envoy requires one answer per message, so
+/// a phase this service was not configured to see must not hang the request either.
+pub fn pass(request: &Request) -> ProcessingResponse {
     respond(match request {
         Request::RequestHeaders(_) => Response::RequestHeaders(HeadersResponse::default()),
         Request::ResponseHeaders(_) => Response::ResponseHeaders(HeadersResponse::default()),

@@ -20,11 +20,7 @@ pub fn read_model(body: &[u8]) -> Result<String, GatewayError> {
         if e.is_data() {
             GatewayError::invalid_request("The request body must be a JSON object.".into(), None, None)
         } else {
-            GatewayError::invalid_request(
-                format!("We could not parse the JSON body of your request ({e}). The API expects a JSON object."),
-                None,
-                None,
-            )
+            GatewayError::unparsable_json(&e)
         }
     })?;
     match found.0 {

@@ -22,9 +22,7 @@ impl Reply {
     fn ok(body: Vec<u8>) -> Self {
         Reply { status: 200, headers: Vec::new(), body }
     }
-}
 
-impl Reply {
     /// An error answer rewritten as an OpenAI envelope, with the retry advice it carries.
     pub fn rewritten(status: u16, rewritten: Rewritten) -> Self {
         Reply { status, headers: retry_advice(rewritten.should_retry).collect(), body: rewritten.body }

@@ -47,6 +47,15 @@ impl GatewayError {
         Self::new(400, INVALID_REQUEST, message, param, code)
     }
 
+    /// 400 for a body that is not JSON; `reason` is the parser's word on it.
+    pub fn unparsable_json(reason: &dyn std::fmt::Display) -> Self {
+        Self::invalid_request(
+            format!("We could not parse the JSON body of your request ({reason}). The API expects a JSON object."),
+            None,
+            None,
+        )
+    }
+
     /// 404 for a model no route serves. Type and message follow OpenAI's own answer.
     pub fn model_not_found(model: &str) -> Self {
         Self::new(
