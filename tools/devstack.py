@@ -120,11 +120,12 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         """Starts a process that lives and dies with the stack; its output goes to `<name>.log`."""
-        log = open(self.workdir / f"{name}.log", "wb")
         if name in self.cpus:
             argv = ["taskset", "-c", self.cpus[name], *argv]
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=ROOT, preexec_fn=_die_with_parent, env=env)
+        # The child keeps its own copy of the log's descriptor; ours is closed at once.
+        with open(self.workdir / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       cwd=ROOT, preexec_fn=_die_with_parent, env=env)
         self.processes.append((name, process))
 
     def start(self) -> "Stack":
