@@ -31,8 +31,10 @@ BIN = ROOT / "target" / "release"
 
 # The ports envoy/demo.yaml names, and what listens on each.
 LISTENER_PORT = 10000
+INNER_LISTENER_PORT = 10001
 ADMIN_PORT = 9901
 EXT_PROC_PORT = 50051
+STREAM_GUARD_PORT = 50052
 # Simulated backends of the demo: port in demo.yaml -> backend name.
 DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral"}
 
@@ -93,7 +95,8 @@ class Stack:
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
-        self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, *DEMO_BACKENDS]}
+        self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, STREAM_GUARD_PORT,
+                                                       INNER_LISTENER_PORT, *DEMO_BACKENDS]}
         self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
         self.log_level = log_level
         self.envoy_concurrency = envoy_concurrency
@@ -137,8 +140,10 @@ class Stack:
                 self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
                                    "--listen", f"127.0.0.1:{self.ports[demo]}"])
             self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
-                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
-            for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT]]:
+                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
+                                    "--stream-guard-listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
+                                    "--stream-guard-upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"])
+            for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT], self.ports[STREAM_GUARD_PORT]]:
                 self.wait_for_port(port)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
         except BaseException:

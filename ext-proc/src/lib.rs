@@ -6,3 +6,5 @@ pub mod exchange;
 pub mod messages;
 pub mod rename;
 pub mod service;
+pub mod sse;
+pub mod stream_guard;

@@ -14,8 +14,8 @@
 
 pub mod endpoint;
 mod host;
-pub mod model_field;
 pub mod request;
+pub mod routing_fields;
 
 use modelgate_proto::error_normalize::{normalize, Origin};
 use modelgate_proto::headers;
@@ -54,7 +54,13 @@ impl RootContext for Plugin {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { router: Rc::clone(&self.router), started: None, answered_here: false, error: None }))
+        Some(Box::new(Request {
+            router: Rc::clone(&self.router),
+            started: None,
+            answered_here: false,
+            error: None,
+            guarded: false,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -69,6 +75,8 @@ struct Request {
     answered_here: bool,
     /// Status and Envoy's code details of an error answer buffered for rewriting.
     error: Option<(u16, String)>,
+    /// Sent through the stream guard: Envoy's code details come from the inner listener.
+    guarded: bool,
 }
 
 impl Context for Request {}
@@ -114,6 +122,10 @@ impl HttpContext for Request {
                 if let Some(model) = &routing.upstream_model {
                     host::set_header(MapType::HttpRequestHeaders, headers::UPSTREAM_MODEL, model);
                 }
+                if let Some(cluster) = &routing.stream_cluster {
+                    host::set_header(MapType::HttpRequestHeaders, headers::STREAM_CLUSTER, cluster);
+                    self.guarded = true;
+                }
                 Action::Continue
             }
             Err(reply) => self.respond(&reply),
@@ -124,6 +136,14 @@ impl HttpContext for Request {
         if let Some(ms) = self.processing_ms() {
             host::set_header(MapType::HttpResponseHeaders, PROCESSING_MS, &ms);
         }
+        // The inner listener's reason, for this filter only: never sent on to the client.
+        let relayed_details = if self.guarded {
+            let details = host::header(MapType::HttpResponseHeaders, headers::CODE_DETAILS);
+            host::remove_header(MapType::HttpResponseHeaders, headers::CODE_DETAILS);
+            details
+        } else {
+            None
+        };
         if self.answered_here {
             return Action::Continue;
         }
@@ -133,8 +153,7 @@ impl HttpContext for Request {
         if status < 400 {
             return Action::Continue;
         }
-        let details = host::property(&["response", "code_details"]).map(|d| String::from_utf8_lossy(&d).into_owned());
-        let details = details.unwrap_or_default();
+        let details = code_details(relayed_details);
         if end_of_stream {
             // No body will follow to rewrite: answer anew with the envelope.
             return match normalize(status, Origin::from_code_details(&details), b"") {
@@ -169,6 +188,14 @@ impl HttpContext for Request {
         host::set_header(MapType::HttpResponseHeaders, "content-length", &length.to_string());
         Action::Continue
     }
+}
+
+/// Why Envoy answered as it did: `via_upstream` for a backend's answer, or
+/// the reason of a local reply. Behind the stream guard, the inner
+/// listener's reason is the one that counts.
+fn code_details(relayed: Option<Vec<u8>>) -> String {
+    let details = relayed.or_else(|| host::property(&["response", "code_details"]));
+    details.map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default()
 }
 
 /// Milliseconds the gateway and the backend took, as OpenAI reports them.

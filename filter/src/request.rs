@@ -4,7 +4,7 @@
 //! these functions, and carry out the verdict.
 
 use crate::endpoint::{classify, Endpoint};
-use crate::model_field::read_model;
+use crate::routing_fields::read_routing_fields;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::models;
@@ -56,8 +56,11 @@ pub enum HeadersVerdict {
 /// Where a model-routed request goes, to be written into its headers.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Routing {
+    /// The cluster the route sends the request to.
     pub cluster: String,
     pub upstream_model: Option<String>,
+    /// For a stream sent through the stream guard (then `cluster`): the backend's cluster.
+    pub stream_cluster: Option<String>,
 }
 
 /// The request headers the filter decides on.
@@ -125,9 +128,15 @@ pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
 
 /// Decides on the complete request body of a model-routed request.
 pub fn on_request_body(router: &Router, body: &[u8]) -> Result<Routing, Reply> {
-    let model = read_model(body)?;
-    let target = router.resolve(&model).ok_or_else(|| GatewayError::model_not_found(&model))?;
-    Ok(Routing { cluster: target.cluster.clone(), upstream_model: target.upstream_model.clone() })
+    let fields = read_routing_fields(body)?;
+    let target = router.resolve(&fields.model).ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
+    let upstream_model = target.upstream_model.clone();
+    Ok(match router.stream_guard_cluster().filter(|_| fields.stream) {
+        Some(guard) => {
+            Routing { cluster: guard.to_string(), upstream_model, stream_cluster: Some(target.cluster.clone()) }
+        }
+        None => Routing { cluster: target.cluster.clone(), upstream_model, stream_cluster: None },
+    })
 }
 
 #[cfg(test)]
@@ -169,11 +178,33 @@ mod tests {
         );
         assert_eq!(
             on_request_body(&r, br#"{"model":"llama-3"}"#).unwrap(),
-            Routing { cluster: "cluster_a".into(), upstream_model: None }
+            Routing { cluster: "cluster_a".into(), upstream_model: None, stream_cluster: None }
         );
         assert_eq!(
-            on_request_body(&r, br#"{"model":"gpt-4o-mini"}"#).unwrap(),
-            Routing { cluster: "cluster_b".into(), upstream_model: Some("qwen-7b".into()) }
+            on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#).unwrap(),
+            Routing { cluster: "cluster_b".into(), upstream_model: Some("qwen-7b".into()), stream_cluster: None }
+        );
+    }
+
+    #[test]
+    fn streams_go_through_the_stream_guard_when_one_is_configured() {
+        let r = Router::from_json(
+            br#"{"stream_guard_cluster": "guard",
+                "backends": {"a": {"cluster": "cluster_a"}},
+                "models": [{"match": "m", "backend": "a", "rename": "n"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            on_request_body(&r, br#"{"model":"m","stream":true}"#).unwrap(),
+            Routing {
+                cluster: "guard".into(),
+                upstream_model: Some("n".into()),
+                stream_cluster: Some("cluster_a".into())
+            }
+        );
+        assert_eq!(
+            on_request_body(&r, br#"{"model":"m","stream":false}"#).unwrap(),
+            Routing { cluster: "cluster_a".into(), upstream_model: Some("n".into()), stream_cluster: None }
         );
     }
 

@@ -18,6 +18,11 @@ pub struct FilterConfig {
     pub backends: BTreeMap<String, BackendConfig>,
     /// Which backend serves which model names.
     pub models: Vec<ModelRouteConfig>,
+    /// The Envoy cluster of the stream guard (ext-proc's relay that ends a
+    /// broken stream with an error event). Streaming requests go through it
+    /// when set, and straight to their backend when not.
+    #[serde(default)]
+    pub stream_guard_cluster: Option<String>,
 }
 
 fn default_max_request_body_bytes() -> usize {

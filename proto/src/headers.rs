@@ -12,5 +12,14 @@ pub const CLUSTER: &str = "x-modelgate-cluster";
 /// the ext_proc filter), which rewrites the body's `model` to this value.
 pub const UPSTREAM_MODEL: &str = "x-modelgate-upstream-model";
 
+/// Set by the filter on a streaming request it sends through the stream guard:
+/// the backend's cluster, which the guard passes on as [`CLUSTER`].
+pub const STREAM_CLUSTER: &str = "x-modelgate-stream-cluster";
+
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] = &[CLUSTER, UPSTREAM_MODEL];
+pub const INTERNAL: &[&str] = &[CLUSTER, UPSTREAM_MODEL, STREAM_CLUSTER];
+
+/// A response header Envoy's inner listener (behind the stream guard) adds with
+/// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies
+/// (no healthy upstream, timeout) from a backend's answer.
+pub const CODE_DETAILS: &str = "x-modelgate-code-details";

@@ -26,11 +26,16 @@ pub struct Router {
     /// Exact names in configuration order: what `/v1/models` lists.
     listed: Vec<String>,
     max_request_body_bytes: usize,
+    stream_guard_cluster: Option<String>,
 }
 
 impl Router {
     pub fn from_config(config: &FilterConfig) -> Result<Self, String> {
-        let mut router = Router { max_request_body_bytes: config.max_request_body_bytes, ..Router::default() };
+        let mut router = Router {
+            max_request_body_bytes: config.max_request_body_bytes,
+            stream_guard_cluster: config.stream_guard_cluster.clone(),
+            ..Router::default()
+        };
         for route in &config.models {
             let backend = config
                 .backends
@@ -81,6 +86,11 @@ impl Router {
 
     pub fn max_request_body_bytes(&self) -> usize {
         self.max_request_body_bytes
+    }
+
+    /// The cluster streaming requests are sent through, if any.
+    pub fn stream_guard_cluster(&self) -> Option<&str> {
+        self.stream_guard_cluster.as_deref()
     }
 }
 

@@ -164,3 +164,79 @@ def test_non_json_content_type_is_415(http, spec):
 def test_successful_answers_carry_processing_time(stack):
     raw = sdk(stack, retries=0).chat.completions.with_raw_response.create(model="llama-3.1-8b-instruct", messages=HELLO)
     assert int(raw.headers["openai-processing-ms"]) >= 0
+
+
+# Streams. They go through the stream guard, so a backend that breaks off after
+# its 200 still leaves the client a last event to read.
+
+def stream_until_error(stack, retries: int, request_id: str, **headers) -> tuple[list, openai.APIError, dict]:
+    """The chunk contents a stream delivered, the error that ended it, and its response headers."""
+    received = []
+    stream = sdk(stack, retries).chat.completions.create(
+        model="llama-3.1-8b-instruct", messages=HELLO, stream=True,
+        extra_headers={"x-request-id": request_id, **headers})
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content)
+    return received, err.value, stream.response.headers
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_stream_broken_after_its_200_ends_with_an_error_event(stack, spec, retries):
+    request_id = rid()
+    received, error, headers = stream_until_error(stack, retries, request_id, **{"x-sim-abort-after": "3"})
+    # Every chunk sent before the break, then the SDK's APIError from the error event: not a dropped connection.
+    assert received == ["", "This", " is", " a"]
+    assert type(error) is openai.APIError
+    assert error.body["type"] == "server_error"
+    assert error.body["code"] == "stream_interrupted"
+    assert error.message.startswith("The backend stopped in the middle of this stream")
+    spec.validate("ErrorResponse", {"error": error.body})
+    assert headers["x-request-id"] == request_id
+    # Nothing is retried once the stream has started, by the gateway or by the SDK.
+    assert attempts_seen(stack, request_id) == 1
+
+
+def test_a_broken_stream_ends_cleanly_on_the_wire(http):
+    body = {"model": "llama-3.1-8b-instruct", "messages": HELLO, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"x-sim-abort-after": "2"}) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line]  # raises if the connection were dropped
+    assert len(events) == 3 + 1
+    assert all(e.startswith('data: {"choices"') or e.startswith('data: {"id"') for e in events[:-1]), events
+    assert events[-1].startswith('data: {"error":{"message":"The backend stopped')
+    assert "x-modelgate-code-details" not in response.headers
+
+
+def test_a_stream_that_outlives_its_route_timeout_ends_with_an_error_event(stack):
+    stream = sdk(stack, retries=0).chat.completions.create(model="slow-model", messages=HELLO, stream=True,
+                                                           extra_headers={"x-sim-itl-ms": "2000"})
+    with pytest.raises(openai.APIError) as err:
+        list(stream)
+    assert err.value.body["code"] == "stream_interrupted"
+
+
+@pytest.mark.parametrize("model, code, should_retry", [
+    ("dead-model", "backend_connect_failed", "true"),
+    ("empty-model", "backend_unavailable", "true"),
+    ("ghost-model", "backend_not_configured", "false"),
+])
+def test_a_stream_that_cannot_start_gets_the_same_error_as_a_request(stack, spec, model, code, should_retry):
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(stack, retries=0).chat.completions.create(model=model, messages=HELLO, stream=True)
+    assert err.value.status_code == 503
+    assert (err.value.body["type"], err.value.body["code"]) == ("server_error", code)
+    assert err.value.response.headers["x-should-retry"] == should_retry
+    assert "x-modelgate-code-details" not in err.value.response.headers
+    spec.validate("ErrorResponse", err.value.response.json())
+
+
+def test_a_stream_refused_by_its_backend_is_retried_by_the_sdk(stack):
+    request_id = rid()
+    with pytest.raises(openai.RateLimitError) as err:
+        sdk(stack, retries=1).chat.completions.create(
+            model="llama-3.1-8b-instruct", messages=HELLO, stream=True,
+            extra_headers={"x-request-id": request_id, "x-sim-fail-status": "429", "x-sim-retry-after": "1"})
+    assert err.value.response.headers["retry-after"] == "1"
+    assert err.value.body["type"] == "rate_limit_error"
+    assert attempts_seen(stack, request_id) == 2

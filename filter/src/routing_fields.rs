@@ -1,8 +1,9 @@
-//! Reads the `model` field of a JSON request body.
+//! Reads the fields routing depends on from a JSON request body: `model`, and
+//! `stream` (streams go through the stream guard).
 //!
 //! The body is parsed once, in full (so malformed JSON is refused), but only
-//! `model` is kept: every other value is skipped without being built.
-//! When `model` appears more than once the last one wins, as it does for the
+//! these two values are kept: every other value is skipped without being built.
+//! When a key appears more than once the last one wins, as it does for the
 //! Python and Go JSON decoders backends use, so routing and backend agree.
 
 use modelgate_proto::error::GatewayError;
@@ -10,20 +11,32 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 use std::fmt;
 
-/// The model a request body names, or the 400 to answer with.
-pub fn read_model(body: &[u8]) -> Result<String, GatewayError> {
+/// What routing needs from a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingFields {
+    pub model: String,
+    /// `"stream": true`; absent, null and false are all a single answer.
+    pub stream: bool,
+}
+
+/// The routing fields of a request body, or the 400 to answer with.
+pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
     // serde_json does not check the UTF-8 of values it skips; the backend would.
     let body = std::str::from_utf8(body).map_err(|e| {
         GatewayError::invalid_request(format!("The request body is not valid UTF-8 ({e})."), None, None)
     })?;
-    let found: ModelField = serde_json::from_str(body).map_err(|e| {
+    let found: Fields = serde_json::from_str(body).map_err(|e| {
         if e.is_data() {
             GatewayError::invalid_request("The request body must be a JSON object.".into(), None, None)
         } else {
             GatewayError::unparsable_json(&e)
         }
     })?;
-    match found.0 {
+    Ok(RoutingFields { model: model(found.model)?, stream: stream(found.stream)? })
+}
+
+fn model(value: Option<Value>) -> Result<String, GatewayError> {
+    match value {
         None | Some(Value::Null) => Err(GatewayError::invalid_request(
             "Missing required parameter: 'model'.".into(),
             Some("model"),
@@ -43,6 +56,18 @@ pub fn read_model(body: &[u8]) -> Result<String, GatewayError> {
     }
 }
 
+fn stream(value: Option<Value>) -> Result<bool, GatewayError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(stream)) => Ok(stream),
+        Some(other) => Err(GatewayError::invalid_request(
+            format!("Invalid type for 'stream': expected a boolean, but got {} instead.", json_type_name(&other)),
+            Some("stream"),
+            Some("invalid_type"),
+        )),
+    }
+}
+
 fn json_type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -55,34 +80,39 @@ fn json_type_name(value: &Value) -> &'static str {
     }
 }
 
-/// The value of `model` in a JSON object; anything but an object is a data error.
-struct ModelField(Option<Value>);
+/// The values of `model` and `stream` in a JSON object; anything but an object is a data error.
+struct Fields {
+    model: Option<Value>,
+    stream: Option<Value>,
+}
 
-impl<'de> serde::Deserialize<'de> for ModelField {
+impl<'de> serde::Deserialize<'de> for Fields {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(ModelFieldVisitor)
+        deserializer.deserialize_map(FieldsVisitor)
     }
 }
 
-struct ModelFieldVisitor;
+struct FieldsVisitor;
 
-impl<'de> Visitor<'de> for ModelFieldVisitor {
-    type Value = ModelField;
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ModelField, A::Error> {
-        let mut model = None;
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut fields = Fields { model: None, stream: None };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "model" {
-                model = Some(map.next_value::<Value>()?);
-            } else {
-                map.next_value::<IgnoredAny>()?;
+            match key.as_ref() {
+                "model" => fields.model = Some(map.next_value::<Value>()?),
+                "stream" => fields.stream = Some(map.next_value::<Value>()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        Ok(ModelField(model))
+        Ok(fields)
     }
 }
 
@@ -92,7 +122,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn err(body: &str) -> GatewayError {
-        read_model(body.as_bytes()).unwrap_err()
+        read_routing_fields(body.as_bytes()).unwrap_err()
+    }
+
+    fn read_model(body: &[u8]) -> Result<String, GatewayError> {
+        read_routing_fields(body).map(|fields| fields.model)
     }
 
     #[test]
@@ -100,6 +134,25 @@ mod tests {
         let body = r#"{"messages":[{"role":"user","content":"hi \"model\": x"}],"model":"llama-3","stream":true}"#;
         assert_eq!(read_model(body.as_bytes()).unwrap(), "llama-3");
         assert_eq!(read_model(br#"{"model":"a\u00e9\"b"}"#).unwrap(), "a\u{e9}\"b");
+    }
+
+    #[test]
+    fn stream_is_read_and_must_be_a_boolean() {
+        let stream = |body: &str| read_routing_fields(body.as_bytes()).map(|f| f.stream);
+        assert_eq!(stream(r#"{"model":"m","stream":true}"#), Ok(true));
+        for off in [r#"{"model":"m"}"#, r#"{"model":"m","stream":false}"#, r#"{"model":"m","stream":null}"#] {
+            assert_eq!(stream(off), Ok(false), "{off}");
+        }
+        for (body, words) in
+            [(r#"{"model":"m","stream":"yes"}"#, "got a string"), (r#"{"model":"m","stream":1}"#, "got an integer")]
+        {
+            let e = err(body);
+            assert_eq!(
+                (e.status, e.body.param.as_deref(), e.body.code.as_deref()),
+                (400, Some("stream"), Some("invalid_type"))
+            );
+            assert!(e.body.message.contains(words), "{}", e.body.message);
+        }
     }
 
     #[test]
@@ -150,7 +203,7 @@ mod tests {
         let deep_model = format!("{{\"model\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(err(&deep_model).status, 400);
         for body in [&b"{\"model\":\"\xff\xfe\"}"[..], b"{\"x\":\"\xc3\x28\",\"model\":\"m\"}"] {
-            let e = read_model(body).unwrap_err();
+            let e = read_routing_fields(body).unwrap_err();
             assert_eq!(e.status, 400);
             assert!(e.body.message.contains("not valid UTF-8"), "{}", e.body.message);
         }

@@ -1,0 +1,260 @@
+//! Server-sent events framing: where one event ends, and the error event.
+//!
+//! An event ends at a blank line, and a line ends at LF, CR or CRLF
+//! (the WHATWG event-stream grammar). Bytes arrive in chunks cut anywhere, so
+//! [`CompleteEvents`] hands on only whole events and carries the rest over to
+//! the next chunk: a reader downstream never sees half an event, and the
+//! stream can be ended cleanly at any moment.
+
+use bytes::{Bytes, BytesMut};
+use modelgate_proto::error::GatewayError;
+
+/// Finds event boundaries in a byte stream fed in pieces.
+#[derive(Debug, Clone)]
+struct BoundaryScanner {
+    /// No byte of the current line seen yet.
+    at_line_start: bool,
+    /// The previous byte was a CR, so an LF now belongs to it.
+    after_cr: bool,
+}
+
+impl Default for BoundaryScanner {
+    fn default() -> Self {
+        BoundaryScanner { at_line_start: true, after_cr: false }
+    }
+}
+
+impl BoundaryScanner {
+    /// Scans `chunk`, which follows every chunk scanned before, and returns
+    /// the length of its prefix that ends at the last event boundary in it.
+    fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
+        let mut last = None;
+        for (i, &byte) in chunk.iter().enumerate() {
+            match byte {
+                b'\n' if self.after_cr => {
+                    // The LF of a CRLF whose CR already ended a line (and maybe an event).
+                    self.after_cr = false;
+                    if last == Some(i) {
+                        last = Some(i + 1);
+                    }
+                }
+                b'\n' | b'\r' => {
+                    if self.at_line_start {
+                        last = Some(i + 1);
+                    }
+                    self.at_line_start = true;
+                    self.after_cr = byte == b'\r';
+                }
+                _ => {
+                    self.at_line_start = false;
+                    self.after_cr = false;
+                }
+            }
+        }
+        last
+    }
+}
+
+/// Passes an event stream on one whole event at a time.
+#[derive(Debug)]
+pub struct CompleteEvents {
+    scanner: BoundaryScanner,
+    /// The start of an event whose end has not arrived yet.
+    pending: BytesMut,
+    /// The most bytes of one event held back; a longer event is passed on in
+    /// pieces, so memory stays bounded whatever the backend sends.
+    max_pending: usize,
+    /// Part of an unfinished event was passed on because it was too long.
+    passed_partial: bool,
+}
+
+/// Longer than any chat completion chunk a backend sends, short enough to hold per stream.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
+impl CompleteEvents {
+    pub fn new(max_pending: usize) -> Self {
+        CompleteEvents {
+            scanner: BoundaryScanner::default(),
+            pending: BytesMut::new(),
+            max_pending,
+            passed_partial: false,
+        }
+    }
+
+    /// Takes the next chunk of the stream and returns the events it completes
+    /// (empty if none). A chunk of whole events is passed on without a copy.
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        let end = self.scanner.scan(&chunk);
+        let held = match end {
+            Some(end) => chunk.len() - end,
+            None => self.pending.len() + chunk.len(),
+        };
+        if held > self.max_pending {
+            self.passed_partial = true;
+            return self.take_with(&chunk);
+        }
+        match end {
+            Some(end) => {
+                self.passed_partial = false;
+                let complete = self.take_with(&chunk.slice(..end));
+                self.pending.extend_from_slice(&chunk[end..]);
+                complete
+            }
+            None => {
+                self.pending.extend_from_slice(&chunk);
+                Bytes::new()
+            }
+        }
+    }
+
+    /// What is held back followed by `more`, copied only if something was held.
+    fn take_with(&mut self, more: &Bytes) -> Bytes {
+        if self.pending.is_empty() {
+            return more.clone();
+        }
+        self.pending.extend_from_slice(more);
+        self.pending.split().freeze()
+    }
+
+    /// The stream ended normally: whatever is held back goes on as it is.
+    pub fn finish(&mut self) -> Bytes {
+        self.pending.split().freeze()
+    }
+
+    /// The stream broke: the unfinished event is dropped and `error` ends the
+    /// stream in its place, so the reader gets a last event it can parse.
+    pub fn interrupt(&mut self, error: &GatewayError) -> Bytes {
+        self.pending.clear();
+        let mut out = Vec::new();
+        if std::mem::take(&mut self.passed_partial) {
+            // Too late to take the partial event back: end it before the error.
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(&error_event(error));
+        Bytes::from(out)
+    }
+}
+
+/// `data: {"error":{...}}`, the event OpenAI sends when a stream fails after its 200.
+pub fn error_event(error: &GatewayError) -> Vec<u8> {
+    let mut event = b"data: ".to_vec();
+    event.extend_from_slice(&error.to_json());
+    event.extend_from_slice(b"\n\n");
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STREAM: &[u8] = b"data: {\"a\":1}\n\n: comment\n\nevent: x\r\ndata: 2\r\n\r\ndata: 3\r\rdata: [DONE]\n\n";
+
+    fn feed(events: &mut CompleteEvents, chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        chunks.iter().map(|c| events.push(Bytes::copy_from_slice(c)).to_vec()).collect()
+    }
+
+    /// Splits STREAM at the given cut points and returns what is passed on for each piece.
+    fn split_and_feed(cuts: &[usize]) -> (Vec<Vec<u8>>, Vec<u8>) {
+        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied());
+        bounds.push(STREAM.len());
+        let pieces: Vec<&[u8]> = bounds.windows(2).map(|w| &STREAM[w[0]..w[1]]).collect();
+        let out = feed(&mut events, &pieces);
+        (out, events.finish().to_vec())
+    }
+
+    fn is_boundary(prefix: &[u8]) -> bool {
+        let mut scanner = BoundaryScanner::default();
+        prefix.is_empty() || scanner.scan(prefix) == Some(prefix.len())
+    }
+
+    #[test]
+    fn whole_events_pass_without_waiting() {
+        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        assert_eq!(feed(&mut events, &[b"data: 1\n\ndata: 2\n\n"]), vec![b"data: 1\n\ndata: 2\n\n".to_vec()]);
+        assert!(events.finish().is_empty());
+    }
+
+    #[test]
+    fn half_an_event_waits_for_its_end() {
+        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let out = feed(&mut events, &[b"data: 1\n\ndata: {\"x", b"\":2}\n", b"\ndata"]);
+        assert_eq!(out, vec![b"data: 1\n\n".to_vec(), vec![], b"data: {\"x\":2}\n\n".to_vec()]);
+        assert_eq!(events.finish().as_ref(), b"data");
+    }
+
+    #[test]
+    fn crlf_split_between_cr_and_lf_is_one_line_end() {
+        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let out = feed(&mut events, &[b"data: 1\r", b"\n\r", b"\ndata: 2\r\n"]);
+        // The event is complete at the second CR; the LF after it goes with the next event.
+        assert_eq!(out.concat(), b"data: 1\r\n\r".to_vec());
+        assert_eq!(events.finish().as_ref(), b"\ndata: 2\r\n");
+    }
+
+    #[test]
+    fn an_interrupted_stream_ends_with_a_parsable_error_event() {
+        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let sent = events.push(Bytes::from_static(b"data: 1\n\ndata: {\"choi"));
+        let error = GatewayError::new(502, "server_error", "cut".into(), None, Some("stream_interrupted"));
+        let end = events.interrupt(&error);
+        assert_eq!(sent.as_ref(), b"data: 1\n\n");
+        let text = std::str::from_utf8(&end).unwrap();
+        let json: serde_json::Value = serde_json::from_str(text.strip_prefix("data: ").unwrap().trim_end()).unwrap();
+        assert_eq!(json["error"]["code"], "stream_interrupted");
+        assert!(text.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn an_event_over_the_limit_is_passed_in_pieces_and_ended_before_an_error() {
+        let mut events = CompleteEvents::new(8);
+        assert!(events.push(Bytes::from_static(b"data: ")).is_empty());
+        assert_eq!(events.push(Bytes::from_static(b"123456")).as_ref(), b"data: 123456");
+        let error = GatewayError::new(502, "server_error", "cut".into(), None, None);
+        assert!(events.interrupt(&error).starts_with(b"\n\ndata: {\"error\""));
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_passes_the_same_bytes_and_only_whole_events(
+            cuts in proptest::collection::btree_set(0..STREAM.len(), 0..12)
+        ) {
+            let cuts: Vec<usize> = cuts.into_iter().collect();
+            let (out, rest) = split_and_feed(&cuts);
+            let passed: Vec<u8> = out.concat();
+            prop_assert_eq!([passed.clone(), rest].concat(), STREAM.to_vec());
+            let mut so_far = Vec::new();
+            for piece in out {
+                so_far.extend_from_slice(&piece);
+                prop_assert!(is_boundary(&so_far), "passed on half an event: {:?}", String::from_utf8_lossy(&so_far));
+            }
+            // Everything up to the last boundary has been passed on.
+            prop_assert_eq!(passed.len(), STREAM.len());
+        }
+
+        #[test]
+        fn arbitrary_bytes_are_passed_on_in_order(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)
+        ) {
+            let mut events = CompleteEvents::new(32);
+            let mut out = Vec::new();
+            for chunk in &chunks {
+                out.extend_from_slice(&events.push(Bytes::copy_from_slice(chunk)));
+                prop_assert!(events.pending.len() <= 32);
+            }
+            out.extend_from_slice(&events.finish());
+            prop_assert_eq!(out, chunks.concat());
+        }
+    }
+
+    #[test]
+    fn every_single_cut_gives_identical_output() {
+        for cut in 0..=STREAM.len() {
+            let (out, rest) = split_and_feed(&[cut]);
+            assert_eq!(out.concat(), STREAM.to_vec(), "cut at {cut}");
+            assert!(rest.is_empty());
+        }
+    }
+}
