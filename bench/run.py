@@ -36,10 +36,10 @@ MODEL = "llama-3.1-8b-instruct"      # routed straight to BACKEND
 RENAMED = "gpt-4o-mini"              # routed to BACKEND through ext_proc
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 
-# On two or more CPUs, the gateway under test (Envoy, ext-proc) and its peer (LiteLLM) get
+# On two or more CPUs, the gateway under test (Envoy, ext-proc, stream guard) and its peer (LiteLLM) get
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
-PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "ext-proc", "litellm"]}
+PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "ext-proc", "stream-guard", "litellm"]}
            | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
 
@@ -149,9 +149,9 @@ def measure(run: Run, stack: Stack) -> dict:
     results["streaming"] = {s: run.load(s, rate=stream_rate, stream=True, headers=stream_headers)
                             for s in ["direct", "bare", "passthrough", "ext_proc"]}
 
-    # Memory with many open streams through the ext_proc route.
+    # Memory with many open streams through the ext_proc route (and the stream guard).
     open_streams = 50 if run.short else 1000
-    pids = {"envoy": stack.pid("envoy"), "ext-proc": stack.pid("ext-proc")}
+    pids = {name: stack.pid(name) for name in ["envoy", "ext-proc", "stream-guard"]}
     before = {name: rss_kib(pid) for name, pid in pids.items()}
     peak = dict(before)
     sampling = True

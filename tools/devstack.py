@@ -132,7 +132,7 @@ class Stack:
         self.processes.append((name, process))
 
     def start(self) -> "Stack":
-        for artifact in [WASM, BIN / "modelgate-ext-proc", BIN / "modelgate-simulator"]:
+        for artifact in [WASM, BIN / "modelgate-ext-proc", BIN / "modelgate-stream-guard", BIN / "modelgate-simulator"]:
             if not artifact.exists():
                 sys.exit(f"{artifact} is missing: run `make build` first")
         try:
@@ -140,9 +140,10 @@ class Stack:
                 self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
                                    "--listen", f"127.0.0.1:{self.ports[demo]}"])
             self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
-                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
-                                    "--stream-guard-listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
-                                    "--stream-guard-upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"])
+                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
+            self.spawn("stream-guard", [str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
+                                        "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
+                                        "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"])
             for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT], self.ports[STREAM_GUARD_PORT]]:
                 self.wait_for_port(port)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)

@@ -1,9 +1,13 @@
 //! modelgate's ext_proc service: runs beside Envoy, only on the routes whose
 //! requests need rewriting. The tonic plumbing ([`service`]) is thin; what to
 //! answer is decided in [`exchange`] and the rewrites it calls.
+//!
+//! The crate's second server, the [`stream_guard`], is its own process, so
+//! streams keep flowing while ext-proc restarts.
 
 pub mod exchange;
 pub mod messages;
+pub mod process;
 pub mod rename;
 pub mod service;
 pub mod sse;

@@ -143,6 +143,9 @@ fn error_response(error: GatewayError) -> Response<GuardedBody> {
         Response::new(GuardedBody { state: State::Last(Bytes::from(error.to_json())), events: None, request_id: None });
     *response.status_mut() = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Only the guard's own unavailability can pass by itself.
+    let retry = if error.status == 503 { "true" } else { "false" };
+    response.headers_mut().insert("x-should-retry", HeaderValue::from_static(retry));
     response
 }
 
@@ -219,5 +222,88 @@ impl Body for GuardedBody {
             (State::Done, _) => SizeHint::with_exact(0),
             (State::Relaying(_), Some(_)) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot upstream that reads a request head and writes `response` raw, then closes.
+    async fn upstream_writing(response: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                head.extend_from_slice(&buf[..n]);
+            }
+            socket.write_all(response).await.unwrap();
+        });
+        addr
+    }
+
+    /// What a client of the guard receives, raw, for a request relayed to `upstream`.
+    async fn through_guard(upstream: SocketAddr, cluster_header: bool) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let guard_addr = listener.local_addr().unwrap();
+        tokio::spawn(StreamGuard::new(upstream).serve(listener));
+        let mut client = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
+        let cluster = if cluster_header { "x-modelgate-stream-cluster: pool\r\n" } else { "" };
+        let request = format!("GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{cluster}connection: close\r\n\r\n");
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8(answer).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_an_event_ends_with_the_error_event_and_a_clean_end() {
+        let cut = concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            "17\r\ndata: 1\n\ndata: {\"choi\r\n"
+        );
+        let answer = through_guard(upstream_writing(cut.as_bytes()).await, true).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains("data: 1\n\n"), "{answer}");
+        assert!(!answer.contains("choi"), "half an event was passed on: {answer}");
+        assert!(answer.contains(r#"data: {"error":{"message":"The backend stopped in the middle of this stream"#));
+        assert!(answer.contains(r#""type":"server_error","param":null,"code":"stream_interrupted"}}"#));
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_complete_stream_passes_unchanged() {
+        let whole = concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            "17\r\ndata: 1\n\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+        );
+        let answer = through_guard(upstream_writing(whole.as_bytes()).await, true).await;
+        assert!(answer.contains("data: 1\n\ndata: [DONE]\n\n"), "{answer}");
+        assert!(!answer.contains("error"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn errors_and_other_answers_pass_as_they_are() {
+        let error = "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 3\r\ncontent-length: 2\r\n\r\n{}";
+        let answer = through_guard(upstream_writing(error.as_bytes()).await, true).await;
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+        assert!(answer.contains("retry-after: 3") && answer.contains("content-length: 2") && answer.ends_with("{}"));
+    }
+
+    #[tokio::test]
+    async fn the_guards_own_failures_are_openai_errors() {
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let answer = through_guard(closed, true).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("x-should-retry: true") && answer.contains(r#""code":"gateway_unavailable""#));
+
+        let answer = through_guard(closed, false).await;
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        assert!(answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
     }
 }

@@ -124,3 +124,23 @@ def test_request_id_is_kept_or_made(client, stack):
     assert received_by(stack, "vllm-llama", "req-e2e-kept") is not None
     made = client.chat.completions.with_raw_response.create(model="llama-3.1-8b-instruct", messages=CHAT)
     assert len(made.headers["x-request-id"]) >= 16
+
+
+def test_a_client_leaving_mid_stream_frees_the_backend(client, stack):
+    """Closing a stream stops generation at the backend: no GPU keeps working for nobody."""
+    import time
+
+    from conftest import httpx2
+
+    model = "mistral-cancel-probe"
+    running = f'vllm:num_requests_running{{model_name="{model}"}}'
+    metrics = f"{stack.backend_url('llamacpp-mistral')}/metrics"
+    stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=100, stream=True,
+                                            extra_headers={"x-sim-itl-ms": "100"})
+    next(iter(stream))
+    assert f"{running} 1" in httpx2.get(metrics).text
+    stream.close()
+    deadline = time.monotonic() + 5
+    while f"{running} 0" not in httpx2.get(metrics).text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"{running} 0" in httpx2.get(metrics).text

@@ -1,0 +1,33 @@
+use clap::Parser;
+use modelgate_ext_proc::process::{run, shutdown_signal};
+use modelgate_ext_proc::stream_guard::StreamGuard;
+use std::net::SocketAddr;
+
+/// modelgate's stream guard: relays streaming requests to Envoy's inner
+/// listener and ends a stream the backend breaks off with an OpenAI error event.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address the guard listens on; the filter's `stream_guard_cluster` points here.
+    #[arg(long, env = "MODELGATE_STREAM_GUARD_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    /// Envoy's inner listener, which routes the relayed streams.
+    #[arg(long, env = "MODELGATE_STREAM_GUARD_UPSTREAM", default_value = "127.0.0.1:10001")]
+    upstream: SocketAddr,
+    /// Threads serving streams; 0 means one per CPU.
+    #[arg(long, env = "MODELGATE_STREAM_GUARD_THREADS", default_value_t = 0)]
+    worker_threads: usize,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    run(args.worker_threads, async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        tracing::info!(listen = %args.listen, upstream = %args.upstream, "modelgate stream guard listening");
+        tokio::select! {
+            _ = StreamGuard::new(args.upstream).serve(listener) => {}
+            _ = shutdown_signal() => {}
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,31 @@
+//! What both of this crate's servers do as processes: a tokio runtime of a
+//! chosen size, logs to stderr, and a clean stop on SIGTERM or Ctrl-C.
+
+use std::future::Future;
+
+/// Runs `serve` on a runtime with `worker_threads` threads (0: one per CPU),
+/// with logging set up from `RUST_LOG` (default `info`).
+pub fn run<F>(worker_threads: usize, serve: F) -> Result<(), Box<dyn std::error::Error>>
+where
+    F: Future<Output = Result<(), Box<dyn std::error::Error>>>,
+{
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        runtime.worker_threads(worker_threads);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    runtime.enable_all().build()?.block_on(serve)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
