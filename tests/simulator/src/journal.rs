@@ -1,5 +1,5 @@
 //! What the simulator received, for tests to check what the gateway sent
-//! upstream: the body's model, the headers, and how many attempts arrived.
+//! upstream: the body, the headers, and how many attempts arrived.
 
 use axum::http::HeaderMap;
 use serde_json::{json, Map, Value};
@@ -19,7 +19,8 @@ impl Journal {
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
             .collect();
-        let entry = json!({"path": path, "model": body.get("model"), "stream": body.get("stream"), "headers": headers});
+        let entry = json!({"path": path, "model": body.get("model"), "stream": body.get("stream"), "headers": headers,
+                           "body": body});
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() == KEEP {
             entries.pop_front();

@@ -2,6 +2,8 @@
 //! configurable latency and failures, used by `make run`, the tests and the
 //! benchmarks in place of a GPU.
 
+mod anthropic;
+mod call;
 mod failure;
 mod generate;
 mod journal;
@@ -32,6 +34,7 @@ async fn main() -> std::io::Result<()> {
     let sim = Arc::new(Sim { settings, metrics: metrics::Metrics::default(), journal: journal::Journal::default() });
     let app = Router::new()
         .merge(openai::routes())
+        .merge(anthropic::routes())
         .route("/health", get(|| async { "" }))
         .route("/metrics", get(metrics_text))
         .route("/sim/requests", get(requests))

@@ -1,20 +1,21 @@
 //! The OpenAI (vLLM-like) face: chat completions, completions, embeddings and
 //! models, streaming or not, with injected latency and failures.
 
+use crate::call::{self, generation_time, new_id, now, pause, Face};
 use crate::failure::{failure, vllm_error};
 use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, HeaderMap, Uri};
+use axum::extract::State;
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -26,62 +27,26 @@ pub fn routes() -> Router<Arc<Sim>> {
         .route("/v1/models", get(list_models))
 }
 
-/// A request that passed the checks every endpoint shares; extracting it
-/// records the request and applies injected failures.
-struct Call {
-    body: Value,
-    model: String,
-    behaviour: Behaviour,
-}
+/// The OpenAI (vLLM) API's errors.
+pub struct OpenAi;
 
-impl FromRequest<Arc<Sim>> for Call {
-    type Rejection = Response;
+impl Face for OpenAi {
+    fn error(status: u16, message: &str) -> Response {
+        vllm_error(status, message)
+    }
 
-    async fn from_request(request: Request, sim: &Arc<Sim>) -> Result<Self, Response> {
-        let (parts, body) = request.into_parts();
-        let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| vllm_error(400, &e.to_string()))?;
-        begin(sim, &parts.uri, &parts.headers, &bytes)
+    fn injected(status: u16, behaviour: &Behaviour) -> Response {
+        failure(status, "simulated failure", behaviour.error_format, behaviour.retry_after)
     }
 }
 
-#[allow(clippy::result_large_err)] // an error here is the finished answer, built once per request
-fn begin(sim: &Sim, uri: &Uri, headers: &HeaderMap, bytes: &Bytes) -> Result<Call, Response> {
-    let body: Value = serde_json::from_slice(bytes).map_err(|e| vllm_error(400, &format!("invalid JSON body: {e}")))?;
-    sim.journal.record(uri.path(), headers, &body);
-    let behaviour = sim.settings.behaviour(headers);
-    if let Some(status) = behaviour.injected_failure() {
-        return Err(failure(status, "simulated failure", behaviour.error_format, behaviour.retry_after));
-    }
-    let model = body["model"].as_str().ok_or_else(|| vllm_error(400, "`model` is required"))?.to_string();
-    if !sim.settings.models.is_empty() && !sim.settings.models.contains(&model) {
-        return Err(vllm_error(404, &format!("The model `{model}` does not exist.")));
-    }
-    Ok(Call { body, model, behaviour })
-}
+type Call = call::Call<OpenAi>;
 
-/// A field the request must carry, or vLLM's 400.
-#[allow(clippy::result_large_err)] // as for `begin`
-fn required<'a>(call: &'a Call, field: &str) -> Result<&'a Value, Response> {
-    match &call.body[field] {
-        Value::Null => Err(vllm_error(400, &format!("`{field}` is required"))),
-        value => Ok(value),
-    }
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", fastrand::u64(..))
-}
-
-/// How many tokens to produce for each choice, and why generation stopped.
-fn plan_tokens(body: &Value, behaviour: &Behaviour) -> (u32, &'static str) {
-    let limit = body["max_completion_tokens"].as_u64().or_else(|| body["max_tokens"].as_u64());
-    match limit {
-        Some(limit) if limit < u64::from(behaviour.output_tokens) => (limit as u32, "length"),
-        _ => (behaviour.output_tokens, "stop"),
+/// Why generation stopped, in OpenAI's words.
+fn plan_tokens(call: &Call) -> (u32, &'static str) {
+    match call.planned_tokens() {
+        (tokens, true) => (tokens, "length"),
+        (tokens, false) => (tokens, "stop"),
     }
 }
 
@@ -93,28 +58,14 @@ fn usage(prompt: u32, completion: u32) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// Waits `d`; no time at all for zero, where tokio's timer would still wait for
-/// its next millisecond tick and blur every latency the benchmark measures.
-async fn pause(d: Duration) {
-    if !d.is_zero() {
-        tokio::time::sleep(d).await;
-    }
-}
-
-/// The time a non-streamed answer of `tokens` tokens takes.
-fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
-    behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
-}
-
 async fn chat_completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
-    let messages =
-        required(&call, "messages")?.as_array().ok_or_else(|| vllm_error(400, "`messages` must be a list"))?;
+    let messages = call.required("messages")?.as_array().ok_or_else(|| vllm_error(400, "`messages` must be a list"))?;
     let prompt = generate::chat_prompt_tokens(messages);
     Ok(respond(sim, call, StreamKind::Chat, prompt).await)
 }
 
 async fn completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
-    let prompt = generate::items(required(&call, "prompt")?).iter().map(generate::item_tokens).sum();
+    let prompt = generate::items(call.required("prompt")?).iter().map(generate::item_tokens).sum();
     Ok(respond(sim, call, StreamKind::Completion, prompt).await)
 }
 
@@ -125,7 +76,7 @@ enum StreamKind {
 }
 
 async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: u32) -> Response {
-    let (tokens, finish) = plan_tokens(&call.body, &call.behaviour);
+    let (tokens, finish) = plan_tokens(&call);
     let n = choices_count(&call.body);
     let plan = Plan {
         kind,
@@ -282,7 +233,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
 }
 
 async fn embeddings(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
-    let inputs = generate::items(required(&call, "input")?);
+    let inputs = generate::items(call.required("input")?);
     let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
     let base64 = call.body["encoding_format"].as_str() == Some("base64");
     let running = sim.metrics.start(&call.model);

@@ -47,6 +47,9 @@ pub struct Settings {
     /// `retry-after` seconds sent with injected error answers.
     #[arg(long)]
     pub retry_after: Option<u64>,
+    /// Prompt tokens reported as read from the prompt cache (Anthropic face).
+    #[arg(long, default_value_t = 0)]
+    pub cached_tokens: u32,
 }
 
 /// The behaviour for one request: the settings, with any `x-sim-*` header applied.
@@ -60,6 +63,7 @@ pub struct Behaviour {
     pub abort_after: Option<u32>,
     pub error_format: ErrorFormat,
     pub retry_after: Option<u64>,
+    pub cached_tokens: u32,
 }
 
 impl Settings {
@@ -75,6 +79,7 @@ impl Settings {
             abort_after: number("x-sim-abort-after").map(|n| n.min(u32::MAX as u64) as u32).or(self.abort_after),
             error_format: get("x-sim-error-format").and_then(ErrorFormat::parse).unwrap_or(self.error_format),
             retry_after: number("x-sim-retry-after").or(self.retry_after),
+            cached_tokens: number("x-sim-cached-tokens").map_or(self.cached_tokens, |n| n.min(u32::MAX as u64) as u32),
         }
     }
 }

@@ -1,0 +1,98 @@
+//! What every simulated endpoint does first, whatever API it speaks: read the
+//! JSON body, record the request, apply the per-request behaviour and any
+//! injected failure, and check the model. Each face words its errors its own way.
+
+use crate::settings::Behaviour;
+use crate::Sim;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, Uri};
+use axum::response::Response;
+use serde_json::Value;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// An API the simulator speaks, as far as its errors go.
+pub trait Face: Send + Sync + 'static {
+    /// An error answer in this API's shape.
+    fn error(status: u16, message: &str) -> Response;
+    /// A simulated failure, shaped by the request's behaviour where the API allows.
+    fn injected(status: u16, behaviour: &Behaviour) -> Response;
+}
+
+/// A request that passed the checks every endpoint shares.
+pub struct Call<F> {
+    pub body: Value,
+    pub headers: HeaderMap,
+    pub model: String,
+    pub behaviour: Behaviour,
+    face: PhantomData<F>,
+}
+
+impl<F: Face> FromRequest<Arc<Sim>> for Call<F> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, sim: &Arc<Sim>) -> Result<Self, Response> {
+        let (parts, body) = request.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| F::error(400, &e.to_string()))?;
+        begin(sim, &parts.uri, parts.headers, &bytes)
+    }
+}
+
+#[allow(clippy::result_large_err)] // an error here is the finished answer, built once per request
+fn begin<F: Face>(sim: &Sim, uri: &Uri, headers: HeaderMap, bytes: &Bytes) -> Result<Call<F>, Response> {
+    let body: Value = serde_json::from_slice(bytes).map_err(|e| F::error(400, &format!("invalid JSON body: {e}")))?;
+    sim.journal.record(uri.path(), &headers, &body);
+    let behaviour = sim.settings.behaviour(&headers);
+    if let Some(status) = behaviour.injected_failure() {
+        return Err(F::injected(status, &behaviour));
+    }
+    let model = body["model"].as_str().ok_or_else(|| F::error(400, "`model` is required"))?.to_string();
+    if !sim.settings.models.is_empty() && !sim.settings.models.contains(&model) {
+        return Err(F::error(404, &format!("The model `{model}` does not exist.")));
+    }
+    Ok(Call { body, headers, model, behaviour, face: PhantomData })
+}
+
+impl<F: Face> Call<F> {
+    /// A field the request must carry, or the face's 400.
+    #[allow(clippy::result_large_err)] // as for `begin`
+    pub fn required(&self, field: &str) -> Result<&Value, Response> {
+        match &self.body[field] {
+            Value::Null => Err(F::error(400, &format!("`{field}` is required"))),
+            value => Ok(value),
+        }
+    }
+
+    /// How many tokens to generate, and whether `max_tokens` (or the
+    /// OpenAI `max_completion_tokens`) cut generation short.
+    pub fn planned_tokens(&self) -> (u32, bool) {
+        let limit = self.body["max_completion_tokens"].as_u64().or_else(|| self.body["max_tokens"].as_u64());
+        match limit {
+            Some(limit) if limit < u64::from(self.behaviour.output_tokens) => (limit as u32, true),
+            _ => (self.behaviour.output_tokens, false),
+        }
+    }
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", fastrand::u64(..))
+}
+
+/// Waits `d`; no time at all for zero, where tokio's timer would still wait for
+/// its next millisecond tick and blur every latency the benchmark measures.
+pub async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// The time a non-streamed answer of `tokens` tokens takes.
+pub fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
+    behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
+}
