@@ -8,6 +8,7 @@ mod failure;
 mod generate;
 mod journal;
 mod metrics;
+mod ollama;
 mod openai;
 mod settings;
 
@@ -35,6 +36,7 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new()
         .merge(openai::routes())
         .merge(anthropic::routes())
+        .merge(ollama::routes())
         .route("/health", get(|| async { "" }))
         .route("/metrics", get(metrics_text))
         .route("/sim/requests", get(requests))

@@ -1,0 +1,213 @@
+//! The Ollama face: the native `/api/chat`, `/api/generate` and `/api/embed`,
+//! whole or streamed as NDJSON, with options, images, tool calls and Ollama's
+//! `{"error": "..."}` answers. The official `ollama` client is what the tests
+//! check it with.
+
+use crate::call::{self, generation_time, pause, Face};
+use crate::failure::{failure, ErrorFormat};
+use crate::generate;
+use crate::settings::Behaviour;
+use crate::Sim;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub fn routes() -> Router<Arc<Sim>> {
+    Router::new().route("/api/chat", post(chat)).route("/api/generate", post(generate)).route("/api/embed", post(embed))
+}
+
+/// Ollama's errors: `{"error": "text"}`.
+pub struct Ollama;
+
+impl Face for Ollama {
+    fn error(status: u16, message: &str) -> Response {
+        let mut response = Json(json!({"error": message})).into_response();
+        *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        response
+    }
+
+    fn injected(status: u16, behaviour: &Behaviour) -> Response {
+        match behaviour.error_format {
+            ErrorFormat::Reset => failure(status, "", ErrorFormat::Reset, None),
+            _ => Self::error(status, "simulated failure"),
+        }
+    }
+}
+
+type Call = call::Call<Ollama>;
+
+/// Ollama's `created_at`: any well-formed RFC 3339 time will do for a simulator.
+const CREATED_AT: &str = "2026-01-01T00:00:00.000000000Z";
+
+/// Which endpoint is answering, and so which field carries the text.
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Generate,
+}
+
+struct Plan {
+    kind: Kind,
+    model: String,
+    tokens: u32,
+    done_reason: &'static str,
+    tool_call: Option<Value>,
+    prompt: u32,
+    behaviour: Behaviour,
+}
+
+impl Plan {
+    fn new(call: &Call, kind: Kind, prompt: u32, tool_call: Option<Value>) -> Plan {
+        let options = &call.body["options"];
+        let (mut tokens, mut done_reason) = match options["num_predict"].as_u64() {
+            Some(limit) if limit < u64::from(call.behaviour.output_tokens) => (limit as u32, "length"),
+            _ => (call.behaviour.output_tokens, "stop"),
+        };
+        let stops: Vec<&str> = options["stop"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        if let Some(at) = (0..tokens).find(|&i| stops.iter().any(|s| generate::token(i).contains(s))) {
+            (tokens, done_reason) = (at, "stop");
+        }
+        if tool_call.is_some() {
+            (tokens, done_reason) = (0, "stop");
+        }
+        Plan { kind, model: call.model.clone(), tokens, done_reason, tool_call, prompt, behaviour: call.behaviour.clone() }
+    }
+
+    fn output_tokens(&self) -> u32 {
+        self.tool_call.as_ref().map_or(self.tokens, |call| generate::count_words(&call.to_string()))
+    }
+
+    /// One answer object: a piece of text while streaming, or the last one with `done` and the counts.
+    fn part(&self, text: &str, done: bool) -> Value {
+        let mut part = json!({"model": self.model, "created_at": CREATED_AT});
+        match self.kind {
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if let (true, Some(call)) = (done, &self.tool_call) {
+                    message["tool_calls"] = json!([call]);
+                }
+                part["message"] = message;
+            }
+            Kind::Generate => part["response"] = json!(text),
+        }
+        part["done"] = json!(done);
+        if done {
+            let nanos = |d: Duration| d.as_nanos() as u64;
+            part["done_reason"] = json!(self.done_reason);
+            part["total_duration"] = json!(nanos(generation_time(&self.behaviour, self.output_tokens())));
+            part["load_duration"] = json!(0);
+            part["prompt_eval_count"] = json!(self.prompt);
+            part["prompt_eval_duration"] = json!(nanos(self.behaviour.ttft));
+            part["eval_count"] = json!(self.output_tokens());
+            part["eval_duration"] = json!(nanos(self.behaviour.itl * self.output_tokens()));
+        }
+        part
+    }
+}
+
+async fn chat(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
+    let messages = call.required("messages")?.as_array().ok_or_else(|| Ollama::error(400, "messages must be a list"))?;
+    let prompt = generate::chat_prompt_tokens(messages)
+        + messages.iter().map(|m| m["images"].as_array().map_or(0, |i| i.len() as u32)).sum::<u32>();
+    let plan = Plan::new(&call, Kind::Chat, prompt, tool_call(&call.body, messages));
+    Ok(answer(sim, &call, plan).await)
+}
+
+async fn generate(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
+    let prompt = call.required("prompt")?.as_str().ok_or_else(|| Ollama::error(400, "prompt must be a string"))?;
+    let system = call.body["system"].as_str().map_or(0, generate::count_words);
+    let plan = Plan::new(&call, Kind::Generate, generate::count_words(prompt) + system, None);
+    Ok(answer(sim, &call, plan).await)
+}
+
+/// Ollama streams unless the request says `"stream": false`.
+async fn answer(sim: Arc<Sim>, call: &Call, plan: Plan) -> Response {
+    if call.body["stream"].as_bool() != Some(false) {
+        return stream(sim, plan);
+    }
+    let running = sim.metrics.start(&plan.model);
+    pause(generation_time(&plan.behaviour, plan.output_tokens())).await;
+    running.finish(plan.prompt, plan.output_tokens());
+    Json(plan.part(&generate::text(plan.tokens), true)).into_response()
+}
+
+/// A call of the first offered tool, unless the conversation ends with a tool's answer.
+fn tool_call(body: &Value, messages: &[Value]) -> Option<Value> {
+    let tool = body["tools"].as_array()?.first()?;
+    if messages.last().is_some_and(|m| m["role"] == "tool") {
+        return None;
+    }
+    let function = &tool["function"];
+    let arguments: Map<String, Value> = function["parameters"]["properties"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, schema)| {
+            let value = match schema["type"].as_str() {
+                Some("integer" | "number") => json!(1),
+                Some("boolean") => json!(true),
+                _ => json!("simulated"),
+            };
+            (name.clone(), value)
+        })
+        .collect();
+    Some(json!({"function": {"name": function["name"], "arguments": arguments}}))
+}
+
+fn line(part: &Value) -> Result<Bytes, std::io::Error> {
+    Ok(Bytes::from(format!("{part}\n")))
+}
+
+/// Streams `plan` as NDJSON. An abort writes Ollama's in-stream `{"error": ...}`
+/// line, or drops the connection with the `reset` format.
+fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let running = sim.metrics.start(&plan.model);
+        pause(plan.behaviour.ttft).await;
+        for i in 0..plan.tokens {
+            if plan.behaviour.abort_after == Some(i) {
+                tokio::time::sleep(plan.behaviour.itl.max(Duration::from_millis(20))).await;
+                let end = match plan.behaviour.error_format {
+                    ErrorFormat::Reset => Err(std::io::Error::other("simulated abort")),
+                    _ => line(&json!({"error": "simulated failure mid-stream"})),
+                };
+                let _ = tx.send(end).await;
+                return;
+            }
+            if i > 0 {
+                pause(plan.behaviour.itl).await;
+            }
+            if tx.send(line(&plan.part(&generate::token(i), false))).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(line(&plan.part("", true))).await;
+        running.finish(plan.prompt, plan.output_tokens());
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(ReceiverStream::new(rx)))
+        .unwrap_or_else(|_| Ollama::error(500, "could not build the stream"))
+}
+
+async fn embed(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
+    let inputs = generate::items(call.required("input")?);
+    let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
+    let running = sim.metrics.start(&call.model);
+    pause(call.behaviour.ttft).await;
+    let embeddings: Vec<Vec<f32>> = inputs.iter().map(|item| generate::embedding(item, dim)).collect();
+    let prompt: u32 = inputs.iter().map(generate::item_tokens).sum();
+    running.finish(prompt, 0);
+    Ok(Json(json!({"model": call.model, "embeddings": embeddings, "total_duration": 0, "load_duration": 0,
+                   "prompt_eval_count": prompt}))
+    .into_response())
+}
