@@ -36,7 +36,9 @@ ADMIN_PORT = 9901
 EXT_PROC_PORT = 50051
 STREAM_GUARD_PORT = 50052
 # Simulated backends of the demo: port in demo.yaml -> backend name.
-DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral"}
+DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral", 8004: "anthropic"}
+# The demo's Anthropic backend takes its key from ext-proc's environment, as a real one would.
+DEMO_ANTHROPIC_KEY = "sk-ant-demo-key"
 
 
 def envoy_binary() -> str:
@@ -140,7 +142,8 @@ class Stack:
                 self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
                                    "--listen", f"127.0.0.1:{self.ports[demo]}"])
             self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
-                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"])
+                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"],
+                       env={**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)})
             self.spawn("stream-guard", [str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                                         "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
                                         "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"])

@@ -1,40 +1,111 @@
 //! One ext_proc exchange: what to answer to each message Envoy sends about a
-//! single HTTP request. Pure: no I/O, tested without Envoy.
+//! single HTTP request. It knows Envoy's protocol and no dialect: the
+//! backend's [`Translation`] decides every rewrite. Pure but for reading a
+//! key file; tested without Envoy.
 
+use crate::credentials;
 use crate::messages;
-use crate::rename::rewrite_model;
+use crate::translate::{self, Endpoint, HeaderChanges, Translation};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request::Request, ProcessingRequest, ProcessingResponse,
+    processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
+use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Exchange {
-    /// The model name the backend expects, from the filter's routing header.
-    upstream_model: Option<String>,
+    /// Set from the request headers when the request's backend has a profile.
+    active: Option<Active>,
+}
+
+struct Active {
+    translation: Box<dyn Translation>,
+    key: Option<String>,
+    /// The response's status and whether its body streams, once its headers are seen.
+    response: Option<(u16, bool)>,
 }
 
 impl Exchange {
     /// The answer to one message; `None` for a message with nothing in it.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
         let request = message.request?;
-        Some(match request {
-            Request::RequestHeaders(ref h) => {
-                self.upstream_model =
-                    messages::header(h, headers::UPSTREAM_MODEL).map(|v| String::from_utf8_lossy(v).into_owned());
-                messages::pass(&request)
+        let answer = match (&request, &mut self.active) {
+            (Request::RequestHeaders(h), _) => match start(h) {
+                Ok(Some(active)) => {
+                    let watch = active.translation.translates_responses();
+                    self.active = Some(active);
+                    messages::continue_request_headers(watch)
+                }
+                Ok(None) => messages::pass(&request),
+                Err(e) => messages::reject(&e),
+            },
+            (Request::RequestBody(body), Some(active)) => match active.translation.request(&body.body) {
+                Ok(upstream) => {
+                    let mut headers = active.translation.upstream_headers(active.key.as_deref());
+                    if let Some(path) = upstream.path {
+                        headers.set.push((":path", path.to_string()));
+                    }
+                    messages::replace_request_body(upstream.body, headers)
+                }
+                Err(e) => messages::reject(&e),
+            },
+            (Request::ResponseHeaders(h), Some(active)) => {
+                let status = messages::header(h, ":status")
+                    .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
+                    .unwrap_or(200);
+                let content_type = messages::header(h, "content-type").unwrap_or_default();
+                let plan = active.translation.response_plan(status, content_type);
+                active.response = Some((status, plan.streamed));
+                let mut changes = HeaderChanges { set: Vec::new(), remove: vec!["content-length"] };
+                if plan.status != status {
+                    changes.set.push((":status", plan.status.to_string()));
+                }
+                changes.set.extend(plan.content_type.map(|c| ("content-type", c.to_string())));
+                messages::rewrite_response_headers(changes, plan.streamed)
             }
-            Request::RequestBody(ref body) => match &self.upstream_model {
-                Some(model) => match rewrite_model(&body.body, model) {
-                    Ok(rewritten) => messages::replace_request_body(rewritten),
-                    Err(e) => messages::reject(&GatewayError::unparsable_json(&e)),
-                },
+            (Request::ResponseBody(body), Some(active)) => match active.response {
+                Some((_, true)) => {
+                    messages::replace_response_piece(active.translation.stream(&body.body, body.end_of_stream))
+                }
+                Some((status, false)) => {
+                    messages::replace_response_body(active.translation.response(status, &body.body))
+                }
                 None => messages::pass(&request),
             },
             _ => messages::pass(&request),
-        })
+        };
+        Some(answer)
     }
+}
+
+/// The translation a request needs, from its headers; `None` when the filter
+/// marked nothing to do.
+fn start(request: &HttpHeaders) -> Result<Option<Active>, GatewayError> {
+    let Some(profile) = messages::header(request, headers::BACKEND) else {
+        return Ok(None);
+    };
+    let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
+    let path = messages::header(request, ":path").unwrap_or_default();
+    let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
+    let client_key = headers::CLIENT_KEYS.iter().find_map(|name| messages::header(request, name));
+    let key = match &profile.api_key {
+        Some(source) => credentials::resolve(source, client_key)?,
+        None => None,
+    };
+    let translation = translate::for_backend(profile, endpoint)?;
+    Ok(Some(Active { translation, key, response: None }))
+}
+
+fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
+    tracing::error!("cannot rewrite a request: {why}");
+    GatewayError::new(
+        500,
+        "server_error",
+        "The gateway is misconfigured for this model.".into(),
+        None,
+        Some("gateway_misconfigured"),
+    )
 }
 
 #[cfg(test)]
@@ -42,57 +113,76 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
     use envoy_types::pb::envoy::service::ext_proc::v3::{
-        body_mutation::Mutation, processing_response::Response, HttpBody, HttpHeaders,
+        body_mutation::Mutation, processing_response::Response, CommonResponse, HttpBody,
     };
-    use serde_json::Value;
+    use serde_json::{json, Value};
 
-    fn headers_message(pairs: &[(&str, &str)]) -> ProcessingRequest {
+    fn headers_of(pairs: &[(&str, &str)]) -> HttpHeaders {
         let headers = pairs
             .iter()
             .map(|(k, v)| HeaderValue { key: k.to_string(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
             .collect();
-        ProcessingRequest {
-            request: Some(Request::RequestHeaders(HttpHeaders {
-                headers: Some(HeaderMap { headers }),
-                ..Default::default()
-            })),
-            ..Default::default()
+        HttpHeaders { headers: Some(HeaderMap { headers }), ..Default::default() }
+    }
+
+    fn request_headers(pairs: &[(&str, &str)]) -> ProcessingRequest {
+        ProcessingRequest { request: Some(Request::RequestHeaders(headers_of(pairs))), ..Default::default() }
+    }
+
+    fn response_headers(pairs: &[(&str, &str)]) -> ProcessingRequest {
+        ProcessingRequest { request: Some(Request::ResponseHeaders(headers_of(pairs))), ..Default::default() }
+    }
+
+    fn body(bytes: &[u8], end_of_stream: bool, response: bool) -> ProcessingRequest {
+        let body = HttpBody { body: bytes.to_vec(), end_of_stream, ..Default::default() };
+        let request = if response { Request::ResponseBody(body) } else { Request::RequestBody(body) };
+        ProcessingRequest { request: Some(request), ..Default::default() }
+    }
+
+    fn common(answer: ProcessingResponse) -> CommonResponse {
+        match answer.response {
+            Some(Response::RequestBody(b) | Response::ResponseBody(b)) => b.response.unwrap(),
+            Some(Response::RequestHeaders(h) | Response::ResponseHeaders(h)) => h.response.unwrap_or_default(),
+            other => panic!("unexpected answer {other:?}"),
         }
     }
 
-    fn body_message(body: &str) -> ProcessingRequest {
-        ProcessingRequest {
-            request: Some(Request::RequestBody(HttpBody {
-                body: body.as_bytes().to_vec(),
-                end_of_stream: true,
-                ..Default::default()
-            })),
-            ..Default::default()
-        }
+    fn new_body(common: &CommonResponse) -> Vec<u8> {
+        let Some(Mutation::Body(body)) = common.body_mutation.clone().unwrap().mutation else { panic!("no body") };
+        body
+    }
+
+    fn set_headers(common: &CommonResponse) -> Vec<(String, String)> {
+        let mutation = common.header_mutation.clone().unwrap_or_default();
+        mutation
+            .set_headers
+            .iter()
+            .map(|h| {
+                let h = h.header.as_ref().unwrap();
+                (h.key.clone(), String::from_utf8_lossy(&h.raw_value).into_owned())
+            })
+            .collect()
     }
 
     #[test]
     fn renames_the_model_and_fixes_content_length() {
         let mut ex = Exchange::default();
-        let first =
-            ex.on_message(headers_message(&[(":path", "/v1/chat/completions"), (headers::UPSTREAM_MODEL, "llama-3")]));
-        assert!(matches!(first.unwrap().response, Some(Response::RequestHeaders(_))));
-
-        let answer = ex.on_message(body_message(r#"{"model":"gpt-4o-mini","n":1}"#)).unwrap();
-        let Some(Response::RequestBody(body)) = answer.response else { panic!("expected a body answer") };
-        let common = body.response.unwrap();
-        let Some(Mutation::Body(new_body)) = common.body_mutation.unwrap().mutation else { panic!("no body") };
-        assert_eq!(new_body, br#"{"model":"llama-3","n":1}"#);
-        let set = &common.header_mutation.unwrap().set_headers[0];
-        let header = set.header.as_ref().unwrap();
-        assert_eq!((header.key.as_str(), header.raw_value.as_slice()), ("content-length", b"25".as_slice()));
+        let first = ex.on_message(request_headers(&[
+            (":path", "/v1/chat/completions"),
+            (headers::BACKEND, r#"{"model":"llama-3"}"#),
+        ]));
+        let first = first.unwrap();
+        assert!(first.mode_override.is_none(), "an OpenAI backend's answers are not watched");
+        let answer = common(ex.on_message(body(br#"{"model":"gpt-4o-mini","n":1}"#, true, false)).unwrap());
+        assert_eq!(new_body(&answer), br#"{"model":"llama-3","n":1}"#);
+        assert_eq!(set_headers(&answer), vec![("content-length".to_string(), "25".to_string())]);
     }
 
     #[test]
-    fn without_a_rename_the_body_passes_untouched() {
+    fn without_a_profile_everything_passes_untouched() {
         let mut ex = Exchange::default();
-        ex.on_message(headers_message(&[(":path", "/v1/embeddings")]));
-        let answer = ex.on_message(body_message(r#"{"model":"x"}"#)).unwrap();
+        ex.on_message(request_headers(&[(":path", "/v1/embeddings")]));
+        let answer = ex.on_message(body(br#"{"model":"x"}"#, true, false)).unwrap();
         let Some(Response::RequestBody(body)) = answer.response else { panic!("expected a body answer") };
         assert!(body.response.is_none());
     }
@@ -100,12 +190,93 @@ mod tests {
     #[test]
     fn a_body_that_is_not_json_gets_an_openai_400() {
         let mut ex = Exchange::default();
-        ex.on_message(headers_message(&[(headers::UPSTREAM_MODEL, "m")]));
-        let answer = ex.on_message(body_message("nope")).unwrap();
+        ex.on_message(request_headers(&[(":path", "/v1/completions"), (headers::BACKEND, r#"{"model":"m"}"#)]));
+        let answer = ex.on_message(body(b"nope", true, false)).unwrap();
         let Some(Response::ImmediateResponse(reply)) = answer.response else { panic!("expected an immediate reply") };
         assert_eq!(reply.status.unwrap().code, 400);
         let v: Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn an_anthropic_exchange_from_request_to_streamed_answer() {
+        let mut ex = Exchange::default();
+        let profile = r#"{"dialect":"anthropic","model":"claude-x","api_key":"passthrough"}"#;
+        let first = ex
+            .on_message(request_headers(&[
+                (":path", "/v1/chat/completions"),
+                (headers::BACKEND, profile),
+                ("authorization", "Bearer sk-client"),
+            ]))
+            .unwrap();
+        assert!(first.mode_override.is_some(), "the response headers are asked for");
+        let request = common(
+            ex.on_message(body(
+                br#"{"model":"c","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+                true,
+                false,
+            ))
+            .unwrap(),
+        );
+        let sent: Value = serde_json::from_slice(&new_body(&request)).unwrap();
+        assert_eq!(sent["model"], "claude-x");
+        assert_eq!(sent["max_tokens"], 4096);
+        let set = set_headers(&request);
+        for expected in [("x-api-key", "sk-client"), (":path", "/v1/messages"), ("anthropic-version", "2023-06-01")] {
+            assert!(set.contains(&(expected.0.to_string(), expected.1.to_string())), "{set:?}");
+        }
+        assert_eq!(request.header_mutation.unwrap().remove_headers, vec!["authorization", "accept-encoding"]);
+
+        let headers_answer =
+            ex.on_message(response_headers(&[(":status", "200"), ("content-type", "text/event-stream")])).unwrap();
+        assert_eq!(headers_answer.mode_override.unwrap().response_body_mode, 1, "streamed");
+        let start = br#"event: message_start
+data: {"type":"message_start","message":{"id":"msg_1","model":"claude-x","usage":{"input_tokens":3,"output_tokens":1}}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}
+
+"#;
+        let out = new_body(&common(ex.on_message(body(start, false, true)).unwrap()));
+        let text = String::from_utf8(out).unwrap();
+        let chunks: Vec<Value> =
+            text.split("\n\n").filter(|e| !e.is_empty()).map(|e| serde_json::from_str(&e[6..]).unwrap()).collect();
+        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(chunks[1]["choices"][0]["delta"], json!({"content": "Hi"}));
+    }
+
+    #[test]
+    fn an_anthropic_error_becomes_an_openai_error_with_a_retryable_status() {
+        let mut ex = Exchange::default();
+        ex.on_message(request_headers(&[
+            (":path", "/v1/chat/completions"),
+            (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
+        ]));
+        ex.on_message(body(br#"{"model":"c","messages":[]}"#, true, false));
+        let headers_answer = common(
+            ex.on_message(response_headers(&[(":status", "529"), ("content-type", "application/json")])).unwrap(),
+        );
+        assert!(set_headers(&headers_answer).contains(&(":status".to_string(), "503".to_string())));
+        let error = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let out: Value =
+            serde_json::from_slice(&new_body(&common(ex.on_message(body(error, true, true)).unwrap()))).unwrap();
+        assert_eq!(
+            out,
+            json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": "overloaded"}})
+        );
+    }
+
+    #[test]
+    fn an_anthropic_model_refuses_endpoints_anthropic_lacks() {
+        let mut ex = Exchange::default();
+        let answer = ex
+            .on_message(request_headers(&[
+                (":path", "/v1/embeddings"),
+                (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
+            ]))
+            .unwrap();
+        let Some(Response::ImmediateResponse(reply)) = answer.response else { panic!("expected an immediate reply") };
+        assert_eq!(reply.status.unwrap().code, 404);
     }
 
     #[test]

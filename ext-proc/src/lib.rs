@@ -5,10 +5,13 @@
 //! The crate's second server, the [`stream_guard`], is its own process, so
 //! streams keep flowing while ext-proc restarts.
 
+pub mod anthropic;
+pub mod credentials;
 pub mod exchange;
 pub mod messages;
+pub mod openai;
 pub mod process;
-pub mod rename;
 pub mod service;
 pub mod sse;
 pub mod stream_guard;
+pub mod translate;

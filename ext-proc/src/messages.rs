@@ -1,7 +1,10 @@
 //! Building ext_proc answers: the wire-level details of Envoy's protocol, kept
 //! out of the code that decides what to answer.
 
+use crate::translate::HeaderChanges;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{BodySendMode, HeaderSendMode};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation::Mutation, processing_request::Request, processing_response::Response, BodyMutation, BodyResponse,
@@ -29,19 +32,74 @@ fn respond(response: Response) -> ProcessingResponse {
     ProcessingResponse { response: Some(response), ..Default::default() }
 }
 
-/// Replaces the whole (buffered) request body and sets its content-length to match.
-pub fn replace_request_body(body: Vec<u8>) -> ProcessingResponse {
-    let content_length = body.len().to_string();
-    respond(Response::RequestBody(BodyResponse {
+fn mutation(headers: HeaderChanges) -> Option<HeaderMutation> {
+    if headers.set.is_empty() && headers.remove.is_empty() {
+        return None;
+    }
+    Some(HeaderMutation {
+        set_headers: headers.set.iter().map(|(key, value)| set_header(key, value.as_bytes())).collect(),
+        remove_headers: headers.remove.iter().map(|name| name.to_string()).collect(),
+    })
+}
+
+/// Continues the request headers; `watch_response` asks Envoy to send this
+/// request's response headers too (the static configuration skips them).
+pub fn continue_request_headers(watch_response: bool) -> ProcessingResponse {
+    let mut answer = respond(Response::RequestHeaders(HeadersResponse::default()));
+    if watch_response {
+        answer.mode_override = Some(mode(HeaderSendMode::Send, BodySendMode::None));
+    }
+    answer
+}
+
+/// The processing mode for the rest of an exchange: the request body is
+/// still wanted whole; the response's headers and body as given.
+fn mode(response_headers: HeaderSendMode, response_body: BodySendMode) -> ProcessingMode {
+    ProcessingMode {
+        request_header_mode: HeaderSendMode::Send as i32,
+        response_header_mode: response_headers as i32,
+        request_body_mode: BodySendMode::Buffered as i32,
+        response_body_mode: response_body as i32,
+        request_trailer_mode: HeaderSendMode::Skip as i32,
+        response_trailer_mode: HeaderSendMode::Skip as i32,
+    }
+}
+
+fn body_response(body: Vec<u8>, headers: HeaderChanges) -> BodyResponse {
+    BodyResponse {
         response: Some(CommonResponse {
-            header_mutation: Some(HeaderMutation {
-                set_headers: vec![set_header("content-length", content_length.as_bytes())],
-                ..Default::default()
-            }),
+            header_mutation: mutation(headers),
             body_mutation: Some(BodyMutation { mutation: Some(Mutation::Body(body)) }),
             ..Default::default()
         }),
-    }))
+    }
+}
+
+/// Replaces the whole (buffered) request body, with its content-length and any other header changes.
+pub fn replace_request_body(body: Vec<u8>, mut headers: HeaderChanges) -> ProcessingResponse {
+    headers.set.push(("content-length", body.len().to_string()));
+    respond(Response::RequestBody(body_response(body, headers)))
+}
+
+/// Changes the response headers, and says how the body is to be sent: whole or streamed.
+pub fn rewrite_response_headers(headers: HeaderChanges, streamed: bool) -> ProcessingResponse {
+    let mut answer = respond(Response::ResponseHeaders(HeadersResponse {
+        response: Some(CommonResponse { header_mutation: mutation(headers), ..Default::default() }),
+    }));
+    let body = if streamed { BodySendMode::Streamed } else { BodySendMode::Buffered };
+    answer.mode_override = Some(mode(HeaderSendMode::Send, body));
+    answer
+}
+
+/// Replaces a whole (buffered) response body and sets its content-length.
+pub fn replace_response_body(body: Vec<u8>) -> ProcessingResponse {
+    let headers = HeaderChanges { set: vec![("content-length", body.len().to_string())], remove: Vec::new() };
+    respond(Response::ResponseBody(body_response(body, headers)))
+}
+
+/// Replaces one piece of a streamed response body.
+pub fn replace_response_piece(piece: Vec<u8>) -> ProcessingResponse {
+    respond(Response::ResponseBody(body_response(piece, HeaderChanges::default())))
 }
 
 /// Ends the request with an OpenAI error envelope.

@@ -135,6 +135,36 @@ impl CompleteEvents {
     }
 }
 
+/// The data of each event in `complete` (whole events, as [`CompleteEvents`]
+/// passes them on): its `data:` lines joined by newlines. Events without data
+/// (comments, pings with no data line) yield nothing.
+pub fn event_data(complete: &[u8]) -> Vec<Vec<u8>> {
+    let mut events = Vec::new();
+    let mut data: Option<Vec<u8>> = None;
+    let mut lines = complete.split(|&b| b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            events.extend(data.take());
+            continue;
+        }
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            match &mut data {
+                Some(joined) => {
+                    joined.push(b'\n');
+                    joined.extend_from_slice(value);
+                }
+                None => data = Some(value.to_vec()),
+            }
+        }
+        if lines.peek().is_none() {
+            events.extend(data.take());
+        }
+    }
+    events
+}
+
 /// `data: {"error":{...}}`, the event OpenAI sends when a stream fails after its 200.
 pub fn error_event(error: &GatewayError) -> Vec<u8> {
     let mut event = b"data: ".to_vec();
@@ -247,6 +277,13 @@ mod tests {
             out.extend_from_slice(&events.finish());
             prop_assert_eq!(out, chunks.concat());
         }
+    }
+
+    #[test]
+    fn event_data_joins_data_lines_and_skips_the_rest() {
+        let events =
+            event_data(b"event: a\ndata: 1\n\n: comment\n\nevent: ping\n\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]");
+        assert_eq!(events, vec![b"1".to_vec(), b"x\ny".to_vec(), b"[DONE]".to_vec()]);
     }
 
     #[test]

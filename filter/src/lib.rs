@@ -119,8 +119,13 @@ impl HttpContext for Request {
                 // Envoy clears the route cache itself when a wasm filter changes request
                 // headers, so the route table sees the cluster header (the tests prove it).
                 host::set_header(MapType::HttpRequestHeaders, headers::CLUSTER, &routing.cluster);
-                if let Some(model) = &routing.upstream_model {
-                    host::set_header(MapType::HttpRequestHeaders, headers::UPSTREAM_MODEL, model);
+                if let Some(profile) = &routing.profile {
+                    host::set_header(MapType::HttpRequestHeaders, headers::BACKEND, profile);
+                }
+                if !routing.forwards_client_key {
+                    for name in headers::CLIENT_KEYS {
+                        host::remove_header(MapType::HttpRequestHeaders, name);
+                    }
                 }
                 if let Some(cluster) = &routing.stream_cluster {
                     host::set_header(MapType::HttpRequestHeaders, headers::STREAM_CLUSTER, cluster);

@@ -58,7 +58,10 @@ pub enum HeadersVerdict {
 pub struct Routing {
     /// The cluster the route sends the request to.
     pub cluster: String,
-    pub upstream_model: Option<String>,
+    /// The backend's profile for ext-proc, when its requests need rewriting.
+    pub profile: Option<String>,
+    /// The client's API key goes on to the backend.
+    pub forwards_client_key: bool,
     /// For a stream sent through the stream guard (then `cluster`): the backend's cluster.
     pub stream_cluster: Option<String>,
 }
@@ -130,12 +133,15 @@ pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
 pub fn on_request_body(router: &Router, body: &[u8]) -> Result<Routing, Reply> {
     let fields = read_routing_fields(body)?;
     let target = router.resolve(&fields.model).ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
-    let upstream_model = target.upstream_model.clone();
-    Ok(match router.stream_guard_cluster().filter(|_| fields.stream) {
-        Some(guard) => {
-            Routing { cluster: guard.to_string(), upstream_model, stream_cluster: Some(target.cluster.clone()) }
-        }
-        None => Routing { cluster: target.cluster.clone(), upstream_model, stream_cluster: None },
+    let (cluster, stream_cluster) = match router.stream_guard_cluster().filter(|_| fields.stream) {
+        Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
+        None => (target.cluster.clone(), None),
+    };
+    Ok(Routing {
+        cluster,
+        profile: target.profile.clone(),
+        forwards_client_key: target.forwards_client_key,
+        stream_cluster,
     })
 }
 
@@ -178,11 +184,16 @@ mod tests {
         );
         assert_eq!(
             on_request_body(&r, br#"{"model":"llama-3"}"#).unwrap(),
-            Routing { cluster: "cluster_a".into(), upstream_model: None, stream_cluster: None }
+            Routing { cluster: "cluster_a".into(), profile: None, forwards_client_key: false, stream_cluster: None }
         );
         assert_eq!(
             on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#).unwrap(),
-            Routing { cluster: "cluster_b".into(), upstream_model: Some("qwen-7b".into()), stream_cluster: None }
+            Routing {
+                cluster: "cluster_b".into(),
+                profile: Some(r#"{"model":"qwen-7b"}"#.into()),
+                forwards_client_key: false,
+                stream_cluster: None
+            }
         );
     }
 
@@ -198,13 +209,19 @@ mod tests {
             on_request_body(&r, br#"{"model":"m","stream":true}"#).unwrap(),
             Routing {
                 cluster: "guard".into(),
-                upstream_model: Some("n".into()),
+                profile: Some(r#"{"model":"n"}"#.into()),
+                forwards_client_key: false,
                 stream_cluster: Some("cluster_a".into())
             }
         );
         assert_eq!(
             on_request_body(&r, br#"{"model":"m","stream":false}"#).unwrap(),
-            Routing { cluster: "cluster_a".into(), upstream_model: Some("n".into()), stream_cluster: None }
+            Routing {
+                cluster: "cluster_a".into(),
+                profile: Some(r#"{"model":"n"}"#.into()),
+                forwards_client_key: false,
+                stream_cluster: None
+            }
         );
     }
 

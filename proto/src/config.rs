@@ -2,7 +2,9 @@
 //! `plugin_config.configuration`. Unknown keys are rejected so that a typo
 //! fails loudly when Envoy loads the configuration, not silently at run time.
 
+use crate::backend::{ApiKey, Dialect};
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// Default limit on a request body the filter buffers to read `model`.
@@ -37,6 +39,16 @@ pub struct BackendConfig {
     /// `owned_by` in `/v1/models` answers; the backend's name if unset.
     #[serde(default)]
     pub owned_by: Option<String>,
+    /// The API the backend speaks; `openai` if unset.
+    #[serde(default)]
+    pub dialect: Dialect,
+    /// Where the key the backend is called with comes from. Unset, the backend
+    /// gets no key, and the client's own is never passed on unless this is `passthrough`.
+    #[serde(default)]
+    pub api_key: Option<ApiKey>,
+    /// Request parameters set when the client sent none.
+    #[serde(default)]
+    pub defaults: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,17 +7,22 @@
 /// Routes use it as their `cluster_header`.
 pub const CLUSTER: &str = "x-modelgate-cluster";
 
-/// Set by the filter when the backend expects another model name than the
-/// client sent. Its presence is what engages ext_proc (a matcher on it creates
-/// the ext_proc filter), which rewrites the body's `model` to this value.
-pub const UPSTREAM_MODEL: &str = "x-modelgate-upstream-model";
+/// Set by the filter when the backend needs its requests rewritten (another
+/// dialect, another model name, an API key, defaults): the backend's profile
+/// as JSON ([`crate::backend::BackendProfile`]). Its presence is what engages
+/// ext_proc (a matcher on it creates the ext_proc filter).
+pub const BACKEND: &str = "x-modelgate-backend";
 
 /// Set by the filter on a streaming request it sends through the stream guard:
 /// the backend's cluster, which the guard passes on as [`CLUSTER`].
 pub const STREAM_CLUSTER: &str = "x-modelgate-stream-cluster";
 
+/// The headers a client's API key can come in. Unless its backend is set to
+/// `passthrough`, the filter removes them before the request goes upstream.
+pub const CLIENT_KEYS: &[&str] = &["authorization", "api-key", "x-api-key"];
+
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] = &[CLUSTER, UPSTREAM_MODEL, STREAM_CLUSTER];
+pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies

@@ -3,6 +3,7 @@
 //! Everything here is plain Rust with no I/O, so it builds for `wasm32-wasip1`
 //! and natively, and is unit-tested without Envoy.
 
+pub mod backend;
 pub mod config;
 pub mod error;
 pub mod error_normalize;

@@ -4,6 +4,7 @@
 //! name wins over any pattern, a longer prefix over a shorter one, and the
 //! catch-all `*` comes last.
 
+use crate::backend::{ApiKey, BackendProfile};
 use crate::config::{BackendConfig, FilterConfig, ModelRouteConfig};
 use std::collections::HashMap;
 
@@ -13,8 +14,11 @@ pub struct Target {
     pub backend: String,
     pub cluster: String,
     pub owned_by: String,
-    /// The model name to send upstream, when the backend expects another one.
-    pub upstream_model: Option<String>,
+    /// How ext-proc must rewrite requests for this backend, as the internal
+    /// header's value; `None` when they go through untouched.
+    pub profile: Option<String>,
+    /// The client's own API key goes on to the backend (`api_key: "passthrough"`).
+    pub forwards_client_key: bool,
 }
 
 #[derive(Debug, Default)]
@@ -95,11 +99,18 @@ impl Router {
 }
 
 fn target_for(route: &ModelRouteConfig, backend: &BackendConfig) -> Target {
+    let profile = BackendProfile {
+        dialect: backend.dialect,
+        model: route.rename.clone(),
+        api_key: backend.api_key.clone(),
+        defaults: backend.defaults.clone(),
+    };
     Target {
         backend: route.backend.clone(),
         cluster: backend.cluster.clone(),
         owned_by: backend.owned_by.clone().unwrap_or_else(|| route.backend.clone()),
-        upstream_model: route.rename.clone(),
+        profile: (!profile.is_passthrough()).then(|| profile.to_header()),
+        forwards_client_key: backend.api_key == Some(ApiKey::Passthrough),
     }
 }
 
@@ -164,11 +175,36 @@ mod tests {
 
     #[test]
     fn rename_and_owner_travel_with_the_target() {
-        let r = router(r#"[{"match": "fast", "backend": "b", "rename": "llama-3.1-8b"}]"#).unwrap();
+        let r =
+            router(r#"[{"match": "fast", "backend": "b", "rename": "llama-3.1-8b"}, {"match": "x", "backend": "a"}]"#)
+                .unwrap();
         let t = r.resolve("fast").unwrap();
         assert_eq!(t.cluster, "cb");
         assert_eq!(t.owned_by, "team-b");
-        assert_eq!(t.upstream_model.as_deref(), Some("llama-3.1-8b"));
+        assert_eq!(t.profile.as_deref(), Some(r#"{"model":"llama-3.1-8b"}"#));
+        assert_eq!(r.resolve("x").unwrap().profile, None);
+    }
+
+    #[test]
+    fn dialect_key_and_defaults_make_the_profile() {
+        let r = Router::from_json(
+            br#"{"backends": {
+                    "claude": {"cluster": "c", "dialect": "anthropic", "api_key": {"env": "K"},
+                               "defaults": {"max_tokens": 1024}},
+                    "shared": {"cluster": "s", "api_key": "passthrough"}},
+                 "models": [{"match": "claude-*", "backend": "claude"}, {"match": "s", "backend": "shared"}]}"#,
+        )
+        .unwrap();
+        let claude = r.resolve("claude-x").unwrap();
+        assert_eq!(
+            claude.profile.as_deref(),
+            Some(r#"{"dialect":"anthropic","api_key":{"env":"K"},"defaults":{"max_tokens":1024}}"#)
+        );
+        assert!(!claude.forwards_client_key);
+        let shared = r.resolve("s").unwrap();
+        assert_eq!((shared.profile.as_deref(), shared.forwards_client_key), (None, true));
+        let err = Router::from_json(br#"{"backends": {"x": {"cluster": "c", "dialect": "gemini"}}, "models": []}"#);
+        assert!(err.unwrap_err().contains("unknown variant `gemini`"));
     }
 
     #[test]

@@ -57,10 +57,10 @@ def test_renamed_stream_and_embeddings(client, stack):
 
 def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as err:
-        client.chat.completions.create(model="claude-3-opus", messages=HELLO)
+        client.chat.completions.create(model="gemini-1.5-pro", messages=HELLO)
     assert err.value.status_code == 404
     assert err.value.body == {
-        "message": "The model `claude-3-opus` does not exist or you do not have access to it.",
+        "message": "The model `gemini-1.5-pro` does not exist or you do not have access to it.",
         "type": "invalid_request_error", "param": "model", "code": "model_not_found",
     }
     assert err.value.request_id
@@ -71,7 +71,8 @@ def test_client_cannot_pick_the_cluster_or_rename(client, stack):
     raw = client.chat.completions.with_raw_response.create(
         model="qwen-2.5-7b-instruct", messages=HELLO,
         extra_headers={"x-request-id": rid, "x-modelgate-cluster": "mistral_pool",
-                       "X-Modelgate-Upstream-Model": "something-else"})
+                       "X-Modelgate-Backend": '{"model":"something-else","api_key":{"env":"HOME"}}',
+                       "x-modelgate-stream-cluster": "mistral_pool"})
     assert raw.headers["x-sim-backend"] == "sglang-qwen"
     seen = received_by(stack, "sglang-qwen", rid)
     assert seen["model"] == "qwen-2.5-7b-instruct"

@@ -99,7 +99,9 @@ impl Plan {
 
     fn content(&self) -> Vec<Value> {
         match &self.tool_call {
-            Some((name, input)) => vec![json!({"type": "tool_use", "id": self.tool_use_id(), "name": name, "input": input})],
+            Some((name, input)) => {
+                vec![json!({"type": "tool_use", "id": self.tool_use_id(), "name": name, "input": input})]
+            }
             None => vec![json!({"type": "text", "text": generate::text(self.tokens)})],
         }
     }
@@ -124,7 +126,8 @@ async fn messages(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, R
         return Err(anthropic_error(400, "anthropic-version: header is required", None));
     }
     call.required("max_tokens")?.as_u64().ok_or_else(|| Anthropic::error(400, "max_tokens: must be an integer"))?;
-    let messages = call.required("messages")?.as_array().ok_or_else(|| Anthropic::error(400, "messages: must be a list"))?;
+    let messages =
+        call.required("messages")?.as_array().ok_or_else(|| Anthropic::error(400, "messages: must be a list"))?;
     let prompt = prompt_tokens(&call.body["system"], messages);
     let plan = plan(&call, messages, prompt);
     if call.body["stream"].as_bool() == Some(true) {
@@ -166,7 +169,8 @@ fn plan(call: &Call, messages: &[Value], prompt: u32) -> Plan {
     let (mut tokens, limited) = call.planned_tokens();
     let mut stop_reason = if limited { "max_tokens" } else { "end_turn" };
     let mut stop_sequence = None;
-    let stops: Vec<&str> = call.body["stop_sequences"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let stops: Vec<&str> =
+        call.body["stop_sequences"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     if let Some((at, stop)) =
         (0..tokens).find_map(|i| stops.iter().find(|s| generate::token(i).contains(**s)).map(|s| (i, s.to_string())))
     {
@@ -199,9 +203,10 @@ fn tool_call(body: &Value, messages: &[Value]) -> Option<(String, Value)> {
     if choice["type"] == "none" {
         return None;
     }
-    let answered = messages.last().and_then(|m| m["content"].as_array()).is_some_and(|blocks| {
-        blocks.iter().any(|b| b["type"] == "tool_result")
-    });
+    let answered = messages
+        .last()
+        .and_then(|m| m["content"].as_array())
+        .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_result"));
     if answered {
         return None;
     }

@@ -78,7 +78,15 @@ impl Plan {
         if tool_call.is_some() {
             (tokens, done_reason) = (0, "stop");
         }
-        Plan { kind, model: call.model.clone(), tokens, done_reason, tool_call, prompt, behaviour: call.behaviour.clone() }
+        Plan {
+            kind,
+            model: call.model.clone(),
+            tokens,
+            done_reason,
+            tool_call,
+            prompt,
+            behaviour: call.behaviour.clone(),
+        }
     }
 
     fn output_tokens(&self) -> u32 {
@@ -114,7 +122,8 @@ impl Plan {
 }
 
 async fn chat(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
-    let messages = call.required("messages")?.as_array().ok_or_else(|| Ollama::error(400, "messages must be a list"))?;
+    let messages =
+        call.required("messages")?.as_array().ok_or_else(|| Ollama::error(400, "messages must be a list"))?;
     let prompt = generate::chat_prompt_tokens(messages)
         + messages.iter().map(|m| m["images"].as_array().map_or(0, |i| i.len() as u32)).sum::<u32>();
     let plan = Plan::new(&call, Kind::Chat, prompt, tool_call(&call.body, messages));

@@ -1,0 +1,839 @@
+//! Anthropic's Messages API behind OpenAI's chat completions.
+//!
+//! Requests: system and developer messages become `system`; user, assistant
+//! and tool messages become alternating user/assistant turns, with
+//! `tool_calls` as `tool_use` blocks and tool messages as `tool_result`
+//! blocks; image parts become image blocks (base64 data URLs or URLs).
+//! Parameters map where Anthropic has them; the ones it cannot honour are
+//! refused with a 400 naming them, and the ones that change nothing a client
+//! can observe are dropped (see docs/compatibility.md).
+//!
+//! Responses: a message becomes a `chat.completion`; its events become
+//! `chat.completion.chunk`s as each arrives, with the role on the first, tool
+//! input as `tool_calls` argument deltas, a usage chunk when asked for, and
+//! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
+
+use crate::sse::{self, error_event, CompleteEvents, DEFAULT_MAX_EVENT_BYTES};
+use crate::translate::{self, Endpoint, HeaderChanges, ResponsePlan, UpstreamRequest};
+use bytes::Bytes;
+use modelgate_proto::backend::BackendProfile;
+use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
+use serde_json::{json, Map, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The Messages API version requests are made with.
+pub const API_VERSION: &str = "2023-06-01";
+
+/// Anthropic requires `max_tokens`; this is used when neither the client nor
+/// the backend's `defaults` set one.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+pub struct Translation {
+    profile: BackendProfile,
+    include_usage: bool,
+    stream: Option<ChunkWriter>,
+}
+
+impl Translation {
+    pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
+        match endpoint {
+            Endpoint::ChatCompletions => Ok(Translation { profile, include_usage: false, stream: None }),
+            other => Err(translate::unsupported_endpoint(other, "an Anthropic")),
+        }
+    }
+}
+
+impl translate::Translation for Translation {
+    fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
+        let request: Map<String, Value> =
+            serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
+        let (messages_request, include_usage) = messages_request(request, &self.profile)?;
+        self.include_usage = include_usage;
+        Ok(UpstreamRequest { path: Some("/v1/messages"), body: messages_request.to_string().into_bytes() })
+    }
+
+    fn translates_responses(&self) -> bool {
+        true
+    }
+
+    fn response_plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
+        let streamed = (200..300).contains(&status) && content_type.starts_with(b"text/event-stream");
+        if streamed {
+            self.stream = Some(ChunkWriter::new(self.include_usage));
+        }
+        ResponsePlan {
+            // Overloaded is Anthropic's own status; OpenAI clients know 503 as "try again".
+            status: if status == 529 { 503 } else { status },
+            streamed,
+            content_type: Some(if streamed { "text/event-stream" } else { "application/json" }),
+        }
+    }
+
+    fn response(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
+        let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
+            // Not Anthropic's JSON (a proxy's page, say): the filter's error normaliser takes it from here.
+            return body.to_vec();
+        };
+        if (200..300).contains(&status) {
+            chat_completion(&parsed).to_string().into_bytes()
+        } else {
+            match openai_error(status, &parsed) {
+                Some(error) => error.to_json(),
+                None => body.to_vec(),
+            }
+        }
+    }
+
+    fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
+        match &mut self.stream {
+            Some(writer) => writer.push(piece, end),
+            None => piece.to_vec(),
+        }
+    }
+
+    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
+        let mut set = vec![("anthropic-version", API_VERSION.to_string())];
+        set.extend(key.map(|key| ("x-api-key", key.to_string())));
+        // A passed-through client key now travels as x-api-key; no bearer token goes on.
+        // Answers must come uncompressed, to be translated.
+        HeaderChanges { set, remove: vec!["authorization", "accept-encoding"] }
+    }
+}
+
+// ---- requests ----
+
+fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Result<(Value, bool), GatewayError> {
+    let mut out = Map::new();
+    let mut include_usage = false;
+    let mut max_tokens = None;
+    let mut parallel_tool_calls = None;
+    for (key, value) in request {
+        if value.is_null() {
+            continue;
+        }
+        match key.as_str() {
+            "model" => {
+                let model = profile.model.clone().map(Value::String).unwrap_or(value);
+                out.insert("model".into(), model);
+            }
+            "messages" => {
+                let (system, messages) = messages(&value)?;
+                if !system.is_empty() {
+                    out.insert("system".into(), Value::String(system.join("\n\n")));
+                }
+                out.insert("messages".into(), Value::Array(messages));
+            }
+            // The newer name wins over the deprecated one.
+            "max_completion_tokens" => max_tokens = Some(value),
+            "max_tokens" => {
+                max_tokens.get_or_insert(value);
+            }
+            "temperature" | "top_p" | "stream" => {
+                out.insert(key, value);
+            }
+            "stop" => {
+                let stops = match value {
+                    Value::String(stop) => vec![Value::String(stop)],
+                    Value::Array(stops) => stops,
+                    _ => return Err(invalid_type("stop", "a string or an array of strings")),
+                };
+                out.insert("stop_sequences".into(), Value::Array(stops));
+            }
+            "stream_options" => include_usage = value["include_usage"].as_bool() == Some(true),
+            "user" => {
+                out.insert("metadata".into(), json!({ "user_id": value }));
+            }
+            "tools" => {
+                out.insert("tools".into(), tools(&value)?);
+            }
+            "tool_choice" => {
+                out.insert("tool_choice".into(), tool_choice(&value)?);
+            }
+            "parallel_tool_calls" => parallel_tool_calls = value.as_bool(),
+            "n" if value.as_u64().is_some_and(|n| n > 1) => {
+                return Err(translate::unsupported_parameter("n", "with Anthropic models: they return one choice"));
+            }
+            "logprobs" if value.as_bool() == Some(true) => {
+                return Err(translate::unsupported_parameter("logprobs", "with Anthropic models"));
+            }
+            "top_logprobs" => return Err(translate::unsupported_parameter("top_logprobs", "with Anthropic models")),
+            "response_format" if value["type"] != "text" => {
+                return Err(translate::unsupported_parameter(
+                    "response_format",
+                    "with Anthropic models: only `text` is available",
+                ));
+            }
+            "functions" | "function_call" => {
+                return Err(translate::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
+            }
+            "audio" => return Err(translate::unsupported_parameter("audio", "with Anthropic models")),
+            "modalities" if value.as_array().is_some_and(|m| m.iter().any(|m| m == "audio")) => {
+                return Err(translate::unsupported_parameter("modalities", "with Anthropic models: text only"));
+            }
+            // Everything else (penalties, seed, logit_bias, service_tier, store, metadata and
+            // parameters newer than this gateway) has no Anthropic counterpart and is dropped.
+            _ => {}
+        }
+    }
+    let max_tokens = max_tokens.or_else(|| profile.defaults.get("max_tokens").cloned());
+    out.insert("max_tokens".into(), max_tokens.unwrap_or(json!(DEFAULT_MAX_TOKENS)));
+    if parallel_tool_calls == Some(false) && out.contains_key("tools") {
+        let choice = out.entry("tool_choice").or_insert_with(|| json!({"type": "auto"}));
+        choice["disable_parallel_tool_use"] = json!(true);
+    }
+    for (key, value) in &profile.defaults {
+        out.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    Ok((Value::Object(out), include_usage))
+}
+
+fn invalid_type(param: &str, expected: &str) -> GatewayError {
+    GatewayError::invalid_request(
+        format!("Invalid type for '{param}': expected {expected}."),
+        Some(param),
+        Some("invalid_type"),
+    )
+}
+
+fn invalid_value(param: &str, message: String) -> GatewayError {
+    GatewayError::new(400, INVALID_REQUEST, message, Some(param), Some("invalid_value"))
+}
+
+/// The system prompt parts, and the conversation as Anthropic turns.
+fn messages(value: &Value) -> Result<(Vec<String>, Vec<Value>), GatewayError> {
+    let list = value.as_array().ok_or_else(|| invalid_type("messages", "an array"))?;
+    let mut system = Vec::new();
+    let mut turns: Vec<Value> = Vec::new();
+    for (i, message) in list.iter().enumerate() {
+        let param = format!("messages[{i}]");
+        let content = &message["content"];
+        let (role, blocks) = match message["role"].as_str() {
+            Some("system" | "developer") => {
+                system.push(plain_text(content, &param)?);
+                continue;
+            }
+            Some("user") => ("user", user_blocks(content, &param)?),
+            Some("assistant") => ("assistant", assistant_blocks(message, &param)?),
+            Some("tool") => {
+                let id = message["tool_call_id"].as_str().ok_or_else(|| {
+                    invalid_value(&format!("{param}.tool_call_id"), "A tool message needs its tool_call_id.".into())
+                })?;
+                let result = json!({"type": "tool_result", "tool_use_id": id, "content": plain_text(content, &param)?});
+                ("user", vec![result])
+            }
+            _ => {
+                return Err(invalid_value(
+                    &format!("{param}.role"),
+                    format!("Invalid value for '{param}.role': expected system, developer, user, assistant or tool."),
+                ))
+            }
+        };
+        if blocks.is_empty() {
+            continue;
+        }
+        // Anthropic turns alternate: consecutive messages of one role are one turn.
+        match turns.last_mut() {
+            Some(last) if last["role"] == role => {
+                if let Some(existing) = last["content"].as_array_mut() {
+                    existing.extend(blocks);
+                }
+            }
+            _ => turns.push(json!({"role": role, "content": blocks})),
+        }
+    }
+    Ok((system, turns))
+}
+
+/// The text of a content that may only hold text: a string, or text parts.
+fn plain_text(content: &Value, param: &str) -> Result<String, GatewayError> {
+    match content {
+        Value::String(text) => Ok(text.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|part| match part["type"].as_str() {
+                Some("text") => Ok(part["text"].as_str().unwrap_or_default()),
+                _ => Err(invalid_value(&format!("{param}.content"), "Only text parts are allowed here.".into())),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|texts| texts.join("")),
+        _ => Err(invalid_type(&format!("{param}.content"), "a string or an array of content parts")),
+    }
+}
+
+fn text_block(text: &str) -> Option<Value> {
+    // Anthropic refuses empty text blocks.
+    (!text.is_empty()).then(|| json!({"type": "text", "text": text}))
+}
+
+fn user_blocks(content: &Value, param: &str) -> Result<Vec<Value>, GatewayError> {
+    let Value::Array(parts) = content else {
+        return Ok(text_block(&plain_text(content, param)?).into_iter().collect());
+    };
+    let mut blocks = Vec::new();
+    for (j, part) in parts.iter().enumerate() {
+        let part_param = format!("{param}.content[{j}]");
+        match part["type"].as_str() {
+            Some("text") => blocks.extend(text_block(part["text"].as_str().unwrap_or_default())),
+            Some("image_url") => blocks.push(image_block(&part["image_url"]["url"], &part_param)?),
+            other => {
+                return Err(translate::unsupported_parameter(
+                    &format!("{part_param}.type"),
+                    &format!("`{}` with Anthropic models: text and image parts only", other.unwrap_or("?")),
+                ))
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+/// An image part: a `data:` URL becomes base64 data, any other URL is passed as a URL.
+fn image_block(url: &Value, param: &str) -> Result<Value, GatewayError> {
+    let url = url.as_str().ok_or_else(|| invalid_type(&format!("{param}.image_url.url"), "a string"))?;
+    let source = match url.strip_prefix("data:") {
+        Some(data_url) => {
+            let (media_type, data) = data_url.split_once(";base64,").ok_or_else(|| {
+                invalid_value(&format!("{param}.image_url.url"), "Image data URLs must be base64.".into())
+            })?;
+            json!({"type": "base64", "media_type": media_type, "data": data})
+        }
+        None => json!({"type": "url", "url": url}),
+    };
+    Ok(json!({"type": "image", "source": source}))
+}
+
+fn assistant_blocks(message: &Value, param: &str) -> Result<Vec<Value>, GatewayError> {
+    let content = match &message["content"] {
+        // An assistant's refusal parts are its text.
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str().or(p["refusal"].as_str())).collect(),
+        other => plain_text(other, param)?,
+    };
+    let mut blocks: Vec<Value> = text_block(&content).into_iter().collect();
+    for (j, call) in message["tool_calls"].as_array().into_iter().flatten().enumerate() {
+        let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
+        let input: Value = if arguments.trim().is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(arguments).map_err(|e| {
+                invalid_value(
+                    &format!("{param}.tool_calls[{j}].function.arguments"),
+                    format!("Tool call arguments must be a JSON object ({e})."),
+                )
+            })?
+        };
+        blocks.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": input}));
+    }
+    Ok(blocks)
+}
+
+fn tools(value: &Value) -> Result<Value, GatewayError> {
+    let list = value.as_array().ok_or_else(|| invalid_type("tools", "an array"))?;
+    let tools = list
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            if tool["type"] != "function" {
+                return Err(translate::unsupported_parameter(
+                    &format!("tools[{i}].type"),
+                    "with Anthropic models: function tools only",
+                ));
+            }
+            let function = &tool["function"];
+            let mut out = json!({"name": function["name"], "input_schema": function["parameters"]});
+            if out["input_schema"].is_null() {
+                out["input_schema"] = json!({"type": "object", "properties": {}});
+            }
+            if let Some(description) = function["description"].as_str() {
+                out["description"] = json!(description);
+            }
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Value::Array(tools))
+}
+
+fn tool_choice(value: &Value) -> Result<Value, GatewayError> {
+    Ok(match value {
+        Value::String(mode) => match mode.as_str() {
+            "auto" => json!({"type": "auto"}),
+            "none" => json!({"type": "none"}),
+            "required" => json!({"type": "any"}),
+            _ => return Err(invalid_value("tool_choice", format!("Invalid value for 'tool_choice': `{mode}`."))),
+        },
+        Value::Object(choice) if choice.get("type") == Some(&json!("function")) => {
+            json!({"type": "tool", "name": choice.get("function").map_or(&Value::Null, |f| &f["name"])})
+        }
+        _ => return Err(invalid_type("tool_choice", "`none`, `auto`, `required` or a function choice")),
+    })
+}
+
+// ---- responses ----
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn finish_reason(stop_reason: &Value) -> Value {
+    match stop_reason.as_str() {
+        Some("end_turn" | "stop_sequence" | "pause_turn") => json!("stop"),
+        Some("max_tokens" | "model_context_window_exceeded") => json!("length"),
+        Some("tool_use") => json!("tool_calls"),
+        Some("refusal") => json!("content_filter"),
+        Some(_) => json!("stop"),
+        None => Value::Null,
+    }
+}
+
+/// OpenAI usage from Anthropic's, whose `input_tokens` leaves out cached tokens.
+fn usage(usage: &Value) -> Value {
+    let count = |field: &str| usage[field].as_u64().unwrap_or(0);
+    let cached = count("cache_read_input_tokens");
+    let prompt = count("input_tokens") + cached + count("cache_creation_input_tokens");
+    let completion = count("output_tokens");
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+fn tool_call(block: &Value) -> Value {
+    json!({"id": block["id"], "type": "function",
+           "function": {"name": block["name"], "arguments": block["input"].to_string()}})
+}
+
+/// A whole Messages API answer as a `chat.completion`.
+fn chat_completion(message: &Value) -> Value {
+    let blocks = message["content"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let text: String = blocks.iter().filter(|b| b["type"] == "text").filter_map(|b| b["text"].as_str()).collect();
+    let calls: Vec<Value> = blocks.iter().filter(|b| b["type"] == "tool_use").map(tool_call).collect();
+    let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) },
+                           "refusal": null});
+    if !calls.is_empty() {
+        reply["tool_calls"] = Value::Array(calls);
+    }
+    json!({
+        "id": message["id"], "object": "chat.completion", "created": now(), "model": message["model"],
+        "choices": [{"index": 0, "message": reply, "logprobs": null, "finish_reason": finish_reason(&message["stop_reason"])}],
+        "usage": usage(&message["usage"]),
+    })
+}
+
+/// An Anthropic error object (`{"type":"error","error":{...}}`) as an OpenAI error.
+fn openai_error(status: u16, body: &Value) -> Option<GatewayError> {
+    let error = body.get("error").filter(|e| e.is_object())?;
+    let message = error["message"].as_str().unwrap_or("The backend reported an error.").to_string();
+    let (kind, code) = match error["type"].as_str().unwrap_or_default() {
+        "invalid_request_error" | "request_too_large" => (INVALID_REQUEST, None),
+        "authentication_error" => ("authentication_error", None),
+        "permission_error" => ("permission_error", None),
+        "not_found_error" => ("not_found_error", None),
+        "rate_limit_error" => ("rate_limit_error", Some("rate_limit_exceeded")),
+        "overloaded_error" => ("server_error", Some("overloaded")),
+        _ => ("server_error", None),
+    };
+    Some(GatewayError::new(status, kind, message, None, code))
+}
+
+/// Turns Anthropic's stream into OpenAI chunks, event by event.
+struct ChunkWriter {
+    events: CompleteEvents,
+    include_usage: bool,
+    id: Value,
+    model: Value,
+    created: u64,
+    /// The OpenAI tool call index of each Anthropic content block that is a tool call.
+    tool_indexes: Vec<(u64, usize)>,
+    usage: Value,
+}
+
+impl ChunkWriter {
+    fn new(include_usage: bool) -> Self {
+        ChunkWriter {
+            events: CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES),
+            include_usage,
+            id: Value::Null,
+            model: Value::Null,
+            created: now(),
+            tool_indexes: Vec::new(),
+            usage: json!({}),
+        }
+    }
+
+    fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
+        let mut complete = self.events.push(Bytes::copy_from_slice(piece)).to_vec();
+        if end {
+            complete.extend_from_slice(&self.events.finish());
+        }
+        let mut out = Vec::new();
+        for data in sse::event_data(&complete) {
+            if let Ok(data) = serde_json::from_slice::<Value>(&data) {
+                self.translate(&data, &mut out);
+            }
+        }
+        out
+    }
+
+    fn chunk(&self, delta: Value, finish_reason: Value) -> Value {
+        let mut chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]});
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
+    fn emit(out: &mut Vec<u8>, chunk: &Value) {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(chunk.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+
+    fn translate(&mut self, data: &Value, out: &mut Vec<u8>) {
+        match data["type"].as_str() {
+            Some("message_start") => {
+                let message = &data["message"];
+                self.id = message["id"].clone();
+                self.model = message["model"].clone();
+                self.usage = message["usage"].clone();
+                Self::emit(out, &self.chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+            }
+            Some("content_block_start") if data["content_block"]["type"] == "tool_use" => {
+                let block = &data["content_block"];
+                let index = self.tool_indexes.len();
+                self.tool_indexes.push((data["index"].as_u64().unwrap_or(0), index));
+                let call = json!({"index": index, "id": block["id"], "type": "function",
+                                  "function": {"name": block["name"], "arguments": ""}});
+                Self::emit(out, &self.chunk(json!({"tool_calls": [call]}), Value::Null));
+            }
+            Some("content_block_delta") => {
+                let delta = &data["delta"];
+                let content = match delta["type"].as_str() {
+                    Some("text_delta") => json!({"content": delta["text"]}),
+                    Some("input_json_delta") => {
+                        let block = data["index"].as_u64().unwrap_or(0);
+                        let Some(&(_, index)) = self.tool_indexes.iter().find(|(b, _)| *b == block) else { return };
+                        json!({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})
+                    }
+                    // Thinking and signatures have no place in a chat completion.
+                    _ => return,
+                };
+                Self::emit(out, &self.chunk(content, Value::Null));
+            }
+            Some("message_delta") => {
+                if let Some(output) = data["usage"]["output_tokens"].as_u64() {
+                    self.usage["output_tokens"] = json!(output);
+                }
+                Self::emit(out, &self.chunk(json!({}), finish_reason(&data["delta"]["stop_reason"])));
+            }
+            Some("message_stop") => {
+                if self.include_usage {
+                    let chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                       "model": self.model, "choices": [], "usage": usage(&self.usage)});
+                    Self::emit(out, &chunk);
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+            }
+            Some("error") => {
+                if let Some(error) = openai_error(503, data) {
+                    out.extend_from_slice(&error_event(&error));
+                }
+            }
+            // An error event written by the stream guard is already OpenAI's.
+            None if data.get("error").is_some() => Self::emit(out, data),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::Translation as _;
+    use proptest::prelude::*;
+
+    fn translate(request: Value) -> Result<Value, GatewayError> {
+        translate_with(request, BackendProfile::default())
+    }
+
+    fn translate_with(request: Value, profile: BackendProfile) -> Result<Value, GatewayError> {
+        let mut t = Translation::new(profile, Endpoint::ChatCompletions)?;
+        let upstream = t.request(request.to_string().as_bytes())?;
+        assert_eq!(upstream.path, Some("/v1/messages"));
+        Ok(serde_json::from_slice(&upstream.body).unwrap())
+    }
+
+    #[test]
+    fn a_conversation_with_system_images_and_tools_maps_across() {
+        let out = translate(json!({
+            "model": "claude-x", "max_completion_tokens": 300, "max_tokens": 5, "temperature": 0.3, "top_p": 0.9,
+            "stop": "END", "user": "u-1", "stream": true, "stream_options": {"include_usage": true},
+            "frequency_penalty": 0.5, "seed": 7,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is in"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"zoom\":2}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+                {"role": "user", "content": "Thanks"}
+            ],
+            "tools": [{"type": "function", "function": {"name": "look", "description": "Look closer",
+                                                        "parameters": {"type": "object", "properties": {"zoom": {"type": "integer"}}}}}],
+            "tool_choice": "required", "parallel_tool_calls": false
+        }))
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({
+                "model": "claude-x", "max_tokens": 300, "temperature": 0.3, "top_p": 0.9, "stop_sequences": ["END"],
+                "metadata": {"user_id": "u-1"}, "stream": true,
+                "system": "Be brief.\n\nUse tools.",
+                "messages": [
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "What is in"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}]},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "look", "input": {"zoom": 2}}]},
+                    {"role": "user", "content": [
+                        {"type": "tool_result", "tool_use_id": "call_1", "content": "a cat"},
+                        {"type": "text", "text": "Thanks"}]}
+                ],
+                "tools": [{"name": "look", "description": "Look closer",
+                           "input_schema": {"type": "object", "properties": {"zoom": {"type": "integer"}}}}],
+                "tool_choice": {"type": "any", "disable_parallel_tool_use": true}
+            })
+        );
+    }
+
+    #[test]
+    fn max_tokens_comes_from_the_client_the_defaults_or_the_built_in_value() {
+        let request = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(translate(request.clone()).unwrap()["max_tokens"], DEFAULT_MAX_TOKENS);
+        let profile = BackendProfile {
+            model: Some("claude-y".into()),
+            defaults: json!({"max_tokens": 1000, "top_k": 5}).as_object().cloned().unwrap(),
+            ..Default::default()
+        };
+        let out = translate_with(request, profile).unwrap();
+        assert_eq!((&out["max_tokens"], &out["top_k"], &out["model"]), (&json!(1000), &json!(5), &json!("claude-y")));
+    }
+
+    #[test]
+    fn tool_choices_map_to_anthropics() {
+        let choice = |c: Value| {
+            translate(json!({"model": "m", "messages": [], "tool_choice": c})).map(|o| o["tool_choice"].clone())
+        };
+        assert_eq!(choice(json!("auto")).unwrap(), json!({"type": "auto"}));
+        assert_eq!(choice(json!("none")).unwrap(), json!({"type": "none"}));
+        assert_eq!(
+            choice(json!({"type": "function", "function": {"name": "f"}})).unwrap(),
+            json!({"type": "tool", "name": "f"})
+        );
+        assert_eq!(choice(json!("sometimes")).unwrap_err().body.param.as_deref(), Some("tool_choice"));
+    }
+
+    #[test]
+    fn what_anthropic_cannot_honour_is_refused_by_name() {
+        for (param, request) in [
+            ("n", json!({"n": 2})),
+            ("logprobs", json!({"logprobs": true})),
+            ("top_logprobs", json!({"top_logprobs": 3})),
+            ("response_format", json!({"response_format": {"type": "json_object"}})),
+            ("functions", json!({"functions": []})),
+            (
+                "messages[0].content[0].type",
+                json!({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+            ),
+            ("messages[0].role", json!({"messages": [{"role": "function", "content": "x"}]})),
+            (
+                "messages[0].tool_calls[0].function.arguments",
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}]}]}),
+            ),
+            ("tools[0].type", json!({"tools": [{"type": "web_search"}]})),
+        ] {
+            let mut body = json!({"model": "m", "messages": []});
+            body.as_object_mut().unwrap().extend(request.as_object().unwrap().clone());
+            let e = translate(body).unwrap_err();
+            assert_eq!((e.status, e.body.param.as_deref()), (400, Some(param)), "{}", e.body.message);
+        }
+        assert!(translate(json!({"model": "m", "messages": [], "n": 1, "logprobs": false})).is_ok());
+    }
+
+    #[test]
+    fn a_whole_message_becomes_a_chat_completion() {
+        let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
+        assert_eq!(
+            t.response_plan(200, b"application/json"),
+            ResponsePlan { status: 200, streamed: false, content_type: Some("application/json") }
+        );
+        let message = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "Let me look."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"zoom": 2}}],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 1}});
+        let out: Value = serde_json::from_slice(&t.response(200, message.to_string().as_bytes())).unwrap();
+        assert_eq!(out["object"], "chat.completion");
+        assert_eq!(out["model"], "claude-x");
+        assert_eq!(
+            out["choices"][0],
+            json!({"index": 0, "logprobs": null, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "Let me look.", "refusal": null,
+                "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "look", "arguments": "{\"zoom\":2}"}}]}})
+        );
+        assert_eq!(
+            out["usage"],
+            json!({"prompt_tokens": 15, "completion_tokens": 7, "total_tokens": 22, "prompt_tokens_details": {"cached_tokens": 4}})
+        );
+        for (stop, finish) in
+            [("end_turn", "stop"), ("max_tokens", "length"), ("stop_sequence", "stop"), ("refusal", "content_filter")]
+        {
+            assert_eq!(finish_reason(&json!(stop)), json!(finish));
+        }
+    }
+
+    #[test]
+    fn anthropic_errors_become_openai_errors() {
+        let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
+        assert_eq!(t.response_plan(529, b"application/json").status, 503);
+        assert_eq!(t.response_plan(429, b"application/json").status, 429);
+        let limited = br#"{"type":"error","error":{"type":"rate_limit_error","message":"Slow down"}}"#;
+        let out: Value = serde_json::from_slice(&t.response(429, limited)).unwrap();
+        assert_eq!(
+            out,
+            json!({"error": {"message": "Slow down", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})
+        );
+        assert_eq!(t.response(502, b"<html>bad gateway</html>"), b"<html>bad gateway</html>");
+    }
+
+    /// A stream as Anthropic sends it: text, then a tool call whose input arrives in pieces.
+    const STREAM: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-x\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":9,\"output_tokens\":1,\"cache_read_input_tokens\":2}}}\n\n",
+        "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" there\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"look\",\"input\":{}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"zo\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"om\\\":2}\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":12}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    fn streamed(pieces: &[&[u8]], include_usage: bool) -> String {
+        let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
+        t.include_usage = include_usage;
+        assert!(t.response_plan(200, b"text/event-stream; charset=utf-8").streamed);
+        let mut out = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            out.extend(t.stream(piece, i + 1 == pieces.len()));
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    fn chunks(sse: &str) -> Vec<Value> {
+        sse.split("\n\n")
+            .filter(|e| !e.is_empty() && *e != "data: [DONE]")
+            .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_stream_becomes_chat_completion_chunks() {
+        let out = streamed(&[STREAM.as_bytes()], true);
+        assert!(out.ends_with("data: [DONE]\n\n"));
+        let chunks = chunks(&out);
+        let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0).map(|c| &c["delta"])).collect();
+        assert_eq!(
+            deltas,
+            [
+                &json!({"role": "assistant", "content": ""}),
+                &json!({"content": "Hello"}),
+                &json!({"content": " there"}),
+                &json!({"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "look", "arguments": ""}}]}),
+                &json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"zo"}}]}),
+                &json!({"tool_calls": [{"index": 0, "function": {"arguments": "om\":2}"}}]}),
+                &json!({}),
+            ]
+        );
+        assert_eq!(chunks[6]["choices"][0]["finish_reason"], "tool_calls");
+        assert!(chunks
+            .iter()
+            .all(|c| c["id"] == "msg_1" && c["object"] == "chat.completion.chunk" && c["model"] == "claude-x"));
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(
+            last["usage"],
+            json!({"prompt_tokens": 11, "completion_tokens": 12, "total_tokens": 23, "prompt_tokens_details": {"cached_tokens": 2}})
+        );
+        assert!(!streamed(&[STREAM.as_bytes()], false).contains("\"usage\""));
+    }
+
+    #[test]
+    fn every_split_of_a_stream_gives_the_same_chunks() {
+        let whole = chunks(&streamed(&[STREAM.as_bytes()], true));
+        let bytes = STREAM.as_bytes();
+        for cut in 0..=bytes.len() {
+            let split = chunks(&streamed(&[&bytes[..cut], &bytes[cut..]], true));
+            assert_eq!(split.len(), whole.len(), "cut at {cut}");
+            for (a, b) in split.iter().zip(&whole) {
+                assert_eq!((&a["choices"], &a["usage"]), (&b["choices"], &b["usage"]), "cut at {cut}");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_splits_give_the_same_chunks(cuts in proptest::collection::btree_set(0..STREAM.len(), 0..20)) {
+            let bytes = STREAM.as_bytes();
+            let mut bounds = vec![0];
+            bounds.extend(cuts.iter().copied());
+            bounds.push(bytes.len());
+            let pieces: Vec<&[u8]> = bounds.windows(2).map(|w| &bytes[w[0]..w[1]]).collect();
+            let split = chunks(&streamed(&pieces, false));
+            let whole = chunks(&streamed(&[bytes], false));
+            prop_assert_eq!(split.len(), whole.len());
+            for (a, b) in split.iter().zip(&whole) {
+                prop_assert_eq!(&a["choices"], &b["choices"]);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_in_a_stream_never_panic(pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let pieces: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+            let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
+            t.response_plan(200, b"text/event-stream");
+            for piece in pieces {
+                let _ = t.stream(piece, false);
+            }
+        }
+
+        #[test]
+        fn arbitrary_request_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
+            let _ = t.request(&body);
+        }
+    }
+
+    #[test]
+    fn in_stream_errors_become_openai_error_events() {
+        let out = streamed(
+            &[concat!(
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{}}}\n\n",
+                "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n"
+            )
+            .as_bytes()],
+            false,
+        );
+        let last = chunks(&out).pop().unwrap();
+        assert_eq!(
+            last,
+            json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": "overloaded"}})
+        );
+        assert!(!out.contains("[DONE]"));
+        let guard = streamed(&[b"data: {\"error\":{\"message\":\"cut\",\"type\":\"server_error\",\"param\":null,\"code\":\"stream_interrupted\"}}\n\n"], false);
+        assert_eq!(chunks(&guard)[0]["error"]["code"], "stream_interrupted");
+    }
+}

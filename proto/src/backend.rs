@@ -1,0 +1,116 @@
+//! What ext-proc must know about a request's backend to rewrite it: the API
+//! dialect it speaks, the model name it expects, where its API key comes from,
+//! and default parameters.
+//!
+//! The filter computes one [`BackendProfile`] per configured model route when
+//! it loads its configuration, and hands it to ext-proc as the JSON value of
+//! the [`crate::headers::BACKEND`] request header. Requests whose backend needs
+//! none of this carry no such header, and ext_proc is never engaged for them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The API a backend speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    /// OpenAI's API: vLLM, SGLang, llama.cpp server, OpenAI and compatible providers.
+    #[default]
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// Ollama's native API (`/api/chat`, `/api/generate`, `/api/embed`).
+    Ollama,
+}
+
+/// Where the key a backend is called with comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKey {
+    /// An environment variable of the ext-proc process.
+    Env(String),
+    /// A file readable by ext-proc (a mounted secret); surrounding whitespace is ignored.
+    File(String),
+    /// The client's own key, as it sent it.
+    Passthrough,
+}
+
+/// Everything ext-proc needs to rewrite a request for its backend.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendProfile {
+    #[serde(default, skip_serializing_if = "is_openai")]
+    pub dialect: Dialect,
+    /// The model name the backend expects, when it differs from the client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKey>,
+    /// Request parameters set when the client sent none (for example Anthropic's required `max_tokens`).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub defaults: Map<String, Value>,
+}
+
+fn is_openai(dialect: &Dialect) -> bool {
+    *dialect == Dialect::Openai
+}
+
+impl BackendProfile {
+    /// True when requests to this backend pass through untouched, without ext_proc.
+    pub fn is_passthrough(&self) -> bool {
+        self.dialect == Dialect::Openai
+            && self.model.is_none()
+            && matches!(self.api_key, None | Some(ApiKey::Passthrough))
+            && self.defaults.is_empty()
+    }
+
+    /// The profile as the value of the internal header.
+    pub fn to_header(&self) -> String {
+        // A struct of strings and JSON values always serialises.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_header(value: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn profiles_round_trip_through_the_header_compactly() {
+        let profile = BackendProfile {
+            dialect: Dialect::Anthropic,
+            model: Some("claude-sonnet-4-5".into()),
+            api_key: Some(ApiKey::Env("ANTHROPIC_API_KEY".into())),
+            defaults: json!({"max_tokens": 4096}).as_object().cloned().unwrap(),
+        };
+        let header = profile.to_header();
+        assert_eq!(
+            header,
+            r#"{"dialect":"anthropic","model":"claude-sonnet-4-5","api_key":{"env":"ANTHROPIC_API_KEY"},"defaults":{"max_tokens":4096}}"#
+        );
+        assert_eq!(BackendProfile::from_header(header.as_bytes()).unwrap(), profile);
+        let rename = BackendProfile { model: Some("m".into()), ..Default::default() };
+        assert_eq!(rename.to_header(), r#"{"model":"m"}"#);
+    }
+
+    #[test]
+    fn only_a_plain_openai_backend_needs_no_rewriting() {
+        assert!(BackendProfile::default().is_passthrough());
+        assert!(BackendProfile { api_key: Some(ApiKey::Passthrough), ..Default::default() }.is_passthrough());
+        assert!(!BackendProfile { dialect: Dialect::Ollama, ..Default::default() }.is_passthrough());
+        assert!(!BackendProfile { api_key: Some(ApiKey::File("/k".into())), ..Default::default() }.is_passthrough());
+    }
+
+    #[test]
+    fn api_key_sources_are_spelled_as_in_the_configuration() {
+        let parse = |v: Value| serde_json::from_value::<ApiKey>(v);
+        assert_eq!(parse(json!({"env": "K"})).unwrap(), ApiKey::Env("K".into()));
+        assert_eq!(parse(json!({"file": "/run/k"})).unwrap(), ApiKey::File("/run/k".into()));
+        assert_eq!(parse(json!("passthrough")).unwrap(), ApiKey::Passthrough);
+        assert!(parse(json!("plain-text-key")).is_err());
+    }
+}
