@@ -107,7 +107,8 @@ pub fn reject(err: &GatewayError) -> ProcessingResponse {
     respond(Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus { code: i32::from(err.status) }),
         headers: Some(HeaderMutation {
-            set_headers: vec![set_header("content-type", b"application/json")],
+            // The same request would be refused again.
+            set_headers: vec![set_header("content-type", b"application/json"), set_header("x-should-retry", b"false")],
             ..Default::default()
         }),
         body: err.to_json(),

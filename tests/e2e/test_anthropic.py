@@ -170,6 +170,7 @@ def test_a_parameter_claude_cannot_honour_is_refused_by_name(stack):
     with pytest.raises(openai.BadRequestError) as err:
         sdk(stack).chat.completions.create(model=MODEL, messages=HELLO, n=2, extra_headers={"x-request-id": request_id})
     assert (err.value.body["param"], err.value.body["code"]) == ("n", "unsupported_parameter")
+    assert err.value.response.headers["x-should-retry"] == "false"
     assert sent(stack, request_id) == []
 
 
