@@ -13,7 +13,7 @@
 //! input as `tool_calls` argument deltas, a usage chunk when asked for, and
 //! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
 
-use crate::sse::{self, error_event, CompleteEvents, DEFAULT_MAX_EVENT_BYTES};
+use crate::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use crate::translate::{self, Endpoint, HeaderChanges, ResponsePlan, UpstreamRequest};
 use bytes::Bytes;
 use modelgate_proto::backend::BackendProfile;
@@ -447,7 +447,7 @@ struct ChunkWriter {
 impl ChunkWriter {
     fn new(include_usage: bool) -> Self {
         ChunkWriter {
-            events: CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES),
+            events: CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES),
             include_usage,
             id: Value::Null,
             model: Value::Null,
@@ -463,7 +463,7 @@ impl ChunkWriter {
             complete.extend_from_slice(&self.events.finish());
         }
         let mut out = Vec::new();
-        for data in sse::event_data(&complete) {
+        for data in framing::event_data(&complete) {
             if let Ok(data) = serde_json::from_slice::<Value>(&data) {
                 self.translate(&data, &mut out);
             }

@@ -8,10 +8,10 @@
 pub mod anthropic;
 pub mod credentials;
 pub mod exchange;
+pub mod framing;
 pub mod messages;
 pub mod openai;
 pub mod process;
 pub mod service;
-pub mod sse;
 pub mod stream_guard;
 pub mod translate;

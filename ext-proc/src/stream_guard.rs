@@ -1,6 +1,9 @@
 //! The stream guard: an HTTP relay that ends every broken stream with an
 //! OpenAI error event instead of a dropped connection.
 //!
+//! NDJSON streams (Ollama's) are guarded the same way, ending with Ollama's own
+//! `{"error": "..."}` line, which the translation turns into OpenAI's event.
+//!
 //! When a backend dies after its `200` has gone out, Envoy can only reset the
 //! client's stream: no filter gets a say after an upstream reset. So the
 //! filter sends streaming requests here, and the guard passes them to a second
@@ -13,7 +16,7 @@
 //! The guard's own answers (its upstream unreachable, a request without a
 //! target cluster) are OpenAI errors too; every other answer passes untouched.
 
-use crate::sse::{CompleteEvents, DEFAULT_MAX_EVENT_BYTES};
+use crate::framing::{CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -119,20 +122,26 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+/// The framing of a streamed answer: server-sent events, or Ollama's NDJSON.
+fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
+    let content_type = headers.get(CONTENT_TYPE)?.to_str().ok()?.trim_start().to_ascii_lowercase();
+    if content_type.starts_with("text/event-stream") {
+        Some(Framing::Sse)
+    } else if content_type.starts_with("application/x-ndjson") {
+        Some(Framing::Ndjson)
+    } else {
+        None
+    }
 }
 
 fn guard_response(response: Response<Incoming>, request_id: Option<HeaderValue>) -> Response<GuardedBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    let events = (parts.status.is_success() && is_event_stream(&parts.headers)).then(|| {
+    let framing = stream_framing(&parts.headers).filter(|_| parts.status.is_success());
+    let events = framing.map(|framing| {
         // The guard may add an event, so the length is no longer known.
         parts.headers.remove(CONTENT_LENGTH);
-        CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES)
+        CompleteEvents::new(framing, DEFAULT_MAX_EVENT_BYTES)
     });
     let body = GuardedBody { state: State::Relaying(body), events, request_id };
     Response::from_parts(parts, body)

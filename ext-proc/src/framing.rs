@@ -1,33 +1,45 @@
-//! Server-sent events framing: where one event ends, and the error event.
+//! Stream framing: where one server-sent event or one NDJSON line ends, and
+//! the error event that ends a broken SSE stream.
 //!
-//! An event ends at a blank line, and a line ends at LF, CR or CRLF
-//! (the WHATWG event-stream grammar). Bytes arrive in chunks cut anywhere, so
-//! [`CompleteEvents`] hands on only whole events and carries the rest over to
-//! the next chunk: a reader downstream never sees half an event, and the
-//! stream can be ended cleanly at any moment.
+//! An SSE event ends at a blank line, and a line ends at LF, CR or CRLF (the
+//! WHATWG event-stream grammar); an NDJSON record ends at LF. Bytes arrive in
+//! chunks cut anywhere, so [`CompleteEvents`] hands on only whole events (or
+//! lines) and carries the rest over to the next chunk: a reader downstream
+//! never sees half an event, and the stream can be ended cleanly at any moment.
 
 use bytes::{Bytes, BytesMut};
 use modelgate_proto::error::GatewayError;
 
+/// How a stream is cut into records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Server-sent events, ended by a blank line.
+    Sse,
+    /// Newline-delimited JSON, one record per line.
+    Ndjson,
+}
+
 /// Finds event boundaries in a byte stream fed in pieces.
 #[derive(Debug, Clone)]
 struct BoundaryScanner {
+    framing: Framing,
     /// No byte of the current line seen yet.
     at_line_start: bool,
     /// The previous byte was a CR, so an LF now belongs to it.
     after_cr: bool,
 }
 
-impl Default for BoundaryScanner {
-    fn default() -> Self {
-        BoundaryScanner { at_line_start: true, after_cr: false }
-    }
-}
-
 impl BoundaryScanner {
+    fn new(framing: Framing) -> Self {
+        BoundaryScanner { framing, at_line_start: true, after_cr: false }
+    }
+
     /// Scans `chunk`, which follows every chunk scanned before, and returns
     /// the length of its prefix that ends at the last event boundary in it.
     fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
+        if self.framing == Framing::Ndjson {
+            return chunk.iter().rposition(|&b| b == b'\n').map(|i| i + 1);
+        }
         let mut last = None;
         for (i, &byte) in chunk.iter().enumerate() {
             match byte {
@@ -72,9 +84,9 @@ pub struct CompleteEvents {
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 
 impl CompleteEvents {
-    pub fn new(max_pending: usize) -> Self {
+    pub fn new(framing: Framing, max_pending: usize) -> Self {
         CompleteEvents {
-            scanner: BoundaryScanner::default(),
+            scanner: BoundaryScanner::new(framing),
             pending: BytesMut::new(),
             max_pending,
             passed_partial: false,
@@ -122,15 +134,28 @@ impl CompleteEvents {
     }
 
     /// The stream broke: the unfinished event is dropped and `error` ends the
-    /// stream in its place, so the reader gets a last event it can parse.
+    /// stream in its place, so the reader gets a last record it can parse:
+    /// OpenAI's error event, or for NDJSON (Ollama) an `{"error": "..."}` line.
     pub fn interrupt(&mut self, error: &GatewayError) -> Bytes {
         self.pending.clear();
         let mut out = Vec::new();
-        if std::mem::take(&mut self.passed_partial) {
-            // Too late to take the partial event back: end it before the error.
-            out.extend_from_slice(b"\n\n");
+        let passed_partial = std::mem::take(&mut self.passed_partial);
+        match self.scanner.framing {
+            Framing::Sse => {
+                if passed_partial {
+                    // Too late to take the partial event back: end it before the error.
+                    out.extend_from_slice(b"\n\n");
+                }
+                out.extend_from_slice(&error_event(error));
+            }
+            Framing::Ndjson => {
+                if passed_partial {
+                    out.push(b'\n');
+                }
+                out.extend_from_slice(serde_json::json!({"error": error.body.message}).to_string().as_bytes());
+                out.push(b'\n');
+            }
         }
-        out.extend_from_slice(&error_event(error));
         Bytes::from(out)
     }
 }
@@ -186,7 +211,7 @@ mod tests {
 
     /// Splits STREAM at the given cut points and returns what is passed on for each piece.
     fn split_and_feed(cuts: &[usize]) -> (Vec<Vec<u8>>, Vec<u8>) {
-        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
         let mut bounds = vec![0];
         bounds.extend(cuts.iter().copied());
         bounds.push(STREAM.len());
@@ -196,20 +221,20 @@ mod tests {
     }
 
     fn is_boundary(prefix: &[u8]) -> bool {
-        let mut scanner = BoundaryScanner::default();
+        let mut scanner = BoundaryScanner::new(Framing::Sse);
         prefix.is_empty() || scanner.scan(prefix) == Some(prefix.len())
     }
 
     #[test]
     fn whole_events_pass_without_waiting() {
-        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
         assert_eq!(feed(&mut events, &[b"data: 1\n\ndata: 2\n\n"]), vec![b"data: 1\n\ndata: 2\n\n".to_vec()]);
         assert!(events.finish().is_empty());
     }
 
     #[test]
     fn half_an_event_waits_for_its_end() {
-        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
         let out = feed(&mut events, &[b"data: 1\n\ndata: {\"x", b"\":2}\n", b"\ndata"]);
         assert_eq!(out, vec![b"data: 1\n\n".to_vec(), vec![], b"data: {\"x\":2}\n\n".to_vec()]);
         assert_eq!(events.finish().as_ref(), b"data");
@@ -217,7 +242,7 @@ mod tests {
 
     #[test]
     fn crlf_split_between_cr_and_lf_is_one_line_end() {
-        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
         let out = feed(&mut events, &[b"data: 1\r", b"\n\r", b"\ndata: 2\r\n"]);
         // The event is complete at the second CR; the LF after it goes with the next event.
         assert_eq!(out.concat(), b"data: 1\r\n\r".to_vec());
@@ -226,7 +251,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_stream_ends_with_a_parsable_error_event() {
-        let mut events = CompleteEvents::new(DEFAULT_MAX_EVENT_BYTES);
+        let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
         let sent = events.push(Bytes::from_static(b"data: 1\n\ndata: {\"choi"));
         let error = GatewayError::new(502, "server_error", "cut".into(), None, Some("stream_interrupted"));
         let end = events.interrupt(&error);
@@ -239,7 +264,7 @@ mod tests {
 
     #[test]
     fn an_event_over_the_limit_is_passed_in_pieces_and_ended_before_an_error() {
-        let mut events = CompleteEvents::new(8);
+        let mut events = CompleteEvents::new(Framing::Sse, 8);
         assert!(events.push(Bytes::from_static(b"data: ")).is_empty());
         assert_eq!(events.push(Bytes::from_static(b"123456")).as_ref(), b"data: 123456");
         let error = GatewayError::new(502, "server_error", "cut".into(), None, None);
@@ -268,7 +293,7 @@ mod tests {
         fn arbitrary_bytes_are_passed_on_in_order(
             chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)
         ) {
-            let mut events = CompleteEvents::new(32);
+            let mut events = CompleteEvents::new(Framing::Sse, 32);
             let mut out = Vec::new();
             for chunk in &chunks {
                 out.extend_from_slice(&events.push(Bytes::copy_from_slice(chunk)));
@@ -284,6 +309,16 @@ mod tests {
         let events =
             event_data(b"event: a\ndata: 1\n\n: comment\n\nevent: ping\n\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]");
         assert_eq!(events, vec![b"1".to_vec(), b"x\ny".to_vec(), b"[DONE]".to_vec()]);
+    }
+
+    #[test]
+    fn ndjson_passes_whole_lines_and_ends_with_an_error_line() {
+        let mut lines = CompleteEvents::new(Framing::Ndjson, DEFAULT_MAX_EVENT_BYTES);
+        assert_eq!(lines.push(Bytes::from_static(b"{\"a\":1}\n{\"b\"")).as_ref(), b"{\"a\":1}\n");
+        assert_eq!(lines.push(Bytes::from_static(b":2}\n")).as_ref(), b"{\"b\":2}\n");
+        lines.push(Bytes::from_static(b"{\"c"));
+        let error = GatewayError::new(502, "server_error", "cut".into(), None, None);
+        assert_eq!(lines.interrupt(&error).as_ref(), b"{\"error\":\"cut\"}\n");
     }
 
     #[test]
