@@ -36,7 +36,8 @@ ADMIN_PORT = 9901
 EXT_PROC_PORT = 50051
 STREAM_GUARD_PORT = 50052
 # Simulated backends of the demo: port in demo.yaml -> backend name.
-DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral", 8004: "anthropic"}
+DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral", 8004: "anthropic",
+                 8005: "ollama"}
 # The demo's Anthropic backend takes its key from ext-proc's environment, as a real one would.
 DEMO_ANTHROPIC_KEY = "sk-ant-demo-key"
 

@@ -14,12 +14,10 @@
 //! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
 
 use crate::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
-use crate::translate::{self, Endpoint, HeaderChanges, ResponsePlan, UpstreamRequest};
-use bytes::Bytes;
+use crate::translate::{self, Endpoint, HeaderChanges, ResponsePlan, StreamHead, UpstreamRequest};
 use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
 use serde_json::{json, Map, Value};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The Messages API version requests are made with.
 pub const API_VERSION: &str = "2023-06-01";
@@ -369,10 +367,6 @@ fn tool_choice(value: &Value) -> Result<Value, GatewayError> {
 
 // ---- responses ----
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 fn finish_reason(stop_reason: &Value) -> Value {
     match stop_reason.as_str() {
         Some("end_turn" | "stop_sequence" | "pause_turn") => json!("stop"),
@@ -410,7 +404,7 @@ fn chat_completion(message: &Value) -> Value {
         reply["tool_calls"] = Value::Array(calls);
     }
     json!({
-        "id": message["id"], "object": "chat.completion", "created": now(), "model": message["model"],
+        "id": message["id"], "object": "chat.completion", "created": translate::unix_now(), "model": message["model"],
         "choices": [{"index": 0, "message": reply, "logprobs": null, "finish_reason": finish_reason(&message["stop_reason"])}],
         "usage": usage(&message["usage"]),
     })
@@ -435,10 +429,7 @@ fn openai_error(status: u16, body: &Value) -> Option<GatewayError> {
 /// Turns Anthropic's stream into OpenAI chunks, event by event.
 struct ChunkWriter {
     events: CompleteEvents,
-    include_usage: bool,
-    id: Value,
-    model: Value,
-    created: u64,
+    head: StreamHead,
     /// The OpenAI tool call index of each Anthropic content block that is a tool call.
     tool_indexes: Vec<(u64, usize)>,
     usage: Value,
@@ -448,20 +439,14 @@ impl ChunkWriter {
     fn new(include_usage: bool) -> Self {
         ChunkWriter {
             events: CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES),
-            include_usage,
-            id: Value::Null,
-            model: Value::Null,
-            created: now(),
+            head: StreamHead::new("chat.completion.chunk", Value::Null, include_usage),
             tool_indexes: Vec::new(),
             usage: json!({}),
         }
     }
 
     fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        let mut complete = self.events.push(Bytes::copy_from_slice(piece)).to_vec();
-        if end {
-            complete.extend_from_slice(&self.events.finish());
-        }
+        let complete = self.events.take(piece, end);
         let mut out = Vec::new();
         for data in framing::event_data(&complete) {
             if let Ok(data) = serde_json::from_slice::<Value>(&data) {
@@ -471,29 +456,19 @@ impl ChunkWriter {
         out
     }
 
-    fn chunk(&self, delta: Value, finish_reason: Value) -> Value {
-        let mut chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]});
-        if self.include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
-    }
-
-    fn emit(out: &mut Vec<u8>, chunk: &Value) {
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(chunk.to_string().as_bytes());
-        out.extend_from_slice(b"\n\n");
+    fn delta(&self, out: &mut Vec<u8>, delta: Value, finish_reason: Value) {
+        self.head
+            .write_choice(out, json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}));
     }
 
     fn translate(&mut self, data: &Value, out: &mut Vec<u8>) {
         match data["type"].as_str() {
             Some("message_start") => {
                 let message = &data["message"];
-                self.id = message["id"].clone();
-                self.model = message["model"].clone();
+                self.head.id = message["id"].clone();
+                self.head.model = message["model"].clone();
                 self.usage = message["usage"].clone();
-                Self::emit(out, &self.chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+                self.delta(out, json!({"role": "assistant", "content": ""}), Value::Null);
             }
             Some("content_block_start") if data["content_block"]["type"] == "tool_use" => {
                 let block = &data["content_block"];
@@ -501,7 +476,7 @@ impl ChunkWriter {
                 self.tool_indexes.push((data["index"].as_u64().unwrap_or(0), index));
                 let call = json!({"index": index, "id": block["id"], "type": "function",
                                   "function": {"name": block["name"], "arguments": ""}});
-                Self::emit(out, &self.chunk(json!({"tool_calls": [call]}), Value::Null));
+                self.delta(out, json!({"tool_calls": [call]}), Value::Null);
             }
             Some("content_block_delta") => {
                 let delta = &data["delta"];
@@ -515,29 +490,22 @@ impl ChunkWriter {
                     // Thinking and signatures have no place in a chat completion.
                     _ => return,
                 };
-                Self::emit(out, &self.chunk(content, Value::Null));
+                self.delta(out, content, Value::Null);
             }
             Some("message_delta") => {
                 if let Some(output) = data["usage"]["output_tokens"].as_u64() {
                     self.usage["output_tokens"] = json!(output);
                 }
-                Self::emit(out, &self.chunk(json!({}), finish_reason(&data["delta"]["stop_reason"])));
+                self.delta(out, json!({}), finish_reason(&data["delta"]["stop_reason"]));
             }
-            Some("message_stop") => {
-                if self.include_usage {
-                    let chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                       "model": self.model, "choices": [], "usage": usage(&self.usage)});
-                    Self::emit(out, &chunk);
-                }
-                out.extend_from_slice(b"data: [DONE]\n\n");
-            }
+            Some("message_stop") => self.head.write_end(out, usage(&self.usage)),
             Some("error") => {
                 if let Some(error) = openai_error(503, data) {
                     out.extend_from_slice(&error_event(&error));
                 }
             }
             // An error event written by the stream guard is already OpenAI's.
-            None if data.get("error").is_some() => Self::emit(out, data),
+            None if data.get("error").is_some() => framing::write_data(out, data.to_string().as_bytes()),
             _ => {}
         }
     }
@@ -546,6 +514,7 @@ impl ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::testing::{chunks, deltas, feed};
     use crate::translate::Translation as _;
     use proptest::prelude::*;
 
@@ -726,18 +695,7 @@ mod tests {
         let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
         t.include_usage = include_usage;
         assert!(t.response_plan(200, b"text/event-stream; charset=utf-8").streamed);
-        let mut out = Vec::new();
-        for (i, piece) in pieces.iter().enumerate() {
-            out.extend(t.stream(piece, i + 1 == pieces.len()));
-        }
-        String::from_utf8(out).unwrap()
-    }
-
-    fn chunks(sse: &str) -> Vec<Value> {
-        sse.split("\n\n")
-            .filter(|e| !e.is_empty() && *e != "data: [DONE]")
-            .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
-            .collect()
+        feed(&mut t, pieces)
     }
 
     #[test]
@@ -745,9 +703,8 @@ mod tests {
         let out = streamed(&[STREAM.as_bytes()], true);
         assert!(out.ends_with("data: [DONE]\n\n"));
         let chunks = chunks(&out);
-        let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0).map(|c| &c["delta"])).collect();
         assert_eq!(
-            deltas,
+            deltas(&chunks),
             [
                 &json!({"role": "assistant", "content": ""}),
                 &json!({"content": "Hello"}),

@@ -133,6 +133,15 @@ impl CompleteEvents {
         self.pending.split().freeze()
     }
 
+    /// The whole records `piece` completes; with `end`, whatever is left too.
+    pub fn take(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
+        let mut complete = self.push(Bytes::copy_from_slice(piece)).to_vec();
+        if end {
+            complete.extend_from_slice(&self.finish());
+        }
+        complete
+    }
+
     /// The stream broke: the unfinished event is dropped and `error` ends the
     /// stream in its place, so the reader gets a last record it can parse:
     /// OpenAI's error event, or for NDJSON (Ollama) an `{"error": "..."}` line.
@@ -190,11 +199,17 @@ pub fn event_data(complete: &[u8]) -> Vec<Vec<u8>> {
     events
 }
 
+/// Writes `data: <json>` and the blank line that ends the event.
+pub fn write_data(out: &mut Vec<u8>, json: &[u8]) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+}
+
 /// `data: {"error":{...}}`, the event OpenAI sends when a stream fails after its 200.
 pub fn error_event(error: &GatewayError) -> Vec<u8> {
-    let mut event = b"data: ".to_vec();
-    event.extend_from_slice(&error.to_json());
-    event.extend_from_slice(b"\n\n");
+    let mut event = Vec::new();
+    write_data(&mut event, &error.to_json());
     event
 }
 

@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod exchange;
 pub mod framing;
 pub mod messages;
+pub mod ollama;
 pub mod openai;
 pub mod process;
 pub mod service;

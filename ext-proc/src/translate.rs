@@ -1,12 +1,13 @@
 //! The one interface every backend dialect implements: how a client's OpenAI
 //! request becomes the backend's, and how the backend's answer, whole or
 //! streamed, becomes OpenAI's. One file per dialect implements it
-//! ([`crate::openai`], [`crate::anthropic`]); [`crate::exchange`] drives it
+//! ([`crate::openai`], [`crate::anthropic`], [`crate::ollama`]); [`crate::exchange`] drives it
 //! from Envoy's messages and knows nothing of any dialect.
 
-use crate::{anthropic, openai};
+use crate::{anthropic, framing, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::GatewayError;
+use serde_json::{json, Value};
 
 /// The OpenAI endpoint a request was sent to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +94,51 @@ pub fn for_backend(profile: BackendProfile, endpoint: Endpoint) -> Result<Box<dy
         Dialect::Anthropic => {
             anthropic::Translation::new(profile, endpoint).map(|t| Box::new(t) as Box<dyn Translation>)
         }
-        Dialect::Ollama => Err(unsupported_endpoint(endpoint, "an Ollama")),
+        Dialect::Ollama => Ok(Box::new(ollama::Translation::new(profile, endpoint))),
     }
+}
+
+/// What every chunk of one translated OpenAI stream repeats, and how chunks are written.
+pub struct StreamHead {
+    pub id: Value,
+    /// `chat.completion.chunk` or `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: Value,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+impl StreamHead {
+    pub fn new(object: &'static str, model: Value, include_usage: bool) -> Self {
+        StreamHead { id: Value::Null, object, created: unix_now(), model, include_usage }
+    }
+
+    /// Writes a chunk with one choice.
+    pub fn write_choice(&self, out: &mut Vec<u8>, choice: Value) {
+        let mut chunk = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                               "choices": [choice]});
+        // With the usage chunk asked for, every other chunk says `usage: null`, as OpenAI's do.
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        framing::write_data(out, chunk.to_string().as_bytes());
+    }
+
+    /// Ends the stream: the usage chunk if it was asked for, then `[DONE]`.
+    pub fn write_end(&self, out: &mut Vec<u8>, usage: Value) {
+        if self.include_usage {
+            let chunk = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                               "choices": [], "usage": usage});
+            framing::write_data(out, chunk.to_string().as_bytes());
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+}
+
+/// Seconds since the Unix epoch: OpenAI's `created`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// OpenAI's answer for an endpoint the model's backend does not offer.
@@ -115,6 +159,35 @@ pub fn unsupported_parameter(param: &str, why: &str) -> GatewayError {
         Some(param),
         Some("unsupported_parameter"),
     )
+}
+
+/// What the dialects' tests share: feeding a stream through a translation.
+#[cfg(test)]
+pub mod testing {
+    use super::Translation;
+    use serde_json::Value;
+
+    /// The translated stream for `pieces`, fed in order, the last marked as the end.
+    pub fn feed(translation: &mut dyn Translation, pieces: &[&[u8]]) -> String {
+        let mut out = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            out.extend(translation.stream(piece, i + 1 == pieces.len()));
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The `delta` of each chunk that has a choice.
+    pub fn deltas(chunks: &[Value]) -> Vec<&Value> {
+        chunks.iter().filter_map(|c| c["choices"].get(0).map(|c| &c["delta"])).collect()
+    }
+
+    /// The JSON of each `data:` event of an OpenAI stream, `[DONE]` left out.
+    pub fn chunks(sse: &str) -> Vec<Value> {
+        sse.split("\n\n")
+            .filter(|e| !e.is_empty() && *e != "data: [DONE]")
+            .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+            .collect()
+    }
 }
 
 #[cfg(test)]

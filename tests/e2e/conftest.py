@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import httpx2  # the HTTP client the openai SDK itself is built on
@@ -72,9 +74,44 @@ def backend_requests(stack, backend: str) -> list[dict]:
     return httpx2.get(f"{stack.backend_url(backend)}/sim/requests").json()["requests"]
 
 
+def attempts_at(stack, backend: str, request_id: str) -> list[dict]:
+    """What a backend received with this x-request-id: one entry per attempt."""
+    return [r for r in backend_requests(stack, backend) if r["headers"].get("x-request-id") == request_id]
+
+
 def received_by(stack, backend: str, request_id: str) -> dict | None:
     """The request a backend received with this x-request-id, if any."""
-    return next((r for r in backend_requests(stack, backend) if r["headers"].get("x-request-id") == request_id), None)
+    return next(iter(attempts_at(stack, backend, request_id)), None)
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+def sdk(stack, retries: int = 0, key: str = "sk-client-key") -> openai.OpenAI:
+    """The official client against the gateway, with the given retries."""
+    return openai.OpenAI(base_url=stack.base_url, api_key=key, max_retries=retries, timeout=30)
+
+
+# A function tool the dialect tests offer; the simulators call it with {"city": "simulated"}.
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def assert_streams_as_generated(client: openai.OpenAI, model: str) -> None:
+    """A stream of 20 tokens, 50 ms apart, reaches the client chunk by chunk: the first
+    content about a second before the last token is generated, none held back."""
+    with client.chat.completions.with_streaming_response.create(
+            model=model, messages=[{"role": "user", "content": "count"}], stream=True,
+            extra_headers={"x-sim-itl-ms": "50", "x-sim-output-tokens": "20"}) as response:
+        start = time.monotonic()
+        arrivals = [time.monotonic() - start for line in response.iter_lines() if line.startswith('data: {"choices"')]
+    # the role chunk, 20 tokens, the finish
+    assert len(arrivals) == 22
+    assert arrivals[-1] - arrivals[1] > 0.8, arrivals
+    gaps = [b - a for a, b in zip(arrivals[2:-1], arrivals[3:-1])]
+    assert min(gaps) > 0.02, f"chunks were held back and released together: {arrivals}"
 
 
 def _nullable_as_json_schema(node):

@@ -4,32 +4,18 @@ the official anthropic client in test_simulator_anthropic.py)."""
 
 import base64
 import json
-import time
-import uuid
 
 import openai
 import pytest
 
-from conftest import backend_requests, httpx2
+from conftest import assert_streams_as_generated, attempts_at, new_request_id as rid, sdk, WEATHER
 
 MODEL = "claude-sonnet-4-5"
 HELLO = [{"role": "user", "content": "hello there"}]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-
-
-def sdk(stack, retries: int = 0, key: str = "sk-client-key") -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key=key, max_retries=retries, timeout=30)
 
 
 def sent(stack, request_id: str) -> list[dict]:
-    """What the Anthropic backend received for this request id: one entry per attempt."""
-    return [r for r in backend_requests(stack, "anthropic") if r["headers"].get("x-request-id") == request_id]
-
-
-def rid() -> str:
-    return f"req-{uuid.uuid4()}"
+    return attempts_at(stack, "anthropic", request_id)
 
 
 def test_a_chat_with_a_system_prompt(stack, spec):
@@ -88,15 +74,7 @@ def test_a_stream_with_and_without_usage(stack, spec, include_usage):
 
 
 def test_a_stream_arrives_as_it_is_generated(stack):
-    with sdk(stack).chat.completions.with_streaming_response.create(
-            model=MODEL, messages=HELLO, max_tokens=20, stream=True, extra_headers={"x-sim-itl-ms": "50", "x-sim-output-tokens": "20"}) as response:
-        start = time.monotonic()
-        arrivals = [time.monotonic() - start for line in response.iter_lines() if line.startswith('data: {"choices"')]
-    # role, 20 tokens, finish: the first content arrives ~1 s before the last token was generated.
-    assert len(arrivals) == 22
-    assert arrivals[-1] - arrivals[1] > 0.8, arrivals
-    gaps = [b - a for a, b in zip(arrivals[2:-1], arrivals[3:-1])]
-    assert min(gaps) > 0.02, "chunks were held back and released together"
+    assert_streams_as_generated(sdk(stack), MODEL)
 
 
 def test_tool_calling_round_trip(stack):
@@ -197,5 +175,5 @@ def test_the_client_key_is_not_forwarded_to_openai_backends_either(stack):
     request_id = rid()
     sdk(stack, key="sk-secret-client").chat.completions.create(model="llama-3.1-8b-instruct", messages=HELLO,
                                                                 extra_headers={"x-request-id": request_id})
-    upstream = next(r for r in backend_requests(stack, "vllm-llama") if r["headers"].get("x-request-id") == request_id)
+    [upstream] = attempts_at(stack, "vllm-llama", request_id)
     assert "authorization" not in upstream["headers"]

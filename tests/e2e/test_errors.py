@@ -3,26 +3,17 @@ right status, whoever produced it: a backend in its own shape, Envoy itself,
 or modelgate. Checked the way applications see it, through the openai SDK,
 with retries off and then on."""
 
-import uuid
 
 import openai
 import pytest
 
-from conftest import backend_requests, httpx2
+from conftest import attempts_at, httpx2, new_request_id as rid, sdk
 
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-def rid() -> str:
-    return f"req-{uuid.uuid4()}"
-
-
-def sdk(stack, retries: int) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=retries, timeout=30)
-
-
 def attempts_seen(stack, request_id: str) -> int:
-    return sum(1 for r in backend_requests(stack, "vllm-llama") if r["headers"].get("x-request-id") == request_id)
+    return len(attempts_at(stack, "vllm-llama", request_id))
 
 
 def downstream_5xx(stack) -> int:

@@ -1,18 +1,12 @@
 """Requests reach the backend their model is configured for, under the name
 that backend expects, and clients cannot steer routing themselves."""
 
-import uuid
-
 import openai
 import pytest
 
-from conftest import received_by
+from conftest import new_request_id as request_id, received_by
 
 HELLO = [{"role": "user", "content": "hello"}]
-
-
-def request_id() -> str:
-    return f"req-{uuid.uuid4()}"
 
 
 @pytest.mark.parametrize("model, backend", [
