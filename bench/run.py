@@ -34,13 +34,15 @@ BARE_CONFIG = ROOT / "bench" / "bare-envoy.yaml"
 BACKEND = "vllm-llama"
 MODEL = "llama-3.1-8b-instruct"      # routed straight to BACKEND
 RENAMED = "gpt-4o-mini"              # routed to BACKEND through ext_proc
+# Models of the demo's translated backends: the same simulator behind another dialect.
+TRANSLATED = {"anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 
 # On two or more CPUs, the gateway under test (Envoy, ext-proc, stream guard) and its peer (LiteLLM) get
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
 PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "ext-proc", "stream-guard", "litellm"]}
-           | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", "loadgen"]}
+           | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
 
 STREAM_TOKENS = 20
@@ -105,14 +107,15 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
 
 def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = [s for s in ["direct", "bare", "passthrough", "ext_proc", "litellm"] if s in run.urls]
+    scenarios = [s for s in ["direct", "bare", "passthrough", "ext_proc", *TRANSLATED, "litellm"] if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
     # Rounds interleave the scenarios so a noisy neighbour hits them alike; the median round counts.
     # CPU time per request of the processes doing the serving shows where the time goes.
     serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "passthrough": ["envoy"],
-               "ext_proc": ["envoy", "ext-proc"], "litellm": ["litellm"]}
+               "ext_proc": ["envoy", "ext-proc"], "litellm": ["litellm"],
+               **{dialect: ["envoy", "ext-proc"] for dialect in TRANSLATED}}
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
     for _ in range(1 if run.short else 3):
         for s in scenarios:
@@ -147,7 +150,7 @@ def measure(run: Run, stack: Stack) -> dict:
     stream_headers = {"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)}
     stream_rate = 20 if run.short else 100
     results["streaming"] = {s: run.load(s, rate=stream_rate, stream=True, headers=stream_headers)
-                            for s in ["direct", "bare", "passthrough", "ext_proc"]}
+                            for s in ["direct", "bare", "passthrough", "ext_proc", *TRANSLATED]}
 
     # Memory with many open streams through the ext_proc route (and the stream guard).
     open_streams = 50 if run.short else 1000
@@ -205,7 +208,7 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
     else:
         rows.append(("ext_proc added p99 at 1000 rps", "not measured (short run or bare < 1200 rps)", "<= 1 ms", None))
     st = results["streaming"]
-    for route in ["passthrough", "ext_proc"]:
+    for route in ["passthrough", "ext_proc", *TRANSLATED]:
         ttft = st[route]["first_chunk"]["p50_ms"] - st["bare"]["first_chunk"]["p50_ms"]
         gap = st[route]["chunk_gap"]["p99_ms"] - st["bare"]["chunk_gap"]["p99_ms"]
         rows.append((f"streaming {route}: added time to first chunk (p50)", f"{ttft:+.3f} ms", "<= 1 ms", ttft <= 1.0))
@@ -328,6 +331,7 @@ def main() -> None:
             "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{chat}", MODEL, {}),
             "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL, {}),
             "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED, {}),
+            **{dialect: (f"http://127.0.0.1:{stack.port}{chat}", model, {}) for dialect, model in TRANSLATED.items()},
         }
         if not args.short:
             litellm = start_litellm(stack, backend)
