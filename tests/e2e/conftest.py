@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -52,9 +53,32 @@ def add_failing_backends(config: dict) -> None:
     })
 
 
+# Where the `filekey` backend's API key is read from; tests rewrite it to rotate the key.
+KEY_FILE = Path(tempfile.mkdtemp(prefix="modelgate-keys-")) / "backend-key"
+
+
+def add_keyed_backends(config: dict) -> None:
+    """Two more routes to the llama backend: `filekey-model` is called with the key in
+    KEY_FILE, `shared-model` with the client's own key (passthrough)."""
+    plugin = next(f for f in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                  ["typed_config"]["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
+    routing = json.loads(plugin["configuration"]["value"])
+    routing["backends"].update({"filekey": {"cluster": "llama_pool", "api_key": {"file": str(KEY_FILE)}},
+                                "shared": {"cluster": "llama_pool", "api_key": "passthrough"}})
+    routing["models"] += [{"match": "filekey-model", "backend": "filekey"},
+                          {"match": "shared-model", "backend": "shared"}]
+    plugin["configuration"]["value"] = json.dumps(routing)
+
+
 @pytest.fixture(scope="session")
 def stack():
-    with Stack(adjust_config=add_failing_backends) as s:
+    KEY_FILE.write_text("sk-from-file-1\n")
+
+    def adjust(config: dict) -> None:
+        add_failing_backends(config)
+        add_keyed_backends(config)
+
+    with Stack(adjust_config=adjust) as s:
         yield s
 
 

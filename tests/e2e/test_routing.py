@@ -78,3 +78,36 @@ def test_client_headers_cannot_route_an_unknown_model(http):
                          headers={"x-modelgate-cluster": "llama_pool"})
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_backend_keys_come_from_configuration_not_from_clients(stack):
+    from conftest import KEY_FILE, attempts_at, sdk
+
+    def key_seen(model: str, client_key: str) -> str | None:
+        rid = request_id()
+        sdk(stack, key=client_key).chat.completions.create(model=model, messages=HELLO,
+                                                           extra_headers={"x-request-id": rid})
+        return attempts_at(stack, "vllm-llama", rid)[0]["headers"].get("authorization")
+
+    assert key_seen("llama-3.1-8b-instruct", "sk-client") is None
+    assert key_seen("shared-model", "sk-client") == "Bearer sk-client"
+    assert key_seen("filekey-model", "sk-client") == "Bearer sk-from-file-1"
+    # A rotated secret is used from the next request on, without a restart.
+    KEY_FILE.write_text("sk-from-file-2")
+    assert key_seen("filekey-model", "sk-client") == "Bearer sk-from-file-2"
+
+
+def test_an_unreadable_key_is_a_500_that_names_no_secret(stack):
+    from conftest import KEY_FILE, sdk
+
+    saved = KEY_FILE.read_text()
+    KEY_FILE.unlink()
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            sdk(stack, retries=2).chat.completions.create(model="filekey-model", messages=HELLO)
+    finally:
+        KEY_FILE.write_text(saved)
+    assert err.value.status_code == 500
+    assert err.value.body["code"] == "backend_key_unavailable"
+    assert str(KEY_FILE) not in err.value.message
+    assert err.value.response.headers["x-should-retry"] == "false"
