@@ -16,7 +16,8 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     [result_file] = tmp_path.glob("bench-*-short.json")
     results = json.loads(result_file.read_text())
 
-    assert set(results["throughput"]) == {"direct", "bare", "passthrough", "ext_proc"}
+    assert set(results["throughput"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama"}
+    assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
     for run in runs:
         assert run["errors"] == 0, run
