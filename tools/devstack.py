@@ -252,6 +252,9 @@ Try it:
   print(client.chat.completions.create(model="llama-3.1-8b-instruct",
         messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
 
+  The same call works with model="claude-sonnet-4-5" (a simulated Anthropic API,
+  translated) and model="llama3.2" (a simulated Ollama, translated).
+
 Ctrl-C stops everything.""", flush=True)
         while not stopping:
             for name, process in stack.processes:
