@@ -3,12 +3,12 @@
 //! prompt-cache usage and Anthropic's error shape. The official `anthropic`
 //! client is what the tests check it with.
 
-use crate::call::{self, generation_time, new_id, pause, Face};
+use crate::call::{self, abort_piece, generation_time, new_id, pause, until_abort, Face};
 use crate::failure::{failure, ErrorFormat};
 use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,8 +16,6 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 pub fn routes() -> Router<Arc<Sim>> {
     Router::new().route("/v1/messages", post(messages))
@@ -239,8 +237,7 @@ fn event(name: &str, data: &Value) -> Result<Bytes, std::io::Error> {
 /// Streams `plan` as Anthropic's events. An abort sends Anthropic's in-stream
 /// `error` event (an overloaded engine), or drops the connection with the `reset` format.
 fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    tokio::spawn(async move {
+    call::streamed("text/event-stream", |tx| async move {
         let running = sim.metrics.start(&plan.model);
         pause(plan.behaviour.ttft).await;
         let mut start = plan.whole();
@@ -278,12 +275,8 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         }
         for (i, delta) in deltas.iter().enumerate() {
             if plan.behaviour.abort_after == Some(i as u32) {
-                tokio::time::sleep(plan.behaviour.itl.max(std::time::Duration::from_millis(20))).await;
-                let end = match plan.behaviour.error_format {
-                    ErrorFormat::Reset => Err(std::io::Error::other("simulated abort")),
-                    _ => event("error", &error_body(529, "Overloaded")),
-                };
-                let _ = tx.send(end).await;
+                until_abort(&plan.behaviour).await;
+                let _ = tx.send(abort_piece(&plan.behaviour, event("error", &error_body(529, "Overloaded")))).await;
                 return;
             }
             if i > 0 {
@@ -308,10 +301,5 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
             let _ = tx.send(bytes).await;
         }
         running.finish(plan.input_tokens + plan.cached_tokens, plan.output_tokens());
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(ReceiverStream::new(rx)))
-        .unwrap_or_else(|_| anthropic_error(500, "could not build the stream", None))
+    })
 }

@@ -2,16 +2,20 @@
 //! JSON body, record the request, apply the per-request behaviour and any
 //! injected failure, and check the model. Each face words its errors its own way.
 
+use crate::failure::ErrorFormat;
 use crate::settings::Behaviour;
 use crate::Sim;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, Uri};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, HeaderValue, Uri};
+use axum::response::{IntoResponse, Response};
 use serde_json::Value;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// An API the simulator speaks, as far as its errors go.
 pub trait Face: Send + Sync + 'static {
@@ -95,4 +99,40 @@ pub async fn pause(d: Duration) {
 /// The time a non-streamed answer of `tokens` tokens takes.
 pub fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
     behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
+}
+
+/// The writing end of a streamed answer's body: each item is the next piece,
+/// or an error, which drops the connection as a crashing engine would.
+pub type Pieces = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// A streamed answer of `content_type` whose body `write` produces, on its own
+/// task, as its pieces fall due.
+pub fn streamed<F>(content_type: &'static str, write: impl FnOnce(Pieces) -> F) -> Response
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(write(tx));
+    let mut response = Body::from_stream(ReceiverStream::new(rx)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if content_type == "text/event-stream" {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    response
+}
+
+/// Waits until the token after an abort would be due: the crash comes then,
+/// and the pieces already sent have time to leave before it.
+pub async fn until_abort(behaviour: &Behaviour) {
+    tokio::time::sleep(behaviour.itl.max(Duration::from_millis(20))).await;
+}
+
+/// The last piece of an aborted stream: the API's own in-stream error, or
+/// with the `reset` error format none at all (the connection drops).
+pub fn abort_piece(behaviour: &Behaviour, in_band: Result<Bytes, std::io::Error>) -> Result<Bytes, std::io::Error> {
+    match behaviour.error_format {
+        ErrorFormat::Reset => Err(std::io::Error::other("simulated abort")),
+        _ => in_band,
+    }
 }

@@ -3,22 +3,20 @@
 //! `{"error": "..."}` answers. The official `ollama` client is what the tests
 //! check it with.
 
-use crate::call::{self, generation_time, pause, Face};
+use crate::call::{self, abort_piece, generation_time, pause, until_abort, Face};
 use crate::failure::{failure, ErrorFormat};
 use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 pub fn routes() -> Router<Arc<Sim>> {
     Router::new().route("/api/chat", post(chat)).route("/api/generate", post(generate)).route("/api/embed", post(embed))
@@ -178,18 +176,15 @@ fn line(part: &Value) -> Result<Bytes, std::io::Error> {
 /// Streams `plan` as NDJSON. An abort writes Ollama's in-stream `{"error": ...}`
 /// line, or drops the connection with the `reset` format.
 fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    tokio::spawn(async move {
+    call::streamed("application/x-ndjson", |tx| async move {
         let running = sim.metrics.start(&plan.model);
         pause(plan.behaviour.ttft).await;
         for i in 0..plan.tokens {
             if plan.behaviour.abort_after == Some(i) {
-                tokio::time::sleep(plan.behaviour.itl.max(Duration::from_millis(20))).await;
-                let end = match plan.behaviour.error_format {
-                    ErrorFormat::Reset => Err(std::io::Error::other("simulated abort")),
-                    _ => line(&json!({"error": "simulated failure mid-stream"})),
-                };
-                let _ = tx.send(end).await;
+                until_abort(&plan.behaviour).await;
+                let _ = tx
+                    .send(abort_piece(&plan.behaviour, line(&json!({"error": "simulated failure mid-stream"}))))
+                    .await;
                 return;
             }
             if i > 0 {
@@ -201,11 +196,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         }
         let _ = tx.send(line(&plan.part("", true))).await;
         running.finish(plan.prompt, plan.output_tokens());
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(ReceiverStream::new(rx)))
-        .unwrap_or_else(|_| Ollama::error(500, "could not build the stream"))
+    })
 }
 
 async fn embed(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {

@@ -1,23 +1,19 @@
 //! The OpenAI (vLLM-like) face: chat completions, completions, embeddings and
 //! models, streaming or not, with injected latency and failures.
 
-use crate::call::{self, generation_time, new_id, now, pause, Face};
+use crate::call::{self, generation_time, new_id, now, pause, until_abort, Face};
 use crate::failure::{failure, vllm_error};
 use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 pub fn routes() -> Router<Arc<Sim>> {
     Router::new()
@@ -187,8 +183,7 @@ fn sse(event: &Value) -> Result<Bytes, std::io::Error> {
 /// Streams `plan` as server-sent events with the planned delays. An abort
 /// drops the connection mid-body, as a crashing engine would.
 fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    tokio::spawn(async move {
+    call::streamed("text/event-stream", |tx| async move {
         let running = sim.metrics.start(&plan.model);
         pause(plan.behaviour.ttft).await;
         if matches!(plan.kind, StreamKind::Chat) {
@@ -200,9 +195,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         }
         for i in 0..plan.tokens {
             if plan.behaviour.abort_after == Some(i) {
-                // Crash when the next token is due; the pause also lets the
-                // chunks already sent leave before the connection drops.
-                tokio::time::sleep(plan.behaviour.itl.max(Duration::from_millis(20))).await;
+                until_abort(&plan.behaviour).await;
                 let _ = tx.send(Err(std::io::Error::other("simulated abort"))).await;
                 return;
             }
@@ -224,12 +217,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
         running.finish(plan.prompt, plan.tokens * plan.n);
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(ReceiverStream::new(rx)))
-        .unwrap_or_else(|_| vllm_error(500, "could not build the stream"))
+    })
 }
 
 async fn embeddings(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
