@@ -47,7 +47,7 @@ impl translate::Translation for Translation {
             serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
         let (messages_request, include_usage) = messages_request(request, &self.profile)?;
         self.include_usage = include_usage;
-        Ok(UpstreamRequest { path: Some("/v1/messages"), body: messages_request.to_string().into_bytes() })
+        Ok(UpstreamRequest { path: Some("/v1/messages"), body: Some(messages_request.to_string().into_bytes()) })
     }
 
     fn translates_responses(&self) -> bool {
@@ -526,7 +526,7 @@ mod tests {
         let mut t = Translation::new(profile, Endpoint::ChatCompletions)?;
         let upstream = t.request(request.to_string().as_bytes())?;
         assert_eq!(upstream.path, Some("/v1/messages"));
-        Ok(serde_json::from_slice(&upstream.body).unwrap())
+        Ok(serde_json::from_slice(&upstream.body.unwrap()).unwrap())
     }
 
     #[test]

@@ -46,7 +46,10 @@ impl Exchange {
                     if let Some(path) = upstream.path {
                         headers.set.push((":path", path.to_string()));
                     }
-                    messages::replace_request_body(upstream.body, headers)
+                    match upstream.body {
+                        Some(body) => messages::replace_request_body(body, headers),
+                        None => messages::change_request_headers(headers),
+                    }
                 }
                 Err(e) => messages::reject(&e),
             },
@@ -176,6 +179,19 @@ mod tests {
         let answer = common(ex.on_message(body(br#"{"model":"gpt-4o-mini","n":1}"#, true, false)).unwrap());
         assert_eq!(new_body(&answer), br#"{"model":"llama-3","n":1}"#);
         assert_eq!(set_headers(&answer), vec![("content-length".to_string(), "25".to_string())]);
+    }
+
+    #[test]
+    fn a_backend_that_only_needs_its_key_gets_the_body_as_it_is() {
+        let mut ex = Exchange::default();
+        let key = std::env::var("HOME").unwrap();
+        ex.on_message(request_headers(&[
+            (":path", "/v1/chat/completions"),
+            (headers::BACKEND, r#"{"api_key":{"env":"HOME"}}"#),
+        ]));
+        let answer = common(ex.on_message(body(br#"{"model":"m"}"#, true, false)).unwrap());
+        assert!(answer.body_mutation.is_none());
+        assert_eq!(set_headers(&answer), vec![("authorization".to_string(), format!("Bearer {}", key.trim()))]);
     }
 
     #[test]

@@ -81,6 +81,13 @@ pub fn replace_request_body(body: Vec<u8>, mut headers: HeaderChanges) -> Proces
     respond(Response::RequestBody(body_response(body, headers)))
 }
 
+/// Lets the request body go on as it is, with header changes only.
+pub fn change_request_headers(headers: HeaderChanges) -> ProcessingResponse {
+    respond(Response::RequestBody(BodyResponse {
+        response: Some(CommonResponse { header_mutation: mutation(headers), ..Default::default() }),
+    }))
+}
+
 /// Changes the response headers, and says how the body is to be sent: whole or streamed.
 pub fn rewrite_response_headers(headers: HeaderChanges, streamed: bool) -> ProcessingResponse {
     let mut answer = respond(Response::ResponseHeaders(HeadersResponse {

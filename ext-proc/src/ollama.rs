@@ -49,7 +49,7 @@ impl translate::Translation for Translation {
         let model = self.profile.model.clone().map(Value::String).unwrap_or_else(|| self.model.clone());
         out.insert("model".into(), model);
         apply_defaults(&mut out, &self.profile.defaults);
-        Ok(UpstreamRequest { path: Some(path), body: Value::Object(out).to_string().into_bytes() })
+        Ok(UpstreamRequest { path: Some(path), body: Some(Value::Object(out).to_string().into_bytes()) })
     }
 
     fn translates_responses(&self) -> bool {
@@ -513,7 +513,7 @@ mod tests {
 
     fn request(endpoint: Endpoint, body: Value) -> Result<(&'static str, Value), GatewayError> {
         let upstream = translation(endpoint).request(body.to_string().as_bytes())?;
-        Ok((upstream.path.unwrap(), serde_json::from_slice(&upstream.body).unwrap()))
+        Ok((upstream.path.unwrap(), serde_json::from_slice(&upstream.body.unwrap()).unwrap()))
     }
 
     #[test]
@@ -580,7 +580,7 @@ mod tests {
         };
         let mut t = Translation::new(profile, Endpoint::ChatCompletions);
         let upstream = t.request(br#"{"model":"m","messages":[],"temperature":0.2}"#).unwrap();
-        let out: Value = serde_json::from_slice(&upstream.body).unwrap();
+        let out: Value = serde_json::from_slice(&upstream.body.unwrap()).unwrap();
         assert_eq!(out["model"], "qwen3:8b");
         assert_eq!(out["keep_alive"], "10m");
         assert_eq!(out["options"], json!({"temperature": 0.2, "num_ctx": 8192}));

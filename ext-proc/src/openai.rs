@@ -1,11 +1,12 @@
-//! OpenAI-dialect backends (vLLM, SGLang, OpenAI itself): only the model name
-//! and absent defaults change, and answers pass untouched.
+//! OpenAI-dialect backends (vLLM, SGLang, OpenAI itself): only the model name,
+//! absent defaults and the key change, and answers pass untouched (the
+//! [`Translation`] defaults).
 //!
 //! Only the top-level keys are parsed; every other value is copied through
 //! byte for byte, so a large `messages` array costs a scan, not a rebuild.
 //! Key order is kept, and a duplicated key collapses to one.
 
-use crate::translate::{HeaderChanges, ResponsePlan, Translation, UpstreamRequest};
+use crate::translate::{HeaderChanges, Translation, UpstreamRequest};
 use indexmap::IndexMap;
 use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
@@ -23,29 +24,14 @@ impl Rewrite {
 
 impl Translation for Rewrite {
     fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
+        // A backend that only needs its key gets the client's body as it is.
         let unchanged = self.profile.model.is_none() && self.profile.defaults.is_empty();
         let body = if unchanged {
-            body.to_vec()
+            None
         } else {
-            rewrite(body, &self.profile).map_err(|e| GatewayError::unparsable_json(&e))?
+            Some(rewrite(body, &self.profile).map_err(|e| GatewayError::unparsable_json(&e))?)
         };
         Ok(UpstreamRequest { path: None, body })
-    }
-
-    fn translates_responses(&self) -> bool {
-        false
-    }
-
-    fn response_plan(&mut self, status: u16, _content_type: &[u8]) -> ResponsePlan {
-        ResponsePlan { status, streamed: false, content_type: None }
-    }
-
-    fn response(&mut self, _status: u16, body: &[u8]) -> Vec<u8> {
-        body.to_vec()
-    }
-
-    fn stream(&mut self, piece: &[u8], _end: bool) -> Vec<u8> {
-        piece.to_vec()
     }
 
     fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {

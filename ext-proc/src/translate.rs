@@ -43,7 +43,8 @@ impl Endpoint {
 pub struct UpstreamRequest {
     /// A new path, when the backend's API has another one.
     pub path: Option<&'static str>,
-    pub body: Vec<u8>,
+    /// A new body; `None` when the body goes on as the client sent it.
+    pub body: Option<Vec<u8>>,
 }
 
 /// Headers to set and remove on a request or response.
@@ -65,26 +66,36 @@ pub struct ResponsePlan {
 }
 
 /// One request's translation, from the request body to the response's end.
+/// The response side defaults to answers passing untouched, for backends
+/// whose answers are already OpenAI's; ext_proc does not even see those.
 pub trait Translation: Send {
     /// The backend's request for the client's OpenAI request body.
     fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError>;
 
-    /// Whether the backend's answers need translating at all.
-    fn translates_responses(&self) -> bool;
-
-    /// What to do with a response, from its status and content-type.
-    fn response_plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan;
-
-    /// A whole response body, success or error, in OpenAI's shape.
-    fn response(&mut self, status: u16, body: &[u8]) -> Vec<u8>;
-
-    /// The next piece of a streamed response as OpenAI server-sent events,
-    /// possibly empty; `end` on the last piece.
-    fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8>;
-
     /// The headers the backend needs besides the body: its API key (if there
     /// is one) in the header its API reads, and any version header.
     fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges;
+
+    /// Whether the backend's answers need translating at all.
+    fn translates_responses(&self) -> bool {
+        false
+    }
+
+    /// What to do with a response, from its status and content-type.
+    fn response_plan(&mut self, status: u16, _content_type: &[u8]) -> ResponsePlan {
+        ResponsePlan { status, streamed: false, content_type: None }
+    }
+
+    /// A whole response body, success or error, in OpenAI's shape.
+    fn response(&mut self, _status: u16, body: &[u8]) -> Vec<u8> {
+        body.to_vec()
+    }
+
+    /// The next piece of a streamed response as OpenAI server-sent events,
+    /// possibly empty; `end` on the last piece.
+    fn stream(&mut self, piece: &[u8], _end: bool) -> Vec<u8> {
+        piece.to_vec()
+    }
 }
 
 /// The translation for a request to `endpoint` of a backend with `profile`.
