@@ -341,13 +341,15 @@ fn finish_reason(answer: &Value, has_tool_calls: bool) -> Value {
     }
 }
 
-fn tool_calls(message: &Value, id_prefix: &str) -> Vec<Value> {
+/// A message's tool calls in OpenAI's shape, numbered from `first` (a stream
+/// may bring them over several lines; their ids must not repeat).
+fn tool_calls(message: &Value, id_prefix: &str, first: usize) -> Vec<Value> {
     message["tool_calls"]
         .as_array()
         .into_iter()
         .flatten()
-        .enumerate()
-        .map(|(i, call)| {
+        .zip(first..)
+        .map(|(call, i)| {
             json!({"id": format!("call_{id_prefix}_{i}"), "type": "function",
                    "function": {"name": call["function"]["name"], "arguments": call["function"]["arguments"].to_string()}})
         })
@@ -356,7 +358,7 @@ fn tool_calls(message: &Value, id_prefix: &str) -> Vec<Value> {
 
 fn chat_completion(answer: &Value, model: &Value) -> Value {
     let id = new_id("chatcmpl");
-    let calls = tool_calls(&answer["message"], &id);
+    let calls = tool_calls(&answer["message"], &id, 0);
     let mut message = json!({"role": "assistant", "content": answer["message"]["content"], "refusal": null});
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls.clone());
@@ -463,16 +465,12 @@ impl ChunkWriter {
                         json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null});
                     self.head.write_choice(out, choice);
                 }
-                let calls = tool_calls(message, self.head.id.as_str().unwrap_or_default());
+                let mut calls = tool_calls(message, self.head.id.as_str().unwrap_or_default(), self.tool_calls);
                 if !calls.is_empty() {
-                    let calls: Vec<Value> = calls
-                        .into_iter()
-                        .map(|mut call| {
-                            call["index"] = json!(self.tool_calls);
-                            self.tool_calls += 1;
-                            call
-                        })
-                        .collect();
+                    for call in &mut calls {
+                        call["index"] = json!(self.tool_calls);
+                        self.tool_calls += 1;
+                    }
                     let choice =
                         json!({"index": 0, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null});
                     self.head.write_choice(out, choice);
@@ -693,6 +691,18 @@ mod tests {
                 |c: &Vec<Value>| c.iter().map(|c| (c["choices"].clone(), c["usage"].clone())).collect::<Vec<_>>();
             assert_eq!(strip(&split), strip(&whole), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn tool_calls_over_several_lines_keep_distinct_ids_and_indexes() {
+        let call = |name: &str| {
+            format!("{{\"message\":{{\"content\":\"\",\"tool_calls\":[{{\"function\":{{\"name\":\"{name}\",\"arguments\":{{}}}}}}]}},\"done\":false}}\n")
+        };
+        let stream = format!("{}{}", call("a"), call("b"));
+        let chunks = chunks(&streamed(Endpoint::ChatCompletions, &[stream.as_bytes()], false));
+        let calls: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+        assert_eq!((calls.len(), &calls[0]["index"], &calls[1]["index"]), (2, &json!(0), &json!(1)));
+        assert_ne!(calls[0]["id"], calls[1]["id"]);
     }
 
     #[test]
