@@ -92,11 +92,13 @@ fn start(request: &HttpHeaders) -> Result<Option<Active>, GatewayError> {
     let path = messages::header(request, ":path").unwrap_or_default();
     let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| messages::header(request, name));
-    let key = match &profile.api_key {
+    let source = profile.api_key.clone();
+    // An endpoint the backend lacks is refused before any key is read.
+    let translation = translate::for_backend(profile, endpoint)?;
+    let key = match &source {
         Some(source) => credentials::resolve(source, client_key)?,
         None => None,
     };
-    let translation = translate::for_backend(profile, endpoint)?;
     Ok(Some(Active { translation, key, response: None }))
 }
 
