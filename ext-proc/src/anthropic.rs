@@ -14,8 +14,10 @@
 //! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
 
 use crate::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
-use crate::translate::{self, Endpoint, HeaderChanges, ResponsePlan, StreamHead, UpstreamRequest};
-use modelgate_proto::backend::BackendProfile;
+use crate::translate::{
+    self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
+};
+use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
 use serde_json::{json, Map, Value};
 
@@ -29,13 +31,12 @@ pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 pub struct Translation {
     profile: BackendProfile,
     include_usage: bool,
-    stream: Option<ChunkWriter>,
 }
 
 impl Translation {
     pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
         match endpoint {
-            Endpoint::ChatCompletions => Ok(Translation { profile, include_usage: false, stream: None }),
+            Endpoint::ChatCompletions => Ok(Translation { profile, include_usage: false }),
             other => Err(translate::unsupported_endpoint(other, "an Anthropic")),
         }
     }
@@ -54,7 +55,35 @@ impl translate::Translation for Translation {
         true
     }
 
-    fn response_plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
+    fn response_context(&self) -> Option<ResponseContext> {
+        let mut context = ResponseContext::new(Dialect::Anthropic, Endpoint::ChatCompletions);
+        context.include_usage = self.include_usage;
+        Some(context)
+    }
+
+    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
+        let mut set = vec![("anthropic-version", API_VERSION.to_string())];
+        set.extend(key.map(|key| ("x-api-key", key.to_string())));
+        // A passed-through client key now travels as x-api-key; no bearer token goes on.
+        // Answers must come uncompressed, to be translated.
+        HeaderChanges { set, remove: vec!["authorization", "accept-encoding"] }
+    }
+}
+
+/// A Messages API answer, whole or streamed, as OpenAI's.
+pub struct Responses {
+    include_usage: bool,
+    stream: Option<ChunkWriter>,
+}
+
+impl Responses {
+    pub fn new(context: &ResponseContext) -> Self {
+        Responses { include_usage: context.include_usage, stream: None }
+    }
+}
+
+impl ResponseTranslation for Responses {
+    fn plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
         let streamed = (200..300).contains(&status) && content_type.starts_with(b"text/event-stream");
         if streamed {
             self.stream = Some(ChunkWriter::new(self.include_usage));
@@ -67,7 +96,7 @@ impl translate::Translation for Translation {
         }
     }
 
-    fn response(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
+    fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
         let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
             // Not Anthropic's JSON (a proxy's page, say): the filter's error normaliser takes it from here.
             return body.to_vec();
@@ -87,14 +116,6 @@ impl translate::Translation for Translation {
             Some(writer) => writer.push(piece, end),
             None => piece.to_vec(),
         }
-    }
-
-    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
-        let mut set = vec![("anthropic-version", API_VERSION.to_string())];
-        set.extend(key.map(|key| ("x-api-key", key.to_string())));
-        // A passed-through client key now travels as x-api-key; no bearer token goes on.
-        // Answers must come uncompressed, to be translated.
-        HeaderChanges { set, remove: vec!["authorization", "accept-encoding"] }
     }
 }
 
@@ -449,8 +470,12 @@ impl ChunkWriter {
         let complete = self.events.take(piece, end);
         let mut out = Vec::new();
         for data in framing::event_data(&complete) {
-            if let Ok(data) = serde_json::from_slice::<Value>(&data) {
-                self.translate(&data, &mut out);
+            let Ok(parsed) = serde_json::from_slice::<Value>(&data) else { continue };
+            if parsed.get("type").is_none() && parsed.get("error").is_some() {
+                // The stream guard's error event: already OpenAI's, passed on byte for byte.
+                framing::write_data(&mut out, &data);
+            } else {
+                self.translate(&parsed, &mut out);
             }
         }
         out
@@ -504,8 +529,6 @@ impl ChunkWriter {
                     out.extend_from_slice(&error_event(&error));
                 }
             }
-            // An error event written by the stream guard is already OpenAI's.
-            None if data.get("error").is_some() => framing::write_data(out, data.to_string().as_bytes()),
             _ => {}
         }
     }
@@ -629,11 +652,17 @@ mod tests {
         assert!(translate(json!({"model": "m", "messages": [], "n": 1, "logprobs": false})).is_ok());
     }
 
+    fn responses(include_usage: bool) -> Responses {
+        let mut context = ResponseContext::new(Dialect::Anthropic, Endpoint::ChatCompletions);
+        context.include_usage = include_usage;
+        Responses::new(&context)
+    }
+
     #[test]
     fn a_whole_message_becomes_a_chat_completion() {
-        let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
+        let mut t = responses(false);
         assert_eq!(
-            t.response_plan(200, b"application/json"),
+            t.plan(200, b"application/json"),
             ResponsePlan { status: 200, streamed: false, content_type: Some("application/json") }
         );
         let message = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
@@ -641,7 +670,7 @@ mod tests {
                         {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"zoom": 2}}],
             "stop_reason": "tool_use", "stop_sequence": null,
             "usage": {"input_tokens": 10, "output_tokens": 7, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 1}});
-        let out: Value = serde_json::from_slice(&t.response(200, message.to_string().as_bytes())).unwrap();
+        let out: Value = serde_json::from_slice(&t.whole(200, message.to_string().as_bytes())).unwrap();
         assert_eq!(out["object"], "chat.completion");
         assert_eq!(out["model"], "claude-x");
         assert_eq!(
@@ -663,16 +692,16 @@ mod tests {
 
     #[test]
     fn anthropic_errors_become_openai_errors() {
-        let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
-        assert_eq!(t.response_plan(529, b"application/json").status, 503);
-        assert_eq!(t.response_plan(429, b"application/json").status, 429);
+        let mut t = responses(false);
+        assert_eq!(t.plan(529, b"application/json").status, 503);
+        assert_eq!(t.plan(429, b"application/json").status, 429);
         let limited = br#"{"type":"error","error":{"type":"rate_limit_error","message":"Slow down"}}"#;
-        let out: Value = serde_json::from_slice(&t.response(429, limited)).unwrap();
+        let out: Value = serde_json::from_slice(&t.whole(429, limited)).unwrap();
         assert_eq!(
             out,
             json!({"error": {"message": "Slow down", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})
         );
-        assert_eq!(t.response(502, b"<html>bad gateway</html>"), b"<html>bad gateway</html>");
+        assert_eq!(t.whole(502, b"<html>bad gateway</html>"), b"<html>bad gateway</html>");
     }
 
     /// A stream as Anthropic sends it: text, then a tool call whose input arrives in pieces.
@@ -692,9 +721,8 @@ mod tests {
     );
 
     fn streamed(pieces: &[&[u8]], include_usage: bool) -> String {
-        let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
-        t.include_usage = include_usage;
-        assert!(t.response_plan(200, b"text/event-stream; charset=utf-8").streamed);
+        let mut t = responses(include_usage);
+        assert!(t.plan(200, b"text/event-stream; charset=utf-8").streamed);
         feed(&mut t, pieces)
     }
 
@@ -760,8 +788,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_in_a_stream_never_panic(pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
             let pieces: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
-            let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
-            t.response_plan(200, b"text/event-stream");
+            let mut t = responses(false);
+            t.plan(200, b"text/event-stream");
             for piece in pieces {
                 let _ = t.stream(piece, false);
             }

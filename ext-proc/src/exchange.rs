@@ -5,7 +5,7 @@
 
 use crate::credentials;
 use crate::messages;
-use crate::translate::{self, Endpoint, HeaderChanges, Translation};
+use crate::translate::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
@@ -22,6 +22,10 @@ pub struct Exchange {
 struct Active {
     translation: Box<dyn Translation>,
     key: Option<String>,
+    /// The request streams through the stream guard, which translates its answer.
+    guarded: bool,
+    /// The answer's translation, when it is done here.
+    responses: Option<Box<dyn ResponseTranslation>>,
     /// The response's status and whether its body streams, once its headers are seen.
     response: Option<(u16, bool)>,
 }
@@ -33,7 +37,9 @@ impl Exchange {
         let answer = match (&request, &mut self.active) {
             (Request::RequestHeaders(h), _) => match start(h) {
                 Ok(Some(active)) => {
-                    let watch = active.translation.translates_responses();
+                    // A guarded stream's answer is translated by the guard, where its
+                    // events pass anyway: ext_proc need not hold each one.
+                    let watch = active.translation.translates_responses() && !active.guarded;
                     self.active = Some(active);
                     messages::continue_request_headers(watch)
                 }
@@ -42,24 +48,31 @@ impl Exchange {
             },
             (Request::RequestBody(body), Some(active)) => match active.translation.request(&body.body) {
                 Ok(upstream) => {
-                    let mut headers = active.translation.upstream_headers(active.key.as_deref());
+                    let mut changes = active.translation.upstream_headers(active.key.as_deref());
                     if let Some(path) = upstream.path {
-                        headers.set.push((":path", path.to_string()));
+                        changes.set.push((":path", path.to_string()));
+                    }
+                    match active.translation.response_context() {
+                        Some(context) if active.guarded => {
+                            changes.set.push((headers::RESPONSE_TRANSLATION, context.to_header()))
+                        }
+                        Some(context) => active.responses = context.translation(),
+                        None => {}
                     }
                     match upstream.body {
-                        Some(body) => messages::replace_request_body(body, headers),
-                        None => messages::change_request_headers(headers),
+                        Some(body) => messages::replace_request_body(body, changes),
+                        None => messages::change_request_headers(changes),
                     }
                 }
                 Err(e) => messages::reject(&e),
             },
-            (Request::ResponseHeaders(h), Some(active)) => {
+            (Request::ResponseHeaders(h), Some(Active { responses: Some(responses), response, .. })) => {
                 let status = messages::header(h, ":status")
                     .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
                     .unwrap_or(200);
                 let content_type = messages::header(h, "content-type").unwrap_or_default();
-                let plan = active.translation.response_plan(status, content_type);
-                active.response = Some((status, plan.streamed));
+                let plan = responses.plan(status, content_type);
+                *response = Some((status, plan.streamed));
                 let mut changes = HeaderChanges { set: Vec::new(), remove: vec!["content-length"] };
                 if plan.status != status {
                     changes.set.push((":status", plan.status.to_string()));
@@ -67,15 +80,15 @@ impl Exchange {
                 changes.set.extend(plan.content_type.map(|c| ("content-type", c.to_string())));
                 messages::rewrite_response_headers(changes, plan.streamed)
             }
-            (Request::ResponseBody(body), Some(active)) => match active.response {
-                Some((_, true)) => {
-                    messages::replace_response_piece(active.translation.stream(&body.body, body.end_of_stream))
+            (Request::ResponseBody(body), Some(Active { responses: Some(responses), response, .. })) => {
+                match response {
+                    Some((_, true)) => {
+                        messages::replace_response_piece(responses.stream(&body.body, body.end_of_stream))
+                    }
+                    Some((status, false)) => messages::replace_response_body(responses.whole(*status, &body.body)),
+                    None => messages::pass(&request),
                 }
-                Some((status, false)) => {
-                    messages::replace_response_body(active.translation.response(status, &body.body))
-                }
-                None => messages::pass(&request),
-            },
+            }
             _ => messages::pass(&request),
         };
         Some(answer)
@@ -99,7 +112,8 @@ fn start(request: &HttpHeaders) -> Result<Option<Active>, GatewayError> {
         Some(source) => credentials::resolve(source, client_key)?,
         None => None,
     };
-    Ok(Some(Active { translation, key, response: None }))
+    let guarded = messages::header(request, headers::STREAM_CLUSTER).is_some();
+    Ok(Some(Active { translation, key, guarded, responses: None, response: None }))
 }
 
 fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
@@ -261,6 +275,34 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
             text.split("\n\n").filter(|e| !e.is_empty()).map(|e| serde_json::from_str(&e[6..]).unwrap()).collect();
         assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
         assert_eq!(chunks[1]["choices"][0]["delta"], json!({"content": "Hi"}));
+    }
+
+    #[test]
+    fn a_guarded_stream_leaves_its_answer_to_the_stream_guard() {
+        let mut ex = Exchange::default();
+        let first = ex
+            .on_message(request_headers(&[
+                (":path", "/v1/chat/completions"),
+                (headers::BACKEND, r#"{"dialect":"ollama","model":"llama3.2:1b"}"#),
+                (headers::STREAM_CLUSTER, "ollama_local"),
+            ]))
+            .unwrap();
+        assert!(first.mode_override.is_none(), "the answer is not asked for");
+        let request = common(
+            ex.on_message(body(
+                br#"{"model":"llama3.2","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+                true,
+                false,
+            ))
+            .unwrap(),
+        );
+        let context = set_headers(&request).into_iter().find(|(k, _)| k == headers::RESPONSE_TRANSLATION).unwrap().1;
+        assert_eq!(
+            context,
+            r#"{"dialect":"ollama","endpoint":"chat_completions","model":"llama3.2","include_usage":true}"#
+        );
+        let answer = ex.on_message(response_headers(&[(":status", "200")])).unwrap();
+        assert!(matches!(answer.response, Some(Response::ResponseHeaders(h)) if h.response.is_none()));
     }
 
     #[test]

@@ -10,27 +10,24 @@
 
 use crate::framing::{error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use crate::openai::bearer;
-use crate::translate::{self, Endpoint, HeaderChanges, ResponsePlan, StreamHead, UpstreamRequest};
+use crate::translate::{
+    self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
+};
 use base64::Engine;
-use modelgate_proto::backend::BackendProfile;
+use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
 use serde_json::{json, Map, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct Translation {
     profile: BackendProfile,
-    endpoint: Endpoint,
-    include_usage: bool,
-    /// The client asked for base64 embeddings (the openai SDKs' default).
-    base64: bool,
-    /// The client's model name, which OpenAI answers carry.
-    model: Value,
-    stream: Option<ChunkWriter>,
+    /// What the answer's translation will need, filled in from the request.
+    context: ResponseContext,
 }
 
 impl Translation {
     pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Self {
-        Translation { profile, endpoint, include_usage: false, base64: false, model: Value::Null, stream: None }
+        Translation { profile, context: ResponseContext::new(Dialect::Ollama, endpoint) }
     }
 }
 
@@ -38,15 +35,16 @@ impl translate::Translation for Translation {
     fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
         let request: Map<String, Value> =
             serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
-        self.model = request.get("model").cloned().unwrap_or(Value::Null);
-        self.include_usage = request.get("stream_options").is_some_and(|o| o["include_usage"] == true);
-        self.base64 = request.get("encoding_format").is_some_and(|f| f == "base64");
-        let (path, mut out) = match self.endpoint {
+        let context = &mut self.context;
+        context.model = request.get("model").cloned().unwrap_or(Value::Null);
+        context.include_usage = request.get("stream_options").is_some_and(|o| o["include_usage"] == true);
+        context.base64 = request.get("encoding_format").is_some_and(|f| f == "base64");
+        let (path, mut out) = match context.endpoint {
             Endpoint::ChatCompletions => ("/api/chat", chat_request(&request)?),
             Endpoint::Completions => ("/api/generate", generate_request(&request)?),
             Endpoint::Embeddings => ("/api/embed", embed_request(&request)?),
         };
-        let model = self.profile.model.clone().map(Value::String).unwrap_or_else(|| self.model.clone());
+        let model = self.profile.model.clone().map(Value::String).unwrap_or_else(|| context.model.clone());
         out.insert("model".into(), model);
         apply_defaults(&mut out, &self.profile.defaults);
         Ok(UpstreamRequest { path: Some(path), body: Some(Value::Object(out).to_string().into_bytes()) })
@@ -56,10 +54,36 @@ impl translate::Translation for Translation {
         true
     }
 
-    fn response_plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
+    fn response_context(&self) -> Option<ResponseContext> {
+        Some(self.context.clone())
+    }
+
+    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
+        let mut changes = bearer(key);
+        // Answers must come uncompressed, to be translated.
+        changes.remove.push("accept-encoding");
+        changes
+    }
+}
+
+/// An Ollama answer, whole or as NDJSON lines, as OpenAI's.
+pub struct Responses {
+    context: ResponseContext,
+    stream: Option<ChunkWriter>,
+}
+
+impl Responses {
+    pub fn new(context: &ResponseContext) -> Self {
+        Responses { context: context.clone(), stream: None }
+    }
+}
+
+impl ResponseTranslation for Responses {
+    fn plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
         let streamed = (200..300).contains(&status) && content_type.starts_with(b"application/x-ndjson");
         if streamed {
-            self.stream = Some(ChunkWriter::new(self.endpoint, self.model.clone(), self.include_usage));
+            let context = &self.context;
+            self.stream = Some(ChunkWriter::new(context.endpoint, context.model.clone(), context.include_usage));
         }
         ResponsePlan {
             status,
@@ -68,7 +92,7 @@ impl translate::Translation for Translation {
         }
     }
 
-    fn response(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
+    fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
         let Ok(answer) = serde_json::from_slice::<Value>(body) else {
             return body.to_vec();
         };
@@ -78,10 +102,11 @@ impl translate::Translation for Translation {
                 None => body.to_vec(),
             };
         }
-        let out = match self.endpoint {
-            Endpoint::ChatCompletions => chat_completion(&answer, &self.model),
-            Endpoint::Completions => text_completion(&answer, &self.model),
-            Endpoint::Embeddings => embeddings(&answer, &self.model, self.base64),
+        let model = &self.context.model;
+        let out = match self.context.endpoint {
+            Endpoint::ChatCompletions => chat_completion(&answer, model),
+            Endpoint::Completions => text_completion(&answer, model),
+            Endpoint::Embeddings => embeddings(&answer, model, self.context.base64),
         };
         out.to_string().into_bytes()
     }
@@ -91,13 +116,6 @@ impl translate::Translation for Translation {
             Some(writer) => writer.push(piece, end),
             None => piece.to_vec(),
         }
-    }
-
-    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
-        let mut changes = bearer(key);
-        // Answers must come uncompressed, to be translated.
-        changes.remove.push("accept-encoding");
-        changes
     }
 }
 
@@ -509,6 +527,13 @@ mod tests {
         Translation::new(BackendProfile::default(), endpoint)
     }
 
+    /// The answer's translation for the request `body` to `endpoint`.
+    fn answering(endpoint: Endpoint, body: &[u8]) -> Responses {
+        let mut t = translation(endpoint);
+        t.request(body).unwrap();
+        Responses::new(&t.response_context().unwrap())
+    }
+
     fn request(endpoint: Endpoint, body: Value) -> Result<(&'static str, Value), GatewayError> {
         let upstream = translation(endpoint).request(body.to_string().as_bytes())?;
         Ok((upstream.path.unwrap(), serde_json::from_slice(&upstream.body.unwrap()).unwrap()))
@@ -608,13 +633,12 @@ mod tests {
 
     #[test]
     fn whole_answers_become_openai_objects() {
-        let mut chat = translation(Endpoint::ChatCompletions);
-        chat.request(br#"{"model":"client-name","messages":[]}"#).unwrap();
-        assert!(!chat.response_plan(200, b"application/json; charset=utf-8").streamed);
+        let mut chat = answering(Endpoint::ChatCompletions, br#"{"model":"client-name","messages":[]}"#);
+        assert!(!chat.plan(200, b"application/json; charset=utf-8").streamed);
         let answer = json!({"model": "llama3.2", "created_at": "x", "done": true, "done_reason": "stop",
             "message": {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "look", "arguments": {"zoom": 2}}}]},
             "prompt_eval_count": 7, "eval_count": 3});
-        let out: Value = serde_json::from_slice(&chat.response(200, answer.to_string().as_bytes())).unwrap();
+        let out: Value = serde_json::from_slice(&chat.whole(200, answer.to_string().as_bytes())).unwrap();
         assert_eq!(out["model"], "client-name");
         assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(
@@ -623,17 +647,14 @@ mod tests {
         );
         assert_eq!(out["usage"], json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}));
 
-        let mut embed = translation(Endpoint::Embeddings);
-        embed.request(br#"{"model":"e","input":"a","encoding_format":"base64"}"#).unwrap();
+        let mut embed = answering(Endpoint::Embeddings, br#"{"model":"e","input":"a","encoding_format":"base64"}"#);
         let out: Value =
-            serde_json::from_slice(&embed.response(200, br#"{"embeddings":[[1.0,-0.5]],"prompt_eval_count":1}"#))
-                .unwrap();
+            serde_json::from_slice(&embed.whole(200, br#"{"embeddings":[[1.0,-0.5]],"prompt_eval_count":1}"#)).unwrap();
         let expected: Vec<u8> = [1.0f32, -0.5].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(out["data"][0]["embedding"], json!(base64::engine::general_purpose::STANDARD.encode(expected)));
         assert_eq!(out["usage"], json!({"prompt_tokens": 1, "total_tokens": 1}));
 
-        let error: Value =
-            serde_json::from_slice(&chat.response(404, br#"{"error":"model \"x\" not found"}"#)).unwrap();
+        let error: Value = serde_json::from_slice(&chat.whole(404, br#"{"error":"model \"x\" not found"}"#)).unwrap();
         assert_eq!(error["error"]["message"], "model \"x\" not found");
         assert_eq!(error["error"]["type"], "not_found_error");
     }
@@ -645,9 +666,10 @@ mod tests {
     );
 
     fn streamed(endpoint: Endpoint, pieces: &[&[u8]], include_usage: bool) -> String {
-        let mut t = translation(endpoint);
-        t.include_usage = include_usage;
-        assert_eq!(t.response_plan(200, b"application/x-ndjson").content_type, Some("text/event-stream"));
+        let mut context = ResponseContext::new(Dialect::Ollama, endpoint);
+        context.include_usage = include_usage;
+        let mut t = Responses::new(&context);
+        assert_eq!(t.plan(200, b"application/x-ndjson").content_type, Some("text/event-stream"));
         feed(&mut t, pieces)
     }
 
@@ -721,11 +743,11 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
             for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings] {
-                let mut t = translation(endpoint);
-                let _ = t.request(&body);
-                t.response_plan(200, b"application/x-ndjson");
+                let _ = translation(endpoint).request(&body);
+                let mut t = Responses::new(&ResponseContext::new(Dialect::Ollama, endpoint));
+                t.plan(200, b"application/x-ndjson");
                 let _ = t.stream(&body, false);
-                let _ = t.response(200, &body);
+                let _ = t.whole(200, &body);
             }
         }
     }

@@ -13,12 +13,19 @@
 //! `data: {"error":{...}}` and ends the response cleanly. The client's SDK then
 //! raises `APIError` with that error, after every chunk that was sent.
 //!
+//! A stream to a backend of another dialect (Anthropic, Ollama) is translated
+//! here too, event by event, as ext-proc asked in the request's
+//! [`headers::RESPONSE_TRANSLATION`]: the events pass through the guard anyway,
+//! and translating them in ext_proc would hold each one for a gRPC round trip.
+//!
 //! The guard's own answers (its upstream unreachable, a request without a
 //! target cluster) are OpenAI errors too; every other answer passes untouched.
 
 use crate::framing::{CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
+use crate::translate::{ResponseContext, ResponseTranslation};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode, Uri};
@@ -98,9 +105,25 @@ impl StreamGuard {
                 ))
             }
         };
+        let translation = match parts.headers.remove(headers::RESPONSE_TRANSLATION) {
+            Some(context) => match ResponseContext::from_header(context.as_bytes()) {
+                Ok(context) => context.translation(),
+                Err(e) => {
+                    tracing::error!(error = %e, "stream guard: unreadable response translation from ext-proc");
+                    return error_response(GatewayError::new(
+                        500,
+                        "server_error",
+                        "The gateway is misconfigured for this model.".into(),
+                        None,
+                        Some("gateway_misconfigured"),
+                    ));
+                }
+            },
+            None => None,
+        };
         let request_id = parts.headers.get("x-request-id").cloned();
         match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(response) => guard_response(response, request_id),
+            Ok(response) => guard_response(response, translation, request_id).await,
             Err(e) => {
                 tracing::warn!(error = %e, "stream guard: upstream listener unreachable");
                 error_response(GatewayError::new(
@@ -134,22 +157,63 @@ fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
     }
 }
 
-fn guard_response(response: Response<Incoming>, request_id: Option<HeaderValue>) -> Response<GuardedBody> {
+/// The answer as the client gets it: a stream event by event (translated if
+/// asked), a whole answer to translate read first, anything else as it is.
+async fn guard_response(
+    response: Response<Incoming>,
+    mut translation: Option<Box<dyn ResponseTranslation>>,
+    request_id: Option<HeaderValue>,
+) -> Response<GuardedBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    let framing = stream_framing(&parts.headers).filter(|_| parts.status.is_success());
+    let mut framing = stream_framing(&parts.headers).filter(|_| parts.status.is_success());
+    if let Some(translation) = &mut translation {
+        let status = parts.status.as_u16();
+        let plan = translation.plan(status, parts.headers.get(CONTENT_TYPE).map_or(b"", |c| c.as_bytes()));
+        parts.status = StatusCode::from_u16(plan.status).unwrap_or(parts.status);
+        if let Some(content_type) = plan.content_type {
+            parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        }
+        if !plan.streamed {
+            return translate_whole(parts, body, status, translation.as_mut()).await;
+        }
+        framing = framing.filter(|_| plan.streamed);
+    }
     let events = framing.map(|framing| {
         // The guard may add an event, so the length is no longer known.
         parts.headers.remove(CONTENT_LENGTH);
         CompleteEvents::new(framing, DEFAULT_MAX_EVENT_BYTES)
     });
-    let body = GuardedBody { state: State::Relaying(body), events, request_id };
+    let translation = translation.filter(|_| events.is_some());
+    let body = GuardedBody { state: State::Relaying(body), events, translation, request_id };
     Response::from_parts(parts, body)
 }
 
+/// The most of a whole answer read to translate it; answers to streaming
+/// requests that do not stream are errors, far smaller than this.
+const MAX_WHOLE_ANSWER_BYTES: usize = 16 << 20;
+
+/// A whole answer (an error, or a backend that ignored `stream`), read and translated.
+async fn translate_whole(
+    mut parts: hyper::http::response::Parts,
+    body: Incoming,
+    status: u16,
+    translation: &mut dyn ResponseTranslation,
+) -> Response<GuardedBody> {
+    let whole = match Limited::new(body, MAX_WHOLE_ANSWER_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            tracing::warn!(error = %e, "stream guard: the backend's answer could not be read");
+            return error_response(interruption(&e));
+        }
+    };
+    let body = Bytes::from(translation.whole(status, &whole));
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, GuardedBody::last(body))
+}
+
 fn error_response(error: GatewayError) -> Response<GuardedBody> {
-    let mut response =
-        Response::new(GuardedBody { state: State::Last(Bytes::from(error.to_json())), events: None, request_id: None });
+    let mut response = Response::new(GuardedBody::last(Bytes::from(error.to_json())));
     *response.status_mut() = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     // Only the guard's own unavailability can pass by itself.
@@ -174,7 +238,24 @@ pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
 pub struct GuardedBody {
     state: State,
     events: Option<CompleteEvents>,
+    /// Turns the stream's whole events into OpenAI's, when the backend speaks another dialect.
+    translation: Option<Box<dyn ResponseTranslation>>,
     request_id: Option<HeaderValue>,
+}
+
+impl GuardedBody {
+    /// A body of these bytes only.
+    fn last(bytes: Bytes) -> Self {
+        GuardedBody { state: State::Last(bytes), events: None, translation: None, request_id: None }
+    }
+}
+
+/// `events` in OpenAI's dialect; `end` on the stream's last events.
+fn translated(translation: &mut Option<Box<dyn ResponseTranslation>>, events: Bytes, end: bool) -> Bytes {
+    match translation {
+        Some(translation) => Bytes::from(translation.stream(&events, end)),
+        None => events,
+    }
 }
 
 enum State {
@@ -204,7 +285,7 @@ impl Body for GuardedBody {
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        let complete = events.push(data);
+                        let complete = translated(&mut this.translation, events.push(data), false);
                         if !complete.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(complete))));
                         }
@@ -213,9 +294,10 @@ impl Body for GuardedBody {
                 },
                 Some(Err(e)) => {
                     tracing::warn!(request_id = ?this.request_id, error = %e, "stream interrupted by the backend");
-                    this.state = State::Last(events.interrupt(&interruption(&e)));
+                    let last = events.interrupt(&interruption(&e));
+                    this.state = State::Last(translated(&mut this.translation, last, true));
                 }
-                None => this.state = State::Last(events.finish()),
+                None => this.state = State::Last(translated(&mut this.translation, events.finish(), true)),
             }
         }
     }
@@ -258,12 +340,18 @@ mod tests {
 
     /// What a client of the guard receives, raw, for a request relayed to `upstream`.
     async fn through_guard(upstream: SocketAddr, cluster_header: bool) -> String {
+        let cluster = if cluster_header { "x-modelgate-stream-cluster: pool\r\n" } else { "" };
+        request_through_guard(upstream, cluster).await
+    }
+
+    /// The same for a request with these extra header lines.
+    async fn request_through_guard(upstream: SocketAddr, extra_headers: &str) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let guard_addr = listener.local_addr().unwrap();
         tokio::spawn(StreamGuard::new(upstream).serve(listener));
         let mut client = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
-        let cluster = if cluster_header { "x-modelgate-stream-cluster: pool\r\n" } else { "" };
-        let request = format!("GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{cluster}connection: close\r\n\r\n");
+        let request =
+            format!("GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{extra_headers}connection: close\r\n\r\n");
         client.write_all(request.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
@@ -314,5 +402,67 @@ mod tests {
         let answer = through_guard(closed, false).await;
         assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
         assert!(answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
+    }
+
+    /// A request to a simulated Anthropic stream, translated by the guard.
+    const ANTHROPIC_STREAM: &str = "x-modelgate-stream-cluster: anthropic\r\nx-modelgate-response-translation: {\"dialect\":\"anthropic\",\"endpoint\":\"chat_completions\"}\r\n";
+
+    #[tokio::test]
+    async fn a_stream_in_another_dialect_is_translated_event_by_event() {
+        let events = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude\",\"usage\":{\"input_tokens\":3}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":1}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
+            events.len()
+        );
+        let upstream = upstream_writing(Box::leak(response.into_boxed_str()).as_bytes()).await;
+        let answer = request_through_guard(upstream, ANTHROPIC_STREAM).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK") && answer.contains("transfer-encoding: chunked"), "{answer}");
+        assert!(!answer.contains("message_start"), "{answer}");
+        assert!(answer.contains(r#""object":"chat.completion.chunk""#), "{answer}");
+        assert!(answer.contains(r#""delta":{"content":"Hi"}"#), "{answer}");
+        assert!(answer.contains(r#""finish_reason":"stop""#), "{answer}");
+        assert!(answer.ends_with("data: [DONE]\n\n\r\n0\r\n\r\n"), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_translated_stream_cut_midway_ends_with_the_openai_error_event() {
+        let cut = concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            "21\r\nevent: message_start\ndata: {\"type\r\n"
+        );
+        let answer = request_through_guard(upstream_writing(cut.as_bytes()).await, ANTHROPIC_STREAM).await;
+        let error = r#"data: {"error":{"message":"The backend stopped in the middle of this stream"#;
+        assert!(answer.contains(error), "{answer}");
+        assert!(!answer.contains("[DONE]") && !answer.contains("message_start"), "{answer}");
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_whole_error_in_another_dialect_becomes_openais_with_its_status_and_length() {
+        let overloaded = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let response = format!(
+            "HTTP/1.1 529 Overloaded\r\ncontent-type: application/json\r\nretry-after: 2\r\ncontent-length: {}\r\n\r\n{overloaded}",
+            overloaded.len()
+        );
+        let upstream = upstream_writing(Box::leak(response.into_boxed_str()).as_bytes()).await;
+        let answer = request_through_guard(upstream, ANTHROPIC_STREAM).await;
+        let expected = r#"{"error":{"message":"Overloaded","type":"server_error","param":null,"code":"overloaded"}}"#;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: 2") && answer.contains(&format!("content-length: {}", expected.len())));
+        assert!(answer.ends_with(expected), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_translation_is_a_gateway_error() {
+        let never = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let headers =
+            "x-modelgate-stream-cluster: x\r\nx-modelgate-response-translation: {\"dialect\":\"klingon\"}\r\n";
+        let answer = request_through_guard(never, headers).await;
+        assert!(answer.starts_with("HTTP/1.1 500") && answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
     }
 }

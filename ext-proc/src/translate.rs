@@ -1,16 +1,25 @@
-//! The one interface every backend dialect implements: how a client's OpenAI
-//! request becomes the backend's, and how the backend's answer, whole or
-//! streamed, becomes OpenAI's. One file per dialect implements it
-//! ([`crate::openai`], [`crate::anthropic`], [`crate::ollama`]); [`crate::exchange`] drives it
-//! from Envoy's messages and knows nothing of any dialect.
+//! The two interfaces every backend dialect implements: how a client's OpenAI
+//! request becomes the backend's ([`Translation`]), and how the backend's
+//! answer, whole or streamed, becomes OpenAI's ([`ResponseTranslation`]). One
+//! file per dialect implements them ([`crate::openai`], [`crate::anthropic`],
+//! [`crate::ollama`]); [`crate::exchange`] drives them from Envoy's messages and
+//! the [`crate::stream_guard`] drives the second from the bytes it relays, and
+//! neither knows anything of any dialect.
+//!
+//! The two halves meet through a [`ResponseContext`]: what the answer's
+//! translation must know of the request. It is small enough to travel in a
+//! header, which is how a stream's translation moves from ext_proc to the
+//! stream guard.
 
 use crate::{anthropic, framing, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::GatewayError;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// The OpenAI endpoint a request was sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Endpoint {
     ChatCompletions,
     Completions,
@@ -65,9 +74,7 @@ pub struct ResponsePlan {
     pub content_type: Option<&'static str>,
 }
 
-/// One request's translation, from the request body to the response's end.
-/// The response side defaults to answers passing untouched, for backends
-/// whose answers are already OpenAI's; ext_proc does not even see those.
+/// How one request becomes the backend's.
 pub trait Translation: Send {
     /// The backend's request for the client's OpenAI request body.
     fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError>;
@@ -76,25 +83,71 @@ pub trait Translation: Send {
     /// is one) in the header its API reads, and any version header.
     fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges;
 
-    /// Whether the backend's answers need translating at all.
+    /// Whether the backend's answers need translating at all; known before
+    /// the request body is.
     fn translates_responses(&self) -> bool {
         false
     }
 
-    /// What to do with a response, from its status and content-type.
-    fn response_plan(&mut self, status: u16, _content_type: &[u8]) -> ResponsePlan {
-        ResponsePlan { status, streamed: false, content_type: None }
+    /// What translating the answer needs to know of the request, once
+    /// [`Translation::request`] has read it; `None` for backends whose answers
+    /// are already OpenAI's (ext_proc does not even see those).
+    fn response_context(&self) -> Option<ResponseContext> {
+        None
     }
+}
 
-    /// A whole response body, success or error, in OpenAI's shape.
-    fn response(&mut self, _status: u16, body: &[u8]) -> Vec<u8> {
-        body.to_vec()
-    }
+/// How one backend answer becomes OpenAI's.
+pub trait ResponseTranslation: Send {
+    /// What to do with the answer, from its status and content-type.
+    fn plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan;
 
-    /// The next piece of a streamed response as OpenAI server-sent events,
+    /// A whole answer body, success or error, in OpenAI's shape.
+    fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8>;
+
+    /// The next piece of a streamed answer as OpenAI server-sent events,
     /// possibly empty; `end` on the last piece.
-    fn stream(&mut self, piece: &[u8], _end: bool) -> Vec<u8> {
-        piece.to_vec()
+    fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8>;
+}
+
+/// What an answer's translation needs to know of its request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseContext {
+    pub dialect: Dialect,
+    pub endpoint: Endpoint,
+    /// The model the client asked for, which some dialects' answers lack.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub model: Value,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_usage: bool,
+    /// The client asked for base64 embeddings (the openai SDKs' default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub base64: bool,
+}
+
+impl ResponseContext {
+    pub fn new(dialect: Dialect, endpoint: Endpoint) -> Self {
+        ResponseContext { dialect, endpoint, model: Value::Null, include_usage: false, base64: false }
+    }
+
+    /// The context as the value of an internal header.
+    pub fn to_header(&self) -> String {
+        // Strings, booleans and JSON values always serialise.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_header(value: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(value)
+    }
+
+    /// The translation of this request's answer; `None` when it is OpenAI's already.
+    pub fn translation(&self) -> Option<Box<dyn ResponseTranslation>> {
+        match self.dialect {
+            Dialect::Openai => None,
+            Dialect::Anthropic => Some(Box::new(anthropic::Responses::new(self))),
+            Dialect::Ollama => Some(Box::new(ollama::Responses::new(self))),
+        }
     }
 }
 
@@ -175,11 +228,11 @@ pub fn unsupported_parameter(param: &str, why: &str) -> GatewayError {
 /// What the dialects' tests share: feeding a stream through a translation.
 #[cfg(test)]
 pub mod testing {
-    use super::Translation;
+    use super::ResponseTranslation;
     use serde_json::Value;
 
     /// The translated stream for `pieces`, fed in order, the last marked as the end.
-    pub fn feed(translation: &mut dyn Translation, pieces: &[&[u8]]) -> String {
+    pub fn feed(translation: &mut dyn ResponseTranslation, pieces: &[&[u8]]) -> String {
         let mut out = Vec::new();
         for (i, piece) in pieces.iter().enumerate() {
             out.extend(translation.stream(piece, i + 1 == pieces.len()));
