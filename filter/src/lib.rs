@@ -19,6 +19,7 @@ pub mod routing_fields;
 
 use modelgate_proto::error_normalize::{normalize, Origin};
 use modelgate_proto::headers;
+use modelgate_proto::keys::{Caller, Presented};
 use modelgate_proto::routing::Router;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
@@ -60,6 +61,7 @@ impl RootContext for Plugin {
             answered_here: false,
             error: None,
             guarded: false,
+            caller: None,
         }))
     }
 
@@ -77,6 +79,8 @@ struct Request {
     error: Option<(u16, String)>,
     /// Sent through the stream guard: Envoy's code details come from the inner listener.
     guarded: bool,
+    /// The client key the request came with, where keys are configured.
+    caller: Caller,
 }
 
 impl Context for Request {}
@@ -91,17 +95,30 @@ impl HttpContext for Request {
         let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         let content_type = host::header(MapType::HttpRequestHeaders, "content-type");
         let content_length = host::header(MapType::HttpRequestHeaders, "content-length");
+        // Two more host calls, only where keys are configured.
+        let (authorization, api_key) = if self.router.client_keys().required() {
+            (
+                host::header(MapType::HttpRequestHeaders, "authorization"),
+                host::header(MapType::HttpRequestHeaders, "api-key"),
+            )
+        } else {
+            (None, None)
+        };
         let head = RequestHead {
             method: &String::from_utf8_lossy(&method),
             path: &String::from_utf8_lossy(&path),
             content_type: content_type.as_deref(),
             content_length: content_length.as_deref(),
             end_of_stream,
+            presented: Presented { authorization: authorization.as_deref(), api_key: api_key.as_deref() },
         };
         let verdict = request::on_request_headers(&self.router, head);
         match verdict {
             HeadersVerdict::PassThrough => Action::Continue,
-            HeadersVerdict::ReadBody => Action::Pause,
+            HeadersVerdict::ReadBody(caller) => {
+                self.caller = caller;
+                Action::Pause
+            }
             HeadersVerdict::Respond(reply) => self.respond(&reply),
         }
     }
@@ -114,7 +131,7 @@ impl HttpContext for Request {
             return Action::Pause;
         }
         let body = host::body(BufferType::HttpRequestBody, body_size);
-        match request::on_request_body(&self.router, &body) {
+        match request::on_request_body(&self.router, &body, self.caller.as_deref()) {
             Ok(routing) => {
                 // Envoy clears the route cache itself when a wasm filter changes request
                 // headers, so the route table sees the cluster header (the tests prove it).

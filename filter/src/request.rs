@@ -7,6 +7,7 @@ use crate::endpoint::{classify, Endpoint};
 use crate::routing_fields::read_routing_fields;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
+use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
 
@@ -48,8 +49,8 @@ impl From<GatewayError> for Reply {
 pub enum HeadersVerdict {
     /// Not a request the filter handles.
     PassThrough,
-    /// A model-routed request: hold the headers and read the body.
-    ReadBody,
+    /// A model-routed request from this caller: hold the headers and read the body.
+    ReadBody(Caller),
     Respond(Reply),
 }
 
@@ -74,6 +75,8 @@ pub struct RequestHead<'a> {
     pub content_type: Option<&'a [u8]>,
     pub content_length: Option<&'a [u8]>,
     pub end_of_stream: bool,
+    /// The client's key, read only where keys are configured.
+    pub presented: Presented<'a>,
 }
 
 /// True for a JSON media type; a request that sends none is read as JSON too.
@@ -85,18 +88,30 @@ fn is_json(content_type: &[u8]) -> bool {
 /// Decides on the request headers alone: an oversized or non-JSON body is
 /// refused before any of it is buffered.
 pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerdict {
-    let RequestHead { method, path, content_type, content_length, end_of_stream } = head;
-    match classify(method, path) {
-        Endpoint::Other => HeadersVerdict::PassThrough,
-        Endpoint::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router))),
-        Endpoint::RetrieveModel(id) => HeadersVerdict::Respond(match models::retrieve_json(router, &id) {
-            Some(body) => Reply::ok(body),
-            None => GatewayError::model_not_found(&id).into(),
-        }),
-        Endpoint::WrongMethod(allowed) => {
-            let mut reply = Reply::from(GatewayError::method_not_allowed(method, path, allowed));
-            reply.headers.push(("allow", allowed));
-            HeadersVerdict::Respond(reply)
+    let RequestHead { method, path, content_type, content_length, end_of_stream, presented } = head;
+    let endpoint = classify(method, path);
+    if matches!(endpoint, Endpoint::Other | Endpoint::WrongMethod(_)) {
+        return match endpoint {
+            Endpoint::WrongMethod(allowed) => {
+                let mut reply = Reply::from(GatewayError::method_not_allowed(method, path, allowed));
+                reply.headers.push(("allow", allowed));
+                HeadersVerdict::Respond(reply)
+            }
+            _ => HeadersVerdict::PassThrough,
+        };
+    }
+    let caller = match router.client_keys().authenticate(presented) {
+        Ok(caller) => caller,
+        Err(e) => return HeadersVerdict::Respond(e.into()),
+    };
+    match endpoint {
+        Endpoint::Other | Endpoint::WrongMethod(_) => HeadersVerdict::PassThrough,
+        Endpoint::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router, caller.as_deref()))),
+        Endpoint::RetrieveModel(id) => {
+            HeadersVerdict::Respond(match models::retrieve_json(router, &id, caller.as_deref()) {
+                Some(body) => Reply::ok(body),
+                None => GatewayError::model_not_found(&id).into(),
+            })
         }
         Endpoint::ModelRouted => {
             let limit = router.max_request_body_bytes();
@@ -116,7 +131,7 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
                     .into(),
                 )
             } else {
-                HeadersVerdict::ReadBody
+                HeadersVerdict::ReadBody(caller)
             }
         }
     }
@@ -129,10 +144,15 @@ pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
     (buffered > limit).then(|| GatewayError::body_too_large(limit).into())
 }
 
-/// Decides on the complete request body of a model-routed request.
-pub fn on_request_body(router: &Router, body: &[u8]) -> Result<Routing, Reply> {
+/// Decides on the complete request body of a model-routed request. A model
+/// the caller's key may not use is answered as one that does not exist, as
+/// OpenAI does: the answer does not tell which models the gateway serves.
+pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>) -> Result<Routing, Reply> {
     let fields = read_routing_fields(body)?;
-    let target = router.resolve(&fields.model).ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
+    let target = router
+        .resolve(&fields.model)
+        .filter(|_| may_use(caller, &fields.model))
+        .ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
     let (cluster, stream_cluster) = match router.stream_guard_cluster().filter(|_| fields.stream) {
         Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
         None => (target.cluster.clone(), None),
@@ -180,14 +200,14 @@ mod tests {
         let r = router();
         assert_eq!(
             on_request_headers(&r, RequestHead { content_length: Some(b"20"), ..head("POST", "/v1/chat/completions") }),
-            HeadersVerdict::ReadBody
+            HeadersVerdict::ReadBody(None)
         );
         assert_eq!(
-            on_request_body(&r, br#"{"model":"llama-3"}"#).unwrap(),
+            on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap(),
             Routing { cluster: "cluster_a".into(), profile: None, forwards_client_key: false, stream_cluster: None }
         );
         assert_eq!(
-            on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#).unwrap(),
+            on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#, None).unwrap(),
             Routing {
                 cluster: "cluster_b".into(),
                 profile: Some(r#"{"model":"qwen-7b"}"#.into()),
@@ -206,7 +226,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            on_request_body(&r, br#"{"model":"m","stream":true}"#).unwrap(),
+            on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap(),
             Routing {
                 cluster: "guard".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
@@ -215,7 +235,7 @@ mod tests {
             }
         );
         assert_eq!(
-            on_request_body(&r, br#"{"model":"m","stream":false}"#).unwrap(),
+            on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap(),
             Routing {
                 cluster: "cluster_a".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
@@ -227,7 +247,7 @@ mod tests {
 
     #[test]
     fn unknown_model_is_404_model_not_found() {
-        let reply = on_request_body(&router(), br#"{"model":"claude-3"}"#).unwrap_err();
+        let reply = on_request_body(&router(), br#"{"model":"claude-3"}"#, None).unwrap_err();
         assert_eq!(reply.status, 404);
         assert_eq!(json(&reply)["error"]["code"], "model_not_found");
         assert_eq!(json(&reply)["error"]["param"], "model");
@@ -244,11 +264,11 @@ mod tests {
         assert!(json(&reply)["error"]["message"].as_str().unwrap().contains("64 bytes"));
         assert_eq!(
             on_request_headers(&r, RequestHead { content_length: Some(b"64"), ..head("POST", "/v1/embeddings") }),
-            HeadersVerdict::ReadBody
+            HeadersVerdict::ReadBody(None)
         );
         assert_eq!(
             on_request_headers(&r, RequestHead { content_length: Some(b"junk"), ..head("POST", "/v1/embeddings") }),
-            HeadersVerdict::ReadBody
+            HeadersVerdict::ReadBody(None)
         );
         assert!(body_too_large(&r, 64).is_none());
         assert_eq!(body_too_large(&r, 65).unwrap().status, 413);
@@ -262,7 +282,7 @@ mod tests {
             ..head("POST", "/v1/chat/completions")
         };
         for json in [&b"application/json"[..], b"Application/JSON; charset=utf-8", b" application/json "] {
-            assert_eq!(on_request_headers(&r, typed(json)), HeadersVerdict::ReadBody);
+            assert_eq!(on_request_headers(&r, typed(json)), HeadersVerdict::ReadBody(None));
         }
         for other in [&b"text/plain"[..], b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b""]
         {
@@ -313,5 +333,42 @@ mod tests {
             on_request_headers(&router(), RequestHead { end_of_stream: true, ..head("GET", "/health") }),
             HeadersVerdict::PassThrough
         );
+    }
+
+    #[test]
+    fn where_keys_are_configured_callers_need_one_and_see_only_their_models() {
+        // SHA-256 of "sk-team".
+        let r = Router::from_json(
+            br#"{"backends": {"a": {"cluster": "cluster_a"}},
+                "models": [{"match": "llama-3", "backend": "a"}, {"match": "qwen-2", "backend": "a"}],
+                "client_keys": [{"name": "team", "models": ["llama-*"],
+                                 "sha256": "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13"}]}"#,
+        )
+        .unwrap();
+        let keyed = |path: &'static str, authorization: &'static [u8]| RequestHead {
+            end_of_stream: path.starts_with("/v1/models"),
+            presented: Presented { authorization: Some(authorization), api_key: None },
+            ..head(if path.starts_with("/v1/models") { "GET" } else { "POST" }, path)
+        };
+        for path in ["/v1/models", "/v1/models/llama-3", "/v1/chat/completions"] {
+            let reply = respond(on_request_headers(&r, keyed(path, b"Bearer sk-wrong")));
+            assert_eq!(
+                (reply.status, json(&reply)["error"]["code"].as_str()),
+                (401, Some("invalid_api_key")),
+                "{path}"
+            );
+        }
+        let good = b"Bearer sk-team";
+        let list = respond(on_request_headers(&r, keyed("/v1/models", good)));
+        assert_eq!(json(&list)["data"].as_array().unwrap().len(), 1);
+        let HeadersVerdict::ReadBody(caller) = on_request_headers(&r, keyed("/v1/chat/completions", good)) else {
+            panic!("a known key reads on")
+        };
+        assert_eq!(caller.as_ref().map(|k| k.name.as_str()), Some("team"));
+        assert!(on_request_body(&r, br#"{"model":"llama-3"}"#, caller.as_deref()).is_ok());
+        let refused = on_request_body(&r, br#"{"model":"qwen-2"}"#, caller.as_deref()).unwrap_err();
+        assert_eq!((refused.status, json(&refused)["error"]["code"].as_str()), (404, Some("model_not_found")));
+        // Paths the gateway does not serve are not its to refuse.
+        assert_eq!(on_request_headers(&r, keyed("/health", b"")), HeadersVerdict::PassThrough);
     }
 }

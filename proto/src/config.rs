@@ -25,6 +25,21 @@ pub struct FilterConfig {
     /// when set, and straight to their backend when not.
     #[serde(default)]
     pub stream_guard_cluster: Option<String>,
+    /// The keys clients must present. None configured: the gateway is open.
+    #[serde(default)]
+    pub client_keys: Vec<ClientKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKeyConfig {
+    /// What the gateway calls the key in logs, metrics and usage: never the key itself.
+    pub name: String,
+    /// SHA-256 of the key, as 64 hex digits (`printf %s "$KEY" | sha256sum`).
+    pub sha256: String,
+    /// Model names or patterns (as in `models[].match`) the key may use; every model if unset.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
 }
 
 fn default_max_request_body_bytes() -> usize {

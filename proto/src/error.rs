@@ -67,6 +67,24 @@ impl GatewayError {
         )
     }
 
+    /// 401 for a request without a client key, where keys are required. Type,
+    /// code and message follow OpenAI's own answer.
+    pub fn missing_api_key() -> Self {
+        Self::new(
+            401,
+            INVALID_REQUEST,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).".into(),
+            None,
+            Some("invalid_api_key"),
+        )
+    }
+
+    /// 401 for a client key the gateway does not know. Unlike OpenAI's, the
+    /// message quotes no part of the key.
+    pub fn invalid_api_key() -> Self {
+        Self::new(401, INVALID_REQUEST, "Incorrect API key provided.".into(), None, Some("invalid_api_key"))
+    }
+
     /// 413 for a request body over the configured limit.
     pub fn body_too_large(limit: usize) -> Self {
         Self::new(

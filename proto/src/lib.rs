@@ -8,5 +8,6 @@ pub mod config;
 pub mod error;
 pub mod error_normalize;
 pub mod headers;
+pub mod keys;
 pub mod models;
 pub mod routing;

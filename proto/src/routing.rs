@@ -6,6 +6,7 @@
 
 use crate::backend::{ApiKey, BackendProfile};
 use crate::config::{BackendConfig, FilterConfig, ModelRouteConfig};
+use crate::keys::ClientKeys;
 use std::collections::HashMap;
 
 /// Where one model's requests go.
@@ -31,6 +32,7 @@ pub struct Router {
     listed: Vec<String>,
     max_request_body_bytes: usize,
     stream_guard_cluster: Option<String>,
+    client_keys: ClientKeys,
 }
 
 impl Router {
@@ -38,6 +40,7 @@ impl Router {
         let mut router = Router {
             max_request_body_bytes: config.max_request_body_bytes,
             stream_guard_cluster: config.stream_guard_cluster.clone(),
+            client_keys: ClientKeys::from_config(&config.client_keys)?,
             ..Router::default()
         };
         for route in &config.models {
@@ -96,6 +99,11 @@ impl Router {
     pub fn stream_guard_cluster(&self) -> Option<&str> {
         self.stream_guard_cluster.as_deref()
     }
+
+    /// The keys callers must present, if any are configured.
+    pub fn client_keys(&self) -> &ClientKeys {
+        &self.client_keys
+    }
 }
 
 fn target_for(route: &ModelRouteConfig, backend: &BackendConfig) -> Target {
@@ -114,20 +122,29 @@ fn target_for(route: &ModelRouteConfig, backend: &BackendConfig) -> Target {
     }
 }
 
-enum Pattern<'a> {
+/// A model name as configured: exact, a prefix ending in `*`, or `*` alone.
+pub(crate) enum Pattern<'a> {
     Exact(&'a str),
     Prefix(&'a str),
     CatchAll,
 }
 
 impl<'a> Pattern<'a> {
-    fn parse(pattern: &'a str) -> Result<Self, String> {
+    pub(crate) fn parse(pattern: &'a str) -> Result<Self, String> {
         match pattern.find('*') {
             None if pattern.is_empty() => Err("a model pattern must not be empty".to_string()),
             None => Ok(Pattern::Exact(pattern)),
             Some(0) if pattern.len() == 1 => Ok(Pattern::CatchAll),
             Some(i) if i == pattern.len() - 1 => Ok(Pattern::Prefix(&pattern[..i])),
             Some(_) => Err(format!("model pattern `{pattern}`: `*` is allowed only at the end")),
+        }
+    }
+
+    pub(crate) fn matches(&self, model: &str) -> bool {
+        match self {
+            Pattern::Exact(name) => model == *name,
+            Pattern::Prefix(prefix) => model.starts_with(prefix),
+            Pattern::CatchAll => true,
         }
     }
 }

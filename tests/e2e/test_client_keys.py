@@ -1,0 +1,86 @@
+"""Client API keys: with `client_keys` configured, the gateway admits only callers
+with a known key (stored as a SHA-256 digest), each to the models it may use."""
+
+import hashlib
+import json
+
+import httpx2
+import openai
+import pytest
+
+from conftest import new_request_id as rid, received_by, sdk
+from devstack import Stack
+
+FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def with_client_keys(config: dict) -> None:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    plugin = next(f for f in hcm["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
+    routing = json.loads(plugin["configuration"]["value"])
+    routing["client_keys"] = [
+        {"name": "full", "sha256": hashlib.sha256(FULL.encode()).hexdigest()},
+        {"name": "llama", "sha256": hashlib.sha256(LLAMA_ONLY.encode()).hexdigest(), "models": ["llama-*"]},
+    ]
+    plugin["configuration"]["value"] = json.dumps(routing)
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    with Stack(adjust_config=with_client_keys) as s:
+        yield s
+
+
+def test_a_wrong_key_is_a_401_that_quotes_no_key(keyed, spec):
+    client = openai.OpenAI(base_url=keyed.base_url, api_key="sk-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        client.chat.completions.create(model="llama-3.1-8b-instruct", messages=HELLO)
+    assert (err.value.status_code, err.value.body["code"]) == (401, "invalid_api_key")
+    assert err.value.body["type"] == "invalid_request_error"
+    assert err.value.response.headers["x-request-id"]
+    assert "sk-" not in err.value.body["message"]
+    spec.validate("ErrorResponse", err.value.response.json())
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_a_missing_key_is_a_401(keyed, spec):
+    # The SDK will not send a request without a key, so this one is sent by hand.
+    for answer in [httpx2.post(f"{keyed.base_url}/chat/completions",
+                               json={"model": "llama-3.1-8b-instruct", "messages": HELLO}),
+                   httpx2.get(f"{keyed.base_url}/models", headers={"authorization": "Basic dXNlcjpwYXNz"})]:
+        assert answer.status_code == 401
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+        assert answer.json()["error"]["message"].startswith("You didn't provide an API key")
+        assert answer.headers["x-should-retry"] == "false" and answer.headers["x-request-id"]
+        spec.validate("ErrorResponse", answer.json())
+
+
+def test_a_known_key_is_served_and_not_passed_on(keyed):
+    request_id = rid()
+    completion = sdk(keyed, key=FULL).chat.completions.create(
+        model="llama-3.1-8b-instruct", messages=HELLO, extra_headers={"x-request-id": request_id})
+    assert completion.choices[0].message.content
+    assert "authorization" not in received_by(keyed, "vllm-llama", request_id)["headers"]
+    streamed = sdk(keyed, key=FULL).chat.completions.create(model="claude-sonnet-4-5", messages=HELLO, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+
+
+def test_the_azure_style_api_key_header_is_accepted(keyed):
+    answer = httpx2.post(f"{keyed.base_url}/chat/completions", headers={"api-key": LLAMA_ONLY},
+                         json={"model": "llama-3.1-8b-instruct", "messages": HELLO})
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_key_sees_and_uses_only_its_models(keyed):
+    client = sdk(keyed, key=LLAMA_ONLY)
+    listed = [m.id for m in client.models.list()]
+    assert listed and all(m.startswith("llama-") for m in listed), listed
+    assert "claude-sonnet-4-5" in [m.id for m in sdk(keyed, key=FULL).models.list()]
+    for call in [lambda: client.chat.completions.create(model="claude-sonnet-4-5", messages=HELLO),
+                 lambda: client.models.retrieve("claude-sonnet-4-5")]:
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert err.value.body["code"] == "model_not_found"
+    assert client.models.retrieve("llama-3.1-70b").id == "llama-3.1-70b"
