@@ -460,7 +460,7 @@ impl ChunkWriter {
     fn new(include_usage: bool) -> Self {
         ChunkWriter {
             events: CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES),
-            head: StreamHead::new("chat.completion.chunk", Value::Null, include_usage),
+            head: StreamHead::new("chat.completion.chunk", Value::Null, Value::Null, include_usage),
             tool_indexes: Vec::new(),
             usage: json!({}),
         }
@@ -490,8 +490,7 @@ impl ChunkWriter {
         match data["type"].as_str() {
             Some("message_start") => {
                 let message = &data["message"];
-                self.head.id = message["id"].clone();
-                self.head.model = message["model"].clone();
+                self.head.identify(message["id"].clone(), message["model"].clone());
                 self.usage = message["usage"].clone();
                 self.delta(out, json!({"role": "assistant", "content": ""}), Value::Null);
             }

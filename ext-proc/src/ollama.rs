@@ -442,8 +442,7 @@ impl ChunkWriter {
             Endpoint::ChatCompletions => ("chatcmpl", "chat.completion.chunk"),
             _ => ("cmpl", "text_completion"),
         };
-        let mut head = StreamHead::new(object, model, include_usage);
-        head.id = json!(new_id(prefix));
+        let head = StreamHead::new(object, json!(new_id(prefix)), model, include_usage);
         ChunkWriter {
             lines: CompleteEvents::new(Framing::Ndjson, DEFAULT_MAX_EVENT_BYTES),
             endpoint,
@@ -483,7 +482,7 @@ impl ChunkWriter {
                         json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null});
                     self.head.write_choice(out, choice);
                 }
-                let mut calls = tool_calls(message, self.head.id.as_str().unwrap_or_default(), self.tool_calls);
+                let mut calls = tool_calls(message, self.head.id().as_str().unwrap_or_default(), self.tool_calls);
                 if !calls.is_empty() {
                     for call in &mut calls {
                         call["index"] = json!(self.tool_calls);

@@ -11,11 +11,11 @@
 //! header, which is how a stream's translation moves from ext_proc to the
 //! stream guard.
 
-use crate::{anthropic, framing, ollama, openai};
+use crate::{anthropic, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::GatewayError;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// The OpenAI endpoint a request was sent to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,37 +164,57 @@ pub fn for_backend(profile: BackendProfile, endpoint: Endpoint) -> Result<Box<dy
 
 /// What every chunk of one translated OpenAI stream repeats, and how chunks are written.
 pub struct StreamHead {
-    pub id: Value,
+    id: Value,
     /// `chat.completion.chunk` or `text_completion`.
-    pub object: &'static str,
-    pub created: u64,
-    pub model: Value,
+    object: &'static str,
+    created: u64,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
-    pub include_usage: bool,
+    include_usage: bool,
+    /// `{"id":…,"object":…,"created":…,"model":…,`: every chunk's start, serialised once per stream.
+    prefix: Vec<u8>,
 }
 
 impl StreamHead {
-    pub fn new(object: &'static str, model: Value, include_usage: bool) -> Self {
-        StreamHead { id: Value::Null, object, created: unix_now(), model, include_usage }
+    pub fn new(object: &'static str, id: Value, model: Value, include_usage: bool) -> Self {
+        let mut head = StreamHead { id: Value::Null, object, created: unix_now(), include_usage, prefix: Vec::new() };
+        head.identify(id, model);
+        head
+    }
+
+    /// Sets the stream's id and model, for dialects that name them only in their first event.
+    pub fn identify(&mut self, id: Value, model: Value) {
+        self.prefix = format!(r#"{{"id":{id},"object":"{}","created":{},"model":{model},"#, self.object, self.created)
+            .into_bytes();
+        self.id = id;
+    }
+
+    pub fn id(&self) -> &Value {
+        &self.id
     }
 
     /// Writes a chunk with one choice.
     pub fn write_choice(&self, out: &mut Vec<u8>, choice: Value) {
-        let mut chunk = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                               "choices": [choice]});
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(br#""choices":["#);
+        // Writing a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &choice);
+        out.push(b']');
         // With the usage chunk asked for, every other chunk says `usage: null`, as OpenAI's do.
         if self.include_usage {
-            chunk["usage"] = Value::Null;
+            out.extend_from_slice(br#","usage":null"#);
         }
-        framing::write_data(out, chunk.to_string().as_bytes());
+        out.extend_from_slice(b"}\n\n");
     }
 
     /// Ends the stream: the usage chunk if it was asked for, then `[DONE]`.
     pub fn write_end(&self, out: &mut Vec<u8>, usage: Value) {
         if self.include_usage {
-            let chunk = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                               "choices": [], "usage": usage});
-            framing::write_data(out, chunk.to_string().as_bytes());
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&self.prefix);
+            out.extend_from_slice(br#""choices":[],"usage":"#);
+            let _ = serde_json::to_writer(&mut *out, &usage);
+            out.extend_from_slice(b"}\n\n");
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
     }
@@ -257,6 +277,25 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chunks_are_openai_chunks_in_openais_key_order() {
+        let mut head = StreamHead::new("chat.completion.chunk", Value::Null, Value::Null, true);
+        head.identify(json!("msg_1"), json!("claude-x"));
+        let mut out = Vec::new();
+        head.write_choice(&mut out, json!({"index": 0, "delta": {"content": "Hi \"there\""}}));
+        head.write_end(&mut out, json!({"total_tokens": 3}));
+        let created = head.created;
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "data: {{\"id\":\"msg_1\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":\"claude-x\",\"choices\":[{{\"delta\":{{\"content\":\"Hi \\\"there\\\"\"}},\"index\":0}}],\"usage\":null}}\n\n\
+                 data: {{\"id\":\"msg_1\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":\"claude-x\",\"choices\":[],\"usage\":{{\"total_tokens\":3}}}}\n\n\
+                 data: [DONE]\n\n"
+            )
+        );
+    }
 
     #[test]
     fn endpoints_are_read_from_paths() {
