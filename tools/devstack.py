@@ -142,12 +142,14 @@ class Stack:
             for demo, name in DEMO_BACKENDS.items():
                 self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
                                    "--listen", f"127.0.0.1:{self.ports[demo]}"])
+            # Both rewrite requests for their backends (the guard those that stream), so both
+            # see the backends' keys.
+            backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
             self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
-                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"],
-                       env={**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)})
+                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"], env=backend_keys)
             self.spawn("stream-guard", [str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                                         "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
-                                        "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"])
+                                        "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"], env=backend_keys)
             for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT], self.ports[STREAM_GUARD_PORT]]:
                 self.wait_for_port(port)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)

@@ -1,15 +1,14 @@
 //! One ext_proc exchange: what to answer to each message Envoy sends about a
 //! single HTTP request. It knows Envoy's protocol and no dialect: the
-//! backend's [`Translation`] decides every rewrite. Pure but for reading a
+//! request's [`BackendCall`] decides every rewrite. Pure but for reading a
 //! key file; tested without Envoy.
 
-use crate::credentials;
+use crate::call::BackendCall;
 use crate::messages;
-use crate::translate::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
+use crate::translate::{HeaderChanges, ResponseTranslation};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 
@@ -20,11 +19,8 @@ pub struct Exchange {
 }
 
 struct Active {
-    translation: Box<dyn Translation>,
-    key: Option<String>,
-    /// The request streams through the stream guard, which translates its answer.
-    guarded: bool,
-    /// The answer's translation, when it is done here.
+    call: BackendCall,
+    /// The answer's translation, once the request is known, for backends whose answers need one.
     responses: Option<Box<dyn ResponseTranslation>>,
     /// The response's status and whether its body streams, once its headers are seen.
     response: Option<(u16, bool)>,
@@ -36,32 +32,20 @@ impl Exchange {
         let request = message.request?;
         let answer = match (&request, &mut self.active) {
             (Request::RequestHeaders(h), _) => match start(h) {
-                Ok(Some(active)) => {
-                    // A guarded stream's answer is translated by the guard, where its
-                    // events pass anyway: ext_proc need not hold each one.
-                    let watch = active.translation.translates_responses() && !active.guarded;
-                    self.active = Some(active);
+                Ok(Some(call)) => {
+                    let watch = call.translates_responses();
+                    self.active = Some(Active { call, responses: None, response: None });
                     messages::continue_request_headers(watch)
                 }
                 Ok(None) => messages::pass(&request),
                 Err(e) => messages::reject(&e),
             },
-            (Request::RequestBody(body), Some(active)) => match active.translation.request(&body.body) {
+            (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
                 Ok(upstream) => {
-                    let mut changes = active.translation.upstream_headers(active.key.as_deref());
-                    if let Some(path) = upstream.path {
-                        changes.set.push((":path", path.to_string()));
-                    }
-                    match active.translation.response_context() {
-                        Some(context) if active.guarded => {
-                            changes.set.push((headers::RESPONSE_TRANSLATION, context.to_header()))
-                        }
-                        Some(context) => active.responses = context.translation(),
-                        None => {}
-                    }
+                    active.responses = active.call.response_translation();
                     match upstream.body {
-                        Some(body) => messages::replace_request_body(body, changes),
-                        None => messages::change_request_headers(changes),
+                        Some(body) => messages::replace_request_body(body, upstream.headers),
+                        None => messages::change_request_headers(upstream.headers),
                     }
                 }
                 Err(e) => messages::reject(&e),
@@ -95,36 +79,15 @@ impl Exchange {
     }
 }
 
-/// The translation a request needs, from its headers; `None` when the filter
+/// The backend call a request needs, from its headers; `None` when the filter
 /// marked nothing to do.
-fn start(request: &HttpHeaders) -> Result<Option<Active>, GatewayError> {
+fn start(request: &HttpHeaders) -> Result<Option<BackendCall>, GatewayError> {
     let Some(profile) = messages::header(request, headers::BACKEND) else {
         return Ok(None);
     };
-    let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
     let path = messages::header(request, ":path").unwrap_or_default();
-    let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| messages::header(request, name));
-    let source = profile.api_key.clone();
-    // An endpoint the backend lacks is refused before any key is read.
-    let translation = translate::for_backend(profile, endpoint)?;
-    let key = match &source {
-        Some(source) => credentials::resolve(source, client_key)?,
-        None => None,
-    };
-    let guarded = messages::header(request, headers::STREAM_CLUSTER).is_some();
-    Ok(Some(Active { translation, key, guarded, responses: None, response: None }))
-}
-
-fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
-    tracing::error!("cannot rewrite a request: {why}");
-    GatewayError::new(
-        500,
-        "server_error",
-        "The gateway is misconfigured for this model.".into(),
-        None,
-        Some("gateway_misconfigured"),
-    )
+    BackendCall::start(profile, path, client_key).map(Some)
 }
 
 #[cfg(test)]
@@ -275,34 +238,6 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
             text.split("\n\n").filter(|e| !e.is_empty()).map(|e| serde_json::from_str(&e[6..]).unwrap()).collect();
         assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
         assert_eq!(chunks[1]["choices"][0]["delta"], json!({"content": "Hi"}));
-    }
-
-    #[test]
-    fn a_guarded_stream_leaves_its_answer_to_the_stream_guard() {
-        let mut ex = Exchange::default();
-        let first = ex
-            .on_message(request_headers(&[
-                (":path", "/v1/chat/completions"),
-                (headers::BACKEND, r#"{"dialect":"ollama","model":"llama3.2:1b"}"#),
-                (headers::STREAM_CLUSTER, "ollama_local"),
-            ]))
-            .unwrap();
-        assert!(first.mode_override.is_none(), "the answer is not asked for");
-        let request = common(
-            ex.on_message(body(
-                br#"{"model":"llama3.2","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
-                true,
-                false,
-            ))
-            .unwrap(),
-        );
-        let context = set_headers(&request).into_iter().find(|(k, _)| k == headers::RESPONSE_TRANSLATION).unwrap().1;
-        assert_eq!(
-            context,
-            r#"{"dialect":"ollama","endpoint":"chat_completions","model":"llama3.2","include_usage":true}"#
-        );
-        let answer = ex.on_message(response_headers(&[(":status", "200")])).unwrap();
-        assert!(matches!(answer.response, Some(Response::ResponseHeaders(h)) if h.response.is_none()));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! streams keep flowing while ext-proc restarts.
 
 pub mod anthropic;
+pub mod call;
 pub mod credentials;
 pub mod exchange;
 pub mod framing;

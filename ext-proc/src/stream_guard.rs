@@ -13,19 +13,23 @@
 //! `data: {"error":{...}}` and ends the response cleanly. The client's SDK then
 //! raises `APIError` with that error, after every chunk that was sent.
 //!
-//! A stream to a backend of another dialect (Anthropic, Ollama) is translated
-//! here too, event by event, as ext-proc asked in the request's
-//! [`headers::RESPONSE_TRANSLATION`]: the events pass through the guard anyway,
-//! and translating them in ext_proc would hold each one for a gRPC round trip.
+//! A stream whose backend needs its requests rewritten (another dialect, a
+//! renamed model, an API key, defaults) is rewritten here too, as ext_proc
+//! would rewrite it, and its answer translated event by event as it passes
+//! (the filter then hands the guard the backend's profile in
+//! [`headers::STREAM_BACKEND`] and does not engage ext_proc): the events pass
+//! through the guard anyway, and ext_proc would cost two gRPC round trips
+//! before the request leaves and one for every piece of the answer.
 //!
 //! The guard's own answers (its upstream unreachable, a request without a
 //! target cluster) are OpenAI errors too; every other answer passes untouched.
 
+use crate::call::BackendCall;
 use crate::framing::{CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
-use crate::translate::{ResponseContext, ResponseTranslation};
+use crate::translate::ResponseTranslation;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode, Uri};
@@ -41,9 +45,12 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::net::TcpListener;
 
+/// A relayed request's body: the client's as it comes, or rewritten for its backend.
+type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
 /// Relays requests to one upstream (Envoy's inner listener).
 pub struct StreamGuard {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, UpstreamBody>,
     upstream: SocketAddr,
 }
 
@@ -94,6 +101,13 @@ impl StreamGuard {
         };
         parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
         remove_hop_by_hop(&mut parts.headers);
+        let (body, translation) = match parts.headers.remove(headers::STREAM_BACKEND) {
+            None => (Either::Left(body), None),
+            Some(profile) => match rewrite(&mut parts, body, profile.as_bytes()).await {
+                Ok(rewritten) => rewritten,
+                Err(e) => return error_response(e),
+            },
+        };
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = match Uri::try_from(format!("http://{}{path}", self.upstream)) {
             Ok(uri) => uri,
@@ -104,22 +118,6 @@ impl StreamGuard {
                     None,
                 ))
             }
-        };
-        let translation = match parts.headers.remove(headers::RESPONSE_TRANSLATION) {
-            Some(context) => match ResponseContext::from_header(context.as_bytes()) {
-                Ok(context) => context.translation(),
-                Err(e) => {
-                    tracing::error!(error = %e, "stream guard: unreadable response translation from ext-proc");
-                    return error_response(GatewayError::new(
-                        500,
-                        "server_error",
-                        "The gateway is misconfigured for this model.".into(),
-                        None,
-                        Some("gateway_misconfigured"),
-                    ));
-                }
-            },
-            None => None,
         };
         let request_id = parts.headers.get("x-request-id").cloned();
         match self.client.request(Request::from_parts(parts, body)).await {
@@ -136,6 +134,47 @@ impl StreamGuard {
             }
         }
     }
+}
+
+/// The most of a request body read to rewrite it. The filter has already
+/// refused bodies over its `max_request_body_bytes`; this only bounds memory.
+const MAX_REQUEST_BYTES: usize = 256 << 20;
+
+/// Rewrites a request for its backend, as ext_proc would (body, path, key,
+/// headers), and returns its body and its answer's translation.
+async fn rewrite(
+    parts: &mut hyper::http::request::Parts,
+    body: Incoming,
+    profile: &[u8],
+) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
+    let client_key = headers::CLIENT_KEYS.iter().find_map(|name| parts.headers.get(*name)).map(HeaderValue::as_bytes);
+    let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key)?;
+    let whole = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Err(GatewayError::invalid_request(format!("The request body could not be read ({e})."), None, None))
+        }
+    };
+    let upstream = call.request(&whole)?;
+    for name in upstream.headers.remove {
+        parts.headers.remove(name);
+    }
+    for (name, value) in upstream.headers.set {
+        if name == ":path" {
+            parts.uri = Uri::try_from(value).map_err(|_| unusable_header(name))?;
+        } else {
+            let value = HeaderValue::try_from(value).map_err(|_| unusable_header(name))?;
+            parts.headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    let body = upstream.body.map_or(whole, Bytes::from);
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Ok((Either::Right(Full::new(body)), call.response_translation()))
+}
+
+/// A header for the backend that HTTP cannot carry (a key file with a line break inside, say).
+fn unusable_header(name: &str) -> GatewayError {
+    crate::call::misconfigured(&format!("the rewritten {name} header is not a valid HTTP header value"))
 }
 
 /// Headers about one connection, which a relay must not pass on.
@@ -321,37 +360,56 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A one-shot upstream that reads a request head and writes `response` raw, then closes.
-    async fn upstream_writing(response: &'static [u8]) -> SocketAddr {
+    /// A one-shot upstream that reads a request (head, and body by its
+    /// content-length) and writes `response` raw, then closes. The request
+    /// it read comes back on the receiver.
+    async fn upstream_answering(response: &'static [u8]) -> (SocketAddr, tokio::sync::oneshot::Receiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.ends_with(b"\r\n\r\n") {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            let complete = |r: &[u8]| {
+                let text = String::from_utf8_lossy(r);
+                let Some(end) = text.find("\r\n\r\n") else { return false };
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.parse().unwrap()))
+                    .unwrap_or(0usize);
+                r.len() >= end + 4 + length
+            };
+            while !complete(&request) {
                 let n = socket.read(&mut buf).await.unwrap();
-                head.extend_from_slice(&buf[..n]);
+                request.extend_from_slice(&buf[..n]);
             }
+            let _ = tx.send(String::from_utf8(request).unwrap());
             socket.write_all(response).await.unwrap();
         });
-        addr
+        (addr, rx)
+    }
+
+    async fn upstream_writing(response: &'static [u8]) -> SocketAddr {
+        upstream_answering(response).await.0
     }
 
     /// What a client of the guard receives, raw, for a request relayed to `upstream`.
     async fn through_guard(upstream: SocketAddr, cluster_header: bool) -> String {
         let cluster = if cluster_header { "x-modelgate-stream-cluster: pool\r\n" } else { "" };
-        request_through_guard(upstream, cluster).await
+        request_through_guard(upstream, cluster, "").await
     }
 
-    /// The same for a request with these extra header lines.
-    async fn request_through_guard(upstream: SocketAddr, extra_headers: &str) -> String {
+    /// The same for a POST with these extra header lines and this body.
+    async fn request_through_guard(upstream: SocketAddr, extra_headers: &str, body: &str) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let guard_addr = listener.local_addr().unwrap();
         tokio::spawn(StreamGuard::new(upstream).serve(listener));
         let mut client = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
-        let request =
-            format!("GET /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{extra_headers}connection: close\r\n\r\n");
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{extra_headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
         client.write_all(request.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
@@ -404,8 +462,10 @@ mod tests {
         assert!(answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
     }
 
-    /// A request to a simulated Anthropic stream, translated by the guard.
-    const ANTHROPIC_STREAM: &str = "x-modelgate-stream-cluster: anthropic\r\nx-modelgate-response-translation: {\"dialect\":\"anthropic\",\"endpoint\":\"chat_completions\"}\r\n";
+    /// The headers of a stream to an Anthropic backend, which the guard rewrites and translates.
+    const ANTHROPIC: &str = "x-modelgate-stream-cluster: anthropic\r\nx-modelgate-stream-backend: {\"dialect\":\"anthropic\",\"model\":\"claude-x\",\"api_key\":\"passthrough\"}\r\nauthorization: Bearer sk-client\r\n";
+
+    const CHAT: &str = r#"{"model":"claude","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
 
     #[tokio::test]
     async fn a_stream_in_another_dialect_is_translated_event_by_event() {
@@ -419,8 +479,14 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
             events.len()
         );
-        let upstream = upstream_writing(Box::leak(response.into_boxed_str()).as_bytes()).await;
-        let answer = request_through_guard(upstream, ANTHROPIC_STREAM).await;
+        let (upstream, received) = upstream_answering(Box::leak(response.into_boxed_str()).as_bytes()).await;
+        let answer = request_through_guard(upstream, ANTHROPIC, CHAT).await;
+        let received = received.await.unwrap();
+        assert!(received.starts_with("POST /v1/messages HTTP/1.1"), "{received}");
+        assert!(received.contains("x-api-key: sk-client") && received.contains("anthropic-version: 2023-06-01"));
+        assert!(!received.contains("authorization") && !received.contains("x-modelgate-stream-backend"), "{received}");
+        assert!(received.contains("x-modelgate-cluster: anthropic"), "{received}");
+        assert!(received.ends_with(r#""max_tokens":4096,"messages":[{"content":[{"text":"hi","type":"text"}],"role":"user"}],"model":"claude-x","stream":true}"#), "{received}");
         assert!(answer.starts_with("HTTP/1.1 200 OK") && answer.contains("transfer-encoding: chunked"), "{answer}");
         assert!(!answer.contains("message_start"), "{answer}");
         assert!(answer.contains(r#""object":"chat.completion.chunk""#), "{answer}");
@@ -435,7 +501,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
             "21\r\nevent: message_start\ndata: {\"type\r\n"
         );
-        let answer = request_through_guard(upstream_writing(cut.as_bytes()).await, ANTHROPIC_STREAM).await;
+        let answer = request_through_guard(upstream_writing(cut.as_bytes()).await, ANTHROPIC, CHAT).await;
         let error = r#"data: {"error":{"message":"The backend stopped in the middle of this stream"#;
         assert!(answer.contains(error), "{answer}");
         assert!(!answer.contains("[DONE]") && !answer.contains("message_start"), "{answer}");
@@ -450,7 +516,7 @@ mod tests {
             overloaded.len()
         );
         let upstream = upstream_writing(Box::leak(response.into_boxed_str()).as_bytes()).await;
-        let answer = request_through_guard(upstream, ANTHROPIC_STREAM).await;
+        let answer = request_through_guard(upstream, ANTHROPIC, CHAT).await;
         let expected = r#"{"error":{"message":"Overloaded","type":"server_error","param":null,"code":"overloaded"}}"#;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("retry-after: 2") && answer.contains(&format!("content-length: {}", expected.len())));
@@ -458,11 +524,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unreadable_translation_is_a_gateway_error() {
+    async fn a_request_the_backend_cannot_honour_is_refused_without_calling_it() {
         let never = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let headers =
-            "x-modelgate-stream-cluster: x\r\nx-modelgate-response-translation: {\"dialect\":\"klingon\"}\r\n";
-        let answer = request_through_guard(never, headers).await;
+        let answer = request_through_guard(never, ANTHROPIC, r#"{"model":"c","messages":[],"n":3}"#).await;
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("x-should-retry: false"), "{answer}");
+        assert!(answer.contains(r#""param":"n","code":"unsupported_parameter""#), "{answer}");
+        let broken = "x-modelgate-stream-cluster: x\r\nx-modelgate-stream-backend: {\"dialect\":\"klingon\"}\r\n";
+        let answer = request_through_guard(never, broken, CHAT).await;
         assert!(answer.starts_with("HTTP/1.1 500") && answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
     }
 }

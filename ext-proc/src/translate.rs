@@ -3,23 +3,19 @@
 //! answer, whole or streamed, becomes OpenAI's ([`ResponseTranslation`]). One
 //! file per dialect implements them ([`crate::openai`], [`crate::anthropic`],
 //! [`crate::ollama`]); [`crate::exchange`] drives them from Envoy's messages and
-//! the [`crate::stream_guard`] drives the second from the bytes it relays, and
-//! neither knows anything of any dialect.
+//! the [`crate::stream_guard`] drives them from the bytes it relays (both
+//! through [`crate::call`]), and neither knows anything of any dialect.
 //!
 //! The two halves meet through a [`ResponseContext`]: what the answer's
-//! translation must know of the request. It is small enough to travel in a
-//! header, which is how a stream's translation moves from ext_proc to the
-//! stream guard.
+//! translation must know of the request.
 
 use crate::{anthropic, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::GatewayError;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The OpenAI endpoint a request was sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
     Completions,
@@ -111,34 +107,21 @@ pub trait ResponseTranslation: Send {
 }
 
 /// What an answer's translation needs to know of its request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResponseContext {
     pub dialect: Dialect,
     pub endpoint: Endpoint,
     /// The model the client asked for, which some dialects' answers lack.
-    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub model: Value,
     /// The client asked for the usage chunk (`stream_options.include_usage`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub include_usage: bool,
     /// The client asked for base64 embeddings (the openai SDKs' default).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub base64: bool,
 }
 
 impl ResponseContext {
     pub fn new(dialect: Dialect, endpoint: Endpoint) -> Self {
         ResponseContext { dialect, endpoint, model: Value::Null, include_usage: false, base64: false }
-    }
-
-    /// The context as the value of an internal header.
-    pub fn to_header(&self) -> String {
-        // Strings, booleans and JSON values always serialise.
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    pub fn from_header(value: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(value)
     }
 
     /// The translation of this request's answer; `None` when it is OpenAI's already.

@@ -137,7 +137,7 @@ impl HttpContext for Request {
                 // headers, so the route table sees the cluster header (the tests prove it).
                 host::set_header(MapType::HttpRequestHeaders, headers::CLUSTER, &routing.cluster);
                 if let Some(profile) = &routing.profile {
-                    host::set_header(MapType::HttpRequestHeaders, headers::BACKEND, profile);
+                    host::set_header(MapType::HttpRequestHeaders, routing.profile_header(), profile);
                 }
                 if !routing.forwards_client_key {
                     for name in headers::CLIENT_KEYS {

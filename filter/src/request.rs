@@ -7,6 +7,7 @@ use crate::endpoint::{classify, Endpoint};
 use crate::routing_fields::read_routing_fields;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
+use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
@@ -65,6 +66,18 @@ pub struct Routing {
     pub forwards_client_key: bool,
     /// For a stream sent through the stream guard (then `cluster`): the backend's cluster.
     pub stream_cluster: Option<String>,
+}
+
+impl Routing {
+    /// Where the backend's profile goes: to ext_proc, or for a stream through
+    /// the stream guard to the guard, which then rewrites it without ext_proc.
+    pub fn profile_header(&self) -> &'static str {
+        if self.stream_cluster.is_some() {
+            headers::STREAM_BACKEND
+        } else {
+            headers::BACKEND
+        }
+    }
 }
 
 /// The request headers the filter decides on.
@@ -234,6 +247,10 @@ mod tests {
                 stream_cluster: Some("cluster_a".into())
             }
         );
+        let guarded = on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap();
+        assert_eq!(guarded.profile_header(), headers::STREAM_BACKEND, "the guard, not ext_proc, rewrites it");
+        let direct = on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap();
+        assert_eq!(direct.profile_header(), headers::BACKEND);
         assert_eq!(
             on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap(),
             Routing {

@@ -17,17 +17,17 @@ pub const BACKEND: &str = "x-modelgate-backend";
 /// the backend's cluster, which the guard passes on as [`CLUSTER`].
 pub const STREAM_CLUSTER: &str = "x-modelgate-stream-cluster";
 
-/// Set by ext-proc on a translated request that streams through the stream
-/// guard: what translating the answer needs to know of the request (JSON),
-/// so the guard translates the answer's events as it relays them.
-pub const RESPONSE_TRANSLATION: &str = "x-modelgate-response-translation";
+/// Set by the filter instead of [`BACKEND`] on a stream it sends through the
+/// stream guard: the same profile, for the guard to rewrite the request and
+/// translate the answer itself. ext_proc is not engaged for such a stream.
+pub const STREAM_BACKEND: &str = "x-modelgate-stream-backend";
 
 /// The headers a client's API key can come in. Unless its backend is set to
 /// `passthrough`, the filter removes them before the request goes upstream.
 pub const CLIENT_KEYS: &[&str] = &["authorization", "api-key", "x-api-key"];
 
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, RESPONSE_TRANSLATION];
+pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies

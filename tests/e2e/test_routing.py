@@ -80,14 +80,21 @@ def test_client_headers_cannot_route_an_unknown_model(http):
     assert response.json()["error"]["code"] == "model_not_found"
 
 
-def test_backend_keys_come_from_configuration_not_from_clients(stack):
+# Streams are rewritten by the stream guard, other requests by ext_proc: the same rules either way.
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_keys_come_from_configuration_not_from_clients(stack, stream):
     from conftest import KEY_FILE, attempts_at, sdk
 
     def key_seen(model: str, client_key: str) -> str | None:
         rid = request_id()
-        sdk(stack, key=client_key).chat.completions.create(model=model, messages=HELLO,
-                                                           extra_headers={"x-request-id": rid})
-        return attempts_at(stack, "vllm-llama", rid)[0]["headers"].get("authorization")
+        answer = sdk(stack, key=client_key).chat.completions.create(model=model, messages=HELLO, stream=stream,
+                                                                    extra_headers={"x-request-id": rid})
+        if stream:
+            assert [c for c in answer if c.choices and c.choices[0].delta.content]
+        [attempt] = attempts_at(stack, "vllm-llama", rid)
+        assert attempt["body"].get("stream", False) == stream
+        assert not [h for h in attempt["headers"] if h.startswith("x-modelgate-")]
+        return attempt["headers"].get("authorization")
 
     assert key_seen("llama-3.1-8b-instruct", "sk-client") is None
     assert key_seen("shared-model", "sk-client") == "Bearer sk-client"
@@ -95,16 +102,18 @@ def test_backend_keys_come_from_configuration_not_from_clients(stack):
     # A rotated secret is used from the next request on, without a restart.
     KEY_FILE.write_text("sk-from-file-2")
     assert key_seen("filekey-model", "sk-client") == "Bearer sk-from-file-2"
+    KEY_FILE.write_text("sk-from-file-1\n")
 
 
-def test_an_unreadable_key_is_a_500_that_names_no_secret(stack):
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unreadable_key_is_a_500_that_names_no_secret(stack, stream):
     from conftest import KEY_FILE, sdk
 
     saved = KEY_FILE.read_text()
     KEY_FILE.unlink()
     try:
         with pytest.raises(openai.InternalServerError) as err:
-            sdk(stack, retries=2).chat.completions.create(model="filekey-model", messages=HELLO)
+            sdk(stack, retries=2).chat.completions.create(model="filekey-model", messages=HELLO, stream=stream)
     finally:
         KEY_FILE.write_text(saved)
     assert err.value.status_code == 500

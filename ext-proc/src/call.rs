@@ -1,0 +1,73 @@
+//! One request's call to its backend, as the filter's backend profile
+//! describes it: the dialect's translation and the backend's key, and what
+//! they make of the request. ext_proc ([`crate::exchange`]) and the stream
+//! guard ([`crate::stream_guard`]) both start from here, so a request is
+//! rewritten the same way whichever of them handles it.
+
+use crate::credentials;
+use crate::translate::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
+use modelgate_proto::backend::BackendProfile;
+use modelgate_proto::error::GatewayError;
+
+pub struct BackendCall {
+    translation: Box<dyn Translation>,
+    key: Option<String>,
+}
+
+/// The backend's request: header changes (`:path` among them when the path
+/// changes) and a new body, when the body changes.
+pub struct UpstreamParts {
+    pub headers: HeaderChanges,
+    pub body: Option<Vec<u8>>,
+}
+
+impl BackendCall {
+    /// The call for a request to `path` whose backend has `profile` (the
+    /// internal header's value); `client_key` is the client's key header, if
+    /// the filter let one through.
+    pub fn start(profile: &[u8], path: &[u8], client_key: Option<&[u8]>) -> Result<Self, GatewayError> {
+        let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
+        let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
+        let source = profile.api_key.clone();
+        // An endpoint the backend lacks is refused before any key is read.
+        let translation = translate::for_backend(profile, endpoint)?;
+        let key = match &source {
+            Some(source) => credentials::resolve(source, client_key)?,
+            None => None,
+        };
+        Ok(BackendCall { translation, key })
+    }
+
+    /// The backend's request for the client's body.
+    pub fn request(&mut self, body: &[u8]) -> Result<UpstreamParts, GatewayError> {
+        let upstream = self.translation.request(body)?;
+        let mut headers = self.translation.upstream_headers(self.key.as_deref());
+        if let Some(path) = upstream.path {
+            headers.set.push((":path", path.to_string()));
+        }
+        Ok(UpstreamParts { headers, body: upstream.body })
+    }
+
+    /// Whether the backend's answers need translating; known before the body is read.
+    pub fn translates_responses(&self) -> bool {
+        self.translation.translates_responses()
+    }
+
+    /// The translation of the answer, once [`BackendCall::request`] has read
+    /// the request; `None` when the answer is OpenAI's already.
+    pub fn response_translation(&self) -> Option<Box<dyn ResponseTranslation>> {
+        self.translation.response_context()?.translation()
+    }
+}
+
+/// The answer when the gateway's own configuration is at fault; `why` goes to the log only.
+pub fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
+    tracing::error!("cannot rewrite a request: {why}");
+    GatewayError::new(
+        500,
+        "server_error",
+        "The gateway is misconfigured for this model.".into(),
+        None,
+        Some("gateway_misconfigured"),
+    )
+}
