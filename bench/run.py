@@ -86,6 +86,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def with_cpu(stack: Stack, names: list[str], load) -> dict:
+    """The result of `load()`, with the CPU µs per successful request (or stream) of each named process."""
+    pids = {name: stack.pid(name) for name in names}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    result = load()
+    served = max(result["ok"] + result["warmup_ok"], 1)
+    result["cpu_us_per_request"] = {name: (cpu_seconds(pid) - before[name]) / served * 1e6 for name, pid in pids.items()}
+    return result
+
+
 def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
     """LiteLLM's proxy with one worker in front of the same backend, if `make bench` installed it.
     Returns its port and the key it requires."""
@@ -119,12 +129,7 @@ def measure(run: Run, stack: Stack) -> dict:
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
     for _ in range(1 if run.short else 3):
         for s in scenarios:
-            pids = {name: stack.pid(name) for name in serving[s]}
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            result = run.load(s, concurrency=concurrency)
-            result["cpu_us_per_request"] = {name: (cpu_seconds(pid) - before[name]) / max(result["ok"], 1) * 1e6
-                                            for name, pid in pids.items()}
-            rounds[s].append(result)
+            rounds[s].append(with_cpu(stack, serving[s], lambda: run.load(s, concurrency=concurrency)))
     results["throughput"] = {s: sorted(r, key=lambda x: x["throughput_rps"])[len(r) // 2] for s, r in rounds.items()}
     bare_max = results["throughput"]["bare"]["throughput_rps"]
 
@@ -153,9 +158,13 @@ def measure(run: Run, stack: Stack) -> dict:
     stream_rate = 20 if run.short else 100
     streamed = ["direct", "bare", "passthrough", "ext_proc", *TRANSLATED]
     stream_rounds: dict[str, list[dict]] = {s: [] for s in streamed}
+    # Per stream, CPU time is steady where the gap's p99 is not: it says what a stream costs each process.
+    stream_serving = {"direct": [BACKEND], "bare": ["bare-envoy"],
+                      **{s: ["envoy", "stream-guard", "ext-proc"] for s in streamed[2:]}}
     for _ in range(1 if run.short else 5):
         for s in streamed:
-            stream_rounds[s].append(run.load(s, rate=stream_rate, stream=True, headers=stream_headers))
+            stream_rounds[s].append(with_cpu(stack, stream_serving[s], lambda: run.load(
+                s, rate=stream_rate, stream=True, headers=stream_headers)))
     results["streaming"] = {s: sorted(r, key=lambda x: x["chunk_gap"]["p99_ms"])[len(r) // 2]
                             for s, r in stream_rounds.items()}
 
@@ -258,14 +267,16 @@ def markdown(results: dict) -> str:
         out.append(f"| {r['offered_rps']:.0f} | {r['scenario']} | {l['p50_ms']:.3f} | {l['p90_ms']:.3f} | "
                    f"{l['p99_ms']:.3f} | {l['max_ms']:.3f} | {added} | {r['errors']} |")
     out += ["", f"## Streaming ({STREAM_TOKENS} chunks, {STREAM_ITL_MS} ms apart)", "",
-            "| scenario | first chunk p50 ms | added | chunk gap p50 ms | chunk gap p99 ms | added p99 | errors |",
-            "|---|---|---|---|---|---|---|"]
+            "| scenario | first chunk p50 ms | added | chunk gap p50 ms | chunk gap p99 ms | added p99 | errors "
+            "| CPU µs per stream |",
+            "|---|---|---|---|---|---|---|---|"]
     st = results["streaming"]
     for s, r in st.items():
+        cpu = ", ".join(f"{name} {us:.0f}" for name, us in r.get("cpu_us_per_request", {}).items())
         out.append(f"| {s} | {r['first_chunk']['p50_ms']:.3f} | "
                    f"{r['first_chunk']['p50_ms'] - st['bare']['first_chunk']['p50_ms']:+.3f} | "
                    f"{r['chunk_gap']['p50_ms']:.3f} | {r['chunk_gap']['p99_ms']:.3f} | "
-                   f"{r['chunk_gap']['p99_ms'] - st['bare']['chunk_gap']['p99_ms']:+.3f} | {r['errors']} |")
+                   f"{r['chunk_gap']['p99_ms'] - st['bare']['chunk_gap']['p99_ms']:+.3f} | {r['errors']} | {cpu} |")
     m = results["memory"]
     out += ["", f"## Memory with {m['open_streams']} open streams (ext_proc route)", "",
             "| process | RSS before MiB | peak RSS MiB |", "|---|---|---|"]
