@@ -243,13 +243,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let start;
     let sent = match (args.rate, args.concurrency) {
         (Some(rate), _) => {
-            open_loop(Arc::clone(&target), rate, warmup, discard).await;
+            open_loop(Arc::clone(&target), rate, warmup, Arc::clone(&discard)).await;
             start = Instant::now();
             open_loop(target, rate, duration, Arc::clone(&recorder)).await
         }
         (None, c) => {
             let c = c.unwrap_or(1);
-            closed_loop(Arc::clone(&target), c, warmup, discard).await;
+            closed_loop(Arc::clone(&target), c, warmup, Arc::clone(&discard)).await;
             start = Instant::now();
             closed_loop(target, c, duration, Arc::clone(&recorder)).await
         }
