@@ -4,8 +4,9 @@
 //! as UTF-8 with `unwrap`; either would trap the VM on a bad header or an
 //! unexpected host answer. These wrappers take bytes and log failures instead.
 
+use modelgate_proto::limits::BucketStore;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 use std::time::SystemTime;
 
 pub fn log_error(message: &str) {
@@ -62,6 +63,42 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
 
 pub fn now() -> Option<SystemTime> {
     hostcalls::get_current_time().ok()
+}
+
+/// Microseconds since the Unix epoch, as rate limits count time.
+pub fn now_us() -> u64 {
+    now().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Rate-limit buckets in Envoy's shared data: one copy for every worker
+/// thread's VM, so a limit holds across the whole Envoy.
+pub struct SharedBuckets;
+
+impl BucketStore for SharedBuckets {
+    fn load(&self, bucket: &str) -> (u64, Option<u32>) {
+        match hostcalls::get_shared_data(bucket) {
+            Ok((value, version)) => {
+                let state = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes);
+                (state, version)
+            }
+            Err(s) => {
+                log_failure("reading a rate limit", s);
+                (0, None)
+            }
+        }
+    }
+
+    fn swap(&self, bucket: &str, state: u64, version: Option<u32>) -> bool {
+        match hostcalls::set_shared_data(bucket, Some(&state.to_le_bytes()), version) {
+            Ok(()) => true,
+            Err(Status::CasMismatch) => false,
+            Err(s) => {
+                log_failure("storing a rate limit", s);
+                // Retrying would fail the same way; the request has been counted as far as it can be.
+                true
+            }
+        }
+    }
 }
 
 pub fn send_response(status: u16, headers: Vec<(&str, &str)>, body: &[u8]) {

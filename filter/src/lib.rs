@@ -20,6 +20,7 @@ pub mod routing_fields;
 use modelgate_proto::error_normalize::{normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{Caller, Presented};
+use modelgate_proto::limits::{self, Verdict};
 use modelgate_proto::routing::Router;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
@@ -62,6 +63,7 @@ impl RootContext for Plugin {
             error: None,
             guarded: false,
             caller: None,
+            rate_limit: None,
         }))
     }
 
@@ -81,6 +83,8 @@ struct Request {
     guarded: bool,
     /// The client key the request came with, where keys are configured.
     caller: Caller,
+    /// The key's rate limit as this request left it, for the answer's `x-ratelimit-*` headers.
+    rate_limit: Option<Verdict>,
 }
 
 impl Context for Request {}
@@ -133,6 +137,12 @@ impl HttpContext for Request {
         let body = host::body(BufferType::HttpRequestBody, body_size);
         match request::on_request_body(&self.router, &body, self.caller.as_deref()) {
             Ok(routing) => {
+                if let Some(caller) = self.caller.as_deref() {
+                    match request::rate_limit(caller, &routing.model, &host::SharedBuckets, host::now_us()) {
+                        Ok(verdict) => self.rate_limit = verdict,
+                        Err(reply) => return self.respond(&reply),
+                    }
+                }
                 // Envoy clears the route cache itself when a wasm filter changes request
                 // headers, so the route table sees the cluster header (the tests prove it).
                 host::set_header(MapType::HttpRequestHeaders, headers::CLUSTER, &routing.cluster);
@@ -157,6 +167,9 @@ impl HttpContext for Request {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let Some(ms) = self.processing_ms() {
             host::set_header(MapType::HttpResponseHeaders, PROCESSING_MS, &ms);
+        }
+        for (name, value) in self.rate_limit.iter().flat_map(limits::request_headers) {
+            host::set_header(MapType::HttpResponseHeaders, name, &value);
         }
         // The inner listener's reason, for this filter only: never sent on to the client.
         let relayed_details = if self.guarded {
@@ -234,7 +247,7 @@ impl Request {
         self.answered_here = true;
         let processing_ms = self.processing_ms().unwrap_or_default();
         let mut response_headers = vec![("content-type", "application/json"), (PROCESSING_MS, processing_ms.as_str())];
-        response_headers.extend(reply.headers.iter().copied());
+        response_headers.extend(reply.headers.iter().map(|(name, value)| (*name, value.as_str())));
         host::send_response(reply.status, response_headers, &reply.body);
         Action::Pause
     }

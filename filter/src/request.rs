@@ -9,6 +9,7 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
+use modelgate_proto::limits::{self, BucketStore, Verdict};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
 
@@ -16,7 +17,7 @@ use modelgate_proto::routing::Router;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
-    pub headers: Vec<(&'static str, &'static str)>,
+    pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
 }
 
@@ -27,7 +28,11 @@ impl Reply {
 
     /// An error answer rewritten as an OpenAI envelope, with the retry advice it carries.
     pub fn rewritten(status: u16, rewritten: Rewritten) -> Self {
-        Reply { status, headers: retry_advice(rewritten.should_retry).collect(), body: rewritten.body }
+        Reply {
+            status,
+            headers: retry_advice(rewritten.should_retry).map(|(k, v)| (k, v.to_string())).collect(),
+            body: rewritten.body,
+        }
     }
 }
 
@@ -42,7 +47,7 @@ const SHOULD_RETRY: &str = "x-should-retry";
 impl From<GatewayError> for Reply {
     /// The filter's own refusals: the same request would be refused again.
     fn from(err: GatewayError) -> Self {
-        Reply { status: err.status, headers: vec![(SHOULD_RETRY, "false")], body: err.to_json() }
+        Reply { status: err.status, headers: vec![(SHOULD_RETRY, "false".into())], body: err.to_json() }
     }
 }
 
@@ -58,6 +63,8 @@ pub enum HeadersVerdict {
 /// Where a model-routed request goes, to be written into its headers.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Routing {
+    /// The model the client asked for.
+    pub model: String,
     /// The cluster the route sends the request to.
     pub cluster: String,
     /// The backend's profile for ext-proc, when its requests need rewriting.
@@ -107,7 +114,7 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
         return match endpoint {
             Endpoint::WrongMethod(allowed) => {
                 let mut reply = Reply::from(GatewayError::method_not_allowed(method, path, allowed));
-                reply.headers.push(("allow", allowed));
+                reply.headers.push(("allow", allowed.into()));
                 HeadersVerdict::Respond(reply)
             }
             _ => HeadersVerdict::PassThrough,
@@ -171,11 +178,35 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         None => (target.cluster.clone(), None),
     };
     Ok(Routing {
+        model: fields.model.clone(),
         cluster,
         profile: target.profile.clone(),
         forwards_client_key: target.forwards_client_key,
         stream_cluster,
     })
+}
+
+/// Counts a routed request against its key's rate limits: the verdict to
+/// report on the answer, or the 429 to answer with.
+pub fn rate_limit(
+    caller: &ClientKey,
+    model: &str,
+    store: &dyn BucketStore,
+    now_us: u64,
+) -> Result<Option<Verdict>, Reply> {
+    if caller.limits.is_empty() {
+        return Ok(None);
+    }
+    match limits::admit(store, &caller.name, &caller.limits, model, now_us) {
+        Some(verdict) if !verdict.allowed => {
+            let mut reply = Reply::from(limits::refusal(&caller.name, model, &verdict));
+            // A later try succeeds: the SDKs retry a 429 after `retry-after` by themselves.
+            reply.headers = vec![("retry-after", limits::retry_after_seconds(verdict.retry_after_us).to_string())];
+            reply.headers.extend(limits::request_headers(&verdict));
+            Err(reply)
+        }
+        verdict => Ok(verdict),
+    }
 }
 
 #[cfg(test)]
@@ -217,11 +248,18 @@ mod tests {
         );
         assert_eq!(
             on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap(),
-            Routing { cluster: "cluster_a".into(), profile: None, forwards_client_key: false, stream_cluster: None }
+            Routing {
+                model: "llama-3".into(),
+                cluster: "cluster_a".into(),
+                profile: None,
+                forwards_client_key: false,
+                stream_cluster: None
+            }
         );
         assert_eq!(
             on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#, None).unwrap(),
             Routing {
+                model: "gpt-4o-mini".into(),
                 cluster: "cluster_b".into(),
                 profile: Some(r#"{"model":"qwen-7b"}"#.into()),
                 forwards_client_key: false,
@@ -241,6 +279,7 @@ mod tests {
         assert_eq!(
             on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap(),
             Routing {
+                model: "m".into(),
                 cluster: "guard".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
@@ -254,6 +293,7 @@ mod tests {
         assert_eq!(
             on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap(),
             Routing {
+                model: "m".into(),
                 cluster: "cluster_a".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
@@ -341,7 +381,7 @@ mod tests {
             RequestHead { end_of_stream: true, ..head("GET", "/v1/chat/completions") },
         ));
         assert_eq!(reply.status, 405);
-        assert_eq!(reply.headers, vec![("x-should-retry", "false"), ("allow", "POST")]);
+        assert_eq!(reply.headers, vec![("x-should-retry", "false".to_string()), ("allow", "POST".to_string())]);
     }
 
     #[test]
@@ -387,5 +427,36 @@ mod tests {
         assert_eq!((refused.status, json(&refused)["error"]["code"].as_str()), (404, Some("model_not_found")));
         // Paths the gateway does not serve are not its to refuse.
         assert_eq!(on_request_headers(&r, keyed("/health", b"")), HeadersVerdict::PassThrough);
+    }
+
+    #[test]
+    fn a_key_over_its_limit_gets_openais_429_with_retry_after_and_its_headers() {
+        let r = Router::from_json(
+            br#"{"backends": {"a": {"cluster": "c"}}, "models": [{"match": "*", "backend": "a"}],
+                "client_keys": [{"name": "team", "limits": {"requests_per_minute": 2},
+                                 "sha256": "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13"},
+                                {"name": "free", "sha256": "a97ffab5cd3331858e03076328705ababa22813218d8511eb09bbbce51d39ff8"}]}"#,
+        )
+        .unwrap();
+        let presented = Presented { authorization: Some(b"Bearer sk-team"), api_key: None };
+        let caller = r.client_keys().authenticate(presented).unwrap().unwrap();
+        let store = limits::MemoryBuckets::default();
+        let now = 1_000_000_000;
+        let first = rate_limit(&caller, "m", &store, now).unwrap().unwrap();
+        assert_eq!((first.limit, first.remaining), (2, 1));
+        rate_limit(&caller, "m", &store, now).unwrap();
+        let refused = rate_limit(&caller, "m", &store, now + 1_000).unwrap_err();
+        assert_eq!(refused.status, 429);
+        let error = &json(&refused)["error"];
+        assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("requests"), Some("rate_limit_exceeded")));
+        assert!(error["message"].as_str().unwrap().contains("Limit 2, Used 2"), "{error}");
+        let header = |name: &str| refused.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+        assert_eq!(header("retry-after"), Some("30"));
+        assert_eq!(header("x-ratelimit-remaining-requests"), Some("0"));
+        assert_eq!(header("x-ratelimit-reset-requests"), Some("59.999s"));
+        assert_eq!(header("x-should-retry"), None, "a 429 may be retried");
+        let free = Presented { authorization: Some(b"Bearer sk-free"), api_key: None };
+        let unlimited = r.client_keys().authenticate(free).unwrap().unwrap();
+        assert_eq!(rate_limit(&unlimited, "m", &store, now), Ok(None));
     }
 }

@@ -40,6 +40,26 @@ pub struct ClientKeyConfig {
     /// Model names or patterns (as in `models[].match`) the key may use; every model if unset.
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// How fast the key may call; unlimited if unset.
+    #[serde(default)]
+    pub limits: Option<LimitConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Requests per minute for the key, all models together.
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Limits per model name or pattern, on top of the key's own; the most specific match applies.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelLimitConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimitConfig {
+    pub requests_per_minute: u64,
 }
 
 fn default_max_request_body_bytes() -> usize {

@@ -9,6 +9,7 @@
 
 use crate::config::ClientKeyConfig;
 use crate::error::GatewayError;
+use crate::limits::KeyLimits;
 use crate::routing::Pattern;
 use sha2::{Digest, Sha256};
 use std::rc::Rc;
@@ -22,13 +23,19 @@ pub struct ClientKey {
     digest: [u8; 32],
     /// Model names or patterns the key may use; `None` for every model.
     models: Option<Vec<String>>,
+    pub limits: KeyLimits,
 }
 
 impl ClientKey {
     /// A key allowed `models`, for tests that need one without hashing.
     #[cfg(test)]
     pub(crate) fn for_tests(name: &str, models: &[&str]) -> Self {
-        ClientKey { name: name.into(), digest: [0; 32], models: Some(models.iter().map(|m| m.to_string()).collect()) }
+        ClientKey {
+            name: name.into(),
+            digest: [0; 32],
+            models: Some(models.iter().map(|m| m.to_string()).collect()),
+            limits: KeyLimits::default(),
+        }
     }
 
     /// True when the key may use `model`.
@@ -70,7 +77,13 @@ impl ClientKeys {
             for pattern in config.models.iter().flatten() {
                 Pattern::parse(pattern).map_err(|e| format!("client key `{}`: {e}", config.name))?;
             }
-            keys.push(Rc::new(ClientKey { name: config.name.clone(), digest, models: config.models.clone() }));
+            let limits = match &config.limits {
+                Some(limits) => {
+                    KeyLimits::from_config(limits).map_err(|e| format!("client key `{}`: {e}", config.name))?
+                }
+                None => KeyLimits::default(),
+            };
+            keys.push(Rc::new(ClientKey { name: config.name.clone(), digest, models: config.models.clone(), limits }));
         }
         Ok(ClientKeys { keys })
     }

@@ -9,5 +9,6 @@ pub mod error;
 pub mod error_normalize;
 pub mod headers;
 pub mod keys;
+pub mod limits;
 pub mod models;
 pub mod routing;

@@ -140,6 +140,15 @@ impl<'a> Pattern<'a> {
         }
     }
 
+    /// How specific the pattern is: exact beats any prefix, a longer prefix a shorter one, `*` comes last.
+    pub(crate) fn specificity(&self) -> (u8, usize) {
+        match self {
+            Pattern::Exact(name) => (2, name.len()),
+            Pattern::Prefix(prefix) => (1, prefix.len()),
+            Pattern::CatchAll => (0, 0),
+        }
+    }
+
     pub(crate) fn matches(&self, model: &str) -> bool {
         match self {
             Pattern::Exact(name) => model == *name,

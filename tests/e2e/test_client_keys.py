@@ -3,6 +3,8 @@ with a known key (stored as a SHA-256 digest), each to the models it may use."""
 
 import hashlib
 import json
+import math
+import time
 
 import httpx2
 import openai
@@ -12,6 +14,8 @@ from conftest import new_request_id as rid, received_by, sdk
 from devstack import Stack
 
 FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
+# Keys with rate limits: four requests a minute in all; sixty a minute for llama models.
+LIMITED, BURSTY = "sk-limited-0003", "sk-bursty-0004"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -22,6 +26,10 @@ def with_client_keys(config: dict) -> None:
     routing["client_keys"] = [
         {"name": "full", "sha256": hashlib.sha256(FULL.encode()).hexdigest()},
         {"name": "llama", "sha256": hashlib.sha256(LLAMA_ONLY.encode()).hexdigest(), "models": ["llama-*"]},
+        {"name": "limited", "sha256": hashlib.sha256(LIMITED.encode()).hexdigest(),
+         "limits": {"requests_per_minute": 4}},
+        {"name": "bursty", "sha256": hashlib.sha256(BURSTY.encode()).hexdigest(),
+         "limits": {"requests_per_minute": 1000, "models": {"llama-*": {"requests_per_minute": 60}}}},
     ]
     plugin["configuration"]["value"] = json.dumps(routing)
 
@@ -84,3 +92,49 @@ def test_a_key_sees_and_uses_only_its_models(keyed):
             call()
         assert err.value.body["code"] == "model_not_found"
     assert client.models.retrieve("llama-3.1-70b").id == "llama-3.1-70b"
+
+
+def chat(keyed, key: str, model: str = "llama-3.1-8b-instruct") -> httpx2.Response:
+    """One chat request on a connection of its own, so Envoy's worker threads share the load."""
+    with httpx2.Client(timeout=10) as fresh:
+        return fresh.post(f"{keyed.base_url}/chat/completions", headers={"authorization": f"Bearer {key}"},
+                          json={"model": model, "messages": HELLO})
+
+
+def test_a_keys_requests_per_minute_hold_across_envoys_workers(keyed, spec):
+    answers = [chat(keyed, LIMITED) for _ in range(8)]
+    assert [a.status_code for a in answers] == [200] * 4 + [429] * 4
+    assert [a.headers["x-ratelimit-limit-requests"] for a in answers] == ["4"] * 8
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["3", "2", "1", "0"] + ["0"] * 4
+    # A unit comes back every 15 s, so the bucket is full again 15 s after each request counted.
+    resets = [float(a.headers["x-ratelimit-reset-requests"].rstrip("s")) for a in answers[:4]]
+    assert all(abs(reset - 15 * (i + 1)) < 1 for i, reset in enumerate(resets)), resets
+    refused = answers[4]
+    assert refused.headers["x-ratelimit-reset-requests"].startswith("59.") or \
+        refused.headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert 14 <= int(refused.headers["retry-after"]) <= 15
+    error = refused.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("requests", "rate_limit_exceeded", None)
+    assert "Limit 4, Used 4, Requested 1" in error["message"] and LIMITED not in error["message"]
+    assert refused.headers["x-request-id"]
+    spec.validate("ErrorResponse", refused.json())
+
+
+def test_a_models_limit_refuses_then_recovers_and_the_sdk_waits_it_out(keyed):
+    start, answers = time.monotonic(), []
+    while len(answers) < 200 and (not answers or answers[-1].status_code == 200):
+        answers.append(chat(keyed, BURSTY))
+    elapsed = time.monotonic() - start
+    # Sixty at once, and one more for every second the loop took (the bucket refills as it goes).
+    assert answers[-1].status_code == 429
+    assert 60 <= len(answers) - 1 <= 60 + math.ceil(elapsed), (len(answers), elapsed)
+    assert answers[-1].headers["x-ratelimit-limit-requests"] == "60"
+    # The key's own limit is far off: another model is still served.
+    other = chat(keyed, BURSTY, model="qwen-2.5-7b-instruct")
+    assert other.status_code == 200
+    assert other.headers["x-ratelimit-limit-requests"] == "1000"
+    # The official SDK honours retry-after (one unit is back within a second) and gets its answer.
+    client = openai.OpenAI(base_url=keyed.base_url, api_key=BURSTY, max_retries=2)
+    raw = client.chat.completions.with_raw_response.create(model="llama-3.1-8b-instruct", messages=HELLO)
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-ratelimit-limit-requests"] == "60"
