@@ -205,7 +205,7 @@ async fn guard_response(
 ) -> Response<GuardedBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    let mut framing = stream_framing(&parts.headers).filter(|_| parts.status.is_success());
+    let framing = stream_framing(&parts.headers).filter(|_| parts.status.is_success());
     if let Some(translation) = &mut translation {
         let status = parts.status.as_u16();
         let plan = translation.plan(status, parts.headers.get(CONTENT_TYPE).map_or(b"", |c| c.as_bytes()));
@@ -216,7 +216,6 @@ async fn guard_response(
         if !plan.streamed {
             return translate_whole(parts, body, status, translation.as_mut()).await;
         }
-        framing = framing.filter(|_| plan.streamed);
     }
     let events = framing.map(|framing| {
         // The guard may add an event, so the length is no longer known.
