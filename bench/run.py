@@ -12,6 +12,7 @@ Writes DIR/bench-<time>.json, .md and .svg (latency against offered rate).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from devstack import ADMIN_PORT, LISTENER_PORT, Stack, free_port  # noqa: E402
+from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack,  # noqa: E402
+                      edit_filter_config, free_port)
 
 LOADGEN = ROOT / "target" / "release" / "modelgate-loadgen"
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
@@ -41,9 +43,21 @@ PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 # On two or more CPUs, the gateway under test (Envoy, ext-proc, stream guard) and its peer (LiteLLM) get
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
-PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "ext-proc", "stream-guard", "litellm"]}
+PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "ext-proc", "stream-guard", "litellm"]}
            | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
+
+# The rate-limited route: a second gateway Envoy whose one client key has limits (on the key and
+# on MODEL) far above any rate here, so every request pays for the checks and none is refused.
+BENCH_KEY = f"sk-bench-{secrets.token_hex(8)}"
+
+
+def with_limited_key(config: dict) -> None:
+    limits = {"requests_per_minute": 60_000_000, "models": {MODEL: {"requests_per_minute": 60_000_000}}}
+    digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
+    edit_filter_config(config, lambda routing: routing.update(
+        client_keys=[{"name": "bench", "sha256": digest, "limits": limits}]))
+
 
 STREAM_TOKENS = 20
 STREAM_ITL_MS = 10
@@ -117,13 +131,14 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
 
 def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = [s for s in ["direct", "bare", "passthrough", "ext_proc", *TRANSLATED, "litellm"] if s in run.urls]
+    scenarios = [s for s in ["direct", "bare", "passthrough", "rate_limited", "ext_proc", *TRANSLATED, "litellm"]
+                 if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
     # Rounds interleave the scenarios so a noisy neighbour hits them alike; the median round counts.
     # CPU time per request of the processes doing the serving shows where the time goes.
-    serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "passthrough": ["envoy"],
+    serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "passthrough": ["envoy"], "rate_limited": ["keyed-envoy"],
                "ext_proc": ["envoy", "ext-proc"], "litellm": ["litellm"],
                **{dialect: ["envoy", "ext-proc"] for dialect in TRANSLATED}}
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
@@ -139,7 +154,7 @@ def measure(run: Run, stack: Stack) -> dict:
     sweep = []
     capacity = {s: r["throughput_rps"] for s, r in results["throughput"].items()}
     for rate in rates:
-        for s in ["direct", "bare", "passthrough", "ext_proc"]:
+        for s in ["direct", "bare", "passthrough", "rate_limited", "ext_proc"]:
             # Past its capacity a scenario only queues without bound; its latency there says nothing.
             if rate <= 0.9 * capacity[s]:
                 sweep.append(run.load(s, rate=rate))
@@ -342,12 +357,17 @@ def main() -> None:
     with Stack(log_level="error", envoy_concurrency=1, cpus=PINNING) as stack:
         bare_ports = {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001]}
         stack.start_envoy("bare-envoy", BARE_CONFIG, bare_ports)
+        keyed_ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
+                       INNER_LISTENER_PORT: free_port()}
+        stack.start_envoy("keyed-envoy", DEMO_CONFIG, keyed_ports, with_limited_key)
         backend = stack.backend_url(BACKEND)
         chat = "/v1/chat/completions"
         run.urls = {
             "direct": (backend + chat, MODEL, {}),
             "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{chat}", MODEL, {}),
             "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL, {}),
+            "rate_limited": (f"http://127.0.0.1:{keyed_ports[LISTENER_PORT]}{chat}", MODEL,
+                             {"authorization": f"Bearer {BENCH_KEY}"}),
             "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED, {}),
             **{dialect: (f"http://127.0.0.1:{stack.port}{chat}", model, {}) for dialect, model in TRANSLATED.items()},
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -63,6 +64,20 @@ def _die_with_parent() -> None:
     """Children get SIGTERM if this process dies, so no test run leaves servers behind."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def http_connection_manager(config: dict) -> dict:
+    """The OpenAI listener's HTTP connection manager in an Envoy configuration (as `adjust_config` gets it)."""
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def edit_filter_config(config: dict, edit) -> None:
+    """Calls `edit` on the modelgate filter's JSON configuration inside an Envoy configuration."""
+    plugin = next(f for f in http_connection_manager(config)["http_filters"] if f["name"] == "modelgate")
+    value = plugin["typed_config"]["config"]["configuration"]
+    routing = json.loads(value["value"])
+    edit(routing)
+    value["value"] = json.dumps(routing)
 
 
 def render_config(template: Path, ports: dict[int, int], adjust=None) -> str:

@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from devstack import Stack, free_port  # noqa: E402
+from devstack import Stack, edit_filter_config, free_port, http_connection_manager  # noqa: E402
 
 SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))
 
@@ -29,13 +29,13 @@ def add_failing_backends(config: dict) -> None:
     """Models whose backends fail inside Envoy: `dead-model`'s port refuses connections,
     `empty-model`'s cluster has no endpoints, `ghost-model` names a cluster Envoy does not
     have, and `slow-model` reaches the llama backend through a route with a 0.5 s timeout."""
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    plugin = next(f for f in hcm["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
-    routing = json.loads(plugin["configuration"]["value"])
-    routing["backends"].update({"dead": {"cluster": "dead_pool"}, "empty": {"cluster": "empty_pool"},
-                                "ghost": {"cluster": "no_such_cluster"}, "slow": {"cluster": "slow_pool"}})
-    routing["models"] += [{"match": f"{name}-model", "backend": name} for name in ["dead", "empty", "ghost", "slow"]]
-    plugin["configuration"]["value"] = json.dumps(routing)
+    def failing(routing: dict) -> None:
+        routing["backends"].update({"dead": {"cluster": "dead_pool"}, "empty": {"cluster": "empty_pool"},
+                                    "ghost": {"cluster": "no_such_cluster"}, "slow": {"cluster": "slow_pool"}})
+        routing["models"] += [{"match": f"{name}-model", "backend": name}
+                              for name in ["dead", "empty", "ghost", "slow"]]
+
+    edit_filter_config(config, failing)
 
     def cluster(name: str, port: int) -> dict:
         return {"name": name, "type": "STATIC", "connect_timeout": "0.25s",
@@ -45,7 +45,7 @@ def add_failing_backends(config: dict) -> None:
     # 8001 is the llama backend's port in demo.yaml; the harness remaps it with the others.
     empty = {"name": "empty_pool", "type": "STATIC", "load_assignment": {"cluster_name": "empty_pool"}}
     config["static_resources"]["clusters"] += [cluster("dead_pool", free_port()), cluster("slow_pool", 8001), empty]
-    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    routes = http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {
         "match": {"prefix": "/", "headers": [{"name": "x-modelgate-cluster", "string_match": {"exact": "slow_pool"}}]},
         "route": {"cluster": "slow_pool", "timeout": "0.5s"},
@@ -60,14 +60,13 @@ KEY_FILE = Path(tempfile.mkdtemp(prefix="modelgate-keys-")) / "backend-key"
 def add_keyed_backends(config: dict) -> None:
     """Two more routes to the llama backend: `filekey-model` is called with the key in
     KEY_FILE, `shared-model` with the client's own key (passthrough)."""
-    plugin = next(f for f in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-                  ["typed_config"]["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
-    routing = json.loads(plugin["configuration"]["value"])
-    routing["backends"].update({"filekey": {"cluster": "llama_pool", "api_key": {"file": str(KEY_FILE)}},
-                                "shared": {"cluster": "llama_pool", "api_key": "passthrough"}})
-    routing["models"] += [{"match": "filekey-model", "backend": "filekey"},
-                          {"match": "shared-model", "backend": "shared"}]
-    plugin["configuration"]["value"] = json.dumps(routing)
+    def keyed(routing: dict) -> None:
+        routing["backends"].update({"filekey": {"cluster": "llama_pool", "api_key": {"file": str(KEY_FILE)}},
+                                    "shared": {"cluster": "llama_pool", "api_key": "passthrough"}})
+        routing["models"] += [{"match": "filekey-model", "backend": "filekey"},
+                              {"match": "shared-model", "backend": "shared"}]
+
+    edit_filter_config(config, keyed)
 
 
 @pytest.fixture(scope="session")

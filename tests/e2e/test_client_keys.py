@@ -2,7 +2,6 @@
 with a known key (stored as a SHA-256 digest), each to the models it may use."""
 
 import hashlib
-import json
 import math
 import time
 
@@ -11,7 +10,7 @@ import openai
 import pytest
 
 from conftest import new_request_id as rid, received_by, sdk
-from devstack import Stack
+from devstack import Stack, edit_filter_config
 
 FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
 # Keys with rate limits: four requests a minute in all; sixty a minute for llama models.
@@ -20,18 +19,16 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def with_client_keys(config: dict) -> None:
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    plugin = next(f for f in hcm["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
-    routing = json.loads(plugin["configuration"]["value"])
-    routing["client_keys"] = [
-        {"name": "full", "sha256": hashlib.sha256(FULL.encode()).hexdigest()},
-        {"name": "llama", "sha256": hashlib.sha256(LLAMA_ONLY.encode()).hexdigest(), "models": ["llama-*"]},
-        {"name": "limited", "sha256": hashlib.sha256(LIMITED.encode()).hexdigest(),
-         "limits": {"requests_per_minute": 4}},
-        {"name": "bursty", "sha256": hashlib.sha256(BURSTY.encode()).hexdigest(),
+    def digest(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    edit_filter_config(config, lambda routing: routing.update(client_keys=[
+        {"name": "full", "sha256": digest(FULL)},
+        {"name": "llama", "sha256": digest(LLAMA_ONLY), "models": ["llama-*"]},
+        {"name": "limited", "sha256": digest(LIMITED), "limits": {"requests_per_minute": 4}},
+        {"name": "bursty", "sha256": digest(BURSTY),
          "limits": {"requests_per_minute": 1000, "models": {"llama-*": {"requests_per_minute": 60}}}},
-    ]
-    plugin["configuration"]["value"] = json.dumps(routing)
+    ]))
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,14 @@ import openai
 import pytest
 
 from conftest import assert_streams_as_generated, sdk, WEATHER
-from devstack import Stack
+from devstack import Stack, edit_filter_config
 
 MODELS = ["claude-sonnet-4-5", "llama3.2"]
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
 def without_stream_guard(config: dict) -> None:
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    plugin = next(f for f in hcm["http_filters"] if f["name"] == "modelgate")["typed_config"]["config"]
-    routing = json.loads(plugin["configuration"]["value"])
-    del routing["stream_guard_cluster"]
-    plugin["configuration"]["value"] = json.dumps(routing)
+    edit_filter_config(config, lambda routing: routing.pop("stream_guard_cluster"))
 
 
 @pytest.fixture(scope="module")
