@@ -12,3 +12,4 @@ pub mod keys;
 pub mod limits;
 pub mod models;
 pub mod routing;
+pub mod usage;

@@ -10,12 +10,13 @@
 use crate::config::LimitConfig;
 use crate::error::GatewayError;
 use crate::routing::Pattern;
+use serde::{Deserialize, Serialize};
 
 /// One minute, in microseconds: the period every limit is counted over.
 const MINUTE_US: u64 = 60_000_000;
 
 /// What one limit says about one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub allowed: bool,
     /// The limit, per minute.
@@ -102,6 +103,33 @@ impl KeyLimits {
     pub fn is_empty(&self) -> bool {
         self.requests_per_minute.is_none() && self.models.is_empty()
     }
+}
+
+/// One bucket to spend from, as a shared store (ext-proc's Redis-backed
+/// `POST /v1/limits/spend`) is asked to: every bucket of a request in one call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketSpend {
+    /// The bucket's name, such as `modelgate.requests.alice`.
+    pub name: String,
+    /// The limit, per minute.
+    pub per_minute: u64,
+    /// Units to spend: 1 for a request, a token count for a debit, 0 to only look.
+    pub cost: u64,
+}
+
+/// A call to a shared store: admit (spend from every bucket only if all allow it)
+/// or debit (spend regardless, as tokens already used are).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpendRequest {
+    pub buckets: Vec<BucketSpend>,
+    #[serde(default)]
+    pub debit: bool,
+}
+
+/// The store's answer: one verdict per bucket, in the request's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpendResponse {
+    pub verdicts: Vec<Verdict>,
 }
 
 /// Where buckets are kept: each bucket's state under its name, changed only
