@@ -51,6 +51,9 @@ pub struct LimitConfig {
     /// Requests per minute for the key, all models together.
     #[serde(default)]
     pub requests_per_minute: Option<u64>,
+    /// Tokens (prompt and completion) per minute for the key, all models together.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
     /// Limits per model name or pattern, on top of the key's own; the most specific match applies.
     #[serde(default)]
     pub models: BTreeMap<String, ModelLimitConfig>,
@@ -59,7 +62,10 @@ pub struct LimitConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelLimitConfig {
-    pub requests_per_minute: u64,
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
 }
 
 fn default_max_request_body_bytes() -> usize {

@@ -69,13 +69,55 @@ pub fn retry_after_seconds(us: u64) -> u64 {
     us.div_ceil(1_000_000).max(1)
 }
 
-/// The requests-per-minute limits that apply to one key: its own, and the
-/// one for the model asked for, if any.
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Requests,
+    /// Prompt and completion tokens together, as the backend's `usage` reports them.
+    Tokens,
+}
+
+impl Unit {
+    /// As OpenAI names it in `x-ratelimit-*-{unit}` and in a 429's `type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+        }
+    }
+}
+
+/// Per-minute limits, each optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rate {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl Rate {
+    fn per_minute(&self, unit: Unit) -> Option<u64> {
+        match unit {
+            Unit::Requests => self.requests_per_minute,
+            Unit::Tokens => self.tokens_per_minute,
+        }
+    }
+}
+
+/// The limits that apply to one key: its own, and per model name or pattern.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyLimits {
-    pub requests_per_minute: Option<u64>,
-    /// Per model name or pattern; the most specific match applies.
-    models: Vec<(String, u64)>,
+    pub own: Rate,
+    /// Per model name or pattern; for each unit, the most specific pattern that sets it applies.
+    models: Vec<(String, Rate)>,
+}
+
+/// One bucket a request is counted in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    /// Its name in the store: `modelgate.{unit}.{key}`, with `.{pattern}` for a model's limit.
+    pub name: String,
+    pub unit: Unit,
+    pub per_minute: u64,
 }
 
 impl KeyLimits {
@@ -83,25 +125,68 @@ impl KeyLimits {
         let mut models = Vec::new();
         for (pattern, limit) in &limits.models {
             Pattern::parse(pattern)?;
-            models.push((pattern.clone(), limit.requests_per_minute));
+            let rate = Rate { requests_per_minute: limit.requests_per_minute, tokens_per_minute: limit.tokens_per_minute };
+            models.push((pattern.clone(), rate));
         }
-        Ok(KeyLimits { requests_per_minute: limits.requests_per_minute, models })
+        let own = Rate { requests_per_minute: limits.requests_per_minute, tokens_per_minute: limits.tokens_per_minute };
+        Ok(KeyLimits { own, models })
     }
 
-    /// The limit for `model`, and the pattern it was set for (which names its bucket).
-    pub fn for_model(&self, model: &str) -> Option<(&str, u64)> {
+    /// The `unit` limit for `model`, and the pattern it was set for (which names its bucket).
+    pub fn for_model(&self, model: &str, unit: Unit) -> Option<(&str, u64)> {
         self.models
             .iter()
-            .filter_map(|(pattern, limit)| {
+            .filter_map(|(pattern, rate)| {
+                let limit = rate.per_minute(unit)?;
                 let matched = Pattern::parse(pattern).ok()?;
-                matched.matches(model).then(|| (matched.specificity(), pattern.as_str(), *limit))
+                matched.matches(model).then(|| (matched.specificity(), pattern.as_str(), limit))
             })
             .max_by_key(|(specificity, _, _)| *specificity)
             .map(|(_, pattern, limit)| (pattern, limit))
     }
 
+    /// Every bucket a request of `key` for `model` counts in.
+    pub fn buckets(&self, key: &str, model: &str) -> Vec<Bucket> {
+        let mut buckets = Vec::new();
+        for unit in [Unit::Requests, Unit::Tokens] {
+            let name = unit.name();
+            if let Some(per_minute) = self.own.per_minute(unit) {
+                buckets.push(Bucket { name: format!("modelgate.{name}.{key}"), unit, per_minute });
+            }
+            if let Some((pattern, per_minute)) = self.for_model(model, unit) {
+                buckets.push(Bucket { name: format!("modelgate.{name}.{key}.{pattern}"), unit, per_minute });
+            }
+        }
+        buckets
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.requests_per_minute.is_none() && self.models.is_empty()
+        self.own == Rate::default() && self.models.is_empty()
+    }
+
+    /// True when some limit counts tokens, so answers' usage must be read.
+    pub fn counts_tokens(&self) -> bool {
+        self.own.tokens_per_minute.is_some() || self.models.iter().any(|(_, rate)| rate.tokens_per_minute.is_some())
+    }
+}
+
+impl Bucket {
+    /// What admitting a request spends from this bucket: one request; tokens
+    /// are only looked at, since they are known once the answer is.
+    fn admission_cost(&self) -> u64 {
+        match self.unit {
+            Unit::Requests => 1,
+            Unit::Tokens => 0,
+        }
+    }
+
+    /// The call to a shared store that admits a request into `buckets`.
+    pub fn admission(buckets: &[Bucket]) -> SpendRequest {
+        let buckets = buckets
+            .iter()
+            .map(|b| BucketSpend { name: b.name.clone(), per_minute: b.per_minute, cost: b.admission_cost() })
+            .collect();
+        SpendRequest { buckets, debit: false }
     }
 }
 
@@ -146,38 +231,96 @@ pub trait BucketStore {
 /// counting what it read; only a storm of requests on one key gets that far.
 const SWAP_ATTEMPTS: usize = 8;
 
-/// One request, counted against every requests-per-minute limit of its key:
-/// the key's own and the model's. Allowed only if every limit allows it, and
-/// then counted in each; a refusal counts nowhere. The verdict reported is
-/// the tightest one; `None` when the key has no limit for this request.
-pub fn admit(store: &dyn BucketStore, key: &str, limits: &KeyLimits, model: &str, now_us: u64) -> Option<Verdict> {
-    let mut buckets = Vec::with_capacity(2);
-    if let Some(limit) = limits.requests_per_minute {
-        buckets.push((format!("modelgate.requests.{key}"), limit));
+/// What a request's limits said when it was admitted (or refused): the
+/// tightest verdict per unit, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Admission {
+    pub requests: Option<Verdict>,
+    pub tokens: Option<Verdict>,
+}
+
+impl Admission {
+    /// Combines one verdict per bucket, in the buckets' order.
+    pub fn from_verdicts(buckets: &[Bucket], verdicts: &[Verdict]) -> Self {
+        let tightest = |unit: Unit| {
+            buckets
+                .iter()
+                .zip(verdicts)
+                .filter(|(b, _)| b.unit == unit)
+                .map(|(_, v)| *v)
+                .min_by_key(|v| (v.allowed, v.remaining, std::cmp::Reverse(v.reset_us)))
+        };
+        Admission { requests: tightest(Unit::Requests), tokens: tightest(Unit::Tokens) }
     }
-    if let Some((pattern, limit)) = limits.for_model(model) {
-        buckets.push((format!("modelgate.requests.{key}.{pattern}"), limit));
+
+    /// The unit whose limit refused the request, and its verdict; requests first.
+    pub fn refused(&self) -> Option<(Unit, Verdict)> {
+        [(Unit::Requests, self.requests), (Unit::Tokens, self.tokens)]
+            .into_iter()
+            .find_map(|(unit, verdict)| verdict.filter(|v| !v.allowed).map(|v| (unit, v)))
     }
-    let tightest = |verdicts: &mut dyn Iterator<Item = Verdict>| {
-        verdicts.min_by_key(|v| (v.allowed, v.remaining, std::cmp::Reverse(v.reset_us)))
-    };
-    let refused = tightest(&mut buckets.iter().map(|(bucket, limit)| spend(*limit, store.load(bucket).0, now_us, 1).0))
-        .filter(|v| !v.allowed);
-    if refused.is_some() {
-        return refused;
-    }
-    tightest(&mut buckets.iter().map(|(bucket, limit)| {
-        let mut attempts = 1;
-        loop {
-            let (state, version) = store.load(bucket);
-            let (verdict, next) = spend(*limit, state, now_us, 1);
-            // A bucket another request emptied since the check: this one was admitted already.
-            if !verdict.allowed || store.swap(bucket, next, version) || attempts == SWAP_ATTEMPTS {
-                break Verdict { allowed: true, ..verdict };
-            }
-            attempts += 1;
+}
+
+/// Swaps `bucket`'s state for what `next` makes of it, retrying when another
+/// request changed it in between; the verdict of the swap that landed.
+fn update(store: &dyn BucketStore, bucket: &str, next: impl Fn(u64) -> (Verdict, u64)) -> Verdict {
+    let mut attempts = 1;
+    loop {
+        let (state, version) = store.load(bucket);
+        let (verdict, new_state) = next(state);
+        if new_state == state || store.swap(bucket, new_state, version) || attempts == SWAP_ATTEMPTS {
+            break verdict;
         }
-    }))
+        attempts += 1;
+    }
+}
+
+/// One request, admitted into every bucket of its key and model: allowed
+/// only if every limit allows it, and then one request counted in each
+/// requests bucket; a refusal counts nowhere. Token buckets are only looked
+/// at: a key whose tokens ran out is refused until they have refilled.
+pub fn admit(store: &dyn BucketStore, buckets: &[Bucket], now_us: u64) -> Admission {
+    let states: Vec<u64> = buckets.iter().map(|b| store.load(&b.name).0).collect();
+    let look = |b: &Bucket, state: u64, cost: u64| spend(b.per_minute, state, now_us, cost).0;
+    let checked: Vec<Verdict> = buckets.iter().zip(&states).map(|(b, s)| look(b, *s, b.admission_cost())).collect();
+    if checked.iter().any(|v| !v.allowed) {
+        // What is left in the buckets that would have allowed it, since this request spends nothing.
+        let now: Vec<Verdict> =
+            buckets.iter().zip(&states).zip(&checked).map(|((b, s), v)| if v.allowed { look(b, *s, 0) } else { *v }).collect();
+        return Admission::from_verdicts(buckets, &now);
+    }
+    let spent: Vec<Verdict> = buckets
+        .iter()
+        .zip(checked)
+        .map(|(b, looked)| {
+            if b.admission_cost() == 0 {
+                return looked;
+            }
+            // A bucket another request emptied since the check: this one was admitted already.
+            let verdict = update(store, &b.name, |state| spend(b.per_minute, state, now_us, b.admission_cost()));
+            Verdict { allowed: true, ..verdict }
+        })
+        .collect();
+    Admission::from_verdicts(buckets, &spent)
+}
+
+/// Tokens an answer used, spent from every token bucket of its request
+/// whatever the limit says: they are used already. A bucket in debt refuses
+/// the key's next requests until it has refilled.
+pub fn debit(store: &dyn BucketStore, buckets: &[Bucket], tokens: u64, now_us: u64) {
+    for bucket in buckets.iter().filter(|b| b.unit == Unit::Tokens) {
+        update(store, &bucket.name, |state| overspend(bucket.per_minute, state, now_us, tokens));
+    }
+}
+
+/// Like [`spend`], but the cost is taken even past the limit.
+pub fn overspend(per_minute: u64, tat: u64, now_us: u64, cost: u64) -> (Verdict, u64) {
+    let (verdict, new_tat) = spend(per_minute, tat, now_us, cost);
+    if verdict.allowed {
+        return (verdict, new_tat);
+    }
+    let interval = MINUTE_US / per_minute.clamp(1, MINUTE_US);
+    (verdict, tat.max(now_us).saturating_add(cost.saturating_mul(interval)))
 }
 
 /// Buckets in a map, versioned as Envoy's shared data versions them: for tests.
@@ -202,14 +345,19 @@ impl BucketStore for MemoryBuckets {
     }
 }
 
-/// OpenAI's 429 for a key over a requests-per-minute limit.
-pub fn refusal(key: &str, model: &str, verdict: &Verdict) -> GatewayError {
+/// OpenAI's 429 for a key over a limit.
+pub fn refusal(key: &str, model: &str, unit: Unit, verdict: &Verdict) -> GatewayError {
     let wait = openai_duration(verdict.retry_after_us);
+    let (what, requested) = match unit {
+        Unit::Requests => ("requests per min (RPM)", ", Requested 1"),
+        // A token count is known only once the answer is; the key has spent past its limit already.
+        Unit::Tokens => ("tokens per min (TPM)", ""),
+    };
     GatewayError::new(
         429,
-        "requests",
+        unit.name(),
         format!(
-            "Rate limit reached for {model} on requests per min (RPM) for key `{key}`: Limit {}, Used {}, Requested 1. Please try again in {wait}.",
+            "Rate limit reached for {model} on {what} for key `{key}`: Limit {}, Used {}{requested}. Please try again in {wait}.",
             verdict.limit,
             verdict.limit - verdict.remaining
         ),
@@ -218,13 +366,24 @@ pub fn refusal(key: &str, model: &str, verdict: &Verdict) -> GatewayError {
     )
 }
 
-/// `x-ratelimit-*-requests`, as OpenAI sends them on every answer.
-pub fn request_headers(verdict: &Verdict) -> [(&'static str, String); 3] {
-    [
-        ("x-ratelimit-limit-requests", verdict.limit.to_string()),
-        ("x-ratelimit-remaining-requests", verdict.remaining.to_string()),
-        ("x-ratelimit-reset-requests", openai_duration(verdict.reset_us)),
-    ]
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, as OpenAI sends them on every answer.
+pub fn headers(admission: &Admission) -> Vec<(&'static str, String)> {
+    let mut headers = Vec::with_capacity(6);
+    if let Some(v) = admission.requests {
+        headers.extend([
+            ("x-ratelimit-limit-requests", v.limit.to_string()),
+            ("x-ratelimit-remaining-requests", v.remaining.to_string()),
+            ("x-ratelimit-reset-requests", openai_duration(v.reset_us)),
+        ]);
+    }
+    if let Some(v) = admission.tokens {
+        headers.extend([
+            ("x-ratelimit-limit-tokens", v.limit.to_string()),
+            ("x-ratelimit-remaining-tokens", v.remaining.to_string()),
+            ("x-ratelimit-reset-tokens", openai_duration(v.reset_us)),
+        ]);
+    }
+    headers
 }
 
 #[cfg(test)]
@@ -275,11 +434,13 @@ mod tests {
         }))
         .unwrap();
         let limits = KeyLimits::from_config(&config).unwrap();
-        assert_eq!(limits.for_model("gpt-4o"), Some(("gpt-4o", 5)));
-        assert_eq!(limits.for_model("gpt-4o-mini"), Some(("gpt-*", 20)));
-        assert_eq!(limits.for_model("llama"), Some(("*", 50)));
-        assert_eq!(limits.requests_per_minute, Some(100));
-        assert_eq!(KeyLimits::default().for_model("x"), None);
+        let rpm = |model| limits.for_model(model, Unit::Requests);
+        assert_eq!(rpm("gpt-4o"), Some(("gpt-4o", 5)));
+        assert_eq!(rpm("gpt-4o-mini"), Some(("gpt-*", 20)));
+        assert_eq!(rpm("llama"), Some(("*", 50)));
+        assert_eq!(limits.own.requests_per_minute, Some(100));
+        assert_eq!(KeyLimits::default().for_model("x", Unit::Requests), None);
+        assert!(!limits.counts_tokens());
     }
 
     #[test]
@@ -291,20 +452,66 @@ mod tests {
         let limits = KeyLimits::from_config(&config).unwrap();
         let store = MemoryBuckets::default();
         let now = 100 * SECOND;
-        let first = admit(&store, "k", &limits, "gpt-4o", now).unwrap();
+        let admit = |key: &str, limits: &KeyLimits, model: &str| admit(&store, &limits.buckets(key, model), now).requests;
+        let first = admit("k", &limits, "gpt-4o").unwrap();
         assert_eq!((first.allowed, first.limit, first.remaining), (true, 2, 1), "the model's limit is the tighter");
-        assert!(admit(&store, "k", &limits, "gpt-4o", now).unwrap().allowed);
-        let refused = admit(&store, "k", &limits, "gpt-4o", now).unwrap();
+        assert!(admit("k", &limits, "gpt-4o").unwrap().allowed);
+        let refused = admit("k", &limits, "gpt-4o").unwrap();
         assert_eq!((refused.allowed, refused.limit, refused.retry_after_us), (false, 2, 30 * SECOND));
         // The refusal spent nothing: the key's own limit still has one left for another model.
-        let other = admit(&store, "k", &limits, "llama", now).unwrap();
+        let other = admit("k", &limits, "llama").unwrap();
         assert_eq!((other.allowed, other.limit, other.remaining), (true, 3, 0));
-        assert!(!admit(&store, "k", &limits, "llama", now).unwrap().allowed);
-        assert_eq!(admit(&store, "other-key", &limits, "llama", now).unwrap().remaining, 2);
-        assert_eq!(admit(&store, "k", &KeyLimits::default(), "llama", now), None);
-        let headers = request_headers(&refused);
+        assert!(!admit("k", &limits, "llama").unwrap().allowed);
+        assert_eq!(admit("other-key", &limits, "llama").unwrap().remaining, 2);
+        assert_eq!(admit("k", &KeyLimits::default(), "llama"), None);
+        let headers = headers(&Admission { requests: Some(refused), tokens: None });
         assert_eq!(headers[0], ("x-ratelimit-limit-requests", "2".to_string()));
         assert_eq!(headers[2], ("x-ratelimit-reset-requests", "1m0s".to_string()));
+    }
+
+    #[test]
+    fn tokens_are_debited_after_the_answer_and_refuse_the_next_request_once_spent() {
+        let config: LimitConfig = serde_json::from_value(serde_json::json!({
+            "requests_per_minute": 100, "tokens_per_minute": 600,
+            "models": {"gpt-*": {"tokens_per_minute": 6000}}
+        }))
+        .unwrap();
+        let limits = KeyLimits::from_config(&config).unwrap();
+        assert!(limits.counts_tokens());
+        let buckets = limits.buckets("k", "gpt-4o");
+        let names: Vec<&str> = buckets.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["modelgate.requests.k", "modelgate.tokens.k", "modelgate.tokens.k.gpt-*"]);
+        let store = MemoryBuckets::default();
+        let now = 100 * SECOND;
+        let first = admit(&store, &buckets, now);
+        assert_eq!(first.tokens.map(|v| (v.allowed, v.limit, v.remaining)), Some((true, 600, 600)));
+        assert_eq!(first.requests.map(|v| v.remaining), Some(99));
+        debit(&store, &buckets, 500, now);
+        let second = admit(&store, &buckets, now);
+        assert_eq!(second.tokens.map(|v| (v.allowed, v.remaining, v.reset_us)), Some((true, 100, 50 * SECOND)));
+        // An answer may take more than is left: the bucket goes into debt.
+        debit(&store, &buckets, 400, now);
+        let refused = admit(&store, &buckets, now);
+        let (unit, verdict) = refused.refused().unwrap();
+        assert_eq!((unit, verdict.remaining, verdict.retry_after_us), (Unit::Tokens, 0, 30 * SECOND));
+        assert_eq!(refused.requests.map(|v| v.remaining), Some(98), "a refusal spends no request");
+        let error = refusal("k", "gpt-4o", unit, &verdict);
+        assert_eq!((error.status, error.body.kind.as_str()), (429, "tokens"));
+        assert!(error.body.message.contains("tokens per min (TPM)"), "{}", error.body.message);
+        // Once the debt has refilled, the key may call again.
+        let later = admit(&store, &buckets, now + 30 * SECOND);
+        assert_eq!(later.tokens.map(|v| (v.allowed, v.remaining)), Some((true, 0)));
+        assert_eq!(
+            headers(&later).iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens"
+            ]
+        );
     }
 
     proptest! {
@@ -333,6 +540,7 @@ mod tests {
         #[test]
         fn any_state_and_cost_never_panic(limit in any::<u64>(), tat in any::<u64>(), now in any::<u64>(), cost in any::<u64>()) {
             let _ = spend(limit, tat, now, cost);
+            let _ = overspend(limit, tat, now, cost);
         }
     }
 }

@@ -48,3 +48,293 @@ pub struct UsageRecord {
     #[serde(default)]
     pub itl_us: Vec<u64>,
 }
+
+/// Where an answer's `usage` begins: the member name, then `:` and an object.
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// A `usage` object is small; one that has not closed after this much is not one.
+const MAX_USAGE_BYTES: usize = 4096;
+
+/// What the bytes after a `"usage"` member name hold so far.
+enum Member {
+    /// An object with token counts.
+    Usage(Usage),
+    /// Anything else: `null`, a string that merely ends in `"usage"`, a malformed object.
+    NotUsage,
+    /// Cut off before the value ended: more bytes are needed.
+    Incomplete,
+}
+
+/// Reads a `"usage"` member from `after`, the bytes just after its name.
+fn read_member(after: &[u8]) -> Member {
+    let rest = after.trim_ascii_start();
+    let Some((&b':', value)) = rest.split_first() else {
+        return if rest.is_empty() { Member::Incomplete } else { Member::NotUsage };
+    };
+    let value = value.trim_ascii_start();
+    match value.first() {
+        None => Member::Incomplete,
+        Some(b'{') => {
+            let mut reader = serde_json::Deserializer::from_slice(value);
+            match <Usage as serde::Deserialize>::deserialize(&mut reader) {
+                Ok(usage) => Member::Usage(usage),
+                Err(e) if e.is_eof() && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
+                Err(_) => Member::NotUsage,
+            }
+        }
+        Some(_) => Member::NotUsage,
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    haystack.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+}
+
+/// Finds the `usage` of an answer that arrives in pieces, without keeping
+/// the answer: only a few bytes across each boundary, and the `usage` object
+/// itself once it has begun. The last one found wins: the top-level `usage`
+/// of an OpenAI answer comes after its choices.
+#[derive(Debug, Default)]
+pub struct UsageReader {
+    /// The end of the previous piece (a `"usage"` may straddle two), or an unfinished member.
+    pending: Vec<u8>,
+    found: Option<Usage>,
+}
+
+impl UsageReader {
+    pub fn feed(&mut self, piece: &[u8]) {
+        let mut window = std::mem::take(&mut self.pending);
+        window.extend_from_slice(piece);
+        let mut from = 0;
+        while let Some(at) = find(&window, USAGE_KEY, from) {
+            let after = at + USAGE_KEY.len();
+            match read_member(&window[after..]) {
+                Member::Usage(usage) => self.found = Some(usage),
+                Member::NotUsage => {}
+                Member::Incomplete => {
+                    self.pending = window.split_off(at);
+                    return;
+                }
+            }
+            from = after;
+        }
+        // Keep what could be the start of a `"usage"` cut off by the boundary.
+        let keep = window.len().saturating_sub(USAGE_KEY.len() - 1).max(from);
+        self.pending = window.split_off(keep);
+    }
+
+    /// The usage found in everything fed so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.found
+    }
+}
+
+/// A stream whose client did not ask for usage, though the gateway did (to
+/// count tokens): the usage chunk is read and removed, and so is the
+/// `"usage":null` the backend adds to every other chunk, so the client gets
+/// exactly the stream it asked for. Events are passed on as soon as they are
+/// complete; only an unfinished event waits for the rest of it.
+#[derive(Debug, Default)]
+pub struct UnaskedUsage {
+    /// The start of an event not yet complete.
+    partial: Vec<u8>,
+    found: Option<Usage>,
+}
+
+impl UnaskedUsage {
+    /// The bytes to pass on for `piece`; `last` for the stream's final piece.
+    pub fn pass(&mut self, piece: &[u8], last: bool) -> Vec<u8> {
+        let mut pending = std::mem::take(&mut self.partial);
+        pending.extend_from_slice(piece);
+        let mut out = Vec::with_capacity(pending.len());
+        let mut start = 0;
+        while let Some(end) = event_end(&pending, start) {
+            self.pass_event(&pending[start..end], &mut out);
+            start = end;
+        }
+        if last {
+            self.pass_event(&pending[start..], &mut out);
+        } else {
+            self.partial = pending.split_off(start);
+        }
+        out
+    }
+
+    fn pass_event(&mut self, event: &[u8], out: &mut Vec<u8>) {
+        let Some(at) = find(event, USAGE_KEY, 0) else {
+            out.extend_from_slice(event);
+            return;
+        };
+        let after = &event[at + USAGE_KEY.len()..];
+        if let Member::Usage(usage) = read_member(after) {
+            self.found = Some(usage);
+            // A backend that puts usage on a chunk with choices keeps it there: content is never dropped.
+            if has_no_choices(event) {
+                return;
+            }
+        }
+        match null_member(event, at) {
+            Some((from, to)) => {
+                out.extend_from_slice(&event[..from]);
+                out.extend_from_slice(&event[to..]);
+            }
+            None => out.extend_from_slice(event),
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.found
+    }
+}
+
+/// The end of the SSE event starting at `from` (after its blank line), if it is complete.
+fn event_end(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut line_start = from;
+    while let Some(newline) = bytes.get(line_start..)?.iter().position(|&b| b == b'\n') {
+        let line = &bytes[line_start..line_start + newline];
+        line_start += newline + 1;
+        if line.is_empty() || line == b"\r" {
+            return Some(line_start);
+        }
+    }
+    None
+}
+
+/// True for the usage chunk OpenAI streams last: `"choices": []`.
+fn has_no_choices(event: &[u8]) -> bool {
+    let Some(at) = find(event, b"\"choices\"", 0) else {
+        return false;
+    };
+    let mut rest = event[at + 9..].iter().filter(|b| !b.is_ascii_whitespace());
+    rest.next() == Some(&b':') && rest.next() == Some(&b'[') && rest.next() == Some(&b']')
+}
+
+/// The byte range of `"usage": null` at `at` together with one comma next to
+/// it, so that removing it leaves valid JSON; `None` if the member is not null.
+fn null_member(event: &[u8], at: usize) -> Option<(usize, usize)> {
+    let after = &event[at + USAGE_KEY.len()..];
+    let colon = after.iter().position(|b| !b.is_ascii_whitespace())?;
+    let value = after.get(colon + 1..)?;
+    let null_at = colon + 1 + value.iter().position(|b| !b.is_ascii_whitespace())?;
+    if !after.get(null_at..)?.starts_with(b"null") || after.get(colon) != Some(&b':') {
+        return None;
+    }
+    let end = at + USAGE_KEY.len() + null_at + 4;
+    let before = event[..at].trim_ascii_end();
+    if before.last() == Some(&b',') {
+        return Some((before.len() - 1, end));
+    }
+    let rest = &event[end..];
+    let comma = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    (rest[comma] == b',').then_some((at, end + comma + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const USAGE: Usage = Usage { prompt_tokens: 12, completion_tokens: 7 };
+
+    fn read_whole(answer: &[u8]) -> Option<Usage> {
+        let mut reader = UsageReader::default();
+        reader.feed(answer);
+        reader.usage()
+    }
+
+    #[test]
+    fn usage_is_read_from_an_answer_compact_or_pretty() {
+        let compact = br#"{"id":"x","choices":[{"message":{"content":"the \"usage\": {\"prompt_tokens\": 99}"}}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+        assert_eq!(read_whole(compact), Some(USAGE));
+        let pretty = b"{\n  \"usage\" :\n {\n    \"prompt_tokens\": 12,\n    \"completion_tokens\": 7\n  },\n  \"system_fingerprint\": null\n}";
+        assert_eq!(read_whole(pretty), Some(USAGE));
+        let embeddings = br#"{"object":"list","data":[],"usage":{"prompt_tokens":5,"total_tokens":5}}"#;
+        assert_eq!(read_whole(embeddings), Some(Usage { prompt_tokens: 5, completion_tokens: 0 }));
+        for none in [&br#"{"usage":null}"#[..], br#"{"usage":"12"}"#, br#"{"x":1}"#, br#"{"usage":{"tokens":3}}"#] {
+            assert_eq!(read_whole(none), None, "{}", String::from_utf8_lossy(none));
+        }
+    }
+
+    fn stream(chunks: &[&str], usage_chunk: bool) -> String {
+        let mut out = String::new();
+        for c in chunks {
+            out += &format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{c}\"}}}}]{}}}\n\n", if usage_chunk { ",\"usage\":null" } else { "" });
+        }
+        if usage_chunk {
+            out += "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19}}\n\n";
+        }
+        out + "data: [DONE]\n\n"
+    }
+
+    #[test]
+    fn a_stream_loses_the_usage_it_did_not_ask_for_and_nothing_else() {
+        let asked = stream(&["Hel", "lo"], true);
+        let mut unasked = UnaskedUsage::default();
+        let out = unasked.pass(asked.as_bytes(), true);
+        assert_eq!(String::from_utf8(out).unwrap(), stream(&["Hel", "lo"], false));
+        assert_eq!(unasked.usage(), Some(USAGE));
+        // The reader finds the same usage where the client asked for it.
+        assert_eq!(read_whole(asked.as_bytes()), Some(USAGE));
+    }
+
+    #[test]
+    fn usage_on_a_chunk_with_content_is_counted_and_the_content_kept() {
+        let event = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7}}\n\n";
+        let mut unasked = UnaskedUsage::default();
+        assert_eq!(unasked.pass(event.as_bytes(), false), event.as_bytes());
+        assert_eq!(unasked.usage(), Some(USAGE));
+    }
+
+    #[test]
+    fn null_usage_is_removed_wherever_it_stands() {
+        for (event, expected) in [
+            ("data: {\"usage\":null,\"a\":1}\n\n", "data: {\"a\":1}\n\n"),
+            ("data: {\"a\":1, \"usage\" : null}\r\n\r\n", "data: {\"a\":1}\r\n\r\n"),
+            ("data: {\"usage\":nullx}\n\n", "data: {\"usage\":nullx}\n\n"),
+        ] {
+            let mut unasked = UnaskedUsage::default();
+            assert_eq!(String::from_utf8(unasked.pass(event.as_bytes(), false)).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn an_unfinished_event_waits_and_the_last_piece_flushes_it() {
+        let mut unasked = UnaskedUsage::default();
+        assert_eq!(unasked.pass(b"data: {\"a\":1}\n\ndata: {\"b\"", false), b"data: {\"a\":1}\n\n");
+        assert_eq!(unasked.pass(b":2}", true), b"data: {\"b\":2}");
+    }
+
+    proptest! {
+        /// However the answer is cut into pieces, the same usage is found and the same bytes pass.
+        #[test]
+        fn pieces_do_not_change_the_outcome(cuts in proptest::collection::vec(0usize..400, 0..12)) {
+            let whole = stream(&["Hel", "lo", " \\\"usage\\\": world"], true);
+            let bytes = whole.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort();
+            let mut reader = UsageReader::default();
+            let mut unasked = UnaskedUsage::default();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                reader.feed(&bytes[from..cut]);
+                out.extend(unasked.pass(&bytes[from..cut], cut == bytes.len()));
+                from = cut;
+            }
+            prop_assert_eq!(reader.usage(), Some(USAGE));
+            prop_assert_eq!(unasked.usage(), Some(USAGE));
+            prop_assert_eq!(String::from_utf8(out).unwrap(), stream(&["Hel", "lo", " \\\"usage\\\": world"], false));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let mut reader = UsageReader::default();
+            let mut unasked = UnaskedUsage::default();
+            let n = pieces.len();
+            for (i, piece) in pieces.iter().enumerate() {
+                reader.feed(piece);
+                let _ = unasked.pass(piece, i + 1 == n);
+            }
+        }
+    }
+}
