@@ -7,7 +7,7 @@
 use modelgate_proto::limits::BucketStore;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 pub fn log_error(message: &str) {
     let _ = hostcalls::log(LogLevel::Error, message);
@@ -46,10 +46,28 @@ pub fn body(buffer: BufferType, size: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// Replaces the whole buffered body (`size` bytes long) with `body`.
+/// Replaces the whole buffered body (`size` bytes long) with `body`. Envoy
+/// takes no other change but a prepend or an append; the SDK panics on its
+/// refusal, so nothing else is ever asked.
 pub fn replace_body(buffer: BufferType, size: usize, body: &[u8]) {
     if let Err(s) = hostcalls::set_buffer(buffer, 0, size, body) {
         log_failure("replacing a body", s);
+    }
+}
+
+/// A header of the answer to this context's last HTTP call.
+pub fn http_call_header(name: &str) -> Option<Vec<u8>> {
+    header(MapType::HttpCallResponseHeaders, name)
+}
+
+/// Sends an HTTP request to an Envoy cluster; false if Envoy would not send it.
+pub fn dispatch(cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> bool {
+    match hostcalls::dispatch_http_call(cluster, headers, Some(body), Vec::new(), timeout) {
+        Ok(_) => true,
+        Err(s) => {
+            log_failure("calling a cluster", s);
+            false
+        }
     }
 }
 

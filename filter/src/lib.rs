@@ -12,32 +12,52 @@
 //! [`host`], which never panics, because a panic kills the VM for every later
 //! request on its worker.
 
+pub mod answer;
 pub mod endpoint;
 mod host;
+pub mod outbox;
 pub mod request;
 pub mod routing_fields;
 
 use modelgate_proto::error_normalize::{normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{Caller, Presented};
-use modelgate_proto::limits::{self, Verdict};
+use modelgate_proto::limits::{self, Admission, Bucket};
 use modelgate_proto::routing::Router;
+use outbox::Outbox;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
-use request::{HeadersVerdict, Reply, RequestHead};
+use request::{HeadersVerdict, Reply, RequestHead, Routing};
 use std::rc::Rc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Plugin { router: Rc::new(Router::default()) }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Plugin { router: Rc::new(Router::default()), outbox: Rc::new(Outbox::default()) })
+    });
 }}
 
 struct Plugin {
     router: Rc<Router>,
+    /// This worker's usage records, sent on the timer.
+    outbox: Rc<Outbox>,
 }
 
-impl Context for Plugin {}
+/// Where ext-proc's admin port takes usage records.
+const RECORDS_PATH: &str = "/v1/usage/records";
+
+impl Context for Plugin {
+    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, _body_size: usize, _num_trailers: usize) {
+        let status = host::http_call_header(":status").unwrap_or_default();
+        if !status.starts_with(b"2") {
+            host::log_error(&format!(
+                "modelgate: ext-proc's admin port refused usage records (status {})",
+                String::from_utf8_lossy(&status)
+            ));
+        }
+    }
+}
 
 impl RootContext for Plugin {
     /// A configuration that does not parse is refused, so Envoy rejects it at load time.
@@ -45,6 +65,9 @@ impl RootContext for Plugin {
         let config = self.get_plugin_configuration().unwrap_or_default();
         match Router::from_json(&config) {
             Ok(router) => {
+                if let Some(accounting) = router.accounting() {
+                    self.set_tick_period(Duration::from_millis(accounting.flush_interval_ms.max(10)));
+                }
                 self.router = Rc::new(router);
                 true
             }
@@ -55,15 +78,40 @@ impl RootContext for Plugin {
         }
     }
 
+    /// Sends the usage records this worker holds.
+    fn on_tick(&mut self) {
+        let dropped = self.outbox.take_dropped();
+        if dropped > 0 {
+            host::log_error(&format!("modelgate: {dropped} usage records dropped: ext-proc's admin port is not taking them"));
+        }
+        let (Some(accounting), Some(lines)) = (self.router.accounting(), self.outbox.take()) else {
+            return;
+        };
+        let headers = vec![
+            (":method", "POST"),
+            (":path", RECORDS_PATH),
+            (":authority", "modelgate-admin"),
+            ("content-type", "application/x-ndjson"),
+        ];
+        if !host::dispatch(&accounting.cluster, headers, &lines, Duration::from_secs(5)) {
+            host::log_error(&format!("modelgate: cannot send usage records to cluster `{}`", accounting.cluster));
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
             router: Rc::clone(&self.router),
+            outbox: self.router.accounting().map(|_| Rc::clone(&self.outbox)),
             started: None,
+            started_us: 0,
             answered_here: false,
             error: None,
             guarded: false,
             caller: None,
-            rate_limit: None,
+            admission: Admission::default(),
+            routed: None,
+            answer: None,
+            status: 0,
         }))
     }
 
@@ -74,7 +122,10 @@ impl RootContext for Plugin {
 
 struct Request {
     router: Rc<Router>,
+    /// Where this request's usage record goes, when accounting is on.
+    outbox: Option<Rc<Outbox>>,
     started: Option<SystemTime>,
+    started_us: u64,
     /// The filter answered itself: the answer is already an OpenAI error.
     answered_here: bool,
     /// Status and Envoy's code details of an error answer buffered for rewriting.
@@ -83,8 +134,23 @@ struct Request {
     guarded: bool,
     /// The client key the request came with, where keys are configured.
     caller: Caller,
-    /// The key's rate limit as this request left it, for the answer's `x-ratelimit-*` headers.
-    rate_limit: Option<Verdict>,
+    /// What the key's limits said, for the answer's `x-ratelimit-*` headers.
+    admission: Admission,
+    /// A model-routed request past its key check: what its usage record and token debit need.
+    routed: Option<Routed>,
+    answer: Option<answer::Answer>,
+    /// The status the client got.
+    status: u16,
+}
+
+/// A model-routed request, as far as it got.
+struct Routed {
+    model: String,
+    /// Empty until a backend is chosen.
+    backend: String,
+    price: Option<modelgate_proto::config::Price>,
+    /// The key's buckets for this model, debited with the answer's tokens.
+    buckets: Vec<Bucket>,
 }
 
 impl Context for Request {}
@@ -92,6 +158,7 @@ impl Context for Request {}
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         self.started = host::now();
+        self.started_us = host::now_us();
         for name in headers::INTERNAL {
             host::remove_header(MapType::HttpRequestHeaders, name);
         }
@@ -121,6 +188,8 @@ impl HttpContext for Request {
             HeadersVerdict::PassThrough => Action::Continue,
             HeadersVerdict::ReadBody(caller) => {
                 self.caller = caller;
+                self.routed =
+                    Some(Routed { model: String::new(), backend: String::new(), price: None, buckets: Vec::new() });
                 Action::Pause
             }
             HeadersVerdict::Respond(reply) => self.respond(&reply),
@@ -136,30 +205,7 @@ impl HttpContext for Request {
         }
         let body = host::body(BufferType::HttpRequestBody, body_size);
         match request::on_request_body(&self.router, &body, self.caller.as_deref()) {
-            Ok(routing) => {
-                if let Some(caller) = self.caller.as_deref() {
-                    match request::rate_limit(caller, &routing.model, &host::SharedBuckets, host::now_us()) {
-                        Ok(verdict) => self.rate_limit = verdict,
-                        Err(reply) => return self.respond(&reply),
-                    }
-                }
-                // Envoy clears the route cache itself when a wasm filter changes request
-                // headers, so the route table sees the cluster header (the tests prove it).
-                host::set_header(MapType::HttpRequestHeaders, headers::CLUSTER, &routing.cluster);
-                if let Some(profile) = &routing.profile {
-                    host::set_header(MapType::HttpRequestHeaders, routing.profile_header(), profile);
-                }
-                if !routing.forwards_client_key {
-                    for name in headers::CLIENT_KEYS {
-                        host::remove_header(MapType::HttpRequestHeaders, name);
-                    }
-                }
-                if let Some(cluster) = &routing.stream_cluster {
-                    host::set_header(MapType::HttpRequestHeaders, headers::STREAM_CLUSTER, cluster);
-                    self.guarded = true;
-                }
-                Action::Continue
-            }
+            Ok(routing) => self.route(routing, &body),
             Err(reply) => self.respond(&reply),
         }
     }
@@ -168,7 +214,7 @@ impl HttpContext for Request {
         if let Some(ms) = self.processing_ms() {
             host::set_header(MapType::HttpResponseHeaders, PROCESSING_MS, &ms);
         }
-        for (name, value) in self.rate_limit.iter().flat_map(limits::request_headers) {
+        for (name, value) in limits::headers(&self.admission) {
             host::set_header(MapType::HttpResponseHeaders, name, &value);
         }
         // The inner listener's reason, for this filter only: never sent on to the client.
@@ -185,8 +231,12 @@ impl HttpContext for Request {
         let status = host::header(MapType::HttpResponseHeaders, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
             .unwrap_or(200);
+        self.status = status;
         if status < 400 {
             return Action::Continue;
+        }
+        if let Some(answer) = &mut self.answer {
+            answer.failed();
         }
         let details = code_details(relayed_details);
         if end_of_stream {
@@ -203,6 +253,13 @@ impl HttpContext for Request {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some((status, details)) = &self.error else {
+            if let Some(answer) = &mut self.answer {
+                // The body is read only where usage is counted; every piece is timed.
+                let piece = if answer.reads_body() { host::body(BufferType::HttpResponseBody, body_size) } else { Vec::new() };
+                if let Some(passed) = answer.on_piece(host::now_us(), &piece, end_of_stream) {
+                    host::replace_body(BufferType::HttpResponseBody, body_size, &passed);
+                }
+            }
             return Action::Continue;
         };
         if !end_of_stream {
@@ -223,6 +280,38 @@ impl HttpContext for Request {
         host::set_header(MapType::HttpResponseHeaders, "content-length", &length.to_string());
         Action::Continue
     }
+
+    /// The request is over: its tokens are debited from the key's token
+    /// limits, and its usage record is handed to this worker's outbox.
+    fn on_log(&mut self) {
+        let Some(routed) = self.routed.take() else {
+            return;
+        };
+        let now_us = host::now_us();
+        let mut record = match &mut self.answer {
+            Some(answer) => answer.record(now_us),
+            None => modelgate_proto::usage::UsageRecord {
+                at_ms: now_us / 1000,
+                latency_us: now_us.saturating_sub(self.started_us),
+                ..Default::default()
+            },
+        };
+        if let Some(usage) = record.usage {
+            limits::debit(&host::SharedBuckets, &routed.buckets, usage.total(), now_us);
+        }
+        let Some(outbox) = &self.outbox else {
+            return;
+        };
+        record.request_id = host::header(MapType::HttpRequestHeaders, "x-request-id")
+            .map(|id| String::from_utf8_lossy(&id).into_owned())
+            .unwrap_or_default();
+        record.key = self.caller.as_ref().map(|key| key.name.clone()).unwrap_or_default();
+        record.cost_usd = routed.price.as_ref().zip(record.usage).map(|(price, usage)| usage.cost(price));
+        record.model = routed.model;
+        record.backend = routed.backend;
+        record.status = self.status;
+        outbox.push(&record);
+    }
 }
 
 /// Why Envoy answered as it did: `via_upstream` for a backend's answer, or
@@ -242,9 +331,53 @@ impl Request {
         Some(elapsed.as_millis().to_string())
     }
 
+    /// Sends a routed request on to its backend, once its key's limits admit it.
+    fn route(&mut self, routing: Routing, body: &[u8]) -> Action {
+        let Some(routed) = &mut self.routed else {
+            return Action::Continue;
+        };
+        routed.model.clone_from(&routing.model);
+        if let Some(caller) = self.caller.as_deref() {
+            routed.buckets = caller.limits.buckets(&caller.name, &routing.model);
+            if !routed.buckets.is_empty() {
+                let admitted = request::rate_limit(caller, &routed.buckets, &routing.model, &host::SharedBuckets, host::now_us());
+                match admitted {
+                    Ok(admission) => self.admission = admission,
+                    Err(reply) => return self.respond(&reply),
+                }
+            }
+        }
+        routed.backend.clone_from(&routing.backend);
+        routed.price = routing.price;
+        let count_tokens = self.outbox.is_some() || routed.buckets.iter().any(|b| b.unit == limits::Unit::Tokens);
+        self.answer = Some(answer::Answer::new(self.started_us, routing.stream, count_tokens, routing.usage_unasked));
+        if let Some(edit) = &routing.body_edit {
+            let edited = edit.apply(body);
+            host::replace_body(BufferType::HttpRequestBody, body.len(), &edited);
+            host::set_header(MapType::HttpRequestHeaders, "content-length", &edited.len().to_string());
+        }
+        // Envoy clears the route cache itself when a wasm filter changes request
+        // headers, so the route table sees the cluster header (the tests prove it).
+        host::set_header(MapType::HttpRequestHeaders, headers::CLUSTER, &routing.cluster);
+        if let Some(profile) = &routing.profile {
+            host::set_header(MapType::HttpRequestHeaders, routing.profile_header(), profile);
+        }
+        if !routing.forwards_client_key {
+            for name in headers::CLIENT_KEYS {
+                host::remove_header(MapType::HttpRequestHeaders, name);
+            }
+        }
+        if let Some(cluster) = &routing.stream_cluster {
+            host::set_header(MapType::HttpRequestHeaders, headers::STREAM_CLUSTER, cluster);
+            self.guarded = true;
+        }
+        Action::Continue
+    }
+
     /// Answers the request from the filter; the answer is an OpenAI error or a models listing.
     fn respond(&mut self, reply: &Reply) -> Action {
         self.answered_here = true;
+        self.status = reply.status;
         let processing_ms = self.processing_ms().unwrap_or_default();
         let mut response_headers = vec![("content-type", "application/json"), (PROCESSING_MS, processing_ms.as_str())];
         response_headers.extend(reply.headers.iter().map(|(name, value)| (*name, value.as_str())));

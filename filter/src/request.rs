@@ -4,12 +4,13 @@
 //! these functions, and carry out the verdict.
 
 use crate::endpoint::{classify, Endpoint};
-use crate::routing_fields::read_routing_fields;
+use crate::routing_fields::{read_routing_fields, RoutingFields};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
-use modelgate_proto::limits::{self, BucketStore, Verdict};
+use modelgate_proto::config::Price;
+use modelgate_proto::limits::{self, Admission, Bucket, BucketStore};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
 
@@ -61,10 +62,19 @@ pub enum HeadersVerdict {
 }
 
 /// Where a model-routed request goes, to be written into its headers.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub struct Routing {
     /// The model the client asked for.
     pub model: String,
+    /// The backend's name, for usage records.
+    pub backend: String,
+    pub price: Option<Price>,
+    pub stream: bool,
+    /// A stream whose usage the gateway asked for though the client did not:
+    /// the usage chunk is removed from the answer.
+    pub usage_unasked: bool,
+    /// How the request body changes: the gateway asks for a stream's usage.
+    pub body_edit: Option<BodyEdit>,
     /// The cluster the route sends the request to.
     pub cluster: String,
     /// The backend's profile for ext-proc, when its requests need rewriting.
@@ -85,6 +95,37 @@ impl Routing {
             headers::BACKEND
         }
     }
+}
+
+/// Bytes of a request body to replace.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BodyEdit {
+    pub at: usize,
+    pub len: usize,
+    pub with: Vec<u8>,
+}
+
+impl BodyEdit {
+    /// `body` with the edit made.
+    pub fn apply(&self, body: &[u8]) -> Vec<u8> {
+        let kept = body.get(..self.at).unwrap_or(body);
+        let rest = body.get(self.at + self.len..).unwrap_or_default();
+        [kept, &self.with, rest].concat()
+    }
+}
+
+/// Asks the backend for a stream's usage chunk (`stream_options.include_usage`),
+/// for a body whose `fields` say the client did not. The member is added last,
+/// so it wins over one already there; the client's other stream options are kept.
+fn ask_for_usage(body: &[u8], fields: &RoutingFields) -> Option<BodyEdit> {
+    let mut options = fields.stream_options.clone().unwrap_or_default();
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let mut with = br#","stream_options":"#.to_vec();
+    serde_json::to_writer(&mut with, &options).ok()?;
+    with.push(b'}');
+    // The body parsed as an object, so its last byte that is not whitespace closes it.
+    let at = body.iter().rposition(|b| !b.is_ascii_whitespace()).filter(|&i| body.get(i) == Some(&b'}'))?;
+    Some(BodyEdit { at, len: body.len() - at, with })
 }
 
 /// The request headers the filter decides on.
@@ -167,8 +208,12 @@ pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
 /// Decides on the complete request body of a model-routed request. A model
 /// the caller's key may not use is answered as one that does not exist, as
 /// OpenAI does: the answer does not tell which models the gateway serves.
+/// Where answers' tokens are counted (accounting, or a token limit on the
+/// key), a stream asks its backend for usage.
 pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>) -> Result<Routing, Reply> {
     let fields = read_routing_fields(body)?;
+    let counts_tokens = router.accounting().is_some() || caller.is_some_and(|key| key.limits.counts_tokens());
+    let usage_unasked = fields.stream && counts_tokens && !fields.asks_usage();
     let target = router
         .resolve(&fields.model)
         .filter(|_| may_use(caller, &fields.model))
@@ -179,6 +224,11 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
     };
     Ok(Routing {
         model: fields.model.clone(),
+        backend: target.backend.clone(),
+        price: target.price,
+        stream: fields.stream,
+        usage_unasked,
+        body_edit: if usage_unasked { ask_for_usage(body, &fields) } else { None },
         cluster,
         profile: target.profile.clone(),
         forwards_client_key: target.forwards_client_key,
@@ -186,26 +236,19 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
     })
 }
 
-/// Counts a routed request against its key's rate limits: the verdict to
-/// report on the answer, or the 429 to answer with.
-pub fn rate_limit(
-    caller: &ClientKey,
-    model: &str,
-    store: &dyn BucketStore,
-    now_us: u64,
-) -> Result<Option<Verdict>, Reply> {
-    if caller.limits.is_empty() {
-        return Ok(None);
-    }
-    match limits::admit(store, &caller.name, &caller.limits, model, now_us) {
-        Some(verdict) if !verdict.allowed => {
-            let mut reply = Reply::from(limits::refusal(&caller.name, model, &verdict));
+/// Counts a routed request against its key's rate limits: what the limits
+/// said (for the answer's `x-ratelimit-*` headers), or the 429 to answer with.
+pub fn rate_limit(caller: &ClientKey, buckets: &[Bucket], model: &str, store: &dyn BucketStore, now_us: u64) -> Result<Admission, Reply> {
+    let admission = limits::admit(store, buckets, now_us);
+    match admission.refused() {
+        Some((unit, verdict)) => {
+            let mut reply = Reply::from(limits::refusal(&caller.name, model, unit, &verdict));
             // A later try succeeds: the SDKs retry a 429 after `retry-after` by themselves.
             reply.headers = vec![("retry-after", limits::retry_after_seconds(verdict.retry_after_us).to_string())];
-            reply.headers.extend(limits::request_headers(&verdict));
+            reply.headers.extend(limits::headers(&admission));
             Err(reply)
         }
-        verdict => Ok(verdict),
+        None => Ok(admission),
     }
 }
 
@@ -250,6 +293,11 @@ mod tests {
             on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap(),
             Routing {
                 model: "llama-3".into(),
+                backend: "a".into(),
+                price: None,
+                stream: false,
+                usage_unasked: false,
+                body_edit: None,
                 cluster: "cluster_a".into(),
                 profile: None,
                 forwards_client_key: false,
@@ -260,6 +308,11 @@ mod tests {
             on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#, None).unwrap(),
             Routing {
                 model: "gpt-4o-mini".into(),
+                backend: "b".into(),
+                price: None,
+                stream: true,
+                usage_unasked: false,
+                body_edit: None,
                 cluster: "cluster_b".into(),
                 profile: Some(r#"{"model":"qwen-7b"}"#.into()),
                 forwards_client_key: false,
@@ -280,6 +333,11 @@ mod tests {
             on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap(),
             Routing {
                 model: "m".into(),
+                backend: "a".into(),
+                price: None,
+                stream: true,
+                usage_unasked: false,
+                body_edit: None,
                 cluster: "guard".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
@@ -294,12 +352,45 @@ mod tests {
             on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap(),
             Routing {
                 model: "m".into(),
+                backend: "a".into(),
+                price: None,
+                stream: false,
+                usage_unasked: false,
+                body_edit: None,
                 cluster: "cluster_a".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
                 stream_cluster: None
             }
         );
+    }
+
+    /// The body the backend gets, as JSON, for a request `body` routed with accounting on.
+    fn sent_upstream(body: &str) -> Value {
+        let r = Router::from_json(
+            br#"{"accounting": {"cluster": "admin"}, "backends": {"a": {"cluster": "c"}}, "models": [{"match": "*", "backend": "a"}]}"#,
+        )
+        .unwrap();
+        let routing = on_request_body(&r, body.as_bytes(), None).unwrap();
+        let sent = routing.body_edit.as_ref().map_or(body.as_bytes().to_vec(), |edit| edit.apply(body.as_bytes()));
+        assert_eq!(routing.usage_unasked, routing.body_edit.is_some());
+        serde_json::from_slice(&sent).unwrap()
+    }
+
+    #[test]
+    fn a_counted_stream_asks_its_backend_for_usage_keeping_the_clients_options() {
+        let sent = sent_upstream("{\"model\":\"m\",\"stream\":true}\n ");
+        assert_eq!(sent, serde_json::json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}));
+        let sent = sent_upstream(r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#);
+        // The added member comes last, and a JSON decoder keeps the last of duplicates.
+        assert_eq!(sent["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        let asked = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+        assert_eq!(sent_upstream(asked), serde_json::from_str::<Value>(asked).unwrap());
+        let whole = r#"{"model":"m","messages":[]}"#;
+        assert_eq!(sent_upstream(whole), serde_json::from_str::<Value>(whole).unwrap());
+        // Without accounting or token limits nothing is counted, so nothing is asked.
+        let routing = on_request_body(&router(), br#"{"model":"llama-3","stream":true}"#, None).unwrap();
+        assert_eq!((routing.usage_unasked, routing.body_edit), (false, None));
     }
 
     #[test]
@@ -442,10 +533,11 @@ mod tests {
         let caller = r.client_keys().authenticate(presented).unwrap().unwrap();
         let store = limits::MemoryBuckets::default();
         let now = 1_000_000_000;
-        let first = rate_limit(&caller, "m", &store, now).unwrap().unwrap();
+        let buckets = caller.limits.buckets(&caller.name, "m");
+        let first = rate_limit(&caller, &buckets, "m", &store, now).unwrap().requests.unwrap();
         assert_eq!((first.limit, first.remaining), (2, 1));
-        rate_limit(&caller, "m", &store, now).unwrap();
-        let refused = rate_limit(&caller, "m", &store, now + 1_000).unwrap_err();
+        rate_limit(&caller, &buckets, "m", &store, now).unwrap();
+        let refused = rate_limit(&caller, &buckets, "m", &store, now + 1_000).unwrap_err();
         assert_eq!(refused.status, 429);
         let error = &json(&refused)["error"];
         assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("requests"), Some("rate_limit_exceeded")));
@@ -457,6 +549,6 @@ mod tests {
         assert_eq!(header("x-should-retry"), None, "a 429 may be retried");
         let free = Presented { authorization: Some(b"Bearer sk-free"), api_key: None };
         let unlimited = r.client_keys().authenticate(free).unwrap().unwrap();
-        assert_eq!(rate_limit(&unlimited, "m", &store, now), Ok(None));
+        assert!(unlimited.limits.buckets("free", "m").is_empty());
     }
 }

@@ -1,5 +1,6 @@
-//! Reads the fields routing depends on from a JSON request body: `model`, and
-//! `stream` (streams go through the stream guard).
+//! Reads the fields routing depends on from a JSON request body: `model`,
+//! `stream` (streams go through the stream guard) and `stream_options` (the
+//! gateway asks for a stream's usage when the client did not).
 //!
 //! The body is parsed once, in full (so malformed JSON is refused), but only
 //! these two values are kept: every other value is skipped without being built.
@@ -8,7 +9,7 @@
 
 use modelgate_proto::error::GatewayError;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::fmt;
 
 /// What routing needs from a request body.
@@ -17,6 +18,15 @@ pub struct RoutingFields {
     pub model: String,
     /// `"stream": true`; absent, null and false are all a single answer.
     pub stream: bool,
+    /// `stream_options` as sent, when it is an object.
+    pub stream_options: Option<Map<String, Value>>,
+}
+
+impl RoutingFields {
+    /// The client asked for a stream's usage chunk.
+    pub fn asks_usage(&self) -> bool {
+        self.stream_options.as_ref().and_then(|o| o.get("include_usage")) == Some(&Value::Bool(true))
+    }
 }
 
 /// The routing fields of a request body, or the 400 to answer with.
@@ -32,7 +42,11 @@ pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
             GatewayError::unparsable_json(&e)
         }
     })?;
-    Ok(RoutingFields { model: model(found.model)?, stream: stream(found.stream)? })
+    let stream_options = match found.stream_options {
+        Some(Value::Object(options)) => Some(options),
+        _ => None,
+    };
+    Ok(RoutingFields { model: model(found.model)?, stream: stream(found.stream)?, stream_options })
 }
 
 fn model(value: Option<Value>) -> Result<String, GatewayError> {
@@ -84,6 +98,7 @@ fn json_type_name(value: &Value) -> &'static str {
 struct Fields {
     model: Option<Value>,
     stream: Option<Value>,
+    stream_options: Option<Value>,
 }
 
 impl<'de> serde::Deserialize<'de> for Fields {
@@ -102,11 +117,12 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let mut fields = Fields { model: None, stream: None };
+        let mut fields = Fields { model: None, stream: None, stream_options: None };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "model" => fields.model = Some(map.next_value::<Value>()?),
                 "stream" => fields.stream = Some(map.next_value::<Value>()?),
+                "stream_options" => fields.stream_options = Some(map.next_value::<Value>()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -153,6 +169,23 @@ mod tests {
             );
             assert!(e.body.message.contains(words), "{}", e.body.message);
         }
+    }
+
+    #[test]
+    fn a_request_for_the_usage_chunk_is_read() {
+        let fields = |body: &str| read_routing_fields(body.as_bytes()).unwrap();
+        assert!(fields(r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).asks_usage());
+        for unasked in [
+            r#"{"model":"m","stream":true}"#,
+            r#"{"model":"m","stream_options":{"include_usage":false,"x":1}}"#,
+            r#"{"model":"m","stream_options":null}"#,
+        ] {
+            assert!(!fields(unasked).asks_usage(), "{unasked}");
+        }
+        assert_eq!(
+            fields(r#"{"model":"m","stream_options":{"x":1}}"#).stream_options,
+            serde_json::json!({"x": 1}).as_object().cloned()
+        );
     }
 
     #[test]

@@ -28,6 +28,32 @@ pub struct FilterConfig {
     /// The keys clients must present. None configured: the gateway is open.
     #[serde(default)]
     pub client_keys: Vec<ClientKeyConfig>,
+    /// Where every answered request is reported (ext-proc's admin port), for
+    /// metrics and the usage report. Unset: nothing is reported.
+    #[serde(default)]
+    pub accounting: Option<AccountingConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountingConfig {
+    /// The Envoy cluster of ext-proc's admin port.
+    pub cluster: String,
+    /// How often each Envoy worker sends the records it holds.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+}
+
+fn default_flush_interval_ms() -> u64 {
+    1000
+}
+
+/// What a model costs on one route, in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +129,9 @@ pub struct ModelRouteConfig {
     /// The model name the backend expects, when it differs from the client's.
     #[serde(default)]
     pub rename: Option<String>,
+    /// What the model costs on this route, for the usage report.
+    #[serde(default)]
+    pub price: Option<Price>,
 }
 
 impl FilterConfig {

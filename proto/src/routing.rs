@@ -5,12 +5,12 @@
 //! catch-all `*` comes last.
 
 use crate::backend::{ApiKey, BackendProfile};
-use crate::config::{BackendConfig, FilterConfig, ModelRouteConfig};
+use crate::config::{AccountingConfig, BackendConfig, FilterConfig, ModelRouteConfig, Price};
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
 
 /// Where one model's requests go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub backend: String,
     pub cluster: String,
@@ -20,6 +20,7 @@ pub struct Target {
     pub profile: Option<String>,
     /// The client's own API key goes on to the backend (`api_key: "passthrough"`).
     pub forwards_client_key: bool,
+    pub price: Option<Price>,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +34,7 @@ pub struct Router {
     max_request_body_bytes: usize,
     stream_guard_cluster: Option<String>,
     client_keys: ClientKeys,
+    accounting: Option<AccountingConfig>,
 }
 
 impl Router {
@@ -41,6 +43,7 @@ impl Router {
             max_request_body_bytes: config.max_request_body_bytes,
             stream_guard_cluster: config.stream_guard_cluster.clone(),
             client_keys: ClientKeys::from_config(&config.client_keys)?,
+            accounting: config.accounting.clone(),
             ..Router::default()
         };
         for route in &config.models {
@@ -104,6 +107,11 @@ impl Router {
     pub fn client_keys(&self) -> &ClientKeys {
         &self.client_keys
     }
+
+    /// Where answered requests are reported, if anywhere.
+    pub fn accounting(&self) -> Option<&AccountingConfig> {
+        self.accounting.as_ref()
+    }
 }
 
 fn target_for(route: &ModelRouteConfig, backend: &BackendConfig) -> Target {
@@ -119,6 +127,7 @@ fn target_for(route: &ModelRouteConfig, backend: &BackendConfig) -> Target {
         owned_by: backend.owned_by.clone().unwrap_or_else(|| route.backend.clone()),
         profile: (!profile.is_passthrough()).then(|| profile.to_header()),
         forwards_client_key: backend.api_key == Some(ApiKey::Passthrough),
+        price: route.price,
     }
 }
 

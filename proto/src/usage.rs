@@ -4,6 +4,7 @@
 //! The filter batches records (one JSON object per line) and posts them
 //! about once a second, so accounting costs no call per request.
 
+use crate::config::Price;
 use serde::{Deserialize, Serialize};
 
 /// Token counts as the backend reported them in `usage`.
@@ -17,6 +18,12 @@ pub struct Usage {
 impl Usage {
     pub fn total(&self) -> u64 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+
+    /// What these tokens cost at `price`, in US dollars.
+    pub fn cost(&self, price: &Price) -> f64 {
+        (self.prompt_tokens as f64 * price.input_per_million + self.completion_tokens as f64 * price.output_per_million)
+            / 1_000_000.0
     }
 }
 
