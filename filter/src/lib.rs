@@ -260,6 +260,10 @@ impl HttpContext for Request {
                     host::replace_body(BufferType::HttpResponseBody, body_size, &passed);
                 }
             }
+            if end_of_stream {
+                // Before the answer's end leaves: the client's next request sees these tokens spent.
+                self.debit_tokens();
+            }
             return Action::Continue;
         };
         if !end_of_stream {
@@ -284,7 +288,8 @@ impl HttpContext for Request {
     /// The request is over: its tokens are debited from the key's token
     /// limits, and its usage record is handed to this worker's outbox.
     fn on_log(&mut self) {
-        let Some(routed) = self.routed.take() else {
+        self.debit_tokens();
+        let (Some(routed), Some(outbox)) = (self.routed.take(), self.outbox.as_ref()) else {
             return;
         };
         let now_us = host::now_us();
@@ -295,12 +300,6 @@ impl HttpContext for Request {
                 latency_us: now_us.saturating_sub(self.started_us),
                 ..Default::default()
             },
-        };
-        if let Some(usage) = record.usage {
-            limits::debit(&host::SharedBuckets, &routed.buckets, usage.total(), now_us);
-        }
-        let Some(outbox) = &self.outbox else {
-            return;
         };
         record.request_id = host::header(MapType::HttpRequestHeaders, "x-request-id")
             .map(|id| String::from_utf8_lossy(&id).into_owned())
@@ -329,6 +328,19 @@ impl Request {
     fn processing_ms(&self) -> Option<String> {
         let elapsed = host::now()?.duration_since(self.started?).ok()?;
         Some(elapsed.as_millis().to_string())
+    }
+
+    /// Spends the answer's tokens from the key's token limits, once: at the
+    /// answer's end, or when the request ends without one.
+    fn debit_tokens(&mut self) {
+        let (Some(routed), Some(answer)) = (&mut self.routed, &self.answer) else {
+            return;
+        };
+        if let Some(usage) = answer.usage() {
+            limits::debit(&host::SharedBuckets, &routed.buckets, usage.total(), host::now_us());
+            // Spent: nothing is left to debit twice.
+            routed.buckets.clear();
+        }
     }
 
     /// Sends a routed request on to its backend, once its key's limits admit it.

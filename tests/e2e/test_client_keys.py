@@ -2,6 +2,7 @@
 with a known key (stored as a SHA-256 digest), each to the models it may use."""
 
 import hashlib
+import json
 import math
 import time
 
@@ -13,8 +14,9 @@ from conftest import new_request_id as rid, received_by, sdk
 from devstack import Stack, edit_filter_config
 
 FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
-# Keys with rate limits: four requests a minute in all; sixty a minute for llama models.
-LIMITED, BURSTY = "sk-limited-0003", "sk-bursty-0004"
+# Keys with rate limits: four requests a minute in all; sixty a minute for llama models;
+# sixty tokens a minute (one a second) and a hundred requests.
+LIMITED, BURSTY, METERED = "sk-limited-0003", "sk-bursty-0004", "sk-metered-0005"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -28,6 +30,8 @@ def with_client_keys(config: dict) -> None:
         {"name": "limited", "sha256": digest(LIMITED), "limits": {"requests_per_minute": 4}},
         {"name": "bursty", "sha256": digest(BURSTY),
          "limits": {"requests_per_minute": 1000, "models": {"llama-*": {"requests_per_minute": 60}}}},
+        {"name": "metered", "sha256": digest(METERED),
+         "limits": {"requests_per_minute": 100, "tokens_per_minute": 60}},
     ]))
 
 
@@ -91,11 +95,11 @@ def test_a_key_sees_and_uses_only_its_models(keyed):
     assert client.models.retrieve("llama-3.1-70b").id == "llama-3.1-70b"
 
 
-def chat(keyed, key: str, model: str = "llama-3.1-8b-instruct") -> httpx2.Response:
+def chat(keyed, key: str, model: str = "llama-3.1-8b-instruct", **params) -> httpx2.Response:
     """One chat request on a connection of its own, so Envoy's worker threads share the load."""
     with httpx2.Client(timeout=10) as fresh:
         return fresh.post(f"{keyed.base_url}/chat/completions", headers={"authorization": f"Bearer {key}"},
-                          json={"model": model, "messages": HELLO})
+                          json={"model": model, "messages": HELLO, **params})
 
 
 def test_a_keys_requests_per_minute_hold_across_envoys_workers(keyed, spec):
@@ -135,3 +139,66 @@ def test_a_models_limit_refuses_then_recovers_and_the_sdk_waits_it_out(keyed):
     raw = client.chat.completions.with_raw_response.create(model="llama-3.1-8b-instruct", messages=HELLO)
     assert raw.parse().choices[0].message.content
     assert raw.headers["x-ratelimit-limit-requests"] == "60"
+
+
+def token_headers(answer) -> tuple[str, str, str]:
+    return tuple(answer.headers.get(f"x-ratelimit-{what}-tokens") for what in ["limit", "remaining", "reset"])
+
+
+def seconds(duration: str) -> float:
+    """An OpenAI reset duration (`20ms`, `1.5s`, `1m2s`) in seconds."""
+    if duration.endswith("ms"):
+        return int(duration[:-2]) / 1000
+    minutes, _, rest = duration.rpartition("m")
+    return int(minutes or 0) * 60 + float(rest.rstrip("s"))
+
+
+def test_a_keys_tokens_per_minute_count_every_answer_then_refuse_then_recover(keyed, spec):
+    # Six tokens an answer: one of prompt and five of completion.
+    first = chat(keyed, METERED, max_tokens=5)
+    assert first.json()["usage"]["total_tokens"] == 6
+    assert token_headers(first) == ("60", "60", "0ms")
+    assert first.headers["x-ratelimit-remaining-requests"] == "99"
+
+    # A stream whose client did not ask for usage is counted all the same, and gets no usage.
+    request_id = rid()
+    with httpx2.stream("POST", f"{keyed.base_url}/chat/completions", timeout=10,
+                       headers={"authorization": f"Bearer {METERED}", "x-request-id": request_id},
+                       json={"model": "llama-3.1-8b-instruct", "messages": HELLO, "max_tokens": 5, "stream": True}) as s:
+        assert token_headers(s) == ("60", "54", token_headers(s)[2])
+        events = [line for line in s.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and len(events) > 3
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all("usage" not in c and c["choices"] for c in chunks), chunks
+    assert received_by(keyed, "vllm-llama", request_id)["body"]["stream_options"] == {"include_usage": True}
+
+    # A client that asks for usage gets it, and it is counted once.
+    asked = sdk(keyed, key=METERED).chat.completions.create(
+        model="llama-3.1-8b-instruct", messages=HELLO, max_tokens=5, stream=True, stream_options={"include_usage": True})
+    usage = [c.usage for c in asked if c.usage]
+    assert [u.total_tokens for u in usage] == [6]
+
+    answers = [chat(keyed, METERED, max_tokens=5) for _ in range(8)]
+    # 60 - 3 x 6 = 42 left, six a request. A request is let in while anything is left (OpenAI's
+    # own rule: the answer's size is not known yet), so the eighth, let in at 0, spends past the limit.
+    assert [token_headers(a)[1] for a in answers] == ["42", "36", "30", "24", "18", "12", "6", "0"]
+    assert [a.status_code for a in answers] == [200] * 8
+    resets = [seconds(token_headers(a)[2]) for a in answers]
+    assert all(abs(reset - 18 - 6 * i) < 1 for i, reset in enumerate(resets)), resets
+
+    refused = chat(keyed, METERED, max_tokens=5)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("tokens", "rate_limit_exceeded", None)
+    assert "tokens per min (TPM)" in error["message"] and "Limit 60, Used 60" in error["message"]
+    assert METERED not in error["message"]
+    spec.validate("ErrorResponse", refused.json())
+    # Spent six past the limit: six seconds until the key may call again.
+    assert refused.headers["retry-after"] == "6"
+    assert token_headers(refused)[:2] == ("60", "0") and 65 < seconds(token_headers(refused)[2]) <= 66
+    assert refused.headers["x-ratelimit-remaining-requests"] == "89", "a refusal spends no request"
+
+    time.sleep(6)
+    recovered = chat(keyed, METERED, max_tokens=5)
+    assert recovered.status_code == 200
+    assert token_headers(recovered)[1] == "0"
