@@ -1,0 +1,282 @@
+//! The admin port's Prometheus metrics: requests, errors, tokens, cost and
+//! timings per key, model and backend, as the usage records tell them.
+//!
+//! Counters are registered without their `_total`, which the encoder adds.
+
+use modelgate_proto::usage::UsageRecord;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// The content type of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Whole requests: from a fast refusal to a long generation.
+const DURATION_BUCKETS: [f64; 15] =
+    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
+/// Time to first token: a warm cache's prefill to a long queue.
+const TTFT_BUCKETS: [f64; 14] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0];
+/// Gaps between a stream's chunks: a fast decode step to a stalled one.
+const ITL_BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    model: String,
+    backend: String,
+    key: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    model: String,
+    backend: String,
+    key: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    model: String,
+    backend: String,
+}
+
+type Histograms = Family<BackendLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<KeyLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    prompt_tokens: Family<KeyLabels, Counter>,
+    completion_tokens: Family<KeyLabels, Counter>,
+    cost_usd: Family<KeyLabels, Counter<f64, AtomicU64>>,
+    duration: Histograms,
+    ttft: Histograms,
+    itl: Histograms,
+    rejected_records: Counter,
+    limit_store_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            errors: Family::default(),
+            prompt_tokens: Family::default(),
+            completion_tokens: Family::default(),
+            cost_usd: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            ttft: Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS)),
+            itl: Family::new_with_constructor(|| Histogram::new(ITL_BUCKETS)),
+            rejected_records: Counter::default(),
+            limit_store_errors: Counter::default(),
+        };
+        let r = &mut m.registry;
+        r.register("modelgate_requests", "Requests answered", m.requests.clone());
+        r.register("modelgate_errors", "Requests answered with a status of 400 or more", m.errors.clone());
+        r.register("modelgate_prompt_tokens", "Prompt tokens, as backends reported them", m.prompt_tokens.clone());
+        r.register(
+            "modelgate_completion_tokens",
+            "Completion tokens, as backends reported them",
+            m.completion_tokens.clone(),
+        );
+        r.register(
+            "modelgate_cost_usd",
+            "Cost of the tokens at the configured prices, in US dollars",
+            m.cost_usd.clone(),
+        );
+        r.register(
+            "modelgate_request_duration_seconds",
+            "From a request's first byte to its answer's last",
+            m.duration.clone(),
+        );
+        r.register(
+            "modelgate_time_to_first_token_seconds",
+            "From a stream's request to its first chunk",
+            m.ttft.clone(),
+        );
+        r.register(
+            "modelgate_inter_token_latency_seconds",
+            "Gaps between a stream's consecutive chunks",
+            m.itl.clone(),
+        );
+        r.register(
+            "modelgate_usage_records_rejected",
+            "Usage record lines that did not parse",
+            m.rejected_records.clone(),
+        );
+        r.register(
+            "modelgate_limit_store_errors",
+            "Calls to the shared limit store that failed",
+            m.limit_store_errors.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    /// Counts one record; its cost, if any, must be finite and not negative
+    /// (counters only go up).
+    pub fn record(&self, record: &UsageRecord) {
+        let labels =
+            KeyLabels { model: record.model.clone(), backend: record.backend.clone(), key: record.key.clone() };
+        self.requests.get_or_create(&labels).inc();
+        if record.status >= 400 {
+            let labels = ErrorLabels {
+                model: labels.model.clone(),
+                backend: labels.backend.clone(),
+                key: labels.key.clone(),
+                status: record.status,
+            };
+            self.errors.get_or_create(&labels).inc();
+        }
+        if let Some(usage) = record.usage {
+            self.prompt_tokens.get_or_create(&labels).inc_by(usage.prompt_tokens);
+            self.completion_tokens.get_or_create(&labels).inc_by(usage.completion_tokens);
+        }
+        if let Some(cost) = record.cost_usd {
+            self.cost_usd.get_or_create(&labels).inc_by(cost);
+        }
+        let timings = BackendLabels { model: labels.model, backend: labels.backend };
+        self.duration.get_or_create(&timings).observe(seconds(record.latency_us));
+        if record.stream {
+            if let Some(ttft) = record.ttft_us {
+                self.ttft.get_or_create(&timings).observe(seconds(ttft));
+            }
+            if !record.itl_us.is_empty() {
+                let itl = self.itl.get_or_create(&timings);
+                for gap in &record.itl_us {
+                    itl.observe(seconds(*gap));
+                }
+            }
+        }
+    }
+
+    pub fn records_rejected(&self, lines: u64) {
+        self.rejected_records.inc_by(lines);
+    }
+
+    pub fn limit_store_error(&self) {
+        self.limit_store_errors.inc();
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn seconds(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use modelgate_proto::usage::Usage;
+
+    fn lines(text: &str, prefix: &str) -> Vec<String> {
+        text.lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_record_becomes_exact_counters_and_histograms() {
+        let m = Metrics::default();
+        let stream = UsageRecord {
+            request_id: "r1".into(),
+            at_ms: 1,
+            key: "alice".into(),
+            model: "gpt-4o".into(),
+            backend: "vllm".into(),
+            status: 200,
+            stream: true,
+            usage: Some(Usage { prompt_tokens: 12, completion_tokens: 30 }),
+            cost_usd: Some(0.5),
+            latency_us: 1_500_000,
+            ttft_us: Some(200_000),
+            itl_us: vec![1_000, 40_000, 40_000],
+        };
+        m.record(&stream);
+        m.record(&UsageRecord { status: 429, usage: None, cost_usd: Some(0.25), stream: false, ..stream.clone() });
+        m.records_rejected(3);
+        m.limit_store_error();
+        let text = m.encode();
+        let key = r#"{model="gpt-4o",backend="vllm",key="alice"}"#;
+        assert_eq!(lines(&text, "modelgate_requests_total"), [format!("modelgate_requests_total{key} 2")]);
+        assert_eq!(
+            lines(&text, "modelgate_errors_total"),
+            [r#"modelgate_errors_total{model="gpt-4o",backend="vllm",key="alice",status="429"} 1"#]
+        );
+        assert_eq!(lines(&text, "modelgate_prompt_tokens_total"), [format!("modelgate_prompt_tokens_total{key} 12")]);
+        assert_eq!(
+            lines(&text, "modelgate_completion_tokens_total"),
+            [format!("modelgate_completion_tokens_total{key} 30")]
+        );
+        assert_eq!(lines(&text, "modelgate_cost_usd_total"), [format!("modelgate_cost_usd_total{key} 0.75")]);
+        assert_eq!(
+            lines(&text, "modelgate_usage_records_rejected_total"),
+            ["modelgate_usage_records_rejected_total 3"]
+        );
+        assert_eq!(lines(&text, "modelgate_limit_store_errors_total"), ["modelgate_limit_store_errors_total 1"]);
+
+        let timing = r#"model="gpt-4o",backend="vllm""#;
+        assert!(text.contains(&format!("modelgate_request_duration_seconds_count{{{timing}}} 2\n")), "{text}");
+        assert!(text.contains(&format!("modelgate_request_duration_seconds_sum{{{timing}}} 3.0\n")), "{text}");
+        assert!(
+            text.contains(&format!("modelgate_request_duration_seconds_bucket{{le=\"1.0\",{timing}}} 0\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("modelgate_request_duration_seconds_bucket{{le=\"2.5\",{timing}}} 2\n")),
+            "{text}"
+        );
+        // Only the stream has a first token and gaps.
+        assert!(text.contains(&format!("modelgate_time_to_first_token_seconds_count{{{timing}}} 1\n")), "{text}");
+        assert!(
+            text.contains(&format!("modelgate_time_to_first_token_seconds_bucket{{le=\"0.1\",{timing}}} 0\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("modelgate_time_to_first_token_seconds_bucket{{le=\"0.25\",{timing}}} 1\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("modelgate_inter_token_latency_seconds_count{{{timing}}} 3\n")), "{text}");
+        assert!(
+            text.contains(&format!("modelgate_inter_token_latency_seconds_bucket{{le=\"0.001\",{timing}}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("modelgate_inter_token_latency_seconds_bucket{{le=\"0.05\",{timing}}} 3\n")),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn names_and_label_values_from_clients_cannot_break_the_exposition() {
+        let m = Metrics::default();
+        m.record(&UsageRecord { model: "a\"} evil 1\n".into(), status: 200, ..UsageRecord::default() });
+        let text = m.encode();
+        assert!(text.contains(r#"modelgate_requests_total{model="a\"} evil 1\n",backend="",key=""} 1"#), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with(" evil")), "{text}");
+    }
+
+    #[test]
+    fn unpriced_and_unstreamed_records_add_no_cost_or_stream_timings() {
+        let m = Metrics::default();
+        m.record(&UsageRecord { status: 200, ttft_us: Some(5), itl_us: vec![1], ..UsageRecord::default() });
+        let text = m.encode();
+        assert!(lines(&text, "modelgate_cost_usd_total").is_empty(), "{text}");
+        assert!(lines(&text, "modelgate_time_to_first_token_seconds_count").is_empty(), "{text}");
+        assert!(lines(&text, "modelgate_inter_token_latency_seconds_count").is_empty(), "{text}");
+        assert!(lines(&text, "modelgate_errors_total").is_empty(), "{text}");
+    }
+}
