@@ -16,6 +16,7 @@ pub mod ollama;
 pub mod openai;
 pub mod process;
 pub mod service;
+pub mod shared_limits;
 pub mod stream_guard;
 pub mod translate;
 pub mod usage_report;

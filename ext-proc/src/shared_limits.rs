@@ -1,0 +1,154 @@
+//! Rate-limit buckets shared by several gateways through Redis: the same
+//! GCRA as [`modelgate_proto::limits::spend`], run as one Lua script so a
+//! call's buckets change together, on Redis's clock, which every gateway
+//! shares.
+//!
+//! Each bucket's state is its TAT in microseconds, a decimal string under
+//! the bucket's name, set to expire once the bucket would be full again (so
+//! idle keys vanish). A TAT past 2^53 µs (285 years ahead) saturates there,
+//! where `spend` saturates at 2^64: Lua's numbers are doubles, exact only up
+//! to 2^53, and no real limit reaches either bound.
+//!
+//! A debit's verdict is `spend`'s, except that it counts the debit even over
+//! the limit: then `remaining` is 0, `reset_us` runs to when the bucket is
+//! full again after the debit, and `retry_after_us` to when it is back within
+//! its limit.
+//!
+//! The script reads and writes several keys, so on Redis Cluster every
+//! bucket of one call must hash to the same slot.
+
+use modelgate_proto::limits::{SpendRequest, SpendResponse, Verdict};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use std::time::Duration;
+
+/// KEYS: the buckets' names. ARGV[1]: "1" to debit, "0" to admit; then each
+/// bucket's limit per minute and cost, in the order of KEYS.
+const SPEND_LUA: &str = r#"
+local MINUTE = 60000000
+local MAX = 9007199254740992
+-- Kept a second past full, so a bucket read as it expires reads as full anyway.
+local MARGIN_MS = 1000
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local debit = ARGV[1] == '1'
+local tats = {}
+local verdicts = {}
+local all_allowed = true
+for i, key in ipairs(KEYS) do
+  local per_minute = tonumber(ARGV[2 * i])
+  local cost = tonumber(ARGV[2 * i + 1])
+  local interval = math.floor(MINUTE / per_minute)
+  -- A bucket named twice spends from what its first spend left.
+  local tat = tats[key] or tonumber(redis.call('GET', key) or '0') or 0
+  local start = math.max(tat, now)
+  local new_tat = math.min(start + cost * interval, MAX)
+  local allowed = new_tat - now <= MINUTE
+  local kept = start
+  if allowed or debit then
+    kept = new_tat
+  end
+  if not allowed then
+    all_allowed = false
+  end
+  local used = kept - now
+  local retry_after = 0
+  if not allowed then
+    retry_after = new_tat - now - MINUTE
+  end
+  tats[key] = kept
+  verdicts[i] = {allowed and 1 or 0, per_minute,
+    math.min(math.floor(math.max(MINUTE - used, 0) / interval), per_minute), used, retry_after}
+end
+if debit or all_allowed then
+  for key, tat in pairs(tats) do
+    redis.call('SET', key, string.format('%.0f', tat),
+      'PX', string.format('%.0f', math.ceil((tat - now) / 1000) + MARGIN_MS))
+  end
+end
+return verdicts
+"#;
+
+const MINUTE_US: u64 = 60_000_000;
+/// The largest count the script computes with exactly.
+const MAX_EXACT: u64 = 1 << 53;
+
+#[derive(Debug)]
+pub enum LimitStoreError {
+    /// No answer within the configured time.
+    Timeout,
+    Redis(redis::RedisError),
+    /// An answer of another shape than the script's.
+    Reply(String),
+}
+
+impl std::fmt::Display for LimitStoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitStoreError::Timeout => write!(f, "no answer from Redis in time"),
+            LimitStoreError::Redis(e) => write!(f, "Redis: {e}"),
+            LimitStoreError::Reply(e) => write!(f, "unexpected reply from Redis: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LimitStoreError {}
+
+/// Buckets in one Redis, over a connection that reconnects by itself.
+pub struct SharedLimits {
+    redis: ConnectionManager,
+    script: Script,
+    timeout: Duration,
+}
+
+impl SharedLimits {
+    /// Connects lazily: a Redis that is down at start is only an error for
+    /// the calls made while it is. Each call is bounded by `timeout`.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
+            // Back within a second of Redis coming back, however long it was away.
+            .set_max_delay(Duration::from_secs(1));
+        let redis = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(SharedLimits { redis, script: Script::new(SPEND_LUA), timeout })
+    }
+
+    /// Spends from every bucket of `request` at once, as described in the module.
+    pub async fn spend(&self, request: &SpendRequest) -> Result<SpendResponse, LimitStoreError> {
+        if request.buckets.is_empty() {
+            return Ok(SpendResponse { verdicts: Vec::new() });
+        }
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(if request.debit { "1" } else { "0" });
+        for bucket in &request.buckets {
+            // As `spend` clamps the limit; a larger cost is refused (or saturates) all the same.
+            invocation.key(&bucket.name).arg(bucket.per_minute.clamp(1, MINUTE_US)).arg(bucket.cost.min(MAX_EXACT));
+        }
+        let mut redis = self.redis.clone();
+        let reply: Vec<(u8, u64, u64, u64, u64)> =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut redis))
+                .await
+                .map_err(|_| LimitStoreError::Timeout)?
+                .map_err(LimitStoreError::Redis)?;
+        if reply.len() != request.buckets.len() {
+            return Err(LimitStoreError::Reply(format!(
+                "{} verdicts for {} buckets",
+                reply.len(),
+                request.buckets.len()
+            )));
+        }
+        let verdicts = reply
+            .into_iter()
+            .map(|(allowed, limit, remaining, reset_us, retry_after_us)| Verdict {
+                allowed: allowed == 1,
+                limit,
+                remaining,
+                reset_us,
+                retry_after_us,
+            })
+            .collect();
+        Ok(SpendResponse { verdicts })
+    }
+}
