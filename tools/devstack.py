@@ -35,6 +35,7 @@ LISTENER_PORT = 10000
 INNER_LISTENER_PORT = 10001
 ADMIN_PORT = 9901
 EXT_PROC_PORT = 50051
+EXT_PROC_ADMIN_PORT = 9090
 STREAM_GUARD_PORT = 50052
 # Simulated backends of the demo: port in demo.yaml -> backend name.
 DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral", 8004: "anthropic",
@@ -108,18 +109,21 @@ class Stack:
     """The demo gateway and its backends as real processes on 127.0.0.1."""
 
     def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn",
-                 envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None):
+                 envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None,
+                 ext_proc_args: list[str] | None = None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
-        configuration (parsed YAML) before Envoy starts, as tests do to add failing backends."""
+        configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
+        `ext_proc_args` are added to ext-proc's command line (a Redis URL, say)."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
-        self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, STREAM_GUARD_PORT,
+        self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
                                                        INNER_LISTENER_PORT, *DEMO_BACKENDS]}
         self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
         self.log_level = log_level
         self.envoy_concurrency = envoy_concurrency
         self.cpus = cpus or {}
         self.adjust_config = adjust_config
+        self.ext_proc_args = ext_proc_args or []
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
@@ -134,6 +138,11 @@ class Stack:
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.ports[ADMIN_PORT]}"
+
+    @property
+    def ext_proc_admin_url(self) -> str:
+        """ext-proc's admin port: metrics and the usage report."""
+        return f"http://127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}"
 
     def backend_url(self, name: str) -> str:
         demo = next(port for port, backend in DEMO_BACKENDS.items() if backend == name)
@@ -161,11 +170,14 @@ class Stack:
             # see the backends' keys.
             backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
             self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
-                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}"], env=backend_keys)
+                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
+                                    "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}",
+                                    *self.ext_proc_args], env=backend_keys)
             self.spawn("stream-guard", [str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                                         "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
                                         "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"], env=backend_keys)
-            for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT], self.ports[STREAM_GUARD_PORT]]:
+            for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT],
+                         self.ports[EXT_PROC_ADMIN_PORT], self.ports[STREAM_GUARD_PORT]]:
                 self.wait_for_port(port)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
         except BaseException:

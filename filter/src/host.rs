@@ -71,6 +71,26 @@ pub fn dispatch(cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout:
     }
 }
 
+/// Lets a request held by the filter go on.
+pub fn resume_request() {
+    if let Err(s) = hostcalls::resume_http_request() {
+        log_failure("resuming a request", s);
+    }
+}
+
+/// An Envoy counter (shown in its stats with the `wasmcustom.` prefix).
+pub fn counter(name: &str) -> Option<u32> {
+    hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, name)
+        .map_err(|s| log_failure("defining a counter", s))
+        .ok()
+}
+
+pub fn count(metric: u32) {
+    if let Err(s) = hostcalls::increment_metric(metric, 1) {
+        log_failure("counting", s);
+    }
+}
+
 /// An Envoy attribute, such as `response.code_details`.
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     hostcalls::get_property(path.to_vec()).unwrap_or_else(|s| {

@@ -34,25 +34,33 @@ use std::time::{Duration, SystemTime};
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Plugin { router: Rc::new(Router::default()), outbox: Rc::new(Outbox::default()) })
+        Box::new(Plugin { router: Rc::new(Router::default()), outbox: Rc::new(Outbox::default()), store_failures: None })
     });
 }}
 
 struct Plugin {
     router: Rc<Router>,
-    /// This worker's usage records, sent on the timer.
+    /// This worker's usage records and shared token debits, sent on the timer.
     outbox: Rc<Outbox>,
+    /// Envoy's counter of the times the shared rate-limit store gave no verdict.
+    store_failures: Option<u32>,
 }
 
 /// Where ext-proc's admin port takes usage records.
 const RECORDS_PATH: &str = "/v1/usage/records";
+/// Where ext-proc's admin port spends from shared rate limits.
+const SPEND_PATH: &str = "/v1/limits/spend";
+
+fn admin_call_headers(path: &'static str, content_type: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![(":method", "POST"), (":path", path), (":authority", "modelgate-admin"), ("content-type", content_type)]
+}
 
 impl Context for Plugin {
     fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, _body_size: usize, _num_trailers: usize) {
         let status = host::http_call_header(":status").unwrap_or_default();
         if !status.starts_with(b"2") {
             host::log_error(&format!(
-                "modelgate: ext-proc's admin port refused usage records (status {})",
+                "modelgate: ext-proc's admin port did not take a batch of usage records or token debits (status {})",
                 String::from_utf8_lossy(&status)
             ));
         }
@@ -65,8 +73,16 @@ impl RootContext for Plugin {
         let config = self.get_plugin_configuration().unwrap_or_default();
         match Router::from_json(&config) {
             Ok(router) => {
-                if let Some(accounting) = router.accounting() {
-                    self.set_tick_period(Duration::from_millis(accounting.flush_interval_ms.max(10)));
+                let flush_ms = match (router.accounting(), router.shared_limits()) {
+                    (Some(accounting), _) => Some(accounting.flush_interval_ms),
+                    (None, Some(_)) => Some(DEFAULT_FLUSH_MS),
+                    (None, None) => None,
+                };
+                if let Some(ms) = flush_ms {
+                    self.set_tick_period(Duration::from_millis(ms.max(10)));
+                }
+                if router.shared_limits().is_some() {
+                    self.store_failures = host::counter("modelgate.shared_limits.store_failures");
                 }
                 self.router = Rc::new(router);
                 true
@@ -84,24 +100,22 @@ impl RootContext for Plugin {
         if dropped > 0 {
             host::log_error(&format!("modelgate: {dropped} usage records dropped: ext-proc's admin port is not taking them"));
         }
-        let (Some(accounting), Some(lines)) = (self.router.accounting(), self.outbox.take()) else {
-            return;
-        };
-        let headers = vec![
-            (":method", "POST"),
-            (":path", RECORDS_PATH),
-            (":authority", "modelgate-admin"),
-            ("content-type", "application/x-ndjson"),
-        ];
-        if !host::dispatch(&accounting.cluster, headers, &lines, Duration::from_secs(5)) {
-            host::log_error(&format!("modelgate: cannot send usage records to cluster `{}`", accounting.cluster));
+        if let (Some(shared), Some(debits)) = (self.router.shared_limits(), self.outbox.take_debits()) {
+            let call = serde_json::to_vec(&debits).unwrap_or_default();
+            host::dispatch(&shared.cluster, admin_call_headers(SPEND_PATH, "application/json"), &call, BATCH_TIMEOUT);
+        }
+        if let (Some(accounting), Some(lines)) = (self.router.accounting(), self.outbox.take()) {
+            host::dispatch(&accounting.cluster, admin_call_headers(RECORDS_PATH, "application/x-ndjson"), &lines, BATCH_TIMEOUT);
         }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
             router: Rc::clone(&self.router),
-            outbox: self.router.accounting().map(|_| Rc::clone(&self.outbox)),
+            outbox: Rc::clone(&self.outbox),
+            accounting: self.router.accounting().is_some(),
+            store_failures: self.store_failures,
+            held: None,
             started: None,
             started_us: 0,
             answered_here: false,
@@ -122,8 +136,14 @@ impl RootContext for Plugin {
 
 struct Request {
     router: Rc<Router>,
-    /// Where this request's usage record goes, when accounting is on.
-    outbox: Option<Rc<Outbox>>,
+    /// Where this request's usage record and shared token debit go.
+    outbox: Rc<Outbox>,
+    /// Usage records are kept.
+    accounting: bool,
+    /// The counter of the shared store's failures, where limits are shared.
+    store_failures: Option<u32>,
+    /// A request held while the shared store decides on it.
+    held: Option<Held>,
     started: Option<SystemTime>,
     started_us: u64,
     /// The filter answered itself: the answer is already an OpenAI error.
@@ -143,6 +163,12 @@ struct Request {
     status: u16,
 }
 
+/// A routed request waiting for the shared store's verdict.
+struct Held {
+    routing: Routing,
+    body: Vec<u8>,
+}
+
 /// A model-routed request, as far as it got.
 struct Routed {
     model: String,
@@ -153,7 +179,32 @@ struct Routed {
     buckets: Vec<Bucket>,
 }
 
-impl Context for Request {}
+/// How long a batch to ext-proc's admin port may take.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often shared token debits are sent where no accounting interval is configured.
+const DEFAULT_FLUSH_MS: u64 = 1000;
+
+impl Context for Request {
+    /// The shared store's verdict on a held request.
+    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(Held { routing, body }) = self.held.take() else {
+            return;
+        };
+        let status = host::http_call_header(":status");
+        let answer = host::body(BufferType::HttpCallResponseBody, body_size);
+        let verdict =
+            self.routed.as_ref().and_then(|r| request::shared_verdicts(&r.buckets, status.as_deref(), &answer));
+        match self.admit_shared(verdict) {
+            None => {
+                self.forward(routing, &body);
+                host::resume_request();
+            }
+            Some(reply) => {
+                self.respond(&reply);
+            }
+        }
+    }
+}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -289,7 +340,7 @@ impl HttpContext for Request {
     /// limits, and its usage record is handed to this worker's outbox.
     fn on_log(&mut self) {
         self.debit_tokens();
-        let (Some(routed), Some(outbox)) = (self.routed.take(), self.outbox.as_ref()) else {
+        let Some(routed) = self.routed.take().filter(|_| self.accounting) else {
             return;
         };
         let now_us = host::now_us();
@@ -309,7 +360,7 @@ impl HttpContext for Request {
         record.model = routed.model;
         record.backend = routed.backend;
         record.status = self.status;
-        outbox.push(&record);
+        self.outbox.push(&record);
     }
 }
 
@@ -331,37 +382,85 @@ impl Request {
     }
 
     /// Spends the answer's tokens from the key's token limits, once: at the
-    /// answer's end, or when the request ends without one.
+    /// answer's end, or when the request ends without one. Shared limits are
+    /// debited with this worker's next batch.
     fn debit_tokens(&mut self) {
         let (Some(routed), Some(answer)) = (&mut self.routed, &self.answer) else {
             return;
         };
         if let Some(usage) = answer.usage() {
-            limits::debit(&host::SharedBuckets, &routed.buckets, usage.total(), host::now_us());
+            if self.router.shared_limits().is_some() {
+                self.outbox.debit(&routed.buckets, usage.total());
+            } else {
+                limits::debit(&host::SharedBuckets, &routed.buckets, usage.total(), host::now_us());
+            }
             // Spent: nothing is left to debit twice.
             routed.buckets.clear();
         }
     }
 
-    /// Sends a routed request on to its backend, once its key's limits admit it.
+    /// Sends a routed request on to its backend, once its key's limits admit
+    /// it: counted here, or asked of the shared store (and then held until it answers).
     fn route(&mut self, routing: Routing, body: &[u8]) -> Action {
+        let (Some(routed), Some(caller)) = (&mut self.routed, self.caller.clone()) else {
+            return self.forward(routing, body);
+        };
+        routed.model.clone_from(&routing.model);
+        routed.buckets = caller.limits.buckets(&caller.name, &routing.model);
+        if routed.buckets.is_empty() {
+            return self.forward(routing, body);
+        }
+        let Some(shared) = self.router.shared_limits() else {
+            match request::rate_limit(&caller, &routed.buckets, &routing.model, &host::SharedBuckets, host::now_us()) {
+                Ok(admission) => self.admission = admission,
+                Err(reply) => return self.respond(&reply),
+            }
+            return self.forward(routing, body);
+        };
+        let call = serde_json::to_vec(&Bucket::admission(&routed.buckets)).unwrap_or_default();
+        let headers = admin_call_headers(SPEND_PATH, "application/json");
+        if host::dispatch(&shared.cluster, headers, &call, Duration::from_millis(shared.timeout_ms)) {
+            self.held = Some(Held { routing, body: body.to_vec() });
+            return Action::Pause;
+        }
+        match self.admit_shared(None) {
+            None => self.forward(routing, body),
+            Some(reply) => self.respond(&reply),
+        }
+    }
+
+    /// Takes the shared store's verdict (`None` when it gave none): the reply
+    /// that refuses the request, if it is refused.
+    fn admit_shared(&mut self, verdict: Option<Admission>) -> Option<Reply> {
+        let (routed, caller) = (self.routed.as_ref()?, self.caller.clone()?);
+        let judged = match verdict {
+            Some(admission) => request::judge(&caller, &routed.model, admission),
+            None => {
+                if let Some(metric) = self.store_failures {
+                    host::count(metric);
+                }
+                host::log_error("modelgate: the shared rate-limit store gave no verdict (see ext-proc's log)");
+                request::without_shared_store(self.router.shared_limits().map(|s| s.on_failure).unwrap_or_default())
+            }
+        };
+        match judged {
+            Ok(admission) => {
+                self.admission = admission;
+                None
+            }
+            Err(reply) => Some(reply),
+        }
+    }
+
+    /// Sends an admitted request on to its backend: routing headers, and the body as the backend gets it.
+    fn forward(&mut self, routing: Routing, body: &[u8]) -> Action {
         let Some(routed) = &mut self.routed else {
             return Action::Continue;
         };
         routed.model.clone_from(&routing.model);
-        if let Some(caller) = self.caller.as_deref() {
-            routed.buckets = caller.limits.buckets(&caller.name, &routing.model);
-            if !routed.buckets.is_empty() {
-                let admitted = request::rate_limit(caller, &routed.buckets, &routing.model, &host::SharedBuckets, host::now_us());
-                match admitted {
-                    Ok(admission) => self.admission = admission,
-                    Err(reply) => return self.respond(&reply),
-                }
-            }
-        }
         routed.backend.clone_from(&routing.backend);
         routed.price = routing.price;
-        let count_tokens = self.outbox.is_some() || routed.buckets.iter().any(|b| b.unit == limits::Unit::Tokens);
+        let count_tokens = self.accounting || routed.buckets.iter().any(|b| b.unit == limits::Unit::Tokens);
         self.answer = Some(answer::Answer::new(self.started_us, routing.stream, count_tokens, routing.usage_unasked));
         if let Some(edit) = &routing.body_edit {
             let edited = edit.apply(body);

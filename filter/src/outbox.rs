@@ -1,9 +1,11 @@
-//! Usage records waiting to be sent to ext-proc's admin port, one JSON object
-//! per line. Each Envoy worker keeps its own and sends it on its timer, so
-//! accounting adds no call to any request.
+//! What an Envoy worker sends to ext-proc's admin port on its timer: usage
+//! records, one JSON object per line, and the tokens answers spent from
+//! shared rate limits, summed per bucket. Neither adds a call to any request.
 
+use modelgate_proto::limits::{Bucket, BucketSpend, SpendRequest, Unit};
 use modelgate_proto::usage::UsageRecord;
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 
 /// Records held while ext-proc cannot take them; past this, new ones are dropped and counted.
 const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
@@ -12,6 +14,8 @@ const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 pub struct Outbox {
     lines: RefCell<Vec<u8>>,
     dropped: Cell<u64>,
+    /// Tokens to debit from shared token buckets, by bucket name.
+    debits: RefCell<BTreeMap<String, BucketSpend>>,
 }
 
 impl Outbox {
@@ -30,6 +34,25 @@ impl Outbox {
     pub fn take(&self) -> Option<Vec<u8>> {
         let lines = std::mem::take(&mut *self.lines.borrow_mut());
         (!lines.is_empty()).then_some(lines)
+    }
+
+    /// Tokens an answer used, to be spent from the shared store's token buckets.
+    pub fn debit(&self, buckets: &[Bucket], tokens: u64) {
+        let mut debits = self.debits.borrow_mut();
+        for bucket in buckets.iter().filter(|b| b.unit == Unit::Tokens) {
+            let spend = debits.entry(bucket.name.clone()).or_insert_with(|| BucketSpend {
+                name: bucket.name.clone(),
+                per_minute: bucket.per_minute,
+                cost: 0,
+            });
+            spend.cost = spend.cost.saturating_add(tokens);
+        }
+    }
+
+    /// Every debit held, as one call to the shared store.
+    pub fn take_debits(&self) -> Option<SpendRequest> {
+        let debits = std::mem::take(&mut *self.debits.borrow_mut());
+        (!debits.is_empty()).then(|| SpendRequest { buckets: debits.into_values().collect(), debit: true })
     }
 
     /// Records dropped since the last call, for the log.
@@ -54,6 +77,21 @@ mod tests {
             sent.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
         assert_eq!(lines.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["r1", "r2"]);
         assert_eq!(outbox.take(), None);
+    }
+
+    #[test]
+    fn debits_are_summed_per_token_bucket() {
+        let outbox = Outbox::default();
+        assert_eq!(outbox.take_debits(), None);
+        let bucket = |name: &str, unit| Bucket { name: name.into(), unit, per_minute: 60 };
+        let buckets = [bucket("r", Unit::Requests), bucket("t", Unit::Tokens), bucket("t.m", Unit::Tokens)];
+        outbox.debit(&buckets, 5);
+        outbox.debit(&buckets[1..2], 7);
+        let sent = outbox.take_debits().unwrap();
+        assert!(sent.debit);
+        let costs: Vec<(&str, u64)> = sent.buckets.iter().map(|b| (b.name.as_str(), b.cost)).collect();
+        assert_eq!(costs, [("t", 12), ("t.m", 5)]);
+        assert_eq!(outbox.take_debits(), None);
     }
 
     #[test]

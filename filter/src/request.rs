@@ -9,7 +9,7 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
-use modelgate_proto::config::Price;
+use modelgate_proto::config::{FailureMode, Price};
 use modelgate_proto::limits::{self, Admission, Bucket, BucketStore};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
@@ -236,10 +236,15 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
     })
 }
 
-/// Counts a routed request against its key's rate limits: what the limits
-/// said (for the answer's `x-ratelimit-*` headers), or the 429 to answer with.
+/// Counts a routed request against its key's rate limits kept in `store`:
+/// what the limits said (for the answer's `x-ratelimit-*` headers), or the
+/// 429 to answer with.
 pub fn rate_limit(caller: &ClientKey, buckets: &[Bucket], model: &str, store: &dyn BucketStore, now_us: u64) -> Result<Admission, Reply> {
-    let admission = limits::admit(store, buckets, now_us);
+    judge(caller, model, limits::admit(store, buckets, now_us))
+}
+
+/// A key's limits' verdict on a request: let through, or OpenAI's 429.
+pub fn judge(caller: &ClientKey, model: &str, admission: Admission) -> Result<Admission, Reply> {
     match admission.refused() {
         Some((unit, verdict)) => {
             let mut reply = Reply::from(limits::refusal(&caller.name, model, unit, &verdict));
@@ -249,6 +254,29 @@ pub fn rate_limit(caller: &ClientKey, buckets: &[Bucket], model: &str, store: &d
             Err(reply)
         }
         None => Ok(admission),
+    }
+}
+
+/// The shared store's verdicts on `buckets`, from its answer to an admission
+/// call; `None` when it did not give them (unreachable, failing, garbled).
+pub fn shared_verdicts(buckets: &[Bucket], status: Option<&[u8]>, body: &[u8]) -> Option<Admission> {
+    if status != Some(b"200") {
+        return None;
+    }
+    let answer: limits::SpendResponse = serde_json::from_slice(body).ok()?;
+    (answer.verdicts.len() == buckets.len()).then(|| Admission::from_verdicts(buckets, &answer.verdicts))
+}
+
+/// A request whose limits the shared store could not check: let through
+/// unlimited, or refused with a 503, as configured.
+pub fn without_shared_store(on_failure: FailureMode) -> Result<Admission, Reply> {
+    match on_failure {
+        FailureMode::Allow => Ok(Admission::default()),
+        FailureMode::Deny => {
+            let mut reply = Reply::from(GatewayError::rate_limits_unavailable());
+            reply.headers = vec![(SHOULD_RETRY, "true".into())];
+            Err(reply)
+        }
     }
 }
 
@@ -547,6 +575,18 @@ mod tests {
         assert_eq!(header("x-ratelimit-remaining-requests"), Some("0"));
         assert_eq!(header("x-ratelimit-reset-requests"), Some("59.999s"));
         assert_eq!(header("x-should-retry"), None, "a 429 may be retried");
+        // The same verdicts from a shared store, and what its failure means.
+        let refused_again =
+            br#"{"verdicts":[{"allowed":false,"limit":2,"remaining":0,"reset_us":60000000,"retry_after_us":30000000}]}"#;
+        let admission = shared_verdicts(&buckets, Some(b"200"), refused_again).unwrap();
+        assert_eq!(judge(&caller, "m", admission).unwrap_err().status, 429);
+        assert_eq!(shared_verdicts(&buckets, Some(b"503"), refused_again), None);
+        assert_eq!(shared_verdicts(&buckets, Some(b"200"), br#"{"verdicts":[]}"#), None, "one verdict per bucket");
+        assert_eq!(shared_verdicts(&buckets, Some(b"200"), b"<html>"), None);
+        assert_eq!(without_shared_store(FailureMode::Allow), Ok(Admission::default()));
+        let closed = without_shared_store(FailureMode::Deny).unwrap_err();
+        assert_eq!((closed.status, json(&closed)["error"]["code"].as_str()), (503, Some("rate_limits_unavailable")));
+
         let free = Presented { authorization: Some(b"Bearer sk-free"), api_key: None };
         let unlimited = r.client_keys().authenticate(free).unwrap().unwrap();
         assert!(unlimited.limits.buckets("free", "m").is_empty());

@@ -32,6 +32,37 @@ pub struct FilterConfig {
     /// metrics and the usage report. Unset: nothing is reported.
     #[serde(default)]
     pub accounting: Option<AccountingConfig>,
+    /// Rate limits kept in one store for several Envoys (ext-proc's admin
+    /// port, backed by Redis). Unset: each Envoy counts in its own memory.
+    #[serde(default)]
+    pub shared_limits: Option<SharedLimitsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedLimitsConfig {
+    /// The Envoy cluster of ext-proc's admin port.
+    pub cluster: String,
+    /// Longest wait for the store's verdict; past it the store counts as unreachable.
+    #[serde(default = "default_shared_limits_timeout_ms")]
+    pub timeout_ms: u64,
+    /// What an unreachable store means for a request with limits.
+    #[serde(default)]
+    pub on_failure: FailureMode,
+}
+
+fn default_shared_limits_timeout_ms() -> u64 {
+    200
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Fail open: the request goes on, unlimited (availability first).
+    #[default]
+    Allow,
+    /// Fail closed: the request gets a 503.
+    Deny,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -118,6 +118,18 @@ impl GatewayError {
         )
     }
 
+    /// Rate limits kept in a shared store that did not answer, where the
+    /// configuration says to refuse rather than to let requests go unlimited.
+    pub fn rate_limits_unavailable() -> Self {
+        Self::new(
+            503,
+            "server_error",
+            "The gateway could not check this key's rate limits. Please retry your request shortly.".into(),
+            None,
+            Some("rate_limits_unavailable"),
+        )
+    }
+
     /// The envelope as JSON bytes, ready to send.
     pub fn to_json(&self) -> Vec<u8> {
         let envelope = ErrorEnvelope { error: self.body.clone() };

@@ -5,7 +5,7 @@
 //! catch-all `*` comes last.
 
 use crate::backend::{ApiKey, BackendProfile};
-use crate::config::{AccountingConfig, BackendConfig, FilterConfig, ModelRouteConfig, Price};
+use crate::config::{AccountingConfig, BackendConfig, FilterConfig, ModelRouteConfig, Price, SharedLimitsConfig};
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
 
@@ -35,6 +35,7 @@ pub struct Router {
     stream_guard_cluster: Option<String>,
     client_keys: ClientKeys,
     accounting: Option<AccountingConfig>,
+    shared_limits: Option<SharedLimitsConfig>,
 }
 
 impl Router {
@@ -44,6 +45,7 @@ impl Router {
             stream_guard_cluster: config.stream_guard_cluster.clone(),
             client_keys: ClientKeys::from_config(&config.client_keys)?,
             accounting: config.accounting.clone(),
+            shared_limits: config.shared_limits.clone(),
             ..Router::default()
         };
         for route in &config.models {
@@ -106,6 +108,11 @@ impl Router {
     /// The keys callers must present, if any are configured.
     pub fn client_keys(&self) -> &ClientKeys {
         &self.client_keys
+    }
+
+    /// The store shared by several Envoys that keeps rate limits, if one is configured.
+    pub fn shared_limits(&self) -> Option<&SharedLimitsConfig> {
+        self.shared_limits.as_ref()
     }
 
     /// Where answered requests are reported, if anywhere.
