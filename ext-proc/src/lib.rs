@@ -2,9 +2,14 @@
 //! requests need rewriting. The tonic plumbing ([`service`]) is thin; what to
 //! answer is decided in [`exchange`] and the rewrites it calls.
 //!
+//! Beside the gRPC service, ext-proc serves an [`admin`] port: usage
+//! records in, [`metrics`] and the [`usage_report`] out, and rate limits
+//! shared through Redis ([`shared_limits`]).
+//!
 //! The crate's second server, the [`stream_guard`], is its own process, so
 //! streams keep flowing while ext-proc restarts.
 
+pub mod admin;
 pub mod anthropic;
 pub mod call;
 pub mod credentials;

@@ -1,10 +1,14 @@
 use clap::Parser;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use modelgate_ext_proc::admin::{self, Admin};
 use modelgate_ext_proc::process::{run, shutdown_signal};
 use modelgate_ext_proc::service::Processor;
+use modelgate_ext_proc::shared_limits::SharedLimits;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// modelgate's ext_proc gRPC service for Envoy.
+/// modelgate's ext_proc gRPC service for Envoy, and its admin port.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -15,16 +19,59 @@ struct Args {
     /// small machine, 1 costs the least CPU per request.
     #[arg(long, env = "MODELGATE_EXT_PROC_THREADS", default_value_t = 0)]
     worker_threads: usize,
+    /// Address of the admin port (plain HTTP, no authentication): usage
+    /// records in, metrics and usage reports out, shared rate limits.
+    #[arg(long, env = "MODELGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+    /// Hours of usage the report keeps, in minutes' sums.
+    #[arg(long, env = "MODELGATE_USAGE_RETENTION_HOURS", default_value_t = 168,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    usage_retention_hours: u64,
+    /// Redis keeping rate-limit buckets shared by several gateways, such as
+    /// `redis://127.0.0.1:6379/0`; without it the admin port has no `/v1/limits/spend`.
+    #[arg(long, env = "MODELGATE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Longest wait for Redis in one call, in milliseconds; past it the call is answered 503.
+    #[arg(long, env = "MODELGATE_REDIS_TIMEOUT_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    redis_timeout_ms: u64,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     run(args.worker_threads, async move {
-        tracing::info!(listen = %args.listen, "modelgate ext-proc listening");
-        tonic::transport::Server::builder()
-            .add_service(ExternalProcessorServer::new(Processor))
-            .serve_with_shutdown(args.listen, shutdown_signal())
-            .await?;
+        let limits = match &args.redis_url {
+            Some(url) => Some(SharedLimits::new(url, Duration::from_millis(args.redis_timeout_ms))?),
+            None => None,
+        };
+        let admin = admin::router(Arc::new(Admin::new(args.usage_retention_hours)), limits);
+        let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
+
+        // One signal stops both servers.
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(());
+        });
+        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<()>| async move {
+            let _ = stopped.changed().await;
+        };
+
+        tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
+        let grpc = async {
+            tonic::transport::Server::builder()
+                .add_service(ExternalProcessorServer::new(Processor))
+                .serve_with_shutdown(args.listen, until_stopped(stopped.clone()))
+                .await
+                .map_err(Box::<dyn std::error::Error>::from)
+        };
+        let admin = async {
+            axum::serve(admin_listener, admin)
+                .with_graceful_shutdown(until_stopped(stopped.clone()))
+                .await
+                .map_err(Box::<dyn std::error::Error>::from)
+        };
+        tokio::try_join!(grpc, admin)?;
         Ok(())
     })
 }
