@@ -1,0 +1,118 @@
+"""Rate limits shared by several gateways: two Envoys (each with its own ext-proc) keep
+their keys' buckets in one Redis, so a key's budget holds across both; when Redis is
+gone, each follows its configured policy, and both recover by themselves."""
+
+import hashlib
+import time
+
+import httpx2
+import pytest
+
+from conftest import new_request_id as rid
+from devstack import Redis, Stack, edit_filter_config
+
+SHARED, METERED = "sk-shared-0001", "sk-metered-0002"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def shared_keys(on_failure: str):
+    def adjust(config: dict) -> None:
+        def digest(key: str) -> str:
+            return hashlib.sha256(key.encode()).hexdigest()
+
+        def edit(routing: dict) -> None:
+            routing["client_keys"] = [
+                {"name": "shared", "sha256": digest(SHARED), "limits": {"requests_per_minute": 6}},
+                {"name": "metered", "sha256": digest(METERED), "limits": {"tokens_per_minute": 30}},
+            ]
+            routing["shared_limits"] = {"cluster": "modelgate_admin", "on_failure": on_failure}
+            # Token debits go to Redis with each batch: often, so the test need not wait.
+            routing["accounting"]["flush_interval_ms"] = 100
+        edit_filter_config(config, edit)
+    return adjust
+
+
+@pytest.fixture(scope="module")
+def redis():
+    with Redis() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def gateways(redis):
+    """Gateway `open` lets requests through when Redis is gone; gateway `closed` refuses them."""
+    args = ["--redis-url", redis.url]
+    with Stack(adjust_config=shared_keys("allow"), ext_proc_args=args) as open_, \
+            Stack(adjust_config=shared_keys("deny"), ext_proc_args=args) as closed:
+        yield open_, closed
+
+
+def chat(gateway, key: str, **params) -> httpx2.Response:
+    with httpx2.Client(timeout=10) as fresh:
+        return fresh.post(f"{gateway.base_url}/chat/completions",
+                          headers={"authorization": f"Bearer {key}", "x-request-id": rid()},
+                          json={"model": "llama-3.1-8b-instruct", "messages": HELLO, **params})
+
+
+def test_two_gateways_share_one_keys_request_budget(gateways):
+    first, second = gateways
+    answers = [chat(gateways[i % 2], SHARED) for i in range(8)]
+    assert [a.status_code for a in answers] == [200] * 6 + [429] * 2
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["5", "4", "3", "2", "1", "0", "0", "0"]
+    assert {a.headers["x-ratelimit-limit-requests"] for a in answers} == {"6"}
+    refused = answers[6].json()["error"]
+    assert (refused["type"], refused["code"]) == ("requests", "rate_limit_exceeded")
+    assert 9 <= int(answers[6].headers["retry-after"]) <= 10
+
+
+def test_tokens_spent_through_one_gateway_count_at_the_other(gateways):
+    first, second = gateways
+    spent = chat(first, METERED, max_tokens=5)
+    assert spent.json()["usage"]["total_tokens"] == 6
+    assert spent.headers["x-ratelimit-remaining-tokens"] == "30"
+    # The first gateway sends its debit with its next batch: every 100 ms here. A token
+    # comes back every 2 s, so none has by the time the other gateway looks.
+    time.sleep(0.5)
+    seen = chat(second, METERED, max_tokens=5)
+    assert seen.headers["x-ratelimit-remaining-tokens"] == "24"
+    time.sleep(0.5)
+    assert chat(first, METERED, max_tokens=5).headers["x-ratelimit-remaining-tokens"] == "18"
+
+
+def stat(gateway, name: str) -> int:
+    stats = httpx2.get(f"{gateway.admin_url}/stats", params={"filter": name}).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines() if line.strip())
+
+
+def store_errors(gateway) -> float:
+    metrics = httpx2.get(f"{gateway.ext_proc_admin_url}/metrics").text
+    line = next(line for line in metrics.splitlines() if line.startswith("modelgate_limit_store_errors_total"))
+    return float(line.split()[-1])
+
+
+def test_without_redis_each_gateway_follows_its_policy_then_recovers(redis, gateways):
+    open_, closed = gateways
+    redis.stop()
+    try:
+        let_through = chat(open_, SHARED)
+        assert let_through.status_code == 200, let_through.text
+        assert "x-ratelimit-limit-requests" not in let_through.headers, "unlimited while the store is gone"
+        refused = chat(closed, SHARED)
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "rate_limits_unavailable")
+        assert refused.headers["x-request-id"] and refused.headers["x-should-retry"] == "true"
+        # Requests of keys without limits never ask the store.
+        for gateway in gateways:
+            assert stat(gateway, "modelgate.shared_limits.store_failures") >= 1
+            assert store_errors(gateway) >= 1
+    finally:
+        redis.start()
+    # A new Redis is empty: the key's budget starts again, and both gateways use it by themselves
+    # (each ext-proc reconnects on its next call).
+    for gateway in gateways:
+        deadline = time.monotonic() + 10
+        while "x-ratelimit-limit-requests" not in (answer := chat(gateway, SHARED)).headers:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
+        assert answer.status_code == 200 and answer.headers["x-ratelimit-limit-requests"] == "6"
