@@ -4,8 +4,10 @@ use modelgate_ext_proc::admin::{self, Admin};
 use modelgate_ext_proc::process::{run, shutdown_signal};
 use modelgate_ext_proc::service::Processor;
 use modelgate_ext_proc::shared_limits::SharedLimits;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 /// modelgate's ext_proc gRPC service for Envoy, and its admin port.
@@ -40,22 +42,27 @@ struct Args {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     run(args.worker_threads, async move {
+        // One signal stops both servers. Polled once here, so its handlers are
+        // installed before either server listens: a SIGTERM from then on stops them cleanly.
+        let mut signal = Box::pin(shutdown_signal());
+        let first = std::future::poll_fn(|cx| Poll::Ready(signal.as_mut().poll(cx))).await;
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            if first.is_pending() {
+                signal.await;
+            }
+            let _ = stop.send(());
+        });
+        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<()>| async move {
+            let _ = stopped.changed().await;
+        };
+
         let limits = match &args.redis_url {
             Some(url) => Some(SharedLimits::new(url, Duration::from_millis(args.redis_timeout_ms))?),
             None => None,
         };
         let admin = admin::router(Arc::new(Admin::new(args.usage_retention_hours)), limits);
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
-
-        // One signal stops both servers.
-        let (stop, stopped) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop.send(());
-        });
-        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<()>| async move {
-            let _ = stopped.changed().await;
-        };
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
         let grpc = async {
