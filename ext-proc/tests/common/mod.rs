@@ -1,0 +1,168 @@
+//! Processes for the admin port's tests: the real `modelgate-ext-proc` binary,
+//! a real `redis-server`, and a minimal HTTP/1.1 client.
+
+// Each test file uses its own part of this module.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
+}
+
+fn wait_for_port(port: u16, process: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = process.try_wait() {
+            panic!("{what} exited at start: {status}");
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} is not listening on {port} after 10 s");
+}
+
+/// `redis-server` on the PATH, or why the test skips.
+pub fn redis_server() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join("redis-server")).find(|p| p.is_file()));
+    if found.is_none() {
+        eprintln!("SKIPPED: redis-server is not on the PATH (Debian: apt-get install redis-server)");
+    }
+    found
+}
+
+/// A throwaway Redis on a loopback port, without persistence; killed on drop.
+pub struct Redis {
+    binary: PathBuf,
+    pub port: u16,
+    process: Option<Child>,
+}
+
+impl Redis {
+    pub fn start(binary: PathBuf) -> Self {
+        let mut redis = Redis { binary, port: free_port(), process: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it again, on the same port.
+    pub fn restart(&mut self) {
+        let port = self.port.to_string();
+        let mut process = Command::new(&self.binary)
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server");
+        wait_for_port(self.port, &mut process, "redis-server");
+        self.process = Some(process);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("connecting to redis-server")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The ext-proc binary with its admin port on a free port; killed on drop.
+pub struct ExtProc {
+    pub admin: SocketAddr,
+    pub grpc: SocketAddr,
+    pub process: Child,
+}
+
+impl ExtProc {
+    pub fn start(extra: &[&str]) -> Self {
+        let (admin, grpc) = (free_port(), free_port());
+        let admin: SocketAddr = ([127, 0, 0, 1], admin).into();
+        let grpc: SocketAddr = ([127, 0, 0, 1], grpc).into();
+        let mut process = Command::new(env!("CARGO_BIN_EXE_modelgate-ext-proc"))
+            .args(["--worker-threads", "1", "--listen", &grpc.to_string(), "--admin-listen", &admin.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting modelgate-ext-proc");
+        wait_for_port(admin.port(), &mut process, "modelgate-ext-proc");
+        wait_for_port(grpc.port(), &mut process, "modelgate-ext-proc");
+        ExtProc { admin, grpc, process }
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        http(self.admin, "GET", path, b"")
+    }
+
+    pub fn post(&self, path: &str, body: &[u8]) -> Answer {
+        http(self.admin, "POST", path, body)
+    }
+}
+
+impl Drop for ExtProc {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// Header lines, names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request on its own connection, read to its end.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Answer {
+    let mut stream = TcpStream::connect(addr).expect("connecting to the admin port");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("a read timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body)).expect("sending a request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("reading an answer");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no end of head: {raw:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer { status, headers, body: body.to_string() }
+}

@@ -1,0 +1,255 @@
+//! `POST /v1/limits/spend` against a real Redis: the Lua script computes what
+//! `modelgate_proto::limits::spend` computes, admits all buckets or none,
+//! lets debits overshoot, and ext-proc rides out Redis going away.
+//!
+//! Skips only when `redis-server` is not installed.
+
+mod common;
+
+use common::{ExtProc, Redis};
+use modelgate_proto::limits::{spend, BucketSpend, SpendRequest, SpendResponse, Verdict};
+use proptest::prelude::*;
+use redis::Commands;
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const MINUTE_US: u64 = 60_000_000;
+
+fn call(ext_proc: &ExtProc, buckets: &[(&str, u64, u64)], debit: bool) -> Vec<Verdict> {
+    let request = SpendRequest {
+        buckets: buckets
+            .iter()
+            .map(|(name, per_minute, cost)| BucketSpend {
+                name: name.to_string(),
+                per_minute: *per_minute,
+                cost: *cost,
+            })
+            .collect(),
+        debit,
+    };
+    let body = serde_json::to_vec(&request).expect("a request");
+    let answer = ext_proc.post("/v1/limits/spend", &body);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let answer: SpendResponse = serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    answer.verdicts
+}
+
+/// What a debit does, in `spend`'s terms: it is spent even over the limit,
+/// and then the verdict describes the bucket after it.
+fn debit(per_minute: u64, tat: u64, now: u64, cost: u64) -> (Verdict, u64) {
+    let (verdict, _) = spend(per_minute, tat, now, cost);
+    let interval = MINUTE_US / per_minute.clamp(1, MINUTE_US);
+    let tat = tat.max(now).saturating_add(cost.saturating_mul(interval));
+    if verdict.allowed {
+        (verdict, tat)
+    } else {
+        (Verdict { remaining: 0, reset_us: tat - now, ..verdict }, tat)
+    }
+}
+
+fn redis_now(redis: &mut redis::Connection) -> u64 {
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query(redis).expect("TIME");
+    seconds * 1_000_000 + micros
+}
+
+fn tat(redis: &mut redis::Connection, bucket: &str) -> u64 {
+    let stored: Option<u64> = redis.get(bucket).expect("GET");
+    stored.unwrap_or(0)
+}
+
+/// One call on one bucket, checked against the reference at whatever
+/// microsecond of Redis's clock the script ran: some instant between two
+/// `TIME`s around the call must give the same verdict and an equal new state.
+fn check_one(
+    ext_proc: &ExtProc,
+    redis: &mut redis::Connection,
+    bucket: &str,
+    per_minute: u64,
+    cost: u64,
+    debiting: bool,
+) -> Verdict {
+    let before = tat(redis, bucket);
+    let earliest = redis_now(redis);
+    let verdict = call(ext_proc, &[(bucket, per_minute, cost)], debiting)[0];
+    let latest = redis_now(redis);
+    let after = tat(redis, bucket);
+    assert!(latest - earliest < 1_000_000, "a call took over a second");
+    let reference = if debiting { debit } else { spend };
+    // A state at or before now is a full bucket, whatever its value: a refusal leaves it unwritten.
+    let matched = (earliest..=latest).any(|now| {
+        let (expected, state) = reference(per_minute, before, now, cost);
+        expected == verdict && state.max(now) == after.max(now)
+    });
+    assert!(
+        matched,
+        "{verdict:?} and state {after} (from {before}) match no instant in [{earliest}, {latest}] \
+         for {per_minute}/min, cost {cost}, debit {debiting}; at the earliest the reference says {:?}",
+        reference(per_minute, before, earliest, cost)
+    );
+    verdict
+}
+
+static BUCKETS: AtomicUsize = AtomicUsize::new(0);
+
+fn fresh_bucket() -> String {
+    format!("modelgate.test.{}", BUCKETS.fetch_add(1, Ordering::Relaxed))
+}
+
+#[test]
+fn the_script_computes_what_spend_computes() {
+    let Some(binary) = common::redis_server() else { return };
+    let redis_server = Redis::start(binary);
+    let ext_proc = ExtProc::start(&["--redis-url", &redis_server.url(), "--redis-timeout-ms", "1000"]);
+    let mut redis = redis_server.connection();
+
+    // A burst on a new bucket of 3 a minute: the whole burst, then refusals.
+    let bucket = fresh_bucket();
+    let burst: Vec<_> = (0..5).map(|_| check_one(&ext_proc, &mut redis, &bucket, 3, 1, false)).collect();
+    let seen: Vec<_> = burst.iter().map(|v| (v.allowed, v.limit, v.remaining)).collect();
+    assert_eq!(seen, [(true, 3, 2), (true, 3, 1), (true, 3, 0), (false, 3, 0), (false, 3, 0)]);
+    for refused in &burst[3..] {
+        assert!(refused.retry_after_us > 0 && refused.retry_after_us <= 20_000_000, "{refused:?}");
+    }
+
+    // Any state, limit and cost, admitted or debited.
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let strategy = (
+        1u64..=1200,
+        // The bucket's state, as an offset from now: new, idle, partly used, over its limit.
+        prop_oneof![Just(None), (0u64..3 * MINUTE_US).prop_map(Some)],
+        prop::collection::vec((prop_oneof![0u64..4, 0u64..2000], any::<bool>()), 1..6),
+    );
+    let redis = std::cell::RefCell::new(redis);
+    runner
+        .run(&strategy, |(per_minute, offset, calls)| {
+            let redis = &mut *redis.borrow_mut();
+            let bucket = fresh_bucket();
+            if let Some(offset) = offset {
+                let state = redis_now(redis) + offset;
+                let _: () = redis.set(&bucket, state).expect("SET");
+            }
+            for (cost, debiting) in calls {
+                check_one(&ext_proc, redis, &bucket, per_minute, cost, debiting);
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|failure| panic!("{failure}"));
+
+    let mut redis = redis.into_inner();
+    // Out-of-range limits are clamped as spend clamps them.
+    check_one(&ext_proc, &mut redis, &fresh_bucket(), 0, 1, false);
+    check_one(&ext_proc, &mut redis, &fresh_bucket(), u64::MAX, 5, false);
+    // An absurd cost is refused, and spends nothing.
+    let bucket = fresh_bucket();
+    let refused = call(&ext_proc, &[(&bucket, 10, u64::MAX)], false)[0];
+    assert!(!refused.allowed && refused.retry_after_us > 0, "{refused:?}");
+    assert_eq!(tat(&mut redis, &bucket), 0);
+}
+
+#[test]
+fn an_admit_spends_from_every_bucket_or_from_none() {
+    let Some(binary) = common::redis_server() else { return };
+    let redis_server = Redis::start(binary);
+    let ext_proc = ExtProc::start(&["--redis-url", &redis_server.url(), "--redis-timeout-ms", "1000"]);
+    let mut redis = redis_server.connection();
+    let (key, model) = (fresh_bucket(), fresh_bucket());
+
+    let first = call(&ext_proc, &[(&key, 5, 1), (&model, 1, 1)], false);
+    assert_eq!(
+        first.iter().map(|v| (v.allowed, v.limit, v.remaining)).collect::<Vec<_>>(),
+        [(true, 5, 4), (true, 1, 0)]
+    );
+    let key_state = tat(&mut redis, &key);
+
+    // The model's bucket refuses: the key's would allow, says so, and is left as it was.
+    let second = call(&ext_proc, &[(&key, 5, 1), (&model, 1, 1)], false);
+    assert_eq!(second.iter().map(|v| (v.allowed, v.remaining)).collect::<Vec<_>>(), [(true, 3), (false, 0)]);
+    assert!(second[1].retry_after_us > 0);
+    assert_eq!(tat(&mut redis, &key), key_state);
+    assert_eq!(call(&ext_proc, &[(&key, 5, 0)], false)[0].remaining, 4, "the refused call spent nothing");
+
+    // One bucket named twice spends twice.
+    let twice = call(&ext_proc, &[(&key, 5, 2), (&key, 5, 2)], false);
+    assert_eq!(twice.iter().map(|v| (v.allowed, v.remaining)).collect::<Vec<_>>(), [(true, 2), (true, 0)]);
+
+    // Stored keys expire once their bucket is full again, plus a margin.
+    let ttl: i64 = redis.pttl(&key).expect("PTTL");
+    assert!(ttl > 59_000 && ttl <= 61_000, "{ttl} ms");
+}
+
+#[test]
+fn a_debit_overshoots_and_the_bucket_refuses_until_it_has_refilled() {
+    let Some(binary) = common::redis_server() else { return };
+    let redis_server = Redis::start(binary);
+    let ext_proc = ExtProc::start(&["--redis-url", &redis_server.url(), "--redis-timeout-ms", "1000"]);
+    let bucket = fresh_bucket();
+
+    // 10 a minute is one every 6 s: 25 units run 150 s ahead, 90 s past the limit.
+    let debited = call(&ext_proc, &[(&bucket, 10, 25)], true)[0];
+    assert_eq!((debited.allowed, debited.limit, debited.remaining), (false, 10, 0));
+    assert!(debited.reset_us > 149_000_000 && debited.reset_us <= 150_000_000, "{debited:?}");
+    assert!(debited.retry_after_us > 89_000_000 && debited.retry_after_us <= 90_000_000, "{debited:?}");
+
+    let look = call(&ext_proc, &[(&bucket, 10, 0)], false)[0];
+    assert!(!look.allowed, "{look:?}");
+    assert!(look.retry_after_us > 0 && look.retry_after_us <= debited.retry_after_us, "{look:?}");
+    let ttl: i64 = redis_server.connection().pttl(&bucket).expect("PTTL");
+    assert!(ttl > 150_000 && ttl <= 151_000, "{ttl} ms");
+}
+
+#[test]
+fn redis_going_away_answers_503_and_coming_back_recovers() {
+    let Some(binary) = common::redis_server() else { return };
+    // ext-proc starts before Redis does: it connects once Redis is there.
+    let mut redis_server = Redis::start(binary);
+    redis_server.kill();
+    let mut ext_proc = ExtProc::start(&["--redis-url", &redis_server.url(), "--redis-timeout-ms", "50"]);
+    let request =
+        serde_json::to_vec(&json!({"buckets": [{"name": fresh_bucket(), "per_minute": 600, "cost": 1}]})).unwrap();
+
+    let unavailable = |ext_proc: &ExtProc| {
+        let answer = ext_proc.post("/v1/limits/spend", &request);
+        assert_eq!(answer.status, 503, "{answer:?}");
+        let error = answer.json()["error"].clone();
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("server_error"), Some("limit_store_unavailable"))
+        );
+    };
+    let recovers = |ext_proc: &ExtProc| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let answer = ext_proc.post("/v1/limits/spend", &request);
+            match answer.status {
+                200 => return,
+                503 if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => panic!("not recovered: {answer:?}"),
+            }
+        }
+    };
+
+    unavailable(&ext_proc);
+    redis_server.restart();
+    recovers(&ext_proc);
+
+    redis_server.kill();
+    let started = Instant::now();
+    unavailable(&ext_proc);
+    unavailable(&ext_proc);
+    assert!(started.elapsed() < Duration::from_secs(2), "each refusal waits at most the timeout");
+    let errors = ext_proc.get("/metrics").body;
+    let count = errors
+        .lines()
+        .find_map(|l| l.strip_prefix("modelgate_limit_store_errors_total "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(count.is_some_and(|n| n >= 3), "{errors}");
+
+    redis_server.restart();
+    recovers(&ext_proc);
+    assert!(matches!(ext_proc.process.try_wait(), Ok(None)), "the same ext-proc process served throughout");
+}
