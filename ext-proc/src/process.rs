@@ -14,6 +14,8 @@ where
         runtime.worker_threads(worker_threads);
     }
     tracing_subscriber::fmt()
+        // Colours only for a person at a terminal: log files and collectors get plain fields.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     runtime.enable_all().build()?.block_on(serve)

@@ -1,0 +1,110 @@
+"""Usage accounting: every answered request is reported to ext-proc's admin port, which
+shows the exact token counts the backends returned in Prometheus `/metrics` and in the
+usage report (tokens and cost per key, model and backend over a time window)."""
+
+import hashlib
+import time
+
+import httpx2
+import pytest
+
+from conftest import new_request_id as rid, sdk
+from devstack import Stack, edit_filter_config
+
+ALICE, BOB = "sk-alice-0001", "sk-bob-0002"
+HELLO = [{"role": "user", "content": "hello there"}]
+# The demo's prices, per million tokens (envoy/demo.yaml).
+LLAMA_PRICE, CLAUDE_PRICE = (0.05, 0.08), (3.0, 15.0)
+
+
+def with_keys(config: dict) -> None:
+    def edit(routing: dict) -> None:
+        routing["client_keys"] = [{"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest()}
+                                  for name, key in [("alice", ALICE), ("bob", BOB)]]
+        routing["accounting"]["flush_interval_ms"] = 100
+    edit_filter_config(config, edit)
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    with Stack(adjust_config=with_keys) as s:
+        yield s
+
+
+def metrics(gateway) -> dict[str, float]:
+    """Every sample of `/metrics`, by its name and labels as written."""
+    text = httpx2.get(f"{gateway.ext_proc_admin_url}/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def labels(**values: str) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in values.items()) + "}"
+
+
+def report(gateway, **window) -> list[dict]:
+    answer = httpx2.get(f"{gateway.ext_proc_admin_url}/v1/usage/report", params=window)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+def wait_for_records(gateway, count: int) -> None:
+    """Records reach ext-proc with each worker's next batch (every 100 ms here)."""
+    deadline = time.monotonic() + 5
+    while sum(v for k, v in metrics(gateway).items() if k.startswith("modelgate_requests_total")) < count:
+        assert time.monotonic() < deadline, metrics(gateway)
+        time.sleep(0.1)
+
+
+def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
+    # The report sums whole minutes: a window from this minute's start holds every request below.
+    start = int(time.time()) // 60 * 60
+    alice, bob = sdk(gateway, key=ALICE), sdk(gateway, key=BOB)
+    whole = alice.chat.completions.create(model="llama-3.1-8b-instruct", messages=HELLO, max_tokens=7)
+    # Bob asks for usage to learn what the same stream costs; Alice does not, and is counted all the same.
+    counted = bob.chat.completions.create(model="claude-sonnet-4-5", messages=HELLO, max_tokens=9, stream=True,
+                                          stream_options={"include_usage": True})
+    stream_usage = [chunk.usage for chunk in counted if chunk.usage][0]
+    request_id = rid()
+    # Its tokens come 20 ms apart, so the gaps between its chunks are measured.
+    unasked = list(alice.chat.completions.create(model="claude-sonnet-4-5", messages=HELLO, max_tokens=9, stream=True,
+                                                 extra_headers={"x-request-id": request_id, "x-sim-itl-ms": "20"}))
+    assert all(chunk.usage is None for chunk in unasked)
+    with pytest.raises(Exception):
+        alice.chat.completions.create(model="no-such-model", messages=HELLO)
+    wait_for_records(gateway, 4)
+
+    m = metrics(gateway)
+    llama = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="alice")
+    claude = labels(model="claude-sonnet-4-5", backend="anthropic", key="alice")
+    assert m[f"modelgate_prompt_tokens_total{llama}"] == whole.usage.prompt_tokens
+    assert m[f"modelgate_completion_tokens_total{llama}"] == whole.usage.completion_tokens == 7
+    assert m[f"modelgate_prompt_tokens_total{claude}"] == stream_usage.prompt_tokens
+    assert m[f"modelgate_completion_tokens_total{claude}"] == stream_usage.completion_tokens == 9
+    assert m[f"modelgate_requests_total{claude}"] == 1
+    # A model no route serves is counted without its name: clients cannot grow the label set.
+    not_found = labels(model="", backend="", key="alice", status="404")
+    assert m[f"modelgate_errors_total{not_found}"] == 1
+    # Timings: both streams had a first token; Alice's nine tokens came 20 ms apart.
+    timing = labels(model="claude-sonnet-4-5", backend="anthropic")
+    assert m[f"modelgate_time_to_first_token_seconds_count{timing}"] == 2
+    gaps = m[f"modelgate_inter_token_latency_seconds_count{timing}"]
+    assert gaps >= 8 and m[f"modelgate_inter_token_latency_seconds_sum{timing}"] >= 8 * 0.02 * 0.9
+    assert m[f"modelgate_request_duration_seconds_count{labels(model='llama-3.1-8b-instruct', backend='llama-pool')}"] == 1
+
+    rows = {(r["key"], r["model"], r["backend"]): r for r in report(gateway, start=start)}
+    row = rows[("alice", "claude-sonnet-4-5", "anthropic")]
+    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == \
+        (1, stream_usage.prompt_tokens, stream_usage.completion_tokens)
+    expected = (stream_usage.prompt_tokens * CLAUDE_PRICE[0] + stream_usage.completion_tokens * CLAUDE_PRICE[1]) / 1e6
+    assert row["cost_usd"] == pytest.approx(expected)
+    # The same prompt through another route costs what that route's price says.
+    row = rows[("alice", "llama-3.1-8b-instruct", "llama-pool")]
+    assert row["cost_usd"] == pytest.approx((whole.usage.prompt_tokens * LLAMA_PRICE[0] + 7 * LLAMA_PRICE[1]) / 1e6)
+    assert rows[("alice", "", "")]["errors"] == 1
+    # A window that ended before these requests holds none of them.
+    assert report(gateway, start=0, end=start) == []
+
+    # ext-proc logs each request in a span carrying its id, model, backend, status and tokens.
+    line = next(line for line in gateway.log_tail("ext-proc", 200).splitlines() if request_id in line)
+    assert "claude-sonnet-4-5" in line and "anthropic" in line and f"completion_tokens={stream_usage.completion_tokens}" in line
