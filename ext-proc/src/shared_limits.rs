@@ -1,18 +1,20 @@
-//! Rate-limit buckets shared by several gateways through Redis: the same
-//! GCRA as [`modelgate_proto::limits::spend`], run as one Lua script so a
-//! call's buckets change together, on Redis's clock, which every gateway
-//! shares.
+//! Rate-limit buckets shared by several gateways through Redis: what
+//! [`modelgate_proto::limits::admit`] and [`modelgate_proto::limits::debit`]
+//! do with Envoy's shared data (the GCRA of `spend` and `overspend`), run as
+//! one Lua script so a call's buckets change together, on Redis's clock,
+//! which every gateway shares.
+//!
+//! An admit spends from every bucket if all allow it, and from none
+//! otherwise; then the buckets that would have allowed it answer with what
+//! is left in them, as `admit` does. A debit spends from every bucket past
+//! its limit, and answers `overspend`'s verdicts. Buckets asked for nothing
+//! (a cost of 0) are only looked at, never written.
 //!
 //! Each bucket's state is its TAT in microseconds, a decimal string under
 //! the bucket's name, set to expire once the bucket would be full again (so
 //! idle keys vanish). A TAT past 2^53 µs (285 years ahead) saturates there,
 //! where `spend` saturates at 2^64: Lua's numbers are doubles, exact only up
 //! to 2^53, and no real limit reaches either bound.
-//!
-//! A debit's verdict is `spend`'s, except that it counts the debit even over
-//! the limit: then `remaining` is 0, `reset_us` runs to when the bucket is
-//! full again after the debit, and `retry_after_us` to when it is back within
-//! its limit.
 //!
 //! The script reads and writes several keys, so on Redis Cluster every
 //! bucket of one call must hash to the same slot.
@@ -32,39 +34,59 @@ local MARGIN_MS = 1000
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local debit = ARGV[1] == '1'
-local tats = {}
-local verdicts = {}
-local all_allowed = true
-for i, key in ipairs(KEYS) do
-  local per_minute = tonumber(ARGV[2 * i])
-  local cost = tonumber(ARGV[2 * i + 1])
+
+-- limits::spend: the verdict, whether it allows, the state if spent, and if not.
+local function spend(per_minute, tat, cost)
   local interval = math.floor(MINUTE / per_minute)
-  -- A bucket named twice spends from what its first spend left.
-  local tat = tats[key] or tonumber(redis.call('GET', key) or '0') or 0
   local start = math.max(tat, now)
   local new_tat = math.min(start + cost * interval, MAX)
   local allowed = new_tat - now <= MINUTE
-  local kept = start
-  if allowed or debit then
-    kept = new_tat
+  local used = start - now
+  local retry_after = new_tat - now - MINUTE
+  if allowed then
+    used = new_tat - now
+    retry_after = 0
   end
-  if not allowed then
+  local remaining = math.min(math.floor(math.max(MINUTE - used, 0) / interval), per_minute)
+  return {allowed and 1 or 0, per_minute, remaining, used, retry_after}, allowed, new_tat, start
+end
+
+local before = {}
+local after = {}
+local written = {}
+local verdicts = {}
+local all_allowed = true
+for i, key in ipairs(KEYS) do
+  if before[key] == nil then
+    before[key] = tonumber(redis.call('GET', key) or '0') or 0
+  end
+  local cost = tonumber(ARGV[2 * i + 1])
+  -- A bucket named twice spends from what its first spend left.
+  local verdict, allowed, new_tat, start = spend(tonumber(ARGV[2 * i]), after[key] or before[key], cost)
+  if allowed or debit then
+    after[key] = new_tat
+  else
+    after[key] = start
     all_allowed = false
   end
-  local used = kept - now
-  local retry_after = 0
-  if not allowed then
-    retry_after = new_tat - now - MINUTE
+  if cost > 0 then
+    written[key] = true
   end
-  tats[key] = kept
-  verdicts[i] = {allowed and 1 or 0, per_minute,
-    math.min(math.floor(math.max(MINUTE - used, 0) / interval), per_minute), used, retry_after}
+  verdicts[i] = verdict
 end
-if debit or all_allowed then
-  for key, tat in pairs(tats) do
-    redis.call('SET', key, string.format('%.0f', tat),
-      'PX', string.format('%.0f', math.ceil((tat - now) / 1000) + MARGIN_MS))
+if not (debit or all_allowed) then
+  -- Nothing is spent: the buckets that would have allowed it tell what is left in them.
+  for i, key in ipairs(KEYS) do
+    if verdicts[i][1] == 1 then
+      verdicts[i] = spend(tonumber(ARGV[2 * i]), before[key], 0)
+    end
   end
+  return verdicts
+end
+for key in pairs(written) do
+  local tat = after[key]
+  redis.call('SET', key, string.format('%.0f', tat),
+    'PX', string.format('%.0f', math.ceil((tat - now) / 1000) + MARGIN_MS))
 end
 return verdicts
 "#;
@@ -115,7 +137,7 @@ impl SharedLimits {
         Ok(SharedLimits { redis, script: Script::new(SPEND_LUA), timeout })
     }
 
-    /// Spends from every bucket of `request` at once, as described in the module.
+    /// Spends from every bucket of `request` at once, as the module describes.
     pub async fn spend(&self, request: &SpendRequest) -> Result<SpendResponse, LimitStoreError> {
         if request.buckets.is_empty() {
             return Ok(SpendResponse { verdicts: Vec::new() });

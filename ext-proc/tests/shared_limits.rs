@@ -1,13 +1,18 @@
 //! `POST /v1/limits/spend` against a real Redis: the Lua script computes what
-//! `modelgate_proto::limits::spend` computes, admits all buckets or none,
-//! lets debits overshoot, and ext-proc rides out Redis going away.
+//! `modelgate_proto::limits` computes over Envoy's shared data (`spend` and
+//! `overspend` per bucket, `admit` and `debit` per request), admits all
+//! buckets or none, lets debits overshoot, and ext-proc rides out Redis
+//! going away.
 //!
-//! Skips only when `redis-server` is not installed.
+//! Skips only when `redis-server` is not installed (and fails then in CI).
 
 mod common;
 
 use common::{ExtProc, Redis};
-use modelgate_proto::limits::{spend, BucketSpend, SpendRequest, SpendResponse, Verdict};
+use modelgate_proto::limits::{
+    self, overspend, spend, Admission, Bucket, BucketSpend, BucketStore, MemoryBuckets, SpendRequest, SpendResponse,
+    Unit, Verdict,
+};
 use proptest::prelude::*;
 use redis::Commands;
 use serde_json::json;
@@ -17,35 +22,20 @@ use std::time::{Duration, Instant};
 const MINUTE_US: u64 = 60_000_000;
 
 fn call(ext_proc: &ExtProc, buckets: &[(&str, u64, u64)], debit: bool) -> Vec<Verdict> {
-    let request = SpendRequest {
-        buckets: buckets
-            .iter()
-            .map(|(name, per_minute, cost)| BucketSpend {
-                name: name.to_string(),
-                per_minute: *per_minute,
-                cost: *cost,
-            })
-            .collect(),
-        debit,
-    };
-    let body = serde_json::to_vec(&request).expect("a request");
+    let buckets = buckets
+        .iter()
+        .map(|(name, per_minute, cost)| BucketSpend { name: name.to_string(), per_minute: *per_minute, cost: *cost })
+        .collect();
+    send(ext_proc, &SpendRequest { buckets, debit })
+}
+
+fn send(ext_proc: &ExtProc, request: &SpendRequest) -> Vec<Verdict> {
+    let body = serde_json::to_vec(request).expect("a request");
     let answer = ext_proc.post("/v1/limits/spend", &body);
     assert_eq!(answer.status, 200, "{answer:?}");
     let answer: SpendResponse = serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    assert_eq!(answer.verdicts.len(), request.buckets.len());
     answer.verdicts
-}
-
-/// What a debit does, in `spend`'s terms: it is spent even over the limit,
-/// and then the verdict describes the bucket after it.
-fn debit(per_minute: u64, tat: u64, now: u64, cost: u64) -> (Verdict, u64) {
-    let (verdict, _) = spend(per_minute, tat, now, cost);
-    let interval = MINUTE_US / per_minute.clamp(1, MINUTE_US);
-    let tat = tat.max(now).saturating_add(cost.saturating_mul(interval));
-    if verdict.allowed {
-        (verdict, tat)
-    } else {
-        (Verdict { remaining: 0, reset_us: tat - now, ..verdict }, tat)
-    }
 }
 
 fn redis_now(redis: &mut redis::Connection) -> u64 {
@@ -75,7 +65,7 @@ fn check_one(
     let latest = redis_now(redis);
     let after = tat(redis, bucket);
     assert!(latest - earliest < 1_000_000, "a call took over a second");
-    let reference = if debiting { debit } else { spend };
+    let reference = if debiting { overspend } else { spend };
     // A state at or before now is a full bucket, whatever its value: a refusal leaves it unwritten.
     let matched = (earliest..=latest).any(|now| {
         let (expected, state) = reference(per_minute, before, now, cost);
@@ -88,6 +78,64 @@ fn check_one(
         reference(per_minute, before, earliest, cost)
     );
     verdict
+}
+
+/// The verdicts an admission gets, bucket by bucket, in `limits::admit`'s terms.
+fn admission_verdicts(buckets: &[Bucket], states: &[u64], now: u64, request: &SpendRequest) -> Vec<Verdict> {
+    let look = |i: usize, cost: u64| spend(buckets[i].per_minute, states[i], now, cost).0;
+    let checked: Vec<Verdict> = request.buckets.iter().enumerate().map(|(i, b)| look(i, b.cost)).collect();
+    if checked.iter().all(|v| v.allowed) {
+        return checked;
+    }
+    checked.iter().enumerate().map(|(i, v)| if v.allowed { look(i, 0) } else { *v }).collect()
+}
+
+/// One call as the filter makes it (an admission, or a debit of `tokens`),
+/// checked against `limits::admit` or `limits::debit` over Envoy's shared
+/// data, at some instant of Redis's clock during the call: the same verdicts
+/// (and the same `x-ratelimit-*` they make), and equal states afterwards.
+fn check_request(ext_proc: &ExtProc, redis: &mut redis::Connection, buckets: &[Bucket], tokens: Option<u64>) {
+    let request = match tokens {
+        None => Bucket::admission(buckets),
+        Some(tokens) => SpendRequest {
+            buckets: buckets
+                .iter()
+                .filter(|b| b.unit == Unit::Tokens)
+                .map(|b| BucketSpend { name: b.name.clone(), per_minute: b.per_minute, cost: tokens })
+                .collect(),
+            debit: true,
+        },
+    };
+    let before: Vec<u64> = buckets.iter().map(|b| tat(redis, &b.name)).collect();
+    let earliest = redis_now(redis);
+    let verdicts = send(ext_proc, &request);
+    let latest = redis_now(redis);
+    let after: Vec<u64> = buckets.iter().map(|b| tat(redis, &b.name)).collect();
+    assert!(latest - earliest < 1_000_000, "a call took over a second");
+    let matched = (earliest..=latest).any(|now| {
+        let store = MemoryBuckets::default();
+        for (bucket, state) in buckets.iter().zip(&before) {
+            store.swap(&bucket.name, *state, None);
+        }
+        let verdicts_match = match tokens {
+            None => {
+                let admission = limits::admit(&store, buckets, now);
+                verdicts == admission_verdicts(buckets, &before, now, &request)
+                    && Admission::from_verdicts(buckets, &verdicts) == admission
+            }
+            Some(tokens) => {
+                limits::debit(&store, buckets, tokens, now);
+                let debited = buckets.iter().zip(&before).filter(|(b, _)| b.unit == Unit::Tokens);
+                verdicts.iter().zip(debited).all(|(v, (b, state))| *v == overspend(b.per_minute, *state, now, tokens).0)
+            }
+        };
+        verdicts_match
+            && buckets.iter().zip(&after).all(|(b, state)| store.load(&b.name).0.max(now) == (*state).max(now))
+    });
+    assert!(
+        matched,
+        "{verdicts:?} and states {after:?} (from {before:?}) match no instant in [{earliest}, {latest}] for {request:?}"
+    );
 }
 
 static BUCKETS: AtomicUsize = AtomicUsize::new(0);
@@ -152,6 +200,43 @@ fn the_script_computes_what_spend_computes() {
 }
 
 #[test]
+fn calls_as_the_filter_makes_them_equal_admit_and_debit_on_envoys_shared_data() {
+    let Some(binary) = common::redis_server() else { return };
+    let redis_server = Redis::start(binary);
+    let ext_proc = ExtProc::start(&["--redis-url", &redis_server.url(), "--redis-timeout-ms", "1000"]);
+    let redis = std::cell::RefCell::new(redis_server.connection());
+
+    let unit = prop_oneof![Just(Unit::Requests), Just(Unit::Tokens)];
+    // Each bucket: its unit, its limit, and its state as an offset from now (none: a new bucket).
+    let bucket = (unit, 1u64..=300, prop_oneof![Just(None), (0u64..3 * MINUTE_US).prop_map(Some)]);
+    // Each call: an admission, or a debit of that many tokens.
+    let calls = prop::collection::vec(prop_oneof![Just(None), (0u64..500).prop_map(Some)], 1..8);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 128,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&(prop::collection::vec(bucket, 1..5), calls), |(specs, calls)| {
+            let redis = &mut *redis.borrow_mut();
+            let now = redis_now(redis);
+            let mut buckets = Vec::new();
+            for (unit, per_minute, offset) in specs {
+                let name = fresh_bucket();
+                if let Some(offset) = offset {
+                    let _: () = redis.set(&name, now + offset).expect("SET");
+                }
+                buckets.push(Bucket { name, unit, per_minute });
+            }
+            for tokens in calls {
+                check_request(&ext_proc, redis, &buckets, tokens);
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|failure| panic!("{failure}"));
+}
+
+#[test]
 fn an_admit_spends_from_every_bucket_or_from_none() {
     let Some(binary) = common::redis_server() else { return };
     let redis_server = Redis::start(binary);
@@ -166,12 +251,16 @@ fn an_admit_spends_from_every_bucket_or_from_none() {
     );
     let key_state = tat(&mut redis, &key);
 
-    // The model's bucket refuses: the key's would allow, says so, and is left as it was.
+    // The model's bucket refuses: the key's would allow, and tells what is left in it, untouched.
     let second = call(&ext_proc, &[(&key, 5, 1), (&model, 1, 1)], false);
-    assert_eq!(second.iter().map(|v| (v.allowed, v.remaining)).collect::<Vec<_>>(), [(true, 3), (false, 0)]);
+    assert_eq!(second.iter().map(|v| (v.allowed, v.remaining)).collect::<Vec<_>>(), [(true, 4), (false, 0)]);
     assert!(second[1].retry_after_us > 0);
     assert_eq!(tat(&mut redis, &key), key_state);
-    assert_eq!(call(&ext_proc, &[(&key, 5, 0)], false)[0].remaining, 4, "the refused call spent nothing");
+
+    // Looking (a cost of 0) writes nothing.
+    let looked = fresh_bucket();
+    assert!(call(&ext_proc, &[(&looked, 5, 0)], false)[0].allowed);
+    assert!(!redis.exists::<_, bool>(&looked).expect("EXISTS"));
 
     // One bucket named twice spends twice.
     let twice = call(&ext_proc, &[(&key, 5, 2), (&key, 5, 2)], false);
@@ -190,10 +279,10 @@ fn a_debit_overshoots_and_the_bucket_refuses_until_it_has_refilled() {
     let bucket = fresh_bucket();
 
     // 10 a minute is one every 6 s: 25 units run 150 s ahead, 90 s past the limit.
+    // As `overspend`, the verdict is the one on the bucket as it was: full.
     let debited = call(&ext_proc, &[(&bucket, 10, 25)], true)[0];
-    assert_eq!((debited.allowed, debited.limit, debited.remaining), (false, 10, 0));
-    assert!(debited.reset_us > 149_000_000 && debited.reset_us <= 150_000_000, "{debited:?}");
-    assert!(debited.retry_after_us > 89_000_000 && debited.retry_after_us <= 90_000_000, "{debited:?}");
+    assert_eq!((debited.allowed, debited.limit, debited.remaining, debited.reset_us), (false, 10, 10, 0));
+    assert_eq!(debited.retry_after_us, 90_000_000);
 
     let look = call(&ext_proc, &[(&bucket, 10, 0)], false)[0];
     assert!(!look.allowed, "{look:?}");
