@@ -43,20 +43,28 @@ PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 # On two or more CPUs, the gateway under test (Envoy, ext-proc, stream guard) and its peer (LiteLLM) get
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
-PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "ext-proc", "stream-guard", "litellm"]}
+PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "quiet-envoy", "ext-proc", "stream-guard",
+                                    "litellm"]}
            | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
 
-# The rate-limited route: a second gateway Envoy whose one client key has limits (on the key and
-# on MODEL) far above any rate here, so every request pays for the checks and none is refused.
+# The rate-limited route: a second gateway Envoy whose one client key has request and token limits
+# (on the key and on MODEL) far above any rate here, so every request pays for the checks and the
+# token debit, and none is refused.
 BENCH_KEY = f"sk-bench-{secrets.token_hex(8)}"
 
 
 def with_limited_key(config: dict) -> None:
-    limits = {"requests_per_minute": 60_000_000, "models": {MODEL: {"requests_per_minute": 60_000_000}}}
+    limits = {"requests_per_minute": 60_000_000, "tokens_per_minute": 60_000_000,
+              "models": {MODEL: {"requests_per_minute": 60_000_000, "tokens_per_minute": 60_000_000}}}
     digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
     edit_filter_config(config, lambda routing: routing.update(
         client_keys=[{"name": "bench", "sha256": digest, "limits": limits}]))
+
+
+def without_accounting(config: dict) -> None:
+    """The demo without usage records: what accounting costs is the difference."""
+    edit_filter_config(config, lambda routing: routing.pop("accounting"))
 
 
 STREAM_TOKENS = 20
@@ -131,14 +139,15 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
 
 def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = [s for s in ["direct", "bare", "passthrough", "rate_limited", "ext_proc", *TRANSLATED, "litellm"]
-                 if s in run.urls]
+    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", *TRANSLATED,
+                             "litellm"] if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
     # Rounds interleave the scenarios so a noisy neighbour hits them alike; the median round counts.
     # CPU time per request of the processes doing the serving shows where the time goes.
-    serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "passthrough": ["envoy"], "rate_limited": ["keyed-envoy"],
+    serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "unaccounted": ["quiet-envoy"],
+               "passthrough": ["envoy", "ext-proc"], "rate_limited": ["keyed-envoy", "ext-proc"],
                "ext_proc": ["envoy", "ext-proc"], "litellm": ["litellm"],
                **{dialect: ["envoy", "ext-proc"] for dialect in TRANSLATED}}
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
@@ -154,7 +163,7 @@ def measure(run: Run, stack: Stack) -> dict:
     sweep = []
     capacity = {s: r["throughput_rps"] for s, r in results["throughput"].items()}
     for rate in rates:
-        for s in ["direct", "bare", "passthrough", "rate_limited", "ext_proc"]:
+        for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc"]:
             # Past its capacity a scenario only queues without bound; its latency there says nothing.
             if rate <= 0.9 * capacity[s]:
                 sweep.append(run.load(s, rate=rate))
@@ -360,11 +369,15 @@ def main() -> None:
         keyed_ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
                        INNER_LISTENER_PORT: free_port()}
         stack.start_envoy("keyed-envoy", DEMO_CONFIG, keyed_ports, with_limited_key)
+        quiet_ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
+                       INNER_LISTENER_PORT: free_port()}
+        stack.start_envoy("quiet-envoy", DEMO_CONFIG, quiet_ports, without_accounting)
         backend = stack.backend_url(BACKEND)
         chat = "/v1/chat/completions"
         run.urls = {
             "direct": (backend + chat, MODEL, {}),
             "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{chat}", MODEL, {}),
+            "unaccounted": (f"http://127.0.0.1:{quiet_ports[LISTENER_PORT]}{chat}", MODEL, {}),
             "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL, {}),
             "rate_limited": (f"http://127.0.0.1:{keyed_ports[LISTENER_PORT]}{chat}", MODEL,
                              {"authorization": f"Bearer {BENCH_KEY}"}),
