@@ -27,33 +27,57 @@ use axum::Router;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::usage::UsageRecord;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Largest request body: about a minute of records at a thousand requests a second.
 const MAX_BODY: usize = 32 << 20;
 
+/// Distinct model names kept as they are in metrics and the report. A model
+/// name is client input (any name a `*` route serves), so past this many,
+/// new names are counted as [`OTHER_MODELS`] and memory stays bounded.
+const MAX_MODELS: usize = 1000;
+const OTHER_MODELS: &str = "(other)";
+
 /// What the admin port keeps: metrics and the usage report's minutes.
 pub struct Admin {
     metrics: Metrics,
     usage: Mutex<UsageStore>,
+    models: Mutex<HashSet<String>>,
 }
 
 impl Admin {
     pub fn new(retention_hours: u64) -> Self {
-        Admin { metrics: Metrics::default(), usage: Mutex::new(UsageStore::new(retention_hours)) }
+        Admin {
+            metrics: Metrics::default(),
+            usage: Mutex::new(UsageStore::new(retention_hours)),
+            models: Mutex::new(HashSet::new()),
+        }
     }
 
     /// Counts, stores and logs parsed records, as received at `now_ms`.
-    pub fn ingest(&self, records: &[UsageRecord], now_ms: u64) {
-        for record in records {
+    pub fn ingest(&self, mut records: Vec<UsageRecord>, now_ms: u64) {
+        {
+            let mut models = self.models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for record in &mut records {
+                if !models.contains(&record.model) {
+                    if models.len() < MAX_MODELS {
+                        models.insert(record.model.clone());
+                    } else {
+                        record.model = OTHER_MODELS.into();
+                    }
+                }
+            }
+        }
+        for record in &records {
             self.metrics.record(record);
             log(record);
         }
         // A poisoned lock only means another ingest panicked midway: its sums are still sums.
         let mut usage = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         usage.prune(now_ms);
-        for record in records {
+        for record in &records {
             usage.add(record, now_ms);
         }
     }
@@ -182,12 +206,13 @@ async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, Bytes
         Err(rejection) => return body_error(&rejection),
     };
     let parsed = parse_records(&body);
-    admin.ingest(&parsed.records, now_ms());
+    let accepted = parsed.records.len();
+    admin.ingest(parsed.records, now_ms());
     if parsed.rejected > 0 {
         admin.metrics.records_rejected(parsed.rejected);
         tracing::warn!(rejected = parsed.rejected, first = parsed.first_error.as_deref(), "usage records skipped");
     }
-    if parsed.records.is_empty() && parsed.rejected > 0 {
+    if accepted == 0 && parsed.rejected > 0 {
         let error = GatewayError::invalid_request(
             format!(
                 "None of the {} lines is a usage record ({}).",
@@ -201,7 +226,7 @@ async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, Bytes
     }
     json_response(
         StatusCode::OK,
-        serde_json::json!({"accepted": parsed.records.len(), "rejected": parsed.rejected}).to_string(),
+        serde_json::json!({"accepted": accepted, "rejected": parsed.rejected}).to_string(),
     )
 }
 
@@ -326,6 +351,25 @@ not json\n\
         assert_eq!(parsed.records[0].usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((3, 0)));
         assert_eq!((parsed.records[1].ttft_us, parsed.records[1].itl_us.as_slice()), (Some(9), &[1, 2][..]));
         assert_eq!(parse_records(b""), ParsedRecords::default());
+    }
+
+    #[test]
+    fn model_names_past_the_cap_are_counted_together() {
+        let admin = Admin::new(1);
+        let record = |model: String| UsageRecord { model, status: 200, ..UsageRecord::default() };
+        admin.ingest((0..MAX_MODELS + 5).map(|i| record(format!("m-{i}"))).collect(), 0);
+        admin.ingest(vec![record("m-0".into()), record("new".into())], 0);
+        let metrics = admin.metrics.encode();
+        let series = |model: &str| {
+            metrics.lines().filter(|l| l.starts_with("modelgate_requests_total") && l.contains(&format!("model=\"{model}\""))).count()
+        };
+        assert_eq!((series("m-0"), series("m-999"), series("m-1000"), series("new")), (1, 1, 0, 0));
+        let other = metrics
+            .lines()
+            .find(|l| l.starts_with("modelgate_requests_total") && l.contains("model=\"(other)\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string);
+        assert_eq!(other.as_deref(), Some("6"));
     }
 
     #[test]
