@@ -224,10 +224,7 @@ async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, Bytes
         );
         return error_response(&error);
     }
-    json_response(
-        StatusCode::OK,
-        serde_json::json!({"accepted": accepted, "rejected": parsed.rejected}).to_string(),
-    )
+    json_response(StatusCode::OK, serde_json::json!({"accepted": accepted, "rejected": parsed.rejected}).to_string())
 }
 
 async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
@@ -361,7 +358,10 @@ not json\n\
         admin.ingest(vec![record("m-0".into()), record("new".into())], 0);
         let metrics = admin.metrics.encode();
         let series = |model: &str| {
-            metrics.lines().filter(|l| l.starts_with("modelgate_requests_total") && l.contains(&format!("model=\"{model}\""))).count()
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("modelgate_requests_total") && l.contains(&format!("model=\"{model}\"")))
+                .count()
         };
         assert_eq!((series("m-0"), series("m-999"), series("m-1000"), series("new")), (1, 1, 0, 0));
         let other = metrics

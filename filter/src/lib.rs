@@ -98,14 +98,21 @@ impl RootContext for Plugin {
     fn on_tick(&mut self) {
         let dropped = self.outbox.take_dropped();
         if dropped > 0 {
-            host::log_error(&format!("modelgate: {dropped} usage records dropped: ext-proc's admin port is not taking them"));
+            host::log_error(&format!(
+                "modelgate: {dropped} usage records dropped: ext-proc's admin port is not taking them"
+            ));
         }
         if let (Some(shared), Some(debits)) = (self.router.shared_limits(), self.outbox.take_debits()) {
             let call = serde_json::to_vec(&debits).unwrap_or_default();
             host::dispatch(&shared.cluster, admin_call_headers(SPEND_PATH, "application/json"), &call, BATCH_TIMEOUT);
         }
         if let (Some(accounting), Some(lines)) = (self.router.accounting(), self.outbox.take()) {
-            host::dispatch(&accounting.cluster, admin_call_headers(RECORDS_PATH, "application/x-ndjson"), &lines, BATCH_TIMEOUT);
+            host::dispatch(
+                &accounting.cluster,
+                admin_call_headers(RECORDS_PATH, "application/x-ndjson"),
+                &lines,
+                BATCH_TIMEOUT,
+            );
         }
     }
 
@@ -306,7 +313,8 @@ impl HttpContext for Request {
         let Some((status, details)) = &self.error else {
             if let Some(answer) = &mut self.answer {
                 // The body is read only where usage is counted; every piece is timed.
-                let piece = if answer.reads_body() { host::body(BufferType::HttpResponseBody, body_size) } else { Vec::new() };
+                let piece =
+                    if answer.reads_body() { host::body(BufferType::HttpResponseBody, body_size) } else { Vec::new() };
                 if let Some(passed) = answer.on_piece(host::now_us(), &piece, end_of_stream) {
                     host::replace_body(BufferType::HttpResponseBody, body_size, &passed);
                 }

@@ -5,11 +5,11 @@
 
 use crate::endpoint::{classify, Endpoint};
 use crate::routing_fields::{read_routing_fields, RoutingFields};
+use modelgate_proto::config::{FailureMode, Price};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
-use modelgate_proto::config::{FailureMode, Price};
 use modelgate_proto::limits::{self, Admission, Bucket, BucketStore};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
@@ -239,7 +239,13 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
 /// Counts a routed request against its key's rate limits kept in `store`:
 /// what the limits said (for the answer's `x-ratelimit-*` headers), or the
 /// 429 to answer with.
-pub fn rate_limit(caller: &ClientKey, buckets: &[Bucket], model: &str, store: &dyn BucketStore, now_us: u64) -> Result<Admission, Reply> {
+pub fn rate_limit(
+    caller: &ClientKey,
+    buckets: &[Bucket],
+    model: &str,
+    store: &dyn BucketStore,
+    now_us: u64,
+) -> Result<Admission, Reply> {
     judge(caller, model, limits::admit(store, buckets, now_us))
 }
 

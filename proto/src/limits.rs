@@ -125,7 +125,8 @@ impl KeyLimits {
         let mut models = Vec::new();
         for (pattern, limit) in &limits.models {
             Pattern::parse(pattern)?;
-            let rate = Rate { requests_per_minute: limit.requests_per_minute, tokens_per_minute: limit.tokens_per_minute };
+            let rate =
+                Rate { requests_per_minute: limit.requests_per_minute, tokens_per_minute: limit.tokens_per_minute };
             models.push((pattern.clone(), rate));
         }
         let own = Rate { requests_per_minute: limits.requests_per_minute, tokens_per_minute: limits.tokens_per_minute };
@@ -285,8 +286,12 @@ pub fn admit(store: &dyn BucketStore, buckets: &[Bucket], now_us: u64) -> Admiss
     let checked: Vec<Verdict> = buckets.iter().zip(&states).map(|(b, s)| look(b, *s, b.admission_cost())).collect();
     if checked.iter().any(|v| !v.allowed) {
         // What is left in the buckets that would have allowed it, since this request spends nothing.
-        let now: Vec<Verdict> =
-            buckets.iter().zip(&states).zip(&checked).map(|((b, s), v)| if v.allowed { look(b, *s, 0) } else { *v }).collect();
+        let now: Vec<Verdict> = buckets
+            .iter()
+            .zip(&states)
+            .zip(&checked)
+            .map(|((b, s), v)| if v.allowed { look(b, *s, 0) } else { *v })
+            .collect();
         return Admission::from_verdicts(buckets, &now);
     }
     let spent: Vec<Verdict> = buckets
@@ -452,7 +457,8 @@ mod tests {
         let limits = KeyLimits::from_config(&config).unwrap();
         let store = MemoryBuckets::default();
         let now = 100 * SECOND;
-        let admit = |key: &str, limits: &KeyLimits, model: &str| admit(&store, &limits.buckets(key, model), now).requests;
+        let admit =
+            |key: &str, limits: &KeyLimits, model: &str| admit(&store, &limits.buckets(key, model), now).requests;
         let first = admit("k", &limits, "gpt-4o").unwrap();
         assert_eq!((first.allowed, first.limit, first.remaining), (true, 2, 1), "the model's limit is the tighter");
         assert!(admit("k", &limits, "gpt-4o").unwrap().allowed);

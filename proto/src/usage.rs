@@ -265,7 +265,10 @@ mod tests {
     fn stream(chunks: &[&str], usage_chunk: bool) -> String {
         let mut out = String::new();
         for c in chunks {
-            out += &format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{c}\"}}}}]{}}}\n\n", if usage_chunk { ",\"usage\":null" } else { "" });
+            out += &format!(
+                "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{c}\"}}}}]{}}}\n\n",
+                if usage_chunk { ",\"usage\":null" } else { "" }
+            );
         }
         if usage_chunk {
             out += "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19}}\n\n";
