@@ -27,6 +27,11 @@ impl BackendCall {
     /// the filter let one through.
     pub fn start(profile: &[u8], path: &[u8], client_key: Option<&[u8]>) -> Result<Self, GatewayError> {
         let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
+        Self::for_profile(profile, path, client_key)
+    }
+
+    /// The same, for a profile already read (a member of a fallback chain).
+    pub fn for_profile(profile: BackendProfile, path: &[u8], client_key: Option<&[u8]>) -> Result<Self, GatewayError> {
         let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
         let source = profile.api_key.clone();
         // An endpoint the backend lacks is refused before any key is read.

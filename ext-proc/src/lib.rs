@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod anthropic;
 pub mod call;
+pub mod chain;
 pub mod credentials;
 pub mod exchange;
 pub mod framing;

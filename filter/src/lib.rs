@@ -481,6 +481,9 @@ impl Request {
         if let Some(profile) = &routing.profile {
             host::set_header(MapType::HttpRequestHeaders, routing.profile_header(), profile);
         }
+        if let Some(chain) = &routing.chain {
+            host::set_header(MapType::HttpRequestHeaders, headers::CHAIN, chain);
+        }
         if !routing.forwards_client_key {
             for name in headers::CLIENT_KEYS {
                 host::remove_header(MapType::HttpRequestHeaders, name);

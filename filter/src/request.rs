@@ -83,6 +83,8 @@ pub struct Routing {
     pub forwards_client_key: bool,
     /// For a stream sent through the stream guard (then `cluster`): the backend's cluster.
     pub stream_cluster: Option<String>,
+    /// For a model with fallbacks: every backend's profile, for ext_proc upstream.
+    pub chain: Option<String>,
 }
 
 impl Routing {
@@ -233,6 +235,7 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         profile: target.profile.clone(),
         forwards_client_key: target.forwards_client_key,
         stream_cluster,
+        chain: target.chain.clone(),
     })
 }
 
@@ -335,7 +338,8 @@ mod tests {
                 cluster: "cluster_a".into(),
                 profile: None,
                 forwards_client_key: false,
-                stream_cluster: None
+                stream_cluster: None,
+                chain: None
             }
         );
         assert_eq!(
@@ -350,7 +354,8 @@ mod tests {
                 cluster: "cluster_b".into(),
                 profile: Some(r#"{"model":"qwen-7b"}"#.into()),
                 forwards_client_key: false,
-                stream_cluster: None
+                stream_cluster: None,
+                chain: None
             }
         );
     }
@@ -375,7 +380,8 @@ mod tests {
                 cluster: "guard".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
-                stream_cluster: Some("cluster_a".into())
+                stream_cluster: Some("cluster_a".into()),
+                chain: None
             }
         );
         let guarded = on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap();
@@ -394,7 +400,8 @@ mod tests {
                 cluster: "cluster_a".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
-                stream_cluster: None
+                stream_cluster: None,
+                chain: None
             }
         );
     }

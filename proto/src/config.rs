@@ -163,6 +163,26 @@ pub struct ModelRouteConfig {
     /// What the model costs on this route, for the usage report.
     #[serde(default)]
     pub price: Option<Price>,
+    /// Backends that serve the model when `backend` cannot, in order, each
+    /// with its own model name. Needs `chain_cluster`.
+    #[serde(default)]
+    pub fallbacks: Vec<FallbackConfig>,
+    /// The Envoy cluster of the whole chain: one priority per backend, in
+    /// order, each endpoint naming its backend in its metadata
+    /// (`filter_metadata.modelgate.backend`). Envoy's retries move a failed
+    /// attempt to the next priority, and ext_proc, as the cluster's upstream
+    /// filter, rewrites each attempt for the backend it reached.
+    #[serde(default)]
+    pub chain_cluster: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    pub backend: String,
+    /// The model name this backend expects, when it differs from the client's.
+    #[serde(default)]
+    pub rename: Option<String>,
 }
 
 impl FilterConfig {

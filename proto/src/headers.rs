@@ -22,12 +22,18 @@ pub const STREAM_CLUSTER: &str = "x-modelgate-stream-cluster";
 /// translate the answer itself. ext_proc is not engaged for such a stream.
 pub const STREAM_BACKEND: &str = "x-modelgate-stream-backend";
 
+/// Set by the filter on a request for a model with fallbacks, instead of
+/// [`BACKEND`]: the profile of every backend in the chain
+/// ([`crate::chain::Chain`]), so ext_proc, running as the chain cluster's
+/// upstream filter, rewrites each attempt for the backend Envoy chose.
+pub const CHAIN: &str = "x-modelgate-chain";
+
 /// The headers a client's API key can come in. Unless its backend is set to
 /// `passthrough`, the filter removes them before the request goes upstream.
 pub const CLIENT_KEYS: &[&str] = &["authorization", "api-key", "x-api-key"];
 
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND];
+pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies

@@ -4,6 +4,7 @@
 //! and natively, and is unit-tested without Envoy.
 
 pub mod backend;
+pub mod chain;
 pub mod config;
 pub mod error;
 pub mod error_normalize;

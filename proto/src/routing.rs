@@ -5,6 +5,7 @@
 //! catch-all `*` comes last.
 
 use crate::backend::{ApiKey, BackendProfile};
+use crate::chain::Chain;
 use crate::config::{AccountingConfig, BackendConfig, FilterConfig, ModelRouteConfig, Price, SharedLimitsConfig};
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
@@ -21,6 +22,10 @@ pub struct Target {
     /// The client's own API key goes on to the backend (`api_key: "passthrough"`).
     pub forwards_client_key: bool,
     pub price: Option<Price>,
+    /// For a model with fallbacks: the chain's profiles as the internal header's
+    /// value ([`crate::chain::Chain`]); `cluster` is then the chain cluster and
+    /// `profile` is unset, since each attempt is rewritten upstream.
+    pub chain: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -49,11 +54,7 @@ impl Router {
             ..Router::default()
         };
         for route in &config.models {
-            let backend = config
-                .backends
-                .get(&route.backend)
-                .ok_or_else(|| format!("model route `{}` names unknown backend `{}`", route.pattern, route.backend))?;
-            let target = target_for(route, backend);
+            let target = target_for(route, config)?;
             let duplicate = match Pattern::parse(&route.pattern)? {
                 Pattern::CatchAll => router.catch_all.replace(target).is_some(),
                 Pattern::Prefix(prefix) => {
@@ -121,21 +122,61 @@ impl Router {
     }
 }
 
-fn target_for(route: &ModelRouteConfig, backend: &BackendConfig) -> Target {
-    let profile = BackendProfile {
+fn profile_of(backend: &BackendConfig, rename: Option<&String>) -> BackendProfile {
+    BackendProfile {
         dialect: backend.dialect,
-        model: route.rename.clone(),
+        model: rename.cloned(),
         api_key: backend.api_key.clone(),
         defaults: backend.defaults.clone(),
+    }
+}
+
+fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target, String> {
+    let named = |name: &str| {
+        config
+            .backends
+            .get(name)
+            .ok_or_else(|| format!("model route `{}` names unknown backend `{name}`", route.pattern))
     };
-    Target {
+    let backend = named(&route.backend)?;
+    let profile = profile_of(backend, route.rename.as_ref());
+    let mut target = Target {
         backend: route.backend.clone(),
         cluster: backend.cluster.clone(),
         owned_by: backend.owned_by.clone().unwrap_or_else(|| route.backend.clone()),
         profile: (!profile.is_passthrough()).then(|| profile.to_header()),
         forwards_client_key: backend.api_key == Some(ApiKey::Passthrough),
         price: route.price,
+        chain: None,
+    };
+    if route.fallbacks.is_empty() {
+        return Ok(target);
     }
+    let cluster = route
+        .chain_cluster
+        .clone()
+        .ok_or_else(|| format!("model route `{}` has fallbacks but no chain_cluster", route.pattern))?;
+    let mut chain = Chain::default();
+    let members = std::iter::once((&route.backend, route.rename.as_ref()))
+        .chain(route.fallbacks.iter().map(|f| (&f.backend, f.rename.as_ref())));
+    for (name, rename) in members {
+        let member = named(name)?;
+        // Each attempt's key is set by ext_proc for its own backend; a client's key has no place in a chain.
+        if member.api_key == Some(ApiKey::Passthrough) {
+            return Err(format!(
+                "model route `{}`: backend `{name}` passes the client's key, which a chain cannot",
+                route.pattern
+            ));
+        }
+        let profile = profile_of(member, rename);
+        if chain.0.insert(name.clone(), (!profile.is_passthrough()).then_some(profile)).is_some() {
+            return Err(format!("model route `{}` lists backend `{name}` twice", route.pattern));
+        }
+    }
+    target.cluster = cluster;
+    target.profile = None;
+    target.chain = Some(chain.to_header());
+    Ok(target)
 }
 
 /// A model name as configured: exact, a prefix ending in `*`, or `*` alone.
@@ -190,6 +231,45 @@ mod tests {
 
     fn backend_of(r: &Router, model: &str) -> Option<String> {
         r.resolve(model).map(|t| t.backend.clone())
+    }
+
+    #[test]
+    fn a_model_with_fallbacks_goes_to_its_chain_cluster_with_every_backends_profile() {
+        let config = |route: &str| {
+            format!(
+                r#"{{"backends": {{"pool": {{"cluster": "pool"}}, "claude": {{"cluster": "c", "dialect": "anthropic"}},
+                     "mine": {{"cluster": "m", "api_key": "passthrough"}}}},
+                    "models": [{route}]}}"#
+            )
+        };
+        let router = Router::from_json(
+            config(
+                r#"{"match": "m", "backend": "pool", "chain_cluster": "m_chain",
+                       "fallbacks": [{"backend": "claude", "rename": "claude-haiku"}]}"#,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let target = router.resolve("m").unwrap();
+        assert_eq!((target.cluster.as_str(), target.profile.as_deref()), ("m_chain", None));
+        let chain = Chain::from_header(target.chain.as_deref().unwrap().as_bytes()).unwrap();
+        assert_eq!(chain.profile("pool"), Ok(None));
+        assert_eq!(chain.profile("claude").unwrap().map(|p| p.model.as_deref()), Some(Some("claude-haiku")));
+        for (route, why) in [
+            (r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "claude"}]}"#, "no chain_cluster"),
+            (
+                r#"{"match": "m", "backend": "pool", "chain_cluster": "x", "fallbacks": [{"backend": "nope"}]}"#,
+                "unknown backend `nope`",
+            ),
+            (
+                r#"{"match": "m", "backend": "pool", "chain_cluster": "x", "fallbacks": [{"backend": "mine"}]}"#,
+                "client's key",
+            ),
+            (r#"{"match": "m", "backend": "pool", "chain_cluster": "x", "fallbacks": [{"backend": "pool"}]}"#, "twice"),
+        ] {
+            let error = Router::from_json(config(route).as_bytes()).unwrap_err();
+            assert!(error.contains(why), "{error}");
+        }
     }
 
     #[test]
