@@ -155,8 +155,8 @@ struct Request {
     started_us: u64,
     /// The filter answered itself: the answer is already an OpenAI error.
     answered_here: bool,
-    /// Status and Envoy's code details of an error answer buffered for rewriting.
-    error: Option<(u16, String)>,
+    /// Status, Envoy's code details and the attempts made, of an error answer buffered for rewriting.
+    error: Option<(u16, String, u32)>,
     /// Sent through the stream guard: Envoy's code details come from the inner listener.
     guarded: bool,
     /// The client key the request came with, where keys are configured.
@@ -290,6 +290,14 @@ impl HttpContext for Request {
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
             .unwrap_or(200);
         self.status = status;
+        if self.accounting {
+            // A fallback chain may have been answered by another backend than the first.
+            if let (Some(routed), Some(backend)) =
+                (&mut self.routed, host::header(MapType::HttpResponseHeaders, ANSWERED_BY))
+            {
+                routed.backend = String::from_utf8_lossy(&backend).into_owned();
+            }
+        }
         if status < 400 {
             return Action::Continue;
         }
@@ -297,20 +305,24 @@ impl HttpContext for Request {
             answer.failed();
         }
         let details = code_details(relayed_details);
+        // A fallback chain's retries: the route says how many attempts were made.
+        let attempts = host::header(MapType::HttpResponseHeaders, ATTEMPTS)
+            .and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u32>().ok())
+            .unwrap_or(1);
         if end_of_stream {
             // No body will follow to rewrite: answer anew with the envelope.
-            return match normalize(status, Origin::from_code_details(&details), b"") {
+            return match normalize(status, Origin::from_code_details(&details).after_attempts(attempts), b"") {
                 Some(rewritten) => self.respond(&Reply::rewritten(status, rewritten)),
                 None => Action::Continue,
             };
         }
-        self.error = Some((status, details));
+        self.error = Some((status, details, attempts));
         host::remove_header(MapType::HttpResponseHeaders, "content-length");
         Action::Pause
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((status, details)) = &self.error else {
+        let Some((status, details, attempts)) = &self.error else {
             if let Some(answer) = &mut self.answer {
                 // The body is read only where usage is counted; every piece is timed.
                 let piece =
@@ -329,7 +341,7 @@ impl HttpContext for Request {
             return Action::Pause;
         }
         let body = host::body(BufferType::HttpResponseBody, body_size);
-        let length = match normalize(*status, Origin::from_code_details(details), &body) {
+        let length = match normalize(*status, Origin::from_code_details(details).after_attempts(*attempts), &body) {
             Some(rewritten) => {
                 host::replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
                 host::set_header(MapType::HttpResponseHeaders, "content-type", "application/json");
@@ -379,6 +391,11 @@ fn code_details(relayed: Option<Vec<u8>>) -> String {
     let details = relayed.or_else(|| host::property(&["response", "code_details"]));
     details.map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default()
 }
+
+/// Set by the routes (from Envoy's attempt count and the answering endpoint's
+/// metadata): how many attempts a request took, and which backend answered.
+const ATTEMPTS: &str = "modelgate-attempts";
+const ANSWERED_BY: &str = "modelgate-backend";
 
 /// Milliseconds the gateway and the backend took, as OpenAI reports them.
 const PROCESSING_MS: &str = "openai-processing-ms";

@@ -15,8 +15,9 @@ use serde_json::{Map, Value};
 pub enum Origin<'a> {
     /// The backend answered it (Envoy's `response.code_details` is `via_upstream`).
     Backend,
-    /// Envoy answered it itself; `details` is its `response.code_details`.
-    Envoy { details: &'a str },
+    /// Envoy answered it itself; `details` is its `response.code_details`,
+    /// and `attempts` how many tries the route's retries made.
+    Envoy { details: &'a str, attempts: u32 },
 }
 
 impl<'a> Origin<'a> {
@@ -25,7 +26,15 @@ impl<'a> Origin<'a> {
         if details == "via_upstream" {
             Origin::Backend
         } else {
-            Origin::Envoy { details }
+            Origin::Envoy { details, attempts: 1 }
+        }
+    }
+
+    /// The same origin, after `attempts` tries (a fallback chain's retries).
+    pub fn after_attempts(self, attempts: u32) -> Self {
+        match self {
+            Origin::Envoy { details, .. } => Origin::Envoy { details, attempts },
+            Origin::Backend => Origin::Backend,
         }
     }
 }
@@ -69,7 +78,7 @@ pub fn normalize(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritt
     match origin {
         // Envoy's replies configured as OpenAI errors (such as the unknown-URL route) stay as they are.
         Origin::Envoy { .. } if is_openai_envelope(body) => None,
-        Origin::Envoy { details } => Some(envoy_reply(status, details, body)),
+        Origin::Envoy { details, attempts } => Some(envoy_reply(status, details, attempts, body)),
         Origin::Backend => {
             backend_reply(status, body).map(|error| Rewritten { body: to_json(error), should_retry: None })
         }
@@ -89,7 +98,7 @@ fn error(status: u16, message: String, code: Option<&str>) -> ErrorBody {
 }
 
 /// Envoy's local replies, by the `response.code_details` Envoy gives them.
-fn envoy_reply(status: u16, details: &str, body: &[u8]) -> Rewritten {
+fn envoy_reply(status: u16, details: &str, attempts: u32, body: &[u8]) -> Rewritten {
     let (message, code, should_retry) = if details == "no_healthy_upstream" {
         (
             "No healthy backend is available for this model right now.".to_string(),
@@ -124,6 +133,11 @@ fn envoy_reply(status: u16, details: &str, body: &[u8]) -> Rewritten {
         let text = quote(body);
         let message = if text.is_empty() { format!("The gateway answered HTTP {status} ({details}).") } else { text };
         (message, None, None)
+    };
+    let message = if attempts > 1 {
+        format!("{message} That was the last of {attempts} attempts on this model's backends; none of them answered.")
+    } else {
+        message
     };
     Rewritten { body: to_json(error(status, message, code)), should_retry }
 }
@@ -274,13 +288,13 @@ mod tests {
     #[test]
     fn envoy_replies_already_in_openai_shape_stay() {
         let body = br#"{"error":{"message":"Unknown request URL.","type":"invalid_request_error","param":null,"code":"unknown_url"}}"#;
-        assert_eq!(normalize(404, Origin::Envoy { details: "direct_response" }, body), None);
+        assert_eq!(normalize(404, Origin::Envoy { details: "direct_response", attempts: 1 }, body), None);
     }
 
     #[test]
     fn envoy_local_replies_say_what_happened_and_whether_to_retry() {
         let envoy = |status, details| {
-            let r = normalize(status, Origin::Envoy { details }, b"plain text from Envoy").unwrap();
+            let r = normalize(status, Origin::Envoy { details, attempts: 1 }, b"plain text from Envoy").unwrap();
             let v: Value = serde_json::from_slice(&r.body).unwrap();
             let field = |name: &str| v["error"][name].as_str().map(str::to_string);
             (field("type"), field("code"), r.should_retry)
@@ -289,12 +303,15 @@ mod tests {
         assert_eq!(envoy(503, "no_healthy_upstream"), server("backend_unavailable", Some(true)));
         let refused = "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}";
         assert_eq!(envoy(503, refused), server("backend_connect_failed", Some(true)));
+        let chained = normalize(503, Origin::from_code_details(refused).after_attempts(3), b"").unwrap();
+        let message = serde_json::from_slice::<Value>(&chained.body).unwrap()["error"]["message"].to_string();
+        assert!(message.contains("could not connect") && message.contains("last of 3 attempts"), "{message}");
         let dropped = "upstream_reset_before_response_started{connection_termination}";
         assert_eq!(envoy(503, dropped), server("backend_reset", Some(true)));
         assert_eq!(envoy(504, "response_timeout"), server("backend_timeout", Some(true)));
         assert_eq!(envoy(503, "cluster_not_found"), server("backend_not_configured", Some(false)));
         assert_eq!(envoy(431, "http1.headers_too_large"), (Some("invalid_request_error".to_string()), None, None));
-        let r = normalize(431, Origin::Envoy { details: "http1.headers_too_large" }, b"").unwrap();
+        let r = normalize(431, Origin::Envoy { details: "http1.headers_too_large", attempts: 1 }, b"").unwrap();
         let message = serde_json::from_slice::<ErrorEnvelope>(&r.body).unwrap().error.message;
         assert!(message.contains("431"), "{message}");
     }
@@ -320,7 +337,7 @@ mod tests {
                 let v: ErrorEnvelope = serde_json::from_slice(&r.body).unwrap();
                 prop_assert!(!v.error.message.is_empty());
             }
-            let r = normalize(status, Origin::Envoy { details: "x" }, &body).unwrap();
+            let r = normalize(status, Origin::Envoy { details: "x", attempts: 1 }, &body).unwrap();
             prop_assert!(serde_json::from_slice::<ErrorEnvelope>(&r.body).is_ok());
         }
 
