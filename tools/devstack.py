@@ -110,11 +110,12 @@ class Stack:
 
     def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn",
                  envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None,
-                 ext_proc_args: list[str] | None = None):
+                 ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
-        `ext_proc_args` are added to ext-proc's command line (a Redis URL, say)."""
+        `ext_proc_args` are added to ext-proc's command line (a Redis URL, say), and
+        `simulator_args` to the named simulated backends' (failures to inject, say)."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
                                                        INNER_LISTENER_PORT, *DEMO_BACKENDS]}
@@ -124,6 +125,8 @@ class Stack:
         self.cpus = cpus or {}
         self.adjust_config = adjust_config
         self.ext_proc_args = ext_proc_args or []
+        self.simulator_args = simulator_args or {}
+        self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
@@ -150,10 +153,11 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         """Starts a process that lives and dies with the stack; its output goes to `<name>.log`."""
+        self.commands[name] = (argv, env)
         if name in self.cpus:
             argv = ["taskset", "-c", self.cpus[name], *argv]
         # The child keeps its own copy of the log's descriptor; ours is closed at once.
-        with open(self.workdir / f"{name}.log", "wb") as log:
+        with open(self.workdir / f"{name}.log", "ab") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        cwd=ROOT, preexec_fn=_die_with_parent, env=env)
         self.processes.append((name, process))
@@ -165,7 +169,7 @@ class Stack:
         try:
             for demo, name in DEMO_BACKENDS.items():
                 self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
-                                   "--listen", f"127.0.0.1:{self.ports[demo]}"])
+                                   "--listen", f"127.0.0.1:{self.ports[demo]}", *self.simulator_args.get(name, [])])
             # Both rewrite requests for their backends (the guard those that stream), so both
             # see the backends' keys.
             backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
@@ -203,6 +207,21 @@ class Stack:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"{name} is not ready after 60s:\n{self.log_tail(name)}")
+
+    def kill(self, name: str) -> None:
+        """Kills a process of the stack at once (SIGKILL), as a crash would."""
+        for index, (n, process) in enumerate(self.processes):
+            if n == name:
+                process.kill()
+                process.wait()
+                del self.processes[index]
+                return
+        raise KeyError(name)
+
+    def restart(self, name: str) -> None:
+        """Starts a killed process again, as it was started first."""
+        argv, env = self.commands[name]
+        self.spawn(name, argv, env)
 
     def pid(self, name: str) -> int:
         return next(process.pid for n, process in self.processes if n == name)

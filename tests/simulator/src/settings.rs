@@ -67,8 +67,13 @@ pub struct Behaviour {
 }
 
 impl Settings {
+    /// With `x-sim-only: NAME`, the `x-sim-*` headers apply only on the backend
+    /// of that name: a test can fail the first backend of a fallback chain and
+    /// not the ones the gateway retries on.
     pub fn behaviour(&self, headers: &HeaderMap) -> Behaviour {
-        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let only = headers.get("x-sim-only").and_then(|v| v.to_str().ok()).map(str::trim);
+        let applies = only.is_none_or(|name| name == self.name);
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|_| applies);
         let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
         Behaviour {
             ttft: Duration::from_millis(number("x-sim-ttft-ms").unwrap_or(self.ttft_ms)),
@@ -107,5 +112,9 @@ mod tests {
         headers.insert("x-sim-abort-after", "3".parse().unwrap());
         let b = settings.behaviour(&headers);
         assert_eq!((b.ttft, b.abort_after, b.injected_failure()), (Duration::from_millis(50), Some(3), Some(429)));
+        headers.insert("x-sim-only", "another-backend".parse().unwrap());
+        assert_eq!(settings.behaviour(&headers).ttft, Duration::from_millis(5), "meant for another backend");
+        headers.insert("x-sim-only", "simulator".parse().unwrap());
+        assert_eq!(settings.behaviour(&headers).ttft, Duration::from_millis(50));
     }
 }
