@@ -1,8 +1,11 @@
-//! Host calls that cannot panic.
+//! Host calls made so they do not panic.
 //!
 //! The SDK's trait methods `unwrap` the host's status and decode header values
 //! as UTF-8 with `unwrap`; either would trap the VM on a bad header or an
 //! unexpected host answer. These wrappers take bytes and log failures instead.
+//! The SDK's own host calls still panic on a status they do not expect, so
+//! each wrapper is only called where Envoy answers with one they do: a map
+//! or buffer Envoy holds at that point, a whole-body replacement.
 
 use modelgate_proto::limits::BucketStore;
 use proxy_wasm::hostcalls;
@@ -55,20 +58,21 @@ pub fn replace_body(buffer: BufferType, size: usize, body: &[u8]) {
     }
 }
 
-/// A header of the answer to this context's last HTTP call.
-pub fn http_call_header(name: &str) -> Option<Vec<u8>> {
+/// A header of the answer to an HTTP call that came back with `num_headers`
+/// headers. A failed call (reset, timeout) comes back with none, and then
+/// Envoy refuses to read its headers, which the SDK would panic on.
+pub fn http_call_header(num_headers: usize, name: &str) -> Option<Vec<u8>> {
+    if num_headers == 0 {
+        return None;
+    }
     header(MapType::HttpCallResponseHeaders, name)
 }
 
-/// Sends an HTTP request to an Envoy cluster; false if Envoy would not send it.
-pub fn dispatch(cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> bool {
-    match hostcalls::dispatch_http_call(cluster, headers, Some(body), Vec::new(), timeout) {
-        Ok(_) => true,
-        Err(s) => {
-            log_failure("calling a cluster", s);
-            false
-        }
-    }
+/// Sends an HTTP request to an Envoy cluster: the call's token, or `None` if Envoy would not send it.
+pub fn dispatch(cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> Option<u32> {
+    hostcalls::dispatch_http_call(cluster, headers, Some(body), Vec::new(), timeout)
+        .map_err(|s| log_failure("calling a cluster", s))
+        .ok()
 }
 
 /// Lets a request held by the filter go on.

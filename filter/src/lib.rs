@@ -22,19 +22,26 @@ pub mod routing_fields;
 use modelgate_proto::error_normalize::{normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{Caller, Presented};
+use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::limits::{self, Admission, Bucket};
 use modelgate_proto::routing::Router;
 use outbox::Outbox;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use request::{HeadersVerdict, Reply, RequestHead, Routing};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Plugin { router: Rc::new(Router::default()), outbox: Rc::new(Outbox::default()), store_failures: None })
+        Box::new(Plugin {
+            router: Rc::new(Router::default()),
+            outbox: Rc::new(Outbox::default()),
+            store_failures: None,
+            in_flight: HashMap::new(),
+        })
     });
 }}
 
@@ -44,6 +51,13 @@ struct Plugin {
     outbox: Rc<Outbox>,
     /// Envoy's counter of the times the shared rate-limit store gave no verdict.
     store_failures: Option<u32>,
+    /// Batches sent and not yet answered, by call: put back in the outbox if they fail.
+    in_flight: HashMap<u32, Batch>,
+}
+
+enum Batch {
+    Records(Vec<u8>),
+    Debits(SpendRequest),
 }
 
 /// Where ext-proc's admin port takes usage records.
@@ -56,13 +70,45 @@ fn admin_call_headers(path: &'static str, content_type: &'static str) -> Vec<(&'
 }
 
 impl Context for Plugin {
-    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, _body_size: usize, _num_trailers: usize) {
-        let status = host::http_call_header(":status").unwrap_or_default();
+    /// A batch that did not land goes back in the outbox, for the next tick.
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
+        let Some(batch) = self.in_flight.remove(&token_id) else {
+            return;
+        };
+        let status = host::http_call_header(num_headers, ":status").unwrap_or_default();
         if !status.starts_with(b"2") {
             host::log_error(&format!(
-                "modelgate: ext-proc's admin port did not take a batch of usage records or token debits (status {})",
+                "modelgate: ext-proc's admin port did not take a batch of usage records or token debits (status {}); it is kept for the next try",
                 String::from_utf8_lossy(&status)
             ));
+            self.requeue(batch);
+        }
+    }
+}
+
+impl Plugin {
+    fn send(&mut self, cluster: &str, batch: Batch) {
+        let sent = match &batch {
+            Batch::Records(lines) => {
+                host::dispatch(cluster, admin_call_headers(RECORDS_PATH, "application/x-ndjson"), lines, BATCH_TIMEOUT)
+            }
+            Batch::Debits(debits) => {
+                let call = serde_json::to_vec(debits).unwrap_or_default();
+                host::dispatch(cluster, admin_call_headers(SPEND_PATH, "application/json"), &call, BATCH_TIMEOUT)
+            }
+        };
+        match sent {
+            Some(token) => {
+                self.in_flight.insert(token, batch);
+            }
+            None => self.requeue(batch),
+        }
+    }
+
+    fn requeue(&self, batch: Batch) {
+        match batch {
+            Batch::Records(lines) => self.outbox.put_back(lines),
+            Batch::Debits(debits) => self.outbox.put_back_debits(debits),
         }
     }
 }
@@ -102,17 +148,12 @@ impl RootContext for Plugin {
                 "modelgate: {dropped} usage records dropped: ext-proc's admin port is not taking them"
             ));
         }
-        if let (Some(shared), Some(debits)) = (self.router.shared_limits(), self.outbox.take_debits()) {
-            let call = serde_json::to_vec(&debits).unwrap_or_default();
-            host::dispatch(&shared.cluster, admin_call_headers(SPEND_PATH, "application/json"), &call, BATCH_TIMEOUT);
+        let router = Rc::clone(&self.router);
+        if let (Some(shared), Some(debits)) = (router.shared_limits(), self.outbox.take_debits()) {
+            self.send(&shared.cluster, Batch::Debits(debits));
         }
-        if let (Some(accounting), Some(lines)) = (self.router.accounting(), self.outbox.take()) {
-            host::dispatch(
-                &accounting.cluster,
-                admin_call_headers(RECORDS_PATH, "application/x-ndjson"),
-                &lines,
-                BATCH_TIMEOUT,
-            );
+        if let (Some(accounting), Some(lines)) = (router.accounting(), self.outbox.take()) {
+            self.send(&accounting.cluster, Batch::Records(lines));
         }
     }
 
@@ -173,7 +214,7 @@ struct Request {
 /// A routed request waiting for the shared store's verdict.
 struct Held {
     routing: Routing,
-    body: Vec<u8>,
+    body_len: usize,
 }
 
 /// A model-routed request, as far as it got.
@@ -193,16 +234,19 @@ const DEFAULT_FLUSH_MS: u64 = 1000;
 
 impl Context for Request {
     /// The shared store's verdict on a held request.
-    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some(Held { routing, body }) = self.held.take() else {
+    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(Held { routing, body_len }) = self.held.take() else {
             return;
         };
-        let status = host::http_call_header(":status");
+        // Envoy still holds the request body it buffered for the filter.
+        let body = host::body(BufferType::HttpRequestBody, body_len);
+        let status = host::http_call_header(num_headers, ":status");
         let answer = host::body(BufferType::HttpCallResponseBody, body_size);
         let verdict =
             self.routed.as_ref().and_then(|r| request::shared_verdicts(&r.buckets, status.as_deref(), &answer));
         match self.admit_shared(verdict) {
             None => {
+                // The request's headers and body are changed before it resumes: once resumed, Envoy no longer lets them be.
                 self.forward(routing, &body);
                 host::resume_request();
             }
@@ -444,8 +488,8 @@ impl Request {
         };
         let call = serde_json::to_vec(&Bucket::admission(&routed.buckets)).unwrap_or_default();
         let headers = admin_call_headers(SPEND_PATH, "application/json");
-        if host::dispatch(&shared.cluster, headers, &call, Duration::from_millis(shared.timeout_ms)) {
-            self.held = Some(Held { routing, body: body.to_vec() });
+        if host::dispatch(&shared.cluster, headers, &call, Duration::from_millis(shared.timeout_ms)).is_some() {
+            self.held = Some(Held { routing, body_len: body.len() });
             return Action::Pause;
         }
         match self.admit_shared(None) {
@@ -487,6 +531,10 @@ impl Request {
         routed.price = routing.price;
         let count_tokens = self.accounting || routed.buckets.iter().any(|b| b.unit == limits::Unit::Tokens);
         self.answer = Some(answer::Answer::new(self.started_us, routing.stream, count_tokens, routing.usage_unasked));
+        if count_tokens {
+            // A compressed answer's usage could not be read, nor its usage chunk removed.
+            host::remove_header(MapType::HttpRequestHeaders, "accept-encoding");
+        }
         if let Some(edit) = &routing.body_edit {
             let edited = edit.apply(body);
             host::replace_body(BufferType::HttpRequestBody, body.len(), &edited);

@@ -55,6 +55,26 @@ impl Outbox {
         (!debits.is_empty()).then(|| SpendRequest { buckets: debits.into_values().collect(), debit: true })
     }
 
+    /// Records sent that did not land: kept for the next try, within the cap.
+    pub fn put_back(&self, sent: Vec<u8>) {
+        let mut lines = self.lines.borrow_mut();
+        if lines.len() + sent.len() > MAX_HELD_BYTES {
+            let records = sent.iter().filter(|b| **b == b'\n').count() as u64;
+            self.dropped.set(self.dropped.get() + records);
+            return;
+        }
+        lines.extend_from_slice(&sent);
+    }
+
+    /// Debits sent that did not land: added back to those held.
+    pub fn put_back_debits(&self, sent: SpendRequest) {
+        let mut debits = self.debits.borrow_mut();
+        for spend in sent.buckets {
+            let held = debits.entry(spend.name.clone()).or_insert(BucketSpend { cost: 0, ..spend.clone() });
+            held.cost = held.cost.saturating_add(spend.cost);
+        }
+    }
+
     /// Records dropped since the last call, for the log.
     pub fn take_dropped(&self) -> u64 {
         self.dropped.replace(0)
@@ -77,6 +97,8 @@ mod tests {
             sent.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
         assert_eq!(lines.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["r1", "r2"]);
         assert_eq!(outbox.take(), None);
+        outbox.put_back(sent.clone());
+        assert_eq!(outbox.take(), Some(sent));
     }
 
     #[test]
@@ -92,6 +114,12 @@ mod tests {
         let costs: Vec<(&str, u64)> = sent.buckets.iter().map(|b| (b.name.as_str(), b.cost)).collect();
         assert_eq!(costs, [("t", 12), ("t.m", 5)]);
         assert_eq!(outbox.take_debits(), None);
+        // A batch that did not land comes back, added to what came since.
+        outbox.debit(&buckets[1..2], 1);
+        outbox.put_back_debits(sent);
+        let again = outbox.take_debits().unwrap();
+        let costs: Vec<(&str, u64)> = again.buckets.iter().map(|b| (b.name.as_str(), b.cost)).collect();
+        assert_eq!(costs, [("t", 13), ("t.m", 5)]);
     }
 
     #[test]

@@ -117,13 +117,18 @@ impl BodyEdit {
 }
 
 /// Asks the backend for a stream's usage chunk (`stream_options.include_usage`),
-/// for a body whose `fields` say the client did not. The member is added last,
-/// so it wins over one already there; the client's other stream options are kept.
+/// for a body whose `fields` say the client did not. A `stream_options` the
+/// client sent is changed in place, keeping its other options; otherwise the
+/// member is added last.
 fn ask_for_usage(body: &[u8], fields: &RoutingFields) -> Option<BodyEdit> {
     let mut options = fields.stream_options.clone().unwrap_or_default();
     options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let options = serde_json::to_vec(&options).ok()?;
+    if let Some(at) = &fields.stream_options_at {
+        return Some(BodyEdit { at: at.start, len: at.len(), with: options });
+    }
     let mut with = br#","stream_options":"#.to_vec();
-    serde_json::to_writer(&mut with, &options).ok()?;
+    with.extend_from_slice(&options);
     with.push(b'}');
     // The body parsed as an object, so its last byte that is not whitespace closes it.
     let at = body.iter().rposition(|b| !b.is_ascii_whitespace()).filter(|&i| body.get(i) == Some(&b'}'))?;
@@ -415,6 +420,9 @@ mod tests {
         let routing = on_request_body(&r, body.as_bytes(), None).unwrap();
         let sent = routing.body_edit.as_ref().map_or(body.as_bytes().to_vec(), |edit| edit.apply(body.as_bytes()));
         assert_eq!(routing.usage_unasked, routing.body_edit.is_some());
+        // Changed in place: a strict decoder sees no member twice.
+        let text = String::from_utf8(sent.clone()).unwrap();
+        assert!(text.matches("stream_options").count() <= 1, "{text}");
         serde_json::from_slice(&sent).unwrap()
     }
 
@@ -422,9 +430,10 @@ mod tests {
     fn a_counted_stream_asks_its_backend_for_usage_keeping_the_clients_options() {
         let sent = sent_upstream("{\"model\":\"m\",\"stream\":true}\n ");
         assert_eq!(sent, serde_json::json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}));
-        let sent = sent_upstream(r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#);
-        // The added member comes last, and a JSON decoder keeps the last of duplicates.
+        let client = r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1},"n":1}"#;
+        let sent = sent_upstream(client);
         assert_eq!(sent["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        assert_eq!(sent["n"], 1);
         let asked = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
         assert_eq!(sent_upstream(asked), serde_json::from_str::<Value>(asked).unwrap());
         let whole = r#"{"model":"m","messages":[]}"#;

@@ -9,8 +9,10 @@
 
 use modelgate_proto::error::GatewayError;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::ops::Range;
 
 /// What routing needs from a request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +22,8 @@ pub struct RoutingFields {
     pub stream: bool,
     /// `stream_options` as sent, when it is an object.
     pub stream_options: Option<Map<String, Value>>,
+    /// Where the value of `stream_options` lies in the body, when it is there.
+    pub stream_options_at: Option<Range<usize>>,
 }
 
 impl RoutingFields {
@@ -42,11 +46,16 @@ pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
             GatewayError::unparsable_json(&e)
         }
     })?;
-    let stream_options = match found.stream_options {
-        Some(Value::Object(options)) => Some(options),
+    let stream_options_at = found.stream_options.map(|raw| {
+        // A borrowed raw value is a slice of `body` itself.
+        let start = (raw.get().as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+        start..start + raw.get().len()
+    });
+    let stream_options = match found.stream_options.map(|raw| serde_json::from_str::<Value>(raw.get())) {
+        Some(Ok(Value::Object(options))) => Some(options),
         _ => None,
     };
-    Ok(RoutingFields { model: model(found.model)?, stream: stream(found.stream)?, stream_options })
+    Ok(RoutingFields { model: model(found.model)?, stream: stream(found.stream)?, stream_options, stream_options_at })
 }
 
 fn model(value: Option<Value>) -> Result<String, GatewayError> {
@@ -94,14 +103,15 @@ fn json_type_name(value: &Value) -> &'static str {
     }
 }
 
-/// The values of `model` and `stream` in a JSON object; anything but an object is a data error.
-struct Fields {
+/// The values of `model`, `stream` and `stream_options` in a JSON object;
+/// anything but an object is a data error.
+struct Fields<'de> {
     model: Option<Value>,
     stream: Option<Value>,
-    stream_options: Option<Value>,
+    stream_options: Option<&'de RawValue>,
 }
 
-impl<'de> serde::Deserialize<'de> for Fields {
+impl<'de> serde::Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_map(FieldsVisitor)
     }
@@ -110,19 +120,19 @@ impl<'de> serde::Deserialize<'de> for Fields {
 struct FieldsVisitor;
 
 impl<'de> Visitor<'de> for FieldsVisitor {
-    type Value = Fields;
+    type Value = Fields<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
         let mut fields = Fields { model: None, stream: None, stream_options: None };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "model" => fields.model = Some(map.next_value::<Value>()?),
                 "stream" => fields.stream = Some(map.next_value::<Value>()?),
-                "stream_options" => fields.stream_options = Some(map.next_value::<Value>()?),
+                "stream_options" => fields.stream_options = Some(map.next_value::<&'de RawValue>()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }

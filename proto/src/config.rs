@@ -185,8 +185,23 @@ pub struct FallbackConfig {
     pub rename: Option<String>,
 }
 
+/// Bounds of the waits configured in milliseconds: Envoy takes 0 as no
+/// timeout at all, and a call's timeout must fit its 32 bits.
+const MILLISECONDS: std::ops::RangeInclusive<u64> = 1..=600_000;
+
 impl FilterConfig {
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("invalid modelgate configuration: {e}"))
+        let config: Self =
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid modelgate configuration: {e}"))?;
+        let waits = [
+            ("accounting.flush_interval_ms", config.accounting.as_ref().map(|a| a.flush_interval_ms)),
+            ("shared_limits.timeout_ms", config.shared_limits.as_ref().map(|s| s.timeout_ms)),
+        ];
+        for (name, ms) in waits {
+            if let Some(ms) = ms.filter(|ms| !MILLISECONDS.contains(ms)) {
+                return Err(format!("invalid modelgate configuration: {name} is {ms}, outside 1 to 600000"));
+            }
+        }
+        Ok(config)
     }
 }

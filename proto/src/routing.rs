@@ -234,6 +234,19 @@ mod tests {
     }
 
     #[test]
+    fn waits_must_be_between_a_millisecond_and_ten_minutes() {
+        let with =
+            |extra: &str| Router::from_json(format!(r#"{{"backends": {{}}, "models": [], {extra}}}"#).as_bytes());
+        assert!(with(r#""shared_limits": {"cluster": "a", "timeout_ms": 200}"#).is_ok());
+        for bad in [
+            r#""shared_limits": {"cluster": "a", "timeout_ms": 0}"#,
+            r#""accounting": {"cluster": "a", "flush_interval_ms": 4294967296}"#,
+        ] {
+            assert!(with(bad).unwrap_err().contains("outside 1 to 600000"), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_model_with_fallbacks_goes_to_its_chain_cluster_with_every_backends_profile() {
         let config = |route: &str| {
             format!(

@@ -75,12 +75,14 @@ enum Member {
 /// Reads a `"usage"` member from `after`, the bytes just after its name.
 fn read_member(after: &[u8]) -> Member {
     let rest = after.trim_ascii_start();
+    let room = after.len() < MAX_USAGE_BYTES;
     let Some((&b':', value)) = rest.split_first() else {
-        return if rest.is_empty() { Member::Incomplete } else { Member::NotUsage };
+        return if rest.is_empty() && room { Member::Incomplete } else { Member::NotUsage };
     };
     let value = value.trim_ascii_start();
     match value.first() {
-        None => Member::Incomplete,
+        None if room => Member::Incomplete,
+        None => Member::NotUsage,
         Some(b'{') => {
             let mut reader = serde_json::Deserializer::from_slice(value);
             match <Usage as serde::Deserialize>::deserialize(&mut reader) {
@@ -168,7 +170,8 @@ impl UnaskedUsage {
     }
 
     fn pass_event(&mut self, event: &[u8], out: &mut Vec<u8>) {
-        let Some(at) = find(event, USAGE_KEY, 0) else {
+        // The last one: a chunk's own `usage` follows its choices, whose content may say "usage".
+        let Some(at) = event.windows(USAGE_KEY.len()).rposition(|w| w == USAGE_KEY) else {
             out.extend_from_slice(event);
             return;
         };
@@ -299,6 +302,10 @@ mod tests {
     fn null_usage_is_removed_wherever_it_stands() {
         for (event, expected) in [
             ("data: {\"usage\":null,\"a\":1}\n\n", "data: {\"a\":1}\n\n"),
+            (
+                "data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}],\"usage\":null}\n\n",
+                "data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\n",
+            ),
             ("data: {\"a\":1, \"usage\" : null}\r\n\r\n", "data: {\"a\":1}\r\n\r\n"),
             ("data: {\"usage\":nullx}\n\n", "data: {\"usage\":nullx}\n\n"),
         ] {
