@@ -16,15 +16,16 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     [result_file] = tmp_path.glob("bench-*-short.json")
     results = json.loads(result_file.read_text())
 
-    assert set(results["throughput"]) == {"direct", "bare", "passthrough", "rate_limited", "ext_proc", "anthropic",
-                                          "ollama"}
+    assert set(results["throughput"]) == {"direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc",
+                                          "anthropic", "ollama"}
     assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
     for run in runs:
         assert run["errors"] == 0, run
         assert run["ok"] > 0, run
     # at 0.1x bare Envoy's capacity every scenario is measured; at 0.5x, those that can serve it
-    assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", "passthrough", "rate_limited", "ext_proc"}
+    assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", "unaccounted", "passthrough", "rate_limited",
+                                                           "ext_proc"}
     for scenario in results["streaming"].values():
         # 1 role chunk + 20 tokens + finish + [DONE] arrive as separate chunks, so gaps were measured
         assert scenario["chunk_gap"]["count"] > 0
