@@ -3,18 +3,14 @@
 //! request's [`BackendCall`] decides every rewrite. Pure but for reading a
 //! key file; tested without Envoy.
 
-use crate::call::{misconfigured, BackendCall};
-use crate::chain;
+use crate::call::BackendCall;
 use crate::messages;
 use crate::translate::{HeaderChanges, ResponseTranslation};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use envoy_types::pb::google::protobuf::Struct;
-use modelgate_proto::chain::Chain;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
-use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct Exchange {
@@ -24,8 +20,6 @@ pub struct Exchange {
 
 struct Active {
     call: BackendCall,
-    /// An attempt of a fallback chain, whose internal header ext-proc removes itself.
-    chained: bool,
     /// The answer's translation, once the request is known, for backends whose answers need one.
     responses: Option<Box<dyn ResponseTranslation>>,
     /// The response's status and whether its body streams, once its headers are seen.
@@ -35,24 +29,19 @@ struct Active {
 impl Exchange {
     /// The answer to one message; `None` for a message with nothing in it.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
-        let ProcessingRequest { request, attributes, .. } = message;
-        let request = request?;
+        let request = message.request?;
         let answer = match (&request, &mut self.active) {
-            (Request::RequestHeaders(h), _) => match start(h, &attributes) {
-                Ok(Start::Call { call, chained }) => {
+            (Request::RequestHeaders(h), _) => match start(h) {
+                Ok(Some(call)) => {
                     let watch = call.translates_responses();
-                    self.active = Some(Active { call, chained, responses: None, response: None });
+                    self.active = Some(Active { call, responses: None, response: None });
                     messages::continue_request_headers(watch)
                 }
-                Ok(Start::Untouched) => messages::pass(&request),
-                Ok(Start::UntouchedAttempt) => messages::remove_request_headers(vec![headers::CHAIN]),
+                Ok(None) => messages::pass(&request),
                 Err(e) => messages::reject(&e),
             },
             (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
-                Ok(mut upstream) => {
-                    if active.chained {
-                        upstream.headers.remove.push(headers::CHAIN);
-                    }
+                Ok(upstream) => {
                     active.responses = active.call.response_translation();
                     match upstream.body {
                         Some(body) => messages::replace_request_body(body, upstream.headers),
@@ -90,36 +79,15 @@ impl Exchange {
     }
 }
 
-/// What a request needs, from its headers.
-enum Start {
-    /// A rewrite for its backend; `chained` for an attempt of a fallback chain.
-    Call { call: BackendCall, chained: bool },
-    /// Nothing: the filter marked nothing to do.
-    Untouched,
-    /// Nothing but dropping the chain's header: an attempt at a backend that needs no rewrite.
-    UntouchedAttempt,
-}
-
-/// The backend call a request needs: its backend's profile from the filter,
-/// or, for an attempt of a fallback chain, the profile of the backend Envoy chose.
-fn start(request: &HttpHeaders, attributes: &HashMap<String, Struct>) -> Result<Start, GatewayError> {
+/// The backend call a request needs, from its headers; `None` when the filter
+/// marked nothing to do.
+fn start(request: &HttpHeaders) -> Result<Option<BackendCall>, GatewayError> {
+    let Some(profile) = messages::header(request, headers::BACKEND) else {
+        return Ok(None);
+    };
     let path = messages::header(request, ":path").unwrap_or_default();
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| messages::header(request, name));
-    if let Some(chain) = messages::header(request, headers::CHAIN) {
-        let chain = Chain::from_header(chain).map_err(|e| misconfigured(&e))?;
-        let backend = chain::attempt_backend(attributes)
-            .ok_or_else(|| misconfigured(&"a chain cluster's endpoint names no backend (filter_metadata.modelgate.backend), or ext_proc does not ask for xds.upstream_host_metadata"))?;
-        return match chain.profile(&backend).map_err(|e| misconfigured(&e))? {
-            Some(profile) => {
-                Ok(Start::Call { call: BackendCall::for_profile(profile.clone(), path, client_key)?, chained: true })
-            }
-            None => Ok(Start::UntouchedAttempt),
-        };
-    }
-    match messages::header(request, headers::BACKEND) {
-        Some(profile) => Ok(Start::Call { call: BackendCall::start(profile, path, client_key)?, chained: false }),
-        None => Ok(Start::Untouched),
-    }
+    BackendCall::start(profile, path, client_key).map(Some)
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@
 pub mod admin;
 pub mod anthropic;
 pub mod call;
-pub mod chain;
 pub mod credentials;
 pub mod exchange;
+pub mod failover;
 pub mod framing;
 pub mod messages;
 pub mod metrics;

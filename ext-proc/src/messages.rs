@@ -81,14 +81,6 @@ pub fn replace_request_body(body: Vec<u8>, mut headers: HeaderChanges) -> Proces
     respond(Response::RequestBody(body_response(body, headers)))
 }
 
-/// Lets the request headers go on without `names`.
-pub fn remove_request_headers(names: Vec<&'static str>) -> ProcessingResponse {
-    let headers = HeaderChanges { set: Vec::new(), remove: names };
-    respond(Response::RequestHeaders(HeadersResponse {
-        response: Some(CommonResponse { header_mutation: mutation(headers), ..Default::default() }),
-    }))
-}
-
 /// Lets the request body go on as it is, with header changes only.
 pub fn change_request_headers(headers: HeaderChanges) -> ProcessingResponse {
     respond(Response::RequestBody(BodyResponse {

@@ -25,6 +25,7 @@
 //! target cluster) are OpenAI errors too; every other answer passes untouched.
 
 use crate::call::BackendCall;
+use crate::failover::RetryBudget;
 use crate::framing::{CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use crate::translate::ResponseTranslation;
 use bytes::Bytes;
@@ -36,6 +37,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use modelgate_proto::chain::{Chain, Member};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::convert::Infallible;
@@ -43,6 +45,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// A relayed request's body: the client's as it comes, or rewritten for its backend.
@@ -52,6 +55,8 @@ type UpstreamBody = Either<Incoming, Full<Bytes>>;
 pub struct StreamGuard {
     client: Client<HttpConnector, UpstreamBody>,
     upstream: SocketAddr,
+    /// Bounds the retries of fallback chains.
+    budget: RetryBudget,
 }
 
 impl StreamGuard {
@@ -59,7 +64,11 @@ impl StreamGuard {
         let mut connector = HttpConnector::new();
         // Events are small writes: don't let Nagle hold them back.
         connector.set_nodelay(true);
-        StreamGuard { client: Client::builder(TokioExecutor::new()).build(connector), upstream }
+        StreamGuard {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            upstream,
+            budget: RetryBudget::default(),
+        }
     }
 
     /// Serves until the task is dropped.
@@ -89,6 +98,9 @@ impl StreamGuard {
 
     async fn relay(&self, request: Request<Incoming>) -> Response<GuardedBody> {
         let (mut parts, body) = request.into_parts();
+        if let Some(chain) = parts.headers.remove(headers::CHAIN) {
+            return self.relay_chain(parts, body, chain.as_bytes()).await;
+        }
         let Some(cluster) = parts.headers.remove(headers::STREAM_CLUSTER) else {
             return error_response(GatewayError::new(
                 500,
@@ -108,32 +120,148 @@ impl StreamGuard {
                 Err(e) => return error_response(e),
             },
         };
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match Uri::try_from(format!("http://{}{path}", self.upstream)) {
-            Ok(uri) => uri,
-            Err(_) => {
-                return error_response(GatewayError::invalid_request(
-                    "The request path is not valid.".into(),
-                    None,
-                    None,
-                ))
-            }
-        };
+        if let Err(e) = self.point_upstream(&mut parts) {
+            return error_response(e);
+        }
         let request_id = parts.headers.get("x-request-id").cloned();
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => guard_response(response, translation, request_id).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "stream guard: upstream listener unreachable");
-                error_response(GatewayError::new(
-                    503,
-                    "server_error",
-                    "The gateway could not reach its routing listener; try again.".into(),
-                    None,
-                    Some("gateway_unavailable"),
-                ))
-            }
+            Err(e) => error_response(listener_unreachable(&e)),
         }
     }
+
+    /// Points a request at Envoy's inner listener, keeping its path.
+    fn point_upstream(&self, parts: &mut hyper::http::request::Parts) -> Result<(), GatewayError> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::try_from(format!("http://{}{path}", self.upstream))
+            .map_err(|_| GatewayError::invalid_request("The request path is not valid.".into(), None, None))?;
+        Ok(())
+    }
+
+    /// A request for a model with fallbacks: its backends are tried in turn
+    /// until one answers with something other than a retryable failure, or
+    /// the chain or the retry budget runs out. Once an answer is relayed,
+    /// nothing is retried: a stream that breaks ends with an error event.
+    async fn relay_chain(
+        &self,
+        mut parts: hyper::http::request::Parts,
+        body: Incoming,
+        chain: &[u8],
+    ) -> Response<GuardedBody> {
+        let chain = match Chain::from_header(chain) {
+            Ok(chain) if !chain.members.is_empty() => chain,
+            Ok(_) => return error_response(crate::call::misconfigured(&"a fallback chain without backends")),
+            Err(e) => return error_response(crate::call::misconfigured(&e)),
+        };
+        remove_hop_by_hop(&mut parts.headers);
+        if let Err(e) = self.point_upstream(&mut parts) {
+            return error_response(e);
+        }
+        let whole = match read_body(body).await {
+            Ok(whole) => whole,
+            Err(e) => return error_response(e),
+        };
+        let request_id = parts.headers.get("x-request-id").cloned();
+        let _in_flight = self.budget.enter();
+        let per_try = Duration::from_millis(chain.per_try_timeout_ms);
+        let mut retrying = None;
+        for (index, member) in chain.members.iter().enumerate() {
+            let outcome = self.attempt(&parts, &whole, member, per_try).await;
+            let next = chain.members.get(index + 1);
+            // The budget is asked only when there is a failure to retry.
+            let mut may_retry = || {
+                next.is_some() && {
+                    retrying = self.budget.try_retry(chain.retry_budget_percent, chain.min_retry_concurrency);
+                    retrying.is_some()
+                }
+            };
+            let answer = match outcome {
+                Ok((response, translation)) => {
+                    let status = response.status().as_u16();
+                    if chain.retries_on(status) && may_retry() {
+                        tracing::info!(request_id = ?request_id, backend = member.backend, status, "failover: trying the next backend");
+                        continue;
+                    }
+                    guard_response(response, translation, request_id.clone()).await
+                }
+                Err(failed) => {
+                    if may_retry() {
+                        tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.body.message, "failover: trying the next backend");
+                        continue;
+                    }
+                    error_response(failed)
+                }
+            };
+            return served_by(answer, &member.backend, index + 1);
+        }
+        // Unreachable: the last member always answers; kept total for the type.
+        error_response(crate::call::misconfigured(&"a fallback chain ended without an answer"))
+    }
+
+    /// One attempt of a chain at `member`: its answer (headers in) and the
+    /// answer's translation, or why the attempt failed before answering.
+    async fn attempt(
+        &self,
+        parts: &hyper::http::request::Parts,
+        whole: &Bytes,
+        member: &Member,
+        per_try: Duration,
+    ) -> Result<(Response<Incoming>, Option<Box<dyn ResponseTranslation>>), GatewayError> {
+        let mut request = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
+        if let Some(headers) = request.headers_mut() {
+            headers.clone_from(&parts.headers);
+        }
+        let (mut parts, ()) = request.body(()).map_err(|e| crate::call::misconfigured(&e))?.into_parts();
+        let cluster = HeaderValue::try_from(member.cluster.as_str()).map_err(|_| unusable_header(headers::CLUSTER))?;
+        parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
+        let (body, translation) = match &member.profile {
+            Some(profile) => {
+                let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None)?;
+                let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
+                (body, call.response_translation())
+            }
+            None => (whole.clone(), None),
+        };
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let sent = self.client.request(Request::from_parts(parts, Either::Right(Full::new(body))));
+        match tokio::time::timeout(per_try, sent).await {
+            Ok(Ok(response)) => Ok((response, translation)),
+            Ok(Err(e)) => Err(listener_unreachable(&e)),
+            Err(_) => Err(GatewayError::new(
+                504,
+                "server_error",
+                format!("The backend did not start answering within {} ms.", per_try.as_millis()),
+                None,
+                Some("backend_timeout"),
+            )),
+        }
+    }
+}
+
+/// Says on an answer which backend of a chain served it, after how many attempts.
+fn served_by(mut answer: Response<GuardedBody>, backend: &str, attempts: usize) -> Response<GuardedBody> {
+    if let Ok(backend) = HeaderValue::try_from(backend) {
+        answer.headers_mut().insert(SERVED_BY, backend);
+    }
+    answer.headers_mut().insert(ATTEMPTS, HeaderValue::from(attempts));
+    answer
+}
+
+/// Response headers naming the backend that answered and the attempts it took
+/// (Envoy's routes set them for requests without fallbacks).
+const SERVED_BY: &str = "modelgate-backend";
+const ATTEMPTS: &str = "modelgate-attempts";
+
+/// The guard's answer when Envoy's inner listener cannot be reached.
+fn listener_unreachable(e: &dyn std::fmt::Display) -> GatewayError {
+    tracing::warn!(error = %e, "stream guard: upstream listener unreachable");
+    GatewayError::new(
+        503,
+        "server_error",
+        "The gateway could not reach its routing listener; try again.".into(),
+        None,
+        Some("gateway_unavailable"),
+    )
 }
 
 /// The most of a request body read to rewrite it. The filter has already
@@ -149,27 +277,41 @@ async fn rewrite(
 ) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| parts.headers.get(*name)).map(HeaderValue::as_bytes);
     let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key)?;
-    let whole = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return Err(GatewayError::invalid_request(format!("The request body could not be read ({e})."), None, None))
-        }
-    };
+    let whole = read_body(body).await?;
+    let body = apply_rewrite(parts, &mut call, whole)?;
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Ok((Either::Right(Full::new(body)), call.response_translation()))
+}
+
+/// A request body, whole.
+async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
+    match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(GatewayError::invalid_request(format!("The request body could not be read ({e})."), None, None)),
+    }
+}
+
+/// The backend's request for the client's body `whole`: `parts` changed as
+/// the call says (path, key, headers), and the body to send.
+fn apply_rewrite(
+    parts: &mut hyper::http::request::Parts,
+    call: &mut BackendCall,
+    whole: Bytes,
+) -> Result<Bytes, GatewayError> {
     let upstream = call.request(&whole)?;
     for name in upstream.headers.remove {
         parts.headers.remove(name);
     }
     for (name, value) in upstream.headers.set {
         if name == ":path" {
-            parts.uri = Uri::try_from(value).map_err(|_| unusable_header(name))?;
+            let path = parts.uri.authority().map_or(value.clone(), |authority| format!("http://{authority}{value}"));
+            parts.uri = Uri::try_from(path).map_err(|_| unusable_header(name))?;
         } else {
             let value = HeaderValue::try_from(value).map_err(|_| unusable_header(name))?;
             parts.headers.insert(HeaderName::from_static(name), value);
         }
     }
-    let body = upstream.body.map_or(whole, Bytes::from);
-    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Ok((Either::Right(Full::new(body)), call.response_translation()))
+    Ok(upstream.body.map_or(whole, Bytes::from))
 }
 
 /// A header for the backend that HTTP cannot carry (a key file with a line break inside, say).

@@ -548,6 +548,7 @@ impl Request {
         }
         if let Some(chain) = &routing.chain {
             host::set_header(MapType::HttpRequestHeaders, headers::CHAIN, chain);
+            self.guarded = true;
         }
         if !routing.forwards_client_key {
             for name in headers::CLIENT_KEYS {

@@ -83,7 +83,7 @@ pub struct Routing {
     pub forwards_client_key: bool,
     /// For a stream sent through the stream guard (then `cluster`): the backend's cluster.
     pub stream_cluster: Option<String>,
-    /// For a model with fallbacks: every backend's profile, for ext_proc upstream.
+    /// For a model with fallbacks: the chain the stream guard tries (then `cluster`).
     pub chain: Option<String>,
 }
 
@@ -225,10 +225,12 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         .resolve(&fields.model)
         .filter(|_| may_use(caller, &fields.model))
         .ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
-    let (cluster, stream_cluster) = match router.stream_guard_cluster().filter(|_| fields.stream) {
-        Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
-        None => (target.cluster.clone(), None),
-    };
+    // A chain goes to the stream guard whole or streamed; the chain names each backend's cluster.
+    let (cluster, stream_cluster) =
+        match router.stream_guard_cluster().filter(|_| fields.stream && target.chain.is_none()) {
+            Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
+            None => (target.cluster.clone(), None),
+        };
     Ok(Routing {
         model: fields.model.clone(),
         backend: target.backend.clone(),

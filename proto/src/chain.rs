@@ -1,20 +1,43 @@
-//! A model's fallback chain, as the filter hands it to ext_proc: each
-//! backend's profile by backend name. Envoy picks the backend of each attempt
-//! (a priority of the chain cluster, whose endpoints name their backend in
-//! metadata); ext_proc looks up that backend's profile here.
+//! A model's fallback chain, as the filter hands it to the stream guard: the
+//! backends to try in order, each with its Envoy cluster and its profile, and
+//! the failover settings. The guard tries them one after another until one
+//! answers, before any byte reaches the client.
+//!
+//! Why the guard and not Envoy's own retries: each attempt may need another
+//! body (another model name, another dialect), and Envoy 1.40 does not apply
+//! an upstream filter's body changes to a retried attempt (it replays the
+//! first attempt's body). Envoy still balances, health-checks and ejects the
+//! hosts of each backend's cluster; the guard only moves between clusters.
 
 use crate::backend::BackendProfile;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
-/// Backend name to profile; `None` for a backend whose requests pass untouched.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Chain(pub BTreeMap<String, Option<BackendProfile>>);
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub backend: String,
+    pub cluster: String,
+    /// `None` for a backend whose requests pass untouched.
+    pub profile: Option<BackendProfile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chain {
+    /// In the order they are tried.
+    pub members: Vec<Member>,
+    /// How long an attempt may take to answer (its headers) before the next is tried.
+    pub per_try_timeout_ms: u64,
+    /// Answers that send the request on to the next backend.
+    pub retry_on_status: Vec<u16>,
+    /// Retries allowed at once, as a percentage of the requests in flight...
+    pub retry_budget_percent: u32,
+    /// ...and always at least this many.
+    pub min_retry_concurrency: u32,
+}
 
 impl Chain {
     /// The chain as the value of the internal header.
     pub fn to_header(&self) -> String {
-        // Strings and JSON values always serialise.
+        // Strings, numbers and JSON values always serialise.
         serde_json::to_string(self).unwrap_or_default()
     }
 
@@ -22,14 +45,9 @@ impl Chain {
         serde_json::from_slice(value)
     }
 
-    /// The profile for an attempt at `backend`: `Ok(None)` when it passes
-    /// untouched, `Err` when the backend is not in the chain (a chain
-    /// cluster whose endpoints name a backend the route does not list).
-    pub fn profile(&self, backend: &str) -> Result<Option<&BackendProfile>, String> {
-        match self.0.get(backend) {
-            Some(profile) => Ok(profile.as_ref()),
-            None => Err(format!("backend `{backend}` is not in the model's chain")),
-        }
+    /// True when an answer with `status` is to be tried again on the next backend.
+    pub fn retries_on(&self, status: u16) -> bool {
+        self.retry_on_status.contains(&status)
     }
 }
 
@@ -39,16 +57,21 @@ mod tests {
     use crate::backend::Dialect;
 
     #[test]
-    fn a_chain_round_trips_through_its_header_and_names_each_backends_profile() {
+    fn a_chain_round_trips_through_its_header() {
         let anthropic =
             BackendProfile { dialect: Dialect::Anthropic, model: Some("claude".into()), ..Default::default() };
-        let chain =
-            Chain(BTreeMap::from([("pool".to_string(), None), ("anthropic".to_string(), Some(anthropic.clone()))]));
-        let header = chain.to_header();
-        assert_eq!(header, r#"{"anthropic":{"dialect":"anthropic","model":"claude"},"pool":null}"#);
-        let read = Chain::from_header(header.as_bytes()).unwrap();
-        assert_eq!(read.profile("pool"), Ok(None));
-        assert_eq!(read.profile("anthropic"), Ok(Some(&anthropic)));
-        assert!(read.profile("other").is_err());
+        let chain = Chain {
+            members: vec![
+                Member { backend: "pool".into(), cluster: "pool".into(), profile: None },
+                Member { backend: "anthropic".into(), cluster: "anthropic_api".into(), profile: Some(anthropic) },
+            ],
+            per_try_timeout_ms: 30_000,
+            retry_on_status: vec![429, 503],
+            retry_budget_percent: 20,
+            min_retry_concurrency: 10,
+        };
+        let read = Chain::from_header(chain.to_header().as_bytes()).unwrap();
+        assert_eq!(read, chain);
+        assert!(read.retries_on(429) && !read.retries_on(400));
     }
 }

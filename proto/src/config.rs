@@ -36,6 +36,33 @@ pub struct FilterConfig {
     /// port, backed by Redis). Unset: each Envoy counts in its own memory.
     #[serde(default)]
     pub shared_limits: Option<SharedLimitsConfig>,
+    /// How models with fallbacks move from one backend to the next.
+    #[serde(default)]
+    pub failover: FailoverConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// How long an attempt may take to start answering before the next backend is tried.
+    pub per_try_timeout_ms: u64,
+    /// Backend answers that send the request on to the next backend.
+    pub retry_on_status: Vec<u16>,
+    /// Retries allowed at once, as a percentage of the requests in flight in the stream guard...
+    pub retry_budget_percent: u32,
+    /// ...and always at least this many.
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            per_try_timeout_ms: 30_000,
+            retry_on_status: vec![429, 500, 502, 503, 504],
+            retry_budget_percent: 20,
+            min_retry_concurrency: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,16 +191,10 @@ pub struct ModelRouteConfig {
     #[serde(default)]
     pub price: Option<Price>,
     /// Backends that serve the model when `backend` cannot, in order, each
-    /// with its own model name. Needs `chain_cluster`.
+    /// with its own model name. The stream guard tries them in turn, so a
+    /// model with fallbacks needs `stream_guard_cluster`.
     #[serde(default)]
     pub fallbacks: Vec<FallbackConfig>,
-    /// The Envoy cluster of the whole chain: one priority per backend, in
-    /// order, each endpoint naming its backend in its metadata
-    /// (`filter_metadata.modelgate.backend`). Envoy's retries move a failed
-    /// attempt to the next priority, and ext_proc, as the cluster's upstream
-    /// filter, rewrites each attempt for the backend it reached.
-    #[serde(default)]
-    pub chain_cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +217,7 @@ impl FilterConfig {
         let waits = [
             ("accounting.flush_interval_ms", config.accounting.as_ref().map(|a| a.flush_interval_ms)),
             ("shared_limits.timeout_ms", config.shared_limits.as_ref().map(|s| s.timeout_ms)),
+            ("failover.per_try_timeout_ms", Some(config.failover.per_try_timeout_ms)),
         ];
         for (name, ms) in waits {
             if let Some(ms) = ms.filter(|ms| !MILLISECONDS.contains(ms)) {

@@ -22,10 +22,9 @@ pub const STREAM_CLUSTER: &str = "x-modelgate-stream-cluster";
 /// translate the answer itself. ext_proc is not engaged for such a stream.
 pub const STREAM_BACKEND: &str = "x-modelgate-stream-backend";
 
-/// Set by the filter on a request for a model with fallbacks, instead of
-/// [`BACKEND`]: the profile of every backend in the chain
-/// ([`crate::chain::Chain`]), so ext_proc, running as the chain cluster's
-/// upstream filter, rewrites each attempt for the backend Envoy chose.
+/// Set by the filter on a request for a model with fallbacks, sent to the
+/// stream guard whole or streamed: the backends to try in turn, with their
+/// clusters and profiles ([`crate::chain::Chain`]).
 pub const CHAIN: &str = "x-modelgate-chain";
 
 /// The headers a client's API key can come in. Unless its backend is set to

@@ -5,7 +5,7 @@
 //! catch-all `*` comes last.
 
 use crate::backend::{ApiKey, BackendProfile};
-use crate::chain::Chain;
+use crate::chain::{Chain, Member};
 use crate::config::{AccountingConfig, BackendConfig, FilterConfig, ModelRouteConfig, Price, SharedLimitsConfig};
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
@@ -22,9 +22,9 @@ pub struct Target {
     /// The client's own API key goes on to the backend (`api_key: "passthrough"`).
     pub forwards_client_key: bool,
     pub price: Option<Price>,
-    /// For a model with fallbacks: the chain's profiles as the internal header's
-    /// value ([`crate::chain::Chain`]); `cluster` is then the chain cluster and
-    /// `profile` is unset, since each attempt is rewritten upstream.
+    /// For a model with fallbacks: the chain as the internal header's value
+    /// ([`crate::chain::Chain`]); `cluster` is then the stream guard's, which
+    /// tries the chain's backends in turn, and `profile` is unset.
     pub chain: Option<String>,
 }
 
@@ -152,28 +152,43 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
     if route.fallbacks.is_empty() {
         return Ok(target);
     }
-    let cluster = route
-        .chain_cluster
-        .clone()
-        .ok_or_else(|| format!("model route `{}` has fallbacks but no chain_cluster", route.pattern))?;
-    let mut chain = Chain::default();
-    let members = std::iter::once((&route.backend, route.rename.as_ref()))
+    let Some(guard) = &config.stream_guard_cluster else {
+        return Err(format!(
+            "model route `{}` has fallbacks, which the stream guard tries: set stream_guard_cluster",
+            route.pattern
+        ));
+    };
+    let mut members: Vec<Member> = Vec::new();
+    let listed = std::iter::once((&route.backend, route.rename.as_ref()))
         .chain(route.fallbacks.iter().map(|f| (&f.backend, f.rename.as_ref())));
-    for (name, rename) in members {
+    for (name, rename) in listed {
         let member = named(name)?;
-        // Each attempt's key is set by ext_proc for its own backend; a client's key has no place in a chain.
+        // Each attempt is called with its own backend's key; a client's key has no place in a chain.
         if member.api_key == Some(ApiKey::Passthrough) {
             return Err(format!(
                 "model route `{}`: backend `{name}` passes the client's key, which a chain cannot",
                 route.pattern
             ));
         }
-        let profile = profile_of(member, rename);
-        if chain.0.insert(name.clone(), (!profile.is_passthrough()).then_some(profile)).is_some() {
+        if members.iter().any(|m| &m.backend == name) {
             return Err(format!("model route `{}` lists backend `{name}` twice", route.pattern));
         }
+        let profile = profile_of(member, rename);
+        members.push(Member {
+            backend: name.clone(),
+            cluster: member.cluster.clone(),
+            profile: (!profile.is_passthrough()).then_some(profile),
+        });
     }
-    target.cluster = cluster;
+    let failover = &config.failover;
+    let chain = Chain {
+        members,
+        per_try_timeout_ms: failover.per_try_timeout_ms,
+        retry_on_status: failover.retry_on_status.clone(),
+        retry_budget_percent: failover.retry_budget_percent,
+        min_retry_concurrency: failover.min_retry_concurrency,
+    };
+    target.cluster = guard.clone();
     target.profile = None;
     target.chain = Some(chain.to_header());
     Ok(target)
@@ -247,40 +262,48 @@ mod tests {
     }
 
     #[test]
-    fn a_model_with_fallbacks_goes_to_its_chain_cluster_with_every_backends_profile() {
-        let config = |route: &str| {
+    fn a_model_with_fallbacks_goes_to_the_stream_guard_with_its_chain() {
+        let config = |guard: &str, route: &str| {
             format!(
-                r#"{{"backends": {{"pool": {{"cluster": "pool"}}, "claude": {{"cluster": "c", "dialect": "anthropic"}},
+                r#"{{{guard} "backends": {{"pool": {{"cluster": "pool"}}, "claude": {{"cluster": "c", "dialect": "anthropic"}},
                      "mine": {{"cluster": "m", "api_key": "passthrough"}}}},
+                    "failover": {{"per_try_timeout_ms": 5000}},
                     "models": [{route}]}}"#
             )
         };
+        let guard = r#""stream_guard_cluster": "guard","#;
         let router = Router::from_json(
             config(
-                r#"{"match": "m", "backend": "pool", "chain_cluster": "m_chain",
-                       "fallbacks": [{"backend": "claude", "rename": "claude-haiku"}]}"#,
+                guard,
+                r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "claude", "rename": "claude-haiku"}]}"#,
             )
             .as_bytes(),
         )
         .unwrap();
         let target = router.resolve("m").unwrap();
-        assert_eq!((target.cluster.as_str(), target.profile.as_deref()), ("m_chain", None));
+        assert_eq!((target.cluster.as_str(), target.profile.as_deref()), ("guard", None));
         let chain = Chain::from_header(target.chain.as_deref().unwrap().as_bytes()).unwrap();
-        assert_eq!(chain.profile("pool"), Ok(None));
-        assert_eq!(chain.profile("claude").unwrap().map(|p| p.model.as_deref()), Some(Some("claude-haiku")));
-        for (route, why) in [
-            (r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "claude"}]}"#, "no chain_cluster"),
+        let members: Vec<(&str, &str, Option<&str>)> = chain
+            .members
+            .iter()
+            .map(|m| (m.backend.as_str(), m.cluster.as_str(), m.profile.as_ref().and_then(|p| p.model.as_deref())))
+            .collect();
+        assert_eq!(members, [("pool", "pool", None), ("claude", "c", Some("claude-haiku"))]);
+        assert_eq!(
+            (chain.per_try_timeout_ms, chain.retry_on_status.as_slice()),
+            (5000, &[429, 500, 502, 503, 504][..])
+        );
+        for (guard, route, why) in [
+            ("", r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "claude"}]}"#, "stream_guard_cluster"),
             (
-                r#"{"match": "m", "backend": "pool", "chain_cluster": "x", "fallbacks": [{"backend": "nope"}]}"#,
+                guard,
+                r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "nope"}]}"#,
                 "unknown backend `nope`",
             ),
-            (
-                r#"{"match": "m", "backend": "pool", "chain_cluster": "x", "fallbacks": [{"backend": "mine"}]}"#,
-                "client's key",
-            ),
-            (r#"{"match": "m", "backend": "pool", "chain_cluster": "x", "fallbacks": [{"backend": "pool"}]}"#, "twice"),
+            (guard, r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "mine"}]}"#, "client's key"),
+            (guard, r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "pool"}]}"#, "twice"),
         ] {
-            let error = Router::from_json(config(route).as_bytes()).unwrap_err();
+            let error = Router::from_json(config(guard, route).as_bytes()).unwrap_err();
             assert!(error.contains(why), "{error}");
         }
     }
