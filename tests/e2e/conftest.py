@@ -190,7 +190,17 @@ def spec() -> Spec:
     return _spec
 
 
+# Figures tests measured (the fault tests' counts), shown at the end of the run.
+REPORTED: list[str] = []
+
+
+def report(line: str) -> None:
+    REPORTED.append(line)
+
+
 def pytest_terminal_summary(terminalreporter):
+    for line in REPORTED:
+        terminalreporter.write_line(line)
     if _spec is None:
         return
     if _spec.available:
