@@ -19,7 +19,7 @@
 //! The script reads and writes several keys, so on Redis Cluster every
 //! bucket of one call must hash to the same slot.
 
-use modelgate_proto::limits::{SpendRequest, SpendResponse, Verdict};
+use modelgate_proto::limits::{SpendRequest, SpendResponse, Verdict, MAX_PER_MINUTE};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use std::time::Duration;
@@ -37,9 +37,9 @@ local debit = ARGV[1] == '1'
 
 -- limits::spend: the verdict, whether it allows, the state if spent, and if not.
 local function spend(per_minute, tat, cost)
-  local interval = math.floor(MINUTE / per_minute)
   local start = math.max(tat, now)
-  local new_tat = math.min(start + cost * interval, MAX)
+  -- limits::time_for: the time `cost` units take to come back, rounded up.
+  local new_tat = math.min(start + math.ceil(cost * MINUTE / per_minute), MAX)
   local allowed = new_tat - now <= MINUTE
   local used = start - now
   local retry_after = new_tat - now - MINUTE
@@ -47,7 +47,7 @@ local function spend(per_minute, tat, cost)
     used = new_tat - now
     retry_after = 0
   end
-  local remaining = math.min(math.floor(math.max(MINUTE - used, 0) / interval), per_minute)
+  local remaining = math.min(math.floor(math.max(MINUTE - used, 0) * per_minute / MINUTE), per_minute)
   return {allowed and 1 or 0, per_minute, remaining, used, retry_after}, allowed, new_tat, start
 end
 
@@ -145,8 +145,12 @@ impl SharedLimits {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(if request.debit { "1" } else { "0" });
         for bucket in &request.buckets {
-            // As `spend` clamps the limit; a larger cost is refused (or saturates) all the same.
-            invocation.key(&bucket.name).arg(bucket.per_minute.clamp(1, MINUTE_US)).arg(bucket.cost.min(MAX_EXACT));
+            // Kept where the script's doubles are exact (cost × a minute in µs below 2^53); a larger
+            // cost is refused (or saturates) all the same.
+            invocation
+                .key(&bucket.name)
+                .arg(bucket.per_minute.clamp(1, MAX_PER_MINUTE))
+                .arg(bucket.cost.min(MAX_EXACT / MINUTE_US));
         }
         let mut redis = self.redis.clone();
         let reply: Vec<(u8, u64, u64, u64, u64)> =

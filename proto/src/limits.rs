@@ -33,22 +33,34 @@ pub struct Verdict {
 /// bucket): the verdict on spending `cost` at `now_us`, and the bucket's new
 /// state (unchanged when refused).
 pub fn spend(per_minute: u64, tat: u64, now_us: u64, cost: u64) -> (Verdict, u64) {
-    let per_minute = per_minute.clamp(1, MINUTE_US);
-    // Microseconds for one unit to come back.
-    let interval = MINUTE_US / per_minute;
+    let per_minute = per_minute.clamp(1, MAX_PER_MINUTE);
     let start = tat.max(now_us);
-    let new_tat = start.saturating_add(cost.saturating_mul(interval));
+    let new_tat = start.saturating_add(time_for(per_minute, cost));
     let allowed = new_tat - now_us <= MINUTE_US;
     let tat = if allowed { new_tat } else { start };
     let used = tat - now_us;
+    let left = u128::from(MINUTE_US.saturating_sub(used)) * u128::from(per_minute) / u128::from(MINUTE_US);
     let verdict = Verdict {
         allowed,
         limit: per_minute,
-        remaining: (MINUTE_US.saturating_sub(used) / interval).min(per_minute),
+        remaining: u64::try_from(left).unwrap_or(u64::MAX).min(per_minute),
         reset_us: used,
         retry_after_us: if allowed { 0 } else { new_tat - now_us - MINUTE_US },
     };
     (verdict, tat)
+}
+
+/// The largest limit counted exactly: 150 million a minute. Redis's Lua
+/// counts in doubles (exact to 2^53), and a minute in microseconds times a
+/// limit must stay within that; a larger limit counts as this one.
+pub const MAX_PER_MINUTE: u64 = (1 << 53) / MINUTE_US;
+
+/// Microseconds for `cost` units to come back at `per_minute`, rounded up:
+/// exact enough for limits of any size (a rounded per-unit interval would
+/// let a 25M-a-minute limit spend 30M).
+fn time_for(per_minute: u64, cost: u64) -> u64 {
+    let exact = (u128::from(cost) * u128::from(MINUTE_US)).div_ceil(u128::from(per_minute.max(1)));
+    u64::try_from(exact).unwrap_or(u64::MAX)
 }
 
 /// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`.
@@ -324,8 +336,7 @@ pub fn overspend(per_minute: u64, tat: u64, now_us: u64, cost: u64) -> (Verdict,
     if verdict.allowed {
         return (verdict, new_tat);
     }
-    let interval = MINUTE_US / per_minute.clamp(1, MINUTE_US);
-    (verdict, tat.max(now_us).saturating_add(cost.saturating_mul(interval)))
+    (verdict, tat.max(now_us).saturating_add(time_for(per_minute, cost)))
 }
 
 /// Buckets in a map, versioned as Envoy's shared data versions them: for tests.
@@ -541,6 +552,24 @@ mod tests {
                 let in_window = allowed_at[i..].iter().take_while(|t| **t < start + MINUTE_US).count() as u64;
                 prop_assert!(in_window <= 2 * limit, "{in_window} in one minute at a limit of {limit}");
             }
+        }
+
+        #[test]
+        fn a_large_limit_spends_what_it_says_in_a_minute(per_minute in 1_000_000u64..MAX_PER_MINUTE, cost in 1u64..100_000) {
+            // Spend in equal pieces at one instant until refused: the burst is the limit, less at most
+            // a microsecond's worth per piece (state is kept in whole microseconds) and one piece.
+            let (mut tat, now, mut spent) = (0, 10 * SECOND, 0u64);
+            loop {
+                let (v, next) = spend(per_minute, tat, now, cost);
+                if !v.allowed {
+                    break;
+                }
+                spent += cost;
+                tat = next;
+            }
+            let pieces = spent / cost;
+            let rounding = pieces * per_minute.div_ceil(MINUTE_US);
+            prop_assert!(spent <= per_minute && spent + cost + rounding > per_minute, "{spent} of {per_minute}");
         }
 
         #[test]

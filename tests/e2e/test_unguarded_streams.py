@@ -16,7 +16,13 @@ HELLO = [{"role": "user", "content": "hello there"}]
 
 
 def without_stream_guard(config: dict) -> None:
-    edit_filter_config(config, lambda routing: routing.pop("stream_guard_cluster"))
+    def edit(routing: dict) -> None:
+        routing.pop("stream_guard_cluster")
+        # Fallbacks are tried by the guard: without it, a model may have none.
+        for route in routing["models"]:
+            route.pop("fallbacks", None)
+
+    edit_filter_config(config, edit)
 
 
 @pytest.fixture(scope="module")
