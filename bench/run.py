@@ -36,6 +36,7 @@ BARE_CONFIG = ROOT / "bench" / "bare-envoy.yaml"
 BACKEND = "vllm-llama"
 MODEL = "llama-3.1-8b-instruct"      # routed straight to BACKEND
 RENAMED = "gpt-4o-mini"              # routed to BACKEND through ext_proc
+CHAINED = "resilient-llama"          # BACKEND first of a fallback chain, through the stream guard
 # Models of the demo's translated backends: the same simulator behind another dialect.
 TRANSLATED = {"anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -139,8 +140,8 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
 
 def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", *TRANSLATED,
-                             "litellm"] if s in run.urls]
+    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", "fallbacks",
+                             *TRANSLATED, "litellm"] if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
@@ -148,7 +149,7 @@ def measure(run: Run, stack: Stack) -> dict:
     # CPU time per request of the processes doing the serving shows where the time goes.
     serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "unaccounted": ["quiet-envoy"],
                "passthrough": ["envoy", "ext-proc"], "rate_limited": ["keyed-envoy", "ext-proc"],
-               "ext_proc": ["envoy", "ext-proc"], "litellm": ["litellm"],
+               "ext_proc": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],
                **{dialect: ["envoy", "ext-proc"] for dialect in TRANSLATED}}
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
     for _ in range(1 if run.short else 3):
@@ -382,6 +383,7 @@ def main() -> None:
             "rate_limited": (f"http://127.0.0.1:{keyed_ports[LISTENER_PORT]}{chat}", MODEL,
                              {"authorization": f"Bearer {BENCH_KEY}"}),
             "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED, {}),
+            "fallbacks": (f"http://127.0.0.1:{stack.port}{chat}", CHAINED, {}),
             **{dialect: (f"http://127.0.0.1:{stack.port}{chat}", model, {}) for dialect, model in TRANSLATED.items()},
         }
         if not args.short:

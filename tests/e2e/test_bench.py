@@ -17,7 +17,7 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     results = json.loads(result_file.read_text())
 
     assert set(results["throughput"]) == {"direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc",
-                                          "anthropic", "ollama"}
+                                          "fallbacks", "anthropic", "ollama"}
     assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
     for run in runs:
