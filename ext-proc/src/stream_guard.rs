@@ -142,6 +142,8 @@ impl StreamGuard {
     /// until one answers with something other than a retryable failure, or
     /// the chain or the retry budget runs out. Once an answer is relayed,
     /// nothing is retried: a stream that breaks ends with an error event.
+    /// The budget counts requests and retries until their answer's headers
+    /// are in: it bounds the extra attempts, not the streams they start.
     async fn relay_chain(
         &self,
         mut parts: hyper::http::request::Parts,
@@ -162,16 +164,34 @@ impl StreamGuard {
             Err(e) => return error_response(e),
         };
         let request_id = parts.headers.get("x-request-id").cloned();
+        // A backend that cannot take this request (an endpoint or parameter its dialect lacks, a
+        // key it cannot read) is left out: it is no attempt, and no failure of its hides another's.
+        let mut prepared = Vec::with_capacity(chain.members.len());
+        let mut unfit = None;
+        for member in &chain.members {
+            match prepare(&parts, &whole, member) {
+                Ok(attempt) => prepared.push((member, attempt)),
+                Err(e) => {
+                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.body.message, "failover: this backend cannot take the request");
+                    unfit.get_or_insert(e);
+                }
+            }
+        }
+        let Some(last) = prepared.len().checked_sub(1) else {
+            return error_response(unfit.unwrap_or_else(|| crate::call::misconfigured(&"an empty fallback chain")));
+        };
         let _in_flight = self.budget.enter();
         let per_try = Duration::from_millis(chain.per_try_timeout_ms);
+        // One retry slot per request, taken at its first retry: a request is retrying or it is not.
         let mut retrying = None;
-        for (index, member) in chain.members.iter().enumerate() {
-            let outcome = self.attempt(&parts, &whole, member, per_try).await;
-            let next = chain.members.get(index + 1);
-            // The budget is asked only when there is a failure to retry.
+        for (index, (member, attempt)) in prepared.into_iter().enumerate() {
+            let is_last = index == last;
+            let outcome = self.send(attempt, (!is_last).then_some(per_try)).await;
             let mut may_retry = || {
-                next.is_some() && {
-                    retrying = self.budget.try_retry(chain.retry_budget_percent, chain.min_retry_concurrency);
+                !is_last && {
+                    if retrying.is_none() {
+                        retrying = self.budget.try_retry(chain.retry_budget_percent, chain.min_retry_concurrency);
+                    }
                     retrying.is_some()
                 }
             };
@@ -194,48 +214,62 @@ impl StreamGuard {
             };
             return served_by(answer, &member.backend, index + 1);
         }
-        // Unreachable: the last member always answers; kept total for the type.
+        // Unreachable: the last attempt always answers; kept total for the type.
         error_response(crate::call::misconfigured(&"a fallback chain ended without an answer"))
     }
 
-    /// One attempt of a chain at `member`: its answer (headers in) and the
-    /// answer's translation, or why the attempt failed before answering.
-    async fn attempt(
+    /// Sends one prepared attempt: its answer (headers in) and the answer's
+    /// translation, or why it failed before answering. `per_try` bounds the
+    /// wait for the answer's headers (for a whole answer, the whole answer);
+    /// the last backend of a chain has none, as there is nothing to move on to.
+    async fn send(
         &self,
-        parts: &hyper::http::request::Parts,
-        whole: &Bytes,
-        member: &Member,
-        per_try: Duration,
+        attempt: Attempt,
+        per_try: Option<Duration>,
     ) -> Result<(Response<Incoming>, Option<Box<dyn ResponseTranslation>>), GatewayError> {
-        let mut request = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
-        if let Some(headers) = request.headers_mut() {
-            headers.clone_from(&parts.headers);
-        }
-        let (mut parts, ()) = request.body(()).map_err(|e| crate::call::misconfigured(&e))?.into_parts();
-        let cluster = HeaderValue::try_from(member.cluster.as_str()).map_err(|_| unusable_header(headers::CLUSTER))?;
-        parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
-        let (body, translation) = match &member.profile {
-            Some(profile) => {
-                let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None)?;
-                let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
-                (body, call.response_translation())
-            }
-            None => (whole.clone(), None),
+        let Attempt { request, translation } = attempt;
+        let sent = self.client.request(request);
+        let answered = match per_try {
+            Some(per_try) => tokio::time::timeout(per_try, sent).await.map_err(|_| {
+                GatewayError::new(
+                    504,
+                    "server_error",
+                    format!("The backend did not answer within {} ms.", per_try.as_millis()),
+                    None,
+                    Some("backend_timeout"),
+                )
+            })?,
+            None => sent.await,
         };
-        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let sent = self.client.request(Request::from_parts(parts, Either::Right(Full::new(body))));
-        match tokio::time::timeout(per_try, sent).await {
-            Ok(Ok(response)) => Ok((response, translation)),
-            Ok(Err(e)) => Err(listener_unreachable(&e)),
-            Err(_) => Err(GatewayError::new(
-                504,
-                "server_error",
-                format!("The backend did not start answering within {} ms.", per_try.as_millis()),
-                None,
-                Some("backend_timeout"),
-            )),
-        }
+        answered.map(|response| (response, translation)).map_err(|e| listener_unreachable(&e))
     }
+}
+
+/// One backend's request of a chain, ready to send, and its answer's translation.
+struct Attempt {
+    request: Request<UpstreamBody>,
+    translation: Option<Box<dyn ResponseTranslation>>,
+}
+
+/// The request for `member`: the client's, to the member's cluster, rewritten for its backend.
+fn prepare(parts: &hyper::http::request::Parts, whole: &Bytes, member: &Member) -> Result<Attempt, GatewayError> {
+    let mut request = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
+    if let Some(headers) = request.headers_mut() {
+        headers.clone_from(&parts.headers);
+    }
+    let (mut parts, ()) = request.body(()).map_err(|e| crate::call::misconfigured(&e))?.into_parts();
+    let cluster = HeaderValue::try_from(member.cluster.as_str()).map_err(|_| unusable_header(headers::CLUSTER))?;
+    parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
+    let (body, translation) = match &member.profile {
+        Some(profile) => {
+            let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None)?;
+            let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
+            (body, call.response_translation())
+        }
+        None => (whole.clone(), None),
+    };
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Ok(Attempt { request: Request::from_parts(parts, Either::Right(Full::new(body))), translation })
 }
 
 /// Says on an answer which backend of a chain served it, after how many attempts.

@@ -44,7 +44,8 @@ pub struct FilterConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverConfig {
-    /// How long an attempt may take to start answering before the next backend is tried.
+    /// How long an attempt may take to start answering (for a whole answer,
+    /// to answer) before the next backend is tried; the last backend has no such limit.
     pub per_try_timeout_ms: u64,
     /// Backend answers that send the request on to the next backend.
     pub retry_on_status: Vec<u16>,
@@ -57,8 +58,9 @@ pub struct FailoverConfig {
 impl Default for FailoverConfig {
     fn default() -> Self {
         FailoverConfig {
-            per_try_timeout_ms: 30_000,
-            retry_on_status: vec![429, 500, 502, 503, 504],
+            per_try_timeout_ms: 60_000,
+            // 529: Anthropic's "overloaded".
+            retry_on_status: vec![429, 500, 502, 503, 504, 529],
             retry_budget_percent: 20,
             min_retry_concurrency: 10,
         }

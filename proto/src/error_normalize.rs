@@ -13,8 +13,9 @@ use serde_json::{Map, Value};
 /// Where an error answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin<'a> {
-    /// The backend answered it (Envoy's `response.code_details` is `via_upstream`).
-    Backend,
+    /// The backend answered it (Envoy's `response.code_details` is `via_upstream`),
+    /// after `attempts` tries.
+    Backend { attempts: u32 },
     /// Envoy answered it itself; `details` is its `response.code_details`,
     /// and `attempts` how many tries the route's retries made.
     Envoy { details: &'a str, attempts: u32 },
@@ -24,7 +25,7 @@ impl<'a> Origin<'a> {
     /// The origin Envoy's `response.code_details` names.
     pub fn from_code_details(details: &'a str) -> Self {
         if details == "via_upstream" {
-            Origin::Backend
+            Origin::Backend { attempts: 1 }
         } else {
             Origin::Envoy { details, attempts: 1 }
         }
@@ -34,7 +35,7 @@ impl<'a> Origin<'a> {
     pub fn after_attempts(self, attempts: u32) -> Self {
         match self {
             Origin::Envoy { details, .. } => Origin::Envoy { details, attempts },
-            Origin::Backend => Origin::Backend,
+            Origin::Backend { .. } => Origin::Backend { attempts },
         }
     }
 }
@@ -79,9 +80,10 @@ pub fn normalize(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritt
         // Envoy's replies configured as OpenAI errors (such as the unknown-URL route) stay as they are.
         Origin::Envoy { .. } if is_openai_envelope(body) => None,
         Origin::Envoy { details, attempts } => Some(envoy_reply(status, details, attempts, body)),
-        Origin::Backend => {
-            backend_reply(status, body).map(|error| Rewritten { body: to_json(error), should_retry: None })
-        }
+        Origin::Backend { attempts } => backend_reply(status, body).map(|mut error| {
+            error.message = with_attempts(error.message, attempts);
+            Rewritten { body: to_json(error), should_retry: None }
+        }),
     }
 }
 
@@ -134,12 +136,16 @@ fn envoy_reply(status: u16, details: &str, attempts: u32, body: &[u8]) -> Rewrit
         let message = if text.is_empty() { format!("The gateway answered HTTP {status} ({details}).") } else { text };
         (message, None, None)
     };
-    let message = if attempts > 1 {
-        format!("{message} That was the last of {attempts} attempts on this model's backends; none of them answered.")
+    Rewritten { body: to_json(error(status, with_attempts(message, attempts), code)), should_retry }
+}
+
+/// A failure's message, saying so when it is the last of a fallback chain's attempts.
+fn with_attempts(message: String, attempts: u32) -> String {
+    if attempts > 1 {
+        format!("{message} That was the last of {attempts} attempts on this model's backends.")
     } else {
         message
-    };
-    Rewritten { body: to_json(error(status, message, code)), should_retry }
+    }
 }
 
 /// A backend's error answer in OpenAI's shape; `None` if it is already exactly that.
@@ -231,7 +237,8 @@ mod tests {
     use serde_json::json;
 
     fn backend(status: u16, body: &str) -> Option<Value> {
-        normalize(status, Origin::Backend, body.as_bytes()).map(|r| serde_json::from_slice(&r.body).unwrap())
+        normalize(status, Origin::Backend { attempts: 1 }, body.as_bytes())
+            .map(|r| serde_json::from_slice(&r.body).unwrap())
     }
 
     #[test]
@@ -306,6 +313,9 @@ mod tests {
         let chained = normalize(503, Origin::from_code_details(refused).after_attempts(3), b"").unwrap();
         let message = serde_json::from_slice::<Value>(&chained.body).unwrap()["error"]["message"].to_string();
         assert!(message.contains("could not connect") && message.contains("last of 3 attempts"), "{message}");
+        let overloaded = normalize(503, Origin::from_code_details("via_upstream").after_attempts(2), b"busy").unwrap();
+        let message = serde_json::from_slice::<Value>(&overloaded.body).unwrap()["error"]["message"].to_string();
+        assert!(message.contains("busy") && message.contains("last of 2 attempts"), "{message}");
         let dropped = "upstream_reset_before_response_started{connection_termination}";
         assert_eq!(envoy(503, dropped), server("backend_reset", Some(true)));
         assert_eq!(envoy(504, "response_timeout"), server("backend_timeout", Some(true)));
@@ -326,14 +336,14 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("The backend answered HTTP 500"));
-        let invalid_utf8 = normalize(502, Origin::Backend, b"\xff\xfe<html>").unwrap();
+        let invalid_utf8 = normalize(502, Origin::Backend { attempts: 1 }, b"\xff\xfe<html>").unwrap();
         assert!(serde_json::from_slice::<ErrorEnvelope>(&invalid_utf8.body).is_ok());
     }
 
     proptest! {
         #[test]
         fn any_body_becomes_a_valid_envelope(status in 400u16..600, body in proptest::collection::vec(any::<u8>(), 0..300)) {
-            if let Some(r) = normalize(status, Origin::Backend, &body) {
+            if let Some(r) = normalize(status, Origin::Backend { attempts: 1 }, &body) {
                 let v: ErrorEnvelope = serde_json::from_slice(&r.body).unwrap();
                 prop_assert!(!v.error.message.is_empty());
             }
@@ -344,7 +354,7 @@ mod tests {
         #[test]
         fn any_json_error_object_becomes_a_valid_envelope(message in "\\PC{0,40}", code in any::<i64>(), kind in "[A-Za-z_]{0,12}") {
             let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}}).to_string();
-            let r = normalize(400, Origin::Backend, body.as_bytes()).unwrap();
+            let r = normalize(400, Origin::Backend { attempts: 1 }, body.as_bytes()).unwrap();
             let v: ErrorEnvelope = serde_json::from_slice(&r.body).unwrap();
             prop_assert_eq!(v.error.code, None);
         }

@@ -291,7 +291,7 @@ mod tests {
         assert_eq!(members, [("pool", "pool", None), ("claude", "c", Some("claude-haiku"))]);
         assert_eq!(
             (chain.per_try_timeout_ms, chain.retry_on_status.as_slice()),
-            (5000, &[429, 500, 502, 503, 504][..])
+            (5000, &[429, 500, 502, 503, 504, 529][..])
         );
         for (guard, route, why) in [
             ("", r#"{"match": "m", "backend": "pool", "fallbacks": [{"backend": "claude"}]}"#, "stream_guard_cluster"),

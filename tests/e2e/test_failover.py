@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from conftest import ROOT, attempts_at, new_request_id as rid, report
-from devstack import DEMO_BACKENDS, Stack
+from devstack import Stack, edit_filter_config
 
 MODEL = "resilient-llama"
 PRIMARY, SECOND, THIRD = "vllm-llama", "sglang-qwen", "anthropic"
@@ -21,9 +21,17 @@ HELLO = [{"role": "user", "content": "hello"}]
 LOADGEN = ROOT / "target" / "release" / "modelgate-loadgen"
 
 
+# An attempt that has not answered within a second moves on (the demo waits a minute).
+PER_TRY_TIMEOUT_MS = 1000
+
+
+def with_short_per_try_timeout(config: dict) -> None:
+    edit_filter_config(config, lambda routing: routing.update(failover={"per_try_timeout_ms": PER_TRY_TIMEOUT_MS}))
+
+
 @pytest.fixture(scope="module")
 def gateway():
-    with Stack() as s:
+    with Stack(adjust_config=with_short_per_try_timeout) as s:
         yield s
 
 
@@ -46,8 +54,9 @@ def wait_until_served_by(gateway, backend: str, within: float = 20) -> float:
     return time.monotonic() - start
 
 
-def backend_port(gateway, name: str) -> int:
-    return next(gateway.ports[demo] for demo, backend in DEMO_BACKENDS.items() if backend == name)
+def received(gateway, backend: str) -> int:
+    """How many requests a simulated backend has received since it started."""
+    return len(httpx2.get(f"{gateway.backend_url(backend)}/sim/requests").json()["requests"])
 
 
 @pytest.mark.parametrize("status", [503, 429])
@@ -65,12 +74,41 @@ def test_a_primary_failing_a_third_of_requests_is_hidden_and_retries_stay_in_bud
     assert 5 <= len(retried) <= 35, len(retried)
     # One retry for each failure, and no more: every retried request reached the second backend once,
     # with the second backend's model name.
-    for request_id in retried:
-        [attempt] = attempts_at(gateway, SECOND, request_id)
-        assert attempt["body"]["model"] == "qwen-2.5-7b-instruct"
+    for request_id, _ in answers:
         assert len(attempts_at(gateway, PRIMARY, request_id)) == 1
+        second = attempts_at(gateway, SECOND, request_id)
+        if request_id in retried:
+            assert [a["body"]["model"] for a in second] == ["qwen-2.5-7b-instruct"]
+        else:
+            assert second == [], "an answered request was sent on all the same"
     report(f"failover, primary failing a third with {status}: {requests} requests, {requests} answered, "
            f"{len(retried)} retried on the second backend, 0 client errors")
+
+
+def test_a_primary_that_does_not_answer_in_time_is_left_for_the_next_backend(gateway):
+    request_id = rid()
+    start = time.monotonic()
+    answer = ask(gateway, **{"x-request-id": request_id, "x-sim-only": PRIMARY, "x-sim-ttft-ms": "3000"})
+    elapsed = time.monotonic() - start
+    assert answer.status_code == 200 and served_by(answer) == ("qwen-pool", 2)
+    assert PER_TRY_TIMEOUT_MS / 1000 <= elapsed < 2.5, elapsed
+
+
+def test_the_last_backend_is_reached_in_its_own_dialect(gateway):
+    gateway.kill(PRIMARY)
+    gateway.kill(SECOND)
+    try:
+        request_id = rid()
+        answer = ask(gateway, **{"x-request-id": request_id})
+        assert answer.status_code == 200 and served_by(answer) == ("anthropic", 3)
+        assert answer.json()["object"] == "chat.completion" and answer.json()["choices"][0]["message"]["content"]
+        [attempt] = attempts_at(gateway, THIRD, request_id)
+        assert attempt["path"] == "/v1/messages" and attempt["body"]["model"] == "claude-haiku-4-5"
+        assert attempt["headers"]["x-api-key"]
+    finally:
+        gateway.restart(PRIMARY)
+        gateway.restart(SECOND)
+    wait_until_served_by(gateway, "llama-pool")
 
 
 def test_a_stream_broken_halfway_ends_with_an_error_event_and_is_not_retried(gateway):
@@ -113,6 +151,7 @@ def test_ext_proc_down_fails_only_the_routes_that_need_it_and_they_recover_by_th
 def test_killing_the_primary_under_load_costs_no_client_an_error(gateway):
     rate, duration = 200, 20
     body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 4})
+    second_before = received(gateway, SECOND)
     load = subprocess.Popen([str(LOADGEN), "--url", f"{gateway.base_url}/chat/completions", "--body", body,
                              "--rate", str(rate), "--duration", str(duration), "--warmup", "0"],
                             stdout=subprocess.PIPE, text=True)
@@ -128,13 +167,17 @@ def test_killing_the_primary_under_load_costs_no_client_an_error(gateway):
     result = json.loads(output)
     assert result["errors"] == 0, result
     assert result["ok"] >= 0.9 * rate * duration, result
-    # Traffic is back on the primary once its health check passes again.
+    # The second backend served while the primary was away, and traffic is back on the
+    # primary once its health check passes again: it served most of the last 8 s of load.
+    served_by_second = received(gateway, SECOND) - second_before
+    served_by_primary_since_restart = received(gateway, PRIMARY)
+    assert 0.2 * rate * 7 <= served_by_second <= rate * duration, served_by_second
+    assert served_by_primary_since_restart >= 0.5 * rate * 8, served_by_primary_since_restart
     back_after = wait_until_served_by(gateway, "llama-pool")
-    served_by_primary_since_restart = len(httpx2.get(f"{gateway.backend_url(PRIMARY)}/sim/requests").json()["requests"])
-    assert served_by_primary_since_restart > 0
     report(f"failover under load: {result['ok']} requests at {rate}/s for {duration}s, primary killed at 5s and "
-           f"restarted at 12s, {result['errors']} client errors; {served_by_primary_since_restart} requests served "
-           f"by the restarted primary (first-attempt service {back_after:.1f}s after the load)")
+           f"restarted at 12s, {result['errors']} client errors; {served_by_second} served by the second backend, "
+           f"{served_by_primary_since_restart} by the restarted primary (first-attempt service "
+           f"{back_after:.1f}s after the load)")
 
 
 def test_every_backend_down_is_a_503_that_says_so(gateway, spec):
@@ -147,7 +190,8 @@ def test_every_backend_down_is_a_503_that_says_so(gateway, spec):
         assert answer.status_code == 503, answer.text
         error = answer.json()["error"]
         assert error["type"] == "server_error" and error["code"] in {"backend_connect_failed", "backend_unavailable"}
-        assert "attempts" in error["message"] or "No healthy backend" in error["message"], error
+        assert answer.headers["modelgate-attempts"] == "3"
+        assert "last of 3 attempts" in error["message"], error
         spec.validate("ErrorResponse", answer.json())
         # Within the route's bounds (three attempts; a refused connection fails at once).
         assert elapsed < 5, elapsed
