@@ -637,6 +637,76 @@ mod tests {
         assert!(answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
     }
 
+    /// An upstream that answers each request (one a connection) with the
+    /// response given for its `x-modelgate-cluster`, and keeps the requests.
+    async fn upstream_by_cluster(
+        answers: &'static [(&'static str, &'static str)],
+    ) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !String::from_utf8_lossy(&request).contains("\r\n\r\n{") || !request.ends_with(b"}") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8(request).unwrap();
+                let cluster =
+                    text.lines().find_map(|l| l.strip_prefix("x-modelgate-cluster: ")).unwrap_or("").to_string();
+                kept.lock().unwrap().push(text);
+                let response = answers.iter().find(|(c, _)| *c == cluster).map_or("", |(_, r)| r);
+                let _ = socket.write_all(response.as_bytes()).await;
+            }
+        });
+        (addr, seen)
+    }
+
+    const CHAIN: &str = concat!(
+        r#"x-modelgate-chain: {"members":[{"backend":"a","cluster":"ca","profile":{"model":"m-a"}},"#,
+        r#"{"backend":"b","cluster":"cb","profile":{"model":"m-b"}},{"backend":"c","cluster":"cc","profile":null}],"#,
+        r#""per_try_timeout_ms":500,"retry_on_status":[429,503],"retry_budget_percent":20,"min_retry_concurrency":10}"#,
+        "\r\n"
+    );
+    const UNAVAILABLE: &str = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy";
+    const ANSWERED: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+
+    #[tokio::test]
+    async fn a_chain_moves_on_from_a_retryable_failure_rewriting_each_attempt_for_its_backend() {
+        let (upstream, seen) = upstream_by_cluster(&[("ca", UNAVAILABLE), ("cb", ANSWERED)]).await;
+        let answer = request_through_guard(upstream, CHAIN, r#"{"model":"chained"}"#).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("modelgate-backend: b") && answer.contains("modelgate-attempts: 2"), "{answer}");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[0].ends_with(r#"{"model":"m-a"}"#) && seen[1].ends_with(r#"{"model":"m-b"}"#), "{seen:?}");
+        assert!(seen.iter().all(|r| !r.contains("x-modelgate-chain")), "the chain never reaches a backend");
+    }
+
+    #[tokio::test]
+    async fn the_last_failure_is_answered_and_the_last_backend_has_no_per_try_timeout() {
+        let (upstream, seen) =
+            upstream_by_cluster(&[("ca", UNAVAILABLE), ("cb", UNAVAILABLE), ("cc", UNAVAILABLE)]).await;
+        let answer = request_through_guard(upstream, CHAIN, r#"{"model":"chained"}"#).await;
+        assert!(answer.starts_with("HTTP/1.1 503") && answer.ends_with("busy"), "{answer}");
+        assert!(answer.contains("modelgate-backend: c") && answer.contains("modelgate-attempts: 3"), "{answer}");
+        // The last backend passes the client's body untouched.
+        assert!(seen.lock().unwrap()[2].ends_with(r#"{"model":"chained"}"#));
+
+        // A backend that closes the connection without answering is left for the next.
+        let (upstream, _) = upstream_by_cluster(&[("cb", ANSWERED)]).await;
+        let answer = request_through_guard(upstream, CHAIN, r#"{"model":"chained"}"#).await;
+        assert!(answer.contains("modelgate-backend: b") && answer.contains("modelgate-attempts: 2"), "{answer}");
+    }
+
     /// The headers of a stream to an Anthropic backend, which the guard rewrites and translates.
     const ANTHROPIC: &str = "x-modelgate-stream-cluster: anthropic\r\nx-modelgate-stream-backend: {\"dialect\":\"anthropic\",\"model\":\"claude-x\",\"api_key\":\"passthrough\"}\r\nauthorization: Bearer sk-client\r\n";
 
