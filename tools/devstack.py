@@ -326,6 +326,7 @@ def main() -> None:
         print(f"""
 modelgate is running: OpenAI API at {stack.base_url}
   Envoy admin      {stack.admin_url}
+  usage, metrics   {stack.ext_proc_admin_url}/v1/usage/report  {stack.ext_proc_admin_url}/metrics
   backends         {', '.join(f'{name} {stack.backend_url(name)}' for name in DEMO_BACKENDS.values())}
   logs             {stack.workdir}
 
@@ -340,7 +341,9 @@ Try it:
         messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
 
   The same call works with model="claude-sonnet-4-5" (a simulated Anthropic API,
-  translated) and model="llama3.2" (a simulated Ollama, translated).
+  translated), model="llama3.2" (a simulated Ollama, translated) and
+  model="resilient-llama" (three backends tried in turn; the answer's modelgate-backend
+  header says which served).
 
 Ctrl-C stops everything.""", flush=True)
         while not stopping:
