@@ -53,6 +53,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     prompt_tokens: Family<KeyLabels, Counter>,
     completion_tokens: Family<KeyLabels, Counter>,
+    without_usage: Family<BackendLabels, Counter>,
     cost_usd: Family<KeyLabels, Counter<f64, AtomicU64>>,
     duration: Histograms,
     ttft: Histograms,
@@ -69,6 +70,7 @@ impl Default for Metrics {
             errors: Family::default(),
             prompt_tokens: Family::default(),
             completion_tokens: Family::default(),
+            without_usage: Family::default(),
             cost_usd: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
             ttft: Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS)),
@@ -84,6 +86,12 @@ impl Default for Metrics {
             "modelgate_completion_tokens",
             "Completion tokens, as backends reported them",
             m.completion_tokens.clone(),
+        );
+        r.register(
+            "modelgate_answers_without_usage",
+            "Successful answers that reported no usage (a client gone mid-stream, a backend that ignores \
+             include_usage): their tokens are counted nowhere",
+            m.without_usage.clone(),
         );
         r.register(
             "modelgate_cost_usd",
@@ -143,6 +151,9 @@ impl Metrics {
             self.cost_usd.get_or_create(&labels).inc_by(cost);
         }
         let timings = BackendLabels { model: labels.model, backend: labels.backend };
+        if record.usage.is_none() && record.status < 400 {
+            self.without_usage.get_or_create(&timings).inc();
+        }
         self.duration.get_or_create(&timings).observe(seconds(record.latency_us));
         if record.stream {
             if let Some(ttft) = record.ttft_us {
@@ -278,5 +289,16 @@ mod tests {
         assert!(lines(&text, "modelgate_time_to_first_token_seconds_count").is_empty(), "{text}");
         assert!(lines(&text, "modelgate_inter_token_latency_seconds_count").is_empty(), "{text}");
         assert!(lines(&text, "modelgate_errors_total").is_empty(), "{text}");
+        // That answer reported no usage: its tokens are counted nowhere, and this says so.
+        assert_eq!(
+            lines(&text, "modelgate_answers_without_usage_total"),
+            [r#"modelgate_answers_without_usage_total{model="",backend=""} 1"#]
+        );
+        m.record(&UsageRecord { status: 503, ..UsageRecord::default() });
+        assert_eq!(
+            lines(&m.encode(), "modelgate_answers_without_usage_total"),
+            [r#"modelgate_answers_without_usage_total{model="",backend=""} 1"#],
+            "an error has no usage to miss"
+        );
     }
 }
