@@ -173,10 +173,6 @@ impl KeyLimits {
         buckets
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.own == Rate::default() && self.models.is_empty()
-    }
-
     /// True when some limit counts tokens, so answers' usage must be read.
     pub fn counts_tokens(&self) -> bool {
         self.own.tokens_per_minute.is_some() || self.models.iter().any(|(_, rate)| rate.tokens_per_minute.is_some())
