@@ -125,7 +125,7 @@ impl StreamGuard {
         }
         let request_id = parts.headers.get("x-request-id").cloned();
         match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(response) => guard_response(response, translation, request_id).await,
+            Ok(response) => guard_response(response, None, translation, request_id).await,
             Err(e) => error_response(listener_unreachable(&e)),
         }
     }
@@ -202,7 +202,24 @@ impl StreamGuard {
                         tracing::info!(request_id = ?request_id, backend = member.backend, status, "failover: trying the next backend");
                         continue;
                     }
-                    guard_response(response, translation, request_id.clone()).await
+                    // A stream counts as answered once its first bytes are in: a backend that
+                    // sends its headers and dies before any event can still be left for the next.
+                    let streams = response.status().is_success() && stream_framing(response.headers()).is_some();
+                    let (response, first) = if streams && !is_last {
+                        match first_bytes(response, per_try).await {
+                            Ok(started) => started,
+                            Err(failed) => {
+                                if may_retry() {
+                                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.body.message, "failover: trying the next backend");
+                                    continue;
+                                }
+                                return served_by(error_response(failed), &member.backend, index + 1);
+                            }
+                        }
+                    } else {
+                        (response, None)
+                    };
+                    guard_response(response, first, translation, request_id.clone()).await
                 }
                 Err(failed) => {
                     if may_retry() {
@@ -243,6 +260,30 @@ impl StreamGuard {
         };
         answered.map(|response| (response, translation)).map_err(|e| listener_unreachable(&e))
     }
+}
+
+/// A stream's answer once its first bytes are in (`None` for a stream that
+/// ended at once), or why it failed before any: it broke, or sent nothing within `per_try`.
+async fn first_bytes(
+    response: Response<Incoming>,
+    per_try: Duration,
+) -> Result<(Response<Incoming>, Option<Bytes>), GatewayError> {
+    let (parts, mut body) = response.into_parts();
+    let first = match tokio::time::timeout(per_try, body.frame()).await {
+        Ok(Some(Ok(frame))) => frame.into_data().ok(),
+        Ok(None) => None,
+        Ok(Some(Err(e))) => return Err(interruption(&e)),
+        Err(_) => {
+            return Err(GatewayError::new(
+                504,
+                "server_error",
+                format!("The backend's stream sent nothing within {} ms.", per_try.as_millis()),
+                None,
+                Some("backend_timeout"),
+            ))
+        }
+    };
+    Ok((Response::from_parts(parts, body), first))
 }
 
 /// One backend's request of a chain, ready to send, and its answer's translation.
@@ -374,8 +415,10 @@ fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
 
 /// The answer as the client gets it: a stream event by event (translated if
 /// asked), a whole answer to translate read first, anything else as it is.
+/// `first` is the start of the body, already read from `response`.
 async fn guard_response(
     response: Response<Incoming>,
+    first: Option<Bytes>,
     mut translation: Option<Box<dyn ResponseTranslation>>,
     request_id: Option<HeaderValue>,
 ) -> Response<GuardedBody> {
@@ -399,7 +442,7 @@ async fn guard_response(
         CompleteEvents::new(framing, DEFAULT_MAX_EVENT_BYTES)
     });
     let translation = translation.filter(|_| events.is_some());
-    let body = GuardedBody { state: State::Relaying(body), events, translation, request_id };
+    let body = GuardedBody { state: State::Relaying(body), first, events, translation, request_id };
     Response::from_parts(parts, body)
 }
 
@@ -451,6 +494,8 @@ pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
 /// end with an error event if the upstream breaks; other bodies pass as they are.
 pub struct GuardedBody {
     state: State,
+    /// The start of the upstream body, read before the answer was relayed (a fallback chain's check that its stream began).
+    first: Option<Bytes>,
     events: Option<CompleteEvents>,
     /// Turns the stream's whole events into OpenAI's, when the backend speaks another dialect.
     translation: Option<Box<dyn ResponseTranslation>>,
@@ -460,7 +505,7 @@ pub struct GuardedBody {
 impl GuardedBody {
     /// A body of these bytes only.
     fn last(bytes: Bytes) -> Self {
-        GuardedBody { state: State::Last(bytes), events: None, translation: None, request_id: None }
+        GuardedBody { state: State::Last(bytes), first: None, events: None, translation: None, request_id: None }
     }
 }
 
@@ -492,7 +537,10 @@ impl Body for GuardedBody {
                     _ => None,
                 });
             };
-            let frame = ready!(Pin::new(upstream).poll_frame(cx));
+            let frame = match this.first.take() {
+                Some(first) => Some(Ok(Frame::data(first))),
+                None => ready!(Pin::new(upstream).poll_frame(cx)),
+            };
             let Some(events) = &mut this.events else {
                 return Poll::Ready(frame);
             };
@@ -522,10 +570,10 @@ impl Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         match (&self.state, &self.events) {
-            (State::Relaying(upstream), None) => upstream.size_hint(),
+            (State::Relaying(upstream), None) if self.first.is_none() => upstream.size_hint(),
             (State::Last(last), _) => SizeHint::with_exact(last.len() as u64),
             (State::Done, _) => SizeHint::with_exact(0),
-            (State::Relaying(_), Some(_)) => SizeHint::default(),
+            (State::Relaying(_), _) => SizeHint::default(),
         }
     }
 }
@@ -689,6 +737,21 @@ mod tests {
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen[0].ends_with(r#"{"model":"m-a"}"#) && seen[1].ends_with(r#"{"model":"m-b"}"#), "{seen:?}");
         assert!(seen.iter().all(|r| !r.contains("x-modelgate-chain")), "the chain never reaches a backend");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_dies_before_its_first_bytes_is_left_for_the_next_backend() {
+        const DIES: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        const STREAMS: &str = concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            "17\r\ndata: 1\n\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+        );
+        let (upstream, seen) = upstream_by_cluster(&[("ca", DIES), ("cb", STREAMS)]).await;
+        let answer = request_through_guard(upstream, CHAIN, r#"{"model":"chained"}"#).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("modelgate-backend: b") && answer.contains("modelgate-attempts: 2"), "{answer}");
+        assert!(answer.contains("data: 1\n\ndata: [DONE]\n\n") && !answer.contains("error"), "{answer}");
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
