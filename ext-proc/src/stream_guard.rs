@@ -316,16 +316,11 @@ fn prepare(parts: &hyper::http::request::Parts, whole: &Bytes, member: &Member) 
 /// Says on an answer which backend of a chain served it, after how many attempts.
 fn served_by(mut answer: Response<GuardedBody>, backend: &str, attempts: usize) -> Response<GuardedBody> {
     if let Ok(backend) = HeaderValue::try_from(backend) {
-        answer.headers_mut().insert(SERVED_BY, backend);
+        answer.headers_mut().insert(headers::SERVED_BY, backend);
     }
-    answer.headers_mut().insert(ATTEMPTS, HeaderValue::from(attempts));
+    answer.headers_mut().insert(headers::ATTEMPTS, HeaderValue::from(attempts));
     answer
 }
-
-/// Response headers naming the backend that answered and the attempts it took
-/// (Envoy's routes set them for requests without fallbacks).
-const SERVED_BY: &str = "modelgate-backend";
-const ATTEMPTS: &str = "modelgate-attempts";
 
 /// The guard's answer when Envoy's inner listener cannot be reached.
 fn listener_unreachable(e: &dyn std::fmt::Display) -> GatewayError {

@@ -337,7 +337,7 @@ impl HttpContext for Request {
         if self.accounting {
             // A fallback chain may have been answered by another backend than the first.
             if let (Some(routed), Some(backend)) =
-                (&mut self.routed, host::header(MapType::HttpResponseHeaders, ANSWERED_BY))
+                (&mut self.routed, host::header(MapType::HttpResponseHeaders, headers::SERVED_BY))
             {
                 routed.backend = String::from_utf8_lossy(&backend).into_owned();
             }
@@ -350,7 +350,7 @@ impl HttpContext for Request {
         }
         let details = code_details(relayed_details);
         // A fallback chain's retries: the route says how many attempts were made.
-        let attempts = host::header(MapType::HttpResponseHeaders, ATTEMPTS)
+        let attempts = host::header(MapType::HttpResponseHeaders, headers::ATTEMPTS)
             .and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u32>().ok())
             .unwrap_or(1);
         if end_of_stream {
@@ -435,11 +435,6 @@ fn code_details(relayed: Option<Vec<u8>>) -> String {
     let details = relayed.or_else(|| host::property(&["response", "code_details"]));
     details.map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default()
 }
-
-/// Set by the routes (from Envoy's attempt count and the answering endpoint's
-/// metadata): how many attempts a request took, and which backend answered.
-const ATTEMPTS: &str = "modelgate-attempts";
-const ANSWERED_BY: &str = "modelgate-backend";
 
 /// Milliseconds the gateway and the backend took, as OpenAI reports them.
 const PROCESSING_MS: &str = "openai-processing-ms";

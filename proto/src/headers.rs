@@ -27,6 +27,12 @@ pub const STREAM_BACKEND: &str = "x-modelgate-stream-backend";
 /// clusters and profiles ([`crate::chain::Chain`]).
 pub const CHAIN: &str = "x-modelgate-chain";
 
+/// Response headers naming the backend that answered and how many attempts
+/// it took: set by the stream guard for a model with fallbacks, and by
+/// Envoy's routes (endpoint metadata, attempt count) for the rest.
+pub const SERVED_BY: &str = "modelgate-backend";
+pub const ATTEMPTS: &str = "modelgate-attempts";
+
 /// The headers a client's API key can come in. Unless its backend is set to
 /// `passthrough`, the filter removes them before the request goes upstream.
 pub const CLIENT_KEYS: &[&str] = &["authorization", "api-key", "x-api-key"];
