@@ -103,7 +103,7 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     })
 }
 
-pub fn now() -> Option<SystemTime> {
+fn now() -> Option<SystemTime> {
     hostcalls::get_current_time().ok()
 }
 

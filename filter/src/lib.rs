@@ -31,7 +31,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use request::{HeadersVerdict, Reply, RequestHead, Routing};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -164,7 +164,6 @@ impl RootContext for Plugin {
             accounting: self.router.accounting().is_some(),
             store_failures: self.store_failures,
             held: None,
-            started: None,
             started_us: 0,
             answered_here: false,
             error: None,
@@ -192,7 +191,7 @@ struct Request {
     store_failures: Option<u32>,
     /// A request held while the shared store decides on it.
     held: Option<Held>,
-    started: Option<SystemTime>,
+    /// When the request's headers came, in microseconds since the Unix epoch (0 if unknown).
     started_us: u64,
     /// The filter answered itself: the answer is already an OpenAI error.
     answered_here: bool,
@@ -259,7 +258,6 @@ impl Context for Request {
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.started = host::now();
         self.started_us = host::now_us();
         for name in headers::INTERNAL {
             host::remove_header(MapType::HttpRequestHeaders, name);
@@ -407,15 +405,10 @@ impl HttpContext for Request {
         let Some(routed) = self.routed.take().filter(|_| self.accounting) else {
             return;
         };
-        let now_us = host::now_us();
-        let mut record = match &mut self.answer {
-            Some(answer) => answer.record(now_us),
-            None => modelgate_proto::usage::UsageRecord {
-                at_ms: now_us / 1000,
-                latency_us: now_us.saturating_sub(self.started_us),
-                ..Default::default()
-            },
-        };
+        // A request refused before it was forwarded has no answer of its own: only its timing is recorded.
+        let started_us = self.started_us;
+        let answer = self.answer.get_or_insert_with(|| answer::Answer::new(started_us, false, false, false));
+        let mut record = answer.record(host::now_us());
         record.request_id = host::header(MapType::HttpRequestHeaders, "x-request-id")
             .map(|id| String::from_utf8_lossy(&id).into_owned())
             .unwrap_or_default();
@@ -441,8 +434,8 @@ const PROCESSING_MS: &str = "openai-processing-ms";
 
 impl Request {
     fn processing_ms(&self) -> Option<String> {
-        let elapsed = host::now()?.duration_since(self.started?).ok()?;
-        Some(elapsed.as_millis().to_string())
+        let now_us = host::now_us();
+        (self.started_us > 0 && now_us >= self.started_us).then(|| ((now_us - self.started_us) / 1000).to_string())
     }
 
     /// Spends the answer's tokens from the key's token limits, once: at the
@@ -466,10 +459,12 @@ impl Request {
     /// Sends a routed request on to its backend, once its key's limits admit
     /// it: counted here, or asked of the shared store (and then held until it answers).
     fn route(&mut self, routing: Routing, body: &[u8]) -> Action {
+        if let Some(routed) = &mut self.routed {
+            routed.model.clone_from(&routing.model);
+        }
         let (Some(routed), Some(caller)) = (&mut self.routed, self.caller.clone()) else {
             return self.forward(routing, body);
         };
-        routed.model.clone_from(&routing.model);
         routed.buckets = caller.limits.buckets(&caller.name, &routing.model);
         if routed.buckets.is_empty() {
             return self.forward(routing, body);
@@ -521,7 +516,6 @@ impl Request {
         let Some(routed) = &mut self.routed else {
             return Action::Continue;
         };
-        routed.model.clone_from(&routing.model);
         routed.backend.clone_from(&routing.backend);
         routed.price = routing.price;
         let count_tokens = self.accounting || routed.buckets.iter().any(|b| b.unit == limits::Unit::Tokens);
