@@ -117,6 +117,7 @@ class Stack:
         `ext_proc_args` are added to ext-proc's command line (a Redis URL, say), and
         `simulator_args` to the named simulated backends' (failures to inject, say)."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
+        self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
                                                        INNER_LISTENER_PORT, *DEMO_BACKENDS]}
         self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
@@ -168,26 +169,43 @@ class Stack:
                 sys.exit(f"{artifact} is missing: run `make build` first")
         try:
             for demo, name in DEMO_BACKENDS.items():
-                self.spawn(name, [str(BIN / "modelgate-simulator"), "--name", name,
-                                   "--listen", f"127.0.0.1:{self.ports[demo]}", *self.simulator_args.get(name, [])])
+                self.serve(name, [demo], lambda name=name, demo=demo: [
+                    str(BIN / "modelgate-simulator"), "--name", name, "--listen", f"127.0.0.1:{self.ports[demo]}",
+                    *self.simulator_args.get(name, [])])
             # Both rewrite requests for their backends (the guard those that stream), so both
             # see the backends' keys.
             backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
-            self.spawn("ext-proc", [str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
-                                    "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
-                                    "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}",
-                                    *self.ext_proc_args], env=backend_keys)
-            self.spawn("stream-guard", [str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
-                                        "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
-                                        "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"], env=backend_keys)
-            for port in [*(self.ports[p] for p in DEMO_BACKENDS), self.ports[EXT_PROC_PORT],
-                         self.ports[EXT_PROC_ADMIN_PORT], self.ports[STREAM_GUARD_PORT]]:
-                self.wait_for_port(port)
+            self.serve("ext-proc", [EXT_PROC_PORT, EXT_PROC_ADMIN_PORT], lambda: [
+                str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
+                "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
+                "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}", *self.ext_proc_args], backend_keys)
+            self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
+                str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
+                "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
+                "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"], backend_keys)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def serve(self, name: str, demo_ports: list[int], argv, env: dict[str, str] | None = None) -> None:
+        """Starts a server on its ports and waits until it listens. A free port can be taken
+        between choosing it and binding it (an outgoing connection's local port, say); on free
+        ports the server then gets new ones, a few times, before that counts as a failure."""
+        for attempt in range(5):
+            self.spawn(name, argv(), env)
+            try:
+                for demo in demo_ports:
+                    self.wait_for_port(self.ports[demo])
+                return
+            except RuntimeError:
+                taken = "Address already in use" in self.log_tail(name, 5)
+                if self.fixed_ports or not taken or attempt == 4:
+                    raise
+                self.processes = [(n, p) for n, p in self.processes if n != name]
+                for demo in demo_ports:
+                    self.ports[demo] = free_port()
 
     def start_envoy(self, name: str, template: Path, ports: dict[int, int], adjust=None) -> None:
         """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
@@ -282,17 +300,22 @@ class Redis:
         binary = shutil.which("redis-server")
         if not binary:
             sys.exit("redis-server is missing: install Debian's redis-server package")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server is not listening on {self.port} after 10s")
+        for _ in range(5):
+            self.process = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            # Its port was taken between choosing and binding it (Stack.serve says how): take another.
+            if self.process.poll() is None:
+                break
+            self.port = free_port()
+        raise RuntimeError(f"redis-server is not listening on {self.port}")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
