@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,6 +43,8 @@ DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistra
                  8005: "ollama"}
 # The demo's Anthropic backend takes its key from ext-proc's environment, as a real one would.
 DEMO_ANTHROPIC_KEY = "sk-ant-demo-key"
+# The internal token written in demo.yaml; each stack replaces it with a fresh one.
+DEMO_INTERNAL_TOKEN = "modelgate-demo-internal-token"
 
 
 def envoy_binary() -> str:
@@ -81,10 +84,30 @@ def edit_filter_config(config: dict, edit) -> None:
     value["value"] = json.dumps(routing)
 
 
-def render_config(template: Path, ports: dict[int, int], adjust=None) -> str:
-    """The Envoy YAML with demo ports remapped and the wasm path made absolute;
-    `adjust`, if given, may change the parsed configuration first."""
-    config = yaml.safe_load(template.read_text())
+def inner_virtual_host(config: dict) -> dict:
+    """The inner listener's virtual host (where the stream guard sends streams) in an Envoy configuration."""
+    inner = next(listener for listener in config["static_resources"]["listeners"] if listener["name"] == "inner")
+    return inner["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
+
+
+def allow_backend_clusters(config: dict, names: list[str], route: dict | None = None) -> None:
+    """Lets the inner listener route to these clusters too (it routes only to the backend clusters it
+    lists), as the demo's backends are routed, or with `route` (an Envoy route) instead."""
+    allowed = inner_virtual_host(config)["matcher"]["matcher_tree"]["exact_match_map"]["map"]
+    backend = allowed["llama_pool"]["action"]
+    for name in names:
+        action = {**backend, "typed_config": {**backend["typed_config"], **(route or {})}}
+        allowed[name] = {"action": action}
+
+
+def render_config(template: Path, ports: dict[int, int], adjust=None, internal_token: str | None = None) -> str:
+    """The Envoy YAML with demo ports remapped, the wasm path made absolute and the demo's
+    internal token replaced by `internal_token`; `adjust`, if given, may change the parsed
+    configuration first."""
+    text = template.read_text()
+    if internal_token:
+        text = text.replace(DEMO_INTERNAL_TOKEN, internal_token)
+    config = yaml.safe_load(text)
     if adjust:
         adjust(config)
 
@@ -110,12 +133,14 @@ class Stack:
 
     def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn",
                  envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None,
-                 ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None):
+                 ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None,
+                 key_dirs: list[Path] | None = None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
         `ext_proc_args` are added to ext-proc's command line (a Redis URL, say), and
-        `simulator_args` to the named simulated backends' (failures to inject, say)."""
+        `simulator_args` to the named simulated backends' (failures to inject, say). `key_dirs`
+        are the directories ext-proc and the stream guard may read backends' key files from."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
@@ -127,9 +152,15 @@ class Stack:
         self.adjust_config = adjust_config
         self.ext_proc_args = ext_proc_args or []
         self.simulator_args = simulator_args or {}
+        self.key_dirs = key_dirs or []
         self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        # What Envoy presents to ext-proc and the stream guard, fresh for every run.
+        self.internal_token = secrets.token_urlsafe(32)
+        self.internal_token_file = self.workdir / "internal-token"
+        self.internal_token_file.touch(mode=0o600)
+        self.internal_token_file.write_text(self.internal_token)
 
     @property
     def port(self) -> int:
@@ -173,16 +204,20 @@ class Stack:
                     str(BIN / "modelgate-simulator"), "--name", name, "--listen", f"127.0.0.1:{self.ports[demo]}",
                     *self.simulator_args.get(name, [])])
             # Both rewrite requests for their backends (the guard those that stream), so both
-            # see the backends' keys.
+            # see the backends' keys, and may read only those: the demo's variable, and key files
+            # in `key_dirs`. Both serve only callers with the internal token.
             backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
+            trusted = ["--key-env", "ANTHROPIC_API_KEY", *[arg for d in self.key_dirs for arg in ("--key-dir", str(d))],
+                       "--internal-token-file", str(self.internal_token_file)]
             self.serve("ext-proc", [EXT_PROC_PORT, EXT_PROC_ADMIN_PORT], lambda: [
                 str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
                 "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
-                "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}", *self.ext_proc_args], backend_keys)
+                "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}", *trusted, *self.ext_proc_args],
+                backend_keys)
             self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
                 str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                 "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
-                "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}"], backend_keys)
+                "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted], backend_keys)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
         except BaseException:
             self.stop()
@@ -210,7 +245,7 @@ class Stack:
     def start_envoy(self, name: str, template: Path, ports: dict[int, int], adjust=None) -> None:
         """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
         config = self.workdir / f"{name}.yaml"
-        config.write_text(render_config(template, ports, adjust))
+        config.write_text(render_config(template, ports, adjust, self.internal_token))
         self.spawn(name, [envoy_binary(), "-c", str(config), "--concurrency", str(self.envoy_concurrency),
                            "--disable-hot-restart", "--log-level", self.log_level])
         deadline = time.monotonic() + 60

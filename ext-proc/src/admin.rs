@@ -11,9 +11,13 @@
 //! - `POST /v1/limits/spend`: rate-limit buckets in Redis
 //!   ([`crate::shared_limits`]), only when Redis is configured.
 //!
-//! Errors are OpenAI envelopes. The port has no authentication: bind it to
-//! loopback or a network only the gateway reaches.
+//! Errors are OpenAI envelopes. With an internal token configured, the two
+//! routes the filter calls (records, spend) serve only callers presenting it
+//! ([`crate::internal_token`]); the metrics and the report are read by
+//! people and scrapers, so bind the port to loopback or a network only the
+//! gateway and its operators reach.
 
+use crate::internal_token::{self, InternalToken};
 use crate::metrics::{self, Metrics};
 use crate::shared_limits::SharedLimits;
 use crate::usage_report::UsageStore;
@@ -21,6 +25,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -174,21 +179,34 @@ pub fn parse_window(query: Option<&str>, now_s: u64) -> Result<(u64, u64), Gatew
     Ok((start, end))
 }
 
-/// The admin port's routes; `/v1/limits/spend` only with a limit store.
-pub fn router(admin: Arc<Admin>, limits: Option<SharedLimits>) -> Router {
-    let mut router = Router::new()
-        .route("/metrics", get(get_metrics).fallback(only("GET")))
-        .route("/v1/usage/records", post(post_records).fallback(only("POST")))
-        .route("/v1/usage/report", get(get_report).fallback(only("GET")))
-        .fallback(unknown_url)
-        .with_state(admin.clone());
+/// The admin port's routes; `/v1/limits/spend` only with a limit store. The
+/// routes the filter calls serve only callers presenting `token`.
+pub fn router(admin: Arc<Admin>, limits: Option<SharedLimits>, token: InternalToken) -> Router {
+    let from_envoy = middleware::from_fn_with_state(Arc::new(token), only_envoy);
+    let mut filter_calls =
+        Router::new().route("/v1/usage/records", post(post_records).fallback(only("POST"))).with_state(admin.clone());
     if let Some(store) = limits {
         let spend = Router::new()
             .route("/v1/limits/spend", post(post_spend).fallback(only("POST")))
-            .with_state(Arc::new(Limits { store, admin }));
-        router = router.merge(spend);
+            .with_state(Arc::new(Limits { store, admin: admin.clone() }));
+        filter_calls = filter_calls.merge(spend);
     }
-    router.layer(DefaultBodyLimit::max(MAX_BODY))
+    Router::new()
+        .route("/metrics", get(get_metrics).fallback(only("GET")))
+        .route("/v1/usage/report", get(get_report).fallback(only("GET")))
+        .fallback(unknown_url)
+        .with_state(admin)
+        .merge(filter_calls.route_layer(from_envoy))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// Lets through only callers presenting the internal token (any caller, without one).
+async fn only_envoy(State(token): State<Arc<InternalToken>>, request: axum::extract::Request, next: Next) -> Response {
+    if token.admits(request.headers().get(modelgate_proto::headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
+        next.run(request).await
+    } else {
+        error_response(&internal_token::refused())
+    }
 }
 
 struct Limits {

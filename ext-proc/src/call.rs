@@ -4,7 +4,7 @@
 //! guard ([`crate::stream_guard`]) both start from here, so a request is
 //! rewritten the same way whichever of them handles it.
 
-use crate::credentials;
+use crate::credentials::KeySources;
 use crate::translate::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
 use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
@@ -24,20 +24,30 @@ pub struct UpstreamParts {
 impl BackendCall {
     /// The call for a request to `path` whose backend has `profile` (the
     /// internal header's value); `client_key` is the client's key header, if
-    /// the filter let one through.
-    pub fn start(profile: &[u8], path: &[u8], client_key: Option<&[u8]>) -> Result<Self, GatewayError> {
+    /// the filter let one through, and `keys` the key sources this process may read.
+    pub fn start(
+        profile: &[u8],
+        path: &[u8],
+        client_key: Option<&[u8]>,
+        keys: &KeySources,
+    ) -> Result<Self, GatewayError> {
         let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
-        Self::for_profile(profile, path, client_key)
+        Self::for_profile(profile, path, client_key, keys)
     }
 
     /// The same, for a profile already read (a member of a fallback chain).
-    pub fn for_profile(profile: BackendProfile, path: &[u8], client_key: Option<&[u8]>) -> Result<Self, GatewayError> {
+    pub fn for_profile(
+        profile: BackendProfile,
+        path: &[u8],
+        client_key: Option<&[u8]>,
+        keys: &KeySources,
+    ) -> Result<Self, GatewayError> {
         let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
         let source = profile.api_key.clone();
         // An endpoint the backend lacks is refused before any key is read.
         let translation = translate::for_backend(profile, endpoint)?;
         let key = match &source {
-            Some(source) => credentials::resolve(source, client_key)?,
+            Some(source) => keys.resolve(source, client_key)?,
             None => None,
         };
         Ok(BackendCall { translation, key })

@@ -1,30 +1,119 @@
-//! The API key a backend is called with: from ext-proc's environment, from a
-//! file (a mounted secret, read on every request so a rotated key takes
+//! The API key a backend is called with: from the process's environment, from
+//! a file (a mounted secret, read on every request so a rotated key takes
 //! effect at once), or the client's own.
+//!
+//! Where a key comes from arrives with each request, in the backend profile
+//! the filter sets, and anyone who can reach ext-proc or the stream guard can
+//! send a profile of their own. So a source is read only when the process's
+//! own configuration allows it ([`KeySources`]: the variables and directories
+//! named at its start); anything else is refused as an unavailable key.
 //! Keys never appear in logs or error messages; only where they come from does.
 
 use modelgate_proto::backend::ApiKey;
 use modelgate_proto::error::GatewayError;
+use std::path::{Path, PathBuf};
 
-/// The key for a backend whose profile says `source`; `client_key` is the
-/// value of the client's `authorization`, `api-key` or `x-api-key` header.
-pub fn resolve(source: &ApiKey, client_key: Option<&[u8]>) -> Result<Option<String>, GatewayError> {
-    match source {
-        ApiKey::Env(name) => match std::env::var(name) {
-            Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
-            _ => Err(missing(&format!("environment variable {name} is not set"))),
-        },
-        ApiKey::File(path) => match std::fs::read_to_string(path) {
-            Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
-            Ok(_) => Err(missing(&format!("{path} is empty"))),
-            Err(e) => Err(missing(&format!("{path} cannot be read: {e}"))),
-        },
-        ApiKey::Passthrough => Ok(client_key.map(|value| {
-            let value = String::from_utf8_lossy(value);
-            let value = value.trim();
-            value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).unwrap_or(value).to_string()
-        })),
+/// The key sources this process may read, from its command line.
+#[derive(Debug, Default, Clone)]
+pub struct KeySources {
+    /// Environment variables that hold backend keys.
+    env: Vec<String>,
+    /// Directories of key files, canonical: a file is read only when its own
+    /// canonical path (`..` and symlinks resolved) lies inside one of them.
+    dirs: Vec<PathBuf>,
+}
+
+/// The command-line options naming the allowed key sources, shared by ext-proc and the stream guard.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeySourceArgs {
+    /// An environment variable that may hold a backend's API key (a profile's
+    /// `{"env": NAME}`); repeatable, or comma-separated in the variable.
+    #[arg(long = "key-env", env = "MODELGATE_KEY_ENV", value_delimiter = ',', value_name = "NAME")]
+    pub key_env: Vec<String>,
+    /// A directory whose files may hold backends' API keys (a profile's
+    /// `{"file": PATH}`); repeatable, or comma-separated in the variable.
+    #[arg(long = "key-dir", env = "MODELGATE_KEY_DIR", value_delimiter = ',', value_name = "DIR")]
+    pub key_dir: Vec<PathBuf>,
+}
+
+impl KeySourceArgs {
+    /// The allowed sources; a directory that does not exist is an error, so a typo fails at start.
+    pub fn sources(&self) -> Result<KeySources, String> {
+        let sources = KeySources::new(self.key_env.clone(), &self.key_dir)?;
+        tracing::info!(env = ?sources.env, dirs = ?sources.dirs, "backend API keys may come from these sources only");
+        Ok(sources)
     }
+}
+
+impl KeySources {
+    pub fn new(env: Vec<String>, dirs: &[PathBuf]) -> Result<Self, String> {
+        let dirs = dirs
+            .iter()
+            .map(|dir| {
+                std::fs::canonicalize(dir).map_err(|e| format!("key directory {} cannot be used: {e}", dir.display()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(KeySources { env: env.into_iter().filter(|name| !name.is_empty()).collect(), dirs })
+    }
+
+    /// The key for a backend whose profile says `source`; `client_key` is the
+    /// value of the client's `authorization`, `api-key` or `x-api-key` header.
+    pub fn resolve(&self, source: &ApiKey, client_key: Option<&[u8]>) -> Result<Option<String>, GatewayError> {
+        match source {
+            ApiKey::Env(name) => {
+                if !self.env.contains(name) {
+                    return Err(not_allowed(&format!("environment variable {}", bounded(name)), "--key-env"));
+                }
+                match std::env::var(name) {
+                    Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
+                    _ => Err(missing(&format!("environment variable {name} is not set"))),
+                }
+            }
+            ApiKey::File(path) => {
+                let file = self.allowed_file(Path::new(path))?;
+                match std::fs::read_to_string(&file) {
+                    Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
+                    Ok(_) => Err(missing(&format!("{path} is empty"))),
+                    Err(e) => Err(missing(&format!("{path} cannot be read: {e}"))),
+                }
+            }
+            ApiKey::Passthrough => Ok(client_key.map(|value| {
+                let value = String::from_utf8_lossy(value);
+                let value = value.trim();
+                value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).unwrap_or(value).to_string()
+            })),
+        }
+    }
+
+    /// The file's canonical path, when it lies inside an allowed directory.
+    fn allowed_file(&self, path: &Path) -> Result<PathBuf, GatewayError> {
+        let refused = || not_allowed(&format!("file {}", bounded(&path.to_string_lossy())), "--key-dir");
+        if self.dirs.is_empty() {
+            return Err(refused());
+        }
+        match std::fs::canonicalize(path) {
+            Ok(file) if self.dirs.iter().any(|dir| file.starts_with(dir)) => Ok(file),
+            Ok(_) => Err(refused()),
+            // A missing key file where keys may be is the operator's to fix: say why.
+            Err(e) if self.dirs.iter().any(|dir| path.starts_with(dir)) => {
+                Err(missing(&format!("{} cannot be read: {e}", path.display())))
+            }
+            Err(_) => Err(refused()),
+        }
+    }
+}
+
+/// A source named by a request, shortened for the log: it may be anything a caller sent.
+fn bounded(source: &str) -> String {
+    const MOST: usize = 200;
+    match source.char_indices().nth(MOST) {
+        Some((end, _)) => format!("{}...", &source[..end]),
+        None => source.to_string(),
+    }
+}
+
+fn not_allowed(source: &str, option: &str) -> GatewayError {
+    missing(&format!("{source} is not an allowed key source (see {option})"))
 }
 
 fn missing(why: &str) -> GatewayError {
@@ -42,19 +131,93 @@ fn missing(why: &str) -> GatewayError {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_come_from_files_or_the_client() {
-        let dir = std::env::temp_dir().join(format!("modelgate-key-{}", std::process::id()));
-        std::fs::write(&dir, "sk-file\n").unwrap();
-        assert_eq!(resolve(&ApiKey::File(dir.display().to_string()), None).unwrap().as_deref(), Some("sk-file"));
-        std::fs::remove_file(&dir).unwrap();
-        let gone = resolve(&ApiKey::File(dir.display().to_string()), None).unwrap_err();
-        assert_eq!((gone.status, gone.body.code.as_deref()), (500, Some("backend_key_unavailable")));
-        assert!(!gone.body.message.contains(&dir.display().to_string()), "paths stay out of client messages");
+    fn unavailable(result: Result<Option<String>, GatewayError>) -> bool {
+        matches!(result, Err(e) if (e.status, e.body.code.as_deref()) == (500, Some("backend_key_unavailable")))
+    }
 
-        assert_eq!(resolve(&ApiKey::Passthrough, Some(b"Bearer sk-client")).unwrap().as_deref(), Some("sk-client"));
-        assert_eq!(resolve(&ApiKey::Passthrough, Some(b"sk-raw")).unwrap().as_deref(), Some("sk-raw"));
-        assert_eq!(resolve(&ApiKey::Passthrough, None).unwrap(), None);
-        assert!(resolve(&ApiKey::Env("MODELGATE_SURELY_UNSET_VARIABLE".into()), None).is_err());
+    /// A fresh directory of its own for each test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("modelgate-keys-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn keys_come_from_allowed_files_or_the_client() {
+        let dir = scratch("files");
+        let file = dir.join("backend");
+        std::fs::write(&file, "sk-file\n").unwrap();
+        let sources = KeySources::new(Vec::new(), std::slice::from_ref(&dir)).unwrap();
+        let source = ApiKey::File(file.display().to_string());
+        assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-file"));
+        std::fs::remove_file(&file).unwrap();
+        let gone = sources.resolve(&source, None).unwrap_err();
+        assert_eq!((gone.status, gone.body.code.as_deref()), (500, Some("backend_key_unavailable")));
+        assert!(!gone.body.message.contains(&file.display().to_string()), "paths stay out of client messages");
+
+        assert_eq!(
+            sources.resolve(&ApiKey::Passthrough, Some(b"Bearer sk-client")).unwrap().as_deref(),
+            Some("sk-client")
+        );
+        assert_eq!(sources.resolve(&ApiKey::Passthrough, Some(b"sk-raw")).unwrap().as_deref(), Some("sk-raw"));
+        assert_eq!(sources.resolve(&ApiKey::Passthrough, None).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_environment_variables_named_at_start_are_read() {
+        let home = std::env::var("HOME").unwrap();
+        let sources = KeySources::new(vec!["HOME".into()], &[]).unwrap();
+        assert_eq!(sources.resolve(&ApiKey::Env("HOME".into()), None).unwrap().as_deref(), Some(home.trim()));
+        assert!(unavailable(sources.resolve(&ApiKey::Env("PATH".into()), None)), "PATH was never allowed");
+        assert!(unavailable(KeySources::default().resolve(&ApiKey::Env("HOME".into()), None)));
+        let unset = KeySources::new(vec!["MODELGATE_SURELY_UNSET_VARIABLE".into()], &[]).unwrap();
+        assert!(unavailable(unset.resolve(&ApiKey::Env("MODELGATE_SURELY_UNSET_VARIABLE".into()), None)));
+    }
+
+    #[test]
+    fn a_file_outside_the_allowed_directories_is_never_read() {
+        let dir = scratch("escape");
+        let (allowed, outside) = (dir.join("allowed"), dir.join("outside"));
+        std::fs::create_dir_all(&allowed).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "sk-outside").unwrap();
+        std::fs::write(allowed.join("key"), "sk-inside").unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), allowed.join("link-out")).unwrap();
+        std::os::unix::fs::symlink(allowed.join("key"), outside.join("link-in")).unwrap();
+        // A sibling whose name starts like the allowed directory's is not inside it.
+        let sibling = dir.join("allowed-not");
+        std::fs::create_dir_all(&sibling).unwrap();
+        std::fs::write(sibling.join("key"), "sk-sibling").unwrap();
+        let sources = KeySources::new(Vec::new(), std::slice::from_ref(&allowed)).unwrap();
+        let read = |path: PathBuf| sources.resolve(&ApiKey::File(path.display().to_string()), None);
+
+        assert_eq!(read(allowed.join("key")).unwrap().as_deref(), Some("sk-inside"));
+        assert_eq!(read(allowed.join("../allowed/./key")).unwrap().as_deref(), Some("sk-inside"));
+        // A symlink from outside into the directory reads a file that is inside it.
+        assert_eq!(read(outside.join("link-in")).unwrap().as_deref(), Some("sk-inside"));
+        for escape in [
+            outside.join("secret"),
+            allowed.join("../outside/secret"),
+            allowed.join("link-out"),
+            sibling.join("key"),
+            PathBuf::from("/etc/hostname"),
+            PathBuf::from("relative/key"),
+        ] {
+            assert!(unavailable(read(escape.clone())), "{} was read", escape.display());
+        }
+        assert!(unavailable(
+            KeySources::default().resolve(&ApiKey::File(allowed.join("key").display().to_string()), None)
+        ));
+        assert!(KeySources::new(Vec::new(), &[dir.join("missing")]).is_err(), "a missing directory fails at start");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sources_named_by_a_request_are_logged_shortened() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(1000);
+        assert_eq!(bounded(&long).chars().count(), 203);
     }
 }

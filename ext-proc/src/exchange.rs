@@ -4,6 +4,7 @@
 //! key file; tested without Envoy.
 
 use crate::call::BackendCall;
+use crate::credentials::KeySources;
 use crate::messages;
 use crate::translate::{HeaderChanges, ResponseTranslation};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
@@ -11,9 +12,13 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
+use std::sync::Arc;
 
+/// By default no key source is allowed: only a client's own key is passed on.
 #[derive(Default)]
 pub struct Exchange {
+    /// The key sources this process may read.
+    keys: Arc<KeySources>,
     /// Set from the request headers when the request's backend has a profile.
     active: Option<Active>,
 }
@@ -27,11 +32,15 @@ struct Active {
 }
 
 impl Exchange {
+    pub fn new(keys: Arc<KeySources>) -> Self {
+        Exchange { keys, active: None }
+    }
+
     /// The answer to one message; `None` for a message with nothing in it.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
         let request = message.request?;
         let answer = match (&request, &mut self.active) {
-            (Request::RequestHeaders(h), _) => match start(h) {
+            (Request::RequestHeaders(h), _) => match start(h, &self.keys) {
                 Ok(Some(call)) => {
                     let watch = call.translates_responses();
                     self.active = Some(Active { call, responses: None, response: None });
@@ -81,13 +90,13 @@ impl Exchange {
 
 /// The backend call a request needs, from its headers; `None` when the filter
 /// marked nothing to do.
-fn start(request: &HttpHeaders) -> Result<Option<BackendCall>, GatewayError> {
+fn start(request: &HttpHeaders, keys: &KeySources) -> Result<Option<BackendCall>, GatewayError> {
     let Some(profile) = messages::header(request, headers::BACKEND) else {
         return Ok(None);
     };
     let path = messages::header(request, ":path").unwrap_or_default();
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| messages::header(request, name));
-    BackendCall::start(profile, path, client_key).map(Some)
+    BackendCall::start(profile, path, client_key, keys).map(Some)
 }
 
 #[cfg(test)]
@@ -162,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_backend_that_only_needs_its_key_gets_the_body_as_it_is() {
-        let mut ex = Exchange::default();
+        let mut ex = Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()));
         let key = std::env::var("HOME").unwrap();
         ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
@@ -171,6 +180,20 @@ mod tests {
         let answer = common(ex.on_message(body(br#"{"model":"m"}"#, true, false)).unwrap());
         assert!(answer.body_mutation.is_none());
         assert_eq!(set_headers(&answer), vec![("authorization".to_string(), format!("Bearer {}", key.trim()))]);
+    }
+
+    #[test]
+    fn a_key_source_the_process_was_not_given_is_refused_before_anything_is_sent() {
+        let mut ex = Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()));
+        let answer = ex.on_message(request_headers(&[
+            (":path", "/v1/chat/completions"),
+            (headers::BACKEND, r#"{"api_key":{"env":"PATH"}}"#),
+        ]));
+        let Some(Response::ImmediateResponse(reply)) = answer.unwrap().response else { panic!("expected a refusal") };
+        assert_eq!(reply.status.unwrap().code, 500);
+        let v: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(v["error"]["code"], "backend_key_unavailable");
+        assert!(!String::from_utf8_lossy(&reply.body).contains(&std::env::var("PATH").unwrap()));
     }
 
     #[test]

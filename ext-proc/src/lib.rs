@@ -16,6 +16,7 @@ pub mod credentials;
 pub mod exchange;
 pub mod failover;
 pub mod framing;
+pub mod internal_token;
 pub mod messages;
 pub mod metrics;
 pub mod ollama;

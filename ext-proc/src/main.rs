@@ -1,6 +1,8 @@
 use clap::Parser;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use modelgate_ext_proc::admin::{self, Admin};
+use modelgate_ext_proc::credentials::KeySourceArgs;
+use modelgate_ext_proc::internal_token::InternalTokenArgs;
 use modelgate_ext_proc::process::{run, shutdown_signal};
 use modelgate_ext_proc::service::Processor;
 use modelgate_ext_proc::shared_limits::SharedLimits;
@@ -21,8 +23,8 @@ struct Args {
     /// small machine, 1 costs the least CPU per request.
     #[arg(long, env = "MODELGATE_EXT_PROC_THREADS", default_value_t = 0)]
     worker_threads: usize,
-    /// Address of the admin port (plain HTTP, no authentication): usage
-    /// records in, metrics and usage reports out, shared rate limits.
+    /// Address of the admin port (plain HTTP): usage records in, metrics and
+    /// usage reports out, shared rate limits.
     #[arg(long, env = "MODELGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     admin_listen: SocketAddr,
     /// Hours of usage the report keeps, in minutes' sums.
@@ -37,11 +39,17 @@ struct Args {
     #[arg(long, env = "MODELGATE_REDIS_TIMEOUT_MS", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..))]
     redis_timeout_ms: u64,
+    #[command(flatten)]
+    keys: KeySourceArgs,
+    #[command(flatten)]
+    token: InternalTokenArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     run(args.worker_threads, async move {
+        let keys = Arc::new(args.keys.sources()?);
+        let token = args.token.load("ext-proc's gRPC and admin ports")?;
         // One signal stops both servers. Polled once here, so its handlers are
         // installed before either server listens: a SIGTERM from then on stops them cleanly.
         let mut signal = Box::pin(shutdown_signal());
@@ -61,13 +69,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(url) => Some(SharedLimits::new(url, Duration::from_millis(args.redis_timeout_ms))?),
             None => None,
         };
-        let admin = admin::router(Arc::new(Admin::new(args.usage_retention_hours)), limits);
+        let admin = admin::router(Arc::new(Admin::new(args.usage_retention_hours)), limits, token.clone());
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
         let grpc = async {
             tonic::transport::Server::builder()
-                .add_service(ExternalProcessorServer::new(Processor))
+                .add_service(ExternalProcessorServer::with_interceptor(Processor { keys }, token))
                 .serve_with_shutdown(args.listen, until_stopped(stopped.clone()))
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)

@@ -2,15 +2,20 @@
 //! order by one [`Exchange`], as a stream transformation — no task or channel
 //! per request on this hot path.
 
+use crate::credentials::KeySources;
 use crate::exchange::Exchange;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Debug, Default)]
-pub struct Processor;
+pub struct Processor {
+    /// The key sources this process may read, from its command line.
+    pub keys: Arc<KeySources>,
+}
 
 type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
@@ -19,7 +24,7 @@ impl ExternalProcessor for Processor {
     type ProcessStream = Answers;
 
     async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
-        let mut exchange = Exchange::default();
+        let mut exchange = Exchange::new(Arc::clone(&self.keys));
         let answers = request
             .into_inner()
             // Envoy ending or resetting the stream ends the exchange.

@@ -23,10 +23,18 @@
 //!
 //! The guard's own answers (its upstream unreachable, a request without a
 //! target cluster) are OpenAI errors too; every other answer passes untouched.
+//!
+//! What reaches the guard is trusted only as far as its own configuration
+//! says: with an internal token configured, a request without it is refused;
+//! keys are read only from the sources it was started with; and a client's
+//! `x-envoy-*` headers are dropped, since the inner listener must route the
+//! stream as configured, not as they ask (retries, timeouts, hedging).
 
 use crate::call::BackendCall;
+use crate::credentials::KeySources;
 use crate::failover::RetryBudget;
 use crate::framing::{CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
+use crate::internal_token::{self, InternalToken};
 use crate::translate::ResponseTranslation;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -57,6 +65,10 @@ pub struct StreamGuard {
     upstream: SocketAddr,
     /// Bounds the retries of fallback chains.
     budget: RetryBudget,
+    /// The key sources the guard may read; none unless given.
+    keys: KeySources,
+    /// What callers must present; nothing unless given.
+    token: InternalToken,
 }
 
 impl StreamGuard {
@@ -68,7 +80,19 @@ impl StreamGuard {
             client: Client::builder(TokioExecutor::new()).build(connector),
             upstream,
             budget: RetryBudget::default(),
+            keys: KeySources::default(),
+            token: InternalToken::default(),
         }
+    }
+
+    /// Lets the guard read backends' keys from `keys`.
+    pub fn with_keys(self, keys: KeySources) -> Self {
+        StreamGuard { keys, ..self }
+    }
+
+    /// Serves only callers that present `token`.
+    pub fn with_token(self, token: InternalToken) -> Self {
+        StreamGuard { token, ..self }
     }
 
     /// Serves until the task is dropped.
@@ -98,6 +122,9 @@ impl StreamGuard {
 
     async fn relay(&self, request: Request<Incoming>) -> Response<GuardedBody> {
         let (mut parts, body) = request.into_parts();
+        if let Err(e) = self.intake(&mut parts.headers) {
+            return error_response(e);
+        }
         if let Some(chain) = parts.headers.remove(headers::CHAIN) {
             return self.relay_chain(parts, body, chain.as_bytes()).await;
         }
@@ -115,7 +142,7 @@ impl StreamGuard {
         remove_hop_by_hop(&mut parts.headers);
         let (body, translation) = match parts.headers.remove(headers::STREAM_BACKEND) {
             None => (Either::Left(body), None),
-            Some(profile) => match rewrite(&mut parts, body, profile.as_bytes()).await {
+            Some(profile) => match rewrite(&mut parts, body, profile.as_bytes(), &self.keys).await {
                 Ok(rewritten) => rewritten,
                 Err(e) => return error_response(e),
             },
@@ -128,6 +155,21 @@ impl StreamGuard {
             Ok(response) => guard_response(response, None, translation, request_id).await,
             Err(e) => error_response(listener_unreachable(&e)),
         }
+    }
+
+    /// Checks a request's token, and drops what the inner listener must not see from it: the
+    /// token, and `x-envoy-*` headers, which Envoy would obey from a caller it took as internal.
+    fn intake(&self, request_headers: &mut HeaderMap) -> Result<(), GatewayError> {
+        if !self.token.admits(request_headers.get(headers::INTERNAL_TOKEN).map(HeaderValue::as_bytes)) {
+            return Err(internal_token::refused());
+        }
+        request_headers.remove(headers::INTERNAL_TOKEN);
+        let envoys: Vec<HeaderName> =
+            request_headers.keys().filter(|name| name.as_str().starts_with("x-envoy-")).cloned().collect();
+        for name in envoys {
+            request_headers.remove(name);
+        }
+        Ok(())
     }
 
     /// Points a request at Envoy's inner listener, keeping its path.
@@ -169,7 +211,7 @@ impl StreamGuard {
         let mut prepared = Vec::with_capacity(chain.members.len());
         let mut unfit = None;
         for member in &chain.members {
-            match prepare(&parts, &whole, member) {
+            match prepare(&parts, &whole, member, &self.keys) {
                 Ok(attempt) => prepared.push((member, attempt)),
                 Err(e) => {
                     tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.body.message, "failover: this backend cannot take the request");
@@ -293,7 +335,12 @@ struct Attempt {
 }
 
 /// The request for `member`: the client's, to the member's cluster, rewritten for its backend.
-fn prepare(parts: &hyper::http::request::Parts, whole: &Bytes, member: &Member) -> Result<Attempt, GatewayError> {
+fn prepare(
+    parts: &hyper::http::request::Parts,
+    whole: &Bytes,
+    member: &Member,
+    keys: &KeySources,
+) -> Result<Attempt, GatewayError> {
     let mut request = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
     if let Some(headers) = request.headers_mut() {
         headers.clone_from(&parts.headers);
@@ -303,7 +350,7 @@ fn prepare(parts: &hyper::http::request::Parts, whole: &Bytes, member: &Member) 
     parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
     let (body, translation) = match &member.profile {
         Some(profile) => {
-            let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None)?;
+            let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None, keys)?;
             let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
             (body, call.response_translation())
         }
@@ -344,9 +391,10 @@ async fn rewrite(
     parts: &mut hyper::http::request::Parts,
     body: Incoming,
     profile: &[u8],
+    keys: &KeySources,
 ) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| parts.headers.get(*name)).map(HeaderValue::as_bytes);
-    let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key)?;
+    let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key, keys)?;
     let whole = read_body(body).await?;
     let body = apply_rewrite(parts, &mut call, whole)?;
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -620,9 +668,14 @@ mod tests {
 
     /// The same for a POST with these extra header lines and this body.
     async fn request_through_guard(upstream: SocketAddr, extra_headers: &str, body: &str) -> String {
+        request_through(StreamGuard::new(upstream), extra_headers, body).await
+    }
+
+    /// The same, through a guard configured as given.
+    async fn request_through(guard: StreamGuard, extra_headers: &str, body: &str) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let guard_addr = listener.local_addr().unwrap();
-        tokio::spawn(StreamGuard::new(upstream).serve(listener));
+        tokio::spawn(guard.serve(listener));
         let mut client = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
         let request = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{extra_headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -835,5 +888,63 @@ mod tests {
         let broken = "x-modelgate-stream-cluster: x\r\nx-modelgate-stream-backend: {\"dialect\":\"klingon\"}\r\n";
         let answer = request_through_guard(never, broken, CHAT).await;
         assert!(answer.starts_with("HTTP/1.1 500") && answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
+    }
+
+    const STREAMED: &str =
+        concat!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 14\r\n\r\n", "data: [DONE]\n\n");
+
+    #[tokio::test]
+    async fn with_a_token_only_callers_presenting_it_are_relayed_and_the_token_goes_no_further() {
+        let never = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let guard = || StreamGuard::new(never).with_token(InternalToken::new("tok"));
+        for presented in ["", "x-modelgate-internal-token: wrong\r\n", "x-modelgate-internal-token: tok2\r\n"] {
+            let headers = format!("x-modelgate-stream-cluster: pool\r\n{presented}");
+            let answer = request_through(guard(), &headers, "{}").await;
+            assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+            assert!(answer.contains(r#""type":"invalid_request_error","param":null,"code":"invalid_internal_token""#));
+        }
+        let (upstream, received) = upstream_answering(STREAMED.as_bytes()).await;
+        let guard = StreamGuard::new(upstream).with_token(InternalToken::new("tok"));
+        let headers = "x-modelgate-stream-cluster: pool\r\nx-modelgate-internal-token: tok\r\n";
+        let answer = request_through(guard, headers, "{}").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(!received.await.unwrap().contains("x-modelgate-internal-token"));
+    }
+
+    #[tokio::test]
+    async fn a_clients_envoy_headers_never_reach_the_inner_listener() {
+        let (upstream, received) = upstream_answering(STREAMED.as_bytes()).await;
+        let headers = concat!(
+            "x-modelgate-stream-cluster: pool\r\n",
+            "x-envoy-retry-on: 5xx\r\nx-envoy-max-retries: 5\r\nX-Envoy-Upstream-Rq-Timeout-Ms: 1\r\n",
+            "x-envoy-hedge-on-per-try-timeout: true\r\nx-envoy-upstream-rq-per-try-timeout-ms: 1\r\n",
+            "x-sim-ttft-ms: 5\r\n"
+        );
+        let answer = request_through_guard(upstream, headers, "{}").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let received = received.await.unwrap().to_ascii_lowercase();
+        assert!(!received.contains("x-envoy-"), "{received}");
+        assert!(received.contains("x-sim-ttft-ms: 5") && received.contains("x-modelgate-cluster: pool"), "{received}");
+    }
+
+    #[tokio::test]
+    async fn a_key_source_the_guard_was_not_given_is_refused_without_calling_the_backend() {
+        let never = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let naming = |source: &str| {
+            format!("x-modelgate-stream-cluster: pool\r\nx-modelgate-stream-backend: {{\"api_key\":{source}}}\r\n")
+        };
+        for source in [r#"{"env":"HOME"}"#, r#"{"file":"/etc/hostname"}"#] {
+            let guard = StreamGuard::new(never).with_keys(KeySources::new(vec!["OTHER".into()], &[]).unwrap());
+            let answer = request_through(guard, &naming(source), CHAT).await;
+            assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+            assert!(answer.contains(r#""code":"backend_key_unavailable""#), "{answer}");
+        }
+        // The same source, allowed, is read and sent.
+        let (upstream, received) = upstream_answering(STREAMED.as_bytes()).await;
+        let guard = StreamGuard::new(upstream).with_keys(KeySources::new(vec!["HOME".into()], &[]).unwrap());
+        let answer = request_through(guard, &naming(r#"{"env":"HOME"}"#), CHAT).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let home = std::env::var("HOME").unwrap();
+        assert!(received.await.unwrap().contains(&format!("authorization: Bearer {}", home.trim())));
     }
 }

@@ -110,6 +110,26 @@ fn errors_are_openai_envelopes() {
 }
 
 #[test]
+fn with_an_internal_token_only_callers_presenting_it_may_write() {
+    let file = std::env::temp_dir().join(format!("modelgate-admin-token-{}", std::process::id()));
+    std::fs::write(&file, "tok-admin\n").unwrap();
+    let ext_proc = ExtProc::start(&["--internal-token-file", file.to_str().unwrap()]);
+    let line = record(now_ms(), "forged", 200, (1000, 0), None);
+    for headers in ["", "x-modelgate-internal-token: tok-admi\r\n", "x-modelgate-internal-token: tok-admin2\r\n"] {
+        let answer = common::http_with(ext_proc.admin, "POST", "/v1/usage/records", headers, line.as_bytes());
+        assert_eq!((answer.status, answer.json()["error"]["code"].clone()), (401, json!("invalid_internal_token")));
+    }
+    assert_eq!(ext_proc.get("/v1/usage/report").json()["data"], json!([]), "nothing was counted");
+    let token = "x-modelgate-internal-token: tok-admin\r\n";
+    let answer = common::http_with(ext_proc.admin, "POST", "/v1/usage/records", token, line.as_bytes());
+    assert_eq!((answer.status, answer.json()), (200, json!({"accepted": 1, "rejected": 0})));
+    // Reading stays open to scrapers and operators.
+    assert_eq!(ext_proc.get("/metrics").status, 200);
+    assert_eq!(ext_proc.get("/v1/usage/report").json()["data"][0]["key"], "forged");
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
 fn one_signal_stops_both_servers() {
     let mut ext_proc = ExtProc::start(&[]);
     let killed = Command::new("kill").args(["-TERM", &ext_proc.process.id().to_string()]).status();

@@ -65,8 +65,12 @@ const RECORDS_PATH: &str = "/v1/usage/records";
 /// Where ext-proc's admin port spends from shared rate limits.
 const SPEND_PATH: &str = "/v1/limits/spend";
 
-fn admin_call_headers(path: &'static str, content_type: &'static str) -> Vec<(&'static str, &'static str)> {
-    vec![(":method", "POST"), (":path", path), (":authority", "modelgate-admin"), ("content-type", content_type)]
+/// The headers of a call to ext-proc's admin port, with the internal token where one is configured.
+fn admin_call_headers<'a>(path: &'a str, content_type: &'a str, token: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
+    let mut headers =
+        vec![(":method", "POST"), (":path", path), (":authority", "modelgate-admin"), ("content-type", content_type)];
+    headers.extend(token.map(|token| (headers::INTERNAL_TOKEN, token)));
+    headers
 }
 
 impl Context for Plugin {
@@ -88,13 +92,16 @@ impl Context for Plugin {
 
 impl Plugin {
     fn send(&mut self, cluster: &str, batch: Batch) {
+        let router = Rc::clone(&self.router);
+        let token = router.internal_token();
         let sent = match &batch {
             Batch::Records(lines) => {
-                host::dispatch(cluster, admin_call_headers(RECORDS_PATH, "application/x-ndjson"), lines, BATCH_TIMEOUT)
+                let headers = admin_call_headers(RECORDS_PATH, "application/x-ndjson", token);
+                host::dispatch(cluster, headers, lines, BATCH_TIMEOUT)
             }
             Batch::Debits(debits) => {
                 let call = serde_json::to_vec(debits).unwrap_or_default();
-                host::dispatch(cluster, admin_call_headers(SPEND_PATH, "application/json"), &call, BATCH_TIMEOUT)
+                host::dispatch(cluster, admin_call_headers(SPEND_PATH, "application/json", token), &call, BATCH_TIMEOUT)
             }
         };
         match sent {
@@ -477,7 +484,7 @@ impl Request {
             return self.forward(routing, body);
         };
         let call = serde_json::to_vec(&Bucket::admission(&routed.buckets)).unwrap_or_default();
-        let headers = admin_call_headers(SPEND_PATH, "application/json");
+        let headers = admin_call_headers(SPEND_PATH, "application/json", self.router.internal_token());
         if host::dispatch(&shared.cluster, headers, &call, Duration::from_millis(shared.timeout_ms)).is_some() {
             self.held = Some(Held { routing, body_len: body.len() });
             return Action::Pause;
@@ -547,6 +554,9 @@ impl Request {
         if let Some(cluster) = &routing.stream_cluster {
             host::set_header(MapType::HttpRequestHeaders, headers::STREAM_CLUSTER, cluster);
             self.guarded = true;
+        }
+        if let (true, Some(token)) = (self.guarded, self.router.internal_token()) {
+            host::set_header(MapType::HttpRequestHeaders, headers::INTERNAL_TOKEN, token);
         }
         Action::Continue
     }

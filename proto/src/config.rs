@@ -39,6 +39,11 @@ pub struct FilterConfig {
     /// How models with fallbacks move from one backend to the next.
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// The token the filter presents to the stream guard and to ext-proc's
+    /// admin port (as [`crate::headers::INTERNAL_TOKEN`]), the same one those
+    /// processes are started with. Unset: the filter presents none.
+    #[serde(default)]
+    pub internal_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +231,31 @@ impl FilterConfig {
                 return Err(format!("invalid modelgate configuration: {name} is {ms}, outside 1 to 600000"));
             }
         }
+        let printable = |token: &String| !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+        if config.internal_token.as_ref().is_some_and(|token| !printable(token)) {
+            return Err(
+                "invalid modelgate configuration: internal_token must be printable ASCII, without spaces".into()
+            );
+        }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_internal_token_must_fit_in_a_header() {
+        let with = |token: &str| {
+            FilterConfig::from_json(
+                format!(r#"{{"backends": {{}}, "models": [], "internal_token": {token}}}"#).as_bytes(),
+            )
+        };
+        assert_eq!(with(r#""a1-B2_c3.~""#).unwrap().internal_token.as_deref(), Some("a1-B2_c3.~"));
+        for bad in ["\"\"", "\"two words\"", "\"line\\nbreak\"", "\"\u{e9}\""] {
+            assert!(with(bad).unwrap_err().contains("internal_token"), "{bad}");
+        }
+        assert_eq!(with("null").unwrap().internal_token, None);
     }
 }

@@ -37,8 +37,13 @@ pub const ATTEMPTS: &str = "modelgate-attempts";
 /// `passthrough`, the filter removes them before the request goes upstream.
 pub const CLIENT_KEYS: &[&str] = &["authorization", "api-key", "x-api-key"];
 
+/// Set by the filter, from its `internal_token` setting, on what it sends to
+/// the stream guard and to ext-proc's admin port (and by Envoy, as gRPC
+/// metadata, on ext_proc's streams): proves the caller is the gateway's Envoy.
+pub const INTERNAL_TOKEN: &str = "x-modelgate-internal-token";
+
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN];
+pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN, INTERNAL_TOKEN];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies

@@ -41,6 +41,7 @@ pub struct Router {
     client_keys: ClientKeys,
     accounting: Option<AccountingConfig>,
     shared_limits: Option<SharedLimitsConfig>,
+    internal_token: Option<String>,
 }
 
 impl Router {
@@ -51,6 +52,7 @@ impl Router {
             client_keys: ClientKeys::from_config(&config.client_keys)?,
             accounting: config.accounting.clone(),
             shared_limits: config.shared_limits.clone(),
+            internal_token: config.internal_token.clone(),
             ..Router::default()
         };
         for route in &config.models {
@@ -119,6 +121,11 @@ impl Router {
     /// Where answered requests are reported, if anywhere.
     pub fn accounting(&self) -> Option<&AccountingConfig> {
         self.accounting.as_ref()
+    }
+
+    /// The token presented to the stream guard and ext-proc's admin port, if one is configured.
+    pub fn internal_token(&self) -> Option<&str> {
+        self.internal_token.as_deref()
     }
 }
 

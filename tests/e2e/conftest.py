@@ -20,7 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from devstack import Stack, edit_filter_config, free_port, http_connection_manager  # noqa: E402
+from devstack import (Stack, allow_backend_clusters, edit_filter_config, free_port,  # noqa: E402
+                      http_connection_manager)
 
 SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))
 
@@ -45,12 +46,15 @@ def add_failing_backends(config: dict) -> None:
     # 8001 is the llama backend's port in demo.yaml; the harness remaps it with the others.
     empty = {"name": "empty_pool", "type": "STATIC", "load_assignment": {"cluster_name": "empty_pool"}}
     config["static_resources"]["clusters"] += [cluster("dead_pool", free_port()), cluster("slow_pool", 8001), empty]
+    slow = {"route": {"cluster": "slow_pool", "timeout": "0.5s"}, "request_headers_to_remove": ["x-modelgate-cluster"]}
     routes = http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
     routes.insert(0, {
         "match": {"prefix": "/", "headers": [{"name": "x-modelgate-cluster", "string_match": {"exact": "slow_pool"}}]},
-        "route": {"cluster": "slow_pool", "timeout": "0.5s"},
-        "request_headers_to_remove": ["x-modelgate-cluster"],
+        **slow,
     })
+    # Streams reach their backends through the inner listener.
+    allow_backend_clusters(config, ["dead_pool", "empty_pool", "no_such_cluster"])
+    allow_backend_clusters(config, ["slow_pool"], slow)
 
 
 # Where the `filekey` backend's API key is read from; tests rewrite it to rotate the key.
@@ -77,7 +81,7 @@ def stack():
         add_failing_backends(config)
         add_keyed_backends(config)
 
-    with Stack(adjust_config=adjust) as s:
+    with Stack(adjust_config=adjust, key_dirs=[KEY_FILE.parent]) as s:
         yield s
 
 

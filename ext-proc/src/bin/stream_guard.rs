@@ -1,4 +1,6 @@
 use clap::Parser;
+use modelgate_ext_proc::credentials::KeySourceArgs;
+use modelgate_ext_proc::internal_token::InternalTokenArgs;
 use modelgate_ext_proc::process::{run, shutdown_signal};
 use modelgate_ext_proc::stream_guard::StreamGuard;
 use std::net::SocketAddr;
@@ -17,15 +19,21 @@ struct Args {
     /// Threads serving streams; 0 means one per CPU.
     #[arg(long, env = "MODELGATE_STREAM_GUARD_THREADS", default_value_t = 0)]
     worker_threads: usize,
+    #[command(flatten)]
+    keys: KeySourceArgs,
+    #[command(flatten)]
+    token: InternalTokenArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     run(args.worker_threads, async move {
+        let keys = args.keys.sources()?;
+        let token = args.token.load("the stream guard's port")?;
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(listen = %args.listen, upstream = %args.upstream, "modelgate stream guard listening");
         tokio::select! {
-            _ = StreamGuard::new(args.upstream).serve(listener) => {}
+            _ = StreamGuard::new(args.upstream).with_keys(keys).with_token(token).serve(listener) => {}
             _ = shutdown_signal() => {}
         }
         Ok(())

@@ -152,10 +152,15 @@ impl Answer {
 
 /// One request on its own connection, read to its end.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Answer {
+    http_with(addr, method, path, "", body)
+}
+
+/// The same, with more header lines (each ending in `\r\n`).
+pub fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &[u8]) -> Answer {
     let mut stream = TcpStream::connect(addr).expect("connecting to the admin port");
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("a read timeout");
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body)).expect("sending a request");
