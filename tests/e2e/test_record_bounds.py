@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import new_request_id as rid, received_by
+from conftest import new_request_id as rid, received_by, report
 from devstack import Stack, edit_filter_config
 
 # The qwen backend serves these two models only, as a real engine does; `qwen-*` routes any name to it.
@@ -85,6 +85,7 @@ def test_a_flood_of_odd_model_names_leaves_metrics_small_and_real_models_named(g
     wait_for_requests(gateway, before + len(odd) + 2)
 
     text = scrape(gateway)
+    report(f"record bounds: /metrics is {len(text)} bytes after {len(odd)} requests for odd model names")
     assert len(text) < 64 << 10, f"/metrics is {len(text)} bytes"
     m = samples(text)
     assert m[f"modelgate_requests_total{labels(model='qwen-3-32b', backend='qwen-pool', key='')}"] == 1
@@ -96,9 +97,9 @@ def test_a_flood_of_odd_model_names_leaves_metrics_small_and_real_models_named(g
     named = {k.split('model="', 1)[1].split('"', 1)[0] for k in m if k.startswith("modelgate_requests_total")}
     assert not any("junk" in name for name in named), named
     assert max(len(name) for name in named) <= 128
-    report = httpx2.get(f"{gateway.ext_proc_admin_url}/v1/usage/report").json()["data"]
-    assert max(len(row["model"]) for row in report) <= 128
-    assert len(report) < 20, report
+    rows = httpx2.get(f"{gateway.ext_proc_admin_url}/v1/usage/report").json()["data"]
+    assert max(len(row["model"]) for row in rows) <= 128
+    assert len(rows) < 20, rows
 
 
 def test_an_odd_request_id_is_replaced_by_a_generated_one_everywhere(gateway, http):
@@ -117,14 +118,14 @@ def test_an_odd_request_id_is_replaced_by_a_generated_one_everywhere(gateway, ht
     # A refusal answered by the gateway itself carries a generated id too.
     refused = chat(http, "no-such-model", "y" * 4096)
     assert refused.status_code == 404 and UUID.match(refused.headers["x-request-id"]), refused.headers
-    wait_for_requests(gateway, requests_counted(gateway) + 1)
+    # ext-proc logs the record of the last good request with the id its client got.
     deadline = time.monotonic() + 2 * FLUSH_MS / 1000 + 10
     while generated not in gateway.log_tail("ext-proc", 400):
         assert time.monotonic() < deadline, gateway.log_tail("ext-proc", 40)
         time.sleep(0.2)
 
 
-def test_a_flood_of_refusals_with_huge_request_ids_loses_no_good_record(gateway, http):
+def test_a_flood_of_refusals_with_huge_request_ids_loses_no_good_record(gateway):
     def key(model: str, status: int | None = None) -> str:
         family = "modelgate_errors_total" if status else "modelgate_requests_total"
         extra = {"status": str(status)} if status else {}
@@ -132,22 +133,20 @@ def test_a_flood_of_refusals_with_huge_request_ids_loses_no_good_record(gateway,
 
     start = samples(scrape(gateway))
     good_key, refused_key = key("mistral-7b-instruct"), key("", 404)
+    # Recorded with their ids, about 160 refusals like these filled a worker's 8 MiB outbox between two batches.
     huge = "r" * (50 << 10)
     flood, good = 1200, 60
 
     def send(lane: int) -> list[int]:
-        """Every sixteenth request, on a connection of its own: one good request among twenty refusals."""
+        """Every sixteenth request, on one connection: a good request among every twenty refusals."""
         with httpx2.Client(base_url=f"http://127.0.0.1:{gateway.port}", timeout=60) as c:
             return [chat(c, "mistral-7b-instruct", rid()).status_code if i % (flood // good + 1) == 0
                     else chat(c, "no-such-model", f"{huge}{i}").status_code
                     for i in range(lane, flood + good, 16)]
 
-    began = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         statuses = [status for lane in pool.map(send, range(16)) for status in lane]
-    print(f"{flood + good} requests in {time.monotonic() - began:.1f}s")
     assert statuses.count(200) == good and statuses.count(404) == flood, set(statuses)
-    wait_for_requests(gateway, requests_counted(gateway) + 1)
     deadline = time.monotonic() + 3 * FLUSH_MS / 1000 + 10
     while True:
         m = samples(scrape(gateway))
@@ -156,7 +155,7 @@ def test_a_flood_of_refusals_with_huge_request_ids_loses_no_good_record(gateway,
             break
         time.sleep(0.5)
     # Every good request's record arrived, and every refusal was counted once.
-    assert counted == (good, flood), gateway.log_tail("envoy", 5)[-2000:]
+    assert counted == (good, flood), gateway.log_tail("envoy", 5)[-2000:]  # the filter logs what it drops
     assert m.get("modelgate_usage_records_dropped_total") == 0
     envoy_stats = httpx2.get(f"{gateway.admin_url}/stats?filter=usage_records_dropped").text
     assert "wasmcustom.modelgate.usage_records_dropped: 0" in envoy_stats, envoy_stats
