@@ -1,9 +1,11 @@
 //! ext-proc's admin port, plain HTTP/1.1 beside the gRPC service:
 //!
 //! - `POST /v1/usage/records`: the filter's usage records, one JSON object a
-//!   line. Lines that do not parse are skipped and counted; the answer is
+//!   line, and its tallies of refused requests and dropped records. Lines
+//!   that do not parse are skipped and counted; the answer is
 //!   `200 {"accepted":N,"rejected":M}`, or a 400 error when lines came and
-//!   none parsed (a sender speaking another version).
+//!   none parsed (a sender speaking another version). Every value that
+//!   becomes a label or a log field is bounded again here.
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]).
 //! - `GET /v1/usage/report?start=&end=`: usage per key, model and backend
 //!   ([`crate::usage_report`]), in Unix seconds; `start` defaults to 0, `end`
@@ -31,7 +33,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
-use modelgate_proto::usage::UsageRecord;
+use modelgate_proto::usage::{bounded, Tally, UsageRecord, INVALID, OTHER_MODELS};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,10 +42,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const MAX_BODY: usize = 32 << 20;
 
 /// Distinct model names kept as they are in metrics and the report. A model
-/// name is client input (any name a `*` route serves), so past this many,
-/// new names are counted as [`OTHER_MODELS`] and memory stays bounded.
+/// name is client input (any name a pattern route serves): it becomes a
+/// label only once the filter vouches for it (an exact route, or a backend's
+/// success), and past this many, new names too are counted as
+/// [`OTHER_MODELS`], so memory and `/metrics` stay bounded.
 const MAX_MODELS: usize = 1000;
-const OTHER_MODELS: &str = "(other)";
 
 /// What the admin port keeps: metrics and the usage report's minutes.
 pub struct Admin {
@@ -61,23 +64,40 @@ impl Admin {
         }
     }
 
-    /// Counts, stores and logs parsed records, as received at `now_ms`.
-    pub fn ingest(&self, mut records: Vec<UsageRecord>, now_ms: u64) {
+    /// Counts, stores and logs parsed records and tallies, as received at `now_ms`.
+    pub fn ingest(&self, mut records: Vec<UsageRecord>, mut tallies: Vec<Tally>, now_ms: u64) {
         {
             let mut models = self.models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for record in &mut records {
-                if !models.contains(&record.model) {
-                    if models.len() < MAX_MODELS {
-                        models.insert(record.model.clone());
-                    } else {
-                        record.model = OTHER_MODELS.into();
-                    }
-                }
+                record.request_id = bounded(&record.request_id).to_string();
+                record.key = bounded(&record.key).to_string();
+                record.backend = bounded(&record.backend).to_string();
+                record.model = model_label(&mut models, &record.model, record.model_served);
+            }
+            for refused in tallies.iter_mut().flat_map(|tally| &mut tally.refused) {
+                refused.key = bounded(&refused.key).to_string();
+                refused.model = model_label(&mut models, &refused.model, refused.model_served);
             }
         }
         for record in &records {
             self.metrics.record(record);
             log(record);
+        }
+        for tally in &tallies {
+            self.metrics.records_dropped(tally.dropped_records);
+            if tally.dropped_records > 0 {
+                tracing::warn!(dropped = tally.dropped_records, "the gateway dropped usage records it could not send");
+            }
+            for refused in &tally.refused {
+                self.metrics.refused(refused);
+                tracing::info!(
+                    key = refused.key.as_str(),
+                    model = refused.model.as_str(),
+                    status = refused.status,
+                    count = refused.count,
+                    "requests refused before any backend"
+                );
+            }
         }
         // A poisoned lock only means another ingest panicked midway: its sums are still sums.
         let mut usage = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -85,7 +105,27 @@ impl Admin {
         for record in &records {
             usage.add(record, now_ms);
         }
+        for tally in &tallies {
+            for refused in &tally.refused {
+                usage.add_refused(refused, tally.at_ms, now_ms);
+            }
+        }
     }
+}
+
+/// What a model name is shown as: itself once it is known (or vouched for
+/// while there is room for it), else a placeholder. The empty name (a
+/// request that named no model the gateway serves) stays empty.
+fn model_label(models: &mut HashSet<String>, model: &str, served: bool) -> String {
+    let model = bounded(model);
+    if model.is_empty() || model == INVALID || models.contains(model) {
+        return model.to_string();
+    }
+    if served && models.len() < MAX_MODELS && model != OTHER_MODELS {
+        models.insert(model.to_string());
+        return model.to_string();
+    }
+    OTHER_MODELS.into()
 }
 
 /// One log line per request, inside a span that carries who asked what.
@@ -115,17 +155,18 @@ fn log(record: &UsageRecord) {
     });
 }
 
-/// An NDJSON body's records, and the lines that were not one.
+/// An NDJSON body's records and tallies, and the lines that were neither.
 #[derive(Debug, Default, PartialEq)]
 pub struct ParsedRecords {
     pub records: Vec<UsageRecord>,
+    pub tallies: Vec<Tally>,
     pub rejected: u64,
     /// Why the first rejected line was, with its number (from 1).
     pub first_error: Option<String>,
 }
 
-/// Splits an NDJSON body into records; blank lines are neither. Bytes that
-/// are not UTF-8 only spoil the lines they are on.
+/// Splits an NDJSON body into records and tallies; blank lines are neither.
+/// Bytes that are not UTF-8 only spoil the lines they are on.
 pub fn parse_records(body: &[u8]) -> ParsedRecords {
     let mut parsed = ParsedRecords::default();
     for (index, line) in body.split(|b| *b == b'\n').enumerate() {
@@ -140,9 +181,11 @@ pub fn parse_records(body: &[u8]) -> ParsedRecords {
                 _ => Ok(record),
             }
         });
-        match record {
+        // A line that is no record may be a tally; if it is neither, the record's error says why.
+        match record.map_err(|e| (serde_json::from_slice::<Tally>(line), e)) {
             Ok(record) => parsed.records.push(record),
-            Err(e) => {
+            Err((Ok(tally), _)) => parsed.tallies.push(tally),
+            Err((Err(_), e)) => {
                 parsed.rejected += 1;
                 parsed.first_error.get_or_insert_with(|| format!("line {}: {e}", index + 1));
             }
@@ -224,8 +267,8 @@ async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, Bytes
         Err(rejection) => return body_error(&rejection),
     };
     let parsed = parse_records(&body);
-    let accepted = parsed.records.len();
-    admin.ingest(parsed.records, now_ms());
+    let accepted = parsed.records.len() + parsed.tallies.len();
+    admin.ingest(parsed.records, parsed.tallies, now_ms());
     if parsed.rejected > 0 {
         admin.metrics.records_rejected(parsed.rejected);
         tracing::warn!(rejected = parsed.rejected, first = parsed.first_error.as_deref(), "usage records skipped");
@@ -344,6 +387,7 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelgate_proto::usage::Refused;
     use serde_json::{json, Value};
 
     #[test]
@@ -368,26 +412,85 @@ not json\n\
         assert_eq!(parse_records(b""), ParsedRecords::default());
     }
 
+    /// The requests counted for this model, with no backend and no key.
+    fn requests_of(admin: &Admin, model: &str) -> Option<String> {
+        let series = format!("modelgate_requests_total{{model=\"{model}\",backend=\"\",key=\"\"}} ");
+        admin.metrics.encode().lines().find_map(|l| l.strip_prefix(&series).map(str::to_string))
+    }
+
+    fn served(model: String) -> UsageRecord {
+        UsageRecord { model, model_served: true, status: 200, ..UsageRecord::default() }
+    }
+
     #[test]
     fn model_names_past_the_cap_are_counted_together() {
         let admin = Admin::new(1);
-        let record = |model: String| UsageRecord { model, status: 200, ..UsageRecord::default() };
-        admin.ingest((0..MAX_MODELS + 5).map(|i| record(format!("m-{i}"))).collect(), 0);
-        admin.ingest(vec![record("m-0".into()), record("new".into())], 0);
+        admin.ingest((0..MAX_MODELS + 5).map(|i| served(format!("m-{i}"))).collect(), Vec::new(), 0);
+        admin.ingest(vec![served("m-0".into()), served("new".into())], Vec::new(), 0);
+        let named = |model: &str| requests_of(&admin, model);
+        assert_eq!((named("m-0").as_deref(), named("m-999").is_some()), (Some("2"), true));
+        assert_eq!((named("m-1000"), named("new")), (None, None));
+        assert_eq!(named(OTHER_MODELS).as_deref(), Some("6"));
+    }
+
+    #[test]
+    fn a_model_name_becomes_a_label_once_vouched_for_and_stays_one() {
+        let admin = Admin::new(1);
+        let unserved = |model: &str, status| UsageRecord { model: model.into(), status, ..UsageRecord::default() };
+        // A flood of names no backend answered leaves every place for real ones.
+        admin.ingest((0..2 * MAX_MODELS).map(|i| unserved(&format!("junk-{i}"), 404)).collect(), Vec::new(), 0);
+        admin.ingest(vec![unserved("qwen-3", 404), served("qwen-3".into()), unserved("qwen-3", 500)], Vec::new(), 0);
+        let refused = Refused { key: "k".into(), model: "qwen-3".into(), model_served: false, status: 429, count: 4 };
+        let tally = Tally { at_ms: 0, refused: vec![refused.clone()], dropped_records: 3 };
+        admin.ingest(Vec::new(), vec![tally], 0);
+        assert_eq!(requests_of(&admin, OTHER_MODELS).as_deref(), Some(&*(2 * MAX_MODELS + 1).to_string()));
+        assert_eq!(requests_of(&admin, "qwen-3").as_deref(), Some("2"));
         let metrics = admin.metrics.encode();
-        let series = |model: &str| {
-            metrics
-                .lines()
-                .filter(|l| l.starts_with("modelgate_requests_total") && l.contains(&format!("model=\"{model}\"")))
-                .count()
+        assert!(metrics.contains("modelgate_errors_total{model=\"qwen-3\",backend=\"\",key=\"k\",status=\"429\"} 4\n"));
+        assert!(metrics.contains("modelgate_usage_records_dropped_total 3\n"), "{metrics}");
+        assert!(!metrics.contains("junk"));
+        assert_eq!(admin.models.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn values_past_their_bounds_are_shown_as_invalid_wherever_they_go() {
+        let admin = Admin::new(1);
+        let long = "x".repeat(1 << 20);
+        let record = UsageRecord {
+            request_id: long.clone(),
+            key: "a key".into(),
+            model: long.clone(),
+            model_served: true,
+            backend: "b\"}".into(),
+            status: 200,
+            ..UsageRecord::default()
         };
-        assert_eq!((series("m-0"), series("m-999"), series("m-1000"), series("new")), (1, 1, 0, 0));
-        let other = metrics
-            .lines()
-            .find(|l| l.starts_with("modelgate_requests_total") && l.contains("model=\"(other)\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(str::to_string);
-        assert_eq!(other.as_deref(), Some("6"));
+        let refused = Refused { key: long.clone(), model: "m\n".into(), model_served: true, status: 404, count: 1 };
+        admin.ingest(vec![record], vec![Tally { at_ms: 0, refused: vec![refused], dropped_records: 0 }], 0);
+        let metrics = admin.metrics.encode();
+        assert!(metrics.len() < 16 << 10, "{} bytes", metrics.len());
+        assert!(
+            metrics.contains(r#"modelgate_requests_total{model="(invalid)",backend="(invalid)",key="(invalid)"} 1"#)
+        );
+        assert!(metrics.contains(r#"modelgate_requests_total{model="(invalid)",backend="",key="(invalid)"} 1"#));
+        let report = admin.usage.lock().unwrap().report(0, u64::MAX);
+        assert!(report.data.iter().all(|row| row.key == INVALID && row.model == INVALID), "{report:?}");
+        assert!(admin.models.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_batch_ends_with_its_tally() {
+        let body = b"{\"request_id\":\"a\",\"at_ms\":1,\"key\":\"\",\"model\":\"m\",\"backend\":\"b\",\"status\":200,\
+\"stream\":false,\"usage\":null,\"cost_usd\":null,\"latency_us\":5,\"ttft_us\":null,\"model_served\":true}\n\
+{\"at_ms\":7,\"refused\":[{\"key\":\"k\",\"model\":\"\",\"model_served\":false,\"status\":404,\"count\":3}],\
+\"dropped_records\":2}\n\
+{\"at_ms\":7,\"refused\":[],\"dropped_records\":2,\"surprise\":1}\n";
+        let parsed = parse_records(body);
+        assert_eq!((parsed.records.len(), parsed.rejected), (1, 1), "{parsed:?}");
+        assert!(parsed.records[0].model_served);
+        let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 3 };
+        assert_eq!(parsed.tallies, [Tally { at_ms: 7, refused: vec![refused], dropped_records: 2 }]);
+        assert!(parsed.first_error.unwrap().starts_with("line 3: "));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Counters are registered without their `_total`, which the encoder adds.
 
-use modelgate_proto::usage::UsageRecord;
+use modelgate_proto::usage::{Refused, UsageRecord};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -59,6 +59,7 @@ pub struct Metrics {
     ttft: Histograms,
     itl: Histograms,
     rejected_records: Counter,
+    dropped_records: Counter,
     limit_store_errors: Counter,
 }
 
@@ -76,6 +77,7 @@ impl Default for Metrics {
             ttft: Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS)),
             itl: Family::new_with_constructor(|| Histogram::new(ITL_BUCKETS)),
             rejected_records: Counter::default(),
+            dropped_records: Counter::default(),
             limit_store_errors: Counter::default(),
         };
         let r = &mut m.registry;
@@ -117,6 +119,11 @@ impl Default for Metrics {
             "modelgate_usage_records_rejected",
             "Usage record lines that did not parse",
             m.rejected_records.clone(),
+        );
+        r.register(
+            "modelgate_usage_records_dropped",
+            "Usage records the gateway dropped: a worker's outbox was full while this port did not take them",
+            m.dropped_records.clone(),
         );
         r.register(
             "modelgate_limit_store_errors",
@@ -168,6 +175,22 @@ impl Metrics {
         }
     }
 
+    /// Counts requests the gateway refused before any backend: requests and
+    /// errors, as their records would have been (they have no timings).
+    pub fn refused(&self, refused: &Refused) {
+        let labels = KeyLabels { model: refused.model.clone(), backend: String::new(), key: refused.key.clone() };
+        self.requests.get_or_create(&labels).inc_by(refused.count);
+        if refused.status >= 400 {
+            let labels =
+                ErrorLabels { model: labels.model, backend: labels.backend, key: labels.key, status: refused.status };
+            self.errors.get_or_create(&labels).inc_by(refused.count);
+        }
+    }
+
+    pub fn records_dropped(&self, records: u64) {
+        self.dropped_records.inc_by(records);
+    }
+
     pub fn records_rejected(&self, lines: u64) {
         self.rejected_records.inc_by(lines);
     }
@@ -206,6 +229,7 @@ mod tests {
             at_ms: 1,
             key: "alice".into(),
             model: "gpt-4o".into(),
+            model_served: true,
             backend: "vllm".into(),
             status: 200,
             stream: true,
@@ -218,6 +242,7 @@ mod tests {
         m.record(&stream);
         m.record(&UsageRecord { status: 429, usage: None, cost_usd: Some(0.25), stream: false, ..stream.clone() });
         m.records_rejected(3);
+        m.records_dropped(4);
         m.limit_store_error();
         let text = m.encode();
         let key = r#"{model="gpt-4o",backend="vllm",key="alice"}"#;
@@ -237,6 +262,7 @@ mod tests {
             ["modelgate_usage_records_rejected_total 3"]
         );
         assert_eq!(lines(&text, "modelgate_limit_store_errors_total"), ["modelgate_limit_store_errors_total 1"]);
+        assert_eq!(lines(&text, "modelgate_usage_records_dropped_total"), ["modelgate_usage_records_dropped_total 4"]);
 
         let timing = r#"model="gpt-4o",backend="vllm""#;
         assert!(text.contains(&format!("modelgate_request_duration_seconds_count{{{timing}}} 2\n")), "{text}");
@@ -269,6 +295,22 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn refusals_count_as_requests_and_errors_without_timings() {
+        let m = Metrics::default();
+        m.refused(&Refused { key: "k".into(), model: "m".into(), model_served: true, status: 429, count: 7 });
+        let text = m.encode();
+        assert_eq!(
+            lines(&text, "modelgate_requests_total"),
+            [r#"modelgate_requests_total{model="m",backend="",key="k"} 7"#]
+        );
+        assert_eq!(
+            lines(&text, "modelgate_errors_total"),
+            [r#"modelgate_errors_total{model="m",backend="",key="k",status="429"} 7"#]
+        );
+        assert!(lines(&text, "modelgate_request_duration_seconds_count").is_empty(), "{text}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! every minute whose start lies in it, so a window that starts or ends
 //! inside a minute includes that minute's records whole, or none of them.
 
-use modelgate_proto::usage::UsageRecord;
+use modelgate_proto::usage::{Refused, UsageRecord};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -95,12 +95,23 @@ impl UsageStore {
     /// Adds one record to its minute; a record already past retention at
     /// `now_ms` is not kept, as it would be pruned at once.
     pub fn add(&mut self, record: &UsageRecord, now_ms: u64) {
-        let minute = record.at_ms / MINUTE_MS;
+        let group = Group { key: record.key.clone(), model: record.model.clone(), backend: record.backend.clone() };
+        self.add_totals(record.at_ms, group, &Totals::of(record), now_ms);
+    }
+
+    /// Adds requests refused before any backend, counted until `at_ms`, as [`UsageStore::add`] does a record.
+    pub fn add_refused(&mut self, refused: &Refused, at_ms: u64, now_ms: u64) {
+        let group = Group { key: refused.key.clone(), model: refused.model.clone(), backend: String::new() };
+        let errors = if refused.status >= 400 { refused.count } else { 0 };
+        self.add_totals(at_ms, group, &Totals { requests: refused.count, errors, ..Totals::default() }, now_ms);
+    }
+
+    fn add_totals(&mut self, at_ms: u64, group: Group, totals: &Totals, now_ms: u64) {
+        let minute = at_ms / MINUTE_MS;
         if minute < self.oldest_kept(now_ms) {
             return;
         }
-        let group = Group { key: record.key.clone(), model: record.model.clone(), backend: record.backend.clone() };
-        self.minutes.entry(minute).or_default().entry(group).or_default().add(&Totals::of(record));
+        self.minutes.entry(minute).or_default().entry(group).or_default().add(totals);
     }
 
     /// Drops the minutes older than the retention at `now_ms`.
@@ -217,6 +228,18 @@ mod tests {
         store.prune(now + MINUTE_MS);
         assert!(store.report(0, u64::MAX).data.is_empty());
         assert!(store.minutes.is_empty());
+    }
+
+    #[test]
+    fn refusals_add_to_the_rows_records_make() {
+        let now = 1000 * HOUR_MS;
+        let mut store = UsageStore::new(1);
+        store.add(&UsageRecord { at_ms: now, key: "k".into(), status: 404, ..UsageRecord::default() }, now);
+        let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 9 };
+        store.add_refused(&refused, now, now);
+        store.add_refused(&refused, now - 2 * HOUR_MS, now);
+        let row = &store.report(0, u64::MAX).data[0];
+        assert_eq!((row.key.as_str(), row.model.as_str(), row.requests, row.errors), ("k", "", 10, 10));
     }
 
     #[test]

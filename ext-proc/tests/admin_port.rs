@@ -15,7 +15,7 @@ fn now_ms() -> u64 {
 
 fn record(at_ms: u64, key: &str, status: u16, tokens: (u64, u64), cost: Option<f64>) -> String {
     json!({
-        "request_id": format!("req-{key}-{status}"), "at_ms": at_ms, "key": key, "model": "gpt-4o",
+        "request_id": format!("req-{key}-{status}"), "at_ms": at_ms, "key": key, "model": "gpt-4o", "model_served": true,
         "backend": "vllm", "status": status, "stream": true,
         "usage": {"prompt_tokens": tokens.0, "completion_tokens": tokens.1}, "cost_usd": cost,
         "latency_us": 2_000_000, "ttft_us": 300_000, "itl_us": [20_000, 30_000]

@@ -90,7 +90,11 @@ pub fn counter(name: &str) -> Option<u32> {
 }
 
 pub fn count(metric: u32) {
-    if let Err(s) = hostcalls::increment_metric(metric, 1) {
+    count_by(metric, 1);
+}
+
+pub fn count_by(metric: u32, n: u64) {
+    if let Err(s) = hostcalls::increment_metric(metric, i64::try_from(n).unwrap_or(i64::MAX)) {
         log_failure("counting", s);
     }
 }

@@ -40,6 +40,7 @@ proxy_wasm::main! {{
             router: Rc::new(Router::default()),
             outbox: Rc::new(Outbox::default()),
             store_failures: None,
+            records_dropped: None,
             in_flight: HashMap::new(),
         })
     });
@@ -51,6 +52,8 @@ struct Plugin {
     outbox: Rc<Outbox>,
     /// Envoy's counter of the times the shared rate-limit store gave no verdict.
     store_failures: Option<u32>,
+    /// Envoy's counter of the usage records this worker dropped.
+    records_dropped: Option<u32>,
     /// Batches sent and not yet answered, by call: put back in the outbox if they fail.
     in_flight: HashMap<u32, Batch>,
 }
@@ -137,6 +140,9 @@ impl RootContext for Plugin {
                 if router.shared_limits().is_some() {
                     self.store_failures = host::counter("modelgate.shared_limits.store_failures");
                 }
+                if router.accounting().is_some() {
+                    self.records_dropped = host::counter("modelgate.usage_records_dropped");
+                }
                 self.router = Rc::new(router);
                 true
             }
@@ -154,12 +160,15 @@ impl RootContext for Plugin {
             host::log_error(&format!(
                 "modelgate: {dropped} usage records dropped: ext-proc's admin port is not taking them"
             ));
+            if let Some(metric) = self.records_dropped {
+                host::count_by(metric, dropped);
+            }
         }
         let router = Rc::clone(&self.router);
         if let (Some(shared), Some(debits)) = (router.shared_limits(), self.outbox.take_debits()) {
             self.send(&shared.cluster, Batch::Debits(debits));
         }
-        if let (Some(accounting), Some(lines)) = (router.accounting(), self.outbox.take()) {
+        if let (Some(accounting), Some(lines)) = (router.accounting(), self.outbox.take(host::now_us() / 1000)) {
             self.send(&accounting.cluster, Batch::Records(lines));
         }
     }
@@ -170,6 +179,7 @@ impl RootContext for Plugin {
             outbox: Rc::clone(&self.outbox),
             accounting: self.router.accounting().is_some(),
             store_failures: self.store_failures,
+            request_id: String::new(),
             held: None,
             started_us: 0,
             answered_here: false,
@@ -196,6 +206,8 @@ struct Request {
     accounting: bool,
     /// The counter of the shared store's failures, where limits are shared.
     store_failures: Option<u32>,
+    /// The request's `x-request-id`, bounded.
+    request_id: String,
     /// A request held while the shared store decides on it.
     held: Option<Held>,
     /// When the request's headers came, in microseconds since the Unix epoch (0 if unknown).
@@ -226,6 +238,8 @@ struct Held {
 /// A model-routed request, as far as it got.
 struct Routed {
     model: String,
+    /// An exact route names the model.
+    exact_route: bool,
     /// Empty until a backend is chosen.
     backend: String,
     price: Option<modelgate_proto::config::Price>,
@@ -269,6 +283,13 @@ impl HttpContext for Request {
         for name in headers::INTERNAL {
             host::remove_header(MapType::HttpRequestHeaders, name);
         }
+        let (request_id, replaced) =
+            request::request_id(host::header(MapType::HttpRequestHeaders, REQUEST_ID).as_deref());
+        if replaced {
+            // Envoy answers with the request's header as it is now (`always_set_request_id_in_response`).
+            host::set_header(MapType::HttpRequestHeaders, REQUEST_ID, &request_id);
+        }
+        self.request_id = request_id;
         let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
         let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         let content_type = host::header(MapType::HttpRequestHeaders, "content-type");
@@ -295,8 +316,13 @@ impl HttpContext for Request {
             HeadersVerdict::PassThrough => Action::Continue,
             HeadersVerdict::ReadBody(caller) => {
                 self.caller = caller;
-                self.routed =
-                    Some(Routed { model: String::new(), backend: String::new(), price: None, buckets: Vec::new() });
+                self.routed = Some(Routed {
+                    model: String::new(),
+                    exact_route: false,
+                    backend: String::new(),
+                    price: None,
+                    buckets: Vec::new(),
+                });
                 Action::Pause
             }
             HeadersVerdict::Respond(reply) => self.respond(&reply),
@@ -406,25 +432,26 @@ impl HttpContext for Request {
     }
 
     /// The request is over: its tokens are debited from the key's token
-    /// limits, and its usage record is handed to this worker's outbox.
+    /// limits, and its usage record is handed to this worker's outbox, or,
+    /// refused before any backend, it is counted with the worker's refusals.
     fn on_log(&mut self) {
         self.debit_tokens();
         let Some(routed) = self.routed.take().filter(|_| self.accounting) else {
             return;
         };
-        // A request refused before it was forwarded has no answer of its own: only its timing is recorded.
-        let started_us = self.started_us;
-        let answer = self.answer.get_or_insert_with(|| answer::Answer::new(started_us, false, false, false));
-        let mut record = answer.record(host::now_us());
-        record.request_id = host::header(MapType::HttpRequestHeaders, "x-request-id")
-            .map(|id| String::from_utf8_lossy(&id).into_owned())
-            .unwrap_or_default();
-        record.key = self.caller.as_ref().map(|key| key.name.clone()).unwrap_or_default();
-        record.cost_usd = routed.price.as_ref().zip(record.usage).map(|(price, usage)| usage.cost(price));
-        record.model = routed.model;
-        record.backend = routed.backend;
-        record.status = self.status;
-        self.outbox.push(&record);
+        let finished = request::Finished {
+            request_id: &self.request_id,
+            key: self.caller.as_ref().map_or("", |key| key.name.as_str()),
+            model: &routed.model,
+            exact_route: routed.exact_route,
+            backend: &routed.backend,
+            price: routed.price.as_ref(),
+            status: self.status,
+        };
+        match &mut self.answer {
+            Some(answer) => self.outbox.push(&request::usage_record(answer.record(host::now_us()), finished)),
+            None => self.outbox.refuse(request::refused(finished)),
+        }
     }
 }
 
@@ -435,6 +462,9 @@ fn code_details(relayed: Option<Vec<u8>>) -> String {
     let details = relayed.or_else(|| host::property(&["response", "code_details"]));
     details.map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default()
 }
+
+/// The request's id, which Envoy returns on every answer.
+const REQUEST_ID: &str = "x-request-id";
 
 /// Milliseconds the gateway and the backend took, as OpenAI reports them.
 const PROCESSING_MS: &str = "openai-processing-ms";
@@ -468,6 +498,7 @@ impl Request {
     fn route(&mut self, routing: Routing, body: &[u8]) -> Action {
         if let Some(routed) = &mut self.routed {
             routed.model.clone_from(&routing.model);
+            routed.exact_route = routing.exact_route;
         }
         let (Some(routed), Some(caller)) = (&mut self.routed, self.caller.clone()) else {
             return self.forward(routing, body);

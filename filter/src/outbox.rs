@@ -1,19 +1,33 @@
 //! What an Envoy worker sends to ext-proc's admin port on its timer: usage
-//! records, one JSON object per line, and the tokens answers spent from
-//! shared rate limits, summed per bucket. Neither adds a call to any request.
+//! records, one JSON object per line, then a [`Tally`] line of the requests
+//! refused before any backend and the records dropped; and the tokens
+//! answers spent from shared rate limits, summed per bucket. Neither adds a
+//! call to any request.
 
 use modelgate_proto::limits::{Bucket, BucketSpend, SpendRequest, Unit};
-use modelgate_proto::usage::UsageRecord;
+use modelgate_proto::usage::{Refused, Tally, UsageRecord, OTHER_MODELS};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 /// Records held while ext-proc cannot take them; past this, new ones are dropped and counted.
 const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 
+/// Distinct (key, model, status) refusal counts held; past this many, new
+/// models are counted as [`OTHER_MODELS`], so a flood of names cannot grow them.
+const MAX_REFUSED_GROUPS: usize = 1024;
+
+/// A refusal count's group: key, model, whether the model may be a label, status.
+type RefusedGroup = (String, String, bool, u16);
+
 #[derive(Debug, Default)]
 pub struct Outbox {
     lines: RefCell<Vec<u8>>,
+    /// Records dropped since the last [`Outbox::take_dropped`], for the log and Envoy's counter.
     dropped: Cell<u64>,
+    /// Records dropped and not yet told to ext-proc.
+    dropped_untold: Cell<u64>,
+    /// Requests refused before any backend, counted by group.
+    refused: RefCell<BTreeMap<RefusedGroup, u64>>,
     /// Tokens to debit from shared token buckets, by bucket name.
     debits: RefCell<BTreeMap<String, BucketSpend>>,
 }
@@ -22,7 +36,7 @@ impl Outbox {
     pub fn push(&self, record: &UsageRecord) {
         let mut lines = self.lines.borrow_mut();
         if lines.len() >= MAX_HELD_BYTES {
-            self.dropped.set(self.dropped.get() + 1);
+            self.drop_records(1);
             return;
         }
         if serde_json::to_writer(&mut *lines, record).is_ok() {
@@ -30,9 +44,40 @@ impl Outbox {
         }
     }
 
-    /// Everything held, to send; `None` when there is nothing.
-    pub fn take(&self) -> Option<Vec<u8>> {
-        let lines = std::mem::take(&mut *self.lines.borrow_mut());
+    fn drop_records(&self, records: u64) {
+        self.dropped.set(self.dropped.get().saturating_add(records));
+        self.dropped_untold.set(self.dropped_untold.get().saturating_add(records));
+    }
+
+    /// Counts requests refused before any backend, with the others of their group.
+    pub fn refuse(&self, refused: Refused) {
+        let mut groups = self.refused.borrow_mut();
+        let mut group = (refused.key, refused.model, refused.model_served, refused.status);
+        if groups.len() >= MAX_REFUSED_GROUPS && !groups.contains_key(&group) {
+            group.1 = OTHER_MODELS.into();
+            group.2 = false;
+        }
+        let count = groups.entry(group).or_default();
+        *count = count.saturating_add(refused.count);
+    }
+
+    /// Everything held, to send at `now_ms`: the records, then the tally line
+    /// if anything was counted instead; `None` when there is nothing.
+    pub fn take(&self, now_ms: u64) -> Option<Vec<u8>> {
+        let mut lines = std::mem::take(&mut *self.lines.borrow_mut());
+        let refused = std::mem::take(&mut *self.refused.borrow_mut());
+        let tally = Tally {
+            at_ms: now_ms,
+            refused: refused
+                .into_iter()
+                .map(|((key, model, model_served, status), count)| Refused { key, model, model_served, status, count })
+                .collect(),
+            dropped_records: self.dropped_untold.replace(0),
+        };
+        if (!tally.refused.is_empty() || tally.dropped_records > 0) && serde_json::to_writer(&mut lines, &tally).is_ok()
+        {
+            lines.push(b'\n');
+        }
         (!lines.is_empty()).then_some(lines)
     }
 
@@ -55,12 +100,22 @@ impl Outbox {
         (!debits.is_empty()).then(|| SpendRequest { buckets: debits.into_values().collect(), debit: true })
     }
 
-    /// Records sent that did not land: kept for the next try, within the cap.
-    pub fn put_back(&self, sent: Vec<u8>) {
+    /// A batch that did not land: its records are kept for the next try,
+    /// within the cap, and its tally is counted again, so the next batch
+    /// carries it whatever happens to the records.
+    pub fn put_back(&self, mut sent: Vec<u8>) {
+        // A batch's tally is its last line, if it has one.
+        let last = sent.strip_suffix(b"\n").unwrap_or(&sent).iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if let Ok(tally) = serde_json::from_slice::<Tally>(&sent[last..]) {
+            sent.truncate(last);
+            for refused in tally.refused {
+                self.refuse(refused);
+            }
+            self.dropped_untold.set(self.dropped_untold.get().saturating_add(tally.dropped_records));
+        }
         let mut lines = self.lines.borrow_mut();
         if lines.len() + sent.len() > MAX_HELD_BYTES {
-            let records = sent.iter().filter(|b| **b == b'\n').count() as u64;
-            self.dropped.set(self.dropped.get() + records);
+            self.drop_records(sent.iter().filter(|b| **b == b'\n').count() as u64);
             return;
         }
         lines.extend_from_slice(&sent);
@@ -75,7 +130,7 @@ impl Outbox {
         }
     }
 
-    /// Records dropped since the last call, for the log.
+    /// Records dropped since the last call, for the log and Envoy's counter.
     pub fn take_dropped(&self) -> u64 {
         self.dropped.replace(0)
     }
@@ -88,17 +143,17 @@ mod tests {
     #[test]
     fn records_leave_as_json_lines_once() {
         let outbox = Outbox::default();
-        assert_eq!(outbox.take(), None);
+        assert_eq!(outbox.take(NOW), None);
         let record = UsageRecord { request_id: "r1".into(), status: 200, ..UsageRecord::default() };
         outbox.push(&record);
         outbox.push(&UsageRecord { request_id: "r2".into(), ..record.clone() });
-        let sent = outbox.take().unwrap();
+        let sent = outbox.take(NOW).unwrap();
         let lines: Vec<UsageRecord> =
             sent.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
         assert_eq!(lines.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["r1", "r2"]);
-        assert_eq!(outbox.take(), None);
+        assert_eq!(outbox.take(NOW), None);
         outbox.put_back(sent.clone());
-        assert_eq!(outbox.take(), Some(sent));
+        assert_eq!(outbox.take(NOW), Some(sent));
     }
 
     #[test]
@@ -123,12 +178,75 @@ mod tests {
     }
 
     #[test]
-    fn a_full_outbox_drops_and_counts() {
+    fn a_full_outbox_drops_counts_and_tells_ext_proc() {
         let outbox = Outbox::default();
         let big = UsageRecord { request_id: "x".repeat(MAX_HELD_BYTES), ..UsageRecord::default() };
         outbox.push(&big);
         outbox.push(&big);
         assert_eq!(outbox.take_dropped(), 1);
         assert_eq!(outbox.take_dropped(), 0);
+        let sent = outbox.take(NOW).unwrap();
+        assert_eq!(tally(&sent), Some(Tally { at_ms: NOW, refused: Vec::new(), dropped_records: 1 }));
+        // Sent again while the outbox is full: the big record is dropped, what was told is not lost.
+        outbox.push(&big);
+        outbox.put_back(sent);
+        assert_eq!(outbox.take_dropped(), 1);
+        let again = outbox.take(NOW + 1).unwrap();
+        assert_eq!(tally(&again), Some(Tally { at_ms: NOW + 1, refused: Vec::new(), dropped_records: 2 }));
+    }
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    /// The tally line of a batch, if it has one.
+    fn tally(batch: &[u8]) -> Option<Tally> {
+        batch.split(|b| *b == b'\n').rfind(|l| !l.is_empty()).and_then(|l| serde_json::from_slice(l).ok())
+    }
+
+    fn refused(key: &str, model: &str, status: u16) -> Refused {
+        Refused { key: key.into(), model: model.into(), model_served: false, status, count: 1 }
+    }
+
+    #[test]
+    fn refusals_are_counted_per_group_and_told_once_with_the_batch() {
+        let outbox = Outbox::default();
+        for _ in 0..3 {
+            outbox.refuse(refused("k", "", 404));
+        }
+        outbox.refuse(refused("k", "m", 429));
+        let record = UsageRecord { request_id: "r".into(), status: 200, ..UsageRecord::default() };
+        outbox.push(&record);
+        let sent = outbox.take(NOW).unwrap();
+        let lines: Vec<&[u8]> = sent.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+        assert_eq!(serde_json::from_slice::<UsageRecord>(lines[0]).unwrap(), record);
+        let counted = Tally {
+            at_ms: NOW,
+            refused: vec![Refused { count: 3, ..refused("k", "", 404) }, refused("k", "m", 429)],
+            dropped_records: 0,
+        };
+        assert_eq!((lines.len(), tally(&sent)), (2, Some(counted.clone())));
+        assert_eq!(outbox.take(NOW), None, "told once");
+        // A batch that did not land is told again, added to what came since.
+        outbox.refuse(refused("k", "", 404));
+        outbox.put_back(sent);
+        let again = outbox.take(NOW + 1).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<UsageRecord>(again.split(|b| *b == b'\n').next().unwrap()).unwrap(),
+            record
+        );
+        let mut recounted = Tally { at_ms: NOW + 1, ..counted };
+        recounted.refused[0].count = 4;
+        assert_eq!(tally(&again), Some(recounted));
+    }
+
+    #[test]
+    fn a_flood_of_distinct_refused_models_is_counted_in_bounded_groups() {
+        let outbox = Outbox::default();
+        for i in 0..MAX_REFUSED_GROUPS + 500 {
+            outbox.refuse(refused("k", &format!("m-{i}"), 404));
+        }
+        let counts = tally(&outbox.take(NOW).unwrap()).unwrap().refused;
+        assert_eq!(counts.len(), MAX_REFUSED_GROUPS + 1);
+        assert_eq!(counts.iter().map(|r| r.count).sum::<u64>(), MAX_REFUSED_GROUPS as u64 + 500);
+        assert_eq!(counts.iter().find(|r| r.model == OTHER_MODELS).map(|r| r.count), Some(500));
     }
 }

@@ -13,6 +13,9 @@ use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, BucketStore};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
+use modelgate_proto::usage::{bounded, is_bounded, Refused, UsageRecord};
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
 
 /// A complete answer the filter sends itself; the body is always JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +69,8 @@ pub enum HeadersVerdict {
 pub struct Routing {
     /// The model the client asked for.
     pub model: String,
+    /// An exact route names the model: the name comes from configuration, and may be a label.
+    pub exact_route: bool,
     /// The backend's name, for usage records.
     pub backend: String,
     pub price: Option<Price>,
@@ -233,6 +238,7 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         };
     Ok(Routing {
         model: fields.model.clone(),
+        exact_route: router.names_exactly(&fields.model),
         backend: target.backend.clone(),
         price: target.price,
         stream: fields.stream,
@@ -244,6 +250,69 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         stream_cluster,
         chain: target.chain.clone(),
     })
+}
+
+/// The request's id as it goes on: the client's `x-request-id` when it is
+/// bounded (as Envoy's own ids are), else a new one, and whether that one
+/// must replace the client's header. The id ends up in the answer, the
+/// backend's request, logs and usage records, so a client cannot make it
+/// long or odd.
+pub fn request_id(sent: Option<&[u8]>) -> (String, bool) {
+    match sent.and_then(|id| std::str::from_utf8(id).ok()).filter(|id| !id.is_empty() && is_bounded(id)) {
+        Some(id) => (id.to_string(), false),
+        None => (new_request_id(), true),
+    }
+}
+
+/// A random UUID (version 4), as Envoy makes request ids.
+fn new_request_id() -> String {
+    // std seeds `RandomState`'s keys from the host's randomness (WASI's `random_get` in Envoy)
+    // and keys each one differently: two keyed hashes give 128 unpredictable bits, no dependency.
+    let random = || RandomState::new().build_hasher().finish();
+    let bits = (u128::from(random()) << 64 | u128::from(random())) & !(0xf000 << 64) & !(0xc << 60);
+    let bits = bits | 0x4000 << 64 | 0x8 << 60;
+    let hex = format!("{bits:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// What is known of a model-routed request when it ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Finished<'a> {
+    pub request_id: &'a str,
+    /// The client key's name, if keys are configured.
+    pub key: &'a str,
+    pub model: &'a str,
+    pub exact_route: bool,
+    /// The backend that answered; empty when the request never reached one.
+    pub backend: &'a str,
+    pub price: Option<&'a Price>,
+    /// The status the client got; 0 when it got none (it went away first).
+    pub status: u16,
+}
+
+/// The usage record of a request that reached a backend, from its answer's
+/// `record`, with every value a client could have chosen bounded. A
+/// pattern-routed model name may become a label once a backend answered it.
+pub fn usage_record(mut record: UsageRecord, finished: Finished<'_>) -> UsageRecord {
+    record.request_id = bounded(finished.request_id).to_string();
+    record.key = bounded(finished.key).to_string();
+    record.model = bounded(finished.model).to_string();
+    record.model_served = finished.exact_route || (200..400).contains(&finished.status);
+    record.backend = bounded(finished.backend).to_string();
+    record.status = finished.status;
+    record.cost_usd = finished.price.zip(record.usage).map(|(price, usage)| usage.cost(price));
+    record
+}
+
+/// A request refused before any backend, to be counted with its worker's others.
+pub fn refused(finished: Finished<'_>) -> Refused {
+    Refused {
+        key: bounded(finished.key).to_string(),
+        model: bounded(finished.model).to_string(),
+        model_served: finished.exact_route,
+        status: finished.status,
+        count: 1,
+    }
 }
 
 /// Counts a routed request against its key's rate limits kept in `store`:
@@ -299,6 +368,7 @@ pub fn without_shared_store(on_failure: FailureMode) -> Result<Admission, Reply>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelgate_proto::usage::INVALID;
     use serde_json::Value;
 
     fn router() -> Router {
@@ -337,6 +407,7 @@ mod tests {
             on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap(),
             Routing {
                 model: "llama-3".into(),
+                exact_route: false,
                 backend: "a".into(),
                 price: None,
                 stream: false,
@@ -353,6 +424,7 @@ mod tests {
             on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#, None).unwrap(),
             Routing {
                 model: "gpt-4o-mini".into(),
+                exact_route: true,
                 backend: "b".into(),
                 price: None,
                 stream: true,
@@ -379,6 +451,7 @@ mod tests {
             on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap(),
             Routing {
                 model: "m".into(),
+                exact_route: true,
                 backend: "a".into(),
                 price: None,
                 stream: true,
@@ -399,6 +472,7 @@ mod tests {
             on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap(),
             Routing {
                 model: "m".into(),
+                exact_route: true,
                 backend: "a".into(),
                 price: None,
                 stream: false,
@@ -614,5 +688,59 @@ mod tests {
         let free = Presented { authorization: Some(b"Bearer sk-free"), api_key: None };
         let unlimited = r.client_keys().authenticate(free).unwrap().unwrap();
         assert!(unlimited.limits.buckets("free", "m").is_empty());
+    }
+
+    #[test]
+    fn a_bounded_request_id_is_kept_and_any_other_replaced_by_a_uuid() {
+        let kept = "req-3f2b1c7e-0d4a-4e6b-9c1d-2a3b4c5d6e7f";
+        assert_eq!(request_id(Some(kept.as_bytes())), (kept.to_string(), false));
+        let huge = "x".repeat(60 << 10);
+        let mut seen = std::collections::HashSet::new();
+        for odd in [None, Some(&b""[..]), Some(huge.as_bytes()), Some(b"a b"), Some(b"\xff\xfe"), Some(b"a\"}")] {
+            let (id, replaced) = request_id(odd);
+            assert!(replaced, "{odd:?}");
+            let hex: String = id.chars().filter(|c| *c != '-').collect();
+            assert_eq!((id.len(), hex.len(), id.matches('-').count()), (36, 32, 4), "{id}");
+            assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+            assert_eq!((&id[14..15], id[19..20].chars().all(|c| "89ab".contains(c))), ("4", true), "{id}");
+            assert!(seen.insert(id), "a new id each time");
+        }
+    }
+
+    #[test]
+    fn records_bound_what_clients_chose_and_name_models_only_when_vouched_for() {
+        let answered = Finished {
+            request_id: "r1",
+            key: "team",
+            model: "qwen-3",
+            exact_route: false,
+            backend: "pool",
+            price: None,
+            status: 200,
+        };
+        let record = usage_record(UsageRecord::default(), answered);
+        assert_eq!(
+            (record.request_id.as_str(), record.key.as_str(), record.model.as_str(), record.backend.as_str()),
+            ("r1", "team", "qwen-3", "pool")
+        );
+        assert!(record.model_served, "a backend answered it");
+        for status in [0, 404, 500] {
+            assert!(!usage_record(UsageRecord::default(), Finished { status, ..answered }).model_served, "{status}");
+        }
+        assert!(
+            usage_record(UsageRecord::default(), Finished { status: 503, exact_route: true, ..answered }).model_served
+        );
+        let long = "q".repeat(1 << 20);
+        let odd = Finished { model: &long, key: "a key", backend: "b\n", request_id: "\"", ..answered };
+        let record = usage_record(UsageRecord::default(), odd);
+        assert_eq!([record.request_id, record.key, record.model, record.backend], [INVALID; 4]);
+        assert_eq!(
+            refused(Finished { status: 429, ..odd }),
+            Refused { key: INVALID.into(), model: INVALID.into(), model_served: false, status: 429, count: 1 }
+        );
+        // Only configuration vouches for a refused request's model.
+        let r = router();
+        assert!(on_request_body(&r, br#"{"model":"gpt-4o-mini"}"#, None).unwrap().exact_route);
+        assert!(!on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap().exact_route);
     }
 }

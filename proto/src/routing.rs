@@ -93,6 +93,11 @@ impl Router {
             .or(self.catch_all.as_ref())
     }
 
+    /// True when an exact route names `model`: configuration, not the client, chose the name.
+    pub fn names_exactly(&self, model: &str) -> bool {
+        self.exact.contains_key(model)
+    }
+
     /// Models listed by `/v1/models`: the exact names, in configuration order.
     /// Patterns cannot be enumerated; their models can still be retrieved by id.
     pub fn listed_models(&self) -> impl Iterator<Item = (&str, &Target)> {

@@ -27,10 +27,39 @@ impl Usage {
     }
 }
 
+/// Longest value a client can put in a label, a log field or a record.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// Shown instead of a value that is out of bounds: too long, or with
+/// characters outside [`is_bounded`]'s alphabet.
+pub const INVALID: &str = "(invalid)";
+
+/// Shown instead of a model name that is not a label (yet): one no backend
+/// has answered successfully, or one past ext-proc's cap on names.
+pub const OTHER_MODELS: &str = "(other)";
+
+/// True for a value fit to be a label, a log field or part of a record: at
+/// most [`MAX_LABEL_LEN`] bytes of ASCII letters, digits and `-._:/@+=`
+/// (model names such as `org/model-7b:q4@v1`, request ids, UUIDs), or one of
+/// the placeholders. The empty value is bounded too (nothing to show).
+pub fn is_bounded(value: &str) -> bool {
+    let alphabet = |b: u8| b.is_ascii_alphanumeric() || b"-._:/@+=".contains(&b);
+    (value.len() <= MAX_LABEL_LEN && value.bytes().all(alphabet)) || value == INVALID || value == OTHER_MODELS
+}
+
+/// `value` if it is bounded, else [`INVALID`].
+pub fn bounded(value: &str) -> &str {
+    if is_bounded(value) {
+        value
+    } else {
+        INVALID
+    }
+}
+
 /// One request, as the gateway answered it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// The request's `x-request-id`.
+    /// The request's `x-request-id`, bounded ([`is_bounded`]).
     pub request_id: String,
     /// When the answer ended, in milliseconds since the Unix epoch.
     pub at_ms: u64,
@@ -38,6 +67,12 @@ pub struct UsageRecord {
     pub key: String,
     /// The model the client asked for; empty when the request never named one.
     pub model: String,
+    /// The model name may become a label: an exact route names it, or a
+    /// backend answered it successfully. Other names are client input that
+    /// only a backend can vouch for, and are counted as [`OTHER_MODELS`]
+    /// until one does.
+    #[serde(default)]
+    pub model_served: bool,
     /// The backend that answered; empty when the gateway answered itself (a refusal).
     pub backend: String,
     /// The HTTP status the client got.
@@ -54,6 +89,33 @@ pub struct UsageRecord {
     /// A stream's gaps between consecutive chunks, in microseconds.
     #[serde(default)]
     pub itl_us: Vec<u64>,
+}
+
+/// Requests the gateway refused itself before any backend (a bad body, an
+/// unknown model, a rate limit), by key, model and status: counted per
+/// worker and sent with its next batch instead of one record each, so a
+/// flood of refusals cannot crowd other requests' records out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refused {
+    pub key: String,
+    pub model: String,
+    /// As [`UsageRecord::model_served`]: only an exact route can vouch for a refused request's model.
+    pub model_served: bool,
+    pub status: u16,
+    pub count: u64,
+}
+
+/// The last line of a worker's batch, when it has anything to say: what it
+/// counted instead of recording since its previous batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tally {
+    /// When the worker took the batch, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub refused: Vec<Refused>,
+    /// Usage records the worker dropped: its outbox was full while ext-proc did not take them.
+    pub dropped_records: u64,
 }
 
 /// Where an answer's `usage` begins: the member name, then `:` and an object.
@@ -321,7 +383,27 @@ mod tests {
         assert_eq!(unasked.pass(b":2}", true), b"data: {\"b\":2}");
     }
 
+    #[test]
+    fn only_short_plain_values_are_bounded() {
+        for fit in ["", "llama-3.1-8b", "org/model:q4@v1+x=y_z", "3f2b1c7e-0d4a-4e6b-9c1d-2a3b4c5d6e7f", INVALID] {
+            assert_eq!(bounded(fit), fit);
+        }
+        let longest = "m".repeat(MAX_LABEL_LEN);
+        assert_eq!(bounded(&longest), longest);
+        for odd in [&*format!("{longest}m"), "a b", "a\"b", "caf\u{e9}", "a\nb", "a\0", "{x}", "(y)"] {
+            assert_eq!(bounded(odd), INVALID, "{odd:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn a_bounded_value_is_short_and_plain(value in ".*") {
+            let shown = bounded(&value);
+            prop_assert!(shown.len() <= MAX_LABEL_LEN);
+            let odd = ['"', '\\', '\n', ' ', '{', '}'];
+            prop_assert!(!shown.contains(odd), "{:?}", shown);
+        }
+
         /// However the answer is cut into pieces, the same usage is found and the same bytes pass.
         #[test]
         fn pieces_do_not_change_the_outcome(cuts in proptest::collection::vec(0usize..400, 0..12)) {
