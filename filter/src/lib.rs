@@ -363,12 +363,11 @@ impl HttpContext for Request {
             }
         }
         if status < 400 {
-            if end_of_stream && (200..300).contains(&status) && self.answer.is_some() {
-                // A model's answer with nothing in it is a broken backend, not a success.
-                if let Some(answer) = &mut self.answer {
-                    answer.failed();
-                }
+            // A model's answer with nothing in it is a broken backend, not a success.
+            if let (true, Some(answer)) = (end_of_stream && (200..300).contains(&status), &mut self.answer) {
+                answer.failed();
                 let error = GatewayError::bad_answer("a success and an empty body");
+                // No x-should-retry: a retry may well be answered properly.
                 return self.respond(&Reply { status: error.status, headers: Vec::new(), body: error.to_json() });
             }
             return Action::Continue;
