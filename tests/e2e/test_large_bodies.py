@@ -89,6 +89,20 @@ def test_large_whole_answers_come_back_translated(stack, inputs, model, backend,
     assert got and (got["path"], got["model"]) == (path, backend_model)
 
 
+# tokens of the simulator's text -> about 5 and 10 MiB
+@pytest.mark.parametrize("tokens", [950_000, 1_900_000])
+def test_a_large_anthropic_answer_comes_back_translated(stack, tokens):
+    request_id = new_request_id()
+    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "write"}], "max_tokens": tokens}
+    response = httpx2.post(f"http://127.0.0.1:{stack.port}/v1/chat/completions", json=body, timeout=60,
+                           headers={"x-request-id": request_id, "x-sim-output-tokens": str(tokens)})
+    assert response.status_code == 200, response.text[:300]
+    answer = response.json()
+    assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] == tokens
+    assert len(answer["choices"][0]["message"]["content"]) > tokens * 5
+    assert received_by(stack, "anthropic", request_id)["path"] == "/v1/messages"
+
+
 def test_an_answer_too_large_to_translate_is_an_openai_error(stack):
     """About 21 MiB, past the 16 MiB Envoy buffers for a translation."""
     response = embeddings(stack.port, "nomic-embed-text", 120, new_request_id())
