@@ -295,6 +295,23 @@ def many_headers(http, count: int, stream: bool) -> httpx2.Response:
     return http.post("/v1/chat/completions", json=body, headers={f"x-extra-{i}": "1" for i in range(count)})
 
 
+def large_header(http, size: int, model: str, stream: bool) -> int:
+    body = {"model": model, "messages": HELLO, "stream": stream}
+    return http.post("/v1/chat/completions", json=body, headers={"x-large": "a" * size}).status_code
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b-instruct", "resilient-llama"])
+def test_a_request_with_headers_near_the_size_limit_gets_the_same_answer_whole_and_streamed(http, model):
+    # The largest header a plain whole request takes (60 KiB in all), found by bisection.
+    taken, refused = 50_000, 70_000
+    while refused - taken > 1:
+        middle = (taken + refused) // 2
+        taken, refused = (middle, refused) if large_header(http, middle, model, False) == 200 else (taken, middle)
+    assert 60_000 < taken < 61_440
+    assert large_header(http, taken, model, stream=True) == 200
+    assert large_header(http, refused, model, stream=True) == 431
+
+
 def test_a_request_with_many_headers_gets_the_same_answer_whole_and_streamed(http):
     # The most extra headers the whole request takes end to end (the simulated backend, like
     # Envoy, takes 100 headers), then more than the gateway takes.
