@@ -61,23 +61,25 @@ pub const DEFAULT_MAX_HEADERS: usize = 200;
 pub struct StreamGuard {
     client: Client<HttpConnector, UpstreamBody>,
     upstream: SocketAddr,
-    max_headers: usize,
     /// Bounds the retries of fallback chains.
     budget: RetryBudget,
+    /// The most headers a relayed request or answer may have.
+    max_headers: usize,
 }
 
 impl StreamGuard {
-    /// A guard relaying to `upstream` requests and answers of up to `max_headers` headers.
-    pub fn new(upstream: SocketAddr, max_headers: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        // Events are small writes: don't let Nagle hold them back.
-        connector.set_nodelay(true);
+    pub fn new(upstream: SocketAddr) -> Self {
         StreamGuard {
-            client: Client::builder(TokioExecutor::new()).http1_max_headers(max_headers).build(connector),
+            client: upstream_client(DEFAULT_MAX_HEADERS),
             upstream,
-            max_headers,
             budget: RetryBudget::default(),
+            max_headers: DEFAULT_MAX_HEADERS,
         }
+    }
+
+    /// Relays requests and answers of up to `max_headers` headers.
+    pub fn with_max_headers(self, max_headers: usize) -> Self {
+        StreamGuard { client: upstream_client(max_headers), max_headers, ..self }
     }
 
     /// Serves until the task is dropped.
@@ -275,6 +277,14 @@ impl StreamGuard {
         };
         answered.map(|response| (response, translation)).map_err(|e| listener_unreachable(&e))
     }
+}
+
+/// The client relaying to Envoy's inner listener.
+fn upstream_client(max_headers: usize) -> Client<HttpConnector, UpstreamBody> {
+    let mut connector = HttpConnector::new();
+    // Events are small writes: don't let Nagle hold them back.
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).http1_max_headers(max_headers).build(connector)
 }
 
 /// A stream's answer once its first bytes are in (`None` for a stream that
@@ -652,7 +662,7 @@ mod tests {
     async fn request_through_guard(upstream: SocketAddr, extra_headers: &str, body: &str) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let guard_addr = listener.local_addr().unwrap();
-        tokio::spawn(StreamGuard::new(upstream, DEFAULT_MAX_HEADERS).serve(listener));
+        tokio::spawn(StreamGuard::new(upstream).serve(listener));
         let mut client = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
         let request = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{extra_headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",

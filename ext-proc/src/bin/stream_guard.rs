@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(listen = %args.listen, upstream = %args.upstream, "modelgate stream guard listening");
         tokio::select! {
-            _ = StreamGuard::new(args.upstream, args.max_headers).serve(listener) => {}
+            _ = StreamGuard::new(args.upstream).with_max_headers(args.max_headers).serve(listener) => {}
             _ = shutdown_signal() => {}
         }
         Ok(())
