@@ -1,10 +1,9 @@
 use clap::Parser;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use modelgate_ext_proc::admin::{self, Admin};
 use modelgate_ext_proc::credentials::KeySourceArgs;
 use modelgate_ext_proc::internal_token::InternalTokenArgs;
 use modelgate_ext_proc::process::{run, shutdown_signal};
-use modelgate_ext_proc::service::Processor;
+use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_ext_proc::shared_limits::SharedLimits;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,6 +42,12 @@ struct Args {
     keys: KeySourceArgs,
     #[command(flatten)]
     token: InternalTokenArgs,
+    /// Largest ext_proc message taken or sent, in bytes: keep it above the filter's
+    /// `max_request_body_bytes` and twice Envoy's `per_connection_buffer_limit_bytes`
+    /// (the largest whole answer to translate). A larger one fails its request (a 503).
+    #[arg(long, env = "MODELGATE_EXT_PROC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_message_bytes: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -75,7 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
         let grpc = async {
             tonic::transport::Server::builder()
-                .add_service(ExternalProcessorServer::with_interceptor(Processor { keys }, token))
+                .add_service(service::server(Processor { keys }, token, args.max_message_bytes))
                 .serve_with_shutdown(args.listen, until_stopped(stopped.clone()))
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)

@@ -4,17 +4,42 @@
 
 use crate::credentials::KeySources;
 use crate::exchange::Exchange;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use crate::internal_token::InternalToken;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
+
+/// The default of `--max-message-bytes`: the largest message of an exchange,
+/// either way. A message carries a whole request body (the filter refuses
+/// those over its `max_request_body_bytes`, 4 MiB by default) or a whole
+/// answer to translate (Envoy buffers at most its listener's
+/// `per_connection_buffer_limit_bytes`, 16 MiB in the demo), and a translated
+/// answer can be somewhat longer than the backend's: twice the larger.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 << 20;
 
 #[derive(Debug, Default)]
 pub struct Processor {
     /// The key sources this process may read, from its command line.
     pub keys: Arc<KeySources>,
+}
+
+/// The gRPC service: callers must present `token`, and messages either way are
+/// of up to `max_message_bytes`.
+pub fn server(
+    processor: Processor,
+    token: InternalToken,
+    max_message_bytes: usize,
+) -> InterceptedService<ExternalProcessorServer<Processor>, InternalToken> {
+    let server = ExternalProcessorServer::new(processor)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    InterceptedService::new(server, token)
 }
 
 type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
@@ -25,11 +50,21 @@ impl ExternalProcessor for Processor {
 
     async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
         let mut exchange = Exchange::new(Arc::clone(&self.keys));
-        let answers = request
-            .into_inner()
-            // Envoy ending or resetting the stream ends the exchange.
-            .map_while(|message| message.ok())
-            .filter_map(move |message| exchange.on_message(message).map(Ok));
-        Ok(Response::new(Box::pin(answers)))
+        let mut failed = false;
+        let answers = request.into_inner().map_while(move |message| match message {
+            _ if failed => None,
+            Ok(message) => Some(exchange.on_message(message).map(Ok)),
+            // A message that cannot be read (one over the size limit, say) ends the
+            // exchange with its error, never with an OK close: Envoy reads that as
+            // "nothing to change" and would send the request on unrewritten. On an
+            // error, `failure_mode_allow: false` refuses the request instead. Envoy
+            // resetting the stream ends it here too, and then no one reads the error.
+            Err(status) => {
+                failed = true;
+                tracing::warn!(error = %status, "ext_proc: a message from Envoy could not be read");
+                Some(Some(Err(status)))
+            }
+        });
+        Ok(Response::new(Box::pin(answers.filter_map(|answer| answer))))
     }
 }

@@ -59,6 +59,12 @@ use tokio::net::TcpListener;
 /// A relayed request's body: the client's as it comes, or rewritten for its backend.
 type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
+/// The default of `--max-headers`: the most headers a request or an answer
+/// may have. Above Envoy's `max_headers_count` on the OpenAI listener (100,
+/// Envoy's default), with room for the headers the gateway adds on the way,
+/// so every request Envoy lets in is relayed.
+pub const DEFAULT_MAX_HEADERS: usize = 200;
+
 /// Relays requests to one upstream (Envoy's inner listener).
 pub struct StreamGuard {
     client: Client<HttpConnector, UpstreamBody>,
@@ -69,19 +75,19 @@ pub struct StreamGuard {
     keys: KeySources,
     /// What callers must present; nothing unless given.
     token: InternalToken,
+    /// The most headers a relayed request or answer may have.
+    max_headers: usize,
 }
 
 impl StreamGuard {
     pub fn new(upstream: SocketAddr) -> Self {
-        let mut connector = HttpConnector::new();
-        // Events are small writes: don't let Nagle hold them back.
-        connector.set_nodelay(true);
         StreamGuard {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: upstream_client(DEFAULT_MAX_HEADERS),
             upstream,
             budget: RetryBudget::default(),
             keys: KeySources::default(),
             token: InternalToken::default(),
+            max_headers: DEFAULT_MAX_HEADERS,
         }
     }
 
@@ -93,6 +99,11 @@ impl StreamGuard {
     /// Serves only callers that present `token`.
     pub fn with_token(self, token: InternalToken) -> Self {
         StreamGuard { token, ..self }
+    }
+
+    /// Relays requests and answers of up to `max_headers` headers.
+    pub fn with_max_headers(self, max_headers: usize) -> Self {
+        StreamGuard { client: upstream_client(max_headers), max_headers, ..self }
     }
 
     /// Serves until the task is dropped.
@@ -108,14 +119,17 @@ impl StreamGuard {
             };
             let _ = socket.set_nodelay(true);
             let guard = Arc::clone(&guard);
+            let max_headers = guard.max_headers;
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let guard = Arc::clone(&guard);
                     async move { Ok::<_, Infallible>(guard.relay(request).await) }
                 });
                 // A client that goes away mid-answer is routine, not an error.
-                let _ =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(socket), service).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_headers(max_headers)
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
             });
         }
     }
@@ -152,6 +166,9 @@ impl StreamGuard {
         }
         let request_id = parts.headers.get("x-request-id").cloned();
         match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(response) if response.status().is_success() && stream_framing(response.headers()).is_none() => {
+                not_a_stream(response.headers(), request_id)
+            }
             Ok(response) => guard_response(response, None, translation, request_id).await,
             Err(e) => error_response(listener_unreachable(&e)),
         }
@@ -302,6 +319,14 @@ impl StreamGuard {
         };
         answered.map(|response| (response, translation)).map_err(|e| listener_unreachable(&e))
     }
+}
+
+/// The client relaying to Envoy's inner listener.
+fn upstream_client(max_headers: usize) -> Client<HttpConnector, UpstreamBody> {
+    let mut connector = HttpConnector::new();
+    // Events are small writes: don't let Nagle hold them back.
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).http1_max_headers(max_headers).build(connector)
 }
 
 /// A stream's answer once its first bytes are in (`None` for a stream that
@@ -487,6 +512,21 @@ async fn guard_response(
     let translation = translation.filter(|_| events.is_some());
     let body = GuardedBody { state: State::Relaying(body), first, events, translation, request_id };
     Response::from_parts(parts, body)
+}
+
+/// A stream's answer for a success that is not a stream (a whole answer, an
+/// empty body): an event stream of one error event, as for a broken stream.
+fn not_a_stream(headers: &HeaderMap, request_id: Option<HeaderValue>) -> Response<GuardedBody> {
+    let content_type = headers.get(CONTENT_TYPE).map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned());
+    tracing::warn!(request_id = ?request_id, content_type, "stream guard: the backend answered a stream without one");
+    let what = match content_type {
+        Some(content_type) => format!("a success of type `{content_type}` where a stream of events was asked for"),
+        None => "a success without content where a stream of events was asked for".to_string(),
+    };
+    let event = crate::framing::error_event(&GatewayError::bad_answer(&what));
+    let mut response = Response::new(GuardedBody::last(Bytes::from(event)));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response
 }
 
 /// The most of a whole answer read to translate it; answers to streaming
@@ -711,6 +751,32 @@ mod tests {
         let answer = through_guard(upstream_writing(whole.as_bytes()).await, true).await;
         assert!(answer.contains("data: 1\n\ndata: [DONE]\n\n"), "{answer}");
         assert!(!answer.contains("error"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_success_that_is_not_a_stream_becomes_an_error_event() {
+        let whole = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let answer = through_guard(upstream_writing(whole.as_bytes()).await, true).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK") && answer.contains("content-type: text/event-stream"),
+            "{answer}"
+        );
+        assert!(answer
+            .contains(r#"data: {"error":{"message":"The backend answered with a success of type `application/json`"#));
+        assert!(answer.contains(r#""code":"bad_backend_answer"}}"#) && !answer.ends_with("{}"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_request_with_more_headers_than_hyper_takes_by_default_is_relayed() {
+        let (upstream, received) = upstream_answering(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 14\r\n\r\ndata: [DONE]\n\n",
+        )
+        .await;
+        let headers: String = (0..150).map(|i| format!("x-extra-{i}: 1\r\n")).collect();
+        let answer =
+            request_through_guard(upstream, &format!("x-modelgate-stream-cluster: pool\r\n{headers}"), "").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(received.await.unwrap().contains("x-extra-149: 1"));
     }
 
     #[tokio::test]

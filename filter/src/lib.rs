@@ -19,7 +19,8 @@ pub mod outbox;
 pub mod request;
 pub mod routing_fields;
 
-use modelgate_proto::error_normalize::{normalize, Origin};
+use modelgate_proto::error::GatewayError;
+use modelgate_proto::error_normalize::{self, normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{Caller, Presented};
 use modelgate_proto::limits::SpendRequest;
@@ -181,6 +182,7 @@ impl RootContext for Plugin {
             store_failures: self.store_failures,
             request_id: String::new(),
             held: None,
+            reading_body: None,
             started_us: 0,
             answered_here: false,
             error: None,
@@ -210,12 +212,14 @@ struct Request {
     request_id: String,
     /// A request held while the shared store decides on it.
     held: Option<Held>,
+    /// The bytes of a model-routed request's body buffered so far, while it is read.
+    reading_body: Option<usize>,
     /// When the request's headers came, in microseconds since the Unix epoch (0 if unknown).
     started_us: u64,
     /// The filter answered itself: the answer is already an OpenAI error.
     answered_here: bool,
-    /// Status, Envoy's code details and the attempts made, of an error answer buffered for rewriting.
-    error: Option<(u16, String, u32)>,
+    /// An error answer buffered for rewriting.
+    error: Option<Failed>,
     /// Sent through the stream guard: Envoy's code details come from the inner listener.
     guarded: bool,
     /// The client key the request came with, where keys are configured.
@@ -227,6 +231,17 @@ struct Request {
     answer: Option<answer::Answer>,
     /// The status the client got.
     status: u16,
+}
+
+/// An error answer being read, to be rewritten as an OpenAI error.
+struct Failed {
+    status: u16,
+    /// Envoy's code details: who answered, and why.
+    details: String,
+    /// The attempts made (a fallback chain's).
+    attempts: u32,
+    /// The body's `content-encoding`, where it is compressed: the rewritten body is not.
+    encoding: Option<String>,
 }
 
 /// A routed request waiting for the shared store's verdict.
@@ -315,6 +330,7 @@ impl HttpContext for Request {
         match verdict {
             HeadersVerdict::PassThrough => Action::Continue,
             HeadersVerdict::ReadBody(caller) => {
+                self.reading_body = Some(0);
                 self.caller = caller;
                 self.routed = Some(Routed {
                     model: String::new(),
@@ -334,12 +350,18 @@ impl HttpContext for Request {
             return self.respond(&reply);
         }
         if !end_of_stream {
+            self.reading_body = Some(body_size);
             return Action::Pause;
         }
-        let body = host::body(BufferType::HttpRequestBody, body_size);
-        match request::on_request_body(&self.router, &body, self.caller.as_deref()) {
-            Ok(routing) => self.route(routing, &body),
-            Err(reply) => self.respond(&reply),
+        self.reading_body = None;
+        self.on_body_read(body_size)
+    }
+
+    /// A body followed by trailers (HTTP/2 allows it) ends with them: its last piece came without end_of_stream.
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.reading_body.take() {
+            Some(body_size) => self.on_body_read(body_size),
+            None => Action::Continue,
         }
     }
 
@@ -374,6 +396,13 @@ impl HttpContext for Request {
             }
         }
         if status < 400 {
+            // A model's answer with nothing in it is a broken backend, not a success.
+            if let (true, Some(answer)) = (end_of_stream && (200..300).contains(&status), &mut self.answer) {
+                answer.failed();
+                let error = GatewayError::bad_answer("a success and an empty body");
+                // No x-should-retry: a retry may well be answered properly.
+                return self.respond(&Reply { status: error.status, headers: Vec::new(), body: error.to_json() });
+            }
             return Action::Continue;
         }
         if let Some(answer) = &mut self.answer {
@@ -391,13 +420,16 @@ impl HttpContext for Request {
                 None => Action::Continue,
             };
         }
-        self.error = Some((status, details, attempts));
+        let encoding = host::header(MapType::HttpResponseHeaders, "content-encoding")
+            .map(|e| String::from_utf8_lossy(&e).into_owned())
+            .filter(|e| !e.eq_ignore_ascii_case("identity"));
+        self.error = Some(Failed { status, details, attempts, encoding });
         host::remove_header(MapType::HttpResponseHeaders, "content-length");
         Action::Pause
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((status, details, attempts)) = &self.error else {
+        let Some(Failed { status, details, attempts, encoding }) = &self.error else {
             if let Some(answer) = &mut self.answer {
                 // The body is read only where usage is counted; every piece is timed.
                 let piece =
@@ -416,10 +448,15 @@ impl HttpContext for Request {
             return Action::Pause;
         }
         let body = host::body(BufferType::HttpResponseBody, body_size);
-        let length = match normalize(*status, Origin::from_code_details(details).after_attempts(*attempts), &body) {
+        // A compressed body is not read: it is always replaced, by a body that is not compressed.
+        let readable = encoding
+            .as_deref()
+            .map_or(std::borrow::Cow::Borrowed(&body[..]), |e| error_normalize::compressed_body(e).into());
+        let length = match normalize(*status, Origin::from_code_details(details).after_attempts(*attempts), &readable) {
             Some(rewritten) => {
                 host::replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
                 host::set_header(MapType::HttpResponseHeaders, "content-type", "application/json");
+                host::remove_header(MapType::HttpResponseHeaders, "content-encoding");
                 for (name, value) in request::retry_advice(rewritten.should_retry) {
                     host::set_header(MapType::HttpResponseHeaders, name, value);
                 }
@@ -470,6 +507,15 @@ const REQUEST_ID: &str = "x-request-id";
 const PROCESSING_MS: &str = "openai-processing-ms";
 
 impl Request {
+    /// Routes (or refuses) a model-routed request once its whole body is buffered.
+    fn on_body_read(&mut self, body_size: usize) -> Action {
+        let body = host::body(BufferType::HttpRequestBody, body_size);
+        match request::on_request_body(&self.router, &body, self.caller.as_deref()) {
+            Ok(routing) => self.route(routing, &body),
+            Err(reply) => self.respond(&reply),
+        }
+    }
+
     fn processing_ms(&self) -> Option<String> {
         let now_us = host::now_us();
         (self.started_us > 0 && now_us >= self.started_us).then(|| ((now_us - self.started_us) / 1000).to_string())

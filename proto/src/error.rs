@@ -130,6 +130,12 @@ impl GatewayError {
         )
     }
 
+    /// 502 for a backend's success without content: an answer with an empty
+    /// body, or a stream's answer that is not a stream. `what` says which.
+    pub fn bad_answer(what: &str) -> Self {
+        Self::new(502, "server_error", format!("The backend answered with {what}."), None, Some("bad_backend_answer"))
+    }
+
     /// The envelope as JSON bytes, ready to send.
     pub fn to_json(&self) -> Vec<u8> {
         let envelope = ErrorEnvelope { error: self.body.clone() };

@@ -87,6 +87,12 @@ pub fn normalize(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritt
     }
 }
 
+/// What stands for an error body compressed with `encoding`, which the
+/// gateway does not decompress: [`normalize`] quotes it instead of the bytes.
+pub fn compressed_body(encoding: &str) -> Vec<u8> {
+    format!("(a body compressed with {}, which the gateway does not read)", truncate(encoding.trim())).into_bytes()
+}
+
 fn is_openai_envelope(body: &[u8]) -> bool {
     serde_json::from_slice::<Map<String, Value>>(body).is_ok_and(|object| from_json_object(0, &object).is_none())
 }
@@ -290,6 +296,15 @@ mod tests {
         assert_eq!(backend(500, "").unwrap()["error"]["message"], "The backend answered HTTP 500 with an empty body.");
         let long = "x".repeat(5000);
         assert!(backend(500, &long).unwrap()["error"]["message"].as_str().unwrap().chars().count() < 400);
+    }
+
+    #[test]
+    fn a_compressed_body_is_named_not_quoted() {
+        let v = backend(500, std::str::from_utf8(&compressed_body("gzip")).unwrap()).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "The backend answered HTTP 500: (a body compressed with gzip, which the gateway does not read)"
+        );
     }
 
     #[test]

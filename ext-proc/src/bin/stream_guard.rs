@@ -2,7 +2,7 @@ use clap::Parser;
 use modelgate_ext_proc::credentials::KeySourceArgs;
 use modelgate_ext_proc::internal_token::InternalTokenArgs;
 use modelgate_ext_proc::process::{run, shutdown_signal};
-use modelgate_ext_proc::stream_guard::StreamGuard;
+use modelgate_ext_proc::stream_guard::{StreamGuard, DEFAULT_MAX_HEADERS};
 use std::net::SocketAddr;
 
 /// modelgate's stream guard: relays streaming requests to Envoy's inner
@@ -23,6 +23,10 @@ struct Args {
     keys: KeySourceArgs,
     #[command(flatten)]
     token: InternalTokenArgs,
+    /// Most headers a relayed request or answer may have: keep it above Envoy's
+    /// `max_headers_count` on the OpenAI listener, and the inner listener's at least as high.
+    #[arg(long, env = "MODELGATE_STREAM_GUARD_MAX_HEADERS", default_value_t = DEFAULT_MAX_HEADERS)]
+    max_headers: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(listen = %args.listen, upstream = %args.upstream, "modelgate stream guard listening");
         tokio::select! {
-            _ = StreamGuard::new(args.upstream).with_keys(keys).with_token(token).serve(listener) => {}
+            _ = StreamGuard::new(args.upstream).with_keys(keys).with_token(token).with_max_headers(args.max_headers).serve(listener) => {}
             _ = shutdown_signal() => {}
         }
         Ok(())

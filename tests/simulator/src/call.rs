@@ -40,17 +40,24 @@ impl<F: Face> FromRequest<Arc<Sim>> for Call<F> {
     async fn from_request(request: Request, sim: &Arc<Sim>) -> Result<Self, Response> {
         let (parts, body) = request.into_parts();
         let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| F::error(400, &e.to_string()))?;
-        begin(sim, &parts.uri, parts.headers, &bytes)
+        begin(sim, &parts.uri, parts.headers, &bytes).await
     }
 }
 
 #[allow(clippy::result_large_err)] // an error here is the finished answer, built once per request
-fn begin<F: Face>(sim: &Sim, uri: &Uri, headers: HeaderMap, bytes: &Bytes) -> Result<Call<F>, Response> {
+async fn begin<F: Face>(sim: &Sim, uri: &Uri, headers: HeaderMap, bytes: &Bytes) -> Result<Call<F>, Response> {
     let body: Value = serde_json::from_slice(bytes).map_err(|e| F::error(400, &format!("invalid JSON body: {e}")))?;
     sim.journal.record(uri.path(), &headers, &body);
     let behaviour = sim.settings.behaviour(&headers);
     if let Some(status) = behaviour.injected_failure() {
-        return Err(F::injected(status, &behaviour));
+        let failure = F::injected(status, &behaviour);
+        let accepts_gzip =
+            headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"));
+        return Err(if behaviour.gzip_errors && accepts_gzip {
+            crate::failure::gzipped(failure).await
+        } else {
+            failure
+        });
     }
     let model = body["model"].as_str().ok_or_else(|| F::error(400, "`model` is required"))?.to_string();
     if !sim.settings.models.is_empty() && !sim.settings.models.contains(&model) {

@@ -50,6 +50,9 @@ pub struct Settings {
     /// Prompt tokens reported as read from the prompt cache (Anthropic face).
     #[arg(long, default_value_t = 0)]
     pub cached_tokens: u32,
+    /// Compress injected error answers with gzip when the request accepts it.
+    #[arg(long)]
+    pub gzip_errors: bool,
 }
 
 /// The behaviour for one request: the settings, with any `x-sim-*` header applied.
@@ -64,6 +67,7 @@ pub struct Behaviour {
     pub error_format: ErrorFormat,
     pub retry_after: Option<u64>,
     pub cached_tokens: u32,
+    pub gzip_errors: bool,
 }
 
 impl Settings {
@@ -85,6 +89,7 @@ impl Settings {
             error_format: get("x-sim-error-format").and_then(ErrorFormat::parse).unwrap_or(self.error_format),
             retry_after: number("x-sim-retry-after").or(self.retry_after),
             cached_tokens: number("x-sim-cached-tokens").map_or(self.cached_tokens, |n| n.min(u32::MAX as u64) as u32),
+            gzip_errors: get("x-sim-gzip-errors").map_or(self.gzip_errors, |v| v == "true" || v == "1"),
         }
     }
 }
