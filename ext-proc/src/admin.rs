@@ -3,7 +3,10 @@
 //! - `POST /v1/usage/records`: the filter's usage records, one JSON object a
 //!   line. Lines that do not parse are skipped and counted; the answer is
 //!   `200 {"accepted":N,"rejected":M}`, or a 400 error when lines came and
-//!   none parsed (a sender speaking another version).
+//!   none parsed (a sender speaking another version). A batch with an
+//!   `x-modelgate-batch-id` already applied is answered the same, with
+//!   `"repeat":true`, and not applied again ([`crate::usage_store`]); a 503
+//!   when the usage store cannot keep it.
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]).
 //! - `GET /v1/usage/report?start=&end=`: usage per key, model and backend
 //!   ([`crate::usage_report`]), in Unix seconds; `start` defaults to 0, `end`
@@ -16,11 +19,12 @@
 
 use crate::metrics::{self, Metrics};
 use crate::shared_limits::SharedLimits;
-use crate::usage_report::UsageStore;
+use crate::usage_report::Retention;
+use crate::usage_store::{self, Dedup, Ledger, Outcome, Usage};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -40,24 +44,34 @@ const MAX_BODY: usize = 32 << 20;
 const MAX_MODELS: usize = 1000;
 const OTHER_MODELS: &str = "(other)";
 
+/// How long applied batch ids are remembered unless configured.
+pub const DEFAULT_DEDUP: Dedup = Dedup { window_ms: 60 * 60_000 };
+
 /// What the admin port keeps: metrics and the usage report's minutes.
 pub struct Admin {
     metrics: Metrics,
-    usage: Mutex<UsageStore>,
+    usage: Usage,
     models: Mutex<HashSet<String>>,
 }
 
 impl Admin {
+    /// Usage kept in memory only.
     pub fn new(retention_hours: u64) -> Self {
-        Admin {
-            metrics: Metrics::default(),
-            usage: Mutex::new(UsageStore::new(retention_hours)),
-            models: Mutex::new(HashSet::new()),
-        }
+        Admin::with_usage(Usage::local(Ledger::in_memory(Retention::hours(retention_hours), DEFAULT_DEDUP)))
     }
 
-    /// Counts, stores and logs parsed records, as received at `now_ms`.
-    pub fn ingest(&self, mut records: Vec<UsageRecord>, now_ms: u64) {
+    pub fn with_usage(usage: Usage) -> Self {
+        Admin { metrics: Metrics::default(), usage, models: Mutex::new(HashSet::new()) }
+    }
+
+    /// Stores a batch of parsed records, received at `now_ms`, once: a repeat
+    /// of a batch already applied is neither stored nor counted nor logged again.
+    pub async fn ingest(
+        &self,
+        batch: Option<&str>,
+        mut records: Vec<UsageRecord>,
+        now_ms: u64,
+    ) -> Result<Outcome, usage_store::StoreError> {
         {
             let mut models = self.models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for record in &mut records {
@@ -70,16 +84,14 @@ impl Admin {
                 }
             }
         }
-        for record in &records {
-            self.metrics.record(record);
-            log(record);
+        let outcome = self.usage.apply(batch, &records, now_ms).await?;
+        if outcome == Outcome::Applied {
+            for record in &records {
+                self.metrics.record(record);
+                log(record);
+            }
         }
-        // A poisoned lock only means another ingest panicked midway: its sums are still sums.
-        let mut usage = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        usage.prune(now_ms);
-        for record in &records {
-            usage.add(record, now_ms);
-        }
+        Ok(outcome)
     }
 }
 
@@ -200,14 +212,25 @@ async fn get_metrics(State(admin): State<Arc<Admin>>) -> Response {
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], admin.metrics.encode()).into_response()
 }
 
-async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn post_records(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(body) => body,
         Err(rejection) => return body_error(&rejection),
     };
+    let batch = match batch_id(&headers) {
+        Ok(batch) => batch,
+        Err(error) => return error_response(&error),
+    };
     let parsed = parse_records(&body);
     let accepted = parsed.records.len();
-    admin.ingest(parsed.records, now_ms());
+    let outcome = match admin.ingest(batch, parsed.records, now_ms()).await {
+        Ok(outcome) => outcome,
+        Err(e) => return usage_store_unavailable(&e),
+    };
     if parsed.rejected > 0 {
         admin.metrics.records_rejected(parsed.rejected);
         tracing::warn!(rejected = parsed.rejected, first = parsed.first_error.as_deref(), "usage records skipped");
@@ -224,7 +247,26 @@ async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, Bytes
         );
         return error_response(&error);
     }
-    json_response(StatusCode::OK, serde_json::json!({"accepted": accepted, "rejected": parsed.rejected}).to_string())
+    let mut answer = serde_json::json!({"accepted": accepted, "rejected": parsed.rejected});
+    if outcome == Outcome::Repeat {
+        answer["repeat"] = true.into();
+    }
+    json_response(StatusCode::OK, answer.to_string())
+}
+
+/// The batch's id, if it has one; one of another shape is refused.
+fn batch_id(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
+    let Some(value) = headers.get(usage_store::BATCH_ID) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(id) if usage_store::valid_batch_id(id) => Ok(Some(id)),
+        _ => Err(GatewayError::invalid_request(
+            format!("`{}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`.", usage_store::BATCH_ID),
+            None,
+            Some("invalid_batch_id"),
+        )),
+    }
 }
 
 async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
@@ -234,10 +276,9 @@ async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
         Ok(window) => window,
         Err(error) => return error_response(&error),
     };
-    let report = {
-        let mut usage = admin.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        usage.prune(now);
-        usage.report(start, end)
+    let report = match admin.usage.report(start, end, now).await {
+        Ok(report) => report,
+        Err(e) => return usage_store_unavailable(&e),
     };
     match serde_json::to_string(&report) {
         Ok(json) => json_response(StatusCode::OK, json),
@@ -275,6 +316,18 @@ async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, Bytes
             ))
         }
     }
+}
+
+/// A 503: the filter keeps a batch it could not hand over and sends it again.
+fn usage_store_unavailable(e: &usage_store::StoreError) -> Response {
+    tracing::warn!(error = %e, "usage store unavailable");
+    error_response(&GatewayError::new(
+        503,
+        "server_error",
+        "The usage store is unavailable; try again shortly.".into(),
+        None,
+        Some("usage_store_unavailable"),
+    ))
 }
 
 /// 405 for a known path called with another method than `allowed`.
@@ -350,12 +403,12 @@ not json\n\
         assert_eq!(parse_records(b""), ParsedRecords::default());
     }
 
-    #[test]
-    fn model_names_past_the_cap_are_counted_together() {
+    #[tokio::test]
+    async fn model_names_past_the_cap_are_counted_together() {
         let admin = Admin::new(1);
         let record = |model: String| UsageRecord { model, status: 200, ..UsageRecord::default() };
-        admin.ingest((0..MAX_MODELS + 5).map(|i| record(format!("m-{i}"))).collect(), 0);
-        admin.ingest(vec![record("m-0".into()), record("new".into())], 0);
+        admin.ingest(None, (0..MAX_MODELS + 5).map(|i| record(format!("m-{i}"))).collect(), 0).await.unwrap();
+        admin.ingest(None, vec![record("m-0".into()), record("new".into())], 0).await.unwrap();
         let metrics = admin.metrics.encode();
         let series = |model: &str| {
             metrics
@@ -370,6 +423,39 @@ not json\n\
             .and_then(|l| l.rsplit(' ').next())
             .map(str::to_string);
         assert_eq!(other.as_deref(), Some("6"));
+    }
+
+    #[tokio::test]
+    async fn a_batch_sent_again_is_counted_once() {
+        let admin = Admin::new(1);
+        let now = 100 * 3_600_000;
+        let records = || vec![UsageRecord { at_ms: now, key: "k".into(), status: 200, ..UsageRecord::default() }];
+        assert_eq!(admin.ingest(Some("vm-1"), records(), now).await.unwrap(), Outcome::Applied);
+        assert_eq!(admin.ingest(Some("vm-1"), records(), now + 1000).await.unwrap(), Outcome::Repeat);
+        assert_eq!(admin.ingest(Some("vm-2"), records(), now + 2000).await.unwrap(), Outcome::Applied);
+        assert_eq!(admin.ingest(None, records(), now + 3000).await.unwrap(), Outcome::Applied);
+        let report = admin.usage.report(0, u64::MAX, now).await.unwrap();
+        assert_eq!(report.data.iter().map(|row| row.requests).collect::<Vec<_>>(), [3]);
+        assert!(admin.metrics.encode().lines().any(|l| l.starts_with("modelgate_requests_total") && l.ends_with(" 3")));
+        // Remembered for the window, then forgotten.
+        let later = now + DEFAULT_DEDUP.window_ms + 1001;
+        assert_eq!(admin.ingest(Some("vm-1"), records(), later).await.unwrap(), Outcome::Applied);
+    }
+
+    #[test]
+    fn batch_ids_of_another_shape_are_refused() {
+        let headers = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(usage_store::BATCH_ID, header::HeaderValue::from_bytes(value.as_bytes()).unwrap());
+            headers
+        };
+        assert_eq!(batch_id(&HeaderMap::new()), Ok(None));
+        let id = "0123abcd-5f3e1c-17";
+        assert_eq!(batch_id(&headers(id)), Ok(Some(id)));
+        for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
+            let error = batch_id(&headers(bad)).unwrap_err();
+            assert_eq!((error.status, error.body.code.as_deref()), (400, Some("invalid_batch_id")), "{bad:?}");
+        }
     }
 
     #[test]
