@@ -25,7 +25,7 @@ use modelgate_proto::keys::{Caller, Presented};
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::limits::{self, Admission, Bucket};
 use modelgate_proto::routing::Router;
-use outbox::Outbox;
+use outbox::{Outbox, RecordBatch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use request::{HeadersVerdict, Reply, RequestHead, Routing};
@@ -39,6 +39,7 @@ proxy_wasm::main! {{
         Box::new(Plugin {
             router: Rc::new(Router::default()),
             outbox: Rc::new(Outbox::default()),
+            sender: None,
             store_failures: None,
             in_flight: HashMap::new(),
         })
@@ -49,6 +50,8 @@ struct Plugin {
     router: Rc<Router>,
     /// This worker's usage records and shared token debits, sent on the timer.
     outbox: Rc<Outbox>,
+    /// This VM's part of its usage batches' ids, made on the first tick.
+    sender: Option<String>,
     /// Envoy's counter of the times the shared rate-limit store gave no verdict.
     store_failures: Option<u32>,
     /// Batches sent and not yet answered, by call: put back in the outbox if they fail.
@@ -56,7 +59,7 @@ struct Plugin {
 }
 
 enum Batch {
-    Records(Vec<u8>),
+    Records(RecordBatch),
     Debits(SpendRequest),
 }
 
@@ -65,7 +68,7 @@ const RECORDS_PATH: &str = "/v1/usage/records";
 /// Where ext-proc's admin port spends from shared rate limits.
 const SPEND_PATH: &str = "/v1/limits/spend";
 
-fn admin_call_headers(path: &'static str, content_type: &'static str) -> Vec<(&'static str, &'static str)> {
+fn admin_call_headers<'a>(path: &'a str, content_type: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![(":method", "POST"), (":path", path), (":authority", "modelgate-admin"), ("content-type", content_type)]
 }
 
@@ -89,8 +92,10 @@ impl Context for Plugin {
 impl Plugin {
     fn send(&mut self, cluster: &str, batch: Batch) {
         let sent = match &batch {
-            Batch::Records(lines) => {
-                host::dispatch(cluster, admin_call_headers(RECORDS_PATH, "application/x-ndjson"), lines, BATCH_TIMEOUT)
+            Batch::Records(batch) => {
+                let mut call = admin_call_headers(RECORDS_PATH, "application/x-ndjson");
+                call.push((headers::BATCH_ID, &batch.id));
+                host::dispatch(cluster, call, &batch.lines, BATCH_TIMEOUT)
             }
             Batch::Debits(debits) => {
                 let call = serde_json::to_vec(debits).unwrap_or_default();
@@ -107,7 +112,7 @@ impl Plugin {
 
     fn requeue(&self, batch: Batch) {
         match batch {
-            Batch::Records(lines) => self.outbox.put_back(lines),
+            Batch::Records(batch) => self.outbox.put_back(batch),
             Batch::Debits(debits) => self.outbox.put_back_debits(debits),
         }
     }
@@ -152,8 +157,11 @@ impl RootContext for Plugin {
         if let (Some(shared), Some(debits)) = (router.shared_limits(), self.outbox.take_debits()) {
             self.send(&shared.cluster, Batch::Debits(debits));
         }
-        if let (Some(accounting), Some(lines)) = (router.accounting(), self.outbox.take()) {
-            self.send(&accounting.cluster, Batch::Records(lines));
+        if let Some(accounting) = router.accounting() {
+            let sender = self.sender.get_or_insert_with(host::batch_sender);
+            if let Some(batch) = self.outbox.take(sender) {
+                self.send(&accounting.cluster, Batch::Records(batch));
+            }
         }
     }
 

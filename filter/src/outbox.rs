@@ -1,18 +1,34 @@
 //! What an Envoy worker sends to ext-proc's admin port on its timer: usage
 //! records, one JSON object per line, and the tokens answers spent from
 //! shared rate limits, summed per bucket. Neither adds a call to any request.
+//!
+//! Each batch of records gets an id when it is first taken, and a batch that
+//! did not land is sent again as it was, id and records, so ext-proc can
+//! tell a batch it applied but whose answer was lost, and apply it once.
 
 use modelgate_proto::limits::{Bucket, BucketSpend, SpendRequest, Unit};
 use modelgate_proto::usage::UsageRecord;
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Records held while ext-proc cannot take them; past this, new ones are dropped and counted.
 const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 
+/// Usage records to send in one call, under an id no other batch has.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordBatch {
+    pub id: String,
+    pub lines: Vec<u8>,
+}
+
 #[derive(Debug, Default)]
 pub struct Outbox {
+    /// Records not yet in a batch.
     lines: RefCell<Vec<u8>>,
+    /// Batches sent that did not land, oldest first.
+    unsent: RefCell<VecDeque<RecordBatch>>,
+    /// Batches made so far: the last part of their ids.
+    batches: Cell<u64>,
     dropped: Cell<u64>,
     /// Tokens to debit from shared token buckets, by bucket name.
     debits: RefCell<BTreeMap<String, BucketSpend>>,
@@ -20,20 +36,34 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn push(&self, record: &UsageRecord) {
-        let mut lines = self.lines.borrow_mut();
-        if lines.len() >= MAX_HELD_BYTES {
+        if self.held_bytes() >= MAX_HELD_BYTES {
             self.dropped.set(self.dropped.get() + 1);
             return;
         }
+        let mut lines = self.lines.borrow_mut();
         if serde_json::to_writer(&mut *lines, record).is_ok() {
             lines.push(b'\n');
         }
     }
 
-    /// Everything held, to send; `None` when there is nothing.
-    pub fn take(&self) -> Option<Vec<u8>> {
+    fn held_bytes(&self) -> usize {
+        self.lines.borrow().len() + self.unsent.borrow().iter().map(|batch| batch.lines.len()).sum::<usize>()
+    }
+
+    /// The next batch to send: the oldest that did not land, else the records
+    /// held, as a new batch whose id is `sender` (unique to this VM) and its
+    /// number; `None` when there is nothing. New records wait while older
+    /// batches are sent again, one a call.
+    pub fn take(&self, sender: &str) -> Option<RecordBatch> {
+        if let Some(batch) = self.unsent.borrow_mut().pop_front() {
+            return Some(batch);
+        }
         let lines = std::mem::take(&mut *self.lines.borrow_mut());
-        (!lines.is_empty()).then_some(lines)
+        if lines.is_empty() {
+            return None;
+        }
+        self.batches.set(self.batches.get() + 1);
+        Some(RecordBatch { id: format!("{sender}-{}", self.batches.get()), lines })
     }
 
     /// Tokens an answer used, to be spent from the shared store's token buckets.
@@ -55,15 +85,14 @@ impl Outbox {
         (!debits.is_empty()).then(|| SpendRequest { buckets: debits.into_values().collect(), debit: true })
     }
 
-    /// Records sent that did not land: kept for the next try, within the cap.
-    pub fn put_back(&self, sent: Vec<u8>) {
-        let mut lines = self.lines.borrow_mut();
-        if lines.len() + sent.len() > MAX_HELD_BYTES {
-            let records = sent.iter().filter(|b| **b == b'\n').count() as u64;
+    /// A batch sent that did not land: kept whole for the next try, within the cap.
+    pub fn put_back(&self, sent: RecordBatch) {
+        if self.held_bytes() + sent.lines.len() > MAX_HELD_BYTES {
+            let records = sent.lines.iter().filter(|b| **b == b'\n').count() as u64;
             self.dropped.set(self.dropped.get() + records);
             return;
         }
-        lines.extend_from_slice(&sent);
+        self.unsent.borrow_mut().push_back(sent);
     }
 
     /// Debits sent that did not land: added back to those held.
@@ -85,20 +114,37 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn ids(batch: &RecordBatch) -> Vec<String> {
+        let records = batch.lines.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        records.map(|l| serde_json::from_slice::<UsageRecord>(l).unwrap().request_id).collect()
+    }
+
     #[test]
     fn records_leave_as_json_lines_once() {
         let outbox = Outbox::default();
-        assert_eq!(outbox.take(), None);
+        assert_eq!(outbox.take("vm"), None);
         let record = UsageRecord { request_id: "r1".into(), status: 200, ..UsageRecord::default() };
         outbox.push(&record);
         outbox.push(&UsageRecord { request_id: "r2".into(), ..record.clone() });
-        let sent = outbox.take().unwrap();
-        let lines: Vec<UsageRecord> =
-            sent.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
-        assert_eq!(lines.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["r1", "r2"]);
-        assert_eq!(outbox.take(), None);
-        outbox.put_back(sent.clone());
-        assert_eq!(outbox.take(), Some(sent));
+        let sent = outbox.take("vm").unwrap();
+        assert_eq!((sent.id.as_str(), ids(&sent)), ("vm-1", vec!["r1".to_string(), "r2".to_string()]));
+        assert_eq!(outbox.take("vm"), None);
+    }
+
+    #[test]
+    fn a_batch_that_did_not_land_is_sent_again_as_it_was() {
+        let outbox = Outbox::default();
+        let record = |id: &str| UsageRecord { request_id: id.into(), ..UsageRecord::default() };
+        outbox.push(&record("r1"));
+        let first = outbox.take("vm").unwrap();
+        outbox.push(&record("r2"));
+        // Its answer was lost: ext-proc may have applied it, so it goes again with its id and
+        // nothing added, and the records since wait for a batch of their own.
+        outbox.put_back(first.clone());
+        assert_eq!(outbox.take("vm"), Some(first));
+        let second = outbox.take("vm").unwrap();
+        assert_eq!((second.id.as_str(), ids(&second)), ("vm-2", vec!["r2".to_string()]));
+        assert_eq!(outbox.take("vm"), None);
     }
 
     #[test]
@@ -130,5 +176,10 @@ mod tests {
         outbox.push(&big);
         assert_eq!(outbox.take_dropped(), 1);
         assert_eq!(outbox.take_dropped(), 0);
+        // Held for another try, a batch still counts against the cap.
+        let sent = outbox.take("vm").unwrap();
+        outbox.put_back(sent);
+        outbox.push(&big);
+        assert_eq!(outbox.take_dropped(), 1);
     }
 }
