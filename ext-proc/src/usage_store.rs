@@ -324,6 +324,10 @@ end
 return 1
 "#;
 
+/// The longest wait for a report's reads from Redis: a week's minutes take more
+/// than a batch's write, which is bounded by the configured timeout.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The minutes' sums in one Redis shared by several ext-procs.
 pub struct RedisUsage {
     redis: ConnectionManager,
@@ -334,11 +338,11 @@ pub struct RedisUsage {
 }
 
 impl RedisUsage {
-    /// Connects lazily, as [`crate::shared_limits::SharedLimits`] does; each call is bounded by `timeout`.
+    /// Connects lazily, as [`crate::shared_limits::SharedLimits`] does; each batch is bounded by `timeout`.
     pub fn new(url: &str, timeout: Duration, retention: Retention, dedup: Dedup) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout.max(REPORT_TIMEOUT)))
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
             .set_max_delay(Duration::from_secs(1));
         let redis = ConnectionManager::new_lazy_with_config(client, config)?;
@@ -368,12 +372,8 @@ impl RedisUsage {
             invocation.arg(t.completion_tokens).arg(t.cost_usd.map(|c| c.to_string()).unwrap_or_default());
         }
         let mut redis = self.redis.clone();
-        let applied: u8 = self.within(invocation.invoke_async(&mut redis)).await?;
+        let applied: u8 = within(self.timeout, invocation.invoke_async(&mut redis)).await?;
         Ok(if applied == 1 { Outcome::Applied } else { Outcome::Repeat })
-    }
-
-    async fn within<T>(&self, call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, call).await.map_err(|_| StoreError::Timeout)?.map_err(StoreError::Redis)
     }
 
     pub async fn report(&self, start: u64, end: u64, now_ms: u64) -> Result<Report, StoreError> {
@@ -383,18 +383,25 @@ impl RedisUsage {
             let mut redis = self.redis.clone();
             let mut index = redis::cmd("ZRANGEBYSCORE");
             index.arg(INDEX_KEY).arg(first).arg(past_last - 1);
-            let minutes: Vec<u64> = self.within(index.query_async(&mut redis)).await?;
+            let minutes: Vec<u64> = within(REPORT_TIMEOUT, index.query_async(&mut redis)).await?;
             let mut pipe = redis::pipe();
             for minute in &minutes {
                 pipe.hgetall(minute_key(*minute));
             }
-            let hashes: Vec<HashMap<String, String>> = self.within(pipe.query_async(&mut redis)).await?;
+            let hashes: Vec<HashMap<String, String>> = within(REPORT_TIMEOUT, pipe.query_async(&mut redis)).await?;
             for (minute, fields) in minutes.into_iter().zip(hashes) {
                 usage.add(&minute_rows(minute, &fields), now_ms);
             }
         }
         Ok(usage.report(start, end))
     }
+}
+
+async fn within<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(timeout, call).await.map_err(|_| StoreError::Timeout)?.map_err(StoreError::Redis)
 }
 
 /// A minute's hash, as the script writes it, back as rows; fields of another shape are skipped.
@@ -459,7 +466,13 @@ impl Usage {
 
     pub async fn report(&self, start: u64, end: u64, now_ms: u64) -> Result<Report, StoreError> {
         match self {
-            Usage::Local(ledger) => Ok(lock(ledger).report(start, end, now_ms)),
+            Usage::Local(ledger) => {
+                // Behind a batch's fsync, and a week of minutes to sum: off the serving threads too.
+                let ledger = Arc::clone(ledger);
+                tokio::task::spawn_blocking(move || lock(&ledger).report(start, end, now_ms))
+                    .await
+                    .map_err(|e| StoreError::Disk(io::Error::other(e)))
+            }
             Usage::Redis(redis) => redis.report(start, end, now_ms).await,
         }
     }
