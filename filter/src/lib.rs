@@ -25,7 +25,7 @@ use modelgate_proto::keys::{Caller, Presented};
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::limits::{self, Admission, Bucket};
 use modelgate_proto::routing::Router;
-use outbox::{Outbox, RecordBatch};
+use outbox::{Delivery, Outbox, RecordBatch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use request::{HeadersVerdict, Reply, RequestHead, Routing};
@@ -73,18 +73,25 @@ fn admin_call_headers<'a>(path: &'a str, content_type: &'a str) -> Vec<(&'a str,
 }
 
 impl Context for Plugin {
-    /// A batch that did not land goes back in the outbox, for the next tick.
+    /// A batch that did not land goes back in the outbox, for the next tick; one refused is dropped.
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
         let Some(batch) = self.in_flight.remove(&token_id) else {
             return;
         };
         let status = host::http_call_header(num_headers, ":status").unwrap_or_default();
-        if !status.starts_with(b"2") {
-            host::log_error(&format!(
-                "modelgate: ext-proc's admin port did not take a batch of usage records or token debits (status {}); it is kept for the next try",
+        match outbox::delivery(&status) {
+            Delivery::Taken => {}
+            Delivery::Retry => {
+                host::log_error(&format!(
+                    "modelgate: ext-proc's admin port did not take a batch of usage records or token debits (status {}); it is kept for the next try",
+                    String::from_utf8_lossy(&status)
+                ));
+                self.requeue(batch);
+            }
+            Delivery::Refused => host::log_error(&format!(
+                "modelgate: ext-proc's admin port refused a batch of usage records or token debits (status {}); it is dropped",
                 String::from_utf8_lossy(&status)
-            ));
-            self.requeue(batch);
+            )),
         }
     }
 }

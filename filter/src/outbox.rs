@@ -110,6 +110,25 @@ impl Outbox {
     }
 }
 
+/// What becomes of a batch, by the status of ext-proc's answer (empty when none came).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Taken,
+    /// Not taken, or not known to be: sent again, as it was.
+    Retry,
+    /// Refused for what it is: sent again it would be refused again, and hold up the batches after it.
+    Refused,
+}
+
+pub fn delivery(status: &[u8]) -> Delivery {
+    match status {
+        [b'2', ..] => Delivery::Taken,
+        b"408" | b"429" => Delivery::Retry,
+        [b'4', ..] => Delivery::Refused,
+        _ => Delivery::Retry,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +164,16 @@ mod tests {
         let second = outbox.take("vm").unwrap();
         assert_eq!((second.id.as_str(), ids(&second)), ("vm-2", vec!["r2".to_string()]));
         assert_eq!(outbox.take("vm"), None);
+    }
+
+    #[test]
+    fn only_a_refused_batch_is_given_up() {
+        assert_eq!(delivery(b"200"), Delivery::Taken);
+        for status in [&b""[..], b"503", b"504", b"500", b"408", b"429"] {
+            assert_eq!(delivery(status), Delivery::Retry, "{status:?}");
+        }
+        assert_eq!(delivery(b"400"), Delivery::Refused);
+        assert_eq!(delivery(b"413"), Delivery::Refused);
     }
 
     #[test]

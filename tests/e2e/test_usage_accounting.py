@@ -3,6 +3,8 @@ shows the exact token counts the backends returned in Prometheus `/metrics` and 
 usage report (tokens and cost per key, model and backend over a time window)."""
 
 import hashlib
+import json
+import re
 import time
 
 import httpx2
@@ -145,3 +147,6 @@ def test_the_usage_report_survives_an_ext_proc_crash_and_counts_each_request_onc
         [r for r in before if r["key"] != "bob" or r["model"] != "llama-3.1-8b-instruct"]
     llama = next(r for r in after if (r["key"], r["model"]) == ("bob", "llama-3.1-8b-instruct"))
     assert (llama["requests"], llama["completion_tokens"]) == (5, 15)
+    # Each batch came named by its Envoy worker's VM and number, and the name is kept with the sums.
+    log = (gateway.data_dir / "usage" / "log.ndjson").read_text().splitlines()
+    assert log and all(re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]+-[0-9]+", json.loads(line)["batch"]) for line in log)
