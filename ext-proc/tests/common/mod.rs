@@ -158,7 +158,7 @@ impl ExtProc {
 
     /// A batch of usage records, with its id.
     pub fn post_batch(&self, id: &str, body: &[u8]) -> Answer {
-        http_with(self.admin, "POST", "/v1/usage/records", &[("x-modelgate-batch-id", id)], body)
+        http_with(self.admin, "POST", "/v1/usage/records", &format!("x-modelgate-batch-id: {id}\r\n"), body)
     }
 
     /// Kills it at once (SIGKILL), as a crash would.
@@ -195,15 +195,15 @@ impl Answer {
 
 /// One request on its own connection, read to its end.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Answer {
-    http_with(addr, method, path, &[], body)
+    http_with(addr, method, path, "", body)
 }
 
-pub fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+/// The same, with more header lines (each ending in `\r\n`).
+pub fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &[u8]) -> Answer {
     let mut stream = TcpStream::connect(addr).expect("connecting to the admin port");
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("a read timeout");
-    let extra: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body)).expect("sending a request");
