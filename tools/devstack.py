@@ -134,13 +134,15 @@ class Stack:
     def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn",
                  envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None,
                  ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None,
-                 key_dirs: list[Path] | None = None):
+                 key_dirs: list[Path] | None = None, data_dir: Path | None = None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
         `ext_proc_args` are added to ext-proc's command line (a Redis URL, say), and
         `simulator_args` to the named simulated backends' (failures to inject, say). `key_dirs`
-        are the directories ext-proc and the stream guard may read backends' key files from."""
+        are the directories ext-proc and the stream guard may read backends' key files from.
+        `data_dir` is ext-proc's (the usage report); by default one of the stack's own, gone
+        when it stops."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
@@ -155,6 +157,7 @@ class Stack:
         self.key_dirs = key_dirs or []
         self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
+        self.data_dir = data_dir or self.workdir / "data"
         self.processes: list[tuple[str, subprocess.Popen]] = []
         # What Envoy presents to ext-proc and the stream guard, fresh for every run.
         self.internal_token = secrets.token_urlsafe(32)
@@ -212,8 +215,8 @@ class Stack:
             self.serve("ext-proc", [EXT_PROC_PORT, EXT_PROC_ADMIN_PORT], lambda: [
                 str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
                 "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
-                "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}", *trusted, *self.ext_proc_args],
-                backend_keys)
+                "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}",
+                "--data-dir", str(self.data_dir), *trusted, *self.ext_proc_args], backend_keys)
             self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
                 str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                 "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
@@ -379,7 +382,9 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    stack = Stack(listen_port=args.port, demo_ports=True, log_level=args.log_level).start()
+    # The demo's usage report outlives it, in the project's ignored modelgate-data/.
+    stack = Stack(listen_port=args.port, demo_ports=True, log_level=args.log_level,
+                  data_dir=ROOT / "modelgate-data").start()
     try:
         print(f"""
 modelgate is running: OpenAI API at {stack.base_url}

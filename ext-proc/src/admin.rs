@@ -5,7 +5,10 @@
 //!   that do not parse are skipped and counted; the answer is
 //!   `200 {"accepted":N,"rejected":M}`, or a 400 error when lines came and
 //!   none parsed (a sender speaking another version). Every value that
-//!   becomes a label or a log field is bounded again here.
+//!   becomes a label or a log field is bounded again here
+//!   A batch with an `x-modelgate-batch-id` already applied is answered the
+//!   same, with `"repeat":true`, and not applied again
+//!   ([`crate::usage_store`]); a 503 when the usage store cannot keep it.
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]).
 //! - `GET /v1/usage/report?start=&end=`: usage per key, model and backend
 //!   ([`crate::usage_report`]), in Unix seconds; `start` defaults to 0, `end`
@@ -22,11 +25,12 @@
 use crate::internal_token::{self, InternalToken};
 use crate::metrics::{self, Metrics};
 use crate::shared_limits::SharedLimits;
-use crate::usage_report::UsageStore;
+use crate::usage_report::Retention;
+use crate::usage_store::{self, Dedup, Ledger, Outcome, Usage};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -48,24 +52,36 @@ const MAX_BODY: usize = 32 << 20;
 /// [`OTHER_MODELS`], so memory and `/metrics` stay bounded.
 const MAX_MODELS: usize = 1000;
 
+/// How long applied batch ids are remembered unless configured.
+pub const DEFAULT_DEDUP: Dedup = Dedup { window_ms: 60 * 60_000 };
+
 /// What the admin port keeps: metrics and the usage report's minutes.
 pub struct Admin {
     metrics: Metrics,
-    usage: Mutex<UsageStore>,
+    usage: Usage,
     models: Mutex<HashSet<String>>,
 }
 
 impl Admin {
+    /// Usage kept in memory only.
     pub fn new(retention_hours: u64) -> Self {
-        Admin {
-            metrics: Metrics::default(),
-            usage: Mutex::new(UsageStore::new(retention_hours)),
-            models: Mutex::new(HashSet::new()),
-        }
+        Admin::with_usage(Usage::local(Ledger::in_memory(Retention::hours(retention_hours), DEFAULT_DEDUP)))
     }
 
-    /// Counts, stores and logs parsed records and tallies, as received at `now_ms`.
-    pub fn ingest(&self, mut records: Vec<UsageRecord>, mut tallies: Vec<Tally>, now_ms: u64) {
+    pub fn with_usage(usage: Usage) -> Self {
+        Admin { metrics: Metrics::default(), usage, models: Mutex::new(HashSet::new()) }
+    }
+
+    /// Stores a batch of parsed records and tallies, received at `now_ms`, once:
+    /// a repeat of a batch already applied is neither stored nor counted nor
+    /// logged again. Every value that becomes a label is bounded first.
+    pub async fn ingest(
+        &self,
+        batch: Option<&str>,
+        mut records: Vec<UsageRecord>,
+        mut tallies: Vec<Tally>,
+        now_ms: u64,
+    ) -> Result<Outcome, usage_store::StoreError> {
         {
             let mut models = self.models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for record in &mut records {
@@ -79,37 +95,33 @@ impl Admin {
                 refused.model = model_label(&mut models, &refused.model, refused.model_served);
             }
         }
-        for record in &records {
-            self.metrics.record(record);
-            log(record);
-        }
-        for tally in &tallies {
-            self.metrics.records_dropped(tally.dropped_records);
-            if tally.dropped_records > 0 {
-                tracing::warn!(dropped = tally.dropped_records, "the gateway dropped usage records it could not send");
+        let outcome = self.usage.apply(batch, &records, &tallies, now_ms).await?;
+        if outcome == Outcome::Applied {
+            for record in &records {
+                self.metrics.record(record);
+                log(record);
             }
-            for refused in &tally.refused {
-                self.metrics.refused(refused);
-                tracing::info!(
-                    key = refused.key.as_str(),
-                    model = refused.model.as_str(),
-                    status = refused.status,
-                    count = refused.count,
-                    "requests refused before any backend"
-                );
-            }
-        }
-        // A poisoned lock only means another ingest panicked midway: its sums are still sums.
-        let mut usage = self.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        usage.prune(now_ms);
-        for record in &records {
-            usage.add(record, now_ms);
-        }
-        for tally in &tallies {
-            for refused in &tally.refused {
-                usage.add_refused(refused, tally.at_ms, now_ms);
+            for tally in &tallies {
+                self.metrics.records_dropped(tally.dropped_records);
+                if tally.dropped_records > 0 {
+                    tracing::warn!(
+                        dropped = tally.dropped_records,
+                        "the gateway dropped usage records it could not send"
+                    );
+                }
+                for refused in &tally.refused {
+                    self.metrics.refused(refused);
+                    tracing::info!(
+                        key = refused.key.as_str(),
+                        model = refused.model.as_str(),
+                        status = refused.status,
+                        count = refused.count,
+                        "requests refused before any backend"
+                    );
+                }
             }
         }
+        Ok(outcome)
     }
 }
 
@@ -261,14 +273,25 @@ async fn get_metrics(State(admin): State<Arc<Admin>>) -> Response {
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], admin.metrics.encode()).into_response()
 }
 
-async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn post_records(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(body) => body,
         Err(rejection) => return body_error(&rejection),
     };
+    let batch = match batch_id(&headers) {
+        Ok(batch) => batch,
+        Err(error) => return error_response(&error),
+    };
     let parsed = parse_records(&body);
     let accepted = parsed.records.len() + parsed.tallies.len();
-    admin.ingest(parsed.records, parsed.tallies, now_ms());
+    let outcome = match admin.ingest(batch, parsed.records, parsed.tallies, now_ms()).await {
+        Ok(outcome) => outcome,
+        Err(e) => return usage_store_unavailable(&e),
+    };
     if parsed.rejected > 0 {
         admin.metrics.records_rejected(parsed.rejected);
         tracing::warn!(rejected = parsed.rejected, first = parsed.first_error.as_deref(), "usage records skipped");
@@ -285,7 +308,26 @@ async fn post_records(State(admin): State<Arc<Admin>>, body: Result<Bytes, Bytes
         );
         return error_response(&error);
     }
-    json_response(StatusCode::OK, serde_json::json!({"accepted": accepted, "rejected": parsed.rejected}).to_string())
+    let mut answer = serde_json::json!({"accepted": accepted, "rejected": parsed.rejected});
+    if outcome == Outcome::Repeat {
+        answer["repeat"] = true.into();
+    }
+    json_response(StatusCode::OK, answer.to_string())
+}
+
+/// The batch's id, if it has one; one of another shape is refused.
+fn batch_id(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
+    let Some(value) = headers.get(usage_store::BATCH_ID) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(id) if usage_store::valid_batch_id(id) => Ok(Some(id)),
+        _ => Err(GatewayError::invalid_request(
+            format!("`{}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`.", usage_store::BATCH_ID),
+            None,
+            Some("invalid_batch_id"),
+        )),
+    }
 }
 
 async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
@@ -295,10 +337,9 @@ async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
         Ok(window) => window,
         Err(error) => return error_response(&error),
     };
-    let report = {
-        let mut usage = admin.usage.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        usage.prune(now);
-        usage.report(start, end)
+    let report = match admin.usage.report(start, end, now).await {
+        Ok(report) => report,
+        Err(e) => return usage_store_unavailable(&e),
     };
     match serde_json::to_string(&report) {
         Ok(json) => json_response(StatusCode::OK, json),
@@ -336,6 +377,18 @@ async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, Bytes
             ))
         }
     }
+}
+
+/// A 503: the filter keeps a batch it could not hand over and sends it again.
+fn usage_store_unavailable(e: &usage_store::StoreError) -> Response {
+    tracing::warn!(error = %e, "usage store unavailable");
+    error_response(&GatewayError::new(
+        503,
+        "server_error",
+        "The usage store is unavailable; try again shortly.".into(),
+        None,
+        Some("usage_store_unavailable"),
+    ))
 }
 
 /// 405 for a known path called with another method than `allowed`.
@@ -412,6 +465,10 @@ not json\n\
         assert_eq!(parse_records(b""), ParsedRecords::default());
     }
 
+    async fn ingest(admin: &Admin, records: Vec<UsageRecord>, tallies: Vec<Tally>, now_ms: u64) {
+        assert_eq!(admin.ingest(None, records, tallies, now_ms).await.unwrap(), Outcome::Applied);
+    }
+
     /// The requests counted for this model, with no backend and no key.
     fn requests_of(admin: &Admin, model: &str) -> Option<String> {
         let series = format!("modelgate_requests_total{{model=\"{model}\",backend=\"\",key=\"\"}} ");
@@ -422,27 +479,28 @@ not json\n\
         UsageRecord { model, model_served: true, status: 200, ..UsageRecord::default() }
     }
 
-    #[test]
-    fn model_names_past_the_cap_are_counted_together() {
+    #[tokio::test]
+    async fn model_names_past_the_cap_are_counted_together() {
         let admin = Admin::new(1);
-        admin.ingest((0..MAX_MODELS + 5).map(|i| served(format!("m-{i}"))).collect(), Vec::new(), 0);
-        admin.ingest(vec![served("m-0".into()), served("new".into())], Vec::new(), 0);
+        ingest(&admin, (0..MAX_MODELS + 5).map(|i| served(format!("m-{i}"))).collect(), Vec::new(), 0).await;
+        ingest(&admin, vec![served("m-0".into()), served("new".into())], Vec::new(), 0).await;
         let named = |model: &str| requests_of(&admin, model);
         assert_eq!((named("m-0").as_deref(), named("m-999").is_some()), (Some("2"), true));
         assert_eq!((named("m-1000"), named("new")), (None, None));
         assert_eq!(named(OTHER_MODELS).as_deref(), Some("6"));
     }
 
-    #[test]
-    fn a_model_name_becomes_a_label_once_vouched_for_and_stays_one() {
+    #[tokio::test]
+    async fn a_model_name_becomes_a_label_once_vouched_for_and_stays_one() {
         let admin = Admin::new(1);
         let unserved = |model: &str, status| UsageRecord { model: model.into(), status, ..UsageRecord::default() };
         // A flood of names no backend answered leaves every place for real ones.
-        admin.ingest((0..2 * MAX_MODELS).map(|i| unserved(&format!("junk-{i}"), 404)).collect(), Vec::new(), 0);
-        admin.ingest(vec![unserved("qwen-3", 404), served("qwen-3".into()), unserved("qwen-3", 500)], Vec::new(), 0);
+        ingest(&admin, (0..2 * MAX_MODELS).map(|i| unserved(&format!("junk-{i}"), 404)).collect(), Vec::new(), 0).await;
+        ingest(&admin, vec![unserved("qwen-3", 404), served("qwen-3".into()), unserved("qwen-3", 500)], Vec::new(), 0)
+            .await;
         let refused = Refused { key: "k".into(), model: "qwen-3".into(), model_served: false, status: 429, count: 4 };
         let tally = Tally { at_ms: 0, refused: vec![refused.clone()], dropped_records: 3 };
-        admin.ingest(Vec::new(), vec![tally], 0);
+        ingest(&admin, Vec::new(), vec![tally], 0).await;
         assert_eq!(requests_of(&admin, OTHER_MODELS).as_deref(), Some(&*(2 * MAX_MODELS + 1).to_string()));
         assert_eq!(requests_of(&admin, "qwen-3").as_deref(), Some("2"));
         let metrics = admin.metrics.encode();
@@ -452,8 +510,8 @@ not json\n\
         assert_eq!(admin.models.lock().unwrap().len(), 1);
     }
 
-    #[test]
-    fn values_past_their_bounds_are_shown_as_invalid_wherever_they_go() {
+    #[tokio::test]
+    async fn values_past_their_bounds_are_shown_as_invalid_wherever_they_go() {
         let admin = Admin::new(1);
         let long = "x".repeat(1 << 20);
         let record = UsageRecord {
@@ -466,14 +524,14 @@ not json\n\
             ..UsageRecord::default()
         };
         let refused = Refused { key: long.clone(), model: "m\n".into(), model_served: true, status: 404, count: 1 };
-        admin.ingest(vec![record], vec![Tally { at_ms: 0, refused: vec![refused], dropped_records: 0 }], 0);
+        ingest(&admin, vec![record], vec![Tally { at_ms: 0, refused: vec![refused], dropped_records: 0 }], 0).await;
         let metrics = admin.metrics.encode();
         assert!(metrics.len() < 16 << 10, "{} bytes", metrics.len());
         assert!(
             metrics.contains(r#"modelgate_requests_total{model="(invalid)",backend="(invalid)",key="(invalid)"} 1"#)
         );
         assert!(metrics.contains(r#"modelgate_requests_total{model="(invalid)",backend="",key="(invalid)"} 1"#));
-        let report = admin.usage.lock().unwrap().report(0, u64::MAX);
+        let report = admin.usage.report(0, u64::MAX, 0).await.unwrap();
         assert!(report.data.iter().all(|row| row.key == INVALID && row.model == INVALID), "{report:?}");
         assert!(admin.models.lock().unwrap().is_empty());
     }
@@ -491,6 +549,39 @@ not json\n\
         let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 3 };
         assert_eq!(parsed.tallies, [Tally { at_ms: 7, refused: vec![refused], dropped_records: 2 }]);
         assert!(parsed.first_error.unwrap().starts_with("line 3: "));
+    }
+
+    #[tokio::test]
+    async fn a_batch_sent_again_is_counted_once() {
+        let admin = Admin::new(1);
+        let now = 100 * 3_600_000;
+        let records = || vec![UsageRecord { at_ms: now, key: "k".into(), status: 200, ..UsageRecord::default() }];
+        assert_eq!(admin.ingest(Some("vm-1"), records(), Vec::new(), now).await.unwrap(), Outcome::Applied);
+        assert_eq!(admin.ingest(Some("vm-1"), records(), Vec::new(), now + 1000).await.unwrap(), Outcome::Repeat);
+        assert_eq!(admin.ingest(Some("vm-2"), records(), Vec::new(), now + 2000).await.unwrap(), Outcome::Applied);
+        assert_eq!(admin.ingest(None, records(), Vec::new(), now + 3000).await.unwrap(), Outcome::Applied);
+        let report = admin.usage.report(0, u64::MAX, now).await.unwrap();
+        assert_eq!(report.data.iter().map(|row| row.requests).collect::<Vec<_>>(), [3]);
+        assert!(admin.metrics.encode().lines().any(|l| l.starts_with("modelgate_requests_total") && l.ends_with(" 3")));
+        // Remembered for the window, then forgotten.
+        let later = now + DEFAULT_DEDUP.window_ms + 1001;
+        assert_eq!(admin.ingest(Some("vm-1"), records(), Vec::new(), later).await.unwrap(), Outcome::Applied);
+    }
+
+    #[test]
+    fn batch_ids_of_another_shape_are_refused() {
+        let headers = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(usage_store::BATCH_ID, header::HeaderValue::from_bytes(value.as_bytes()).unwrap());
+            headers
+        };
+        assert_eq!(batch_id(&HeaderMap::new()), Ok(None));
+        let id = "0123abcd-5f3e1c-17";
+        assert_eq!(batch_id(&headers(id)), Ok(Some(id)));
+        for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
+            let error = batch_id(&headers(bad)).unwrap_err();
+            assert_eq!((error.status, error.body.code.as_deref()), (400, Some("invalid_batch_id")), "{bad:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! answer is decided in [`exchange`] and the rewrites it calls.
 //!
 //! Beside the gRPC service, ext-proc serves an [`admin`] port: usage
-//! records in, [`metrics`] and the [`usage_report`] out, and rate limits
+//! records in, [`metrics`] and the [`usage_report`] out (kept in the
+//! [`usage_store`]), and rate limits
 //! shared through Redis ([`shared_limits`]).
 //!
 //! The crate's second server, the [`stream_guard`], is its own process, so
@@ -27,3 +28,4 @@ pub mod shared_limits;
 pub mod stream_guard;
 pub mod translate;
 pub mod usage_report;
+pub mod usage_store;

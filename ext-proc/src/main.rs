@@ -5,11 +5,14 @@ use modelgate_ext_proc::internal_token::InternalTokenArgs;
 use modelgate_ext_proc::process::{run, shutdown_signal};
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_ext_proc::shared_limits::SharedLimits;
+use modelgate_ext_proc::usage_report::Retention;
+use modelgate_ext_proc::usage_store::{Dedup, Ledger, RedisUsage, Usage};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// modelgate's ext_proc gRPC service for Envoy, and its admin port.
 #[derive(Debug, Parser)]
@@ -30,8 +33,18 @@ struct Args {
     #[arg(long, env = "MODELGATE_USAGE_RETENTION_HOURS", default_value_t = 168,
           value_parser = clap::value_parser!(u64).range(1..))]
     usage_retention_hours: u64,
-    /// Redis keeping rate-limit buckets shared by several gateways, such as
-    /// `redis://127.0.0.1:6379/0`; without it the admin port has no `/v1/limits/spend`.
+    /// Minutes a usage batch's id is remembered, so the same batch sent
+    /// again within them (after a lost answer) is counted once.
+    #[arg(long, env = "MODELGATE_USAGE_DEDUP_MINUTES", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    usage_dedup_minutes: u64,
+    /// Directory of ext-proc's own state: the usage report's log and
+    /// snapshot (under `usage/`), unless Redis keeps them. One ext-proc per directory.
+    #[arg(long, env = "MODELGATE_DATA_DIR", default_value = "modelgate-data")]
+    data_dir: PathBuf,
+    /// Redis keeping rate-limit buckets and the usage report shared by several
+    /// gateways, such as `redis://127.0.0.1:6379/0`; without it the admin port
+    /// has no `/v1/limits/spend` and keeps usage under `--data-dir`.
     #[arg(long, env = "MODELGATE_REDIS_URL")]
     redis_url: Option<String>,
     /// Longest wait for Redis in one call, in milliseconds; past it the call is answered 503.
@@ -70,11 +83,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = stopped.changed().await;
         };
 
+        let redis_timeout = Duration::from_millis(args.redis_timeout_ms);
         let limits = match &args.redis_url {
-            Some(url) => Some(SharedLimits::new(url, Duration::from_millis(args.redis_timeout_ms))?),
+            Some(url) => Some(SharedLimits::new(url, redis_timeout)?),
             None => None,
         };
-        let admin = admin::router(Arc::new(Admin::new(args.usage_retention_hours)), limits, token.clone());
+        let retention = Retention::hours(args.usage_retention_hours);
+        let dedup = Dedup { window_ms: args.usage_dedup_minutes.saturating_mul(60_000) };
+        let usage = match &args.redis_url {
+            Some(url) => Usage::Redis(RedisUsage::new(url, redis_timeout, retention, dedup)?),
+            None => {
+                let dir = args.data_dir.join("usage");
+                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                let ledger = Ledger::open(&dir, retention, dedup, now_ms)
+                    .map_err(|e| format!("opening the usage store in {}: {e}", dir.display()))?;
+                Usage::local(ledger)
+            }
+        };
+        let admin = admin::router(Arc::new(Admin::with_usage(usage)), limits, token.clone());
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");

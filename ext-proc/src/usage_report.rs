@@ -4,33 +4,46 @@
 //! A minute is the finest grain a report has: a window `[start, end)` counts
 //! every minute whose start lies in it, so a window that starts or ends
 //! inside a minute includes that minute's records whole, or none of them.
+//!
+//! A batch of records becomes [`MinuteRow`]s, its sums per minute and group:
+//! what [`crate::usage_store`] writes down and replays.
 
-use modelgate_proto::usage::{Refused, UsageRecord};
-use serde::Serialize;
+use modelgate_proto::usage::{Tally, UsageRecord};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
-const MINUTE_MS: u64 = 60_000;
+pub const MINUTE_MS: u64 = 60_000;
 
 /// Which requests a row sums: one key, one model, one backend.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Group {
-    key: String,
-    model: String,
-    backend: String,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Group {
+    pub key: String,
+    pub model: String,
+    pub backend: String,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Totals {
-    requests: u64,
-    errors: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
     /// None while no record of the group had a price.
-    cost_usd: Option<f64>,
+    pub cost_usd: Option<f64>,
+}
+
+/// One group's sums in one minute (since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinuteRow {
+    pub minute: u64,
+    #[serde(flatten)]
+    pub group: Group,
+    #[serde(flatten)]
+    pub totals: Totals,
 }
 
 impl Totals {
-    fn add(&mut self, other: &Totals) {
+    pub fn add(&mut self, other: &Totals) {
         self.requests = self.requests.saturating_add(other.requests);
         self.errors = self.errors.saturating_add(other.errors);
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
@@ -79,49 +92,89 @@ pub struct Report {
     pub data: Vec<ReportRow>,
 }
 
+/// How long minutes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    minutes: u64,
+}
+
+impl Retention {
+    pub const fn hours(hours: u64) -> Self {
+        Retention { minutes: hours.saturating_mul(60) }
+    }
+
+    /// The oldest minute still kept at `now_ms`.
+    pub fn oldest_kept(&self, now_ms: u64) -> u64 {
+        (now_ms / MINUTE_MS).saturating_sub(self.minutes)
+    }
+
+    /// When `minute` ages out, in Unix milliseconds.
+    pub fn expiry_ms(&self, minute: u64) -> u64 {
+        minute.saturating_add(self.minutes).saturating_add(1).saturating_mul(MINUTE_MS)
+    }
+
+    /// A batch's records and its tallies of refused requests summed per minute
+    /// and group, in that order; what is already past retention at `now_ms` is
+    /// left out, as it would be pruned at once.
+    pub fn rows(&self, records: &[UsageRecord], tallies: &[Tally], now_ms: u64) -> Vec<MinuteRow> {
+        let oldest = self.oldest_kept(now_ms);
+        let mut sums: BTreeMap<(u64, Group), Totals> = BTreeMap::new();
+        for record in records {
+            let group = Group { key: record.key.clone(), model: record.model.clone(), backend: record.backend.clone() };
+            sums.entry((record.at_ms / MINUTE_MS, group)).or_default().add(&Totals::of(record));
+        }
+        // Refused before any backend: counted as requests (and errors), with no backend and no tokens.
+        for tally in tallies {
+            for refused in &tally.refused {
+                let group = Group { key: refused.key.clone(), model: refused.model.clone(), backend: String::new() };
+                let errors = if refused.status >= 400 { refused.count } else { 0 };
+                let totals = Totals { requests: refused.count, errors, ..Totals::default() };
+                sums.entry((tally.at_ms / MINUTE_MS, group)).or_default().add(&totals);
+            }
+        }
+        sums.into_iter()
+            .filter(|((minute, _), _)| *minute >= oldest)
+            .map(|((minute, group), totals)| MinuteRow { minute, group, totals })
+            .collect()
+    }
+}
+
 /// Per-minute sums, by minute (since the Unix epoch) first, so a window is
 /// a range and pruning takes the oldest minutes off the front.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UsageStore {
     minutes: BTreeMap<u64, HashMap<Group, Totals>>,
-    retention_minutes: u64,
+    retention: Retention,
 }
 
 impl UsageStore {
-    pub fn new(retention_hours: u64) -> Self {
-        UsageStore { minutes: BTreeMap::new(), retention_minutes: retention_hours.saturating_mul(60) }
+    pub fn new(retention: Retention) -> Self {
+        UsageStore { minutes: BTreeMap::new(), retention }
     }
 
-    /// Adds one record to its minute; a record already past retention at
-    /// `now_ms` is not kept, as it would be pruned at once.
-    pub fn add(&mut self, record: &UsageRecord, now_ms: u64) {
-        let group = Group { key: record.key.clone(), model: record.model.clone(), backend: record.backend.clone() };
-        self.add_totals(record.at_ms, group, &Totals::of(record), now_ms);
-    }
-
-    /// Adds requests refused before any backend, counted until `at_ms`, as [`UsageStore::add`] does a record.
-    pub fn add_refused(&mut self, refused: &Refused, at_ms: u64, now_ms: u64) {
-        let group = Group { key: refused.key.clone(), model: refused.model.clone(), backend: String::new() };
-        let errors = if refused.status >= 400 { refused.count } else { 0 };
-        self.add_totals(at_ms, group, &Totals { requests: refused.count, errors, ..Totals::default() }, now_ms);
-    }
-
-    fn add_totals(&mut self, at_ms: u64, group: Group, totals: &Totals, now_ms: u64) {
-        let minute = at_ms / MINUTE_MS;
-        if minute < self.oldest_kept(now_ms) {
-            return;
+    /// Adds rows to their minutes; rows past retention at `now_ms` are not kept.
+    pub fn add(&mut self, rows: &[MinuteRow], now_ms: u64) {
+        let oldest = self.retention.oldest_kept(now_ms);
+        for row in rows.iter().filter(|row| row.minute >= oldest) {
+            self.minutes.entry(row.minute).or_default().entry(row.group.clone()).or_default().add(&row.totals);
         }
-        self.minutes.entry(minute).or_default().entry(group).or_default().add(totals);
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
     }
 
     /// Drops the minutes older than the retention at `now_ms`.
     pub fn prune(&mut self, now_ms: u64) {
-        let oldest = self.oldest_kept(now_ms);
+        let oldest = self.retention.oldest_kept(now_ms);
         self.minutes = self.minutes.split_off(&oldest);
     }
 
-    fn oldest_kept(&self, now_ms: u64) -> u64 {
-        (now_ms / MINUTE_MS).saturating_sub(self.retention_minutes)
+    /// Every minute's rows, oldest first: what a snapshot keeps.
+    pub fn rows(&self) -> impl Iterator<Item = MinuteRow> + '_ {
+        self.minutes.iter().flat_map(|(minute, groups)| {
+            groups.iter().map(|(group, totals)| MinuteRow { minute: *minute, group: group.clone(), totals: *totals })
+        })
     }
 
     /// Totals over the minutes that start in `[start, end)` (Unix seconds).
@@ -156,10 +209,16 @@ impl UsageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelgate_proto::usage::Usage;
+    use modelgate_proto::usage::{Refused, Usage};
+    use proptest::prelude::*;
     use serde_json::json;
 
     const HOUR_MS: u64 = 3_600_000;
+
+    fn add(store: &mut UsageStore, record: &UsageRecord, now_ms: u64) {
+        let rows = store.retention.rows(std::slice::from_ref(record), &[], now_ms);
+        store.add(&rows, now_ms);
+    }
 
     fn record(at_ms: u64, key: &str, model: &str, status: u16, tokens: (u64, u64), cost: Option<f64>) -> UsageRecord {
         UsageRecord {
@@ -178,11 +237,11 @@ mod tests {
     #[test]
     fn rows_sum_per_key_model_and_backend_sorted() {
         let now = 1000 * HOUR_MS;
-        let mut store = UsageStore::new(168);
-        store.add(&record(now - 5_000, "bob", "m", 200, (10, 5), Some(0.25)), now);
-        store.add(&record(now - 70_000, "bob", "m", 429, (0, 0), None), now);
-        store.add(&record(now - 1_000, "alice", "m", 200, (3, 4), None), now);
-        store.add(&UsageRecord { at_ms: now - 1_000, key: "alice".into(), ..UsageRecord::default() }, now);
+        let mut store = UsageStore::new(Retention::hours(168));
+        add(&mut store, &record(now - 5_000, "bob", "m", 200, (10, 5), Some(0.25)), now);
+        add(&mut store, &record(now - 70_000, "bob", "m", 429, (0, 0), None), now);
+        add(&mut store, &record(now - 1_000, "alice", "m", 200, (3, 4), None), now);
+        add(&mut store, &UsageRecord { at_ms: now - 1_000, key: "alice".into(), ..UsageRecord::default() }, now);
         let report = store.report(0, now / 1000 + 1);
         assert_eq!(
             serde_json::to_value(&report).unwrap(),
@@ -200,10 +259,10 @@ mod tests {
     #[test]
     fn a_window_counts_the_minutes_that_start_in_it() {
         let now = 800_000;
-        let mut store = UsageStore::new(168);
+        let mut store = UsageStore::new(Retention::hours(168));
         // Minutes starting at 600 s, 660 s and 720 s.
         for (at_ms, tokens) in [(600_000, 1), (659_999, 2), (660_000, 4), (719_000, 8), (720_000, 16)] {
-            store.add(&record(at_ms, "k", "m", 200, (tokens, 0), None), now);
+            add(&mut store, &record(at_ms, "k", "m", 200, (tokens, 0), None), now);
         }
         let tokens = |start, end| store.report(start, end).data.first().map_or(0, |row| row.prompt_tokens);
         assert_eq!(tokens(600, 660), 3);
@@ -218,10 +277,10 @@ mod tests {
 
     #[test]
     fn old_minutes_are_pruned_and_never_stored() {
-        let mut store = UsageStore::new(1);
+        let mut store = UsageStore::new(Retention::hours(1));
         let now = 1000 * HOUR_MS;
-        store.add(&record(now - HOUR_MS, "k", "m", 200, (1, 0), None), now);
-        store.add(&record(now - HOUR_MS - MINUTE_MS, "k", "m", 200, (2, 0), None), now);
+        add(&mut store, &record(now - HOUR_MS, "k", "m", 200, (1, 0), None), now);
+        add(&mut store, &record(now - HOUR_MS - MINUTE_MS, "k", "m", 200, (2, 0), None), now);
         assert_eq!(store.report(0, u64::MAX).data[0].prompt_tokens, 1, "a record past retention is dropped");
         store.prune(now + MINUTE_MS - 1);
         assert_eq!(store.report(0, u64::MAX).data[0].prompt_tokens, 1, "kept until its whole minute has aged out");
@@ -231,25 +290,59 @@ mod tests {
     }
 
     #[test]
-    fn refusals_add_to_the_rows_records_make() {
+    fn costs_add_up_across_priced_records_only() {
         let now = 1000 * HOUR_MS;
-        let mut store = UsageStore::new(1);
-        store.add(&UsageRecord { at_ms: now, key: "k".into(), status: 404, ..UsageRecord::default() }, now);
-        let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 9 };
-        store.add_refused(&refused, now, now);
-        store.add_refused(&refused, now - 2 * HOUR_MS, now);
+        let mut store = UsageStore::new(Retention::hours(168));
+        add(&mut store, &record(now, "k", "m", 200, (1, 1), None), now);
+        add(&mut store, &record(now, "k", "m", 200, (1, 1), Some(0.5)), now);
+        add(&mut store, &record(now - MINUTE_MS, "k", "m", 500, (1, 1), Some(0.25)), now);
         let row = &store.report(0, u64::MAX).data[0];
-        assert_eq!((row.key.as_str(), row.model.as_str(), row.requests, row.errors), ("k", "", 10, 10));
+        assert_eq!((row.requests, row.errors, row.total_tokens, row.cost_usd), (3, 1, 6, Some(0.75)));
+    }
+
+    fn any_record() -> impl Strategy<Value = UsageRecord> {
+        let names = prop::sample::select(vec!["", "a", "b"]);
+        (0..5 * MINUTE_MS, names.clone(), names, prop::sample::select(vec![200u16, 429, 500]), 0..1000u64, 0..1000u64)
+            .prop_flat_map(|(at_ms, key, model, status, prompt, completion)| {
+                prop::option::of(prop::sample::select(vec![0.25, 0.5, 2.0]))
+                    .prop_map(move |cost| record(HOUR_MS + at_ms, key, model, status, (prompt, completion), cost))
+            })
+    }
+
+    proptest! {
+        /// A batch's rows add up to what its records add up to one by one, and a
+        /// store rebuilt from another's rows (a snapshot) reports the same.
+        #[test]
+        fn batches_and_snapshots_sum_as_records_do(batches in prop::collection::vec(prop::collection::vec(any_record(), 0..8), 0..6)) {
+            let now = HOUR_MS + 5 * MINUTE_MS;
+            let retention = Retention::hours(1);
+            let (mut by_record, mut by_batch) = (UsageStore::new(retention), UsageStore::new(retention));
+            for batch in &batches {
+                for record in batch {
+                    add(&mut by_record, record, now);
+                }
+                by_batch.add(&retention.rows(batch, &[], now), now);
+            }
+            let mut restored = UsageStore::new(retention);
+            restored.add(&by_batch.rows().collect::<Vec<_>>(), now);
+            for (start, end) in [(0, u64::MAX), (3660, 3720), (3700, 3900)] {
+                let expected = by_record.report(start, end);
+                prop_assert_eq!(&by_batch.report(start, end), &expected);
+                prop_assert_eq!(&restored.report(start, end), &expected);
+            }
+        }
     }
 
     #[test]
-    fn costs_add_up_across_priced_records_only() {
+    fn refusals_add_to_the_rows_records_make() {
         let now = 1000 * HOUR_MS;
-        let mut store = UsageStore::new(168);
-        store.add(&record(now, "k", "m", 200, (1, 1), None), now);
-        store.add(&record(now, "k", "m", 200, (1, 1), Some(0.5)), now);
-        store.add(&record(now - MINUTE_MS, "k", "m", 500, (1, 1), Some(0.25)), now);
+        let retention = Retention::hours(1);
+        let mut store = UsageStore::new(retention);
+        let record = UsageRecord { at_ms: now, key: "k".into(), status: 404, ..UsageRecord::default() };
+        let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 9 };
+        let tally = |at_ms| Tally { at_ms, refused: vec![refused.clone()], dropped_records: 0 };
+        store.add(&retention.rows(&[record], &[tally(now), tally(now - 2 * HOUR_MS)], now), now);
         let row = &store.report(0, u64::MAX).data[0];
-        assert_eq!((row.requests, row.errors, row.total_tokens, row.cost_usd), (3, 1, 6, Some(0.75)));
+        assert_eq!((row.key.as_str(), row.model.as_str(), row.requests, row.errors), ("k", "", 10, 10));
     }
 }

@@ -116,6 +116,15 @@ pub fn now_us() -> u64 {
     now().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// This VM's part of its usage batches' ids: 64 random bits from the host
+/// (WASI's `random_get`, which keys std's hasher) and the time, so no two
+/// workers or Envoy restarts share one.
+pub fn batch_sender() -> String {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    format!("{random:016x}-{:x}", now_us())
+}
+
 /// Rate-limit buckets in Envoy's shared data: one copy for every worker
 /// thread's VM, so a limit holds across the whole Envoy.
 pub struct SharedBuckets;

@@ -26,7 +26,7 @@ use modelgate_proto::keys::{Caller, Presented};
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::limits::{self, Admission, Bucket};
 use modelgate_proto::routing::Router;
-use outbox::Outbox;
+use outbox::{Delivery, Outbox, RecordBatch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use request::{HeadersVerdict, Reply, RequestHead, Routing};
@@ -40,6 +40,7 @@ proxy_wasm::main! {{
         Box::new(Plugin {
             router: Rc::new(Router::default()),
             outbox: Rc::new(Outbox::default()),
+            sender: None,
             store_failures: None,
             records_dropped: None,
             in_flight: HashMap::new(),
@@ -51,6 +52,8 @@ struct Plugin {
     router: Rc<Router>,
     /// This worker's usage records and shared token debits, sent on the timer.
     outbox: Rc<Outbox>,
+    /// This VM's part of its usage batches' ids, made on the first tick.
+    sender: Option<String>,
     /// Envoy's counter of the times the shared rate-limit store gave no verdict.
     store_failures: Option<u32>,
     /// Envoy's counter of the usage records this worker dropped.
@@ -60,7 +63,7 @@ struct Plugin {
 }
 
 enum Batch {
-    Records(Vec<u8>),
+    Records(RecordBatch),
     Debits(SpendRequest),
 }
 
@@ -78,18 +81,25 @@ fn admin_call_headers<'a>(path: &'a str, content_type: &'a str, token: Option<&'
 }
 
 impl Context for Plugin {
-    /// A batch that did not land goes back in the outbox, for the next tick.
+    /// A batch that did not land goes back in the outbox, for the next tick; one refused is dropped.
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
         let Some(batch) = self.in_flight.remove(&token_id) else {
             return;
         };
         let status = host::http_call_header(num_headers, ":status").unwrap_or_default();
-        if !status.starts_with(b"2") {
-            host::log_error(&format!(
-                "modelgate: ext-proc's admin port did not take a batch of usage records or token debits (status {}); it is kept for the next try",
+        match outbox::delivery(&status) {
+            Delivery::Taken => {}
+            Delivery::Retry => {
+                host::log_error(&format!(
+                    "modelgate: ext-proc's admin port did not take a batch of usage records or token debits (status {}); it is kept for the next try",
+                    String::from_utf8_lossy(&status)
+                ));
+                self.requeue(batch);
+            }
+            Delivery::Refused => host::log_error(&format!(
+                "modelgate: ext-proc's admin port refused a batch of usage records or token debits (status {}); it is dropped",
                 String::from_utf8_lossy(&status)
-            ));
-            self.requeue(batch);
+            )),
         }
     }
 }
@@ -99,9 +109,10 @@ impl Plugin {
         let router = Rc::clone(&self.router);
         let token = router.internal_token();
         let sent = match &batch {
-            Batch::Records(lines) => {
-                let headers = admin_call_headers(RECORDS_PATH, "application/x-ndjson", token);
-                host::dispatch(cluster, headers, lines, BATCH_TIMEOUT)
+            Batch::Records(batch) => {
+                let mut call = admin_call_headers(RECORDS_PATH, "application/x-ndjson", token);
+                call.push((headers::BATCH_ID, &batch.id));
+                host::dispatch(cluster, call, &batch.lines, BATCH_TIMEOUT)
             }
             Batch::Debits(debits) => {
                 let call = serde_json::to_vec(debits).unwrap_or_default();
@@ -118,7 +129,7 @@ impl Plugin {
 
     fn requeue(&self, batch: Batch) {
         match batch {
-            Batch::Records(lines) => self.outbox.put_back(lines),
+            Batch::Records(batch) => self.outbox.put_back(batch),
             Batch::Debits(debits) => self.outbox.put_back_debits(debits),
         }
     }
@@ -169,8 +180,11 @@ impl RootContext for Plugin {
         if let (Some(shared), Some(debits)) = (router.shared_limits(), self.outbox.take_debits()) {
             self.send(&shared.cluster, Batch::Debits(debits));
         }
-        if let (Some(accounting), Some(lines)) = (router.accounting(), self.outbox.take(host::now_us() / 1000)) {
-            self.send(&accounting.cluster, Batch::Records(lines));
+        if let Some(accounting) = router.accounting() {
+            let sender = self.sender.get_or_insert_with(host::batch_sender);
+            if let Some(batch) = self.outbox.take(sender, host::now_us() / 1000) {
+                self.send(&accounting.cluster, Batch::Records(batch));
+            }
         }
     }
 

@@ -49,3 +49,8 @@ pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies
 /// (no healthy upstream, timeout) from a backend's answer.
 pub const CODE_DETAILS: &str = "x-modelgate-code-details";
+
+/// Set by the filter on each batch of usage records it sends to ext-proc's
+/// admin port: the batch's id, unique across Envoy workers and restarts and
+/// kept when the batch is sent again, so ext-proc applies it once.
+pub const BATCH_ID: &str = "x-modelgate-batch-id";

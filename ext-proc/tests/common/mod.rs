@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -91,20 +91,52 @@ impl Drop for Redis {
     }
 }
 
+/// A fresh directory under the system's temporary one, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("modelgate-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The ext-proc binary with its admin port on a free port; killed on drop.
 pub struct ExtProc {
     pub admin: SocketAddr,
     pub grpc: SocketAddr,
     pub process: Child,
+    /// Its data directory, when it is its own.
+    _data: Option<TempDir>,
 }
 
 impl ExtProc {
+    /// With a data directory of its own.
     pub fn start(extra: &[&str]) -> Self {
+        let data = TempDir::new();
+        let mut ext_proc = Self::start_on(&data.0, extra);
+        ext_proc._data = Some(data);
+        ext_proc
+    }
+
+    /// With `data_dir` as its data directory, which outlives it.
+    pub fn start_on(data_dir: &Path, extra: &[&str]) -> Self {
         let (admin, grpc) = (free_port(), free_port());
         let admin: SocketAddr = ([127, 0, 0, 1], admin).into();
         let grpc: SocketAddr = ([127, 0, 0, 1], grpc).into();
         let mut process = Command::new(env!("CARGO_BIN_EXE_modelgate-ext-proc"))
             .args(["--worker-threads", "1", "--listen", &grpc.to_string(), "--admin-listen", &admin.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
@@ -113,7 +145,7 @@ impl ExtProc {
             .expect("starting modelgate-ext-proc");
         wait_for_port(admin.port(), &mut process, "modelgate-ext-proc");
         wait_for_port(grpc.port(), &mut process, "modelgate-ext-proc");
-        ExtProc { admin, grpc, process }
+        ExtProc { admin, grpc, process, _data: None }
     }
 
     pub fn get(&self, path: &str) -> Answer {
@@ -122,6 +154,17 @@ impl ExtProc {
 
     pub fn post(&self, path: &str, body: &[u8]) -> Answer {
         http(self.admin, "POST", path, body)
+    }
+
+    /// A batch of usage records, with its id.
+    pub fn post_batch(&self, id: &str, body: &[u8]) -> Answer {
+        http_with(self.admin, "POST", "/v1/usage/records", &format!("x-modelgate-batch-id: {id}\r\n"), body)
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 
