@@ -39,6 +39,17 @@ pub struct FilterConfig {
     /// How models with fallbacks move from one backend to the next.
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// Tokens a request reserves under a token limit for an answer whose
+    /// length it does not bound (no `max_completion_tokens` or `max_tokens`).
+    #[serde(default = "default_reserved_completion_tokens")]
+    pub reserved_completion_tokens: u64,
+}
+
+/// Default of `reserved_completion_tokens`.
+pub const DEFAULT_RESERVED_COMPLETION_TOKENS: u64 = 1024;
+
+fn default_reserved_completion_tokens() -> u64 {
+    DEFAULT_RESERVED_COMPLETION_TOKENS
 }
 
 #[derive(Debug, Clone, Deserialize)]

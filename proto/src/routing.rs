@@ -41,6 +41,7 @@ pub struct Router {
     client_keys: ClientKeys,
     accounting: Option<AccountingConfig>,
     shared_limits: Option<SharedLimitsConfig>,
+    reserved_completion_tokens: u64,
 }
 
 impl Router {
@@ -51,6 +52,7 @@ impl Router {
             client_keys: ClientKeys::from_config(&config.client_keys)?,
             accounting: config.accounting.clone(),
             shared_limits: config.shared_limits.clone(),
+            reserved_completion_tokens: config.reserved_completion_tokens,
             ..Router::default()
         };
         for route in &config.models {
@@ -119,6 +121,11 @@ impl Router {
     /// Where answered requests are reported, if anywhere.
     pub fn accounting(&self) -> Option<&AccountingConfig> {
         self.accounting.as_ref()
+    }
+
+    /// Tokens reserved for an answer whose request does not bound its length.
+    pub fn reserved_completion_tokens(&self) -> u64 {
+        self.reserved_completion_tokens
     }
 }
 
