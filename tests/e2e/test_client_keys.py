@@ -194,27 +194,30 @@ def test_a_keys_tokens_per_minute_reserve_then_settle_every_answer_then_refuse_t
         answers.append(chat(keyed, METERED, max_tokens=5))
     # A token comes back every second: what is left is off by as many as the test took.
     slack = math.ceil(time.monotonic() - start)
-    # 60 - 3 x 6 = 42 left, six a request. The sixth finds twelve left: too few for its fourteen.
+    # 60 - 3 x 6 = 42 left, six a request: the sixth finds twelve left, too few for its fourteen
+    # (unless the test was slow enough for some to come back).
     served, refused = answers[:-1], answers[-1]
     left = [streamed_left] + [int(token_headers(a)[1]) for a in served]
-    assert all(0 <= got - want <= slack for got, want in zip(left, [40, 28, 22, 16, 10, 4])), left
-    assert len(served) == 5 and refused.status_code == 429, [a.status_code for a in answers]
+    want = [40] + [28 - 6 * i for i in range(len(served))]
+    assert all(0 <= got - wanted <= slack for got, wanted in zip(left, want)), (left, slack)
+    assert 5 <= len(served) <= 5 + slack and refused.status_code == 429, [a.status_code for a in answers]
     error = refused.json()["error"]
     assert (error["type"], error["code"], error["param"]) == ("tokens", "rate_limit_exceeded", None)
     used = int(re.search(r"Limit 60, Used (\d+), Requested 14\.", error["message"])[1])
-    assert "tokens per min (TPM)" in error["message"] and 0 <= 48 - used <= slack, error["message"]
+    assert "tokens per min (TPM)" in error["message"] and 60 - used < 14, error["message"]
     assert METERED not in error["message"]
     spec.validate("ErrorResponse", refused.json())
-    # Twelve left of the fourteen asked: two seconds until it fits (less what came back meanwhile).
-    assert 1 <= int(refused.headers["retry-after"]) <= 2
+    # It waits until the fourteen fit: a second for each one missing.
+    assert 1 <= int(refused.headers["retry-after"]) <= 14 - (60 - used), refused.headers["retry-after"]
     assert token_headers(refused)[:2] == ("60", str(60 - used))
-    assert 47 - slack < seconds(token_headers(refused)[2]) <= 48
-    assert refused.headers["x-ratelimit-remaining-requests"] == "92", "a refusal spends no request"
+    assert used - 1 < seconds(token_headers(refused)[2]) <= used
+    assert int(refused.headers["x-ratelimit-remaining-requests"]) >= \
+        int(served[-1].headers["x-ratelimit-remaining-requests"]), "a refusal spends no request"
 
-    time.sleep(2)
+    time.sleep(int(refused.headers["retry-after"]))
     recovered = chat(keyed, METERED, max_tokens=5)
     assert recovered.status_code == 200
-    assert int(token_headers(recovered)[1]) <= 2
+    assert int(token_headers(recovered)[1]) < 14, "let in once its fourteen fit, not later"
 
 
 def test_concurrent_requests_are_admitted_only_as_far_as_their_reservations_fit(keyed, spec):
@@ -227,6 +230,10 @@ def test_concurrent_requests_are_admitted_only_as_far_as_their_reservations_fit(
     served = [a for a in answers if a.status_code == 200]
     refused = [a for a in answers if a.status_code != 200]
     assert served and refused, [a.status_code for a in answers]
+    # The first let in found the bucket full: what it left shows what each reserves. No more were let
+    # in than fit (give or take the token that may have come back during the burst).
+    reserved = 60 - max(int(a.headers["x-ratelimit-remaining-tokens"]) for a in served)
+    assert len(served) * reserved <= 60 + 1, (len(served), reserved)
     assert sum(a.json()["usage"]["total_tokens"] for a in served) <= 60
     for answer in refused:
         error = answer.json()["error"]
