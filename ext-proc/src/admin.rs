@@ -14,7 +14,9 @@
 //!   ([`crate::usage_report`]), in Unix seconds; `start` defaults to 0, `end`
 //!   to now.
 //! - `POST /v1/limits/spend`: rate-limit buckets in Redis
-//!   ([`crate::shared_limits`]), only when Redis is configured.
+//!   ([`crate::shared_limits`]), only when Redis is configured. A debit may
+//!   carry an `id` (1 to 64 letters, digits, `-`, `_`), applied once however
+//!   often it is sent.
 //!
 //! Errors are OpenAI envelopes. With an internal token configured, the two
 //! routes the filter calls (records, spend) serve only callers presenting it
@@ -358,6 +360,9 @@ async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, Bytes
         Ok(request) => request,
         Err(e) => return error_response(&GatewayError::unparsable_json(&e)),
     };
+    if let Some(error) = request.id.as_deref().and_then(|id| bad_debit_id(id, request.debit)) {
+        return error_response(&error);
+    }
     match limits.store.spend(&request).await {
         Ok(answer) => match serde_json::to_string(&answer) {
             Ok(json) => json_response(StatusCode::OK, json),
@@ -389,6 +394,19 @@ fn usage_store_unavailable(e: &usage_store::StoreError) -> Response {
         None,
         Some("usage_store_unavailable"),
     ))
+}
+
+/// Why a spend call's `id` is refused, if it is: ids name debits, and
+/// become Redis keys, so they are short and plain.
+fn bad_debit_id(id: &str, debit: bool) -> Option<GatewayError> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    (!debit || id.is_empty() || id.len() > 64 || !id.bytes().all(plain)).then(|| {
+        GatewayError::invalid_request(
+            "Invalid 'id': a debit's id is 1 to 64 letters, digits, '-' or '_', and only debits take one.".into(),
+            Some("id"),
+            Some("invalid_value"),
+        )
+    })
 }
 
 /// 405 for a known path called with another method than `allowed`.

@@ -1,14 +1,20 @@
 //! Rate-limit buckets shared by several gateways through Redis: what
-//! [`modelgate_proto::limits::admit`] and [`modelgate_proto::limits::debit`]
-//! do with Envoy's shared data (the GCRA of `spend` and `overspend`), run as
-//! one Lua script so a call's buckets change together, on Redis's clock,
-//! which every gateway shares.
+//! [`modelgate_proto::limits::admit`] and [`modelgate_proto::limits::settle`]
+//! do with Envoy's shared data (the GCRA of `spend`, `overspend` and
+//! `give_back`), run as one Lua script so a call's buckets change together,
+//! on Redis's clock, which every gateway shares.
 //!
 //! An admit spends from every bucket if all allow it, and from none
 //! otherwise; then the buckets that would have allowed it answer with what
 //! is left in them, as `admit` does. A debit spends from every bucket past
-//! its limit, and answers `overspend`'s verdicts. Buckets asked for nothing
-//! (a cost of 0) are only looked at, never written.
+//! its limit (or gives back what a reservation did not use), and answers
+//! `adjust`'s verdicts. Buckets asked for nothing (a cost of 0) are only
+//! looked at, never written.
+//!
+//! A debit may carry an id: the script remembers it for ten minutes, in the
+//! same call that applies the debit, so a debit sent again (its answer was
+//! lost, and the filter cannot know whether it landed) is applied once; the
+//! repeat only looks.
 //!
 //! Each bucket's state is its TAT in microseconds, a decimal string under
 //! the bucket's name, set to expire once the bucket would be full again (so
@@ -17,23 +23,31 @@
 //! to 2^53, and no real limit reaches either bound.
 //!
 //! The script reads and writes several keys, so on Redis Cluster every
-//! bucket of one call must hash to the same slot.
+//! bucket of one call (and its debit's id) must hash to the same slot.
 
 use modelgate_proto::limits::{SpendRequest, SpendResponse, Verdict, MAX_PER_MINUTE};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use std::time::Duration;
 
-/// KEYS: the buckets' names. ARGV[1]: "1" to debit, "0" to admit; then each
-/// bucket's limit per minute and cost, in the order of KEYS.
+/// KEYS: the buckets' names, then a debit's id key when ARGV[2] is "1".
+/// ARGV[1]: "1" to debit, "0" to admit; then each bucket's limit per
+/// minute, cost and refund (a debit's, which then replaces its cost), in
+/// the order of KEYS.
 const SPEND_LUA: &str = r#"
 local MINUTE = 60000000
 local MAX = 9007199254740992
 -- Kept a second past full, so a bucket read as it expires reads as full anyway.
 local MARGIN_MS = 1000
+-- How long a debit's id is remembered.
+local DEBIT_ID_MS = 600000
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local debit = ARGV[1] == '1'
+local buckets = #KEYS
+if ARGV[2] == '1' then
+  buckets = buckets - 1
+end
 
 -- limits::spend: the verdict, whether it allows, the state if spent, and if not.
 local function spend(per_minute, tat, cost)
@@ -51,35 +65,60 @@ local function spend(per_minute, tat, cost)
   return {allowed and 1 or 0, per_minute, remaining, used, retry_after}, allowed, new_tat, start
 end
 
+-- limits::give_back: the state with `units` given back, rounded down, never past full.
+local function give_back(per_minute, tat, units)
+  if tat <= now then
+    return tat
+  end
+  return math.max(tat - math.floor(units * MINUTE / per_minute), now)
+end
+
+local function arg(i, n)
+  return tonumber(ARGV[3 * i + n])
+end
+
 local before = {}
 local after = {}
 local written = {}
 local verdicts = {}
 local all_allowed = true
-for i, key in ipairs(KEYS) do
+for i = 1, buckets do
+  local key = KEYS[i]
   if before[key] == nil then
     before[key] = tonumber(redis.call('GET', key) or '0') or 0
   end
-  local cost = tonumber(ARGV[2 * i + 1])
+  local per_minute, cost, refund = arg(i, 0), arg(i, 1), arg(i, 2)
   -- A bucket named twice spends from what its first spend left.
-  local verdict, allowed, new_tat, start = spend(tonumber(ARGV[2 * i]), after[key] or before[key], cost)
+  local tat = after[key] or before[key]
+  local verdict, allowed, new_tat, start = spend(per_minute, tat, cost)
+  if debit and refund > 0 then
+    new_tat = give_back(per_minute, tat, refund)
+    verdict = spend(per_minute, new_tat, 0)
+  end
   if allowed or debit then
     after[key] = new_tat
   else
     after[key] = start
     all_allowed = false
   end
-  if cost > 0 then
+  if (cost > 0 or (debit and refund > 0)) and after[key] ~= tat and after[key] >= now then
     written[key] = true
   end
   verdicts[i] = verdict
 end
 if not (debit or all_allowed) then
   -- Nothing is spent: the buckets that would have allowed it tell what is left in them.
-  for i, key in ipairs(KEYS) do
+  for i = 1, buckets do
     if verdicts[i][1] == 1 then
-      verdicts[i] = spend(tonumber(ARGV[2 * i]), before[key], 0)
+      verdicts[i] = spend(arg(i, 0), before[KEYS[i]], 0)
     end
+  end
+  return verdicts
+end
+if ARGV[2] == '1' and not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', DEBIT_ID_MS) then
+  -- Applied already: this is a repeat, which only looks.
+  for i = 1, buckets do
+    verdicts[i] = spend(arg(i, 0), before[KEYS[i]], 0)
   end
   return verdicts
 end
@@ -143,14 +182,19 @@ impl SharedLimits {
             return Ok(SpendResponse { verdicts: Vec::new() });
         }
         let mut invocation = self.script.prepare_invoke();
-        invocation.arg(if request.debit { "1" } else { "0" });
+        let id = request.id.as_deref().filter(|_| request.debit);
+        invocation.arg(if request.debit { "1" } else { "0" }).arg(if id.is_some() { "1" } else { "0" });
         for bucket in &request.buckets {
             // Kept where the script's doubles are exact (cost × a minute in µs below 2^53); a larger
             // cost is refused (or saturates) all the same.
             invocation
                 .key(&bucket.name)
                 .arg(bucket.per_minute.clamp(1, MAX_PER_MINUTE))
-                .arg(bucket.cost.min(MAX_EXACT / MINUTE_US));
+                .arg(bucket.cost.min(MAX_EXACT / MINUTE_US))
+                .arg(bucket.refund.min(MAX_EXACT / MINUTE_US));
+        }
+        if let Some(id) = id {
+            invocation.key(format!("modelgate.debit.{id}"));
         }
         let mut redis = self.redis.clone();
         let reply: Vec<(u8, u64, u64, u64, u64)> =

@@ -1,8 +1,8 @@
 //! `POST /v1/limits/spend` against a real Redis: the Lua script computes what
-//! `modelgate_proto::limits` computes over Envoy's shared data (`spend` and
-//! `overspend` per bucket, `admit` and `debit` per request), admits all
-//! buckets or none, lets debits overshoot, and ext-proc rides out Redis
-//! going away.
+//! `modelgate_proto::limits` computes over Envoy's shared data (`spend`,
+//! `overspend` and `give_back` per bucket, `admit` and `settle` per request),
+//! admits all buckets or none, lets debits overshoot, applies a debit sent
+//! twice once, and ext-proc rides out Redis going away.
 //!
 //! Skips only when `redis-server` is not installed (and fails then in CI).
 
@@ -10,8 +10,8 @@ mod common;
 
 use common::{ExtProc, Redis};
 use modelgate_proto::limits::{
-    self, overspend, spend, Admission, Bucket, BucketSpend, BucketStore, MemoryBuckets, SpendRequest, SpendResponse,
-    Unit, Verdict,
+    self, adjust, overspend, spend, Bucket, BucketSpend, BucketStore, MemoryBuckets, SpendRequest, SpendResponse, Unit,
+    Verdict,
 };
 use proptest::prelude::*;
 use redis::Commands;
@@ -24,9 +24,14 @@ const MINUTE_US: u64 = 60_000_000;
 fn call(ext_proc: &ExtProc, buckets: &[(&str, u64, u64)], debit: bool) -> Vec<Verdict> {
     let buckets = buckets
         .iter()
-        .map(|(name, per_minute, cost)| BucketSpend { name: name.to_string(), per_minute: *per_minute, cost: *cost })
+        .map(|(name, per_minute, cost)| BucketSpend {
+            name: name.to_string(),
+            per_minute: *per_minute,
+            cost: *cost,
+            refund: 0,
+        })
         .collect();
-    send(ext_proc, &SpendRequest { buckets, debit })
+    send(ext_proc, &SpendRequest { buckets, debit, id: None })
 }
 
 fn send(ext_proc: &ExtProc, request: &SpendRequest) -> Vec<Verdict> {
@@ -80,30 +85,34 @@ fn check_one(
     verdict
 }
 
-/// The verdicts an admission gets, bucket by bucket, in `limits::admit`'s terms.
-fn admission_verdicts(buckets: &[Bucket], states: &[u64], now: u64, request: &SpendRequest) -> Vec<Verdict> {
-    let look = |i: usize, cost: u64| spend(buckets[i].per_minute, states[i], now, cost).0;
-    let checked: Vec<Verdict> = request.buckets.iter().enumerate().map(|(i, b)| look(i, b.cost)).collect();
-    if checked.iter().all(|v| v.allowed) {
-        return checked;
-    }
-    checked.iter().enumerate().map(|(i, v)| if v.allowed { look(i, 0) } else { *v }).collect()
+/// A call as the filter makes it: an admission reserving that many tokens,
+/// or a settlement charging (or, below zero, giving back) that many.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Admit(u64),
+    Settle(i64),
 }
 
-/// One call as the filter makes it (an admission, or a debit of `tokens`),
-/// checked against `limits::admit` or `limits::debit` over Envoy's shared
-/// data, at some instant of Redis's clock during the call: the same verdicts
-/// (and the same `x-ratelimit-*` they make), and equal states afterwards.
-fn check_request(ext_proc: &ExtProc, redis: &mut redis::Connection, buckets: &[Bucket], tokens: Option<u64>) {
-    let request = match tokens {
-        None => Bucket::admission(buckets),
-        Some(tokens) => SpendRequest {
+/// One call as the filter makes it, checked against `limits::admit` or
+/// `limits::adjust` (what `limits::settle` does per bucket) over Envoy's
+/// shared data, at some instant of Redis's clock during the call: the same
+/// verdicts (and the same `x-ratelimit-*` they make), and equal states afterwards.
+fn check_request(ext_proc: &ExtProc, redis: &mut redis::Connection, buckets: &[Bucket], call: Call) {
+    let request = match call {
+        Call::Admit(tokens) => Bucket::admission(buckets, tokens),
+        Call::Settle(tokens) => SpendRequest {
             buckets: buckets
                 .iter()
                 .filter(|b| b.unit == Unit::Tokens)
-                .map(|b| BucketSpend { name: b.name.clone(), per_minute: b.per_minute, cost: tokens })
+                .map(|b| BucketSpend {
+                    name: b.name.clone(),
+                    per_minute: b.per_minute,
+                    cost: u64::try_from(tokens).unwrap_or(0),
+                    refund: if tokens < 0 { tokens.unsigned_abs() } else { 0 },
+                })
                 .collect(),
             debit: true,
+            id: None,
         },
     };
     let before: Vec<u64> = buckets.iter().map(|b| tat(redis, &b.name)).collect();
@@ -117,16 +126,15 @@ fn check_request(ext_proc: &ExtProc, redis: &mut redis::Connection, buckets: &[B
         for (bucket, state) in buckets.iter().zip(&before) {
             store.swap(&bucket.name, *state, None);
         }
-        let verdicts_match = match tokens {
-            None => {
-                let admission = limits::admit(&store, buckets, now);
-                verdicts == admission_verdicts(buckets, &before, now, &request)
-                    && Admission::from_verdicts(buckets, &verdicts) == admission
-            }
-            Some(tokens) => {
-                limits::debit(&store, buckets, tokens, now);
-                let debited = buckets.iter().zip(&before).filter(|(b, _)| b.unit == Unit::Tokens);
-                verdicts.iter().zip(debited).all(|(v, (b, state))| *v == overspend(b.per_minute, *state, now, tokens).0)
+        let verdicts_match = match call {
+            Call::Admit(tokens) => verdicts == limits::admit(&store, buckets, tokens, now),
+            Call::Settle(tokens) => {
+                let settled = buckets.iter().zip(&before).filter(|(b, _)| b.unit == Unit::Tokens);
+                settled.zip(&verdicts).all(|((b, state), v)| {
+                    let (expected, new_state) = adjust(b.per_minute, *state, now, tokens);
+                    store.swap(&b.name, new_state, store.load(&b.name).1);
+                    *v == expected
+                })
             }
         };
         verdicts_match
@@ -200,7 +208,7 @@ fn the_script_computes_what_spend_computes() {
 }
 
 #[test]
-fn calls_as_the_filter_makes_them_equal_admit_and_debit_on_envoys_shared_data() {
+fn calls_as_the_filter_makes_them_equal_admit_and_settle_on_envoys_shared_data() {
     let Some(binary) = common::redis_server() else { return };
     let redis_server = Redis::start(binary);
     let ext_proc = ExtProc::start(&["--redis-url", &redis_server.url(), "--redis-timeout-ms", "1000"]);
@@ -209,8 +217,11 @@ fn calls_as_the_filter_makes_them_equal_admit_and_debit_on_envoys_shared_data() 
     let unit = prop_oneof![Just(Unit::Requests), Just(Unit::Tokens)];
     // Each bucket: its unit, its limit, and its state as an offset from now (none: a new bucket).
     let bucket = (unit, 1u64..=300, prop_oneof![Just(None), (0u64..3 * MINUTE_US).prop_map(Some)]);
-    // Each call: an admission, or a debit of that many tokens.
-    let calls = prop::collection::vec(prop_oneof![Just(None), (0u64..500).prop_map(Some)], 1..8);
+    // Each call: an admission reserving that many tokens, or a settlement of that many.
+    let calls = prop::collection::vec(
+        prop_oneof![(0u64..300).prop_map(Call::Admit), (-500i64..500).prop_map(Call::Settle)],
+        1..8,
+    );
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 128,
         failure_persistence: None,
@@ -228,8 +239,8 @@ fn calls_as_the_filter_makes_them_equal_admit_and_debit_on_envoys_shared_data() 
                 }
                 buckets.push(Bucket { name, unit, per_minute });
             }
-            for tokens in calls {
-                check_request(&ext_proc, redis, &buckets, tokens);
+            for call in calls {
+                check_request(&ext_proc, redis, &buckets, call);
             }
             Ok(())
         })
@@ -289,6 +300,45 @@ fn a_debit_overshoots_and_the_bucket_refuses_until_it_has_refilled() {
     assert!(look.retry_after_us > 0 && look.retry_after_us <= debited.retry_after_us, "{look:?}");
     let ttl: i64 = redis_server.connection().pttl(&bucket).expect("PTTL");
     assert!(ttl > 150_000 && ttl <= 151_000, "{ttl} ms");
+}
+
+#[test]
+fn a_debit_sent_again_with_its_id_is_applied_once() {
+    let Some(binary) = common::redis_server() else { return };
+    let redis_server = Redis::start(binary);
+    let ext_proc = ExtProc::start(&["--redis-url", &redis_server.url(), "--redis-timeout-ms", "1000"]);
+    let mut redis = redis_server.connection();
+    let bucket = fresh_bucket();
+    let debit = |id: &str, cost: u64, refund: u64| SpendRequest {
+        buckets: vec![BucketSpend { name: bucket.clone(), per_minute: 60, cost, refund }],
+        debit: true,
+        id: Some(id.into()),
+    };
+
+    // 30 tokens at 60 a minute: the bucket runs 30 s ahead, once however often the debit is sent.
+    send(&ext_proc, &debit("worker-1", 30, 0));
+    let once = tat(&mut redis, &bucket);
+    let again = send(&ext_proc, &debit("worker-1", 30, 0))[0];
+    assert_eq!(tat(&mut redis, &bucket), once, "the repeat changed nothing");
+    assert!(again.allowed && again.remaining <= 30 && again.remaining >= 29, "the repeat only looks: {again:?}");
+    let ttl: i64 = redis.pttl("modelgate.debit.worker-1").expect("PTTL");
+    assert!(ttl > 590_000 && ttl <= 600_000, "the id is remembered ten minutes: {ttl} ms");
+
+    // Another id is another debit: a refund of 20 tokens, given back once.
+    send(&ext_proc, &debit("worker-2", 0, 20));
+    let refunded = tat(&mut redis, &bucket);
+    assert!(once - refunded == 20_000_000, "{once} then {refunded}");
+    send(&ext_proc, &debit("worker-2", 0, 20));
+    assert_eq!(tat(&mut redis, &bucket), refunded);
+
+    // Ids belong to debits, and stay short and plain.
+    for (bad, is_debit) in [("x", false), ("", true), ("a b", true), (&"x".repeat(65)[..], true)] {
+        let request = SpendRequest { debit: is_debit, ..debit(bad, 1, 0) };
+        let answer = ext_proc.post("/v1/limits/spend", &serde_json::to_vec(&request).unwrap());
+        assert_eq!(answer.status, 400, "{bad:?}: {answer:?}");
+        assert_eq!(answer.json()["error"]["param"], "id");
+    }
+    assert_eq!(tat(&mut redis, &bucket), refunded);
 }
 
 #[test]

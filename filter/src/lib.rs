@@ -23,8 +23,7 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::{self, normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{Caller, Presented};
-use modelgate_proto::limits::SpendRequest;
-use modelgate_proto::limits::{self, Admission, Bucket};
+use modelgate_proto::limits::{self, Admission, Bucket, Reserved};
 use modelgate_proto::routing::Router;
 use outbox::{Delivery, Outbox, RecordBatch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -50,7 +49,7 @@ proxy_wasm::main! {{
 
 struct Plugin {
     router: Rc<Router>,
-    /// This worker's usage records and shared token debits, sent on the timer.
+    /// This worker's usage records and shared token settlements, sent on the timer.
     outbox: Rc<Outbox>,
     /// This VM's part of its usage batches' ids, made on the first tick.
     sender: Option<String>,
@@ -64,7 +63,7 @@ struct Plugin {
 
 enum Batch {
     Records(RecordBatch),
-    Debits(SpendRequest),
+    Debits(outbox::Debits),
 }
 
 /// Where ext-proc's admin port takes usage records.
@@ -115,7 +114,7 @@ impl Plugin {
                 host::dispatch(cluster, call, &batch.lines, BATCH_TIMEOUT)
             }
             Batch::Debits(debits) => {
-                let call = serde_json::to_vec(debits).unwrap_or_default();
+                let call = serde_json::to_vec(&debits.request).unwrap_or_default();
                 host::dispatch(cluster, admin_call_headers(SPEND_PATH, "application/json", token), &call, BATCH_TIMEOUT)
             }
         };
@@ -176,9 +175,17 @@ impl RootContext for Plugin {
                 host::count_by(metric, dropped);
             }
         }
+        let dropped = self.outbox.take_dropped_debits();
+        if dropped > 0 {
+            host::log_error(&format!(
+                "modelgate: {dropped} batches of token debits dropped: the shared rate-limit store did not take them for five minutes"
+            ));
+        }
         let router = Rc::clone(&self.router);
-        if let (Some(shared), Some(debits)) = (router.shared_limits(), self.outbox.take_debits()) {
-            self.send(&shared.cluster, Batch::Debits(debits));
+        if let Some(shared) = router.shared_limits() {
+            for debits in self.outbox.take_debits(host::now_us()) {
+                self.send(&shared.cluster, Batch::Debits(debits));
+            }
         }
         if let Some(accounting) = router.accounting() {
             let sender = self.sender.get_or_insert_with(host::batch_sender);
@@ -216,7 +223,7 @@ impl RootContext for Plugin {
 
 struct Request {
     router: Rc<Router>,
-    /// Where this request's usage record and shared token debit go.
+    /// Where this request's usage record and shared token settlement go.
     outbox: Rc<Outbox>,
     /// Usage records are kept.
     accounting: bool,
@@ -262,6 +269,9 @@ struct Failed {
 struct Held {
     routing: Routing,
     body_len: usize,
+    /// The tokens it asked to reserve, and when it asked.
+    reserved_tokens: u64,
+    asked_us: u64,
 }
 
 /// A model-routed request, as far as it got.
@@ -272,8 +282,10 @@ struct Routed {
     /// Empty until a backend is chosen.
     backend: String,
     price: Option<modelgate_proto::config::Price>,
-    /// The key's buckets for this model, debited with the answer's tokens.
+    /// The key's buckets for this model.
     buckets: Vec<Bucket>,
+    /// What the request holds in the key's token buckets, settled with the answer's usage.
+    reserved: Vec<Reserved>,
 }
 
 /// How long a batch to ext-proc's admin port may take.
@@ -284,7 +296,7 @@ const DEFAULT_FLUSH_MS: u64 = 1000;
 impl Context for Request {
     /// The shared store's verdict on a held request.
     fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some(Held { routing, body_len }) = self.held.take() else {
+        let Some(Held { routing, body_len, reserved_tokens, asked_us }) = self.held.take() else {
             return;
         };
         // Envoy still holds the request body it buffered for the filter.
@@ -293,7 +305,7 @@ impl Context for Request {
         let answer = host::body(BufferType::HttpCallResponseBody, body_size);
         let verdict =
             self.routed.as_ref().and_then(|r| request::shared_verdicts(&r.buckets, status.as_deref(), &answer));
-        match self.admit_shared(verdict) {
+        match self.admit_shared(verdict, reserved_tokens, asked_us) {
             None => {
                 // The request's headers and body are changed before it resumes: once resumed, Envoy no longer lets them be.
                 self.forward(routing, &body);
@@ -352,6 +364,7 @@ impl HttpContext for Request {
                     backend: String::new(),
                     price: None,
                     buckets: Vec::new(),
+                    reserved: Vec::new(),
                 });
                 Action::Pause
             }
@@ -453,8 +466,8 @@ impl HttpContext for Request {
                 }
             }
             if end_of_stream {
-                // Before the answer's end leaves: the client's next request sees these tokens spent.
-                self.debit_tokens();
+                // Before the answer's end leaves: the client's next request sees these tokens settled.
+                self.settle_tokens();
             }
             return Action::Continue;
         };
@@ -482,11 +495,11 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    /// The request is over: its tokens are debited from the key's token
+    /// The request is over: its tokens are settled in the key's token
     /// limits, and its usage record is handed to this worker's outbox, or,
     /// refused before any backend, it is counted with the worker's refusals.
     fn on_log(&mut self) {
-        self.debit_tokens();
+        self.settle_tokens();
         let Some(routed) = self.routed.take().filter(|_| self.accounting) else {
             return;
         };
@@ -535,21 +548,29 @@ impl Request {
         (self.started_us > 0 && now_us >= self.started_us).then(|| ((now_us - self.started_us) / 1000).to_string())
     }
 
-    /// Spends the answer's tokens from the key's token limits, once: at the
-    /// answer's end, or when the request ends without one. Shared limits are
-    /// debited with this worker's next batch.
-    fn debit_tokens(&mut self) {
-        let (Some(routed), Some(answer)) = (&mut self.routed, &self.answer) else {
+    /// Settles what the answer used with what the request reserved in the
+    /// key's token limits, once: at the answer's end, or when the request
+    /// ends without one. An error answer used nothing; an answer whose usage
+    /// is unknown (a stream the client left) keeps its reservation. Shared
+    /// limits are settled with this worker's next batch.
+    fn settle_tokens(&mut self) {
+        let Some(routed) = &mut self.routed else {
             return;
         };
-        if let Some(usage) = answer.usage() {
-            if self.router.shared_limits().is_some() {
-                self.outbox.debit(&routed.buckets, usage.total());
-            } else {
-                limits::debit(&host::SharedBuckets, &routed.buckets, usage.total(), host::now_us());
-            }
-            // Spent: nothing is left to debit twice.
-            routed.buckets.clear();
+        if routed.reserved.is_empty() {
+            return;
+        }
+        let used = if self.status >= 400 {
+            Some(0)
+        } else {
+            self.answer.as_ref().and_then(answer::Answer::usage).map(|usage| usage.total())
+        };
+        // Settled: nothing is left to settle twice.
+        let reserved = std::mem::take(&mut routed.reserved);
+        if self.router.shared_limits().is_some() {
+            self.outbox.settle(&reserved, used, host::now_us());
+        } else {
+            limits::settle(&host::SharedBuckets, &reserved, used, host::now_us());
         }
     }
 
@@ -567,42 +588,69 @@ impl Request {
         if routed.buckets.is_empty() {
             return self.forward(routing, body);
         }
+        let reserved_tokens =
+            match request::reservation(&self.router, &caller, &routed.buckets, &routing.model, routing.tokens) {
+                Ok(tokens) => tokens,
+                Err(reply) => return self.respond(&reply),
+            };
         let Some(shared) = self.router.shared_limits() else {
-            match request::rate_limit(&caller, &routed.buckets, &routing.model, &host::SharedBuckets, host::now_us()) {
-                Ok(admission) => self.admission = admission,
+            let now = host::now_us();
+            match request::rate_limit(
+                &caller,
+                &routed.buckets,
+                &routing.model,
+                reserved_tokens,
+                &host::SharedBuckets,
+                now,
+            ) {
+                Ok((admission, reserved)) => (self.admission, routed.reserved) = (admission, reserved),
                 Err(reply) => return self.respond(&reply),
             }
             return self.forward(routing, body);
         };
-        let call = serde_json::to_vec(&Bucket::admission(&routed.buckets)).unwrap_or_default();
+        let call = serde_json::to_vec(&Bucket::admission(&routed.buckets, reserved_tokens)).unwrap_or_default();
         let headers = admin_call_headers(SPEND_PATH, "application/json", self.router.internal_token());
+        // Asked before the store's clock starts the reservation: it is taken to refill no later than it does.
+        let asked_us = host::now_us();
         if host::dispatch(&shared.cluster, headers, &call, Duration::from_millis(shared.timeout_ms)).is_some() {
-            self.held = Some(Held { routing, body_len: body.len() });
+            self.held = Some(Held { routing, body_len: body.len(), reserved_tokens, asked_us });
             return Action::Pause;
         }
-        match self.admit_shared(None) {
+        match self.admit_shared(None, reserved_tokens, asked_us) {
             None => self.forward(routing, body),
             Some(reply) => self.respond(&reply),
         }
     }
 
-    /// Takes the shared store's verdict (`None` when it gave none): the reply
+    /// Takes the shared store's verdicts (`None` when it gave none) on a
+    /// request reserving `reserved_tokens`, asked at `asked_us`: the reply
     /// that refuses the request, if it is refused.
-    fn admit_shared(&mut self, verdict: Option<Admission>) -> Option<Reply> {
-        let (routed, caller) = (self.routed.as_ref()?, self.caller.clone()?);
-        let judged = match verdict {
-            Some(admission) => request::judge(&caller, &routed.model, admission),
+    fn admit_shared(
+        &mut self,
+        verdicts: Option<Vec<limits::Verdict>>,
+        reserved_tokens: u64,
+        asked_us: u64,
+    ) -> Option<Reply> {
+        let caller = self.caller.clone()?;
+        let routed = self.routed.as_mut()?;
+        let judged = match verdicts {
+            Some(verdicts) => {
+                request::judge(&caller, &routed.model, &routed.buckets, &verdicts, reserved_tokens, asked_us)
+            }
             None => {
                 if let Some(metric) = self.store_failures {
                     host::count(metric);
                 }
                 host::log_error("modelgate: the shared rate-limit store gave no verdict (see ext-proc's log)");
                 request::without_shared_store(self.router.shared_limits().map(|s| s.on_failure).unwrap_or_default())
+                    // Let through unlimited: it holds nothing, and its usage is charged once known.
+                    .map(|admission| (admission, limits::unreserved(&routed.buckets, asked_us)))
             }
         };
         match judged {
-            Ok(admission) => {
+            Ok((admission, reserved)) => {
                 self.admission = admission;
+                routed.reserved = reserved;
                 None
             }
             Err(reply) => Some(reply),

@@ -10,7 +10,7 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
-use modelgate_proto::limits::{self, Admission, Bucket, BucketStore};
+use modelgate_proto::limits::{self, Admission, Bucket, BucketStore, Reserved, TokenEstimate, Unit, Verdict};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
 use modelgate_proto::usage::{bounded, is_bounded, Refused, UsageRecord};
@@ -90,6 +90,8 @@ pub struct Routing {
     pub stream_cluster: Option<String>,
     /// For a model with fallbacks: the chain the stream guard tries (then `cluster`).
     pub chain: Option<String>,
+    /// The tokens the request may take, where its key's limits count tokens.
+    pub tokens: TokenEstimate,
 }
 
 impl Routing {
@@ -224,7 +226,8 @@ pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
 /// key), a stream asks its backend for usage.
 pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>) -> Result<Routing, Reply> {
     let fields = read_routing_fields(body)?;
-    let counts_tokens = router.accounting().is_some() || caller.is_some_and(|key| key.limits.counts_tokens());
+    let limits_tokens = caller.is_some_and(|key| key.limits.counts_tokens());
+    let counts_tokens = router.accounting().is_some() || limits_tokens;
     let usage_unasked = fields.stream && counts_tokens && !fields.asks_usage();
     let target = router
         .resolve(&fields.model)
@@ -249,6 +252,7 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         forwards_client_key: target.forwards_client_key,
         stream_cluster,
         chain: target.chain.clone(),
+        tokens: if limits_tokens { fields.token_estimate(body) } else { TokenEstimate::default() },
     })
 }
 
@@ -315,41 +319,76 @@ pub fn refused(finished: Finished<'_>) -> Refused {
     }
 }
 
-/// Counts a routed request against its key's rate limits kept in `store`:
-/// what the limits said (for the answer's `x-ratelimit-*` headers), or the
-/// 429 to answer with.
+/// The tokens a request reserves in its key's token buckets, or OpenAI's
+/// 429 for a request that reserves more than a limit holds: it could never be
+/// let in, so the SDKs are told not to retry it.
+pub fn reservation(
+    router: &Router,
+    caller: &ClientKey,
+    buckets: &[Bucket],
+    model: &str,
+    tokens: TokenEstimate,
+) -> Result<u64, Reply> {
+    let Some(smallest) = limits::smallest_token_limit(buckets) else {
+        return Ok(0);
+    };
+    let reserved = tokens.reservation(router.reserved_completion_tokens(), smallest);
+    match limits::too_large(buckets, reserved) {
+        Some(bucket) => Err(limits::too_large_refusal(&caller.name, model, bucket.per_minute, reserved).into()),
+        None => Ok(reserved),
+    }
+}
+
+/// Counts a routed request reserving `reserved_tokens` against its key's
+/// rate limits kept in `store`: what the limits said (for the answer's
+/// `x-ratelimit-*` headers) and what the request holds until its answer's
+/// usage is known, or the 429 to answer with.
 pub fn rate_limit(
     caller: &ClientKey,
     buckets: &[Bucket],
     model: &str,
+    reserved_tokens: u64,
     store: &dyn BucketStore,
     now_us: u64,
-) -> Result<Admission, Reply> {
-    judge(caller, model, limits::admit(store, buckets, now_us))
+) -> Result<(Admission, Vec<Reserved>), Reply> {
+    let verdicts = limits::admit(store, buckets, reserved_tokens, now_us);
+    judge(caller, model, buckets, &verdicts, reserved_tokens, now_us)
 }
 
-/// A key's limits' verdict on a request: let through, or OpenAI's 429.
-pub fn judge(caller: &ClientKey, model: &str, admission: Admission) -> Result<Admission, Reply> {
+/// A key's limits' verdicts (one per bucket) on a request reserving
+/// `reserved_tokens`, admitted at `at_us`: let through, holding its
+/// reservation, or OpenAI's 429.
+pub fn judge(
+    caller: &ClientKey,
+    model: &str,
+    buckets: &[Bucket],
+    verdicts: &[Verdict],
+    reserved_tokens: u64,
+    at_us: u64,
+) -> Result<(Admission, Vec<Reserved>), Reply> {
+    let admission = Admission::from_verdicts(buckets, verdicts);
     match admission.refused() {
         Some((unit, verdict)) => {
-            let mut reply = Reply::from(limits::refusal(&caller.name, model, unit, &verdict));
+            let requested = if unit == Unit::Tokens { reserved_tokens } else { 1 };
+            let mut reply = Reply::from(limits::refusal(&caller.name, model, unit, &verdict, requested));
             // A later try succeeds: the SDKs retry a 429 after `retry-after` by themselves.
             reply.headers = vec![("retry-after", limits::retry_after_seconds(verdict.retry_after_us).to_string())];
             reply.headers.extend(limits::headers(&admission));
             Err(reply)
         }
-        None => Ok(admission),
+        None => Ok((admission, limits::reservations(buckets, verdicts, reserved_tokens, at_us))),
     }
 }
 
-/// The shared store's verdicts on `buckets`, from its answer to an admission
-/// call; `None` when it did not give them (unreachable, failing, garbled).
-pub fn shared_verdicts(buckets: &[Bucket], status: Option<&[u8]>, body: &[u8]) -> Option<Admission> {
+/// The shared store's verdicts on `buckets`, one per bucket, from its answer
+/// to an admission call; `None` when it did not give them (unreachable,
+/// failing, garbled).
+pub fn shared_verdicts(buckets: &[Bucket], status: Option<&[u8]>, body: &[u8]) -> Option<Vec<Verdict>> {
     if status != Some(b"200") {
         return None;
     }
     let answer: limits::SpendResponse = serde_json::from_slice(body).ok()?;
-    (answer.verdicts.len() == buckets.len()).then(|| Admission::from_verdicts(buckets, &answer.verdicts))
+    (answer.verdicts.len() == buckets.len()).then_some(answer.verdicts)
 }
 
 /// A request whose limits the shared store could not check: let through
@@ -417,7 +456,8 @@ mod tests {
                 profile: None,
                 forwards_client_key: false,
                 stream_cluster: None,
-                chain: None
+                chain: None,
+                tokens: TokenEstimate::default()
             }
         );
         assert_eq!(
@@ -434,7 +474,8 @@ mod tests {
                 profile: Some(r#"{"model":"qwen-7b"}"#.into()),
                 forwards_client_key: false,
                 stream_cluster: None,
-                chain: None
+                chain: None,
+                tokens: TokenEstimate::default()
             }
         );
     }
@@ -461,7 +502,8 @@ mod tests {
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
                 stream_cluster: Some("cluster_a".into()),
-                chain: None
+                chain: None,
+                tokens: TokenEstimate::default()
             }
         );
         let guarded = on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap();
@@ -482,7 +524,8 @@ mod tests {
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
                 stream_cluster: None,
-                chain: None
+                chain: None,
+                tokens: TokenEstimate::default()
             }
         );
     }
@@ -660,10 +703,10 @@ mod tests {
         let store = limits::MemoryBuckets::default();
         let now = 1_000_000_000;
         let buckets = caller.limits.buckets(&caller.name, "m");
-        let first = rate_limit(&caller, &buckets, "m", &store, now).unwrap().requests.unwrap();
+        let first = rate_limit(&caller, &buckets, "m", 0, &store, now).unwrap().0.requests.unwrap();
         assert_eq!((first.limit, first.remaining), (2, 1));
-        rate_limit(&caller, &buckets, "m", &store, now).unwrap();
-        let refused = rate_limit(&caller, &buckets, "m", &store, now + 1_000).unwrap_err();
+        rate_limit(&caller, &buckets, "m", 0, &store, now).unwrap();
+        let refused = rate_limit(&caller, &buckets, "m", 0, &store, now + 1_000).unwrap_err();
         assert_eq!(refused.status, 429);
         let error = &json(&refused)["error"];
         assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("requests"), Some("rate_limit_exceeded")));
@@ -676,8 +719,8 @@ mod tests {
         // The same verdicts from a shared store, and what its failure means.
         let refused_again =
             br#"{"verdicts":[{"allowed":false,"limit":2,"remaining":0,"reset_us":60000000,"retry_after_us":30000000}]}"#;
-        let admission = shared_verdicts(&buckets, Some(b"200"), refused_again).unwrap();
-        assert_eq!(judge(&caller, "m", admission).unwrap_err().status, 429);
+        let verdicts = shared_verdicts(&buckets, Some(b"200"), refused_again).unwrap();
+        assert_eq!(judge(&caller, "m", &buckets, &verdicts, 0, now).unwrap_err().status, 429);
         assert_eq!(shared_verdicts(&buckets, Some(b"503"), refused_again), None);
         assert_eq!(shared_verdicts(&buckets, Some(b"200"), br#"{"verdicts":[]}"#), None, "one verdict per bucket");
         assert_eq!(shared_verdicts(&buckets, Some(b"200"), b"<html>"), None);
@@ -742,5 +785,44 @@ mod tests {
         let r = router();
         assert!(on_request_body(&r, br#"{"model":"gpt-4o-mini"}"#, None).unwrap().exact_route);
         assert!(!on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap().exact_route);
+    }
+
+    #[test]
+    fn a_token_limited_key_reserves_its_requests_tokens_and_refuses_one_that_can_never_fit() {
+        let r = Router::from_json(
+            br#"{"backends": {"a": {"cluster": "c"}}, "models": [{"match": "*", "backend": "a"}],
+                "reserved_completion_tokens": 100,
+                "client_keys": [{"name": "team", "limits": {"tokens_per_minute": 60},
+                                 "sha256": "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13"}]}"#,
+        )
+        .unwrap();
+        let presented = Presented { authorization: Some(b"Bearer sk-team"), api_key: None };
+        let caller = r.client_keys().authenticate(presented).unwrap().unwrap();
+        let buckets = caller.limits.buckets(&caller.name, "m");
+        let routed = |body: &str| on_request_body(&r, body.as_bytes(), Some(&caller)).unwrap().tokens;
+        let hello = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]"#;
+        let bounded = routed(&format!("{hello},\"max_tokens\":5}}"));
+        assert_eq!(reservation(&r, &caller, &buckets, "m", bounded), Ok(14));
+        // Without a bound, the configured length, but never more than the whole limit.
+        assert_eq!(reservation(&r, &caller, &buckets, "m", routed(&format!("{hello}}}"))), Ok(60));
+        let too_large = reservation(&r, &caller, &buckets, "m", routed(&format!("{hello},\"max_tokens\":52}}")));
+        let reply = too_large.unwrap_err();
+        assert_eq!((reply.status, json(&reply)["error"]["type"].as_str()), (429, Some("tokens")));
+        assert!(json(&reply)["error"]["message"].as_str().unwrap().contains("Limit 60, Requested 61."));
+        assert_eq!(reply.headers, vec![("x-should-retry", "false".to_string())], "waiting would not help");
+
+        let store = limits::MemoryBuckets::default();
+        let now = 1_000_000_000;
+        let (admission, held) = rate_limit(&caller, &buckets, "m", 14, &store, now).unwrap();
+        assert_eq!(admission.tokens.map(|v| v.remaining), Some(46));
+        assert_eq!(held.iter().map(|h| h.tokens).collect::<Vec<_>>(), [14]);
+        for _ in 0..3 {
+            rate_limit(&caller, &buckets, "m", 14, &store, now).unwrap();
+        }
+        let refused = rate_limit(&caller, &buckets, "m", 14, &store, now).unwrap_err();
+        let message = json(&refused)["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("Limit 60, Used 56, Requested 14."), "{message}");
+        // Keys without token limits reserve nothing.
+        assert_eq!(reservation(&r, &caller, &buckets[..0], "m", bounded), Ok(0));
     }
 }

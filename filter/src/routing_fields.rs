@@ -1,6 +1,8 @@
 //! Reads the fields routing depends on from a JSON request body: `model`,
 //! `stream` (streams go through the stream guard) and `stream_options` (the
-//! gateway asks for a stream's usage when the client did not).
+//! gateway asks for a stream's usage when the client did not); and, for token
+//! limits, the answer's bound (`max_completion_tokens`, `max_tokens`) and
+//! where the prompt lies (`messages`, `prompt`, `input`).
 //!
 //! The body is parsed once, in full (so malformed JSON is refused), but only
 //! these two values are kept: every other value is skipped without being built.
@@ -8,6 +10,7 @@
 //! Python and Go JSON decoders backends use, so routing and backend agree.
 
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::limits::{self, TokenEstimate};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -24,12 +27,25 @@ pub struct RoutingFields {
     pub stream_options: Option<Map<String, Value>>,
     /// Where the value of `stream_options` lies in the body, when it is there.
     pub stream_options_at: Option<Range<usize>>,
+    /// `max_completion_tokens`, else `max_tokens` (the older name), when a whole number.
+    pub max_tokens: Option<u64>,
+    /// Where the prompt (`messages`, `prompt`, or an embedding's `input`) lies in the body.
+    pub prompt_at: Option<Range<usize>>,
+    /// The prompt is an embedding's `input`: its answer generates nothing.
+    pub embedding: bool,
 }
 
 impl RoutingFields {
     /// The client asked for a stream's usage chunk.
     pub fn asks_usage(&self) -> bool {
         self.stream_options.as_ref().and_then(|o| o.get("include_usage")) == Some(&Value::Bool(true))
+    }
+
+    /// The tokens the request in `body` (the body these fields were read from) may take.
+    pub fn token_estimate(&self, body: &[u8]) -> TokenEstimate {
+        let prompt = self.prompt_at.clone().and_then(|at| body.get(at)).map_or(0, limits::prompt_tokens);
+        let completion = self.max_tokens.or(self.embedding.then_some(0));
+        TokenEstimate { prompt, completion }
     }
 }
 
@@ -46,16 +62,33 @@ pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
             GatewayError::unparsable_json(&e)
         }
     })?;
-    let stream_options_at = found.stream_options.map(|raw| {
-        // A borrowed raw value is a slice of `body` itself.
+    // A borrowed raw value is a slice of `body` itself.
+    let span = |raw: &RawValue| {
         let start = (raw.get().as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
         start..start + raw.get().len()
-    });
+    };
     let stream_options = match found.stream_options.map(|raw| serde_json::from_str::<Value>(raw.get())) {
         Some(Ok(Value::Object(options))) => Some(options),
         _ => None,
     };
-    Ok(RoutingFields { model: model(found.model)?, stream: stream(found.stream)?, stream_options, stream_options_at })
+    let max_tokens = |value: Option<Value>| value.and_then(|v| v.as_u64());
+    Ok(RoutingFields {
+        model: model(found.model)?,
+        stream: stream(found.stream)?,
+        stream_options,
+        stream_options_at: found.stream_options.map(span),
+        max_tokens: max_tokens(found.max_completion_tokens).or(max_tokens(found.max_tokens)),
+        prompt_at: found.prompt.map(|(_, raw)| span(raw)),
+        embedding: found.prompt.is_some_and(|(name, _)| name == Prompt::Input),
+    })
+}
+
+/// Which member carried the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prompt {
+    Messages,
+    Text,
+    Input,
 }
 
 fn model(value: Option<Value>) -> Result<String, GatewayError> {
@@ -109,6 +142,9 @@ struct Fields<'de> {
     model: Option<Value>,
     stream: Option<Value>,
     stream_options: Option<&'de RawValue>,
+    max_completion_tokens: Option<Value>,
+    max_tokens: Option<Value>,
+    prompt: Option<(Prompt, &'de RawValue)>,
 }
 
 impl<'de> serde::Deserialize<'de> for Fields<'de> {
@@ -127,12 +163,24 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
-        let mut fields = Fields { model: None, stream: None, stream_options: None };
+        let mut fields = Fields {
+            model: None,
+            stream: None,
+            stream_options: None,
+            max_completion_tokens: None,
+            max_tokens: None,
+            prompt: None,
+        };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "model" => fields.model = Some(map.next_value::<Value>()?),
                 "stream" => fields.stream = Some(map.next_value::<Value>()?),
                 "stream_options" => fields.stream_options = Some(map.next_value::<&'de RawValue>()?),
+                "max_completion_tokens" => fields.max_completion_tokens = Some(map.next_value::<Value>()?),
+                "max_tokens" => fields.max_tokens = Some(map.next_value::<Value>()?),
+                "messages" => fields.prompt = Some((Prompt::Messages, map.next_value::<&'de RawValue>()?)),
+                "prompt" => fields.prompt = Some((Prompt::Text, map.next_value::<&'de RawValue>()?)),
+                "input" => fields.prompt = Some((Prompt::Input, map.next_value::<&'de RawValue>()?)),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -196,6 +244,20 @@ mod tests {
             fields(r#"{"model":"m","stream_options":{"x":1}}"#).stream_options,
             serde_json::json!({"x": 1}).as_object().cloned()
         );
+    }
+
+    #[test]
+    fn what_the_request_may_take_in_tokens_is_read() {
+        let estimate = |body: &str| read_routing_fields(body.as_bytes()).unwrap().token_estimate(body.as_bytes());
+        let chat = r#"{"model":"m","messages":[{"role":"user","content":"hello"}],"max_tokens":5}"#;
+        assert_eq!(estimate(chat), TokenEstimate { prompt: 9, completion: Some(5) });
+        // `max_completion_tokens` is the newer name of the same bound, and wins.
+        let both = r#"{"model":"m","max_completion_tokens":7,"max_tokens":5,"prompt":"abcd"}"#;
+        assert_eq!(estimate(both), TokenEstimate { prompt: 2, completion: Some(7) });
+        let unbounded = r#"{"model":"m","prompt":"abcd","max_tokens":"5"}"#;
+        assert_eq!(estimate(unbounded), TokenEstimate { prompt: 2, completion: None }, "not a number: not a bound");
+        assert_eq!(estimate(r#"{"model":"m","input":["abcdefgh"]}"#), TokenEstimate { prompt: 3, completion: Some(0) });
+        assert_eq!(estimate(r#"{"model":"m"}"#), TokenEstimate { prompt: 0, completion: None });
     }
 
     #[test]

@@ -44,6 +44,17 @@ pub struct FilterConfig {
     /// processes are started with. Unset: the filter presents none.
     #[serde(default)]
     pub internal_token: Option<String>,
+    /// Tokens a request reserves under a token limit for an answer whose
+    /// length it does not bound (no `max_completion_tokens` or `max_tokens`).
+    #[serde(default = "default_reserved_completion_tokens")]
+    pub reserved_completion_tokens: u64,
+}
+
+/// Default of `reserved_completion_tokens`.
+pub const DEFAULT_RESERVED_COMPLETION_TOKENS: u64 = 1024;
+
+fn default_reserved_completion_tokens() -> u64 {
+    DEFAULT_RESERVED_COMPLETION_TOKENS
 }
 
 #[derive(Debug, Clone, Deserialize)]

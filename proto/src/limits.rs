@@ -97,6 +97,14 @@ impl Unit {
             Unit::Tokens => "tokens",
         }
     }
+
+    /// As OpenAI names a per-minute limit of this unit in its 429s.
+    fn per_minute_name(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests per min (RPM)",
+            Unit::Tokens => "tokens per min (TPM)",
+        }
+    }
 }
 
 /// Per-minute limits, each optional.
@@ -180,22 +188,154 @@ impl KeyLimits {
 }
 
 impl Bucket {
-    /// What admitting a request spends from this bucket: one request; tokens
-    /// are only looked at, since they are known once the answer is.
-    fn admission_cost(&self) -> u64 {
+    /// What admitting a request spends from this bucket: one request, or the
+    /// tokens it reserves until its answer's usage is known.
+    fn admission_cost(&self, reserved_tokens: u64) -> u64 {
         match self.unit {
             Unit::Requests => 1,
-            Unit::Tokens => 0,
+            Unit::Tokens => reserved_tokens,
         }
     }
 
-    /// The call to a shared store that admits a request into `buckets`.
-    pub fn admission(buckets: &[Bucket]) -> SpendRequest {
+    /// The call to a shared store that admits a request reserving `reserved_tokens` into `buckets`.
+    pub fn admission(buckets: &[Bucket], reserved_tokens: u64) -> SpendRequest {
         let buckets = buckets
             .iter()
-            .map(|b| BucketSpend { name: b.name.clone(), per_minute: b.per_minute, cost: b.admission_cost() })
+            .map(|b| BucketSpend {
+                name: b.name.clone(),
+                per_minute: b.per_minute,
+                cost: b.admission_cost(reserved_tokens),
+                refund: 0,
+            })
             .collect();
-        SpendRequest { buckets, debit: false }
+        SpendRequest { buckets, debit: false, id: None }
+    }
+}
+
+/// Bytes of prompt counted as one token: OpenAI's rule of thumb for English
+/// text, and what OpenAI itself estimates a request's prompt with.
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// The tokens a request may take, as far as its body tells before it is answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenEstimate {
+    /// The prompt's tokens, estimated from its size ([`prompt_tokens`]).
+    pub prompt: u64,
+    /// The most the answer may generate (`max_completion_tokens`, `max_tokens`;
+    /// 0 for an embedding); `None` when the request does not bound it.
+    pub completion: Option<u64>,
+}
+
+impl TokenEstimate {
+    /// Tokens to reserve on admission: the prompt and the most the answer may
+    /// take. An answer the request does not bound is taken to be
+    /// `unbounded_completion` long, but never reserves more than
+    /// `smallest_limit` (the tightest token limit) unless its prompt alone does.
+    pub fn reservation(&self, unbounded_completion: u64, smallest_limit: u64) -> u64 {
+        match self.completion {
+            Some(completion) => self.prompt.saturating_add(completion),
+            None => self.prompt.saturating_add(unbounded_completion).min(smallest_limit.max(self.prompt)),
+        }
+    }
+}
+
+/// An estimate of the tokens in a prompt, from the raw JSON that carries it
+/// (`messages`, `prompt` or `input`): a token per four bytes, rounded up, but
+/// data URLs (inline images and audio) count nothing, since what they cost
+/// does not follow their size. Their tokens are charged when the answer's
+/// usage comes.
+pub fn prompt_tokens(raw_json: &[u8]) -> u64 {
+    let mut bytes = 0u64;
+    let mut rest = raw_json;
+    while let Some(quote) = rest.iter().position(|&b| b == b'"') {
+        bytes += quote as u64;
+        let string = rest.get(quote + 1..).unwrap_or_default();
+        // The closing quote: the first one not escaped by a backslash.
+        let mut end = 0;
+        while let Some(&b) = string.get(end) {
+            match b {
+                b'\\' => end += 2,
+                b'"' => break,
+                _ => end += 1,
+            }
+        }
+        if !string.starts_with(b"data:") {
+            // The string with its quotes (the closing one, if the JSON has it).
+            bytes += 1 + (end + 1).min(string.len()) as u64;
+        }
+        rest = string.get(end + 1..).unwrap_or_default();
+    }
+    bytes += rest.len() as u64;
+    bytes.div_ceil(BYTES_PER_TOKEN)
+}
+
+/// The token limit a request can never fit in, however long it waits: a
+/// bucket holds at most its limit.
+pub fn too_large(buckets: &[Bucket], reserved_tokens: u64) -> Option<&Bucket> {
+    buckets.iter().filter(|b| b.unit == Unit::Tokens).find(|b| reserved_tokens > b.per_minute.clamp(1, MAX_PER_MINUTE))
+}
+
+/// The tightest token limit among `buckets`, if any counts tokens.
+pub fn smallest_token_limit(buckets: &[Bucket]) -> Option<u64> {
+    buckets.iter().filter(|b| b.unit == Unit::Tokens).map(|b| b.per_minute.clamp(1, MAX_PER_MINUTE)).min()
+}
+
+/// What an admitted request holds in one token bucket until its answer's
+/// usage is known: the tokens reserved, and until when they stay spent if
+/// nothing is given back (when the bucket would have refilled past them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    pub bucket: String,
+    pub per_minute: u64,
+    pub tokens: u64,
+    /// Microseconds since the epoch, on the clock that settles it.
+    pub until_us: u64,
+}
+
+/// What an admitted request holds in each token bucket, from the verdicts
+/// (one per bucket, in order) that admitted it at `admitted_us`.
+pub fn reservations(buckets: &[Bucket], verdicts: &[Verdict], tokens: u64, admitted_us: u64) -> Vec<Reserved> {
+    buckets
+        .iter()
+        .zip(verdicts)
+        .filter(|(b, _)| b.unit == Unit::Tokens)
+        .map(|(b, v)| Reserved {
+            bucket: b.name.clone(),
+            per_minute: b.per_minute,
+            tokens,
+            until_us: admitted_us.saturating_add(v.reset_us),
+        })
+        .collect()
+}
+
+/// A request let through without a verdict (its store was unreachable): it
+/// holds nothing, and its usage is charged when known.
+pub fn unreserved(buckets: &[Bucket], now_us: u64) -> Vec<Reserved> {
+    buckets
+        .iter()
+        .filter(|b| b.unit == Unit::Tokens)
+        .map(|b| Reserved { bucket: b.name.clone(), per_minute: b.per_minute, tokens: 0, until_us: now_us })
+        .collect()
+}
+
+impl Reserved {
+    /// Tokens to charge (positive) or give back (negative) once the answer
+    /// used `used` tokens, at `now_us`: the excess over the reservation, or
+    /// what it did not use. An answer whose usage is unknown (a stream the
+    /// client left, a backend that sent none) keeps its whole reservation.
+    /// What is given back is only the part still unrefilled: the bucket
+    /// refills past a reservation as time goes by, and giving back a part it
+    /// refilled already would hand the key tokens it never spent.
+    pub fn settlement(&self, used: Option<u64>, now_us: u64) -> i64 {
+        let Some(used) = used else { return 0 };
+        if used >= self.tokens {
+            return i64::try_from(used - self.tokens).unwrap_or(i64::MAX);
+        }
+        let per_minute = self.per_minute.clamp(1, MAX_PER_MINUTE);
+        let unrefilled =
+            u128::from(self.until_us.saturating_sub(now_us)) * u128::from(per_minute) / u128::from(MINUTE_US);
+        let back = u128::from(self.tokens - used).min(unrefilled);
+        -i64::try_from(back).unwrap_or(i64::MAX)
     }
 }
 
@@ -209,6 +349,13 @@ pub struct BucketSpend {
     pub per_minute: u64,
     /// Units to spend: 1 for a request, a token count for a debit, 0 to only look.
     pub cost: u64,
+    /// Units a debit gives back: tokens reserved and not used.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refund: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A call to a shared store: admit (spend from every bucket only if all allow it)
@@ -218,6 +365,10 @@ pub struct SpendRequest {
     pub buckets: Vec<BucketSpend>,
     #[serde(default)]
     pub debit: bool,
+    /// A debit's id: a debit sent again with the same id (a retry after an
+    /// answer was lost) is applied once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// The store's answer: one verdict per bucket, in the request's order.
@@ -284,46 +435,83 @@ fn update(store: &dyn BucketStore, bucket: &str, next: impl Fn(u64) -> (Verdict,
     }
 }
 
-/// One request, admitted into every bucket of its key and model: allowed
-/// only if every limit allows it, and then one request counted in each
-/// requests bucket; a refusal counts nowhere. Token buckets are only looked
-/// at: a key whose tokens ran out is refused until they have refilled.
-pub fn admit(store: &dyn BucketStore, buckets: &[Bucket], now_us: u64) -> Admission {
-    let states: Vec<u64> = buckets.iter().map(|b| store.load(&b.name).0).collect();
-    let look = |b: &Bucket, state: u64, cost: u64| spend(b.per_minute, state, now_us, cost).0;
-    let checked: Vec<Verdict> = buckets.iter().zip(&states).map(|(b, s)| look(b, *s, b.admission_cost())).collect();
+/// One request, admitted into every bucket of its key and model, reserving
+/// `reserved_tokens` in each token bucket: allowed only if every limit
+/// allows it, and then counted in each bucket; a refusal counts nowhere.
+/// The verdicts, one per bucket in order.
+pub fn admit(store: &dyn BucketStore, buckets: &[Bucket], reserved_tokens: u64, now_us: u64) -> Vec<Verdict> {
+    let look = |b: &Bucket, cost: u64| spend(b.per_minute, store.load(&b.name).0, now_us, cost).0;
+    let checked: Vec<Verdict> = buckets.iter().map(|b| look(b, b.admission_cost(reserved_tokens))).collect();
+    // Refused: what is left in the buckets that would have allowed it, since this request spends nothing.
+    let refused = |verdicts: &[Verdict]| -> Vec<Verdict> {
+        buckets.iter().zip(verdicts).map(|(b, v)| if v.allowed { look(b, 0) } else { *v }).collect()
+    };
     if checked.iter().any(|v| !v.allowed) {
-        // What is left in the buckets that would have allowed it, since this request spends nothing.
-        let now: Vec<Verdict> = buckets
-            .iter()
-            .zip(&states)
-            .zip(&checked)
-            .map(|((b, s), v)| if v.allowed { look(b, *s, 0) } else { *v })
-            .collect();
-        return Admission::from_verdicts(buckets, &now);
+        return refused(&checked);
     }
-    let spent: Vec<Verdict> = buckets
-        .iter()
-        .zip(checked)
-        .map(|(b, looked)| {
-            if b.admission_cost() == 0 {
-                return looked;
+    let mut spent = Vec::with_capacity(buckets.len());
+    for (i, (b, looked)) in buckets.iter().zip(checked.iter().copied()).enumerate() {
+        let cost = b.admission_cost(reserved_tokens);
+        if cost == 0 {
+            spent.push(looked);
+            continue;
+        }
+        let verdict = update(store, &b.name, |state| spend(b.per_minute, state, now_us, cost));
+        if !verdict.allowed {
+            // Another request took what was left since the check: what this one spent goes back.
+            for earlier in &buckets[..i] {
+                let back = earlier.admission_cost(reserved_tokens);
+                update(store, &earlier.name, |state| {
+                    look_after(earlier.per_minute, give_back(earlier.per_minute, state, now_us, back), now_us)
+                });
             }
-            // A bucket another request emptied since the check: this one was admitted already.
-            let verdict = update(store, &b.name, |state| spend(b.per_minute, state, now_us, b.admission_cost()));
-            Verdict { allowed: true, ..verdict }
-        })
-        .collect();
-    Admission::from_verdicts(buckets, &spent)
+            let mut verdicts = checked;
+            verdicts[i] = verdict;
+            return refused(&verdicts);
+        }
+        spent.push(verdict);
+    }
+    spent
 }
 
-/// Tokens an answer used, spent from every token bucket of its request
-/// whatever the limit says: they are used already. A bucket in debt refuses
-/// the key's next requests until it has refilled.
-pub fn debit(store: &dyn BucketStore, buckets: &[Bucket], tokens: u64, now_us: u64) {
-    for bucket in buckets.iter().filter(|b| b.unit == Unit::Tokens) {
-        update(store, &bucket.name, |state| overspend(bucket.per_minute, state, now_us, tokens));
+/// Settles what an answer used with what its request reserved, in every
+/// token bucket: the excess charged, or the unused part given back
+/// ([`Reserved::settlement`]).
+pub fn settle(store: &dyn BucketStore, reserved: &[Reserved], used: Option<u64>, now_us: u64) {
+    for held in reserved {
+        let tokens = held.settlement(used, now_us);
+        if tokens != 0 {
+            update(store, &held.bucket, |state| adjust(held.per_minute, state, now_us, tokens));
+        }
     }
+}
+
+/// Charges `tokens` to a bucket past its limit ([`overspend`]), or gives
+/// `-tokens` back ([`give_back`]): the verdict on the bucket after, and its state.
+pub fn adjust(per_minute: u64, tat: u64, now_us: u64, tokens: i64) -> (Verdict, u64) {
+    match u64::try_from(tokens) {
+        Ok(charge) => overspend(per_minute, tat, now_us, charge),
+        Err(_) => {
+            let state = give_back(per_minute, tat, now_us, tokens.unsigned_abs());
+            look_after(per_minute, state, now_us)
+        }
+    }
+}
+
+/// A bucket's state with `units` given back: its time moved back by theirs,
+/// rounded down (a spend rounds up, so a reservation given back whole
+/// never leaves more than was there), and never past full.
+pub fn give_back(per_minute: u64, tat: u64, now_us: u64, units: u64) -> u64 {
+    if tat <= now_us {
+        return tat;
+    }
+    let back = u128::from(units) * u128::from(MINUTE_US) / u128::from(per_minute.clamp(1, MAX_PER_MINUTE));
+    tat.saturating_sub(u64::try_from(back).unwrap_or(u64::MAX)).max(now_us)
+}
+
+/// The verdict on a bucket in `state`, spending nothing, and that state.
+fn look_after(per_minute: u64, state: u64, now_us: u64) -> (Verdict, u64) {
+    (spend(per_minute, state, now_us, 0).0, state)
 }
 
 /// Like [`spend`], but the cost is taken even past the limit.
@@ -357,21 +545,32 @@ impl BucketStore for MemoryBuckets {
     }
 }
 
-/// OpenAI's 429 for a key over a limit.
-pub fn refusal(key: &str, model: &str, unit: Unit, verdict: &Verdict) -> GatewayError {
+/// OpenAI's 429 for a key over a limit, asking for `requested` units (1 request, or the tokens it reserves).
+pub fn refusal(key: &str, model: &str, unit: Unit, verdict: &Verdict, requested: u64) -> GatewayError {
     let wait = openai_duration(verdict.retry_after_us);
-    let (what, requested) = match unit {
-        Unit::Requests => ("requests per min (RPM)", ", Requested 1"),
-        // A token count is known only once the answer is; the key has spent past its limit already.
-        Unit::Tokens => ("tokens per min (TPM)", ""),
-    };
     GatewayError::new(
         429,
         unit.name(),
         format!(
-            "Rate limit reached for {model} on {what} for key `{key}`: Limit {}, Used {}{requested}. Please try again in {wait}.",
+            "Rate limit reached for {model} on {} for key `{key}`: Limit {}, Used {}, Requested {requested}. Please try again in {wait}.",
+            unit.per_minute_name(),
             verdict.limit,
             verdict.limit - verdict.remaining
+        ),
+        None,
+        Some("rate_limit_exceeded"),
+    )
+}
+
+/// OpenAI's 429 for a request that reserves more tokens than its key's limit
+/// holds: it can never be let in, so waiting does not help.
+pub fn too_large_refusal(key: &str, model: &str, limit: u64, requested: u64) -> GatewayError {
+    GatewayError::new(
+        429,
+        Unit::Tokens.name(),
+        format!(
+            "Request too large for {model} on {} for key `{key}`: Limit {limit}, Requested {requested}. The input or output tokens must be reduced in order to run successfully.",
+            Unit::Tokens.per_minute_name()
         ),
         None,
         Some("rate_limit_exceeded"),
@@ -464,8 +663,10 @@ mod tests {
         let limits = KeyLimits::from_config(&config).unwrap();
         let store = MemoryBuckets::default();
         let now = 100 * SECOND;
-        let admit =
-            |key: &str, limits: &KeyLimits, model: &str| admit(&store, &limits.buckets(key, model), now).requests;
+        let admit = |key: &str, limits: &KeyLimits, model: &str| {
+            let buckets = limits.buckets(key, model);
+            Admission::from_verdicts(&buckets, &admit(&store, &buckets, 0, now)).requests
+        };
         let first = admit("k", &limits, "gpt-4o").unwrap();
         assert_eq!((first.allowed, first.limit, first.remaining), (true, 2, 1), "the model's limit is the tighter");
         assert!(admit("k", &limits, "gpt-4o").unwrap().allowed);
@@ -482,8 +683,14 @@ mod tests {
         assert_eq!(headers[2], ("x-ratelimit-reset-requests", "1m0s".to_string()));
     }
 
+    /// A request reserving `tokens`, admitted into `buckets`: what its limits said, and what it holds.
+    fn admitted(store: &MemoryBuckets, buckets: &[Bucket], tokens: u64, now: u64) -> (Admission, Vec<Reserved>) {
+        let verdicts = admit(store, buckets, tokens, now);
+        (Admission::from_verdicts(buckets, &verdicts), reservations(buckets, &verdicts, tokens, now))
+    }
+
     #[test]
-    fn tokens_are_debited_after_the_answer_and_refuse_the_next_request_once_spent() {
+    fn tokens_are_reserved_on_admission_and_settled_with_the_answers_usage() {
         let config: LimitConfig = serde_json::from_value(serde_json::json!({
             "requests_per_minute": 100, "tokens_per_minute": 600,
             "models": {"gpt-*": {"tokens_per_minute": 6000}}
@@ -496,26 +703,41 @@ mod tests {
         assert_eq!(names, ["modelgate.requests.k", "modelgate.tokens.k", "modelgate.tokens.k.gpt-*"]);
         let store = MemoryBuckets::default();
         let now = 100 * SECOND;
-        let first = admit(&store, &buckets, now);
-        assert_eq!(first.tokens.map(|v| (v.allowed, v.limit, v.remaining)), Some((true, 600, 600)));
+        let (first, held) = admitted(&store, &buckets, 100, now);
+        assert_eq!(first.tokens.map(|v| (v.allowed, v.limit, v.remaining)), Some((true, 600, 500)));
         assert_eq!(first.requests.map(|v| v.remaining), Some(99));
-        debit(&store, &buckets, 500, now);
-        let second = admit(&store, &buckets, now);
-        assert_eq!(second.tokens.map(|v| (v.allowed, v.remaining, v.reset_us)), Some((true, 100, 50 * SECOND)));
-        // An answer may take more than is left: the bucket goes into debt.
-        debit(&store, &buckets, 400, now);
-        let refused = admit(&store, &buckets, now);
-        let (unit, verdict) = refused.refused().unwrap();
-        assert_eq!((unit, verdict.remaining, verdict.retry_after_us), (Unit::Tokens, 0, 30 * SECOND));
-        assert_eq!(refused.requests.map(|v| v.remaining), Some(98), "a refusal spends no request");
-        let error = refusal("k", "gpt-4o", unit, &verdict);
-        assert_eq!((error.status, error.body.kind.as_str()), (429, "tokens"));
-        assert!(error.body.message.contains("tokens per min (TPM)"), "{}", error.body.message);
-        // Once the debt has refilled, the key may call again.
-        let later = admit(&store, &buckets, now + 30 * SECOND);
-        assert_eq!(later.tokens.map(|v| (v.allowed, v.remaining)), Some((true, 0)));
+        // 100 tokens take 10 s to come back at 600 a minute, 1 s at 6000.
+        let until: Vec<(&str, u64, u64)> = held.iter().map(|r| (r.bucket.as_str(), r.tokens, r.until_us)).collect();
         assert_eq!(
-            headers(&later).iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            until,
+            [("modelgate.tokens.k", 100, now + 10 * SECOND), ("modelgate.tokens.k.gpt-*", 100, now + SECOND)]
+        );
+        let (second, second_held) = admitted(&store, &buckets, 450, now);
+        assert_eq!(second.tokens.map(|v| v.remaining), Some(50));
+
+        // A reservation that does not fit what is left is refused, and takes nothing.
+        let (refused, nothing) = admitted(&store, &buckets, 100, now);
+        let (unit, verdict) = refused.refused().unwrap();
+        assert_eq!((unit, verdict.remaining, verdict.retry_after_us), (Unit::Tokens, 50, 5 * SECOND));
+        assert_eq!(refused.requests.map(|v| v.remaining), Some(98), "a refusal spends no request");
+        assert!(nothing.iter().all(|r| r.tokens == 100), "what it would have held");
+        let error = refusal("k", "gpt-4o", unit, &verdict, 100);
+        assert_eq!((error.status, error.body.kind.as_str()), (429, "tokens"));
+        assert!(error.body.message.contains("tokens per min (TPM) for key `k`: Limit 600, Used 550, Requested 100."));
+
+        // The first answer used 40: the 60 it did not use come back.
+        settle(&store, &held, Some(40), now);
+        assert_eq!(admitted(&store, &buckets, 0, now).0.tokens.map(|v| v.remaining), Some(110));
+        // The second used 500: 50 more than it reserved are charged.
+        settle(&store, &second_held, Some(500), now);
+        assert_eq!(admitted(&store, &buckets, 0, now).0.tokens.map(|v| v.remaining), Some(60));
+        // An answer whose usage is unknown keeps its reservation.
+        let (_, unknown) = admitted(&store, &buckets, 60, now);
+        settle(&store, &unknown, None, now);
+        let empty = admitted(&store, &buckets, 0, now).0;
+        assert_eq!(empty.tokens.map(|v| (v.allowed, v.remaining)), Some((true, 0)));
+        assert_eq!(
+            headers(&empty).iter().map(|(n, _)| *n).collect::<Vec<_>>(),
             [
                 "x-ratelimit-limit-requests",
                 "x-ratelimit-remaining-requests",
@@ -525,6 +747,46 @@ mod tests {
                 "x-ratelimit-reset-tokens"
             ]
         );
+    }
+
+    #[test]
+    fn what_a_request_reserves_and_when_it_can_never_fit() {
+        let estimate = |prompt, completion| TokenEstimate { prompt, completion };
+        assert_eq!(estimate(9, Some(5)).reservation(1024, 60), 14);
+        assert_eq!(estimate(9, Some(500)).reservation(1024, 60), 509, "a bound the client set is reserved whole");
+        assert_eq!(estimate(9, None).reservation(16, 60), 25);
+        assert_eq!(estimate(9, None).reservation(1024, 60), 60, "no bound: at most the whole limit");
+        assert_eq!(estimate(90, None).reservation(1024, 60), 90, "a prompt alone over the limit");
+        assert_eq!(estimate(9, Some(0)).reservation(1024, 60), 9, "an embedding generates nothing");
+        let bucket = |name: &str, unit, per_minute| Bucket { name: name.into(), unit, per_minute };
+        let buckets = [bucket("r", Unit::Requests, 1), bucket("t", Unit::Tokens, 600), bucket("t.m", Unit::Tokens, 60)];
+        assert_eq!(smallest_token_limit(&buckets), Some(60));
+        assert_eq!(too_large(&buckets, 60), None);
+        assert_eq!(too_large(&buckets, 61).map(|b| b.name.as_str()), Some("t.m"));
+        assert_eq!(smallest_token_limit(&buckets[..1]), None);
+        let error = too_large_refusal("k", "m", 60, 61);
+        assert_eq!(
+            (error.status, error.body.kind.as_str(), error.body.code.as_deref()),
+            (429, "tokens", Some("rate_limit_exceeded"))
+        );
+        assert_eq!(
+            error.body.message,
+            "Request too large for m on tokens per min (TPM) for key `k`: Limit 60, Requested 61. The input or output tokens must be reduced in order to run successfully."
+        );
+    }
+
+    #[test]
+    fn a_prompt_is_estimated_at_four_bytes_a_token_without_its_data_urls() {
+        assert_eq!(prompt_tokens(br#"[{"role":"user","content":"hello"}]"#), 9);
+        assert_eq!(prompt_tokens(b"\"abcdefgh\""), 3);
+        assert_eq!(prompt_tokens(br#""a \"quoted\" data: word""#), 7);
+        let image = format!(
+            r#"[{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{}"}}}}]"#,
+            "A".repeat(100_000)
+        );
+        assert_eq!(prompt_tokens(image.as_bytes()), 11);
+        assert_eq!(prompt_tokens(b"[1,2,3]"), 2);
+        assert_eq!(prompt_tokens(b""), 0);
     }
 
     proptest! {
@@ -572,6 +834,67 @@ mod tests {
         fn any_state_and_cost_never_panic(limit in any::<u64>(), tat in any::<u64>(), now in any::<u64>(), cost in any::<u64>()) {
             let _ = spend(limit, tat, now, cost);
             let _ = overspend(limit, tat, now, cost);
+            let _ = adjust(limit, tat, now, cost as i64);
+            let _ = give_back(limit, tat, now, cost);
+            let held = Reserved { bucket: "b".into(), per_minute: limit, tokens: cost, until_us: tat };
+            let _ = held.settlement(Some(now), now);
+        }
+
+        #[test]
+        fn any_bytes_are_estimated_without_panic_and_never_above_a_token_per_four(raw in proptest::collection::vec(any::<u8>(), 0..512)) {
+            prop_assert!(prompt_tokens(&raw) <= (raw.len() as u64).div_ceil(BYTES_PER_TOKEN));
+        }
+
+        #[test]
+        fn a_reservation_settled_at_once_leaves_the_bucket_as_spending_the_usage_would(
+            per_minute in 1u64..MAX_PER_MINUTE, ahead in 0u64..2 * MINUTE_US, reserved in 0u64..1_000_000, used in 0u64..2_000_000
+        ) {
+            let now = 1_000 * SECOND;
+            let tat = now + ahead;
+            let (_, held_state) = overspend(per_minute, tat, now, reserved);
+            let held = Reserved { bucket: "b".into(), per_minute, tokens: reserved, until_us: held_state };
+            let (_, settled) = adjust(per_minute, held_state, now, held.settlement(Some(used), now));
+            let (_, direct) = overspend(per_minute, tat, now, used);
+            // Reserving rounds up and giving back rounds down: never more room than spending the usage
+            // would leave, and at most a microsecond less.
+            prop_assert!(settled >= direct && settled - direct <= 1, "{settled} against {direct}");
+            // Unknown usage keeps the reservation.
+            prop_assert_eq!(held.settlement(None, now), 0);
+        }
+
+        #[test]
+        fn concurrent_reservations_never_admit_more_than_the_limit_holds(
+            limit in 1u64..500,
+            requests in proptest::collection::vec((0u64..3 * SECOND, 0u64..200, 0u64..=100, 0u64..90 * SECOND), 1..150)
+        ) {
+            // Requests come `gap` apart, each reserving `reserve`, using `share`% of it, and answered
+            // `takes` after their admission. In every minute, the tokens used by the requests admitted
+            // in it stay within what the bucket holds and what refills in that minute.
+            let store = MemoryBuckets::default();
+            let bucket = [Bucket { name: "t".into(), unit: Unit::Tokens, per_minute: limit }];
+            let mut now = 10 * SECOND;
+            let mut in_flight: Vec<(u64, Vec<Reserved>, u64)> = Vec::new();
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            for (gap, reserve, share, takes) in requests {
+                now += gap;
+                in_flight.sort_by_key(|(ends, _, _)| std::cmp::Reverse(*ends));
+                while in_flight.last().is_some_and(|(ends, _, _)| *ends <= now) {
+                    if let Some((ends, held, used)) = in_flight.pop() {
+                        settle(&store, &held, Some(used), ends);
+                    }
+                }
+                let verdicts = admit(&store, &bucket, reserve, now);
+                if verdicts[0].allowed {
+                    prop_assert!(reserve <= limit);
+                    let used = reserve * share / 100;
+                    admitted.push((now, used));
+                    in_flight.push((now + takes, reservations(&bucket, &verdicts, reserve, now), used));
+                }
+            }
+            for (i, (start, _)) in admitted.iter().enumerate() {
+                let used: u64 = admitted[i..].iter().take_while(|(t, _)| *t < start + MINUTE_US).map(|(_, u)| u).sum();
+                prop_assert!(used <= 2 * limit, "{used} tokens used in one minute at a limit of {limit}");
+            }
         }
     }
 }

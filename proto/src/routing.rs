@@ -42,6 +42,7 @@ pub struct Router {
     accounting: Option<AccountingConfig>,
     shared_limits: Option<SharedLimitsConfig>,
     internal_token: Option<String>,
+    reserved_completion_tokens: u64,
 }
 
 impl Router {
@@ -53,6 +54,7 @@ impl Router {
             accounting: config.accounting.clone(),
             shared_limits: config.shared_limits.clone(),
             internal_token: config.internal_token.clone(),
+            reserved_completion_tokens: config.reserved_completion_tokens,
             ..Router::default()
         };
         for route in &config.models {
@@ -131,6 +133,11 @@ impl Router {
     /// The token presented to the stream guard and ext-proc's admin port, if one is configured.
     pub fn internal_token(&self) -> Option<&str> {
         self.internal_token.as_deref()
+    }
+
+    /// Tokens reserved for an answer whose request does not bound its length.
+    pub fn reserved_completion_tokens(&self) -> u64 {
+        self.reserved_completion_tokens
     }
 }
 

@@ -4,7 +4,9 @@ with a known key (stored as a SHA-256 digest), each to the models it may use."""
 import hashlib
 import json
 import math
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import openai
@@ -17,6 +19,8 @@ FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
 # Keys with rate limits: four requests a minute in all; sixty a minute for llama models;
 # sixty tokens a minute (one a second) and a hundred requests.
 LIMITED, BURSTY, METERED = "sk-limited-0003", "sk-bursty-0004", "sk-metered-0005"
+# Sixty tokens a minute for the concurrency test; 120 for the aborted stream's.
+CROWDED, ABORTING = "sk-crowded-0006", "sk-aborting-0007"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -32,6 +36,8 @@ def with_client_keys(config: dict) -> None:
          "limits": {"requests_per_minute": 1000, "models": {"llama-*": {"requests_per_minute": 60}}}},
         {"name": "metered", "sha256": digest(METERED),
          "limits": {"requests_per_minute": 100, "tokens_per_minute": 60}},
+        {"name": "crowded", "sha256": digest(CROWDED), "limits": {"tokens_per_minute": 60}},
+        {"name": "aborting", "sha256": digest(ABORTING), "limits": {"tokens_per_minute": 120}},
     ]))
 
 
@@ -95,10 +101,12 @@ def test_a_key_sees_and_uses_only_its_models(keyed):
     assert client.models.retrieve("llama-3.1-70b").id == "llama-3.1-70b"
 
 
-def chat(keyed, key: str, model: str = "llama-3.1-8b-instruct", **params) -> httpx2.Response:
+def chat(keyed, key: str, model: str = "llama-3.1-8b-instruct", headers: dict | None = None,
+         **params) -> httpx2.Response:
     """One chat request on a connection of its own, so Envoy's worker threads share the load."""
     with httpx2.Client(timeout=10) as fresh:
-        return fresh.post(f"{keyed.base_url}/chat/completions", headers={"authorization": f"Bearer {key}"},
+        return fresh.post(f"{keyed.base_url}/chat/completions",
+                          headers={"authorization": f"Bearer {key}", **(headers or {})},
                           json={"model": model, "messages": HELLO, **params})
 
 
@@ -153,19 +161,22 @@ def seconds(duration: str) -> float:
     return int(minutes or 0) * 60 + float(rest.rstrip("s"))
 
 
-def test_a_keys_tokens_per_minute_count_every_answer_then_refuse_then_recover(keyed, spec):
-    # Six tokens an answer: one of prompt and five of completion.
+def test_a_keys_tokens_per_minute_reserve_then_settle_every_answer_then_refuse_then_recover(keyed, spec):
+    # Six tokens an answer: one of prompt and five of completion. Each request reserves fourteen on
+    # admission (its prompt, estimated at nine, and its max_tokens) and gives back the eight it did
+    # not use when its answer ends; the headers show what is left once its reservation is taken.
+    start = time.monotonic()
     first = chat(keyed, METERED, max_tokens=5)
     assert first.json()["usage"]["total_tokens"] == 6
-    assert token_headers(first) == ("60", "60", "0ms")
+    assert token_headers(first) == ("60", "46", "14s")
     assert first.headers["x-ratelimit-remaining-requests"] == "99"
 
-    # A stream whose client did not ask for usage is counted all the same, and gets no usage.
+    # A stream whose client did not ask for usage is settled all the same, and gets no usage.
     request_id = rid()
     with httpx2.stream("POST", f"{keyed.base_url}/chat/completions", timeout=10,
                        headers={"authorization": f"Bearer {METERED}", "x-request-id": request_id},
                        json={"model": "llama-3.1-8b-instruct", "messages": HELLO, "max_tokens": 5, "stream": True}) as s:
-        assert token_headers(s) == ("60", "54", token_headers(s)[2])
+        streamed_left = int(token_headers(s)[1])
         events = [line for line in s.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and len(events) > 3
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
@@ -178,27 +189,83 @@ def test_a_keys_tokens_per_minute_count_every_answer_then_refuse_then_recover(ke
     usage = [c.usage for c in asked if c.usage]
     assert [u.total_tokens for u in usage] == [6]
 
-    answers = [chat(keyed, METERED, max_tokens=5) for _ in range(8)]
-    # 60 - 3 x 6 = 42 left, six a request. A request is let in while anything is left (OpenAI's
-    # own rule: the answer's size is not known yet), so the eighth, let in at 0, spends past the limit.
-    assert [token_headers(a)[1] for a in answers] == ["42", "36", "30", "24", "18", "12", "6", "0"]
-    assert [a.status_code for a in answers] == [200] * 8
-    resets = [seconds(token_headers(a)[2]) for a in answers]
-    assert all(abs(reset - 18 - 6 * i) < 1 for i, reset in enumerate(resets)), resets
-
-    refused = chat(keyed, METERED, max_tokens=5)
-    assert refused.status_code == 429
+    answers = []
+    while len(answers) < 10 and (not answers or answers[-1].status_code == 200):
+        answers.append(chat(keyed, METERED, max_tokens=5))
+    # A token comes back every second: what is left is off by as many as the test took.
+    slack = math.ceil(time.monotonic() - start)
+    # 60 - 3 x 6 = 42 left, six a request: the sixth finds twelve left, too few for its fourteen
+    # (unless the test was slow enough for some to come back).
+    served, refused = answers[:-1], answers[-1]
+    left = [streamed_left] + [int(token_headers(a)[1]) for a in served]
+    want = [40] + [28 - 6 * i for i in range(len(served))]
+    assert all(0 <= got - wanted <= slack for got, wanted in zip(left, want)), (left, slack)
+    assert 5 <= len(served) <= 5 + slack and refused.status_code == 429, [a.status_code for a in answers]
     error = refused.json()["error"]
     assert (error["type"], error["code"], error["param"]) == ("tokens", "rate_limit_exceeded", None)
-    assert "tokens per min (TPM)" in error["message"] and "Limit 60, Used 60" in error["message"]
+    used = int(re.search(r"Limit 60, Used (\d+), Requested 14\.", error["message"])[1])
+    assert "tokens per min (TPM)" in error["message"] and 60 - used < 14, error["message"]
     assert METERED not in error["message"]
     spec.validate("ErrorResponse", refused.json())
-    # Spent six past the limit: six seconds until the key may call again.
-    assert refused.headers["retry-after"] == "6"
-    assert token_headers(refused)[:2] == ("60", "0") and 65 < seconds(token_headers(refused)[2]) <= 66
-    assert refused.headers["x-ratelimit-remaining-requests"] == "89", "a refusal spends no request"
+    # It waits until the fourteen fit: a second for each one missing.
+    assert 1 <= int(refused.headers["retry-after"]) <= 14 - (60 - used), refused.headers["retry-after"]
+    assert token_headers(refused)[:2] == ("60", str(60 - used))
+    assert used - 1 < seconds(token_headers(refused)[2]) <= used
+    assert int(refused.headers["x-ratelimit-remaining-requests"]) >= \
+        int(served[-1].headers["x-ratelimit-remaining-requests"]), "a refusal spends no request"
 
-    time.sleep(6)
+    time.sleep(int(refused.headers["retry-after"]))
     recovered = chat(keyed, METERED, max_tokens=5)
     assert recovered.status_code == 200
-    assert token_headers(recovered)[1] == "0"
+    assert int(token_headers(recovered)[1]) < 14, "let in once its fourteen fit, not later"
+
+
+def test_concurrent_requests_are_admitted_only_as_far_as_their_reservations_fit(keyed, spec):
+    # Sixteen requests at once, each answered after a second with six tokens (one of prompt,
+    # five of completion): each reserves its prompt's estimate and its max_tokens on admission,
+    # so only those that fit in the key's sixty are let in, and the rest get a 429 at once.
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: chat(keyed, CROWDED, max_tokens=5, headers={"x-sim-ttft-ms": "1500"}),
+                                range(16)))
+    served = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code != 200]
+    assert served and refused, [a.status_code for a in answers]
+    # The first let in found the bucket full: what it left shows what each reserves. No more were let
+    # in than fit (give or take the token that may have come back during the burst).
+    reserved = 60 - max(int(a.headers["x-ratelimit-remaining-tokens"]) for a in served)
+    assert len(served) * reserved <= 60 + 1, (len(served), reserved)
+    assert sum(a.json()["usage"]["total_tokens"] for a in served) <= 60
+    for answer in refused:
+        error = answer.json()["error"]
+        assert (answer.status_code, error["type"], error["code"]) == (429, "tokens", "rate_limit_exceeded")
+        assert "Limit 60" in error["message"] and "Requested" in error["message"], error["message"]
+        spec.validate("ErrorResponse", answer.json())
+
+
+def test_a_request_that_can_never_fit_is_refused_as_too_large(keyed, spec):
+    answer = chat(keyed, CROWDED, max_tokens=100)
+    assert answer.status_code == 429
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
+    assert error["message"].startswith("Request too large for llama-3.1-8b-instruct"), error["message"]
+    assert "Limit 60, Requested 1" in error["message"], error["message"]
+    # Waiting would not help: the SDKs are told not to retry.
+    assert answer.headers["x-should-retry"] == "false" and "retry-after" not in answer.headers
+    spec.validate("ErrorResponse", answer.json())
+
+
+def test_a_stream_the_client_abandons_keeps_its_reservation(keyed):
+    # A stream of sixty tokens, one every 100 ms, abandoned after its first event: its answer's
+    # usage never comes, so the sixty-odd tokens it reserved stay spent.
+    with httpx2.stream("POST", f"{keyed.base_url}/chat/completions", timeout=10,
+                       headers={"authorization": f"Bearer {ABORTING}", "x-sim-itl-ms": "100",
+                                "x-sim-output-tokens": "60"},
+                       json={"model": "llama-3.1-8b-instruct", "messages": HELLO, "max_tokens": 60,
+                             "stream": True}) as s:
+        assert s.status_code == 200
+        next(s.iter_lines())
+    time.sleep(1)
+    after = chat(keyed, ABORTING, max_tokens=1)
+    assert after.status_code == 200
+    # Two tokens a second come back: what is left shows the abandoned stream's reservation still spent.
+    assert int(token_headers(after)[1]) < 120 - 60, token_headers(after)
