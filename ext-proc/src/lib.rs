@@ -15,7 +15,6 @@ pub mod call;
 pub mod credentials;
 pub mod exchange;
 pub mod failover;
-pub mod framing;
 pub mod messages;
 pub mod metrics;
 pub mod ollama;

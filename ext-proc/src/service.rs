@@ -9,8 +9,11 @@ use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-#[derive(Debug, Default)]
-pub struct Processor;
+#[derive(Debug)]
+pub struct Processor {
+    /// The longest event of a stream it translates.
+    pub max_event_bytes: usize,
+}
 
 type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
@@ -19,7 +22,7 @@ impl ExternalProcessor for Processor {
     type ProcessStream = Answers;
 
     async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
-        let mut exchange = Exchange::default();
+        let mut exchange = Exchange::new(self.max_event_bytes);
         let answers = request
             .into_inner()
             // Envoy ending or resetting the stream ends the exchange.

@@ -23,10 +23,14 @@
 //!
 //! The guard's own answers (its upstream unreachable, a request without a
 //! target cluster) are OpenAI errors too; every other answer passes untouched.
+//!
+//! A stream is never dropped silently: an event longer than the guard holds
+//! ends it with an error event too, and so does a shutdown. On SIGTERM the
+//! guard stops accepting connections, lets open streams finish until a
+//! deadline, and ends those still open then with an error event.
 
 use crate::call::BackendCall;
 use crate::failover::RetryBudget;
-use crate::framing::{CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use crate::translate::ResponseTranslation;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -39,14 +43,17 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use modelgate_proto::chain::{Chain, Member};
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use modelgate_proto::headers;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
 /// A relayed request's body: the client's as it comes, or rewritten for its backend.
 type UpstreamBody = Either<Incoming, Full<Bytes>>;
@@ -57,7 +64,24 @@ pub struct StreamGuard {
     upstream: SocketAddr,
     /// Bounds the retries of fallback chains.
     budget: RetryBudget,
+    /// The longest event (or NDJSON line) relayed; a longer one ends the stream.
+    max_event_bytes: usize,
+    /// How far a shutdown has come; open streams watch it.
+    stopping: watch::Sender<Stop>,
 }
+
+/// The guard's shutdown, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Serving,
+    /// No new connections; open streams may finish.
+    Draining,
+    /// The deadline passed: streams still open end now, with an error event.
+    Cut,
+}
+
+/// The time streams cut at the deadline get to write their error event.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
 impl StreamGuard {
     pub fn new(upstream: SocketAddr) -> Self {
@@ -68,32 +92,95 @@ impl StreamGuard {
             client: Client::builder(TokioExecutor::new()).build(connector),
             upstream,
             budget: RetryBudget::default(),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            stopping: watch::Sender::new(Stop::Serving),
         }
+    }
+
+    /// The same, relaying events (or NDJSON lines) of up to `max_event_bytes`.
+    pub fn with_max_event_bytes(mut self, max_event_bytes: usize) -> Self {
+        self.max_event_bytes = max_event_bytes;
+        self
     }
 
     /// Serves until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
+        self.serve_until(listener, std::future::pending(), Duration::MAX).await;
+    }
+
+    /// Serves until `shutdown` resolves, then drains: new connections are
+    /// refused, each open connection closes once its answer is done, and
+    /// streams still open after `deadline` end with an error event.
+    pub async fn serve_until(self, listener: TcpListener, shutdown: impl Future<Output = ()>, deadline: Duration) {
         let guard = Arc::new(self);
+        // Each connection holds a sender; all of them gone means all connections closed.
+        let (open, mut all_closed) = mpsc::channel::<()>(1);
+        tokio::pin!(shutdown);
         loop {
-            let (socket, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            let socket = match accepted {
+                Ok((socket, _)) => socket,
                 Err(e) => {
                     tracing::warn!(error = %e, "stream guard: accept failed");
                     continue;
                 }
             };
             let _ = socket.set_nodelay(true);
+            // Subscribed before any shutdown, so none is missed.
+            let mut stopping = guard.stopping.subscribe();
+            let open = open.clone();
             let guard = Arc::clone(&guard);
             tokio::spawn(async move {
+                let _open = open;
                 let service = hyper::service::service_fn(move |request| {
                     let guard = Arc::clone(&guard);
                     async move { Ok::<_, Infallible>(guard.relay(request).await) }
                 });
+                let connection =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(socket), service);
+                tokio::pin!(connection);
                 // A client that goes away mid-answer is routine, not an error.
-                let _ =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(socket), service).await;
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = stopping.changed() => {}
+                }
+                // Draining: the answer under way finishes, then the connection closes.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
             });
         }
+        drop(listener);
+        drop(open);
+        guard.stopping.send_replace(Stop::Draining);
+        tracing::info!(
+            deadline_secs = deadline.as_secs(),
+            "stream guard: refusing new connections, draining open streams"
+        );
+        if tokio::time::timeout(deadline, all_closed.recv()).await.is_err() {
+            tracing::warn!("stream guard: ending the streams still open at the shutdown deadline");
+            guard.stopping.send_replace(Stop::Cut);
+            let _ = tokio::time::timeout(CUT_GRACE, all_closed.recv()).await;
+        }
+    }
+
+    /// Resolves when streams must end now: the shutdown deadline has passed.
+    fn cut(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let mut stopping = self.stopping.subscribe();
+        Box::pin(async move {
+            loop {
+                let cut = *stopping.borrow_and_update() == Stop::Cut;
+                if cut {
+                    return;
+                }
+                if stopping.changed().await.is_err() {
+                    // The guard is gone without a shutdown (a test's): nothing will cut.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
     }
 
     async fn relay(&self, request: Request<Incoming>) -> Response<GuardedBody> {
@@ -115,7 +202,7 @@ impl StreamGuard {
         remove_hop_by_hop(&mut parts.headers);
         let (body, translation) = match parts.headers.remove(headers::STREAM_BACKEND) {
             None => (Either::Left(body), None),
-            Some(profile) => match rewrite(&mut parts, body, profile.as_bytes()).await {
+            Some(profile) => match rewrite(&mut parts, body, profile.as_bytes(), self.max_event_bytes).await {
                 Ok(rewritten) => rewritten,
                 Err(e) => return error_response(e),
             },
@@ -125,7 +212,7 @@ impl StreamGuard {
         }
         let request_id = parts.headers.get("x-request-id").cloned();
         match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(response) => guard_response(response, None, translation, request_id).await,
+            Ok(response) => guard_response(self, response, None, translation, request_id).await,
             Err(e) => error_response(listener_unreachable(&e)),
         }
     }
@@ -169,7 +256,7 @@ impl StreamGuard {
         let mut prepared = Vec::with_capacity(chain.members.len());
         let mut unfit = None;
         for member in &chain.members {
-            match prepare(&parts, &whole, member) {
+            match prepare(&parts, &whole, member, self.max_event_bytes) {
                 Ok(attempt) => prepared.push((member, attempt)),
                 Err(e) => {
                     tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.body.message, "failover: this backend cannot take the request");
@@ -219,7 +306,7 @@ impl StreamGuard {
                     } else {
                         (response, None)
                     };
-                    guard_response(response, first, translation, request_id.clone()).await
+                    guard_response(self, response, first, translation, request_id.clone()).await
                 }
                 Err(failed) => {
                     if may_retry() {
@@ -293,7 +380,12 @@ struct Attempt {
 }
 
 /// The request for `member`: the client's, to the member's cluster, rewritten for its backend.
-fn prepare(parts: &hyper::http::request::Parts, whole: &Bytes, member: &Member) -> Result<Attempt, GatewayError> {
+fn prepare(
+    parts: &hyper::http::request::Parts,
+    whole: &Bytes,
+    member: &Member,
+    max_event_bytes: usize,
+) -> Result<Attempt, GatewayError> {
     let mut request = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
     if let Some(headers) = request.headers_mut() {
         headers.clone_from(&parts.headers);
@@ -305,7 +397,7 @@ fn prepare(parts: &hyper::http::request::Parts, whole: &Bytes, member: &Member) 
         Some(profile) => {
             let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None)?;
             let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
-            (body, call.response_translation())
+            (body, call.response_translation(max_event_bytes))
         }
         None => (whole.clone(), None),
     };
@@ -344,13 +436,14 @@ async fn rewrite(
     parts: &mut hyper::http::request::Parts,
     body: Incoming,
     profile: &[u8],
+    max_event_bytes: usize,
 ) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| parts.headers.get(*name)).map(HeaderValue::as_bytes);
     let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key)?;
     let whole = read_body(body).await?;
     let body = apply_rewrite(parts, &mut call, whole)?;
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Ok((Either::Right(Full::new(body)), call.response_translation()))
+    Ok((Either::Right(Full::new(body)), call.response_translation(max_event_bytes)))
 }
 
 /// A request body, whole.
@@ -412,6 +505,7 @@ fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
 /// asked), a whole answer to translate read first, anything else as it is.
 /// `first` is the start of the body, already read from `response`.
 async fn guard_response(
+    guard: &StreamGuard,
     response: Response<Incoming>,
     first: Option<Bytes>,
     mut translation: Option<Box<dyn ResponseTranslation>>,
@@ -434,10 +528,11 @@ async fn guard_response(
     let events = framing.map(|framing| {
         // The guard may add an event, so the length is no longer known.
         parts.headers.remove(CONTENT_LENGTH);
-        CompleteEvents::new(framing, DEFAULT_MAX_EVENT_BYTES)
+        CompleteEvents::new(framing, guard.max_event_bytes)
     });
     let translation = translation.filter(|_| events.is_some());
-    let body = GuardedBody { state: State::Relaying(body), first, events, translation, request_id };
+    let cut = events.as_ref().map(|_| guard.cut());
+    let body = GuardedBody { state: State::Relaying(body), first, events, translation, request_id, cut };
     Response::from_parts(parts, body)
 }
 
@@ -474,6 +569,17 @@ fn error_response(error: GatewayError) -> Response<GuardedBody> {
     response
 }
 
+/// The error event that ends a stream still open at the shutdown deadline.
+fn shutting_down() -> GatewayError {
+    GatewayError::new(
+        503,
+        "server_error",
+        "The gateway is shutting down and ended this stream before it finished; the response is incomplete. Retry the request.".into(),
+        None,
+        Some("stream_interrupted"),
+    )
+}
+
 /// The error event that ends a stream the backend broke off.
 pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
     GatewayError::new(
@@ -486,7 +592,8 @@ pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
 }
 
 /// A relayed answer's body. Event streams go on whole events at a time and
-/// end with an error event if the upstream breaks; other bodies pass as they are.
+/// end with an error event if the upstream breaks, an event is too long or the
+/// shutdown deadline passes; other bodies pass as they are.
 pub struct GuardedBody {
     state: State,
     /// The start of the upstream body, read before the answer was relayed (a fallback chain's check that its stream began).
@@ -495,12 +602,34 @@ pub struct GuardedBody {
     /// Turns the stream's whole events into OpenAI's, when the backend speaks another dialect.
     translation: Option<Box<dyn ResponseTranslation>>,
     request_id: Option<HeaderValue>,
+    /// A stream's end at the shutdown deadline.
+    cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl GuardedBody {
     /// A body of these bytes only.
     fn last(bytes: Bytes) -> Self {
-        GuardedBody { state: State::Last(bytes), first: None, events: None, translation: None, request_id: None }
+        GuardedBody {
+            state: State::Last(bytes),
+            first: None,
+            events: None,
+            translation: None,
+            request_id: None,
+            cut: None,
+        }
+    }
+
+    /// Ends a stream early: `complete` (whole events) goes on, then the error
+    /// event, in OpenAI's dialect whatever the backend's (a translation's
+    /// output is OpenAI's), or in the stream's own framing when relayed as it is.
+    fn end_with(&mut self, complete: Bytes, error: &GatewayError) {
+        tracing::warn!(request_id = ?self.request_id, reason = error.body.message, "stream guard: ending a stream early");
+        let last = match (&mut self.translation, &mut self.events) {
+            (Some(translation), _) => [translation.stream(&complete, false), error_event(error)].concat(),
+            (None, Some(events)) => [&complete[..], &events.interrupt(error)].concat(),
+            (None, None) => complete.to_vec(),
+        };
+        self.state = State::Last(Bytes::from(last));
     }
 }
 
@@ -526,12 +655,17 @@ impl Body for GuardedBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         loop {
-            let State::Relaying(upstream) = &mut this.state else {
+            if !matches!(this.state, State::Relaying(_)) {
                 return Poll::Ready(match std::mem::replace(&mut this.state, State::Done) {
                     State::Last(last) if !last.is_empty() => Some(Ok(Frame::data(last))),
                     _ => None,
                 });
-            };
+            }
+            if this.cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
+                this.end_with(Bytes::new(), &shutting_down());
+                continue;
+            }
+            let State::Relaying(upstream) = &mut this.state else { continue };
             let frame = match this.first.take() {
                 Some(first) => Some(Ok(Frame::data(first))),
                 None => ready!(Pin::new(upstream).poll_frame(cx)),
@@ -541,19 +675,21 @@ impl Body for GuardedBody {
             };
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let complete = translated(&mut this.translation, events.push(data), false);
-                        if !complete.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(complete))));
+                    Ok(data) => match events.push(data) {
+                        Ok(complete) => {
+                            let complete = translated(&mut this.translation, complete, false);
+                            if !complete.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(complete))));
+                            }
                         }
-                    }
+                        Err(long) => {
+                            let error = framing::too_long(events.max_event_bytes());
+                            this.end_with(long.complete, &error);
+                        }
+                    },
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
-                Some(Err(e)) => {
-                    tracing::warn!(request_id = ?this.request_id, error = %e, "stream interrupted by the backend");
-                    let last = events.interrupt(&interruption(&e));
-                    this.state = State::Last(translated(&mut this.translation, last, true));
-                }
+                Some(Err(e)) => this.end_with(Bytes::new(), &interruption(&e)),
                 None => this.state = State::Last(translated(&mut this.translation, events.finish(), true)),
             }
         }
