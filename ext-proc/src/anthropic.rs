@@ -830,6 +830,24 @@ mod tests {
     }
 
     #[test]
+    fn an_event_whose_data_is_not_json_ends_the_stream_with_an_error_event_and_comments_are_ignored() {
+        let out = streamed(
+            &[concat!(
+                ": keep-alive\n\nevent: ping\n\n",
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{}}}\n\n",
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_del\n\n",
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            )
+            .as_bytes()],
+            false,
+        );
+        let chunks = chunks(&out);
+        assert_eq!(deltas(&chunks), vec![&json!({"role": "assistant", "content": ""})]);
+        assert_eq!(chunks.last().unwrap()["error"]["code"], "stream_unreadable");
+        assert!(!out.contains("[DONE]"), "{out}");
+    }
+
+    #[test]
     fn in_stream_errors_become_openai_error_events() {
         let out = streamed(
             &[concat!(

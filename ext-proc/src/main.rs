@@ -40,8 +40,9 @@ struct Args {
     /// SIGTERM, while new connections are refused; then the process exits.
     #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
     shutdown_deadline_secs: u64,
-    /// The longest event (or NDJSON line) of a stream it translates; a longer
-    /// one ends the stream with an OpenAI error event.
+    /// The most of one unfinished event (or NDJSON line) a stream it
+    /// translates holds; an event that outgrows it ends the stream with an
+    /// OpenAI error event.
     #[arg(long, env = "MODELGATE_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_event_bytes: u64,

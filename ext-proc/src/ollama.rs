@@ -764,6 +764,50 @@ mod tests {
         assert!(!out.contains("[DONE]"));
     }
 
+    #[test]
+    fn a_line_that_is_not_json_ends_the_stream_with_an_error_event_not_a_silent_skip() {
+        let out = streamed(
+            Endpoint::ChatCompletions,
+            &[
+                b"{\"message\":{\"content\":\"a\"},\"done\":false}\n\n{\"message\":{\"tool_calls\":[{\"functi\n",
+                b"{\"message\":{\"content\":\"b\"},\"done\":true}\n",
+            ],
+            false,
+        );
+        let chunks = chunks(&out);
+        assert_eq!(deltas(&chunks).last().unwrap()["content"], "a", "nothing after the unreadable line: {out}");
+        assert_eq!(chunks.last().unwrap()["error"]["code"], "stream_unreadable");
+        assert!(!out.contains("[DONE]") && !out.contains("finish_reason\":\"stop"), "{out}");
+    }
+
+    #[test]
+    fn a_tool_call_line_over_the_limit_ends_the_stream_with_an_error_event() {
+        let call = format!(
+            "{{\"message\":{{\"tool_calls\":[{{\"function\":{{\"name\":\"write\",\"arguments\":{{\"text\":\"{}\"}}}}}}]}},\"done\":false}}\n",
+            "x".repeat(200)
+        );
+        let done = "{\"message\":{\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\"}\n";
+        let translate = |max_event_bytes: usize| {
+            let mut context = ResponseContext::new(Dialect::Ollama, Endpoint::ChatCompletions);
+            context.max_event_bytes = max_event_bytes;
+            let mut t = Responses::new(&context);
+            t.plan(200, b"application/x-ndjson");
+            let pieces: Vec<&[u8]> = call.as_bytes().chunks(64).chain([done.as_bytes()]).collect();
+            feed(&mut t, &pieces)
+        };
+        // The limit is on the line without its newline.
+        let whole = translate(call.len() - 1);
+        assert_eq!(
+            chunks(&whole).iter().rev().find(|c| c["choices"].get(0).is_some()).unwrap()["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
+        let cut = translate(call.len() / 2);
+        let chunks = chunks(&cut);
+        assert!(deltas(&chunks).iter().all(|d| d.get("tool_calls").is_none()), "{cut}");
+        assert_eq!(chunks.last().unwrap()["error"]["code"], "stream_event_too_large");
+        assert!(!cut.contains("[DONE]") && !cut.contains("finish_reason\":\"stop"), "{cut}");
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {

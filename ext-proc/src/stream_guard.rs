@@ -64,7 +64,7 @@ pub struct StreamGuard {
     upstream: SocketAddr,
     /// Bounds the retries of fallback chains.
     budget: RetryBudget,
-    /// The longest event (or NDJSON line) relayed; a longer one ends the stream.
+    /// The most of one unfinished event (or NDJSON line) held; an event that outgrows it ends the stream.
     max_event_bytes: usize,
     /// How far a shutdown has come; open streams watch it.
     stopping: watch::Sender<Stop>,
@@ -97,7 +97,7 @@ impl StreamGuard {
         }
     }
 
-    /// The same, relaying events (or NDJSON lines) of up to `max_event_bytes`.
+    /// The same, holding up to `max_event_bytes` of an unfinished event.
     pub fn with_max_event_bytes(mut self, max_event_bytes: usize) -> Self {
         self.max_event_bytes = max_event_bytes;
         self
@@ -783,6 +783,142 @@ mod tests {
         assert!(answer.contains(r#"data: {"error":{"message":"The backend stopped in the middle of this stream"#));
         assert!(answer.contains(r#""type":"server_error","param":null,"code":"stream_interrupted"}}"#));
         assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+    }
+
+    #[tokio::test]
+    async fn an_event_over_the_limit_ends_the_stream_with_the_error_event() {
+        let mut long =
+            String::from("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n");
+        for chunk in ["data: 1\n\n", "data: 0123456789012345678901234", "56789\n\ndata: [DONE]\n\n", ""] {
+            long += &format!("{:x}\r\n{chunk}\r\n", chunk.len());
+        }
+        let upstream = upstream_writing(Box::leak(long.into_boxed_str()).as_bytes()).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let guard_addr = listener.local_addr().unwrap();
+        tokio::spawn(StreamGuard::new(upstream).with_max_event_bytes(16).serve(listener));
+        let answer = client_of(guard_addr).await.read_all().await;
+        assert!(answer.contains("data: 1\n\n"), "{answer}");
+        assert!(!answer.contains("0123") && !answer.contains("[DONE]"), "a piece of the long event went on: {answer}");
+        assert!(answer.contains(r#""code":"stream_event_too_large"}}"#), "{answer}");
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+    }
+
+    /// A client of the guard at `guard_addr` that has sent a stream request.
+    async fn client_of(guard_addr: SocketAddr) -> Client {
+        let mut socket = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
+        let request = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-modelgate-stream-cluster: pool\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        socket.write_all(request.as_bytes()).await.unwrap();
+        Client { socket, received: Vec::new() }
+    }
+
+    struct Client {
+        socket: tokio::net::TcpStream,
+        received: Vec<u8>,
+    }
+
+    impl Client {
+        /// Reads until `text` has arrived.
+        async fn read_until(&mut self, text: &str) {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&self.received).contains(text) {
+                let n = self.socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before {text:?}: {}", String::from_utf8_lossy(&self.received));
+                self.received.extend_from_slice(&buf[..n]);
+            }
+        }
+
+        /// Everything the guard sent, up to its end of the connection.
+        async fn read_all(mut self) -> String {
+            self.socket.read_to_end(&mut self.received).await.unwrap();
+            String::from_utf8(self.received).unwrap()
+        }
+    }
+
+    /// An upstream that answers one request with a stream's head and `first`
+    /// event, then the rest when it is sent, or nothing more if it never is.
+    async fn upstream_streaming(first: &'static str) -> (SocketAddr, tokio::sync::oneshot::Sender<&'static str>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (rest_tx, rest) = tokio::sync::oneshot::channel::<&'static str>();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
+            match rest.await {
+                Ok(rest) => {
+                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap()
+                }
+                // Never finishes: holds the connection until the guard lets go of it.
+                Err(_) => while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {},
+            }
+        });
+        (addr, rest_tx)
+    }
+
+    /// A guard that serves until the sender fires, then drains for `deadline`.
+    async fn guard_until(
+        upstream: SocketAddr,
+        deadline: Duration,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(StreamGuard::new(upstream).serve_until(
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            deadline,
+        ));
+        (addr, stop, serving)
+    }
+
+    /// True once nothing accepts connections at `addr` (the guard lets go of its listener soon after the signal).
+    async fn refuses_connections(addr: SocketAddr) -> bool {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_an_open_stream_finishes_within_the_deadline_and_new_connections_are_refused() {
+        let (upstream, rest) = upstream_streaming("data: 1\n\n").await;
+        let (guard_addr, stop, serving) = guard_until(upstream, Duration::from_secs(60)).await;
+        let mut client = client_of(guard_addr).await;
+        client.read_until("data: 1\n\n").await;
+        stop.send(()).unwrap();
+        assert!(refuses_connections(guard_addr).await, "the guard still accepts connections while draining");
+        rest.send("data: 2\n\ndata: [DONE]\n\n").unwrap();
+        let answer = client.read_all().await;
+        assert!(answer.contains("data: 2\n\ndata: [DONE]\n\n") && !answer.contains("error"), "{answer:?}");
+        assert!(answer.ends_with("\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+        // Once its last stream is done the guard stops, long before the deadline.
+        tokio::time::timeout(Duration::from_secs(30), serving).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_still_open_at_the_shutdown_deadline_ends_with_the_error_event() {
+        let (upstream, _never) = upstream_streaming("data: 1\n\ndata: {\"half").await;
+        let (guard_addr, stop, serving) = guard_until(upstream, Duration::from_millis(200)).await;
+        let mut client = client_of(guard_addr).await;
+        client.read_until("data: 1\n\n").await;
+        stop.send(()).unwrap();
+        let answer = client.read_all().await;
+        assert!(!answer.contains("half"), "{answer}");
+        assert!(answer.contains(r#"data: {"error":{"message":"The gateway is shutting down"#), "{answer}");
+        assert!(answer.contains(r#""code":"stream_interrupted"}}"#), "{answer}");
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+        serving.await.unwrap();
     }
 
     #[tokio::test]

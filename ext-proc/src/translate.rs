@@ -118,7 +118,7 @@ pub struct ResponseContext {
     pub include_usage: bool,
     /// The client asked for base64 embeddings (the openai SDKs' default).
     pub base64: bool,
-    /// The longest event (or NDJSON line) of a streamed answer that is translated; a longer one ends the stream.
+    /// The most of one unfinished event (or NDJSON line) of a streamed answer held; one that outgrows it ends the stream.
     pub max_event_bytes: usize,
 }
 

@@ -23,9 +23,9 @@ struct Args {
     /// are refused; streams still open then end with an OpenAI error event.
     #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
     shutdown_deadline_secs: u64,
-    /// The longest event (or NDJSON line) relayed; a longer one ends the
-    /// stream with an OpenAI error event. Each open stream holds at most this
-    /// much of an unfinished event.
+    /// The most of one unfinished event (or NDJSON line) a stream holds while
+    /// it waits for the event's end; an event that outgrows it ends the stream
+    /// with an OpenAI error event.
     #[arg(long, env = "MODELGATE_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_event_bytes: u64,

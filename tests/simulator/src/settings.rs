@@ -50,6 +50,10 @@ pub struct Settings {
     /// Prompt tokens reported as read from the prompt cache (Anthropic face).
     #[arg(long, default_value_t = 0)]
     pub cached_tokens: u32,
+    /// Bytes of each string argument of a tool call (Ollama face), so that a
+    /// test can send one NDJSON line of any length; "simulated" without it.
+    #[arg(long)]
+    pub tool_argument_bytes: Option<usize>,
 }
 
 /// The behaviour for one request: the settings, with any `x-sim-*` header applied.
@@ -64,6 +68,7 @@ pub struct Behaviour {
     pub error_format: ErrorFormat,
     pub retry_after: Option<u64>,
     pub cached_tokens: u32,
+    pub tool_argument_bytes: Option<usize>,
 }
 
 impl Settings {
@@ -85,6 +90,9 @@ impl Settings {
             error_format: get("x-sim-error-format").and_then(ErrorFormat::parse).unwrap_or(self.error_format),
             retry_after: number("x-sim-retry-after").or(self.retry_after),
             cached_tokens: number("x-sim-cached-tokens").map_or(self.cached_tokens, |n| n.min(u32::MAX as u64) as u32),
+            tool_argument_bytes: number("x-sim-tool-argument-bytes")
+                .and_then(|n| usize::try_from(n).ok())
+                .or(self.tool_argument_bytes),
         }
     }
 }
