@@ -489,7 +489,7 @@ impl ChunkWriter {
                 Err(e) => return self.end_with(out, &framing::unreadable(&e)),
             };
             if parsed.get("type").is_none() && parsed.get("error").is_some() {
-                // The stream guard's error event: already OpenAI's, passed on byte for byte.
+                // An error event already in OpenAI's shape: passed on byte for byte.
                 framing::write_data(&mut out, &data);
             } else {
                 self.translate(&parsed, &mut out);

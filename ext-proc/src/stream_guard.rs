@@ -662,6 +662,7 @@ impl Body for GuardedBody {
                 });
             }
             if this.cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
+                this.cut = None;
                 this.end_with(Bytes::new(), &shutting_down());
                 continue;
             }

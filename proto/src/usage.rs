@@ -153,6 +153,8 @@ pub struct UnaskedUsage {
     events: CompleteEvents,
     /// Set once an event outgrew the limit: reads the rest of the stream as it passes.
     unframed: Option<UsageReader>,
+    /// The usage chunk was removed with a CR last, and the LF of its CRLF may come with the next piece.
+    removed_before_lf: bool,
     found: Option<Usage>,
 }
 
@@ -169,7 +171,12 @@ impl Default for UnaskedUsage {
 impl UnaskedUsage {
     /// Holds at most `max_event_bytes` of an unfinished event.
     pub fn with_limit(max_event_bytes: usize) -> Self {
-        UnaskedUsage { events: CompleteEvents::new(Framing::Sse, max_event_bytes), unframed: None, found: None }
+        UnaskedUsage {
+            events: CompleteEvents::new(Framing::Sse, max_event_bytes),
+            unframed: None,
+            removed_before_lf: false,
+            found: None,
+        }
     }
 
     /// The bytes to pass on for `piece`; `last` for the stream's final piece.
@@ -193,6 +200,11 @@ impl UnaskedUsage {
     }
 
     fn pass_event(&mut self, event: &[u8], out: &mut Vec<u8>) {
+        let event = if std::mem::take(&mut self.removed_before_lf) {
+            event.strip_prefix(b"\n").unwrap_or(event)
+        } else {
+            event
+        };
         // The last one: a chunk's own `usage` follows its choices, whose content may say "usage".
         let Some(at) = event.windows(USAGE_KEY.len()).rposition(|w| w == USAGE_KEY) else {
             out.extend_from_slice(event);
@@ -203,6 +215,7 @@ impl UnaskedUsage {
             self.found = Some(usage);
             // A backend that puts usage on a chunk with choices keeps it there: content is never dropped.
             if has_no_choices(event) {
+                self.removed_before_lf = event.ends_with(b"\r");
                 return;
             }
         }
