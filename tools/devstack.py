@@ -134,12 +134,14 @@ class Stack:
     def __init__(self, listen_port: int | None = None, demo_ports: bool = False, log_level: str = "warn",
                  envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None,
                  ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None,
-                 key_dirs: list[Path] | None = None, data_dir: Path | None = None):
+                 key_dirs: list[Path] | None = None, data_dir: Path | None = None,
+                 stream_guard_args: list[str] | None = None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
         `ext_proc_args` are added to ext-proc's command line (a Redis URL, say), and
-        `simulator_args` to the named simulated backends' (failures to inject, say). `key_dirs`
+        `simulator_args` to the named simulated backends' (failures to inject, say), and
+        `stream_guard_args` to the stream guard's (a shutdown deadline, say). `key_dirs`
         are the directories ext-proc and the stream guard may read backends' key files from.
         `data_dir` is ext-proc's (the usage report); by default one of the stack's own, gone
         when it stops."""
@@ -155,6 +157,7 @@ class Stack:
         self.ext_proc_args = ext_proc_args or []
         self.simulator_args = simulator_args or {}
         self.key_dirs = key_dirs or []
+        self.stream_guard_args = stream_guard_args or []
         self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
         self.data_dir = data_dir or self.workdir / "data"
@@ -220,7 +223,8 @@ class Stack:
             self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
                 str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                 "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
-                "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted], backend_keys)
+                "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted, *self.stream_guard_args],
+                backend_keys)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
         except BaseException:
             self.stop()
@@ -272,6 +276,16 @@ class Stack:
                 process.wait()
                 del self.processes[index]
                 return
+        raise KeyError(name)
+
+    def terminate(self, name: str) -> subprocess.Popen:
+        """Sends a process of the stack SIGTERM, as a clean stop would, without waiting for
+        it to exit; the process is returned, to wait for."""
+        for index, (n, process) in enumerate(self.processes):
+            if n == name:
+                process.terminate()
+                del self.processes[index]
+                return process
         raise KeyError(name)
 
     def restart(self, name: str) -> None:

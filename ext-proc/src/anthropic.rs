@@ -13,12 +13,12 @@
 //! input as `tool_calls` argument deltas, a usage chunk when asked for, and
 //! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
 
-use crate::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use crate::translate::{
     self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
 };
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
+use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing};
 use serde_json::{json, Map, Value};
 
 /// The Messages API version requests are made with.
@@ -73,12 +73,13 @@ impl translate::Translation for Translation {
 /// A Messages API answer, whole or streamed, as OpenAI's.
 pub struct Responses {
     include_usage: bool,
+    max_event_bytes: usize,
     stream: Option<ChunkWriter>,
 }
 
 impl Responses {
     pub fn new(context: &ResponseContext) -> Self {
-        Responses { include_usage: context.include_usage, stream: None }
+        Responses { include_usage: context.include_usage, max_event_bytes: context.max_event_bytes, stream: None }
     }
 }
 
@@ -86,7 +87,7 @@ impl ResponseTranslation for Responses {
     fn plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
         let streamed = (200..300).contains(&status) && content_type.starts_with(b"text/event-stream");
         if streamed {
-            self.stream = Some(ChunkWriter::new(self.include_usage));
+            self.stream = Some(ChunkWriter::new(self.include_usage, self.max_event_bytes));
         }
         ResponsePlan {
             // Overloaded is Anthropic's own status; OpenAI clients know 503 as "try again".
@@ -450,6 +451,8 @@ fn openai_error(status: u16, body: &Value) -> Option<GatewayError> {
 /// Turns Anthropic's stream into OpenAI chunks, event by event.
 struct ChunkWriter {
     events: CompleteEvents,
+    /// The stream was ended with an error event; whatever follows is dropped.
+    ended: bool,
     head: StreamHead,
     /// The OpenAI tool call index of each Anthropic content block that is a tool call.
     tool_indexes: Vec<(u64, usize)>,
@@ -457,27 +460,52 @@ struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    fn new(include_usage: bool) -> Self {
+    fn new(include_usage: bool, max_event_bytes: usize) -> Self {
         ChunkWriter {
-            events: CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES),
+            events: CompleteEvents::new(Framing::Sse, max_event_bytes),
+            ended: false,
             head: StreamHead::new("chat.completion.chunk", Value::Null, Value::Null, include_usage),
             tool_indexes: Vec::new(),
             usage: json!({}),
         }
     }
 
+    /// The OpenAI events for `piece`. Events without data (comments,
+    /// keep-alives) have nothing to translate; an event whose data is not
+    /// JSON, or one too long to hold, ends the stream with an error event,
+    /// so nothing the backend sent is dropped unsaid.
     fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        let complete = self.events.take(piece, end);
         let mut out = Vec::new();
+        if self.ended {
+            return out;
+        }
+        let (complete, too_long) = match self.events.take(piece, end) {
+            Ok(complete) => (complete, None),
+            Err(long) => (long.complete.to_vec(), Some(framing::too_long(self.events.max_event_bytes()))),
+        };
         for data in framing::event_data(&complete) {
-            let Ok(parsed) = serde_json::from_slice::<Value>(&data) else { continue };
+            let parsed = match serde_json::from_slice::<Value>(&data) {
+                Ok(parsed) => parsed,
+                Err(e) => return self.end_with(out, &framing::unreadable(&e)),
+            };
             if parsed.get("type").is_none() && parsed.get("error").is_some() {
-                // The stream guard's error event: already OpenAI's, passed on byte for byte.
+                // An error event already in OpenAI's shape: passed on byte for byte.
                 framing::write_data(&mut out, &data);
             } else {
                 self.translate(&parsed, &mut out);
             }
         }
+        match too_long {
+            Some(error) => self.end_with(out, &error),
+            None => out,
+        }
+    }
+
+    /// `out` followed by `error`'s event, the stream's last.
+    fn end_with(&mut self, mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
+        tracing::warn!(reason = error.body.message, "ending a translated stream early");
+        self.ended = true;
+        out.extend_from_slice(&error_event(error));
         out
     }
 
@@ -799,6 +827,24 @@ mod tests {
             let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
             let _ = t.request(&body);
         }
+    }
+
+    #[test]
+    fn an_event_whose_data_is_not_json_ends_the_stream_with_an_error_event_and_comments_are_ignored() {
+        let out = streamed(
+            &[concat!(
+                ": keep-alive\n\nevent: ping\n\n",
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{}}}\n\n",
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_del\n\n",
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            )
+            .as_bytes()],
+            false,
+        );
+        let chunks = chunks(&out);
+        assert_eq!(deltas(&chunks), vec![&json!({"role": "assistant", "content": ""})]);
+        assert_eq!(chunks.last().unwrap()["error"]["code"], "stream_unreadable");
+        assert!(!out.contains("[DONE]"), "{out}");
     }
 
     #[test]

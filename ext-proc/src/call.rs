@@ -69,9 +69,12 @@ impl BackendCall {
     }
 
     /// The translation of the answer, once [`BackendCall::request`] has read
-    /// the request; `None` when the answer is OpenAI's already.
-    pub fn response_translation(&self) -> Option<Box<dyn ResponseTranslation>> {
-        self.translation.response_context()?.translation()
+    /// the request; `None` when the answer is OpenAI's already. A streamed
+    /// answer's events may be `max_event_bytes` long.
+    pub fn response_translation(&self, max_event_bytes: usize) -> Option<Box<dyn ResponseTranslation>> {
+        let mut context = self.translation.response_context()?;
+        context.max_event_bytes = max_event_bytes;
+        context.translation()
     }
 }
 

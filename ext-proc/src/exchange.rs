@@ -14,13 +14,13 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::sync::Arc;
 
-/// By default no key source is allowed: only a client's own key is passed on.
-#[derive(Default)]
 pub struct Exchange {
     /// The key sources this process may read.
     keys: Arc<KeySources>,
     /// Set from the request headers when the request's backend has a profile.
     active: Option<Active>,
+    /// The longest event of a translated stream.
+    max_event_bytes: usize,
 }
 
 struct Active {
@@ -32,8 +32,8 @@ struct Active {
 }
 
 impl Exchange {
-    pub fn new(keys: Arc<KeySources>) -> Self {
-        Exchange { keys, active: None }
+    pub fn new(keys: Arc<KeySources>, max_event_bytes: usize) -> Self {
+        Exchange { keys, active: None, max_event_bytes }
     }
 
     /// The answer to one message; `None` for a message with nothing in it.
@@ -51,7 +51,7 @@ impl Exchange {
             },
             (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
                 Ok(upstream) => {
-                    active.responses = active.call.response_translation();
+                    active.responses = active.call.response_translation(self.max_event_bytes);
                     match upstream.body {
                         Some(body) => messages::replace_request_body(body, upstream.headers),
                         None => messages::change_request_headers(upstream.headers),
@@ -106,6 +106,7 @@ mod tests {
     use envoy_types::pb::envoy::service::ext_proc::v3::{
         body_mutation::Mutation, processing_response::Response, CommonResponse, HttpBody,
     };
+    use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
     use serde_json::{json, Value};
 
     fn headers_of(pairs: &[(&str, &str)]) -> HttpHeaders {
@@ -157,7 +158,7 @@ mod tests {
 
     #[test]
     fn renames_the_model_and_fixes_content_length() {
-        let mut ex = Exchange::default();
+        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let first = ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"model":"llama-3"}"#),
@@ -171,7 +172,8 @@ mod tests {
 
     #[test]
     fn a_backend_that_only_needs_its_key_gets_the_body_as_it_is() {
-        let mut ex = Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()));
+        let mut ex =
+            Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()), DEFAULT_MAX_EVENT_BYTES);
         let key = std::env::var("HOME").unwrap();
         ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
@@ -184,7 +186,8 @@ mod tests {
 
     #[test]
     fn a_key_source_the_process_was_not_given_is_refused_before_anything_is_sent() {
-        let mut ex = Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()));
+        let mut ex =
+            Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()), DEFAULT_MAX_EVENT_BYTES);
         let answer = ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"api_key":{"env":"PATH"}}"#),
@@ -198,7 +201,7 @@ mod tests {
 
     #[test]
     fn without_a_profile_everything_passes_untouched() {
-        let mut ex = Exchange::default();
+        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[(":path", "/v1/embeddings")]));
         let answer = ex.on_message(body(br#"{"model":"x"}"#, true, false)).unwrap();
         let Some(Response::RequestBody(body)) = answer.response else { panic!("expected a body answer") };
@@ -207,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_json_gets_an_openai_400() {
-        let mut ex = Exchange::default();
+        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[(":path", "/v1/completions"), (headers::BACKEND, r#"{"model":"m"}"#)]));
         let answer = ex.on_message(body(b"nope", true, false)).unwrap();
         let Some(Response::ImmediateResponse(reply)) = answer.response else { panic!("expected an immediate reply") };
@@ -218,7 +221,7 @@ mod tests {
 
     #[test]
     fn an_anthropic_exchange_from_request_to_streamed_answer() {
-        let mut ex = Exchange::default();
+        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let profile = r#"{"dialect":"anthropic","model":"claude-x","api_key":"passthrough"}"#;
         let first = ex
             .on_message(request_headers(&[
@@ -265,7 +268,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_error_becomes_an_openai_error_with_a_retryable_status() {
-        let mut ex = Exchange::default();
+        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
@@ -286,7 +289,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_model_refuses_endpoints_anthropic_lacks() {
-        let mut ex = Exchange::default();
+        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let answer = ex
             .on_message(request_headers(&[
                 (":path", "/v1/embeddings"),
@@ -299,6 +302,8 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_empty_message_gets_no_answer() {
-        assert!(Exchange::default().on_message(ProcessingRequest::default()).is_none());
+        assert!(Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES)
+            .on_message(ProcessingRequest::default())
+            .is_none());
     }
 }

@@ -16,7 +16,6 @@ pub mod call;
 pub mod credentials;
 pub mod exchange;
 pub mod failover;
-pub mod framing;
 pub mod internal_token;
 pub mod messages;
 pub mod metrics;

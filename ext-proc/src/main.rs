@@ -2,16 +2,15 @@ use clap::Parser;
 use modelgate_ext_proc::admin::{self, Admin};
 use modelgate_ext_proc::credentials::KeySourceArgs;
 use modelgate_ext_proc::internal_token::InternalTokenArgs;
-use modelgate_ext_proc::process::{run, shutdown_signal};
+use modelgate_ext_proc::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_ext_proc::shared_limits::SharedLimits;
 use modelgate_ext_proc::usage_report::Retention;
 use modelgate_ext_proc::usage_store::{Dedup, Ledger, RedisUsage, Usage};
-use std::future::Future;
+use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// modelgate's ext_proc gRPC service for Envoy, and its admin port.
@@ -61,22 +60,29 @@ struct Args {
     #[arg(long, env = "MODELGATE_EXT_PROC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_message_bytes: usize,
+    /// Seconds open gRPC exchanges and admin requests get to finish after
+    /// SIGTERM, while new connections are refused; then the process exits.
+    #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
+    shutdown_deadline_secs: u64,
+    /// The most of one unfinished event (or NDJSON line) a stream it
+    /// translates holds; an event that outgrows it ends the stream with an
+    /// OpenAI error event.
+    #[arg(long, env = "MODELGATE_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_event_bytes: u64,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let max_event_bytes = usize::try_from(args.max_event_bytes)?;
     run(args.worker_threads, async move {
         let keys = Arc::new(args.keys.sources()?);
         let token = args.token.load("ext-proc's gRPC and admin ports")?;
-        // One signal stops both servers. Polled once here, so its handlers are
-        // installed before either server listens: a SIGTERM from then on stops them cleanly.
-        let mut signal = Box::pin(shutdown_signal());
-        let first = std::future::poll_fn(|cx| Poll::Ready(signal.as_mut().poll(cx))).await;
+        // One signal stops both servers; its handlers are installed before either listens.
+        let signal = shutdown_signal();
         let (stop, stopped) = tokio::sync::watch::channel(());
         tokio::spawn(async move {
-            if first.is_pending() {
-                signal.await;
-            }
+            signal.await;
             let _ = stop.send(());
         });
         let until_stopped = |mut stopped: tokio::sync::watch::Receiver<()>| async move {
@@ -106,7 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
         let grpc = async {
             tonic::transport::Server::builder()
-                .add_service(service::server(Processor { keys }, token, args.max_message_bytes))
+                .add_service(service::server(Processor { keys, max_event_bytes }, token, args.max_message_bytes))
                 .serve_with_shutdown(args.listen, until_stopped(stopped.clone()))
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
@@ -117,7 +123,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
         };
-        tokio::try_join!(grpc, admin)?;
+        // Work still open at the deadline is cut: Envoy answers those requests as ext_proc failures.
+        let deadline = Duration::from_secs(args.shutdown_deadline_secs);
+        let past_deadline = async {
+            until_stopped(stopped.clone()).await;
+            tokio::time::sleep(deadline).await;
+        };
+        tokio::select! {
+            served = async { tokio::try_join!(grpc, admin) } => { served?; }
+            _ = past_deadline => tracing::warn!("exchanges still open at the shutdown deadline are cut"),
+        }
         Ok(())
     })
 }

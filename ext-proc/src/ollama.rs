@@ -8,7 +8,6 @@
 //! lines, become OpenAI completions, chunks and embeddings, with
 //! `prompt_eval_count` and `eval_count` as usage.
 
-use crate::framing::{error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use crate::openai::bearer;
 use crate::translate::{
     self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
@@ -16,6 +15,7 @@ use crate::translate::{
 use base64::Engine;
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
+use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing};
 use serde_json::{json, Map, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -83,7 +83,7 @@ impl ResponseTranslation for Responses {
         let streamed = (200..300).contains(&status) && content_type.starts_with(b"application/x-ndjson");
         if streamed {
             let context = &self.context;
-            self.stream = Some(ChunkWriter::new(context.endpoint, context.model.clone(), context.include_usage));
+            self.stream = Some(ChunkWriter::new(context));
         }
         ResponsePlan {
             status,
@@ -430,6 +430,8 @@ fn openai_error(status: u16, message: &str) -> GatewayError {
 /// Turns Ollama's NDJSON answer lines into OpenAI chunks, line by line.
 struct ChunkWriter {
     lines: CompleteEvents,
+    /// The stream was ended with an error event; whatever follows is dropped.
+    ended: bool,
     endpoint: Endpoint,
     head: StreamHead,
     started: bool,
@@ -437,14 +439,16 @@ struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    fn new(endpoint: Endpoint, model: Value, include_usage: bool) -> Self {
+    fn new(context: &ResponseContext) -> Self {
+        let endpoint = context.endpoint;
         let (prefix, object) = match endpoint {
             Endpoint::ChatCompletions => ("chatcmpl", "chat.completion.chunk"),
             _ => ("cmpl", "text_completion"),
         };
-        let head = StreamHead::new(object, json!(new_id(prefix)), model, include_usage);
+        let head = StreamHead::new(object, json!(new_id(prefix)), context.model.clone(), context.include_usage);
         ChunkWriter {
-            lines: CompleteEvents::new(Framing::Ndjson, DEFAULT_MAX_EVENT_BYTES),
+            lines: CompleteEvents::new(Framing::Ndjson, context.max_event_bytes),
+            ended: false,
             endpoint,
             head,
             started: false,
@@ -452,14 +456,36 @@ impl ChunkWriter {
         }
     }
 
+    /// The OpenAI events for `piece`. Blank lines have nothing to
+    /// translate; a line that is not JSON, or one too long to hold (a huge
+    /// tool call), ends the stream with an error event, so nothing the
+    /// backend sent is dropped unsaid.
     fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        let complete = self.lines.take(piece, end);
         let mut out = Vec::new();
+        if self.ended {
+            return out;
+        }
+        let (complete, too_long) = match self.lines.take(piece, end) {
+            Ok(complete) => (complete, None),
+            Err(long) => (long.complete.to_vec(), Some(framing::too_long(self.lines.max_event_bytes()))),
+        };
         for line in complete.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
-            if let Ok(answer) = serde_json::from_slice::<Value>(line) {
-                self.translate(&answer, &mut out);
+            match serde_json::from_slice::<Value>(line) {
+                Ok(answer) => self.translate(&answer, &mut out),
+                Err(e) => return self.end_with(out, &framing::unreadable(&e)),
             }
         }
+        match too_long {
+            Some(error) => self.end_with(out, &error),
+            None => out,
+        }
+    }
+
+    /// `out` followed by `error`'s event, the stream's last.
+    fn end_with(&mut self, mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
+        tracing::warn!(reason = error.body.message, "ending a translated stream early");
+        self.ended = true;
+        out.extend_from_slice(&error_event(error));
         out
     }
 
@@ -736,6 +762,50 @@ mod tests {
         let last = chunks(&out).pop().unwrap();
         assert_eq!(last["error"]["message"], "out of memory");
         assert!(!out.contains("[DONE]"));
+    }
+
+    #[test]
+    fn a_line_that_is_not_json_ends_the_stream_with_an_error_event_not_a_silent_skip() {
+        let out = streamed(
+            Endpoint::ChatCompletions,
+            &[
+                b"{\"message\":{\"content\":\"a\"},\"done\":false}\n\n{\"message\":{\"tool_calls\":[{\"functi\n",
+                b"{\"message\":{\"content\":\"b\"},\"done\":true}\n",
+            ],
+            false,
+        );
+        let chunks = chunks(&out);
+        assert_eq!(deltas(&chunks).last().unwrap()["content"], "a", "nothing after the unreadable line: {out}");
+        assert_eq!(chunks.last().unwrap()["error"]["code"], "stream_unreadable");
+        assert!(!out.contains("[DONE]") && !out.contains("finish_reason\":\"stop"), "{out}");
+    }
+
+    #[test]
+    fn a_tool_call_line_over_the_limit_ends_the_stream_with_an_error_event() {
+        let call = format!(
+            "{{\"message\":{{\"tool_calls\":[{{\"function\":{{\"name\":\"write\",\"arguments\":{{\"text\":\"{}\"}}}}}}]}},\"done\":false}}\n",
+            "x".repeat(200)
+        );
+        let done = "{\"message\":{\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\"}\n";
+        let translate = |max_event_bytes: usize| {
+            let mut context = ResponseContext::new(Dialect::Ollama, Endpoint::ChatCompletions);
+            context.max_event_bytes = max_event_bytes;
+            let mut t = Responses::new(&context);
+            t.plan(200, b"application/x-ndjson");
+            let pieces: Vec<&[u8]> = call.as_bytes().chunks(64).chain([done.as_bytes()]).collect();
+            feed(&mut t, &pieces)
+        };
+        // The limit is on the line without its newline.
+        let whole = translate(call.len() - 1);
+        assert_eq!(
+            chunks(&whole).iter().rev().find(|c| c["choices"].get(0).is_some()).unwrap()["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
+        let cut = translate(call.len() / 2);
+        let chunks = chunks(&cut);
+        assert!(deltas(&chunks).iter().all(|d| d.get("tool_calls").is_none()), "{cut}");
+        assert_eq!(chunks.last().unwrap()["error"]["code"], "stream_event_too_large");
+        assert!(!cut.contains("[DONE]") && !cut.contains("finish_reason\":\"stop"), "{cut}");
     }
 
     proptest! {

@@ -1,5 +1,6 @@
 //! What both of this crate's servers do as processes: a tokio runtime of a
-//! chosen size, logs to stderr, and a clean stop on SIGTERM or Ctrl-C.
+//! chosen size, logs to stderr, and a clean stop on SIGTERM or Ctrl-C: new work
+//! is refused, and open work gets until a deadline to finish.
 
 use std::future::Future;
 
@@ -21,13 +22,22 @@ where
     runtime.enable_all().build()?.block_on(serve)
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed by the call
+/// itself, so a signal that arrives before the future is first polled still
+/// stops the server cleanly (call it before binding).
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
+
+/// Seconds open streams and exchanges get to finish after the signal; the
+/// default of both servers' `--shutdown-deadline-secs`.
+pub const DEFAULT_SHUTDOWN_DEADLINE_SECS: u64 = 30;

@@ -23,10 +23,12 @@ use tonic::{Request, Response, Status, Streaming};
 /// answer can be somewhat longer than the backend's: twice the larger.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 << 20;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Processor {
     /// The key sources this process may read, from its command line.
     pub keys: Arc<KeySources>,
+    /// The longest event of a stream it translates.
+    pub max_event_bytes: usize,
 }
 
 /// The gRPC service: callers must present `token`, and messages either way are
@@ -49,7 +51,7 @@ impl ExternalProcessor for Processor {
     type ProcessStream = Answers;
 
     async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
-        let mut exchange = Exchange::new(Arc::clone(&self.keys));
+        let mut exchange = Exchange::new(Arc::clone(&self.keys), self.max_event_bytes);
         let mut failed = false;
         let answers = request.into_inner().map_while(move |message| match message {
             _ if failed => None,

@@ -29,11 +29,15 @@
 //! keys are read only from the sources it was started with; and a client's
 //! `x-envoy-*` headers are dropped, since the inner listener must route the
 //! stream as configured, not as they ask (retries, timeouts, hedging).
+//!
+//! A stream is never dropped silently: an event longer than the guard holds
+//! ends it with an error event too, and so does a shutdown. On SIGTERM the
+//! guard stops accepting connections, lets open streams finish until a
+//! deadline, and ends those still open then with an error event.
 
 use crate::call::BackendCall;
 use crate::credentials::KeySources;
 use crate::failover::RetryBudget;
-use crate::framing::{CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use crate::internal_token::{self, InternalToken};
 use crate::translate::ResponseTranslation;
 use bytes::Bytes;
@@ -47,14 +51,17 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use modelgate_proto::chain::{Chain, Member};
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use modelgate_proto::headers;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
 /// A relayed request's body: the client's as it comes, or rewritten for its backend.
 type UpstreamBody = Either<Incoming, Full<Bytes>>;
@@ -77,7 +84,24 @@ pub struct StreamGuard {
     token: InternalToken,
     /// The most headers a relayed request or answer may have.
     max_headers: usize,
+    /// The most of one unfinished event (or NDJSON line) held; an event that outgrows it ends the stream.
+    max_event_bytes: usize,
+    /// How far a shutdown has come; open streams watch it.
+    stopping: watch::Sender<Stop>,
 }
+
+/// The guard's shutdown, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Serving,
+    /// No new connections; open streams may finish.
+    Draining,
+    /// The deadline passed: streams still open end now, with an error event.
+    Cut,
+}
+
+/// The time streams cut at the deadline get to write their error event.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
 impl StreamGuard {
     pub fn new(upstream: SocketAddr) -> Self {
@@ -88,6 +112,8 @@ impl StreamGuard {
             keys: KeySources::default(),
             token: InternalToken::default(),
             max_headers: DEFAULT_MAX_HEADERS,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            stopping: watch::Sender::new(Stop::Serving),
         }
     }
 
@@ -106,32 +132,92 @@ impl StreamGuard {
         StreamGuard { client: upstream_client(max_headers), max_headers, ..self }
     }
 
+    /// The same, holding up to `max_event_bytes` of an unfinished event.
+    pub fn with_max_event_bytes(mut self, max_event_bytes: usize) -> Self {
+        self.max_event_bytes = max_event_bytes;
+        self
+    }
+
     /// Serves until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
+        self.serve_until(listener, std::future::pending(), Duration::MAX).await;
+    }
+
+    /// Serves until `shutdown` resolves, then drains: new connections are
+    /// refused, each open connection closes once its answer is done, and
+    /// streams still open after `deadline` end with an error event.
+    pub async fn serve_until(self, listener: TcpListener, shutdown: impl Future<Output = ()>, deadline: Duration) {
         let guard = Arc::new(self);
+        // Each connection holds a sender; all of them gone means all connections closed.
+        let (open, mut all_closed) = mpsc::channel::<()>(1);
+        tokio::pin!(shutdown);
         loop {
-            let (socket, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            let socket = match accepted {
+                Ok((socket, _)) => socket,
                 Err(e) => {
                     tracing::warn!(error = %e, "stream guard: accept failed");
                     continue;
                 }
             };
             let _ = socket.set_nodelay(true);
+            // Subscribed before any shutdown, so none is missed.
+            let mut stopping = guard.stopping.subscribe();
+            let open = open.clone();
             let guard = Arc::clone(&guard);
             let max_headers = guard.max_headers;
             tokio::spawn(async move {
+                let _open = open;
                 let service = hyper::service::service_fn(move |request| {
                     let guard = Arc::clone(&guard);
                     async move { Ok::<_, Infallible>(guard.relay(request).await) }
                 });
-                // A client that goes away mid-answer is routine, not an error.
-                let _ = hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .max_headers(max_headers)
-                    .serve_connection(TokioIo::new(socket), service)
-                    .await;
+                    .serve_connection(TokioIo::new(socket), service);
+                tokio::pin!(connection);
+                // A client that goes away mid-answer is routine, not an error.
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = stopping.changed() => {}
+                }
+                // Draining: the answer under way finishes, then the connection closes.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
             });
         }
+        drop(listener);
+        drop(open);
+        guard.stopping.send_replace(Stop::Draining);
+        tracing::info!(
+            deadline_secs = deadline.as_secs(),
+            "stream guard: refusing new connections, draining open streams"
+        );
+        if tokio::time::timeout(deadline, all_closed.recv()).await.is_err() {
+            tracing::warn!("stream guard: ending the streams still open at the shutdown deadline");
+            guard.stopping.send_replace(Stop::Cut);
+            let _ = tokio::time::timeout(CUT_GRACE, all_closed.recv()).await;
+        }
+    }
+
+    /// Resolves when streams must end now: the shutdown deadline has passed.
+    fn cut(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let mut stopping = self.stopping.subscribe();
+        Box::pin(async move {
+            loop {
+                let cut = *stopping.borrow_and_update() == Stop::Cut;
+                if cut {
+                    return;
+                }
+                if stopping.changed().await.is_err() {
+                    // The guard is gone without a shutdown (a test's): nothing will cut.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
     }
 
     async fn relay(&self, request: Request<Incoming>) -> Response<GuardedBody> {
@@ -156,10 +242,12 @@ impl StreamGuard {
         remove_hop_by_hop(&mut parts.headers);
         let (body, translation) = match parts.headers.remove(headers::STREAM_BACKEND) {
             None => (Either::Left(body), None),
-            Some(profile) => match rewrite(&mut parts, body, profile.as_bytes(), &self.keys).await {
-                Ok(rewritten) => rewritten,
-                Err(e) => return error_response(e),
-            },
+            Some(profile) => {
+                match rewrite(&mut parts, body, profile.as_bytes(), &self.keys, self.max_event_bytes).await {
+                    Ok(rewritten) => rewritten,
+                    Err(e) => return error_response(e),
+                }
+            }
         };
         if let Err(e) = self.point_upstream(&mut parts) {
             return error_response(e);
@@ -169,7 +257,7 @@ impl StreamGuard {
             Ok(response) if response.status().is_success() && stream_framing(response.headers()).is_none() => {
                 not_a_stream(response.headers(), request_id)
             }
-            Ok(response) => guard_response(response, None, translation, request_id).await,
+            Ok(response) => guard_response(self, response, None, translation, request_id).await,
             Err(e) => error_response(listener_unreachable(&e)),
         }
     }
@@ -228,7 +316,7 @@ impl StreamGuard {
         let mut prepared = Vec::with_capacity(chain.members.len());
         let mut unfit = None;
         for member in &chain.members {
-            match prepare(&parts, &whole, member, &self.keys) {
+            match prepare(&parts, &whole, member, &self.keys, self.max_event_bytes) {
                 Ok(attempt) => prepared.push((member, attempt)),
                 Err(e) => {
                     tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.body.message, "failover: this backend cannot take the request");
@@ -278,7 +366,7 @@ impl StreamGuard {
                     } else {
                         (response, None)
                     };
-                    guard_response(response, first, translation, request_id.clone()).await
+                    guard_response(self, response, first, translation, request_id.clone()).await
                 }
                 Err(failed) => {
                     if may_retry() {
@@ -365,6 +453,7 @@ fn prepare(
     whole: &Bytes,
     member: &Member,
     keys: &KeySources,
+    max_event_bytes: usize,
 ) -> Result<Attempt, GatewayError> {
     let mut request = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
     if let Some(headers) = request.headers_mut() {
@@ -377,7 +466,7 @@ fn prepare(
         Some(profile) => {
             let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None, keys)?;
             let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
-            (body, call.response_translation())
+            (body, call.response_translation(max_event_bytes))
         }
         None => (whole.clone(), None),
     };
@@ -417,13 +506,14 @@ async fn rewrite(
     body: Incoming,
     profile: &[u8],
     keys: &KeySources,
+    max_event_bytes: usize,
 ) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| parts.headers.get(*name)).map(HeaderValue::as_bytes);
     let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key, keys)?;
     let whole = read_body(body).await?;
     let body = apply_rewrite(parts, &mut call, whole)?;
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Ok((Either::Right(Full::new(body)), call.response_translation()))
+    Ok((Either::Right(Full::new(body)), call.response_translation(max_event_bytes)))
 }
 
 /// A request body, whole.
@@ -485,6 +575,7 @@ fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
 /// asked), a whole answer to translate read first, anything else as it is.
 /// `first` is the start of the body, already read from `response`.
 async fn guard_response(
+    guard: &StreamGuard,
     response: Response<Incoming>,
     first: Option<Bytes>,
     mut translation: Option<Box<dyn ResponseTranslation>>,
@@ -507,10 +598,11 @@ async fn guard_response(
     let events = framing.map(|framing| {
         // The guard may add an event, so the length is no longer known.
         parts.headers.remove(CONTENT_LENGTH);
-        CompleteEvents::new(framing, DEFAULT_MAX_EVENT_BYTES)
+        CompleteEvents::new(framing, guard.max_event_bytes)
     });
     let translation = translation.filter(|_| events.is_some());
-    let body = GuardedBody { state: State::Relaying(body), first, events, translation, request_id };
+    let cut = events.as_ref().map(|_| guard.cut());
+    let body = GuardedBody { state: State::Relaying(body), first, events, translation, request_id, cut };
     Response::from_parts(parts, body)
 }
 
@@ -523,7 +615,7 @@ fn not_a_stream(headers: &HeaderMap, request_id: Option<HeaderValue>) -> Respons
         Some(content_type) => format!("a success of type `{content_type}` where a stream of events was asked for"),
         None => "a success without content where a stream of events was asked for".to_string(),
     };
-    let event = crate::framing::error_event(&GatewayError::bad_answer(&what));
+    let event = error_event(&GatewayError::bad_answer(&what));
     let mut response = Response::new(GuardedBody::last(Bytes::from(event)));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     response
@@ -562,6 +654,17 @@ fn error_response(error: GatewayError) -> Response<GuardedBody> {
     response
 }
 
+/// The error event that ends a stream still open at the shutdown deadline.
+fn shutting_down() -> GatewayError {
+    GatewayError::new(
+        503,
+        "server_error",
+        "The gateway is shutting down and ended this stream before it finished; the response is incomplete. Retry the request.".into(),
+        None,
+        Some("stream_interrupted"),
+    )
+}
+
 /// The error event that ends a stream the backend broke off.
 pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
     GatewayError::new(
@@ -574,7 +677,8 @@ pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
 }
 
 /// A relayed answer's body. Event streams go on whole events at a time and
-/// end with an error event if the upstream breaks; other bodies pass as they are.
+/// end with an error event if the upstream breaks, an event is too long or the
+/// shutdown deadline passes; other bodies pass as they are.
 pub struct GuardedBody {
     state: State,
     /// The start of the upstream body, read before the answer was relayed (a fallback chain's check that its stream began).
@@ -583,12 +687,34 @@ pub struct GuardedBody {
     /// Turns the stream's whole events into OpenAI's, when the backend speaks another dialect.
     translation: Option<Box<dyn ResponseTranslation>>,
     request_id: Option<HeaderValue>,
+    /// A stream's end at the shutdown deadline.
+    cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl GuardedBody {
     /// A body of these bytes only.
     fn last(bytes: Bytes) -> Self {
-        GuardedBody { state: State::Last(bytes), first: None, events: None, translation: None, request_id: None }
+        GuardedBody {
+            state: State::Last(bytes),
+            first: None,
+            events: None,
+            translation: None,
+            request_id: None,
+            cut: None,
+        }
+    }
+
+    /// Ends a stream early: `complete` (whole events) goes on, then the error
+    /// event, in OpenAI's dialect whatever the backend's (a translation's
+    /// output is OpenAI's), or in the stream's own framing when relayed as it is.
+    fn end_with(&mut self, complete: Bytes, error: &GatewayError) {
+        tracing::warn!(request_id = ?self.request_id, reason = error.body.message, "stream guard: ending a stream early");
+        let last = match (&mut self.translation, &mut self.events) {
+            (Some(translation), _) => [translation.stream(&complete, false), error_event(error)].concat(),
+            (None, Some(events)) => [&complete[..], &events.interrupt(error)].concat(),
+            (None, None) => complete.to_vec(),
+        };
+        self.state = State::Last(Bytes::from(last));
     }
 }
 
@@ -614,12 +740,18 @@ impl Body for GuardedBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         loop {
-            let State::Relaying(upstream) = &mut this.state else {
+            if !matches!(this.state, State::Relaying(_)) {
                 return Poll::Ready(match std::mem::replace(&mut this.state, State::Done) {
                     State::Last(last) if !last.is_empty() => Some(Ok(Frame::data(last))),
                     _ => None,
                 });
-            };
+            }
+            if this.cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
+                this.cut = None;
+                this.end_with(Bytes::new(), &shutting_down());
+                continue;
+            }
+            let State::Relaying(upstream) = &mut this.state else { continue };
             let frame = match this.first.take() {
                 Some(first) => Some(Ok(Frame::data(first))),
                 None => ready!(Pin::new(upstream).poll_frame(cx)),
@@ -629,19 +761,21 @@ impl Body for GuardedBody {
             };
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let complete = translated(&mut this.translation, events.push(data), false);
-                        if !complete.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(complete))));
+                    Ok(data) => match events.push(data) {
+                        Ok(complete) => {
+                            let complete = translated(&mut this.translation, complete, false);
+                            if !complete.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(complete))));
+                            }
                         }
-                    }
+                        Err(long) => {
+                            let error = framing::too_long(events.max_event_bytes());
+                            this.end_with(long.complete, &error);
+                        }
+                    },
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
-                Some(Err(e)) => {
-                    tracing::warn!(request_id = ?this.request_id, error = %e, "stream interrupted by the backend");
-                    let last = events.interrupt(&interruption(&e));
-                    this.state = State::Last(translated(&mut this.translation, last, true));
-                }
+                Some(Err(e)) => this.end_with(Bytes::new(), &interruption(&e)),
                 None => this.state = State::Last(translated(&mut this.translation, events.finish(), true)),
             }
         }
@@ -740,6 +874,142 @@ mod tests {
         assert!(answer.contains(r#"data: {"error":{"message":"The backend stopped in the middle of this stream"#));
         assert!(answer.contains(r#""type":"server_error","param":null,"code":"stream_interrupted"}}"#));
         assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+    }
+
+    #[tokio::test]
+    async fn an_event_over_the_limit_ends_the_stream_with_the_error_event() {
+        let mut long =
+            String::from("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n");
+        for chunk in ["data: 1\n\n", "data: 0123456789012345678901234", "56789\n\ndata: [DONE]\n\n", ""] {
+            long += &format!("{:x}\r\n{chunk}\r\n", chunk.len());
+        }
+        let upstream = upstream_writing(Box::leak(long.into_boxed_str()).as_bytes()).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let guard_addr = listener.local_addr().unwrap();
+        tokio::spawn(StreamGuard::new(upstream).with_max_event_bytes(16).serve(listener));
+        let answer = client_of(guard_addr).await.read_all().await;
+        assert!(answer.contains("data: 1\n\n"), "{answer}");
+        assert!(!answer.contains("0123") && !answer.contains("[DONE]"), "a piece of the long event went on: {answer}");
+        assert!(answer.contains(r#""code":"stream_event_too_large"}}"#), "{answer}");
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+    }
+
+    /// A client of the guard at `guard_addr` that has sent a stream request.
+    async fn client_of(guard_addr: SocketAddr) -> Client {
+        let mut socket = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
+        let request = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-modelgate-stream-cluster: pool\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        socket.write_all(request.as_bytes()).await.unwrap();
+        Client { socket, received: Vec::new() }
+    }
+
+    struct Client {
+        socket: tokio::net::TcpStream,
+        received: Vec<u8>,
+    }
+
+    impl Client {
+        /// Reads until `text` has arrived.
+        async fn read_until(&mut self, text: &str) {
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&self.received).contains(text) {
+                let n = self.socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before {text:?}: {}", String::from_utf8_lossy(&self.received));
+                self.received.extend_from_slice(&buf[..n]);
+            }
+        }
+
+        /// Everything the guard sent, up to its end of the connection.
+        async fn read_all(mut self) -> String {
+            self.socket.read_to_end(&mut self.received).await.unwrap();
+            String::from_utf8(self.received).unwrap()
+        }
+    }
+
+    /// An upstream that answers one request with a stream's head and `first`
+    /// event, then the rest when it is sent, or nothing more if it never is.
+    async fn upstream_streaming(first: &'static str) -> (SocketAddr, tokio::sync::oneshot::Sender<&'static str>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (rest_tx, rest) = tokio::sync::oneshot::channel::<&'static str>();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
+            match rest.await {
+                Ok(rest) => {
+                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap()
+                }
+                // Never finishes: holds the connection until the guard lets go of it.
+                Err(_) => while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {},
+            }
+        });
+        (addr, rest_tx)
+    }
+
+    /// A guard that serves until the sender fires, then drains for `deadline`.
+    async fn guard_until(
+        upstream: SocketAddr,
+        deadline: Duration,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(StreamGuard::new(upstream).serve_until(
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            deadline,
+        ));
+        (addr, stop, serving)
+    }
+
+    /// True once nothing accepts connections at `addr` (the guard lets go of its listener soon after the signal).
+    async fn refuses_connections(addr: SocketAddr) -> bool {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_an_open_stream_finishes_within_the_deadline_and_new_connections_are_refused() {
+        let (upstream, rest) = upstream_streaming("data: 1\n\n").await;
+        let (guard_addr, stop, serving) = guard_until(upstream, Duration::from_secs(60)).await;
+        let mut client = client_of(guard_addr).await;
+        client.read_until("data: 1\n\n").await;
+        stop.send(()).unwrap();
+        assert!(refuses_connections(guard_addr).await, "the guard still accepts connections while draining");
+        rest.send("data: 2\n\ndata: [DONE]\n\n").unwrap();
+        let answer = client.read_all().await;
+        assert!(answer.contains("data: 2\n\ndata: [DONE]\n\n") && !answer.contains("error"), "{answer:?}");
+        assert!(answer.ends_with("\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+        // Once its last stream is done the guard stops, long before the deadline.
+        tokio::time::timeout(Duration::from_secs(30), serving).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_still_open_at_the_shutdown_deadline_ends_with_the_error_event() {
+        let (upstream, _never) = upstream_streaming("data: 1\n\ndata: {\"half").await;
+        let (guard_addr, stop, serving) = guard_until(upstream, Duration::from_millis(200)).await;
+        let mut client = client_of(guard_addr).await;
+        client.read_until("data: 1\n\n").await;
+        stop.send(()).unwrap();
+        let answer = client.read_all().await;
+        assert!(!answer.contains("half"), "{answer}");
+        assert!(answer.contains(r#"data: {"error":{"message":"The gateway is shutting down"#), "{answer}");
+        assert!(answer.contains(r#""code":"stream_interrupted"}}"#), "{answer}");
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+        serving.await.unwrap();
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 use crate::{anthropic, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use serde_json::Value;
 
 /// The OpenAI endpoint a request was sent to.
@@ -117,11 +118,20 @@ pub struct ResponseContext {
     pub include_usage: bool,
     /// The client asked for base64 embeddings (the openai SDKs' default).
     pub base64: bool,
+    /// The most of one unfinished event (or NDJSON line) of a streamed answer held; one that outgrows it ends the stream.
+    pub max_event_bytes: usize,
 }
 
 impl ResponseContext {
     pub fn new(dialect: Dialect, endpoint: Endpoint) -> Self {
-        ResponseContext { dialect, endpoint, model: Value::Null, include_usage: false, base64: false }
+        ResponseContext {
+            dialect,
+            endpoint,
+            model: Value::Null,
+            include_usage: false,
+            base64: false,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
     }
 
     /// The translation of this request's answer; `None` when it is OpenAI's already.

@@ -8,6 +8,7 @@ pub mod chain;
 pub mod config;
 pub mod error;
 pub mod error_normalize;
+pub mod framing;
 pub mod headers;
 pub mod keys;
 pub mod limits;

@@ -5,6 +5,7 @@
 //! about once a second, so accounting costs no call per request.
 
 use crate::config::Price;
+use crate::framing::{sse_events, CompleteEvents, Framing};
 use serde::{Deserialize, Serialize};
 
 /// Token counts as the backend reported them in `usage`.
@@ -204,34 +205,68 @@ impl UsageReader {
 /// count tokens): the usage chunk is read and removed, and so is the
 /// `"usage":null` the backend adds to every other chunk, so the client gets
 /// exactly the stream it asked for. Events are passed on as soon as they are
-/// complete; only an unfinished event waits for the rest of it.
-#[derive(Debug, Default)]
+/// complete (lines may end in LF, CR or CRLF); only an unfinished event waits
+/// for the rest of it, up to [`MAX_HELD_EVENT_BYTES`]. A longer event cannot
+/// be held: from there on the stream passes unstripped (the client sees the
+/// `usage` it did not ask for, which OpenAI's SDKs accept), and its usage is
+/// still read, so the tokens are counted all the same.
+#[derive(Debug)]
 pub struct UnaskedUsage {
-    /// The start of an event not yet complete.
-    partial: Vec<u8>,
+    events: CompleteEvents,
+    /// Set once an event outgrew the limit: reads the rest of the stream as it passes.
+    unframed: Option<UsageReader>,
+    /// The usage chunk was removed with a CR last, and the LF of its CRLF may come with the next piece.
+    removed_before_lf: bool,
     found: Option<Usage>,
 }
 
+/// The most of one unfinished event the filter holds per stream. Chat
+/// completion chunks are far smaller; a longer one only costs the stripping.
+pub const MAX_HELD_EVENT_BYTES: usize = 1 << 20;
+
+impl Default for UnaskedUsage {
+    fn default() -> Self {
+        Self::with_limit(MAX_HELD_EVENT_BYTES)
+    }
+}
+
 impl UnaskedUsage {
+    /// Holds at most `max_event_bytes` of an unfinished event.
+    pub fn with_limit(max_event_bytes: usize) -> Self {
+        UnaskedUsage {
+            events: CompleteEvents::new(Framing::Sse, max_event_bytes),
+            unframed: None,
+            removed_before_lf: false,
+            found: None,
+        }
+    }
+
     /// The bytes to pass on for `piece`; `last` for the stream's final piece.
     pub fn pass(&mut self, piece: &[u8], last: bool) -> Vec<u8> {
-        let mut pending = std::mem::take(&mut self.partial);
-        pending.extend_from_slice(piece);
-        let mut out = Vec::with_capacity(pending.len());
-        let mut start = 0;
-        while let Some(end) = event_end(&pending, start) {
-            self.pass_event(&pending[start..end], &mut out);
-            start = end;
+        if let Some(reader) = &mut self.unframed {
+            reader.feed(piece);
+            return piece.to_vec();
         }
-        if last {
-            self.pass_event(&pending[start..], &mut out);
-        } else {
-            self.partial = pending.split_off(start);
+        let mut out = Vec::with_capacity(piece.len());
+        match self.events.take(piece, last) {
+            Ok(complete) => sse_events(&complete).for_each(|event| self.pass_event(event, &mut out)),
+            Err(long) => {
+                sse_events(&long.complete).for_each(|event| self.pass_event(event, &mut out));
+                let mut reader = UsageReader::default();
+                reader.feed(&long.rest);
+                out.extend_from_slice(&long.rest);
+                self.unframed = Some(reader);
+            }
         }
         out
     }
 
     fn pass_event(&mut self, event: &[u8], out: &mut Vec<u8>) {
+        let event = if std::mem::take(&mut self.removed_before_lf) {
+            event.strip_prefix(b"\n").unwrap_or(event)
+        } else {
+            event
+        };
         // The last one: a chunk's own `usage` follows its choices, whose content may say "usage".
         let Some(at) = event.windows(USAGE_KEY.len()).rposition(|w| w == USAGE_KEY) else {
             out.extend_from_slice(event);
@@ -242,6 +277,7 @@ impl UnaskedUsage {
             self.found = Some(usage);
             // A backend that puts usage on a chunk with choices keeps it there: content is never dropped.
             if has_no_choices(event) {
+                self.removed_before_lf = event.ends_with(b"\r");
                 return;
             }
         }
@@ -254,22 +290,10 @@ impl UnaskedUsage {
         }
     }
 
+    /// The usage found so far: the last one, as for [`UsageReader`].
     pub fn usage(&self) -> Option<Usage> {
-        self.found
+        self.unframed.as_ref().and_then(UsageReader::usage).or(self.found)
     }
-}
-
-/// The end of the SSE event starting at `from` (after its blank line), if it is complete.
-fn event_end(bytes: &[u8], from: usize) -> Option<usize> {
-    let mut line_start = from;
-    while let Some(newline) = bytes.get(line_start..)?.iter().position(|&b| b == b'\n') {
-        let line = &bytes[line_start..line_start + newline];
-        line_start += newline + 1;
-        if line.is_empty() || line == b"\r" {
-            return Some(line_start);
-        }
-    }
-    None
 }
 
 /// True for the usage chunk OpenAI streams last: `"choices": []`.
@@ -383,6 +407,33 @@ mod tests {
         assert_eq!(unasked.pass(b":2}", true), b"data: {\"b\":2}");
     }
 
+    /// `stream`'s events with their lines ended by `eol` instead of LF.
+    fn with_line_ends(stream: &str, eol: &str) -> String {
+        stream.replace('\n', eol)
+    }
+
+    #[test]
+    fn an_event_too_long_to_hold_passes_the_rest_unstripped_and_its_usage_is_still_counted() {
+        let long =
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}],\"usage\":null}}\n\n", "x".repeat(100));
+        let whole = format!("data: {{\"a\":1,\"usage\":null}}\n\n{long}{}", stream(&["y"], true));
+        let mut unasked = UnaskedUsage::with_limit(64);
+        let mut out = Vec::new();
+        for piece in whole.as_bytes().chunks(10) {
+            out.extend(unasked.pass(piece, false));
+            assert_held(&unasked, 64);
+        }
+        out.extend(unasked.pass(b"", true));
+        let expected = format!("data: {{\"a\":1}}\n\n{long}{}", stream(&["y"], true));
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert_eq!(unasked.usage(), Some(USAGE));
+    }
+
+    fn assert_held(unasked: &UnaskedUsage, max: usize) {
+        let held = unasked.events.held_bytes();
+        assert!(held <= max, "{held} bytes held");
+    }
+
     #[test]
     fn only_short_plain_values_are_bounded() {
         for fit in ["", "llama-3.1-8b", "org/model:q4@v1+x=y_z", "3f2b1c7e-0d4a-4e6b-9c1d-2a3b4c5d6e7f", INVALID] {
@@ -404,10 +455,14 @@ mod tests {
             prop_assert!(!shown.contains(odd), "{:?}", shown);
         }
 
-        /// However the answer is cut into pieces, the same usage is found and the same bytes pass.
+        /// However the answer is cut into pieces, and whichever line ends it
+        /// uses, the same usage is found and the same bytes pass.
         #[test]
-        fn pieces_do_not_change_the_outcome(cuts in proptest::collection::vec(0usize..400, 0..12)) {
-            let whole = stream(&["Hel", "lo", " \\\"usage\\\": world"], true);
+        fn pieces_do_not_change_the_outcome(
+            cuts in proptest::collection::vec(0usize..400, 0..12),
+            eol in proptest::sample::select(vec!["\n", "\r", "\r\n"]),
+        ) {
+            let whole = with_line_ends(&stream(&["Hel", "lo", " \\\"usage\\\": world"], true), eol);
             let bytes = whole.as_bytes();
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
             cuts.sort();
@@ -422,7 +477,8 @@ mod tests {
             }
             prop_assert_eq!(reader.usage(), Some(USAGE));
             prop_assert_eq!(unasked.usage(), Some(USAGE));
-            prop_assert_eq!(String::from_utf8(out).unwrap(), stream(&["Hel", "lo", " \\\"usage\\\": world"], false));
+            let expected = with_line_ends(&stream(&["Hel", "lo", " \\\"usage\\\": world"], false), eol);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), expected);
         }
 
         #[test]

@@ -151,3 +151,29 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(stack, error_format
     assert received == ["", "This", " is"]
     assert type(err.value) is openai.APIError
     assert err.value.message.startswith(message)
+
+
+# Ollama sends a tool call whole, in one NDJSON line: a long one is not cut into pieces
+# the translation would skip, and one over the gateway's --max-event-bytes (8 MiB by
+# default) ends the stream with an error event instead of a silent "stop".
+
+def test_a_tool_call_longer_than_a_mebibyte_arrives_whole(stack):
+    chunks = list(sdk(stack).chat.completions.create(
+        model=CHAT_MODEL, messages=HELLO, tools=[WEATHER], stream=True,
+        extra_headers={"x-sim-tool-argument-bytes": str(2 << 20)}))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather"
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"city": "s" * (2 << 20)}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_tool_call_over_the_event_limit_ends_the_stream_with_an_error_event(stack):
+    received = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in sdk(stack).chat.completions.create(
+                model=CHAT_MODEL, messages=HELLO, tools=[WEATHER], stream=True,
+                extra_headers={"x-sim-tool-argument-bytes": str(9 << 20)}):
+            received.append(chunk)
+    assert type(err.value) is openai.APIError
+    assert err.value.body["code"] == "stream_event_too_large"
+    assert not any(c.choices and c.choices[0].finish_reason for c in received), "the stream ended as if complete"

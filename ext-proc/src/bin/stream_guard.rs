@@ -1,9 +1,11 @@
 use clap::Parser;
 use modelgate_ext_proc::credentials::KeySourceArgs;
 use modelgate_ext_proc::internal_token::InternalTokenArgs;
-use modelgate_ext_proc::process::{run, shutdown_signal};
+use modelgate_ext_proc::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
 use modelgate_ext_proc::stream_guard::{StreamGuard, DEFAULT_MAX_HEADERS};
+use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// modelgate's stream guard: relays streaming requests to Envoy's inner
 /// listener and ends a stream the backend breaks off with an OpenAI error event.
@@ -27,19 +29,34 @@ struct Args {
     /// `max_headers_count` on the OpenAI listener, and the inner listener's at least as high.
     #[arg(long, env = "MODELGATE_STREAM_GUARD_MAX_HEADERS", default_value_t = DEFAULT_MAX_HEADERS)]
     max_headers: usize,
+    /// Seconds open streams get to finish after SIGTERM, while new connections
+    /// are refused; streams still open then end with an OpenAI error event.
+    #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
+    shutdown_deadline_secs: u64,
+    /// The most of one unfinished event (or NDJSON line) a stream holds while
+    /// it waits for the event's end; an event that outgrows it ends the stream
+    /// with an OpenAI error event.
+    #[arg(long, env = "MODELGATE_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_event_bytes: u64,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let max_event_bytes = usize::try_from(args.max_event_bytes)?;
     run(args.worker_threads, async move {
         let keys = args.keys.sources()?;
         let token = args.token.load("the stream guard's port")?;
+        // Installed before the guard listens: a SIGTERM from then on drains it.
+        let signal = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(listen = %args.listen, upstream = %args.upstream, "modelgate stream guard listening");
-        tokio::select! {
-            _ = StreamGuard::new(args.upstream).with_keys(keys).with_token(token).with_max_headers(args.max_headers).serve(listener) => {}
-            _ = shutdown_signal() => {}
-        }
+        let guard = StreamGuard::new(args.upstream)
+            .with_keys(keys)
+            .with_token(token)
+            .with_max_headers(args.max_headers)
+            .with_max_event_bytes(max_event_bytes);
+        guard.serve_until(listener, signal, Duration::from_secs(args.shutdown_deadline_secs)).await;
         Ok(())
     })
 }

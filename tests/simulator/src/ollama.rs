@@ -124,7 +124,8 @@ async fn chat(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Respo
         call.required("messages")?.as_array().ok_or_else(|| Ollama::error(400, "messages must be a list"))?;
     let prompt = generate::chat_prompt_tokens(messages)
         + messages.iter().map(|m| m["images"].as_array().map_or(0, |i| i.len() as u32)).sum::<u32>();
-    let plan = Plan::new(&call, Kind::Chat, prompt, tool_call(&call.body, messages));
+    let plan =
+        Plan::new(&call, Kind::Chat, prompt, tool_call(&call.body, messages, call.behaviour.tool_argument_bytes));
     Ok(answer(sim, &call, plan).await)
 }
 
@@ -146,8 +147,9 @@ async fn answer(sim: Arc<Sim>, call: &Call, plan: Plan) -> Response {
     Json(plan.part(&generate::text(plan.tokens), true)).into_response()
 }
 
-/// A call of the first offered tool, unless the conversation ends with a tool's answer.
-fn tool_call(body: &Value, messages: &[Value]) -> Option<Value> {
+/// A call of the first offered tool, unless the conversation ends with a tool's answer;
+/// its string arguments are `argument_bytes` long when that is given.
+fn tool_call(body: &Value, messages: &[Value], argument_bytes: Option<usize>) -> Option<Value> {
     let tool = body["tools"].as_array()?.first()?;
     if messages.last().is_some_and(|m| m["role"] == "tool") {
         return None;
@@ -161,7 +163,7 @@ fn tool_call(body: &Value, messages: &[Value]) -> Option<Value> {
             let value = match schema["type"].as_str() {
                 Some("integer" | "number") => json!(1),
                 Some("boolean") => json!(true),
-                _ => json!("simulated"),
+                _ => json!(argument_bytes.map_or_else(|| "simulated".to_string(), |n| "s".repeat(n))),
             };
             (name.clone(), value)
         })

@@ -53,6 +53,10 @@ pub struct Settings {
     /// Compress injected error answers with gzip when the request accepts it.
     #[arg(long)]
     pub gzip_errors: bool,
+    /// Bytes of each string argument of a tool call (Ollama face), so that a
+    /// test can send one NDJSON line of any length; "simulated" without it.
+    #[arg(long)]
+    pub tool_argument_bytes: Option<usize>,
 }
 
 /// The behaviour for one request: the settings, with any `x-sim-*` header applied.
@@ -68,6 +72,7 @@ pub struct Behaviour {
     pub retry_after: Option<u64>,
     pub cached_tokens: u32,
     pub gzip_errors: bool,
+    pub tool_argument_bytes: Option<usize>,
 }
 
 impl Settings {
@@ -90,6 +95,9 @@ impl Settings {
             retry_after: number("x-sim-retry-after").or(self.retry_after),
             cached_tokens: number("x-sim-cached-tokens").map_or(self.cached_tokens, |n| n.min(u32::MAX as u64) as u32),
             gzip_errors: get("x-sim-gzip-errors").map_or(self.gzip_errors, |v| v == "true" || v == "1"),
+            tool_argument_bytes: number("x-sim-tool-argument-bytes")
+                .and_then(|n| usize::try_from(n).ok())
+                .or(self.tool_argument_bytes),
         }
     }
 }

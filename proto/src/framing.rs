@@ -1,14 +1,17 @@
 //! Stream framing: where one server-sent event or one NDJSON line ends, and
-//! the error event that ends a broken SSE stream.
+//! the error event that ends a stream the gateway cannot pass on whole.
 //!
 //! An SSE event ends at a blank line, and a line ends at LF, CR or CRLF (the
 //! WHATWG event-stream grammar); an NDJSON record ends at LF. Bytes arrive in
 //! chunks cut anywhere, so [`CompleteEvents`] hands on only whole events (or
 //! lines) and carries the rest over to the next chunk: a reader downstream
 //! never sees half an event, and the stream can be ended cleanly at any moment.
+//!
+//! One framer for every reader of a stream: the stream guard, the dialects'
+//! translations (in ext-proc) and the filter's usage stripping (in wasm).
 
+use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
-use modelgate_proto::error::GatewayError;
 
 /// How a stream is cut into records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,56 +70,96 @@ impl BoundaryScanner {
     }
 }
 
+/// Each event of `complete`, whole events as [`CompleteEvents`] passes them
+/// on, with its blank line; the last one may be unfinished (a stream's end).
+pub fn sse_events(complete: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = complete;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut at_line_start = true;
+        let mut end = rest.len();
+        let mut i = 0;
+        while i < rest.len() {
+            let byte = rest[i];
+            i += 1;
+            if byte == b'\n' || byte == b'\r' {
+                if byte == b'\r' && rest.get(i) == Some(&b'\n') {
+                    i += 1;
+                }
+                if at_line_start {
+                    end = i;
+                    break;
+                }
+                at_line_start = true;
+            } else {
+                at_line_start = false;
+            }
+        }
+        let (event, after) = rest.split_at(end);
+        rest = after;
+        Some(event)
+    })
+}
+
 /// Passes an event stream on one whole event at a time.
 #[derive(Debug)]
 pub struct CompleteEvents {
     scanner: BoundaryScanner,
     /// The start of an event whose end has not arrived yet.
     pending: BytesMut,
-    /// The most bytes of one event held back; a longer event is passed on in
-    /// pieces, so memory stays bounded whatever the backend sends.
-    max_pending: usize,
-    /// Part of an unfinished event was passed on because it was too long.
-    passed_partial: bool,
+    /// The most bytes of one event held back, so memory stays bounded
+    /// whatever the backend sends; a longer event ends the stream.
+    max_event_bytes: usize,
 }
 
-/// Longer than any chat completion chunk a backend sends, short enough to hold per stream.
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+/// Far longer than any chat completion chunk, and than most tool calls a
+/// backend sends in one record (Ollama sends a tool call whole, in one line).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 8 << 20;
+
+/// An event grew past the framer's limit before it ended. The stream cannot
+/// go on: what it completed before is in `complete`, and the start of the
+/// long event in `rest`, for a reader that passes bytes on without framing.
+#[derive(Debug)]
+pub struct TooLong {
+    pub complete: Bytes,
+    pub rest: Bytes,
+}
 
 impl CompleteEvents {
-    pub fn new(framing: Framing, max_pending: usize) -> Self {
-        CompleteEvents {
-            scanner: BoundaryScanner::new(framing),
-            pending: BytesMut::new(),
-            max_pending,
-            passed_partial: false,
-        }
+    pub fn new(framing: Framing, max_event_bytes: usize) -> Self {
+        CompleteEvents { scanner: BoundaryScanner::new(framing), pending: BytesMut::new(), max_event_bytes }
+    }
+
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
+    }
+
+    /// How much of an unfinished event is held back: never more than the limit.
+    pub fn held_bytes(&self) -> usize {
+        self.pending.len()
     }
 
     /// Takes the next chunk of the stream and returns the events it completes
     /// (empty if none). A chunk of whole events is passed on without a copy.
-    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+    /// After [`TooLong`], the stream must end (see [`CompleteEvents::interrupt`]).
+    pub fn push(&mut self, chunk: Bytes) -> Result<Bytes, TooLong> {
         let end = self.scanner.scan(&chunk);
         let held = match end {
             Some(end) => chunk.len() - end,
             None => self.pending.len() + chunk.len(),
         };
-        if held > self.max_pending {
-            self.passed_partial = true;
-            return self.take_with(&chunk);
+        let complete = match end {
+            Some(end) => self.take_with(&chunk.slice(..end)),
+            None => Bytes::new(),
+        };
+        let rest = chunk.slice(end.unwrap_or(0)..);
+        if held > self.max_event_bytes {
+            return Err(TooLong { complete, rest: self.take_with(&rest) });
         }
-        match end {
-            Some(end) => {
-                self.passed_partial = false;
-                let complete = self.take_with(&chunk.slice(..end));
-                self.pending.extend_from_slice(&chunk[end..]);
-                complete
-            }
-            None => {
-                self.pending.extend_from_slice(&chunk);
-                Bytes::new()
-            }
-        }
+        self.pending.extend_from_slice(&rest);
+        Ok(complete)
     }
 
     /// What is held back followed by `more`, copied only if something was held.
@@ -134,39 +177,57 @@ impl CompleteEvents {
     }
 
     /// The whole records `piece` completes; with `end`, whatever is left too.
-    pub fn take(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        let mut complete = self.push(Bytes::copy_from_slice(piece)).to_vec();
+    pub fn take(&mut self, piece: &[u8], end: bool) -> Result<Vec<u8>, TooLong> {
+        let mut complete = self.push(Bytes::copy_from_slice(piece))?.to_vec();
         if end {
             complete.extend_from_slice(&self.finish());
         }
-        complete
+        Ok(complete)
     }
 
-    /// The stream broke: the unfinished event is dropped and `error` ends the
-    /// stream in its place, so the reader gets a last record it can parse:
-    /// OpenAI's error event, or for NDJSON (Ollama) an `{"error": "..."}` line.
+    /// The stream broke or must end early: the unfinished event is dropped and
+    /// `error` ends the stream in its place, so the reader gets a last record
+    /// it can parse: OpenAI's error event, or for NDJSON (Ollama) an
+    /// `{"error": "..."}` line.
     pub fn interrupt(&mut self, error: &GatewayError) -> Bytes {
         self.pending.clear();
-        let mut out = Vec::new();
-        let passed_partial = std::mem::take(&mut self.passed_partial);
-        match self.scanner.framing {
-            Framing::Sse => {
-                if passed_partial {
-                    // Too late to take the partial event back: end it before the error.
-                    out.extend_from_slice(b"\n\n");
-                }
-                out.extend_from_slice(&error_event(error));
-            }
-            Framing::Ndjson => {
-                if passed_partial {
-                    out.push(b'\n');
-                }
-                out.extend_from_slice(serde_json::json!({"error": error.body.message}).to_string().as_bytes());
-                out.push(b'\n');
-            }
-        }
-        Bytes::from(out)
+        self.scanner = BoundaryScanner::new(self.scanner.framing);
+        Bytes::from(match self.scanner.framing {
+            Framing::Sse => error_event(error),
+            Framing::Ndjson => error_line(error),
+        })
     }
+}
+
+/// Ollama's own error record, `{"error": "..."}` and its newline.
+fn error_line(error: &GatewayError) -> Vec<u8> {
+    let mut line = serde_json::json!({"error": error.body.message}).to_string().into_bytes();
+    line.push(b'\n');
+    line
+}
+
+/// The error that ends a stream with an event longer than the gateway holds.
+pub fn too_long(max_event_bytes: usize) -> GatewayError {
+    GatewayError::new(
+        502,
+        "server_error",
+        format!(
+            "The backend sent a stream event longer than the gateway's limit of {max_event_bytes} bytes; the response is incomplete."
+        ),
+        None,
+        Some("stream_event_too_large"),
+    )
+}
+
+/// The error that ends a stream with a record the gateway cannot read.
+pub fn unreadable(reason: &dyn std::fmt::Display) -> GatewayError {
+    GatewayError::new(
+        502,
+        "server_error",
+        format!("The backend sent a stream record the gateway could not read ({reason}); the response is incomplete."),
+        None,
+        Some("stream_unreadable"),
+    )
 }
 
 /// The data of each event in `complete` (whole events, as [`CompleteEvents`]
@@ -221,7 +282,7 @@ mod tests {
     const STREAM: &[u8] = b"data: {\"a\":1}\n\n: comment\n\nevent: x\r\ndata: 2\r\n\r\ndata: 3\r\rdata: [DONE]\n\n";
 
     fn feed(events: &mut CompleteEvents, chunks: &[&[u8]]) -> Vec<Vec<u8>> {
-        chunks.iter().map(|c| events.push(Bytes::copy_from_slice(c)).to_vec()).collect()
+        chunks.iter().map(|c| events.push(Bytes::copy_from_slice(c)).unwrap().to_vec()).collect()
     }
 
     /// Splits STREAM at the given cut points and returns what is passed on for each piece.
@@ -267,7 +328,7 @@ mod tests {
     #[test]
     fn an_interrupted_stream_ends_with_a_parsable_error_event() {
         let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
-        let sent = events.push(Bytes::from_static(b"data: 1\n\ndata: {\"choi"));
+        let sent = events.push(Bytes::from_static(b"data: 1\n\ndata: {\"choi")).unwrap();
         let error = GatewayError::new(502, "server_error", "cut".into(), None, Some("stream_interrupted"));
         let end = events.interrupt(&error);
         assert_eq!(sent.as_ref(), b"data: 1\n\n");
@@ -278,12 +339,26 @@ mod tests {
     }
 
     #[test]
-    fn an_event_over_the_limit_is_passed_in_pieces_and_ended_before_an_error() {
+    fn an_event_over_the_limit_ends_the_stream_after_the_events_before_it() {
         let mut events = CompleteEvents::new(Framing::Sse, 8);
-        assert!(events.push(Bytes::from_static(b"data: ")).is_empty());
-        assert_eq!(events.push(Bytes::from_static(b"123456")).as_ref(), b"data: 123456");
-        let error = GatewayError::new(502, "server_error", "cut".into(), None, None);
-        assert!(events.interrupt(&error).starts_with(b"\n\ndata: {\"error\""));
+        assert!(events.push(Bytes::from_static(b"data: 1\n\ndata")).unwrap().starts_with(b"data: 1"));
+        let long = events.push(Bytes::from_static(b": 12\n\ndata: 123456")).unwrap_err();
+        assert_eq!((long.complete.as_ref(), long.rest.as_ref()), (&b"data: 12\n\n"[..], &b"data: 123456"[..]));
+        let end = events.interrupt(&too_long(8));
+        assert!(end.starts_with(b"data: {\"error\"") && end.ends_with(b"\n\n"));
+        assert!(std::str::from_utf8(&end).unwrap().contains(r#""code":"stream_event_too_large""#));
+
+        let mut lines = CompleteEvents::new(Framing::Ndjson, 8);
+        assert!(lines.push(Bytes::from_static(b"{\"a\":")).unwrap().is_empty());
+        let long = lines.push(Bytes::from_static(b"\"long\"")).unwrap_err();
+        assert!(long.complete.is_empty() && long.rest.as_ref() == b"{\"a\":\"long\"");
+    }
+
+    #[test]
+    fn an_event_of_exactly_the_limit_passes() {
+        let mut events = CompleteEvents::new(Framing::Sse, 9);
+        assert!(events.push(Bytes::from_static(b"data: 123")).unwrap().is_empty());
+        assert_eq!(events.push(Bytes::from_static(b"\n\n")).unwrap().as_ref(), b"data: 123\n\n");
     }
 
     proptest! {
@@ -305,17 +380,76 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bytes_are_passed_on_in_order(
+        fn arbitrary_bytes_are_passed_on_in_order_until_an_event_is_too_long(
             chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)
         ) {
             let mut events = CompleteEvents::new(Framing::Sse, 32);
             let mut out = Vec::new();
+            let mut fed = 0;
             for chunk in &chunks {
-                out.extend_from_slice(&events.push(Bytes::copy_from_slice(chunk)));
-                prop_assert!(events.pending.len() <= 32);
+                fed += chunk.len();
+                match events.push(Bytes::copy_from_slice(chunk)) {
+                    Ok(complete) => out.extend_from_slice(&complete),
+                    Err(long) => {
+                        out.extend_from_slice(&long.complete);
+                        prop_assert!(long.rest.len() > 32);
+                        out.extend_from_slice(&long.rest);
+                        break;
+                    }
+                }
+                prop_assert!(events.held_bytes() <= 32);
             }
             out.extend_from_slice(&events.finish());
-            prop_assert_eq!(out, chunks.concat());
+            prop_assert_eq!(&out[..], &chunks.concat()[..fed]);
+        }
+
+        /// Any events, with any of the three line endings, cut anywhere: the
+        /// same events come out, whole, and one over the limit ends the stream.
+        #[test]
+        fn events_with_any_line_ending_cut_anywhere_come_out_whole(
+            events in proptest::collection::vec(("[a-z{}\":,]{0,24}", 0..3usize), 1..8),
+            cuts in proptest::collection::btree_set(0usize..400, 0..10),
+            max in 8usize..40,
+        ) {
+            let mut stream = Vec::new();
+            let mut expected = Vec::new();
+            for (data, ending) in &events {
+                let eol: &[u8] = [&b"\n"[..], b"\r", b"\r\n"][*ending];
+                let event = [b"data: ", data.as_bytes(), eol, eol].concat();
+                expected.push(event.clone());
+                stream.extend_from_slice(&event);
+            }
+            let mut framer = CompleteEvents::new(Framing::Sse, max);
+            let mut bounds: Vec<usize> = cuts.into_iter().filter(|&c| c < stream.len()).collect();
+            bounds.insert(0, 0);
+            bounds.push(stream.len());
+            let mut out = Vec::new();
+            let mut too_long = false;
+            for piece in bounds.windows(2).map(|w| &stream[w[0]..w[1]]) {
+                match framer.push(Bytes::copy_from_slice(piece)) {
+                    Ok(complete) => out.extend_from_slice(&complete),
+                    Err(long) => {
+                        out.extend_from_slice(&long.complete);
+                        too_long = true;
+                        break;
+                    }
+                }
+            }
+            if !too_long {
+                out.extend_from_slice(&framer.finish());
+            }
+            // A CRLF cut between its CR and LF puts the LF at the start of the next event.
+            let normalise = |e: &[u8]| e.iter().filter(|&&b| b != b'\n').copied().collect::<Vec<u8>>();
+            let got: Vec<Vec<u8>> = sse_events(&out).map(normalise).filter(|e| !e.is_empty()).collect();
+            let want: Vec<Vec<u8>> = expected.iter().map(|e| normalise(e)).collect();
+            // Events of at most `max` bytes (an event's LF after a cut CR aside) are never too long.
+            let fits = expected.iter().all(|e| e.len() < max);
+            prop_assert!(!(fits && too_long));
+            if too_long {
+                prop_assert!(want.starts_with(&got), "{:?} is not a prefix of {:?}", got, want);
+            } else {
+                prop_assert_eq!(got, want);
+            }
         }
     }
 
@@ -329,9 +463,9 @@ mod tests {
     #[test]
     fn ndjson_passes_whole_lines_and_ends_with_an_error_line() {
         let mut lines = CompleteEvents::new(Framing::Ndjson, DEFAULT_MAX_EVENT_BYTES);
-        assert_eq!(lines.push(Bytes::from_static(b"{\"a\":1}\n{\"b\"")).as_ref(), b"{\"a\":1}\n");
-        assert_eq!(lines.push(Bytes::from_static(b":2}\n")).as_ref(), b"{\"b\":2}\n");
-        lines.push(Bytes::from_static(b"{\"c"));
+        assert_eq!(lines.push(Bytes::from_static(b"{\"a\":1}\n{\"b\"")).unwrap().as_ref(), b"{\"a\":1}\n");
+        assert_eq!(lines.push(Bytes::from_static(b":2}\n")).unwrap().as_ref(), b"{\"b\":2}\n");
+        lines.push(Bytes::from_static(b"{\"c")).unwrap();
         let error = GatewayError::new(502, "server_error", "cut".into(), None, None);
         assert_eq!(lines.interrupt(&error).as_ref(), b"{\"error\":\"cut\"}\n");
     }
