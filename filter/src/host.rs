@@ -116,7 +116,7 @@ pub fn now_us() -> u64 {
     now().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
 }
 
-/// This VM's part of its usage batches' ids: 64 random bits from the host
+/// This VM's part of its batches' ids: 64 random bits from the host
 /// (WASI's `random_get`, which keys std's hasher) and the time, so no two
 /// workers or Envoy restarts share one.
 pub fn batch_sender() -> String {

@@ -51,7 +51,7 @@ struct Plugin {
     router: Rc<Router>,
     /// This worker's usage records and shared token settlements, sent on the timer.
     outbox: Rc<Outbox>,
-    /// This VM's part of its usage batches' ids, made on the first tick.
+    /// This VM's part of its batches' ids (usage records and token debits), made on the first tick.
     sender: Option<String>,
     /// Envoy's counter of the times the shared rate-limit store gave no verdict.
     store_failures: Option<u32>,
@@ -182,14 +182,14 @@ impl RootContext for Plugin {
             ));
         }
         let router = Rc::clone(&self.router);
+        let sender = self.sender.get_or_insert_with(host::batch_sender).clone();
         if let Some(shared) = router.shared_limits() {
-            for debits in self.outbox.take_debits(host::now_us()) {
+            for debits in self.outbox.take_debits(&sender, host::now_us()) {
                 self.send(&shared.cluster, Batch::Debits(debits));
             }
         }
         if let Some(accounting) = router.accounting() {
-            let sender = self.sender.get_or_insert_with(host::batch_sender);
-            if let Some(batch) = self.outbox.take(sender, host::now_us() / 1000) {
+            if let Some(batch) = self.outbox.take(&sender, host::now_us() / 1000) {
                 self.send(&accounting.cluster, Batch::Records(batch));
             }
         }

@@ -36,7 +36,7 @@ pub struct Outbox {
     lines: RefCell<Vec<u8>>,
     /// Batches sent that did not land, oldest first.
     unsent: RefCell<VecDeque<RecordBatch>>,
-    /// Batches made so far: the last part of their ids.
+    /// Batches of records or debits made so far: the last part of their ids.
     batches: Cell<u64>,
     /// Records dropped since the last [`Outbox::take_dropped`], for the log and Envoy's counter.
     dropped: Cell<u64>,
@@ -52,8 +52,6 @@ pub struct Outbox {
     unconfirmed: RefCell<VecDeque<Debits>>,
     /// Debits dropped since the last look: unconfirmed for longer than the store remembers their ids.
     dropped_debits: Cell<u64>,
-    /// The ids of this worker's debits: a random prefix, and a count.
-    debit_ids: Cell<(u64, u64)>,
 }
 
 /// One batch of debits for the shared store, and when it was first sent.
@@ -128,8 +126,13 @@ impl Outbox {
         if lines.is_empty() {
             return None;
         }
+        Some(RecordBatch { id: self.next_batch_id(sender), lines })
+    }
+
+    /// A new batch id: `sender` (unique to this VM) and the batch's number.
+    fn next_batch_id(&self, sender: &str) -> String {
         self.batches.set(self.batches.get() + 1);
-        Some(RecordBatch { id: format!("{sender}-{}", self.batches.get()), lines })
+        format!("{sender}-{}", self.batches.get())
     }
 
     /// Settles an answer's tokens with what its request reserved in the
@@ -146,8 +149,9 @@ impl Outbox {
     }
 
     /// The debits to send at `now_us`: those whose outcome is unknown, as
-    /// they were, and every settlement held since, as a new batch.
-    pub fn take_debits(&self, now_us: u64) -> Vec<Debits> {
+    /// they were, and every settlement held since, as a new batch whose id
+    /// is made as a batch of records' is.
+    pub fn take_debits(&self, sender: &str, now_us: u64) -> Vec<Debits> {
         let mut batches: Vec<Debits> = self.unconfirmed.borrow_mut().drain(..).collect();
         let before = batches.len();
         batches.retain(|batch| now_us.saturating_sub(batch.first_sent_us) < DEBIT_RETRY_US);
@@ -164,22 +168,10 @@ impl Outbox {
             })
             .collect();
         if !buckets.is_empty() {
-            let request = SpendRequest { buckets, debit: true, id: Some(self.next_debit_id()) };
+            let request = SpendRequest { buckets, debit: true, id: Some(self.next_batch_id(sender)) };
             batches.push(Debits { request, first_sent_us: now_us });
         }
         batches
-    }
-
-    /// A new debit id, unique to this worker (its prefix is random) and to the batch.
-    fn next_debit_id(&self) -> String {
-        let (mut prefix, count) = self.debit_ids.get();
-        if prefix == 0 {
-            use std::hash::BuildHasher;
-            // Seeded by the host's randomness (WASI's random_get inside Envoy).
-            prefix = std::collections::hash_map::RandomState::new().hash_one(count).max(1);
-        }
-        self.debit_ids.set((prefix, count + 1));
-        format!("{prefix:016x}-{count}")
     }
 
     /// A batch sent that did not land: kept whole for the next try, within the
@@ -281,31 +273,31 @@ mod tests {
     #[test]
     fn settlements_are_summed_per_token_bucket_and_a_lost_batch_is_sent_again_as_it_was() {
         let outbox = Outbox::default();
-        assert_eq!(outbox.take_debits(0), []);
+        assert_eq!(outbox.take_debits("vm", 0), []);
         let held =
             |bucket: &str, tokens| Reserved { bucket: bucket.into(), per_minute: 60, tokens, until_us: 60_000_000 };
         // 20 reserved in the key's bucket and the model's; 5 used; a second answer over its 10 by 7.
         outbox.settle(&[held("t", 20), held("t.m", 20)], Some(5), 0);
         outbox.settle(&[held("t", 10)], Some(17), 0);
         outbox.settle(&[held("t", 10)], None, 0);
-        let first = outbox.take_debits(1_000);
+        let first = outbox.take_debits("vm", 1_000);
         assert_eq!(first.len(), 1);
         let sent = &first[0].request;
         assert!(sent.debit);
         let nets: Vec<(&str, u64, u64)> = sent.buckets.iter().map(|b| (b.name.as_str(), b.cost, b.refund)).collect();
         assert_eq!(nets, [("t", 0, 8), ("t.m", 0, 15)]);
-        assert_eq!(outbox.take_debits(2_000), []);
+        assert_eq!(outbox.take_debits("vm", 2_000), []);
         // A batch whose answer was lost goes again with its id, apart from what came since.
         outbox.put_back_debits(first[0].clone());
         outbox.settle(&[held("t", 0)], Some(3), 0);
-        let again = outbox.take_debits(3_000);
+        let again = outbox.take_debits("vm", 3_000);
         assert_eq!(again.len(), 2);
         assert_eq!(again[0], first[0]);
         assert_ne!(again[1].request.id, first[0].request.id);
         assert_eq!((again[1].request.buckets[0].cost, again[1].first_sent_us), (3, 3_000));
         // Past the retry window, a batch is dropped and counted.
         outbox.put_back_debits(first[0].clone());
-        assert_eq!(outbox.take_debits(1_000 + DEBIT_RETRY_US), []);
+        assert_eq!(outbox.take_debits("vm", 1_000 + DEBIT_RETRY_US), []);
         assert_eq!(outbox.take_dropped_debits(), 1);
     }
 
