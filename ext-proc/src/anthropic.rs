@@ -132,8 +132,7 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
         }
         match key.as_str() {
             "model" => {
-                let model = profile.model.clone().map(Value::String).unwrap_or(value);
-                out.insert("model".into(), model);
+                out.insert("model".into(), value);
             }
             "messages" => {
                 let (system, messages) = messages(&value)?;
@@ -193,6 +192,10 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
             // parameters newer than this gateway) has no Anthropic counterpart and is dropped.
             _ => {}
         }
+    }
+    // The backend's name for the model, whatever the client named (or left out).
+    if let Some(model) = &profile.model {
+        out.insert("model".into(), Value::String(model.clone()));
     }
     let max_tokens = max_tokens.or_else(|| profile.defaults.get("max_tokens").cloned());
     out.insert("max_tokens".into(), max_tokens.unwrap_or(json!(DEFAULT_MAX_TOKENS)));
@@ -595,6 +598,14 @@ mod tests {
                 "tool_choice": {"type": "any", "disable_parallel_tool_use": true}
             })
         );
+    }
+
+    #[test]
+    fn a_renamed_model_is_sent_whatever_the_client_named() {
+        let profile = BackendProfile { model: Some("claude-y".into()), ..Default::default() };
+        for request in [json!({"messages": []}), json!({"model": null, "messages": []}), json!({"model": "m"})] {
+            assert_eq!(translate_with(request, profile.clone()).unwrap()["model"], "claude-y");
+        }
     }
 
     #[test]
