@@ -494,7 +494,8 @@ impl ChunkWriter {
             Some("message_start") => {
                 let message = &data["message"];
                 self.head.identify(message["id"].clone(), message["model"].clone());
-                self.usage = message["usage"].clone();
+                // An object, whatever the backend sent: message_delta adds its output tokens to it.
+                self.usage = Value::Object(message["usage"].as_object().cloned().unwrap_or_default());
                 self.delta(out, json!({"role": "assistant", "content": ""}), Value::Null);
             }
             Some("content_block_start") if data["content_block"]["type"] == "tool_use" => {
@@ -810,6 +811,21 @@ mod tests {
             let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
             let _ = t.request(&body);
         }
+    }
+
+    #[test]
+    fn a_message_start_whose_usage_is_no_object_counts_as_none() {
+        let out = streamed(
+            &[concat!(
+                "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":5}}\n\n",
+                "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}\n\n",
+                "data: {\"type\":\"message_stop\"}\n\n"
+            )
+            .as_bytes()],
+            true,
+        );
+        let usage = chunks(&out).pop().unwrap()["usage"].clone();
+        assert_eq!((&usage["prompt_tokens"], &usage["completion_tokens"]), (&json!(0), &json!(2)));
     }
 
     #[test]
