@@ -475,8 +475,13 @@ impl ChunkWriter {
         for data in framing::event_data(&complete) {
             let Ok(parsed) = serde_json::from_slice::<Value>(&data) else { continue };
             if parsed.get("type").is_none() && parsed.get("error").is_some() {
-                // The stream guard's error event: already OpenAI's, passed on byte for byte.
-                framing::write_data(&mut out, &data);
+                // The stream guard's error event: already OpenAI's, passed on byte for byte
+                // unless it came over several data lines, which one `data:` line cannot hold.
+                if data.contains(&b'\n') {
+                    framing::write_data(&mut out, parsed.to_string().as_bytes());
+                } else {
+                    framing::write_data(&mut out, &data);
+                }
             } else {
                 self.translate(&parsed, &mut out);
             }
@@ -846,5 +851,11 @@ mod tests {
         assert!(!out.contains("[DONE]"));
         let guard = streamed(&[b"data: {\"error\":{\"message\":\"cut\",\"type\":\"server_error\",\"param\":null,\"code\":\"stream_interrupted\"}}\n\n"], false);
         assert_eq!(chunks(&guard)[0]["error"]["code"], "stream_interrupted");
+    }
+
+    #[test]
+    fn an_error_event_over_several_data_lines_goes_on_as_one() {
+        let out = streamed(&[b"data: {\"error\":\ndata: {\"message\":\"cut\"}}\n\n"], false);
+        assert_eq!(out, "data: {\"error\":{\"message\":\"cut\"}}\n\n");
     }
 }
