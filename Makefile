@@ -41,7 +41,7 @@ build: wasm-target
 
 # Coverage-guided fuzzing of the parsers (tests/fuzz, docs/fuzzing.md); not part of `make test`.
 # cargo-fuzz needs -Z flags: RUSTC_BOOTSTRAP lets the stable toolchain take them. No sanitizer:
-# the parsers are safe Rust, and libFuzzer runs them about twice as fast without ASan.
+# the parsers are safe Rust, where AddressSanitizer has little to find and slows every run.
 FUZZ_SECONDS ?= 60
 FUZZ_DIR := tests/fuzz
 FUZZ := RUSTC_BOOTSTRAP=1 cargo fuzz
