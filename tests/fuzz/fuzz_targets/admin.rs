@@ -2,8 +2,8 @@
 //! report's query string, and the shared limits' spend request (and the
 //! filter's reading of the verdicts that come back).
 //!
-//! Invariants: each non-blank line is a record or a rejection, never both or
-//! neither; an accepted record's cost is a price; what parses survives a round
+//! Invariants: each non-blank line is a record, a tally or a rejection, only
+//! one of them; an accepted record's cost is a price; what parses survives a round
 //! trip through its own serialisation; a report window never ends before it
 //! starts; a refusal is an OpenAI error with a 400.
 #![no_main]
@@ -18,13 +18,17 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             let parsed = parse_records(data);
             let lines = data.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()).count();
-            assert_eq!(parsed.records.len() as u64 + parsed.rejected, lines as u64);
+            assert_eq!((parsed.records.len() + parsed.tallies.len()) as u64 + parsed.rejected, lines as u64);
             assert_eq!(parsed.first_error.is_some(), parsed.rejected > 0);
             for record in &parsed.records {
                 assert!(record.cost_usd.is_none_or(|c| c.is_finite() && c >= 0.0), "{record:?}");
                 let again = serde_json::to_vec(record).expect("a record serialises");
                 let reparsed = parse_records(&again);
                 assert_eq!(reparsed.records.len(), 1, "a record survives its round trip: {record:?}");
+            }
+            for tally in &parsed.tallies {
+                let again = serde_json::to_vec(tally).expect("a tally serialises");
+                assert_eq!(parse_records(&again).tallies, [tally.clone()], "a tally survives its round trip");
             }
         }
         1 => {
