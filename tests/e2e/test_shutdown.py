@@ -78,3 +78,49 @@ def test_sigterm_lets_open_streams_finish_ends_the_rest_with_an_error_event_and_
         assert stream.error.message.startswith("The gateway is shutting down")
         assert 0 < len([c for c in stream.contents if c]) < LONG
     assert guard.wait(30) == 0
+
+
+class Whole(threading.Thread):
+    """A whole request to the Anthropic backend (translated by ext_proc both ways), whose
+    answer takes `ttft_ms`: the completion it got, or the error."""
+
+    def __init__(self, stack, ttft_ms: int):
+        super().__init__(daemon=True)
+        self.stack, self.ttft_ms = stack, ttft_ms
+        self.completion, self.error = None, None
+
+    def run(self):
+        try:
+            self.completion = sdk(self.stack).chat.completions.create(
+                model="claude-sonnet-4-5", messages=HELLO, max_tokens=5,
+                extra_headers={"x-sim-ttft-ms": str(self.ttft_ms)})
+        except openai.APIError as e:
+            self.error = e
+
+
+@pytest.fixture
+def ext_proc_gateway():
+    with Stack(ext_proc_args=["--shutdown-deadline-secs", str(DEADLINE_SECS)]) as s:
+        yield s
+
+
+def test_sigterm_lets_ext_procs_open_exchanges_finish_then_it_exits(ext_proc_gateway):
+    gateway = ext_proc_gateway
+    short = [Whole(gateway, 1500) for _ in range(3)]
+    long = [Whole(gateway, 30_000) for _ in range(2)]
+    for request in short + long:
+        request.start()
+    time.sleep(0.5)  # every request is past ext_proc's rewrite and waits for its answer
+
+    ext_proc = gateway.terminate("ext-proc")
+    for request in short + long:
+        request.join(60)
+    for request in short:
+        # Answered within the deadline: translated back from Anthropic's shape as usual.
+        assert request.error is None, request.error
+        assert request.completion.object == "chat.completion" and request.completion.choices[0].message.content
+    for request in long:
+        # Still waiting at the deadline: an OpenAI error, never an untranslated answer.
+        assert isinstance(request.error, openai.APIStatusError), request.error
+        assert request.error.status_code == 503 and request.error.body["code"] == "processing_failed"
+    assert ext_proc.wait(30) == 0
