@@ -5,7 +5,7 @@
 //!   that do not parse are skipped and counted; the answer is
 //!   `200 {"accepted":N,"rejected":M}`, or a 400 error when lines came and
 //!   none parsed (a sender speaking another version). Every value that
-//!   becomes a label or a log field is bounded again here
+//!   becomes a label or a log field is bounded again here.
 //!   A batch with an `x-modelgate-batch-id` already applied is answered the
 //!   same, with `"repeat":true`, and not applied again
 //!   ([`crate::usage_store`]); a 503 when the usage store cannot keep it.

@@ -95,10 +95,16 @@ impl Context for Plugin {
                 ));
                 self.requeue(batch);
             }
-            Delivery::Refused => host::log_error(&format!(
-                "modelgate: ext-proc's admin port refused a batch of usage records or token debits (status {}); it is dropped",
-                String::from_utf8_lossy(&status)
-            )),
+            Delivery::Refused => {
+                host::log_error(&format!(
+                    "modelgate: ext-proc's admin port refused a batch of usage records or token debits (status {}); it is dropped",
+                    String::from_utf8_lossy(&status)
+                ));
+                match batch {
+                    Batch::Records(batch) => self.outbox.give_up(&batch),
+                    Batch::Debits(_) => self.outbox.give_up_debits(),
+                }
+            }
         }
     }
 }
@@ -164,7 +170,7 @@ impl RootContext for Plugin {
         }
     }
 
-    /// Sends the usage records this worker holds.
+    /// Sends the usage records and token settlements this worker holds, and tells of what it dropped.
     fn on_tick(&mut self) {
         let dropped = self.outbox.take_dropped();
         if dropped > 0 {
@@ -178,7 +184,7 @@ impl RootContext for Plugin {
         let dropped = self.outbox.take_dropped_debits();
         if dropped > 0 {
             host::log_error(&format!(
-                "modelgate: {dropped} batches of token debits dropped: the shared rate-limit store did not take them for five minutes"
+                "modelgate: {dropped} batches of token debits dropped: the shared rate-limit store did not take them in five minutes, or refused them"
             ));
         }
         let router = Rc::clone(&self.router);
@@ -247,7 +253,7 @@ struct Request {
     caller: Caller,
     /// What the key's limits said, for the answer's `x-ratelimit-*` headers.
     admission: Admission,
-    /// A model-routed request past its key check: what its usage record and token debit need.
+    /// A model-routed request past its key check: what its usage record and token settlement need.
     routed: Option<Routed>,
     answer: Option<answer::Answer>,
     /// The status the client got.

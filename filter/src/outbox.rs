@@ -28,7 +28,15 @@ type RefusedGroup = (String, String, bool, u16);
 pub struct RecordBatch {
     pub id: String,
     pub lines: Vec<u8>,
+    /// When it was made, in milliseconds since the Unix epoch.
+    pub made_ms: u64,
 }
+
+/// How long a batch that did not land is sent again before it is dropped
+/// (and counted): well inside the time ext-proc remembers the ids it applied
+/// (`--usage-dedup-minutes`, an hour by default), so a batch applied whose
+/// answer was lost is never applied twice.
+pub const RECORD_RETRY_MS: u64 = 30 * 60_000;
 
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -106,8 +114,12 @@ impl Outbox {
     /// and its number; `None` when there is nothing. New records wait while
     /// older batches are sent again, one a call.
     pub fn take(&self, sender: &str, now_ms: u64) -> Option<RecordBatch> {
-        if let Some(batch) = self.unsent.borrow_mut().pop_front() {
-            return Some(batch);
+        loop {
+            let Some(batch) = self.unsent.borrow_mut().pop_front() else { break };
+            if now_ms.saturating_sub(batch.made_ms) < RECORD_RETRY_MS {
+                return Some(batch);
+            }
+            self.give_up(&batch);
         }
         let mut lines = std::mem::take(&mut *self.lines.borrow_mut());
         let refused = std::mem::take(&mut *self.refused.borrow_mut());
@@ -126,7 +138,7 @@ impl Outbox {
         if lines.is_empty() {
             return None;
         }
-        Some(RecordBatch { id: self.next_batch_id(sender), lines })
+        Some(RecordBatch { id: self.next_batch_id(sender), lines, made_ms: now_ms })
     }
 
     /// A new batch id: `sender` (unique to this VM) and the batch's number.
@@ -179,11 +191,21 @@ impl Outbox {
     /// applied already, and a part sent again under a new id would count twice.
     pub fn put_back(&self, sent: RecordBatch) {
         if self.held_bytes() + sent.lines.len() > MAX_HELD_BYTES {
-            let lines = sent.lines.split(|b| *b == b'\n').filter(|l| !l.is_empty());
-            self.drop_records(lines.filter(|l| serde_json::from_slice::<Tally>(l).is_err()).count() as u64);
+            self.give_up(&sent);
             return;
         }
         self.unsent.borrow_mut().push_back(sent);
+    }
+
+    /// A batch that will not be sent again: its records are counted as dropped.
+    pub fn give_up(&self, batch: &RecordBatch) {
+        let lines = batch.lines.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        self.drop_records(lines.filter(|l| serde_json::from_slice::<Tally>(l).is_err()).count() as u64);
+    }
+
+    /// Debits that will not be sent again, counted with those dropped.
+    pub fn give_up_debits(&self) {
+        self.dropped_debits.set(self.dropped_debits.get() + 1);
     }
 
     /// Debits sent whose outcome is unknown (no answer, or an error): sent again with the next batch.
@@ -215,7 +237,8 @@ pub enum Delivery {
 pub fn delivery(status: &[u8]) -> Delivery {
     match status {
         [b'2', ..] => Delivery::Taken,
-        b"408" | b"429" => Delivery::Retry,
+        // 401 and 403: the internal tokens disagree, which the operators can mend (a rotation).
+        b"401" | b"403" | b"408" | b"429" => Delivery::Retry,
         [b'4', ..] => Delivery::Refused,
         _ => Delivery::Retry,
     }
@@ -261,9 +284,23 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_sent_again_only_while_ext_proc_remembers_its_id() {
+        let outbox = Outbox::default();
+        outbox.push(&UsageRecord { request_id: "r".into(), ..UsageRecord::default() });
+        let sent = outbox.take("vm", NOW).unwrap();
+        outbox.put_back(sent.clone());
+        assert_eq!(outbox.take("vm", NOW + RECORD_RETRY_MS - 1), Some(sent.clone()));
+        outbox.put_back(sent);
+        // Past that it is dropped, and only the count of its records goes on.
+        let told = outbox.take("vm", NOW + RECORD_RETRY_MS).unwrap();
+        assert_eq!((ids(&told), tally(&told.lines).map(|t| t.dropped_records)), (vec![], Some(1)));
+        assert_eq!(outbox.take_dropped(), 1);
+    }
+
+    #[test]
     fn only_a_refused_batch_is_given_up() {
         assert_eq!(delivery(b"200"), Delivery::Taken);
-        for status in [&b""[..], b"503", b"504", b"500", b"408", b"429"] {
+        for status in [&b""[..], b"503", b"504", b"500", b"408", b"429", b"401", b"403"] {
             assert_eq!(delivery(status), Delivery::Retry, "{status:?}");
         }
         assert_eq!(delivery(b"400"), Delivery::Refused);
