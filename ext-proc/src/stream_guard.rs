@@ -311,6 +311,8 @@ impl StreamGuard {
             Err(e) => return error_response(e),
         };
         let request_id = parts.headers.get("x-request-id").cloned();
+        // Whole requests of a model with fallbacks come this way too: only a stream's answer must be one.
+        let streamed = asks_for_stream(&whole);
         // A backend that cannot take this request (an endpoint or parameter its dialect lacks, a
         // key it cannot read) is left out: it is no attempt, and no failure of its hides another's.
         let mut prepared = Vec::with_capacity(chain.members.len());
@@ -352,6 +354,9 @@ impl StreamGuard {
                     // A stream counts as answered once its first bytes are in: a backend that
                     // sends its headers and dies before any event can still be left for the next.
                     let streams = response.status().is_success() && stream_framing(response.headers()).is_some();
+                    if streamed && response.status().is_success() && !streams {
+                        return served_by(not_a_stream(response.headers(), request_id), &member.backend, index + 1);
+                    }
                     let (response, first) = if streams && !is_last {
                         match first_bytes(response, per_try).await {
                             Ok(started) => started,
@@ -608,6 +613,16 @@ async fn guard_response(
 
 /// A stream's answer for a success that is not a stream (a whole answer, an
 /// empty body): an event stream of one error event, as for a broken stream.
+/// Whether a client's JSON body asks for a stream (`"stream": true`).
+fn asks_for_stream(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Stream {
+        #[serde(default)]
+        stream: bool,
+    }
+    serde_json::from_slice::<Stream>(body).is_ok_and(|b| b.stream)
+}
+
 fn not_a_stream(headers: &HeaderMap, request_id: Option<HeaderValue>) -> Response<GuardedBody> {
     let content_type = headers.get(CONTENT_TYPE).map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned());
     tracing::warn!(request_id = ?request_id, content_type, "stream guard: the backend answered a stream without one");
