@@ -482,11 +482,9 @@ impl ChunkWriter {
     }
 
     /// `out` followed by `error`'s event, the stream's last.
-    fn end_with(&mut self, mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
-        tracing::warn!(reason = error.body.message, "ending a translated stream early");
+    fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
         self.ended = true;
-        out.extend_from_slice(&error_event(error));
-        out
+        crate::translate::ended_early(out, error)
     }
 
     fn translate(&mut self, answer: &Value, out: &mut Vec<u8>) {

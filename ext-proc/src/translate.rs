@@ -12,7 +12,7 @@
 use crate::{anthropic, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::GatewayError;
-use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
+use modelgate_proto::framing::{error_event, DEFAULT_MAX_EVENT_BYTES};
 use serde_json::Value;
 
 /// The OpenAI endpoint a request was sent to.
@@ -211,6 +211,14 @@ impl StreamHead {
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
     }
+}
+
+/// `out` followed by `error`'s event: how a translated stream ends early (an
+/// event too long to hold, one that cannot be read), logged once here.
+pub fn ended_early(mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
+    tracing::warn!(reason = error.body.message, "ending a translated stream early");
+    out.extend_from_slice(&error_event(error));
+    out
 }
 
 /// Seconds since the Unix epoch: OpenAI's `created`.
