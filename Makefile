@@ -37,7 +37,7 @@ bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
 
 build: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-filter
-	cargo build --release -p modelgate-ext-proc -p modelgate-simulator -p modelgate-bench
+	cargo build --release -p modelgate-ext-proc -p modelgate-stream-guard -p modelgate-simulator -p modelgate-bench
 
 # Coverage-guided fuzzing of the parsers (tests/fuzz, docs/fuzzing.md); not part of `make test`.
 # cargo-fuzz needs -Z flags: RUSTC_BOOTSTRAP lets the stable toolchain take them. No sanitizer:

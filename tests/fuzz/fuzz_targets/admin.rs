@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelgate_ext_proc::admin::{parse_records, parse_window};
+use modelgate_admin::routes::{parse_records, parse_window};
 use modelgate_proto::limits::{SpendRequest, SpendResponse};
 
 fuzz_target!(|data: &[u8]| {

@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelgate_ext_proc::translate::{Endpoint, ResponseContext};
+use modelgate_dialects::dialect::{Endpoint, ResponseContext};
 use modelgate_fuzz::{assert_chunk_or_error, assert_envelope, comparable, openai_events, Cut};
 use modelgate_proto::backend::Dialect;
 

@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelgate_ext_proc::translate::{for_backend, Endpoint};
+use modelgate_dialects::dialect::{for_backend, Endpoint};
 use modelgate_fuzz::assert_envelope;
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use serde::de::IgnoredAny;

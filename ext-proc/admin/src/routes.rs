@@ -20,11 +20,10 @@
 //!
 //! Errors are OpenAI envelopes. With an internal token configured, the two
 //! routes the filter calls (records, spend) serve only callers presenting it
-//! ([`crate::internal_token`]); the metrics and the report are read by
+//! ([`modelgate_runtime::internal_token`]); the metrics and the report are read by
 //! people and scrapers, so bind the port to loopback or a network only the
 //! gateway and its operators reach.
 
-use crate::internal_token::{self, InternalToken};
 use crate::metrics::{self, Metrics};
 use crate::shared_limits::SharedLimits;
 use crate::usage_report::Retention;
@@ -40,6 +39,7 @@ use axum::Router;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::usage::{bounded, Tally, UsageRecord, INVALID, OTHER_MODELS};
+use modelgate_runtime::internal_token::{self, InternalToken};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,9 +1,9 @@
 use clap::Parser;
-use modelgate_ext_proc::credentials::KeySourceArgs;
-use modelgate_ext_proc::internal_token::InternalTokenArgs;
-use modelgate_ext_proc::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
-use modelgate_ext_proc::stream_guard::{StreamGuard, DEFAULT_MAX_HEADERS};
+use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
+use modelgate_runtime::internal_token::InternalTokenArgs;
+use modelgate_runtime::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
+use modelgate_stream_guard::relay::{StreamGuard, DEFAULT_MAX_HEADERS};
 use std::net::SocketAddr;
 use std::time::Duration;
 

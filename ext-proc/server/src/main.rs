@@ -1,13 +1,13 @@
 use clap::Parser;
-use modelgate_ext_proc::admin::{self, Admin};
-use modelgate_ext_proc::credentials::KeySourceArgs;
-use modelgate_ext_proc::internal_token::InternalTokenArgs;
-use modelgate_ext_proc::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
+use modelgate_admin::routes::{self, Admin};
+use modelgate_admin::shared_limits::SharedLimits;
+use modelgate_admin::usage_report::Retention;
+use modelgate_admin::usage_store::{Dedup, Ledger, RedisUsage, Usage};
+use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
-use modelgate_ext_proc::shared_limits::SharedLimits;
-use modelgate_ext_proc::usage_report::Retention;
-use modelgate_ext_proc::usage_store::{Dedup, Ledger, RedisUsage, Usage};
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
+use modelgate_runtime::internal_token::InternalTokenArgs;
+use modelgate_runtime::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,7 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Usage::local(ledger)
             }
         };
-        let admin = admin::router(Arc::new(Admin::with_usage(usage)), limits, token.clone());
+        let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone());
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");

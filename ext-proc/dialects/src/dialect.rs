@@ -2,8 +2,8 @@
 //! request becomes the backend's ([`Translation`]), and how the backend's
 //! answer, whole or streamed, becomes OpenAI's ([`ResponseTranslation`]). One
 //! file per dialect implements them ([`crate::openai`], [`crate::anthropic`],
-//! [`crate::ollama`]); [`crate::exchange`] drives them from Envoy's messages and
-//! the [`crate::stream_guard`] drives them from the bytes it relays (both
+//! [`crate::ollama`]); ext-proc drives them from Envoy's messages and
+//! the the stream guard drives them from the bytes it relays (both
 //! through [`crate::call`]), and neither knows anything of any dialect.
 //!
 //! The two halves meet through a [`ResponseContext`]: what the answer's

@@ -1,11 +1,11 @@
 //! One request's call to its backend, as the filter's backend profile
 //! describes it: the dialect's translation and the backend's key, and what
-//! they make of the request. ext_proc ([`crate::exchange`]) and the stream
-//! guard ([`crate::stream_guard`]) both start from here, so a request is
+//! they make of the request. ext_proc (ext-proc) and the stream
+//! guard (the stream guard) both start from here, so a request is
 //! rewritten the same way whichever of them handles it.
 
 use crate::credentials::KeySources;
-use crate::translate::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
+use crate::dialect::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
 use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
 
@@ -45,7 +45,7 @@ impl BackendCall {
         let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
         let source = profile.api_key.clone();
         // An endpoint the backend lacks is refused before any key is read.
-        let translation = translate::for_backend(profile, endpoint)?;
+        let translation = dialect::for_backend(profile, endpoint)?;
         let key = match &source {
             Some(source) => keys.resolve(source, client_key)?,
             None => None,

@@ -92,17 +92,6 @@ pub fn refused() -> GatewayError {
     )
 }
 
-/// ext_proc's gRPC stream carries the token as metadata (Envoy's `initial_metadata`).
-impl tonic::service::Interceptor for InternalToken {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if self.admits(request.metadata().get(headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
-            Ok(request)
-        } else {
-            Err(tonic::Status::unauthenticated(refused().body.message))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,15 +122,5 @@ mod tests {
         assert!(args.load("test").is_err());
         std::fs::remove_file(&file).unwrap();
         assert!(args.load("test").is_err(), "a named file that is missing fails at start");
-    }
-
-    #[test]
-    fn grpc_calls_without_the_token_are_unauthenticated() {
-        use tonic::service::Interceptor;
-        let mut token = InternalToken::new("tok");
-        assert_eq!(token.call(tonic::Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
-        let mut request = tonic::Request::new(());
-        request.metadata_mut().insert(headers::INTERNAL_TOKEN, "tok".parse().unwrap());
-        assert!(token.call(request).is_ok());
     }
 }

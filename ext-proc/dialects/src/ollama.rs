@@ -8,10 +8,10 @@
 //! lines, become OpenAI completions, chunks and embeddings, with
 //! `prompt_eval_count` and `eval_count` as usage.
 
-use crate::openai::bearer;
-use crate::translate::{
+use crate::dialect::{
     self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
 };
+use crate::openai::bearer;
 use base64::Engine;
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
@@ -31,7 +31,7 @@ impl Translation {
     }
 }
 
-impl translate::Translation for Translation {
+impl dialect::Translation for Translation {
     fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
         let request: Map<String, Value> =
             serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
@@ -128,7 +128,7 @@ fn invalid_type(param: &str, expected: &str) -> GatewayError {
 }
 
 fn unsupported(param: &str, why: &str) -> GatewayError {
-    translate::unsupported_parameter(param, &format!("with Ollama models{why}"))
+    dialect::unsupported_parameter(param, &format!("with Ollama models{why}"))
 }
 
 /// Defaults fill what the request left out; `options` are merged key by key.
@@ -381,13 +381,13 @@ fn chat_completion(answer: &Value, model: &Value) -> Value {
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls.clone());
     }
-    json!({"id": id, "object": "chat.completion", "created": translate::unix_now(), "model": model,
+    json!({"id": id, "object": "chat.completion", "created": dialect::unix_now(), "model": model,
            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(answer, !calls.is_empty())}],
            "usage": usage(answer)})
 }
 
 fn text_completion(answer: &Value, model: &Value) -> Value {
-    json!({"id": new_id("cmpl"), "object": "text_completion", "created": translate::unix_now(), "model": model,
+    json!({"id": new_id("cmpl"), "object": "text_completion", "created": dialect::unix_now(), "model": model,
            "choices": [{"index": 0, "text": answer["response"], "logprobs": null, "finish_reason": finish_reason(answer, false)}],
            "usage": usage(answer)})
 }
@@ -484,7 +484,7 @@ impl ChunkWriter {
     /// `out` followed by `error`'s event, the stream's last.
     fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
         self.ended = true;
-        crate::translate::ended_early(out, error)
+        crate::dialect::ended_early(out, error)
     }
 
     fn translate(&mut self, answer: &Value, out: &mut Vec<u8>) {
@@ -542,8 +542,8 @@ impl ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::testing::{chunks, deltas, feed};
-    use crate::translate::Translation as _;
+    use crate::dialect::testing::{chunks, deltas, feed};
+    use crate::dialect::Translation as _;
     use proptest::prelude::*;
 
     fn translation(endpoint: Endpoint) -> Translation {

@@ -1,7 +1,6 @@
 //! Building ext_proc answers: the wire-level details of Envoy's protocol, kept
 //! out of the code that decides what to answer.
 
-use crate::translate::HeaderChanges;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{BodySendMode, HeaderSendMode};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
@@ -11,6 +10,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse, ProcessingResponse,
     TrailersResponse,
 };
+use modelgate_dialects::dialect::HeaderChanges;
 use modelgate_proto::error::GatewayError;
 
 /// The value of a request header Envoy sent, if present.

@@ -2,13 +2,14 @@
 //! order by one [`Exchange`], as a stream transformation — no task or channel
 //! per request on this hot path.
 
-use crate::credentials::KeySources;
 use crate::exchange::Exchange;
-use crate::internal_token::InternalToken;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use modelgate_dialects::credentials::KeySources;
+use modelgate_proto::headers;
+use modelgate_runtime::internal_token::{self, InternalToken};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
@@ -37,11 +38,25 @@ pub fn server(
     processor: Processor,
     token: InternalToken,
     max_message_bytes: usize,
-) -> InterceptedService<ExternalProcessorServer<Processor>, InternalToken> {
+) -> InterceptedService<ExternalProcessorServer<Processor>, TokenCheck> {
     let server = ExternalProcessorServer::new(processor)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
-    InterceptedService::new(server, token)
+    InterceptedService::new(server, TokenCheck(token))
+}
+
+/// ext_proc's gRPC stream carries the internal token as metadata (Envoy's `initial_metadata`).
+#[derive(Clone)]
+pub struct TokenCheck(InternalToken);
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if self.0.admits(request.metadata().get(headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
+            Ok(request)
+        } else {
+            Err(tonic::Status::unauthenticated(internal_token::refused().body.message))
+        }
+    }
 }
 
 type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
@@ -68,5 +83,20 @@ impl ExternalProcessor for Processor {
             }
         });
         Ok(Response::new(Box::pin(answers.filter_map(|answer| answer))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_calls_without_the_token_are_unauthenticated() {
+        use tonic::service::Interceptor;
+        let mut token = TokenCheck(InternalToken::new("tok"));
+        assert_eq!(token.call(tonic::Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let mut request = tonic::Request::new(());
+        request.metadata_mut().insert(headers::INTERNAL_TOKEN, "tok".parse().unwrap());
+        assert!(token.call(request).is_ok());
     }
 }

@@ -3,13 +3,13 @@
 //! request's [`BackendCall`] decides every rewrite. Pure but for reading a
 //! key file; tested without Envoy.
 
-use crate::call::BackendCall;
-use crate::credentials::KeySources;
-use crate::messages;
-use crate::translate::{HeaderChanges, ResponseTranslation};
+use crate::envoy_messages;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
+use modelgate_dialects::call::BackendCall;
+use modelgate_dialects::credentials::KeySources;
+use modelgate_dialects::dialect::{HeaderChanges, ResponseTranslation};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::sync::Arc;
@@ -44,26 +44,26 @@ impl Exchange {
                 Ok(Some(call)) => {
                     let watch = call.translates_responses();
                     self.active = Some(Active { call, responses: None, response: None });
-                    messages::continue_request_headers(watch)
+                    envoy_messages::continue_request_headers(watch)
                 }
-                Ok(None) => messages::pass(&request),
-                Err(e) => messages::reject(&e),
+                Ok(None) => envoy_messages::pass(&request),
+                Err(e) => envoy_messages::reject(&e),
             },
             (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
                 Ok(upstream) => {
                     active.responses = active.call.response_translation(self.max_event_bytes);
                     match upstream.body {
-                        Some(body) => messages::replace_request_body(body, upstream.headers),
-                        None => messages::change_request_headers(upstream.headers),
+                        Some(body) => envoy_messages::replace_request_body(body, upstream.headers),
+                        None => envoy_messages::change_request_headers(upstream.headers),
                     }
                 }
-                Err(e) => messages::reject(&e),
+                Err(e) => envoy_messages::reject(&e),
             },
             (Request::ResponseHeaders(h), Some(Active { responses: Some(responses), response, .. })) => {
-                let status = messages::header(h, ":status")
+                let status = envoy_messages::header(h, ":status")
                     .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
                     .unwrap_or(200);
-                let content_type = messages::header(h, "content-type").unwrap_or_default();
+                let content_type = envoy_messages::header(h, "content-type").unwrap_or_default();
                 let plan = responses.plan(status, content_type);
                 *response = Some((status, plan.streamed));
                 let mut changes = HeaderChanges { set: Vec::new(), remove: vec!["content-length"] };
@@ -71,18 +71,20 @@ impl Exchange {
                     changes.set.push((":status", plan.status.to_string()));
                 }
                 changes.set.extend(plan.content_type.map(|c| ("content-type", c.to_string())));
-                messages::rewrite_response_headers(changes, plan.streamed)
+                envoy_messages::rewrite_response_headers(changes, plan.streamed)
             }
             (Request::ResponseBody(body), Some(Active { responses: Some(responses), response, .. })) => {
                 match response {
                     Some((_, true)) => {
-                        messages::replace_response_piece(responses.stream(&body.body, body.end_of_stream))
+                        envoy_messages::replace_response_piece(responses.stream(&body.body, body.end_of_stream))
                     }
-                    Some((status, false)) => messages::replace_response_body(responses.whole(*status, &body.body)),
-                    None => messages::pass(&request),
+                    Some((status, false)) => {
+                        envoy_messages::replace_response_body(responses.whole(*status, &body.body))
+                    }
+                    None => envoy_messages::pass(&request),
                 }
             }
-            _ => messages::pass(&request),
+            _ => envoy_messages::pass(&request),
         };
         Some(answer)
     }
@@ -91,11 +93,11 @@ impl Exchange {
 /// The backend call a request needs, from its headers; `None` when the filter
 /// marked nothing to do.
 fn start(request: &HttpHeaders, keys: &KeySources) -> Result<Option<BackendCall>, GatewayError> {
-    let Some(profile) = messages::header(request, headers::BACKEND) else {
+    let Some(profile) = envoy_messages::header(request, headers::BACKEND) else {
         return Ok(None);
     };
-    let path = messages::header(request, ":path").unwrap_or_default();
-    let client_key = headers::CLIENT_KEYS.iter().find_map(|name| messages::header(request, name));
+    let path = envoy_messages::header(request, ":path").unwrap_or_default();
+    let client_key = headers::CLIENT_KEYS.iter().find_map(|name| envoy_messages::header(request, name));
     BackendCall::start(profile, path, client_key, keys).map(Some)
 }
 

@@ -35,11 +35,7 @@
 //! guard stops accepting connections, lets open streams finish until a
 //! deadline, and ends those still open then with an error event.
 
-use crate::call::BackendCall;
-use crate::credentials::KeySources;
-use crate::failover::RetryBudget;
-use crate::internal_token::{self, InternalToken};
-use crate::translate::ResponseTranslation;
+use crate::retry_budget::RetryBudget;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -49,10 +45,14 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use modelgate_dialects::call::BackendCall;
+use modelgate_dialects::credentials::KeySources;
+use modelgate_dialects::dialect::ResponseTranslation;
 use modelgate_proto::chain::{Chain, Member};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use modelgate_proto::headers;
+use modelgate_runtime::internal_token::{self, InternalToken};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -299,8 +299,10 @@ impl StreamGuard {
     ) -> Response<GuardedBody> {
         let chain = match Chain::from_header(chain) {
             Ok(chain) if !chain.members.is_empty() => chain,
-            Ok(_) => return error_response(crate::call::misconfigured(&"a fallback chain without backends")),
-            Err(e) => return error_response(crate::call::misconfigured(&e)),
+            Ok(_) => {
+                return error_response(modelgate_dialects::call::misconfigured(&"a fallback chain without backends"))
+            }
+            Err(e) => return error_response(modelgate_dialects::call::misconfigured(&e)),
         };
         remove_hop_by_hop(&mut parts.headers);
         if let Err(e) = self.point_upstream(&mut parts) {
@@ -327,7 +329,9 @@ impl StreamGuard {
             }
         }
         let Some(last) = prepared.len().checked_sub(1) else {
-            return error_response(unfit.unwrap_or_else(|| crate::call::misconfigured(&"an empty fallback chain")));
+            return error_response(
+                unfit.unwrap_or_else(|| modelgate_dialects::call::misconfigured(&"an empty fallback chain")),
+            );
         };
         let _in_flight = self.budget.enter();
         let per_try = Duration::from_millis(chain.per_try_timeout_ms);
@@ -384,7 +388,7 @@ impl StreamGuard {
             return served_by(answer, &member.backend, index + 1);
         }
         // Unreachable: the last attempt always answers; kept total for the type.
-        error_response(crate::call::misconfigured(&"a fallback chain ended without an answer"))
+        error_response(modelgate_dialects::call::misconfigured(&"a fallback chain ended without an answer"))
     }
 
     /// Sends one prepared attempt: its answer (headers in) and the answer's
@@ -464,7 +468,7 @@ fn prepare(
     if let Some(headers) = request.headers_mut() {
         headers.clone_from(&parts.headers);
     }
-    let (mut parts, ()) = request.body(()).map_err(|e| crate::call::misconfigured(&e))?.into_parts();
+    let (mut parts, ()) = request.body(()).map_err(|e| modelgate_dialects::call::misconfigured(&e))?.into_parts();
     let cluster = HeaderValue::try_from(member.cluster.as_str()).map_err(|_| unusable_header(headers::CLUSTER))?;
     parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
     let (body, translation) = match &member.profile {
@@ -554,7 +558,7 @@ fn apply_rewrite(
 
 /// A header for the backend that HTTP cannot carry (a key file with a line break inside, say).
 fn unusable_header(name: &str) -> GatewayError {
-    crate::call::misconfigured(&format!("the rewritten {name} header is not a valid HTTP header value"))
+    modelgate_dialects::call::misconfigured(&format!("the rewritten {name} header is not a valid HTTP header value"))
 }
 
 /// Headers about one connection, which a relay must not pass on.

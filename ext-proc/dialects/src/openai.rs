@@ -6,7 +6,7 @@
 //! byte for byte, so a large `messages` array costs a scan, not a rebuild.
 //! Key order is kept, and a duplicated key collapses to one.
 
-use crate::translate::{HeaderChanges, Translation, UpstreamRequest};
+use crate::dialect::{HeaderChanges, Translation, UpstreamRequest};
 use indexmap::IndexMap;
 use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;

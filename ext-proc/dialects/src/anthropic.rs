@@ -13,7 +13,7 @@
 //! input as `tool_calls` argument deltas, a usage chunk when asked for, and
 //! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
 
-use crate::translate::{
+use crate::dialect::{
     self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
 };
 use modelgate_proto::backend::{BackendProfile, Dialect};
@@ -37,12 +37,12 @@ impl Translation {
     pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
         match endpoint {
             Endpoint::ChatCompletions => Ok(Translation { profile, include_usage: false }),
-            other => Err(translate::unsupported_endpoint(other, "an Anthropic")),
+            other => Err(dialect::unsupported_endpoint(other, "an Anthropic")),
         }
     }
 }
 
-impl translate::Translation for Translation {
+impl dialect::Translation for Translation {
     fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
         let request: Map<String, Value> =
             serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
@@ -170,24 +170,24 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
             }
             "parallel_tool_calls" => parallel_tool_calls = value.as_bool(),
             "n" if value.as_u64().is_some_and(|n| n > 1) => {
-                return Err(translate::unsupported_parameter("n", "with Anthropic models: they return one choice"));
+                return Err(dialect::unsupported_parameter("n", "with Anthropic models: they return one choice"));
             }
             "logprobs" if value.as_bool() == Some(true) => {
-                return Err(translate::unsupported_parameter("logprobs", "with Anthropic models"));
+                return Err(dialect::unsupported_parameter("logprobs", "with Anthropic models"));
             }
-            "top_logprobs" => return Err(translate::unsupported_parameter("top_logprobs", "with Anthropic models")),
+            "top_logprobs" => return Err(dialect::unsupported_parameter("top_logprobs", "with Anthropic models")),
             "response_format" if value["type"] != "text" => {
-                return Err(translate::unsupported_parameter(
+                return Err(dialect::unsupported_parameter(
                     "response_format",
                     "with Anthropic models: only `text` is available",
                 ));
             }
             "functions" | "function_call" => {
-                return Err(translate::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
+                return Err(dialect::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
             }
-            "audio" => return Err(translate::unsupported_parameter("audio", "with Anthropic models")),
+            "audio" => return Err(dialect::unsupported_parameter("audio", "with Anthropic models")),
             "modalities" if value.as_array().is_some_and(|m| m.iter().any(|m| m == "audio")) => {
-                return Err(translate::unsupported_parameter("modalities", "with Anthropic models: text only"));
+                return Err(dialect::unsupported_parameter("modalities", "with Anthropic models: text only"));
             }
             // Everything else (penalties, seed, logit_bias, service_tier, store, metadata and
             // parameters newer than this gateway) has no Anthropic counterpart and is dropped.
@@ -300,7 +300,7 @@ fn user_blocks(content: &Value, param: &str) -> Result<Vec<Value>, GatewayError>
             Some("text") => blocks.extend(text_block(part["text"].as_str().unwrap_or_default())),
             Some("image_url") => blocks.push(image_block(&part["image_url"]["url"], &part_param)?),
             other => {
-                return Err(translate::unsupported_parameter(
+                return Err(dialect::unsupported_parameter(
                     &format!("{part_param}.type"),
                     &format!("`{}` with Anthropic models: text and image parts only", other.unwrap_or("?")),
                 ))
@@ -356,7 +356,7 @@ fn tools(value: &Value) -> Result<Value, GatewayError> {
         .enumerate()
         .map(|(i, tool)| {
             if tool["type"] != "function" {
-                return Err(translate::unsupported_parameter(
+                return Err(dialect::unsupported_parameter(
                     &format!("tools[{i}].type"),
                     "with Anthropic models: function tools only",
                 ));
@@ -429,7 +429,7 @@ fn chat_completion(message: &Value) -> Value {
         reply["tool_calls"] = Value::Array(calls);
     }
     json!({
-        "id": message["id"], "object": "chat.completion", "created": translate::unix_now(), "model": message["model"],
+        "id": message["id"], "object": "chat.completion", "created": dialect::unix_now(), "model": message["model"],
         "choices": [{"index": 0, "message": reply, "logprobs": null, "finish_reason": finish_reason(&message["stop_reason"])}],
         "usage": usage(&message["usage"]),
     })
@@ -512,7 +512,7 @@ impl ChunkWriter {
     /// `out` followed by `error`'s event, the stream's last.
     fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
         self.ended = true;
-        crate::translate::ended_early(out, error)
+        crate::dialect::ended_early(out, error)
     }
 
     fn delta(&self, out: &mut Vec<u8>, delta: Value, finish_reason: Value) {
@@ -571,8 +571,8 @@ impl ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::testing::{chunks, deltas, feed};
-    use crate::translate::Translation as _;
+    use crate::dialect::testing::{chunks, deltas, feed};
+    use crate::dialect::Translation as _;
     use proptest::prelude::*;
 
     fn translate(request: Value) -> Result<Value, GatewayError> {

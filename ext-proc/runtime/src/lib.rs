@@ -1,0 +1,6 @@
+//! What modelgate's processes beside Envoy (ext-proc and the stream guard)
+//! share: how they start and drain ([`process`]), and the token their
+//! loopback ports ask of callers ([`internal_token`]).
+
+pub mod internal_token;
+pub mod process;

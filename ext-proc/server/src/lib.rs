@@ -1,0 +1,10 @@
+//! modelgate's ext_proc service: runs beside Envoy, only on the routes whose
+//! requests need rewriting. The tonic plumbing ([`service`]) is thin; what to
+//! answer is decided in [`exchange`], from the [`envoy_messages`] Envoy sends,
+//! with the dialects' translations (the `modelgate-dialects` crate).
+//!
+//! The same process serves the admin port (the `modelgate-admin` crate).
+
+pub mod envoy_messages;
+pub mod exchange;
+pub mod service;
