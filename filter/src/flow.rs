@@ -594,3 +594,6 @@ fn code_details<H: Host>(host: &H, relayed: Option<Vec<u8>>) -> String {
     let details = relayed.or_else(|| host.property(&["response", "code_details"]));
     details.map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;

@@ -20,6 +20,8 @@ pub mod answer;
 pub mod endpoint;
 pub mod flow;
 pub mod host;
+#[cfg(test)]
+mod mock_host;
 pub mod outbox;
 pub mod request;
 pub mod routing_fields;
