@@ -387,3 +387,38 @@ fn refusals_before_any_backend_are_counted_and_answers_recorded() {
     assert_eq!(tally["refused"][0]["status"], 404);
     assert_eq!(tally["refused"][0]["model"], "", "its model was never routed");
 }
+
+#[test]
+fn a_body_ended_by_trailers_is_routed_with_them() {
+    let (host, _worker, mut flow) = configured("");
+    host.set_request(&chat_headers(&[]), CHAT);
+    assert_eq!(flow.on_request_headers(&host, false), Action::Pause);
+    assert_eq!(flow.on_request_body(&host, CHAT.len(), false), Action::Pause);
+    assert_eq!(upstream(&host), None);
+    assert_eq!(flow.on_request_trailers(&host), Action::Continue);
+    assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("cluster_a".into()));
+    assert_eq!(flow.on_request_trailers(&host), Action::Continue, "routed once");
+}
+
+#[test]
+fn a_token_limit_holds_a_reservation_until_the_answers_usage_settles_it() {
+    let (host, worker, mut flow) = configured(&keyed(r#"{"tokens_per_minute": 1000}"#, ""));
+    let with_key = chat_headers(&[("authorization", "Bearer sk-team")]);
+    let bounded = br#"{"model":"llama-3","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+    let remaining = |seen: &Seen| seen.header("x-ratelimit-remaining-tokens").unwrap().parse::<u64>().unwrap();
+    send(&host, &mut flow, &with_key, bounded);
+    let usage = br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+    let first = answer(&host, &mut flow, 200, &[], &[usage]);
+    let mut second = worker.new_flow();
+    send(&host, &mut second, &with_key, bounded);
+    let after = answer(&host, &mut second, 200, &[], &[usage]);
+    assert_eq!(remaining(&first) - remaining(&after), 5, "the first request's 5 tokens, not its reservation");
+
+    // An error answer used nothing: its whole reservation comes back.
+    let mut third = worker.new_flow();
+    send(&host, &mut third, &with_key, bounded);
+    answer(&host, &mut third, 500, &[], &[b"{}"]);
+    let mut fourth = worker.new_flow();
+    send(&host, &mut fourth, &with_key, bounded);
+    assert_eq!(remaining(&answer(&host, &mut fourth, 200, &[], &[usage])), remaining(&after) - 5);
+}
