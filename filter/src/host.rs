@@ -1,150 +1,189 @@
-//! Host calls made so they do not panic.
+//! Every call the filter makes to its host, behind one trait.
+//!
+//! [`Host`] is what the filter's policy ([`crate::flow`], [`crate::worker`])
+//! is written against: [`Envoy`] makes the proxy-wasm host calls, and the
+//! tests' mock host answers from scripted state and records each call, so the
+//! policy is tested without Envoy. The policy is generic over it, so Envoy's
+//! calls cost what direct calls do.
 //!
 //! The SDK's trait methods `unwrap` the host's status and decode header values
 //! as UTF-8 with `unwrap`; either would trap the VM on a bad header or an
-//! unexpected host answer. These wrappers take bytes and log failures instead.
-//! The SDK's own host calls still panic on a status they do not expect, so
-//! each wrapper is only called where Envoy answers with one they do: a map
+//! unexpected host answer. [`Envoy`]'s calls take bytes and log failures
+//! instead. The SDK's own host calls still panic on a status they do not
+//! expect, so each is only made where Envoy answers with one they do: a map
 //! or buffer Envoy holds at that point, a whole-body replacement.
 
 use modelgate_proto::limits::BucketStore;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
-use std::time::{Duration, SystemTime};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use std::time::{Duration, UNIX_EPOCH};
 
-pub fn log_error(message: &str) {
-    let _ = hostcalls::log(LogLevel::Error, message);
-}
+/// What the filter asks of its host.
+pub trait Host {
+    fn log_error(&self, message: &str);
 
-fn log_failure(what: &str, status: proxy_wasm::types::Status) {
-    log_error(&format!("modelgate: {what} failed: {status:?}"));
-}
+    /// The plugin's configuration, as Envoy's YAML gives it.
+    fn plugin_configuration(&self) -> Vec<u8>;
 
-pub fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(map, name).unwrap_or_else(|s| {
-        log_failure("reading a header", s);
-        None
-    })
-}
+    /// How often the worker's timer fires.
+    fn set_tick_period(&self, period: Duration);
 
-pub fn set_header(map: MapType, name: &str, value: &str) {
-    if let Err(s) = hostcalls::set_map_value_bytes(map, name, Some(value.as_bytes())) {
-        log_failure("setting a header", s);
+    fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>>;
+
+    fn set_header(&self, map: MapType, name: &str, value: &str);
+
+    fn remove_header(&self, map: MapType, name: &str);
+
+    /// The first `size` bytes of a buffered body.
+    fn body(&self, buffer: BufferType, size: usize) -> Vec<u8>;
+
+    /// Replaces the whole buffered body (`size` bytes long) with `body`.
+    fn replace_body(&self, buffer: BufferType, size: usize, body: &[u8]);
+
+    /// Answers the request from the filter.
+    fn send_response(&self, status: u16, headers: Vec<(&str, &str)>, body: &[u8]);
+
+    /// Sends an HTTP request to an Envoy cluster: the call's token, or `None` if Envoy would not send it.
+    fn dispatch(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> Option<u32>;
+
+    /// Lets a request held by the filter go on.
+    fn resume_request(&self);
+
+    /// An Envoy attribute, such as `response.code_details`.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+
+    /// Microseconds since the Unix epoch (0 if unknown), as rate limits count time.
+    fn now_us(&self) -> u64;
+
+    /// A value of Envoy's shared data (one copy for every worker's VM), and its version.
+    fn shared_data(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+
+    /// Stores a shared value if its version is still `version`: false if another worker got there first.
+    fn set_shared_data(&self, key: &str, value: &[u8], version: Option<u32>) -> bool;
+
+    /// An Envoy counter (shown in its stats with the `wasmcustom.` prefix).
+    fn counter(&self, name: &str) -> Option<u32>;
+
+    fn count_by(&self, metric: u32, n: u64);
+
+    fn count(&self, metric: u32) {
+        self.count_by(metric, 1);
+    }
+
+    /// A header of the answer to an HTTP call that came back with `num_headers`
+    /// headers. A failed call (reset, timeout) comes back with none, and then
+    /// Envoy refuses to read its headers, which the SDK would panic on.
+    fn http_call_header(&self, num_headers: usize, name: &str) -> Option<Vec<u8>> {
+        if num_headers == 0 {
+            return None;
+        }
+        self.header(MapType::HttpCallResponseHeaders, name)
     }
 }
 
-pub fn remove_header(map: MapType, name: &str) {
-    if let Err(s) = hostcalls::remove_map_value(map, name) {
-        log_failure("removing a header", s);
+/// The host the filter runs in: Envoy's proxy-wasm host calls.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Envoy;
+
+fn log_failure(what: &str, status: Status) {
+    Envoy.log_error(&format!("modelgate: {what} failed: {status:?}"));
+}
+
+impl Host for Envoy {
+    fn log_error(&self, message: &str) {
+        let _ = hostcalls::log(LogLevel::Error, message);
     }
-}
 
-/// The first `size` bytes of a buffered body.
-pub fn body(buffer: BufferType, size: usize) -> Vec<u8> {
-    hostcalls::get_buffer(buffer, 0, size)
-        .unwrap_or_else(|s| {
-            log_failure("reading a body", s);
-            None
-        })
-        .unwrap_or_default()
-}
-
-/// Replaces the whole buffered body (`size` bytes long) with `body`. Envoy
-/// takes no other change but a prepend or an append; the SDK panics on its
-/// refusal, so nothing else is ever asked.
-pub fn replace_body(buffer: BufferType, size: usize, body: &[u8]) {
-    if let Err(s) = hostcalls::set_buffer(buffer, 0, size, body) {
-        log_failure("replacing a body", s);
+    fn plugin_configuration(&self) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .unwrap_or_else(|s| {
+                log_failure("reading the configuration", s);
+                None
+            })
+            .unwrap_or_default()
     }
-}
 
-/// A header of the answer to an HTTP call that came back with `num_headers`
-/// headers. A failed call (reset, timeout) comes back with none, and then
-/// Envoy refuses to read its headers, which the SDK would panic on.
-pub fn http_call_header(num_headers: usize, name: &str) -> Option<Vec<u8>> {
-    if num_headers == 0 {
-        return None;
-    }
-    header(MapType::HttpCallResponseHeaders, name)
-}
-
-/// Sends an HTTP request to an Envoy cluster: the call's token, or `None` if Envoy would not send it.
-pub fn dispatch(cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> Option<u32> {
-    hostcalls::dispatch_http_call(cluster, headers, Some(body), Vec::new(), timeout)
-        .map_err(|s| log_failure("calling a cluster", s))
-        .ok()
-}
-
-/// Lets a request held by the filter go on.
-pub fn resume_request() {
-    if let Err(s) = hostcalls::resume_http_request() {
-        log_failure("resuming a request", s);
-    }
-}
-
-/// An Envoy counter (shown in its stats with the `wasmcustom.` prefix).
-pub fn counter(name: &str) -> Option<u32> {
-    hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, name)
-        .map_err(|s| log_failure("defining a counter", s))
-        .ok()
-}
-
-pub fn count(metric: u32) {
-    count_by(metric, 1);
-}
-
-pub fn count_by(metric: u32, n: u64) {
-    if let Err(s) = hostcalls::increment_metric(metric, i64::try_from(n).unwrap_or(i64::MAX)) {
-        log_failure("counting", s);
-    }
-}
-
-/// An Envoy attribute, such as `response.code_details`.
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).unwrap_or_else(|s| {
-        log_failure("reading a property", s);
-        None
-    })
-}
-
-fn now() -> Option<SystemTime> {
-    hostcalls::get_current_time().ok()
-}
-
-/// Microseconds since the Unix epoch, as rate limits count time.
-pub fn now_us() -> u64 {
-    now().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
-}
-
-/// This VM's part of its batches' ids: 64 random bits from the host
-/// (WASI's `random_get`, which keys std's hasher) and the time, so no two
-/// workers or Envoy restarts share one.
-pub fn batch_sender() -> String {
-    use std::hash::BuildHasher;
-    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    format!("{random:016x}-{:x}", now_us())
-}
-
-/// Rate-limit buckets in Envoy's shared data: one copy for every worker
-/// thread's VM, so a limit holds across the whole Envoy.
-pub struct SharedBuckets;
-
-impl BucketStore for SharedBuckets {
-    fn load(&self, bucket: &str) -> (u64, Option<u32>) {
-        match hostcalls::get_shared_data(bucket) {
-            Ok((value, version)) => {
-                let state = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes);
-                (state, version)
-            }
-            Err(s) => {
-                log_failure("reading a rate limit", s);
-                (0, None)
-            }
+    fn set_tick_period(&self, period: Duration) {
+        if let Err(s) = hostcalls::set_tick_period(period) {
+            log_failure("setting the timer", s);
         }
     }
 
-    fn swap(&self, bucket: &str, state: u64, version: Option<u32>) -> bool {
-        match hostcalls::set_shared_data(bucket, Some(&state.to_le_bytes()), version) {
+    fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(map, name).unwrap_or_else(|s| {
+            log_failure("reading a header", s);
+            None
+        })
+    }
+
+    fn set_header(&self, map: MapType, name: &str, value: &str) {
+        if let Err(s) = hostcalls::set_map_value_bytes(map, name, Some(value.as_bytes())) {
+            log_failure("setting a header", s);
+        }
+    }
+
+    fn remove_header(&self, map: MapType, name: &str) {
+        if let Err(s) = hostcalls::remove_map_value(map, name) {
+            log_failure("removing a header", s);
+        }
+    }
+
+    fn body(&self, buffer: BufferType, size: usize) -> Vec<u8> {
+        hostcalls::get_buffer(buffer, 0, size)
+            .unwrap_or_else(|s| {
+                log_failure("reading a body", s);
+                None
+            })
+            .unwrap_or_default()
+    }
+
+    /// Envoy takes no other change but a prepend or an append; the SDK panics
+    /// on its refusal, so nothing else is ever asked.
+    fn replace_body(&self, buffer: BufferType, size: usize, body: &[u8]) {
+        if let Err(s) = hostcalls::set_buffer(buffer, 0, size, body) {
+            log_failure("replacing a body", s);
+        }
+    }
+
+    fn send_response(&self, status: u16, headers: Vec<(&str, &str)>, body: &[u8]) {
+        if let Err(s) = hostcalls::send_http_response(u32::from(status), headers, Some(body)) {
+            log_failure("sending a local reply", s);
+        }
+    }
+
+    fn dispatch(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> Option<u32> {
+        hostcalls::dispatch_http_call(cluster, headers, Some(body), Vec::new(), timeout)
+            .map_err(|s| log_failure("calling a cluster", s))
+            .ok()
+    }
+
+    fn resume_request(&self) {
+        if let Err(s) = hostcalls::resume_http_request() {
+            log_failure("resuming a request", s);
+        }
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).unwrap_or_else(|s| {
+            log_failure("reading a property", s);
+            None
+        })
+    }
+
+    fn now_us(&self) -> u64 {
+        let now = hostcalls::get_current_time().ok();
+        now.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
+    }
+
+    fn shared_data(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or_else(|s| {
+            log_failure("reading a rate limit", s);
+            (None, None)
+        })
+    }
+
+    fn set_shared_data(&self, key: &str, value: &[u8], version: Option<u32>) -> bool {
+        match hostcalls::set_shared_data(key, Some(value), version) {
             Ok(()) => true,
             Err(Status::CasMismatch) => false,
             Err(s) => {
@@ -154,10 +193,30 @@ impl BucketStore for SharedBuckets {
             }
         }
     }
+
+    fn counter(&self, name: &str) -> Option<u32> {
+        hostcalls::define_metric(MetricType::Counter, name).map_err(|s| log_failure("defining a counter", s)).ok()
+    }
+
+    fn count_by(&self, metric: u32, n: u64) {
+        if let Err(s) = hostcalls::increment_metric(metric, i64::try_from(n).unwrap_or(i64::MAX)) {
+            log_failure("counting", s);
+        }
+    }
 }
 
-pub fn send_response(status: u16, headers: Vec<(&str, &str)>, body: &[u8]) {
-    if let Err(s) = hostcalls::send_http_response(u32::from(status), headers, Some(body)) {
-        log_failure("sending a local reply", s);
+/// Rate-limit buckets in the host's shared data: one copy for every worker
+/// thread's VM, so a limit holds across the whole Envoy.
+pub struct SharedBuckets<'a, H>(pub &'a H);
+
+impl<H: Host> BucketStore for SharedBuckets<'_, H> {
+    fn load(&self, bucket: &str) -> (u64, Option<u32>) {
+        let (value, version) = self.0.shared_data(bucket);
+        let state = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes);
+        (state, version)
+    }
+
+    fn swap(&self, bucket: &str, state: u64, version: Option<u32>) -> bool {
+        self.0.set_shared_data(bucket, &state.to_le_bytes(), version)
     }
 }

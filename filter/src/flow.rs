@@ -1,0 +1,599 @@
+//! One request's way through the filter, over any [`Host`].
+//!
+//! The request side is a [`Phase`]: read its headers, buffer a model-routed
+//! request's body, hold it while the shared rate-limit store decides, then
+//! forward it or refuse it. The answer side is a [`Response`]: awaited,
+//! passing on, an error buffered to be rewritten, or the filter's own reply.
+//! The two are apart because Envoy may answer in any phase (a timeout while
+//! the body is read). Decisions on values are in [`crate::request`]; this
+//! module carries them out through the host.
+
+use crate::answer::Answer;
+use crate::host::{Host, SharedBuckets};
+use crate::outbox::Outbox;
+use crate::request::{self, HeadersVerdict, Reply, RequestHead, Routing};
+use crate::worker::{admin_call_headers, SPEND_PATH};
+use modelgate_proto::config::Price;
+use modelgate_proto::error::GatewayError;
+use modelgate_proto::error_normalize::{self, normalize, Origin};
+use modelgate_proto::headers;
+use modelgate_proto::keys::{Caller, ClientKey, Presented};
+use modelgate_proto::limits::{self, Admission, Bucket, Reserved, Unit, Verdict};
+use modelgate_proto::routing::Router;
+use proxy_wasm::types::{Action, BufferType, MapType};
+use std::borrow::Cow;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// The request's id, which Envoy returns on every answer.
+const REQUEST_ID: &str = "x-request-id";
+
+/// Milliseconds the gateway and the backend took, as OpenAI reports them.
+const PROCESSING_MS: &str = "openai-processing-ms";
+
+const REQUEST_HEADERS: MapType = MapType::HttpRequestHeaders;
+const RESPONSE_HEADERS: MapType = MapType::HttpResponseHeaders;
+
+/// One request, from its headers to its log.
+pub struct Flow {
+    router: Rc<Router>,
+    /// Where the request's usage record and shared token settlement go.
+    outbox: Rc<Outbox>,
+    /// Envoy's counter of the shared store's failures, where limits are shared.
+    store_failures: Option<u32>,
+    /// When the request's headers came, in microseconds since the Unix epoch (0 if unknown).
+    started_us: u64,
+    /// The request's `x-request-id`, bounded.
+    request_id: String,
+    phase: Phase,
+    response: Response,
+}
+
+/// Where the request is.
+#[derive(Debug)]
+enum Phase {
+    /// Not a model-routed request (or its headers are still to come): it
+    /// passes on, or the filter answers its headers. A body that reaches the
+    /// filter is still checked as a model's request body is (it always was);
+    /// `buffered` is its size while it is held without its end.
+    Unrouted { buffered: Option<usize> },
+    /// A model-routed request whose body is being buffered: `buffered` bytes so far.
+    ReadingBody { caller: Caller, buffered: usize },
+    /// Held while the shared rate-limit store decides on it.
+    AwaitingSharedLimits(Held),
+    /// A model-routed request the filter refused before any backend: what its refusal count needs.
+    Refused { caller: Caller, model: String, exact_route: bool },
+    /// Sent on to its backend.
+    Forwarded(Forwarded),
+}
+
+/// A routed request waiting for the shared store's verdict.
+#[derive(Debug)]
+struct Held {
+    caller: Rc<ClientKey>,
+    routing: Routing,
+    /// The key's buckets for this model.
+    buckets: Vec<Bucket>,
+    body_len: usize,
+    /// The tokens it asked to reserve, and when it asked.
+    reserved_tokens: u64,
+    asked_us: u64,
+}
+
+/// A request sent on to its backend: what its answer's headers, its token
+/// settlement and its usage record need.
+#[derive(Debug)]
+struct Forwarded {
+    caller: Caller,
+    model: String,
+    /// An exact route names the model.
+    exact_route: bool,
+    /// The backend chosen, or the one of a fallback chain that answered.
+    backend: String,
+    price: Option<Price>,
+    /// What the request holds in the key's token buckets, settled once with the answer's usage.
+    reserved: Vec<Reserved>,
+    /// What the key's limits said, for the answer's `x-ratelimit-*` headers.
+    admission: Admission,
+    /// Sent through the stream guard: Envoy's code details come from the inner listener.
+    guarded: bool,
+    answer: Answer,
+}
+
+/// What the request's key's limits let through.
+struct Admitted {
+    caller: Caller,
+    admission: Admission,
+    reserved: Vec<Reserved>,
+    /// The key's limits count tokens for this model.
+    limits_tokens: bool,
+}
+
+impl Admitted {
+    fn unlimited(caller: Caller) -> Self {
+        Admitted { caller, admission: Admission::default(), reserved: Vec::new(), limits_tokens: false }
+    }
+
+    fn new(caller: Rc<ClientKey>, buckets: &[Bucket], admission: Admission, reserved: Vec<Reserved>) -> Self {
+        let limits_tokens = buckets.iter().any(|b| b.unit == Unit::Tokens);
+        Admitted { caller: Some(caller), admission, reserved, limits_tokens }
+    }
+}
+
+/// Where the answer is.
+#[derive(Debug)]
+enum Response {
+    /// Its headers are still to come.
+    Awaiting,
+    /// Going on to the client as it comes.
+    Passing { status: u16 },
+    /// An error answer being buffered, to be rewritten as an OpenAI error.
+    Rewriting(Failed),
+    /// The filter answered itself: the answer is already an OpenAI error or a listing.
+    Replied { status: u16 },
+}
+
+impl Response {
+    /// The status the client got; 0 when it got none (it went away first).
+    fn status(&self) -> u16 {
+        match self {
+            Response::Awaiting => 0,
+            Response::Passing { status } | Response::Replied { status } => *status,
+            Response::Rewriting(failed) => failed.status,
+        }
+    }
+}
+
+/// An error answer being read, to be rewritten as an OpenAI error.
+#[derive(Debug)]
+struct Failed {
+    status: u16,
+    /// Envoy's code details: who answered, and why.
+    details: String,
+    /// The attempts made (a fallback chain's).
+    attempts: u32,
+    /// The body's `content-encoding`, where it is compressed: the rewritten body is not.
+    encoding: Option<String>,
+}
+
+impl Flow {
+    pub fn new(router: Rc<Router>, outbox: Rc<Outbox>, store_failures: Option<u32>) -> Self {
+        Flow {
+            router,
+            outbox,
+            store_failures,
+            started_us: 0,
+            request_id: String::new(),
+            phase: Phase::Unrouted { buffered: None },
+            response: Response::Awaiting,
+        }
+    }
+
+    pub fn on_request_headers<H: Host>(&mut self, host: &H, end_of_stream: bool) -> Action {
+        self.started_us = host.now_us();
+        for name in headers::INTERNAL {
+            host.remove_header(REQUEST_HEADERS, name);
+        }
+        let (request_id, replaced) = request::request_id(host.header(REQUEST_HEADERS, REQUEST_ID).as_deref());
+        if replaced {
+            // Envoy answers with the request's header as it is now (`always_set_request_id_in_response`).
+            host.set_header(REQUEST_HEADERS, REQUEST_ID, &request_id);
+        }
+        self.request_id = request_id;
+        let method = host.header(REQUEST_HEADERS, ":method").unwrap_or_default();
+        let path = host.header(REQUEST_HEADERS, ":path").unwrap_or_default();
+        let content_type = host.header(REQUEST_HEADERS, "content-type");
+        let content_length = host.header(REQUEST_HEADERS, "content-length");
+        // Two more host calls, only where keys are configured.
+        let (authorization, api_key) = if self.router.client_keys().required() {
+            (host.header(REQUEST_HEADERS, "authorization"), host.header(REQUEST_HEADERS, "api-key"))
+        } else {
+            (None, None)
+        };
+        let head = RequestHead {
+            method: &String::from_utf8_lossy(&method),
+            path: &String::from_utf8_lossy(&path),
+            content_type: content_type.as_deref(),
+            content_length: content_length.as_deref(),
+            end_of_stream,
+            presented: Presented { authorization: authorization.as_deref(), api_key: api_key.as_deref() },
+        };
+        match request::on_request_headers(&self.router, head) {
+            HeadersVerdict::PassThrough => Action::Continue,
+            HeadersVerdict::ReadBody(caller) => {
+                self.phase = Phase::ReadingBody { caller, buffered: 0 };
+                Action::Pause
+            }
+            HeadersVerdict::Respond(reply) => self.respond(host, &reply),
+        }
+    }
+
+    pub fn on_request_body<H: Host>(&mut self, host: &H, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(reply) = request::body_too_large(&self.router, body_size) {
+            return self.refuse_unread(host, &reply);
+        }
+        match &mut self.phase {
+            Phase::ReadingBody { buffered, .. } if !end_of_stream => *buffered = body_size,
+            Phase::Unrouted { buffered } => *buffered = (!end_of_stream).then_some(body_size),
+            _ => {}
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.on_body_read(host, body_size)
+    }
+
+    /// A body followed by trailers (HTTP/2 allows it) ends with them: its last piece came without end_of_stream.
+    pub fn on_request_trailers<H: Host>(&mut self, host: &H) -> Action {
+        let buffered = match &mut self.phase {
+            Phase::ReadingBody { buffered, .. } => Some(*buffered),
+            Phase::Unrouted { buffered } => buffered.take(),
+            _ => None,
+        };
+        match buffered {
+            Some(body_size) => self.on_body_read(host, body_size),
+            None => Action::Continue,
+        }
+    }
+
+    /// The shared store's verdict on a held request.
+    pub fn on_shared_verdict<H: Host>(&mut self, host: &H, num_headers: usize, body_size: usize) {
+        let held = match std::mem::replace(&mut self.phase, Phase::Unrouted { buffered: None }) {
+            Phase::AwaitingSharedLimits(held) => held,
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        // Envoy still holds the request body it buffered for the filter.
+        let body = host.body(BufferType::HttpRequestBody, held.body_len);
+        let status = host.http_call_header(num_headers, ":status");
+        let answer = host.body(BufferType::HttpCallResponseBody, body_size);
+        let verdicts = request::shared_verdicts(&held.buckets, status.as_deref(), &answer);
+        // The request's headers and body are changed before it resumes: once resumed, Envoy no longer lets them be.
+        if self.decide_shared(host, held, verdicts, &body) == Action::Continue {
+            host.resume_request();
+        }
+    }
+
+    pub fn on_response_headers<H: Host>(&mut self, host: &H, end_of_stream: bool) -> Action {
+        if let Some(ms) = self.processing_ms(host) {
+            host.set_header(RESPONSE_HEADERS, PROCESSING_MS, &ms);
+        }
+        let mut relayed_details = None;
+        if let Phase::Forwarded(forwarded) = &self.phase {
+            for (name, value) in limits::headers(&forwarded.admission) {
+                host.set_header(RESPONSE_HEADERS, name, &value);
+            }
+            // The inner listener's reason, for this filter only: never sent on to the client.
+            if forwarded.guarded {
+                relayed_details = host.header(RESPONSE_HEADERS, headers::CODE_DETAILS);
+                host.remove_header(RESPONSE_HEADERS, headers::CODE_DETAILS);
+            }
+        }
+        if let Response::Replied { .. } = self.response {
+            return Action::Continue;
+        }
+        let status = host
+            .header(RESPONSE_HEADERS, ":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+            .unwrap_or(200);
+        self.response = Response::Passing { status };
+        let forwarded = match &mut self.phase {
+            Phase::Forwarded(forwarded) => Some(forwarded),
+            _ => None,
+        };
+        if let (Some(forwarded), true) = (forwarded, self.router.accounting().is_some()) {
+            // A fallback chain may have been answered by another backend than the first.
+            if let Some(backend) = host.header(RESPONSE_HEADERS, headers::SERVED_BY) {
+                forwarded.backend = String::from_utf8_lossy(&backend).into_owned();
+            }
+        }
+        if status < 400 {
+            // A model's answer with nothing in it is a broken backend, not a success.
+            if let (true, Phase::Forwarded(forwarded)) =
+                (end_of_stream && (200..300).contains(&status), &mut self.phase)
+            {
+                forwarded.answer.failed();
+                let error = GatewayError::bad_answer("a success and an empty body");
+                // No x-should-retry: a retry may well be answered properly.
+                return self.respond(host, &Reply { status: error.status, headers: Vec::new(), body: error.to_json() });
+            }
+            return Action::Continue;
+        }
+        if let Phase::Forwarded(forwarded) = &mut self.phase {
+            forwarded.answer.failed();
+        }
+        let details = code_details(host, relayed_details);
+        // A fallback chain's retries: the route says how many attempts were made.
+        let attempts = host
+            .header(RESPONSE_HEADERS, headers::ATTEMPTS)
+            .and_then(|n| std::str::from_utf8(&n).ok()?.parse::<u32>().ok())
+            .unwrap_or(1);
+        if end_of_stream {
+            // No body will follow to rewrite: answer anew with the envelope.
+            return match normalize(status, Origin::from_code_details(&details).after_attempts(attempts), b"") {
+                Some(rewritten) => self.respond(host, &Reply::rewritten(status, rewritten)),
+                None => Action::Continue,
+            };
+        }
+        let encoding = host
+            .header(RESPONSE_HEADERS, "content-encoding")
+            .map(|e| String::from_utf8_lossy(&e).into_owned())
+            .filter(|e| !e.eq_ignore_ascii_case("identity"));
+        self.response = Response::Rewriting(Failed { status, details, attempts, encoding });
+        host.remove_header(RESPONSE_HEADERS, "content-length");
+        Action::Pause
+    }
+
+    pub fn on_response_body<H: Host>(&mut self, host: &H, body_size: usize, end_of_stream: bool) -> Action {
+        let Response::Rewriting(Failed { status, details, attempts, encoding }) = &self.response else {
+            if let Phase::Forwarded(Forwarded { answer, .. }) = &mut self.phase {
+                // The body is read only where usage is counted; every piece is timed.
+                let piece =
+                    if answer.reads_body() { host.body(BufferType::HttpResponseBody, body_size) } else { Vec::new() };
+                if let Some(passed) = answer.on_piece(host.now_us(), &piece, end_of_stream) {
+                    host.replace_body(BufferType::HttpResponseBody, body_size, &passed);
+                }
+            }
+            if end_of_stream {
+                // Before the answer's end leaves: the client's next request sees these tokens settled.
+                self.settle_tokens(host);
+            }
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = host.body(BufferType::HttpResponseBody, body_size);
+        // A compressed body is not read: it is always replaced, by a body that is not compressed.
+        let readable =
+            encoding.as_deref().map_or(Cow::Borrowed(body.as_slice()), |e| error_normalize::compressed_body(e).into());
+        let length = match normalize(*status, Origin::from_code_details(details).after_attempts(*attempts), &readable) {
+            Some(rewritten) => {
+                host.replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
+                host.set_header(RESPONSE_HEADERS, "content-type", "application/json");
+                host.remove_header(RESPONSE_HEADERS, "content-encoding");
+                for (name, value) in request::retry_advice(rewritten.should_retry) {
+                    host.set_header(RESPONSE_HEADERS, name, value);
+                }
+                rewritten.body.len()
+            }
+            None => body.len(),
+        };
+        host.set_header(RESPONSE_HEADERS, "content-length", &length.to_string());
+        Action::Continue
+    }
+
+    /// The request is over: its tokens are settled in the key's token
+    /// limits, and, where usage is kept, its usage record is handed to this
+    /// worker's outbox, or, refused before any backend (or left by its
+    /// client before one), it is counted with the worker's refusals.
+    pub fn on_log<H: Host>(&mut self, host: &H) {
+        self.settle_tokens(host);
+        if self.router.accounting().is_none() {
+            return;
+        }
+        let status = self.response.status();
+        if let Phase::Forwarded(forwarded) = &mut self.phase {
+            let finished = request::Finished {
+                request_id: &self.request_id,
+                key: key_name(&forwarded.caller),
+                model: &forwarded.model,
+                exact_route: forwarded.exact_route,
+                backend: &forwarded.backend,
+                price: forwarded.price.as_ref(),
+                status,
+            };
+            self.outbox.push(&request::usage_record(forwarded.answer.record(host.now_us()), finished));
+            return;
+        }
+        let (key, model, exact_route) = match &self.phase {
+            Phase::Unrouted { .. } | Phase::Forwarded(_) => return,
+            Phase::ReadingBody { caller, .. } => (key_name(caller), "", false),
+            Phase::AwaitingSharedLimits(held) => {
+                (held.caller.name.as_str(), held.routing.model.as_str(), held.routing.exact_route)
+            }
+            Phase::Refused { caller, model, exact_route } => (key_name(caller), model.as_str(), *exact_route),
+        };
+        let finished = request::Finished { key, model, exact_route, status, ..request::Finished::default() };
+        self.outbox.refuse(request::refused(finished));
+    }
+
+    /// Routes (or refuses) a request once its whole body is buffered.
+    fn on_body_read<H: Host>(&mut self, host: &H, body_size: usize) -> Action {
+        let body = host.body(BufferType::HttpRequestBody, body_size);
+        let caller = match &self.phase {
+            Phase::ReadingBody { caller, .. } => caller.as_deref(),
+            _ => None,
+        };
+        match request::on_request_body(&self.router, &body, caller) {
+            Ok(routing) => match std::mem::replace(&mut self.phase, Phase::Unrouted { buffered: None }) {
+                Phase::ReadingBody { caller, .. } => self.route(host, caller, routing, &body),
+                other => {
+                    // Not a model-routed request: nothing to route.
+                    self.phase = other;
+                    Action::Continue
+                }
+            },
+            Err(reply) => self.refuse_unread(host, &reply),
+        }
+    }
+
+    fn processing_ms<H: Host>(&self, host: &H) -> Option<String> {
+        let now_us = host.now_us();
+        (self.started_us > 0 && now_us >= self.started_us).then(|| ((now_us - self.started_us) / 1000).to_string())
+    }
+
+    /// Settles what the answer used with what the request reserved in the
+    /// key's token limits, once: at the answer's end, or when the request
+    /// ends without one. An error answer used nothing; an answer whose usage
+    /// is unknown (a stream the client left) keeps its reservation. Shared
+    /// limits are settled with this worker's next batch.
+    fn settle_tokens<H: Host>(&mut self, host: &H) {
+        let Phase::Forwarded(forwarded) = &mut self.phase else {
+            return;
+        };
+        if forwarded.reserved.is_empty() {
+            return;
+        }
+        let used =
+            if self.response.status() >= 400 { Some(0) } else { forwarded.answer.usage().map(|usage| usage.total()) };
+        // Settled: nothing is left to settle twice.
+        let reserved = std::mem::take(&mut forwarded.reserved);
+        if self.router.shared_limits().is_some() {
+            self.outbox.settle(&reserved, used, host.now_us());
+        } else {
+            limits::settle(&SharedBuckets(host), &reserved, used, host.now_us());
+        }
+    }
+
+    /// Sends a routed request on to its backend, once its key's limits admit
+    /// it: counted here, or asked of the shared store (and then held until it answers).
+    fn route<H: Host>(&mut self, host: &H, caller: Caller, routing: Routing, body: &[u8]) -> Action {
+        let Some(key) = caller else {
+            return self.forward(host, Admitted::unlimited(None), routing, body);
+        };
+        let buckets = key.limits.buckets(&key.name, &routing.model);
+        if buckets.is_empty() {
+            return self.forward(host, Admitted::unlimited(Some(key)), routing, body);
+        }
+        let reserved_tokens = match request::reservation(&self.router, &key, &buckets, &routing.model, routing.tokens) {
+            Ok(tokens) => tokens,
+            Err(reply) => return self.refuse(host, Some(key), routing, &reply),
+        };
+        let Some(shared) = self.router.shared_limits() else {
+            let now = host.now_us();
+            let limited =
+                request::rate_limit(&key, &buckets, &routing.model, reserved_tokens, &SharedBuckets(host), now);
+            return match limited {
+                Ok((admission, reserved)) => {
+                    self.forward(host, Admitted::new(key, &buckets, admission, reserved), routing, body)
+                }
+                Err(reply) => self.refuse(host, Some(key), routing, &reply),
+            };
+        };
+        let call = serde_json::to_vec(&Bucket::admission(&buckets, reserved_tokens)).unwrap_or_default();
+        let call_headers = admin_call_headers(SPEND_PATH, "application/json", self.router.internal_token());
+        // Asked before the store's clock starts the reservation: it is taken to refill no later than it does.
+        let asked_us = host.now_us();
+        let sent = host.dispatch(&shared.cluster, call_headers, &call, Duration::from_millis(shared.timeout_ms));
+        let held = Held { caller: key, routing, buckets, body_len: body.len(), reserved_tokens, asked_us };
+        if sent.is_some() {
+            self.phase = Phase::AwaitingSharedLimits(held);
+            return Action::Pause;
+        }
+        self.decide_shared(host, held, None, body)
+    }
+
+    /// Forwards or refuses a request on the shared store's verdicts (`None`
+    /// when it gave none): `Continue` once forwarded.
+    fn decide_shared<H: Host>(&mut self, host: &H, held: Held, verdicts: Option<Vec<Verdict>>, body: &[u8]) -> Action {
+        let Held { caller, routing, buckets, reserved_tokens, asked_us, .. } = held;
+        let judged = match verdicts {
+            Some(verdicts) => request::judge(&caller, &routing.model, &buckets, &verdicts, reserved_tokens, asked_us),
+            None => {
+                if let Some(metric) = self.store_failures {
+                    host.count(metric);
+                }
+                host.log_error("modelgate: the shared rate-limit store gave no verdict (see ext-proc's log)");
+                request::without_shared_store(self.router.shared_limits().map(|s| s.on_failure).unwrap_or_default())
+                    // Let through unlimited: it holds nothing, and its usage is charged once known.
+                    .map(|admission| (admission, limits::unreserved(&buckets, asked_us)))
+            }
+        };
+        match judged {
+            Ok((admission, reserved)) => {
+                self.forward(host, Admitted::new(caller, &buckets, admission, reserved), routing, body)
+            }
+            Err(reply) => self.refuse(host, Some(caller), routing, &reply),
+        }
+    }
+
+    /// Sends an admitted request on to its backend: routing headers, and the body as the backend gets it.
+    fn forward<H: Host>(&mut self, host: &H, admitted: Admitted, routing: Routing, body: &[u8]) -> Action {
+        let count_tokens = self.router.accounting().is_some() || admitted.limits_tokens;
+        if count_tokens {
+            // A compressed answer's usage could not be read, nor its usage chunk removed.
+            host.remove_header(REQUEST_HEADERS, "accept-encoding");
+        }
+        if let Some(edit) = &routing.body_edit {
+            let edited = edit.apply(body);
+            host.replace_body(BufferType::HttpRequestBody, body.len(), &edited);
+            host.set_header(REQUEST_HEADERS, "content-length", &edited.len().to_string());
+        }
+        // Envoy clears the route cache itself when a wasm filter changes request
+        // headers, so the route table sees the cluster header (the tests prove it).
+        host.set_header(REQUEST_HEADERS, headers::CLUSTER, &routing.cluster);
+        if let Some(profile) = &routing.profile {
+            host.set_header(REQUEST_HEADERS, routing.profile_header(), profile);
+        }
+        if let Some(chain) = &routing.chain {
+            host.set_header(REQUEST_HEADERS, headers::CHAIN, chain);
+        }
+        if !routing.forwards_client_key {
+            for name in headers::CLIENT_KEYS {
+                host.remove_header(REQUEST_HEADERS, name);
+            }
+        }
+        if let Some(cluster) = &routing.stream_cluster {
+            host.set_header(REQUEST_HEADERS, headers::STREAM_CLUSTER, cluster);
+        }
+        let guarded = routing.chain.is_some() || routing.stream_cluster.is_some();
+        if let (true, Some(token)) = (guarded, self.router.internal_token()) {
+            host.set_header(REQUEST_HEADERS, headers::INTERNAL_TOKEN, token);
+        }
+        self.phase = Phase::Forwarded(Forwarded {
+            answer: Answer::new(self.started_us, routing.stream, count_tokens, routing.usage_unasked),
+            caller: admitted.caller,
+            model: routing.model,
+            exact_route: routing.exact_route,
+            backend: routing.backend,
+            price: routing.price,
+            reserved: admitted.reserved,
+            admission: admitted.admission,
+            guarded,
+        });
+        Action::Continue
+    }
+
+    /// Refuses a routed request before any backend.
+    fn refuse<H: Host>(&mut self, host: &H, caller: Caller, routing: Routing, reply: &Reply) -> Action {
+        self.phase = Phase::Refused { caller, model: routing.model, exact_route: routing.exact_route };
+        self.respond(host, reply)
+    }
+
+    /// Refuses a request whose body could not be read for its model.
+    fn refuse_unread<H: Host>(&mut self, host: &H, reply: &Reply) -> Action {
+        if let Phase::ReadingBody { caller, .. } = &mut self.phase {
+            self.phase = Phase::Refused { caller: caller.take(), model: String::new(), exact_route: false };
+        }
+        self.respond(host, reply)
+    }
+
+    /// Answers the request from the filter; the answer is an OpenAI error or a models listing.
+    fn respond<H: Host>(&mut self, host: &H, reply: &Reply) -> Action {
+        self.response = Response::Replied { status: reply.status };
+        let processing_ms = self.processing_ms(host).unwrap_or_default();
+        let mut response_headers = vec![("content-type", "application/json"), (PROCESSING_MS, processing_ms.as_str())];
+        response_headers.extend(reply.headers.iter().map(|(name, value)| (*name, value.as_str())));
+        host.send_response(reply.status, response_headers, &reply.body);
+        Action::Pause
+    }
+}
+
+/// The client key's name, if keys are configured.
+fn key_name(caller: &Caller) -> &str {
+    caller.as_ref().map_or("", |key| key.name.as_str())
+}
+
+/// Why Envoy answered as it did: `via_upstream` for a backend's answer, or
+/// the reason of a local reply. Behind the stream guard, the inner
+/// listener's reason is the one that counts.
+fn code_details<H: Host>(host: &H, relayed: Option<Vec<u8>>) -> String {
+    let details = relayed.or_else(|| host.property(&["response", "code_details"]));
+    details.map(|d| String::from_utf8_lossy(&d).into_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,424 @@
+//! A request's flow on a mock host: what the filter asks of Envoy, and what
+//! the client and the backend would see.
+
+use super::*;
+use crate::mock_host::MockHost;
+use crate::worker::Worker;
+use serde_json::{json, Value};
+
+const NOW: u64 = 1_700_000_000_000_000;
+
+/// SHA-256 of "sk-team".
+const TEAM_KEY: &str = "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13";
+
+const BACKENDS: &str =
+    r#""backends": {"a": {"cluster": "cluster_a"}}, "models": [{"match": "llama-*", "backend": "a"}]"#;
+
+/// A worker configured with `{BACKENDS, extra}`, on a mock host, and the flow of its first request.
+fn configured(extra: &str) -> (MockHost, Worker, Flow) {
+    configured_as(&format!("{{{BACKENDS}{extra}}}"))
+}
+
+fn configured_as(config: &str) -> (MockHost, Worker, Flow) {
+    let host = MockHost::new(NOW);
+    host.state.borrow_mut().config = config.as_bytes().to_vec();
+    let mut worker = Worker::default();
+    assert!(worker.configure(&host), "{:?}", host.state.borrow().errors);
+    host.take_calls();
+    let flow = worker.new_flow();
+    (host, worker, flow)
+}
+
+/// A key with these limits, and what else the configuration says.
+fn keyed(limits: &str, extra: &str) -> String {
+    format!(r#", "client_keys": [{{"name": "team", "sha256": "{TEAM_KEY}", "limits": {limits}}}]{extra}"#)
+}
+
+const CHAT: &[u8] = br#"{"model":"llama-3","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn chat_headers(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("x-request-id", "req-1"),
+    ];
+    headers.extend_from_slice(extra);
+    headers
+}
+
+/// Sends a request's headers, then its body in one piece, as Envoy does: the last callback's action.
+fn send(host: &MockHost, flow: &mut Flow, headers: &[(&str, &str)], body: &[u8]) -> Action {
+    host.set_request(headers, body);
+    let action = flow.on_request_headers(host, body.is_empty());
+    if body.is_empty() || host.state.borrow().sent.is_some() {
+        return action;
+    }
+    flow.on_request_body(host, body.len(), true)
+}
+
+/// What the client got.
+#[derive(Debug)]
+struct Seen {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    /// The OpenAI error's type and code.
+    fn error(&self) -> (String, String) {
+        let error = &self.json()["error"];
+        assert!(error["message"].is_string(), "{error}");
+        (error["type"].as_str().unwrap_or_default().into(), error["code"].as_str().unwrap_or_default().into())
+    }
+}
+
+/// Plays the answer through the filter as Envoy does, then ends the request:
+/// the filter's own reply if it sent one, else the backend's (`status`,
+/// `headers`, and the body in `pieces`), which may lead to a reply of the
+/// filter's. A reply of the filter's passes its response callbacks too.
+fn answer(host: &MockHost, flow: &mut Flow, status: u16, headers: &[(&str, &str)], pieces: &[&[u8]]) -> Seen {
+    if host.state.borrow().sent.is_none() {
+        let status = status.to_string();
+        let mut all = vec![(":status", status.as_str())];
+        all.extend_from_slice(headers);
+        host.set_response(&all, b"");
+        flow.on_response_headers(host, pieces.is_empty());
+        if host.state.borrow().sent.is_none() {
+            let body = stream_body(host, flow, pieces);
+            return seen(host, flow, body);
+        }
+    }
+    let sent = host.state.borrow_mut().sent.take().unwrap();
+    let status = sent.status.to_string();
+    let mut all = vec![(":status", status.as_str())];
+    all.extend(sent.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    host.set_response(&all, b"");
+    flow.on_response_headers(host, false);
+    let body = stream_body(host, flow, &[&sent.body]);
+    seen(host, flow, body)
+}
+
+/// The body the client gets from `pieces`: a piece the filter pauses on is buffered with the next.
+fn stream_body(host: &MockHost, flow: &mut Flow, pieces: &[&[u8]]) -> Vec<u8> {
+    let mut client = Vec::new();
+    let mut buffered = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        buffered.extend_from_slice(piece);
+        host.state.borrow_mut().response_body = buffered.clone();
+        if flow.on_response_body(host, buffered.len(), i + 1 == pieces.len()) == Action::Continue {
+            client.append(&mut host.state.borrow_mut().response_body);
+            buffered.clear();
+        }
+    }
+    client
+}
+
+fn seen(host: &MockHost, flow: &mut Flow, body: Vec<u8>) -> Seen {
+    flow.on_log(host);
+    let status = host.response_header(":status").unwrap().parse().unwrap();
+    let headers = host.state.borrow().response_headers.iter().filter(|(n, _)| n != ":status").cloned().collect();
+    Seen { status, headers, body }
+}
+
+/// The request as it leaves for its backend, if it does: its cluster, and its body as JSON.
+fn upstream(host: &MockHost) -> Option<(String, Value)> {
+    let cluster = host.request_header(headers::CLUSTER)?;
+    Some((cluster, serde_json::from_slice(&host.state.borrow().request_body).unwrap()))
+}
+
+fn removed_internal_headers() -> Vec<String> {
+    headers::INTERNAL.iter().map(|name| format!("remove request {name}")).collect()
+}
+
+/// The host calls a request's headers take, for a request with an id and without keys.
+fn request_headers_calls() -> Vec<String> {
+    let mut calls = vec!["now".to_string()];
+    calls.extend(removed_internal_headers());
+    calls.extend(
+        ["x-request-id", ":method", ":path", "content-type", "content-length"].map(|h| format!("get request {h}")),
+    );
+    calls
+}
+
+#[test]
+fn a_request_the_filter_does_not_route_passes_with_its_timing_alone() {
+    let (host, _worker, mut flow) = configured("");
+    let action = send(&host, &mut flow, &[(":method", "GET"), (":path", "/health"), ("x-request-id", "r")], b"");
+    assert_eq!(action, Action::Continue);
+    assert_eq!(host.take_calls(), request_headers_calls());
+    host.advance_us(3_000);
+    let seen = answer(&host, &mut flow, 200, &[("content-type", "text/plain")], &[b"ok"]);
+    assert_eq!(
+        host.take_calls(),
+        ["now", "set response openai-processing-ms: 3", "get response :status"],
+        "the body is not read, nor the request logged"
+    );
+    assert_eq!((seen.status, seen.body.as_slice(), seen.header("openai-processing-ms")), (200, &b"ok"[..], Some("3")));
+}
+
+#[test]
+fn a_model_routed_request_to_an_openai_backend_costs_these_host_calls() {
+    let (host, _worker, mut flow) = configured("");
+    host.set_request(&chat_headers(&[]), b"");
+    assert_eq!(flow.on_request_headers(&host, false), Action::Pause, "its body is read first");
+    assert_eq!(host.take_calls(), request_headers_calls());
+    assert_eq!(flow.on_request_body(&host, 10, false), Action::Pause);
+    host.state.borrow_mut().request_body = CHAT.to_vec();
+    assert_eq!(flow.on_request_body(&host, CHAT.len(), true), Action::Continue);
+    let mut routed = vec!["get request body".to_string(), format!("set request {}: cluster_a", headers::CLUSTER)];
+    routed.extend(headers::CLIENT_KEYS.iter().map(|name| format!("remove request {name}")));
+    assert_eq!(host.take_calls(), routed);
+    assert_eq!(upstream(&host), Some(("cluster_a".into(), serde_json::from_slice(CHAT).unwrap())));
+
+    let seen = answer(&host, &mut flow, 200, &[], &[b"{\"id\":", b"\"x\"}"]);
+    assert_eq!(
+        host.take_calls(),
+        ["now", "set response openai-processing-ms: 0", "get response :status", "now", "now"],
+        "without accounting or token limits the answer is only timed, never read"
+    );
+    assert_eq!((seen.status, seen.body.as_slice()), (200, &b"{\"id\":\"x\"}"[..]));
+}
+
+#[test]
+fn a_key_over_its_local_request_limit_gets_openais_429() {
+    let (host, worker, mut flow) = configured(&keyed(r#"{"requests_per_minute": 1}"#, ""));
+    let with_key = chat_headers(&[("authorization", "Bearer sk-team")]);
+    assert_eq!(send(&host, &mut flow, &with_key, CHAT), Action::Continue);
+    assert!(upstream(&host).is_some());
+    assert!(host.take_calls().iter().any(|call| call.starts_with("set shared ")), "counted in Envoy's shared data");
+    let admitted = answer(&host, &mut flow, 200, &[], &[b"{}"]);
+    assert_eq!(admitted.header("x-ratelimit-limit-requests"), Some("1"));
+    assert_eq!(admitted.header("x-ratelimit-remaining-requests"), Some("0"));
+
+    let mut second = worker.new_flow();
+    assert_eq!(send(&host, &mut second, &with_key, CHAT), Action::Pause);
+    assert_eq!(upstream(&host), None, "the backend never sees it");
+    let refused = answer(&host, &mut second, 0, &[], &[]);
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.error(), ("requests".into(), "rate_limit_exceeded".into()));
+    assert_eq!(refused.header("retry-after"), Some("60"));
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(refused.header("content-type"), Some("application/json"));
+    assert!(refused.header("openai-processing-ms").is_some());
+}
+
+/// A configuration whose key's limits live in the shared store behind ext-proc's admin port.
+fn shared(on_failure: &str) -> String {
+    keyed(
+        r#"{"requests_per_minute": 5}"#,
+        &format!(r#", "shared_limits": {{"cluster": "admin", "on_failure": "{on_failure}"}}"#),
+    )
+}
+
+fn verdict(allowed: bool) -> Vec<u8> {
+    let retry_after_us = if allowed { 0 } else { 20_000_000 };
+    let remaining = if allowed { 4 } else { 0 };
+    json!({"verdicts": [{"allowed": allowed, "limit": 5, "remaining": remaining, "reset_us": 60_000_000, "retry_after_us": retry_after_us}]})
+        .to_string()
+        .into_bytes()
+}
+
+/// Sends a keyed chat request under shared limits: it is held while the store is asked.
+fn held(on_failure: &str) -> (MockHost, Worker, Flow) {
+    let (host, worker, mut flow) = configured(&shared(on_failure));
+    assert_eq!(send(&host, &mut flow, &chat_headers(&[("authorization", "Bearer sk-team")]), CHAT), Action::Pause);
+    let asked = host.state.borrow().dispatched.clone();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].cluster, "admin");
+    assert!(asked[0].headers.contains(&(":path".into(), "/v1/limits/spend".into())));
+    assert_eq!(upstream(&host), None, "held, not yet routed");
+    host.take_calls();
+    (host, worker, flow)
+}
+
+#[test]
+fn shared_limits_admit_a_request_and_it_resumes_routed() {
+    let (host, _worker, mut flow) = held("allow");
+    let verdict = verdict(true);
+    host.set_call_response(&[(":status", "200")], &verdict);
+    flow.on_shared_verdict(&host, 1, verdict.len());
+    assert!(host.state.borrow().resumed);
+    assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("cluster_a".into()));
+    let seen = answer(&host, &mut flow, 200, &[], &[b"{}"]);
+    assert_eq!(seen.header("x-ratelimit-remaining-requests"), Some("4"));
+}
+
+#[test]
+fn shared_limits_refuse_a_request_over_its_limit() {
+    let (host, _worker, mut flow) = held("allow");
+    let verdict = verdict(false);
+    host.set_call_response(&[(":status", "200")], &verdict);
+    flow.on_shared_verdict(&host, 1, verdict.len());
+    assert!(!host.state.borrow().resumed);
+    assert_eq!(upstream(&host), None);
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.header("retry-after")), (429, Some("20")));
+    assert_eq!(seen.error(), ("requests".into(), "rate_limit_exceeded".into()));
+}
+
+#[test]
+fn a_store_that_gives_no_verdict_lets_requests_through_where_limits_fail_open() {
+    // Its call timed out: the answer came without headers.
+    let (host, _worker, mut flow) = held("allow");
+    flow.on_shared_verdict(&host, 0, 0);
+    assert!(host.state.borrow().resumed);
+    assert!(upstream(&host).is_some());
+    assert_eq!(host.state.borrow().counters, [("modelgate.shared_limits.store_failures".to_string(), 1)]);
+    assert_eq!(host.state.borrow().errors.len(), 1);
+    let seen = answer(&host, &mut flow, 200, &[], &[b"{}"]);
+    assert_eq!(seen.header("x-ratelimit-remaining-requests"), None, "nothing was counted");
+
+    // Envoy would not even send the call: decided at once.
+    let (host, worker, _) = configured(&shared("allow"));
+    host.state.borrow_mut().dispatch_refused = true;
+    let mut flow = worker.new_flow();
+    assert_eq!(send(&host, &mut flow, &chat_headers(&[("authorization", "Bearer sk-team")]), CHAT), Action::Continue);
+    assert!(upstream(&host).is_some());
+    assert!(!host.state.borrow().resumed, "it was never held");
+}
+
+#[test]
+fn a_store_that_gives_no_verdict_refuses_requests_where_limits_fail_closed() {
+    let (host, _worker, mut flow) = held("deny");
+    let broken = b"<html>bad gateway</html>";
+    host.set_call_response(&[(":status", "502")], broken);
+    flow.on_shared_verdict(&host, 1, broken.len());
+    assert!(!host.state.borrow().resumed);
+    assert_eq!(upstream(&host), None);
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.header("x-should-retry")), (503, Some("true")));
+    assert_eq!(seen.error(), ("server_error".into(), "rate_limits_unavailable".into()));
+}
+
+#[test]
+fn a_backends_error_is_rewritten_as_an_openai_error() {
+    let (host, _worker, mut flow) = configured("");
+    host.state.borrow_mut().properties.insert("response.code_details".into(), b"via_upstream".to_vec());
+    send(&host, &mut flow, &chat_headers(&[]), CHAT);
+    let html: &[u8] = b"<html><body>Internal Server Error</body></html>";
+    let headers = [("content-type", "text/html"), ("content-length", "48")];
+    let seen = answer(&host, &mut flow, 500, &headers, &[&html[..20], &html[20..]]);
+    assert_eq!((seen.status, seen.header("content-type")), (500, Some("application/json")));
+    assert_eq!(seen.header("content-length"), Some(seen.body.len().to_string().as_str()));
+    assert_eq!(seen.error().0, "server_error");
+    let message = seen.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("500"), "{message}");
+}
+
+#[test]
+fn envoys_own_error_without_a_body_is_answered_anew_as_an_openai_error() {
+    let (host, _worker, mut flow) = configured("");
+    host.state.borrow_mut().properties.insert("response.code_details".into(), b"no_healthy_upstream".to_vec());
+    send(&host, &mut flow, &chat_headers(&[]), CHAT);
+    let seen = answer(&host, &mut flow, 503, &[], &[]);
+    assert_eq!((seen.status, seen.header("content-type")), (503, Some("application/json")));
+    assert_eq!(seen.error().0, "server_error");
+}
+
+#[test]
+fn a_success_with_an_empty_body_is_a_broken_backend() {
+    let (host, _worker, mut flow) = configured("");
+    send(&host, &mut flow, &chat_headers(&[]), CHAT);
+    let seen = answer(&host, &mut flow, 200, &[], &[]);
+    assert_eq!(seen.status, 502);
+    assert_eq!(seen.error(), ("server_error".into(), "bad_backend_answer".into()));
+}
+
+#[test]
+fn a_streams_usage_the_client_did_not_ask_for_is_read_and_removed() {
+    let (host, mut worker, mut flow) = configured(r#", "accounting": {"cluster": "admin"}"#);
+    let stream = br#"{"model":"llama-3","stream":true,"messages":[]}"#;
+    let headers = chat_headers(&[("accept-encoding", "gzip")]);
+    assert_eq!(send(&host, &mut flow, &headers, stream), Action::Continue);
+    let (_, sent) = upstream(&host).unwrap();
+    assert_eq!(sent["stream_options"], json!({"include_usage": true}), "the gateway asks for it");
+    let length = host.request_header("content-length").unwrap();
+    assert_eq!(length, host.state.borrow().request_body.len().to_string());
+    assert_eq!(host.request_header("accept-encoding"), None, "usage is not read from a compressed answer");
+
+    let chunk: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+    let usage: &[u8] = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n";
+    let done: &[u8] = b"data: [DONE]\n\n";
+    let seen = answer(&host, &mut flow, 200, &[("content-type", "text/event-stream")], &[chunk, usage, done]);
+    assert_eq!(seen.body, [chunk, done].concat(), "the client did not ask for the usage chunk");
+
+    host.state.borrow_mut().dispatched.clear();
+    worker.on_tick(&host);
+    let records = host.state.borrow().dispatched.clone();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].cluster, "admin");
+    let record: Value = serde_json::from_slice(&records[0].body).unwrap();
+    assert_eq!((record["request_id"].as_str(), record["model"].as_str()), (Some("req-1"), Some("llama-3")));
+    assert_eq!(record["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2}));
+}
+
+#[test]
+fn models_are_listed_by_the_filter_itself() {
+    let (host, _worker, mut flow) =
+        configured_as(r#"{"backends": {"a": {"cluster": "c"}}, "models": [{"match": "llama-3", "backend": "a"}]}"#);
+    let action = send(&host, &mut flow, &[(":method", "GET"), (":path", "/v1/models"), ("x-request-id", "r")], b"");
+    assert_eq!(action, Action::Pause);
+    assert_eq!(upstream(&host), None, "no backend is asked");
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.header("content-type")), (200, Some("application/json")));
+    assert_eq!(seen.json()["object"], "list");
+    assert_eq!(seen.json()["data"][0]["id"], "llama-3");
+}
+
+#[test]
+fn refusals_before_any_backend_are_counted_and_answers_recorded() {
+    let (host, mut worker, mut flow) = configured(r#", "accounting": {"cluster": "admin"}"#);
+    send(&host, &mut flow, &chat_headers(&[]), br#"{"model":"gpt-9"}"#);
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.error().1.as_str()), (404, "model_not_found"));
+    worker.on_tick(&host);
+    let sent = host.state.borrow().dispatched.clone();
+    let tally: Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(tally["refused"][0]["status"], 404);
+    assert_eq!(tally["refused"][0]["model"], "", "its model was never routed");
+}
+
+#[test]
+fn a_body_ended_by_trailers_is_routed_with_them() {
+    let (host, _worker, mut flow) = configured("");
+    host.set_request(&chat_headers(&[]), CHAT);
+    assert_eq!(flow.on_request_headers(&host, false), Action::Pause);
+    assert_eq!(flow.on_request_body(&host, CHAT.len(), false), Action::Pause);
+    assert_eq!(upstream(&host), None);
+    assert_eq!(flow.on_request_trailers(&host), Action::Continue);
+    assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("cluster_a".into()));
+    assert_eq!(flow.on_request_trailers(&host), Action::Continue, "routed once");
+}
+
+#[test]
+fn a_token_limit_holds_a_reservation_until_the_answers_usage_settles_it() {
+    let (host, worker, mut flow) = configured(&keyed(r#"{"tokens_per_minute": 1000}"#, ""));
+    let with_key = chat_headers(&[("authorization", "Bearer sk-team")]);
+    let bounded = br#"{"model":"llama-3","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+    let remaining = |seen: &Seen| seen.header("x-ratelimit-remaining-tokens").unwrap().parse::<u64>().unwrap();
+    send(&host, &mut flow, &with_key, bounded);
+    let usage = br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+    let first = answer(&host, &mut flow, 200, &[], &[usage]);
+    let mut second = worker.new_flow();
+    send(&host, &mut second, &with_key, bounded);
+    let after = answer(&host, &mut second, 200, &[], &[usage]);
+    assert_eq!(remaining(&first) - remaining(&after), 5, "the first request's 5 tokens, not its reservation");
+
+    // An error answer used nothing: its whole reservation comes back.
+    let mut third = worker.new_flow();
+    send(&host, &mut third, &with_key, bounded);
+    answer(&host, &mut third, 500, &[], &[b"{}"]);
+    let mut fourth = worker.new_flow();
+    send(&host, &mut fourth, &with_key, bounded);
+    assert_eq!(remaining(&answer(&host, &mut fourth, 200, &[], &[usage])), remaining(&after) - 5);
+}
