@@ -8,6 +8,7 @@ use crate::credentials::KeySources;
 use crate::dialect::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
 use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::headers;
 
 pub struct BackendCall {
     translation: Box<dyn Translation>,
@@ -23,15 +24,17 @@ pub struct UpstreamParts {
 
 impl BackendCall {
     /// The call for a request to `path` whose backend has `profile` (the
-    /// internal header's value); `client_key` is the client's key header, if
-    /// the filter let one through, and `keys` the key sources this process may read.
-    pub fn start(
+    /// internal header's value); `request_header` reads the request's headers
+    /// by name (for the client's key, if the filter let one through), and
+    /// `keys` are the key sources this process may read.
+    pub fn start<'a>(
         profile: &[u8],
         path: &[u8],
-        client_key: Option<&[u8]>,
+        request_header: impl Fn(&str) -> Option<&'a [u8]>,
         keys: &KeySources,
     ) -> Result<Self, GatewayError> {
         let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
+        let client_key = headers::CLIENT_KEYS.iter().find_map(|name| request_header(name));
         Self::for_profile(profile, path, client_key, keys)
     }
 

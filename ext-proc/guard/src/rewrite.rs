@@ -10,7 +10,6 @@ use modelgate_dialects::call::BackendCall;
 use modelgate_dialects::credentials::KeySources;
 use modelgate_dialects::dialect::ResponseTranslation;
 use modelgate_proto::error::GatewayError;
-use modelgate_proto::headers;
 
 /// Rewrites a request for its backend, as ext_proc would (body, path, key,
 /// headers), and returns its body and its answer's translation.
@@ -21,8 +20,9 @@ pub(crate) async fn rewrite(
     keys: &KeySources,
     max_event_bytes: usize,
 ) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
-    let client_key = headers::CLIENT_KEYS.iter().find_map(|name| parts.headers.get(*name)).map(HeaderValue::as_bytes);
-    let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key, keys)?;
+    let request_headers = &parts.headers;
+    let request_header = |name: &str| request_headers.get(name).map(HeaderValue::as_bytes);
+    let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), request_header, keys)?;
     let whole = read_body(body).await?;
     let body = apply_rewrite(parts, &mut call, whole)?;
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));

@@ -97,8 +97,7 @@ fn start(request: &HttpHeaders, keys: &KeySources) -> Result<Option<BackendCall>
         return Ok(None);
     };
     let path = envoy_messages::header(request, ":path").unwrap_or_default();
-    let client_key = headers::CLIENT_KEYS.iter().find_map(|name| envoy_messages::header(request, name));
-    BackendCall::start(profile, path, client_key, keys).map(Some)
+    BackendCall::start(profile, path, |name| envoy_messages::header(request, name), keys).map(Some)
 }
 
 #[cfg(test)]
