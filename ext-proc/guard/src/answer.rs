@@ -2,6 +2,7 @@
 //! answer translated, and the guard's own errors.
 
 use crate::guarded_body::{GuardedBody, State};
+use crate::rewrite::apply_changes;
 use crate::server::StreamGuard;
 use crate::upstream::remove_hop_by_hop;
 use bytes::Bytes;
@@ -9,6 +10,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
+use modelgate_dialects::call::plan_answer;
 use modelgate_dialects::dialect::ResponseTranslation;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{error_event, CompleteEvents, Framing};
@@ -40,10 +42,15 @@ pub(crate) async fn guard_response(
     let framing = stream_framing(&parts.headers).filter(|_| parts.status.is_success());
     if let Some(translation) = &mut translation {
         let status = parts.status.as_u16();
-        let plan = translation.plan(status, parts.headers.get(CONTENT_TYPE).map_or(b"", |c| c.as_bytes()));
-        parts.status = StatusCode::from_u16(plan.status).unwrap_or(parts.status);
-        if let Some(content_type) = plan.content_type {
-            parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let content_type = parts.headers.get(CONTENT_TYPE).map_or(&b""[..], |c| c.as_bytes());
+        let plan = plan_answer(translation.as_mut(), status, content_type);
+        let client_status = &mut parts.status;
+        let applied = apply_changes(&mut parts.headers, plan.headers, |_name, value| {
+            *client_status = value.parse().ok().and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(*client_status);
+            Ok(())
+        });
+        if let Err(e) = applied {
+            return error_response(e);
         }
         if !plan.streamed {
             return translate_whole(parts, body, status, translation.as_mut()).await;

@@ -4,11 +4,11 @@ use crate::upstream::{read_body, UpstreamBody};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
 use hyper::Uri;
 use modelgate_dialects::call::BackendCall;
 use modelgate_dialects::credentials::KeySources;
-use modelgate_dialects::dialect::ResponseTranslation;
+use modelgate_dialects::dialect::{HeaderChanges, ResponseTranslation};
 use modelgate_proto::error::GatewayError;
 
 /// Rewrites a request for its backend, as ext_proc would (body, path, key,
@@ -37,19 +37,35 @@ pub(crate) fn apply_rewrite(
     whole: Bytes,
 ) -> Result<Bytes, GatewayError> {
     let upstream = call.request(&whole)?;
-    for name in upstream.headers.remove {
-        parts.headers.remove(name);
+    let uri = &mut parts.uri;
+    apply_changes(&mut parts.headers, upstream.headers, |name, value| {
+        let path = uri.authority().map_or(value.clone(), |authority| format!("http://{authority}{value}"));
+        *uri = Uri::try_from(path).map_err(|_| unusable_header(name))?;
+        Ok(())
+    })?;
+    Ok(upstream.body.map_or(whole, Bytes::from))
+}
+
+/// Applies a call's header changes to a request's or an answer's `headers`;
+/// the pseudo-header among them (`:path`, `:status`) goes to `pseudo`, as
+/// hyper keeps it apart from the headers.
+pub(crate) fn apply_changes(
+    headers: &mut HeaderMap,
+    changes: HeaderChanges,
+    mut pseudo: impl FnMut(&'static str, String) -> Result<(), GatewayError>,
+) -> Result<(), GatewayError> {
+    for name in changes.remove {
+        headers.remove(name);
     }
-    for (name, value) in upstream.headers.set {
-        if name == ":path" {
-            let path = parts.uri.authority().map_or(value.clone(), |authority| format!("http://{authority}{value}"));
-            parts.uri = Uri::try_from(path).map_err(|_| unusable_header(name))?;
+    for (name, value) in changes.set {
+        if name.starts_with(':') {
+            pseudo(name, value)?;
         } else {
             let value = HeaderValue::try_from(value).map_err(|_| unusable_header(name))?;
-            parts.headers.insert(HeaderName::from_static(name), value);
+            headers.insert(HeaderName::from_static(name), value);
         }
     }
-    Ok(upstream.body.map_or(whole, Bytes::from))
+    Ok(())
 }
 
 /// A header for the backend that HTTP cannot carry (a key file with a line break inside, say).
