@@ -8,6 +8,7 @@ use crate::credentials::KeySources;
 use crate::dialect::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
 use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::headers;
 
 pub struct BackendCall {
     translation: Box<dyn Translation>,
@@ -23,15 +24,17 @@ pub struct UpstreamParts {
 
 impl BackendCall {
     /// The call for a request to `path` whose backend has `profile` (the
-    /// internal header's value); `client_key` is the client's key header, if
-    /// the filter let one through, and `keys` the key sources this process may read.
-    pub fn start(
+    /// internal header's value); `request_header` reads the request's headers
+    /// by name (for the client's key, if the filter let one through), and
+    /// `keys` are the key sources this process may read.
+    pub fn start<'a>(
         profile: &[u8],
         path: &[u8],
-        client_key: Option<&[u8]>,
+        request_header: impl Fn(&str) -> Option<&'a [u8]>,
         keys: &KeySources,
     ) -> Result<Self, GatewayError> {
         let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
+        let client_key = headers::CLIENT_KEYS.iter().find_map(|name| request_header(name));
         Self::for_profile(profile, path, client_key, keys)
     }
 
@@ -78,6 +81,28 @@ impl BackendCall {
     }
 }
 
+/// What a translated answer's headers become, and how its body is read.
+#[derive(Debug, PartialEq)]
+pub struct AnswerPlan {
+    /// Translate the body as a stream, piece by piece; otherwise whole.
+    pub streamed: bool,
+    /// `:status` when the client's differs from the backend's, the client's
+    /// content-type, and no content-length: the translated body's length differs.
+    pub headers: HeaderChanges,
+}
+
+/// The plan for a backend's answer with `status` and `content_type`, as its
+/// `translation` decides it; ext_proc and the stream guard both apply it.
+pub fn plan_answer(translation: &mut dyn ResponseTranslation, status: u16, content_type: &[u8]) -> AnswerPlan {
+    let plan = translation.plan(status, content_type);
+    let mut headers = HeaderChanges { set: Vec::new(), remove: vec!["content-length"] };
+    if plan.status != status {
+        headers.set.push((":status", plan.status.to_string()));
+    }
+    headers.set.extend(plan.content_type.map(|c| ("content-type", c.to_string())));
+    AnswerPlan { streamed: plan.streamed, headers }
+}
+
 /// The answer when the gateway's own configuration is at fault; `why` goes to the log only.
 pub fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
     tracing::error!("cannot rewrite a request: {why}");
@@ -88,4 +113,24 @@ pub fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
         None,
         Some("gateway_misconfigured"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialect::{Endpoint, ResponseContext};
+    use modelgate_proto::backend::Dialect;
+
+    #[test]
+    fn an_answer_plan_changes_the_status_only_when_the_translation_does() {
+        let context = ResponseContext::new(Dialect::Anthropic, Endpoint::ChatCompletions);
+        let mut translation = context.translation().unwrap();
+        let overloaded = plan_answer(translation.as_mut(), 529, b"application/json");
+        assert!(!overloaded.streamed);
+        let set = vec![(":status", "503".to_string()), ("content-type", "application/json".to_string())];
+        assert_eq!(overloaded.headers, HeaderChanges { set, remove: vec!["content-length"] });
+        let streamed = plan_answer(translation.as_mut(), 200, b"text/event-stream");
+        assert!(streamed.streamed);
+        assert_eq!(streamed.headers.set, vec![("content-type", "text/event-stream".to_string())]);
+    }
 }

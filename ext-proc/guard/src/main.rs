@@ -3,7 +3,7 @@ use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::internal_token::InternalTokenArgs;
 use modelgate_runtime::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
-use modelgate_stream_guard::relay::{StreamGuard, DEFAULT_MAX_HEADERS};
+use modelgate_stream_guard::server::{StreamGuard, DEFAULT_MAX_HEADERS};
 use std::net::SocketAddr;
 use std::time::Duration;
 

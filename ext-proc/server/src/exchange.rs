@@ -7,9 +7,9 @@ use crate::envoy_messages;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use modelgate_dialects::call::BackendCall;
+use modelgate_dialects::call::{plan_answer, BackendCall};
 use modelgate_dialects::credentials::KeySources;
-use modelgate_dialects::dialect::{HeaderChanges, ResponseTranslation};
+use modelgate_dialects::dialect::ResponseTranslation;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::sync::Arc;
@@ -64,14 +64,9 @@ impl Exchange {
                     .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
                     .unwrap_or(200);
                 let content_type = envoy_messages::header(h, "content-type").unwrap_or_default();
-                let plan = responses.plan(status, content_type);
+                let plan = plan_answer(responses.as_mut(), status, content_type);
                 *response = Some((status, plan.streamed));
-                let mut changes = HeaderChanges { set: Vec::new(), remove: vec!["content-length"] };
-                if plan.status != status {
-                    changes.set.push((":status", plan.status.to_string()));
-                }
-                changes.set.extend(plan.content_type.map(|c| ("content-type", c.to_string())));
-                envoy_messages::rewrite_response_headers(changes, plan.streamed)
+                envoy_messages::rewrite_response_headers(plan.headers, plan.streamed)
             }
             (Request::ResponseBody(body), Some(Active { responses: Some(responses), response, .. })) => {
                 match response {
@@ -97,8 +92,7 @@ fn start(request: &HttpHeaders, keys: &KeySources) -> Result<Option<BackendCall>
         return Ok(None);
     };
     let path = envoy_messages::header(request, ":path").unwrap_or_default();
-    let client_key = headers::CLIENT_KEYS.iter().find_map(|name| envoy_messages::header(request, name));
-    BackendCall::start(profile, path, client_key, keys).map(Some)
+    BackendCall::start(profile, path, |name| envoy_messages::header(request, name), keys).map(Some)
 }
 
 #[cfg(test)]

@@ -1,0 +1,282 @@
+//! The guard's server: [`StreamGuard`], its accept loop, and its drain on shutdown.
+
+use crate::retry_budget::RetryBudget;
+use crate::upstream::{upstream_client, UpstreamBody};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioIo;
+use modelgate_dialects::credentials::KeySources;
+use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
+use modelgate_runtime::internal_token::InternalToken;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+/// The default of `--max-headers`: the most headers a request or an answer
+/// may have. Above Envoy's `max_headers_count` on the OpenAI listener (100,
+/// Envoy's default), with room for the headers the gateway adds on the way,
+/// so every request Envoy lets in is relayed.
+pub const DEFAULT_MAX_HEADERS: usize = 200;
+
+/// Relays requests to one upstream (Envoy's inner listener).
+pub struct StreamGuard {
+    pub(crate) client: Client<HttpConnector, UpstreamBody>,
+    pub(crate) upstream: SocketAddr,
+    /// Bounds the retries of fallback chains.
+    pub(crate) budget: RetryBudget,
+    /// The key sources the guard may read; none unless given.
+    pub(crate) keys: KeySources,
+    /// What callers must present; nothing unless given.
+    pub(crate) token: InternalToken,
+    /// The most headers a relayed request or answer may have.
+    max_headers: usize,
+    /// The most of one unfinished event (or NDJSON line) held; an event that outgrows it ends the stream.
+    pub(crate) max_event_bytes: usize,
+    /// How far a shutdown has come; open streams watch it.
+    stopping: watch::Sender<Stop>,
+}
+
+/// The guard's shutdown, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Serving,
+    /// No new connections; open streams may finish.
+    Draining,
+    /// The deadline passed: streams still open end now, with an error event.
+    Cut,
+}
+
+/// The time streams cut at the deadline get to write their error event.
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
+impl StreamGuard {
+    pub fn new(upstream: SocketAddr) -> Self {
+        StreamGuard {
+            client: upstream_client(DEFAULT_MAX_HEADERS),
+            upstream,
+            budget: RetryBudget::default(),
+            keys: KeySources::default(),
+            token: InternalToken::default(),
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            stopping: watch::Sender::new(Stop::Serving),
+        }
+    }
+
+    /// Lets the guard read backends' keys from `keys`.
+    pub fn with_keys(self, keys: KeySources) -> Self {
+        StreamGuard { keys, ..self }
+    }
+
+    /// Serves only callers that present `token`.
+    pub fn with_token(self, token: InternalToken) -> Self {
+        StreamGuard { token, ..self }
+    }
+
+    /// Relays requests and answers of up to `max_headers` headers.
+    pub fn with_max_headers(self, max_headers: usize) -> Self {
+        StreamGuard { client: upstream_client(max_headers), max_headers, ..self }
+    }
+
+    /// The same, holding up to `max_event_bytes` of an unfinished event.
+    pub fn with_max_event_bytes(mut self, max_event_bytes: usize) -> Self {
+        self.max_event_bytes = max_event_bytes;
+        self
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) {
+        self.serve_until(listener, std::future::pending(), Duration::MAX).await;
+    }
+
+    /// Serves until `shutdown` resolves, then drains: new connections are
+    /// refused, each open connection closes once its answer is done, and
+    /// streams still open after `deadline` end with an error event.
+    pub async fn serve_until(self, listener: TcpListener, shutdown: impl Future<Output = ()>, deadline: Duration) {
+        let guard = Arc::new(self);
+        // Each connection holds a sender; all of them gone means all connections closed.
+        let (open, mut all_closed) = mpsc::channel::<()>(1);
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            let socket = match accepted {
+                Ok((socket, _)) => socket,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream guard: accept failed");
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            // Subscribed before any shutdown, so none is missed.
+            let mut stopping = guard.stopping.subscribe();
+            let open = open.clone();
+            let guard = Arc::clone(&guard);
+            let max_headers = guard.max_headers;
+            tokio::spawn(async move {
+                let _open = open;
+                let service = hyper::service::service_fn(move |request| {
+                    let guard = Arc::clone(&guard);
+                    async move { Ok::<_, Infallible>(guard.relay(request).await) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .max_headers(max_headers)
+                    .serve_connection(TokioIo::new(socket), service);
+                tokio::pin!(connection);
+                // A client that goes away mid-answer is routine, not an error.
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = stopping.changed() => {}
+                }
+                // Draining: the answer under way finishes, then the connection closes.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            });
+        }
+        drop(listener);
+        drop(open);
+        guard.stopping.send_replace(Stop::Draining);
+        tracing::info!(
+            deadline_secs = deadline.as_secs(),
+            "stream guard: refusing new connections, draining open streams"
+        );
+        if tokio::time::timeout(deadline, all_closed.recv()).await.is_err() {
+            tracing::warn!("stream guard: ending the streams still open at the shutdown deadline");
+            guard.stopping.send_replace(Stop::Cut);
+            let _ = tokio::time::timeout(CUT_GRACE, all_closed.recv()).await;
+        }
+    }
+
+    /// Resolves when streams must end now: the shutdown deadline has passed.
+    pub(crate) fn cut(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let mut stopping = self.stopping.subscribe();
+        Box::pin(async move {
+            loop {
+                let cut = *stopping.borrow_and_update() == Stop::Cut;
+                if cut {
+                    return;
+                }
+                if stopping.changed().await.is_err() {
+                    // The guard is gone without a shutdown (a test's): nothing will cut.
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// An upstream that answers one request with a stream's head and `first`
+    /// event, then the rest when it is sent, or nothing more if it never is.
+    async fn upstream_streaming(first: &'static str) -> (SocketAddr, tokio::sync::oneshot::Sender<&'static str>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (rest_tx, rest) = tokio::sync::oneshot::channel::<&'static str>();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
+            match rest.await {
+                Ok(rest) => {
+                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap()
+                }
+                // Never finishes: holds the connection until the guard lets go of it.
+                Err(_) => while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {},
+            }
+        });
+        (addr, rest_tx)
+    }
+
+    /// A guard that serves until the sender fires, then drains for `deadline`.
+    async fn guard_until(
+        upstream: SocketAddr,
+        deadline: Duration,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(StreamGuard::new(upstream).serve_until(
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            deadline,
+        ));
+        (addr, stop, serving)
+    }
+
+    /// True once nothing accepts connections at `addr` (the guard lets go of its listener soon after the signal).
+    async fn refuses_connections(addr: SocketAddr) -> bool {
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_an_open_stream_finishes_within_the_deadline_and_new_connections_are_refused() {
+        let (upstream, rest) = upstream_streaming("data: 1\n\n").await;
+        let (guard_addr, stop, serving) = guard_until(upstream, Duration::from_secs(60)).await;
+        let mut client = client_of(guard_addr).await;
+        client.read_until("data: 1\n\n").await;
+        stop.send(()).unwrap();
+        assert!(refuses_connections(guard_addr).await, "the guard still accepts connections while draining");
+        rest.send("data: 2\n\ndata: [DONE]\n\n").unwrap();
+        let answer = client.read_all().await;
+        assert!(answer.contains("data: 2\n\ndata: [DONE]\n\n") && !answer.contains("error"), "{answer:?}");
+        assert!(answer.ends_with("\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+        // Once its last stream is done the guard stops, long before the deadline.
+        tokio::time::timeout(Duration::from_secs(30), serving).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_still_open_at_the_shutdown_deadline_ends_with_the_error_event() {
+        let (upstream, _never) = upstream_streaming("data: 1\n\ndata: {\"half").await;
+        let (guard_addr, stop, serving) = guard_until(upstream, Duration::from_millis(200)).await;
+        let mut client = client_of(guard_addr).await;
+        client.read_until("data: 1\n\n").await;
+        stop.send(()).unwrap();
+        let answer = client.read_all().await;
+        assert!(!answer.contains("half"), "{answer}");
+        assert!(answer.contains(r#"data: {"error":{"message":"The gateway is shutting down"#), "{answer}");
+        assert!(answer.contains(r#""code":"stream_interrupted"}}"#), "{answer}");
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
+        serving.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_with_more_headers_than_hyper_takes_by_default_is_relayed() {
+        let (upstream, received) = upstream_answering(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 14\r\n\r\ndata: [DONE]\n\n",
+        )
+        .await;
+        let headers: String = (0..150).map(|i| format!("x-extra-{i}: 1\r\n")).collect();
+        let answer =
+            request_through_guard(upstream, &format!("x-modelgate-stream-cluster: pool\r\n{headers}"), "").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(received.await.unwrap().contains("x-extra-149: 1"));
+    }
+}
