@@ -16,7 +16,7 @@ pub fn log_error(message: &str) {
     let _ = hostcalls::log(LogLevel::Error, message);
 }
 
-fn log_failure(what: &str, status: proxy_wasm::types::Status) {
+fn log_failure(what: &str, status: Status) {
     log_error(&format!("modelgate: {what} failed: {status:?}"));
 }
 

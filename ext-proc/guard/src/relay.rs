@@ -962,7 +962,7 @@ mod tests {
             socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
             match rest.await {
                 Ok(rest) => {
-                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap()
+                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap();
                 }
                 // Never finishes: holds the connection until the guard lets go of it.
                 Err(_) => while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {},
@@ -1092,11 +1092,11 @@ mod tests {
     /// response given for its `x-modelgate-cluster`, and keeps the requests.
     async fn upstream_by_cluster(
         answers: &'static [(&'static str, &'static str)],
-    ) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = std::sync::Arc::clone(&seen);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = Arc::clone(&seen);
         tokio::spawn(async move {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
