@@ -4,6 +4,7 @@
 //! be refused, when the option is documented as required); and every field the
 //! parser knows must be documented. Serde's own "unknown field, expected one
 //! of ..." error lists those fields, so no list is kept here to drift too.
+//! And the README's minimal configuration must be one the filter takes.
 
 use modelgate_doc_check::{code, table};
 use modelgate_proto::config::FilterConfig;
@@ -111,4 +112,13 @@ fn every_option_the_code_reads_is_documented() {
             assert!(options.contains(&option), "{option} is read by the code but not in docs/configuration.md");
         }
     }
+}
+
+#[test]
+fn the_readmes_minimal_configuration_is_taken() {
+    let readme = include_str!("../../README.md");
+    let example =
+        readme.split("```json\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a JSON block in the README");
+    let router = modelgate_proto::routing::Router::from_json(example.as_bytes());
+    assert!(router.is_ok(), "the README's configuration is refused: {:?}", router.err());
 }
