@@ -34,7 +34,9 @@ PROPTEST_CASES ?= 4096
 unit:
 	PROPTEST_CASES=$(PROPTEST_CASES) cargo test --workspace --release
 
+# The simulator's own tests first: the gateway's are only as good as the backends they simulate.
 e2e: setup build
+	cd tests/simulator/tests && ../../../$(VPY) -m pytest -q
 	cd tests/e2e && ../../$(VPY) -m pytest -q
 
 bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
