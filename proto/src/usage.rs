@@ -148,7 +148,7 @@ fn read_member(after: &[u8]) -> Member {
         None => Member::NotUsage,
         Some(b'{') => {
             let mut reader = serde_json::Deserializer::from_slice(value);
-            match <Usage as serde::Deserialize>::deserialize(&mut reader) {
+            match <Usage as Deserialize>::deserialize(&mut reader) {
                 Ok(usage) => Member::Usage(usage),
                 Err(e) if at_end(&e, value) && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
                 Err(_) => Member::NotUsage,

@@ -1,76 +1,14 @@
-"""Fixtures for the end-to-end tests: one real gateway stack per test session,
-the official openai SDK pointed at it, and OpenAI's own schemas to check
-answers against when the spec is at hand."""
+"""Fixtures for the end-to-end tests: one real gateway stack per test session, the official
+openai SDK pointed at it, and OpenAI's own schemas to check answers against when the spec is
+at hand. The helpers they use are in harness.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import tempfile
-import time
-import uuid
-from pathlib import Path
-
-import httpx2  # the HTTP client the openai SDK itself is built on
+import httpx2
 import openai
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
-
-from devstack import (Stack, allow_backend_clusters, edit_filter_config, free_port,  # noqa: E402
-                      http_connection_manager)
-
-SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))
-
-
-def add_failing_backends(config: dict) -> None:
-    """Models whose backends fail inside Envoy: `dead-model`'s port refuses connections,
-    `empty-model`'s cluster has no endpoints, `ghost-model` names a cluster Envoy does not
-    have, and `slow-model` reaches the llama backend through a route with a 0.5 s timeout."""
-    def failing(routing: dict) -> None:
-        routing["backends"].update({"dead": {"cluster": "dead_pool"}, "empty": {"cluster": "empty_pool"},
-                                    "ghost": {"cluster": "no_such_cluster"}, "slow": {"cluster": "slow_pool"}})
-        routing["models"] += [{"match": f"{name}-model", "backend": name}
-                              for name in ["dead", "empty", "ghost", "slow"]]
-
-    edit_filter_config(config, failing)
-
-    def cluster(name: str, port: int) -> dict:
-        return {"name": name, "type": "STATIC", "connect_timeout": "0.25s",
-                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
-
-    # 8001 is the llama backend's port in demo.yaml; the harness remaps it with the others.
-    empty = {"name": "empty_pool", "type": "STATIC", "load_assignment": {"cluster_name": "empty_pool"}}
-    config["static_resources"]["clusters"] += [cluster("dead_pool", free_port()), cluster("slow_pool", 8001), empty]
-    slow = {"route": {"cluster": "slow_pool", "timeout": "0.5s"}, "request_headers_to_remove": ["x-modelgate-cluster"]}
-    routes = http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
-    routes.insert(0, {
-        "match": {"prefix": "/", "headers": [{"name": "x-modelgate-cluster", "string_match": {"exact": "slow_pool"}}]},
-        **slow,
-    })
-    # Streams reach their backends through the inner listener.
-    allow_backend_clusters(config, ["dead_pool", "empty_pool", "no_such_cluster"])
-    allow_backend_clusters(config, ["slow_pool"], slow)
-
-
-# Where the `filekey` backend's API key is read from; tests rewrite it to rotate the key.
-KEY_FILE = Path(tempfile.mkdtemp(prefix="modelgate-keys-")) / "backend-key"
-
-
-def add_keyed_backends(config: dict) -> None:
-    """Two more routes to the llama backend: `filekey-model` is called with the key in
-    KEY_FILE, `shared-model` with the client's own key (passthrough)."""
-    def keyed(routing: dict) -> None:
-        routing["backends"].update({"filekey": {"cluster": "llama_pool", "api_key": {"file": str(KEY_FILE)}},
-                                    "shared": {"cluster": "llama_pool", "api_key": "passthrough"}})
-        routing["models"] += [{"match": "filekey-model", "backend": "filekey"},
-                              {"match": "shared-model", "backend": "shared"}]
-
-    edit_filter_config(config, keyed)
+from harness import KEY_FILE, REPORTED, SPEC_PATH, Spec, Stack, add_failing_backends, add_keyed_backends
 
 
 @pytest.fixture(scope="session")
@@ -96,94 +34,6 @@ def http(stack):
         yield c
 
 
-def backend_requests(stack, backend: str) -> list[dict]:
-    """What a simulated backend received, oldest first."""
-    return httpx2.get(f"{stack.backend_url(backend)}/sim/requests").json()["requests"]
-
-
-def attempts_at(stack, backend: str, request_id: str) -> list[dict]:
-    """What a backend received with this x-request-id: one entry per attempt."""
-    return [r for r in backend_requests(stack, backend) if r["headers"].get("x-request-id") == request_id]
-
-
-def received_by(stack, backend: str, request_id: str) -> dict | None:
-    """The request a backend received with this x-request-id, if any."""
-    return next(iter(attempts_at(stack, backend, request_id)), None)
-
-
-def new_request_id() -> str:
-    return f"req-{uuid.uuid4()}"
-
-
-def sdk(stack, retries: int = 0, key: str = "sk-client-key") -> openai.OpenAI:
-    """The official client against the gateway, with the given retries."""
-    return openai.OpenAI(base_url=stack.base_url, api_key=key, max_retries=retries, timeout=30)
-
-
-# A function tool the dialect tests offer; the simulators call it with {"city": "simulated"}.
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-
-
-def assert_streams_as_generated(client: openai.OpenAI, model: str) -> None:
-    """A stream of 20 tokens, 50 ms apart, reaches the client chunk by chunk: the first
-    content about a second before the last token is generated, none held back."""
-    with client.chat.completions.with_streaming_response.create(
-            model=model, messages=[{"role": "user", "content": "count"}], stream=True,
-            extra_headers={"x-sim-itl-ms": "50", "x-sim-output-tokens": "20"}) as response:
-        start = time.monotonic()
-        arrivals = [time.monotonic() - start for line in response.iter_lines()
-                    if line.startswith("data: {") and json.loads(line[len("data: "):]).get("choices")]
-    # the role chunk, 20 tokens, the finish
-    assert len(arrivals) == 22
-    assert arrivals[-1] - arrivals[1] > 0.8, arrivals
-    gaps = [b - a for a, b in zip(arrivals[2:-1], arrivals[3:-1])]
-    assert min(gaps) > 0.02, f"chunks were held back and released together: {arrivals}"
-
-
-def _nullable_as_json_schema(node):
-    """The spec still marks some schemas with OpenAPI 3.0's `nullable: true`, which
-    JSON Schema ignores; spell it as JSON Schema so null is accepted there."""
-    if isinstance(node, list):
-        return [_nullable_as_json_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    node = {key: _nullable_as_json_schema(value) for key, value in node.items()}
-    if node.pop("nullable", False) is True:
-        if "enum" in node:
-            node["enum"] = [*node["enum"], None]
-        if isinstance(node.get("type"), str):
-            node["type"] = [node["type"], "null"]
-        else:
-            node = {"anyOf": [node, {"type": "null"}]}
-    return node
-
-
-class Spec:
-    """Validates JSON against a component schema of OpenAI's OpenAPI description."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.available = path.exists()
-        if self.available:
-            import jsonschema
-            import referencing
-
-            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-            document = _nullable_as_json_schema(yaml.load(path.read_text(), Loader=loader))
-            resource = referencing.Resource.from_contents(document, default_specification=referencing.jsonschema.DRAFT202012)
-            self._registry = referencing.Registry().with_resource("openapi", resource)
-            self._validator_class = jsonschema.Draft202012Validator
-
-    def validate(self, schema: str, instance) -> None:
-        if not self.available:
-            return
-        validator = self._validator_class({"$ref": f"openapi#/components/schemas/{schema}"}, registry=self._registry)
-        errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
-        assert not errors, f"{schema}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
-
-
 _spec: Spec | None = None
 
 
@@ -192,14 +42,6 @@ def spec() -> Spec:
     global _spec
     _spec = Spec(SPEC_PATH)
     return _spec
-
-
-# Figures tests measured (the fault tests' counts), shown at the end of the run.
-REPORTED: list[str] = []
-
-
-def report(line: str) -> None:
-    REPORTED.append(line)
 
 
 def pytest_terminal_summary(terminalreporter):

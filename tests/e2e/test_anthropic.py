@@ -1,6 +1,6 @@
 """Claude behind the OpenAI API: the official openai SDK against the gateway,
 whose Anthropic backend is the simulator's Anthropic face (itself checked with
-the official anthropic client in test_simulator_anthropic.py)."""
+the official anthropic client in tests/simulator/tests/test_anthropic_face.py)."""
 
 import base64
 import json
@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from conftest import assert_streams_as_generated, attempts_at, new_request_id as rid, sdk, WEATHER
+from harness import assert_streams_as_generated, attempts_at, new_request_id as rid, sdk, WEATHER
 
 MODEL = "claude-sonnet-4-5"
 HELLO = [{"role": "user", "content": "hello there"}]

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from harness import ROOT
 
 
 def test_short_benchmark_runs_every_scenario(tmp_path):

@@ -12,8 +12,7 @@ import httpx2
 import openai
 import pytest
 
-from conftest import new_request_id as rid, received_by, sdk
-from devstack import Stack, edit_filter_config
+from harness import Stack, edit_filter_config, new_request_id as rid, received_by, sdk
 
 FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
 # Keys with rate limits: four requests a minute in all; sixty a minute for llama models;

@@ -6,11 +6,11 @@ with retries off and then on."""
 
 import json
 
+import httpx2
 import openai
 import pytest
 
-from conftest import attempts_at, httpx2, new_request_id as rid, sdk
-from devstack import Stack, edit_filter_config
+from harness import Stack, attempts_at, edit_filter_config, envoy_stat, new_request_id as rid, sdk
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -20,8 +20,7 @@ def attempts_seen(stack, request_id: str) -> int:
 
 
 def downstream_5xx(stack) -> int:
-    stats = httpx2.get(f"{stack.admin_url}/stats", params={"filter": r"^http\.modelgate\.downstream_rq_5xx$"}).text
-    return int(stats.split(":")[1]) if ":" in stats else 0
+    return envoy_stat(stack, r"^http\.modelgate\.downstream_rq_5xx$")
 
 
 @pytest.mark.parametrize("error_format, status, exception, kind, message", [

@@ -12,8 +12,7 @@ import httpx2
 import openai
 import pytest
 
-from conftest import ROOT, attempts_at, new_request_id as rid, report
-from devstack import Stack, edit_filter_config
+from harness import ROOT, Stack, attempts_at, backend_requests, edit_filter_config, new_request_id as rid, report
 
 MODEL = "resilient-llama"
 PRIMARY, SECOND, THIRD = "vllm-llama", "sglang-qwen", "anthropic"
@@ -56,7 +55,7 @@ def wait_until_served_by(gateway, backend: str, within: float = 20) -> float:
 
 def received(gateway, backend: str) -> int:
     """How many requests a simulated backend has received since it started."""
-    return len(httpx2.get(f"{gateway.backend_url(backend)}/sim/requests").json()["requests"])
+    return len(backend_requests(gateway, backend))
 
 
 @pytest.mark.parametrize("status", [503, 429])

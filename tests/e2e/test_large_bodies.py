@@ -6,10 +6,10 @@ backend never gets an unrewritten request, nor the client an untranslated answer
 
 import json
 
+import httpx2
 import pytest
 
-from conftest import backend_requests, httpx2, new_request_id, received_by
-from devstack import Stack
+from harness import Stack, backend_requests, new_request_id, received_by
 
 MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024  # the demo's max_request_body_bytes
 DIMENSIONS = 8192  # the simulator's largest embedding

@@ -1,6 +1,6 @@
 """Ollama's native API behind the OpenAI API: the official openai SDK against
 the gateway, whose Ollama backend is the simulator's Ollama face (itself
-checked with the official ollama client in test_simulator_ollama.py)."""
+checked with the official ollama client in tests/simulator/tests/test_ollama_face.py)."""
 
 import base64
 import json
@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from conftest import assert_streams_as_generated, attempts_at, new_request_id as rid, sdk, WEATHER
+from harness import assert_streams_as_generated, attempts_at, new_request_id as rid, sdk, WEATHER
 
 CHAT_MODEL = "llama3.2"
 EMBED_MODEL = "nomic-embed-text"

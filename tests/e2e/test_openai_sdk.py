@@ -7,7 +7,7 @@ import struct
 import openai
 import pytest
 
-from conftest import received_by
+from harness import received_by
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello to the gateway"}]
 
@@ -131,7 +131,7 @@ def test_a_client_leaving_mid_stream_frees_the_backend(client, stack):
     """Closing a stream stops generation at the backend: no GPU keeps working for nobody."""
     import time
 
-    from conftest import httpx2
+    import httpx2
 
     model = "mistral-cancel-probe"
     running = f'vllm:num_requests_running{{model_name="{model}"}}'

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import new_request_id as rid, received_by, report
-from devstack import Stack, edit_filter_config
+from harness import (Stack, edit_filter_config, labels, metrics, metrics_text, new_request_id as rid,
+                     parse_metrics, received_by, report, requests_counted, wait_for_requests)
 
 # The qwen backend serves these two models only, as a real engine does; `qwen-*` routes any name to it.
 QWEN_MODELS = ["qwen-2.5-7b-instruct", "qwen-3-32b"]
@@ -39,31 +39,6 @@ def http(gateway):
         yield c
 
 
-def scrape(gateway) -> str:
-    return httpx2.get(f"{gateway.ext_proc_admin_url}/metrics").text
-
-
-def samples(text: str) -> dict[str, float]:
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
-
-
-def requests_counted(gateway) -> float:
-    return sum(v for k, v in samples(scrape(gateway)).items() if k.startswith("modelgate_requests_total"))
-
-
-def wait_for_requests(gateway, count: float) -> None:
-    """Every worker's records and counts arrive with its next batch."""
-    deadline = time.monotonic() + 3 * FLUSH_MS / 1000 + 10
-    while requests_counted(gateway) < count:
-        assert time.monotonic() < deadline, f"{requests_counted(gateway)} of {count} requests counted"
-        time.sleep(0.2)
-
-
-def labels(**values: str) -> str:
-    return "{" + ",".join(f'{k}="{v}"' for k, v in values.items()) + "}"
-
-
 def chat(http, model: str, request_id: str | None = None) -> httpx2.Response:
     headers = {"x-request-id": request_id} if request_id else {}
     return http.post("/v1/chat/completions", json={"model": model, "messages": HELLO, "max_tokens": 2},
@@ -82,12 +57,12 @@ def test_a_flood_of_odd_model_names_leaves_metrics_small_and_real_models_named(g
     # Then models the backends do serve: by a pattern route, and by an exact one.
     assert chat(http, "qwen-3-32b").status_code == 200
     assert chat(http, "llama-3.1-8b-instruct").status_code == 200
-    wait_for_requests(gateway, before + len(odd) + 2)
+    wait_for_requests(gateway, before + len(odd) + 2, within=3 * FLUSH_MS / 1000 + 10)
 
-    text = scrape(gateway)
+    text = metrics_text(gateway)
     report(f"record bounds: /metrics is {len(text)} bytes after {len(odd)} requests for odd model names")
     assert len(text) < 64 << 10, f"/metrics is {len(text)} bytes"
-    m = samples(text)
+    m = parse_metrics(text)
     assert m[f"modelgate_requests_total{labels(model='qwen-3-32b', backend='qwen-pool', key='')}"] == 1
     assert m[f"modelgate_requests_total{labels(model='llama-3.1-8b-instruct', backend='llama-pool', key='')}"] >= 1
     # Names no backend answered are counted together, under a placeholder: none is lost.
@@ -131,7 +106,7 @@ def test_a_flood_of_refusals_with_huge_request_ids_loses_no_good_record(gateway)
         extra = {"status": str(status)} if status else {}
         return f"{family}{labels(model=model, backend='' if status else 'mistral-pool', key='', **extra)}"
 
-    start = samples(scrape(gateway))
+    start = metrics(gateway)
     good_key, refused_key = key("mistral-7b-instruct"), key("", 404)
     # Recorded with their ids, about 160 refusals like these filled a worker's 8 MiB outbox between two batches.
     huge = "r" * (50 << 10)
@@ -149,7 +124,7 @@ def test_a_flood_of_refusals_with_huge_request_ids_loses_no_good_record(gateway)
     assert statuses.count(200) == good and statuses.count(404) == flood, set(statuses)
     deadline = time.monotonic() + 3 * FLUSH_MS / 1000 + 10
     while True:
-        m = samples(scrape(gateway))
+        m = metrics(gateway)
         counted = (m.get(good_key, 0) - start.get(good_key, 0), m.get(refused_key, 0) - start.get(refused_key, 0))
         if counted == (good, flood) or time.monotonic() > deadline:
             break

@@ -4,7 +4,7 @@ that backend expects, and clients cannot steer routing themselves."""
 import openai
 import pytest
 
-from conftest import new_request_id as request_id, received_by
+from harness import new_request_id as request_id, received_by
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -83,7 +83,7 @@ def test_client_headers_cannot_route_an_unknown_model(http):
 # Streams are rewritten by the stream guard, other requests by ext_proc: the same rules either way.
 @pytest.mark.parametrize("stream", [False, True])
 def test_backend_keys_come_from_configuration_not_from_clients(stack, stream):
-    from conftest import KEY_FILE, attempts_at, sdk
+    from harness import KEY_FILE, attempts_at, sdk
 
     def key_seen(model: str, client_key: str) -> str | None:
         rid = request_id()
@@ -107,7 +107,7 @@ def test_backend_keys_come_from_configuration_not_from_clients(stack, stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_unreadable_key_is_a_500_that_names_no_secret(stack, stream):
-    from conftest import KEY_FILE, sdk
+    from harness import KEY_FILE, sdk
 
     saved = KEY_FILE.read_text()
     KEY_FILE.unlink()

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 
-from conftest import new_request_id as rid
-from devstack import Redis, Stack, edit_filter_config
+from harness import Redis, Stack, edit_filter_config, envoy_stat, metrics, new_request_id as rid
 
 SHARED, METERED, CROWDED = "sk-shared-0001", "sk-metered-0002", "sk-crowded-0003"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -109,15 +108,8 @@ def test_concurrent_requests_through_both_gateways_are_admitted_only_as_far_as_t
     assert {(a.status_code, a.json()["error"]["type"]) for a in refused} == {(429, "tokens")}
 
 
-def stat(gateway, name: str) -> int:
-    stats = httpx2.get(f"{gateway.admin_url}/stats", params={"filter": name}).text
-    return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines() if line.strip())
-
-
 def store_errors(gateway) -> float:
-    metrics = httpx2.get(f"{gateway.ext_proc_admin_url}/metrics").text
-    line = next(line for line in metrics.splitlines() if line.startswith("modelgate_limit_store_errors_total"))
-    return float(line.split()[-1])
+    return metrics(gateway)["modelgate_limit_store_errors_total"]
 
 
 def test_without_redis_each_gateway_follows_its_policy_then_recovers(redis, gateways):
@@ -134,7 +126,7 @@ def test_without_redis_each_gateway_follows_its_policy_then_recovers(redis, gate
         assert refused.headers["x-request-id"] and refused.headers["x-should-retry"] == "true"
         # Requests of keys without limits never ask the store.
         for gateway in gateways:
-            assert stat(gateway, "modelgate.shared_limits.store_failures") >= 1
+            assert envoy_stat(gateway, "modelgate.shared_limits.store_failures") >= 1
             assert store_errors(gateway) >= 1
     finally:
         redis.start()

@@ -9,8 +9,7 @@ import time
 import openai
 import pytest
 
-from conftest import sdk
-from devstack import Stack
+from harness import Stack, sdk
 
 MODEL = "llama-3.1-8b-instruct"
 HELLO = [{"role": "user", "content": "hello there"}]

@@ -19,8 +19,8 @@ import h2.events
 import httpx2
 import pytest
 
-from conftest import KEY_FILE, attempts_at, new_request_id
-from devstack import DEMO_ANTHROPIC_KEY, EXT_PROC_PORT, INNER_LISTENER_PORT, STREAM_GUARD_PORT
+from harness import (DEMO_ANTHROPIC_KEY, EXT_PROC_PORT, INNER_LISTENER_PORT, KEY_FILE, STREAM_GUARD_PORT,
+                     attempts_at, new_request_id)
 
 HELLO = [{"role": "user", "content": "Hello"}]
 CHAT = {"model": "llama-3.1-8b-instruct", "messages": HELLO}

@@ -8,8 +8,7 @@ import httpx2
 import openai
 import pytest
 
-from conftest import assert_streams_as_generated, sdk, WEATHER
-from devstack import Stack, edit_filter_config
+from harness import Stack, WEATHER, assert_streams_as_generated, edit_filter_config, sdk
 
 MODELS = ["claude-sonnet-4-5", "llama3.2"]
 HELLO = [{"role": "user", "content": "hello there"}]

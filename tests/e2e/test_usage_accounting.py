@@ -10,8 +10,8 @@ import time
 import httpx2
 import pytest
 
-from conftest import new_request_id as rid, sdk
-from devstack import EXT_PROC_ADMIN_PORT, Stack, edit_filter_config
+from harness import (EXT_PROC_ADMIN_PORT, Stack, edit_filter_config, labels, metrics, new_request_id as rid, sdk,
+                     wait_for_requests)
 
 ALICE, BOB = "sk-alice-0001", "sk-bob-0002"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -33,29 +33,10 @@ def gateway():
         yield s
 
 
-def metrics(gateway) -> dict[str, float]:
-    """Every sample of `/metrics`, by its name and labels as written."""
-    text = httpx2.get(f"{gateway.ext_proc_admin_url}/metrics").text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
-
-
-def labels(**values: str) -> str:
-    return "{" + ",".join(f'{k}="{v}"' for k, v in values.items()) + "}"
-
-
 def report(gateway, **window) -> list[dict]:
     answer = httpx2.get(f"{gateway.ext_proc_admin_url}/v1/usage/report", params=window)
     assert answer.status_code == 200, answer.text
     return answer.json()["data"]
-
-
-def wait_for_records(gateway, count: int) -> None:
-    """Records reach ext-proc with each worker's next batch (every 100 ms here)."""
-    deadline = time.monotonic() + 5
-    while sum(v for k, v in metrics(gateway).items() if k.startswith("modelgate_requests_total")) < count:
-        assert time.monotonic() < deadline, metrics(gateway)
-        time.sleep(0.1)
 
 
 def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
@@ -74,7 +55,8 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
     assert all(chunk.usage is None for chunk in unasked)
     with pytest.raises(Exception):
         alice.chat.completions.create(model="no-such-model", messages=HELLO)
-    wait_for_records(gateway, 4)
+    # Records reach ext-proc with each worker's next batch (every 100 ms here).
+    wait_for_requests(gateway, 4, within=5)
 
     m = metrics(gateway)
     llama = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="alice")

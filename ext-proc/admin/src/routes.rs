@@ -165,7 +165,7 @@ fn log(record: &UsageRecord) {
             ttft_us = record.ttft_us,
             cost_usd = record.cost_usd,
             "request finished"
-        )
+        );
     });
 }
 

@@ -512,7 +512,7 @@ impl ChunkWriter {
     /// `out` followed by `error`'s event, the stream's last.
     fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
         self.ended = true;
-        crate::dialect::ended_early(out, error)
+        dialect::ended_early(out, error)
     }
 
     fn delta(&self, out: &mut Vec<u8>, delta: Value, finish_reason: Value) {

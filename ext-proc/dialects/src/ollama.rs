@@ -250,7 +250,7 @@ fn chat_message(message: &Value, param: &str, tool_names: &mut Vec<(String, Valu
                     Some("text") => text.push_str(part["text"].as_str().unwrap_or_default()),
                     Some("refusal") => text.push_str(part["refusal"].as_str().unwrap_or_default()),
                     Some("image_url") => {
-                        images.push(image_data(&part["image_url"]["url"], &format!("{param}.content[{j}]"))?)
+                        images.push(image_data(&part["image_url"]["url"], &format!("{param}.content[{j}]"))?);
                     }
                     other => {
                         return Err(unsupported(
@@ -484,7 +484,7 @@ impl ChunkWriter {
     /// `out` followed by `error`'s event, the stream's last.
     fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
         self.ended = true;
-        crate::dialect::ended_early(out, error)
+        dialect::ended_early(out, error)
     }
 
     fn translate(&mut self, answer: &Value, out: &mut Vec<u8>) {

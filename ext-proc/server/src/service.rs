@@ -50,11 +50,11 @@ pub fn server(
 pub struct TokenCheck(InternalToken);
 
 impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         if self.0.admits(request.metadata().get(headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
             Ok(request)
         } else {
-            Err(tonic::Status::unauthenticated(internal_token::refused().body.message))
+            Err(Status::unauthenticated(internal_token::refused().body.message))
         }
     }
 }
@@ -94,8 +94,8 @@ mod tests {
     fn grpc_calls_without_the_token_are_unauthenticated() {
         use tonic::service::Interceptor;
         let mut token = TokenCheck(InternalToken::new("tok"));
-        assert_eq!(token.call(tonic::Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
-        let mut request = tonic::Request::new(());
+        assert_eq!(token.call(Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let mut request = Request::new(());
         request.metadata_mut().insert(headers::INTERNAL_TOKEN, "tok".parse().unwrap());
         assert!(token.call(request).is_ok());
     }

@@ -14,8 +14,8 @@ WEATHER = {"type": "function", "function": {
 
 
 @pytest.fixture
-def local(stack) -> ollama.Client:
-    return ollama.Client(host=stack.backend_url("sglang-qwen"))
+def local(simulators) -> ollama.Client:
+    return ollama.Client(host=simulators.backend_url("sglang-qwen"))
 
 
 def test_chat_whole_with_options_and_counts(local):
@@ -64,12 +64,12 @@ def test_embed(local):
     assert answer.prompt_eval_count == 3
 
 
-def test_errors_and_mid_stream_errors(stack):
-    failing = ollama.Client(host=stack.backend_url("sglang-qwen"), headers={"x-sim-fail-status": "404"})
+def test_errors_and_mid_stream_errors(simulators):
+    failing = ollama.Client(host=simulators.backend_url("sglang-qwen"), headers={"x-sim-fail-status": "404"})
     with pytest.raises(ollama.ResponseError) as err:
         failing.chat(model="m", messages=HELLO)
     assert (err.value.status_code, err.value.error) == (404, "simulated failure")
-    aborting = ollama.Client(host=stack.backend_url("sglang-qwen"), headers={"x-sim-abort-after": "2"})
+    aborting = ollama.Client(host=simulators.backend_url("sglang-qwen"), headers={"x-sim-abort-after": "2"})
     with pytest.raises(ollama.ResponseError) as err:
         for _ in aborting.chat(model="m", messages=HELLO, stream=True):
             pass

@@ -11,12 +11,12 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
-def direct(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.backend_url('llamacpp-mistral')}/v1", api_key="unused", max_retries=0)
+def direct(simulators) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{simulators.backend_url('llamacpp-mistral')}/v1", api_key="unused", max_retries=0)
 
 
-def test_health_models_and_backend_header(stack, direct):
-    base = stack.backend_url("llamacpp-mistral")
+def test_health_models_and_backend_header(simulators, direct):
+    base = simulators.backend_url("llamacpp-mistral")
     health = httpx2.get(f"{base}/health")
     assert health.status_code == 200
     assert health.headers["x-sim-backend"] == "llamacpp-mistral"
@@ -53,8 +53,8 @@ def test_abort_mid_stream_ends_after_the_chunks_sent(direct):
     assert received == ["", "This", " is", " a"]
 
 
-def test_metrics_show_running_requests_and_token_counts(stack, direct):
-    base = stack.backend_url("llamacpp-mistral")
+def test_metrics_show_running_requests_and_token_counts(simulators, direct):
+    base = simulators.backend_url("llamacpp-mistral")
     stream = direct.chat.completions.create(model="metrics-probe", messages=[{"role": "user", "content": "a b c"}],
                                             max_tokens=7, stream=True, extra_headers={"x-sim-itl-ms": "100"})
     next(iter(stream))

@@ -12,8 +12,9 @@ WEATHER = {"name": "get_weather", "description": "Weather for a city",
 
 
 @pytest.fixture
-def claude(stack) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=stack.backend_url("llamacpp-mistral"), api_key="sk-ant-test", max_retries=0)
+def claude(simulators) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=simulators.backend_url("llamacpp-mistral"), api_key="sk-ant-test",
+                               max_retries=0)
 
 
 def test_a_message_with_system_prompt_and_usage(claude):
@@ -79,10 +80,10 @@ def test_errors_in_anthropics_shape(claude, status, exception, kind):
     assert err.value.response.headers["retry-after"] == "2"
 
 
-def test_missing_api_key_and_version_are_refused(stack, claude):
+def test_missing_api_key_and_version_are_refused(simulators, claude):
     import httpx2
 
-    url = f"{stack.backend_url('llamacpp-mistral')}/v1/messages"
+    url = f"{simulators.backend_url('llamacpp-mistral')}/v1/messages"
     body = {"model": "m", "max_tokens": 5, "messages": HELLO}
     assert httpx2.post(url, json=body, headers={"anthropic-version": "2023-06-01"}).status_code == 401
     assert httpx2.post(url, json=body, headers={"x-api-key": "k"}).status_code == 400

@@ -1,0 +1,10 @@
+//! The stream guard's flags, their variables and defaults, as docs/configuration.md lists them.
+
+#[test]
+fn the_reference_lists_every_flag_with_its_default() {
+    modelgate_doc_check::assert_flags_documented(
+        env!("CARGO_BIN_EXE_modelgate-stream-guard").as_ref(),
+        include_str!("../../../docs/configuration.md"),
+        "The stream guard's flags",
+    );
+}
