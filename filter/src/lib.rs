@@ -13,7 +13,6 @@
 //! request on its worker.
 
 pub mod answer;
-pub mod endpoint;
 mod host;
 pub mod outbox;
 pub mod request;
