@@ -51,7 +51,7 @@ fn backend_request(dialect: Dialect, path: &str, body: &[u8]) -> Value {
 fn client_answer(dialect: Dialect, path: &str, request: &[u8], status: u16, content_type: &str, body: &[u8]) -> String {
     let mut call = call(dialect, path).unwrap();
     call.request(request).unwrap();
-    let mut translation = call.response_translation(DEFAULT_MAX_EVENT_BYTES).expect("a translated dialect");
+    let mut translation = call.response_translator(DEFAULT_MAX_EVENT_BYTES).expect("a translated dialect");
     let plan = translation.plan(status, content_type.as_bytes());
     let out = if plan.streamed {
         translation.stream(body, true)

@@ -47,7 +47,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use modelgate_dialects::call::BackendCall;
 use modelgate_dialects::credentials::KeySources;
-use modelgate_dialects::dialect::ResponseTranslation;
+use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::chain::{Chain, Member};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
@@ -399,7 +399,7 @@ impl StreamGuard {
         &self,
         attempt: Attempt,
         per_try: Option<Duration>,
-    ) -> Result<(Response<Incoming>, Option<Box<dyn ResponseTranslation>>), GatewayError> {
+    ) -> Result<(Response<Incoming>, Option<Box<dyn ResponseTranslator>>), GatewayError> {
         let Attempt { request, translation } = attempt;
         let sent = self.client.request(request);
         let answered = match per_try {
@@ -453,7 +453,7 @@ async fn first_bytes(
 /// One backend's request of a chain, ready to send, and its answer's translation.
 struct Attempt {
     request: Request<UpstreamBody>,
-    translation: Option<Box<dyn ResponseTranslation>>,
+    translation: Option<Box<dyn ResponseTranslator>>,
 }
 
 /// The request for `member`: the client's, to the member's cluster, rewritten for its backend.
@@ -475,7 +475,7 @@ fn prepare(
         Some(profile) => {
             let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None, keys)?;
             let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
-            (body, call.response_translation(max_event_bytes))
+            (body, call.response_translator(max_event_bytes))
         }
         None => (whole.clone(), None),
     };
@@ -516,13 +516,13 @@ async fn rewrite(
     profile: &[u8],
     keys: &KeySources,
     max_event_bytes: usize,
-) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
+) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslator>>), GatewayError> {
     let client_key = headers::CLIENT_KEYS.iter().find_map(|name| parts.headers.get(*name)).map(HeaderValue::as_bytes);
     let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), client_key, keys)?;
     let whole = read_body(body).await?;
     let body = apply_rewrite(parts, &mut call, whole)?;
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Ok((Either::Right(Full::new(body)), call.response_translation(max_event_bytes)))
+    Ok((Either::Right(Full::new(body)), call.response_translator(max_event_bytes)))
 }
 
 /// A request body, whole.
@@ -570,14 +570,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The framing of a streamed answer: server-sent events, or Ollama's NDJSON.
 fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
-    let content_type = headers.get(CONTENT_TYPE)?.to_str().ok()?.trim_start().to_ascii_lowercase();
-    if content_type.starts_with("text/event-stream") {
-        Some(Framing::Sse)
-    } else if content_type.starts_with("application/x-ndjson") {
-        Some(Framing::Ndjson)
-    } else {
-        None
-    }
+    Framing::from_content_type(headers.get(CONTENT_TYPE)?.as_bytes())
 }
 
 /// The answer as the client gets it: a stream event by event (translated if
@@ -587,7 +580,7 @@ async fn guard_response(
     guard: &StreamGuard,
     response: Response<Incoming>,
     first: Option<Bytes>,
-    mut translation: Option<Box<dyn ResponseTranslation>>,
+    mut translation: Option<Box<dyn ResponseTranslator>>,
     request_id: Option<HeaderValue>,
 ) -> Response<GuardedBody> {
     let (mut parts, body) = response.into_parts();
@@ -649,7 +642,7 @@ async fn translate_whole(
     mut parts: hyper::http::response::Parts,
     body: Incoming,
     status: u16,
-    translation: &mut dyn ResponseTranslation,
+    translation: &mut dyn ResponseTranslator,
 ) -> Response<GuardedBody> {
     let whole = match Limited::new(body, MAX_WHOLE_ANSWER_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -704,7 +697,7 @@ pub struct GuardedBody {
     first: Option<Bytes>,
     events: Option<CompleteEvents>,
     /// Turns the stream's whole events into OpenAI's, when the backend speaks another dialect.
-    translation: Option<Box<dyn ResponseTranslation>>,
+    translation: Option<Box<dyn ResponseTranslator>>,
     request_id: Option<HeaderValue>,
     /// A stream's end at the shutdown deadline.
     cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -738,7 +731,7 @@ impl GuardedBody {
 }
 
 /// `events` in OpenAI's dialect; `end` on the stream's last events.
-fn translated(translation: &mut Option<Box<dyn ResponseTranslation>>, events: Bytes, end: bool) -> Bytes {
+fn translated(translation: &mut Option<Box<dyn ResponseTranslator>>, events: Bytes, end: bool) -> Bytes {
     match translation {
         Some(translation) => Bytes::from(translation.stream(&events, end)),
         None => events,
