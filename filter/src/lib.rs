@@ -17,7 +17,6 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 pub mod answer;
-pub mod endpoint;
 pub mod flow;
 pub mod host;
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //! The proxy-wasm callbacks in `lib.rs` only read what Envoy hands them, call
 //! these functions, and carry out the verdict.
 
-use crate::endpoint::{classify, Endpoint};
 use crate::routing_fields::{read_routing_fields, RoutingFields};
 use modelgate_proto::config::{FailureMode, Price};
+use modelgate_proto::endpoint::{classify, Target};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
@@ -164,10 +164,10 @@ fn is_json(content_type: &[u8]) -> bool {
 /// refused before any of it is buffered.
 pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerdict {
     let RequestHead { method, path, content_type, content_length, end_of_stream, presented } = head;
-    let endpoint = classify(method, path);
-    if matches!(endpoint, Endpoint::Other | Endpoint::WrongMethod(_)) {
-        return match endpoint {
-            Endpoint::WrongMethod(allowed) => {
+    let target = classify(method, path);
+    if matches!(target, Target::Other | Target::WrongMethod(_)) {
+        return match target {
+            Target::WrongMethod(allowed) => {
                 let mut reply = Reply::from(GatewayError::method_not_allowed(method, path, allowed));
                 reply.headers.push(("allow", allowed.into()));
                 HeadersVerdict::Respond(reply)
@@ -179,16 +179,16 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
         Ok(caller) => caller,
         Err(e) => return HeadersVerdict::Respond(e.into()),
     };
-    match endpoint {
-        Endpoint::Other | Endpoint::WrongMethod(_) => HeadersVerdict::PassThrough,
-        Endpoint::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router, caller.as_deref()))),
-        Endpoint::RetrieveModel(id) => {
+    match target {
+        Target::Other | Target::WrongMethod(_) => HeadersVerdict::PassThrough,
+        Target::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router, caller.as_deref()))),
+        Target::RetrieveModel(id) => {
             HeadersVerdict::Respond(match models::retrieve_json(router, &id, caller.as_deref()) {
                 Some(body) => Reply::ok(body),
                 None => GatewayError::model_not_found(&id).into(),
             })
         }
-        Endpoint::ModelRouted => {
+        Target::ModelRouted(_) => {
             let limit = router.max_request_body_bytes();
             let declared =
                 content_length.and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u64>().ok());

@@ -12,14 +12,46 @@
 
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
 
-/// How a stream is cut into records.
+/// How a stream is cut into records. A dialect names the framing of its
+/// streamed answers; a new one (a binary event stream, say) is a variant here,
+/// its content-type, its boundaries and its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
     /// Server-sent events, ended by a blank line.
     Sse,
     /// Newline-delimited JSON, one record per line.
     Ndjson,
+}
+
+impl Framing {
+    /// The framing of a body with this content-type; `None` for a body that is not a stream.
+    pub fn from_content_type(content_type: &[u8]) -> Option<Self> {
+        let content_type = content_type.trim_ascii_start();
+        [Framing::Sse, Framing::Ndjson].into_iter().find(|framing| {
+            let media_type = framing.content_type().as_bytes();
+            content_type.get(..media_type.len()).is_some_and(|start| start.eq_ignore_ascii_case(media_type))
+        })
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Framing::Sse => "text/event-stream",
+            Framing::Ndjson => "application/x-ndjson",
+        }
+    }
+
+    /// The records of `complete` (whole records, as [`CompleteEvents`] passes
+    /// them on): each event's data, or each line that is not blank.
+    pub fn records(self, complete: &[u8]) -> Vec<Cow<'_, [u8]>> {
+        match self {
+            Framing::Sse => event_data(complete).into_iter().map(Cow::Owned).collect(),
+            Framing::Ndjson => {
+                complete.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()).map(Cow::Borrowed).collect()
+            }
+        }
+    }
 }
 
 /// Finds event boundaries in a byte stream fed in pieces.
@@ -312,6 +344,15 @@ mod tests {
     fn is_boundary(prefix: &[u8]) -> bool {
         let mut scanner = BoundaryScanner::new(Framing::Sse);
         prefix.is_empty() || scanner.scan(prefix) == Some(prefix.len())
+    }
+
+    #[test]
+    fn framings_are_known_by_content_type_and_cut_into_records() {
+        assert_eq!(Framing::from_content_type(b" Text/Event-Stream; charset=utf-8"), Some(Framing::Sse));
+        assert_eq!(Framing::from_content_type(b"application/x-ndjson"), Some(Framing::Ndjson));
+        assert_eq!(Framing::from_content_type(b"application/json"), None);
+        assert_eq!(Framing::Ndjson.records(b"{}\n\n {\"a\":1}\n"), [&b"{}"[..], b" {\"a\":1}"]);
+        assert_eq!(Framing::Sse.records(b": x\n\ndata: 1\ndata: 2\n\n"), [&b"1\n2"[..]]);
     }
 
     #[test]

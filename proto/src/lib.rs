@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod chain;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod error_normalize;
 pub mod framing;

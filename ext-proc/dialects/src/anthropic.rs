@@ -14,11 +14,17 @@
 //! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
 
 use crate::dialect::{
-    self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
+    BackendRequest, Credential, HeaderChanges, KeyHeader, RequestTranslator, ResponseContext, ResponsePlan,
+    ResponseTranslator,
 };
+use crate::params::{
+    self, invalid_role, invalid_type, invalid_value, stop_sequences, tool_arguments, unsupported_parameter,
+};
+use crate::stream::{self, RecordStream, RecordTranslator, StreamHead};
 use modelgate_proto::backend::{BackendProfile, Dialect};
+use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
-use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing};
+use modelgate_proto::framing::{self, error_event, Framing};
 use serde_json::{json, Map, Value};
 
 /// The Messages API version requests are made with.
@@ -28,31 +34,31 @@ pub const API_VERSION: &str = "2023-06-01";
 /// the backend's `defaults` set one.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
-pub struct Translation {
+/// An OpenAI chat completion request as a Messages API request.
+pub struct AnthropicRequest {
     profile: BackendProfile,
     include_usage: bool,
 }
 
-impl Translation {
+impl AnthropicRequest {
     pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
         match endpoint {
-            Endpoint::ChatCompletions => Ok(Translation { profile, include_usage: false }),
-            other => Err(dialect::unsupported_endpoint(other, "an Anthropic")),
+            Endpoint::ChatCompletions => Ok(AnthropicRequest { profile, include_usage: false }),
+            other => Err(params::unsupported_endpoint(other, "an Anthropic")),
         }
     }
 }
 
-impl dialect::Translation for Translation {
-    fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
+impl RequestTranslator for AnthropicRequest {
+    fn request(&mut self, body: &[u8]) -> Result<BackendRequest, GatewayError> {
         let request: Map<String, Value> =
             serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
         let (messages_request, include_usage) = messages_request(request, &self.profile)?;
         self.include_usage = include_usage;
-        Ok(UpstreamRequest { path: Some("/v1/messages"), body: Some(messages_request.to_string().into_bytes()) })
-    }
-
-    fn translates_responses(&self) -> bool {
-        true
+        Ok(BackendRequest {
+            path: Some("/v1/messages".to_string()),
+            body: Some(messages_request.to_string().into_bytes()),
+        })
     }
 
     fn response_context(&self) -> Option<ResponseContext> {
@@ -61,40 +67,45 @@ impl dialect::Translation for Translation {
         Some(context)
     }
 
-    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
-        let mut set = vec![("anthropic-version", API_VERSION.to_string())];
-        set.extend(key.map(|key| ("x-api-key", key.to_string())));
+    fn headers(&self) -> HeaderChanges {
         // A passed-through client key now travels as x-api-key; no bearer token goes on.
         // Answers must come uncompressed, to be translated.
-        HeaderChanges { set, remove: vec!["authorization", "accept-encoding"] }
+        HeaderChanges {
+            set: vec![("anthropic-version", API_VERSION.to_string())],
+            remove: vec!["authorization", "accept-encoding"],
+        }
+    }
+
+    fn credential(&self, secret: String) -> Box<dyn Credential> {
+        Box::new(KeyHeader { name: "x-api-key", key: secret })
     }
 }
 
 /// A Messages API answer, whole or streamed, as OpenAI's.
-pub struct Responses {
+pub struct AnthropicAnswer {
     include_usage: bool,
     max_event_bytes: usize,
-    stream: Option<ChunkWriter>,
+    stream: Option<RecordStream<ChunkWriter>>,
 }
 
-impl Responses {
+impl AnthropicAnswer {
     pub fn new(context: &ResponseContext) -> Self {
-        Responses { include_usage: context.include_usage, max_event_bytes: context.max_event_bytes, stream: None }
+        AnthropicAnswer { include_usage: context.include_usage, max_event_bytes: context.max_event_bytes, stream: None }
     }
 }
 
-impl ResponseTranslation for Responses {
+impl ResponseTranslator for AnthropicAnswer {
     fn plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
-        let streamed = (200..300).contains(&status) && content_type.starts_with(b"text/event-stream");
-        if streamed {
-            self.stream = Some(ChunkWriter::new(self.include_usage, self.max_event_bytes));
+        let mut plan = stream::plan(status, content_type, Framing::Sse);
+        if plan.streamed {
+            let writer = ChunkWriter::new(self.include_usage);
+            self.stream = Some(RecordStream::new(Framing::Sse, self.max_event_bytes, writer));
         }
-        ResponsePlan {
-            // Overloaded is Anthropic's own status; OpenAI clients know 503 as "try again".
-            status: if status == 529 { 503 } else { status },
-            streamed,
-            content_type: Some(if streamed { "text/event-stream" } else { "application/json" }),
+        // Overloaded is Anthropic's own status; OpenAI clients know 503 as "try again".
+        if status == 529 {
+            plan.status = 503;
         }
+        plan
     }
 
     fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
@@ -113,10 +124,7 @@ impl ResponseTranslation for Responses {
     }
 
     fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        match &mut self.stream {
-            Some(writer) => writer.push(piece, end),
-            None => piece.to_vec(),
-        }
+        stream::push(&mut self.stream, piece, end)
     }
 }
 
@@ -125,7 +133,7 @@ impl ResponseTranslation for Responses {
 fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Result<(Value, bool), GatewayError> {
     let mut out = Map::new();
     let mut include_usage = false;
-    let mut max_tokens = None;
+    let max_tokens = params::max_tokens(&request);
     let mut parallel_tool_calls = None;
     for (key, value) in request {
         if value.is_null() {
@@ -142,21 +150,11 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
                 }
                 out.insert("messages".into(), Value::Array(messages));
             }
-            // The newer name wins over the deprecated one.
-            "max_completion_tokens" => max_tokens = Some(value),
-            "max_tokens" => {
-                max_tokens.get_or_insert(value);
-            }
             "temperature" | "top_p" | "stream" => {
                 out.insert(key, value);
             }
             "stop" => {
-                let stops = match value {
-                    Value::String(stop) => vec![Value::String(stop)],
-                    Value::Array(stops) => stops,
-                    _ => return Err(invalid_type("stop", "a string or an array of strings")),
-                };
-                out.insert("stop_sequences".into(), Value::Array(stops));
+                out.insert("stop_sequences".into(), stop_sequences(&value)?);
             }
             "stream_options" => include_usage = value["include_usage"].as_bool() == Some(true),
             "user" => {
@@ -170,24 +168,24 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
             }
             "parallel_tool_calls" => parallel_tool_calls = value.as_bool(),
             "n" if value.as_u64().is_some_and(|n| n > 1) => {
-                return Err(dialect::unsupported_parameter("n", "with Anthropic models: they return one choice"));
+                return Err(unsupported_parameter("n", "with Anthropic models: they return one choice"));
             }
             "logprobs" if value.as_bool() == Some(true) => {
-                return Err(dialect::unsupported_parameter("logprobs", "with Anthropic models"));
+                return Err(unsupported_parameter("logprobs", "with Anthropic models"));
             }
-            "top_logprobs" => return Err(dialect::unsupported_parameter("top_logprobs", "with Anthropic models")),
+            "top_logprobs" => return Err(unsupported_parameter("top_logprobs", "with Anthropic models")),
             "response_format" if value["type"] != "text" => {
-                return Err(dialect::unsupported_parameter(
+                return Err(unsupported_parameter(
                     "response_format",
                     "with Anthropic models: only `text` is available",
                 ));
             }
             "functions" | "function_call" => {
-                return Err(dialect::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
+                return Err(unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
             }
-            "audio" => return Err(dialect::unsupported_parameter("audio", "with Anthropic models")),
+            "audio" => return Err(unsupported_parameter("audio", "with Anthropic models")),
             "modalities" if value.as_array().is_some_and(|m| m.iter().any(|m| m == "audio")) => {
-                return Err(dialect::unsupported_parameter("modalities", "with Anthropic models: text only"));
+                return Err(unsupported_parameter("modalities", "with Anthropic models: text only"));
             }
             // Everything else (penalties, seed, logit_bias, service_tier, store, metadata and
             // parameters newer than this gateway) has no Anthropic counterpart and is dropped.
@@ -208,18 +206,6 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
         out.entry(key.clone()).or_insert_with(|| value.clone());
     }
     Ok((Value::Object(out), include_usage))
-}
-
-fn invalid_type(param: &str, expected: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("Invalid type for '{param}': expected {expected}."),
-        Some(param),
-        Some("invalid_type"),
-    )
-}
-
-fn invalid_value(param: &str, message: String) -> GatewayError {
-    GatewayError::new(400, INVALID_REQUEST, message, Some(param), Some("invalid_value"))
 }
 
 /// The system prompt parts, and the conversation as Anthropic turns.
@@ -244,12 +230,7 @@ fn messages(value: &Value) -> Result<(Vec<String>, Vec<Value>), GatewayError> {
                 let result = json!({"type": "tool_result", "tool_use_id": id, "content": plain_text(content, &param)?});
                 ("user", vec![result])
             }
-            _ => {
-                return Err(invalid_value(
-                    &format!("{param}.role"),
-                    format!("Invalid value for '{param}.role': expected system, developer, user, assistant or tool."),
-                ))
-            }
+            _ => return Err(invalid_role(&param)),
         };
         if blocks.is_empty() {
             continue;
@@ -300,7 +281,7 @@ fn user_blocks(content: &Value, param: &str) -> Result<Vec<Value>, GatewayError>
             Some("text") => blocks.extend(text_block(part["text"].as_str().unwrap_or_default())),
             Some("image_url") => blocks.push(image_block(&part["image_url"]["url"], &part_param)?),
             other => {
-                return Err(dialect::unsupported_parameter(
+                return Err(unsupported_parameter(
                     &format!("{part_param}.type"),
                     &format!("`{}` with Anthropic models: text and image parts only", other.unwrap_or("?")),
                 ))
@@ -333,17 +314,7 @@ fn assistant_blocks(message: &Value, param: &str) -> Result<Vec<Value>, GatewayE
     };
     let mut blocks: Vec<Value> = text_block(&content).into_iter().collect();
     for (j, call) in message["tool_calls"].as_array().into_iter().flatten().enumerate() {
-        let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
-        let input: Value = if arguments.trim().is_empty() {
-            json!({})
-        } else {
-            serde_json::from_str(arguments).map_err(|e| {
-                invalid_value(
-                    &format!("{param}.tool_calls[{j}].function.arguments"),
-                    format!("Tool call arguments must be a JSON object ({e})."),
-                )
-            })?
-        };
+        let input = tool_arguments(call, &format!("{param}.tool_calls[{j}]"))?;
         blocks.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": input}));
     }
     Ok(blocks)
@@ -356,7 +327,7 @@ fn tools(value: &Value) -> Result<Value, GatewayError> {
         .enumerate()
         .map(|(i, tool)| {
             if tool["type"] != "function" {
-                return Err(dialect::unsupported_parameter(
+                return Err(unsupported_parameter(
                     &format!("tools[{i}].type"),
                     "with Anthropic models: function tools only",
                 ));
@@ -429,7 +400,7 @@ fn chat_completion(message: &Value) -> Value {
         reply["tool_calls"] = Value::Array(calls);
     }
     json!({
-        "id": message["id"], "object": "chat.completion", "created": dialect::unix_now(), "model": message["model"],
+        "id": message["id"], "object": "chat.completion", "created": stream::unix_now(), "model": message["model"],
         "choices": [{"index": 0, "message": reply, "logprobs": null, "finish_reason": finish_reason(&message["stop_reason"])}],
         "usage": usage(&message["usage"]),
     })
@@ -453,9 +424,6 @@ fn openai_error(status: u16, body: &Value) -> Option<GatewayError> {
 
 /// Turns Anthropic's stream into OpenAI chunks, event by event.
 struct ChunkWriter {
-    events: CompleteEvents,
-    /// The stream was ended with an error event; whatever follows is dropped.
-    ended: bool,
     head: StreamHead,
     /// The OpenAI tool call index of each Anthropic content block that is a tool call.
     tool_indexes: Vec<(u64, usize)>,
@@ -463,56 +431,12 @@ struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    fn new(include_usage: bool, max_event_bytes: usize) -> Self {
+    fn new(include_usage: bool) -> Self {
         ChunkWriter {
-            events: CompleteEvents::new(Framing::Sse, max_event_bytes),
-            ended: false,
             head: StreamHead::new("chat.completion.chunk", Value::Null, Value::Null, include_usage),
             tool_indexes: Vec::new(),
             usage: json!({}),
         }
-    }
-
-    /// The OpenAI events for `piece`. Events without data (comments,
-    /// keep-alives) have nothing to translate; an event whose data is not
-    /// JSON, or one too long to hold, ends the stream with an error event,
-    /// so nothing the backend sent is dropped unsaid.
-    fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        if self.ended {
-            return out;
-        }
-        let (complete, too_long) = match self.events.take(piece, end) {
-            Ok(complete) => (complete, None),
-            Err(long) => (long.complete.to_vec(), Some(framing::too_long(self.events.max_event_bytes()))),
-        };
-        for data in framing::event_data(&complete) {
-            let parsed = match serde_json::from_slice::<Value>(&data) {
-                Ok(parsed) => parsed,
-                Err(e) => return self.end_with(out, &framing::unreadable(&e)),
-            };
-            if parsed.get("type").is_none() && parsed.get("error").is_some() {
-                // The stream guard's error event: already OpenAI's, passed on byte for byte
-                // unless it came over several data lines, which one `data:` line cannot hold.
-                if data.contains(&b'\n') {
-                    framing::write_data(&mut out, parsed.to_string().as_bytes());
-                } else {
-                    framing::write_data(&mut out, &data);
-                }
-            } else {
-                self.translate(&parsed, &mut out);
-            }
-        }
-        match too_long {
-            Some(error) => self.end_with(out, &error),
-            None => out,
-        }
-    }
-
-    /// `out` followed by `error`'s event, the stream's last.
-    fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
-        self.ended = true;
-        dialect::ended_early(out, error)
     }
 
     fn delta(&self, out: &mut Vec<u8>, delta: Value, finish_reason: Value) {
@@ -520,7 +444,7 @@ impl ChunkWriter {
             .write_choice(out, json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}));
     }
 
-    fn translate(&mut self, data: &Value, out: &mut Vec<u8>) {
+    fn translate_event(&mut self, data: &Value, out: &mut Vec<u8>) {
         match data["type"].as_str() {
             Some("message_start") => {
                 let message = &data["message"];
@@ -568,11 +492,26 @@ impl ChunkWriter {
     }
 }
 
+impl RecordTranslator for ChunkWriter {
+    fn translate(&mut self, data: &Value, raw: &[u8], out: &mut Vec<u8>) {
+        if data.get("type").is_none() && data.get("error").is_some() {
+            // The stream guard's error event: already OpenAI's, passed on byte for byte
+            // unless it came over several data lines, which one `data:` line cannot hold.
+            if raw.contains(&b'\n') {
+                framing::write_data(out, data.to_string().as_bytes());
+            } else {
+                framing::write_data(out, raw);
+            }
+        } else {
+            self.translate_event(data, out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dialect::testing::{chunks, deltas, feed};
-    use crate::dialect::Translation as _;
     use proptest::prelude::*;
 
     fn translate(request: Value) -> Result<Value, GatewayError> {
@@ -580,9 +519,9 @@ mod tests {
     }
 
     fn translate_with(request: Value, profile: BackendProfile) -> Result<Value, GatewayError> {
-        let mut t = Translation::new(profile, Endpoint::ChatCompletions)?;
+        let mut t = AnthropicRequest::new(profile, Endpoint::ChatCompletions)?;
         let upstream = t.request(request.to_string().as_bytes())?;
-        assert_eq!(upstream.path, Some("/v1/messages"));
+        assert_eq!(upstream.path.as_deref(), Some("/v1/messages"));
         Ok(serde_json::from_slice(&upstream.body.unwrap()).unwrap())
     }
 
@@ -694,10 +633,10 @@ mod tests {
         assert!(translate(json!({"model": "m", "messages": [], "n": 1, "logprobs": false})).is_ok());
     }
 
-    fn responses(include_usage: bool) -> Responses {
+    fn responses(include_usage: bool) -> AnthropicAnswer {
         let mut context = ResponseContext::new(Dialect::Anthropic, Endpoint::ChatCompletions);
         context.include_usage = include_usage;
-        Responses::new(&context)
+        AnthropicAnswer::new(&context)
     }
 
     #[test]
@@ -839,7 +778,7 @@ mod tests {
 
         #[test]
         fn arbitrary_request_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let mut t = Translation::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
+            let mut t = AnthropicRequest::new(BackendProfile::default(), Endpoint::ChatCompletions).unwrap();
             let _ = t.request(&body);
         }
     }

@@ -1,18 +1,22 @@
 //! One request's call to its backend, as the filter's backend profile
-//! describes it: the dialect's translation and the backend's key, and what
-//! they make of the request. ext_proc (ext-proc) and the stream
-//! guard (the stream guard) both start from here, so a request is
-//! rewritten the same way whichever of them handles it.
+//! describes it: the dialect's translators and the backend's credential, and
+//! what they make of the request. ext_proc and the stream guard both start
+//! from here, so a request is rewritten the same way whichever handles it.
 
 use crate::credentials::KeySources;
-use crate::dialect::{self, Endpoint, HeaderChanges, ResponseTranslation, Translation};
+use crate::dialect::{self, Credential, HeaderChanges, OutgoingRequest, RequestTranslator, ResponseTranslator};
 use modelgate_proto::backend::BackendProfile;
+use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 
 pub struct BackendCall {
-    translation: Box<dyn Translation>,
-    key: Option<String>,
+    translator: Box<dyn RequestTranslator>,
+    credential: Option<Box<dyn Credential>>,
+    endpoint: Endpoint,
+    /// The client's path, which a credential may sign when the dialect keeps it.
+    path: String,
+    translates_responses: bool,
 }
 
 /// The backend's request: header changes (`:path` among them when the path
@@ -47,37 +51,51 @@ impl BackendCall {
     ) -> Result<Self, GatewayError> {
         let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
         let source = profile.api_key.clone();
+        let translates_responses = dialect::registered(profile.dialect).answers.is_some();
         // An endpoint the backend lacks is refused before any key is read.
-        let translation = dialect::for_backend(profile, endpoint)?;
-        let key = match &source {
+        let translator = dialect::request_translator(profile, endpoint)?;
+        let secret = match &source {
             Some(source) => keys.resolve(source, client_key)?,
             None => None,
         };
-        Ok(BackendCall { translation, key })
+        let credential = secret.map(|secret| translator.credential(secret));
+        let path = String::from_utf8_lossy(path).into_owned();
+        Ok(BackendCall { translator, credential, endpoint, path, translates_responses })
     }
 
-    /// The backend's request for the client's body.
+    /// The backend's request for the client's body: the dialect's translation,
+    /// then its credential over the request as it will leave.
     pub fn request(&mut self, body: &[u8]) -> Result<UpstreamParts, GatewayError> {
-        let upstream = self.translation.request(body)?;
-        let mut headers = self.translation.upstream_headers(self.key.as_deref());
+        let upstream = self.translator.request(body)?;
+        let mut headers = self.translator.headers();
+        if let Some(credential) = &self.credential {
+            let outgoing = OutgoingRequest {
+                method: self.endpoint.method(),
+                path: upstream.path.as_deref().unwrap_or(&self.path),
+                headers: &headers.set,
+                body: upstream.body.as_deref().unwrap_or(body),
+            };
+            let authorization = credential.authorize(&outgoing);
+            headers.extend(authorization);
+        }
         if let Some(path) = upstream.path {
-            headers.set.push((":path", path.to_string()));
+            headers.set.push((":path", path));
         }
         Ok(UpstreamParts { headers, body: upstream.body })
     }
 
     /// Whether the backend's answers need translating; known before the body is read.
     pub fn translates_responses(&self) -> bool {
-        self.translation.translates_responses()
+        self.translates_responses
     }
 
-    /// The translation of the answer, once [`BackendCall::request`] has read
+    /// The translator of the answer, once [`BackendCall::request`] has read
     /// the request; `None` when the answer is OpenAI's already. A streamed
-    /// answer's events may be `max_event_bytes` long.
-    pub fn response_translation(&self, max_event_bytes: usize) -> Option<Box<dyn ResponseTranslation>> {
-        let mut context = self.translation.response_context()?;
+    /// answer's records may be `max_event_bytes` long.
+    pub fn response_translator(&self, max_event_bytes: usize) -> Option<Box<dyn ResponseTranslator>> {
+        let mut context = self.translator.response_context()?;
         context.max_event_bytes = max_event_bytes;
-        context.translation()
+        context.translator()
     }
 }
 
@@ -93,7 +111,7 @@ pub struct AnswerPlan {
 
 /// The plan for a backend's answer with `status` and `content_type`, as its
 /// `translation` decides it; ext_proc and the stream guard both apply it.
-pub fn plan_answer(translation: &mut dyn ResponseTranslation, status: u16, content_type: &[u8]) -> AnswerPlan {
+pub fn plan_answer(translation: &mut dyn ResponseTranslator, status: u16, content_type: &[u8]) -> AnswerPlan {
     let plan = translation.plan(status, content_type);
     let mut headers = HeaderChanges { set: Vec::new(), remove: vec!["content-length"] };
     if plan.status != status {
@@ -118,13 +136,14 @@ pub fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dialect::{Endpoint, ResponseContext};
+    use crate::dialect::ResponseContext;
     use modelgate_proto::backend::Dialect;
+    use modelgate_proto::endpoint::Endpoint;
 
     #[test]
     fn an_answer_plan_changes_the_status_only_when_the_translation_does() {
         let context = ResponseContext::new(Dialect::Anthropic, Endpoint::ChatCompletions);
-        let mut translation = context.translation().unwrap();
+        let mut translation = context.translator().unwrap();
         let overloaded = plan_answer(translation.as_mut(), 529, b"application/json");
         assert!(!overloaded.streamed);
         let set = vec![(":status", "503".to_string()), ("content-type", "application/json".to_string())];

@@ -1,7 +1,8 @@
 //! modelgate's backend dialects. A client speaks OpenAI; a backend may speak
 //! another API. The [`dialect`] module holds the interface every dialect
 //! implements, one file per dialect implements it ([`openai`], [`anthropic`],
-//! [`ollama`]), and a [`call`] is one request's use of it with the backend's
+//! [`ollama`]) with the helpers they share ([`params`] for requests, [`stream`]
+//! for answers), and a [`call`] is one request's use of it with the backend's
 //! key from the [`credentials`] this process may read.
 //!
 //! Nothing here does I/O: ext-proc drives a call from Envoy's messages, the
@@ -13,3 +14,5 @@ pub mod credentials;
 pub mod dialect;
 pub mod ollama;
 pub mod openai;
+pub mod params;
+pub mod stream;

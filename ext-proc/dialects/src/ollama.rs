@@ -9,30 +9,38 @@
 //! `prompt_eval_count` and `eval_count` as usage.
 
 use crate::dialect::{
-    self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
+    BackendRequest, HeaderChanges, RequestTranslator, ResponseContext, ResponsePlan, ResponseTranslator,
 };
-use crate::openai::bearer;
+use crate::params::{self, invalid_role, invalid_type, stop_sequences, tool_arguments};
+use crate::stream::{self, RecordStream, RecordTranslator, StreamHead};
 use base64::Engine;
 use modelgate_proto::backend::{BackendProfile, Dialect};
-use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
-use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing};
+use modelgate_proto::endpoint::Endpoint;
+use modelgate_proto::error::GatewayError;
+use modelgate_proto::framing::{error_event, Framing};
 use serde_json::{json, Map, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub struct Translation {
+/// An OpenAI request as an Ollama one.
+pub struct OllamaRequest {
     profile: BackendProfile,
     /// What the answer's translation will need, filled in from the request.
     context: ResponseContext,
 }
 
-impl Translation {
-    pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Self {
-        Translation { profile, context: ResponseContext::new(Dialect::Ollama, endpoint) }
+impl OllamaRequest {
+    pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
+        match endpoint {
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
+                Ok(OllamaRequest { profile, context: ResponseContext::new(Dialect::Ollama, endpoint) })
+            }
+            Endpoint::Models => Err(params::unsupported_endpoint(endpoint, "an Ollama")),
+        }
     }
 }
 
-impl dialect::Translation for Translation {
-    fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
+impl RequestTranslator for OllamaRequest {
+    fn request(&mut self, body: &[u8]) -> Result<BackendRequest, GatewayError> {
         let request: Map<String, Value> =
             serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
         let context = &mut self.context;
@@ -43,53 +51,44 @@ impl dialect::Translation for Translation {
             Endpoint::ChatCompletions => ("/api/chat", chat_request(&request)?),
             Endpoint::Completions => ("/api/generate", generate_request(&request)?),
             Endpoint::Embeddings => ("/api/embed", embed_request(&request)?),
+            Endpoint::Models => return Err(params::unsupported_endpoint(Endpoint::Models, "an Ollama")),
         };
         let model = self.profile.model.clone().map(Value::String).unwrap_or_else(|| context.model.clone());
         out.insert("model".into(), model);
         apply_defaults(&mut out, &self.profile.defaults);
-        Ok(UpstreamRequest { path: Some(path), body: Some(Value::Object(out).to_string().into_bytes()) })
-    }
-
-    fn translates_responses(&self) -> bool {
-        true
+        Ok(BackendRequest { path: Some(path.to_string()), body: Some(Value::Object(out).to_string().into_bytes()) })
     }
 
     fn response_context(&self) -> Option<ResponseContext> {
         Some(self.context.clone())
     }
 
-    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
-        let mut changes = bearer(key);
+    fn headers(&self) -> HeaderChanges {
         // Answers must come uncompressed, to be translated.
-        changes.remove.push("accept-encoding");
-        changes
+        HeaderChanges { set: Vec::new(), remove: vec!["accept-encoding"] }
     }
 }
 
 /// An Ollama answer, whole or as NDJSON lines, as OpenAI's.
-pub struct Responses {
+pub struct OllamaAnswer {
     context: ResponseContext,
-    stream: Option<ChunkWriter>,
+    stream: Option<RecordStream<ChunkWriter>>,
 }
 
-impl Responses {
+impl OllamaAnswer {
     pub fn new(context: &ResponseContext) -> Self {
-        Responses { context: context.clone(), stream: None }
+        OllamaAnswer { context: context.clone(), stream: None }
     }
 }
 
-impl ResponseTranslation for Responses {
+impl ResponseTranslator for OllamaAnswer {
     fn plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
-        let streamed = (200..300).contains(&status) && content_type.starts_with(b"application/x-ndjson");
-        if streamed {
-            let context = &self.context;
-            self.stream = Some(ChunkWriter::new(context));
+        let plan = stream::plan(status, content_type, Framing::Ndjson);
+        if plan.streamed {
+            let writer = ChunkWriter::new(&self.context);
+            self.stream = Some(RecordStream::new(Framing::Ndjson, self.context.max_event_bytes, writer));
         }
-        ResponsePlan {
-            status,
-            streamed,
-            content_type: Some(if streamed { "text/event-stream" } else { "application/json" }),
-        }
+        plan
     }
 
     fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
@@ -107,28 +106,19 @@ impl ResponseTranslation for Responses {
             Endpoint::ChatCompletions => chat_completion(&answer, model),
             Endpoint::Completions => text_completion(&answer, model),
             Endpoint::Embeddings => embeddings(&answer, model, self.context.base64),
+            // Refused before any request was made.
+            Endpoint::Models => return body.to_vec(),
         };
         out.to_string().into_bytes()
     }
 
     fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        match &mut self.stream {
-            Some(writer) => writer.push(piece, end),
-            None => piece.to_vec(),
-        }
+        stream::push(&mut self.stream, piece, end)
     }
 }
 
-fn invalid_type(param: &str, expected: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("Invalid type for '{param}': expected {expected}."),
-        Some(param),
-        Some("invalid_type"),
-    )
-}
-
 fn unsupported(param: &str, why: &str) -> GatewayError {
-    dialect::unsupported_parameter(param, &format!("with Ollama models{why}"))
+    params::unsupported_parameter(param, &format!("with Ollama models{why}"))
 }
 
 /// Defaults fill what the request left out; `options` are merged key by key.
@@ -151,7 +141,6 @@ fn apply_defaults(out: &mut Map<String, Value>, defaults: &Map<String, Value>) {
 /// The sampling parameters and other settings every generating endpoint shares.
 fn common(request: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), GatewayError> {
     let mut options = Map::new();
-    let mut max_tokens = None;
     for (key, value) in request {
         if value.is_null() {
             continue;
@@ -160,17 +149,8 @@ fn common(request: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<
             "temperature" | "top_p" | "seed" | "frequency_penalty" | "presence_penalty" => {
                 options.insert(key.clone(), value.clone());
             }
-            "max_completion_tokens" => max_tokens = Some(value.clone()),
-            "max_tokens" => {
-                max_tokens.get_or_insert(value.clone());
-            }
             "stop" => {
-                let stops = match value {
-                    Value::String(stop) => json!([stop]),
-                    Value::Array(_) => value.clone(),
-                    _ => return Err(invalid_type("stop", "a string or an array of strings")),
-                };
-                options.insert("stop".into(), stops);
+                options.insert("stop".into(), stop_sequences(value)?);
             }
             "n" if value.as_u64().is_some_and(|n| n > 1) => return Err(unsupported("n", ": they return one choice")),
             "best_of" if value.as_u64().is_some_and(|n| n > 1) => return Err(unsupported("best_of", "")),
@@ -189,7 +169,7 @@ fn common(request: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<
             _ => {}
         }
     }
-    if let Some(max_tokens) = max_tokens {
+    if let Some(max_tokens) = params::max_tokens(request) {
         options.insert("num_predict".into(), max_tokens);
     }
     if !options.is_empty() {
@@ -229,15 +209,7 @@ fn chat_message(message: &Value, param: &str, tool_names: &mut Vec<(String, Valu
     let role = match message["role"].as_str() {
         Some("developer") => "system",
         Some(role @ ("system" | "user" | "assistant" | "tool")) => role,
-        _ => {
-            return Err(GatewayError::new(
-                400,
-                INVALID_REQUEST,
-                format!("Invalid value for '{param}.role': expected system, developer, user, assistant or tool."),
-                Some(&format!("{param}.role")),
-                Some("invalid_value"),
-            ))
-        }
+        _ => return Err(invalid_role(param)),
     };
     let mut text = String::new();
     let mut images = Vec::new();
@@ -270,17 +242,7 @@ fn chat_message(message: &Value, param: &str, tool_names: &mut Vec<(String, Valu
     if let Some(calls) = message["tool_calls"].as_array() {
         let mut translated = Vec::new();
         for (j, call) in calls.iter().enumerate() {
-            let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
-            let arguments: Value = serde_json::from_str(if arguments.trim().is_empty() { "{}" } else { arguments })
-                .map_err(|e| {
-                    GatewayError::new(
-                        400,
-                        INVALID_REQUEST,
-                        format!("Tool call arguments must be a JSON object ({e})."),
-                        Some(&format!("{param}.tool_calls[{j}].function.arguments")),
-                        Some("invalid_value"),
-                    )
-                })?;
+            let arguments = tool_arguments(call, &format!("{param}.tool_calls[{j}]"))?;
             tool_names.push((call["id"].as_str().unwrap_or_default().to_string(), call["function"]["name"].clone()));
             translated.push(json!({"function": {"name": call["function"]["name"], "arguments": arguments}}));
         }
@@ -381,13 +343,13 @@ fn chat_completion(answer: &Value, model: &Value) -> Value {
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls.clone());
     }
-    json!({"id": id, "object": "chat.completion", "created": dialect::unix_now(), "model": model,
+    json!({"id": id, "object": "chat.completion", "created": stream::unix_now(), "model": model,
            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(answer, !calls.is_empty())}],
            "usage": usage(answer)})
 }
 
 fn text_completion(answer: &Value, model: &Value) -> Value {
-    json!({"id": new_id("cmpl"), "object": "text_completion", "created": dialect::unix_now(), "model": model,
+    json!({"id": new_id("cmpl"), "object": "text_completion", "created": stream::unix_now(), "model": model,
            "choices": [{"index": 0, "text": answer["response"], "logprobs": null, "finish_reason": finish_reason(answer, false)}],
            "usage": usage(answer)})
 }
@@ -429,9 +391,6 @@ fn openai_error(status: u16, message: &str) -> GatewayError {
 
 /// Turns Ollama's NDJSON answer lines into OpenAI chunks, line by line.
 struct ChunkWriter {
-    lines: CompleteEvents,
-    /// The stream was ended with an error event; whatever follows is dropped.
-    ended: bool,
     endpoint: Endpoint,
     head: StreamHead,
     started: bool,
@@ -446,48 +405,12 @@ impl ChunkWriter {
             _ => ("cmpl", "text_completion"),
         };
         let head = StreamHead::new(object, json!(new_id(prefix)), context.model.clone(), context.include_usage);
-        ChunkWriter {
-            lines: CompleteEvents::new(Framing::Ndjson, context.max_event_bytes),
-            ended: false,
-            endpoint,
-            head,
-            started: false,
-            tool_calls: 0,
-        }
+        ChunkWriter { endpoint, head, started: false, tool_calls: 0 }
     }
+}
 
-    /// The OpenAI events for `piece`. Blank lines have nothing to
-    /// translate; a line that is not JSON, or one too long to hold (a huge
-    /// tool call), ends the stream with an error event, so nothing the
-    /// backend sent is dropped unsaid.
-    fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        if self.ended {
-            return out;
-        }
-        let (complete, too_long) = match self.lines.take(piece, end) {
-            Ok(complete) => (complete, None),
-            Err(long) => (long.complete.to_vec(), Some(framing::too_long(self.lines.max_event_bytes()))),
-        };
-        for line in complete.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
-            match serde_json::from_slice::<Value>(line) {
-                Ok(answer) => self.translate(&answer, &mut out),
-                Err(e) => return self.end_with(out, &framing::unreadable(&e)),
-            }
-        }
-        match too_long {
-            Some(error) => self.end_with(out, &error),
-            None => out,
-        }
-    }
-
-    /// `out` followed by `error`'s event, the stream's last.
-    fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
-        self.ended = true;
-        dialect::ended_early(out, error)
-    }
-
-    fn translate(&mut self, answer: &Value, out: &mut Vec<u8>) {
+impl RecordTranslator for ChunkWriter {
+    fn translate(&mut self, answer: &Value, _: &[u8], out: &mut Vec<u8>) {
         if let Some(message) = answer["error"].as_str() {
             out.extend_from_slice(&error_event(&openai_error(502, message)));
             return;
@@ -543,21 +466,20 @@ impl ChunkWriter {
 mod tests {
     use super::*;
     use crate::dialect::testing::{chunks, deltas, feed};
-    use crate::dialect::Translation as _;
     use proptest::prelude::*;
 
-    fn translation(endpoint: Endpoint) -> Translation {
-        Translation::new(BackendProfile::default(), endpoint)
+    fn translation(endpoint: Endpoint) -> OllamaRequest {
+        OllamaRequest::new(BackendProfile::default(), endpoint).unwrap()
     }
 
     /// The answer's translation for the request `body` to `endpoint`.
-    fn answering(endpoint: Endpoint, body: &[u8]) -> Responses {
+    fn answering(endpoint: Endpoint, body: &[u8]) -> OllamaAnswer {
         let mut t = translation(endpoint);
         t.request(body).unwrap();
-        Responses::new(&t.response_context().unwrap())
+        OllamaAnswer::new(&t.response_context().unwrap())
     }
 
-    fn request(endpoint: Endpoint, body: Value) -> Result<(&'static str, Value), GatewayError> {
+    fn request(endpoint: Endpoint, body: Value) -> Result<(String, Value), GatewayError> {
         let upstream = translation(endpoint).request(body.to_string().as_bytes())?;
         Ok((upstream.path.unwrap(), serde_json::from_slice(&upstream.body.unwrap()).unwrap()))
     }
@@ -603,7 +525,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (path, out),
+            (path.as_str(), out),
             (
                 "/api/generate",
                 json!({"model": "m", "prompt": "one two", "stream": true, "options": {"num_predict": 2}})
@@ -611,7 +533,7 @@ mod tests {
         );
         let (path, out) =
             request(Endpoint::Embeddings, json!({"model": "m", "input": ["a", "b"], "dimensions": 8})).unwrap();
-        assert_eq!((path, out), ("/api/embed", json!({"model": "m", "input": ["a", "b"], "dimensions": 8})));
+        assert_eq!((path.as_str(), out), ("/api/embed", json!({"model": "m", "input": ["a", "b"], "dimensions": 8})));
     }
 
     #[test]
@@ -624,7 +546,7 @@ mod tests {
                 .unwrap(),
             ..Default::default()
         };
-        let mut t = Translation::new(profile, Endpoint::ChatCompletions);
+        let mut t = OllamaRequest::new(profile, Endpoint::ChatCompletions).unwrap();
         let upstream = t.request(br#"{"model":"m","messages":[],"temperature":0.2}"#).unwrap();
         let out: Value = serde_json::from_slice(&upstream.body.unwrap()).unwrap();
         assert_eq!(out["model"], "qwen3:8b");
@@ -691,7 +613,7 @@ mod tests {
     fn streamed(endpoint: Endpoint, pieces: &[&[u8]], include_usage: bool) -> String {
         let mut context = ResponseContext::new(Dialect::Ollama, endpoint);
         context.include_usage = include_usage;
-        let mut t = Responses::new(&context);
+        let mut t = OllamaAnswer::new(&context);
         assert_eq!(t.plan(200, b"application/x-ndjson").content_type, Some("text/event-stream"));
         feed(&mut t, pieces)
     }
@@ -788,7 +710,7 @@ mod tests {
         let translate = |max_event_bytes: usize| {
             let mut context = ResponseContext::new(Dialect::Ollama, Endpoint::ChatCompletions);
             context.max_event_bytes = max_event_bytes;
-            let mut t = Responses::new(&context);
+            let mut t = OllamaAnswer::new(&context);
             t.plan(200, b"application/x-ndjson");
             let pieces: Vec<&[u8]> = call.as_bytes().chunks(64).chain([done.as_bytes()]).collect();
             feed(&mut t, &pieces)
@@ -811,7 +733,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
             for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings] {
                 let _ = translation(endpoint).request(&body);
-                let mut t = Responses::new(&ResponseContext::new(Dialect::Ollama, endpoint));
+                let mut t = OllamaAnswer::new(&ResponseContext::new(Dialect::Ollama, endpoint));
                 t.plan(200, b"application/x-ndjson");
                 let _ = t.stream(&body, false);
                 let _ = t.whole(200, &body);

@@ -1,29 +1,32 @@
 //! OpenAI-dialect backends (vLLM, SGLang, OpenAI itself): only the model name,
 //! absent defaults and the key change, and answers pass untouched (the
-//! [`Translation`] defaults).
+//! [`RequestTranslator`] defaults: a bearer key, no answer translation).
 //!
 //! Only the top-level keys are parsed; every other value is copied through
 //! byte for byte, so a large `messages` array costs a scan, not a rebuild.
 //! Key order is kept, and a duplicated key collapses to one.
 
-use crate::dialect::{HeaderChanges, Translation, UpstreamRequest};
+use crate::dialect::{BackendRequest, RequestTranslator};
 use indexmap::IndexMap;
 use modelgate_proto::backend::BackendProfile;
+use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::GatewayError;
 use serde_json::value::RawValue;
 
-pub struct Rewrite {
+/// An OpenAI request as the backend's: renamed and with its defaults.
+pub struct OpenaiRequest {
     profile: BackendProfile,
 }
 
-impl Rewrite {
-    pub fn new(profile: BackendProfile) -> Self {
-        Rewrite { profile }
+impl OpenaiRequest {
+    /// Every endpoint is the backend's own.
+    pub fn new(profile: BackendProfile, _: Endpoint) -> Result<Self, GatewayError> {
+        Ok(OpenaiRequest { profile })
     }
 }
 
-impl Translation for Rewrite {
-    fn request(&mut self, body: &[u8]) -> Result<UpstreamRequest, GatewayError> {
+impl RequestTranslator for OpenaiRequest {
+    fn request(&mut self, body: &[u8]) -> Result<BackendRequest, GatewayError> {
         // A backend that only needs its key gets the client's body as it is.
         let unchanged = self.profile.model.is_none() && self.profile.defaults.is_empty();
         let body = if unchanged {
@@ -31,19 +34,7 @@ impl Translation for Rewrite {
         } else {
             Some(rewrite(body, &self.profile).map_err(|e| GatewayError::unparsable_json(&e))?)
         };
-        Ok(UpstreamRequest { path: None, body })
-    }
-
-    fn upstream_headers(&self, key: Option<&str>) -> HeaderChanges {
-        bearer(key)
-    }
-}
-
-/// An OpenAI-style `authorization: Bearer` key, if there is one.
-pub fn bearer(key: Option<&str>) -> HeaderChanges {
-    HeaderChanges {
-        set: key.map(|key| ("authorization", format!("Bearer {key}"))).into_iter().collect(),
-        remove: Vec::new(),
+        Ok(BackendRequest { path: None, body })
     }
 }
 

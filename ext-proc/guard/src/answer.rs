@@ -11,20 +11,13 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use modelgate_dialects::call::plan_answer;
-use modelgate_dialects::dialect::ResponseTranslation;
+use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{error_event, CompleteEvents, Framing};
 
 /// The framing of a streamed answer: server-sent events, or Ollama's NDJSON.
 pub(crate) fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
-    let content_type = headers.get(CONTENT_TYPE)?.to_str().ok()?.trim_start().to_ascii_lowercase();
-    if content_type.starts_with("text/event-stream") {
-        Some(Framing::Sse)
-    } else if content_type.starts_with("application/x-ndjson") {
-        Some(Framing::Ndjson)
-    } else {
-        None
-    }
+    Framing::from_content_type(headers.get(CONTENT_TYPE)?.as_bytes())
 }
 
 /// The answer as the client gets it: a stream event by event (translated if
@@ -34,7 +27,7 @@ pub(crate) async fn guard_response(
     guard: &StreamGuard,
     response: Response<Incoming>,
     first: Option<Bytes>,
-    mut translation: Option<Box<dyn ResponseTranslation>>,
+    mut translation: Option<Box<dyn ResponseTranslator>>,
     request_id: Option<HeaderValue>,
 ) -> Response<GuardedBody> {
     let (mut parts, body) = response.into_parts();
@@ -91,7 +84,7 @@ pub(crate) async fn translate_whole(
     mut parts: hyper::http::response::Parts,
     body: Incoming,
     status: u16,
-    translation: &mut dyn ResponseTranslation,
+    translation: &mut dyn ResponseTranslator,
 ) -> Response<GuardedBody> {
     let whole = match Limited::new(body, MAX_WHOLE_ANSWER_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),

@@ -12,7 +12,7 @@ use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use hyper::{Request, Response};
 use modelgate_dialects::call::BackendCall;
 use modelgate_dialects::credentials::KeySources;
-use modelgate_dialects::dialect::ResponseTranslation;
+use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::chain::{Chain, Member};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
@@ -133,7 +133,7 @@ impl StreamGuard {
         &self,
         attempt: Attempt,
         per_try: Option<Duration>,
-    ) -> Result<(Response<Incoming>, Option<Box<dyn ResponseTranslation>>), GatewayError> {
+    ) -> Result<(Response<Incoming>, Option<Box<dyn ResponseTranslator>>), GatewayError> {
         let Attempt { request, translation } = attempt;
         let sent = self.client.request(request);
         let answered = match per_try {
@@ -179,7 +179,7 @@ pub(crate) async fn first_bytes(
 /// One backend's request of a chain, ready to send, and its answer's translation.
 pub(crate) struct Attempt {
     request: Request<UpstreamBody>,
-    translation: Option<Box<dyn ResponseTranslation>>,
+    translation: Option<Box<dyn ResponseTranslator>>,
 }
 
 /// The request for `member`: the client's, to the member's cluster, rewritten for its backend.
@@ -201,7 +201,7 @@ pub(crate) fn prepare(
         Some(profile) => {
             let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None, keys)?;
             let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
-            (body, call.response_translation(max_event_bytes))
+            (body, call.response_translator(max_event_bytes))
         }
         None => (whole.clone(), None),
     };

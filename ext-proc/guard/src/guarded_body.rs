@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
-use modelgate_dialects::dialect::ResponseTranslation;
+use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{self, error_event, CompleteEvents};
 use std::future::Future;
@@ -22,7 +22,7 @@ pub struct GuardedBody {
     pub(crate) first: Option<Bytes>,
     pub(crate) events: Option<CompleteEvents>,
     /// Turns the stream's whole events into OpenAI's, when the backend speaks another dialect.
-    pub(crate) translation: Option<Box<dyn ResponseTranslation>>,
+    pub(crate) translation: Option<Box<dyn ResponseTranslator>>,
     pub(crate) request_id: Option<HeaderValue>,
     /// A stream's end at the shutdown deadline.
     pub(crate) cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -56,7 +56,7 @@ impl GuardedBody {
 }
 
 /// `events` in OpenAI's dialect; `end` on the stream's last events.
-pub(crate) fn translated(translation: &mut Option<Box<dyn ResponseTranslation>>, events: Bytes, end: bool) -> Bytes {
+pub(crate) fn translated(translation: &mut Option<Box<dyn ResponseTranslator>>, events: Bytes, end: bool) -> Bytes {
     match translation {
         Some(translation) => Bytes::from(translation.stream(&events, end)),
         None => events,

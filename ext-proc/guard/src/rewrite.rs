@@ -8,7 +8,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
 use hyper::Uri;
 use modelgate_dialects::call::BackendCall;
 use modelgate_dialects::credentials::KeySources;
-use modelgate_dialects::dialect::{HeaderChanges, ResponseTranslation};
+use modelgate_dialects::dialect::{HeaderChanges, ResponseTranslator};
 use modelgate_proto::error::GatewayError;
 
 /// Rewrites a request for its backend, as ext_proc would (body, path, key,
@@ -19,14 +19,14 @@ pub(crate) async fn rewrite(
     profile: &[u8],
     keys: &KeySources,
     max_event_bytes: usize,
-) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslation>>), GatewayError> {
+) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslator>>), GatewayError> {
     let request_headers = &parts.headers;
     let request_header = |name: &str| request_headers.get(name).map(HeaderValue::as_bytes);
     let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), request_header, keys)?;
     let whole = read_body(body).await?;
     let body = apply_rewrite(parts, &mut call, whole)?;
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Ok((Either::Right(Full::new(body)), call.response_translation(max_event_bytes)))
+    Ok((Either::Right(Full::new(body)), call.response_translator(max_event_bytes)))
 }
 
 /// The backend's request for the client's body `whole`: `parts` changed as

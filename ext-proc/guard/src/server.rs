@@ -198,7 +198,7 @@ mod tests {
             socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
             match rest.await {
                 Ok(rest) => {
-                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap()
+                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap();
                 }
                 // Never finishes: holds the connection until the guard lets go of it.
                 Err(_) => while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {},

@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use modelgate_dialects::call::{plan_answer, BackendCall};
 use modelgate_dialects::credentials::KeySources;
-use modelgate_dialects::dialect::ResponseTranslation;
+use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ pub struct Exchange {
 struct Active {
     call: BackendCall,
     /// The answer's translation, once the request is known, for backends whose answers need one.
-    responses: Option<Box<dyn ResponseTranslation>>,
+    responses: Option<Box<dyn ResponseTranslator>>,
     /// The response's status and whether its body streams, once its headers are seen.
     response: Option<(u16, bool)>,
 }
@@ -51,7 +51,7 @@ impl Exchange {
             },
             (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
                 Ok(upstream) => {
-                    active.responses = active.call.response_translation(self.max_event_bytes);
+                    active.responses = active.call.response_translator(self.max_event_bytes);
                     match upstream.body {
                         Some(body) => envoy_messages::replace_request_body(body, upstream.headers),
                         None => envoy_messages::change_request_headers(upstream.headers),

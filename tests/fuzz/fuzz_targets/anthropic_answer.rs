@@ -9,9 +9,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelgate_dialects::dialect::{Endpoint, ResponseContext};
+use modelgate_dialects::dialect::ResponseContext;
 use modelgate_fuzz::{assert_chunk_or_error, assert_envelope, comparable, openai_events, Cut};
 use modelgate_proto::backend::Dialect;
+use modelgate_proto::endpoint::Endpoint;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, data)) = data.split_first() else { return };
@@ -21,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         let cut = Cut::new(data);
         let pieces = cut.pieces();
         let streamed = |pieces: &[&[u8]]| {
-            let mut translation = context.translation().expect("Anthropic answers are translated");
+            let mut translation = context.translator().expect("Anthropic answers are translated");
             let plan = translation.plan(200, b"text/event-stream; charset=utf-8");
             assert!(plan.streamed);
             let mut out = Vec::new();
@@ -39,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let status = if mode & 4 == 0 { 200 } else { [400, 401, 404, 429, 500, 529][usize::from(mode >> 3) % 6] };
-    let mut translation = context.translation().expect("Anthropic answers are translated");
+    let mut translation = context.translator().expect("Anthropic answers are translated");
     let plan = translation.plan(status, b"application/json");
     assert!(!plan.streamed);
     assert_ne!(plan.status, 529, "OpenAI clients know no 529");

@@ -9,9 +9,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelgate_dialects::dialect::{for_backend, Endpoint};
+use modelgate_dialects::dialect::request_translator;
 use modelgate_fuzz::assert_envelope;
 use modelgate_proto::backend::{BackendProfile, Dialect};
+use modelgate_proto::endpoint::Endpoint;
 use serde::de::IgnoredAny;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -30,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
             .expect("an object");
     }
     let renames = profile.model.is_some();
-    let mut translation = match for_backend(profile, endpoint) {
+    let mut translation = match request_translator(profile, endpoint) {
         Ok(translation) => translation,
         Err(refusal) => {
             assert!(dialect == Dialect::Anthropic && endpoint != Endpoint::ChatCompletions);

@@ -8,9 +8,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelgate_dialects::dialect::{Endpoint, ResponseContext};
+use modelgate_dialects::dialect::ResponseContext;
 use modelgate_fuzz::{assert_chunk_or_error, assert_envelope, comparable, first_id, openai_events, Cut};
 use modelgate_proto::backend::Dialect;
+use modelgate_proto::endpoint::Endpoint;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, data)) = data.split_first() else { return };
@@ -24,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         let pieces = cut.pieces();
         let object = if endpoint == Endpoint::ChatCompletions { "chat.completion.chunk" } else { "text_completion" };
         let streamed = |pieces: &[&[u8]]| {
-            let mut translation = context.translation().expect("Ollama answers are translated");
+            let mut translation = context.translator().expect("Ollama answers are translated");
             assert!(translation.plan(200, b"application/x-ndjson").streamed);
             let mut out = Vec::new();
             for (i, piece) in pieces.iter().enumerate() {
@@ -41,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let status = if mode & 32 == 0 { 200 } else { [400, 404, 500, 503][usize::from(mode >> 6)] };
-    let mut translation = context.translation().expect("Ollama answers are translated");
+    let mut translation = context.translator().expect("Ollama answers are translated");
     assert!(!translation.plan(status, b"application/json").streamed);
     let out = translation.whole(status, data);
     let Ok(answer) = serde_json::from_slice::<serde_json::Value>(data) else {
@@ -54,6 +55,7 @@ fuzz_target!(|data: &[u8]| {
             Endpoint::ChatCompletions => "chat.completion",
             Endpoint::Completions => "text_completion",
             Endpoint::Embeddings => "list",
+            Endpoint::Models => unreachable!("only model-routed endpoints are fuzzed"),
         };
         assert_eq!(value["object"], object);
         assert!(value["usage"]["total_tokens"].is_u64());

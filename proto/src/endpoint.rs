@@ -1,0 +1,128 @@
+//! The OpenAI endpoints the gateway knows: their paths and methods, which of
+//! them a request body's `model` routes, and what a request's method and path
+//! ask for. The filter classifies requests with it; the dialects translate by it.
+
+/// An OpenAI endpoint the gateway serves. Adding one: a variant, its path and
+/// method below; model-routed endpoints are then routed by the filter, and each
+/// dialect answers it or refuses it as unsupported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    /// `/v1/models`, and `/v1/models/{id}` for one model; answered by the filter from configuration.
+    Models,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 4] =
+        [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Models];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Models => "/v1/models",
+        }
+    }
+
+    /// Whether a request's JSON body names the `model` that picks its backend.
+    pub fn is_model_routed(self) -> bool {
+        !matches!(self, Endpoint::Models)
+    }
+
+    /// The method the endpoint takes: POST with a JSON body, or GET.
+    pub fn method(self) -> &'static str {
+        if self.is_model_routed() {
+            "POST"
+        } else {
+            "GET"
+        }
+    }
+
+    /// The endpoint whose path is exactly `path` (a query string is ignored).
+    pub fn from_path(path: &[u8]) -> Option<Self> {
+        let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+        Self::ALL.into_iter().find(|endpoint| endpoint.path().as_bytes() == path)
+    }
+}
+
+/// What a request's method and path ask of the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A POST whose JSON body's `model` picks the backend.
+    ModelRouted(Endpoint),
+    /// GET /v1/models
+    ListModels,
+    /// GET /v1/models/{id}, the id percent-decoded (ids such as `Qwen/Qwen2.5-7B` hold slashes).
+    RetrieveModel(String),
+    /// A known path called with a method it does not take; carries the allowed one.
+    WrongMethod(&'static str),
+    /// Anything else: left to Envoy's routes.
+    Other,
+}
+
+pub fn classify(method: &str, path: &str) -> Target {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let models = Endpoint::Models.path();
+    let (endpoint, model_id) = match Endpoint::from_path(path.as_bytes()) {
+        Some(endpoint) => (endpoint, None),
+        None => match path.strip_prefix(models).and_then(|rest| rest.strip_prefix('/')) {
+            Some(id) => (Endpoint::Models, Some(id)),
+            None => return Target::Other,
+        },
+    };
+    if method != endpoint.method() {
+        return Target::WrongMethod(endpoint.method());
+    }
+    match (endpoint, model_id) {
+        (Endpoint::Models, None) => Target::ListModels,
+        (Endpoint::Models, Some(id)) => {
+            Target::RetrieveModel(percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned())
+        }
+        (endpoint, _) => Target::ModelRouted(endpoint),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn known_paths_and_methods() {
+        assert_eq!(classify("POST", "/v1/chat/completions"), Target::ModelRouted(Endpoint::ChatCompletions));
+        assert_eq!(classify("POST", "/v1/completions?x=1"), Target::ModelRouted(Endpoint::Completions));
+        assert_eq!(classify("POST", "/v1/embeddings"), Target::ModelRouted(Endpoint::Embeddings));
+        assert_eq!(classify("GET", "/v1/chat/completions"), Target::WrongMethod("POST"));
+        assert_eq!(classify("GET", "/v1/models"), Target::ListModels);
+        assert_eq!(classify("DELETE", "/v1/models"), Target::WrongMethod("GET"));
+        assert_eq!(classify("GET", "/v1/models/Qwen%2FQwen2.5-7B"), Target::RetrieveModel("Qwen/Qwen2.5-7B".into()));
+        assert_eq!(classify("GET", "/v1/models/org/name"), Target::RetrieveModel("org/name".into()));
+        assert_eq!(classify("GET", "/v1/modelsx"), Target::Other);
+        assert_eq!(classify("GET", "/health"), Target::Other);
+        assert_eq!(classify("POST", "/v1/chat/completions/extra"), Target::Other);
+    }
+
+    #[test]
+    fn every_endpoint_is_found_by_its_path() {
+        for endpoint in Endpoint::ALL {
+            assert_eq!(Endpoint::from_path(endpoint.path().as_bytes()), Some(endpoint));
+        }
+        assert_eq!(Endpoint::from_path(b"/v1/embeddings?x=1"), Some(Endpoint::Embeddings));
+        assert_eq!(Endpoint::from_path(b"/v1/models/x"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_method_and_path_is_classified_without_panic(method in ".{0,8}", path in "\\PC{0,64}") {
+            let _ = classify(&method, &path);
+        }
+
+        #[test]
+        fn invalid_percent_escapes_decode_lossily(id in "[%a-zA-Z0-9]{0,16}") {
+            let _ = classify("GET", &format!("/v1/models/{id}"));
+        }
+    }
+}
