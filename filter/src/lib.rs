@@ -433,8 +433,7 @@ impl HttpContext for Request {
             if let (true, Some(answer)) = (end_of_stream && (200..300).contains(&status), &mut self.answer) {
                 answer.failed();
                 let error = GatewayError::bad_answer("a success and an empty body");
-                // No x-should-retry: a retry may well be answered properly.
-                return self.respond(&Reply { status: error.status, headers: Vec::new(), body: error.to_json() });
+                return self.respond(&Reply::from(error));
             }
             return Action::Continue;
         }
