@@ -39,7 +39,7 @@ use axum::Router;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::usage::{bounded, Tally, UsageRecord, INVALID, OTHER_MODELS};
-use modelgate_runtime::internal_token::{self, InternalToken};
+use modelgate_runtime::internal_token::InternalToken;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -259,10 +259,9 @@ pub fn router(admin: Arc<Admin>, limits: Option<SharedLimits>, token: InternalTo
 
 /// Lets through only callers presenting the internal token (any caller, without one).
 async fn only_envoy(State(token): State<Arc<InternalToken>>, request: axum::extract::Request, next: Next) -> Response {
-    if token.admits(request.headers().get(modelgate_proto::headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
-        next.run(request).await
-    } else {
-        error_response(&internal_token::refused())
+    match token.check(request.headers().get(modelgate_proto::headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => error_response(&refused),
     }
 }
 

@@ -52,7 +52,7 @@ use modelgate_proto::chain::{Chain, Member};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use modelgate_proto::headers;
-use modelgate_runtime::internal_token::{self, InternalToken};
+use modelgate_runtime::internal_token::InternalToken;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -265,9 +265,7 @@ impl StreamGuard {
     /// Checks a request's token, and drops what the inner listener must not see from it: the
     /// token, and `x-envoy-*` headers, which Envoy would obey from a caller it took as internal.
     fn intake(&self, request_headers: &mut HeaderMap) -> Result<(), GatewayError> {
-        if !self.token.admits(request_headers.get(headers::INTERNAL_TOKEN).map(HeaderValue::as_bytes)) {
-            return Err(internal_token::refused());
-        }
+        self.token.check(request_headers.get(headers::INTERNAL_TOKEN).map(HeaderValue::as_bytes))?;
         request_headers.remove(headers::INTERNAL_TOKEN);
         let envoys: Vec<HeaderName> =
             request_headers.keys().filter(|name| name.as_str().starts_with("x-envoy-")).cloned().collect();
