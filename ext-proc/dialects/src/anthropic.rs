@@ -17,8 +17,9 @@ use crate::dialect::{
     self, Endpoint, HeaderChanges, ResponseContext, ResponsePlan, ResponseTranslation, StreamHead, UpstreamRequest,
 };
 use modelgate_proto::backend::{BackendProfile, Dialect};
-use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
+use modelgate_proto::error::{ErrorCode, ErrorType, GatewayError};
 use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing};
+use modelgate_runtime::clock;
 use serde_json::{json, Map, Value};
 
 /// The Messages API version requests are made with.
@@ -37,7 +38,7 @@ impl Translation {
     pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
         match endpoint {
             Endpoint::ChatCompletions => Ok(Translation { profile, include_usage: false }),
-            other => Err(dialect::unsupported_endpoint(other, "an Anthropic")),
+            other => Err(GatewayError::unsupported_endpoint(other.path(), "an Anthropic")),
         }
     }
 }
@@ -170,24 +171,24 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
             }
             "parallel_tool_calls" => parallel_tool_calls = value.as_bool(),
             "n" if value.as_u64().is_some_and(|n| n > 1) => {
-                return Err(dialect::unsupported_parameter("n", "with Anthropic models: they return one choice"));
+                return Err(GatewayError::unsupported_parameter("n", "with Anthropic models: they return one choice"));
             }
             "logprobs" if value.as_bool() == Some(true) => {
-                return Err(dialect::unsupported_parameter("logprobs", "with Anthropic models"));
+                return Err(GatewayError::unsupported_parameter("logprobs", "with Anthropic models"));
             }
-            "top_logprobs" => return Err(dialect::unsupported_parameter("top_logprobs", "with Anthropic models")),
+            "top_logprobs" => return Err(GatewayError::unsupported_parameter("top_logprobs", "with Anthropic models")),
             "response_format" if value["type"] != "text" => {
-                return Err(dialect::unsupported_parameter(
+                return Err(GatewayError::unsupported_parameter(
                     "response_format",
                     "with Anthropic models: only `text` is available",
                 ));
             }
             "functions" | "function_call" => {
-                return Err(dialect::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
+                return Err(GatewayError::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
             }
-            "audio" => return Err(dialect::unsupported_parameter("audio", "with Anthropic models")),
+            "audio" => return Err(GatewayError::unsupported_parameter("audio", "with Anthropic models")),
             "modalities" if value.as_array().is_some_and(|m| m.iter().any(|m| m == "audio")) => {
-                return Err(dialect::unsupported_parameter("modalities", "with Anthropic models: text only"));
+                return Err(GatewayError::unsupported_parameter("modalities", "with Anthropic models: text only"));
             }
             // Everything else (penalties, seed, logit_bias, service_tier, store, metadata and
             // parameters newer than this gateway) has no Anthropic counterpart and is dropped.
@@ -211,15 +212,11 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
 }
 
 fn invalid_type(param: &str, expected: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("Invalid type for '{param}': expected {expected}."),
-        Some(param),
-        Some("invalid_type"),
-    )
+    GatewayError::invalid_type(param, expected, None)
 }
 
 fn invalid_value(param: &str, message: String) -> GatewayError {
-    GatewayError::new(400, INVALID_REQUEST, message, Some(param), Some("invalid_value"))
+    GatewayError::invalid_value(param, message)
 }
 
 /// The system prompt parts, and the conversation as Anthropic turns.
@@ -300,7 +297,7 @@ fn user_blocks(content: &Value, param: &str) -> Result<Vec<Value>, GatewayError>
             Some("text") => blocks.extend(text_block(part["text"].as_str().unwrap_or_default())),
             Some("image_url") => blocks.push(image_block(&part["image_url"]["url"], &part_param)?),
             other => {
-                return Err(dialect::unsupported_parameter(
+                return Err(GatewayError::unsupported_parameter(
                     &format!("{part_param}.type"),
                     &format!("`{}` with Anthropic models: text and image parts only", other.unwrap_or("?")),
                 ))
@@ -356,7 +353,7 @@ fn tools(value: &Value) -> Result<Value, GatewayError> {
         .enumerate()
         .map(|(i, tool)| {
             if tool["type"] != "function" {
-                return Err(dialect::unsupported_parameter(
+                return Err(GatewayError::unsupported_parameter(
                     &format!("tools[{i}].type"),
                     "with Anthropic models: function tools only",
                 ));
@@ -429,7 +426,7 @@ fn chat_completion(message: &Value) -> Value {
         reply["tool_calls"] = Value::Array(calls);
     }
     json!({
-        "id": message["id"], "object": "chat.completion", "created": dialect::unix_now(), "model": message["model"],
+        "id": message["id"], "object": "chat.completion", "created": clock::unix_seconds(), "model": message["model"],
         "choices": [{"index": 0, "message": reply, "logprobs": null, "finish_reason": finish_reason(&message["stop_reason"])}],
         "usage": usage(&message["usage"]),
     })
@@ -439,16 +436,17 @@ fn chat_completion(message: &Value) -> Value {
 fn openai_error(status: u16, body: &Value) -> Option<GatewayError> {
     let error = body.get("error").filter(|e| e.is_object())?;
     let message = error["message"].as_str().unwrap_or("The backend reported an error.").to_string();
+    // Anthropic's types, on the left, are its own words.
     let (kind, code) = match error["type"].as_str().unwrap_or_default() {
-        "invalid_request_error" | "request_too_large" => (INVALID_REQUEST, None),
-        "authentication_error" => ("authentication_error", None),
-        "permission_error" => ("permission_error", None),
-        "not_found_error" => ("not_found_error", None),
-        "rate_limit_error" => ("rate_limit_error", Some("rate_limit_exceeded")),
-        "overloaded_error" => ("server_error", Some("overloaded")),
-        _ => ("server_error", None),
+        "invalid_request_error" | "request_too_large" => (ErrorType::InvalidRequest, None),
+        "authentication_error" => (ErrorType::Authentication, None),
+        "permission_error" => (ErrorType::Permission, None),
+        "not_found_error" => (ErrorType::NotFound, None),
+        "rate_limit_error" => (ErrorType::RateLimit, Some(ErrorCode::RateLimitExceeded)),
+        "overloaded_error" => (ErrorType::Server, Some(ErrorCode::Overloaded)),
+        _ => (ErrorType::Server, None),
     };
-    Some(GatewayError::new(status, kind, message, None, code))
+    Some(GatewayError::from_backend(status, kind, code, message))
 }
 
 /// Turns Anthropic's stream into OpenAI chunks, event by event.
@@ -484,12 +482,14 @@ impl ChunkWriter {
         }
         let (complete, too_long) = match self.events.take(piece, end) {
             Ok(complete) => (complete, None),
-            Err(long) => (long.complete.to_vec(), Some(framing::too_long(self.events.max_event_bytes()))),
+            Err(long) => {
+                (long.complete.to_vec(), Some(GatewayError::stream_event_too_large(self.events.max_event_bytes())))
+            }
         };
         for data in framing::event_data(&complete) {
             let parsed = match serde_json::from_slice::<Value>(&data) {
                 Ok(parsed) => parsed,
-                Err(e) => return self.end_with(out, &framing::unreadable(&e)),
+                Err(e) => return self.end_with(out, &GatewayError::stream_unreadable(&e)),
             };
             if parsed.get("type").is_none() && parsed.get("error").is_some() {
                 // The stream guard's error event: already OpenAI's, passed on byte for byte
@@ -664,7 +664,7 @@ mod tests {
             choice(json!({"type": "function", "function": {"name": "f"}})).unwrap(),
             json!({"type": "tool", "name": "f"})
         );
-        assert_eq!(choice(json!("sometimes")).unwrap_err().body.param.as_deref(), Some("tool_choice"));
+        assert_eq!(choice(json!("sometimes")).unwrap_err().param.as_deref(), Some("tool_choice"));
     }
 
     #[test]
@@ -689,7 +689,7 @@ mod tests {
             let mut body = json!({"model": "m", "messages": []});
             body.as_object_mut().unwrap().extend(request.as_object().unwrap().clone());
             let e = translate(body).unwrap_err();
-            assert_eq!((e.status, e.body.param.as_deref()), (400, Some(param)), "{}", e.body.message);
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{}", e.message);
         }
         assert!(translate(json!({"model": "m", "messages": [], "n": 1, "logprobs": false})).is_ok());
     }

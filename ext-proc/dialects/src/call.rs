@@ -31,7 +31,7 @@ impl BackendCall {
         client_key: Option<&[u8]>,
         keys: &KeySources,
     ) -> Result<Self, GatewayError> {
-        let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
+        let profile = BackendProfile::from_header(profile).map_err(|e| log_misconfiguration(&e))?;
         Self::for_profile(profile, path, client_key, keys)
     }
 
@@ -42,7 +42,8 @@ impl BackendCall {
         client_key: Option<&[u8]>,
         keys: &KeySources,
     ) -> Result<Self, GatewayError> {
-        let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
+        let endpoint =
+            Endpoint::from_path(path).ok_or_else(|| log_misconfiguration(&"a request to an unknown endpoint"))?;
         let source = profile.api_key.clone();
         // An endpoint the backend lacks is refused before any key is read.
         let translation = dialect::for_backend(profile, endpoint)?;
@@ -78,14 +79,9 @@ impl BackendCall {
     }
 }
 
-/// The answer when the gateway's own configuration is at fault; `why` goes to the log only.
-pub fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
+/// Logs why the gateway's own configuration is at fault, and returns the
+/// answer to the client, which is not told why.
+pub fn log_misconfiguration(why: &dyn std::fmt::Display) -> GatewayError {
     tracing::error!("cannot rewrite a request: {why}");
-    GatewayError::new(
-        500,
-        "server_error",
-        "The gateway is misconfigured for this model.".into(),
-        None,
-        Some("gateway_misconfigured"),
-    )
+    GatewayError::misconfigured()
 }

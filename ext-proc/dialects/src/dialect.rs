@@ -13,6 +13,7 @@ use crate::{anthropic, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{error_event, DEFAULT_MAX_EVENT_BYTES};
+use modelgate_runtime::clock;
 use serde_json::Value;
 
 /// The OpenAI endpoint a request was sent to.
@@ -169,7 +170,8 @@ pub struct StreamHead {
 
 impl StreamHead {
     pub fn new(object: &'static str, id: Value, model: Value, include_usage: bool) -> Self {
-        let mut head = StreamHead { id: Value::Null, object, created: unix_now(), include_usage, prefix: Vec::new() };
+        let mut head =
+            StreamHead { id: Value::Null, object, created: clock::unix_seconds(), include_usage, prefix: Vec::new() };
         head.identify(id, model);
         head
     }
@@ -216,34 +218,9 @@ impl StreamHead {
 /// `out` followed by `error`'s event: how a translated stream ends early (an
 /// event too long to hold, one that cannot be read), logged once here.
 pub fn ended_early(mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
-    tracing::warn!(reason = error.body.message, "ending a translated stream early");
+    tracing::warn!(reason = error.message, "ending a translated stream early");
     out.extend_from_slice(&error_event(error));
     out
-}
-
-/// Seconds since the Unix epoch: OpenAI's `created`.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// OpenAI's answer for an endpoint the model's backend does not offer.
-pub fn unsupported_endpoint(endpoint: Endpoint, backend: &str) -> GatewayError {
-    GatewayError::new(
-        404,
-        modelgate_proto::error::INVALID_REQUEST,
-        format!("This model is served by {backend} backend, which does not support {}.", endpoint.path()),
-        None,
-        Some("unsupported_endpoint"),
-    )
-}
-
-/// OpenAI's 400 for a parameter the backend cannot honour.
-pub fn unsupported_parameter(param: &str, why: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("Unsupported parameter: '{param}' {why}."),
-        Some(param),
-        Some("unsupported_parameter"),
-    )
 }
 
 /// What the dialects' tests share: feeding a stream through a translation.

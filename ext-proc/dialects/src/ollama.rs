@@ -14,8 +14,9 @@ use crate::dialect::{
 use crate::openai::bearer;
 use base64::Engine;
 use modelgate_proto::backend::{BackendProfile, Dialect};
-use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
-use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing};
+use modelgate_proto::error::{ErrorType, GatewayError};
+use modelgate_proto::framing::{error_event, CompleteEvents, Framing};
+use modelgate_runtime::clock;
 use serde_json::{json, Map, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -120,15 +121,11 @@ impl ResponseTranslation for Responses {
 }
 
 fn invalid_type(param: &str, expected: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("Invalid type for '{param}': expected {expected}."),
-        Some(param),
-        Some("invalid_type"),
-    )
+    GatewayError::invalid_type(param, expected, None)
 }
 
 fn unsupported(param: &str, why: &str) -> GatewayError {
-    dialect::unsupported_parameter(param, &format!("with Ollama models{why}"))
+    GatewayError::unsupported_parameter(param, &format!("with Ollama models{why}"))
 }
 
 /// Defaults fill what the request left out; `options` are merged key by key.
@@ -230,12 +227,9 @@ fn chat_message(message: &Value, param: &str, tool_names: &mut Vec<(String, Valu
         Some("developer") => "system",
         Some(role @ ("system" | "user" | "assistant" | "tool")) => role,
         _ => {
-            return Err(GatewayError::new(
-                400,
-                INVALID_REQUEST,
+            return Err(GatewayError::invalid_value(
+                &format!("{param}.role"),
                 format!("Invalid value for '{param}.role': expected system, developer, user, assistant or tool."),
-                Some(&format!("{param}.role")),
-                Some("invalid_value"),
             ))
         }
     };
@@ -273,12 +267,9 @@ fn chat_message(message: &Value, param: &str, tool_names: &mut Vec<(String, Valu
             let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
             let arguments: Value = serde_json::from_str(if arguments.trim().is_empty() { "{}" } else { arguments })
                 .map_err(|e| {
-                    GatewayError::new(
-                        400,
-                        INVALID_REQUEST,
+                    GatewayError::invalid_value(
+                        &format!("{param}.tool_calls[{j}].function.arguments"),
                         format!("Tool call arguments must be a JSON object ({e})."),
-                        Some(&format!("{param}.tool_calls[{j}].function.arguments")),
-                        Some("invalid_value"),
                     )
                 })?;
             tool_names.push((call["id"].as_str().unwrap_or_default().to_string(), call["function"]["name"].clone()));
@@ -381,13 +372,13 @@ fn chat_completion(answer: &Value, model: &Value) -> Value {
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls.clone());
     }
-    json!({"id": id, "object": "chat.completion", "created": dialect::unix_now(), "model": model,
+    json!({"id": id, "object": "chat.completion", "created": clock::unix_seconds(), "model": model,
            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(answer, !calls.is_empty())}],
            "usage": usage(answer)})
 }
 
 fn text_completion(answer: &Value, model: &Value) -> Value {
-    json!({"id": new_id("cmpl"), "object": "text_completion", "created": dialect::unix_now(), "model": model,
+    json!({"id": new_id("cmpl"), "object": "text_completion", "created": clock::unix_seconds(), "model": model,
            "choices": [{"index": 0, "text": answer["response"], "logprobs": null, "finish_reason": finish_reason(answer, false)}],
            "usage": usage(answer)})
 }
@@ -418,13 +409,7 @@ fn embeddings(answer: &Value, model: &Value, base64: bool) -> Value {
 }
 
 fn openai_error(status: u16, message: &str) -> GatewayError {
-    GatewayError::new(
-        status,
-        modelgate_proto::error_normalize::type_for_status(status),
-        message.to_string(),
-        None,
-        None,
-    )
+    GatewayError::from_backend(status, ErrorType::for_status(status), None, message.to_string())
 }
 
 /// Turns Ollama's NDJSON answer lines into OpenAI chunks, line by line.
@@ -467,12 +452,14 @@ impl ChunkWriter {
         }
         let (complete, too_long) = match self.lines.take(piece, end) {
             Ok(complete) => (complete, None),
-            Err(long) => (long.complete.to_vec(), Some(framing::too_long(self.lines.max_event_bytes()))),
+            Err(long) => {
+                (long.complete.to_vec(), Some(GatewayError::stream_event_too_large(self.lines.max_event_bytes())))
+            }
         };
         for line in complete.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
             match serde_json::from_slice::<Value>(line) {
                 Ok(answer) => self.translate(&answer, &mut out),
-                Err(e) => return self.end_with(out, &framing::unreadable(&e)),
+                Err(e) => return self.end_with(out, &GatewayError::stream_unreadable(&e)),
             }
         }
         match too_long {
@@ -650,7 +637,7 @@ mod tests {
             let mut body = body;
             body["model"] = json!("m");
             let e = request(endpoint, body).unwrap_err();
-            assert_eq!((e.status, e.body.param.as_deref()), (400, Some(param)), "{}", e.body.message);
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{}", e.message);
         }
     }
 
