@@ -19,7 +19,7 @@ pub mod outbox;
 pub mod request;
 pub mod routing_fields;
 
-use modelgate_proto::error::GatewayError;
+use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::error_normalize::{self, normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{Caller, Presented};
@@ -489,7 +489,7 @@ impl HttpContext for Request {
                 host::replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
                 host::set_header(MapType::HttpResponseHeaders, "content-type", "application/json");
                 host::remove_header(MapType::HttpResponseHeaders, "content-encoding");
-                for (name, value) in request::retry_advice(rewritten.should_retry) {
+                if let Some((name, value)) = retry_header(rewritten.should_retry) {
                     host::set_header(MapType::HttpResponseHeaders, name, value);
                 }
                 rewritten.body.len()

@@ -6,7 +6,7 @@
 use crate::endpoint::{classify, Endpoint};
 use crate::routing_fields::{read_routing_fields, RoutingFields};
 use modelgate_proto::config::{FailureMode, Price};
-use modelgate_proto::error::GatewayError;
+use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
@@ -34,24 +34,16 @@ impl Reply {
     pub fn rewritten(status: u16, rewritten: Rewritten) -> Self {
         Reply {
             status,
-            headers: retry_advice(rewritten.should_retry).map(|(k, v)| (k, v.to_string())).collect(),
+            headers: retry_header(rewritten.should_retry).map(|(k, v)| (k, v.to_string())).into_iter().collect(),
             body: rewritten.body,
         }
     }
 }
 
-/// The `x-should-retry` header for the gateway's advice, if it has any.
-pub fn retry_advice(should_retry: Option<bool>) -> impl Iterator<Item = (&'static str, &'static str)> {
-    should_retry.map(|retry| (SHOULD_RETRY, if retry { "true" } else { "false" })).into_iter()
-}
-
-/// The openai SDKs' retry advice header, which overrides their status-based rule.
-const SHOULD_RETRY: &str = "x-should-retry";
-
 impl From<GatewayError> for Reply {
     /// The filter's own error answers, with the gateway's retry advice.
     fn from(err: GatewayError) -> Self {
-        let headers = retry_advice(err.should_retry()).map(|(k, v)| (k, v.to_string())).collect();
+        let headers = retry_header(err.should_retry()).map(|(k, v)| (k, v.to_string())).into_iter().collect();
         Reply { status: err.status, headers, body: err.to_json() }
     }
 }

@@ -195,6 +195,14 @@ impl Serialize for ErrorCode {
     }
 }
 
+/// The openai SDKs' retry advice header, which overrides their status-based rule.
+pub const SHOULD_RETRY: &str = "x-should-retry";
+
+/// The `x-should-retry` header for `advice` (from [`GatewayError::should_retry`]), if there is any.
+pub fn retry_header(advice: Option<bool>) -> Option<(&'static str, &'static str)> {
+    advice.map(|retry| (SHOULD_RETRY, if retry { "true" } else { "false" }))
+}
+
 /// An error the gateway answers itself, with its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayError {
