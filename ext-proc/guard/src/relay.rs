@@ -49,8 +49,8 @@ use modelgate_dialects::call::BackendCall;
 use modelgate_dialects::credentials::KeySources;
 use modelgate_dialects::dialect::ResponseTranslation;
 use modelgate_proto::chain::{Chain, Member};
-use modelgate_proto::error::GatewayError;
-use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
+use modelgate_proto::error::{retry_header, GatewayError};
+use modelgate_proto::framing::{error_event, CompleteEvents, Framing, DEFAULT_MAX_EVENT_BYTES};
 use modelgate_proto::headers;
 use modelgate_runtime::internal_token::InternalToken;
 use std::convert::Infallible;
@@ -229,14 +229,7 @@ impl StreamGuard {
             return self.relay_chain(parts, body, chain.as_bytes()).await;
         }
         let Some(cluster) = parts.headers.remove(headers::STREAM_CLUSTER) else {
-            return error_response(GatewayError::new(
-                500,
-                "server_error",
-                "The gateway routed a stream without naming its backend; check the filter's stream_guard_cluster setting."
-                    .into(),
-                None,
-                Some("gateway_misconfigured"),
-            ));
+            return error_response(GatewayError::stream_without_cluster());
         };
         parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
         remove_hop_by_hop(&mut parts.headers);
@@ -258,7 +251,7 @@ impl StreamGuard {
                 not_a_stream(response.headers(), request_id)
             }
             Ok(response) => guard_response(self, response, None, translation, request_id).await,
-            Err(e) => error_response(listener_unreachable(&e)),
+            Err(e) => error_response(log_listener_unreachable(&e)),
         }
     }
 
@@ -279,7 +272,7 @@ impl StreamGuard {
     fn point_upstream(&self, parts: &mut hyper::http::request::Parts) -> Result<(), GatewayError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::try_from(format!("http://{}{path}", self.upstream))
-            .map_err(|_| GatewayError::invalid_request("The request path is not valid.".into(), None, None))?;
+            .map_err(|_| GatewayError::invalid_request("The request path is not valid.".into()))?;
         Ok(())
     }
 
@@ -298,9 +291,11 @@ impl StreamGuard {
         let chain = match Chain::from_header(chain) {
             Ok(chain) if !chain.members.is_empty() => chain,
             Ok(_) => {
-                return error_response(modelgate_dialects::call::misconfigured(&"a fallback chain without backends"))
+                return error_response(modelgate_dialects::call::log_misconfiguration(
+                    &"a fallback chain without backends",
+                ))
             }
-            Err(e) => return error_response(modelgate_dialects::call::misconfigured(&e)),
+            Err(e) => return error_response(modelgate_dialects::call::log_misconfiguration(&e)),
         };
         remove_hop_by_hop(&mut parts.headers);
         if let Err(e) = self.point_upstream(&mut parts) {
@@ -321,18 +316,18 @@ impl StreamGuard {
             match prepare(&parts, &whole, member, &self.keys, self.max_event_bytes) {
                 Ok(attempt) => prepared.push((member, attempt)),
                 Err(e) => {
-                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.body.message, "failover: this backend cannot take the request");
+                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.message, "failover: this backend cannot take the request");
                     unfit.get_or_insert(e);
                 }
             }
         }
         let Some(last) = prepared.len().checked_sub(1) else {
             return error_response(
-                unfit.unwrap_or_else(|| modelgate_dialects::call::misconfigured(&"an empty fallback chain")),
+                unfit.unwrap_or_else(|| modelgate_dialects::call::log_misconfiguration(&"an empty fallback chain")),
             );
         };
         let _in_flight = self.budget.enter();
-        let per_try = Duration::from_millis(chain.per_try_timeout_ms);
+        let per_try = Duration::from_millis(chain.failover.per_try_timeout_ms);
         // One retry slot per request, taken at its first retry: a request is retrying or it is not.
         let mut retrying = None;
         for (index, (member, attempt)) in prepared.into_iter().enumerate() {
@@ -341,7 +336,9 @@ impl StreamGuard {
             let mut may_retry = || {
                 !is_last && {
                     if retrying.is_none() {
-                        retrying = self.budget.try_retry(chain.retry_budget_percent, chain.min_retry_concurrency);
+                        retrying = self
+                            .budget
+                            .try_retry(chain.failover.retry_budget_percent, chain.failover.min_retry_concurrency);
                     }
                     retrying.is_some()
                 }
@@ -364,7 +361,7 @@ impl StreamGuard {
                             Ok(started) => started,
                             Err(failed) => {
                                 if may_retry() {
-                                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.body.message, "failover: trying the next backend");
+                                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.message, "failover: trying the next backend");
                                     continue;
                                 }
                                 return served_by(error_response(failed), &member.backend, index + 1);
@@ -377,7 +374,7 @@ impl StreamGuard {
                 }
                 Err(failed) => {
                     if may_retry() {
-                        tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.body.message, "failover: trying the next backend");
+                        tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.message, "failover: trying the next backend");
                         continue;
                     }
                     error_response(failed)
@@ -386,7 +383,7 @@ impl StreamGuard {
             return served_by(answer, &member.backend, index + 1);
         }
         // Unreachable: the last attempt always answers; kept total for the type.
-        error_response(modelgate_dialects::call::misconfigured(&"a fallback chain ended without an answer"))
+        error_response(modelgate_dialects::call::log_misconfiguration(&"a fallback chain ended without an answer"))
     }
 
     /// Sends one prepared attempt: its answer (headers in) and the answer's
@@ -401,18 +398,12 @@ impl StreamGuard {
         let Attempt { request, translation } = attempt;
         let sent = self.client.request(request);
         let answered = match per_try {
-            Some(per_try) => tokio::time::timeout(per_try, sent).await.map_err(|_| {
-                GatewayError::new(
-                    504,
-                    "server_error",
-                    format!("The backend did not answer within {} ms.", per_try.as_millis()),
-                    None,
-                    Some("backend_timeout"),
-                )
-            })?,
+            Some(per_try) => tokio::time::timeout(per_try, sent)
+                .await
+                .map_err(|_| GatewayError::no_answer_within(per_try.as_millis()))?,
             None => sent.await,
         };
-        answered.map(|response| (response, translation)).map_err(|e| listener_unreachable(&e))
+        answered.map(|response| (response, translation)).map_err(|e| log_listener_unreachable(&e))
     }
 }
 
@@ -434,16 +425,8 @@ async fn first_bytes(
     let first = match tokio::time::timeout(per_try, body.frame()).await {
         Ok(Some(Ok(frame))) => frame.into_data().ok(),
         Ok(None) => None,
-        Ok(Some(Err(e))) => return Err(interruption(&e)),
-        Err(_) => {
-            return Err(GatewayError::new(
-                504,
-                "server_error",
-                format!("The backend's stream sent nothing within {} ms.", per_try.as_millis()),
-                None,
-                Some("backend_timeout"),
-            ))
-        }
+        Ok(Some(Err(e))) => return Err(GatewayError::interrupted(&e)),
+        Err(_) => return Err(GatewayError::no_stream_within(per_try.as_millis())),
     };
     Ok((Response::from_parts(parts, body), first))
 }
@@ -466,7 +449,8 @@ fn prepare(
     if let Some(headers) = request.headers_mut() {
         headers.clone_from(&parts.headers);
     }
-    let (mut parts, ()) = request.body(()).map_err(|e| modelgate_dialects::call::misconfigured(&e))?.into_parts();
+    let (mut parts, ()) =
+        request.body(()).map_err(|e| modelgate_dialects::call::log_misconfiguration(&e))?.into_parts();
     let cluster = HeaderValue::try_from(member.cluster.as_str()).map_err(|_| unusable_header(headers::CLUSTER))?;
     parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
     let (body, translation) = match &member.profile {
@@ -490,16 +474,10 @@ fn served_by(mut answer: Response<GuardedBody>, backend: &str, attempts: usize) 
     answer
 }
 
-/// The guard's answer when Envoy's inner listener cannot be reached.
-fn listener_unreachable(e: &dyn std::fmt::Display) -> GatewayError {
+/// Logs that Envoy's inner listener cannot be reached, and returns the guard's answer.
+fn log_listener_unreachable(e: &dyn std::fmt::Display) -> GatewayError {
     tracing::warn!(error = %e, "stream guard: upstream listener unreachable");
-    GatewayError::new(
-        503,
-        "server_error",
-        "The gateway could not reach its routing listener; try again.".into(),
-        None,
-        Some("gateway_unavailable"),
-    )
+    GatewayError::gateway_unavailable()
 }
 
 /// The most of a request body read to rewrite it. The filter has already
@@ -527,7 +505,7 @@ async fn rewrite(
 async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
     match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(GatewayError::invalid_request(format!("The request body could not be read ({e})."), None, None)),
+        Err(e) => Err(GatewayError::invalid_request(format!("The request body could not be read ({e})."))),
     }
 }
 
@@ -556,7 +534,9 @@ fn apply_rewrite(
 
 /// A header for the backend that HTTP cannot carry (a key file with a line break inside, say).
 fn unusable_header(name: &str) -> GatewayError {
-    modelgate_dialects::call::misconfigured(&format!("the rewritten {name} header is not a valid HTTP header value"))
+    modelgate_dialects::call::log_misconfiguration(&format!(
+        "the rewritten {name} header is not a valid HTTP header value"
+    ))
 }
 
 /// Headers about one connection, which a relay must not pass on.
@@ -653,7 +633,7 @@ async fn translate_whole(
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             tracing::warn!(error = %e, "stream guard: the backend's answer could not be read");
-            return error_response(interruption(&e));
+            return error_response(GatewayError::interrupted(&e));
         }
     };
     let body = Bytes::from(translation.whole(status, &whole));
@@ -665,32 +645,10 @@ fn error_response(error: GatewayError) -> Response<GuardedBody> {
     let mut response = Response::new(GuardedBody::last(Bytes::from(error.to_json())));
     *response.status_mut() = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    // Only the guard's own unavailability can pass by itself.
-    let retry = if error.status == 503 { "true" } else { "false" };
-    response.headers_mut().insert("x-should-retry", HeaderValue::from_static(retry));
+    if let Some((name, value)) = retry_header(error.should_retry()) {
+        response.headers_mut().insert(name, HeaderValue::from_static(value));
+    }
     response
-}
-
-/// The error event that ends a stream still open at the shutdown deadline.
-fn shutting_down() -> GatewayError {
-    GatewayError::new(
-        503,
-        "server_error",
-        "The gateway is shutting down and ended this stream before it finished; the response is incomplete. Retry the request.".into(),
-        None,
-        Some("stream_interrupted"),
-    )
-}
-
-/// The error event that ends a stream the backend broke off.
-pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
-    GatewayError::new(
-        502,
-        "server_error",
-        format!("The backend stopped in the middle of this stream ({reason}); the response is incomplete."),
-        None,
-        Some("stream_interrupted"),
-    )
 }
 
 /// A relayed answer's body. Event streams go on whole events at a time and
@@ -725,7 +683,7 @@ impl GuardedBody {
     /// event, in OpenAI's dialect whatever the backend's (a translation's
     /// output is OpenAI's), or in the stream's own framing when relayed as it is.
     fn end_with(&mut self, complete: Bytes, error: &GatewayError) {
-        tracing::warn!(request_id = ?self.request_id, reason = error.body.message, "stream guard: ending a stream early");
+        tracing::warn!(request_id = ?self.request_id, reason = error.message, "stream guard: ending a stream early");
         let last = match (&mut self.translation, &mut self.events) {
             (Some(translation), _) => [translation.stream(&complete, false), error_event(error)].concat(),
             (None, Some(events)) => [&complete[..], &events.interrupt(error)].concat(),
@@ -765,7 +723,7 @@ impl Body for GuardedBody {
             }
             if this.cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
                 this.cut = None;
-                this.end_with(Bytes::new(), &shutting_down());
+                this.end_with(Bytes::new(), &GatewayError::shutting_down());
                 continue;
             }
             let State::Relaying(upstream) = &mut this.state else { continue };
@@ -786,13 +744,13 @@ impl Body for GuardedBody {
                             }
                         }
                         Err(long) => {
-                            let error = framing::too_long(events.max_event_bytes());
+                            let error = GatewayError::stream_event_too_large(events.max_event_bytes());
                             this.end_with(long.complete, &error);
                         }
                     },
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
-                Some(Err(e)) => this.end_with(Bytes::new(), &interruption(&e)),
+                Some(Err(e)) => this.end_with(Bytes::new(), &GatewayError::interrupted(&e)),
                 None => this.state = State::Last(translated(&mut this.translation, events.finish(), true)),
             }
         }
@@ -1121,7 +1079,7 @@ mod tests {
     const CHAIN: &str = concat!(
         r#"x-modelgate-chain: {"members":[{"backend":"a","cluster":"ca","profile":{"model":"m-a"}},"#,
         r#"{"backend":"b","cluster":"cb","profile":{"model":"m-b"}},{"backend":"c","cluster":"cc","profile":null}],"#,
-        r#""per_try_timeout_ms":500,"retry_on_status":[429,503],"retry_budget_percent":20,"min_retry_concurrency":10}"#,
+        r#""failover":{"per_try_timeout_ms":500,"retry_on_status":[429,503],"retry_budget_percent":20,"min_retry_concurrency":10}}"#,
         "\r\n"
     );
     const UNAVAILABLE: &str = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy";
@@ -1169,6 +1127,29 @@ mod tests {
         let (upstream, _) = upstream_by_cluster(&[("cb", ANSWERED)]).await;
         let answer = request_through_guard(upstream, CHAIN, r#"{"model":"chained"}"#).await;
         assert!(answer.contains("modelgate-backend: b") && answer.contains("modelgate-attempts: 2"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_backend_silent_past_its_per_try_timeout_is_a_504_the_sdks_may_retry() {
+        // An upstream that takes requests and never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        // No retry budget: the first backend's timeout is the answer.
+        let chain = concat!(
+            r#"x-modelgate-chain: {"members":[{"backend":"a","cluster":"ca","profile":null},"#,
+            r#"{"backend":"b","cluster":"cb","profile":null}],"failover":{"per_try_timeout_ms":50,"#,
+            r#""retry_on_status":[503],"retry_budget_percent":0,"min_retry_concurrency":0}}"#,
+            "\r\n"
+        );
+        let answer = request_through_guard(upstream, chain, r#"{"model":"chained"}"#).await;
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+        assert!(answer.contains("x-should-retry: true") && answer.contains(r#""code":"backend_timeout""#), "{answer}");
     }
 
     /// The headers of a stream to an Anthropic backend, which the guard rewrites and translates.
