@@ -14,7 +14,7 @@ use crate::outbox::Outbox;
 use crate::request::{self, HeadersVerdict, Reply, RequestHead, Routing};
 use crate::worker::{admin_call_headers, SPEND_PATH};
 use modelgate_proto::config::Price;
-use modelgate_proto::error::GatewayError;
+use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::error_normalize::{self, normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{Caller, ClientKey, Presented};
@@ -296,8 +296,7 @@ impl Flow {
             {
                 forwarded.answer.failed();
                 let error = GatewayError::bad_answer("a success and an empty body");
-                // No x-should-retry: a retry may well be answered properly.
-                return self.respond(host, &Reply { status: error.status, headers: Vec::new(), body: error.to_json() });
+                return self.respond(host, &Reply::from(error));
             }
             return Action::Continue;
         }
@@ -354,7 +353,7 @@ impl Flow {
                 host.replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
                 host.set_header(RESPONSE_HEADERS, "content-type", "application/json");
                 host.remove_header(RESPONSE_HEADERS, "content-encoding");
-                for (name, value) in request::retry_advice(rewritten.should_retry) {
+                if let Some((name, value)) = retry_header(rewritten.should_retry) {
                     host.set_header(RESPONSE_HEADERS, name, value);
                 }
                 rewritten.body.len()

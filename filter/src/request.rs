@@ -6,7 +6,7 @@
 use crate::routing_fields::{read_routing_fields, RoutingFields};
 use modelgate_proto::config::{FailureMode, Price};
 use modelgate_proto::endpoint::{classify, Target};
-use modelgate_proto::error::GatewayError;
+use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
@@ -34,24 +34,17 @@ impl Reply {
     pub fn rewritten(status: u16, rewritten: Rewritten) -> Self {
         Reply {
             status,
-            headers: retry_advice(rewritten.should_retry).map(|(k, v)| (k, v.to_string())).collect(),
+            headers: retry_header(rewritten.should_retry).map(|(k, v)| (k, v.to_string())).into_iter().collect(),
             body: rewritten.body,
         }
     }
 }
 
-/// The `x-should-retry` header for the gateway's advice, if it has any.
-pub fn retry_advice(should_retry: Option<bool>) -> impl Iterator<Item = (&'static str, &'static str)> {
-    should_retry.map(|retry| (SHOULD_RETRY, if retry { "true" } else { "false" })).into_iter()
-}
-
-/// The openai SDKs' retry advice header, which overrides their status-based rule.
-const SHOULD_RETRY: &str = "x-should-retry";
-
 impl From<GatewayError> for Reply {
-    /// The filter's own refusals: the same request would be refused again.
+    /// The filter's own error answers, with the gateway's retry advice.
     fn from(err: GatewayError) -> Self {
-        Reply { status: err.status, headers: vec![(SHOULD_RETRY, "false".into())], body: err.to_json() }
+        let headers = retry_header(err.should_retry()).map(|(k, v)| (k, v.to_string())).into_iter().collect();
+        Reply { status: err.status, headers, body: err.to_json() }
     }
 }
 
@@ -193,17 +186,13 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
             let declared =
                 content_length.and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u64>().ok());
             if declared.is_some_and(|len| len > limit as u64) {
-                HeadersVerdict::Respond(GatewayError::body_too_large(limit).into())
+                HeadersVerdict::Respond(GatewayError::body_too_large(Some(limit)).into())
             } else if let Some(declared) = content_type.filter(|c| !is_json(c)) {
                 HeadersVerdict::Respond(GatewayError::unsupported_media_type(&String::from_utf8_lossy(declared)).into())
             } else if end_of_stream {
                 HeadersVerdict::Respond(
-                    GatewayError::invalid_request(
-                        "The request body is empty. The API expects a JSON object.".into(),
-                        None,
-                        None,
-                    )
-                    .into(),
+                    GatewayError::invalid_request("The request body is empty. The API expects a JSON object.".into())
+                        .into(),
                 )
             } else {
                 HeadersVerdict::ReadBody(caller)
@@ -216,7 +205,7 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
 /// content-length (chunked uploads).
 pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
     let limit = router.max_request_body_bytes();
-    (buffered > limit).then(|| GatewayError::body_too_large(limit).into())
+    (buffered > limit).then(|| GatewayError::body_too_large(Some(limit)).into())
 }
 
 /// Decides on the complete request body of a model-routed request. A model
@@ -372,7 +361,7 @@ pub fn judge(
             let requested = if unit == Unit::Tokens { reserved_tokens } else { 1 };
             let mut reply = Reply::from(limits::refusal(&caller.name, model, unit, &verdict, requested));
             // A later try succeeds: the SDKs retry a 429 after `retry-after` by themselves.
-            reply.headers = vec![("retry-after", limits::retry_after_seconds(verdict.retry_after_us).to_string())];
+            reply.headers.push(("retry-after", limits::retry_after_seconds(verdict.retry_after_us).to_string()));
             reply.headers.extend(limits::headers(&admission));
             Err(reply)
         }
@@ -396,11 +385,7 @@ pub fn shared_verdicts(buckets: &[Bucket], status: Option<&[u8]>, body: &[u8]) -
 pub fn without_shared_store(on_failure: FailureMode) -> Result<Admission, Reply> {
     match on_failure {
         FailureMode::Allow => Ok(Admission::default()),
-        FailureMode::Deny => {
-            let mut reply = Reply::from(GatewayError::rate_limits_unavailable());
-            reply.headers = vec![(SHOULD_RETRY, "true".into())];
-            Err(reply)
-        }
+        FailureMode::Deny => Err(GatewayError::rate_limits_unavailable().into()),
     }
 }
 
@@ -727,6 +712,7 @@ mod tests {
         assert_eq!(without_shared_store(FailureMode::Allow), Ok(Admission::default()));
         let closed = without_shared_store(FailureMode::Deny).unwrap_err();
         assert_eq!((closed.status, json(&closed)["error"]["code"].as_str()), (503, Some("rate_limits_unavailable")));
+        assert_eq!(closed.headers, vec![("x-should-retry", "true".to_string())], "the store may answer the next");
 
         let free = Presented { authorization: Some(b"Bearer sk-free"), api_key: None };
         let unlimited = r.client_keys().authenticate(free).unwrap().unwrap();

@@ -52,12 +52,11 @@ impl RoutingFields {
 /// The routing fields of a request body, or the 400 to answer with.
 pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
     // serde_json does not check the UTF-8 of values it skips; the backend would.
-    let body = std::str::from_utf8(body).map_err(|e| {
-        GatewayError::invalid_request(format!("The request body is not valid UTF-8 ({e})."), None, None)
-    })?;
+    let body = std::str::from_utf8(body)
+        .map_err(|e| GatewayError::invalid_request(format!("The request body is not valid UTF-8 ({e}).")))?;
     let found: Fields = serde_json::from_str(body).map_err(|e| {
         if e.is_data() {
-            GatewayError::invalid_request("The request body must be a JSON object.".into(), None, None)
+            GatewayError::invalid_request("The request body must be a JSON object.".into())
         } else {
             GatewayError::unparsable_json(&e)
         }
@@ -93,22 +92,10 @@ enum Prompt {
 
 fn model(value: Option<Value>) -> Result<String, GatewayError> {
     match value {
-        None | Some(Value::Null) => Err(GatewayError::invalid_request(
-            "Missing required parameter: 'model'.".into(),
-            Some("model"),
-            Some("missing_required_parameter"),
-        )),
-        Some(Value::String(model)) if model.is_empty() => Err(GatewayError::invalid_request(
-            "Invalid 'model': empty string. Expected a string with minimum length 1.".into(),
-            Some("model"),
-            Some("empty_string"),
-        )),
+        None | Some(Value::Null) => Err(GatewayError::missing_required_parameter("model")),
+        Some(Value::String(model)) if model.is_empty() => Err(GatewayError::empty_string("model")),
         Some(Value::String(model)) => Ok(model),
-        Some(other) => Err(GatewayError::invalid_request(
-            format!("Invalid type for 'model': expected a string, but got {} instead.", json_type_name(&other)),
-            Some("model"),
-            Some("invalid_type"),
-        )),
+        Some(other) => Err(GatewayError::invalid_type("model", "a string", Some(json_type_name(&other)))),
     }
 }
 
@@ -116,11 +103,7 @@ fn stream(value: Option<Value>) -> Result<bool, GatewayError> {
     match value {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(stream)) => Ok(stream),
-        Some(other) => Err(GatewayError::invalid_request(
-            format!("Invalid type for 'stream': expected a boolean, but got {} instead.", json_type_name(&other)),
-            Some("stream"),
-            Some("invalid_type"),
-        )),
+        Some(other) => Err(GatewayError::invalid_type("stream", "a boolean", Some(json_type_name(&other)))),
     }
 }
 
@@ -193,6 +176,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelgate_proto::error::{ErrorCode, ErrorType};
     use proptest::prelude::*;
 
     fn err(body: &str) -> GatewayError {
@@ -221,11 +205,8 @@ mod tests {
             [(r#"{"model":"m","stream":"yes"}"#, "got a string"), (r#"{"model":"m","stream":1}"#, "got an integer")]
         {
             let e = err(body);
-            assert_eq!(
-                (e.status, e.body.param.as_deref(), e.body.code.as_deref()),
-                (400, Some("stream"), Some("invalid_type"))
-            );
-            assert!(e.body.message.contains(words), "{}", e.body.message);
+            assert_eq!((e.status, e.param.as_deref(), e.code), (400, Some("stream"), Some(ErrorCode::InvalidType)));
+            assert!(e.message.contains(words), "{}", e.message);
         }
     }
 
@@ -271,32 +252,36 @@ mod tests {
         {
             let e = err(body);
             assert_eq!(e.status, 400, "{body}");
-            assert_eq!(e.body.kind, "invalid_request_error");
-            assert_eq!(e.body.param, None, "{body}");
+            assert_eq!(e.kind, ErrorType::InvalidRequest);
+            assert_eq!(e.param, None, "{body}");
         }
-        assert!(err("[1]").body.message.contains("must be a JSON object"));
-        assert!(err("{").body.message.contains("could not parse the JSON body"));
+        assert!(err("[1]").message.contains("must be a JSON object"));
+        assert!(err("{").message.contains("could not parse the JSON body"));
     }
 
     #[test]
     fn missing_or_ill_typed_model_names_the_param() {
         for (body, code, words) in [
-            ("{}", "missing_required_parameter", "Missing required parameter: 'model'"),
-            (r#"{"model":null}"#, "missing_required_parameter", "Missing required"),
-            (r#"{"model":""}"#, "empty_string", "empty string"),
-            (r#"{"model":7}"#, "invalid_type", "got an integer"),
-            (r#"{"model":1.5}"#, "invalid_type", "got a decimal"),
-            (r#"{"model":["a"]}"#, "invalid_type", "got an array"),
-            (r#"{"model":{"a":1}}"#, "invalid_type", "got an object"),
-            (r#"{"model":true}"#, "invalid_type", "got a boolean"),
+            ("{}", ErrorCode::MissingRequiredParameter, "Missing required parameter: 'model'."),
+            (r#"{"model":null}"#, ErrorCode::MissingRequiredParameter, "Missing required"),
+            (
+                r#"{"model":""}"#,
+                ErrorCode::EmptyString,
+                "Invalid 'model': empty string. Expected a string with minimum length 1.",
+            ),
+            (
+                r#"{"model":7}"#,
+                ErrorCode::InvalidType,
+                "Invalid type for 'model': expected a string, but got an integer instead.",
+            ),
+            (r#"{"model":1.5}"#, ErrorCode::InvalidType, "got a decimal"),
+            (r#"{"model":["a"]}"#, ErrorCode::InvalidType, "got an array"),
+            (r#"{"model":{"a":1}}"#, ErrorCode::InvalidType, "got an object"),
+            (r#"{"model":true}"#, ErrorCode::InvalidType, "got a boolean"),
         ] {
             let e = err(body);
-            assert_eq!(
-                (e.status, e.body.param.as_deref(), e.body.code.as_deref()),
-                (400, Some("model"), Some(code)),
-                "{body}"
-            );
-            assert!(e.body.message.contains(words), "{body}: {}", e.body.message);
+            assert_eq!((e.status, e.param.as_deref(), e.code), (400, Some("model"), Some(code)), "{body}");
+            assert!(e.message.contains(words), "{body}: {}", e.message);
         }
     }
 
@@ -310,7 +295,7 @@ mod tests {
         for body in [&b"{\"model\":\"\xff\xfe\"}"[..], b"{\"x\":\"\xc3\x28\",\"model\":\"m\"}"] {
             let e = read_routing_fields(body).unwrap_err();
             assert_eq!(e.status, 400);
-            assert!(e.body.message.contains("not valid UTF-8"), "{}", e.body.message);
+            assert!(e.message.contains("not valid UTF-8"), "{}", e.message);
         }
     }
 

@@ -10,6 +10,7 @@
 //! hosts of each backend's cluster; the guard only moves between clusters.
 
 use crate::backend::BackendProfile;
+use crate::config::FailoverConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,14 +25,8 @@ pub struct Member {
 pub struct Chain {
     /// In the order they are tried.
     pub members: Vec<Member>,
-    /// How long an attempt may take to answer (its headers) before the next is tried.
-    pub per_try_timeout_ms: u64,
-    /// Answers that send the request on to the next backend.
-    pub retry_on_status: Vec<u16>,
-    /// Retries allowed at once, as a percentage of the requests in flight...
-    pub retry_budget_percent: u32,
-    /// ...and always at least this many.
-    pub min_retry_concurrency: u32,
+    /// How the guard moves from one member to the next: the configuration's.
+    pub failover: FailoverConfig,
 }
 
 impl Chain {
@@ -47,7 +42,7 @@ impl Chain {
 
     /// True when an answer with `status` is to be tried again on the next backend.
     pub fn retries_on(&self, status: u16) -> bool {
-        self.retry_on_status.contains(&status)
+        self.failover.retry_on_status.contains(&status)
     }
 }
 
@@ -65,10 +60,12 @@ mod tests {
                 Member { backend: "pool".into(), cluster: "pool".into(), profile: None },
                 Member { backend: "anthropic".into(), cluster: "anthropic_api".into(), profile: Some(anthropic) },
             ],
-            per_try_timeout_ms: 30_000,
-            retry_on_status: vec![429, 503],
-            retry_budget_percent: 20,
-            min_retry_concurrency: 10,
+            failover: FailoverConfig {
+                per_try_timeout_ms: 30_000,
+                retry_on_status: vec![429, 503],
+                retry_budget_percent: 20,
+                min_retry_concurrency: 10,
+            },
         };
         let read = Chain::from_header(chain.to_header().as_bytes()).unwrap();
         assert_eq!(read, chain);

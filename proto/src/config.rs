@@ -3,7 +3,7 @@
 //! fails loudly when Envoy loads the configuration, not silently at run time.
 
 use crate::backend::{ApiKey, Dialect};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -57,7 +57,7 @@ fn default_reserved_completion_tokens() -> u64 {
     DEFAULT_RESERVED_COMPLETION_TOKENS
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverConfig {
     /// How long an attempt may take to start answering (for a whole answer,

@@ -1,16 +1,22 @@
-//! The OpenAI error envelope: `{"error":{"message","type","param","code"}}`.
+//! The gateway's errors: OpenAI's envelope `{"error":{"message","type","param","code"}}`,
+//! the `type` and `code` values the gateway sends, one constructor per error,
+//! and the one rule for the `x-should-retry` advice given with them.
 //!
-//! Every error that leaves the gateway is built here, so its shape is decided
-//! in one place.
+//! Every error the gateway answers itself is built here, so its shape and its
+//! words are decided in one place. Constructors only build: whoever meets the
+//! error logs what an operator needs to know.
 
-use serde::{Deserialize, Serialize};
+use crate::limits::Unit;
+use serde::{Deserialize, Serialize, Serializer};
+use std::fmt::Display;
 
-/// The body of every error answer.
+/// An error envelope as read from the wire, whoever wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorEnvelope {
     pub error: ErrorBody,
 }
 
+/// An error's fields as strings: a backend's may hold any `type` and `code`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub message: String,
@@ -20,79 +26,287 @@ pub struct ErrorBody {
     pub code: Option<String>,
 }
 
+/// OpenAI's error `type`s: those the gateway sends, and those it keeps in a backend's errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    InvalidRequest,
+    Authentication,
+    Permission,
+    NotFound,
+    RateLimit,
+    Server,
+    Api,
+    InsufficientQuota,
+    /// A key over a requests-per-minute limit: OpenAI names the limit's unit.
+    Requests,
+    /// A key over a tokens-per-minute limit.
+    Tokens,
+}
+
+impl ErrorType {
+    /// The types a backend's error keeps; any other is replaced by [`ErrorType::for_status`].
+    const KEPT_FROM_BACKENDS: [ErrorType; 8] = [
+        ErrorType::InvalidRequest,
+        ErrorType::Authentication,
+        ErrorType::Permission,
+        ErrorType::NotFound,
+        ErrorType::RateLimit,
+        ErrorType::Server,
+        ErrorType::Api,
+        ErrorType::InsufficientQuota,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::InvalidRequest => "invalid_request_error",
+            ErrorType::Authentication => "authentication_error",
+            ErrorType::Permission => "permission_error",
+            ErrorType::NotFound => "not_found_error",
+            ErrorType::RateLimit => "rate_limit_error",
+            ErrorType::Server => "server_error",
+            ErrorType::Api => "api_error",
+            ErrorType::InsufficientQuota => "insufficient_quota",
+            ErrorType::Requests => "requests",
+            ErrorType::Tokens => "tokens",
+        }
+    }
+
+    /// The type for an HTTP status, as OpenAI's SDKs map statuses to exceptions.
+    pub fn for_status(status: u16) -> Self {
+        match status {
+            401 => ErrorType::Authentication,
+            403 => ErrorType::Permission,
+            404 => ErrorType::NotFound,
+            429 => ErrorType::RateLimit,
+            400..=499 => ErrorType::InvalidRequest,
+            _ => ErrorType::Server,
+        }
+    }
+
+    /// True for a type a backend's error keeps as it is.
+    pub fn kept_from_backends(name: &str) -> bool {
+        Self::KEPT_FROM_BACKENDS.iter().any(|kind| kind.as_str() == name)
+    }
+}
+
+impl From<Unit> for ErrorType {
+    fn from(unit: Unit) -> Self {
+        match unit {
+            Unit::Requests => ErrorType::Requests,
+            Unit::Tokens => ErrorType::Tokens,
+        }
+    }
+}
+
+/// Every `code` the gateway sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    // The request, as sent.
+    MissingRequiredParameter,
+    EmptyString,
+    InvalidType,
+    InvalidValue,
+    UnsupportedParameter,
+    UnsupportedEndpoint,
+    UnsupportedMediaType,
+    MethodNotAllowed,
+    RequestTooLarge,
+    UnknownUrl,
+    ModelNotFound,
+    InvalidUsageRecord,
+    InvalidBatchId,
+    // Who is asking.
+    InvalidApiKey,
+    InvalidInternalToken,
+    // Rate limits.
+    RateLimitExceeded,
+    /// A request reserving more tokens than its limit ever holds. OpenAI's code
+    /// for it is `rate_limit_exceeded` too; unlike the other, waiting does not help.
+    TokensBeyondLimit,
+    RateLimitsUnavailable,
+    LimitStoreUnavailable,
+    UsageStoreUnavailable,
+    // The gateway's configuration.
+    GatewayMisconfigured,
+    BackendNotConfigured,
+    BackendKeyUnavailable,
+    // The gateway or a backend, failing for now.
+    GatewayUnavailable,
+    BackendUnavailable,
+    BackendConnectFailed,
+    BackendReset,
+    BackendTimeout,
+    Overloaded,
+    BadBackendAnswer,
+    // A stream cut short.
+    StreamInterrupted,
+    StreamEventTooLarge,
+    StreamUnreadable,
+}
+
+impl ErrorCode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MissingRequiredParameter => "missing_required_parameter",
+            ErrorCode::EmptyString => "empty_string",
+            ErrorCode::InvalidType => "invalid_type",
+            ErrorCode::InvalidValue => "invalid_value",
+            ErrorCode::UnsupportedParameter => "unsupported_parameter",
+            ErrorCode::UnsupportedEndpoint => "unsupported_endpoint",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTooLarge => "request_too_large",
+            ErrorCode::UnknownUrl => "unknown_url",
+            ErrorCode::ModelNotFound => "model_not_found",
+            ErrorCode::InvalidUsageRecord => "invalid_usage_record",
+            ErrorCode::InvalidBatchId => "invalid_batch_id",
+            ErrorCode::InvalidApiKey => "invalid_api_key",
+            ErrorCode::InvalidInternalToken => "invalid_internal_token",
+            ErrorCode::RateLimitExceeded | ErrorCode::TokensBeyondLimit => "rate_limit_exceeded",
+            ErrorCode::RateLimitsUnavailable => "rate_limits_unavailable",
+            ErrorCode::LimitStoreUnavailable => "limit_store_unavailable",
+            ErrorCode::UsageStoreUnavailable => "usage_store_unavailable",
+            ErrorCode::GatewayMisconfigured => "gateway_misconfigured",
+            ErrorCode::BackendNotConfigured => "backend_not_configured",
+            ErrorCode::BackendKeyUnavailable => "backend_key_unavailable",
+            ErrorCode::GatewayUnavailable => "gateway_unavailable",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::BackendConnectFailed => "backend_connect_failed",
+            ErrorCode::BackendReset => "backend_reset",
+            ErrorCode::BackendTimeout => "backend_timeout",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::BadBackendAnswer => "bad_backend_answer",
+            ErrorCode::StreamInterrupted => "stream_interrupted",
+            ErrorCode::StreamEventTooLarge => "stream_event_too_large",
+            ErrorCode::StreamUnreadable => "stream_unreadable",
+        }
+    }
+}
+
+impl Serialize for ErrorType {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// The openai SDKs' retry advice header, which overrides their status-based rule.
+pub const SHOULD_RETRY: &str = "x-should-retry";
+
+/// The `x-should-retry` header for `advice` (from [`GatewayError::should_retry`]), if there is any.
+pub fn retry_header(advice: Option<bool>) -> Option<(&'static str, &'static str)> {
+    advice.map(|retry| (SHOULD_RETRY, if retry { "true" } else { "false" }))
+}
+
 /// An error the gateway answers itself, with its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayError {
     pub status: u16,
-    pub body: ErrorBody,
+    pub kind: ErrorType,
+    pub code: Option<ErrorCode>,
+    pub message: String,
+    pub param: Option<String>,
 }
 
-pub const INVALID_REQUEST: &str = "invalid_request_error";
+/// The envelope as it is written, borrowing the error's fields.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Fields<'a>,
+}
+
+#[derive(Serialize)]
+struct Fields<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: ErrorType,
+    param: Option<&'a str>,
+    code: Option<ErrorCode>,
+}
 
 impl GatewayError {
-    pub fn new(status: u16, kind: &str, message: String, param: Option<&str>, code: Option<&str>) -> Self {
-        GatewayError {
-            status,
-            body: ErrorBody {
-                message,
-                kind: kind.to_string(),
-                param: param.map(str::to_string),
-                code: code.map(str::to_string),
-            },
-        }
+    fn new(status: u16, kind: ErrorType, code: Option<ErrorCode>, message: String) -> Self {
+        GatewayError { status, kind, code, message, param: None }
     }
 
+    fn about(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
+    fn bad_request(code: Option<ErrorCode>, message: String) -> Self {
+        Self::new(400, ErrorType::InvalidRequest, code, message)
+    }
+
+    fn server(status: u16, code: Option<ErrorCode>, message: String) -> Self {
+        Self::new(status, ErrorType::Server, code, message)
+    }
+
+    // The request, as sent.
+
     /// 400: the request cannot be understood as sent.
-    pub fn invalid_request(message: String, param: Option<&str>, code: Option<&str>) -> Self {
-        Self::new(400, INVALID_REQUEST, message, param, code)
+    pub fn invalid_request(message: String) -> Self {
+        Self::bad_request(None, message)
+    }
+
+    /// 400 for a request whose `param` cannot be understood.
+    pub fn invalid_parameter(param: &str, message: String) -> Self {
+        Self::bad_request(None, message).about(param)
     }
 
     /// 400 for a body that is not JSON; `reason` is the parser's word on it.
-    pub fn unparsable_json(reason: &dyn std::fmt::Display) -> Self {
-        Self::invalid_request(
-            format!("We could not parse the JSON body of your request ({reason}). The API expects a JSON object."),
-            None,
-            None,
-        )
+    pub fn unparsable_json(reason: &dyn Display) -> Self {
+        Self::invalid_request(format!(
+            "We could not parse the JSON body of your request ({reason}). The API expects a JSON object."
+        ))
     }
 
-    /// 404 for a model no route serves. Type and message follow OpenAI's own answer.
-    pub fn model_not_found(model: &str) -> Self {
+    /// 400 for a required `param` left out, in OpenAI's words.
+    pub fn missing_required_parameter(param: &str) -> Self {
+        Self::bad_request(Some(ErrorCode::MissingRequiredParameter), format!("Missing required parameter: '{param}'."))
+            .about(param)
+    }
+
+    /// 400 for a string `param` sent empty, in OpenAI's words.
+    pub fn empty_string(param: &str) -> Self {
+        Self::bad_request(
+            Some(ErrorCode::EmptyString),
+            format!("Invalid '{param}': empty string. Expected a string with minimum length 1."),
+        )
+        .about(param)
+    }
+
+    /// 400 for a `param` of the wrong JSON type; `got` names the type sent, where it is said.
+    pub fn invalid_type(param: &str, expected: &str, got: Option<&str>) -> Self {
+        let message = match got {
+            Some(got) => format!("Invalid type for '{param}': expected {expected}, but got {got} instead."),
+            None => format!("Invalid type for '{param}': expected {expected}."),
+        };
+        Self::bad_request(Some(ErrorCode::InvalidType), message).about(param)
+    }
+
+    /// 400 for a `param` of the right type and a wrong value.
+    pub fn invalid_value(param: &str, message: String) -> Self {
+        Self::bad_request(Some(ErrorCode::InvalidValue), message).about(param)
+    }
+
+    /// 400 for a `param` the model's backend cannot honour; `why` completes the sentence.
+    pub fn unsupported_parameter(param: &str, why: &str) -> Self {
+        Self::bad_request(Some(ErrorCode::UnsupportedParameter), format!("Unsupported parameter: '{param}' {why}."))
+            .about(param)
+    }
+
+    /// 404 for an endpoint (its `path`) the model's backend (`backend`, with its article) does not offer.
+    pub fn unsupported_endpoint(path: &str, backend: &str) -> Self {
         Self::new(
             404,
-            INVALID_REQUEST,
-            format!("The model `{model}` does not exist or you do not have access to it."),
-            Some("model"),
-            Some("model_not_found"),
-        )
-    }
-
-    /// 401 for a request without a client key, where keys are required. Type,
-    /// code and message follow OpenAI's own answer.
-    pub fn missing_api_key() -> Self {
-        Self::new(
-            401,
-            INVALID_REQUEST,
-            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).".into(),
-            None,
-            Some("invalid_api_key"),
-        )
-    }
-
-    /// 401 for a client key the gateway does not know. Unlike OpenAI's, the
-    /// message quotes no part of the key.
-    pub fn invalid_api_key() -> Self {
-        Self::new(401, INVALID_REQUEST, "Incorrect API key provided.".into(), None, Some("invalid_api_key"))
-    }
-
-    /// 413 for a request body over the configured limit.
-    pub fn body_too_large(limit: usize) -> Self {
-        Self::new(
-            413,
-            INVALID_REQUEST,
-            format!("The request body is larger than this gateway's limit of {limit} bytes."),
-            None,
-            Some("request_too_large"),
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::UnsupportedEndpoint),
+            format!("This model is served by {backend} backend, which does not support {path}."),
         )
     }
 
@@ -100,10 +314,9 @@ impl GatewayError {
     pub fn unsupported_media_type(content_type: &str) -> Self {
         Self::new(
             415,
-            INVALID_REQUEST,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::UnsupportedMediaType),
             format!("Unsupported content-type `{content_type}`: send the body as JSON with `content-type: application/json`."),
-            None,
-            Some("unsupported_media_type"),
         )
     }
 
@@ -111,34 +324,325 @@ impl GatewayError {
     pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
         Self::new(
             405,
-            INVALID_REQUEST,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::MethodNotAllowed),
             format!("{method} is not allowed on {path}; use {allowed}."),
-            None,
-            Some("method_not_allowed"),
         )
     }
 
-    /// Rate limits kept in a shared store that did not answer, where the
+    /// 413 for a request body over `limit` bytes; `None` when the limit is Envoy's own.
+    pub fn body_too_large(limit: Option<usize>) -> Self {
+        let message = match limit {
+            Some(limit) => format!("The request body is larger than this gateway's limit of {limit} bytes."),
+            None => "The request body is too large.".to_string(),
+        };
+        Self::new(413, ErrorType::InvalidRequest, Some(ErrorCode::RequestTooLarge), message)
+    }
+
+    /// 404 for a path nothing serves; `request` names it (method, path) where it is said.
+    pub fn unknown_url(request: Option<(&str, &str)>) -> Self {
+        let message = match request {
+            Some((method, path)) => format!("Unknown request URL: {method} {path}."),
+            None => "Unknown request URL.".to_string(),
+        };
+        Self::new(404, ErrorType::InvalidRequest, Some(ErrorCode::UnknownUrl), message)
+    }
+
+    /// 404 for a model no route serves. Type and message follow OpenAI's own answer.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            404,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::ModelNotFound),
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+        .about("model")
+    }
+
+    /// 400 for a batch of usage records of which none could be read.
+    pub fn invalid_usage_record(message: String) -> Self {
+        Self::bad_request(Some(ErrorCode::InvalidUsageRecord), message)
+    }
+
+    /// 400 for a usage batch's id header (`header`) of the wrong shape.
+    pub fn invalid_batch_id(header: &str) -> Self {
+        Self::bad_request(
+            Some(ErrorCode::InvalidBatchId),
+            format!("`{header}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`."),
+        )
+    }
+
+    // Who is asking.
+
+    /// 401 for a request without a client key, where keys are required. Type,
+    /// code and message follow OpenAI's own answer.
+    pub fn missing_api_key() -> Self {
+        Self::new(
+            401,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::InvalidApiKey),
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).".into(),
+        )
+    }
+
+    /// 401 for a client key the gateway does not know. Unlike OpenAI's, the
+    /// message quotes no part of the key.
+    pub fn invalid_api_key() -> Self {
+        Self::new(401, ErrorType::InvalidRequest, Some(ErrorCode::InvalidApiKey), "Incorrect API key provided.".into())
+    }
+
+    /// 401 for a caller of an internal port without the internal token, which `header` carries.
+    pub fn invalid_internal_token(header: &str) -> Self {
+        Self::new(
+            401,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::InvalidInternalToken),
+            format!("This port serves only the gateway's Envoy, which sends its internal token in `{header}`."),
+        )
+    }
+
+    // Rate limits.
+
+    /// OpenAI's 429 for a key over a limit counting `unit`.
+    pub fn rate_limit_reached(unit: Unit, message: String) -> Self {
+        Self::new(429, unit.into(), Some(ErrorCode::RateLimitExceeded), message)
+    }
+
+    /// OpenAI's 429 for a request reserving more tokens than a limit holds at all.
+    pub fn tokens_beyond_limit(message: String) -> Self {
+        Self::new(429, ErrorType::Tokens, Some(ErrorCode::TokensBeyondLimit), message)
+    }
+
+    /// 503: rate limits kept in a shared store that did not answer, where the
     /// configuration says to refuse rather than to let requests go unlimited.
     pub fn rate_limits_unavailable() -> Self {
-        Self::new(
+        Self::server(
             503,
-            "server_error",
+            Some(ErrorCode::RateLimitsUnavailable),
             "The gateway could not check this key's rate limits. Please retry your request shortly.".into(),
-            None,
-            Some("rate_limits_unavailable"),
+        )
+    }
+
+    /// 503 from the admin port: its rate-limit store (Redis) did not answer.
+    pub fn limit_store_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::LimitStoreUnavailable),
+            "The rate-limit store is unavailable; try again shortly.".into(),
+        )
+    }
+
+    /// 503 from the admin port: its usage store did not answer.
+    pub fn usage_store_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::UsageStoreUnavailable),
+            "The usage store is unavailable; try again shortly.".into(),
+        )
+    }
+
+    // The gateway's configuration.
+
+    /// 500 when the gateway's own configuration is at fault for this model.
+    pub fn misconfigured() -> Self {
+        Self::server(500, Some(ErrorCode::GatewayMisconfigured), "The gateway is misconfigured for this model.".into())
+    }
+
+    /// 500 from the stream guard for a stream the filter sent without its backend's cluster.
+    pub fn stream_without_cluster() -> Self {
+        Self::server(
+            500,
+            Some(ErrorCode::GatewayMisconfigured),
+            "The gateway routed a stream without naming its backend; check the filter's stream_guard_cluster setting."
+                .into(),
+        )
+    }
+
+    /// 503 for a backend cluster missing from Envoy's configuration.
+    pub fn backend_not_configured() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::BackendNotConfigured),
+            "The backend configured for this model does not exist in Envoy's configuration.".into(),
+        )
+    }
+
+    /// 500 when the backend's API key cannot be read.
+    pub fn backend_key_unavailable() -> Self {
+        Self::server(
+            500,
+            Some(ErrorCode::BackendKeyUnavailable),
+            "The gateway has no API key for this model's backend; its operators have been told why.".into(),
+        )
+    }
+
+    /// 500 for a failure of the gateway's own that has no code (`what` failed).
+    pub fn internal(what: String) -> Self {
+        Self::server(500, None, what)
+    }
+
+    // The gateway or a backend, failing for now.
+
+    /// 503 from the stream guard when Envoy's inner listener cannot be reached.
+    pub fn gateway_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::GatewayUnavailable),
+            "The gateway could not reach its routing listener; try again.".into(),
+        )
+    }
+
+    /// 503 for a backend without a healthy endpoint.
+    pub fn backend_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::BackendUnavailable),
+            "No healthy backend is available for this model right now.".into(),
+        )
+    }
+
+    /// 503 for a backend that could not be connected to.
+    pub fn backend_connect_failed() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::BackendConnectFailed),
+            "The gateway could not connect to the backend for this model.".into(),
+        )
+    }
+
+    /// 503 for a backend that closed the connection before its answer.
+    pub fn backend_reset() -> Self {
+        Self::server(503, Some(ErrorCode::BackendReset), "The backend closed the connection before answering.".into())
+    }
+
+    /// 504 for a backend that did not answer within the route's timeout.
+    pub fn backend_timeout() -> Self {
+        Self::server(504, Some(ErrorCode::BackendTimeout), "The backend did not answer in time.".into())
+    }
+
+    /// 504 for a backend of a fallback chain that did not answer within `per_try_ms`.
+    pub fn no_answer_within(per_try_ms: u128) -> Self {
+        Self::server(
+            504,
+            Some(ErrorCode::BackendTimeout),
+            format!("The backend did not answer within {per_try_ms} ms."),
+        )
+    }
+
+    /// 504 for a stream of a fallback chain that sent nothing within `per_try_ms`.
+    pub fn no_stream_within(per_try_ms: u128) -> Self {
+        Self::server(
+            504,
+            Some(ErrorCode::BackendTimeout),
+            format!("The backend's stream sent nothing within {per_try_ms} ms."),
         )
     }
 
     /// 502 for a backend's success without content: an answer with an empty
     /// body, or a stream's answer that is not a stream. `what` says which.
     pub fn bad_answer(what: &str) -> Self {
-        Self::new(502, "server_error", format!("The backend answered with {what}."), None, Some("bad_backend_answer"))
+        Self::server(502, Some(ErrorCode::BadBackendAnswer), format!("The backend answered with {what}."))
+    }
+
+    /// A backend's own error, restated in OpenAI's envelope (a translated dialect's).
+    pub fn from_backend(status: u16, kind: ErrorType, code: Option<ErrorCode>, message: String) -> Self {
+        Self::new(status, kind, code, message)
+    }
+
+    // A stream cut short: the error of its last event.
+
+    /// The backend broke off the stream (`reason`).
+    pub fn interrupted(reason: &dyn Display) -> Self {
+        Self::server(
+            502,
+            Some(ErrorCode::StreamInterrupted),
+            format!("The backend stopped in the middle of this stream ({reason}); the response is incomplete."),
+        )
+    }
+
+    /// The gateway ended a stream still open at its shutdown deadline.
+    pub fn shutting_down() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::StreamInterrupted),
+            "The gateway is shutting down and ended this stream before it finished; the response is incomplete. Retry the request.".into(),
+        )
+    }
+
+    /// The backend sent an event longer than the gateway holds.
+    pub fn stream_event_too_large(max_event_bytes: usize) -> Self {
+        Self::server(
+            502,
+            Some(ErrorCode::StreamEventTooLarge),
+            format!(
+                "The backend sent a stream event longer than the gateway's limit of {max_event_bytes} bytes; the response is incomplete."
+            ),
+        )
+    }
+
+    /// The backend sent a record the gateway cannot read (`reason`).
+    pub fn stream_unreadable(reason: &dyn Display) -> Self {
+        Self::server(
+            502,
+            Some(ErrorCode::StreamUnreadable),
+            format!(
+                "The backend sent a stream record the gateway could not read ({reason}); the response is incomplete."
+            ),
+        )
+    }
+
+    /// The gateway's advice to the SDKs on sending this same request again
+    /// (`x-should-retry`), which overrides their own rule: retry 408, 409, 429
+    /// and 5xx. `None` leaves their rule to decide by the status.
+    pub fn should_retry(&self) -> Option<bool> {
+        use ErrorCode::*;
+        match self.code {
+            // Briefly unable (the gateway, a backend, a store, a stream cut short): it may pass now.
+            Some(
+                GatewayUnavailable
+                | BackendUnavailable
+                | BackendConnectFailed
+                | BackendReset
+                | BackendTimeout
+                | RateLimitsUnavailable
+                | LimitStoreUnavailable
+                | UsageStoreUnavailable
+                | StreamInterrupted,
+            ) => Some(true),
+            // The status says it already: a 429 passes after its `retry-after`; a backend's 5xx may pass.
+            Some(RateLimitExceeded | Overloaded | BadBackendAnswer | StreamEventTooLarge | StreamUnreadable) => None,
+            // The same request would fail again: refused as sent, or a configuration only an operator can fix.
+            Some(
+                MissingRequiredParameter
+                | EmptyString
+                | InvalidType
+                | InvalidValue
+                | UnsupportedParameter
+                | UnsupportedEndpoint
+                | UnsupportedMediaType
+                | MethodNotAllowed
+                | RequestTooLarge
+                | UnknownUrl
+                | ModelNotFound
+                | InvalidUsageRecord
+                | InvalidBatchId
+                | InvalidApiKey
+                | InvalidInternalToken
+                | TokensBeyondLimit
+                | GatewayMisconfigured
+                | BackendNotConfigured
+                | BackendKeyUnavailable,
+            ) => Some(false),
+            // Without a code, a refusal (4xx) is final; a failure is left to its status.
+            None => (400..500).contains(&self.status).then_some(false),
+        }
     }
 
     /// The envelope as JSON bytes, ready to send.
     pub fn to_json(&self) -> Vec<u8> {
-        let envelope = ErrorEnvelope { error: self.body.clone() };
+        let envelope = Envelope {
+            error: Fields { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
+        };
         // Serialising a struct of strings cannot fail.
         serde_json::to_vec(&envelope).unwrap_or_default()
     }
@@ -163,11 +667,10 @@ mod tests {
                 "code": "model_not_found"
             }})
         );
-
-        let v: Value =
-            serde_json::from_slice(&GatewayError::invalid_request("bad".into(), None, None).to_json()).unwrap();
-        assert_eq!(v["error"]["code"], Value::Null);
-        assert_eq!(v["error"]["param"], Value::Null);
+        assert_eq!(
+            String::from_utf8(GatewayError::invalid_request("bad".into()).to_json()).unwrap(),
+            r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":null}}"#
+        );
     }
 
     #[test]
@@ -175,5 +678,41 @@ mod tests {
         let err = GatewayError::model_not_found("a\"b\\c\n");
         let back: ErrorEnvelope = serde_json::from_slice(&err.to_json()).unwrap();
         assert!(back.error.message.contains("a\"b\\c\n"));
+    }
+
+    #[test]
+    fn a_429_over_a_limit_is_named_by_its_unit() {
+        let over = GatewayError::rate_limit_reached(Unit::Requests, "m".into());
+        let beyond = GatewayError::tokens_beyond_limit("m".into());
+        let wire = |e: &GatewayError| serde_json::from_slice::<ErrorEnvelope>(&e.to_json()).unwrap().error;
+        assert_eq!((wire(&over).kind, wire(&over).code), ("requests".to_string(), Some("rate_limit_exceeded".into())));
+        assert_eq!(
+            (wire(&beyond).kind, wire(&beyond).code),
+            ("tokens".to_string(), Some("rate_limit_exceeded".into()))
+        );
+    }
+
+    #[test]
+    fn retry_advice_says_whether_the_same_request_may_pass() {
+        let advice = |e: GatewayError| e.should_retry();
+        // Refused as sent, or misconfigured: never.
+        assert_eq!(advice(GatewayError::invalid_request("x".into())), Some(false));
+        assert_eq!(advice(GatewayError::model_not_found("m")), Some(false));
+        assert_eq!(advice(GatewayError::invalid_internal_token("h")), Some(false));
+        assert_eq!(advice(GatewayError::misconfigured()), Some(false));
+        assert_eq!(advice(GatewayError::backend_not_configured()), Some(false));
+        assert_eq!(advice(GatewayError::backend_key_unavailable()), Some(false));
+        assert_eq!(advice(GatewayError::tokens_beyond_limit("m".into())), Some(false));
+        // Briefly unable: yes, the guard's own per-try timeouts included.
+        assert_eq!(advice(GatewayError::gateway_unavailable()), Some(true));
+        assert_eq!(advice(GatewayError::rate_limits_unavailable()), Some(true));
+        assert_eq!(advice(GatewayError::backend_timeout()), Some(true));
+        assert_eq!(advice(GatewayError::no_answer_within(100)), Some(true));
+        assert_eq!(advice(GatewayError::no_stream_within(100)), Some(true));
+        assert_eq!(advice(GatewayError::interrupted(&"reset")), Some(true));
+        // The status decides: a 429 after its retry-after, a backend's 5xx.
+        assert_eq!(advice(GatewayError::rate_limit_reached(Unit::Tokens, "m".into())), None);
+        assert_eq!(advice(GatewayError::bad_answer("nothing")), None);
+        assert_eq!(advice(GatewayError::internal("encoding".into())), None);
     }
 }

@@ -7,7 +7,7 @@
 //! ("no healthy upstream" and the like). Both are rewritten here, keeping the
 //! status, so the SDKs raise the right exception with a usable message.
 
-use crate::error::{ErrorBody, ErrorEnvelope};
+use crate::error::{ErrorBody, ErrorEnvelope, ErrorType, GatewayError};
 use serde_json::{Map, Value};
 
 /// Where an error answer came from.
@@ -51,29 +51,6 @@ pub struct Rewritten {
 /// Longest piece of a backend's non-JSON body quoted in a message.
 const QUOTE_LIMIT: usize = 300;
 
-const OPENAI_TYPES: &[&str] = &[
-    "invalid_request_error",
-    "authentication_error",
-    "permission_error",
-    "not_found_error",
-    "rate_limit_error",
-    "server_error",
-    "api_error",
-    "insufficient_quota",
-];
-
-/// The OpenAI error `type` for an HTTP status.
-pub fn type_for_status(status: u16) -> &'static str {
-    match status {
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        429 => "rate_limit_error",
-        400..=499 => "invalid_request_error",
-        _ => "server_error",
-    }
-}
-
 /// The error answer as an OpenAI envelope, or `None` when it already is one.
 pub fn normalize(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritten> {
     match origin {
@@ -101,48 +78,50 @@ fn to_json(error: ErrorBody) -> Vec<u8> {
     serde_json::to_vec(&ErrorEnvelope { error }).unwrap_or_default()
 }
 
-fn error(status: u16, message: String, code: Option<&str>) -> ErrorBody {
-    ErrorBody { message, kind: type_for_status(status).to_string(), param: None, code: code.map(str::to_string) }
+/// An error with no code, typed by its status.
+fn error(status: u16, message: String) -> ErrorBody {
+    ErrorBody { message, kind: ErrorType::for_status(status).as_str().to_string(), param: None, code: None }
 }
 
 /// Envoy's local replies, by the `response.code_details` Envoy gives them.
 fn envoy_reply(status: u16, details: &str, attempts: u32, body: &[u8]) -> Rewritten {
-    let (message, code, should_retry) = if details == "no_healthy_upstream" {
-        (
-            "No healthy backend is available for this model right now.".to_string(),
-            Some("backend_unavailable"),
-            Some(true),
-        )
+    let known = if details == "no_healthy_upstream" {
+        Some(GatewayError::backend_unavailable())
     } else if details.starts_with("upstream_reset_before_response_started") {
         // e.g. `{remote_connection_failure,delayed_connect_error:_Connection_refused}`, as
         // opposed to `{connection_termination}` once connected
         if details.contains("connection_failure") || details.contains("connect_error") {
-            (
-                "The gateway could not connect to the backend for this model.".to_string(),
-                Some("backend_connect_failed"),
-                Some(true),
-            )
+            Some(GatewayError::backend_connect_failed())
         } else {
-            ("The backend closed the connection before answering.".to_string(), Some("backend_reset"), Some(true))
+            Some(GatewayError::backend_reset())
         }
     } else if details.contains("timeout") {
-        ("The backend did not answer in time.".to_string(), Some("backend_timeout"), Some(true))
+        Some(GatewayError::backend_timeout())
     } else if details == "cluster_not_found" {
-        (
-            "The backend configured for this model does not exist in Envoy's configuration.".to_string(),
-            Some("backend_not_configured"),
-            Some(false),
-        )
+        Some(GatewayError::backend_not_configured())
     } else if details == "route_not_found" {
-        ("Unknown request URL.".to_string(), Some("unknown_url"), Some(false))
+        Some(GatewayError::unknown_url(None))
     } else if status == 413 {
-        ("The request body is too large.".to_string(), Some("request_too_large"), Some(false))
+        Some(GatewayError::body_too_large(None))
     } else {
-        let text = quote(body);
-        let message = if text.is_empty() { format!("The gateway answered HTTP {status} ({details}).") } else { text };
-        (message, None, None)
+        None
     };
-    Rewritten { body: to_json(error(status, with_attempts(message, attempts), code)), should_retry }
+    match known {
+        // Envoy's status stays, and with it the type, as for any of Envoy's replies.
+        Some(mut known) => {
+            known.status = status;
+            known.kind = ErrorType::for_status(status);
+            known.message = with_attempts(known.message, attempts);
+            Rewritten { body: known.to_json(), should_retry: known.should_retry() }
+        }
+        // Any other reply: Envoy's words, and no advice beyond the status.
+        None => {
+            let text = quote(body);
+            let message =
+                if text.is_empty() { format!("The gateway answered HTTP {status} ({details}).") } else { text };
+            Rewritten { body: to_json(error(status, with_attempts(message, attempts))), should_retry: None }
+        }
+    }
 }
 
 /// A failure's message, saying so when it is the last of a fallback chain's attempts.
@@ -158,7 +137,7 @@ fn with_attempts(message: String, attempts: u32) -> String {
 fn backend_reply(status: u16, body: &[u8]) -> Option<ErrorBody> {
     match serde_json::from_slice::<Map<String, Value>>(body) {
         Ok(object) => from_json_object(status, &object),
-        Err(_) => Some(error(status, non_json_message(status, body), None)),
+        Err(_) => Some(error(status, non_json_message(status, body))),
     }
 }
 
@@ -167,7 +146,7 @@ fn from_json_object(status: u16, object: &Map<String, Value>) -> Option<ErrorBod
     let (fields, nested) = match object.get("error") {
         Some(Value::Object(inner)) => (inner, true),
         Some(Value::String(message)) => {
-            return Some(error(status, message.clone(), None));
+            return Some(error(status, message.clone()));
         }
         _ => (object, false),
     };
@@ -179,10 +158,9 @@ fn from_json_object(status: u16, object: &Map<String, Value>) -> Option<ErrorBod
         return Some(error(
             status,
             format!("The backend answered HTTP {status}: {}", truncate(&Value::Object(object.clone()).to_string())),
-            None,
         ));
     };
-    let kind = fields.get("type").and_then(Value::as_str).filter(|t| OPENAI_TYPES.contains(t));
+    let kind = fields.get("type").and_then(Value::as_str).filter(|t| ErrorType::kept_from_backends(t));
     let param = fields.get("param").and_then(Value::as_str);
     let code = fields.get("code").and_then(Value::as_str);
     let exact = nested
@@ -196,7 +174,7 @@ fn from_json_object(status: u16, object: &Map<String, Value>) -> Option<ErrorBod
     }
     Some(ErrorBody {
         message,
-        kind: kind.unwrap_or_else(|| type_for_status(status)).to_string(),
+        kind: kind.unwrap_or_else(|| ErrorType::for_status(status).as_str()).to_string(),
         param: param.map(str::to_string),
         code: code.map(str::to_string),
     })

@@ -233,33 +233,9 @@ impl CompleteEvents {
 
 /// Ollama's own error record, `{"error": "..."}` and its newline.
 fn error_line(error: &GatewayError) -> Vec<u8> {
-    let mut line = serde_json::json!({"error": error.body.message}).to_string().into_bytes();
+    let mut line = serde_json::json!({"error": error.message}).to_string().into_bytes();
     line.push(b'\n');
     line
-}
-
-/// The error that ends a stream with an event longer than the gateway holds.
-pub fn too_long(max_event_bytes: usize) -> GatewayError {
-    GatewayError::new(
-        502,
-        "server_error",
-        format!(
-            "The backend sent a stream event longer than the gateway's limit of {max_event_bytes} bytes; the response is incomplete."
-        ),
-        None,
-        Some("stream_event_too_large"),
-    )
-}
-
-/// The error that ends a stream with a record the gateway cannot read.
-pub fn unreadable(reason: &dyn std::fmt::Display) -> GatewayError {
-    GatewayError::new(
-        502,
-        "server_error",
-        format!("The backend sent a stream record the gateway could not read ({reason}); the response is incomplete."),
-        None,
-        Some("stream_unreadable"),
-    )
 }
 
 /// The data of each event in `complete` (whole events, as [`CompleteEvents`]
@@ -383,7 +359,7 @@ mod tests {
     fn an_interrupted_stream_ends_with_a_parsable_error_event() {
         let mut events = CompleteEvents::new(Framing::Sse, DEFAULT_MAX_EVENT_BYTES);
         let sent = events.push(Bytes::from_static(b"data: 1\n\ndata: {\"choi")).unwrap();
-        let error = GatewayError::new(502, "server_error", "cut".into(), None, Some("stream_interrupted"));
+        let error = GatewayError::interrupted(&"cut");
         let end = events.interrupt(&error);
         assert_eq!(sent.as_ref(), b"data: 1\n\n");
         let text = std::str::from_utf8(&end).unwrap();
@@ -398,7 +374,7 @@ mod tests {
         assert!(events.push(Bytes::from_static(b"data: 1\n\ndata")).unwrap().starts_with(b"data: 1"));
         let long = events.push(Bytes::from_static(b": 12\n\ndata: 123456")).unwrap_err();
         assert_eq!((long.complete.as_ref(), long.rest.as_ref()), (&b"data: 12\n\n"[..], &b"data: 123456"[..]));
-        let end = events.interrupt(&too_long(8));
+        let end = events.interrupt(&GatewayError::stream_event_too_large(8));
         assert!(end.starts_with(b"data: {\"error\"") && end.ends_with(b"\n\n"));
         assert!(std::str::from_utf8(&end).unwrap().contains(r#""code":"stream_event_too_large""#));
 
@@ -533,8 +509,8 @@ mod tests {
         assert_eq!(lines.push(Bytes::from_static(b"{\"a\":1}\n{\"b\"")).unwrap().as_ref(), b"{\"a\":1}\n");
         assert_eq!(lines.push(Bytes::from_static(b":2}\n")).unwrap().as_ref(), b"{\"b\":2}\n");
         lines.push(Bytes::from_static(b"{\"c")).unwrap();
-        let error = GatewayError::new(502, "server_error", "cut".into(), None, None);
-        assert_eq!(lines.interrupt(&error).as_ref(), b"{\"error\":\"cut\"}\n");
+        let error = GatewayError::bad_answer("a cut");
+        assert_eq!(lines.interrupt(&error).as_ref(), b"{\"error\":\"The backend answered with a cut.\"}\n");
     }
 
     #[test]

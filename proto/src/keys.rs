@@ -140,6 +140,7 @@ fn parse_digest(hex_digits: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
     use proptest::prelude::*;
 
     fn digest_of(key: &str) -> String {
@@ -183,12 +184,12 @@ mod tests {
             Presented { authorization: None, api_key: Some(b"  ") },
         ] {
             let e = keys.authenticate(presented).unwrap_err();
-            assert_eq!((e.status, e.body.code.as_deref()), (401, Some("invalid_api_key")));
-            assert!(e.body.message.starts_with("You didn't provide an API key"), "{}", e.body.message);
+            assert_eq!((e.status, e.code), (401, Some(ErrorCode::InvalidApiKey)));
+            assert!(e.message.starts_with("You didn't provide an API key"), "{}", e.message);
         }
         let e = keys.authenticate(bearer("Bearer sk-alphx")).unwrap_err();
-        assert_eq!((e.status, e.body.code.as_deref()), (401, Some("invalid_api_key")));
-        assert!(!e.body.message.contains("sk-"), "{}", e.body.message);
+        assert_eq!((e.status, e.code), (401, Some(ErrorCode::InvalidApiKey)));
+        assert!(!e.message.contains("sk-"), "{}", e.message);
     }
 
     #[test]

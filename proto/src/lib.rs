@@ -5,6 +5,8 @@
 
 pub mod backend;
 pub mod chain;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod clock;
 pub mod config;
 pub mod endpoint;
 pub mod error;

@@ -548,33 +548,24 @@ impl BucketStore for MemoryBuckets {
 /// OpenAI's 429 for a key over a limit, asking for `requested` units (1 request, or the tokens it reserves).
 pub fn refusal(key: &str, model: &str, unit: Unit, verdict: &Verdict, requested: u64) -> GatewayError {
     let wait = openai_duration(verdict.retry_after_us);
-    GatewayError::new(
-        429,
-        unit.name(),
+    GatewayError::rate_limit_reached(
+        unit,
         format!(
             "Rate limit reached for {model} on {} for key `{key}`: Limit {}, Used {}, Requested {requested}. Please try again in {wait}.",
             unit.per_minute_name(),
             verdict.limit,
             verdict.limit - verdict.remaining
         ),
-        None,
-        Some("rate_limit_exceeded"),
     )
 }
 
 /// OpenAI's 429 for a request that reserves more tokens than its key's limit
 /// holds: it can never be let in, so waiting does not help.
 pub fn too_large_refusal(key: &str, model: &str, limit: u64, requested: u64) -> GatewayError {
-    GatewayError::new(
-        429,
-        Unit::Tokens.name(),
-        format!(
-            "Request too large for {model} on {} for key `{key}`: Limit {limit}, Requested {requested}. The input or output tokens must be reduced in order to run successfully.",
-            Unit::Tokens.per_minute_name()
-        ),
-        None,
-        Some("rate_limit_exceeded"),
-    )
+    GatewayError::tokens_beyond_limit(format!(
+        "Request too large for {model} on {} for key `{key}`: Limit {limit}, Requested {requested}. The input or output tokens must be reduced in order to run successfully.",
+        Unit::Tokens.per_minute_name()
+    ))
 }
 
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, as OpenAI sends them on every answer.
@@ -600,6 +591,7 @@ pub fn headers(admission: &Admission) -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{ErrorCode, ErrorType};
     use proptest::prelude::*;
 
     const SECOND: u64 = 1_000_000;
@@ -722,8 +714,8 @@ mod tests {
         assert_eq!(refused.requests.map(|v| v.remaining), Some(98), "a refusal spends no request");
         assert!(nothing.iter().all(|r| r.tokens == 100), "what it would have held");
         let error = refusal("k", "gpt-4o", unit, &verdict, 100);
-        assert_eq!((error.status, error.body.kind.as_str()), (429, "tokens"));
-        assert!(error.body.message.contains("tokens per min (TPM) for key `k`: Limit 600, Used 550, Requested 100."));
+        assert_eq!((error.status, error.kind), (429, ErrorType::Tokens));
+        assert!(error.message.contains("tokens per min (TPM) for key `k`: Limit 600, Used 550, Requested 100."));
 
         // The first answer used 40: the 60 it did not use come back.
         settle(&store, &held, Some(40), now);
@@ -766,11 +758,11 @@ mod tests {
         assert_eq!(smallest_token_limit(&buckets[..1]), None);
         let error = too_large_refusal("k", "m", 60, 61);
         assert_eq!(
-            (error.status, error.body.kind.as_str(), error.body.code.as_deref()),
-            (429, "tokens", Some("rate_limit_exceeded"))
+            (error.status, error.kind, error.code, error.should_retry()),
+            (429, ErrorType::Tokens, Some(ErrorCode::TokensBeyondLimit), Some(false))
         );
         assert_eq!(
-            error.body.message,
+            error.message,
             "Request too large for m on tokens per min (TPM) for key `k`: Limit 60, Requested 61. The input or output tokens must be reduced in order to run successfully."
         );
     }

@@ -199,14 +199,7 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
             profile: (!profile.is_passthrough()).then_some(profile),
         });
     }
-    let failover = &config.failover;
-    let chain = Chain {
-        members,
-        per_try_timeout_ms: failover.per_try_timeout_ms,
-        retry_on_status: failover.retry_on_status.clone(),
-        retry_budget_percent: failover.retry_budget_percent,
-        min_retry_concurrency: failover.min_retry_concurrency,
-    };
+    let chain = Chain { members, failover: config.failover.clone() };
     target.cluster = guard.clone();
     target.profile = None;
     target.chain = Some(chain.to_header());
@@ -309,7 +302,7 @@ mod tests {
             .collect();
         assert_eq!(members, [("pool", "pool", None), ("claude", "c", Some("claude-haiku"))]);
         assert_eq!(
-            (chain.per_try_timeout_ms, chain.retry_on_status.as_slice()),
+            (chain.failover.per_try_timeout_ms, chain.failover.retry_on_status.as_slice()),
             (5000, &[429, 500, 502, 503, 504, 529][..])
         );
         for (guard, route, why) in [

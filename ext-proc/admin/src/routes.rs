@@ -36,13 +36,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::usage::{bounded, Tally, UsageRecord, INVALID, OTHER_MODELS};
-use modelgate_runtime::internal_token::{self, InternalToken};
+use modelgate_runtime::internal_token::InternalToken;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Largest request body: about a minute of records at a thousand requests a second.
 const MAX_BODY: usize = 32 << 20;
@@ -219,19 +219,14 @@ pub fn parse_window(query: Option<&str>, now_s: u64) -> Result<(u64, u64), Gatew
             _ => continue,
         };
         *bound = value.parse().map_err(|_| {
-            GatewayError::invalid_request(
+            GatewayError::invalid_parameter(
+                name,
                 format!("`{name}` must be a whole number of seconds since the Unix epoch, not `{value}`."),
-                Some(name),
-                None,
             )
         })?;
     }
     if end < start {
-        return Err(GatewayError::invalid_request(
-            format!("`end` ({end}) is before `start` ({start})."),
-            Some("end"),
-            None,
-        ));
+        return Err(GatewayError::invalid_parameter("end", format!("`end` ({end}) is before `start` ({start}).")));
     }
     Ok((start, end))
 }
@@ -259,10 +254,9 @@ pub fn router(admin: Arc<Admin>, limits: Option<SharedLimits>, token: InternalTo
 
 /// Lets through only callers presenting the internal token (any caller, without one).
 async fn only_envoy(State(token): State<Arc<InternalToken>>, request: axum::extract::Request, next: Next) -> Response {
-    if token.admits(request.headers().get(modelgate_proto::headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
-        next.run(request).await
-    } else {
-        error_response(&internal_token::refused())
+    match token.check(request.headers().get(modelgate_proto::headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => error_response(&refused),
     }
 }
 
@@ -290,7 +284,7 @@ async fn post_records(
     };
     let parsed = parse_records(&body);
     let accepted = parsed.records.len() + parsed.tallies.len();
-    let outcome = match admin.ingest(batch, parsed.records, parsed.tallies, now_ms()).await {
+    let outcome = match admin.ingest(batch, parsed.records, parsed.tallies, clock::unix_millis()).await {
         Ok(outcome) => outcome,
         Err(e) => return usage_store_unavailable(&e),
     };
@@ -299,15 +293,11 @@ async fn post_records(
         tracing::warn!(rejected = parsed.rejected, first = parsed.first_error.as_deref(), "usage records skipped");
     }
     if accepted == 0 && parsed.rejected > 0 {
-        let error = GatewayError::invalid_request(
-            format!(
-                "None of the {} lines is a usage record ({}).",
-                parsed.rejected,
-                parsed.first_error.as_deref().unwrap_or_default()
-            ),
-            None,
-            Some("invalid_usage_record"),
-        );
+        let error = GatewayError::invalid_usage_record(format!(
+            "None of the {} lines is a usage record ({}).",
+            parsed.rejected,
+            parsed.first_error.as_deref().unwrap_or_default()
+        ));
         return error_response(&error);
     }
     let mut answer = serde_json::json!({"accepted": accepted, "rejected": parsed.rejected});
@@ -324,16 +314,12 @@ fn batch_id(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
     };
     match value.to_str() {
         Ok(id) if usage_store::valid_batch_id(id) => Ok(Some(id)),
-        _ => Err(GatewayError::invalid_request(
-            format!("`{}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`.", usage_store::BATCH_ID),
-            None,
-            Some("invalid_batch_id"),
-        )),
+        _ => Err(GatewayError::invalid_batch_id(usage_store::BATCH_ID)),
     }
 }
 
 async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
-    let now = now_ms();
+    let now = clock::unix_millis();
     // `end` defaults to now rounded up, so a record of this very second counts.
     let (start, end) = match parse_window(uri.query(), now.div_ceil(1000)) {
         Ok(window) => window,
@@ -345,9 +331,7 @@ async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
     };
     match serde_json::to_string(&report) {
         Ok(json) => json_response(StatusCode::OK, json),
-        Err(e) => {
-            error_response(&GatewayError::new(500, "server_error", format!("encoding the report: {e}"), None, None))
-        }
+        Err(e) => error_response(&GatewayError::internal(format!("encoding the report: {e}"))),
     }
 }
 
@@ -366,20 +350,12 @@ async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, Bytes
     match limits.store.spend(&request).await {
         Ok(answer) => match serde_json::to_string(&answer) {
             Ok(json) => json_response(StatusCode::OK, json),
-            Err(e) => {
-                error_response(&GatewayError::new(500, "server_error", format!("encoding verdicts: {e}"), None, None))
-            }
+            Err(e) => error_response(&GatewayError::internal(format!("encoding verdicts: {e}"))),
         },
         Err(e) => {
             limits.admin.metrics.limit_store_error();
             tracing::warn!(error = %e, "limit store unavailable");
-            error_response(&GatewayError::new(
-                503,
-                "server_error",
-                "The rate-limit store is unavailable; try again shortly.".into(),
-                None,
-                Some("limit_store_unavailable"),
-            ))
+            error_response(&GatewayError::limit_store_unavailable())
         }
     }
 }
@@ -387,13 +363,7 @@ async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, Bytes
 /// A 503: the filter keeps a batch it could not hand over and sends it again.
 fn usage_store_unavailable(e: &usage_store::StoreError) -> Response {
     tracing::warn!(error = %e, "usage store unavailable");
-    error_response(&GatewayError::new(
-        503,
-        "server_error",
-        "The usage store is unavailable; try again shortly.".into(),
-        None,
-        Some("usage_store_unavailable"),
-    ))
+    error_response(&GatewayError::usage_store_unavailable())
 }
 
 /// Why a spend call's `id` is refused, if it is: ids name debits, and
@@ -401,10 +371,9 @@ fn usage_store_unavailable(e: &usage_store::StoreError) -> Response {
 fn bad_debit_id(id: &str, debit: bool) -> Option<GatewayError> {
     let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
     (!debit || id.is_empty() || id.len() > 64 || !id.bytes().all(plain)).then(|| {
-        GatewayError::invalid_request(
+        GatewayError::invalid_value(
+            "id",
             "Invalid 'id': a debit's id is 1 to 64 letters, digits, '-' or '_', and only debits take one.".into(),
-            Some("id"),
-            Some("invalid_value"),
         )
     })
 }
@@ -420,20 +389,14 @@ fn only(allowed: &'static str) -> impl Fn(Method, Uri) -> std::future::Ready<Res
 }
 
 async fn unknown_url(method: Method, uri: Uri) -> Response {
-    error_response(&GatewayError::new(
-        404,
-        modelgate_proto::error::INVALID_REQUEST,
-        format!("Unknown request URL: {method} {}.", uri.path()),
-        None,
-        Some("unknown_url"),
-    ))
+    error_response(&GatewayError::unknown_url(Some((method.as_str(), uri.path()))))
 }
 
 fn body_error(rejection: &BytesRejection) -> Response {
     let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        GatewayError::body_too_large(MAX_BODY)
+        GatewayError::body_too_large(Some(MAX_BODY))
     } else {
-        GatewayError::invalid_request(format!("Could not read the request body: {rejection}."), None, None)
+        GatewayError::invalid_request(format!("Could not read the request body: {rejection}."))
     };
     error_response(&error)
 }
@@ -451,13 +414,10 @@ fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.into()).into_response()
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelgate_proto::error::ErrorCode;
     use modelgate_proto::usage::Refused;
     use serde_json::{json, Value};
 
@@ -598,7 +558,7 @@ not json\n\
         assert_eq!(batch_id(&headers(id)), Ok(Some(id)));
         for bad in ["", "a b", "a/b", "é", &"x".repeat(129)] {
             let error = batch_id(&headers(bad)).unwrap_err();
-            assert_eq!((error.status, error.body.code.as_deref()), (400, Some("invalid_batch_id")), "{bad:?}");
+            assert_eq!((error.status, error.code), (400, Some(ErrorCode::InvalidBatchId)), "{bad:?}");
         }
     }
 
@@ -607,7 +567,7 @@ not json\n\
         assert_eq!(parse_window(None, 500), Ok((0, 500)));
         assert_eq!(parse_window(Some(""), 500), Ok((0, 500)));
         assert_eq!(parse_window(Some("start=60&end=120&other=x"), 500), Ok((60, 120)));
-        assert_eq!(parse_window(Some("start=600"), 500).map_err(|e| e.body.param), Err(Some("end".into())));
+        assert_eq!(parse_window(Some("start=600"), 500).map_err(|e| e.param), Err(Some("end".into())));
         assert_eq!(parse_window(Some("end=600"), 500), Ok((0, 600)));
         for (query, param) in [("start=-1", "start"), ("start=1.5", "start"), ("end=", "end"), ("end", "end")] {
             let error = parse_window(Some(query), 500).unwrap_err();

@@ -17,13 +17,12 @@ use crate::dialect::{
     BackendRequest, Credential, HeaderChanges, KeyHeader, RequestTranslator, ResponseContext, ResponsePlan,
     ResponseTranslator,
 };
-use crate::params::{
-    self, invalid_role, invalid_type, invalid_value, stop_sequences, tool_arguments, unsupported_parameter,
-};
+use crate::params::{self, invalid_role, invalid_type, stop_sequences, tool_arguments};
 use crate::stream::{self, RecordStream, RecordTranslator, StreamHead};
 use modelgate_proto::backend::{BackendProfile, Dialect};
+use modelgate_proto::clock;
 use modelgate_proto::endpoint::Endpoint;
-use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
+use modelgate_proto::error::{ErrorCode, ErrorType, GatewayError};
 use modelgate_proto::framing::{self, error_event, Framing};
 use serde_json::{json, Map, Value};
 
@@ -44,7 +43,7 @@ impl AnthropicRequest {
     pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
         match endpoint {
             Endpoint::ChatCompletions => Ok(AnthropicRequest { profile, include_usage: false }),
-            other => Err(params::unsupported_endpoint(other, "an Anthropic")),
+            other => Err(GatewayError::unsupported_endpoint(other.path(), "an Anthropic")),
         }
     }
 }
@@ -168,24 +167,24 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
             }
             "parallel_tool_calls" => parallel_tool_calls = value.as_bool(),
             "n" if value.as_u64().is_some_and(|n| n > 1) => {
-                return Err(unsupported_parameter("n", "with Anthropic models: they return one choice"));
+                return Err(GatewayError::unsupported_parameter("n", "with Anthropic models: they return one choice"));
             }
             "logprobs" if value.as_bool() == Some(true) => {
-                return Err(unsupported_parameter("logprobs", "with Anthropic models"));
+                return Err(GatewayError::unsupported_parameter("logprobs", "with Anthropic models"));
             }
-            "top_logprobs" => return Err(unsupported_parameter("top_logprobs", "with Anthropic models")),
+            "top_logprobs" => return Err(GatewayError::unsupported_parameter("top_logprobs", "with Anthropic models")),
             "response_format" if value["type"] != "text" => {
-                return Err(unsupported_parameter(
+                return Err(GatewayError::unsupported_parameter(
                     "response_format",
                     "with Anthropic models: only `text` is available",
                 ));
             }
             "functions" | "function_call" => {
-                return Err(unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
+                return Err(GatewayError::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
             }
-            "audio" => return Err(unsupported_parameter("audio", "with Anthropic models")),
+            "audio" => return Err(GatewayError::unsupported_parameter("audio", "with Anthropic models")),
             "modalities" if value.as_array().is_some_and(|m| m.iter().any(|m| m == "audio")) => {
-                return Err(unsupported_parameter("modalities", "with Anthropic models: text only"));
+                return Err(GatewayError::unsupported_parameter("modalities", "with Anthropic models: text only"));
             }
             // Everything else (penalties, seed, logit_bias, service_tier, store, metadata and
             // parameters newer than this gateway) has no Anthropic counterpart and is dropped.
@@ -225,7 +224,10 @@ fn messages(value: &Value) -> Result<(Vec<String>, Vec<Value>), GatewayError> {
             Some("assistant") => ("assistant", assistant_blocks(message, &param)?),
             Some("tool") => {
                 let id = message["tool_call_id"].as_str().ok_or_else(|| {
-                    invalid_value(&format!("{param}.tool_call_id"), "A tool message needs its tool_call_id.".into())
+                    GatewayError::invalid_value(
+                        &format!("{param}.tool_call_id"),
+                        "A tool message needs its tool_call_id.".into(),
+                    )
                 })?;
                 let result = json!({"type": "tool_result", "tool_use_id": id, "content": plain_text(content, &param)?});
                 ("user", vec![result])
@@ -257,7 +259,10 @@ fn plain_text(content: &Value, param: &str) -> Result<String, GatewayError> {
             .iter()
             .map(|part| match part["type"].as_str() {
                 Some("text") => Ok(part["text"].as_str().unwrap_or_default()),
-                _ => Err(invalid_value(&format!("{param}.content"), "Only text parts are allowed here.".into())),
+                _ => Err(GatewayError::invalid_value(
+                    &format!("{param}.content"),
+                    "Only text parts are allowed here.".into(),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|texts| texts.join("")),
@@ -281,7 +286,7 @@ fn user_blocks(content: &Value, param: &str) -> Result<Vec<Value>, GatewayError>
             Some("text") => blocks.extend(text_block(part["text"].as_str().unwrap_or_default())),
             Some("image_url") => blocks.push(image_block(&part["image_url"]["url"], &part_param)?),
             other => {
-                return Err(unsupported_parameter(
+                return Err(GatewayError::unsupported_parameter(
                     &format!("{part_param}.type"),
                     &format!("`{}` with Anthropic models: text and image parts only", other.unwrap_or("?")),
                 ))
@@ -297,7 +302,7 @@ fn image_block(url: &Value, param: &str) -> Result<Value, GatewayError> {
     let source = match url.strip_prefix("data:") {
         Some(data_url) => {
             let (media_type, data) = data_url.split_once(";base64,").ok_or_else(|| {
-                invalid_value(&format!("{param}.image_url.url"), "Image data URLs must be base64.".into())
+                GatewayError::invalid_value(&format!("{param}.image_url.url"), "Image data URLs must be base64.".into())
             })?;
             json!({"type": "base64", "media_type": media_type, "data": data})
         }
@@ -327,7 +332,7 @@ fn tools(value: &Value) -> Result<Value, GatewayError> {
         .enumerate()
         .map(|(i, tool)| {
             if tool["type"] != "function" {
-                return Err(unsupported_parameter(
+                return Err(GatewayError::unsupported_parameter(
                     &format!("tools[{i}].type"),
                     "with Anthropic models: function tools only",
                 ));
@@ -352,7 +357,12 @@ fn tool_choice(value: &Value) -> Result<Value, GatewayError> {
             "auto" => json!({"type": "auto"}),
             "none" => json!({"type": "none"}),
             "required" => json!({"type": "any"}),
-            _ => return Err(invalid_value("tool_choice", format!("Invalid value for 'tool_choice': `{mode}`."))),
+            _ => {
+                return Err(GatewayError::invalid_value(
+                    "tool_choice",
+                    format!("Invalid value for 'tool_choice': `{mode}`."),
+                ))
+            }
         },
         Value::Object(choice) if choice.get("type") == Some(&json!("function")) => {
             json!({"type": "tool", "name": choice.get("function").map_or(&Value::Null, |f| &f["name"])})
@@ -400,7 +410,7 @@ fn chat_completion(message: &Value) -> Value {
         reply["tool_calls"] = Value::Array(calls);
     }
     json!({
-        "id": message["id"], "object": "chat.completion", "created": stream::unix_now(), "model": message["model"],
+        "id": message["id"], "object": "chat.completion", "created": clock::unix_seconds(), "model": message["model"],
         "choices": [{"index": 0, "message": reply, "logprobs": null, "finish_reason": finish_reason(&message["stop_reason"])}],
         "usage": usage(&message["usage"]),
     })
@@ -410,16 +420,17 @@ fn chat_completion(message: &Value) -> Value {
 fn openai_error(status: u16, body: &Value) -> Option<GatewayError> {
     let error = body.get("error").filter(|e| e.is_object())?;
     let message = error["message"].as_str().unwrap_or("The backend reported an error.").to_string();
+    // Anthropic's types, on the left, are its own words.
     let (kind, code) = match error["type"].as_str().unwrap_or_default() {
-        "invalid_request_error" | "request_too_large" => (INVALID_REQUEST, None),
-        "authentication_error" => ("authentication_error", None),
-        "permission_error" => ("permission_error", None),
-        "not_found_error" => ("not_found_error", None),
-        "rate_limit_error" => ("rate_limit_error", Some("rate_limit_exceeded")),
-        "overloaded_error" => ("server_error", Some("overloaded")),
-        _ => ("server_error", None),
+        "invalid_request_error" | "request_too_large" => (ErrorType::InvalidRequest, None),
+        "authentication_error" => (ErrorType::Authentication, None),
+        "permission_error" => (ErrorType::Permission, None),
+        "not_found_error" => (ErrorType::NotFound, None),
+        "rate_limit_error" => (ErrorType::RateLimit, Some(ErrorCode::RateLimitExceeded)),
+        "overloaded_error" => (ErrorType::Server, Some(ErrorCode::Overloaded)),
+        _ => (ErrorType::Server, None),
     };
-    Some(GatewayError::new(status, kind, message, None, code))
+    Some(GatewayError::from_backend(status, kind, code, message))
 }
 
 /// Turns Anthropic's stream into OpenAI chunks, event by event.
@@ -603,7 +614,7 @@ mod tests {
             choice(json!({"type": "function", "function": {"name": "f"}})).unwrap(),
             json!({"type": "tool", "name": "f"})
         );
-        assert_eq!(choice(json!("sometimes")).unwrap_err().body.param.as_deref(), Some("tool_choice"));
+        assert_eq!(choice(json!("sometimes")).unwrap_err().param.as_deref(), Some("tool_choice"));
     }
 
     #[test]
@@ -628,7 +639,7 @@ mod tests {
             let mut body = json!({"model": "m", "messages": []});
             body.as_object_mut().unwrap().extend(request.as_object().unwrap().clone());
             let e = translate(body).unwrap_err();
-            assert_eq!((e.status, e.body.param.as_deref()), (400, Some(param)), "{}", e.body.message);
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{}", e.message);
         }
         assert!(translate(json!({"model": "m", "messages": [], "n": 1, "logprobs": false})).is_ok());
     }

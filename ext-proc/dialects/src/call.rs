@@ -37,7 +37,7 @@ impl BackendCall {
         request_header: impl Fn(&str) -> Option<&'a [u8]>,
         keys: &KeySources,
     ) -> Result<Self, GatewayError> {
-        let profile = BackendProfile::from_header(profile).map_err(|e| misconfigured(&e))?;
+        let profile = BackendProfile::from_header(profile).map_err(|e| log_misconfiguration(&e))?;
         let client_key = headers::CLIENT_KEYS.iter().find_map(|name| request_header(name));
         Self::for_profile(profile, path, client_key, keys)
     }
@@ -49,7 +49,8 @@ impl BackendCall {
         client_key: Option<&[u8]>,
         keys: &KeySources,
     ) -> Result<Self, GatewayError> {
-        let endpoint = Endpoint::from_path(path).ok_or_else(|| misconfigured(&"a request to an unknown endpoint"))?;
+        let endpoint =
+            Endpoint::from_path(path).ok_or_else(|| log_misconfiguration(&"a request to an unknown endpoint"))?;
         let source = profile.api_key.clone();
         let translates_responses = dialect::registered(profile.dialect).answers.is_some();
         // An endpoint the backend lacks is refused before any key is read.
@@ -121,16 +122,11 @@ pub fn plan_answer(translation: &mut dyn ResponseTranslator, status: u16, conten
     AnswerPlan { streamed: plan.streamed, headers }
 }
 
-/// The answer when the gateway's own configuration is at fault; `why` goes to the log only.
-pub fn misconfigured(why: &dyn std::fmt::Display) -> GatewayError {
+/// Logs why the gateway's own configuration is at fault, and returns the
+/// answer to the client, which is not told why.
+pub fn log_misconfiguration(why: &dyn std::fmt::Display) -> GatewayError {
     tracing::error!("cannot rewrite a request: {why}");
-    GatewayError::new(
-        500,
-        "server_error",
-        "The gateway is misconfigured for this model.".into(),
-        None,
-        Some("gateway_misconfigured"),
-    )
+    GatewayError::misconfigured()
 }
 
 #[cfg(test)]

@@ -66,15 +66,15 @@ impl KeySources {
                 }
                 match std::env::var(name) {
                     Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
-                    _ => Err(missing(&format!("environment variable {name} is not set"))),
+                    _ => Err(log_key_unavailable(&format!("environment variable {name} is not set"))),
                 }
             }
             ApiKey::File(path) => {
                 let file = self.allowed_file(Path::new(path))?;
                 match std::fs::read_to_string(&file) {
                     Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
-                    Ok(_) => Err(missing(&format!("{path} is empty"))),
-                    Err(e) => Err(missing(&format!("{path} cannot be read: {e}"))),
+                    Ok(_) => Err(log_key_unavailable(&format!("{path} is empty"))),
+                    Err(e) => Err(log_key_unavailable(&format!("{path} cannot be read: {e}"))),
                 }
             }
             ApiKey::Passthrough => Ok(client_key.map(|value| {
@@ -96,7 +96,7 @@ impl KeySources {
             Ok(_) => Err(refused()),
             // A missing key file where keys may be is the operator's to fix: say why.
             Err(e) if self.dirs.iter().any(|dir| path.starts_with(dir)) => {
-                Err(missing(&format!("{} cannot be read: {e}", path.display())))
+                Err(log_key_unavailable(&format!("{} cannot be read: {e}", path.display())))
             }
             Err(_) => Err(refused()),
         }
@@ -113,26 +113,22 @@ fn bounded(source: &str) -> String {
 }
 
 fn not_allowed(source: &str, option: &str) -> GatewayError {
-    missing(&format!("{source} is not an allowed key source (see {option})"))
+    log_key_unavailable(&format!("{source} is not an allowed key source (see {option})"))
 }
 
-fn missing(why: &str) -> GatewayError {
+/// Logs why a backend's key is unavailable, and returns the answer to the client, which is not told why.
+fn log_key_unavailable(why: &str) -> GatewayError {
     tracing::error!("backend API key unavailable: {why}");
-    GatewayError::new(
-        500,
-        "server_error",
-        "The gateway has no API key for this model's backend; its operators have been told why.".into(),
-        None,
-        Some("backend_key_unavailable"),
-    )
+    GatewayError::backend_key_unavailable()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelgate_proto::error::ErrorCode;
 
     fn unavailable(result: Result<Option<String>, GatewayError>) -> bool {
-        matches!(result, Err(e) if (e.status, e.body.code.as_deref()) == (500, Some("backend_key_unavailable")))
+        matches!(result, Err(e) if (e.status, e.code) == (500, Some(ErrorCode::BackendKeyUnavailable)))
     }
 
     /// A fresh directory of its own for each test.
@@ -153,8 +149,8 @@ mod tests {
         assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-file"));
         std::fs::remove_file(&file).unwrap();
         let gone = sources.resolve(&source, None).unwrap_err();
-        assert_eq!((gone.status, gone.body.code.as_deref()), (500, Some("backend_key_unavailable")));
-        assert!(!gone.body.message.contains(&file.display().to_string()), "paths stay out of client messages");
+        assert_eq!((gone.status, gone.code), (500, Some(ErrorCode::BackendKeyUnavailable)));
+        assert!(!gone.message.contains(&file.display().to_string()), "paths stay out of client messages");
 
         assert_eq!(
             sources.resolve(&ApiKey::Passthrough, Some(b"Bearer sk-client")).unwrap().as_deref(),

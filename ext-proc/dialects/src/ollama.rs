@@ -15,8 +15,9 @@ use crate::params::{self, invalid_role, invalid_type, stop_sequences, tool_argum
 use crate::stream::{self, RecordStream, RecordTranslator, StreamHead};
 use base64::Engine;
 use modelgate_proto::backend::{BackendProfile, Dialect};
+use modelgate_proto::clock;
 use modelgate_proto::endpoint::Endpoint;
-use modelgate_proto::error::GatewayError;
+use modelgate_proto::error::{ErrorType, GatewayError};
 use modelgate_proto::framing::{error_event, Framing};
 use serde_json::{json, Map, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -34,7 +35,7 @@ impl OllamaRequest {
             Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
                 Ok(OllamaRequest { profile, context: ResponseContext::new(Dialect::Ollama, endpoint) })
             }
-            Endpoint::Models => Err(params::unsupported_endpoint(endpoint, "an Ollama")),
+            Endpoint::Models => Err(GatewayError::unsupported_endpoint(endpoint.path(), "an Ollama")),
         }
     }
 }
@@ -51,7 +52,7 @@ impl RequestTranslator for OllamaRequest {
             Endpoint::ChatCompletions => ("/api/chat", chat_request(&request)?),
             Endpoint::Completions => ("/api/generate", generate_request(&request)?),
             Endpoint::Embeddings => ("/api/embed", embed_request(&request)?),
-            Endpoint::Models => return Err(params::unsupported_endpoint(Endpoint::Models, "an Ollama")),
+            Endpoint::Models => return Err(GatewayError::unsupported_endpoint(Endpoint::Models.path(), "an Ollama")),
         };
         let model = self.profile.model.clone().map(Value::String).unwrap_or_else(|| context.model.clone());
         out.insert("model".into(), model);
@@ -118,7 +119,7 @@ impl ResponseTranslator for OllamaAnswer {
 }
 
 fn unsupported(param: &str, why: &str) -> GatewayError {
-    params::unsupported_parameter(param, &format!("with Ollama models{why}"))
+    GatewayError::unsupported_parameter(param, &format!("with Ollama models{why}"))
 }
 
 /// Defaults fill what the request left out; `options` are merged key by key.
@@ -343,13 +344,13 @@ fn chat_completion(answer: &Value, model: &Value) -> Value {
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls.clone());
     }
-    json!({"id": id, "object": "chat.completion", "created": stream::unix_now(), "model": model,
+    json!({"id": id, "object": "chat.completion", "created": clock::unix_seconds(), "model": model,
            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(answer, !calls.is_empty())}],
            "usage": usage(answer)})
 }
 
 fn text_completion(answer: &Value, model: &Value) -> Value {
-    json!({"id": new_id("cmpl"), "object": "text_completion", "created": stream::unix_now(), "model": model,
+    json!({"id": new_id("cmpl"), "object": "text_completion", "created": clock::unix_seconds(), "model": model,
            "choices": [{"index": 0, "text": answer["response"], "logprobs": null, "finish_reason": finish_reason(answer, false)}],
            "usage": usage(answer)})
 }
@@ -380,13 +381,7 @@ fn embeddings(answer: &Value, model: &Value, base64: bool) -> Value {
 }
 
 fn openai_error(status: u16, message: &str) -> GatewayError {
-    GatewayError::new(
-        status,
-        modelgate_proto::error_normalize::type_for_status(status),
-        message.to_string(),
-        None,
-        None,
-    )
+    GatewayError::from_backend(status, ErrorType::for_status(status), None, message.to_string())
 }
 
 /// Turns Ollama's NDJSON answer lines into OpenAI chunks, line by line.
@@ -572,7 +567,7 @@ mod tests {
             let mut body = body;
             body["model"] = json!("m");
             let e = request(endpoint, body).unwrap_err();
-            assert_eq!((e.status, e.body.param.as_deref()), (400, Some(param)), "{}", e.body.message);
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{}", e.message);
         }
     }
 

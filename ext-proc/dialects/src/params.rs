@@ -2,8 +2,7 @@
 //! parameters that mean the same to any backend, and the client errors for
 //! the ones a backend cannot take.
 
-use modelgate_proto::endpoint::Endpoint;
-use modelgate_proto::error::{GatewayError, INVALID_REQUEST};
+use modelgate_proto::error::GatewayError;
 use serde_json::{json, Map, Value};
 
 /// The most tokens to generate: the newer `max_completion_tokens` wins over the
@@ -30,50 +29,23 @@ pub fn tool_arguments(call: &Value, param: &str) -> Result<Value, GatewayError> 
         return Ok(json!({}));
     }
     serde_json::from_str(arguments).map_err(|e| {
-        invalid_value(
+        GatewayError::invalid_value(
             &format!("{param}.function.arguments"),
             format!("Tool call arguments must be a JSON object ({e})."),
         )
     })
 }
 
+/// 400 for a `param` of the wrong JSON type (a dialect does not say which it got).
 pub fn invalid_type(param: &str, expected: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("Invalid type for '{param}': expected {expected}."),
-        Some(param),
-        Some("invalid_type"),
-    )
-}
-
-pub fn invalid_value(param: &str, message: String) -> GatewayError {
-    GatewayError::new(400, INVALID_REQUEST, message, Some(param), Some("invalid_value"))
+    GatewayError::invalid_type(param, expected, None)
 }
 
 /// A message whose role no backend knows; `param` names the message, `messages[i]`.
 pub fn invalid_role(param: &str) -> GatewayError {
-    invalid_value(
+    GatewayError::invalid_value(
         &format!("{param}.role"),
         format!("Invalid value for '{param}.role': expected system, developer, user, assistant or tool."),
-    )
-}
-
-/// OpenAI's 400 for a parameter the backend cannot honour.
-pub fn unsupported_parameter(param: &str, why: &str) -> GatewayError {
-    GatewayError::invalid_request(
-        format!("Unsupported parameter: '{param}' {why}."),
-        Some(param),
-        Some("unsupported_parameter"),
-    )
-}
-
-/// OpenAI's answer for an endpoint the model's backend does not offer.
-pub fn unsupported_endpoint(endpoint: Endpoint, backend: &str) -> GatewayError {
-    GatewayError::new(
-        404,
-        INVALID_REQUEST,
-        format!("This model is served by {backend} backend, which does not support {}.", endpoint.path()),
-        None,
-        Some("unsupported_endpoint"),
     )
 }
 
@@ -96,6 +68,6 @@ mod tests {
         assert_eq!(tool_arguments(&call(json!(" ")), "m").unwrap(), json!({}));
         assert_eq!(tool_arguments(&call(Value::Null), "m").unwrap(), json!({}));
         let e = tool_arguments(&call(json!("{")), "messages[0].tool_calls[1]").unwrap_err();
-        assert_eq!(e.body.param.as_deref(), Some("messages[0].tool_calls[1].function.arguments"));
+        assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls[1].function.arguments"));
     }
 }

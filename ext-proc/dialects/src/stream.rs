@@ -4,8 +4,9 @@
 //! writer of OpenAI chunks.
 
 use crate::dialect::ResponsePlan;
+use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
-use modelgate_proto::framing::{self, error_event, CompleteEvents, Framing};
+use modelgate_proto::framing::{error_event, CompleteEvents, Framing};
 use serde_json::Value;
 
 /// The plan for an answer from a backend whose streams come in `framing`:
@@ -50,12 +51,14 @@ impl<T: RecordTranslator> RecordStream<T> {
         }
         let (complete, too_long) = match self.records.take(piece, end) {
             Ok(complete) => (complete, None),
-            Err(long) => (long.complete.to_vec(), Some(framing::too_long(self.records.max_event_bytes()))),
+            Err(long) => {
+                (long.complete.to_vec(), Some(GatewayError::stream_event_too_large(self.records.max_event_bytes())))
+            }
         };
         for raw in self.framing.records(&complete) {
             match serde_json::from_slice::<Value>(&raw) {
                 Ok(record) => self.translator.translate(&record, &raw, &mut out),
-                Err(e) => return self.end_with(out, &framing::unreadable(&e)),
+                Err(e) => return self.end_with(out, &GatewayError::stream_unreadable(&e)),
             }
         }
         match too_long {
@@ -82,14 +85,9 @@ pub fn push<T: RecordTranslator>(stream: &mut Option<RecordStream<T>>, piece: &[
 /// `out` followed by `error`'s event: how a translated stream ends early (an
 /// event too long to hold, one that cannot be read), logged once here.
 fn ended_early(mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
-    tracing::warn!(reason = error.body.message, "ending a translated stream early");
+    tracing::warn!(reason = error.message, "ending a translated stream early");
     out.extend_from_slice(&error_event(error));
     out
-}
-
-/// Seconds since the Unix epoch: OpenAI's `created`, of whole answers and chunks.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// What every chunk of one translated OpenAI stream repeats, and how chunks are written.
@@ -106,7 +104,8 @@ pub struct StreamHead {
 
 impl StreamHead {
     pub fn new(object: &'static str, id: Value, model: Value, include_usage: bool) -> Self {
-        let mut head = StreamHead { id: Value::Null, object, created: unix_now(), include_usage, prefix: Vec::new() };
+        let mut head =
+            StreamHead { id: Value::Null, object, created: clock::unix_seconds(), include_usage, prefix: Vec::new() };
         head.identify(id, model);
         head
     }

@@ -12,7 +12,7 @@ use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use modelgate_dialects::call::plan_answer;
 use modelgate_dialects::dialect::ResponseTranslator;
-use modelgate_proto::error::GatewayError;
+use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::framing::{error_event, CompleteEvents, Framing};
 
 /// The framing of a streamed answer: server-sent events, or Ollama's NDJSON.
@@ -90,7 +90,7 @@ pub(crate) async fn translate_whole(
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             tracing::warn!(error = %e, "stream guard: the backend's answer could not be read");
-            return error_response(interruption(&e));
+            return error_response(GatewayError::interrupted(&e));
         }
     };
     let body = Bytes::from(translation.whole(status, &whole));
@@ -102,32 +102,10 @@ pub(crate) fn error_response(error: GatewayError) -> Response<GuardedBody> {
     let mut response = Response::new(GuardedBody::last(Bytes::from(error.to_json())));
     *response.status_mut() = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    // Only the guard's own unavailability can pass by itself.
-    let retry = if error.status == 503 { "true" } else { "false" };
-    response.headers_mut().insert("x-should-retry", HeaderValue::from_static(retry));
+    if let Some((name, value)) = retry_header(error.should_retry()) {
+        response.headers_mut().insert(name, HeaderValue::from_static(value));
+    }
     response
-}
-
-/// The error event that ends a stream still open at the shutdown deadline.
-pub(crate) fn shutting_down() -> GatewayError {
-    GatewayError::new(
-        503,
-        "server_error",
-        "The gateway is shutting down and ended this stream before it finished; the response is incomplete. Retry the request.".into(),
-        None,
-        Some("stream_interrupted"),
-    )
-}
-
-/// The error event that ends a stream the backend broke off.
-pub fn interruption(reason: &dyn std::fmt::Display) -> GatewayError {
-    GatewayError::new(
-        502,
-        "server_error",
-        format!("The backend stopped in the middle of this stream ({reason}); the response is incomplete."),
-        None,
-        Some("stream_interrupted"),
-    )
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! A model with fallbacks: its chain's backends tried in turn within the retry budget.
 
-use crate::answer::{error_response, guard_response, interruption, not_a_stream, stream_framing};
+use crate::answer::{error_response, guard_response, not_a_stream, stream_framing};
 use crate::guarded_body::GuardedBody;
 use crate::rewrite::{apply_rewrite, unusable_header};
 use crate::server::StreamGuard;
-use crate::upstream::{listener_unreachable, read_body, remove_hop_by_hop, UpstreamBody};
+use crate::upstream::{log_listener_unreachable, read_body, remove_hop_by_hop, UpstreamBody};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
@@ -34,9 +34,11 @@ impl StreamGuard {
         let chain = match Chain::from_header(chain) {
             Ok(chain) if !chain.members.is_empty() => chain,
             Ok(_) => {
-                return error_response(modelgate_dialects::call::misconfigured(&"a fallback chain without backends"))
+                return error_response(modelgate_dialects::call::log_misconfiguration(
+                    &"a fallback chain without backends",
+                ))
             }
-            Err(e) => return error_response(modelgate_dialects::call::misconfigured(&e)),
+            Err(e) => return error_response(modelgate_dialects::call::log_misconfiguration(&e)),
         };
         remove_hop_by_hop(&mut parts.headers);
         if let Err(e) = self.point_upstream(&mut parts) {
@@ -57,18 +59,18 @@ impl StreamGuard {
             match prepare(&parts, &whole, member, &self.keys, self.max_event_bytes) {
                 Ok(attempt) => prepared.push((member, attempt)),
                 Err(e) => {
-                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.body.message, "failover: this backend cannot take the request");
+                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = e.message, "failover: this backend cannot take the request");
                     unfit.get_or_insert(e);
                 }
             }
         }
         let Some(last) = prepared.len().checked_sub(1) else {
             return error_response(
-                unfit.unwrap_or_else(|| modelgate_dialects::call::misconfigured(&"an empty fallback chain")),
+                unfit.unwrap_or_else(|| modelgate_dialects::call::log_misconfiguration(&"an empty fallback chain")),
             );
         };
         let _in_flight = self.budget.enter();
-        let per_try = Duration::from_millis(chain.per_try_timeout_ms);
+        let per_try = Duration::from_millis(chain.failover.per_try_timeout_ms);
         // One retry slot per request, taken at its first retry: a request is retrying or it is not.
         let mut retrying = None;
         for (index, (member, attempt)) in prepared.into_iter().enumerate() {
@@ -77,7 +79,9 @@ impl StreamGuard {
             let mut may_retry = || {
                 !is_last && {
                     if retrying.is_none() {
-                        retrying = self.budget.try_retry(chain.retry_budget_percent, chain.min_retry_concurrency);
+                        retrying = self
+                            .budget
+                            .try_retry(chain.failover.retry_budget_percent, chain.failover.min_retry_concurrency);
                     }
                     retrying.is_some()
                 }
@@ -100,7 +104,7 @@ impl StreamGuard {
                             Ok(started) => started,
                             Err(failed) => {
                                 if may_retry() {
-                                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.body.message, "failover: trying the next backend");
+                                    tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.message, "failover: trying the next backend");
                                     continue;
                                 }
                                 return served_by(error_response(failed), &member.backend, index + 1);
@@ -113,7 +117,7 @@ impl StreamGuard {
                 }
                 Err(failed) => {
                     if may_retry() {
-                        tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.body.message, "failover: trying the next backend");
+                        tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.message, "failover: trying the next backend");
                         continue;
                     }
                     error_response(failed)
@@ -122,7 +126,7 @@ impl StreamGuard {
             return served_by(answer, &member.backend, index + 1);
         }
         // Unreachable: the last attempt always answers; kept total for the type.
-        error_response(modelgate_dialects::call::misconfigured(&"a fallback chain ended without an answer"))
+        error_response(modelgate_dialects::call::log_misconfiguration(&"a fallback chain ended without an answer"))
     }
 
     /// Sends one prepared attempt: its answer (headers in) and the answer's
@@ -137,18 +141,12 @@ impl StreamGuard {
         let Attempt { request, translation } = attempt;
         let sent = self.client.request(request);
         let answered = match per_try {
-            Some(per_try) => tokio::time::timeout(per_try, sent).await.map_err(|_| {
-                GatewayError::new(
-                    504,
-                    "server_error",
-                    format!("The backend did not answer within {} ms.", per_try.as_millis()),
-                    None,
-                    Some("backend_timeout"),
-                )
-            })?,
+            Some(per_try) => tokio::time::timeout(per_try, sent)
+                .await
+                .map_err(|_| GatewayError::no_answer_within(per_try.as_millis()))?,
             None => sent.await,
         };
-        answered.map(|response| (response, translation)).map_err(|e| listener_unreachable(&e))
+        answered.map(|response| (response, translation)).map_err(|e| log_listener_unreachable(&e))
     }
 }
 
@@ -162,16 +160,8 @@ pub(crate) async fn first_bytes(
     let first = match tokio::time::timeout(per_try, body.frame()).await {
         Ok(Some(Ok(frame))) => frame.into_data().ok(),
         Ok(None) => None,
-        Ok(Some(Err(e))) => return Err(interruption(&e)),
-        Err(_) => {
-            return Err(GatewayError::new(
-                504,
-                "server_error",
-                format!("The backend's stream sent nothing within {} ms.", per_try.as_millis()),
-                None,
-                Some("backend_timeout"),
-            ))
-        }
+        Ok(Some(Err(e))) => return Err(GatewayError::interrupted(&e)),
+        Err(_) => return Err(GatewayError::no_stream_within(per_try.as_millis())),
     };
     Ok((Response::from_parts(parts, body), first))
 }
@@ -194,7 +184,8 @@ pub(crate) fn prepare(
     if let Some(headers) = request.headers_mut() {
         headers.clone_from(&parts.headers);
     }
-    let (mut parts, ()) = request.body(()).map_err(|e| modelgate_dialects::call::misconfigured(&e))?.into_parts();
+    let (mut parts, ()) =
+        request.body(()).map_err(|e| modelgate_dialects::call::log_misconfiguration(&e))?.into_parts();
     let cluster = HeaderValue::try_from(member.cluster.as_str()).map_err(|_| unusable_header(headers::CLUSTER))?;
     parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
     let (body, translation) = match &member.profile {
@@ -270,7 +261,7 @@ mod tests {
     const CHAIN: &str = concat!(
         r#"x-modelgate-chain: {"members":[{"backend":"a","cluster":"ca","profile":{"model":"m-a"}},"#,
         r#"{"backend":"b","cluster":"cb","profile":{"model":"m-b"}},{"backend":"c","cluster":"cc","profile":null}],"#,
-        r#""per_try_timeout_ms":500,"retry_on_status":[429,503],"retry_budget_percent":20,"min_retry_concurrency":10}"#,
+        r#""failover":{"per_try_timeout_ms":500,"retry_on_status":[429,503],"retry_budget_percent":20,"min_retry_concurrency":10}}"#,
         "\r\n"
     );
     const UNAVAILABLE: &str = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy";
@@ -318,5 +309,28 @@ mod tests {
         let (upstream, _) = upstream_by_cluster(&[("cb", ANSWERED)]).await;
         let answer = request_through_guard(upstream, CHAIN, r#"{"model":"chained"}"#).await;
         assert!(answer.contains("modelgate-backend: b") && answer.contains("modelgate-attempts: 2"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_backend_silent_past_its_per_try_timeout_is_a_504_the_sdks_may_retry() {
+        // An upstream that takes requests and never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        // No retry budget: the first backend's timeout is the answer.
+        let chain = concat!(
+            r#"x-modelgate-chain: {"members":[{"backend":"a","cluster":"ca","profile":null},"#,
+            r#"{"backend":"b","cluster":"cb","profile":null}],"failover":{"per_try_timeout_ms":50,"#,
+            r#""retry_on_status":[503],"retry_budget_percent":0,"min_retry_concurrency":0}}"#,
+            "\r\n"
+        );
+        let answer = request_through_guard(upstream, chain, r#"{"model":"chained"}"#).await;
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+        assert!(answer.contains("x-should-retry: true") && answer.contains(r#""code":"backend_timeout""#), "{answer}");
     }
 }

@@ -1,14 +1,13 @@
 //! [`GuardedBody`]: a relayed answer's body, passing a stream on whole
 //! events at a time and ending a broken one with an error event.
 
-use crate::answer::{interruption, shutting_down};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::error::GatewayError;
-use modelgate_proto::framing::{self, error_event, CompleteEvents};
+use modelgate_proto::framing::{error_event, CompleteEvents};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -45,7 +44,7 @@ impl GuardedBody {
     /// event, in OpenAI's dialect whatever the backend's (a translation's
     /// output is OpenAI's), or in the stream's own framing when relayed as it is.
     pub(crate) fn end_with(&mut self, complete: Bytes, error: &GatewayError) {
-        tracing::warn!(request_id = ?self.request_id, reason = error.body.message, "stream guard: ending a stream early");
+        tracing::warn!(request_id = ?self.request_id, reason = error.message, "stream guard: ending a stream early");
         let last = match (&mut self.translation, &mut self.events) {
             (Some(translation), _) => [translation.stream(&complete, false), error_event(error)].concat(),
             (None, Some(events)) => [&complete[..], &events.interrupt(error)].concat(),
@@ -85,7 +84,7 @@ impl Body for GuardedBody {
             }
             if this.cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
                 this.cut = None;
-                this.end_with(Bytes::new(), &shutting_down());
+                this.end_with(Bytes::new(), &GatewayError::shutting_down());
                 continue;
             }
             let State::Relaying(upstream) = &mut this.state else { continue };
@@ -106,13 +105,13 @@ impl Body for GuardedBody {
                             }
                         }
                         Err(long) => {
-                            let error = framing::too_long(events.max_event_bytes());
+                            let error = GatewayError::stream_event_too_large(events.max_event_bytes());
                             this.end_with(long.complete, &error);
                         }
                     },
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
-                Some(Err(e)) => this.end_with(Bytes::new(), &interruption(&e)),
+                Some(Err(e)) => this.end_with(Bytes::new(), &GatewayError::interrupted(&e)),
                 None => this.state = State::Last(translated(&mut this.translation, events.finish(), true)),
             }
         }

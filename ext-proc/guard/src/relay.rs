@@ -6,14 +6,13 @@ use crate::answer::{error_response, guard_response, not_a_stream, stream_framing
 use crate::guarded_body::GuardedBody;
 use crate::rewrite::rewrite;
 use crate::server::StreamGuard;
-use crate::upstream::{listener_unreachable, remove_hop_by_hop};
+use crate::upstream::{log_listener_unreachable, remove_hop_by_hop};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, Uri};
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
-use modelgate_runtime::internal_token;
 
 impl StreamGuard {
     pub(crate) async fn relay(&self, request: Request<Incoming>) -> Response<GuardedBody> {
@@ -25,14 +24,7 @@ impl StreamGuard {
             return self.relay_chain(parts, body, chain.as_bytes()).await;
         }
         let Some(cluster) = parts.headers.remove(headers::STREAM_CLUSTER) else {
-            return error_response(GatewayError::new(
-                500,
-                "server_error",
-                "The gateway routed a stream without naming its backend; check the filter's stream_guard_cluster setting."
-                    .into(),
-                None,
-                Some("gateway_misconfigured"),
-            ));
+            return error_response(GatewayError::stream_without_cluster());
         };
         parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
         remove_hop_by_hop(&mut parts.headers);
@@ -54,16 +46,14 @@ impl StreamGuard {
                 not_a_stream(response.headers(), request_id)
             }
             Ok(response) => guard_response(self, response, None, translation, request_id).await,
-            Err(e) => error_response(listener_unreachable(&e)),
+            Err(e) => error_response(log_listener_unreachable(&e)),
         }
     }
 
     /// Checks a request's token, and drops what the inner listener must not see from it: the
     /// token, and `x-envoy-*` headers, which Envoy would obey from a caller it took as internal.
     pub(crate) fn intake(&self, request_headers: &mut HeaderMap) -> Result<(), GatewayError> {
-        if !self.token.admits(request_headers.get(headers::INTERNAL_TOKEN).map(HeaderValue::as_bytes)) {
-            return Err(internal_token::refused());
-        }
+        self.token.check(request_headers.get(headers::INTERNAL_TOKEN).map(HeaderValue::as_bytes))?;
         request_headers.remove(headers::INTERNAL_TOKEN);
         let envoys: Vec<HeaderName> =
             request_headers.keys().filter(|name| name.as_str().starts_with("x-envoy-")).cloned().collect();
@@ -77,7 +67,7 @@ impl StreamGuard {
     pub(crate) fn point_upstream(&self, parts: &mut hyper::http::request::Parts) -> Result<(), GatewayError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::try_from(format!("http://{}{path}", self.upstream))
-            .map_err(|_| GatewayError::invalid_request("The request path is not valid.".into(), None, None))?;
+            .map_err(|_| GatewayError::invalid_request("The request path is not valid.".into()))?;
         Ok(())
     }
 }

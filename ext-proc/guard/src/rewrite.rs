@@ -70,5 +70,7 @@ pub(crate) fn apply_changes(
 
 /// A header for the backend that HTTP cannot carry (a key file with a line break inside, say).
 pub(crate) fn unusable_header(name: &str) -> GatewayError {
-    modelgate_dialects::call::misconfigured(&format!("the rewritten {name} header is not a valid HTTP header value"))
+    modelgate_dialects::call::log_misconfiguration(&format!(
+        "the rewritten {name} header is not a valid HTTP header value"
+    ))
 }

@@ -21,16 +21,10 @@ pub(crate) fn upstream_client(max_headers: usize) -> Client<HttpConnector, Upstr
     Client::builder(TokioExecutor::new()).http1_max_headers(max_headers).build(connector)
 }
 
-/// The guard's answer when Envoy's inner listener cannot be reached.
-pub(crate) fn listener_unreachable(e: &dyn std::fmt::Display) -> GatewayError {
+/// Logs that Envoy's inner listener cannot be reached, and returns the guard's answer.
+pub(crate) fn log_listener_unreachable(e: &dyn std::fmt::Display) -> GatewayError {
     tracing::warn!(error = %e, "stream guard: upstream listener unreachable");
-    GatewayError::new(
-        503,
-        "server_error",
-        "The gateway could not reach its routing listener; try again.".into(),
-        None,
-        Some("gateway_unavailable"),
-    )
+    GatewayError::gateway_unavailable()
 }
 
 /// The most of a request body read to rewrite it. The filter has already
@@ -41,7 +35,7 @@ pub(crate) const MAX_REQUEST_BYTES: usize = 256 << 20;
 pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
     match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(GatewayError::invalid_request(format!("The request body could not be read ({e})."), None, None)),
+        Err(e) => Err(GatewayError::invalid_request(format!("The request body could not be read ({e})."))),
     }
 }
 

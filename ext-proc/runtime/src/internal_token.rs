@@ -75,21 +75,15 @@ impl InternalToken {
             (Some(digest), Some(presented)) => bool::from(Sha256::digest(presented).as_slice().ct_eq(digest)),
         }
     }
-}
 
-/// The answer to a caller without the token.
-pub fn refused() -> GatewayError {
-    tracing::warn!("refused a caller without the gateway's internal token");
-    GatewayError::new(
-        401,
-        "invalid_request_error",
-        format!(
-            "This port serves only the gateway's Envoy, which sends its internal token in `{}`.",
-            headers::INTERNAL_TOKEN
-        ),
-        None,
-        Some("invalid_internal_token"),
-    )
+    /// Admits a caller presenting `presented`, or logs the refusal and returns the answer to it.
+    pub fn check(&self, presented: Option<&[u8]>) -> Result<(), GatewayError> {
+        if self.admits(presented) {
+            return Ok(());
+        }
+        tracing::warn!("refused a caller without the gateway's internal token");
+        Err(GatewayError::invalid_internal_token(headers::INTERNAL_TOKEN))
+    }
 }
 
 #[cfg(test)]
@@ -104,6 +98,9 @@ mod tests {
             assert!(!token.admits(Some(wrong)), "{wrong:?}");
         }
         assert!(!token.admits(None));
+        let refused = token.check(None).unwrap_err();
+        assert_eq!((refused.status, refused.should_retry()), (401, Some(false)));
+        assert!(refused.message.contains(headers::INTERNAL_TOKEN), "{}", refused.message);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     TrailersResponse,
 };
 use modelgate_dialects::dialect::HeaderChanges;
-use modelgate_proto::error::GatewayError;
+use modelgate_proto::error::{retry_header, GatewayError};
 
 /// The value of a request header Envoy sent, if present.
 pub fn header<'a>(headers: &'a HttpHeaders, name: &str) -> Option<&'a [u8]> {
@@ -114,8 +114,10 @@ pub fn reject(err: &GatewayError) -> ProcessingResponse {
     respond(Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus { code: i32::from(err.status) }),
         headers: Some(HeaderMutation {
-            // The same request would be refused again.
-            set_headers: vec![set_header("content-type", b"application/json"), set_header("x-should-retry", b"false")],
+            set_headers: std::iter::once(("content-type", "application/json"))
+                .chain(retry_header(err.should_retry()))
+                .map(|(name, value)| set_header(name, value.as_bytes()))
+                .collect(),
             ..Default::default()
         }),
         body: err.to_json(),

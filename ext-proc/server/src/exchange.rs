@@ -193,6 +193,9 @@ mod tests {
         let v: Value = serde_json::from_slice(&reply.body).unwrap();
         assert_eq!(v["error"]["code"], "backend_key_unavailable");
         assert!(!String::from_utf8_lossy(&reply.body).contains(&std::env::var("PATH").unwrap()));
+        let set: Vec<_> = reply.headers.unwrap().set_headers.into_iter().filter_map(|h| h.header).collect();
+        let said = |name: &str| set.iter().find(|h| h.key == name).map(|h| h.raw_value.clone());
+        assert_eq!(said("x-should-retry").as_deref(), Some(&b"false"[..]), "only the operator can fix it");
     }
 
     #[test]

@@ -5,13 +5,14 @@ use modelgate_admin::usage_report::Retention;
 use modelgate_admin::usage_store::{Dedup, Ledger, RedisUsage, Usage};
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
+use modelgate_proto::clock;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::internal_token::InternalTokenArgs;
 use modelgate_runtime::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// modelgate's ext_proc gRPC service for Envoy, and its admin port.
 #[derive(Debug, Parser)]
@@ -100,8 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(url) => Usage::Redis(RedisUsage::new(url, redis_timeout, retention, dedup)?),
             None => {
                 let dir = args.data_dir.join("usage");
-                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-                let ledger = Ledger::open(&dir, retention, dedup, now_ms)
+                let ledger = Ledger::open(&dir, retention, dedup, clock::unix_millis())
                     .map_err(|e| format!("opening the usage store in {}: {e}", dir.display()))?;
                 Usage::local(ledger)
             }

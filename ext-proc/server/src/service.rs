@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use modelgate_dialects::credentials::KeySources;
 use modelgate_proto::headers;
-use modelgate_runtime::internal_token::{self, InternalToken};
+use modelgate_runtime::internal_token::InternalToken;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
@@ -51,10 +51,9 @@ pub struct TokenCheck(InternalToken);
 
 impl tonic::service::Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        if self.0.admits(request.metadata().get(headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(internal_token::refused().body.message))
+        match self.0.check(request.metadata().get(headers::INTERNAL_TOKEN).map(|v| v.as_bytes())) {
+            Ok(()) => Ok(request),
+            Err(refused) => Err(Status::unauthenticated(refused.message)),
         }
     }
 }
