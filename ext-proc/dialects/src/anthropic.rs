@@ -118,6 +118,10 @@ impl ResponseTranslation for Responses {
             None => piece.to_vec(),
         }
     }
+
+    fn ended(&self) -> bool {
+        self.stream.as_ref().is_some_and(|writer| writer.ended)
+    }
 }
 
 // ---- requests ----

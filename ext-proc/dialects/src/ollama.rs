@@ -117,6 +117,10 @@ impl ResponseTranslation for Responses {
             None => piece.to_vec(),
         }
     }
+
+    fn ended(&self) -> bool {
+        self.stream.as_ref().is_some_and(|writer| writer.ended)
+    }
 }
 
 fn invalid_type(param: &str, expected: &str) -> GatewayError {

@@ -177,35 +177,7 @@ mod tests {
     use super::*;
     use crate::testing::*;
     use std::net::SocketAddr;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    /// An upstream that answers one request with a stream's head and `first`
-    /// event, then the rest when it is sent, or nothing more if it never is.
-    async fn upstream_streaming(first: &'static str) -> (SocketAddr, tokio::sync::oneshot::Sender<&'static str>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (rest_tx, rest) = tokio::sync::oneshot::channel::<&'static str>();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.ends_with(b"\r\n\r\n") {
-                let n = socket.read(&mut buf).await.unwrap();
-                request.extend_from_slice(&buf[..n]);
-            }
-            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-            socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
-            match rest.await {
-                Ok(rest) => {
-                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap()
-                }
-                // Never finishes: holds the connection until the guard lets go of it.
-                Err(_) => while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {},
-            }
-        });
-        (addr, rest_tx)
-    }
 
     /// A guard that serves until the sender fires, then drains for `deadline`.
     async fn guard_until(
