@@ -24,9 +24,11 @@ run: setup build
 test: lint unit e2e
 
 # Formatting and clippy with the workspace lints (Cargo.toml's [workspace.lints]); warnings fail.
-lint: lint-tools
+# The filter is linted for wasm32 too: its no-panic denies (filter/src/lib.rs) matter where it runs.
+lint: lint-tools wasm-target
 	cargo fmt --all --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+	cargo clippy --release --target wasm32-wasip1 -p modelgate-filter -- -D warnings
 
 # Cases per property test (the parsers' fuzzing): bounded, a few seconds in all.
 PROPTEST_CASES ?= 4096

@@ -125,6 +125,10 @@ impl ResponseTranslator for AnthropicAnswer {
     fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
         stream::push(&mut self.stream, piece, end)
     }
+
+    fn ended(&self) -> bool {
+        self.stream.as_ref().is_some_and(RecordStream::ended)
+    }
 }
 
 // ---- requests ----

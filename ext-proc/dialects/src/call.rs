@@ -148,4 +148,19 @@ mod tests {
         assert!(streamed.streamed);
         assert_eq!(streamed.headers.set, vec![("content-type", "text/event-stream".to_string())]);
     }
+
+    #[test]
+    fn a_translation_says_when_it_has_ended_a_stream_early() {
+        for (dialect, content_type, unreadable) in [
+            (Dialect::Anthropic, &b"text/event-stream"[..], &b"data: {nope\n\n"[..]),
+            (Dialect::Ollama, b"application/x-ndjson", b"{nope\n"),
+        ] {
+            let mut translation = ResponseContext::new(dialect, Endpoint::ChatCompletions).translator().unwrap();
+            assert!(plan_answer(translation.as_mut(), 200, content_type).streamed);
+            assert!(!translation.ended());
+            let out = String::from_utf8(translation.stream(unreadable, false)).unwrap();
+            assert!(out.contains("stream_unreadable") && translation.ended(), "{dialect:?}: {out}");
+            assert!(translation.stream(b"data: {}\n\n", true).is_empty(), "nothing goes on after the end");
+        }
+    }
 }

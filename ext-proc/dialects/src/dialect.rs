@@ -121,8 +121,14 @@ pub trait ResponseTranslator: Send {
     fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8>;
 
     /// The next piece of a streamed answer as OpenAI server-sent events,
-    /// possibly empty; `end` on the last piece.
+    /// possibly empty; `end` on the last piece. The pieces are the backend's
+    /// bytes cut anywhere: the translation frames them itself.
     fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8>;
+
+    /// Whether [`ResponseTranslator::stream`] has ended the stream with an
+    /// error event (an event too long to hold, or one it cannot read): the
+    /// rest of the backend's stream need not be read, nothing of it goes on.
+    fn ended(&self) -> bool;
 }
 
 /// What an answer's translation needs to know of its request.

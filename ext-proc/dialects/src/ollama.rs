@@ -116,6 +116,10 @@ impl ResponseTranslator for OllamaAnswer {
     fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
         stream::push(&mut self.stream, piece, end)
     }
+
+    fn ended(&self) -> bool {
+        self.stream.as_ref().is_some_and(RecordStream::ended)
+    }
 }
 
 fn unsupported(param: &str, why: &str) -> GatewayError {

@@ -43,6 +43,11 @@ impl<T: RecordTranslator> RecordStream<T> {
         RecordStream { records: CompleteEvents::new(framing, max_event_bytes), framing, ended: false, translator }
     }
 
+    /// Whether the stream was ended with an error event.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     /// The OpenAI events for `piece`; `end` on the last.
     pub fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
         let mut out = Vec::new();

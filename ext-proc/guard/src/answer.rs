@@ -1,7 +1,7 @@
 //! The answer the client gets: a stream guarded event by event, a whole
 //! answer translated, and the guard's own errors.
 
-use crate::guarded_body::{GuardedBody, State};
+use crate::guarded_body::{GuardedBody, StreamReader};
 use crate::rewrite::apply_changes;
 use crate::server::StreamGuard;
 use crate::upstream::remove_hop_by_hop;
@@ -49,15 +49,16 @@ pub(crate) async fn guard_response(
             return translate_whole(parts, body, status, translation.as_mut()).await;
         }
     }
-    let events = framing.map(|framing| {
+    let reader = framing.map(|framing| {
         // The guard may add an event, so the length is no longer known.
         parts.headers.remove(CONTENT_LENGTH);
-        CompleteEvents::new(framing, guard.max_event_bytes)
+        match translation {
+            Some(translation) => StreamReader::Translated(translation),
+            None => StreamReader::Events(CompleteEvents::new(framing, guard.max_event_bytes)),
+        }
     });
-    let translation = translation.filter(|_| events.is_some());
-    let cut = events.as_ref().map(|_| guard.cut());
-    let body = GuardedBody { state: State::Relaying(body), first, events, translation, request_id, cut };
-    Response::from_parts(parts, body)
+    let cut = reader.as_ref().map(|_| guard.cut());
+    Response::from_parts(parts, GuardedBody::relaying(body, first, reader, request_id, cut))
 }
 
 /// A stream's answer for a success that is not a stream (a whole answer, an

@@ -190,13 +190,14 @@ pub(crate) fn prepare(
     parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
     let (body, translation) = match &member.profile {
         Some(profile) => {
-            let mut call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None, keys)?;
-            let body = apply_rewrite(&mut parts, &mut call, whole.clone())?;
-            (body, call.response_translator(max_event_bytes))
+            let call = BackendCall::for_profile(profile.clone(), parts.uri.path().as_bytes(), None, keys)?;
+            apply_rewrite(&mut parts, call, whole.clone(), max_event_bytes)?
         }
-        None => (whole.clone(), None),
+        None => {
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(whole.len()));
+            (whole.clone(), None)
+        }
     };
-    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     Ok(Attempt { request: Request::from_parts(parts, Either::Right(Full::new(body))), translation })
 }
 

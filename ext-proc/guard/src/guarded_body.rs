@@ -16,53 +16,61 @@ use std::task::{ready, Context, Poll};
 /// end with an error event if the upstream breaks, an event is too long or the
 /// shutdown deadline passes; other bodies pass as they are.
 pub struct GuardedBody {
-    pub(crate) state: State,
+    state: State,
     /// The start of the upstream body, read before the answer was relayed (a fallback chain's check that its stream began).
-    pub(crate) first: Option<Bytes>,
-    pub(crate) events: Option<CompleteEvents>,
-    /// Turns the stream's whole events into OpenAI's, when the backend speaks another dialect.
-    pub(crate) translation: Option<Box<dyn ResponseTranslator>>,
-    pub(crate) request_id: Option<HeaderValue>,
+    first: Option<Bytes>,
+    /// How a stream's pieces are read; `None` for a body that passes as it is.
+    reader: Option<StreamReader>,
+    request_id: Option<HeaderValue>,
     /// A stream's end at the shutdown deadline.
-    pub(crate) cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+/// How a guarded stream is read: each stream is framed once, by one of them.
+pub enum StreamReader {
+    /// Relayed as it is, whole events at a time.
+    Events(CompleteEvents),
+    /// Translated to OpenAI's from another dialect; the translation frames the
+    /// pieces itself and ends the stream with an error event on an event it
+    /// cannot hold or read.
+    Translated(Box<dyn ResponseTranslator>),
 }
 
 impl GuardedBody {
     /// A body of these bytes only.
     pub(crate) fn last(bytes: Bytes) -> Self {
-        GuardedBody {
-            state: State::Last(bytes),
-            first: None,
-            events: None,
-            translation: None,
-            request_id: None,
-            cut: None,
-        }
+        GuardedBody { state: State::Last(bytes), first: None, reader: None, request_id: None, cut: None }
     }
 
-    /// Ends a stream early: `complete` (whole events) goes on, then the error
-    /// event, in OpenAI's dialect whatever the backend's (a translation's
-    /// output is OpenAI's), or in the stream's own framing when relayed as it is.
-    pub(crate) fn end_with(&mut self, complete: Bytes, error: &GatewayError) {
+    /// The body of `upstream`, whose start `first` was already read from it:
+    /// read by `reader` when it is a stream, and ended when `cut` resolves.
+    pub(crate) fn relaying(
+        upstream: Incoming,
+        first: Option<Bytes>,
+        reader: Option<StreamReader>,
+        request_id: Option<HeaderValue>,
+        cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    ) -> Self {
+        GuardedBody { state: State::Relaying(upstream), first, reader, request_id, cut }
+    }
+
+    /// Ends a stream early: `complete` (whole events, or a translation's
+    /// output) goes on, then the error event, in OpenAI's dialect whatever the
+    /// backend's (a translation's output is OpenAI's), or in the stream's own
+    /// framing when relayed as it is. A translation's unfinished event is
+    /// simply never read.
+    fn end_with(&mut self, complete: Bytes, error: &GatewayError) {
         tracing::warn!(request_id = ?self.request_id, reason = error.message, "stream guard: ending a stream early");
-        let last = match (&mut self.translation, &mut self.events) {
-            (Some(translation), _) => [translation.stream(&complete, false), error_event(error)].concat(),
-            (None, Some(events)) => [&complete[..], &events.interrupt(error)].concat(),
-            (None, None) => complete.to_vec(),
+        let last = match &mut self.reader {
+            Some(StreamReader::Translated(_)) => [&complete[..], &error_event(error)].concat(),
+            Some(StreamReader::Events(events)) => [&complete[..], &events.interrupt(error)].concat(),
+            None => complete.to_vec(),
         };
         self.state = State::Last(Bytes::from(last));
     }
 }
 
-/// `events` in OpenAI's dialect; `end` on the stream's last events.
-pub(crate) fn translated(translation: &mut Option<Box<dyn ResponseTranslator>>, events: Bytes, end: bool) -> Bytes {
-    match translation {
-        Some(translation) => Bytes::from(translation.stream(&events, end)),
-        None => events,
-    }
-}
-
-pub(crate) enum State {
+enum State {
     Relaying(Incoming),
     /// One last piece to send, then the end.
     Last(Bytes),
@@ -92,27 +100,42 @@ impl Body for GuardedBody {
                 Some(first) => Some(Ok(Frame::data(first))),
                 None => ready!(Pin::new(upstream).poll_frame(cx)),
             };
-            let Some(events) = &mut this.events else {
+            let Some(reader) = &mut this.reader else {
                 return Poll::Ready(frame);
             };
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => match events.push(data) {
-                        Ok(complete) => {
-                            let complete = translated(&mut this.translation, complete, false);
-                            if !complete.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(complete))));
+                    Ok(data) => match reader {
+                        StreamReader::Events(events) => match events.push(data) {
+                            Ok(complete) => {
+                                if !complete.is_empty() {
+                                    return Poll::Ready(Some(Ok(Frame::data(complete))));
+                                }
                             }
-                        }
-                        Err(long) => {
-                            let error = GatewayError::stream_event_too_large(events.max_event_bytes());
-                            this.end_with(long.complete, &error);
+                            Err(long) => {
+                                let error = GatewayError::stream_event_too_large(events.max_event_bytes());
+                                this.end_with(long.complete, &error);
+                            }
+                        },
+                        StreamReader::Translated(translation) => {
+                            let translated = Bytes::from(translation.stream(&data, false));
+                            if translation.ended() {
+                                // It ended the stream with its error event: nothing more is read.
+                                this.state = State::Last(translated);
+                            } else if !translated.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(translated))));
+                            }
                         }
                     },
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
                 Some(Err(e)) => this.end_with(Bytes::new(), &GatewayError::interrupted(&e)),
-                None => this.state = State::Last(translated(&mut this.translation, events.finish(), true)),
+                None => {
+                    this.state = State::Last(match reader {
+                        StreamReader::Events(events) => events.finish(),
+                        StreamReader::Translated(translation) => Bytes::from(translation.stream(&[], true)),
+                    });
+                }
             }
         }
     }
@@ -122,7 +145,7 @@ impl Body for GuardedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.state, &self.events) {
+        match (&self.state, &self.reader) {
             (State::Relaying(upstream), None) if self.first.is_none() => upstream.size_hint(),
             (State::Last(last), _) => SizeHint::with_exact(last.len() as u64),
             (State::Done, _) => SizeHint::with_exact(0),
@@ -135,6 +158,7 @@ impl Body for GuardedBody {
 mod tests {
     use crate::server::StreamGuard;
     use crate::testing::*;
+    use std::time::Duration;
     use tokio::net::TcpListener;
 
     #[tokio::test]
@@ -179,6 +203,20 @@ mod tests {
         let answer = through_guard(upstream_writing(whole.as_bytes()).await, true).await;
         assert!(answer.contains("data: 1\n\ndata: [DONE]\n\n"), "{answer}");
         assert!(!answer.contains("error"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_translated_stream_with_an_event_over_the_limit_ends_at_once_with_the_error_event() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"c\",\"usage\":{}}}\n\n";
+        let long = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"0123456789012345678901234567890123456789";
+        // The backend holds its stream open: the guard must end it without waiting for the rest.
+        let (upstream, _never) = upstream_streaming(Box::leak(format!("{start}{long}").into_boxed_str())).await;
+        let guard = StreamGuard::new(upstream).with_max_event_bytes(start.len());
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), request_through(guard, ANTHROPIC, CHAT)).await.unwrap();
+        assert!(answer.contains(r#""role":"assistant""#), "{answer}");
+        assert!(answer.contains(r#""code":"stream_event_too_large"}}"#) && !answer.contains("0123"), "{answer}");
+        assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
     }
 
     #[tokio::test]

@@ -18,9 +18,11 @@
 //! renamed model, an API key, defaults) is rewritten here too, as ext_proc
 //! would rewrite it, and its answer translated event by event as it passes
 //! (the filter then hands the guard the backend's profile in
-//! [`headers::STREAM_BACKEND`] and does not engage ext_proc): the events pass
+//! [`modelgate_proto::headers::STREAM_BACKEND`] and does not engage ext_proc): the events pass
 //! through the guard anyway, and ext_proc would cost two gRPC round trips
-//! before the request leaves and one for every piece of the answer.
+//! before the request leaves and one for every piece of the answer. Each
+//! stream is framed once: by the translation when there is one, by the guard
+//! when it relays the stream as it is.
 //!
 //! The guard's own answers (its upstream unreachable, a request without a
 //! target cluster) are OpenAI errors too; every other answer passes untouched.

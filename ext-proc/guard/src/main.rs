@@ -2,7 +2,7 @@ use clap::Parser;
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::internal_token::InternalTokenArgs;
-use modelgate_runtime::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
+use modelgate_runtime::process::{run, Shutdown, DEFAULT_SHUTDOWN_DEADLINE_SECS};
 use modelgate_stream_guard::server::{StreamGuard, DEFAULT_MAX_HEADERS};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let keys = args.keys.sources()?;
         let token = args.token.load("the stream guard's port")?;
         // Installed before the guard listens: a SIGTERM from then on drains it.
-        let signal = shutdown_signal();
+        let shutdown = Shutdown::on_signal();
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(listen = %args.listen, upstream = %args.upstream, "modelgate stream guard listening");
         let guard = StreamGuard::new(args.upstream)
@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .with_token(token)
             .with_max_headers(args.max_headers)
             .with_max_event_bytes(max_event_bytes);
-        guard.serve_until(listener, signal, Duration::from_secs(args.shutdown_deadline_secs)).await;
+        guard.serve_until(listener, shutdown, Duration::from_secs(args.shutdown_deadline_secs)).await;
         Ok(())
     })
 }

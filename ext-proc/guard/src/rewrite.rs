@@ -22,20 +22,21 @@ pub(crate) async fn rewrite(
 ) -> Result<(UpstreamBody, Option<Box<dyn ResponseTranslator>>), GatewayError> {
     let request_headers = &parts.headers;
     let request_header = |name: &str| request_headers.get(name).map(HeaderValue::as_bytes);
-    let mut call = BackendCall::start(profile, parts.uri.path().as_bytes(), request_header, keys)?;
+    let call = BackendCall::start(profile, parts.uri.path().as_bytes(), request_header, keys)?;
     let whole = read_body(body).await?;
-    let body = apply_rewrite(parts, &mut call, whole)?;
-    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Ok((Either::Right(Full::new(body)), call.response_translator(max_event_bytes)))
+    let (body, translation) = apply_rewrite(parts, call, whole, max_event_bytes)?;
+    Ok((Either::Right(Full::new(body)), translation))
 }
 
 /// The backend's request for the client's body `whole`: `parts` changed as
-/// the call says (path, key, headers), and the body to send.
+/// the call says (path, key, headers) and for the new body's length; the body
+/// to send, and the answer's translation.
 pub(crate) fn apply_rewrite(
     parts: &mut hyper::http::request::Parts,
-    call: &mut BackendCall,
+    mut call: BackendCall,
     whole: Bytes,
-) -> Result<Bytes, GatewayError> {
+    max_event_bytes: usize,
+) -> Result<(Bytes, Option<Box<dyn ResponseTranslator>>), GatewayError> {
     let upstream = call.request(&whole)?;
     let uri = &mut parts.uri;
     apply_changes(&mut parts.headers, upstream.headers, |name, value| {
@@ -43,7 +44,9 @@ pub(crate) fn apply_rewrite(
         *uri = Uri::try_from(path).map_err(|_| unusable_header(name))?;
         Ok(())
     })?;
-    Ok(upstream.body.map_or(whole, Bytes::from))
+    let body = upstream.body.map_or(whole, Bytes::from);
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Ok((body, call.response_translator(max_event_bytes)))
 }
 
 /// Applies a call's header changes to a request's or an answer's `headers`;

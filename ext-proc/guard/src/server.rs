@@ -8,13 +8,14 @@ use hyper_util::rt::TokioIo;
 use modelgate_dialects::credentials::KeySources;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::internal_token::InternalToken;
+use modelgate_runtime::process::Shutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 /// The default of `--max-headers`: the most headers a request or an answer
@@ -91,67 +92,75 @@ impl StreamGuard {
 
     /// Serves until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
-        self.serve_until(listener, std::future::pending(), Duration::MAX).await;
+        self.serve_until(listener, Shutdown::never(), Duration::MAX).await;
     }
 
-    /// Serves until `shutdown` resolves, then drains: new connections are
+    /// Serves until `shutdown` is asked for, then drains: new connections are
     /// refused, each open connection closes once its answer is done, and
     /// streams still open after `deadline` end with an error event.
-    pub async fn serve_until(self, listener: TcpListener, shutdown: impl Future<Output = ()>, deadline: Duration) {
+    pub async fn serve_until(self, listener: TcpListener, shutdown: Shutdown, deadline: Duration) {
         let guard = Arc::new(self);
         // Each connection holds a sender; all of them gone means all connections closed.
         let (open, mut all_closed) = mpsc::channel::<()>(1);
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => accepted,
-            };
-            let socket = match accepted {
-                Ok((socket, _)) => socket,
-                Err(e) => {
-                    tracing::warn!(error = %e, "stream guard: accept failed");
-                    continue;
-                }
-            };
-            let _ = socket.set_nodelay(true);
-            // Subscribed before any shutdown, so none is missed.
-            let mut stopping = guard.stopping.subscribe();
-            let open = open.clone();
+        let serving = {
             let guard = Arc::clone(&guard);
-            let max_headers = guard.max_headers;
-            tokio::spawn(async move {
-                let _open = open;
-                let service = hyper::service::service_fn(move |request| {
-                    let guard = Arc::clone(&guard);
-                    async move { Ok::<_, Infallible>(guard.relay(request).await) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .max_headers(max_headers)
-                    .serve_connection(TokioIo::new(socket), service);
-                tokio::pin!(connection);
-                // A client that goes away mid-answer is routine, not an error.
-                tokio::select! {
-                    _ = connection.as_mut() => return,
-                    _ = stopping.changed() => {}
+            let all_closed = &mut all_closed;
+            let asked = shutdown.asked();
+            async move {
+                tokio::pin!(asked);
+                loop {
+                    let accepted = tokio::select! {
+                        () = &mut asked => break,
+                        accepted = listener.accept() => accepted,
+                    };
+                    match accepted {
+                        Ok((socket, _)) => guard.serve_connection(socket, open.clone()),
+                        Err(e) => tracing::warn!(error = %e, "stream guard: accept failed"),
+                    }
                 }
-                // Draining: the answer under way finishes, then the connection closes.
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
-            });
-        }
-        drop(listener);
-        drop(open);
-        guard.stopping.send_replace(Stop::Draining);
-        tracing::info!(
-            deadline_secs = deadline.as_secs(),
-            "stream guard: refusing new connections, draining open streams"
-        );
-        if tokio::time::timeout(deadline, all_closed.recv()).await.is_err() {
+                drop(listener);
+                drop(open);
+                guard.stopping.send_replace(Stop::Draining);
+                tracing::info!(
+                    deadline_secs = deadline.as_secs(),
+                    "stream guard: refusing new connections, draining open streams"
+                );
+                all_closed.recv().await;
+            }
+        };
+        if shutdown.drain(serving, deadline).await.is_none() {
             tracing::warn!("stream guard: ending the streams still open at the shutdown deadline");
             guard.stopping.send_replace(Stop::Cut);
             let _ = tokio::time::timeout(CUT_GRACE, all_closed.recv()).await;
         }
+    }
+
+    /// Serves one connection in its own task, which holds `open` until the connection closes.
+    fn serve_connection(self: &Arc<Self>, socket: TcpStream, open: mpsc::Sender<()>) {
+        let _ = socket.set_nodelay(true);
+        // Subscribed before any shutdown, so none is missed.
+        let mut stopping = self.stopping.subscribe();
+        let guard = Arc::clone(self);
+        let max_headers = guard.max_headers;
+        tokio::spawn(async move {
+            let _open = open;
+            let service = hyper::service::service_fn(move |request| {
+                let guard = Arc::clone(&guard);
+                async move { Ok::<_, Infallible>(guard.relay(request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .max_headers(max_headers)
+                .serve_connection(TokioIo::new(socket), service);
+            tokio::pin!(connection);
+            // A client that goes away mid-answer is routine, not an error.
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = stopping.changed() => {}
+            }
+            // Draining: the answer under way finishes, then the connection closes.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        });
     }
 
     /// Resolves when streams must end now: the shutdown deadline has passed.
@@ -177,35 +186,7 @@ mod tests {
     use super::*;
     use crate::testing::*;
     use std::net::SocketAddr;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    /// An upstream that answers one request with a stream's head and `first`
-    /// event, then the rest when it is sent, or nothing more if it never is.
-    async fn upstream_streaming(first: &'static str) -> (SocketAddr, tokio::sync::oneshot::Sender<&'static str>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (rest_tx, rest) = tokio::sync::oneshot::channel::<&'static str>();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.ends_with(b"\r\n\r\n") {
-                let n = socket.read(&mut buf).await.unwrap();
-                request.extend_from_slice(&buf[..n]);
-            }
-            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-            socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
-            match rest.await {
-                Ok(rest) => {
-                    socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap();
-                }
-                // Never finishes: holds the connection until the guard lets go of it.
-                Err(_) => while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {},
-            }
-        });
-        (addr, rest_tx)
-    }
 
     /// A guard that serves until the sender fires, then drains for `deadline`.
     async fn guard_until(
@@ -215,20 +196,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(StreamGuard::new(upstream).serve_until(
-            listener,
-            async move {
-                let _ = stopped.await;
-            },
-            deadline,
-        ));
+        let shutdown = Shutdown::on(async move {
+            let _ = stopped.await;
+        });
+        let serving = tokio::spawn(StreamGuard::new(upstream).serve_until(listener, shutdown, deadline));
         (addr, stop, serving)
     }
 
     /// True once nothing accepts connections at `addr` (the guard lets go of its listener soon after the signal).
     async fn refuses_connections(addr: SocketAddr) -> bool {
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(addr).await.is_err() {
+            if TcpStream::connect(addr).await.is_err() {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -16,25 +16,56 @@ pub(crate) async fn upstream_answering(
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await.unwrap();
-        let mut request = Vec::new();
-        let mut buf = [0u8; 4096];
-        let complete = |r: &[u8]| {
-            let text = String::from_utf8_lossy(r);
-            let Some(end) = text.find("\r\n\r\n") else { return false };
-            let length = text[..end]
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.parse().unwrap()))
-                .unwrap_or(0usize);
-            r.len() >= end + 4 + length
-        };
-        while !complete(&request) {
-            let n = socket.read(&mut buf).await.unwrap();
-            request.extend_from_slice(&buf[..n]);
-        }
+        let request = read_request(&mut socket).await;
         let _ = tx.send(String::from_utf8(request).unwrap());
         socket.write_all(response).await.unwrap();
     });
     (addr, rx)
+}
+
+/// One request, read whole: its head, and its body by its content-length.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |r: &[u8]| {
+        let text = String::from_utf8_lossy(r);
+        let Some(end) = text.find("\r\n\r\n") else { return false };
+        let length = text[..end]
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.parse().unwrap()))
+            .unwrap_or(0usize);
+        r.len() >= end + 4 + length
+    };
+    while !complete(&request) {
+        let n = socket.read(&mut buf).await.unwrap();
+        request.extend_from_slice(&buf[..n]);
+    }
+    request
+}
+
+/// An upstream that answers one request with a stream's head and `first`
+/// event, then the rest when it is sent, or nothing more if it never is.
+pub(crate) async fn upstream_streaming(
+    first: &'static str,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<&'static str>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (rest_tx, rest) = tokio::sync::oneshot::channel::<&'static str>();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        read_request(&mut socket).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        socket.write_all(format!("{head}{:x}\r\n{first}\r\n", first.len()).as_bytes()).await.unwrap();
+        match rest.await {
+            Ok(rest) => socket.write_all(format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()).as_bytes()).await.unwrap(),
+            // Never finishes: holds the connection until the guard lets go of it.
+            Err(_) => {
+                let mut buf = [0u8; 4096];
+                while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            }
+        }
+    });
+    (addr, rest_tx)
 }
 
 pub(crate) async fn upstream_writing(response: &'static [u8]) -> SocketAddr {

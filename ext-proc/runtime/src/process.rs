@@ -1,8 +1,10 @@
-//! What both of this crate's servers do as processes: a tokio runtime of a
+//! What ext-proc and the stream guard both do as processes: a tokio runtime of a
 //! chosen size, logs to stderr, and a clean stop on SIGTERM or Ctrl-C: new work
 //! is refused, and open work gets until a deadline to finish.
 
 use std::future::Future;
+use std::time::Duration;
+use tokio::sync::watch;
 
 /// Runs `serve` on a runtime with `worker_threads` threads (0: one per CPU),
 /// with logging set up from `RUST_LOG` (default `info`).
@@ -22,10 +24,64 @@ where
     runtime.enable_all().build()?.block_on(serve)
 }
 
-/// Resolves on SIGTERM or Ctrl-C. The handlers are installed by the call
-/// itself, so a signal that arrives before the future is first polled still
-/// stops the server cleanly (call it before binding).
-pub fn shutdown_signal() -> impl Future<Output = ()> {
+/// A process's stop, shared by its servers: once it is asked for (SIGTERM or
+/// Ctrl-C), each server refuses new work, and the work open then gets until a
+/// deadline to finish before it is cut.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// The stop SIGTERM or Ctrl-C asks for. The handlers are installed by the
+    /// call itself, so a signal that arrives before anything waits for it
+    /// still stops the servers cleanly (call it before binding).
+    pub fn on_signal() -> Self {
+        Self::on(signal())
+    }
+
+    /// The stop `ask` asks for when it resolves.
+    pub fn on(ask: impl Future<Output = ()> + Send + 'static) -> Self {
+        let (asking, asked) = watch::channel(false);
+        tokio::spawn(async move {
+            ask.await;
+            let _ = asking.send(true);
+        });
+        Shutdown(asked)
+    }
+
+    /// A stop never asked for: the servers run until their task is dropped.
+    pub fn never() -> Self {
+        Shutdown(watch::channel(false).1)
+    }
+
+    /// Resolves once the stop is asked for: a server then refuses new work.
+    pub fn asked(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut asked = self.0.clone();
+        async move {
+            if asked.wait_for(|asked| *asked).await.is_err() {
+                // Nothing can ask any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Runs `serving` (servers that refuse new work once [`Shutdown::asked`]
+    /// resolves, and end once their open work is done), and gives that work
+    /// `deadline` after the stop is asked for: `None` when the deadline came first.
+    pub async fn drain<T>(&self, serving: impl Future<Output = T>, deadline: Duration) -> Option<T> {
+        let asked = self.asked();
+        let past_deadline = async move {
+            asked.await;
+            tokio::time::sleep(deadline).await;
+        };
+        tokio::select! {
+            served = serving => Some(served),
+            () = past_deadline => None,
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C; the handlers are installed by the call itself.
+fn signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
@@ -41,3 +97,37 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
 /// Seconds open streams and exchanges get to finish after the signal; the
 /// default of both servers' `--shutdown-deadline-secs`.
 pub const DEFAULT_SHUTDOWN_DEADLINE_SECS: u64 = 30;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_open_at_the_stop_gets_until_the_deadline() {
+        let (ask, asked) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::on(async move {
+            let _ = asked.await;
+        });
+        let finishing = {
+            let asked = shutdown.asked();
+            async move {
+                asked.await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                "done"
+            }
+        };
+        ask.send(()).unwrap();
+        assert_eq!(shutdown.drain(finishing, Duration::from_secs(30)).await, Some("done"));
+
+        let never_done = std::future::pending::<()>();
+        assert_eq!(shutdown.drain(never_done, Duration::from_millis(10)).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_stop_never_asked_for_never_cuts() {
+        let served = Shutdown::never().drain(async { "served" }, Duration::ZERO).await;
+        assert_eq!(served, Some("served"));
+        let waiting = tokio::time::timeout(Duration::from_millis(20), Shutdown::never().asked()).await;
+        assert!(waiting.is_err());
+    }
+}

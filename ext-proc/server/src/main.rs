@@ -8,7 +8,7 @@ use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_proto::clock;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::internal_token::InternalTokenArgs;
-use modelgate_runtime::process::{run, shutdown_signal, DEFAULT_SHUTDOWN_DEADLINE_SECS};
+use modelgate_runtime::process::{run, Shutdown, DEFAULT_SHUTDOWN_DEADLINE_SECS};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,16 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     run(args.worker_threads, async move {
         let keys = Arc::new(args.keys.sources()?);
         let token = args.token.load("ext-proc's gRPC and admin ports")?;
-        // One signal stops both servers; its handlers are installed before either listens.
-        let signal = shutdown_signal();
-        let (stop, stopped) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            signal.await;
-            let _ = stop.send(());
-        });
-        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<()>| async move {
-            let _ = stopped.changed().await;
-        };
+        // One stop for both servers; its signal handlers are installed before either listens.
+        let shutdown = Shutdown::on_signal();
 
         let redis_timeout = Duration::from_millis(args.redis_timeout_ms);
         let limits = match &args.redis_url {
@@ -113,25 +105,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let grpc = async {
             tonic::transport::Server::builder()
                 .add_service(service::server(Processor { keys, max_event_bytes }, token, args.max_message_bytes))
-                .serve_with_shutdown(args.listen, until_stopped(stopped.clone()))
+                .serve_with_shutdown(args.listen, shutdown.asked())
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
         };
         let admin = async {
             axum::serve(admin_listener, admin)
-                .with_graceful_shutdown(until_stopped(stopped.clone()))
+                .with_graceful_shutdown(shutdown.asked())
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
         };
-        // Work still open at the deadline is cut: Envoy answers those requests as ext_proc failures.
         let deadline = Duration::from_secs(args.shutdown_deadline_secs);
-        let past_deadline = async {
-            until_stopped(stopped.clone()).await;
-            tokio::time::sleep(deadline).await;
-        };
-        tokio::select! {
-            served = async { tokio::try_join!(grpc, admin) } => { served?; }
-            _ = past_deadline => tracing::warn!("exchanges still open at the shutdown deadline are cut"),
+        match shutdown.drain(async { tokio::try_join!(grpc, admin) }, deadline).await {
+            Some(served) => {
+                served?;
+            }
+            // Envoy answers the requests of the exchanges cut as ext_proc failures.
+            None => tracing::warn!("exchanges still open at the shutdown deadline are cut"),
         }
         Ok(())
     })
