@@ -1,11 +1,9 @@
 use clap::Parser;
 use modelgate_dialects::credentials::KeySourceArgs;
-use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::internal_token::InternalTokenArgs;
-use modelgate_runtime::process::{run, Shutdown, DEFAULT_SHUTDOWN_DEADLINE_SECS};
+use modelgate_runtime::process::{run, ProcessArgs, Shutdown};
 use modelgate_stream_guard::server::{StreamGuard, DEFAULT_MAX_HEADERS};
 use std::net::SocketAddr;
-use std::time::Duration;
 
 /// modelgate's stream guard: relays streaming requests to Envoy's inner
 /// listener and ends a stream the backend breaks off with an OpenAI error event.
@@ -29,21 +27,13 @@ struct Args {
     /// `max_headers_count` on the OpenAI listener, and the inner listener's at least as high.
     #[arg(long, env = "MODELGATE_STREAM_GUARD_MAX_HEADERS", default_value_t = DEFAULT_MAX_HEADERS)]
     max_headers: usize,
-    /// Seconds open streams get to finish after SIGTERM, while new connections
-    /// are refused; streams still open then end with an OpenAI error event.
-    #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
-    shutdown_deadline_secs: u64,
-    /// The most of one unfinished event (or NDJSON line) a stream holds while
-    /// it waits for the event's end; an event that outgrows it ends the stream
-    /// with an OpenAI error event.
-    #[arg(long, env = "MODELGATE_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    max_event_bytes: u64,
+    #[command(flatten)]
+    process: ProcessArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let max_event_bytes = usize::try_from(args.max_event_bytes)?;
+    let max_event_bytes = args.process.max_event_bytes()?;
     run(args.worker_threads, async move {
         let keys = args.keys.sources()?;
         let token = args.token.load("the stream guard's port")?;
@@ -56,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .with_token(token)
             .with_max_headers(args.max_headers)
             .with_max_event_bytes(max_event_bytes);
-        guard.serve_until(listener, shutdown, Duration::from_secs(args.shutdown_deadline_secs)).await;
+        guard.serve_until(listener, shutdown, args.process.shutdown_deadline()).await;
         Ok(())
     })
 }

@@ -2,6 +2,7 @@
 //! chosen size, logs to stderr, and a clean stop on SIGTERM or Ctrl-C: new work
 //! is refused, and open work gets until a deadline to finish.
 
+use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -97,6 +98,34 @@ fn signal() -> impl Future<Output = ()> {
 /// Seconds open streams and exchanges get to finish after the signal; the
 /// default of both servers' `--shutdown-deadline-secs`.
 pub const DEFAULT_SHUTDOWN_DEADLINE_SECS: u64 = 30;
+
+/// The options ext-proc and the stream guard share, with the same names,
+/// variables and defaults.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessArgs {
+    /// Seconds open work (streams, gRPC exchanges, admin requests) gets to
+    /// finish after SIGTERM, while new connections are refused; then it is
+    /// cut, a stream ending with an OpenAI error event.
+    #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
+    pub shutdown_deadline_secs: u64,
+    /// The most of one unfinished event (or NDJSON line) a stream holds while
+    /// it waits for the event's end; an event that outgrows it ends the stream
+    /// with an OpenAI error event.
+    #[arg(long, env = "MODELGATE_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_event_bytes: u64,
+}
+
+impl ProcessArgs {
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_secs(self.shutdown_deadline_secs)
+    }
+
+    /// `--max-event-bytes`, which must fit this machine's memory addresses.
+    pub fn max_event_bytes(&self) -> Result<usize, std::num::TryFromIntError> {
+        usize::try_from(self.max_event_bytes)
+    }
+}
 
 #[cfg(test)]
 mod tests {

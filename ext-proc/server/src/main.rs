@@ -6,9 +6,8 @@ use modelgate_admin::usage_store::{Dedup, Ledger, RedisUsage, Usage};
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_proto::clock;
-use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::internal_token::InternalTokenArgs;
-use modelgate_runtime::process::{run, Shutdown, DEFAULT_SHUTDOWN_DEADLINE_SECS};
+use modelgate_runtime::process::{run, ProcessArgs, Shutdown};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,21 +60,13 @@ struct Args {
     #[arg(long, env = "MODELGATE_EXT_PROC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_message_bytes: usize,
-    /// Seconds open gRPC exchanges and admin requests get to finish after
-    /// SIGTERM, while new connections are refused; then the process exits.
-    #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
-    shutdown_deadline_secs: u64,
-    /// The most of one unfinished event (or NDJSON line) a stream it
-    /// translates holds; an event that outgrows it ends the stream with an
-    /// OpenAI error event.
-    #[arg(long, env = "MODELGATE_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    max_event_bytes: u64,
+    #[command(flatten)]
+    process: ProcessArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let max_event_bytes = usize::try_from(args.max_event_bytes)?;
+    let max_event_bytes = args.process.max_event_bytes()?;
     run(args.worker_threads, async move {
         let keys = Arc::new(args.keys.sources()?);
         let token = args.token.load("ext-proc's gRPC and admin ports")?;
@@ -115,7 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
         };
-        let deadline = Duration::from_secs(args.shutdown_deadline_secs);
+        let deadline = args.process.shutdown_deadline();
         match shutdown.drain(async { tokio::try_join!(grpc, admin) }, deadline).await {
             Some(served) => {
                 served?;
