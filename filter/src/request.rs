@@ -240,7 +240,7 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         profile: target.profile.clone(),
         forwards_client_key: target.forwards_client_key,
         stream_cluster,
-        chain: target.chain.clone(),
+        chain: target.chain.as_ref().map(|chain| chain.for_request(fields.stream).to_owned()),
         tokens: if limits_tokens { fields.token_estimate(body) } else { TokenEstimate::default() },
     })
 }

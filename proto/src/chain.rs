@@ -27,6 +27,29 @@ pub struct Chain {
     pub members: Vec<Member>,
     /// How the guard moves from one member to the next: the configuration's.
     pub failover: FailoverConfig,
+    /// The client asked for a stream, so the answer must be one: said here by
+    /// the filter, which has read the body, so the guard need not read it again.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// A chain's header values, written once when the configuration is read: one
+/// for whole requests, one for streams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainHeaders {
+    pub whole: String,
+    pub streamed: String,
+}
+
+impl ChainHeaders {
+    /// The header value for a request that asks for a stream or not.
+    pub fn for_request(&self, stream: bool) -> &str {
+        if stream {
+            &self.streamed
+        } else {
+            &self.whole
+        }
+    }
 }
 
 impl Chain {
@@ -34,6 +57,14 @@ impl Chain {
     pub fn to_header(&self) -> String {
         // Strings, numbers and JSON values always serialise.
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Both header values of this chain, whole and streamed.
+    pub fn headers(mut self) -> ChainHeaders {
+        self.stream = false;
+        let whole = self.to_header();
+        self.stream = true;
+        ChainHeaders { whole, streamed: self.to_header() }
     }
 
     pub fn from_header(value: &[u8]) -> Result<Self, serde_json::Error> {
@@ -66,9 +97,14 @@ mod tests {
                 retry_budget_percent: 20,
                 min_retry_concurrency: 10,
             },
+            stream: false,
         };
         let read = Chain::from_header(chain.to_header().as_bytes()).unwrap();
         assert_eq!(read, chain);
         assert!(read.retries_on(429) && !read.retries_on(400));
+        let headers = chain.clone().headers();
+        assert_eq!(headers.for_request(false), chain.to_header());
+        let streamed = Chain::from_header(headers.for_request(true).as_bytes()).unwrap();
+        assert_eq!(streamed, Chain { stream: true, ..chain });
     }
 }

@@ -5,7 +5,7 @@
 //! catch-all `*` comes last.
 
 use crate::backend::{ApiKey, BackendProfile};
-use crate::chain::{Chain, Member};
+use crate::chain::{Chain, ChainHeaders, Member};
 use crate::config::{AccountingConfig, BackendConfig, FilterConfig, ModelRouteConfig, Price, SharedLimitsConfig};
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
@@ -25,7 +25,7 @@ pub struct Target {
     /// For a model with fallbacks: the chain as the internal header's value
     /// ([`crate::chain::Chain`]); `cluster` is then the stream guard's, which
     /// tries the chain's backends in turn, and `profile` is unset.
-    pub chain: Option<String>,
+    pub chain: Option<ChainHeaders>,
 }
 
 #[derive(Debug, Default)]
@@ -199,10 +199,10 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
             profile: (!profile.is_passthrough()).then_some(profile),
         });
     }
-    let chain = Chain { members, failover: config.failover.clone() };
+    let chain = Chain { members, failover: config.failover.clone(), stream: false };
     target.cluster = guard.clone();
     target.profile = None;
-    target.chain = Some(chain.to_header());
+    target.chain = Some(chain.headers());
     Ok(target)
 }
 
@@ -294,7 +294,10 @@ mod tests {
         .unwrap();
         let target = router.resolve("m").unwrap();
         assert_eq!((target.cluster.as_str(), target.profile.as_deref()), ("guard", None));
-        let chain = Chain::from_header(target.chain.as_deref().unwrap().as_bytes()).unwrap();
+        let headers = target.chain.as_ref().unwrap();
+        assert!(Chain::from_header(headers.streamed.as_bytes()).unwrap().stream);
+        let chain = Chain::from_header(headers.whole.as_bytes()).unwrap();
+        assert!(!chain.stream);
         let members: Vec<(&str, &str, Option<&str>)> = chain
             .members
             .iter()

@@ -50,7 +50,7 @@ impl StreamGuard {
         };
         let request_id = parts.headers.get("x-request-id").cloned();
         // Whole requests of a model with fallbacks come this way too: only a stream's answer must be one.
-        let streamed = asks_for_stream(&whole);
+        let streamed = chain.stream;
         // A backend that cannot take this request (an endpoint or parameter its dialect lacks, a
         // key it cannot read) is left out: it is no attempt, and no failure of its hides another's.
         let mut prepared = Vec::with_capacity(chain.members.len());
@@ -208,16 +208,6 @@ pub(crate) fn served_by(mut answer: Response<GuardedBody>, backend: &str, attemp
     }
     answer.headers_mut().insert(headers::ATTEMPTS, HeaderValue::from(attempts));
     answer
-}
-
-/// Whether a client's JSON body asks for a stream (`"stream": true`).
-pub(crate) fn asks_for_stream(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Stream {
-        #[serde(default)]
-        stream: bool,
-    }
-    serde_json::from_slice::<Stream>(body).is_ok_and(|b| b.stream)
 }
 
 #[cfg(test)]

@@ -14,18 +14,25 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
 }
 
-fn wait_for_port(port: u16, process: &mut Child, what: &str) {
+/// Waits until `process` listens on `port`; false when it exited first, most
+/// likely because another test's process took the port after `free_port` chose it.
+fn listening(port: u16, process: &mut Child, what: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if let Ok(Some(status)) = process.try_wait() {
-            panic!("{what} exited at start: {status}");
+        if let Ok(Some(_)) = process.try_wait() {
+            return false;
         }
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{what} is not listening on {port} after 10 s");
+}
+
+/// Tries `start` on fresh ports until it listens; a few tries at most.
+fn on_free_ports<T>(what: &str, mut start: impl FnMut() -> Option<T>) -> T {
+    (0..5).find_map(|_| start()).unwrap_or_else(|| panic!("{what} exited at start five times"))
 }
 
 /// `redis-server` on the PATH, or why the test skips. CI installs it, so
@@ -51,9 +58,10 @@ pub struct Redis {
 
 impl Redis {
     pub fn start(binary: PathBuf) -> Self {
-        let mut redis = Redis { binary, port: free_port(), process: None };
-        redis.restart();
-        redis
+        on_free_ports("redis-server", || {
+            let mut redis = Redis { binary: binary.clone(), port: free_port(), process: None };
+            redis.spawn().then_some(redis)
+        })
     }
 
     pub fn url(&self) -> String {
@@ -62,6 +70,10 @@ impl Redis {
 
     /// Starts it again, on the same port.
     pub fn restart(&mut self) {
+        assert!(self.spawn(), "redis-server exited at restart");
+    }
+
+    fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
         let mut process = Command::new(&self.binary)
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -69,8 +81,9 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server");
-        wait_for_port(self.port, &mut process, "redis-server");
+        let up = listening(self.port, &mut process, "redis-server");
         self.process = Some(process);
+        up
     }
 
     pub fn kill(&mut self) {
@@ -130,6 +143,10 @@ impl ExtProc {
 
     /// With `data_dir` as its data directory, which outlives it.
     pub fn start_on(data_dir: &Path, extra: &[&str]) -> Self {
+        on_free_ports("modelgate-ext-proc", || Self::try_start_on(data_dir, extra))
+    }
+
+    fn try_start_on(data_dir: &Path, extra: &[&str]) -> Option<Self> {
         let (admin, grpc) = (free_port(), free_port());
         let admin: SocketAddr = ([127, 0, 0, 1], admin).into();
         let grpc: SocketAddr = ([127, 0, 0, 1], grpc).into();
@@ -143,9 +160,9 @@ impl ExtProc {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting modelgate-ext-proc");
-        wait_for_port(admin.port(), &mut process, "modelgate-ext-proc");
-        wait_for_port(grpc.port(), &mut process, "modelgate-ext-proc");
-        ExtProc { admin, grpc, process, _data: None }
+        let up = listening(admin.port(), &mut process, "modelgate-ext-proc")
+            && listening(grpc.port(), &mut process, "modelgate-ext-proc");
+        up.then_some(ExtProc { admin, grpc, process, _data: None })
     }
 
     pub fn get(&self, path: &str) -> Answer {
