@@ -4,6 +4,7 @@
 //! and natively, and is unit-tested without Envoy.
 
 pub mod backend;
+pub mod batch;
 pub mod chain;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod clock;
