@@ -69,19 +69,21 @@ impl Redis {
 
     fn spawn(binary: &PathBuf) -> Option<Redis> {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut process = Command::new(binary)
+        let process = Command::new(binary)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server");
+        // Killed and waited for on drop, whichever way this returns.
+        let mut redis = Redis { port, process };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = process.try_wait() {
+            if let Ok(Some(_)) = redis.process.try_wait() {
                 return None;
             }
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Redis { port, process });
+                return Some(redis);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
