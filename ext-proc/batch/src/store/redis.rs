@@ -192,7 +192,7 @@ fn flag(on: bool) -> &'static str {
     if on {
         "1"
     } else {
-        ""
+        "0"
     }
 }
 
