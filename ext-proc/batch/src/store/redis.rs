@@ -5,6 +5,9 @@ use super::*;
 pub struct RedisMeta;
 
 impl RedisMeta {
+    pub fn new(url: &str, timeout: Duration) -> std::result::Result<Self, String> {
+        unimplemented!()
+    }
     pub async fn insert_file(&self, record: &FileRecord) -> Result<()> {
         unimplemented!()
     }
