@@ -72,17 +72,18 @@ impl Blobs {
     /// As [`Blobs::open`], with `options` in place of the environment's variables
     /// (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`...): only those of the URL's store are read.
     pub fn open_with(location: &str, options: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
-        let prefix =
-            match location.split_once("://") {
-                None => return Blobs::local(location),
-                Some(("file", path)) => return Blobs::local(path),
-                Some(("s3" | "s3a", _)) => "AWS_",
-                Some(("gs", _)) => "GOOGLE_",
-                Some(("az" | "azure", _)) => "AZURE_",
-                Some((scheme, _)) => return Err(format!(
+        let prefix = match location.split_once("://") {
+            None => return Blobs::local(location),
+            Some(("file", path)) => return Blobs::local(path),
+            Some(("s3" | "s3a", _)) => "AWS_",
+            Some(("gs", _)) => "GOOGLE_",
+            Some(("az" | "azure", _)) => "AZURE_",
+            Some((scheme, _)) => {
+                return Err(format!(
                     "files at {location}: unsupported scheme `{scheme}` (use a path, file://, s3://, gs:// or az://)"
-                )),
-            };
+                ))
+            }
+        };
         let url = url::Url::parse(location).map_err(|e| format!("files at {location}: {e}"))?;
         let options = options.into_iter().filter(|(key, _)| key.starts_with(prefix));
         let (store, root) =
@@ -150,6 +151,11 @@ impl BlobWriter {
         self.bytes += piece.len() as u64;
         self.upload.put(piece);
         Ok(())
+    }
+
+    /// Bytes pushed so far.
+    pub fn written(&self) -> u64 {
+        self.bytes
     }
 
     /// Makes the object durable and visible; its size in bytes.
