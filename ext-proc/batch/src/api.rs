@@ -19,8 +19,11 @@ use crate::store::{BatchRecord, Deletion, FileQuery, FileRecord, Meta, Order, St
 use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, OriginalUri, Path, Query, Request, State};
-use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Multipart, OriginalUri, Path, Query, Request, State,
+};
+use axum::http::header::{self, HeaderValue};
+use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +38,7 @@ use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::headers::INTERNAL_TOKEN;
 use modelgate_runtime::internal_token::InternalToken;
 use serde::Serialize;
+use std::convert::Infallible;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -113,15 +117,37 @@ async fn only_envoy(State(api): State<Arc<Api>>, request: Request, next: Next) -
     }
 }
 
-/// The record owner the filter named.
-fn owner(headers: &HeaderMap) -> String {
-    headers.get(OWNER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).unwrap_or_default()
+/// The records' owner the filter named.
+struct Owner(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Owner {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        let owner = parts.headers.get(OWNER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        Ok(Owner(owner.unwrap_or_default()))
+    }
+}
+
+/// The `{id}` in a path, refused in OpenAI's envelope when it is not text.
+struct Id(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Refusal> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Id(id)),
+            Err(rejection) => {
+                Err(GatewayError::invalid_parameter("id", format!("Invalid id: {}.", rejection.body_text())).into())
+            }
+        }
+    }
 }
 
 // Files.
 
-async fn upload(State(api): State<Arc<Api>>, request: Request) -> Result<Response, Refusal> {
-    let owner = owner(request.headers());
+async fn upload(State(api): State<Arc<Api>>, Owner(owner): Owner, request: Request) -> Result<Response, Refusal> {
     let content_type = request.headers().get(header::CONTENT_TYPE).map(HeaderValue::as_bytes).unwrap_or_default();
     if !content_type.to_ascii_lowercase().starts_with(b"multipart/form-data") {
         return Err(GatewayError::not_multipart(&String::from_utf8_lossy(content_type)).into());
@@ -225,8 +251,7 @@ impl Form {
             let name = field.name().unwrap_or_default().to_string();
             let slot = match name.as_str() {
                 "file" if self.file.is_none() => {
-                    self.file = Some(Upload::start(api, &mut field).await?);
-                    let Some(upload) = &mut self.file else { continue };
+                    let upload = self.file.insert(Upload::start(api, &mut field).await?);
                     while let Some(piece) = field.chunk().await.map_err(|e| unreadable(&e))? {
                         if upload.writer.written() + piece.len() as u64 > api.max_file_bytes {
                             return Err(GatewayError::file_too_large(api.max_file_bytes));
@@ -319,7 +344,7 @@ fn unreadable(e: &MultipartError) -> GatewayError {
 
 async fn list_files(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    Owner(owner): Owner,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, Refusal> {
     let query = query_pairs(query)?;
@@ -340,25 +365,17 @@ async fn list_files(
         after: param(&query, "after").map(str::to_string),
         limit: limit(&query, FILES_PAGE, FILES_PAGE_DEFAULT)?,
     };
-    let page = api.meta.list_files(&owner(&headers), &files, clock::unix_seconds()).await?;
+    let page = api.meta.list_files(&owner, &files, clock::unix_seconds()).await?;
     let files = page.items.into_iter().map(|record| record.file).collect();
     Ok(json(&ListPage::new(files, page.has_more, |file: &FileObject| &file.id)))
 }
 
-async fn get_file(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, Refusal> {
-    Ok(json(&file(&api, &headers, &id).await?.file))
+async fn get_file(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): Id) -> Result<Response, Refusal> {
+    Ok(json(&file(&api, &owner, &id).await?.file))
 }
 
-async fn file_content(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, Refusal> {
-    let record = file(&api, &headers, &id).await?;
+async fn file_content(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): Id) -> Result<Response, Refusal> {
+    let record = file(&api, &owner, &id).await?;
     let pieces = match api.blobs.read(&record.blob).await {
         Ok(pieces) => pieces,
         Err(BlobError::NotFound) => {
@@ -379,12 +396,8 @@ async fn file_content(
     Ok((headers, body).into_response())
 }
 
-async fn delete_file(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, Refusal> {
-    match api.meta.delete_file(&owner(&headers), &id).await? {
+async fn delete_file(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): Id) -> Result<Response, Refusal> {
+    match api.meta.delete_file(&owner, &id).await? {
         Deletion::Deleted(record) => {
             // The record is gone, so the file is: bytes left behind are only garbage.
             if let Err(e) = api.blobs.delete(&record.blob).await {
@@ -397,8 +410,8 @@ async fn delete_file(
     }
 }
 
-async fn file(api: &Api, headers: &HeaderMap, id: &str) -> Result<FileRecord, Refusal> {
-    let record = api.meta.file(&owner(headers), id, clock::unix_seconds()).await?;
+async fn file(api: &Api, owner: &str, id: &str) -> Result<FileRecord, Refusal> {
+    let record = api.meta.file(owner, id, clock::unix_seconds()).await?;
     Ok(record.ok_or_else(|| GatewayError::file_not_found(id))?)
 }
 
@@ -406,7 +419,7 @@ async fn file(api: &Api, headers: &HeaderMap, id: &str) -> Result<FileRecord, Re
 
 async fn create_batch(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    Owner(owner): Owner,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Refusal> {
     let body = body.map_err(|rejection| match rejection.status() {
@@ -417,7 +430,6 @@ async fn create_batch(
         "body" => GatewayError::invalid_request(invalid.message),
         param => GatewayError::invalid_parameter(param, invalid.message),
     })?;
-    let owner = owner(&headers);
     let now = clock::unix_seconds();
     let input = api.meta.file(&owner, &create.input_file_id, now).await?.ok_or_else(|| {
         GatewayError::invalid_parameter("input_file_id", format!("No such File object: {}", create.input_file_id))
@@ -460,35 +472,27 @@ async fn create_batch(
     Ok(json(&record.view()))
 }
 
-async fn get_batch(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, Refusal> {
-    let record = api.meta.batch(&owner(&headers), &id).await?.ok_or_else(|| GatewayError::batch_not_found(&id))?;
+async fn get_batch(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): Id) -> Result<Response, Refusal> {
+    let record = api.meta.batch(&owner, &id).await?.ok_or_else(|| GatewayError::batch_not_found(&id))?;
     Ok(json(&record.view()))
 }
 
 async fn list_batches(
     State(api): State<Arc<Api>>,
-    headers: HeaderMap,
+    Owner(owner): Owner,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, Refusal> {
     let query = query_pairs(query)?;
     let limit = limit(&query, BATCHES_PAGE, BATCHES_PAGE_DEFAULT)?;
-    let page = api.meta.list_batches(&owner(&headers), param(&query, "after"), limit).await?;
+    let page = api.meta.list_batches(&owner, param(&query, "after"), limit).await?;
     let batches = page.items.iter().map(BatchRecord::view).collect();
     Ok(json(&ListPage::new(batches, page.has_more, |batch: &Batch| &batch.id)))
 }
 
-async fn cancel_batch(
-    State(api): State<Arc<Api>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, Refusal> {
+async fn cancel_batch(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): Id) -> Result<Response, Refusal> {
     let record = api
         .meta
-        .request_cancel(&owner(&headers), &id, clock::unix_seconds())
+        .request_cancel(&owner, &id, clock::unix_seconds())
         .await?
         .ok_or_else(|| GatewayError::batch_not_found(&id))?;
     if record.batch.status.is_terminal() {

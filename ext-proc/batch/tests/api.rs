@@ -521,6 +521,8 @@ async fn only_envoy_is_served_and_other_paths_are_refused() {
         assert_eq!(answer.error(), (405, Value::Null, json!("method_not_allowed")), "{method} {path}");
         assert_eq!(answer.header("allow"), allow, "{method} {path}");
     }
+    let not_text = gw.call(Method::GET, "/v1/files/%FF", "alice").await;
+    assert_eq!(not_text.error(), (400, json!("id"), Value::Null));
     for path in ["/v1/files/file-1/content/more", "/v1/batches/batch_1/retry", "/v1/batches/a/b/c"] {
         assert_eq!(
             gw.call(Method::GET, path, "alice").await.error(),
