@@ -169,7 +169,7 @@ async fn expired_files_are_hidden(backend: Backend) {
 
     assert!(meta.expired_files(99, 10).await.unwrap().is_empty());
     assert_eq!(meta.expired_files(1000, 10).await.unwrap(), [short.clone(), long.clone()]);
-    assert_eq!(meta.expired_files(1000, 1).await.unwrap(), [short.clone()]);
+    assert_eq!(meta.expired_files(1000, 1).await.unwrap(), std::slice::from_ref(&short));
     assert_eq!(meta.delete_file(ALICE, &short.file.id).await.unwrap(), Deletion::Deleted(short));
     assert_eq!(meta.expired_files(1000, 10).await.unwrap(), [long]);
 }
@@ -387,6 +387,78 @@ async fn everything_survives_reopening(backend: Backend) {
     assert!(save_batch(&meta, &lease, &running).await);
 }
 
+/// Random sets of files and batches, walked page by page: every record the
+/// owner should see comes once, in order, and `has_more` says whether more follow.
+async fn lists_walk_every_record_once(backend: Backend) {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    const PURPOSES: [&str; 3] = ["batch", "batch_output", "vision"];
+    let meta = backend.open();
+    let mut runner = TestRunner::default();
+    let cases = (
+        prop::collection::vec((0..PURPOSES.len(), prop::option::of(0..10u64)), 0..16),
+        0..12u64,
+        1..6usize,
+        any::<bool>(),
+        prop::option::of(0..PURPOSES.len()),
+        0..10u64,
+    );
+    for case in 0..u64::from(runner.config().cases) {
+        let (files, batches, limit, ascending, purpose, now) = cases.new_tree(&mut runner).unwrap().current();
+        let context = format!(
+            "{files:?}, {batches} batches, limit {limit}, ascending {ascending}, purpose {purpose:?}, now {now}"
+        );
+        // Each case its own owner (and ids): the cases share the store.
+        let owner = format!("owner-{case}");
+        let first = case * 100;
+        let mut expected = Vec::new();
+        for (n, (purpose_index, expires_at)) in (first..).zip(&files) {
+            let mut record = file(&owner, n, PURPOSES[*purpose_index]);
+            record.file.expires_at = *expires_at;
+            meta.insert_file(&record).await.unwrap();
+            if !record.expired(now) && purpose.is_none_or(|p| p == *purpose_index) {
+                expected.push(record.file.id);
+            }
+        }
+        let order = if ascending { Order::Asc } else { Order::Desc };
+        if !ascending {
+            expected.reverse();
+        }
+        let (mut seen, mut after) = (Vec::new(), None);
+        loop {
+            let query = FileQuery { purpose: purpose.map(|p| PURPOSES[p].to_string()), order, after, limit };
+            let page = meta.list_files(&owner, &query, now).await.unwrap();
+            assert!(page.items.len() <= limit, "{context}");
+            seen.extend(file_ids(&page.items));
+            assert_eq!(page.has_more, seen.len() < expected.len(), "{context}: {seen:?} of {expected:?}");
+            if !page.has_more {
+                break;
+            }
+            after = seen.last().cloned();
+        }
+        assert_eq!(seen, expected, "{context}");
+
+        for n in first..first + batches {
+            meta.insert_batch(&batch(&owner, n, &file_id(first))).await.unwrap();
+        }
+        let expected: Vec<String> = (first..first + batches).rev().map(batch_id).collect();
+        let (mut seen, mut after) = (Vec::new(), None);
+        loop {
+            let page = meta.list_batches(&owner, after.as_deref(), limit).await.unwrap();
+            assert!(page.items.len() <= limit, "{context}");
+            seen.extend(batch_ids(&page.items));
+            assert_eq!(page.has_more, seen.len() < expected.len(), "{context}: {seen:?} of {expected:?}");
+            if !page.has_more {
+                break;
+            }
+            after = seen.last().cloned();
+        }
+        assert_eq!(seen, expected, "{context}");
+    }
+}
+
 /// Each test of the suite, once per store; a store whose server is missing skips.
 macro_rules! suite {
     ($store:ident: $($test:ident),* $(,)?) => {
@@ -406,6 +478,7 @@ macro_rules! suite {
 macro_rules! both {
     ($($test:ident),* $(,)?) => {
         suite!(sqlite: $($test),*);
+        suite!(redis: $($test),*);
     };
 }
 
@@ -422,4 +495,45 @@ both!(
     a_terminal_save_ends_the_batch,
     segments_come_back_in_commit_order,
     everything_survives_reopening,
+    lists_walk_every_record_once,
 );
+
+#[tokio::test]
+async fn a_redis_that_does_not_answer_is_an_error_not_a_hang() {
+    let Some(redis) = common::Redis::start() else {
+        return;
+    };
+    let timeout = Duration::from_millis(200);
+    let meta = Meta::open(Some(&redis.url()), std::path::Path::new("/nonexistent"), timeout).unwrap();
+    meta.insert_batch(&batch(ALICE, 1, &file_id(1))).await.unwrap();
+
+    redis.pause();
+    let started = std::time::Instant::now();
+    assert!(meta.batch(ALICE, &batch_id(1)).await.is_err());
+    assert!(meta.acquire(&batch_id(1), HOLDER, TTL).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2), "each call is bounded by the timeout");
+    redis.resume();
+
+    // Back as soon as Redis is: the connection is made again by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match meta.batch(ALICE, &batch_id(1)).await {
+            Ok(found) => break assert_eq!(found, Some(batch(ALICE, 1, &file_id(1)))),
+            Err(e) if std::time::Instant::now() > deadline => panic!("Redis is back but the store is not: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[test]
+fn a_database_from_a_newer_modelgate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batches.sqlite");
+    drop(modelgate_batch::store::sqlite::SqliteMeta::open(&path).expect("a new database"));
+    rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", 2).unwrap();
+    let refused = modelgate_batch::store::sqlite::SqliteMeta::open(&path).err().expect("refused");
+    assert!(refused.contains("schema version 2 is newer"), "{refused}");
+
+    std::fs::write(dir.path().join("garbage.sqlite"), b"not a database, not at all").unwrap();
+    assert!(modelgate_batch::store::sqlite::SqliteMeta::open(&dir.path().join("garbage.sqlite")).is_err());
+}

@@ -122,6 +122,8 @@ impl SqliteMeta {
     pub fn open(path: &Path) -> std::result::Result<Self, String> {
         let fail = |e: rusqlite::Error| format!("batch database {}: {e}", path.display());
         let mut db = Connection::open(path).map_err(fail)?;
+        // Another process may hold the file a moment (one exiting as its successor starts).
+        db.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
         db.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
         db.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;

@@ -31,7 +31,7 @@ impl Backend {
     }
 
     pub fn redis() -> Option<Backend> {
-        let redis = Redis::start(redis_server()?);
+        let redis = Redis::start()?;
         let url = redis.url();
         let data_dir = PathBuf::from("/nonexistent");
         Some(Backend {
@@ -56,40 +56,58 @@ fn redis_server() -> Option<PathBuf> {
 }
 
 /// A throwaway Redis without persistence; killed on drop.
-struct Redis {
+pub struct Redis {
     port: u16,
     process: Child,
 }
 
 impl Redis {
-    /// Another process may take the port between choosing and binding it: a few tries.
-    fn start(binary: PathBuf) -> Redis {
-        (0..5).find_map(|_| Redis::spawn(&binary)).expect("redis-server exited at start five times")
+    /// None when the test skips (no `redis-server`). Another process may take
+    /// the port between choosing and binding it: a few tries.
+    pub fn start() -> Option<Redis> {
+        let binary = redis_server()?;
+        Some((0..5).find_map(|_| Redis::spawn(&binary)).expect("redis-server exited at start five times"))
     }
 
     fn spawn(binary: &PathBuf) -> Option<Redis> {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let mut process = Command::new(binary)
+        let process = Command::new(binary)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server");
+        // Killed and waited for on drop, whichever way this returns.
+        let mut redis = Redis { port, process };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = process.try_wait() {
+            if let Ok(Some(_)) = redis.process.try_wait() {
                 return None;
             }
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Redis { port, process });
+                return Some(redis);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("redis-server is not listening on {port} after 10 s");
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stops it answering, connections kept open: a Redis that hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.process.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {signal} redis-server");
     }
 }
 
