@@ -33,9 +33,14 @@ struct Gateway {
 }
 
 fn gateway(max_file_bytes: u64) -> Gateway {
+    gateway_over(max_file_bytes, None)
+}
+
+/// A gateway whose records are in SQLite, or in Redis at `redis_url`.
+fn gateway_over(max_file_bytes: u64, redis_url: Option<&str>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let files_dir = dir.path().join("data/files");
-    let meta = Meta::open(None, &dir.path().join("data"), Duration::from_secs(2)).unwrap();
+    let meta = Meta::open(redis_url, &dir.path().join("data"), Duration::from_millis(500)).unwrap();
     let api = Arc::new(Api {
         meta: Arc::new(meta),
         blobs: Arc::new(Blobs::open(files_dir.to_str().unwrap()).unwrap()),
@@ -542,4 +547,23 @@ async fn a_file_store_that_fails_is_a_503_to_retry() {
     assert_eq!(answer.error(), (503, Value::Null, json!("file_store_unavailable")));
     assert_eq!((answer.header("x-should-retry"), answer.header("retry-after")), ("true", "1"));
     assert_eq!(gw.call(Method::GET, "/v1/files", "alice").await.json()["data"], json!([]));
+}
+
+#[tokio::test]
+async fn a_batch_store_that_fails_is_a_503_to_retry() {
+    // Redis on a port nothing listens on: every call fails.
+    let gw = gateway_over(1 << 20, Some("redis://127.0.0.1:1"));
+    let answer = gw.upload_form("alice", &[text("purpose", "batch"), file(Some("in.jsonl"), LINE)]).await;
+    assert_eq!(answer.error(), (503, Value::Null, json!("batch_store_unavailable")));
+    assert_eq!((answer.header("x-should-retry"), answer.header("retry-after")), ("true", "1"));
+    assert_eq!(gw.stored_files(), 0, "bytes never recorded are not kept");
+    for (method, path) in [
+        (Method::GET, "/v1/files"),
+        (Method::GET, "/v1/files/file-1"),
+        (Method::DELETE, "/v1/files/file-1"),
+        (Method::GET, "/v1/batches"),
+        (Method::POST, "/v1/batches/batch_1/cancel"),
+    ] {
+        assert_eq!(gw.call(method.clone(), path, "alice").await.error().0, 503, "{method} {path}");
+    }
 }
