@@ -52,7 +52,8 @@ pub const OWNER: &str = "x-modelgate-owner";
 pub const ON_BEHALF_OF: &str = "x-modelgate-on-behalf-of";
 
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN, INTERNAL_TOKEN, OWNER, ON_BEHALF_OF];
+pub const INTERNAL: &[&str] =
+    &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN, INTERNAL_TOKEN, OWNER, ON_BEHALF_OF];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies
