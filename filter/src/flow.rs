@@ -213,7 +213,7 @@ impl Flow {
         };
         match request::on_request_headers(&self.router, head) {
             HeadersVerdict::PassThrough => Action::Continue,
-            HeadersVerdict::BatchService(caller) => self.to_batch_service(host, &caller),
+            HeadersVerdict::BatchService(caller) => self.send_to_batch_service(host, &caller),
             HeadersVerdict::ReadBody(caller) => {
                 self.phase = Phase::ReadingBody { caller, buffered: 0 };
                 Action::Pause
@@ -584,7 +584,7 @@ impl Flow {
 
     /// Sends a request for the Files or Batch API on to the batch service,
     /// saying whose it is and proving it comes from the gateway.
-    fn to_batch_service<H: Host>(&mut self, host: &H, caller: &Caller) -> Action {
+    fn send_to_batch_service<H: Host>(&mut self, host: &H, caller: &Caller) -> Action {
         let Some(batches) = self.router.batches() else {
             return Action::Continue;
         };

@@ -5,7 +5,7 @@
 //!
 //! Counters are registered without their `_total`, which the encoder adds.
 
-use modelgate_proto::usage::{Refused, Traffic, UsageRecord};
+use modelgate_proto::usage::{Refused, UsageRecord};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -232,10 +232,17 @@ fn seconds(us: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelgate_proto::usage::Usage;
+    use modelgate_proto::usage::{Traffic, Usage};
 
     fn lines(text: &str, prefix: &str) -> Vec<String> {
         text.lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
+    }
+
+    /// The same, in order: a family's series come in no particular order.
+    fn sorted_lines(text: &str, prefix: &str) -> Vec<String> {
+        let mut lines = lines(text, prefix);
+        lines.sort();
+        lines
     }
 
     #[test]
@@ -255,6 +262,7 @@ mod tests {
             latency_us: 1_500_000,
             ttft_us: Some(200_000),
             itl_us: vec![1_000, 40_000, 40_000],
+            traffic: Traffic::Interactive,
         };
         m.record(&stream);
         m.record(&UsageRecord { status: 429, usage: None, cost_usd: Some(0.25), stream: false, ..stream.clone() });
@@ -317,6 +325,30 @@ mod tests {
     }
 
     #[test]
+    fn a_batchs_lines_are_counted_apart_from_the_keys_own_requests() {
+        let m = Metrics::default();
+        let own = UsageRecord {
+            key: "k".into(),
+            model: "m".into(),
+            backend: "b".into(),
+            status: 200,
+            usage: Some(Usage { prompt_tokens: 5, completion_tokens: 1 }),
+            ..UsageRecord::default()
+        };
+        m.record(&own);
+        m.record(&UsageRecord { traffic: Traffic::Batch, ..own.clone() });
+        m.record(&UsageRecord { traffic: Traffic::Batch, ..own });
+        let text = m.encode();
+        assert_eq!(
+            sorted_lines(&text, "modelgate_prompt_tokens_total"),
+            [
+                r#"modelgate_prompt_tokens_total{model="m",backend="b",key="k",traffic="batch"} 10"#,
+                r#"modelgate_prompt_tokens_total{model="m",backend="b",key="k",traffic="interactive"} 5"#
+            ]
+        );
+    }
+
+    #[test]
     fn refusals_count_as_requests_and_errors_without_timings() {
         let m = Metrics::default();
         let refused = Refused {
@@ -331,17 +363,17 @@ mod tests {
         m.refused(&Refused { traffic: Traffic::Batch, count: 2, ..refused });
         let text = m.encode();
         assert_eq!(
-            lines(&text, "modelgate_requests_total"),
+            sorted_lines(&text, "modelgate_requests_total"),
             [
-                r#"modelgate_requests_total{model="m",backend="",key="k",traffic="interactive"} 7"#,
-                r#"modelgate_requests_total{model="m",backend="",key="k",traffic="batch"} 2"#
+                r#"modelgate_requests_total{model="m",backend="",key="k",traffic="batch"} 2"#,
+                r#"modelgate_requests_total{model="m",backend="",key="k",traffic="interactive"} 7"#
             ]
         );
         assert_eq!(
-            lines(&text, "modelgate_errors_total"),
+            sorted_lines(&text, "modelgate_errors_total"),
             [
-                r#"modelgate_errors_total{model="m",backend="",key="k",status="429",traffic="interactive"} 7"#,
-                r#"modelgate_errors_total{model="m",backend="",key="k",status="429",traffic="batch"} 2"#
+                r#"modelgate_errors_total{model="m",backend="",key="k",status="429",traffic="batch"} 2"#,
+                r#"modelgate_errors_total{model="m",backend="",key="k",status="429",traffic="interactive"} 7"#
             ]
         );
         assert!(lines(&text, "modelgate_request_duration_seconds_count").is_empty(), "{text}");

@@ -359,7 +359,14 @@ mod tests {
         let retention = Retention::hours(1);
         let mut store = UsageStore::new(retention);
         let record = UsageRecord { at_ms: now, key: "k".into(), status: 404, ..UsageRecord::default() };
-        let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 9 };
+        let refused = Refused {
+            key: "k".into(),
+            model: String::new(),
+            model_served: false,
+            status: 404,
+            count: 9,
+            ..Refused::default()
+        };
         let tally = |at_ms| Tally { at_ms, refused: vec![refused.clone()], dropped_records: 0 };
         store.add(&retention.rows(&[record], &[tally(now), tally(now - 2 * HOUR_MS)], now), now);
         let row = &store.report(0, u64::MAX).data[0];
