@@ -115,15 +115,15 @@ def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None
                                ("modelgate_admin", 1, {"http_health_check": {"path": "/metrics"}})]:
         cluster = clusters[name]
         endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-        endpoints += [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports[index]}}}}
-                      for ports in replicas]
+        endpoints += [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+                      for port in (ports[index] for ports in replicas)]
         cluster["health_checks"] = [{**fast_checks, **check}]
         cluster["outlier_detection"] = ejection
-    admin = clusters["modelgate_admin"]
     routes = http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
+    to_admin = {"name": "x-modelgate-cluster", "string_match": {"exact": "modelgate_admin"}}
     routes.insert(0, {
-        "match": {"prefix": "/", "headers": [{"name": "x-modelgate-cluster", "string_match": {"exact": admin["name"]}}]},
-        "route": {"cluster": admin["name"], "timeout": "600s", "retry_policy": {
+        "match": {"prefix": "/", "headers": [to_admin]},
+        "route": {"cluster": "modelgate_admin", "timeout": "600s", "retry_policy": {
             "retry_on": "connect-failure,reset-before-request", "num_retries": 3,
             "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
