@@ -274,7 +274,8 @@ def test_bad_requests_are_refused_with_openai_errors_and_change_nothing(gateway,
             http.post("/files", data={"purpose": "batch"}, files={"other": ("a.jsonl", b"{}\n")}),
             http.post("/files", json={"purpose": "batch"}),
         ]
-        assert [r.status_code for r in refusals[-3:]] == [400] * 3, [r.text for r in refusals[-3:]]
+        assert [r.status_code for r in refusals[-3:-1]] == [400] * 2, [r.text for r in refusals[-3:]]
+        assert refusals[-1].status_code in (400, 415), refusals[-1].text
         too_large = http.post("/files", data={"purpose": "batch"},
                               files={"file": ("big.jsonl", b"x" * (MAX_FILE_BYTES + 1))})
         assert too_large.status_code == 413, too_large.text
