@@ -151,7 +151,7 @@ REJECTED = {
     "duplicate_custom_id": ([chat_line("a"), chat_line("b"), chat_line("a")], 3, "duplicate_custom_id"),
     "unknown_model": ([chat_line("a"), chat_line("b", "no-such-model")], 2, "model_not_found"),
     "stream_asked": ([chat_line("a", stream=True)], 1, "unsupported_parameter"),
-    "over_the_line_limit": (over_the_line_limit(), MAX_LINES + 1, None),
+    "over_the_line_limit": (over_the_line_limit(), MAX_LINES + 1, "too_many_lines"),
 }
 
 
@@ -165,7 +165,7 @@ def test_a_rejected_input_fails_the_batch_naming_the_line(gateway, spec, case):
     assert batch.failed_at and batch.in_progress_at is None and batch.output_file_id is None
     error = batch.errors.data[0]
     assert error.line == line_number, batch.errors
-    assert error.message and (code is None or error.code == code), batch.errors
+    assert error.message and error.code == code, batch.errors
 
 
 def test_a_key_may_batch_only_its_models(gateway):
@@ -192,13 +192,13 @@ def test_a_batch_refuses_a_wrong_purpose(gateway, spec):
     client = sdk(gateway)
     with pytest.raises(openai.BadRequestError) as err:
         client.files.create(file=("input.jsonl", jsonl([chat_line("a")])), purpose="homework")
-    assert err.value.body["param"] == "purpose"
+    assert (err.value.body["param"], err.value.body["code"]) == ("purpose", "invalid_value")
     spec.validate("ErrorResponse", err.value.response.json())
     stored = upload(client, [chat_line("a")], purpose="user_data")
     assert stored.purpose == "user_data"
     with pytest.raises(openai.BadRequestError) as err:
         client.batches.create(input_file_id=stored.id, endpoint="/v1/chat/completions", completion_window="24h")
-    assert err.value.body["param"] == "input_file_id"
+    assert (err.value.body["param"], err.value.body["code"]) == ("input_file_id", "invalid_value")
     spec.validate("ErrorResponse", err.value.response.json())
 
 
@@ -212,9 +212,9 @@ def test_cancel_keeps_the_finished_lines_and_files_the_rest_as_errors(gateway, s
     assert running.request_counts.completed < 40
 
     # Its input file is in use: it cannot be deleted.
-    with pytest.raises(openai.APIStatusError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         client.files.delete(created.input_file_id)
-    assert err.value.status_code in (400, 409)
+    assert err.value.body["code"] == "file_in_use" and created.id in err.value.body["message"]
     spec.validate("ErrorResponse", err.value.response.json())
 
     cancelling = client.batches.cancel(created.id)
@@ -228,9 +228,9 @@ def test_cancel_keeps_the_finished_lines_and_files_the_rest_as_errors(gateway, s
     assert all(line["error"]["code"] == "batch_cancelled" and line["response"] is None for line in errors.values())
 
     # A finished batch cannot be cancelled, and stays as it was.
-    with pytest.raises(openai.APIStatusError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         client.batches.cancel(created.id)
-    assert err.value.status_code in (400, 409)
+    assert err.value.body["code"] == "batch_not_cancellable"
     spec.validate("ErrorResponse", err.value.response.json())
     assert client.batches.retrieve(created.id) == batch
     # Nor does its input file stay in use.
@@ -245,19 +245,20 @@ def test_bad_requests_are_refused_with_openai_errors_and_change_nothing(gateway,
     before = ([f.id for f in client.files.list()], [b.id for b in client.batches.list()])
 
     refusals = []
-    for call in [lambda: client.files.retrieve("file-unknown"), lambda: client.files.content("file-unknown"),
-                 lambda: client.files.delete("file-unknown"), lambda: client.batches.retrieve("batch_unknown"),
-                 lambda: client.batches.cancel("batch_unknown")]:
+    for call, code in [(lambda: client.files.retrieve("file-unknown"), "file_not_found"),
+                       (lambda: client.files.content("file-unknown"), "file_not_found"),
+                       (lambda: client.files.delete("file-unknown"), "file_not_found"),
+                       (lambda: client.batches.retrieve("batch_unknown"), "batch_not_found"),
+                       (lambda: client.batches.cancel("batch_unknown"), "batch_not_found"),
+                       (lambda: client.batches.create(input_file_id="file-unknown", endpoint="/v1/chat/completions",
+                                                      completion_window="24h"), "file_not_found")]:
         with pytest.raises(openai.NotFoundError) as err:
             call()
+        assert err.value.body["code"] == code
         refusals.append(err.value.response)
-    with pytest.raises(openai.APIStatusError) as err:
-        client.batches.create(input_file_id="file-unknown", endpoint="/v1/chat/completions", completion_window="24h")
-    assert err.value.status_code in (400, 404)
-    refusals.append(err.value.response)
-    with pytest.raises(openai.APIStatusError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         client.batches.cancel(done.id)
-    assert err.value.status_code in (400, 409)
+    assert err.value.body["code"] == "batch_not_cancellable"
     refusals.append(err.value.response)
     with pytest.raises(openai.BadRequestError) as err:
         client.batches.create(input_file_id=done.input_file_id, endpoint="/v1/chat/completions",
@@ -274,11 +275,12 @@ def test_bad_requests_are_refused_with_openai_errors_and_change_nothing(gateway,
             http.post("/files", data={"purpose": "batch"}, files={"other": ("a.jsonl", b"{}\n")}),
             http.post("/files", json={"purpose": "batch"}),
         ]
-        assert [r.status_code for r in refusals[-3:-1]] == [400] * 2, [r.text for r in refusals[-3:]]
-        assert refusals[-1].status_code in (400, 415), refusals[-1].text
+        assert [(r.status_code, r.json()["error"]["code"]) for r in refusals[-3:]] == \
+            [(400, "invalid_multipart"), (400, "missing_required_parameter"), (400, "invalid_multipart")]
+        assert refusals[-2].json()["error"]["param"] == "file"
         too_large = http.post("/files", data={"purpose": "batch"},
                               files={"file": ("big.jsonl", b"x" * (MAX_FILE_BYTES + 1))})
-        assert too_large.status_code == 413, too_large.text
+        assert (too_large.status_code, too_large.json()["error"]["code"]) == (413, "request_too_large")
         refusals.append(too_large)
     for refusal in refusals:
         assert 400 <= refusal.status_code < 500 and refusal.headers["x-request-id"]
@@ -391,5 +393,5 @@ def test_a_batch_past_its_window_expires_keeping_its_results(short_window, spec)
     output, errors = results(client, batch, [line["custom_id"] for line in lines])
     assert output and errors, batch.request_counts
     assert all(answer["response"]["status_code"] == 200 for answer in output.values())
-    assert all(line["error"]["code"] == "batch_expired" for line in errors.values())
+    assert all(line["error"]["code"] == "batch_expired" and line["response"] is None for line in errors.values())
     assert file_lines(client, batch.output_file_id)
