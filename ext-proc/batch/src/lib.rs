@@ -10,6 +10,7 @@
 //!   time, and sends every line through Envoy's listener as the batch's owner.
 
 pub mod api;
+pub mod args;
 pub mod blobs;
 pub mod ids;
 pub mod runner;
