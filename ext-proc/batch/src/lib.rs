@@ -15,3 +15,4 @@ pub mod blobs;
 pub mod ids;
 pub mod runner;
 pub mod store;
+
