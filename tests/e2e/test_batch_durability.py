@@ -114,7 +114,7 @@ def test_the_surviving_replica_takes_over_a_killed_runners_batch(replicas):
     runs = [name for name in stack.ext_proc_names for line in stack.log_tail(name, 100_000).splitlines()
             if created.id in line and "running a batch" in line]
     assert len(runs) >= 2, runs
-    report(f"two-replica takeover: the batch was run by {' then '.join(runs)}")
+    report(f"two-replica takeover: runs of the batch by {runs}")
 
     # Any replica answers for any batch: the one restarted after its kill, and the other again.
     stack.restart(second)
