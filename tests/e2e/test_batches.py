@@ -151,7 +151,7 @@ REJECTED = {
     "duplicate_custom_id": ([chat_line("a"), chat_line("b"), chat_line("a")], 3, "duplicate_custom_id"),
     "unknown_model": ([chat_line("a"), chat_line("b", "no-such-model")], 2, "model_not_found"),
     "stream_asked": ([chat_line("a", stream=True)], 1, "unsupported_parameter"),
-    "over_the_line_limit": (over_the_line_limit(), MAX_LINES + 1, "too_many_lines"),
+    "over_the_line_limit": (over_the_line_limit(), MAX_LINES + 1, "too_many_requests"),
 }
 
 
@@ -212,7 +212,7 @@ def test_cancel_keeps_the_finished_lines_and_files_the_rest_as_errors(gateway, s
     assert running.request_counts.completed < 40
 
     # Its input file is in use: it cannot be deleted.
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.ConflictError) as err:
         client.files.delete(created.input_file_id)
     assert err.value.body["code"] == "file_in_use" and created.id in err.value.body["message"]
     spec.validate("ErrorResponse", err.value.response.json())
@@ -228,9 +228,9 @@ def test_cancel_keeps_the_finished_lines_and_files_the_rest_as_errors(gateway, s
     assert all(line["error"]["code"] == "batch_cancelled" and line["response"] is None for line in errors.values())
 
     # A finished batch cannot be cancelled, and stays as it was.
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.ConflictError) as err:
         client.batches.cancel(created.id)
-    assert err.value.body["code"] == "batch_not_cancellable"
+    assert err.value.body["code"] == "batch_finished"
     spec.validate("ErrorResponse", err.value.response.json())
     assert client.batches.retrieve(created.id) == batch
     # Nor does its input file stay in use.
@@ -245,20 +245,22 @@ def test_bad_requests_are_refused_with_openai_errors_and_change_nothing(gateway,
     before = ([f.id for f in client.files.list()], [b.id for b in client.batches.list()])
 
     refusals = []
-    for call, code in [(lambda: client.files.retrieve("file-unknown"), "file_not_found"),
-                       (lambda: client.files.content("file-unknown"), "file_not_found"),
-                       (lambda: client.files.delete("file-unknown"), "file_not_found"),
-                       (lambda: client.batches.retrieve("batch_unknown"), "batch_not_found"),
-                       (lambda: client.batches.cancel("batch_unknown"), "batch_not_found"),
-                       (lambda: client.batches.create(input_file_id="file-unknown", endpoint="/v1/chat/completions",
-                                                      completion_window="24h"), "file_not_found")]:
+    for call, message in [(lambda: client.files.retrieve("file-unknown"), "No such File object: file-unknown"),
+                          (lambda: client.files.content("file-unknown"), "No such File object: file-unknown"),
+                          (lambda: client.files.delete("file-unknown"), "No such File object: file-unknown"),
+                          (lambda: client.batches.retrieve("batch_unknown"), "No such Batch object: batch_unknown"),
+                          (lambda: client.batches.cancel("batch_unknown"), "No such Batch object: batch_unknown")]:
         with pytest.raises(openai.NotFoundError) as err:
             call()
-        assert err.value.body["code"] == code
+        assert err.value.body["message"] == message
         refusals.append(err.value.response)
     with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(input_file_id="file-unknown", endpoint="/v1/chat/completions", completion_window="24h")
+    assert err.value.body["param"] == "input_file_id" and "file-unknown" in err.value.body["message"]
+    refusals.append(err.value.response)
+    with pytest.raises(openai.ConflictError) as err:
         client.batches.cancel(done.id)
-    assert err.value.body["code"] == "batch_not_cancellable"
+    assert err.value.body["code"] == "batch_finished"
     refusals.append(err.value.response)
     with pytest.raises(openai.BadRequestError) as err:
         client.batches.create(input_file_id=done.input_file_id, endpoint="/v1/chat/completions",
@@ -276,7 +278,7 @@ def test_bad_requests_are_refused_with_openai_errors_and_change_nothing(gateway,
             http.post("/files", json={"purpose": "batch"}),
         ]
         assert [(r.status_code, r.json()["error"]["code"]) for r in refusals[-3:]] == \
-            [(400, "invalid_multipart"), (400, "missing_required_parameter"), (400, "invalid_multipart")]
+            [(400, None), (400, "missing_required_parameter"), (415, "unsupported_media_type")]
         assert refusals[-2].json()["error"]["param"] == "file"
         too_large = http.post("/files", data={"purpose": "batch"},
                               files={"file": ("big.jsonl", b"x" * (MAX_FILE_BYTES + 1))})
