@@ -104,8 +104,8 @@ def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None
     """Makes the ext-proc replicas listening on `replicas` ((gRPC port, admin port) each) endpoints
     of the ext_proc and admin clusters beside the first, and lets a killed one cost clients little:
     both clusters check their endpoints every half second and eject one at its first failure to
-    connect, and requests for the Files and Batch APIs are retried on another replica when the
-    connection fails before anything was sent."""
+    connect, and the routes to the admin cluster (the Files and Batch APIs) retry a request on
+    another replica when its connection fails before anything was sent."""
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     fast_checks = {"timeout": "0.5s", "interval": "0.5s", "no_traffic_interval": "0.5s",
                    "unhealthy_threshold": 1, "healthy_threshold": 1}
@@ -119,17 +119,14 @@ def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None
                       for port in (ports[index] for ports in replicas)]
         cluster["health_checks"] = [{**fast_checks, **check}]
         cluster["outlier_detection"] = ejection
-    routes = http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
-    to_admin = {"name": "x-modelgate-cluster", "string_match": {"exact": "modelgate_admin"}}
-    routes.insert(0, {
-        "match": {"prefix": "/", "headers": [to_admin]},
-        "route": {"cluster": "modelgate_admin", "timeout": "600s", "retry_policy": {
-            "retry_on": "connect-failure,reset-before-request", "num_retries": 3,
-            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
-            "host_selection_retry_max_attempts": 5}},
-        "request_headers_to_remove": ["x-modelgate-cluster", "x-modelgate-backend"],
-    })
+    retry_elsewhere = {
+        "retry_on": "connect-failure,reset-before-request", "num_retries": 3,
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 5}
+    for route in http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]:
+        if route.get("route", {}).get("cluster") == "modelgate_admin":
+            route["route"]["retry_policy"] = retry_elsewhere
 
 
 def render_config(template: Path, ports: dict[int | str, int], adjust=None, internal_token: str | None = None) -> str:
