@@ -6,7 +6,7 @@
 //!   `POST /v1/batches/{id}/cancel`.
 //!
 //! Clients reach them through Envoy: the filter checks their key and names
-//! its owner in [`OWNER`], alongside the internal token. Only a caller
+//! its owner in [`headers::OWNER`], alongside the internal token. Only a caller
 //! presenting the token is served, so the owner header is trusted. Each
 //! record belongs to its owner; another owner's id is not found.
 //!
@@ -35,7 +35,7 @@ use modelgate_proto::batch::{
 };
 use modelgate_proto::clock;
 use modelgate_proto::error::{retry_header, GatewayError};
-use modelgate_proto::headers::INTERNAL_TOKEN;
+use modelgate_proto::headers::{self, INTERNAL_TOKEN};
 use modelgate_runtime::internal_token::InternalToken;
 use serde::Serialize;
 use std::convert::Infallible;
@@ -45,9 +45,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::Notify;
-
-/// Set by the filter: the client key's name (empty on a gateway without keys).
-pub const OWNER: &str = "x-modelgate-owner";
 
 /// What a multipart form may add to its file's bytes (boundaries, part
 /// headers, the other fields) before its declared length is refused unread.
@@ -124,7 +121,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Owner {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        let owner = parts.headers.get(OWNER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let owner = parts.headers.get(headers::OWNER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         Ok(Owner(owner.unwrap_or_default()))
     }
 }

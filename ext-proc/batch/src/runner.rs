@@ -316,12 +316,12 @@ fn stop_reason(record: &BatchRecord, now: u64) -> Option<Ending> {
 /// A batch cancelled or expired before it was validated: it ends with no files.
 async fn finish_unstarted(job: &Job, record: &BatchRecord, ending: Ending) -> Result<(), Halt> {
     let mut batch = record.batch.clone();
-    end(&mut batch, ending, clock::unix_seconds());
+    end(&mut batch, ending, clock::unix_seconds(), record.cancel_requested_at);
     job.save(Progress { batch: &batch, segment: None, files: &[] }).await
 }
 
-/// Sets the status and time of `ending`.
-fn end(batch: &mut Batch, ending: Ending, now: u64) {
+/// Sets the status and time of `ending`; a cancelled batch keeps when the cancel was asked for.
+fn end(batch: &mut Batch, ending: Ending, now: u64, cancel_requested_at: Option<u64>) {
     let (status, at) = match ending {
         Ending::Completed => (BatchStatus::Completed, &mut batch.completed_at),
         Ending::Cancelled => (BatchStatus::Cancelled, &mut batch.cancelled_at),
@@ -329,4 +329,7 @@ fn end(batch: &mut Batch, ending: Ending, now: u64) {
     };
     *at = Some(now);
     batch.status = status;
+    if ending == Ending::Cancelled {
+        batch.cancelling_at.get_or_insert(cancel_requested_at.unwrap_or(now));
+    }
 }

@@ -6,12 +6,14 @@ use axum::body::{to_bytes, Body, Bytes};
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use futures_util::stream;
-use modelgate_batch::api::{router, Api, OWNER};
+use modelgate_batch::api::{router, Api};
 use modelgate_batch::blobs::Blobs;
 use modelgate_batch::store::{Meta, Progress};
 use modelgate_proto::batch::BatchStatus;
 use modelgate_proto::headers::INTERNAL_TOKEN;
+use modelgate_proto::headers::OWNER;
 use modelgate_runtime::internal_token::InternalToken;
+use proptest::prelude::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,9 +35,14 @@ struct Gateway {
 }
 
 fn gateway(max_file_bytes: u64) -> Gateway {
+    gateway_over(max_file_bytes, None)
+}
+
+/// A gateway whose records are in SQLite, or in Redis at `redis_url`.
+fn gateway_over(max_file_bytes: u64, redis_url: Option<&str>) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let files_dir = dir.path().join("data/files");
-    let meta = Meta::open(None, &dir.path().join("data"), Duration::from_secs(2)).unwrap();
+    let meta = Meta::open(redis_url, &dir.path().join("data"), Duration::from_millis(500)).unwrap();
     let api = Arc::new(Api {
         meta: Arc::new(meta),
         blobs: Arc::new(Blobs::open(files_dir.to_str().unwrap()).unwrap()),
@@ -542,4 +549,78 @@ async fn a_file_store_that_fails_is_a_503_to_retry() {
     assert_eq!(answer.error(), (503, Value::Null, json!("file_store_unavailable")));
     assert_eq!((answer.header("x-should-retry"), answer.header("retry-after")), ("true", "1"));
     assert_eq!(gw.call(Method::GET, "/v1/files", "alice").await.json()["data"], json!([]));
+}
+
+#[tokio::test]
+async fn a_batch_store_that_fails_is_a_503_to_retry() {
+    // Redis on a port nothing listens on: every call fails.
+    let gw = gateway_over(1 << 20, Some("redis://127.0.0.1:1"));
+    let answer = gw.upload_form("alice", &[text("purpose", "batch"), file(Some("in.jsonl"), LINE)]).await;
+    assert_eq!(answer.error(), (503, Value::Null, json!("batch_store_unavailable")));
+    assert_eq!((answer.header("x-should-retry"), answer.header("retry-after")), ("true", "1"));
+    assert_eq!(gw.stored_files(), 0, "bytes never recorded are not kept");
+    for (method, path) in [
+        (Method::GET, "/v1/files"),
+        (Method::GET, "/v1/files/file-1"),
+        (Method::DELETE, "/v1/files/file-1"),
+        (Method::GET, "/v1/batches"),
+        (Method::POST, "/v1/batches/batch_1/cancel"),
+    ] {
+        assert_eq!(gw.call(method.clone(), path, "alice").await.error().0, 503, "{method} {path}");
+    }
+}
+
+/// A form part for the property test: a name (known or not), maybe a filename, bytes.
+fn any_part() -> impl Strategy<Value = (String, Option<String>, Vec<u8>)> {
+    let name = prop_oneof![
+        Just("file".to_string()),
+        Just("purpose".to_string()),
+        Just("expires_after[anchor]".to_string()),
+        Just("expires_after[seconds]".to_string()),
+        "[a-z\\[\\]\"]{0,8}",
+    ];
+    let value = prop_oneof![
+        Just(b"batch".to_vec()),
+        Just(b"created_at".to_vec()),
+        Just(b"3600".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..64),
+    ];
+    (name, proptest::option::of("[a-z.\"]{0,8}"), value)
+}
+
+#[test]
+fn any_form_or_query_is_answered_in_an_envelope_and_keeps_only_what_it_accepts() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let gw = gateway(256);
+    let strategy =
+        (proptest::collection::vec(any_part(), 0..5), proptest::option::of(0usize..600), "[a-z=&%0-9]{0,24}");
+    proptest!(|((parts, cut, query) in strategy)| {
+        runtime.block_on(async {
+            let parts: Vec<Part> = parts.iter().map(|(n, f, v)| (n.as_str(), f.as_deref(), v.as_slice())).collect();
+            let mut body = form(&parts);
+            body.truncate(cut.unwrap_or(usize::MAX));
+            let before = gw.stored_files();
+            let request = Gateway::request(Method::POST, "/v1/files", "alice")
+                .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={BOUNDARY}"))
+                .body(Body::from(body))
+                .unwrap();
+            let answer = gw.send(request).await;
+            match answer.status.as_u16() {
+                200 => assert_eq!(gw.stored_files(), before + 1),
+                400 | 413 => {
+                    answer.error();
+                    assert_eq!(gw.stored_files(), before, "a refused upload keeps nothing");
+                }
+                status => panic!("{status}: {:?}", answer.body),
+            }
+            for path in ["/v1/files", "/v1/batches"] {
+                let answer = gw.call(Method::GET, format!("{path}?{query}"), "alice").await;
+                match answer.status.as_u16() {
+                    200 => assert_eq!(answer.json()["object"], "list"),
+                    400 => drop(answer.error()),
+                    status => panic!("{path}?{query}: {status}"),
+                }
+            }
+        });
+    });
 }

@@ -49,10 +49,20 @@ async fn chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body): Jso
         return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0".to_string())], Json(json!({"error": {"message": "slow down", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}))).into_response();
     }
     if tag.starts_with("broken") {
-        return (StatusCode::SERVICE_UNAVAILABLE, request_id, Json(json!({"error": {"message": "down", "type": "server_error", "param": null, "code": null}}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_id,
+            Json(json!({"error": {"message": "down", "type": "server_error", "param": null, "code": null}})),
+        )
+            .into_response();
     }
     if tag.starts_with("refused") {
-        return (StatusCode::BAD_REQUEST, request_id, Json(json!({"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            request_id,
+            Json(json!({"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}})),
+        )
+            .into_response();
     }
     (request_id, Json(json!({"object": "chat.completion", "choices": [{"message": {"content": tag}}]}))).into_response()
 }
@@ -231,7 +241,12 @@ async fn a_bad_input_fails_the_batch_with_line_numbers() {
         line("b", "unknown-model", "x").to_string(),
         json!({"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m"}}).to_string(),
     ];
-    let id = setup.upload("bob", &lines.iter().map(|l| serde_json::from_str(l).unwrap_or(Value::String(l.clone()))).collect::<Vec<_>>()).await;
+    let id = setup
+        .upload(
+            "bob",
+            &lines.iter().map(|l| serde_json::from_str(l).unwrap_or(Value::String(l.clone()))).collect::<Vec<_>>(),
+        )
+        .await;
     let _ = id;
     // Written raw, so the line that is not JSON stays so.
     let file = {
@@ -249,8 +264,7 @@ async fn a_bad_input_fails_the_batch_with_line_numbers() {
     let batch = setup.wait_until("bob", &batch_id, |b| b.status.is_terminal()).await;
     runner.abort();
     assert_eq!(batch.status, BatchStatus::Failed);
-    let errors: Vec<(String, Option<u64>)> =
-        batch.errors.unwrap().data.into_iter().map(|e| (e.code, e.line)).collect();
+    let errors: Vec<(String, Option<u64>)> = batch.errors.unwrap().data.into_iter().map(|e| (e.code, e.line)).collect();
     assert_eq!(
         errors,
         [
@@ -294,7 +308,7 @@ async fn a_runner_cut_off_mid_batch_is_taken_over_and_every_line_appears_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_keeps_finished_lines_and_writes_the_rest_as_cancelled() {
     let (setup, _fake) = Setup::new().await;
-    let lines: Vec<Value> = (0..300).map(|i| line(&format!("id-{i}"), "m", &format!("c{i}"))).collect();
+    let lines: Vec<Value> = (0..600).map(|i| line(&format!("id-{i}"), "m", &format!("c{i}"))).collect();
     let file = setup.upload("dave", &lines).await;
     let id = setup.create("dave", &file, 3600).await;
     let runner = tokio::spawn(setup.runner(Duration::from_secs(5)).run(std::future::pending()));
@@ -307,7 +321,7 @@ async fn a_cancel_keeps_finished_lines_and_writes_the_rest_as_cancelled() {
     assert!(batch.cancelling_at.is_some() && batch.cancelled_at.is_some());
     let output = setup.lines_of("dave", batch.output_file_id.as_deref()).await;
     let errors = setup.lines_of("dave", batch.error_file_id.as_deref()).await;
-    once_each(&output, &errors, 300);
+    once_each(&output, &errors, 600);
     assert!(!output.is_empty() && !errors.is_empty());
     assert!(errors.iter().all(|l| l.error.as_ref().unwrap().code == "batch_cancelled"));
     assert_eq!(batch.request_counts.completed as usize, output.len());
