@@ -14,10 +14,11 @@ from harness import (S3, Redis, Stack, backend_requests, chat_line, report, resu
                      wait_for_batch)
 
 # A lease lapses two seconds after its holder dies, so a restarted or surviving replica
-# resumes the batch soon; four lines at a time, each answered in 40 ms, keep a batch of a
-# few hundred lines running for a few seconds.
+# resumes the batch soon; four lines at a time, each answered in 100 ms, keep a batch of a
+# few hundred lines running for several seconds, long enough to see its progress (committed
+# every second) and kill it at chosen points.
 RUNNER_ARGS = ["--batch-lease-secs", "2", "--batch-concurrency", "4"]
-SLOW_BACKEND = {"llamacpp-mistral": ["--ttft-ms", "40"]}
+SLOW_BACKEND = {"llamacpp-mistral": ["--ttft-ms", "100"]}
 INTERNAL_TOKEN_HEADER, OWNER_HEADER = "x-modelgate-internal-token", "x-modelgate-owner"
 
 
@@ -47,7 +48,7 @@ def sent_again(stack, lines: int, sent_before: int) -> int:
 
 
 # Where ext-proc is killed: (lines done first, as a fraction of the batch), once or more.
-KILL_POINTS = {"early": [0.1], "late": [0.75], "early_and_late": [0.1, 0.6]}
+KILL_POINTS = {"early": [0.1], "late": [0.6], "early_and_late": [0.2, 0.6]}
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)

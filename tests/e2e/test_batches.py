@@ -204,12 +204,13 @@ def test_a_batch_refuses_a_wrong_purpose(gateway, spec):
 
 def test_cancel_keeps_the_finished_lines_and_files_the_rest_as_errors(gateway, spec):
     client = sdk(gateway)
-    lines = [chat_line(f"slow-{i}", "mistral-7b-instruct", max_tokens=2) for i in range(40)]
+    # Four seconds of work: progress shows after a second, and the cancel is seen within another.
+    lines = [chat_line(f"slow-{i}", "mistral-7b-instruct", max_tokens=2) for i in range(80)]
     created = start_batch(client, lines)
     # Progress shows while the batch runs: some lines done, not all.
     running = wait_for_batch(client, created.id, lambda b: b.request_counts.completed >= 4)
-    assert running.status == "in_progress" and running.request_counts.total == 40
-    assert running.request_counts.completed < 40
+    assert running.status == "in_progress" and running.request_counts.total == 80
+    assert running.request_counts.completed < 80
 
     # Its input file is in use: it cannot be deleted.
     with pytest.raises(openai.ConflictError) as err:
@@ -274,7 +275,7 @@ def test_bad_requests_are_refused_with_openai_errors_and_change_nothing(gateway,
         refusals += [
             http.post("/files", content=b"--x\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbat",
                       headers={"content-type": "multipart/form-data; boundary=x"}),
-            http.post("/files", data={"purpose": "batch"}, files={"other": ("a.jsonl", b"{}\n")}),
+            http.post("/files", files={"purpose": (None, "batch")}),
             http.post("/files", json={"purpose": "batch"}),
         ]
         assert [(r.status_code, r.json()["error"]["code"]) for r in refusals[-3:]] == \
@@ -327,11 +328,14 @@ def test_another_key_sees_none_of_a_keys_files_and_batches(gateway):
     for call in [lambda: stranger.files.retrieve(batch.input_file_id),
                  lambda: stranger.files.content(batch.output_file_id),
                  lambda: stranger.files.delete(batch.input_file_id),
-                 lambda: stranger.batches.retrieve(batch.id), lambda: stranger.batches.cancel(batch.id),
-                 lambda: stranger.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/chat/completions",
-                                                 completion_window="24h")]:
+                 lambda: stranger.batches.retrieve(batch.id), lambda: stranger.batches.cancel(batch.id)]:
         with pytest.raises(openai.NotFoundError):
             call()
+    # Nor can it batch the key's file: to it, there is no such file.
+    with pytest.raises(openai.BadRequestError) as err:
+        stranger.batches.create(input_file_id=batch.input_file_id, endpoint="/v1/chat/completions",
+                                completion_window="24h")
+    assert err.value.body["param"] == "input_file_id" and "No such File object" in err.value.body["message"]
     assert batch.id not in [b.id for b in stranger.batches.list()]
     assert not {batch.input_file_id, batch.output_file_id} & {f.id for f in stranger.files.list()}
     assert owner.files.retrieve(batch.input_file_id).id == batch.input_file_id
