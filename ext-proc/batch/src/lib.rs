@@ -10,7 +10,9 @@
 //!   time, and sends every line through Envoy's listener as the batch's owner.
 
 pub mod api;
+pub mod args;
 pub mod blobs;
 pub mod ids;
 pub mod runner;
 pub mod store;
+

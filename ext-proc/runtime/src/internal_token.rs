@@ -40,6 +40,21 @@ pub struct InternalTokenArgs {
 impl InternalTokenArgs {
     /// The token, from the file or the variable; `what` names the ports it guards, for the warning.
     pub fn load(&self, what: &str) -> Result<InternalToken, String> {
+        match self.secret()? {
+            Some(secret) => Ok(InternalToken::new(&secret)),
+            None => {
+                tracing::warn!(
+                    "no internal token configured (--internal-token-file or {TOKEN_VARIABLE}): anything that can \
+                     reach {what} is trusted as the gateway's Envoy"
+                );
+                Ok(InternalToken::default())
+            }
+        }
+    }
+
+    /// The token itself, for a process that presents it too (ext-proc's batch
+    /// runner, calling Envoy's listener); none when none is configured.
+    pub fn secret(&self) -> Result<Option<String>, String> {
         let secret = match &self.internal_token_file {
             Some(file) => Some(
                 std::fs::read_to_string(file)
@@ -49,14 +64,7 @@ impl InternalTokenArgs {
         };
         match secret.as_deref().map(str::trim) {
             Some("") => Err("the internal token is empty".into()),
-            Some(secret) => Ok(InternalToken::new(secret)),
-            None => {
-                tracing::warn!(
-                    "no internal token configured (--internal-token-file or {TOKEN_VARIABLE}): anything that can \
-                     reach {what} is trusted as the gateway's Envoy"
-                );
-                Ok(InternalToken::default())
-            }
+            secret => Ok(secret.map(str::to_string)),
         }
     }
 }

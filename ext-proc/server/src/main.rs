@@ -3,6 +3,7 @@ use modelgate_admin::routes::{self, Admin};
 use modelgate_admin::shared_limits::SharedLimits;
 use modelgate_admin::usage_report::Retention;
 use modelgate_admin::usage_store::{Dedup, Ledger, RedisUsage, Usage};
+use modelgate_batch::args::BatchArgs;
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_proto::clock;
@@ -60,6 +61,8 @@ struct Args {
     #[arg(long, env = "MODELGATE_EXT_PROC_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_message_bytes: usize,
+    #[command(flatten)]
+    batch: BatchArgs,
     #[command(flatten)]
     process: ProcessArgs,
 }
