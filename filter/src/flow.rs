@@ -17,9 +17,10 @@ use modelgate_proto::config::Price;
 use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::error_normalize::{self, normalize, Origin};
 use modelgate_proto::headers;
-use modelgate_proto::keys::{Caller, ClientKey, Presented};
+use modelgate_proto::keys::{is_internal_token, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, Reserved, Unit, Verdict};
 use modelgate_proto::routing::Router;
+use modelgate_proto::usage::Traffic;
 use proxy_wasm::types::{Action, BufferType, MapType};
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -45,6 +46,8 @@ pub struct Flow {
     started_us: u64,
     /// The request's `x-request-id`, bounded.
     request_id: String,
+    /// A batch's line, sent by the batch runner on its key's behalf, or a client's own request.
+    traffic: Traffic,
     phase: Phase,
     response: Response,
 }
@@ -57,6 +60,9 @@ enum Phase {
     /// filter is still checked as a model's request body is (it always was);
     /// `buffered` is its size while it is held without its end.
     Unrouted { buffered: Option<usize> },
+    /// Sent on to the batch service (the Files and Batch APIs): its body
+    /// streams through unread, however large; the service bounds it.
+    BatchService,
     /// A model-routed request whose body is being buffered: `buffered` bytes so far.
     ReadingBody { caller: Caller, buffered: usize },
     /// Held while the shared rate-limit store decides on it.
@@ -164,6 +170,7 @@ impl Flow {
             store_failures,
             started_us: 0,
             request_id: String::new(),
+            traffic: Traffic::Interactive,
             phase: Phase::Unrouted { buffered: None },
             response: Response::Awaiting,
         }
@@ -171,6 +178,11 @@ impl Flow {
 
     pub fn on_request_headers<H: Host>(&mut self, host: &H, end_of_stream: bool) -> Action {
         self.started_us = host.now_us();
+        // Read before the internal headers go, and only where a token could prove them.
+        let on_behalf_of = self.router.internal_token().and_then(|token| on_behalf_of(host, token));
+        if on_behalf_of.is_some() {
+            self.traffic = Traffic::Batch;
+        }
         for name in headers::INTERNAL {
             host.remove_header(REQUEST_HEADERS, name);
         }
@@ -184,8 +196,8 @@ impl Flow {
         let path = host.header(REQUEST_HEADERS, ":path").unwrap_or_default();
         let content_type = host.header(REQUEST_HEADERS, "content-type");
         let content_length = host.header(REQUEST_HEADERS, "content-length");
-        // Two more host calls, only where keys are configured.
-        let (authorization, api_key) = if self.router.client_keys().required() {
+        // Two more host calls, only where keys are configured and the caller must present one.
+        let (authorization, api_key) = if self.router.client_keys().required() && on_behalf_of.is_none() {
             (host.header(REQUEST_HEADERS, "authorization"), host.header(REQUEST_HEADERS, "api-key"))
         } else {
             (None, None)
@@ -197,9 +209,11 @@ impl Flow {
             content_length: content_length.as_deref(),
             end_of_stream,
             presented: Presented { authorization: authorization.as_deref(), api_key: api_key.as_deref() },
+            on_behalf_of: on_behalf_of.as_deref(),
         };
         match request::on_request_headers(&self.router, head) {
             HeadersVerdict::PassThrough => Action::Continue,
+            HeadersVerdict::BatchService(caller) => self.send_to_batch_service(host, &caller),
             HeadersVerdict::ReadBody(caller) => {
                 self.phase = Phase::ReadingBody { caller, buffered: 0 };
                 Action::Pause
@@ -209,6 +223,10 @@ impl Flow {
     }
 
     pub fn on_request_body<H: Host>(&mut self, host: &H, body_size: usize, end_of_stream: bool) -> Action {
+        if let Phase::BatchService = self.phase {
+            // Each piece goes on as it comes: an upload is never held in the VM.
+            return Action::Continue;
+        }
         if let Some(reply) = request::body_too_large(&self.router, body_size) {
             return self.refuse_unread(host, &reply);
         }
@@ -383,19 +401,27 @@ impl Flow {
                 backend: &forwarded.backend,
                 price: forwarded.price.as_ref(),
                 status,
+                traffic: self.traffic,
             };
             self.outbox.push(&request::usage_record(forwarded.answer.record(host.now_us()), finished));
             return;
         }
         let (key, model, exact_route) = match &self.phase {
-            Phase::Unrouted { .. } | Phase::Forwarded(_) => return,
+            Phase::Unrouted { .. } | Phase::BatchService | Phase::Forwarded(_) => return,
             Phase::ReadingBody { caller, .. } => (key_name(caller), "", false),
             Phase::AwaitingSharedLimits(held) => {
                 (held.caller.name.as_str(), held.routing.model.as_str(), held.routing.exact_route)
             }
             Phase::Refused { caller, model, exact_route } => (key_name(caller), model.as_str(), *exact_route),
         };
-        let finished = request::Finished { key, model, exact_route, status, ..request::Finished::default() };
+        let finished = request::Finished {
+            key,
+            model,
+            exact_route,
+            status,
+            traffic: self.traffic,
+            ..request::Finished::default()
+        };
         self.outbox.refuse(request::refused(finished));
     }
 
@@ -556,6 +582,25 @@ impl Flow {
         Action::Continue
     }
 
+    /// Sends a request for the Files or Batch API on to the batch service,
+    /// saying whose it is and proving it comes from the gateway.
+    fn send_to_batch_service<H: Host>(&mut self, host: &H, caller: &Caller) -> Action {
+        let Some(batches) = self.router.batches() else {
+            return Action::Continue;
+        };
+        host.set_header(REQUEST_HEADERS, headers::CLUSTER, &batches.cluster);
+        host.set_header(REQUEST_HEADERS, headers::OWNER, key_name(caller));
+        if let Some(token) = self.router.internal_token() {
+            host.set_header(REQUEST_HEADERS, headers::INTERNAL_TOKEN, token);
+        }
+        // The service knows the caller by name; the key itself goes no further.
+        for name in headers::CLIENT_KEYS {
+            host.remove_header(REQUEST_HEADERS, name);
+        }
+        self.phase = Phase::BatchService;
+        Action::Continue
+    }
+
     /// Refuses a routed request before any backend.
     fn refuse<H: Host>(&mut self, host: &H, caller: Caller, routing: Routing, reply: &Reply) -> Action {
         self.phase = Phase::Refused { caller, model: routing.model, exact_route: routing.exact_route };
@@ -584,6 +629,16 @@ impl Flow {
 /// The client key's name, if keys are configured.
 fn key_name(caller: &Caller) -> &str {
     caller.as_ref().map_or("", |key| key.name.as_str())
+}
+
+/// The key a request names in [`headers::ON_BEHALF_OF`], if it also presents
+/// the internal `token`: the batch runner's request for one of its batch's lines.
+fn on_behalf_of<H: Host>(host: &H, token: &str) -> Option<Vec<u8>> {
+    let presented = host.header(REQUEST_HEADERS, headers::INTERNAL_TOKEN)?;
+    if !is_internal_token(token, &presented) {
+        return None;
+    }
+    host.header(REQUEST_HEADERS, headers::ON_BEHALF_OF)
 }
 
 /// Why Envoy answered as it did: `via_upstream` for a backend's answer, or

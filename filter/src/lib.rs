@@ -3,7 +3,10 @@
 //! Per request it drops internal headers a client may have sent, answers
 //! `/v1/models` from configuration, and for model-routed endpoints buffers the
 //! body (up to the configured limit), reads `model` once, and writes the
-//! chosen cluster into a header the route table matches on. On the way back it
+//! chosen cluster into a header the route table matches on. Requests for the
+//! Files and Batch APIs go to ext-proc's batch service with their owner, their
+//! bodies streamed unread. A request the batch runner sends with the internal
+//! token on a key's behalf is that key's, and counted as batch traffic. On the way back it
 //! adds `openai-processing-ms` and rewrites every error answer — a backend's or
 //! Envoy's own — as an OpenAI error envelope. Successful answers, streams
 //! included, are never buffered.

@@ -9,7 +9,7 @@
 //! tell a batch it applied but whose answer was lost, and apply it once.
 
 use modelgate_proto::limits::{BucketSpend, Reserved, SpendRequest};
-use modelgate_proto::usage::{Refused, Tally, UsageRecord, OTHER_MODELS};
+use modelgate_proto::usage::{Refused, Tally, Traffic, UsageRecord, OTHER_MODELS};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -21,7 +21,7 @@ const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 const MAX_REFUSED_GROUPS: usize = 1024;
 
 /// A refusal count's group: key, model, whether the model may be a label, status.
-type RefusedGroup = (String, String, bool, u16);
+type RefusedGroup = (String, String, bool, u16, Traffic);
 
 /// Usage records to send in one call, under an id no other batch has.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,7 +95,7 @@ impl Outbox {
     /// Counts requests refused before any backend, with the others of their group.
     pub fn refuse(&self, refused: Refused) {
         let mut groups = self.refused.borrow_mut();
-        let mut group = (refused.key, refused.model, refused.model_served, refused.status);
+        let mut group = (refused.key, refused.model, refused.model_served, refused.status, refused.traffic);
         if groups.len() >= MAX_REFUSED_GROUPS && !groups.contains_key(&group) {
             group.1 = OTHER_MODELS.into();
             group.2 = false;
@@ -127,7 +127,14 @@ impl Outbox {
             at_ms: now_ms,
             refused: refused
                 .into_iter()
-                .map(|((key, model, model_served, status), count)| Refused { key, model, model_served, status, count })
+                .map(|((key, model, model_served, status, traffic), count)| Refused {
+                    key,
+                    model,
+                    model_served,
+                    status,
+                    count,
+                    traffic,
+                })
                 .collect(),
             dropped_records: self.dropped_untold.replace(0),
         };
@@ -379,7 +386,7 @@ mod tests {
     }
 
     fn refused(key: &str, model: &str, status: u16) -> Refused {
-        Refused { key: key.into(), model: model.into(), model_served: false, status, count: 1 }
+        Refused { key: key.into(), model: model.into(), status, count: 1, ..Refused::default() }
     }
 
     #[test]

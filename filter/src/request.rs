@@ -13,7 +13,7 @@ use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, BucketStore, Reserved, TokenEstimate, Unit, Verdict};
 use modelgate_proto::models;
 use modelgate_proto::routing::Router;
-use modelgate_proto::usage::{bounded, is_bounded, Refused, UsageRecord};
+use modelgate_proto::usage::{bounded, is_bounded, Refused, Traffic, UsageRecord};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
@@ -54,6 +54,9 @@ pub enum HeadersVerdict {
     PassThrough,
     /// A model-routed request from this caller: hold the headers and read the body.
     ReadBody(Caller),
+    /// A request to the Files or Batch API from this caller: sent on to the
+    /// batch service, its body streamed as it comes.
+    BatchService(Caller),
     Respond(Reply),
 }
 
@@ -145,6 +148,9 @@ pub struct RequestHead<'a> {
     pub end_of_stream: bool,
     /// The client's key, read only where keys are configured.
     pub presented: Presented<'a>,
+    /// The key named by a request the batch runner sends on its behalf,
+    /// which proved itself with the internal token: its key is not presented.
+    pub on_behalf_of: Option<&'a [u8]>,
 }
 
 /// True for a JSON media type; a request that sends none is read as JSON too.
@@ -156,24 +162,27 @@ fn is_json(content_type: &[u8]) -> bool {
 /// Decides on the request headers alone: an oversized or non-JSON body is
 /// refused before any of it is buffered.
 pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerdict {
-    let RequestHead { method, path, content_type, content_length, end_of_stream, presented } = head;
+    let RequestHead { method, path, content_type, content_length, end_of_stream, presented, on_behalf_of } = head;
     let target = classify(method, path);
-    if matches!(target, Target::Other | Target::WrongMethod(_)) {
-        return match target {
-            Target::WrongMethod(allowed) => {
-                let mut reply = Reply::from(GatewayError::method_not_allowed(method, path, allowed));
-                reply.headers.push(("allow", allowed.into()));
-                HeadersVerdict::Respond(reply)
-            }
-            _ => HeadersVerdict::PassThrough,
-        };
+    match target {
+        Target::WrongMethod(allowed) => {
+            let mut reply = Reply::from(GatewayError::method_not_allowed(method, path, allowed));
+            reply.headers.push(("allow", allowed.into()));
+            return HeadersVerdict::Respond(reply);
+        }
+        Target::Other => return HeadersVerdict::PassThrough,
+        // Without a batch service configured, these paths are Envoy's routes' as they always were.
+        Target::BatchService(_) if router.batches().is_none() => return HeadersVerdict::PassThrough,
+        _ => {}
     }
-    let caller = match router.client_keys().authenticate(presented) {
+    let keys = router.client_keys();
+    let caller = match on_behalf_of.map_or_else(|| keys.authenticate(presented), |name| keys.on_behalf_of(name)) {
         Ok(caller) => caller,
         Err(e) => return HeadersVerdict::Respond(e.into()),
     };
     match target {
         Target::Other | Target::WrongMethod(_) => HeadersVerdict::PassThrough,
+        Target::BatchService(_) => HeadersVerdict::BatchService(caller),
         Target::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router, caller.as_deref()))),
         Target::RetrieveModel(id) => {
             HeadersVerdict::Respond(match models::retrieve_json(router, &id, caller.as_deref()) {
@@ -281,6 +290,7 @@ pub struct Finished<'a> {
     pub price: Option<&'a Price>,
     /// The status the client got; 0 when it got none (it went away first).
     pub status: u16,
+    pub traffic: Traffic,
 }
 
 /// The usage record of a request that reached a backend, from its answer's
@@ -294,6 +304,7 @@ pub fn usage_record(mut record: UsageRecord, finished: Finished<'_>) -> UsageRec
     record.backend = bounded(finished.backend).to_string();
     record.status = finished.status;
     record.cost_usd = finished.price.zip(record.usage).map(|(price, usage)| usage.cost(price));
+    record.traffic = finished.traffic;
     record
 }
 
@@ -305,6 +316,7 @@ pub fn refused(finished: Finished<'_>) -> Refused {
         model_served: finished.exact_route,
         status: finished.status,
         count: 1,
+        traffic: finished.traffic,
     }
 }
 
@@ -630,6 +642,52 @@ mod tests {
     }
 
     #[test]
+    fn the_files_and_batch_apis_go_to_the_batch_service_whatever_their_body_once_the_key_is_known() {
+        let team = "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13";
+        let config = |batches: &str| {
+            format!(
+                r#"{{"max_request_body_bytes": 64, "backends": {{}}, "models": [],
+                    "client_keys": [{{"name": "team", "sha256": "{team}"}}]{batches}}}"#
+            )
+        };
+        let served = Router::from_json(config(r#", "batches": {"cluster": "admin"}"#).as_bytes()).unwrap();
+        let upload = RequestHead {
+            content_type: Some(b"multipart/form-data; boundary=x"),
+            content_length: Some(b"209715200"),
+            presented: Presented { authorization: Some(b"Bearer sk-team"), api_key: None },
+            ..head("POST", "/v1/files")
+        };
+        let HeadersVerdict::BatchService(Some(caller)) = on_request_headers(&served, upload) else {
+            panic!("an upload of any size and type goes to the batch service")
+        };
+        assert_eq!(caller.name, "team");
+        for (method, path) in [("DELETE", "/v1/files/file-1"), ("GET", "/v1/batches/batch_1"), ("PATCH", "/v1/batches")]
+        {
+            let wrong = RequestHead { end_of_stream: true, ..head(method, path) };
+            assert_eq!(respond(on_request_headers(&served, wrong)).status, 401, "{method} {path}");
+        }
+        let unserved = Router::from_json(config("").as_bytes()).unwrap();
+        assert_eq!(on_request_headers(&unserved, upload), HeadersVerdict::PassThrough, "Envoy's routes decide");
+    }
+
+    #[test]
+    fn a_request_on_behalf_of_a_key_is_that_keys_without_presenting_it() {
+        let r = Router::from_json(
+            br#"{"backends": {}, "models": [], "batches": {"cluster": "admin"},
+                "client_keys": [{"name": "team", "sha256": "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13"}]}"#,
+        )
+        .unwrap();
+        let runner =
+            |name: &'static [u8]| RequestHead { on_behalf_of: Some(name), ..head("POST", "/v1/chat/completions") };
+        let HeadersVerdict::ReadBody(Some(caller)) = on_request_headers(&r, runner(b"team")) else {
+            panic!("the key named is the caller")
+        };
+        assert_eq!(caller.name, "team");
+        let reply = respond(on_request_headers(&r, runner(b"ghost")));
+        assert_eq!((reply.status, json(&reply)["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    }
+
+    #[test]
     fn other_paths_pass_through() {
         assert_eq!(
             on_request_headers(&router(), RequestHead { end_of_stream: true, ..head("GET", "/health") }),
@@ -746,8 +804,10 @@ mod tests {
             backend: "pool",
             price: None,
             status: 200,
+            traffic: Traffic::Batch,
         };
         let record = usage_record(UsageRecord::default(), answered);
+        assert_eq!(record.traffic, Traffic::Batch);
         assert_eq!(
             (record.request_id.as_str(), record.key.as_str(), record.model.as_str(), record.backend.as_str()),
             ("r1", "team", "qwen-3", "pool")
@@ -765,7 +825,14 @@ mod tests {
         assert_eq!([record.request_id, record.key, record.model, record.backend], [INVALID; 4]);
         assert_eq!(
             refused(Finished { status: 429, ..odd }),
-            Refused { key: INVALID.into(), model: INVALID.into(), model_served: false, status: 429, count: 1 }
+            Refused {
+                key: INVALID.into(),
+                model: INVALID.into(),
+                status: 429,
+                count: 1,
+                traffic: Traffic::Batch,
+                ..Refused::default()
+            }
         );
         // Only configuration vouches for a refused request's model.
         let r = router();

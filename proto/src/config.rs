@@ -36,6 +36,11 @@ pub struct FilterConfig {
     /// port, backed by Redis). Unset: each Envoy counts in its own memory.
     #[serde(default)]
     pub shared_limits: Option<SharedLimitsConfig>,
+    /// Where the Files and Batch APIs (`/v1/files…`, `/v1/batches…`) are
+    /// answered: ext-proc's admin port. Unset: those paths pass on to
+    /// Envoy's routes as any other path does.
+    #[serde(default)]
+    pub batches: Option<BatchesConfig>,
     /// How models with fallbacks move from one backend to the next.
     #[serde(default)]
     pub failover: FailoverConfig,
@@ -112,6 +117,13 @@ pub enum FailureMode {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct BatchesConfig {
+    /// The Envoy cluster of ext-proc's admin port.
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AccountingConfig {
     /// The Envoy cluster of ext-proc's admin port.
     pub cluster: String,
@@ -135,7 +147,9 @@ pub struct Price {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientKeyConfig {
-    /// What the gateway calls the key in logs, metrics and usage: never the key itself.
+    /// What the gateway calls the key in logs, metrics and usage: never the
+    /// key itself. It travels in headers (the owner of a file or batch), so it
+    /// is printable ASCII without spaces at either end.
     pub name: String,
     /// SHA-256 of the key, as 64 hex digits (`printf %s "$KEY" | sha256sum`).
     pub sha256: String,

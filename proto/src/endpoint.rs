@@ -12,11 +12,23 @@ pub enum Endpoint {
     Embeddings,
     /// `/v1/models`, and `/v1/models/{id}` for one model; answered by the filter from configuration.
     Models,
+    /// The Files API: `/v1/files` and every path under it, any method;
+    /// answered by ext-proc's batch service.
+    Files,
+    /// The Batch API: `/v1/batches` and every path under it, any method;
+    /// answered by ext-proc's batch service.
+    Batches,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 4] =
-        [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Models];
+    pub const ALL: [Endpoint; 6] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Models,
+        Endpoint::Files,
+        Endpoint::Batches,
+    ];
 
     pub fn path(self) -> &'static str {
         match self {
@@ -24,20 +36,29 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Models => "/v1/models",
+            Endpoint::Files => "/v1/files",
+            Endpoint::Batches => "/v1/batches",
         }
     }
 
     /// Whether a request's JSON body names the `model` that picks its backend.
     pub fn is_model_routed(self) -> bool {
-        !matches!(self, Endpoint::Models)
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings)
     }
 
-    /// The method the endpoint takes: POST with a JSON body, or GET.
-    pub fn method(self) -> &'static str {
-        if self.is_model_routed() {
-            "POST"
-        } else {
-            "GET"
+    /// Whether the endpoint is answered by ext-proc's batch service, whose
+    /// paths take several methods (it answers a wrong one itself).
+    pub fn is_batch_service(self) -> bool {
+        matches!(self, Endpoint::Files | Endpoint::Batches)
+    }
+
+    /// The one method the endpoint takes: POST with a JSON body, or GET;
+    /// `None` for the batch service's, which take several.
+    pub fn method(self) -> Option<&'static str> {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => Some("POST"),
+            Endpoint::Models => Some("GET"),
+            Endpoint::Files | Endpoint::Batches => None,
         }
     }
 
@@ -57,6 +78,8 @@ pub enum Target {
     ListModels,
     /// GET /v1/models/{id}, the id percent-decoded (ids such as `Qwen/Qwen2.5-7B` hold slashes).
     RetrieveModel(String),
+    /// `/v1/files…` or `/v1/batches…` ([`Endpoint::is_batch_service`]), any method.
+    BatchService(Endpoint),
     /// A known path called with a method it does not take; carries the allowed one.
     WrongMethod(&'static str),
     /// Anything else: left to Envoy's routes.
@@ -65,6 +88,10 @@ pub enum Target {
 
 pub fn classify(method: &str, path: &str) -> Target {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let under = |base: &str| path.strip_prefix(base).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if let Some(service) = Endpoint::ALL.into_iter().find(|e| e.is_batch_service() && under(e.path())) {
+        return Target::BatchService(service);
+    }
     let models = Endpoint::Models.path();
     let (endpoint, model_id) = match Endpoint::from_path(path.as_bytes()) {
         Some(endpoint) => (endpoint, None),
@@ -73,8 +100,9 @@ pub fn classify(method: &str, path: &str) -> Target {
             None => return Target::Other,
         },
     };
-    if method != endpoint.method() {
-        return Target::WrongMethod(endpoint.method());
+    match endpoint.method() {
+        Some(allowed) if method != allowed => return Target::WrongMethod(allowed),
+        _ => {}
     }
     match (endpoint, model_id) {
         (Endpoint::Models, None) => Target::ListModels,
@@ -103,6 +131,22 @@ mod tests {
         assert_eq!(classify("GET", "/v1/modelsx"), Target::Other);
         assert_eq!(classify("GET", "/health"), Target::Other);
         assert_eq!(classify("POST", "/v1/chat/completions/extra"), Target::Other);
+    }
+
+    #[test]
+    fn the_files_and_batch_apis_are_every_path_under_theirs_with_any_method() {
+        let files = Target::BatchService(Endpoint::Files);
+        let batches = Target::BatchService(Endpoint::Batches);
+        for method in ["GET", "POST", "DELETE", "PUT"] {
+            assert_eq!(classify(method, "/v1/files"), files);
+            assert_eq!(classify(method, "/v1/files?purpose=batch&limit=2"), files);
+            assert_eq!(classify(method, "/v1/files/file-abc/content"), files);
+            assert_eq!(classify(method, "/v1/batches"), batches);
+            assert_eq!(classify(method, "/v1/batches/batch_abc/cancel"), batches);
+        }
+        assert_eq!(classify("GET", "/v1/filesystem"), Target::Other);
+        assert_eq!(classify("POST", "/v1/batchesx"), Target::Other);
+        assert_eq!(classify("GET", "/v2/files"), Target::Other);
     }
 
     #[test]

@@ -115,6 +115,9 @@ pub enum ErrorCode {
     ModelNotFound,
     InvalidUsageRecord,
     InvalidBatchId,
+    // The Files and Batch APIs' objects.
+    FileInUse,
+    BatchFinished,
     // Who is asking.
     InvalidApiKey,
     InvalidInternalToken,
@@ -126,6 +129,8 @@ pub enum ErrorCode {
     RateLimitsUnavailable,
     LimitStoreUnavailable,
     UsageStoreUnavailable,
+    FileStoreUnavailable,
+    BatchStoreUnavailable,
     // The gateway's configuration.
     GatewayMisconfigured,
     BackendNotConfigured,
@@ -160,12 +165,16 @@ impl ErrorCode {
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::InvalidUsageRecord => "invalid_usage_record",
             ErrorCode::InvalidBatchId => "invalid_batch_id",
+            ErrorCode::FileInUse => "file_in_use",
+            ErrorCode::BatchFinished => "batch_finished",
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::InvalidInternalToken => "invalid_internal_token",
             ErrorCode::RateLimitExceeded | ErrorCode::TokensBeyondLimit => "rate_limit_exceeded",
             ErrorCode::RateLimitsUnavailable => "rate_limits_unavailable",
             ErrorCode::LimitStoreUnavailable => "limit_store_unavailable",
             ErrorCode::UsageStoreUnavailable => "usage_store_unavailable",
+            ErrorCode::FileStoreUnavailable => "file_store_unavailable",
+            ErrorCode::BatchStoreUnavailable => "batch_store_unavailable",
             ErrorCode::GatewayMisconfigured => "gateway_misconfigured",
             ErrorCode::BackendNotConfigured => "backend_not_configured",
             ErrorCode::BackendKeyUnavailable => "backend_key_unavailable",
@@ -372,6 +381,66 @@ impl GatewayError {
         )
     }
 
+    /// 400 for a multipart form field (`name`) the endpoint does not take, in OpenAI's words.
+    pub fn unrecognized_argument(name: &str) -> Self {
+        Self::bad_request(None, format!("Unrecognized request argument supplied: {name}")).about(name)
+    }
+
+    /// 415 for an upload sent as something other than a multipart form.
+    pub fn not_multipart(content_type: &str) -> Self {
+        Self::new(
+            415,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::UnsupportedMediaType),
+            format!("Unsupported content-type `{content_type}`: upload files as `multipart/form-data`."),
+        )
+    }
+
+    /// 413 for an uploaded file over `limit` bytes.
+    pub fn file_too_large(limit: u64) -> Self {
+        Self::new(
+            413,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::RequestTooLarge),
+            format!("The file is larger than this gateway's limit of {limit} bytes."),
+        )
+        .about("file")
+    }
+
+    // The Files and Batch APIs' objects.
+
+    /// 404 for a file id its caller has no file by, in OpenAI's words.
+    pub fn file_not_found(id: &str) -> Self {
+        Self::new(404, ErrorType::InvalidRequest, None, format!("No such File object: {id}")).about("id")
+    }
+
+    /// 404 for a batch id its caller has no batch by, in the words of [`GatewayError::file_not_found`].
+    pub fn batch_not_found(id: &str) -> Self {
+        Self::new(404, ErrorType::InvalidRequest, None, format!("No such Batch object: {id}")).about("id")
+    }
+
+    /// 409 for deleting a file that a batch still reads (`batch_id`, not finished).
+    pub fn file_in_use(file_id: &str, batch_id: &str) -> Self {
+        Self::new(
+            409,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::FileInUse),
+            format!("File {file_id} is the input of batch {batch_id}, which has not finished: delete the file once the batch is done or cancelled."),
+        )
+        .about("id")
+    }
+
+    /// 409 for cancelling a batch already finished, with `status`.
+    pub fn batch_finished(id: &str, status: &str) -> Self {
+        Self::new(
+            409,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::BatchFinished),
+            format!("Batch {id} is already {status}: only a batch that has not finished can be cancelled."),
+        )
+        .about("id")
+    }
+
     // Who is asking.
 
     /// 401 for a request without a client key, where keys are required. Type,
@@ -438,6 +507,24 @@ impl GatewayError {
             503,
             Some(ErrorCode::UsageStoreUnavailable),
             "The usage store is unavailable; try again shortly.".into(),
+        )
+    }
+
+    /// 503: the store of uploaded and batch files did not answer.
+    pub fn file_store_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::FileStoreUnavailable),
+            "The file store is unavailable; try again shortly.".into(),
+        )
+    }
+
+    /// 503: the store of file and batch records did not answer.
+    pub fn batch_store_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::BatchStoreUnavailable),
+            "The batch store is unavailable; try again shortly.".into(),
         )
     }
 
@@ -607,6 +694,8 @@ impl GatewayError {
                 | RateLimitsUnavailable
                 | LimitStoreUnavailable
                 | UsageStoreUnavailable
+                | FileStoreUnavailable
+                | BatchStoreUnavailable
                 | StreamInterrupted,
             ) => Some(true),
             // The status says it already: a 429 passes after its `retry-after`; a backend's 5xx may pass.
@@ -626,6 +715,8 @@ impl GatewayError {
                 | ModelNotFound
                 | InvalidUsageRecord
                 | InvalidBatchId
+                | FileInUse
+                | BatchFinished
                 | InvalidApiKey
                 | InvalidInternalToken
                 | TokensBeyondLimit
@@ -703,9 +794,14 @@ mod tests {
         assert_eq!(advice(GatewayError::backend_not_configured()), Some(false));
         assert_eq!(advice(GatewayError::backend_key_unavailable()), Some(false));
         assert_eq!(advice(GatewayError::tokens_beyond_limit("m".into())), Some(false));
+        assert_eq!(advice(GatewayError::file_in_use("file-1", "batch_1")), Some(false));
+        assert_eq!(advice(GatewayError::batch_finished("batch_1", "completed")), Some(false));
+        assert_eq!(advice(GatewayError::file_not_found("file-1")), Some(false));
         // Briefly unable: yes, the guard's own per-try timeouts included.
         assert_eq!(advice(GatewayError::gateway_unavailable()), Some(true));
         assert_eq!(advice(GatewayError::rate_limits_unavailable()), Some(true));
+        assert_eq!(advice(GatewayError::file_store_unavailable()), Some(true));
+        assert_eq!(advice(GatewayError::batch_store_unavailable()), Some(true));
         assert_eq!(advice(GatewayError::backend_timeout()), Some(true));
         assert_eq!(advice(GatewayError::no_answer_within(100)), Some(true));
         assert_eq!(advice(GatewayError::no_stream_within(100)), Some(true));

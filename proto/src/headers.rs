@@ -42,17 +42,20 @@ pub const CLIENT_KEYS: &[&str] = &["authorization", "api-key", "x-api-key"];
 /// metadata, on ext_proc's streams): proves the caller is the gateway's Envoy.
 pub const INTERNAL_TOKEN: &str = "x-modelgate-internal-token";
 
-/// Set by the filter on what it sends to ext-proc's Files and Batch API: the
-/// name of the client key that asked (empty on a gateway without keys), which
-/// owns the files and batches it makes.
+/// Set by the filter on a request to the Files or Batch API, for ext-proc's
+/// batch service: the name of the client key that made it (empty on an open
+/// gateway), which owns the files and batches it creates. Trusted only with
+/// [`INTERNAL_TOKEN`].
 pub const OWNER: &str = "x-modelgate-owner";
 
-/// Sent by ext-proc's batch runner with the internal token on each line it
-/// sends through Envoy's listener: the name of the key the line runs as.
+/// Sent by ext-proc's batch runner with [`INTERNAL_TOKEN`] on each line it
+/// sends through Envoy's listener: the name of the key the batch belongs to.
+/// The filter takes such a request as that key's, and as batch traffic.
 pub const ON_BEHALF_OF: &str = "x-modelgate-on-behalf-of";
 
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] = &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN, INTERNAL_TOKEN, OWNER, ON_BEHALF_OF];
+pub const INTERNAL: &[&str] =
+    &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN, INTERNAL_TOKEN, OWNER, ON_BEHALF_OF];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies

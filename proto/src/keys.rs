@@ -66,6 +66,13 @@ impl ClientKeys {
     pub fn from_config(configs: &[ClientKeyConfig]) -> Result<Self, String> {
         let mut keys = Vec::with_capacity(configs.len());
         for config in configs {
+            if !is_header_value(&config.name) {
+                return Err(format!(
+                    "client key name `{}` must be printable ASCII, not empty, without spaces at either end: \
+                     it is sent in headers (the owner of files and batches)",
+                    config.name.escape_debug()
+                ));
+            }
             let digest = parse_digest(&config.sha256)
                 .ok_or_else(|| format!("client key `{}`: sha256 must be 64 hex digits", config.name))?;
             if keys.iter().any(|k: &Rc<ClientKey>| k.name == config.name) {
@@ -110,6 +117,31 @@ impl ClientKeys {
         }
         found.map(Some).ok_or_else(GatewayError::invalid_api_key)
     }
+
+    /// The key named `name`, for a request the gateway makes on its behalf
+    /// (a batch's line): `Ok(None)` when no keys are configured.
+    pub fn on_behalf_of(&self, name: &[u8]) -> Result<Caller, GatewayError> {
+        if !self.required() {
+            return Ok(None);
+        }
+        let found = self.keys.iter().find(|key| key.name.as_bytes() == name);
+        found.map(|key| Some(Rc::clone(key))).ok_or_else(GatewayError::invalid_api_key)
+    }
+}
+
+/// True when `presented` is the configured internal `token`. Compared as
+/// SHA-256 digests in constant time, as keys are, so an answer's timing says
+/// nothing of how close a guess came, nor of the token's length.
+pub fn is_internal_token(token: &str, presented: &[u8]) -> bool {
+    let expected: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let presented: [u8; 32] = Sha256::digest(presented).into();
+    bool::from(expected.ct_eq(&presented))
+}
+
+/// True for a value a header carries as it is: printable ASCII, not empty,
+/// with no space at either end (HTTP trims those).
+fn is_header_value(value: &str) -> bool {
+    !value.is_empty() && value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) && value.trim() == value
 }
 
 /// The headers a client's key can come in.
@@ -219,13 +251,48 @@ mod tests {
             (serde_json::json!([{"name": "a", "sha256": hash}, {"name": "a", "sha256": digest_of("j")}]), "twice"),
             (serde_json::json!([{"name": "a", "sha256": hash}, {"name": "b", "sha256": hash}]), "same sha256"),
             (serde_json::json!([{"name": "a", "sha256": hash, "models": ["a*b"]}]), "only at the end"),
+            (serde_json::json!([{"name": "", "sha256": hash}]), "printable ASCII"),
+            (serde_json::json!([{"name": "line\nbreak", "sha256": hash}]), "printable ASCII"),
+            (serde_json::json!([{"name": " padded", "sha256": hash}]), "printable ASCII"),
+            (serde_json::json!([{"name": "caf\u{e9}", "sha256": hash}]), "printable ASCII"),
         ] {
             let e = ClientKeys::from_config(&config(bad)).unwrap_err();
             assert!(e.contains(why), "{e}");
         }
     }
 
+    #[test]
+    fn a_request_on_behalf_of_a_key_is_that_keys_by_name() {
+        let keys = keys();
+        assert_eq!(name(keys.on_behalf_of(b"beta")), "beta");
+        let e = keys.on_behalf_of(b"gamma").unwrap_err();
+        assert_eq!((e.status, e.code), (401, Some(ErrorCode::InvalidApiKey)));
+        assert_eq!(keys.on_behalf_of(b"").unwrap_err().status, 401);
+        assert_eq!(ClientKeys::default().on_behalf_of(b"anyone").unwrap(), None, "an open gateway");
+        let spaced = config_with_name("team a");
+        assert_eq!(name(ClientKeys::from_config(&spaced).unwrap().on_behalf_of(b"team a")), "team a");
+    }
+
+    fn config_with_name(name: &str) -> Vec<ClientKeyConfig> {
+        serde_json::from_value(serde_json::json!([{"name": name, "sha256": digest_of("k")}])).unwrap()
+    }
+
+    #[test]
+    fn only_the_internal_token_itself_matches() {
+        assert!(is_internal_token("s3cret-token", b"s3cret-token"));
+        for wrong in [&b""[..], b"s3cret-toke", b"s3cret-token ", b"S3CRET-TOKEN", b"\xff"] {
+            assert!(!is_internal_token("s3cret-token", wrong), "{wrong:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn any_header_value_a_name_allows_is_accepted_and_no_other(name in "\\PC{0,12}") {
+            let accepted = ClientKeys::from_config(&config_with_name(&name)).is_ok();
+            let fits = !name.is_empty() && name.trim() == name && name.bytes().all(|b| (0x20..0x7f).contains(&b));
+            prop_assert_eq!(accepted, fits);
+        }
+
         #[test]
         fn arbitrary_header_bytes_never_panic(authorization in proptest::collection::vec(any::<u8>(), 0..80),
                                               api_key in proptest::collection::vec(any::<u8>(), 0..80)) {

@@ -6,7 +6,9 @@
 
 use crate::backend::{ApiKey, BackendProfile};
 use crate::chain::{Chain, ChainHeaders, Member};
-use crate::config::{AccountingConfig, BackendConfig, FilterConfig, ModelRouteConfig, Price, SharedLimitsConfig};
+use crate::config::{
+    AccountingConfig, BackendConfig, BatchesConfig, FilterConfig, ModelRouteConfig, Price, SharedLimitsConfig,
+};
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
 
@@ -41,6 +43,7 @@ pub struct Router {
     client_keys: ClientKeys,
     accounting: Option<AccountingConfig>,
     shared_limits: Option<SharedLimitsConfig>,
+    batches: Option<BatchesConfig>,
     internal_token: Option<String>,
     reserved_completion_tokens: u64,
 }
@@ -53,6 +56,7 @@ impl Router {
             client_keys: ClientKeys::from_config(&config.client_keys)?,
             accounting: config.accounting.clone(),
             shared_limits: config.shared_limits.clone(),
+            batches: config.batches.clone(),
             internal_token: config.internal_token.clone(),
             reserved_completion_tokens: config.reserved_completion_tokens,
             ..Router::default()
@@ -128,6 +132,11 @@ impl Router {
     /// Where answered requests are reported, if anywhere.
     pub fn accounting(&self) -> Option<&AccountingConfig> {
         self.accounting.as_ref()
+    }
+
+    /// Where the Files and Batch APIs are answered, if anywhere.
+    pub fn batches(&self) -> Option<&BatchesConfig> {
+        self.batches.as_ref()
     }
 
     /// The token presented to the stream guard and ext-proc's admin port, if one is configured.

@@ -57,6 +57,30 @@ pub fn bounded(value: &str) -> &str {
     }
 }
 
+/// Whose request it was: a client's own, or a line of a batch that ext-proc's
+/// runner sent on the client's behalf. Metrics and the usage report keep them apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Traffic {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Traffic {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Traffic::Interactive => "interactive",
+            Traffic::Batch => "batch",
+        }
+    }
+
+    /// Left out of what is sent when interactive, so a receiver that predates batches still reads it.
+    pub fn is_interactive(&self) -> bool {
+        *self == Traffic::Interactive
+    }
+}
+
 /// One request, as the gateway answered it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
@@ -90,6 +114,9 @@ pub struct UsageRecord {
     /// A stream's gaps between consecutive chunks, in microseconds.
     #[serde(default)]
     pub itl_us: Vec<u64>,
+    /// Interactive unless a batch's runner sent it (absent from older senders' records).
+    #[serde(default, skip_serializing_if = "Traffic::is_interactive")]
+    pub traffic: Traffic,
 }
 
 /// Requests the gateway refused itself before any backend (a bad body, an
@@ -105,6 +132,8 @@ pub struct Refused {
     pub model_served: bool,
     pub status: u16,
     pub count: u64,
+    #[serde(default, skip_serializing_if = "Traffic::is_interactive")]
+    pub traffic: Traffic,
 }
 
 /// The last line of a worker's batch, when it has anything to say: what it
@@ -465,6 +494,25 @@ mod tests {
         for odd in [&*format!("{longest}m"), "a b", "a\"b", "caf\u{e9}", "a\nb", "a\0", "{x}", "(y)"] {
             assert_eq!(bounded(odd), INVALID, "{odd:?}");
         }
+    }
+
+    #[test]
+    fn batch_traffic_is_said_and_interactive_traffic_reads_as_before() {
+        let old = r#"{"request_id":"r","at_ms":1,"key":"k","model":"m","backend":"b","status":200,"stream":false,
+                      "usage":null,"cost_usd":null,"latency_us":5,"ttft_us":null}"#;
+        let record: UsageRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.traffic, Traffic::Interactive, "an older sender's record");
+        assert!(!serde_json::to_string(&record).unwrap().contains("traffic"), "an older receiver reads it");
+        let batch = UsageRecord { traffic: Traffic::Batch, ..record };
+        let sent = serde_json::to_string(&batch).unwrap();
+        assert!(sent.contains(r#""traffic":"batch""#), "{sent}");
+        assert_eq!(serde_json::from_str::<UsageRecord>(&sent).unwrap(), batch);
+        let refused = Refused { traffic: Traffic::Batch, status: 429, count: 2, ..Refused::default() };
+        assert_eq!(serde_json::from_str::<Refused>(&serde_json::to_string(&refused).unwrap()).unwrap(), refused);
+        assert!(serde_json::from_str::<Refused>(
+            r#"{"key":"","model":"","model_served":false,"status":1,"count":1,"traffic":"other"}"#
+        )
+        .is_err());
     }
 
     proptest! {

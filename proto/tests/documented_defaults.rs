@@ -23,6 +23,7 @@ fn base() -> Value {
         "client_keys": [{"name": "k", "sha256": "0".repeat(64), "limits": {"models": {"m": {}}}}],
         "accounting": {"cluster": "admin"},
         "shared_limits": {"cluster": "admin"},
+        "batches": {"cluster": "admin"},
     })
 }
 

@@ -12,7 +12,7 @@ import httpx2
 import openai
 import pytest
 
-from harness import Stack, edit_filter_config, new_request_id as rid, received_by, sdk
+from harness import Stack, edit_filter_config, labels, metrics, new_request_id as rid, received_by, sdk
 
 FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
 # Keys with rate limits: four requests a minute in all; sixty a minute for llama models;
@@ -20,6 +20,8 @@ FULL, LLAMA_ONLY = "sk-team-full-0001", "sk-team-llama-0002"
 LIMITED, BURSTY, METERED = "sk-limited-0003", "sk-bursty-0004", "sk-metered-0005"
 # Sixty tokens a minute for the concurrency test; 120 for the aborted stream's.
 CROWDED, ABORTING = "sk-crowded-0006", "sk-aborting-0007"
+# Two requests a minute, llama models only: the key a batch's lines are sent as.
+PACED = "sk-paced-0008"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -37,6 +39,7 @@ def with_client_keys(config: dict) -> None:
          "limits": {"requests_per_minute": 100, "tokens_per_minute": 60}},
         {"name": "crowded", "sha256": digest(CROWDED), "limits": {"tokens_per_minute": 60}},
         {"name": "aborting", "sha256": digest(ABORTING), "limits": {"tokens_per_minute": 120}},
+        {"name": "paced", "sha256": digest(PACED), "models": ["llama-*"], "limits": {"requests_per_minute": 2}},
     ]))
 
 
@@ -268,3 +271,29 @@ def test_a_stream_the_client_abandons_keeps_its_reservation(keyed):
     assert after.status_code == 200
     # Two tokens a second come back: what is left shows the abandoned stream's reservation still spent.
     assert int(token_headers(after)[1]) < 120 - 60, token_headers(after)
+
+
+def test_the_batch_runner_sends_a_line_as_its_key_under_the_keys_models_and_limits(keyed):
+    def line(name: str, model: str, token: str | None = None) -> httpx2.Response:
+        headers = {"x-modelgate-internal-token": token or keyed.internal_token, "x-modelgate-on-behalf-of": name}
+        return httpx2.post(f"{keyed.base_url}/chat/completions", json={"model": model, "messages": HELLO},
+                           headers=headers, timeout=30)
+
+    assert line("paced", "llama-3.1-8b-instruct").status_code == 200
+    hidden = line("paced", "claude-sonnet-4-5")
+    assert (hidden.status_code, hidden.json()["error"]["code"]) == (404, "model_not_found")
+    assert line("paced", "llama-3.1-8b-instruct").status_code == 200
+    paced = line("paced", "llama-3.1-8b-instruct")
+    assert (paced.status_code, paced.json()["error"]["code"]) == (429, "rate_limit_exceeded")
+    assert int(paced.headers["retry-after"]) > 0
+    unknown = line("nobody", "llama-3.1-8b-instruct")
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (401, "invalid_api_key")
+    # Without the token the two headers are a client's, and count for nothing.
+    forged = line("full", "llama-3.1-8b-instruct", token="a-guess")
+    assert (forged.status_code, forged.json()["error"]["code"]) == (401, "invalid_api_key")
+
+    answered = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="paced", traffic="batch")
+    deadline = time.monotonic() + 10
+    while metrics(keyed).get(f"modelgate_requests_total{answered}") != 2:
+        assert time.monotonic() < deadline, [k for k in metrics(keyed) if 'key="paced"' in k]
+        time.sleep(0.2)

@@ -63,8 +63,8 @@ def test_a_flood_of_odd_model_names_leaves_metrics_small_and_real_models_named(g
     report(f"record bounds: /metrics is {len(text)} bytes after {len(odd)} requests for odd model names")
     assert len(text) < 64 << 10, f"/metrics is {len(text)} bytes"
     m = parse_metrics(text)
-    assert m[f"modelgate_requests_total{labels(model='qwen-3-32b', backend='qwen-pool', key='')}"] == 1
-    assert m[f"modelgate_requests_total{labels(model='llama-3.1-8b-instruct', backend='llama-pool', key='')}"] >= 1
+    assert m[f"modelgate_requests_total{labels(model='qwen-3-32b', backend='qwen-pool', key='', traffic='interactive')}"] == 1
+    assert m[f"modelgate_requests_total{labels(model='llama-3.1-8b-instruct', backend='llama-pool', key='', traffic='interactive')}"] >= 1
     # Names no backend answered are counted together, under a placeholder: none is lost.
     unnamed = sum(v for k, v in m.items() if k.startswith("modelgate_errors_total")
                   and ('model="(other)"' in k or 'model="(invalid)"' in k))
@@ -104,7 +104,7 @@ def test_a_flood_of_refusals_with_huge_request_ids_loses_no_good_record(gateway)
     def key(model: str, status: int | None = None) -> str:
         family = "modelgate_errors_total" if status else "modelgate_requests_total"
         extra = {"status": str(status)} if status else {}
-        return f"{family}{labels(model=model, backend='' if status else 'mistral-pool', key='', **extra)}"
+        return f"{family}{labels(model=model, backend='' if status else 'mistral-pool', key='', **extra, traffic='interactive')}"
 
     start = metrics(gateway)
     good_key, refused_key = key("mistral-7b-instruct"), key("", 404)

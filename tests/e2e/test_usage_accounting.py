@@ -59,15 +59,15 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
     wait_for_requests(gateway, 4, within=5)
 
     m = metrics(gateway)
-    llama = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="alice")
-    claude = labels(model="claude-sonnet-4-5", backend="anthropic", key="alice")
+    llama = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="alice", traffic="interactive")
+    claude = labels(model="claude-sonnet-4-5", backend="anthropic", key="alice", traffic="interactive")
     assert m[f"modelgate_prompt_tokens_total{llama}"] == whole.usage.prompt_tokens
     assert m[f"modelgate_completion_tokens_total{llama}"] == whole.usage.completion_tokens == 7
     assert m[f"modelgate_prompt_tokens_total{claude}"] == stream_usage.prompt_tokens
     assert m[f"modelgate_completion_tokens_total{claude}"] == stream_usage.completion_tokens == 9
     assert m[f"modelgate_requests_total{claude}"] == 1
     # A model no route serves is counted without its name: clients cannot grow the label set.
-    not_found = labels(model="", backend="", key="alice", status="404")
+    not_found = labels(model="", backend="", key="alice", status="404", traffic="interactive")
     assert m[f"modelgate_errors_total{not_found}"] == 1
     # Timings: both streams had a first token; Alice's nine tokens came 20 ms apart.
     timing = labels(model="claude-sonnet-4-5", backend="anthropic")

@@ -1,5 +1,7 @@
 //! The admin port's Prometheus metrics: requests, errors, tokens, cost and
 //! timings per key, model and backend, as the usage records tell them.
+//! Requests, errors, tokens and cost are also split by `traffic`: a client's
+//! own (`interactive`) or a batch's lines (`batch`).
 //!
 //! Counters are registered without their `_total`, which the encoder adds.
 
@@ -28,6 +30,7 @@ struct KeyLabels {
     model: String,
     backend: String,
     key: String,
+    traffic: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,12 +39,25 @@ struct ErrorLabels {
     backend: String,
     key: String,
     status: u16,
+    traffic: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     model: String,
     backend: String,
+}
+
+impl ErrorLabels {
+    fn of(labels: &KeyLabels, status: u16) -> Self {
+        ErrorLabels {
+            model: labels.model.clone(),
+            backend: labels.backend.clone(),
+            key: labels.key.clone(),
+            status,
+            traffic: labels.traffic,
+        }
+    }
 }
 
 type Histograms = Family<BackendLabels, Histogram, fn() -> Histogram>;
@@ -138,17 +154,15 @@ impl Metrics {
     /// Counts one record; its cost, if any, must be finite and not negative
     /// (counters only go up).
     pub fn record(&self, record: &UsageRecord) {
-        let labels =
-            KeyLabels { model: record.model.clone(), backend: record.backend.clone(), key: record.key.clone() };
+        let labels = KeyLabels {
+            model: record.model.clone(),
+            backend: record.backend.clone(),
+            key: record.key.clone(),
+            traffic: record.traffic.as_str(),
+        };
         self.requests.get_or_create(&labels).inc();
         if record.status >= 400 {
-            let labels = ErrorLabels {
-                model: labels.model.clone(),
-                backend: labels.backend.clone(),
-                key: labels.key.clone(),
-                status: record.status,
-            };
-            self.errors.get_or_create(&labels).inc();
+            self.errors.get_or_create(&ErrorLabels::of(&labels, record.status)).inc();
         }
         if let Some(usage) = record.usage {
             self.prompt_tokens.get_or_create(&labels).inc_by(usage.prompt_tokens);
@@ -178,12 +192,15 @@ impl Metrics {
     /// Counts requests the gateway refused before any backend: requests and
     /// errors, as their records would have been (they have no timings).
     pub fn refused(&self, refused: &Refused) {
-        let labels = KeyLabels { model: refused.model.clone(), backend: String::new(), key: refused.key.clone() };
+        let labels = KeyLabels {
+            model: refused.model.clone(),
+            backend: String::new(),
+            key: refused.key.clone(),
+            traffic: refused.traffic.as_str(),
+        };
         self.requests.get_or_create(&labels).inc_by(refused.count);
         if refused.status >= 400 {
-            let labels =
-                ErrorLabels { model: labels.model, backend: labels.backend, key: labels.key, status: refused.status };
-            self.errors.get_or_create(&labels).inc_by(refused.count);
+            self.errors.get_or_create(&ErrorLabels::of(&labels, refused.status)).inc_by(refused.count);
         }
     }
 
@@ -215,10 +232,17 @@ fn seconds(us: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelgate_proto::usage::Usage;
+    use modelgate_proto::usage::{Traffic, Usage};
 
     fn lines(text: &str, prefix: &str) -> Vec<String> {
         text.lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
+    }
+
+    /// The same, in order: a family's series come in no particular order.
+    fn sorted_lines(text: &str, prefix: &str) -> Vec<String> {
+        let mut lines = lines(text, prefix);
+        lines.sort();
+        lines
     }
 
     #[test]
@@ -238,6 +262,7 @@ mod tests {
             latency_us: 1_500_000,
             ttft_us: Some(200_000),
             itl_us: vec![1_000, 40_000, 40_000],
+            traffic: Traffic::Interactive,
         };
         m.record(&stream);
         m.record(&UsageRecord { status: 429, usage: None, cost_usd: Some(0.25), stream: false, ..stream.clone() });
@@ -245,11 +270,13 @@ mod tests {
         m.records_dropped(4);
         m.limit_store_error();
         let text = m.encode();
-        let key = r#"{model="gpt-4o",backend="vllm",key="alice"}"#;
+        let key = r#"{model="gpt-4o",backend="vllm",key="alice",traffic="interactive"}"#;
         assert_eq!(lines(&text, "modelgate_requests_total"), [format!("modelgate_requests_total{key} 2")]);
         assert_eq!(
             lines(&text, "modelgate_errors_total"),
-            [r#"modelgate_errors_total{model="gpt-4o",backend="vllm",key="alice",status="429"} 1"#]
+            [
+                r#"modelgate_errors_total{model="gpt-4o",backend="vllm",key="alice",status="429",traffic="interactive"} 1"#
+            ]
         );
         assert_eq!(lines(&text, "modelgate_prompt_tokens_total"), [format!("modelgate_prompt_tokens_total{key} 12")]);
         assert_eq!(
@@ -298,17 +325,56 @@ mod tests {
     }
 
     #[test]
-    fn refusals_count_as_requests_and_errors_without_timings() {
+    fn a_batchs_lines_are_counted_apart_from_the_keys_own_requests() {
         let m = Metrics::default();
-        m.refused(&Refused { key: "k".into(), model: "m".into(), model_served: true, status: 429, count: 7 });
+        let own = UsageRecord {
+            key: "k".into(),
+            model: "m".into(),
+            backend: "b".into(),
+            status: 200,
+            usage: Some(Usage { prompt_tokens: 5, completion_tokens: 1 }),
+            ..UsageRecord::default()
+        };
+        m.record(&own);
+        m.record(&UsageRecord { traffic: Traffic::Batch, ..own.clone() });
+        m.record(&UsageRecord { traffic: Traffic::Batch, ..own });
         let text = m.encode();
         assert_eq!(
-            lines(&text, "modelgate_requests_total"),
-            [r#"modelgate_requests_total{model="m",backend="",key="k"} 7"#]
+            sorted_lines(&text, "modelgate_prompt_tokens_total"),
+            [
+                r#"modelgate_prompt_tokens_total{model="m",backend="b",key="k",traffic="batch"} 10"#,
+                r#"modelgate_prompt_tokens_total{model="m",backend="b",key="k",traffic="interactive"} 5"#
+            ]
+        );
+    }
+
+    #[test]
+    fn refusals_count_as_requests_and_errors_without_timings() {
+        let m = Metrics::default();
+        let refused = Refused {
+            key: "k".into(),
+            model: "m".into(),
+            model_served: true,
+            status: 429,
+            count: 7,
+            ..Refused::default()
+        };
+        m.refused(&refused);
+        m.refused(&Refused { traffic: Traffic::Batch, count: 2, ..refused });
+        let text = m.encode();
+        assert_eq!(
+            sorted_lines(&text, "modelgate_requests_total"),
+            [
+                r#"modelgate_requests_total{model="m",backend="",key="k",traffic="batch"} 2"#,
+                r#"modelgate_requests_total{model="m",backend="",key="k",traffic="interactive"} 7"#
+            ]
         );
         assert_eq!(
-            lines(&text, "modelgate_errors_total"),
-            [r#"modelgate_errors_total{model="m",backend="",key="k",status="429"} 7"#]
+            sorted_lines(&text, "modelgate_errors_total"),
+            [
+                r#"modelgate_errors_total{model="m",backend="",key="k",status="429",traffic="batch"} 2"#,
+                r#"modelgate_errors_total{model="m",backend="",key="k",status="429",traffic="interactive"} 7"#
+            ]
         );
         assert!(lines(&text, "modelgate_request_duration_seconds_count").is_empty(), "{text}");
     }
@@ -318,7 +384,12 @@ mod tests {
         let m = Metrics::default();
         m.record(&UsageRecord { model: "a\"} evil 1\n".into(), status: 200, ..UsageRecord::default() });
         let text = m.encode();
-        assert!(text.contains(r#"modelgate_requests_total{model="a\"} evil 1\n",backend="",key=""} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"modelgate_requests_total{model="a\"} evil 1\n",backend="",key="",traffic="interactive"} 1"#
+            ),
+            "{text}"
+        );
         assert!(!text.lines().any(|l| l.starts_with(" evil")), "{text}");
     }
 

@@ -449,7 +449,8 @@ not json\n\
 
     /// The requests counted for this model, with no backend and no key.
     fn requests_of(admin: &Admin, model: &str) -> Option<String> {
-        let series = format!("modelgate_requests_total{{model=\"{model}\",backend=\"\",key=\"\"}} ");
+        let series =
+            format!("modelgate_requests_total{{model=\"{model}\",backend=\"\",key=\"\",traffic=\"interactive\"}} ");
         admin.metrics.encode().lines().find_map(|l| l.strip_prefix(&series).map(str::to_string))
     }
 
@@ -476,13 +477,22 @@ not json\n\
         ingest(&admin, (0..2 * MAX_MODELS).map(|i| unserved(&format!("junk-{i}"), 404)).collect(), Vec::new(), 0).await;
         ingest(&admin, vec![unserved("qwen-3", 404), served("qwen-3".into()), unserved("qwen-3", 500)], Vec::new(), 0)
             .await;
-        let refused = Refused { key: "k".into(), model: "qwen-3".into(), model_served: false, status: 429, count: 4 };
+        let refused = Refused {
+            key: "k".into(),
+            model: "qwen-3".into(),
+            model_served: false,
+            status: 429,
+            count: 4,
+            ..Refused::default()
+        };
         let tally = Tally { at_ms: 0, refused: vec![refused.clone()], dropped_records: 3 };
         ingest(&admin, Vec::new(), vec![tally], 0).await;
         assert_eq!(requests_of(&admin, OTHER_MODELS).as_deref(), Some(&*(2 * MAX_MODELS + 1).to_string()));
         assert_eq!(requests_of(&admin, "qwen-3").as_deref(), Some("2"));
         let metrics = admin.metrics.encode();
-        assert!(metrics.contains("modelgate_errors_total{model=\"qwen-3\",backend=\"\",key=\"k\",status=\"429\"} 4\n"));
+        assert!(metrics.contains(
+            "modelgate_errors_total{model=\"qwen-3\",backend=\"\",key=\"k\",status=\"429\",traffic=\"interactive\"} 4\n"
+        ));
         assert!(metrics.contains("modelgate_usage_records_dropped_total 3\n"), "{metrics}");
         assert!(!metrics.contains("junk"));
         assert_eq!(admin.models.lock().unwrap().len(), 1);
@@ -501,14 +511,23 @@ not json\n\
             status: 200,
             ..UsageRecord::default()
         };
-        let refused = Refused { key: long.clone(), model: "m\n".into(), model_served: true, status: 404, count: 1 };
+        let refused = Refused {
+            key: long.clone(),
+            model: "m\n".into(),
+            model_served: true,
+            status: 404,
+            count: 1,
+            ..Refused::default()
+        };
         ingest(&admin, vec![record], vec![Tally { at_ms: 0, refused: vec![refused], dropped_records: 0 }], 0).await;
         let metrics = admin.metrics.encode();
         assert!(metrics.len() < 16 << 10, "{} bytes", metrics.len());
-        assert!(
-            metrics.contains(r#"modelgate_requests_total{model="(invalid)",backend="(invalid)",key="(invalid)"} 1"#)
-        );
-        assert!(metrics.contains(r#"modelgate_requests_total{model="(invalid)",backend="",key="(invalid)"} 1"#));
+        assert!(metrics.contains(
+            r#"modelgate_requests_total{model="(invalid)",backend="(invalid)",key="(invalid)",traffic="interactive"} 1"#
+        ));
+        assert!(metrics.contains(
+            r#"modelgate_requests_total{model="(invalid)",backend="",key="(invalid)",traffic="interactive"} 1"#
+        ));
         let report = admin.usage.report(0, u64::MAX, 0).await.unwrap();
         assert!(report.data.iter().all(|row| row.key == INVALID && row.model == INVALID), "{report:?}");
         assert!(admin.models.lock().unwrap().is_empty());
@@ -524,7 +543,14 @@ not json\n\
         let parsed = parse_records(body);
         assert_eq!((parsed.records.len(), parsed.rejected), (1, 1), "{parsed:?}");
         assert!(parsed.records[0].model_served);
-        let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 3 };
+        let refused = Refused {
+            key: "k".into(),
+            model: String::new(),
+            model_served: false,
+            status: 404,
+            count: 3,
+            ..Refused::default()
+        };
         assert_eq!(parsed.tallies, [Tally { at_ms: 7, refused: vec![refused], dropped_records: 2 }]);
         assert!(parsed.first_error.unwrap().starts_with("line 3: "));
     }

@@ -1,4 +1,5 @@
-//! Usage per key, model and backend over a time window: the usage records,
+//! Usage per key, model, backend and traffic (a client's own, or a batch's
+//! lines) over a time window: the usage records,
 //! summed per minute and kept for a configured number of hours.
 //!
 //! A minute is the finest grain a report has: a window `[start, end)` counts
@@ -8,18 +9,21 @@
 //! A batch of records becomes [`MinuteRow`]s, its sums per minute and group:
 //! what [`crate::usage_store`] writes down and replays.
 
-use modelgate_proto::usage::{Tally, UsageRecord};
+use modelgate_proto::usage::{Tally, Traffic, UsageRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
 pub const MINUTE_MS: u64 = 60_000;
 
-/// Which requests a row sums: one key, one model, one backend.
+/// Which requests a row sums: one key, one model, one backend, one kind of traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Group {
     pub key: String,
     pub model: String,
     pub backend: String,
+    /// Left out where interactive, as rows kept before batches were.
+    #[serde(default, skip_serializing_if = "Traffic::is_interactive")]
+    pub traffic: Traffic,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -72,6 +76,7 @@ pub struct ReportRow {
     pub key: String,
     pub model: String,
     pub backend: String,
+    pub traffic: Traffic,
     pub requests: u64,
     pub errors: u64,
     pub prompt_tokens: u64,
@@ -88,7 +93,7 @@ pub struct Report {
     /// The window, in Unix seconds, as applied (defaults filled in).
     pub start: u64,
     pub end: u64,
-    /// Sorted by key, model and backend.
+    /// Sorted by key, model, backend and traffic.
     pub data: Vec<ReportRow>,
 }
 
@@ -120,13 +125,23 @@ impl Retention {
         let oldest = self.oldest_kept(now_ms);
         let mut sums: BTreeMap<(u64, Group), Totals> = BTreeMap::new();
         for record in records {
-            let group = Group { key: record.key.clone(), model: record.model.clone(), backend: record.backend.clone() };
+            let group = Group {
+                key: record.key.clone(),
+                model: record.model.clone(),
+                backend: record.backend.clone(),
+                traffic: record.traffic,
+            };
             sums.entry((record.at_ms / MINUTE_MS, group)).or_default().add(&Totals::of(record));
         }
         // Refused before any backend: counted as requests (and errors), with no backend and no tokens.
         for tally in tallies {
             for refused in &tally.refused {
-                let group = Group { key: refused.key.clone(), model: refused.model.clone(), backend: String::new() };
+                let group = Group {
+                    key: refused.key.clone(),
+                    model: refused.model.clone(),
+                    backend: String::new(),
+                    traffic: refused.traffic,
+                };
                 let errors = if refused.status >= 400 { refused.count } else { 0 };
                 let totals = Totals { requests: refused.count, errors, ..Totals::default() };
                 sums.entry((tally.at_ms / MINUTE_MS, group)).or_default().add(&totals);
@@ -194,6 +209,7 @@ impl UsageStore {
                 key: group.key.clone(),
                 model: group.model.clone(),
                 backend: group.backend.clone(),
+                traffic: group.traffic,
                 requests: t.requests,
                 errors: t.errors,
                 prompt_tokens: t.prompt_tokens,
@@ -242,16 +258,20 @@ mod tests {
         add(&mut store, &record(now - 70_000, "bob", "m", 429, (0, 0), None), now);
         add(&mut store, &record(now - 1_000, "alice", "m", 200, (3, 4), None), now);
         add(&mut store, &UsageRecord { at_ms: now - 1_000, key: "alice".into(), ..UsageRecord::default() }, now);
+        let line = UsageRecord { traffic: Traffic::Batch, ..record(now - 2_000, "bob", "m", 200, (7, 1), None) };
+        add(&mut store, &line, now);
         let report = store.report(0, now / 1000 + 1);
         assert_eq!(
             serde_json::to_value(&report).unwrap(),
             json!({"object": "usage.report", "start": 0, "end": now / 1000 + 1, "data": [
-                {"key": "alice", "model": "", "backend": "", "requests": 1, "errors": 0, "prompt_tokens": 0,
+                {"key": "alice", "model": "", "backend": "", "traffic": "interactive", "requests": 1, "errors": 0, "prompt_tokens": 0,
                  "completion_tokens": 0, "total_tokens": 0, "cost_usd": null},
-                {"key": "alice", "model": "m", "backend": "b", "requests": 1, "errors": 0, "prompt_tokens": 3,
+                {"key": "alice", "model": "m", "backend": "b", "traffic": "interactive", "requests": 1, "errors": 0, "prompt_tokens": 3,
                  "completion_tokens": 4, "total_tokens": 7, "cost_usd": null},
-                {"key": "bob", "model": "m", "backend": "b", "requests": 2, "errors": 1, "prompt_tokens": 10,
-                 "completion_tokens": 5, "total_tokens": 15, "cost_usd": 0.25},
+                {"key": "bob", "model": "m", "backend": "b", "traffic": "interactive", "requests": 2, "errors": 1,
+                 "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost_usd": 0.25},
+                {"key": "bob", "model": "m", "backend": "b", "traffic": "batch", "requests": 1, "errors": 0,
+                 "prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8, "cost_usd": null},
             ]})
         );
     }
@@ -339,7 +359,14 @@ mod tests {
         let retention = Retention::hours(1);
         let mut store = UsageStore::new(retention);
         let record = UsageRecord { at_ms: now, key: "k".into(), status: 404, ..UsageRecord::default() };
-        let refused = Refused { key: "k".into(), model: String::new(), model_served: false, status: 404, count: 9 };
+        let refused = Refused {
+            key: "k".into(),
+            model: String::new(),
+            model_served: false,
+            status: 404,
+            count: 9,
+            ..Refused::default()
+        };
         let tally = |at_ms| Tally { at_ms, refused: vec![refused.clone()], dropped_records: 0 };
         store.add(&retention.rows(&[record], &[tally(now), tally(now - 2 * HOUR_MS)], now), now);
         let row = &store.report(0, u64::MAX).data[0];

@@ -17,10 +17,11 @@
 //!   sums, atomically. Minutes expire with the retention, ids with the window.
 
 use crate::usage_report::{Group, MinuteRow, Report, Retention, Totals, UsageStore};
-use modelgate_proto::usage::{Tally, UsageRecord};
+use modelgate_proto::usage::{Tally, Traffic, UsageRecord};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -366,7 +367,7 @@ impl RedisUsage {
         for row in rows {
             // Rows come sorted by minute, so a row's hash is found by the same order.
             let place = minutes.iter().position(|m| *m == row.minute).unwrap_or_default() + 3;
-            let group = serde_json::json!([row.group.key, row.group.model, row.group.backend]).to_string();
+            let group = redis_group(&row.group);
             let t = &row.totals;
             invocation.arg(place).arg(group).arg(t.requests).arg(t.errors).arg(t.prompt_tokens);
             invocation.arg(t.completion_tokens).arg(t.cost_usd.map(|c| c.to_string()).unwrap_or_default());
@@ -421,11 +422,32 @@ fn minute_rows(minute: u64, fields: &HashMap<String, String>) -> Vec<MinuteRow> 
     }
     groups
         .into_iter()
-        .filter_map(|(group, totals)| {
-            let [key, model, backend]: [String; 3] = serde_json::from_str(group).ok()?;
-            Some(MinuteRow { minute, group: Group { key, model, backend }, totals })
-        })
+        .filter_map(|(group, totals)| Some(MinuteRow { minute, group: group_of_redis(group)?, totals }))
         .collect()
+}
+
+/// A group as a minute's hash names it: `[key, model, backend]`, with the
+/// traffic after them only where it is not interactive, so the groups kept
+/// before batches keep their names.
+fn redis_group(group: &Group) -> String {
+    let Group { key, model, backend, traffic } = group;
+    match traffic {
+        Traffic::Interactive => serde_json::json!([key, model, backend]),
+        Traffic::Batch => serde_json::json!([key, model, backend, traffic]),
+    }
+    .to_string()
+}
+
+fn group_of_redis(name: &str) -> Option<Group> {
+    let (key, model, backend, traffic) = match serde_json::from_str::<Vec<Value>>(name).ok()?.as_slice() {
+        [key, model, backend] => (key.clone(), model.clone(), backend.clone(), Traffic::Interactive),
+        [key, model, backend, traffic] => {
+            (key.clone(), model.clone(), backend.clone(), serde_json::from_value(traffic.clone()).ok()?)
+        }
+        _ => return None,
+    };
+    let text = |value: Value| value.as_str().map(str::to_owned);
+    Some(Group { key: text(key)?, model: text(model)?, backend: text(backend)?, traffic })
 }
 
 /// Where the admin port keeps usage: its own ledger, or Redis.
@@ -525,6 +547,21 @@ mod tests {
             ..UsageRecord::default()
         };
         RETENTION.rows(&[record], &[], at_ms)
+    }
+
+    #[test]
+    fn redis_names_groups_as_before_and_batch_groups_apart() {
+        let group = |traffic| Group { key: "k".into(), model: "m/1".into(), backend: "b".into(), traffic };
+        assert_eq!(redis_group(&group(Traffic::Interactive)), r#"["k","m/1","b"]"#, "as kept before batches");
+        assert_eq!(redis_group(&group(Traffic::Batch)), r#"["k","m/1","b","batch"]"#);
+        for traffic in [Traffic::Interactive, Traffic::Batch] {
+            assert_eq!(group_of_redis(&redis_group(&group(traffic))), Some(group(traffic)));
+        }
+        for odd in
+            ["", "[]", r#"["k","m"]"#, r#"["k","m","b","other"]"#, r#"["k",1,"b"]"#, r#"["k","m","b","batch",1]"#]
+        {
+            assert_eq!(group_of_redis(odd), None, "{odd}");
+        }
     }
 
     fn open(dir: &TempDir, now_ms: u64) -> Ledger {

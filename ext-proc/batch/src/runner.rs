@@ -24,7 +24,7 @@ mod validate;
 
 use crate::blobs::{BlobError, Blobs};
 use crate::ids;
-use crate::store::{BatchRecord, Lease, Meta, Progress, StoreError};
+use crate::store::{BatchRecord, Deletion, Lease, Meta, Progress, StoreError};
 use gateway::Gateway;
 use modelgate_proto::batch::{Batch, BatchStatus};
 use modelgate_proto::clock;
@@ -34,6 +34,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+
+/// How often expired files are looked for, and how many are deleted at a time.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+const SWEEP_BATCH: usize = 100;
 
 /// How a batch's run is set.
 pub struct Settings {
@@ -132,6 +136,7 @@ impl Runner {
         let mut jobs = JoinSet::new();
         // A lease is renewed three times a lifetime, and free batches are looked for as often.
         let tick = (self.settings.lease / 3).min(Duration::from_secs(1));
+        let mut next_sweep = tokio::time::Instant::now();
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -141,9 +146,33 @@ impl Runner {
                 Some(_) = jobs.join_next() => {}
             }
             self.take_free_batches(&running, &mut jobs, &stopped).await;
+            if tokio::time::Instant::now() >= next_sweep {
+                next_sweep += SWEEP_INTERVAL;
+                self.delete_expired_files().await;
+            }
         }
         let _ = stopping.send(true);
         while jobs.join_next().await.is_some() {}
+    }
+
+    /// Deletes files past their `expires_at` (clients no longer see them):
+    /// the record first, so a file is never listed without its bytes.
+    async fn delete_expired_files(&self) {
+        let expired = match self.meta.expired_files(clock::unix_seconds(), SWEEP_BATCH).await {
+            Ok(expired) => expired,
+            Err(e) => return tracing::warn!(error = %e, "the batch store cannot list expired files"),
+        };
+        for file in expired {
+            match self.meta.delete_file(&file.owner, &file.file.id).await {
+                Ok(Deletion::Deleted(file)) => {
+                    if let Err(e) = self.blobs.delete(&file.blob).await {
+                        tracing::warn!(file = %file.file.id, error = %e, "could not delete an expired file's contents");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return tracing::warn!(error = %e, "the batch store cannot delete expired files"),
+            }
+        }
     }
 
     async fn take_free_batches(
@@ -218,14 +247,24 @@ async fn run_batch(job: Job, halt: watch::Sender<bool>, mut stopped: watch::Rece
             }
         })
     };
-    match drive(&job).await {
-        Ok(()) => tracing::info!(batch = %batch_id, "batch finished"),
-        Err(Halt::Stopping) => tracing::info!(batch = %batch_id, "batch left for later: stopping"),
-        Err(Halt::LeaseLost) => tracing::warn!(batch = %batch_id, "batch left: its lease is lost"),
-        Err(Halt::Store(e)) => tracing::warn!(batch = %batch_id, error = %e, "batch paused: the store failed"),
-        Err(Halt::Blob(e)) => tracing::warn!(batch = %batch_id, error = %e, "batch paused: file storage failed"),
-        Err(Halt::Gateway(e)) => tracing::warn!(batch = %batch_id, error = %e, "batch paused: the gateway failed"),
-    }
+    let failed = match drive(&job).await {
+        Ok(()) => return leave(job, renewing, "batch finished").await,
+        Err(Halt::Stopping) => return leave(job, renewing, "batch left for later: stopping").await,
+        Err(Halt::LeaseLost) => return leave(job, renewing, "batch left: another replica holds it").await,
+        Err(Halt::Store(e)) => format!("the store failed: {e}"),
+        Err(Halt::Blob(e)) => format!("file storage failed: {e}"),
+        Err(Halt::Gateway(e)) => format!("the gateway failed: {e}"),
+    };
+    tracing::warn!(batch = %batch_id, error = %failed, "batch paused; it is taken up again shortly");
+    // Held a little while, so a failing store or gateway is not asked again at once.
+    tokio::time::sleep(job.settings.lease / 3).await;
+    leave(job, renewing, "batch paused").await;
+}
+
+/// Ends a batch's run here: the lease renewals stop and the lease is given up.
+async fn leave(job: Job, renewing: tokio::task::JoinHandle<()>, what: &str) {
+    tracing::info!(batch = %job.lease.batch_id, "{what}");
+    let batch_id = job.lease.batch_id.clone();
     renewing.abort();
     if let Err(e) = job.meta.release(&job.lease).await {
         tracing::warn!(batch = %batch_id, error = %e, "could not give the batch's lease up; it expires");
@@ -277,12 +316,12 @@ fn stop_reason(record: &BatchRecord, now: u64) -> Option<Ending> {
 /// A batch cancelled or expired before it was validated: it ends with no files.
 async fn finish_unstarted(job: &Job, record: &BatchRecord, ending: Ending) -> Result<(), Halt> {
     let mut batch = record.batch.clone();
-    end(&mut batch, ending, clock::unix_seconds());
+    end(&mut batch, ending, clock::unix_seconds(), record.cancel_requested_at);
     job.save(Progress { batch: &batch, segment: None, files: &[] }).await
 }
 
-/// Sets the status and time of `ending`.
-fn end(batch: &mut Batch, ending: Ending, now: u64) {
+/// Sets the status and time of `ending`; a cancelled batch keeps when the cancel was asked for.
+fn end(batch: &mut Batch, ending: Ending, now: u64, cancel_requested_at: Option<u64>) {
     let (status, at) = match ending {
         Ending::Completed => (BatchStatus::Completed, &mut batch.completed_at),
         Ending::Cancelled => (BatchStatus::Cancelled, &mut batch.cancelled_at),
@@ -290,4 +329,7 @@ fn end(batch: &mut Batch, ending: Ending, now: u64) {
     };
     *at = Some(now);
     batch.status = status;
+    if ending == Ending::Cancelled {
+        batch.cancelling_at.get_or_insert(cancel_requested_at.unwrap_or(now));
+    }
 }

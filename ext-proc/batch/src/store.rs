@@ -16,6 +16,8 @@ pub mod redis;
 pub mod sqlite;
 
 use modelgate_proto::batch::{Batch, BatchStatus, FileObject};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::time::Duration;
 
 /// The store could not be reached or could not keep a write: answered 503.
@@ -33,11 +35,19 @@ impl std::error::Error for StoreError {}
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A stored file: its object, who owns it, and where its bytes are ([`crate::blobs`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Both stores keep it as this struct's JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
     pub owner: String,
     pub file: FileObject,
     pub blob: String,
+}
+
+impl FileRecord {
+    /// Past its `expires_at`: hidden from its owner, and due for deletion.
+    pub fn expired(&self, now: u64) -> bool {
+        self.file.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// A stored batch: its object as the runner last saved it, who owns it, and
@@ -121,6 +131,20 @@ pub enum Meta {
     Redis(redis::RedisMeta),
 }
 
+/// A new lease token for `holder`: the holder, the time and randomness
+/// ([`crate::ids`]), so a holder that restarts never reuses an old token.
+fn lease_token(holder: &str) -> String {
+    crate::ids::new_id(&format!("{holder}/"))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError(format!("encoding a record: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(json: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| StoreError(format!("a stored record is unreadable: {e}")))
+}
+
 macro_rules! each {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
@@ -131,6 +155,23 @@ macro_rules! each {
 }
 
 impl Meta {
+    /// Redis at `redis_url` when one is given (several replicas share it),
+    /// else SQLite at `<data_dir>/batches.sqlite`.
+    pub fn open(
+        redis_url: Option<&str>,
+        data_dir: &Path,
+        redis_timeout: Duration,
+    ) -> std::result::Result<Meta, String> {
+        match redis_url {
+            Some(url) => redis::RedisMeta::new(url, redis_timeout).map(Meta::Redis),
+            None => {
+                std::fs::create_dir_all(data_dir)
+                    .map_err(|e| format!("creating the data directory {}: {e}", data_dir.display()))?;
+                sqlite::SqliteMeta::open(&data_dir.join("batches.sqlite")).map(Meta::Sqlite)
+            }
+        }
+    }
+
     pub async fn insert_file(&self, record: &FileRecord) -> Result<()> {
         each!(self, s => s.insert_file(record).await)
     }

@@ -71,7 +71,8 @@ impl BackendCall {
         let mut headers = self.translator.headers();
         if let Some(credential) = &self.credential {
             let outgoing = OutgoingRequest {
-                method: self.endpoint.method(),
+                // Only model-routed endpoints reach a backend, and they take one method each.
+                method: self.endpoint.method().unwrap_or("POST"),
                 path: upstream.path.as_deref().unwrap_or(&self.path),
                 headers: &headers.set,
                 body: upstream.body.as_deref().unwrap_or(body),

@@ -35,7 +35,9 @@ impl OllamaRequest {
             Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
                 Ok(OllamaRequest { profile, context: ResponseContext::new(Dialect::Ollama, endpoint) })
             }
-            Endpoint::Models => Err(GatewayError::unsupported_endpoint(endpoint.path(), "an Ollama")),
+            Endpoint::Models | Endpoint::Files | Endpoint::Batches => {
+                Err(GatewayError::unsupported_endpoint(endpoint.path(), "an Ollama"))
+            }
         }
     }
 }
@@ -52,7 +54,9 @@ impl RequestTranslator for OllamaRequest {
             Endpoint::ChatCompletions => ("/api/chat", chat_request(&request)?),
             Endpoint::Completions => ("/api/generate", generate_request(&request)?),
             Endpoint::Embeddings => ("/api/embed", embed_request(&request)?),
-            Endpoint::Models => return Err(GatewayError::unsupported_endpoint(Endpoint::Models.path(), "an Ollama")),
+            other @ (Endpoint::Models | Endpoint::Files | Endpoint::Batches) => {
+                return Err(GatewayError::unsupported_endpoint(other.path(), "an Ollama"))
+            }
         };
         let model = self.profile.model.clone().map(Value::String).unwrap_or_else(|| context.model.clone());
         out.insert("model".into(), model);
@@ -108,7 +112,7 @@ impl ResponseTranslator for OllamaAnswer {
             Endpoint::Completions => text_completion(&answer, model),
             Endpoint::Embeddings => embeddings(&answer, model, self.context.base64),
             // Refused before any request was made.
-            Endpoint::Models => return body.to_vec(),
+            Endpoint::Models | Endpoint::Files | Endpoint::Batches => return body.to_vec(),
         };
         out.to_string().into_bytes()
     }

@@ -4,6 +4,7 @@ use modelgate_admin::shared_limits::SharedLimits;
 use modelgate_admin::usage_report::Retention;
 use modelgate_admin::usage_store::{Dedup, Ledger, RedisUsage, Usage};
 use modelgate_batch::args::BatchArgs;
+use modelgate_batch::Batches;
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_proto::clock;
@@ -92,7 +93,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Usage::local(ledger)
             }
         };
-        let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone());
+        let batches =
+            Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), args.token.secret()?, token.clone())?;
+        let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone()).merge(batches.api());
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
@@ -109,8 +112,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
         };
+        let runner = batches.runner()?;
+        let runner = async {
+            runner.run(shutdown.asked()).await;
+            Ok(())
+        };
         let deadline = args.process.shutdown_deadline();
-        match shutdown.drain(async { tokio::try_join!(grpc, admin) }, deadline).await {
+        match shutdown.drain(async { tokio::try_join!(grpc, admin, runner) }, deadline).await {
             Some(served) => {
                 served?;
             }

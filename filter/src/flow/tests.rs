@@ -422,3 +422,199 @@ fn a_token_limit_holds_a_reservation_until_the_answers_usage_settles_it() {
     send(&host, &mut fourth, &with_key, bounded);
     assert_eq!(remaining(&answer(&host, &mut fourth, 200, &[], &[usage])), remaining(&after) - 5);
 }
+
+/// A gateway with keys (the team's limited to one request a minute), accounting, an internal token and the batch service.
+fn batch_gateway() -> (MockHost, Worker, Flow) {
+    configured(&keyed(
+        r#"{"requests_per_minute": 1}"#,
+        r#", "accounting": {"cluster": "admin"}, "internal_token": "tok-1", "batches": {"cluster": "modelgate_admin"}"#,
+    ))
+}
+
+fn files_upload(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", "/v1/files"),
+        ("content-type", "multipart/form-data; boundary=b"),
+        ("content-length", "209715200"),
+        ("x-request-id", "req-1"),
+    ];
+    headers.extend_from_slice(extra);
+    headers
+}
+
+/// The usage lines the worker sends on its next tick.
+fn sent_lines(host: &MockHost, worker: &mut Worker) -> Vec<Value> {
+    host.state.borrow_mut().dispatched.clear();
+    worker.on_tick(host);
+    let sent = host.state.borrow().dispatched.clone();
+    sent.iter()
+        .flat_map(|call| {
+            call.body.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn without_a_batch_service_files_and_batches_pass_on_as_before() {
+    let (host, _worker, mut flow) = configured("");
+    let action = send(&host, &mut flow, &[(":method", "GET"), (":path", "/v1/batches"), ("x-request-id", "r")], b"");
+    assert_eq!(action, Action::Continue);
+    assert_eq!(host.take_calls(), request_headers_calls());
+    assert_eq!(host.request_header(headers::CLUSTER), None, "Envoy's routes decide, as for any other path");
+}
+
+#[test]
+fn an_upload_streams_to_the_batch_service_unbuffered_with_its_owner_and_the_token() {
+    let (host, _worker, mut flow) = batch_gateway();
+    let spoofed = [(headers::OWNER, "someone-else"), (headers::CLUSTER, "elsewhere")];
+    host.set_request(&files_upload(&[("authorization", "Bearer sk-team"), spoofed[0], spoofed[1]]), b"");
+    assert_eq!(flow.on_request_headers(&host, false), Action::Continue, "headers go on at once");
+    let mut calls = vec!["now".to_string(), format!("get request {}", headers::INTERNAL_TOKEN)];
+    calls.extend(removed_internal_headers());
+    calls.extend(
+        ["x-request-id", ":method", ":path", "content-type", "content-length", "authorization", "api-key"]
+            .map(|h| format!("get request {h}")),
+    );
+    calls.extend([
+        format!("set request {}: modelgate_admin", headers::CLUSTER),
+        format!("set request {}: team", headers::OWNER),
+        format!("set request {}: tok-1", headers::INTERNAL_TOKEN),
+    ]);
+    calls.extend(headers::CLIENT_KEYS.iter().map(|name| format!("remove request {name}")));
+    assert_eq!(host.take_calls(), calls, "over max_request_body_bytes, and not JSON: not the filter's to refuse");
+    assert_eq!(host.request_header("authorization"), None, "the key itself goes no further");
+
+    // 200 MB in 1 MB pieces: each goes on as it comes, without a host call.
+    for _ in 0..199 {
+        assert_eq!(flow.on_request_body(&host, 1 << 20, false), Action::Continue);
+    }
+    assert_eq!(flow.on_request_body(&host, 1 << 20, true), Action::Continue);
+    assert_eq!(flow.on_request_trailers(&host), Action::Continue);
+    assert_eq!(host.take_calls(), Vec::<String>::new(), "the body is never read nor held");
+
+    let content: &[u8] = b"{\"custom_id\":\"a\"}\n\xff\x00binary";
+    let seen = answer(&host, &mut flow, 200, &[("content-type", "application/octet-stream")], &[content]);
+    assert_eq!((seen.status, seen.body.as_slice()), (200, content));
+}
+
+#[test]
+fn the_batch_services_errors_reach_the_client_as_they_were_written() {
+    let errors: [(u16, Value); 3] = [
+        (
+            404,
+            json!({"error": {"message": "No such File object: file-x", "type": "invalid_request_error", "param": "id", "code": null}}),
+        ),
+        (
+            413,
+            json!({"error": {"message": "File is larger than 209715200 bytes.", "type": "invalid_request_error", "param": "file", "code": "file_too_large"}}),
+        ),
+        (
+            409,
+            json!({"error": {"message": "Batch batch_1 is completed; it cannot be cancelled.", "type": "invalid_request_error", "param": null, "code": "batch_not_cancellable"}}),
+        ),
+    ];
+    for (status, envelope) in errors {
+        let (host, _worker, mut flow) = batch_gateway();
+        host.state.borrow_mut().properties.insert("response.code_details".into(), b"via_upstream".to_vec());
+        let path = [(":method", "GET"), (":path", "/v1/files/file-x"), ("authorization", "Bearer sk-team")];
+        assert_eq!(send(&host, &mut flow, &path, b""), Action::Continue);
+        let body = envelope.to_string();
+        let (head, tail) = body.as_bytes().split_at(10);
+        let seen = answer(&host, &mut flow, status, &[("content-type", "application/json")], &[head, tail]);
+        assert_eq!(seen.status, status);
+        assert_eq!(seen.json(), envelope, "status, type, code and message kept");
+    }
+}
+
+#[test]
+fn the_batch_service_needs_a_key_as_any_endpoint_does() {
+    let (host, _worker, mut flow) = batch_gateway();
+    send(&host, &mut flow, &files_upload(&[("authorization", "Bearer sk-wrong")]), b"");
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.error().1.as_str()), (401, "invalid_api_key"));
+    assert_eq!(host.request_header(headers::CLUSTER), None);
+
+    // An open gateway: the owner is nobody in particular.
+    let (host, _worker, mut flow) = configured(r#", "batches": {"cluster": "modelgate_admin"}"#);
+    assert_eq!(send(&host, &mut flow, &[(":method", "GET"), (":path", "/v1/batches?limit=2")], b""), Action::Continue);
+    assert_eq!(host.request_header(headers::CLUSTER).as_deref(), Some("modelgate_admin"));
+    assert_eq!(host.request_header(headers::OWNER).as_deref(), Some(""));
+    assert_eq!(host.request_header(headers::INTERNAL_TOKEN), None, "none is configured");
+}
+
+#[test]
+fn without_the_right_token_the_internal_headers_are_dropped_and_the_key_authenticates_as_usual() {
+    let (host, mut worker, mut flow) = batch_gateway();
+    let forged = [(headers::INTERNAL_TOKEN, "tok-2"), (headers::ON_BEHALF_OF, "team")];
+    send(&host, &mut flow, &chat_headers(&forged), CHAT);
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.error().1.as_str()), (401, "invalid_api_key"), "no key was presented");
+
+    let mut flow = worker.new_flow();
+    host.take_calls();
+    send(&host, &mut flow, &chat_headers(&[forged[0], forged[1], ("authorization", "Bearer sk-team")]), CHAT);
+    let calls = host.take_calls();
+    assert!(!calls.contains(&format!("get request {}", headers::ON_BEHALF_OF)), "read only with the right token");
+    assert!(calls.contains(&"get request authorization".to_string()));
+    assert_eq!(
+        (host.request_header(headers::INTERNAL_TOKEN), host.request_header(headers::ON_BEHALF_OF)),
+        (None, None)
+    );
+    assert!(upstream(&host).is_some());
+    answer(&host, &mut flow, 200, &[], &[b"{}"]);
+    let records = sent_lines(&host, &mut worker);
+    assert_eq!(records[0]["key"], "team");
+    assert_eq!(records[0].get("traffic"), None, "interactive, as every record before batches");
+}
+
+#[test]
+fn on_behalf_of_a_key_its_limits_apply_and_its_records_say_batch() {
+    let (host, mut worker, mut flow) = batch_gateway();
+    let runner = [(headers::INTERNAL_TOKEN, "tok-1"), (headers::ON_BEHALF_OF, "team")];
+    assert_eq!(send(&host, &mut flow, &chat_headers(&runner), CHAT), Action::Continue);
+    let calls = host.take_calls();
+    assert!(!calls.contains(&"get request authorization".to_string()), "the runner holds no client key");
+    assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("cluster_a".into()));
+    assert_eq!(host.request_header(headers::ON_BEHALF_OF), None, "internal: never passed on");
+    let admitted = answer(&host, &mut flow, 200, &[], &[br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#]);
+    assert_eq!(admitted.header("x-ratelimit-remaining-requests"), Some("0"), "the key's limit counted it");
+
+    let mut second = worker.new_flow();
+    send(&host, &mut second, &chat_headers(&runner), CHAT);
+    let refused = answer(&host, &mut second, 0, &[], &[]);
+    assert_eq!((refused.status, refused.header("retry-after")), (429, Some("60")), "paced by the key's limit");
+
+    let lines = sent_lines(&host, &mut worker);
+    assert_eq!((lines[0]["key"].as_str(), lines[0]["traffic"].as_str()), (Some("team"), Some("batch")));
+    assert_eq!(lines[0]["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2}));
+    assert_eq!(lines[1]["refused"][0]["traffic"], "batch");
+    assert_eq!(lines[1]["refused"][0]["status"], 429);
+
+    let mut unknown = worker.new_flow();
+    send(&host, &mut unknown, &chat_headers(&[runner[0], (headers::ON_BEHALF_OF, "ghost")]), CHAT);
+    let seen = answer(&host, &mut unknown, 0, &[], &[]);
+    assert_eq!((seen.status, seen.error().1.as_str()), (401, "invalid_api_key"));
+}
+
+#[test]
+fn on_behalf_of_a_key_its_model_allow_list_applies_to_models_and_to_lines() {
+    let (host, worker, _) = configured_as(&format!(
+        r#"{{"backends": {{"a": {{"cluster": "cluster_a"}}}}, "models": [{{"match": "*", "backend": "a"}}],
+            "internal_token": "tok-1",
+            "client_keys": [{{"name": "team", "sha256": "{TEAM_KEY}", "models": ["llama-*"]}}]}}"#
+    ));
+    let runner = |path: &'static str, method: &'static str| {
+        vec![(":method", method), (":path", path), (headers::INTERNAL_TOKEN, "tok-1"), (headers::ON_BEHALF_OF, "team")]
+    };
+    let mut flow = worker.new_flow();
+    send(&host, &mut flow, &runner("/v1/models/llama-3", "GET"), b"");
+    assert_eq!(answer(&host, &mut flow, 0, &[], &[]).json()["id"], "llama-3");
+    let mut flow = worker.new_flow();
+    send(&host, &mut flow, &runner("/v1/models/qwen-2", "GET"), b"");
+    assert_eq!(answer(&host, &mut flow, 0, &[], &[]).status, 404);
+    let mut flow = worker.new_flow();
+    send(&host, &mut flow, &runner("/v1/embeddings", "POST"), br#"{"model":"qwen-2","input":"a"}"#);
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.error().1.as_str()), (404, "model_not_found"));
+}

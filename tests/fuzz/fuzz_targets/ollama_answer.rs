@@ -55,7 +55,9 @@ fuzz_target!(|data: &[u8]| {
             Endpoint::ChatCompletions => "chat.completion",
             Endpoint::Completions => "text_completion",
             Endpoint::Embeddings => "list",
-            Endpoint::Models => unreachable!("only model-routed endpoints are fuzzed"),
+            Endpoint::Models | Endpoint::Files | Endpoint::Batches => {
+                unreachable!("only model-routed endpoints are fuzzed")
+            }
         };
         assert_eq!(value["object"], object);
         assert!(value["usage"]["total_tokens"].is_u64());

@@ -77,8 +77,14 @@ pub(super) async fn finalize(job: &Job, record: &BatchRecord, segments: &[String
     }
     if ending != Ending::Completed {
         let failure = match ending {
-            Ending::Cancelled => LineFailure { code: "batch_cancelled".into(), message: "The batch was cancelled before this request was sent.".into() },
-            _ => LineFailure { code: "batch_expired".into(), message: "The batch expired before this request was sent.".into() },
+            Ending::Cancelled => LineFailure {
+                code: "batch_cancelled".into(),
+                message: "The batch was cancelled before this request was sent.".into(),
+            },
+            _ => LineFailure {
+                code: "batch_expired".into(),
+                message: "The batch expired before this request was sent.".into(),
+            },
         };
         if let Some(blob) = input_blob(job, record).await? {
             let endpoint = Endpoint::from_path(batch.endpoint.as_bytes()).unwrap_or(Endpoint::ChatCompletions);
@@ -89,7 +95,8 @@ pub(super) async fn finalize(job: &Job, record: &BatchRecord, segments: &[String
                     continue;
                 }
                 let custom_id = InputLine::parse(&line.bytes, endpoint).map(|l| l.custom_id).unwrap_or_default();
-                let unsent = OutputLine { id: ids::new_id(ids::LINE), custom_id, response: None, error: Some(failure.clone()) };
+                let unsent =
+                    OutputLine { id: ids::new_id(ids::LINE), custom_id, response: None, error: Some(failure.clone()) };
                 batch.request_counts.failed += 1;
                 errors.write(job, &unsent).await?;
             }
@@ -108,7 +115,7 @@ pub(super) async fn finalize(job: &Job, record: &BatchRecord, segments: &[String
     if batch.finalizing_at.is_none() && ending == Ending::Completed {
         batch.finalizing_at = Some(now);
     }
-    end(&mut batch, ending, now);
+    end(&mut batch, ending, now, record.cancel_requested_at);
     job.save(Progress { batch: &batch, segment: None, files: &files }).await?;
     // The segments are no longer needed: the store forgot them with the batch's end.
     for segment in segments {

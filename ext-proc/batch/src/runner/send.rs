@@ -90,8 +90,13 @@ pub(super) async fn send(job: &Job, record: &BatchRecord) -> Result<(Ending, Bat
     if job.halted() {
         return Err(Halt::Stopping);
     }
+    if ending != Ending::Completed {
+        return Ok((ending, batch));
+    }
     // A cancel or the window's end may have come while the last lines were in flight.
-    Ok((if ending == Ending::Completed { stop.reason().unwrap_or(ending) } else { ending }, batch))
+    let now = job.meta.batch(&record.owner, &record.batch.id).await?;
+    let late = now.and_then(|now| stop_reason(&now, clock::unix_seconds()));
+    Ok((late.unwrap_or(ending), batch))
 }
 
 /// The lines committed so far, and the batch with its counts recounted from them.
@@ -105,7 +110,9 @@ async fn finished_so_far(job: &Job, record: &BatchRecord, committed: &[String]) 
         while let Some(line) = finished.next().await {
             let line = line.map_err(|e| match e {
                 ReadError::Blob(e) => Halt::Blob(e),
-                ReadError::TooLong(_) => Halt::Blob(crate::blobs::BlobError::Other(format!("{segment}: a line too long"))),
+                ReadError::TooLong(_) => {
+                    Halt::Blob(crate::blobs::BlobError::Other(format!("{segment}: a line too long")))
+                }
             })?;
             let Ok(one) = serde_json::from_slice::<Finished>(&line.bytes) else { continue };
             if done.insert(one.line) {
@@ -132,7 +139,8 @@ struct Stop {
 impl Stop {
     fn watch(job: &Job, record: &BatchRecord) -> Self {
         let cancelled = Arc::new(AtomicBool::new(record.cancel_requested_at.is_some()));
-        let (meta, owner, id, flag) = (job.meta.clone(), record.owner.clone(), record.batch.id.clone(), cancelled.clone());
+        let (meta, owner, id, flag) =
+            (job.meta.clone(), record.owner.clone(), record.batch.id.clone(), cancelled.clone());
         let watcher = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(CANCEL_POLL).await;
