@@ -46,7 +46,7 @@ PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 # Lines of the batch scenario, full and short.
 BATCH_LINES = 10_000
 SHORT_BATCH_LINES = 1_000
-BATCH_TIMEOUT_S = 1800
+BATCH_TIMEOUT_S = 600
 
 # On two or more CPUs, the gateway under test (Envoy, ext-proc, stream guard) and its peer (LiteLLM) get
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
