@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: what modelgate adds to every request, measured in one run
-against bare Envoy, the backend directly, and LiteLLM, on the same simulator.
+against bare Envoy, the backend directly, and LiteLLM, on the same simulator;
+and a batch of chat completions run through the Batch API.
 
     python bench/run.py [--short] [--out DIR]
 
@@ -24,6 +25,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import openai
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -40,6 +43,10 @@ CHAINED = "resilient-llama"          # BACKEND first of a fallback chain, throug
 # Models of the demo's translated backends: the same simulator behind another dialect.
 TRANSLATED = {"anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
+# Lines of the batch scenario, full and short.
+BATCH_LINES = 10_000
+SHORT_BATCH_LINES = 1_000
+BATCH_TIMEOUT_S = 600
 
 # On two or more CPUs, the gateway under test (Envoy, ext-proc, stream guard) and its peer (LiteLLM) get
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
@@ -96,11 +103,22 @@ class Run:
         return result
 
 
-def rss_kib(pid: int) -> int:
+def status_kib(pid: int, field: str) -> int:
+    """A memory figure of /proc/<pid>/status (VmRSS, VmHWM), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    return status_kib(pid, "VmRSS")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Starts the process's VmHWM afresh from its RSS now (Linux's clear_refs, value 5), so the peak
+    read later is this scenario's, not the open streams' before it."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -219,6 +237,68 @@ def measure(run: Run, stack: Stack) -> dict:
     return results
 
 
+def measure_batch(stack: Stack, lines: int) -> dict:
+    """Uploads a JSONL of `lines` chat completions through the gateway, creates a batch of it, polls
+    until it is finished, and reads its output back: lines per second from the create to the
+    completed status, and ext-proc's peak memory (VmHWM) from the upload to the last result read."""
+    client = openai.OpenAI(base_url=stack.base_url, api_key="unused", timeout=120)
+    source = stack.workdir / "batch-input.jsonl"
+    with source.open("w") as f:
+        for i in range(lines):
+            f.write(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": MODEL, "messages": PROMPT, "max_tokens": 16}}) + "\n")
+    pids = {name: stack.pid(name) for name in ["envoy", "ext-proc"]}
+    ext_proc = pids["ext-proc"]
+    rss_before = rss_kib(ext_proc)
+    reset_peak_rss(ext_proc)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    started = time.monotonic()
+    with source.open("rb") as f:
+        uploaded = client.files.create(file=f, purpose="batch")
+    upload_s = time.monotonic() - started
+    created_at = time.monotonic()
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    in_progress_s = None
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        if time.monotonic() - created_at > BATCH_TIMEOUT_S:
+            raise RuntimeError(f"batch {batch.id} still {batch.status} after {BATCH_TIMEOUT_S} s: "
+                               f"{batch.request_counts}")
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch.id)
+        if in_progress_s is None and batch.status != "validating":
+            in_progress_s = time.monotonic() - created_at
+    run_s = time.monotonic() - created_at
+    cpu_run = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    if batch.status != "completed":
+        raise RuntimeError(f"batch {batch.id} ended {batch.status}: {batch.errors}")
+
+    # Every input line must be in the output or error file exactly once.
+    seen: dict[str, int] = {}
+    ok = 0
+    for file_id in filter(None, [batch.output_file_id, batch.error_file_id]):
+        for line in client.files.content(file_id).text.splitlines():
+            result = json.loads(line)
+            seen[result["custom_id"]] = seen.get(result["custom_id"], 0) + 1
+            ok += bool(result.get("response") and result["response"]["status_code"] == 200)
+    return {
+        "lines": lines,
+        "input_bytes": source.stat().st_size,
+        "upload_s": upload_s,
+        "validating_s": in_progress_s,
+        "create_to_completed_s": run_s,
+        "lines_per_s": lines / run_s,
+        "request_counts": batch.request_counts.model_dump(),
+        "lines_ok": ok,
+        "lines_missing": sum(f"line-{i}" not in seen for i in range(lines)),
+        "lines_repeated": sum(n - 1 for n in seen.values()),
+        "cpu_us_per_line": {name: seconds / lines * 1e6 for name, seconds in cpu_run.items()},
+        "ext_proc_rss_before_kib": rss_before,
+        "ext_proc_peak_kib": status_kib(ext_proc, "VmHWM"),
+    }
+
+
 def latency_at(results: dict, scenario: str, rate: float) -> dict | None:
     found = [r for r in results["latency"] if r["scenario"] == scenario and r["offered_rps"] == rate]
     return found[-1]["latency"] if found else None
@@ -308,7 +388,25 @@ def markdown(results: dict) -> str:
     for name in m["rss_before_kib"]:
         out.append(f"| {name} | {m['rss_before_kib'][name] / 1024:.1f} | {m['rss_peak_kib'][name] / 1024:.1f} |")
     out.append(f"\nStreams that failed: {m['stream_errors']}.")
+    if "batch" in results:
+        out += batch_markdown(results["batch"])
     return "\n".join(out) + "\n"
+
+
+def batch_markdown(b: dict) -> list[str]:
+    out = ["", "## Batch (chat completions through the Batch API)", ""]
+    if "error" in b:
+        return out + [f"Not measured: {b['error']}"]
+    counts = b["request_counts"]
+    cpu = ", ".join(f"{name} {us:.0f}" for name, us in b["cpu_us_per_line"].items())
+    return out + [
+        "| lines | upload s | validating s | create to completed s | lines/s | completed | failed | missing | repeated "
+        "| ext-proc RSS before MiB | ext-proc peak MiB (VmHWM) | CPU µs per line |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {b['lines']} | {b['upload_s']:.2f} | {b['validating_s'] or 0:.2f} | {b['create_to_completed_s']:.2f} | "
+        f"{b['lines_per_s']:.0f} | {counts['completed']} | {counts['failed']} | {b['lines_missing']} | "
+        f"{b['lines_repeated']} | {b['ext_proc_rss_before_kib'] / 1024:.1f} | {b['ext_proc_peak_kib'] / 1024:.1f} | "
+        f"{cpu} |"]
 
 
 def chart(results: dict) -> str:
@@ -359,7 +457,8 @@ def chart(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--short", action="store_true", help="a few seconds per scenario group, no LiteLLM")
+    parser.add_argument("--short", action="store_true",
+                        help="a few seconds per scenario group, a batch of 1,000 lines, no LiteLLM")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = parser.parse_args()
 
@@ -392,6 +491,11 @@ def main() -> None:
                 port, key = litellm
                 run.urls["litellm"] = (f"http://127.0.0.1:{port}{chat}", MODEL, {"authorization": f"Bearer {key}"})
         results = measure(run, stack)
+        # Last, so the batch's load does not touch the figures above.
+        try:
+            results["batch"] = measure_batch(stack, SHORT_BATCH_LINES if args.short else BATCH_LINES)
+        except (openai.OpenAIError, RuntimeError) as e:
+            results["batch"] = {"error": str(e)}
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}{'-short' if args.short else ''}"
@@ -401,6 +505,8 @@ def main() -> None:
     stem.with_suffix(".svg").write_text(chart(results))
     print(report)
     print(f"written: {stem}.json, .md, .svg")
+    if "error" in results["batch"]:
+        sys.exit(f"the batch scenario failed: {results['batch']['error']}")
 
 
 if __name__ == "__main__":
