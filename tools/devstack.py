@@ -183,6 +183,7 @@ class Stack:
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
                                                        INNER_LISTENER_PORT, *DEMO_BACKENDS]}
         self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
+        self.listen_port_given = listen_port is not None
         self.log_level = log_level
         self.envoy_concurrency = envoy_concurrency
         self.cpus = cpus or {}
@@ -268,17 +269,31 @@ class Stack:
                 str(BIN / "modelgate-ext-proc"), "--worker-threads", "1", "--listen", f"127.0.0.1:{listen}",
                 "--admin-listen", f"127.0.0.1:{admin}", "--data-dir", str(data_dir),
                 "--gateway-url", f"http://127.0.0.1:{self.port}", *trusted, *self.ext_proc_args]
-            for name in self.ext_proc_names:
-                listen, admin = self.ext_proc_ports(name)
-                data_dir = self.data_dir if name == "ext-proc" else f"{self.data_dir}-{name.rsplit('-', 1)[1]}"
-                self.serve(name, [listen, admin], lambda listen=listen, admin=admin, data_dir=data_dir: ext_proc(
-                    self.ports[listen], self.ports[admin], data_dir), {**backend_keys, **self.ext_proc_env})
-            self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
-                str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
-                "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
-                "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted, *self.stream_guard_args],
-                backend_keys)
-            self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_envoy)
+            for attempt in range(5):
+                for name in self.ext_proc_names:
+                    listen, admin = self.ext_proc_ports(name)
+                    data_dir = self.data_dir if name == "ext-proc" else f"{self.data_dir}-{name.rsplit('-', 1)[1]}"
+                    self.serve(name, [listen, admin], lambda listen=listen, admin=admin, data_dir=data_dir: ext_proc(
+                        self.ports[listen], self.ports[admin], data_dir), {**backend_keys, **self.ext_proc_env})
+                self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
+                    str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
+                    "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
+                    "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted, *self.stream_guard_args],
+                    backend_keys)
+                try:
+                    self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_envoy)
+                    break
+                except RuntimeError as e:
+                    # One of Envoy's free ports was taken meanwhile (Stack.serve says how). The
+                    # ext-procs and the guard name its listeners: they start again with new ones.
+                    if self.fixed_ports or self.listen_port_given or "Address already in use" not in str(e) \
+                            or attempt == 4:
+                        raise
+                    for name in [*self.ext_proc_names, "stream-guard"]:
+                        self.kill(name)
+                    self.processes = [(n, p) for n, p in self.processes if n != "envoy"]
+                    for demo in [LISTENER_PORT, INNER_LISTENER_PORT, ADMIN_PORT]:
+                        self.ports[demo] = free_port()
         except BaseException:
             self.stop()
             raise

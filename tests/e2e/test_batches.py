@@ -235,7 +235,9 @@ def test_cancel_keeps_the_finished_lines_and_files_the_rest_as_errors(gateway, s
     spec.validate("ErrorResponse", err.value.response.json())
     assert client.batches.retrieve(created.id) == batch
     # Nor does its input file stay in use.
-    assert client.files.delete(created.input_file_id).deleted
+    deleted = raw_json(client.files.with_raw_response.delete, created.input_file_id)
+    spec.validate("DeleteFileResponse", deleted)
+    assert (deleted["id"], deleted["deleted"]) == (created.input_file_id, True)
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(created.input_file_id)
 
