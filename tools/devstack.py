@@ -100,7 +100,36 @@ def allow_backend_clusters(config: dict, names: list[str], route: dict | None = 
         allowed[name] = {"action": action}
 
 
-def render_config(template: Path, ports: dict[int, int], adjust=None, internal_token: str | None = None) -> str:
+def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None:
+    """Makes the ext-proc replicas listening on `replicas` ((gRPC port, admin port) each) endpoints
+    of the ext_proc and admin clusters beside the first, and lets a killed one cost clients little:
+    both clusters check their endpoints every half second and eject one at its first failure to
+    connect, and the routes to the admin cluster (the Files and Batch APIs) retry a request on
+    another replica when its connection fails before anything was sent."""
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    fast_checks = {"timeout": "0.5s", "interval": "0.5s", "no_traffic_interval": "0.5s",
+                   "unhealthy_threshold": 1, "healthy_threshold": 1}
+    ejection = {"split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
+                "interval": "1s", "base_ejection_time": "2s", "max_ejection_percent": 100}
+    for name, index, check in [("modelgate_ext_proc", 0, {"tcp_health_check": {}}),
+                               ("modelgate_admin", 1, {"http_health_check": {"path": "/metrics"}})]:
+        cluster = clusters[name]
+        endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        endpoints += [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+                      for port in (ports[index] for ports in replicas)]
+        cluster["health_checks"] = [{**fast_checks, **check}]
+        cluster["outlier_detection"] = ejection
+    retry_elsewhere = {
+        "retry_on": "connect-failure,reset-before-request", "num_retries": 3,
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 5}
+    for route in http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]:
+        if route.get("route", {}).get("cluster") == "modelgate_admin":
+            route["route"]["retry_policy"] = retry_elsewhere
+
+
+def render_config(template: Path, ports: dict[int | str, int], adjust=None, internal_token: str | None = None) -> str:
     """The Envoy YAML with demo ports remapped, the wasm path made absolute and the demo's
     internal token replaced by `internal_token`; `adjust`, if given, may change the parsed
     configuration first."""
@@ -135,7 +164,8 @@ class Stack:
                  envoy_concurrency: int = 2, cpus: dict[str, str] | None = None, adjust_config=None,
                  ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None,
                  key_dirs: list[Path] | None = None, data_dir: Path | None = None,
-                 stream_guard_args: list[str] | None = None):
+                 stream_guard_args: list[str] | None = None, ext_proc_env: dict[str, str] | None = None,
+                 ext_proc_replicas: int = 1):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
@@ -143,8 +173,11 @@ class Stack:
         `simulator_args` to the named simulated backends' (failures to inject, say), and
         `stream_guard_args` to the stream guard's (a shutdown deadline, say). `key_dirs`
         are the directories ext-proc and the stream guard may read backends' key files from.
-        `data_dir` is ext-proc's (the usage report); by default one of the stack's own, gone
-        when it stops."""
+        `data_dir` is ext-proc's (the usage report, batch files and metadata); by default one
+        of the stack's own, gone when it stops. `ext_proc_env` is added to ext-proc's
+        environment (object storage credentials, say). `ext_proc_replicas` ext-procs serve
+        Envoy side by side, `ext-proc`, `ext-proc-2`... each with its own ports and data
+        directory (`<data_dir>-2`...), sharing what `ext_proc_args` name (Redis, object storage)."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
@@ -158,6 +191,11 @@ class Stack:
         self.simulator_args = simulator_args or {}
         self.key_dirs = key_dirs or []
         self.stream_guard_args = stream_guard_args or []
+        self.ext_proc_env = ext_proc_env or {}
+        self.ext_proc_replicas = ext_proc_replicas
+        # The replicas after the first have ports of their own, named for them: `ext-proc-2:admin`.
+        for name in self.ext_proc_names[1:]:
+            self.ports.update({f"{name}:grpc": free_port(), f"{name}:admin": free_port()})
         self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="modelgate-"))
         self.data_dir = data_dir or self.workdir / "data"
@@ -184,6 +222,19 @@ class Stack:
     def ext_proc_admin_url(self) -> str:
         """ext-proc's admin port: metrics and the usage report."""
         return f"http://127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}"
+
+    @property
+    def ext_proc_names(self) -> list[str]:
+        """The ext-proc replicas' process names, the first's being `ext-proc`."""
+        return ["ext-proc", *[f"ext-proc-{n}" for n in range(2, self.ext_proc_replicas + 1)]]
+
+    def ext_proc_ports(self, name: str) -> tuple[int | str, int | str]:
+        """The keys in `ports` of the gRPC and admin ports of the ext-proc replica of this name."""
+        return (EXT_PROC_PORT, EXT_PROC_ADMIN_PORT) if name == "ext-proc" else (f"{name}:grpc", f"{name}:admin")
+
+    def replica_admin_url(self, name: str) -> str:
+        """The admin port of the ext-proc replica of this name."""
+        return f"http://127.0.0.1:{self.ports[self.ext_proc_ports(name)[1]]}"
 
     def backend_url(self, name: str) -> str:
         demo = next(port for port, backend in DEMO_BACKENDS.items() if backend == name)
@@ -212,21 +263,34 @@ class Stack:
             backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
             trusted = ["--key-env", "ANTHROPIC_API_KEY", *[arg for d in self.key_dirs for arg in ("--key-dir", str(d))],
                        "--internal-token-file", str(self.internal_token_file)]
-            self.serve("ext-proc", [EXT_PROC_PORT, EXT_PROC_ADMIN_PORT], lambda: [
-                str(BIN / "modelgate-ext-proc"), "--worker-threads", "1",
-                "--listen", f"127.0.0.1:{self.ports[EXT_PROC_PORT]}",
-                "--admin-listen", f"127.0.0.1:{self.ports[EXT_PROC_ADMIN_PORT]}",
-                "--data-dir", str(self.data_dir), *trusted, *self.ext_proc_args], backend_keys)
+            # Batches run their lines through the OpenAI listener, as clients' requests.
+            ext_proc = lambda listen, admin, data_dir: [  # noqa: E731
+                str(BIN / "modelgate-ext-proc"), "--worker-threads", "1", "--listen", f"127.0.0.1:{listen}",
+                "--admin-listen", f"127.0.0.1:{admin}", "--data-dir", str(data_dir),
+                "--gateway-url", f"http://127.0.0.1:{self.port}", *trusted, *self.ext_proc_args]
+            for name in self.ext_proc_names:
+                listen, admin = self.ext_proc_ports(name)
+                data_dir = self.data_dir if name == "ext-proc" else f"{self.data_dir}-{name.rsplit('-', 1)[1]}"
+                self.serve(name, [listen, admin], lambda listen=listen, admin=admin, data_dir=data_dir: ext_proc(
+                    self.ports[listen], self.ports[admin], data_dir), {**backend_keys, **self.ext_proc_env})
             self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
                 str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                 "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
                 "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted, *self.stream_guard_args],
                 backend_keys)
-            self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_config)
+            self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_envoy)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def adjust_envoy(self, config: dict) -> None:
+        """The test's changes to the demo configuration, and the ext-proc replicas after the first."""
+        if self.adjust_config:
+            self.adjust_config(config)
+        if self.ext_proc_replicas > 1:
+            add_ext_proc_replicas(config, [(self.ports[grpc], self.ports[admin])
+                                       for grpc, admin in map(self.ext_proc_ports, self.ext_proc_names[1:])])
 
     def start_simulators(self) -> "Stack":
         """Starts only the simulated backends, as the simulator's own tests want them."""
@@ -242,7 +306,7 @@ class Stack:
             raise
         return self
 
-    def serve(self, name: str, demo_ports: list[int], argv, env: dict[str, str] | None = None) -> None:
+    def serve(self, name: str, demo_ports: list[int | str], argv, env: dict[str, str] | None = None) -> None:
         """Starts a server on its ports and waits until it listens. A free port can be taken
         between choosing it and binding it (an outgoing connection's local port, say); on free
         ports the server then gets new ones, a few times, before that counts as a failure."""
@@ -260,7 +324,7 @@ class Stack:
                 for demo in demo_ports:
                     self.ports[demo] = free_port()
 
-    def start_envoy(self, name: str, template: Path, ports: dict[int, int], adjust=None) -> None:
+    def start_envoy(self, name: str, template: Path, ports: dict[int | str, int], adjust=None) -> None:
         """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
         config = self.workdir / f"{name}.yaml"
         config.write_text(render_config(template, ports, adjust, self.internal_token))
@@ -386,6 +450,67 @@ class Redis:
             self.process.wait()
 
     def __enter__(self) -> "Redis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class S3:
+    """A throwaway S3-compatible server (moto's, from the registry's `moto[server]`) on a free
+    loopback port, with one bucket: batch files shared by several ext-proc replicas."""
+
+    BUCKET = "modelgate-files"
+
+    def __init__(self):
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Where ext-proc keeps files (its --files-url)."""
+        return f"s3://{self.BUCKET}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What ext-proc needs in its environment to reach the bucket (object_store's variables)."""
+        return {"AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "modelgate-test",
+                "AWS_SECRET_ACCESS_KEY": "modelgate-test", "AWS_REGION": "us-east-1"}
+
+    def start(self) -> "S3":
+        binary = shutil.which("moto_server", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        if not binary:
+            sys.exit("moto_server is missing: pip install -r tests/requirements.txt")
+        for _ in range(5):
+            self.process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(self.port)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            preexec_fn=_die_with_parent)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    # Path-style, as object_store addresses a custom endpoint; moto needs no signature.
+                    bucket = urllib.request.Request(f"{self.endpoint}/{self.BUCKET}", method="PUT")
+                    urllib.request.urlopen(bucket, timeout=1).close()
+                    return self
+                except OSError:
+                    time.sleep(0.1)
+            # Its port was taken between choosing and binding it (Stack.serve says how): take another.
+            if self.process.poll() is None:
+                break
+            self.port = free_port()
+        self.stop()
+        raise RuntimeError(f"moto_server is not answering on {self.port}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "S3":
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -294,6 +294,15 @@ mod tests {
         }
 
         #[test]
+        fn only_a_configured_name_or_the_token_itself_is_taken(presented in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let keys = keys();
+            let named = keys.on_behalf_of(&presented).ok().flatten().map(|key| key.name.clone());
+            let expected = ["alpha", "beta"].into_iter().find(|name| name.as_bytes() == presented.as_slice());
+            prop_assert_eq!(named.as_deref(), expected);
+            prop_assert_eq!(is_internal_token("tok-1", &presented), presented == b"tok-1");
+        }
+
+        #[test]
         fn arbitrary_header_bytes_never_panic(authorization in proptest::collection::vec(any::<u8>(), 0..80),
                                               api_key in proptest::collection::vec(any::<u8>(), 0..80)) {
             let presented = Presented { authorization: Some(&authorization), api_key: Some(&api_key) };

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from devstack import (DEMO_ANTHROPIC_KEY, EXT_PROC_ADMIN_PORT, EXT_PROC_PORT, INNER_LISTENER_PORT,  # noqa: E402,F401
-                      STREAM_GUARD_PORT, Redis, Stack, allow_backend_clusters, edit_filter_config, free_port,
+                      S3, STREAM_GUARD_PORT, Redis, Stack, allow_backend_clusters, edit_filter_config, free_port,
                       http_connection_manager)
 
 SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))
@@ -201,6 +201,77 @@ class Spec:
         validator = self._validator_class({"$ref": f"openapi#/components/schemas/{schema}"}, registry=self._registry)
         errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
         assert not errors, f"{schema}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+
+# Batches (the Files and Batch APIs): a batch's input lines, and reading back what it wrote.
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def chat_line(custom_id: str, model: str = "llama-3.1-8b-instruct", **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"say {custom_id}"}], **body}}
+
+
+def jsonl(lines: list) -> bytes:
+    """An input file: dicts as JSON lines, strings as they are (a broken line, say)."""
+    return b"".join((line if isinstance(line, str) else json.dumps(line)).encode() + b"\n" for line in lines)
+
+
+def upload(client: openai.OpenAI, lines: list, purpose: str = "batch"):
+    return client.files.create(file=("input.jsonl", jsonl(lines), "application/jsonl"), purpose=purpose)
+
+
+def start_batch(client: openai.OpenAI, lines: list, endpoint: str = "/v1/chat/completions", **params):
+    """Uploads `lines` and creates a batch of them."""
+    return client.batches.create(input_file_id=upload(client, lines).id, endpoint=endpoint,
+                                 completion_window="24h", **params)
+
+
+def wait_for_batch(client: openai.OpenAI, batch_id: str, until=lambda b: b.status in TERMINAL,
+                   within: float = 30, outage: bool = False):
+    """Polls the batch, as a user watching it would, until `until(batch)`; with `outage`, the
+    gateway answering 5xx or not at all (ext-proc restarting) is waited out too."""
+    deadline = time.monotonic() + within
+    batch = None
+    while True:
+        try:
+            batch = client.batches.retrieve(batch_id)
+            if until(batch):
+                return batch
+        except (openai.InternalServerError, openai.APIConnectionError):
+            if not outage:
+                raise
+        assert time.monotonic() < deadline, f"batch {batch_id} after {within}s: {batch}"
+        time.sleep(0.05)
+
+
+def file_lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    """A batch's output or error file, line by line (none for no file)."""
+    if file_id is None:
+        return []
+    text = client.files.content(file_id).text
+    assert text == "" or text.endswith("\n"), text[-200:]
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def results(client: openai.OpenAI, batch, custom_ids: list[str]) -> tuple[dict, dict]:
+    """A finished batch's output and error lines by custom_id, checked to hold every input
+    line exactly once between them, as its request_counts say."""
+    output, errors = file_lines(client, batch.output_file_id), file_lines(client, batch.error_file_id)
+    written = [line["custom_id"] for line in output + errors]
+    assert sorted(written) == sorted(custom_ids), \
+        f"lost: {set(custom_ids) - set(written)}; twice: {sorted(i for i in set(written) if written.count(i) > 1)}"
+    assert len({line["id"] for line in output + errors}) == len(written)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == \
+        (len(custom_ids), len(output), len(errors))
+    return {line["custom_id"]: line for line in output}, {line["custom_id"]: line for line in errors}
+
+
+def raw_json(call, *args, **kwargs):
+    """The JSON of an SDK call's answer as it came, to validate against OpenAI's schemas
+    (the SDK's objects hold unset fields as None)."""
+    return call(*args, **kwargs).http_response.json()
 
 
 # Figures tests measured (the fault tests' counts), shown at the end of the run.

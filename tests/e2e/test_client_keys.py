@@ -297,3 +297,14 @@ def test_the_batch_runner_sends_a_line_as_its_key_under_the_keys_models_and_limi
     while metrics(keyed).get(f"modelgate_requests_total{answered}") != 2:
         assert time.monotonic() < deadline, [k for k in metrics(keyed) if 'key="paced"' in k]
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/files"), ("GET", "/files/file-1/content"), ("GET", "/batches"),
+                                         ("POST", "/batches/batch_1/cancel")])
+def test_the_files_and_batch_apis_need_a_key_as_every_endpoint_does(keyed, spec, method, path):
+    upload = {"file": ("input.jsonl", b'{"custom_id":"a"}\n'), "purpose": (None, "batch")}
+    for headers in [{}, {"authorization": "Bearer sk-not-a-key"}]:
+        answer = httpx2.request(method, f"{keyed.base_url}{path}", headers=headers, timeout=30,
+                                files=upload if method == "POST" else None)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (401, "invalid_api_key")
+        spec.validate("ErrorResponse", answer.json())

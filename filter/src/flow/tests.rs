@@ -576,7 +576,11 @@ fn on_behalf_of_a_key_its_limits_apply_and_its_records_say_batch() {
     let calls = host.take_calls();
     assert!(!calls.contains(&"get request authorization".to_string()), "the runner holds no client key");
     assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("cluster_a".into()));
-    assert_eq!(host.request_header(headers::ON_BEHALF_OF), None, "internal: never passed on");
+    assert_eq!(
+        (host.request_header(headers::ON_BEHALF_OF), host.request_header(headers::INTERNAL_TOKEN)),
+        (None, None),
+        "internal: the backend never sees them"
+    );
     let admitted = answer(&host, &mut flow, 200, &[], &[br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#]);
     assert_eq!(admitted.header("x-ratelimit-remaining-requests"), Some("0"), "the key's limit counted it");
 

@@ -1,11 +1,13 @@
 //! The filter's decision on a request's headers alone: method, path (with
 //! the model id of `GET /v1/models/{id}` percent-decoded), content-type,
-//! content-length and the client's key, on an open and on a keyed gateway.
+//! content-length, the client's key and a key named on its behalf, on an open
+//! gateway and on a keyed one that serves the Files and Batch APIs.
 //!
-//! Invariants: only model-routed POSTs read a body; every answer the filter
-//! gives is JSON, an error exactly OpenAI's envelope with a 4xx; a keyed
-//! gateway answers nothing but a 401 to a caller without its key, and lists
-//! only the models the key may use.
+//! Invariants: only model-routed POSTs read a body; only the keyed gateway
+//! sends `/v1/files…` and `/v1/batches…` to its batch service, and only with
+//! a known caller; every answer the filter gives is JSON, an error exactly
+//! OpenAI's envelope with a 4xx; a keyed gateway answers nothing but a 401 to
+//! a caller without its key, and lists only the models the key may use.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -24,6 +26,7 @@ thread_local! {
     static KEYED: Router = Router::from_json(
         br#"{"backends": {"a": {"cluster": "ca"}, "b": {"cluster": "cb"}},
             "models": [{"match": "llama-*", "backend": "a"}, {"match": "gpt-4o", "backend": "b"}],
+            "batches": {"cluster": "admin"},
             "client_keys": [{"name": "team", "models": ["llama-*"],
                              "sha256": "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13"}]}"#,
     ).expect("a valid configuration");
@@ -48,18 +51,25 @@ fuzz_target!(|data: &[u8]| {
             authorization: next().filter(|_| mode & 8 != 0),
             api_key: next().filter(|_| mode & 16 != 0),
         },
+        on_behalf_of: next().filter(|_| mode & 64 != 0),
     };
     let keyed = mode & 32 != 0;
     let verdict =
         if keyed { KEYED.with(|r| on_request_headers(r, head)) } else { OPEN.with(|r| on_request_headers(r, head)) };
     let path_only = path.split('?').next().unwrap_or_default();
     let model_routed = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"].contains(&path_only);
-    let api_path = model_routed || path_only == "/v1/models" || path_only.starts_with("/v1/models/");
+    let under = |base: &str| path_only == base || path_only.starts_with(&format!("{base}/"));
+    let served_batches = keyed && (under("/v1/files") || under("/v1/batches"));
+    let api_path = model_routed || under("/v1/models") || served_batches;
     match verdict {
         HeadersVerdict::PassThrough => assert!(!api_path, "{method} {path} is the filter's"),
         HeadersVerdict::ReadBody(_) => assert!(model_routed && method == "POST", "read the body of {method} {path}"),
+        HeadersVerdict::BatchService(caller) => {
+            assert!(served_batches && caller.is_some(), "{method} {path} sent to the batch service as {caller:?}")
+        }
         HeadersVerdict::Respond(reply) => {
             assert!(api_path, "answered {method} {path}, which is not the filter's");
+            assert!(!served_batches || reply.status == 401, "the batch service answers {method} {path} itself");
             if reply.status == 200 {
                 let body: serde_json::Value = serde_json::from_slice(&reply.body).expect("an answer is JSON");
                 if keyed {
