@@ -47,9 +47,9 @@ fn records_become_the_report_and_the_metrics() {
         report["data"],
         json!([
             {"key": "alice", "model": "gpt-4o", "backend": "vllm", "requests": 2, "errors": 1, "prompt_tokens": 10,
-             "completion_tokens": 20, "total_tokens": 30, "cost_usd": 0.5},
+             "completion_tokens": 20, "total_tokens": 30, "cost_usd": 0.5, "traffic": "interactive"},
             {"key": "bob", "model": "gpt-4o", "backend": "vllm", "requests": 1, "errors": 0, "prompt_tokens": 1,
-             "completion_tokens": 2, "total_tokens": 3, "cost_usd": null},
+             "completion_tokens": 2, "total_tokens": 3, "cost_usd": null, "traffic": "interactive"},
         ])
     );
     // A window starting with this minute leaves bob's record of two minutes ago out.
@@ -61,13 +61,14 @@ fn records_become_the_report_and_the_metrics() {
     let metrics = ext_proc.get("/metrics");
     assert_eq!(metrics.status, 200);
     assert_eq!(metrics.header("content-type"), Some("application/openmetrics-text; version=1.0.0; charset=utf-8"));
-    let alice = r#"{model="gpt-4o",backend="vllm",key="alice"}"#;
+    let alice = r#"{model="gpt-4o",backend="vllm",key="alice",traffic="interactive"}"#;
     for line in [
         format!("modelgate_requests_total{alice} 2"),
         format!("modelgate_prompt_tokens_total{alice} 10"),
         format!("modelgate_completion_tokens_total{alice} 20"),
         format!("modelgate_cost_usd_total{alice} 0.5"),
-        r#"modelgate_errors_total{model="gpt-4o",backend="vllm",key="alice",status="500"} 1"#.to_string(),
+        r#"modelgate_errors_total{model="gpt-4o",backend="vllm",key="alice",status="500",traffic="interactive"} 1"#
+            .to_string(),
         r#"modelgate_request_duration_seconds_count{model="gpt-4o",backend="vllm"} 3"#.to_string(),
         r#"modelgate_time_to_first_token_seconds_count{model="gpt-4o",backend="vllm"} 3"#.to_string(),
         r#"modelgate_inter_token_latency_seconds_count{model="gpt-4o",backend="vllm"} 6"#.to_string(),
