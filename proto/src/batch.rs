@@ -188,6 +188,34 @@ pub struct Batch {
     pub metadata: Option<Map<String, Value>>,
 }
 
+impl Batch {
+    /// A batch just created from `create`: `validating`, due by `expires_at`, nothing counted.
+    pub fn new(id: String, create: CreateBatch, created_at: u64, expires_at: u64) -> Self {
+        Batch {
+            id,
+            object: "batch".into(),
+            endpoint: create.endpoint.path().into(),
+            errors: None,
+            input_file_id: create.input_file_id,
+            completion_window: COMPLETION_WINDOW.into(),
+            status: BatchStatus::Validating,
+            output_file_id: None,
+            error_file_id: None,
+            created_at,
+            in_progress_at: None,
+            expires_at: Some(expires_at),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            metadata: create.metadata,
+        }
+    }
+}
+
 /// `POST /v1/batches`'s body, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateBatch {
@@ -462,28 +490,9 @@ mod tests {
 
     #[test]
     fn unset_fields_are_left_out() {
-        let batch = Batch {
-            id: "batch_1".into(),
-            object: "batch".into(),
-            endpoint: "/v1/chat/completions".into(),
-            errors: None,
-            input_file_id: "file-1".into(),
-            completion_window: "24h".into(),
-            status: BatchStatus::Validating,
-            output_file_id: None,
-            error_file_id: None,
-            created_at: 1,
-            in_progress_at: None,
-            expires_at: Some(2),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            metadata: None,
-        };
+        let create =
+            CreateBatch { input_file_id: "file-1".into(), endpoint: Endpoint::ChatCompletions, metadata: None };
+        let batch = Batch::new("batch_1".into(), create, 1, 2);
         assert_eq!(
             serde_json::to_value(&batch).unwrap(),
             json!({"id": "batch_1", "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": "file-1",

@@ -133,7 +133,13 @@ impl ClientKeys {
 /// SHA-256 digests in constant time, as keys are, so an answer's timing says
 /// nothing of how close a guess came, nor of the token's length.
 pub fn is_internal_token(token: &str, presented: &[u8]) -> bool {
-    let expected: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    matches_digest(&Sha256::digest(token.as_bytes()).into(), presented)
+}
+
+/// True when `presented` hashes to `expected` (a secret's SHA-256), compared
+/// in constant time: the one comparison of the internal token, here and in
+/// the processes beside Envoy, which keep only the digest.
+pub fn matches_digest(expected: &[u8; 32], presented: &[u8]) -> bool {
     let presented: [u8; 32] = Sha256::digest(presented).into();
     bool::from(expected.ct_eq(&presented))
 }

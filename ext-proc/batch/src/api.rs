@@ -30,9 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::{Stream, StreamExt};
-use modelgate_proto::batch::{
-    Batch, BatchStatus, CreateBatch, Deleted, FileObject, ListPage, RequestCounts, COMPLETION_WINDOW, UPLOAD_PURPOSES,
-};
+use modelgate_proto::batch::{Batch, CreateBatch, Deleted, FileObject, ListPage, UPLOAD_PURPOSES};
 use modelgate_proto::clock;
 use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::headers::{self, INTERNAL_TOKEN};
@@ -441,28 +439,7 @@ async fn create_batch(
         )
         .into());
     }
-    let batch = Batch {
-        id: ids::new_id(ids::BATCH),
-        object: "batch".into(),
-        endpoint: create.endpoint.path().into(),
-        errors: None,
-        input_file_id: create.input_file_id,
-        completion_window: COMPLETION_WINDOW.into(),
-        status: BatchStatus::Validating,
-        output_file_id: None,
-        error_file_id: None,
-        created_at: now,
-        in_progress_at: None,
-        expires_at: Some(now + api.window.as_secs()),
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-        request_counts: RequestCounts::default(),
-        metadata: create.metadata,
-    };
+    let batch = Batch::new(ids::new_id(ids::BATCH), create, now, now + api.window.as_secs());
     let record = BatchRecord { owner, batch, cancel_requested_at: None };
     api.meta.insert_batch(&record).await?;
     api.wake.notify_one();

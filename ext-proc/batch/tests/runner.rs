@@ -14,7 +14,8 @@ use modelgate_batch::ids;
 use modelgate_batch::runner::gateway::Gateway;
 use modelgate_batch::runner::{Runner, Settings};
 use modelgate_batch::store::{BatchRecord, FileRecord, Meta};
-use modelgate_proto::batch::{Batch, BatchStatus, FileObject, OutputLine, RequestCounts};
+use modelgate_proto::batch::{Batch, BatchStatus, CreateBatch, FileObject, OutputLine, RequestCounts};
+use modelgate_proto::endpoint::Endpoint;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -133,28 +134,9 @@ impl Setup {
 
     async fn create(&self, owner: &str, input_file_id: &str, window_secs: u64) -> String {
         let now = modelgate_proto::clock::unix_seconds();
-        let batch = Batch {
-            id: ids::new_id(ids::BATCH),
-            object: "batch".into(),
-            endpoint: "/v1/chat/completions".into(),
-            errors: None,
-            input_file_id: input_file_id.into(),
-            completion_window: "24h".into(),
-            status: BatchStatus::Validating,
-            output_file_id: None,
-            error_file_id: None,
-            created_at: now,
-            in_progress_at: None,
-            expires_at: Some(now + window_secs),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            metadata: None,
-        };
+        let create =
+            CreateBatch { input_file_id: input_file_id.into(), endpoint: Endpoint::ChatCompletions, metadata: None };
+        let batch = Batch::new(ids::new_id(ids::BATCH), create, now, now + window_secs);
         let id = batch.id.clone();
         self.meta.insert_batch(&BatchRecord { owner: owner.into(), batch, cancel_requested_at: None }).await.unwrap();
         id

@@ -12,10 +12,9 @@
 //! in a warning at start.
 
 use modelgate_proto::error::GatewayError;
-use modelgate_proto::headers;
+use modelgate_proto::{headers, keys};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
-use subtle::ConstantTimeEq;
 
 /// What a process asks of its callers: the token's digest, or nothing.
 #[derive(Clone, Default)]
@@ -80,7 +79,7 @@ impl InternalToken {
         match (&self.digest, presented) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some(digest), Some(presented)) => bool::from(Sha256::digest(presented).as_slice().ct_eq(digest)),
+            (Some(digest), Some(presented)) => keys::matches_digest(digest, presented),
         }
     }
 
