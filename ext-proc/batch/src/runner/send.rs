@@ -57,7 +57,8 @@ pub(super) async fn send(job: &Job, record: &BatchRecord) -> Result<(Ending, Bat
             continue;
         }
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        if job.halted() {
+        // A committer that ended early lost the lease or its store: nothing more would count.
+        if job.halted() || committer.is_finished() {
             outcome = Err(Halt::Stopping);
             break;
         }
