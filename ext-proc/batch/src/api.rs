@@ -307,11 +307,19 @@ impl Form {
     }
 }
 
+/// Longest file name kept (a file system's usual limit).
+const MAX_FILENAME_BYTES: usize = 255;
+
 impl Upload {
     async fn start(api: &Api, field: &mut Field<'_>) -> Result<Self, GatewayError> {
         let id = ids::new_id(ids::FILE);
         let key = format!("files/{id}");
         let filename = field.file_name().filter(|name| !name.is_empty()).unwrap_or("upload").to_string();
+        // Kept in the file's record and listed back: bounded like every client-given value.
+        if filename.len() > MAX_FILENAME_BYTES {
+            let message = format!("The file's name is longer than {MAX_FILENAME_BYTES} bytes.");
+            return Err(GatewayError::invalid_value("file", message));
+        }
         let writer = api.blobs.writer(&key).await.map_err(|e| blob_failure(&e))?;
         Ok(Upload { id, key, filename, writer })
     }

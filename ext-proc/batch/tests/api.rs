@@ -275,6 +275,7 @@ async fn a_bad_upload_is_refused_and_keeps_nothing() {
             json!("invalid_value"),
         ),
         (vec![text("purpose", &long), file(None, LINE)], 400, json!("purpose"), json!("invalid_value")),
+        (vec![text("purpose", "batch"), file(Some(&long[..256]), LINE)], 400, json!("file"), json!("invalid_value")),
     ];
     for (parts, status, param, code) in cases {
         let answer = gw.upload_form("alice", &parts).await;
