@@ -39,16 +39,7 @@ pub struct InternalTokenArgs {
 impl InternalTokenArgs {
     /// The token, from the file or the variable; `what` names the ports it guards, for the warning.
     pub fn load(&self, what: &str) -> Result<InternalToken, String> {
-        match self.secret()? {
-            Some(secret) => Ok(InternalToken::new(&secret)),
-            None => {
-                tracing::warn!(
-                    "no internal token configured (--internal-token-file or {TOKEN_VARIABLE}): anything that can \
-                     reach {what} is trusted as the gateway's Envoy"
-                );
-                Ok(InternalToken::default())
-            }
-        }
+        Ok(InternalToken::from_secret(self.secret()?.as_deref(), what))
     }
 
     /// The token itself, for a process that presents it too (ext-proc's batch
@@ -69,6 +60,22 @@ impl InternalTokenArgs {
 }
 
 impl InternalToken {
+    /// What to ask of callers given the configured `secret`, if any (without
+    /// one, every caller is trusted, and a warning says so); `what` names the
+    /// ports it guards. For a process that also presents the secret, read once.
+    pub fn from_secret(secret: Option<&str>, what: &str) -> Self {
+        match secret {
+            Some(secret) => InternalToken::new(secret),
+            None => {
+                tracing::warn!(
+                    "no internal token configured (--internal-token-file or {TOKEN_VARIABLE}): anything that can \
+                     reach {what} is trusted as the gateway's Envoy"
+                );
+                InternalToken::default()
+            }
+        }
+    }
+
     /// The token `secret`, which the caller has made sure is not empty.
     pub fn new(secret: &str) -> Self {
         InternalToken { digest: Some(Sha256::digest(secret.as_bytes()).into()) }

@@ -8,7 +8,7 @@ use modelgate_batch::Batches;
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_proto::clock;
-use modelgate_runtime::internal_token::InternalTokenArgs;
+use modelgate_runtime::internal_token::{InternalToken, InternalTokenArgs};
 use modelgate_runtime::process::{run, ProcessArgs, Shutdown};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,7 +73,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let max_event_bytes = args.process.max_event_bytes()?;
     run(args.worker_threads, async move {
         let keys = Arc::new(args.keys.sources()?);
-        let token = args.token.load("ext-proc's gRPC and admin ports")?;
+        // Read once: the runner presents the same token the ports check.
+        let secret = args.token.secret()?;
+        let token = InternalToken::from_secret(secret.as_deref(), "ext-proc's gRPC and admin ports");
         // One stop for both servers; its signal handlers are installed before either listens.
         let shutdown = Shutdown::on_signal();
 
@@ -93,8 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Usage::local(ledger)
             }
         };
-        let batches =
-            Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), args.token.secret()?, token.clone())?;
+        let batches = Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), secret, token.clone())?;
         let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone()).merge(batches.api());
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
