@@ -273,7 +273,7 @@ async fn leave(job: Job, renewing: tokio::task::JoinHandle<()>, what: &str) {
 
 /// Takes the batch from the step it reached to its end.
 async fn drive(job: &Job) -> Result<(), Halt> {
-    let Some((mut record, _)) = job.meta.running(&job.lease.batch_id).await? else {
+    let Some((mut record, committed)) = job.meta.running(&job.lease.batch_id).await? else {
         return Ok(());
     };
     if record.batch.status == BatchStatus::Validating {
@@ -284,7 +284,7 @@ async fn drive(job: &Job) -> Result<(), Halt> {
     }
     let ending = match record.batch.status {
         BatchStatus::InProgress | BatchStatus::Cancelling => {
-            let (ending, batch) = send::send(job, &record).await?;
+            let (ending, batch) = send::send(job, &record, &committed).await?;
             record.batch = batch;
             if ending == Ending::Completed {
                 record.batch.status = BatchStatus::Finalizing;

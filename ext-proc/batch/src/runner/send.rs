@@ -26,12 +26,10 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a running batch looks for a cancel.
 const CANCEL_POLL: Duration = Duration::from_secs(1);
 
-/// Sends the lines not yet finished; how the sending ended, and the batch as last saved.
-pub(super) async fn send(job: &Job, record: &BatchRecord) -> Result<(Ending, Batch), Halt> {
-    let Some((_, committed)) = job.meta.running(&job.lease.batch_id).await? else {
-        return Err(Halt::LeaseLost);
-    };
-    let (done, batch) = finished_so_far(job, record, &committed).await?;
+/// Sends the lines not yet finished (those in no `committed` segment); how
+/// the sending ended, and the batch as last saved.
+pub(super) async fn send(job: &Job, record: &BatchRecord, committed: &[String]) -> Result<(Ending, Batch), Halt> {
+    let (done, batch) = finished_so_far(job, record, committed).await?;
     let Some(blob) = input_blob(job, record).await? else {
         // Validated, then gone (it cannot be deleted while used): nothing more can be sent.
         return Ok((Ending::Completed, batch));
