@@ -48,6 +48,10 @@ pub struct BackendProfile {
     /// Request parameters set when the client sent none (for example Anthropic's required `max_tokens`).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub defaults: Map<String, Value>,
+    /// The self-hosted pool (a name in ext-proc's `--pools` file) whose
+    /// replica ext-proc picks for each request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 fn is_openai(dialect: &Dialect) -> bool {
@@ -61,6 +65,7 @@ impl BackendProfile {
             && self.model.is_none()
             && matches!(self.api_key, None | Some(ApiKey::Passthrough))
             && self.defaults.is_empty()
+            && self.pool.is_none()
     }
 
     /// The profile as the value of the internal header.
@@ -86,6 +91,7 @@ mod tests {
             model: Some("claude-sonnet-4-5".into()),
             api_key: Some(ApiKey::Env("ANTHROPIC_API_KEY".into())),
             defaults: json!({"max_tokens": 4096}).as_object().cloned().unwrap(),
+            pool: None,
         };
         let header = profile.to_header();
         assert_eq!(

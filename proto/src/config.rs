@@ -41,6 +41,11 @@ pub struct FilterConfig {
     /// Envoy's routes as any other path does.
     #[serde(default)]
     pub batches: Option<BatchesConfig>,
+    /// Where operations on self-hosted pools (loading and unloading LoRA
+    /// adapters, the models their replicas serve) are answered: ext-proc's
+    /// admin port. Unset: those paths pass on to Envoy's routes.
+    #[serde(default)]
+    pub pools: Option<PoolsConfig>,
     /// How models with fallbacks move from one backend to the next.
     #[serde(default)]
     pub failover: FailoverConfig,
@@ -124,6 +129,13 @@ pub struct BatchesConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct PoolsConfig {
+    /// The Envoy cluster of ext-proc's admin port.
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AccountingConfig {
     /// The Envoy cluster of ext-proc's admin port.
     pub cluster: String,
@@ -159,6 +171,9 @@ pub struct ClientKeyConfig {
     /// How fast the key may call; unlimited if unset.
     #[serde(default)]
     pub limits: Option<LimitConfig>,
+    /// An operator's key: it may also load and unload LoRA adapters on self-hosted pools.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -206,6 +221,11 @@ pub struct BackendConfig {
     /// Request parameters set when the client sent none.
     #[serde(default)]
     pub defaults: Map<String, Value>,
+    /// A self-hosted pool whose replica ext-proc picks for each request: the
+    /// pool's name in ext-proc's `--pools` file. The cluster must then pick
+    /// its host from the picker's `x-gateway-destination-endpoint` header.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

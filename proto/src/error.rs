@@ -120,6 +120,8 @@ pub enum ErrorCode {
     BatchFinished,
     // Who is asking.
     InvalidApiKey,
+    /// A key without the `admin` mark asking for an operator's action.
+    AdminKeyRequired,
     InvalidInternalToken,
     // Rate limits.
     RateLimitExceeded,
@@ -142,6 +144,10 @@ pub enum ErrorCode {
     BackendReset,
     BackendTimeout,
     Overloaded,
+    /// Every replica of a self-hosted pool is queued past its limit.
+    PoolSaturated,
+    /// No replica of a self-hosted pool is ready (none answers its metrics).
+    NoReadyReplica,
     BadBackendAnswer,
     // A stream cut short.
     StreamInterrupted,
@@ -168,6 +174,7 @@ impl ErrorCode {
             ErrorCode::FileInUse => "file_in_use",
             ErrorCode::BatchFinished => "batch_finished",
             ErrorCode::InvalidApiKey => "invalid_api_key",
+            ErrorCode::AdminKeyRequired => "admin_key_required",
             ErrorCode::InvalidInternalToken => "invalid_internal_token",
             ErrorCode::RateLimitExceeded | ErrorCode::TokensBeyondLimit => "rate_limit_exceeded",
             ErrorCode::RateLimitsUnavailable => "rate_limits_unavailable",
@@ -184,6 +191,8 @@ impl ErrorCode {
             ErrorCode::BackendReset => "backend_reset",
             ErrorCode::BackendTimeout => "backend_timeout",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::PoolSaturated => "pool_saturated",
+            ErrorCode::NoReadyReplica => "no_ready_replica",
             ErrorCode::BadBackendAnswer => "bad_backend_answer",
             ErrorCode::StreamInterrupted => "stream_interrupted",
             ErrorCode::StreamEventTooLarge => "stream_event_too_large",
@@ -454,6 +463,17 @@ impl GatewayError {
         )
     }
 
+    /// 403 for an operator's action (loading a LoRA adapter, say) asked with a
+    /// key that is not marked `admin` in the configuration.
+    pub fn admin_key_required(action: &str) -> Self {
+        Self::new(
+            403,
+            ErrorType::Permission,
+            Some(ErrorCode::AdminKeyRequired),
+            format!("You have insufficient permissions for this operation: {action} needs a key marked as admin."),
+        )
+    }
+
     /// 401 for a client key the gateway does not know. Unlike OpenAI's, the
     /// message quotes no part of the key.
     pub fn invalid_api_key() -> Self {
@@ -588,6 +608,28 @@ impl GatewayError {
         )
     }
 
+    /// 429 when every replica of the self-hosted pool `pool` has more requests
+    /// waiting than its configured limit: shed now, with `retry-after` (the
+    /// caller sends the header) so the SDKs wait before trying again.
+    pub fn pool_saturated(pool: &str) -> Self {
+        Self::new(
+            429,
+            ErrorType::RateLimit,
+            Some(ErrorCode::PoolSaturated),
+            format!("Every replica serving this model ({pool}) is at capacity. Please retry after a short wait."),
+        )
+    }
+
+    /// 503 when no replica of the self-hosted pool `pool` is ready: none
+    /// answered its metrics recently, or none serves the model.
+    pub fn no_ready_replica(pool: &str) -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::NoReadyReplica),
+            format!("No replica serving this model ({pool}) is ready right now; try again shortly."),
+        )
+    }
+
     /// 503 for a backend that could not be connected to.
     pub fn backend_connect_failed() -> Self {
         Self::server(
@@ -696,10 +738,14 @@ impl GatewayError {
                 | UsageStoreUnavailable
                 | FileStoreUnavailable
                 | BatchStoreUnavailable
+                | NoReadyReplica
                 | StreamInterrupted,
             ) => Some(true),
             // The status says it already: a 429 passes after its `retry-after`; a backend's 5xx may pass.
-            Some(RateLimitExceeded | Overloaded | BadBackendAnswer | StreamEventTooLarge | StreamUnreadable) => None,
+            Some(
+                RateLimitExceeded | PoolSaturated | Overloaded | BadBackendAnswer | StreamEventTooLarge
+                | StreamUnreadable,
+            ) => None,
             // The same request would fail again: refused as sent, or a configuration only an operator can fix.
             Some(
                 MissingRequiredParameter
@@ -718,6 +764,7 @@ impl GatewayError {
                 | FileInUse
                 | BatchFinished
                 | InvalidApiKey
+                | AdminKeyRequired
                 | InvalidInternalToken
                 | TokensBeyondLimit
                 | GatewayMisconfigured

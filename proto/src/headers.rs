@@ -53,9 +53,25 @@ pub const OWNER: &str = "x-modelgate-owner";
 /// The filter takes such a request as that key's, and as batch traffic.
 pub const ON_BEHALF_OF: &str = "x-modelgate-on-behalf-of";
 
+/// Set by ext-proc's endpoint picker on a request for a self-hosted pool: the
+/// replicas to try, best first, as `ip:port,ip:port` (the Gateway API
+/// Inference Extension's endpoint-picker protocol). The pool's cluster picks
+/// its host from it (Envoy's override-host load balancing, which goes down the
+/// list on retries). A client's copy would bypass the picker: it is dropped.
+pub const DESTINATION_ENDPOINT: &str = "x-gateway-destination-endpoint";
+
 /// Every internal request header; a client's copy of any of them is dropped.
-pub const INTERNAL: &[&str] =
-    &[CLUSTER, BACKEND, STREAM_CLUSTER, STREAM_BACKEND, CHAIN, INTERNAL_TOKEN, OWNER, ON_BEHALF_OF];
+pub const INTERNAL: &[&str] = &[
+    CLUSTER,
+    BACKEND,
+    STREAM_CLUSTER,
+    STREAM_BACKEND,
+    CHAIN,
+    INTERNAL_TOKEN,
+    OWNER,
+    ON_BEHALF_OF,
+    DESTINATION_ENDPOINT,
+];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with
 /// its `%RESPONSE_CODE_DETAILS%`, so the filter can tell its local replies

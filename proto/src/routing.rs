@@ -7,7 +7,8 @@
 use crate::backend::{ApiKey, BackendProfile};
 use crate::chain::{Chain, ChainHeaders, Member};
 use crate::config::{
-    AccountingConfig, BackendConfig, BatchesConfig, FilterConfig, ModelRouteConfig, Price, SharedLimitsConfig,
+    AccountingConfig, BackendConfig, BatchesConfig, FilterConfig, ModelRouteConfig, PoolsConfig, Price,
+    SharedLimitsConfig,
 };
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
@@ -44,6 +45,7 @@ pub struct Router {
     accounting: Option<AccountingConfig>,
     shared_limits: Option<SharedLimitsConfig>,
     batches: Option<BatchesConfig>,
+    pools: Option<PoolsConfig>,
     internal_token: Option<String>,
     reserved_completion_tokens: u64,
 }
@@ -57,6 +59,7 @@ impl Router {
             accounting: config.accounting.clone(),
             shared_limits: config.shared_limits.clone(),
             batches: config.batches.clone(),
+            pools: config.pools.clone(),
             internal_token: config.internal_token.clone(),
             reserved_completion_tokens: config.reserved_completion_tokens,
             ..Router::default()
@@ -139,6 +142,11 @@ impl Router {
         self.batches.as_ref()
     }
 
+    /// Where operations on self-hosted pools are answered, if anywhere.
+    pub fn pools(&self) -> Option<&PoolsConfig> {
+        self.pools.as_ref()
+    }
+
     /// The token presented to the stream guard and ext-proc's admin port, if one is configured.
     pub fn internal_token(&self) -> Option<&str> {
         self.internal_token.as_deref()
@@ -156,6 +164,7 @@ fn profile_of(backend: &BackendConfig, rename: Option<&String>) -> BackendProfil
         model: rename.cloned(),
         api_key: backend.api_key.clone(),
         defaults: backend.defaults.clone(),
+        pool: backend.pool.clone(),
     }
 }
 

@@ -24,6 +24,7 @@ fn base() -> Value {
         "accounting": {"cluster": "admin"},
         "shared_limits": {"cluster": "admin"},
         "batches": {"cluster": "admin"},
+        "pools": {"cluster": "admin"},
     })
 }
 
@@ -65,9 +66,9 @@ fn every_documented_default_is_the_codes() {
         object(&mut without, parent).remove(*leaf);
         let omitted = parsed(&without);
 
-        // The option exists: a value of the wrong type is refused.
+        // The option exists: a value of the wrong type (no option is a list of lists) is refused.
         let mut wrong = without.clone();
-        object(&mut wrong, parent).insert(leaf.to_string(), json!(true));
+        object(&mut wrong, parent).insert(leaf.to_string(), json!([[]]));
         assert!(parsed(&wrong).is_err(), "{option} is documented, but the configuration does not read it");
 
         let documented_value = if let Some(value) = code(&default) {

@@ -7,6 +7,7 @@ use modelgate_batch::args::BatchArgs;
 use modelgate_batch::Batches;
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
+use modelgate_pools::Pools;
 use modelgate_proto::clock;
 use modelgate_runtime::internal_token::{InternalToken, InternalTokenArgs};
 use modelgate_runtime::process::{run, ProcessArgs, Shutdown};
@@ -64,6 +65,10 @@ struct Args {
     max_message_bytes: usize,
     #[command(flatten)]
     batch: BatchArgs,
+    /// Self-hosted pools whose replica ext-proc picks for each request (JSON;
+    /// see docs/pools.md). A backend names its pool with `pool` in the filter's configuration.
+    #[arg(long, env = "MODELGATE_POOLS")]
+    pools: Option<PathBuf>,
     #[command(flatten)]
     process: ProcessArgs,
 }
@@ -95,6 +100,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Usage::local(ledger)
             }
         };
+        let pools = Arc::new(match &args.pools {
+            Some(path) => Pools::from_file(path)?,
+            None => Pools::default(),
+        });
         let batches = Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), secret, token.clone())?;
         let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone()).merge(batches.api());
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
@@ -102,7 +111,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
         let grpc = async {
             tonic::transport::Server::builder()
-                .add_service(service::server(Processor { keys, max_event_bytes }, token, args.max_message_bytes))
+                .add_service(service::server(
+                    Processor { keys, max_event_bytes, pools: Arc::clone(&pools) },
+                    token,
+                    args.max_message_bytes,
+                ))
                 .serve_with_shutdown(args.listen, shutdown.asked())
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
@@ -113,13 +126,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
         };
+        let scrapers = async {
+            modelgate_pools::scrape::run(Arc::clone(&pools), shutdown.asked()).await;
+            Ok(())
+        };
         let runner = batches.runner()?;
         let runner = async {
             runner.run(shutdown.asked()).await;
             Ok(())
         };
         let deadline = args.process.shutdown_deadline();
-        match shutdown.drain(async { tokio::try_join!(grpc, admin, runner) }, deadline).await {
+        match shutdown.drain(async { tokio::try_join!(grpc, admin, runner, scrapers) }, deadline).await {
             Some(served) => {
                 served?;
             }

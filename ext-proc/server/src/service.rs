@@ -8,6 +8,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use modelgate_dialects::credentials::KeySources;
+use modelgate_pools::Pools;
 use modelgate_proto::headers;
 use modelgate_runtime::internal_token::InternalToken;
 use std::pin::Pin;
@@ -30,6 +31,8 @@ pub struct Processor {
     pub keys: Arc<KeySources>,
     /// The longest event of a stream it translates.
     pub max_event_bytes: usize,
+    /// The self-hosted pools whose replicas it picks.
+    pub pools: Arc<Pools>,
 }
 
 /// The gRPC service: callers must present `token`, and messages either way are

@@ -1,0 +1,132 @@
+//! A pool as ext-proc's `--pools` file (JSON) describes it. Unknown keys are
+//! refused, so a typo fails at start, not silently at run time.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsFile {
+    /// Pools by name: the name a backend's `pool` gives in the filter's configuration.
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+impl PoolsFile {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("invalid pools configuration: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The replicas, as `ip:port`: the addresses Envoy's cluster for the pool
+    /// lists, since the picker's header names one of them.
+    pub replicas: Vec<String>,
+    /// How replicas are scored; see [`Strategy`].
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Scorer weights replacing the strategy's, one by one.
+    #[serde(default)]
+    pub weights: Weights,
+    /// How often each replica's metrics are read.
+    #[serde(default = "defaults::scrape_interval_ms")]
+    pub scrape_interval_ms: u64,
+    /// Metrics older than this (or a replica that stopped answering) make a
+    /// replica not ready: it is not picked while another is.
+    #[serde(default = "defaults::stale_after_ms")]
+    pub stale_after_ms: u64,
+    /// The path of the replicas' Prometheus metrics.
+    #[serde(default = "defaults::metrics_path")]
+    pub metrics_path: String,
+    /// Shed load: when every ready replica has at least this many requests
+    /// waiting, a request is refused with a 429. Unset: never shed.
+    #[serde(default)]
+    pub max_waiting: Option<u64>,
+    /// The `retry-after` (seconds) of a shed request.
+    #[serde(default = "defaults::retry_after_secs")]
+    pub retry_after_secs: u64,
+    /// Replicas named after the chosen one, for Envoy to retry on.
+    #[serde(default = "defaults::fallbacks")]
+    pub fallbacks: usize,
+    /// The request header whose value keeps a session on one replica (the
+    /// `session` scorer). Its value is only hashed, never kept.
+    #[serde(default)]
+    pub session_header: Option<String>,
+    /// Take the pool's models (and loaded LoRA adapters) from its replicas'
+    /// `/v1/models`, read every `models_interval_ms`.
+    #[serde(default)]
+    pub discover_models: bool,
+    #[serde(default = "defaults::models_interval_ms")]
+    pub models_interval_ms: u64,
+    #[serde(default)]
+    pub prefix: PrefixConfig,
+}
+
+/// The scorers' weights as a whole: each is a preset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// A uniformly random replica: the baseline.
+    Random,
+    /// The replica with the fewest requests in flight (the picker's own count).
+    LeastRequests,
+    /// The replica most likely to hold the prompt's prefix in its KV cache.
+    PrefixCache,
+    /// Every scorer, weighted: prefix affinity, queue depth, KV-cache use,
+    /// requests in flight and LoRA affinity.
+    #[default]
+    Combined,
+}
+
+/// One weight per scorer; unset ones take the strategy's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    pub least_requests: Option<f64>,
+    pub queue: Option<f64>,
+    pub kv_cache: Option<f64>,
+    pub prefix: Option<f64>,
+    pub lora: Option<f64>,
+    pub session: Option<f64>,
+    pub random: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefixConfig {
+    /// Prompt bytes per block of the index: a prefix is matched block by block.
+    pub block_bytes: usize,
+    /// Blocks remembered per replica before the least recently used go (an
+    /// estimate of its KV cache). Unset: from the replica's
+    /// `vllm:cache_config_info`, or a default while that is unknown.
+    pub blocks_per_replica: Option<usize>,
+}
+
+impl Default for PrefixConfig {
+    fn default() -> Self {
+        PrefixConfig { block_bytes: defaults::BLOCK_BYTES, blocks_per_replica: None }
+    }
+}
+
+mod defaults {
+    pub const BLOCK_BYTES: usize = 256;
+    pub fn scrape_interval_ms() -> u64 {
+        50
+    }
+    pub fn stale_after_ms() -> u64 {
+        500
+    }
+    pub fn metrics_path() -> String {
+        "/metrics".into()
+    }
+    pub fn retry_after_secs() -> u64 {
+        1
+    }
+    pub fn fallbacks() -> usize {
+        2
+    }
+    pub fn models_interval_ms() -> u64 {
+        1000
+    }
+}
