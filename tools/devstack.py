@@ -28,6 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "envoy" / "demo.yaml"
+DEMO_POOLS = ROOT / "envoy" / "pools.json"
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_filter.wasm"
 BIN = ROOT / "target" / "release"
 
@@ -40,7 +41,10 @@ EXT_PROC_ADMIN_PORT = 9090
 STREAM_GUARD_PORT = 50052
 # Simulated backends of the demo: port in demo.yaml -> backend name.
 DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral", 8004: "anthropic",
-                 8005: "ollama"}
+                 8005: "ollama", 8011: "vllm-0", 8012: "vllm-1", 8013: "vllm-2", 8014: "vllm-3"}
+# The replicas of the demo's self-hosted pool (envoy/pools.json), and how each is started.
+POOL_REPLICAS = ["vllm-0", "vllm-1", "vllm-2", "vllm-3"]
+POOL_REPLICA_ARGS = ["--model", "qwen3-8b"]
 # The demo's Anthropic backend takes its key from ext-proc's environment, as a real one would.
 DEMO_ANTHROPIC_KEY = "sk-ant-demo-key"
 # The internal token written in demo.yaml; each stack replaces it with a fresh one.
@@ -127,6 +131,15 @@ def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None
     for route in http_connection_manager(config)["route_config"]["virtual_hosts"][0]["routes"]:
         if route.get("route", {}).get("cluster") == "modelgate_admin":
             route["route"]["retry_policy"] = retry_elsewhere
+
+
+def render_pools(template: Path, ports: dict[int | str, int]) -> str:
+    """The pools file (envoy/pools.json) with the demo's replica ports remapped as Envoy's are."""
+    pools = json.loads(template.read_text())
+    for pool in pools["pools"].values():
+        pool["replicas"] = [f"{host}:{ports.get(int(port), int(port))}"
+                            for host, port in (replica.rsplit(":", 1) for replica in pool["replicas"])]
+    return json.dumps(pools, indent=2)
 
 
 def render_config(template: Path, ports: dict[int | str, int], adjust=None, internal_token: str | None = None) -> str:
@@ -264,11 +277,14 @@ class Stack:
             backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
             trusted = ["--key-env", "ANTHROPIC_API_KEY", *[arg for d in self.key_dirs for arg in ("--key-dir", str(d))],
                        "--internal-token-file", str(self.internal_token_file)]
+            pools = self.workdir / "pools.json"
+            pools.write_text(render_pools(DEMO_POOLS, self.ports))
             # Batches run their lines through the OpenAI listener, as clients' requests.
             ext_proc = lambda listen, admin, data_dir: [  # noqa: E731
                 str(BIN / "modelgate-ext-proc"), "--worker-threads", "1", "--listen", f"127.0.0.1:{listen}",
                 "--admin-listen", f"127.0.0.1:{admin}", "--data-dir", str(data_dir),
-                "--gateway-url", f"http://127.0.0.1:{self.port}", *trusted, *self.ext_proc_args]
+                "--gateway-url", f"http://127.0.0.1:{self.port}", "--pools", str(pools), *trusted,
+                *self.ext_proc_args]
             for attempt in range(5):
                 for name in self.ext_proc_names:
                     listen, admin = self.ext_proc_ports(name)
@@ -315,7 +331,7 @@ class Stack:
             for demo, name in DEMO_BACKENDS.items():
                 self.serve(name, [demo], lambda name=name, demo=demo: [
                     str(BIN / "modelgate-simulator"), "--name", name, "--listen", f"127.0.0.1:{self.ports[demo]}",
-                    *self.simulator_args.get(name, [])])
+                    *(POOL_REPLICA_ARGS if name in POOL_REPLICAS else []), *self.simulator_args.get(name, [])])
         except BaseException:
             self.stop()
             raise
