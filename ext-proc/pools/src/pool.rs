@@ -230,7 +230,8 @@ impl Pool {
         &self.replicas
     }
 
-    fn stale_after(&self) -> Duration {
+    /// How old a replica's metrics may be for it to be picked.
+    pub fn stale_after(&self) -> Duration {
         Duration::from_millis(self.config.stale_after_ms)
     }
 
