@@ -29,6 +29,8 @@ pub struct Target {
     /// ([`crate::chain::Chain`]); `cluster` is then the stream guard's, which
     /// tries the chain's backends in turn, and `profile` is unset.
     pub chain: Option<ChainHeaders>,
+    /// The self-hosted pool the backend is, if it is one.
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -185,6 +187,7 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
         forwards_client_key: backend.api_key == Some(ApiKey::Passthrough),
         price: route.price,
         chain: None,
+        pool: backend.pool.clone(),
     };
     if route.fallbacks.is_empty() {
         return Ok(target);
