@@ -105,7 +105,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => Pools::default(),
         });
         let batches = Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), secret, token.clone())?;
-        let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone()).merge(batches.api());
+        let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone())
+            .merge(batches.api())
+            .merge(modelgate_pools::api::router(Arc::clone(&pools), token.clone()));
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
