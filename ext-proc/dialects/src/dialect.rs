@@ -259,7 +259,7 @@ mod tests {
                     panic!("{dialect:?} does not serve {endpoint:?}");
                 };
                 assert_eq!(refused.status, 404);
-                let body: serde_json::Value = serde_json::from_slice(&refused.to_json()).unwrap();
+                let body: Value = serde_json::from_slice(&refused.to_json()).unwrap();
                 assert_eq!(body["error"]["code"], "unsupported_endpoint");
                 let message = body["error"]["message"].as_str().unwrap();
                 assert!(message.contains(named) && message.contains(endpoint.path()), "{message}");

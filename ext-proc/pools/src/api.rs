@@ -62,9 +62,8 @@ async fn unload(State(api): State<Arc<Api>>, request: Request) -> Response {
 async fn operate(api: &Api, action: Action, request: Request) -> Response {
     // Who asked: the admin key's name, as the filter said it.
     let by = request.headers().get(headers::OWNER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let body = match axum::body::to_bytes(request.into_body(), MAX_OPERATION_BYTES).await {
-        Ok(body) => body,
-        Err(_) => return error_response(&GatewayError::body_too_large(Some(MAX_OPERATION_BYTES))),
+    let Ok(body) = axum::body::to_bytes(request.into_body(), MAX_OPERATION_BYTES).await else {
+        return error_response(&GatewayError::body_too_large(Some(MAX_OPERATION_BYTES)));
     };
     let operation = match Operation::parse(action, &body, &api.pools) {
         Ok(operation) => operation,
