@@ -7,16 +7,23 @@ use crate::envoy_messages;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use modelgate_dialects::call::{plan_answer, BackendCall};
+use modelgate_dialects::call::{log_misconfiguration, plan_answer, BackendCall, UpstreamParts};
 use modelgate_dialects::credentials::KeySources;
 use modelgate_dialects::dialect::ResponseTranslator;
+use modelgate_pools::pool::{PickRequest, Picked, Pool};
+use modelgate_pools::request::pick_fields;
+use modelgate_pools::Pools;
+use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub struct Exchange {
     /// The key sources this process may read.
     keys: Arc<KeySources>,
+    /// The self-hosted pools whose replicas this process picks.
+    pools: Arc<Pools>,
     /// Set from the request headers when the request's backend has a profile.
     active: Option<Active>,
     /// The longest event of a translated stream.
@@ -25,25 +32,39 @@ pub struct Exchange {
 
 struct Active {
     call: BackendCall,
+    /// For a backend that is a self-hosted pool: where its replica is picked.
+    pool: Option<PoolRoute>,
     /// The answer's translation, once the request is known, for backends whose answers need one.
     responses: Option<Box<dyn ResponseTranslator>>,
     /// The response's status and whether its body streams, once its headers are seen.
     response: Option<(u16, bool)>,
 }
 
+/// A request to a self-hosted pool.
+struct PoolRoute {
+    pool: Arc<Pool>,
+    /// The model as the replica sees it, when the profile renames it.
+    rename: Option<String>,
+    /// The value of the pool's session header, if the request sent one.
+    session: Option<Vec<u8>>,
+    /// The replicas picked. Kept until the exchange ends, since its drop ends
+    /// the request's count in flight on its replica.
+    picked: Option<Picked>,
+}
+
 impl Exchange {
-    pub fn new(keys: Arc<KeySources>, max_event_bytes: usize) -> Self {
-        Exchange { keys, active: None, max_event_bytes }
+    pub fn new(keys: Arc<KeySources>, pools: Arc<Pools>, max_event_bytes: usize) -> Self {
+        Exchange { keys, pools, active: None, max_event_bytes }
     }
 
     /// The answer to one message; `None` for a message with nothing in it.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
         let request = message.request?;
         let answer = match (&request, &mut self.active) {
-            (Request::RequestHeaders(h), _) => match start(h, &self.keys) {
-                Ok(Some(call)) => {
-                    let watch = call.translates_responses();
-                    self.active = Some(Active { call, responses: None, response: None });
+            (Request::RequestHeaders(h), _) => match start(h, &self.keys, &self.pools) {
+                Ok(Some(active)) => {
+                    let watch = active.call.translates_responses();
+                    self.active = Some(active);
                     envoy_messages::continue_request_headers(watch)
                 }
                 Ok(None) => envoy_messages::pass(&request),
@@ -52,9 +73,9 @@ impl Exchange {
             (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
                 Ok(upstream) => {
                     active.responses = active.call.response_translator(self.max_event_bytes);
-                    match upstream.body {
-                        Some(body) => envoy_messages::replace_request_body(body, upstream.headers),
-                        None => envoy_messages::change_request_headers(upstream.headers),
+                    match &mut active.pool {
+                        Some(route) => route.pick(&body.body, upstream),
+                        None => forward(upstream),
                     }
                 }
                 Err(e) => envoy_messages::reject(&e),
@@ -85,14 +106,64 @@ impl Exchange {
     }
 }
 
-/// The backend call a request needs, from its headers; `None` when the filter
-/// marked nothing to do.
-fn start(request: &HttpHeaders, keys: &KeySources) -> Result<Option<BackendCall>, GatewayError> {
+/// The answer that sends the request on, rewritten as `upstream` says.
+fn forward(upstream: UpstreamParts) -> ProcessingResponse {
+    match upstream.body {
+        Some(body) => envoy_messages::replace_request_body(body, upstream.headers),
+        None => envoy_messages::change_request_headers(upstream.headers),
+    }
+}
+
+impl PoolRoute {
+    /// Picks the replicas for the client's `body` and sends the request on
+    /// to them, or refuses it as the picker does.
+    fn pick(&mut self, body: &[u8], mut upstream: UpstreamParts) -> ProcessingResponse {
+        let fields = match pick_fields(body) {
+            Ok(fields) => fields,
+            Err(e) => return envoy_messages::reject(&e),
+        };
+        let model = self.rename.as_deref().unwrap_or(&fields.model);
+        let request = PickRequest { model, prompt: fields.prompt, session: self.session.as_deref(), subset: None };
+        match self.pool.pick(&request, Instant::now()) {
+            Ok(picked) => {
+                let destination = picked.destination();
+                self.picked = Some(picked);
+                upstream.headers.set.push((headers::DESTINATION_ENDPOINT, destination.clone()));
+                envoy_messages::with_destination(forward(upstream), &destination)
+            }
+            Err(refusal) => {
+                envoy_messages::reject_for(&refusal.to_error(self.pool.name(), model), refusal.retry_after_secs())
+            }
+        }
+    }
+}
+
+/// What a request needs, from its headers; `None` when the filter marked
+/// nothing to do.
+fn start(request: &HttpHeaders, keys: &KeySources, pools: &Pools) -> Result<Option<Active>, GatewayError> {
     let Some(profile) = envoy_messages::header(request, headers::BACKEND) else {
         return Ok(None);
     };
+    let profile = BackendProfile::from_header(profile).map_err(|e| log_misconfiguration(&e))?;
+    let pool = match &profile.pool {
+        Some(name) => {
+            let pool = pools.get(name).ok_or_else(|| {
+                log_misconfiguration(&format_args!("the pool `{name}` is not in ext-proc's --pools file"))
+            })?;
+            let session =
+                pool.config().session_header.as_deref().and_then(|name| envoy_messages::header(request, name));
+            Some(PoolRoute {
+                pool: Arc::clone(pool),
+                rename: profile.model.clone(),
+                session: session.map(<[u8]>::to_vec),
+                picked: None,
+            })
+        }
+        None => None,
+    };
     let path = envoy_messages::header(request, ":path").unwrap_or_default();
-    BackendCall::start(profile, path, |name| envoy_messages::header(request, name), keys).map(Some)
+    let call = BackendCall::for_request(profile, path, |name| envoy_messages::header(request, name), keys)?;
+    Ok(Some(Active { call, pool, responses: None, response: None }))
 }
 
 #[cfg(test)]
@@ -102,6 +173,8 @@ mod tests {
     use envoy_types::pb::envoy::service::ext_proc::v3::{
         body_mutation::Mutation, processing_response::Response, CommonResponse, HttpBody,
     };
+    use envoy_types::pb::google::protobuf::value::Kind;
+    use modelgate_pools::metrics::ReplicaMetrics;
     use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
     use serde_json::{json, Value};
 
@@ -154,7 +227,7 @@ mod tests {
 
     #[test]
     fn renames_the_model_and_fixes_content_length() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let first = ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"model":"llama-3"}"#),
@@ -168,8 +241,11 @@ mod tests {
 
     #[test]
     fn a_backend_that_only_needs_its_key_gets_the_body_as_it_is() {
-        let mut ex =
-            Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(
+            Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()),
+            Arc::default(),
+            DEFAULT_MAX_EVENT_BYTES,
+        );
         let key = std::env::var("HOME").unwrap();
         ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
@@ -182,8 +258,11 @@ mod tests {
 
     #[test]
     fn a_key_source_the_process_was_not_given_is_refused_before_anything_is_sent() {
-        let mut ex =
-            Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(
+            Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()),
+            Arc::default(),
+            DEFAULT_MAX_EVENT_BYTES,
+        );
         let answer = ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"api_key":{"env":"PATH"}}"#),
@@ -200,7 +279,7 @@ mod tests {
 
     #[test]
     fn without_a_profile_everything_passes_untouched() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[(":path", "/v1/embeddings")]));
         let answer = ex.on_message(body(br#"{"model":"x"}"#, true, false)).unwrap();
         let Some(Response::RequestBody(body)) = answer.response else { panic!("expected a body answer") };
@@ -209,7 +288,7 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_json_gets_an_openai_400() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[(":path", "/v1/completions"), (headers::BACKEND, r#"{"model":"m"}"#)]));
         let answer = ex.on_message(body(b"nope", true, false)).unwrap();
         let Some(Response::ImmediateResponse(reply)) = answer.response else { panic!("expected an immediate reply") };
@@ -220,7 +299,7 @@ mod tests {
 
     #[test]
     fn an_anthropic_exchange_from_request_to_streamed_answer() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let profile = r#"{"dialect":"anthropic","model":"claude-x","api_key":"passthrough"}"#;
         let first = ex
             .on_message(request_headers(&[
@@ -267,7 +346,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_error_becomes_an_openai_error_with_a_retryable_status() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
@@ -288,7 +367,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_model_refuses_endpoints_anthropic_lacks() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let answer = ex
             .on_message(request_headers(&[
                 (":path", "/v1/embeddings"),
@@ -299,9 +378,151 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
         assert_eq!(reply.status.unwrap().code, 404);
     }
 
+    /// One pool of two replicas, `a` (`10.0.0.1:8000`) and `b`, both freshly
+    /// scraped with `waiting` requests queued; `extra` adds pool settings.
+    fn pools(waiting: [u64; 2], extra: Value) -> Arc<Pools> {
+        let mut pool = json!({"replicas": ["10.0.0.1:8000", "10.0.0.2:8000"], "strategy": "least_requests",
+                              "fallbacks": 1});
+        pool.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let pools = Pools::from_json(json!({"pools": {"p": pool}}).to_string().as_bytes()).unwrap();
+        for (replica, waiting) in pools.get("p").unwrap().replicas().iter().zip(waiting) {
+            replica.update(|state| {
+                state.metrics = Some(ReplicaMetrics { waiting, ..Default::default() });
+                state.scraped_at = Some(Instant::now());
+                state.models = Some(["llama-3".to_string()].into());
+            });
+        }
+        Arc::new(pools)
+    }
+
+    fn pool_exchange(pools: &Arc<Pools>, profile: &str) -> Exchange {
+        let mut ex = Exchange::new(Arc::default(), Arc::clone(pools), DEFAULT_MAX_EVENT_BYTES);
+        let answer =
+            ex.on_message(request_headers(&[(":path", "/v1/chat/completions"), (headers::BACKEND, profile)])).unwrap();
+        assert!(matches!(answer.response, Some(Response::RequestHeaders(_))), "{answer:?}");
+        ex
+    }
+
+    fn chat() -> ProcessingRequest {
+        body(br#"{"model":"llama-3","messages":[{"role":"user","content":"hi"}]}"#, true, false)
+    }
+
+    fn rejection(answer: ProcessingResponse) -> (i32, Vec<(String, String)>, Value) {
+        let Some(Response::ImmediateResponse(reply)) = answer.response else {
+            panic!("expected a refusal: {answer:?}")
+        };
+        let headers = reply
+            .headers
+            .unwrap()
+            .set_headers
+            .into_iter()
+            .map(|h| {
+                let h = h.header.unwrap();
+                (h.key, String::from_utf8_lossy(&h.raw_value).into_owned())
+            })
+            .collect();
+        (reply.status.unwrap().code, headers, serde_json::from_slice(&reply.body).unwrap())
+    }
+
+    #[test]
+    fn a_pool_request_names_its_replicas_in_the_header_and_the_lb_metadata() {
+        let pools = pools([0, 0], json!({}));
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let answer = ex.on_message(chat()).unwrap();
+        let metadata = answer.dynamic_metadata.clone().expect("envoy.lb metadata");
+        let common = common(answer);
+        assert!(common.body_mutation.is_none(), "the body goes on as it is");
+        let (_, destination) =
+            set_headers(&common).into_iter().find(|(k, _)| k == headers::DESTINATION_ENDPOINT).unwrap();
+        let mut replicas: Vec<&str> = destination.split(',').collect();
+        replicas.sort_unstable();
+        assert_eq!(replicas, ["10.0.0.1:8000", "10.0.0.2:8000"], "the pick, then its fallback");
+        let Some(Kind::StructValue(lb)) = metadata.fields["envoy.lb"].kind.clone() else { panic!("{metadata:?}") };
+        let Some(Kind::StringValue(value)) = lb.fields[headers::DESTINATION_ENDPOINT].kind.clone() else {
+            panic!("{lb:?}")
+        };
+        assert_eq!(value, destination);
+    }
+
+    #[test]
+    fn the_pick_counts_in_flight_until_the_exchange_ends() {
+        let pools = pools([0, 0], json!({}));
+        let in_flight = || pools.get("p").unwrap().replicas().iter().map(|r| r.in_flight()).sum::<u64>();
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        ex.on_message(chat());
+        assert_eq!(in_flight(), 1);
+        drop(ex);
+        assert_eq!(in_flight(), 0);
+    }
+
+    #[test]
+    fn a_rename_is_picked_for_and_sent_beside_the_destination() {
+        let pools = pools([0, 0], json!({"discover_models": true}));
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p","model":"llama-3"}"#);
+        let answer = common(ex.on_message(body(br#"{"model":"my-llama","messages":[]}"#, true, false)).unwrap());
+        assert_eq!(new_body(&answer), br#"{"model":"llama-3","messages":[]}"#);
+        let mut names: Vec<String> = set_headers(&answer).into_iter().map(|(k, _)| k).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", headers::DESTINATION_ENDPOINT]);
+        // Without the rename, no replica serves the client's name.
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let (status, _, error) = rejection(ex.on_message(body(br#"{"model":"my-llama"}"#, true, false)).unwrap());
+        assert_eq!((status, error["error"]["code"].as_str()), (404, Some("model_not_found")));
+    }
+
+    #[test]
+    fn a_saturated_pool_sheds_with_retry_after() {
+        let pools = pools([3, 5], json!({"max_waiting": 3, "retry_after_secs": 2}));
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let (status, headers, error) = rejection(ex.on_message(chat()).unwrap());
+        assert_eq!((status, error["error"]["code"].as_str()), (429, Some("pool_saturated")));
+        assert!(headers.contains(&("retry-after".to_string(), "2".to_string())), "{headers:?}");
+    }
+
+    #[test]
+    fn a_pool_without_a_ready_replica_answers_503() {
+        let pools = Arc::new(Pools::from_json(br#"{"pools":{"p":{"replicas":["10.0.0.1:8000"]}}}"#).unwrap());
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let (status, headers, error) = rejection(ex.on_message(chat()).unwrap());
+        assert_eq!((status, error["error"]["code"].as_str()), (503, Some("no_ready_replica")));
+        assert!(!headers.iter().any(|(k, _)| k == "retry-after"));
+    }
+
+    #[test]
+    fn a_pool_missing_from_the_pools_file_is_a_misconfiguration() {
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let answer = ex
+            .on_message(request_headers(&[(":path", "/v1/chat/completions"), (headers::BACKEND, r#"{"pool":"p"}"#)]))
+            .unwrap();
+        assert_eq!(rejection(answer).0, 500);
+    }
+
+    #[test]
+    fn the_session_header_keeps_a_session_on_one_replica() {
+        let pools = pools(
+            [0, 0],
+            json!({"strategy": "random", "weights": {"random": 0.01, "session": 1.0},
+                                          "session_header": "x-session-id"}),
+        );
+        let destination = |session: &str| {
+            let mut ex = Exchange::new(Arc::default(), Arc::clone(&pools), DEFAULT_MAX_EVENT_BYTES);
+            ex.on_message(request_headers(&[
+                (":path", "/v1/chat/completions"),
+                (headers::BACKEND, r#"{"pool":"p"}"#),
+                ("x-session-id", session),
+            ]));
+            let answer = common(ex.on_message(chat()).unwrap());
+            let (_, value) =
+                set_headers(&answer).into_iter().find(|(k, _)| k == headers::DESTINATION_ENDPOINT).unwrap();
+            value.split(',').next().unwrap().to_string()
+        };
+        let first = destination("conversation-1");
+        assert!((0..20).all(|_| destination("conversation-1") == first));
+    }
+
     #[test]
     fn an_empty_message_gets_no_answer() {
-        assert!(Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES)
+        assert!(Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES)
             .on_message(ProcessingRequest::default())
             .is_none());
     }

@@ -133,8 +133,9 @@ impl Engine {
     /// The time between tokens now, given the time for a batch of one.
     pub fn inter_token(&self, itl: Duration) -> Duration {
         let others = self.lock().running.saturating_sub(1) as f64;
-        let factor = (1.0 + self.config.decode_slowdown * others).max(0.0);
-        Duration::try_from_secs_f64(itl.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+        // saturates rather than panics on absurd settings
+        Duration::try_from_secs_f64(itl.as_secs_f64() * (1.0 + self.config.decode_slowdown * others))
+            .unwrap_or(Duration::MAX)
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -113,6 +113,10 @@ impl Metrics {
             self.waiting.get_or_create(&label).set(waiting as i64);
             self.kv_cache_usage.get_or_create(&label).set(engine.kv_cache_usage);
             self.gpu_cache_usage.get_or_create(&label).set(engine.kv_cache_usage);
+            // counters show from the start at zero, as vLLM's do
+            for counter in [&self.prefix_queries, &self.prefix_hits, &self.prompt_tokens, &self.generation_tokens] {
+                let _ = counter.get_or_create(&label);
+            }
         }
         self.lora_info.clear();
         let info = LoraInfo {

@@ -75,7 +75,7 @@ pub struct Settings {
     pub prefill_us_per_token: u64,
     /// How much each other running sequence slows decoding: the time between
     /// tokens is `itl-ms × (1 + decode-slowdown × (running − 1))`.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     pub decode_slowdown: f64,
     /// Adapters that may run in one batch, as vLLM's `--max-loras` (shown in `vllm:lora_requests_info`).
     #[arg(long, default_value_t = 1)]
@@ -86,6 +86,13 @@ pub struct Settings {
     /// The first this many adapter loads fail with a 503, to test retries.
     #[arg(long, default_value_t = 0)]
     pub lora_load_failures: u32,
+}
+
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("`{text}` is not a finite number of at least 0")),
+    }
 }
 
 /// The behaviour for one request: the settings, with any `x-sim-*` header applied.
@@ -151,6 +158,16 @@ impl Behaviour {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_flags_are_checked() {
+        assert_eq!(Settings::parse_from(["sim", "--decode-slowdown", "0.5"]).engine().decode_slowdown, 0.5);
+        for bad in
+            [["--decode-slowdown", "-1"], ["--decode-slowdown", "inf"], ["--block-size", "0"], ["--max-num-seqs", "0"]]
+        {
+            assert!(Settings::try_parse_from(["sim", bad[0], bad[1]]).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn headers_override_settings() {
