@@ -11,7 +11,7 @@
 use crate::answer::Answer;
 use crate::host::{Host, SharedBuckets};
 use crate::outbox::Outbox;
-use crate::request::{self, HeadersVerdict, Reply, RequestHead, Routing};
+use crate::request::{self, HeadersVerdict, ModelsQuery, Reply, RequestHead, Routing};
 use crate::worker::{admin_call_headers, SPEND_PATH};
 use modelgate_proto::config::Price;
 use modelgate_proto::error::{retry_header, GatewayError};
@@ -19,6 +19,7 @@ use modelgate_proto::error_normalize::{self, normalize, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{is_internal_token, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, Reserved, Unit, Verdict};
+use modelgate_proto::models::POOL_MODELS_PATH;
 use modelgate_proto::routing::Router;
 use modelgate_proto::usage::Traffic;
 use proxy_wasm::types::{Action, BufferType, MapType};
@@ -31,6 +32,9 @@ const REQUEST_ID: &str = "x-request-id";
 
 /// Milliseconds the gateway and the backend took, as OpenAI reports them.
 const PROCESSING_MS: &str = "openai-processing-ms";
+
+/// How long ext-proc's admin port may take to say which models pools serve.
+const POOL_MODELS_TIMEOUT: Duration = Duration::from_secs(1);
 
 const REQUEST_HEADERS: MapType = MapType::HttpRequestHeaders;
 const RESPONSE_HEADERS: MapType = MapType::HttpResponseHeaders;
@@ -48,6 +52,9 @@ pub struct Flow {
     request_id: String,
     /// A batch's line, sent by the batch runner on its key's behalf, or a client's own request.
     traffic: Traffic,
+    /// Its answer's usage counts: false for an endpoint that is no completion
+    /// (`/tokenize`), whose answer has none and whose key's token limits it leaves alone.
+    counts_usage: bool,
     phase: Phase,
     response: Response,
 }
@@ -60,9 +67,11 @@ enum Phase {
     /// filter is still checked as a model's request body is (it always was);
     /// `buffered` is its size while it is held without its end.
     Unrouted { buffered: Option<usize> },
-    /// Sent on to the batch service (the Files and Batch APIs): its body
-    /// streams through unread, however large; the service bounds it.
-    BatchService,
+    /// Sent on to one of ext-proc's services (the Files and Batch APIs, pool
+    /// operations): its body streams through unread, however large; the service bounds it.
+    Service,
+    /// `/v1/models` held while ext-proc says which models pools discovered.
+    AwaitingPoolModels(ModelsQuery),
     /// A model-routed request whose body is being buffered: `buffered` bytes so far.
     ReadingBody { caller: Caller, buffered: usize },
     /// Held while the shared rate-limit store decides on it.
@@ -171,6 +180,7 @@ impl Flow {
             started_us: 0,
             request_id: String::new(),
             traffic: Traffic::Interactive,
+            counts_usage: true,
             phase: Phase::Unrouted { buffered: None },
             response: Response::Awaiting,
         }
@@ -213,8 +223,17 @@ impl Flow {
         };
         match request::on_request_headers(&self.router, head) {
             HeadersVerdict::PassThrough => Action::Continue,
-            HeadersVerdict::BatchService(caller) => self.send_to_batch_service(host, &caller),
-            HeadersVerdict::ReadBody(caller) => {
+            HeadersVerdict::BatchService(caller) => match self.router.batches() {
+                Some(batches) => self.send_to_service(host, &batches.cluster.clone(), &caller),
+                None => Action::Continue,
+            },
+            HeadersVerdict::PoolOperation(caller) => match self.router.pools() {
+                Some(pools) => self.send_to_service(host, &pools.cluster.clone(), &caller),
+                None => Action::Continue,
+            },
+            HeadersVerdict::AskPoolModels(query) => self.ask_pool_models(host, query),
+            HeadersVerdict::ReadBody(caller, endpoint) => {
+                self.counts_usage = endpoint.is_completion();
                 self.phase = Phase::ReadingBody { caller, buffered: 0 };
                 Action::Pause
             }
@@ -223,7 +242,7 @@ impl Flow {
     }
 
     pub fn on_request_body<H: Host>(&mut self, host: &H, body_size: usize, end_of_stream: bool) -> Action {
-        if let Phase::BatchService = self.phase {
+        if let Phase::Service = self.phase {
             // Each piece goes on as it comes: an upload is never held in the VM.
             return Action::Continue;
         }
@@ -252,6 +271,50 @@ impl Flow {
             Some(body_size) => self.on_body_read(host, body_size),
             None => Action::Continue,
         }
+    }
+
+    /// The answer to the call the request is held for.
+    pub fn on_call_answer<H: Host>(&mut self, host: &H, num_headers: usize, body_size: usize) {
+        match &self.phase {
+            Phase::AwaitingSharedLimits(_) => self.on_shared_verdict(host, num_headers, body_size),
+            Phase::AwaitingPoolModels(_) => self.on_pool_models(host, num_headers, body_size),
+            _ => {}
+        }
+    }
+
+    /// What ext-proc said pools discovered: the held `/v1/models` is answered,
+    /// from configuration alone if it said nothing.
+    fn on_pool_models<H: Host>(&mut self, host: &H, num_headers: usize, body_size: usize) {
+        let Phase::AwaitingPoolModels(query) = std::mem::replace(&mut self.phase, Phase::Unrouted { buffered: None })
+        else {
+            return;
+        };
+        let status = host.http_call_header(num_headers, ":status");
+        let answer = host.body(BufferType::HttpCallResponseBody, body_size);
+        let discovered = request::pool_models(status.as_deref(), &answer);
+        if discovered.is_none() {
+            host.log_error(
+                "modelgate: ext-proc's admin port did not say which models pools serve; /v1/models lists the configured ones",
+            );
+        }
+        self.respond(host, &request::models_reply(&self.router, &query, discovered.as_ref()));
+    }
+
+    /// Asks ext-proc's admin port which models pools discovered, holding the
+    /// `/v1/models` request; answered from configuration if the call cannot be made.
+    fn ask_pool_models<H: Host>(&mut self, host: &H, query: ModelsQuery) -> Action {
+        let Some(pools) = self.router.pools() else {
+            return self.respond(host, &request::models_reply(&self.router, &query, None));
+        };
+        let call = admin_call_headers("GET", POOL_MODELS_PATH, "application/json", self.router.internal_token());
+        if host.dispatch(&pools.cluster, call, b"", POOL_MODELS_TIMEOUT).is_none() {
+            host.log_error(
+                "modelgate: could not ask ext-proc's admin port which models pools serve; /v1/models lists the configured ones",
+            );
+            return self.respond(host, &request::models_reply(&self.router, &query, None));
+        }
+        self.phase = Phase::AwaitingPoolModels(query);
+        Action::Pause
     }
 
     /// The shared store's verdict on a held request.
@@ -407,7 +470,7 @@ impl Flow {
             return;
         }
         let (key, model, exact_route) = match &self.phase {
-            Phase::Unrouted { .. } | Phase::BatchService | Phase::Forwarded(_) => return,
+            Phase::Unrouted { .. } | Phase::Service | Phase::AwaitingPoolModels(_) | Phase::Forwarded(_) => return,
             Phase::ReadingBody { caller, .. } => (key_name(caller), "", false),
             Phase::AwaitingSharedLimits(held) => {
                 (held.caller.name.as_str(), held.routing.model.as_str(), held.routing.exact_route)
@@ -479,7 +542,10 @@ impl Flow {
         let Some(key) = caller else {
             return self.forward(host, Admitted::unlimited(None), routing, body);
         };
-        let buckets = key.limits.buckets(&key.name, &routing.model);
+        let mut buckets = key.limits.buckets(&key.name, &routing.model);
+        if !self.counts_usage {
+            buckets.retain(|bucket| bucket.unit != Unit::Tokens);
+        }
         if buckets.is_empty() {
             return self.forward(host, Admitted::unlimited(Some(key)), routing, body);
         }
@@ -499,7 +565,7 @@ impl Flow {
             };
         };
         let call = serde_json::to_vec(&Bucket::admission(&buckets, reserved_tokens)).unwrap_or_default();
-        let call_headers = admin_call_headers(SPEND_PATH, "application/json", self.router.internal_token());
+        let call_headers = admin_call_headers("POST", SPEND_PATH, "application/json", self.router.internal_token());
         // Asked before the store's clock starts the reservation: it is taken to refill no later than it does.
         let asked_us = host.now_us();
         let sent = host.dispatch(&shared.cluster, call_headers, &call, Duration::from_millis(shared.timeout_ms));
@@ -537,7 +603,7 @@ impl Flow {
 
     /// Sends an admitted request on to its backend: routing headers, and the body as the backend gets it.
     fn forward<H: Host>(&mut self, host: &H, admitted: Admitted, routing: Routing, body: &[u8]) -> Action {
-        let count_tokens = self.router.accounting().is_some() || admitted.limits_tokens;
+        let count_tokens = self.counts_usage && (self.router.accounting().is_some() || admitted.limits_tokens);
         if count_tokens {
             // A compressed answer's usage could not be read, nor its usage chunk removed.
             host.remove_header(REQUEST_HEADERS, "accept-encoding");
@@ -582,13 +648,11 @@ impl Flow {
         Action::Continue
     }
 
-    /// Sends a request for the Files or Batch API on to the batch service,
-    /// saying whose it is and proving it comes from the gateway.
-    fn send_to_batch_service<H: Host>(&mut self, host: &H, caller: &Caller) -> Action {
-        let Some(batches) = self.router.batches() else {
-            return Action::Continue;
-        };
-        host.set_header(REQUEST_HEADERS, headers::CLUSTER, &batches.cluster);
+    /// Sends a request on to one of ext-proc's services at `cluster` (the
+    /// Files and Batch APIs, pool operations), saying whose it is and proving
+    /// it comes from the gateway.
+    fn send_to_service<H: Host>(&mut self, host: &H, cluster: &str, caller: &Caller) -> Action {
+        host.set_header(REQUEST_HEADERS, headers::CLUSTER, cluster);
         host.set_header(REQUEST_HEADERS, headers::OWNER, key_name(caller));
         if let Some(token) = self.router.internal_token() {
             host.set_header(REQUEST_HEADERS, headers::INTERNAL_TOKEN, token);
@@ -597,7 +661,7 @@ impl Flow {
         for name in headers::CLIENT_KEYS {
             host.remove_header(REQUEST_HEADERS, name);
         }
-        self.phase = Phase::BatchService;
+        self.phase = Phase::Service;
         Action::Continue
     }
 

@@ -72,7 +72,7 @@ struct Request(Flow);
 
 impl Context for Request {
     fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
-        self.0.on_shared_verdict(&Envoy, num_headers, body_size);
+        self.0.on_call_answer(&Envoy, num_headers, body_size);
     }
 }
 

@@ -5,13 +5,13 @@
 
 use crate::routing_fields::{read_routing_fields, RoutingFields};
 use modelgate_proto::config::{FailureMode, Price};
-use modelgate_proto::endpoint::{classify, Target};
+use modelgate_proto::endpoint::{classify, Endpoint, Target};
 use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::error_normalize::Rewritten;
 use modelgate_proto::headers;
 use modelgate_proto::keys::{may_use, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, BucketStore, Reserved, TokenEstimate, Unit, Verdict};
-use modelgate_proto::models;
+use modelgate_proto::models::{self, PoolModels};
 use modelgate_proto::routing::Router;
 use modelgate_proto::usage::{bounded, is_bounded, Refused, Traffic, UsageRecord};
 use std::collections::hash_map::RandomState;
@@ -53,11 +53,25 @@ pub enum HeadersVerdict {
     /// Not a request the filter handles.
     PassThrough,
     /// A model-routed request from this caller: hold the headers and read the body.
-    ReadBody(Caller),
+    ReadBody(Caller, Endpoint),
     /// A request to the Files or Batch API from this caller: sent on to the
     /// batch service, its body streamed as it comes.
     BatchService(Caller),
+    /// An operation on a self-hosted pool from a caller allowed it: sent on
+    /// to ext-proc's pools service, which reads and bounds its body.
+    PoolOperation(Caller),
+    /// `/v1/models` (or one model, `id`) where pools discover models: answered
+    /// once ext-proc says what they serve ([`models_reply`]).
+    AskPoolModels(ModelsQuery),
     Respond(Reply),
+}
+
+/// A `/v1/models` request waiting for the models pools discovered.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ModelsQuery {
+    pub caller: Caller,
+    /// One model's id; `None` for the list.
+    pub id: Option<String>,
 }
 
 /// Where a model-routed request goes, to be written into its headers.
@@ -173,6 +187,7 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
         Target::Other => return HeadersVerdict::PassThrough,
         // Without a batch service configured, these paths are Envoy's routes' as they always were.
         Target::BatchService(_) if router.batches().is_none() => return HeadersVerdict::PassThrough,
+        Target::PoolOperation(_) if router.pools().is_none() => return HeadersVerdict::PassThrough,
         _ => {}
     }
     let keys = router.client_keys();
@@ -183,14 +198,27 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
     match target {
         Target::Other | Target::WrongMethod(_) => HeadersVerdict::PassThrough,
         Target::BatchService(_) => HeadersVerdict::BatchService(caller),
-        Target::ListModels => HeadersVerdict::Respond(Reply::ok(models::list_json(router, caller.as_deref()))),
-        Target::RetrieveModel(id) => {
-            HeadersVerdict::Respond(match models::retrieve_json(router, &id, caller.as_deref()) {
-                Some(body) => Reply::ok(body),
-                None => GatewayError::model_not_found(&id).into(),
-            })
+        // An open gateway trusts every caller with these too, as with everything else.
+        Target::PoolOperation(endpoint) if keys.required() && !caller.as_ref().is_some_and(|key| key.admin) => {
+            let action = match endpoint {
+                Endpoint::UnloadLoraAdapter => "unloading a LoRA adapter",
+                _ => "loading a LoRA adapter",
+            };
+            HeadersVerdict::Respond(GatewayError::admin_key_required(action).into())
         }
-        Target::ModelRouted(_) => {
+        Target::PoolOperation(_) => HeadersVerdict::PoolOperation(caller),
+        Target::ListModels | Target::RetrieveModel(_) => {
+            let id = match target {
+                Target::RetrieveModel(id) => Some(id),
+                _ => None,
+            };
+            let query = ModelsQuery { caller, id };
+            match router.pools() {
+                Some(_) => HeadersVerdict::AskPoolModels(query),
+                None => HeadersVerdict::Respond(models_reply(router, &query, None)),
+            }
+        }
+        Target::ModelRouted(endpoint) => {
             let limit = router.max_request_body_bytes();
             let declared =
                 content_length.and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u64>().ok());
@@ -204,10 +232,32 @@ pub fn on_request_headers(router: &Router, head: RequestHead<'_>) -> HeadersVerd
                         .into(),
                 )
             } else {
-                HeadersVerdict::ReadBody(caller)
+                HeadersVerdict::ReadBody(caller, endpoint)
             }
         }
     }
+}
+
+/// The answer to a `/v1/models` request: the configured models, and those
+/// pools `discovered` (`None` when ext-proc did not say).
+pub fn models_reply(router: &Router, query: &ModelsQuery, discovered: Option<&PoolModels>) -> Reply {
+    let caller = query.caller.as_deref();
+    match &query.id {
+        None => Reply::ok(models::list_json(router, caller, discovered)),
+        Some(id) => match models::retrieve_json(router, id, caller, discovered) {
+            Some(body) => Reply::ok(body),
+            None => GatewayError::model_not_found(id).into(),
+        },
+    }
+}
+
+/// What ext-proc's admin port answered for the models pools discovered:
+/// `None` when it did not (unreachable, failing, garbled).
+pub fn pool_models(status: Option<&[u8]>, body: &[u8]) -> Option<PoolModels> {
+    if status != Some(b"200") {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
 }
 
 /// True once the buffered body is over the limit, for bodies without a
@@ -438,7 +488,7 @@ mod tests {
         let r = router();
         assert_eq!(
             on_request_headers(&r, RequestHead { content_length: Some(b"20"), ..head("POST", "/v1/chat/completions") }),
-            HeadersVerdict::ReadBody(None)
+            HeadersVerdict::ReadBody(None, Endpoint::ChatCompletions)
         );
         assert_eq!(
             on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap(),
@@ -593,11 +643,11 @@ mod tests {
         assert!(json(&reply)["error"]["message"].as_str().unwrap().contains("64 bytes"));
         assert_eq!(
             on_request_headers(&r, RequestHead { content_length: Some(b"64"), ..head("POST", "/v1/embeddings") }),
-            HeadersVerdict::ReadBody(None)
+            HeadersVerdict::ReadBody(None, Endpoint::Embeddings)
         );
         assert_eq!(
             on_request_headers(&r, RequestHead { content_length: Some(b"junk"), ..head("POST", "/v1/embeddings") }),
-            HeadersVerdict::ReadBody(None)
+            HeadersVerdict::ReadBody(None, Endpoint::Embeddings)
         );
         assert!(body_too_large(&r, 64).is_none());
         assert_eq!(body_too_large(&r, 65).unwrap().status, 413);
@@ -611,7 +661,7 @@ mod tests {
             ..head("POST", "/v1/chat/completions")
         };
         for json in [&b"application/json"[..], b"Application/JSON; charset=utf-8", b" application/json "] {
-            assert_eq!(on_request_headers(&r, typed(json)), HeadersVerdict::ReadBody(None));
+            assert_eq!(on_request_headers(&r, typed(json)), HeadersVerdict::ReadBody(None, Endpoint::ChatCompletions));
         }
         for other in [&b"text/plain"[..], b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b""]
         {
@@ -694,7 +744,7 @@ mod tests {
         .unwrap();
         let runner =
             |name: &'static [u8]| RequestHead { on_behalf_of: Some(name), ..head("POST", "/v1/chat/completions") };
-        let HeadersVerdict::ReadBody(Some(caller)) = on_request_headers(&r, runner(b"team")) else {
+        let HeadersVerdict::ReadBody(Some(caller), _) = on_request_headers(&r, runner(b"team")) else {
             panic!("the key named is the caller")
         };
         assert_eq!(caller.name, "team");
@@ -736,7 +786,7 @@ mod tests {
         let good = b"Bearer sk-team";
         let list = respond(on_request_headers(&r, keyed("/v1/models", good)));
         assert_eq!(json(&list)["data"].as_array().unwrap().len(), 1);
-        let HeadersVerdict::ReadBody(caller) = on_request_headers(&r, keyed("/v1/chat/completions", good)) else {
+        let HeadersVerdict::ReadBody(caller, _) = on_request_headers(&r, keyed("/v1/chat/completions", good)) else {
             panic!("a known key reads on")
         };
         assert_eq!(caller.as_ref().map(|k| k.name.as_str()), Some("team"));
@@ -745,6 +795,65 @@ mod tests {
         assert_eq!((refused.status, json(&refused)["error"]["code"].as_str()), (404, Some("model_not_found")));
         // Paths the gateway does not serve are not its to refuse.
         assert_eq!(on_request_headers(&r, keyed("/health", b"")), HeadersVerdict::PassThrough);
+    }
+
+    #[test]
+    fn only_an_admin_key_may_load_or_unload_adapters_and_an_open_gateway_trusts_everyone() {
+        // SHA-256 of "sk-team" and of "sk-free".
+        let config = |keys: &str| {
+            Router::from_json(
+                format!(
+                    r#"{{"backends": {{"a": {{"cluster": "c"}}}}, "models": [], "pools": {{"cluster": "admin"}}{keys}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let keyed = config(
+            r#", "client_keys": [
+                {"name": "ops", "admin": true, "sha256": "3fc923743166bae134970eb2789df5145d8b8041e050acf18067986818f41d13"},
+                {"name": "free", "sha256": "a97ffab5cd3331858e03076328705ababa22813218d8511eb09bbbce51d39ff8"}]"#,
+        );
+        let asking = |path: &'static str, authorization: &'static [u8]| RequestHead {
+            presented: Presented { authorization: Some(authorization), api_key: None },
+            ..head("POST", path)
+        };
+        for path in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"] {
+            let refused = respond(on_request_headers(&keyed, asking(path, b"Bearer sk-free")));
+            assert_eq!(refused.status, 403);
+            assert_eq!(json(&refused)["error"]["code"], "admin_key_required");
+            assert_eq!(json(&refused)["error"]["type"], "permission_error");
+            let HeadersVerdict::PoolOperation(Some(admin)) =
+                on_request_headers(&keyed, asking(path, b"Bearer sk-team"))
+            else {
+                panic!("an admin key goes on")
+            };
+            assert_eq!(admin.name, "ops");
+            assert_eq!(respond(on_request_headers(&keyed, asking(path, b"Bearer sk-nope"))).status, 401);
+            assert_eq!(on_request_headers(&config(""), head("POST", path)), HeadersVerdict::PoolOperation(None));
+            // Without a pools service, the path is Envoy's routes' as any other.
+            assert_eq!(on_request_headers(&router(), head("POST", path)), HeadersVerdict::PassThrough);
+        }
+    }
+
+    #[test]
+    fn tokenize_is_routed_by_model_and_models_wait_for_discovery_where_pools_are_served() {
+        let r = router();
+        assert_eq!(
+            on_request_headers(&r, head("POST", "/tokenize")),
+            HeadersVerdict::ReadBody(None, Endpoint::Tokenize)
+        );
+        assert_eq!(on_request_body(&r, br#"{"model":"llama-3","prompt":"hi"}"#, None).unwrap().cluster, "cluster_a");
+        let pooled = Router::from_json(br#"{"backends": {}, "models": [], "pools": {"cluster": "admin"}}"#).unwrap();
+        let listing = RequestHead { end_of_stream: true, ..head("GET", "/v1/models/m") };
+        assert_eq!(
+            on_request_headers(&pooled, listing),
+            HeadersVerdict::AskPoolModels(ModelsQuery { caller: None, id: Some("m".into()) })
+        );
+        assert_eq!(pool_models(Some(b"200"), br#"{"pools": {"p": ["m"]}}"#).unwrap().pools["p"].len(), 1);
+        assert_eq!(pool_models(Some(b"503"), br#"{"pools": {}}"#), None);
+        assert_eq!(pool_models(Some(b"200"), b"garbled"), None);
+        assert_eq!(pool_models(None, b""), None);
     }
 
     #[test]

@@ -24,12 +24,13 @@ const DEFAULT_FLUSH_MS: u64 = 1000;
 
 /// The headers of a call to ext-proc's admin port, with the internal token where one is configured.
 pub(crate) fn admin_call_headers<'a>(
+    method: &'a str,
     path: &'a str,
     content_type: &'a str,
     token: Option<&'a str>,
 ) -> Vec<(&'a str, &'a str)> {
     let mut headers =
-        vec![(":method", "POST"), (":path", path), (":authority", "modelgate-admin"), ("content-type", content_type)];
+        vec![(":method", method), (":path", path), (":authority", "modelgate-admin"), ("content-type", content_type)];
     headers.extend(token.map(|token| (headers::INTERNAL_TOKEN, token)));
     headers
 }
@@ -151,13 +152,18 @@ impl Worker {
         let token = self.router.internal_token();
         let sent = match &batch {
             Batch::Records(batch) => {
-                let mut call = admin_call_headers(RECORDS_PATH, "application/x-ndjson", token);
+                let mut call = admin_call_headers("POST", RECORDS_PATH, "application/x-ndjson", token);
                 call.push((headers::BATCH_ID, &batch.id));
                 host.dispatch(cluster, call, &batch.lines, BATCH_TIMEOUT)
             }
             Batch::Debits(debits) => {
                 let call = serde_json::to_vec(&debits.request).unwrap_or_default();
-                host.dispatch(cluster, admin_call_headers(SPEND_PATH, "application/json", token), &call, BATCH_TIMEOUT)
+                host.dispatch(
+                    cluster,
+                    admin_call_headers("POST", SPEND_PATH, "application/json", token),
+                    &call,
+                    BATCH_TIMEOUT,
+                )
             }
         };
         match sent {

@@ -18,16 +18,29 @@ pub enum Endpoint {
     /// The Batch API: `/v1/batches` and every path under it, any method;
     /// answered by ext-proc's batch service.
     Batches,
+    /// vLLM's `/tokenize` (served at the root): a prompt's token ids, routed by `model`.
+    Tokenize,
+    /// vLLM's `/detokenize`: token ids back to text, routed by `model`.
+    Detokenize,
+    /// vLLM's `/v1/load_lora_adapter`, for a self-hosted pool: an admin's
+    /// operation, answered by ext-proc, which fans it out to the pool's replicas.
+    LoadLoraAdapter,
+    /// vLLM's `/v1/unload_lora_adapter`, as [`Endpoint::LoadLoraAdapter`].
+    UnloadLoraAdapter,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 6] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
         Endpoint::Models,
         Endpoint::Files,
         Endpoint::Batches,
+        Endpoint::Tokenize,
+        Endpoint::Detokenize,
+        Endpoint::LoadLoraAdapter,
+        Endpoint::UnloadLoraAdapter,
     ];
 
     pub fn path(self) -> &'static str {
@@ -38,11 +51,34 @@ impl Endpoint {
             Endpoint::Models => "/v1/models",
             Endpoint::Files => "/v1/files",
             Endpoint::Batches => "/v1/batches",
+            Endpoint::Tokenize => "/tokenize",
+            Endpoint::Detokenize => "/detokenize",
+            Endpoint::LoadLoraAdapter => "/v1/load_lora_adapter",
+            Endpoint::UnloadLoraAdapter => "/v1/unload_lora_adapter",
         }
     }
 
     /// Whether a request's JSON body names the `model` that picks its backend.
     pub fn is_model_routed(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Embeddings
+                | Endpoint::Tokenize
+                | Endpoint::Detokenize
+        )
+    }
+
+    /// Whether the endpoint is an operation on a self-hosted pool, answered by
+    /// ext-proc's pools service and only for an admin key.
+    pub fn is_pool_operation(self) -> bool {
+        matches!(self, Endpoint::LoadLoraAdapter | Endpoint::UnloadLoraAdapter)
+    }
+
+    /// Whether a model's answer on this endpoint is a completion whose usage
+    /// counts (tokenizing one is not).
+    pub fn is_completion(self) -> bool {
         matches!(self, Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings)
     }
 
@@ -56,7 +92,13 @@ impl Endpoint {
     /// `None` for the batch service's, which take several.
     pub fn method(self) -> Option<&'static str> {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => Some("POST"),
+            Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Tokenize
+            | Endpoint::Detokenize
+            | Endpoint::LoadLoraAdapter
+            | Endpoint::UnloadLoraAdapter => Some("POST"),
             Endpoint::Models => Some("GET"),
             Endpoint::Files | Endpoint::Batches => None,
         }
@@ -80,6 +122,8 @@ pub enum Target {
     RetrieveModel(String),
     /// `/v1/files…` or `/v1/batches…` ([`Endpoint::is_batch_service`]), any method.
     BatchService(Endpoint),
+    /// A POST of an operation on a self-hosted pool ([`Endpoint::is_pool_operation`]).
+    PoolOperation(Endpoint),
     /// A known path called with a method it does not take; carries the allowed one.
     WrongMethod(&'static str),
     /// Anything else: left to Envoy's routes.
@@ -109,6 +153,7 @@ pub fn classify(method: &str, path: &str) -> Target {
         (Endpoint::Models, Some(id)) => {
             Target::RetrieveModel(percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned())
         }
+        (endpoint, _) if endpoint.is_pool_operation() => Target::PoolOperation(endpoint),
         (endpoint, _) => Target::ModelRouted(endpoint),
     }
 }
@@ -131,6 +176,18 @@ mod tests {
         assert_eq!(classify("GET", "/v1/modelsx"), Target::Other);
         assert_eq!(classify("GET", "/health"), Target::Other);
         assert_eq!(classify("POST", "/v1/chat/completions/extra"), Target::Other);
+    }
+
+    #[test]
+    fn vllms_operational_endpoints() {
+        assert_eq!(classify("POST", "/tokenize"), Target::ModelRouted(Endpoint::Tokenize));
+        assert_eq!(classify("POST", "/detokenize"), Target::ModelRouted(Endpoint::Detokenize));
+        assert_eq!(classify("GET", "/tokenize"), Target::WrongMethod("POST"));
+        assert_eq!(classify("POST", "/v1/tokenize"), Target::Other);
+        assert_eq!(classify("POST", "/v1/load_lora_adapter"), Target::PoolOperation(Endpoint::LoadLoraAdapter));
+        assert_eq!(classify("POST", "/v1/unload_lora_adapter?x=1"), Target::PoolOperation(Endpoint::UnloadLoraAdapter));
+        assert_eq!(classify("GET", "/v1/load_lora_adapter"), Target::WrongMethod("POST"));
+        assert!(!Endpoint::Tokenize.is_completion() && Endpoint::Embeddings.is_completion());
     }
 
     #[test]

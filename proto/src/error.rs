@@ -148,6 +148,8 @@ pub enum ErrorCode {
     PoolSaturated,
     /// No replica of a self-hosted pool is ready (none answers its metrics).
     NoReadyReplica,
+    /// A LoRA adapter's load or unload failed on some of the replicas it targeted.
+    LoraOperationFailed,
     BadBackendAnswer,
     // A stream cut short.
     StreamInterrupted,
@@ -193,6 +195,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::PoolSaturated => "pool_saturated",
             ErrorCode::NoReadyReplica => "no_ready_replica",
+            ErrorCode::LoraOperationFailed => "lora_operation_failed",
             ErrorCode::BadBackendAnswer => "bad_backend_answer",
             ErrorCode::StreamInterrupted => "stream_interrupted",
             ErrorCode::StreamEventTooLarge => "stream_event_too_large",
@@ -630,6 +633,19 @@ impl GatewayError {
         )
     }
 
+    /// 502 when loading or unloading the LoRA adapter `lora_name` (`action`:
+    /// "load", "unload") failed on `failed` of the `targeted` replicas, after
+    /// its retries; the per-replica report goes beside it ([`Self::to_json_with`]).
+    pub fn lora_operation_failed(action: &str, lora_name: &str, failed: usize, targeted: usize) -> Self {
+        Self::server(
+            502,
+            Some(ErrorCode::LoraOperationFailed),
+            format!(
+                "Could not {action} the LoRA adapter '{lora_name}' on {failed} of {targeted} replicas; see `replicas` for each one's outcome."
+            ),
+        )
+    }
+
     /// 503 for a backend that could not be connected to.
     pub fn backend_connect_failed() -> Self {
         Self::server(
@@ -744,7 +760,7 @@ impl GatewayError {
             // The status says it already: a 429 passes after its `retry-after`; a backend's 5xx may pass.
             Some(
                 RateLimitExceeded | PoolSaturated | Overloaded | BadBackendAnswer | StreamEventTooLarge
-                | StreamUnreadable,
+                | StreamUnreadable | LoraOperationFailed,
             ) => None,
             // The same request would fail again: refused as sent, or a configuration only an operator can fix.
             Some(
@@ -782,6 +798,17 @@ impl GatewayError {
             error: Fields { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code },
         };
         // Serialising a struct of strings cannot fail.
+        serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+
+    /// The envelope with one more member in `error`, `name`: a report the
+    /// client reads beside the message (a LoRA operation's per-replica
+    /// outcomes). The SDKs keep unknown members of an error's body.
+    pub fn to_json_with(&self, name: &str, value: serde_json::Value) -> Vec<u8> {
+        let mut envelope: serde_json::Value = serde_json::from_slice(&self.to_json()).unwrap_or_default();
+        if let Some(error) = envelope.get_mut("error").and_then(serde_json::Value::as_object_mut) {
+            error.insert(name.to_string(), value);
+        }
         serde_json::to_vec(&envelope).unwrap_or_default()
     }
 }

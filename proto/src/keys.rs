@@ -24,6 +24,8 @@ pub struct ClientKey {
     /// Model names or patterns the key may use; `None` for every model.
     models: Option<Vec<String>>,
     pub limits: KeyLimits,
+    /// An operator's key: it may load and unload LoRA adapters.
+    pub admin: bool,
 }
 
 impl ClientKey {
@@ -35,6 +37,7 @@ impl ClientKey {
             digest: [0; 32],
             models: Some(models.iter().map(|m| m.to_string()).collect()),
             limits: KeyLimits::default(),
+            admin: false,
         }
     }
 
@@ -90,7 +93,13 @@ impl ClientKeys {
                 }
                 None => KeyLimits::default(),
             };
-            keys.push(Rc::new(ClientKey { name: config.name.clone(), digest, models: config.models.clone(), limits }));
+            keys.push(Rc::new(ClientKey {
+                name: config.name.clone(),
+                digest,
+                models: config.models.clone(),
+                limits,
+                admin: config.admin,
+            }));
         }
         Ok(ClientKeys { keys })
     }

@@ -32,6 +32,8 @@ pub struct Target {
     /// ([`crate::chain::Chain`]); `cluster` is then the stream guard's, which
     /// tries the chain's backends in turn, and `profile` is unset.
     pub chain: Option<ChainHeaders>,
+    /// The self-hosted pool the backend is, if it is one.
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -189,6 +191,7 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
         price: route.price,
         pool: backend.pool.is_some(),
         chain: None,
+        pool: backend.pool.clone(),
     };
     if route.fallbacks.is_empty() {
         return Ok(target);

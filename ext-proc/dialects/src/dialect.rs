@@ -250,6 +250,24 @@ mod tests {
     }
 
     #[test]
+    fn only_openai_backends_tokenize_and_the_others_name_their_dialect() {
+        for endpoint in [Endpoint::Tokenize, Endpoint::Detokenize] {
+            let profile = |dialect| BackendProfile { dialect, ..Default::default() };
+            assert!(request_translator(profile(Dialect::Openai), endpoint).is_ok());
+            for (dialect, named) in [(Dialect::Anthropic, "an Anthropic"), (Dialect::Ollama, "an Ollama")] {
+                let Err(refused) = request_translator(profile(dialect), endpoint) else {
+                    panic!("{dialect:?} does not serve {endpoint:?}");
+                };
+                assert_eq!(refused.status, 404);
+                let body: Value = serde_json::from_slice(&refused.to_json()).unwrap();
+                assert_eq!(body["error"]["code"], "unsupported_endpoint");
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains(named) && message.contains(endpoint.path()), "{message}");
+            }
+        }
+    }
+
+    #[test]
     fn credentials_are_headers_or_signatures_over_the_final_request() {
         let request = OutgoingRequest { method: "POST", path: "/v1/messages", headers: &[], body: b"{}" };
         assert_eq!(Bearer("k".into()).authorize(&request).set, [("authorization", "Bearer k".to_string())]);

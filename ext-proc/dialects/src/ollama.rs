@@ -35,9 +35,8 @@ impl OllamaRequest {
             Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => {
                 Ok(OllamaRequest { profile, context: ResponseContext::new(Dialect::Ollama, endpoint) })
             }
-            Endpoint::Models | Endpoint::Files | Endpoint::Batches => {
-                Err(GatewayError::unsupported_endpoint(endpoint.path(), "an Ollama"))
-            }
+            // Ollama has no tokenizer endpoint nor LoRA operations.
+            other => Err(GatewayError::unsupported_endpoint(other.path(), "an Ollama")),
         }
     }
 }
@@ -54,9 +53,7 @@ impl RequestTranslator for OllamaRequest {
             Endpoint::ChatCompletions => ("/api/chat", chat_request(&request)?),
             Endpoint::Completions => ("/api/generate", generate_request(&request)?),
             Endpoint::Embeddings => ("/api/embed", embed_request(&request)?),
-            other @ (Endpoint::Models | Endpoint::Files | Endpoint::Batches) => {
-                return Err(GatewayError::unsupported_endpoint(other.path(), "an Ollama"))
-            }
+            other => return Err(GatewayError::unsupported_endpoint(other.path(), "an Ollama")),
         };
         let model = self.profile.model.clone().map(Value::String).unwrap_or_else(|| context.model.clone());
         out.insert("model".into(), model);
@@ -112,7 +109,7 @@ impl ResponseTranslator for OllamaAnswer {
             Endpoint::Completions => text_completion(&answer, model),
             Endpoint::Embeddings => embeddings(&answer, model, self.context.base64),
             // Refused before any request was made.
-            Endpoint::Models | Endpoint::Files | Endpoint::Batches => return body.to_vec(),
+            _ => return body.to_vec(),
         };
         out.to_string().into_bytes()
     }

@@ -9,12 +9,16 @@
 //! - [`pool`]: a pool's replicas and their state; [`pool::Pool::pick`].
 //! - [`request`]: what a request body tells the picker (model, prompt), read once.
 //! - [`scrape`]: the background task that keeps each replica's state fresh.
+//! - [`operations`]: LoRA adapters loaded and unloaded on a pool's replicas.
+//! - [`api`]: those operations, and the models pools discovered, on ext-proc's admin port.
 //!
 //! Picking is synchronous and takes no lock held across I/O: the scrapers
 //! write each replica's state, and a pick reads it.
 
+pub mod api;
 pub mod config;
 pub mod metrics;
+pub mod operations;
 pub mod pool;
 pub mod prefix;
 pub mod request;

@@ -109,7 +109,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let admin = Admin::with_usage(usage).with_collector(Box::new(PoolMetrics(Arc::clone(&pools))));
         let admin = routes::router(Arc::new(admin), limits, token.clone())
             .merge(batches.api())
-            .merge(pools_admin::router(Arc::clone(&pools), token.clone()));
+            .merge(pools_admin::router(Arc::clone(&pools), token.clone()))
+            .merge(modelgate_pools::api::router(Arc::clone(&pools), token.clone()));
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");

@@ -635,3 +635,120 @@ fn a_clients_destination_endpoint_never_reaches_the_backend() {
     assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("vllm_pool".into()));
     assert!(host.request_header(headers::BACKEND).is_some_and(|profile| profile.contains("vllm-pool")));
 }
+
+/// A gateway with a pool (`vp`, whose pattern `qwen3-8b*` routes adapters), an admin key and a plain one.
+fn pool_gateway() -> (MockHost, Worker, Flow) {
+    configured_as(&format!(
+        r#"{{"backends": {{"pool": {{"cluster": "vllm_pool", "owned_by": "vllm", "pool": "vp"}}}},
+            "models": [{{"match": "qwen3-8b", "backend": "pool"}}, {{"match": "qwen3-8b*", "backend": "pool"}}],
+            "internal_token": "tok-1", "accounting": {{"cluster": "modelgate_admin"}},
+            "pools": {{"cluster": "modelgate_admin"}},
+            "client_keys": [{{"name": "ops", "admin": true, "sha256": "{TEAM_KEY}"}},
+                            {{"name": "free", "sha256": "a97ffab5cd3331858e03076328705ababa22813218d8511eb09bbbce51d39ff8"}}]}}"#
+    ))
+}
+
+fn lora_headers(authorization: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        (":method", "POST"),
+        (":path", "/v1/load_lora_adapter"),
+        ("content-type", "application/json"),
+        ("authorization", authorization),
+        (headers::CLUSTER, "elsewhere"),
+    ]
+}
+
+#[test]
+fn an_admins_lora_operation_goes_to_the_pools_service_with_the_token_and_anyone_elses_is_refused() {
+    let (host, worker, mut flow) = pool_gateway();
+    host.set_request(&lora_headers("Bearer sk-team"), b"");
+    assert_eq!(flow.on_request_headers(&host, false), Action::Continue);
+    assert_eq!(host.request_header(headers::CLUSTER).as_deref(), Some("modelgate_admin"));
+    assert_eq!(host.request_header(headers::INTERNAL_TOKEN).as_deref(), Some("tok-1"));
+    assert_eq!(host.request_header(headers::OWNER).as_deref(), Some("ops"));
+    assert_eq!(host.request_header("authorization"), None, "the key itself goes no further");
+    host.take_calls();
+    let body = br#"{"lora_name":"sql","lora_path":"/adapters/sql"}"#;
+    assert_eq!(flow.on_request_body(&host, body.len(), true), Action::Continue);
+    assert_eq!(host.take_calls(), Vec::<String>::new(), "the body is the service's to read");
+    let report = br#"{"object":"pool.lora_operation"}"#;
+    assert_eq!(answer(&host, &mut flow, 200, &[], &[report]).status, 200);
+
+    let mut plain = worker.new_flow();
+    let seen = {
+        send(&host, &mut plain, &lora_headers("Bearer sk-free"), br#"{"lora_name":"sql"}"#);
+        answer(&host, &mut plain, 0, &[], &[])
+    };
+    assert_eq!((seen.status, seen.error()), (403, ("permission_error".into(), "admin_key_required".into())));
+    assert_eq!(host.request_header(headers::CLUSTER), None, "nothing reaches the service");
+}
+
+/// Sends `GET path` with the admin key: held while ext-proc is asked which models pools serve.
+fn ask_models(host: &MockHost, flow: &mut Flow, path: &'static str) {
+    host.state.borrow_mut().dispatched.clear();
+    let headers = [(":method", "GET"), (":path", path), ("authorization", "Bearer sk-team")];
+    assert_eq!(send(host, flow, &headers, b""), Action::Pause);
+    let asked = host.state.borrow().dispatched.clone();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].cluster, "modelgate_admin");
+    for header in [(":method", "GET"), (":path", "/v1/pools/models"), (headers::INTERNAL_TOKEN, "tok-1")] {
+        assert!(asked[0].headers.contains(&(header.0.into(), header.1.into())), "{header:?}");
+    }
+}
+
+#[test]
+fn models_merge_what_pools_discovered_and_fall_back_to_configuration() {
+    let (host, worker, mut flow) = pool_gateway();
+    ask_models(&host, &mut flow, "/v1/models");
+    let discovered = br#"{"pools": {"vp": ["qwen3-8b", "qwen3-8b-sql"]}}"#;
+    host.set_call_response(&[(":status", "200")], discovered);
+    flow.on_call_answer(&host, 1, discovered.len());
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!(seen.status, 200);
+    let ids: Vec<_> = seen.json()["data"].as_array().unwrap().iter().map(|m| m["id"].clone()).collect();
+    assert_eq!(ids, [json!("qwen3-8b"), json!("qwen3-8b-sql")]);
+    assert_eq!(seen.json()["data"][1]["owned_by"], "vllm");
+
+    let mut gone = worker.new_flow();
+    ask_models(&host, &mut gone, "/v1/models/qwen3-8b-old");
+    gone.on_call_answer(&host, 1, discovered.len());
+    let seen = answer(&host, &mut gone, 0, &[], &[]);
+    assert_eq!((seen.status, seen.error().1.as_str()), (404, "model_not_found"));
+
+    // ext-proc did not answer (the call timed out): the configured list alone.
+    let mut unanswered = worker.new_flow();
+    ask_models(&host, &mut unanswered, "/v1/models");
+    host.state.borrow_mut().errors.clear();
+    unanswered.on_call_answer(&host, 0, 0);
+    let seen = answer(&host, &mut unanswered, 0, &[], &[]);
+    assert_eq!(seen.json()["data"].as_array().unwrap().len(), 1);
+    assert_eq!(host.state.borrow().errors.len(), 1, "logged");
+
+    // Envoy would not even send the call.
+    host.state.borrow_mut().dispatch_refused = true;
+    let mut refused = worker.new_flow();
+    let headers = [(":method", "GET"), (":path", "/v1/models"), ("authorization", "Bearer sk-team")];
+    send(&host, &mut refused, &headers, b"");
+    assert_eq!(answer(&host, &mut refused, 0, &[], &[]).json()["data"][0]["id"], "qwen3-8b");
+}
+
+#[test]
+fn tokenize_is_routed_by_model_and_its_answer_is_not_read_for_usage() {
+    let (host, mut worker, mut flow) = pool_gateway();
+    let headers = [
+        (":method", "POST"),
+        (":path", "/tokenize"),
+        ("content-type", "application/json"),
+        ("authorization", "Bearer sk-free"),
+        ("accept-encoding", "gzip"),
+    ];
+    assert_eq!(send(&host, &mut flow, &headers, br#"{"model":"qwen3-8b","prompt":"hi"}"#), Action::Continue);
+    assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("vllm_pool".into()));
+    assert_eq!(host.request_header("accept-encoding").as_deref(), Some("gzip"), "no usage to read from it");
+    let tokens: &[u8] = br#"{"count":1,"max_model_len":32768,"tokens":[6023]}"#;
+    let seen = answer(&host, &mut flow, 200, &[("content-type", "application/json")], &[tokens]);
+    assert_eq!(seen.body, tokens);
+    let records = sent_lines(&host, &mut worker);
+    assert_eq!(records.len(), 1, "the request is recorded");
+    assert_eq!(records[0]["usage"], Value::Null, "with no usage");
+}

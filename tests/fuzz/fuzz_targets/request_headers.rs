@@ -20,7 +20,8 @@ thread_local! {
     static OPEN: Router = Router::from_json(
         br#"{"max_request_body_bytes": 1000,
             "backends": {"a": {"cluster": "ca"}, "b": {"cluster": "cb"}},
-            "models": [{"match": "llama-*", "backend": "a"}, {"match": "gpt-4o", "backend": "b", "rename": "qwen"}]}"#,
+            "models": [{"match": "llama-*", "backend": "a"}, {"match": "gpt-4o", "backend": "b", "rename": "qwen"}],
+            "pools": {"cluster": "admin"}}"#,
     ).expect("a valid configuration");
     // The key `sk-team` may use llama-* only.
     static KEYED: Router = Router::from_json(
@@ -57,15 +58,24 @@ fuzz_target!(|data: &[u8]| {
     let verdict =
         if keyed { KEYED.with(|r| on_request_headers(r, head)) } else { OPEN.with(|r| on_request_headers(r, head)) };
     let path_only = path.split('?').next().unwrap_or_default();
-    let model_routed = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"].contains(&path_only);
+    let model_routed =
+        ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize"].contains(&path_only);
+    // Only the open gateway serves pools: every caller may, as no keys are configured.
+    let pool_operation = !keyed && ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"].contains(&path_only);
     let under = |base: &str| path_only == base || path_only.starts_with(&format!("{base}/"));
     let served_batches = keyed && (under("/v1/files") || under("/v1/batches"));
-    let api_path = model_routed || under("/v1/models") || served_batches;
+    let api_path = model_routed || under("/v1/models") || served_batches || pool_operation;
     match verdict {
         HeadersVerdict::PassThrough => assert!(!api_path, "{method} {path} is the filter's"),
-        HeadersVerdict::ReadBody(_) => assert!(model_routed && method == "POST", "read the body of {method} {path}"),
+        HeadersVerdict::ReadBody(..) => assert!(model_routed && method == "POST", "read the body of {method} {path}"),
         HeadersVerdict::BatchService(caller) => {
             assert!(served_batches && caller.is_some(), "{method} {path} sent to the batch service as {caller:?}")
+        }
+        HeadersVerdict::PoolOperation(caller) => {
+            assert!(pool_operation && method == "POST" && caller.is_none(), "{method} {path} sent to the pools service")
+        }
+        HeadersVerdict::AskPoolModels(_) => {
+            assert!(!keyed && under("/v1/models") && method == "GET", "{method} {path} waits for discovered models")
         }
         HeadersVerdict::Respond(reply) => {
             assert!(api_path, "answered {method} {path}, which is not the filter's");
