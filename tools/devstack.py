@@ -133,9 +133,12 @@ def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None
             route["route"]["retry_policy"] = retry_elsewhere
 
 
-def render_pools(template: Path, ports: dict[int | str, int]) -> str:
-    """The pools file (envoy/pools.json) with the demo's replica ports remapped as Envoy's are."""
+def render_pools(template: Path, ports: dict[int | str, int], adjust=None) -> str:
+    """The pools file (envoy/pools.json) with the demo's replica ports remapped as Envoy's are;
+    `adjust`, if given, may change the parsed file first."""
     pools = json.loads(template.read_text())
+    if adjust:
+        adjust(pools)
     for pool in pools["pools"].values():
         pool["replicas"] = [f"{host}:{ports.get(int(port), int(port))}"
                             for host, port in (replica.rsplit(":", 1) for replica in pool["replicas"])]
@@ -178,7 +181,7 @@ class Stack:
                  ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None,
                  key_dirs: list[Path] | None = None, data_dir: Path | None = None,
                  stream_guard_args: list[str] | None = None, ext_proc_env: dict[str, str] | None = None,
-                 ext_proc_replicas: int = 1):
+                 ext_proc_replicas: int = 1, adjust_pools=None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
@@ -190,7 +193,9 @@ class Stack:
         of the stack's own, gone when it stops. `ext_proc_env` is added to ext-proc's
         environment (object storage credentials, say). `ext_proc_replicas` ext-procs serve
         Envoy side by side, `ext-proc`, `ext-proc-2`... each with its own ports and data
-        directory (`<data_dir>-2`...), sharing what `ext_proc_args` name (Redis, object storage)."""
+        directory (`<data_dir>-2`...), sharing what `ext_proc_args` name (Redis, object storage).
+        `adjust_pools` may change the pools file (envoy/pools.json, parsed) before ext-proc starts:
+        another strategy, say."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
@@ -207,6 +212,7 @@ class Stack:
         self.stream_guard_args = stream_guard_args or []
         self.ext_proc_env = ext_proc_env or {}
         self.ext_proc_replicas = ext_proc_replicas
+        self.adjust_pools = adjust_pools
         # The replicas after the first have ports of their own, named for them: `ext-proc-2:admin`.
         for name in self.ext_proc_names[1:]:
             self.ports.update({f"{name}:grpc": free_port(), f"{name}:admin": free_port()})
@@ -278,7 +284,7 @@ class Stack:
             trusted = ["--key-env", "ANTHROPIC_API_KEY", *[arg for d in self.key_dirs for arg in ("--key-dir", str(d))],
                        "--internal-token-file", str(self.internal_token_file)]
             pools = self.workdir / "pools.json"
-            pools.write_text(render_pools(DEMO_POOLS, self.ports))
+            pools.write_text(render_pools(DEMO_POOLS, self.ports, self.adjust_pools))
             # Batches run their lines through the OpenAI listener, as clients' requests.
             ext_proc = lambda listen, admin, data_dir: [  # noqa: E731
                 str(BIN / "modelgate-ext-proc"), "--worker-threads", "1", "--listen", f"127.0.0.1:{listen}",
