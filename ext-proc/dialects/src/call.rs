@@ -38,6 +38,16 @@ impl BackendCall {
         keys: &KeySources,
     ) -> Result<Self, GatewayError> {
         let profile = BackendProfile::from_header(profile).map_err(|e| log_misconfiguration(&e))?;
+        Self::for_request(profile, path, request_header, keys)
+    }
+
+    /// The same, for a profile already read from the request's header.
+    pub fn for_request<'a>(
+        profile: BackendProfile,
+        path: &[u8],
+        request_header: impl Fn(&str) -> Option<&'a [u8]>,
+        keys: &KeySources,
+    ) -> Result<Self, GatewayError> {
         let client_key = headers::CLIENT_KEYS.iter().find_map(|name| request_header(name));
         Self::for_profile(profile, path, client_key, keys)
     }

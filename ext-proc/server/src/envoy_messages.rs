@@ -10,8 +10,13 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse, ProcessingResponse,
     TrailersResponse,
 };
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use modelgate_dialects::dialect::HeaderChanges;
 use modelgate_proto::error::{retry_header, GatewayError};
+use modelgate_proto::headers::DESTINATION_ENDPOINT;
+
+/// The dynamic metadata namespace Envoy's load balancers read the chosen endpoint from.
+const LB_NAMESPACE: &str = "envoy.lb";
 
 /// The value of a request header Envoy sent, if present.
 pub fn header<'a>(headers: &'a HttpHeaders, name: &str) -> Option<&'a [u8]> {
@@ -111,11 +116,19 @@ pub fn replace_response_piece(piece: Vec<u8>) -> ProcessingResponse {
 
 /// Ends the request with an OpenAI error envelope.
 pub fn reject(err: &GatewayError) -> ProcessingResponse {
+    reject_for(err, None)
+}
+
+/// Ends the request with an OpenAI error envelope, and a `retry-after` when
+/// the refusal says how long to wait.
+pub fn reject_for(err: &GatewayError, retry_after_secs: Option<u64>) -> ProcessingResponse {
+    let retry_after = retry_after_secs.map(|secs| secs.to_string());
     respond(Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus { code: i32::from(err.status) }),
         headers: Some(HeaderMutation {
             set_headers: std::iter::once(("content-type", "application/json"))
                 .chain(retry_header(err.should_retry()))
+                .chain(retry_after.as_deref().map(|secs| ("retry-after", secs)))
                 .map(|(name, value)| set_header(name, value.as_bytes()))
                 .collect(),
             ..Default::default()
@@ -124,6 +137,18 @@ pub fn reject(err: &GatewayError) -> ProcessingResponse {
         details: "modelgate_ext_proc_rejected".to_string(),
         ..Default::default()
     }))
+}
+
+/// Adds to a request-body answer the replicas the endpoint picker chose
+/// (`ip:port,…`, best first) as `envoy.lb` dynamic metadata, where the Gateway
+/// API Inference Extension's data planes read them; the header of the same
+/// name is among the answer's header changes.
+pub fn with_destination(mut answer: ProcessingResponse, destination: &str) -> ProcessingResponse {
+    let text = |s: &str| Value { kind: Some(Kind::StringValue(s.to_string())) };
+    let endpoint = Struct { fields: [(DESTINATION_ENDPOINT.to_string(), text(destination))].into() };
+    let lb = Value { kind: Some(Kind::StructValue(endpoint)) };
+    answer.dynamic_metadata = Some(Struct { fields: [(LB_NAMESPACE.to_string(), lb)].into() });
+    answer
 }
 
 /// Lets a message through unchanged. Envoy requires one answer per message, so

@@ -7,16 +7,23 @@ use crate::envoy_messages;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
-use modelgate_dialects::call::{plan_answer, BackendCall};
+use modelgate_dialects::call::{log_misconfiguration, plan_answer, BackendCall, UpstreamParts};
 use modelgate_dialects::credentials::KeySources;
 use modelgate_dialects::dialect::ResponseTranslator;
+use modelgate_pools::pool::{PickRequest, Picked, Pool};
+use modelgate_pools::request::pick_fields;
+use modelgate_pools::Pools;
+use modelgate_proto::backend::BackendProfile;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub struct Exchange {
     /// The key sources this process may read.
     keys: Arc<KeySources>,
+    /// The self-hosted pools whose replicas this process picks.
+    pools: Arc<Pools>,
     /// Set from the request headers when the request's backend has a profile.
     active: Option<Active>,
     /// The longest event of a translated stream.
@@ -25,25 +32,39 @@ pub struct Exchange {
 
 struct Active {
     call: BackendCall,
+    /// For a backend that is a self-hosted pool: where its replica is picked.
+    pool: Option<PoolRoute>,
     /// The answer's translation, once the request is known, for backends whose answers need one.
     responses: Option<Box<dyn ResponseTranslator>>,
     /// The response's status and whether its body streams, once its headers are seen.
     response: Option<(u16, bool)>,
 }
 
+/// A request to a self-hosted pool.
+struct PoolRoute {
+    pool: Arc<Pool>,
+    /// The model as the replica sees it, when the profile renames it.
+    rename: Option<String>,
+    /// The value of the pool's session header, if the request sent one.
+    session: Option<Vec<u8>>,
+    /// The replicas picked. Kept until the exchange ends, since its drop ends
+    /// the request's count in flight on its replica.
+    picked: Option<Picked>,
+}
+
 impl Exchange {
-    pub fn new(keys: Arc<KeySources>, max_event_bytes: usize) -> Self {
-        Exchange { keys, active: None, max_event_bytes }
+    pub fn new(keys: Arc<KeySources>, pools: Arc<Pools>, max_event_bytes: usize) -> Self {
+        Exchange { keys, pools, active: None, max_event_bytes }
     }
 
     /// The answer to one message; `None` for a message with nothing in it.
     pub fn on_message(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
         let request = message.request?;
         let answer = match (&request, &mut self.active) {
-            (Request::RequestHeaders(h), _) => match start(h, &self.keys) {
-                Ok(Some(call)) => {
-                    let watch = call.translates_responses();
-                    self.active = Some(Active { call, responses: None, response: None });
+            (Request::RequestHeaders(h), _) => match start(h, &self.keys, &self.pools) {
+                Ok(Some(active)) => {
+                    let watch = active.call.translates_responses();
+                    self.active = Some(active);
                     envoy_messages::continue_request_headers(watch)
                 }
                 Ok(None) => envoy_messages::pass(&request),
@@ -52,9 +73,9 @@ impl Exchange {
             (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
                 Ok(upstream) => {
                     active.responses = active.call.response_translator(self.max_event_bytes);
-                    match upstream.body {
-                        Some(body) => envoy_messages::replace_request_body(body, upstream.headers),
-                        None => envoy_messages::change_request_headers(upstream.headers),
+                    match &mut active.pool {
+                        Some(route) => route.pick(&body.body, upstream),
+                        None => forward(upstream),
                     }
                 }
                 Err(e) => envoy_messages::reject(&e),
@@ -85,14 +106,64 @@ impl Exchange {
     }
 }
 
-/// The backend call a request needs, from its headers; `None` when the filter
-/// marked nothing to do.
-fn start(request: &HttpHeaders, keys: &KeySources) -> Result<Option<BackendCall>, GatewayError> {
+/// The answer that sends the request on, rewritten as `upstream` says.
+fn forward(upstream: UpstreamParts) -> ProcessingResponse {
+    match upstream.body {
+        Some(body) => envoy_messages::replace_request_body(body, upstream.headers),
+        None => envoy_messages::change_request_headers(upstream.headers),
+    }
+}
+
+impl PoolRoute {
+    /// Picks the replicas for the client's `body` and sends the request on
+    /// to them, or refuses it as the picker does.
+    fn pick(&mut self, body: &[u8], mut upstream: UpstreamParts) -> ProcessingResponse {
+        let fields = match pick_fields(body) {
+            Ok(fields) => fields,
+            Err(e) => return envoy_messages::reject(&e),
+        };
+        let model = self.rename.as_deref().unwrap_or(&fields.model);
+        let request = PickRequest { model, prompt: fields.prompt, session: self.session.as_deref(), subset: None };
+        match self.pool.pick(&request, Instant::now()) {
+            Ok(picked) => {
+                let destination = picked.destination();
+                self.picked = Some(picked);
+                upstream.headers.set.push((headers::DESTINATION_ENDPOINT, destination.clone()));
+                envoy_messages::with_destination(forward(upstream), &destination)
+            }
+            Err(refusal) => {
+                envoy_messages::reject_for(&refusal.to_error(self.pool.name(), model), refusal.retry_after_secs())
+            }
+        }
+    }
+}
+
+/// What a request needs, from its headers; `None` when the filter marked
+/// nothing to do.
+fn start(request: &HttpHeaders, keys: &KeySources, pools: &Pools) -> Result<Option<Active>, GatewayError> {
     let Some(profile) = envoy_messages::header(request, headers::BACKEND) else {
         return Ok(None);
     };
+    let profile = BackendProfile::from_header(profile).map_err(|e| log_misconfiguration(&e))?;
+    let pool = match &profile.pool {
+        Some(name) => {
+            let pool = pools.get(name).ok_or_else(|| {
+                log_misconfiguration(&format_args!("the pool `{name}` is not in ext-proc's --pools file"))
+            })?;
+            let session =
+                pool.config().session_header.as_deref().and_then(|name| envoy_messages::header(request, name));
+            Some(PoolRoute {
+                pool: Arc::clone(pool),
+                rename: profile.model.clone(),
+                session: session.map(<[u8]>::to_vec),
+                picked: None,
+            })
+        }
+        None => None,
+    };
     let path = envoy_messages::header(request, ":path").unwrap_or_default();
-    BackendCall::start(profile, path, |name| envoy_messages::header(request, name), keys).map(Some)
+    let call = BackendCall::for_request(profile, path, |name| envoy_messages::header(request, name), keys)?;
+    Ok(Some(Active { call, pool, responses: None, response: None }))
 }
 
 #[cfg(test)]
@@ -154,7 +225,7 @@ mod tests {
 
     #[test]
     fn renames_the_model_and_fixes_content_length() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let first = ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"model":"llama-3"}"#),
@@ -168,8 +239,11 @@ mod tests {
 
     #[test]
     fn a_backend_that_only_needs_its_key_gets_the_body_as_it_is() {
-        let mut ex =
-            Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(
+            Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()),
+            Arc::default(),
+            DEFAULT_MAX_EVENT_BYTES,
+        );
         let key = std::env::var("HOME").unwrap();
         ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
@@ -182,8 +256,11 @@ mod tests {
 
     #[test]
     fn a_key_source_the_process_was_not_given_is_refused_before_anything_is_sent() {
-        let mut ex =
-            Exchange::new(Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(
+            Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()),
+            Arc::default(),
+            DEFAULT_MAX_EVENT_BYTES,
+        );
         let answer = ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"api_key":{"env":"PATH"}}"#),
@@ -200,7 +277,7 @@ mod tests {
 
     #[test]
     fn without_a_profile_everything_passes_untouched() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[(":path", "/v1/embeddings")]));
         let answer = ex.on_message(body(br#"{"model":"x"}"#, true, false)).unwrap();
         let Some(Response::RequestBody(body)) = answer.response else { panic!("expected a body answer") };
@@ -209,7 +286,7 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_json_gets_an_openai_400() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[(":path", "/v1/completions"), (headers::BACKEND, r#"{"model":"m"}"#)]));
         let answer = ex.on_message(body(b"nope", true, false)).unwrap();
         let Some(Response::ImmediateResponse(reply)) = answer.response else { panic!("expected an immediate reply") };
@@ -220,7 +297,7 @@ mod tests {
 
     #[test]
     fn an_anthropic_exchange_from_request_to_streamed_answer() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let profile = r#"{"dialect":"anthropic","model":"claude-x","api_key":"passthrough"}"#;
         let first = ex
             .on_message(request_headers(&[
@@ -267,7 +344,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_error_becomes_an_openai_error_with_a_retryable_status() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         ex.on_message(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
@@ -288,7 +365,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_model_refuses_endpoints_anthropic_lacks() {
-        let mut ex = Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let answer = ex
             .on_message(request_headers(&[
                 (":path", "/v1/embeddings"),
@@ -301,7 +378,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_empty_message_gets_no_answer() {
-        assert!(Exchange::new(Arc::default(), DEFAULT_MAX_EVENT_BYTES)
+        assert!(Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES)
             .on_message(ProcessingRequest::default())
             .is_none());
     }

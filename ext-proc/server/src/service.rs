@@ -68,7 +68,7 @@ impl ExternalProcessor for Processor {
     type ProcessStream = Answers;
 
     async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
-        let mut exchange = Exchange::new(Arc::clone(&self.keys), self.max_event_bytes);
+        let mut exchange = Exchange::new(Arc::clone(&self.keys), Arc::clone(&self.pools), self.max_event_bytes);
         let mut failed = false;
         let answers = request.into_inner().map_while(move |message| match message {
             _ if failed => None,
