@@ -6,6 +6,7 @@
 //! Counters are registered without their `_total`, which the encoder adds.
 
 use modelgate_proto::usage::{Refused, UsageRecord};
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -214,6 +215,11 @@ impl Metrics {
 
     pub fn limit_store_error(&self) {
         self.limit_store_errors.inc();
+    }
+
+    /// Metrics read at each scrape from a collector.
+    pub fn register_collector(&mut self, collector: Box<dyn Collector>) {
+        self.registry.register_collector(collector);
     }
 
     /// The OpenMetrics text of every metric.

@@ -41,6 +41,7 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::usage::{bounded, Tally, UsageRecord, INVALID, OTHER_MODELS};
 use modelgate_runtime::internal_token::InternalToken;
+use prometheus_client::collector::Collector;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
@@ -72,6 +73,12 @@ impl Admin {
 
     pub fn with_usage(usage: Usage) -> Self {
         Admin { metrics: Metrics::default(), usage, models: Mutex::new(HashSet::new()) }
+    }
+
+    /// Adds metrics read from elsewhere at each scrape (the endpoint picker's, say) to `/metrics`.
+    pub fn with_collector(mut self, collector: Box<dyn Collector>) -> Self {
+        self.metrics.register_collector(collector);
+        self
     }
 
     /// Stores a batch of parsed records and tallies, received at `now_ms`, once:
@@ -379,7 +386,10 @@ fn bad_debit_id(id: &str, debit: bool) -> Option<GatewayError> {
 }
 
 /// 405 for a known path called with another method than `allowed`.
-fn only(allowed: &'static str) -> impl Fn(Method, Uri) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+/// The answer to a method the path does not take.
+pub fn only(
+    allowed: &'static str,
+) -> impl Fn(Method, Uri) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
     move |method: Method, uri: Uri| {
         let error = GatewayError::method_not_allowed(method.as_str(), uri.path(), allowed);
         let mut response = error_response(&error);
@@ -401,7 +411,8 @@ fn body_error(rejection: &BytesRejection) -> Response {
     error_response(&error)
 }
 
-fn error_response(error: &GatewayError) -> Response {
+/// An error as the admin port answers it: the OpenAI envelope.
+pub fn error_response(error: &GatewayError) -> Response {
     let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = json_response(status, error.to_json());
     if status == StatusCode::SERVICE_UNAVAILABLE {

@@ -221,7 +221,8 @@ impl Pool {
         &self.replicas
     }
 
-    fn stale_after(&self) -> Duration {
+    /// How old a replica's metrics may be for it to be picked.
+    pub fn stale_after(&self) -> Duration {
         Duration::from_millis(self.config.stale_after_ms)
     }
 
@@ -300,6 +301,7 @@ impl Pool {
                     kv_cache_tokens: metrics.kv_cache_tokens,
                     adapter_active: metrics.active_loras.contains(request.model),
                     serves: state.serves(request.model, metrics),
+                    matched: 0,
                     score: 0.0,
                     tie_break: 0,
                 })
@@ -314,15 +316,19 @@ impl Pool {
         let session = request.session.filter(|_| w.session > 0.0);
         let highest_session = session
             .and_then(|s| candidates.iter().map(|c| scorers::session_weight(s, &self.replicas[c.index].address)).max());
-        let index = if blocks.is_empty() { None } else { self.prefix.lock().ok() };
+        if !blocks.is_empty() {
+            if let Ok(index) = self.prefix.lock() {
+                for c in candidates.iter_mut() {
+                    c.matched = index.matched(c.index, blocks);
+                }
+            }
+        }
         for c in candidates.iter_mut() {
             let mut score = w.least_requests * scorers::least_requests(c.in_flight, most_in_flight)
                 + w.queue * scorers::queue(c.waiting, most_waiting)
                 + w.kv_cache * scorers::kv_cache(c.kv_cache_usage)
-                + w.lora * scorers::lora(c.adapter_active);
-            if let Some(index) = &index {
-                score += w.prefix * scorers::prefix(index.matched(c.index, blocks), blocks.len());
-            }
+                + w.lora * scorers::lora(c.adapter_active)
+                + w.prefix * scorers::prefix(c.matched, blocks.len());
             if let (Some(session), Some(highest)) = (session, highest_session) {
                 let weight = scorers::session_weight(session, &self.replicas[c.index].address);
                 score += w.session * scorers::session(weight, highest);
@@ -414,6 +420,8 @@ struct Candidate {
     kv_cache_tokens: Option<u64>,
     adapter_active: bool,
     serves: Option<bool>,
+    /// Leading blocks of the prompt it probably holds.
+    matched: usize,
     score: f64,
     tie_break: u64,
 }

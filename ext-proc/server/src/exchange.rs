@@ -173,6 +173,8 @@ mod tests {
     use envoy_types::pb::envoy::service::ext_proc::v3::{
         body_mutation::Mutation, processing_response::Response, CommonResponse, HttpBody,
     };
+    use envoy_types::pb::google::protobuf::value::Kind;
+    use modelgate_pools::metrics::ReplicaMetrics;
     use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
     use serde_json::{json, Value};
 
@@ -374,6 +376,148 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
             .unwrap();
         let Some(Response::ImmediateResponse(reply)) = answer.response else { panic!("expected an immediate reply") };
         assert_eq!(reply.status.unwrap().code, 404);
+    }
+
+    /// One pool of two replicas, `a` (`10.0.0.1:8000`) and `b`, both freshly
+    /// scraped with `waiting` requests queued; `extra` adds pool settings.
+    fn pools(waiting: [u64; 2], extra: Value) -> Arc<Pools> {
+        let mut pool = json!({"replicas": ["10.0.0.1:8000", "10.0.0.2:8000"], "strategy": "least_requests",
+                              "fallbacks": 1});
+        pool.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let pools = Pools::from_json(json!({"pools": {"p": pool}}).to_string().as_bytes()).unwrap();
+        for (replica, waiting) in pools.get("p").unwrap().replicas().iter().zip(waiting) {
+            replica.update(|state| {
+                state.metrics = Some(ReplicaMetrics { waiting, ..Default::default() });
+                state.scraped_at = Some(Instant::now());
+                state.models = Some(["llama-3".to_string()].into());
+            });
+        }
+        Arc::new(pools)
+    }
+
+    fn pool_exchange(pools: &Arc<Pools>, profile: &str) -> Exchange {
+        let mut ex = Exchange::new(Arc::default(), Arc::clone(pools), DEFAULT_MAX_EVENT_BYTES);
+        let answer =
+            ex.on_message(request_headers(&[(":path", "/v1/chat/completions"), (headers::BACKEND, profile)])).unwrap();
+        assert!(matches!(answer.response, Some(Response::RequestHeaders(_))), "{answer:?}");
+        ex
+    }
+
+    fn chat() -> ProcessingRequest {
+        body(br#"{"model":"llama-3","messages":[{"role":"user","content":"hi"}]}"#, true, false)
+    }
+
+    fn rejection(answer: ProcessingResponse) -> (i32, Vec<(String, String)>, Value) {
+        let Some(Response::ImmediateResponse(reply)) = answer.response else {
+            panic!("expected a refusal: {answer:?}")
+        };
+        let headers = reply
+            .headers
+            .unwrap()
+            .set_headers
+            .into_iter()
+            .map(|h| {
+                let h = h.header.unwrap();
+                (h.key, String::from_utf8_lossy(&h.raw_value).into_owned())
+            })
+            .collect();
+        (reply.status.unwrap().code, headers, serde_json::from_slice(&reply.body).unwrap())
+    }
+
+    #[test]
+    fn a_pool_request_names_its_replicas_in_the_header_and_the_lb_metadata() {
+        let pools = pools([0, 0], json!({}));
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let answer = ex.on_message(chat()).unwrap();
+        let metadata = answer.dynamic_metadata.clone().expect("envoy.lb metadata");
+        let common = common(answer);
+        assert!(common.body_mutation.is_none(), "the body goes on as it is");
+        let (_, destination) =
+            set_headers(&common).into_iter().find(|(k, _)| k == headers::DESTINATION_ENDPOINT).unwrap();
+        let mut replicas: Vec<&str> = destination.split(',').collect();
+        replicas.sort_unstable();
+        assert_eq!(replicas, ["10.0.0.1:8000", "10.0.0.2:8000"], "the pick, then its fallback");
+        let Some(Kind::StructValue(lb)) = metadata.fields["envoy.lb"].kind.clone() else { panic!("{metadata:?}") };
+        let Some(Kind::StringValue(value)) = lb.fields[headers::DESTINATION_ENDPOINT].kind.clone() else {
+            panic!("{lb:?}")
+        };
+        assert_eq!(value, destination);
+    }
+
+    #[test]
+    fn the_pick_counts_in_flight_until_the_exchange_ends() {
+        let pools = pools([0, 0], json!({}));
+        let in_flight = || pools.get("p").unwrap().replicas().iter().map(|r| r.in_flight()).sum::<u64>();
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        ex.on_message(chat());
+        assert_eq!(in_flight(), 1);
+        drop(ex);
+        assert_eq!(in_flight(), 0);
+    }
+
+    #[test]
+    fn a_rename_is_picked_for_and_sent_beside_the_destination() {
+        let pools = pools([0, 0], json!({"discover_models": true}));
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p","model":"llama-3"}"#);
+        let answer = common(ex.on_message(body(br#"{"model":"my-llama","messages":[]}"#, true, false)).unwrap());
+        assert_eq!(new_body(&answer), br#"{"model":"llama-3","messages":[]}"#);
+        let mut names: Vec<String> = set_headers(&answer).into_iter().map(|(k, _)| k).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", headers::DESTINATION_ENDPOINT]);
+        // Without the rename, no replica serves the client's name.
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let (status, _, error) = rejection(ex.on_message(body(br#"{"model":"my-llama"}"#, true, false)).unwrap());
+        assert_eq!((status, error["error"]["code"].as_str()), (404, Some("model_not_found")));
+    }
+
+    #[test]
+    fn a_saturated_pool_sheds_with_retry_after() {
+        let pools = pools([3, 5], json!({"max_waiting": 3, "retry_after_secs": 2}));
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let (status, headers, error) = rejection(ex.on_message(chat()).unwrap());
+        assert_eq!((status, error["error"]["code"].as_str()), (429, Some("pool_saturated")));
+        assert!(headers.contains(&("retry-after".to_string(), "2".to_string())), "{headers:?}");
+    }
+
+    #[test]
+    fn a_pool_without_a_ready_replica_answers_503() {
+        let pools = Arc::new(Pools::from_json(br#"{"pools":{"p":{"replicas":["10.0.0.1:8000"]}}}"#).unwrap());
+        let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
+        let (status, headers, error) = rejection(ex.on_message(chat()).unwrap());
+        assert_eq!((status, error["error"]["code"].as_str()), (503, Some("no_ready_replica")));
+        assert!(!headers.iter().any(|(k, _)| k == "retry-after"));
+    }
+
+    #[test]
+    fn a_pool_missing_from_the_pools_file_is_a_misconfiguration() {
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let answer = ex
+            .on_message(request_headers(&[(":path", "/v1/chat/completions"), (headers::BACKEND, r#"{"pool":"p"}"#)]))
+            .unwrap();
+        assert_eq!(rejection(answer).0, 500);
+    }
+
+    #[test]
+    fn the_session_header_keeps_a_session_on_one_replica() {
+        let pools = pools(
+            [0, 0],
+            json!({"strategy": "random", "weights": {"random": 0.01, "session": 1.0},
+                                          "session_header": "x-session-id"}),
+        );
+        let destination = |session: &str| {
+            let mut ex = Exchange::new(Arc::default(), Arc::clone(&pools), DEFAULT_MAX_EVENT_BYTES);
+            ex.on_message(request_headers(&[
+                (":path", "/v1/chat/completions"),
+                (headers::BACKEND, r#"{"pool":"p"}"#),
+                ("x-session-id", session),
+            ]));
+            let answer = common(ex.on_message(chat()).unwrap());
+            let (_, value) =
+                set_headers(&answer).into_iter().find(|(k, _)| k == headers::DESTINATION_ENDPOINT).unwrap();
+            value.split(',').next().unwrap().to_string()
+        };
+        let first = destination("conversation-1");
+        assert!((0..20).all(|_| destination("conversation-1") == first));
     }
 
     #[test]

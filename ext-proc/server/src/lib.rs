@@ -7,4 +7,5 @@
 
 pub mod envoy_messages;
 pub mod exchange;
+pub mod pools_admin;
 pub mod service;

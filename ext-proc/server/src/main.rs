@@ -6,6 +6,7 @@ use modelgate_admin::usage_store::{Dedup, Ledger, RedisUsage, Usage};
 use modelgate_batch::args::BatchArgs;
 use modelgate_batch::Batches;
 use modelgate_dialects::credentials::KeySourceArgs;
+use modelgate_ext_proc::pools_admin::{self, PoolMetrics};
 use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_pools::Pools;
 use modelgate_proto::clock;
@@ -105,7 +106,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => Pools::default(),
         });
         let batches = Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), secret, token.clone())?;
-        let admin = routes::router(Arc::new(Admin::with_usage(usage)), limits, token.clone()).merge(batches.api());
+        let admin = Admin::with_usage(usage).with_collector(Box::new(PoolMetrics(Arc::clone(&pools))));
+        let admin = routes::router(Arc::new(admin), limits, token.clone())
+            .merge(batches.api())
+            .merge(pools_admin::router(Arc::clone(&pools), token.clone()));
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
