@@ -316,9 +316,10 @@ POOL_QUESTION_WORDS = (20, 80)
 POOL_OUTPUT_TOKENS = 24
 # Each replica's engine, so that where a request goes decides what it costs, as on a GPU: prefill
 # of an uncached token costs what an 8B model's does relative to a decode step (3,000 uncached
-# tokens are ~0.3 s, a cached prefix nearly nothing); the KV cache holds about a quarter of the
-# system prompts' tokens, so a replica that sees every prompt evicts them in turn; a batch is
-# bounded, and decoding slows as it grows.
+# tokens are ~0.3 s, a cached prefix nearly nothing); the KV cache (running requests' blocks
+# included) holds under half of the system prompts' 18,000 tokens, so a replica that sees every
+# prompt evicts them in turn, while one that sees one or two keeps them; a batch is bounded, and
+# decoding slows as it grows.
 POOL_ENGINE = {"--kv-cache-tokens": 8192, "--block-size": 16, "--max-num-seqs": 8, "--prefill-us-per-token": 100,
                "--itl-ms": 10, "--decode-slowdown": 0.05, "--output-tokens": POOL_OUTPUT_TOKENS}
 # (conversations, turns each, closed-loop concurrency, time cap in seconds), full and short.
