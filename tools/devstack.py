@@ -135,7 +135,7 @@ def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None
 
 def render_pools(template: Path, ports: dict[int | str, int], adjust=None) -> str:
     """The pools file (envoy/pools.json) with the demo's replica ports remapped as Envoy's are;
-    `adjust`, if given, may change the parsed file first."""
+    `adjust`, if given, may change the parsed file (with demo ports) first."""
     pools = json.loads(template.read_text())
     if adjust:
         adjust(pools)
@@ -194,8 +194,8 @@ class Stack:
         environment (object storage credentials, say). `ext_proc_replicas` ext-procs serve
         Envoy side by side, `ext-proc`, `ext-proc-2`... each with its own ports and data
         directory (`<data_dir>-2`...), sharing what `ext_proc_args` name (Redis, object storage).
-        `adjust_pools` may change the pools file (envoy/pools.json, parsed) before ext-proc starts:
-        another strategy, say."""
+        `adjust_pools` may change ext-proc's pools file (envoy/pools.json, parsed, with demo
+        ports) before ext-proc starts, as tests do to set a small `max_waiting`."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
@@ -257,8 +257,12 @@ class Stack:
         return f"http://127.0.0.1:{self.ports[self.ext_proc_ports(name)[1]]}"
 
     def backend_url(self, name: str) -> str:
+        return f"http://{self.backend_address(name)}"
+
+    def backend_address(self, name: str) -> str:
+        """A simulated backend's `ip:port`: for a pool's replica, as the picker names it."""
         demo = next(port for port, backend in DEMO_BACKENDS.items() if backend == name)
-        return f"http://127.0.0.1:{self.ports[demo]}"
+        return f"127.0.0.1:{self.ports[demo]}"
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         """Starts a process that lives and dies with the stack; its output goes to `<name>.log`."""
@@ -400,10 +404,13 @@ class Stack:
                 return process
         raise KeyError(name)
 
-    def restart(self, name: str) -> None:
-        """Starts a killed process again, as it was started first."""
+    def restart(self, name: str, port: int | str | None = None) -> None:
+        """Starts a killed process again, as it was started first; with the demo `port` it
+        listens on, waits until it does."""
         argv, env = self.commands[name]
         self.spawn(name, argv, env)
+        if port is not None:
+            self.wait_for_port(self.ports[port])
 
     def pid(self, name: str) -> int:
         return next(process.pid for n, process in self.processes if n == name)

@@ -232,11 +232,12 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         .filter(|_| may_use(caller, &fields.model))
         .ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
     // A chain goes to the stream guard whole or streamed; the chain names each backend's cluster.
-    let (cluster, stream_cluster) =
-        match router.stream_guard_cluster().filter(|_| fields.stream && target.chain.is_none()) {
-            Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
-            None => (target.cluster.clone(), None),
-        };
+    // A pool's streams go through ext_proc, whose picker chooses their replica.
+    let guarded = fields.stream && target.chain.is_none() && !target.pool;
+    let (cluster, stream_cluster) = match router.stream_guard_cluster().filter(|_| guarded) {
+        Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
+        None => (target.cluster.clone(), None),
+    };
     Ok(Routing {
         model: fields.model.clone(),
         exact_route: router.names_exactly(&fields.model),
@@ -475,6 +476,20 @@ mod tests {
                 tokens: TokenEstimate::default()
             }
         );
+    }
+
+    #[test]
+    fn a_pools_streams_go_to_ext_proc_whose_picker_chooses_their_replica() {
+        let r = Router::from_json(
+            br#"{"stream_guard_cluster": "guard",
+                "backends": {"p": {"cluster": "vllm_pool", "pool": "vllm-pool"}},
+                "models": [{"match": "m", "backend": "p"}]}"#,
+        )
+        .unwrap();
+        let stream = on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap();
+        assert_eq!((stream.cluster.as_str(), stream.stream_cluster.as_deref()), ("vllm_pool", None));
+        assert_eq!(stream.profile_header(), headers::BACKEND);
+        assert_eq!(stream.profile.as_deref(), Some(r#"{"pool":"vllm-pool"}"#));
     }
 
     #[test]

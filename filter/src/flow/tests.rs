@@ -622,3 +622,16 @@ fn on_behalf_of_a_key_its_model_allow_list_applies_to_models_and_to_lines() {
     let seen = answer(&host, &mut flow, 0, &[], &[]);
     assert_eq!((seen.status, seen.error().1.as_str()), (404, "model_not_found"));
 }
+
+#[test]
+fn a_clients_destination_endpoint_never_reaches_the_backend() {
+    let pool = r#""backends": {"p": {"cluster": "vllm_pool", "pool": "vllm-pool"}},
+                  "models": [{"match": "qwen3-8b", "backend": "p"}]"#;
+    let (host, _worker, mut flow) = configured_as(&format!("{{{pool}}}"));
+    let steered = [(headers::DESTINATION_ENDPOINT, "10.0.0.9:8000")];
+    let body = br#"{"model":"qwen3-8b","messages":[]}"#;
+    assert_eq!(send(&host, &mut flow, &chat_headers(&steered), body), Action::Continue);
+    assert_eq!(host.request_header(headers::DESTINATION_ENDPOINT), None, "only ext-proc's picker sets it");
+    assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("vllm_pool".into()));
+    assert!(host.request_header(headers::BACKEND).is_some_and(|profile| profile.contains("vllm-pool")));
+}
