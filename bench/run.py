@@ -326,22 +326,10 @@ POOL_ENGINE = {"--kv-cache-tokens": 8192, "--block-size": 16, "--max-num-seqs": 
 POOL_LOAD = {"full": (160, 4, 32, 60.0), "short": (24, 3, 16, 8.0)}
 
 
-def without_stream_guard(config: dict) -> None:
-    """The demo with streams sent straight to their backend: through the stream guard, a stream
-    skips ext_proc, and so the picker (every variant runs without the guard, alike). Fallback
-    chains need the guard, so the demo's one goes too."""
-    def edit(routing: dict) -> None:
-        routing.pop("stream_guard_cluster")
-        for model in routing["models"]:
-            model.pop("fallbacks", None)
-    edit_filter_config(config, edit)
-
-
 def envoy_balanced(lb_policy: str):
     """The demo with the pool's cluster balanced by Envoy alone (`lb_policy`), and its backend
     without a pool, so no request goes through ext_proc."""
     def adjust(config: dict) -> None:
-        without_stream_guard(config)
         cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "vllm_pool")
         del cluster["load_balancing_policy"]
         cluster["lb_policy"] = lb_policy
@@ -357,8 +345,8 @@ def picking(strategy: str):
 POOL_VARIANTS = {
     "round_robin": {"adjust_config": envoy_balanced("ROUND_ROBIN")},
     "least_request": {"adjust_config": envoy_balanced("LEAST_REQUEST")},
-    "prefix_cache": {"adjust_config": without_stream_guard, "adjust_pools": picking("prefix_cache")},
-    "combined": {"adjust_config": without_stream_guard, "adjust_pools": picking("combined")},
+    "prefix_cache": {"adjust_pools": picking("prefix_cache")},
+    "combined": {"adjust_pools": picking("combined")},
 }
 
 
