@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make bench`: what modelgate adds to every request, measured in one run
 against bare Envoy, the backend directly, and LiteLLM, on the same simulator;
-and a batch of chat completions run through the Batch API.
+a batch of chat completions run through the Batch API; and a self-hosted pool's
+replica picking against Envoy's own balancing, on simulated vLLM engines.
 
     python bench/run.py [--short] [--out DIR]
 
@@ -17,11 +18,15 @@ import hashlib
 import json
 import math
 import os
+import random
 import secrets
+import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,8 +35,8 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack,  # noqa: E402
-                      edit_filter_config, free_port)
+from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, POOL_REPLICAS,  # noqa: E402
+                      Stack, edit_filter_config, free_port)
 
 LOADGEN = ROOT / "target" / "release" / "modelgate-loadgen"
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
@@ -40,6 +45,7 @@ BACKEND = "vllm-llama"
 MODEL = "llama-3.1-8b-instruct"      # routed straight to BACKEND
 RENAMED = "gpt-4o-mini"              # routed to BACKEND through ext_proc
 CHAINED = "resilient-llama"          # BACKEND first of a fallback chain, through the stream guard
+POOLED = "qwen3-8b"                  # the demo's pool of four replicas, each request's replica picked by ext-proc
 # Models of the demo's translated backends: the same simulator behind another dialect.
 TRANSLATED = {"anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
@@ -53,7 +59,8 @@ BATCH_TIMEOUT_S = 600
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
 PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "quiet-envoy", "ext-proc", "stream-guard",
                                     "litellm"]}
-           | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, "loadgen"]}
+           | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, *POOL_REPLICAS,
+                                     "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
 
 # The rate-limited route: a second gateway Envoy whose one client key has request and token limits
@@ -158,8 +165,8 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
 
 def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", "fallbacks",
-                             *TRANSLATED, "litellm"] if s in run.urls]
+    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", "pool",
+                             "fallbacks", *TRANSLATED, "litellm"] if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
@@ -167,7 +174,7 @@ def measure(run: Run, stack: Stack) -> dict:
     # CPU time per request of the processes doing the serving shows where the time goes.
     serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "unaccounted": ["quiet-envoy"],
                "passthrough": ["envoy", "ext-proc"], "rate_limited": ["keyed-envoy", "ext-proc"],
-               "ext_proc": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],
+               "ext_proc": ["envoy", "ext-proc"], "pool": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],
                **{dialect: ["envoy", "ext-proc"] for dialect in TRANSLATED}}
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
     for _ in range(1 if run.short else 3):
@@ -182,7 +189,7 @@ def measure(run: Run, stack: Stack) -> dict:
     sweep = []
     capacity = {s: r["throughput_rps"] for s, r in results["throughput"].items()}
     for rate in rates:
-        for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc"]:
+        for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", "pool"]:
             # Past its capacity a scenario only queues without bound; its latency there says nothing.
             if rate <= 0.9 * capacity[s]:
                 sweep.append(run.load(s, rate=rate))
@@ -299,6 +306,137 @@ def measure_batch(stack: Stack, lines: int) -> dict:
     }
 
 
+# The pool scenario: many users sharing a few long system prompts, each a multi-turn streamed chat
+# resending its history, played closed loop over the demo's four replicas. The same seeded
+# workload runs once per variant, each on a fresh stack (empty caches).
+POOL_SEED = 16
+POOL_SYSTEM_PROMPTS = 6
+POOL_SYSTEM_WORDS = 3000             # the simulator counts a word as a token
+POOL_QUESTION_WORDS = (20, 80)
+POOL_OUTPUT_TOKENS = 24
+# Each replica's engine, so that where a request goes decides what it costs, as on a GPU: prefill
+# of an uncached token costs what an 8B model's does relative to a decode step (3,000 uncached
+# tokens are ~0.3 s, a cached prefix nearly nothing); the KV cache (running requests' blocks
+# included) holds under half of the system prompts' 18,000 tokens, so a replica that sees every
+# prompt evicts them in turn, while one that sees one or two keeps them; a batch is bounded, and
+# decoding slows as it grows.
+POOL_ENGINE = {"--kv-cache-tokens": 8192, "--block-size": 16, "--max-num-seqs": 8, "--prefill-us-per-token": 100,
+               "--itl-ms": 10, "--decode-slowdown": 0.05, "--output-tokens": POOL_OUTPUT_TOKENS}
+# (conversations, turns each, closed-loop concurrency, time cap in seconds), full and short.
+POOL_LOAD = {"full": (160, 4, 32, 60.0), "short": (24, 3, 16, 8.0)}
+
+
+def envoy_balanced(lb_policy: str):
+    """The demo with the pool's cluster balanced by Envoy alone (`lb_policy`), and its backend
+    without a pool, so no request goes through ext_proc."""
+    def adjust(config: dict) -> None:
+        cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "vllm_pool")
+        del cluster["load_balancing_policy"]
+        cluster["lb_policy"] = lb_policy
+        edit_filter_config(config, lambda routing: routing["backends"]["vllm-pool"].pop("pool"))
+    return adjust
+
+
+def picking(strategy: str):
+    """The pools file with the demo pool's replicas picked by ext-proc with `strategy`."""
+    return lambda pools: pools["pools"]["vllm-pool"].update(strategy=strategy)
+
+
+POOL_VARIANTS = {
+    "round_robin": {"adjust_config": envoy_balanced("ROUND_ROBIN")},
+    "least_request": {"adjust_config": envoy_balanced("LEAST_REQUEST")},
+    "prefix_cache": {"adjust_pools": picking("prefix_cache")},
+    "combined": {"adjust_pools": picking("combined")},
+}
+
+
+def write_pool_workload(path: Path, conversations: int, turns: int) -> None:
+    """The loadgen's conversations: each user's system prompt is one of a few, and each turn
+    resends the history (the assistant's answers stand in as fixed text) with a new question.
+    Users carry a session id, as chat front ends do."""
+    rng = random.Random(POOL_SEED)
+
+    # Three letters and a space: about the 4 bytes per token of English text, which the picker's
+    # prefix index assumes when it sizes a replica's cache.
+    def words(n: int) -> str:
+        return " ".join("".join(rng.choices(string.ascii_lowercase, k=3)) for _ in range(n))
+
+    prompts = [words(POOL_SYSTEM_WORDS) for _ in range(POOL_SYSTEM_PROMPTS)]
+    answer = " ".join(["answer"] * POOL_OUTPUT_TOKENS)
+    with path.open("w") as f:
+        for user in range(conversations):
+            messages = [{"role": "system", "content": rng.choice(prompts)}]
+            bodies = []
+            for _ in range(turns):
+                messages.append({"role": "user", "content": words(rng.randint(*POOL_QUESTION_WORDS))})
+                bodies.append({"model": POOLED, "messages": list(messages), "max_tokens": POOL_OUTPUT_TOKENS,
+                               "stream": True})
+                messages.append({"role": "assistant", "content": answer})
+            f.write(json.dumps({"headers": {"x-session-id": f"user-{user}"}, "turns": bodies}) + "\n")
+
+
+def replica_counters(stack: Stack) -> dict[str, dict[str, float]]:
+    """Per replica: requests finished and prefix-cache block queries and hits, from its vLLM metrics."""
+    names = {"vllm:request_success_total": "requests", "vllm:prefix_cache_queries_total": "prefix_queries",
+             "vllm:prefix_cache_hits_total": "prefix_hits"}
+    counters = {}
+    for replica in POOL_REPLICAS:
+        with urllib.request.urlopen(f"{stack.backend_url(replica)}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        counts = dict.fromkeys(names.values(), 0.0)
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in names:
+                counts[names[name]] += float(line.rsplit(" ", 1)[1])
+        counters[replica] = counts
+    return counters
+
+
+def wait_until_pool_serves(stack: Stack) -> None:
+    """Waits for the pool to answer a one-word request: the picker has no replica to pick until
+    it has scraped them once."""
+    body = json.dumps({"model": POOLED, "messages": [{"role": "user", "content": "ready"}], "max_tokens": 1}).encode()
+    deadline = time.monotonic() + 30
+    while True:
+        request = urllib.request.Request(f"{stack.base_url}/chat/completions", data=body,
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def measure_pools(short: bool) -> dict:
+    """Each variant on a fresh stack, the same workload: TTFT, throughput and the replicas' counters."""
+    conversations, turns, concurrency, cap = POOL_LOAD["short" if short else "full"]
+    results = {"conversations": conversations, "turns": turns, "concurrency": concurrency,
+               "engine": POOL_ENGINE, "variants": {}}
+    engine = [str(arg) for pair in POOL_ENGINE.items() for arg in pair]
+    with tempfile.TemporaryDirectory(prefix="modelgate-pools-") as workdir:
+        workload = Path(workdir) / "conversations.jsonl"
+        write_pool_workload(workload, conversations, turns)
+        for variant, config in POOL_VARIANTS.items():
+            with Stack(log_level="error", envoy_concurrency=1, cpus=PINNING,
+                       simulator_args={replica: engine for replica in POOL_REPLICAS}, **config) as stack:
+                wait_until_pool_serves(stack)
+                before = replica_counters(stack)
+                argv = [*(["taskset", "-c", PINNING["loadgen"]] if PINNING else []), str(LOADGEN),
+                        "--url", f"{stack.base_url}/chat/completions", "--conversations", str(workload),
+                        "--concurrency", str(concurrency), "--duration", str(cap), "--timeout", "120"]
+                result = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+                after = replica_counters(stack)
+            result["replicas"] = {replica: {k: after[replica][k] - before[replica][k] for k in after[replica]}
+                                  for replica in POOL_REPLICAS}
+            queries = sum(r["prefix_queries"] for r in result["replicas"].values())
+            result["prefix_hit_rate"] = sum(r["prefix_hits"] for r in result["replicas"].values()) / queries \
+                if queries else None
+            results["variants"][variant] = result
+    return results
+
+
 def latency_at(results: dict, scenario: str, rate: float) -> dict | None:
     found = [r for r in results["latency"] if r["scenario"] == scenario and r["offered_rps"] == rate]
     return found[-1]["latency"] if found else None
@@ -345,6 +483,10 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
     else:
         rows.append(("passthrough throughput / LiteLLM", "not measured (short run, or LiteLLM not installed)",
                      ">= 20x", None))
+    if "pools" in results:
+        variants = results["pools"]["variants"]
+        r = variants["combined"]["first_content"]["mean_ms"] / variants["round_robin"]["first_content"]["mean_ms"]
+        rows.append(("pool: combined picker's mean TTFT / round robin's", f"{r:.2f}x", "<= 0.6x", r <= 0.6))
     return rows
 
 
@@ -390,7 +532,28 @@ def markdown(results: dict) -> str:
     out.append(f"\nStreams that failed: {m['stream_errors']}.")
     if "batch" in results:
         out += batch_markdown(results["batch"])
+    if "pools" in results:
+        out += pools_markdown(results["pools"])
     return "\n".join(out) + "\n"
+
+
+def pools_markdown(p: dict) -> list[str]:
+    engine = ", ".join(f"{flag} {value}" for flag, value in p["engine"].items())
+    out = ["", f"## Pool of {len(POOL_REPLICAS)} simulated vLLM replicas: {p['conversations']} conversations of "
+           f"{p['turns']} streamed turns, {POOL_SYSTEM_PROMPTS} system prompts of {POOL_SYSTEM_WORDS} tokens, "
+           f"concurrency {p['concurrency']}", "", f"Engine: {engine}.", "",
+           "| variant | requests | TTFT mean ms | TTFT p99 ms | vs round robin | req/s | output tok/s "
+           "| prefix-cache hit rate | requests per replica | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    baseline = p["variants"]["round_robin"]["first_content"]["mean_ms"]
+    for variant, r in p["variants"].items():
+        ttft = r["first_content"]
+        hit = f"{r['prefix_hit_rate']:.0%}" if r["prefix_hit_rate"] is not None else "n/a"
+        spread = " / ".join(f"{c['requests']:.0f}" for c in r["replicas"].values())
+        out.append(f"| {variant} | {r['ok']} | {ttft['mean_ms']:.0f} | {ttft['p99_ms']:.0f} | "
+                   f"{ttft['mean_ms'] / baseline:.2f}x | {r['throughput_rps']:.1f} | {r['output_tokens_per_s']:.0f} | "
+                   f"{hit} | {spread} | {r['errors']} |")
+    return out
 
 
 def batch_markdown(b: dict) -> list[str]:
@@ -482,6 +645,7 @@ def main() -> None:
             "rate_limited": (f"http://127.0.0.1:{keyed_ports[LISTENER_PORT]}{chat}", MODEL,
                              {"authorization": f"Bearer {BENCH_KEY}"}),
             "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED, {}),
+            "pool": (f"http://127.0.0.1:{stack.port}{chat}", POOLED, {}),
             "fallbacks": (f"http://127.0.0.1:{stack.port}{chat}", CHAINED, {}),
             **{dialect: (f"http://127.0.0.1:{stack.port}{chat}", model, {}) for dialect, model in TRANSLATED.items()},
         }
@@ -496,6 +660,8 @@ def main() -> None:
             results["batch"] = measure_batch(stack, SHORT_BATCH_LINES if args.short else BATCH_LINES)
         except (openai.OpenAIError, RuntimeError) as e:
             results["batch"] = {"error": str(e)}
+    # Each of its variants on a stack of its own, after the one above is stopped.
+    results["pools"] = measure_pools(args.short)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}{'-short' if args.short else ''}"

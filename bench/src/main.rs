@@ -4,7 +4,11 @@
 //! rate (which needs open-loop load corrected for coordinated omission: latency
 //! is measured from when a request was due, not from when it was sent), and
 //! the time to first chunk and gaps between chunks of streams. wrk is closed
-//! loop only and knows nothing of SSE; this is ~200 lines on hyper.
+//! loop only and knows nothing of SSE; this is ~300 lines on hyper.
+//!
+//! With `--conversations`, it plays multi-turn chats instead of one body: each
+//! worker takes the next conversation and sends its turns one after another,
+//! as a chat client resending its history does.
 //!
 //! Prints one JSON object with the results on stdout.
 
@@ -24,8 +28,12 @@ struct Args {
     #[arg(long)]
     url: String,
     /// JSON request body.
-    #[arg(long)]
-    body: String,
+    #[arg(long, required_unless_present = "conversations")]
+    body: Option<String>,
+    /// JSON lines, one conversation each: `{"headers": {name: value}, "turns": [body, ...]}`.
+    /// Closed loop only; the run ends when every conversation is done or the duration is up.
+    #[arg(long, conflicts_with_all = ["body", "rate"])]
+    conversations: Option<std::path::PathBuf>,
     /// Extra request header, `name: value` (repeatable).
     #[arg(long = "header")]
     headers: Vec<String>,
@@ -55,13 +63,18 @@ struct Recorder {
     latency: Histogram<u64>,
     first_chunk: Histogram<u64>,
     chunk_gap: Histogram<u64>,
+    /// Time to the first chunk carrying generated text (a chat stream's first
+    /// chunk has only the role): what a user waits before reading.
+    first_content: Histogram<u64>,
+    /// Chunks carrying generated text: one token each from the simulator.
+    content_chunks: u64,
     errors: u64,
 }
 
 impl Recorder {
     fn new() -> Self {
         let h = || Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds");
-        Recorder { latency: h(), first_chunk: h(), chunk_gap: h(), errors: 0 }
+        Recorder { latency: h(), first_chunk: h(), chunk_gap: h(), first_content: h(), content_chunks: 0, errors: 0 }
     }
 }
 
@@ -83,45 +96,76 @@ fn summary(h: &Histogram<u64>) -> Value {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// Pieces of generated text in an SSE chunk: `"content":"` followed by at
+/// least one character (the role chunk's content is empty).
+fn content_pieces(data: &[u8]) -> u64 {
+    const KEY: &[u8] = b"\"content\":\"";
+    data.windows(KEY.len() + 1).filter(|w| w.starts_with(KEY) && w[KEY.len()] != b'"').count() as u64
+}
+
+/// One request's body and headers of its own (a conversation's session, say).
+struct Call {
+    body: Bytes,
+    headers: Vec<(String, String)>,
+}
+
+/// What one exchange saw of its answer.
+#[derive(Default)]
+struct Seen {
+    first_chunk: Option<Instant>,
+    first_content: Option<Instant>,
+    gaps: Vec<Duration>,
+    content_chunks: u64,
+}
+
 struct Target {
     client: HttpClient,
     url: hyper::Uri,
-    body: Bytes,
+    call: Call,
     headers: Vec<(String, String)>,
     in_flight: tokio::sync::Semaphore,
     timeout: Duration,
 }
 
 impl Target {
-    /// Sends one request and reads the whole answer, timing from `due`.
-    async fn hit(&self, due: Instant, recorder: &Mutex<Recorder>) {
-        let Ok(_slot) = self.in_flight.acquire().await else { return };
-        let mut first_chunk = None;
-        let mut gaps = Vec::new();
-        let ok = tokio::time::timeout(self.timeout, self.exchange(&mut first_chunk, &mut gaps)).await.unwrap_or(false);
+    /// Sends the run's request and reads the whole answer, timing from `due`.
+    async fn hit(&self, due: Instant, recorder: &Mutex<Recorder>) -> bool {
+        self.send(&self.call, due, recorder).await
+    }
+
+    /// Sends one request and reads the whole answer, timing from `due`; true if it succeeded.
+    async fn send(&self, call: &Call, due: Instant, recorder: &Mutex<Recorder>) -> bool {
+        let Ok(_slot) = self.in_flight.acquire().await else { return false };
+        let mut seen = Seen::default();
+        let ok = tokio::time::timeout(self.timeout, self.exchange(call, &mut seen)).await.unwrap_or(false);
         let done = Instant::now();
         let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
         if !ok {
             r.errors += 1;
-            return;
+            return false;
         }
         let _ = r.latency.record(micros(done - due));
-        if let Some(first) = first_chunk {
+        if let Some(first) = seen.first_chunk {
             let _ = r.first_chunk.record(micros(first - due));
         }
-        for gap in gaps {
+        if let Some(first) = seen.first_content {
+            let _ = r.first_content.record(micros(first - due));
+        }
+        for gap in seen.gaps {
             let _ = r.chunk_gap.record(micros(gap));
         }
+        r.content_chunks += seen.content_chunks;
+        true
     }
 
     /// One request and its whole answer; true if it succeeded. Notes when the
-    /// first body chunk came and the gaps between later ones.
-    async fn exchange(&self, first_chunk: &mut Option<Instant>, gaps: &mut Vec<Duration>) -> bool {
+    /// first body chunk and the first generated text came, and the gaps between chunks.
+    async fn exchange(&self, call: &Call, seen: &mut Seen) -> bool {
         let mut request = hyper::Request::post(self.url.clone()).header("content-type", "application/json");
-        for (k, v) in &self.headers {
+        for (k, v) in self.headers.iter().chain(&call.headers) {
             request = request.header(k, v);
         }
-        let Ok(request) = request.body(Full::new(self.body.clone())) else { return false };
+        let Ok(request) = request.body(Full::new(call.body.clone())) else { return false };
         match self.client.request(request).await {
             Ok(response) => {
                 let success = response.status().is_success();
@@ -133,13 +177,18 @@ impl Target {
                         clean = false;
                         break;
                     };
-                    if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                    if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
                         let now = Instant::now();
-                        first_chunk.get_or_insert(now);
+                        seen.first_chunk.get_or_insert(now);
                         if let Some(previous) = last {
-                            gaps.push(now - previous);
+                            seen.gaps.push(now - previous);
                         }
                         last = Some(now);
+                        let pieces = content_pieces(data);
+                        if pieces > 0 {
+                            seen.first_content.get_or_insert(now);
+                            seen.content_chunks += pieces;
+                        }
                     }
                 }
                 success && clean
@@ -207,6 +256,71 @@ async fn closed_loop(
     sent
 }
 
+/// Conversations played by `concurrency` workers, each taking the next one
+/// when its last is done; a conversation's turns go one after another. A
+/// failed turn ends its conversation (its history would be a lie).
+async fn conversations_loop(
+    target: Arc<Target>,
+    conversations: Vec<Vec<Call>>,
+    concurrency: usize,
+    duration: Duration,
+    recorder: Arc<Mutex<Recorder>>,
+) -> (usize, usize) {
+    let end = Instant::now() + duration;
+    let queue = Arc::new(Mutex::new(conversations.into_iter()));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (target, recorder, queue) = (Arc::clone(&target), Arc::clone(&recorder), Arc::clone(&queue));
+            tokio::spawn(async move {
+                let (mut sent, mut finished) = (0, 0);
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some(turns) = next else { break };
+                    let mut complete = true;
+                    for call in &turns {
+                        if Instant::now() >= end {
+                            return (sent, finished);
+                        }
+                        sent += 1;
+                        if !target.send(call, Instant::now(), &recorder).await {
+                            complete = false;
+                            break;
+                        }
+                    }
+                    finished += usize::from(complete);
+                }
+                (sent, finished)
+            })
+        })
+        .collect();
+    let (mut sent, mut finished) = (0, 0);
+    for worker in workers {
+        let (s, f) = worker.await.unwrap_or((0, 0));
+        sent += s;
+        finished += f;
+    }
+    (sent, finished)
+}
+
+/// The conversations of a `--conversations` file.
+fn read_conversations(path: &std::path::Path) -> Result<Vec<Vec<Call>>, Box<dyn std::error::Error>> {
+    let mut conversations = Vec::new();
+    for line in std::fs::read_to_string(path)?.lines().filter(|l| !l.trim().is_empty()) {
+        let conversation: Value = serde_json::from_str(line)?;
+        let headers: Vec<(String, String)> = conversation["headers"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect();
+        let turns = conversation["turns"].as_array().ok_or("a conversation without turns")?;
+        conversations.push(
+            turns.iter().map(|body| Call { body: Bytes::from(body.to_string()), headers: headers.clone() }).collect(),
+        );
+    }
+    Ok(conversations)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     // One thread: the load generator shares a small machine with what it measures.
@@ -226,14 +340,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let target = Arc::new(Target {
         client,
         url: args.url.parse()?,
-        body: Bytes::from(args.body.clone()),
+        call: Call { body: Bytes::from(args.body.clone().unwrap_or_default()), headers: Vec::new() },
         headers,
         in_flight: tokio::sync::Semaphore::new(args.max_in_flight),
         timeout: Duration::from_secs_f64(args.timeout),
     });
     let duration = Duration::from_secs_f64(args.duration);
     let warmup = Duration::from_secs_f64(args.warmup);
-    let mode = match (args.rate, args.concurrency) {
+    let mut mode = match (args.rate, args.concurrency) {
         (Some(rate), _) => json!({"mode": "open", "offered_rps": rate}),
         (None, c) => json!({"mode": "closed", "concurrency": c.unwrap_or(1)}),
     };
@@ -241,13 +355,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let discard = Arc::new(Mutex::new(Recorder::new()));
     let recorder = Arc::new(Mutex::new(Recorder::new()));
     let start;
-    let sent = match (args.rate, args.concurrency) {
-        (Some(rate), _) => {
+    let sent = match (args.rate, args.concurrency, &args.conversations) {
+        (_, c, Some(path)) => {
+            let conversations = read_conversations(path)?;
+            let total = conversations.len();
+            start = Instant::now();
+            let (sent, finished) =
+                conversations_loop(target, conversations, c.unwrap_or(1), duration, Arc::clone(&recorder)).await;
+            mode["conversations"] = json!(total);
+            mode["conversations_finished"] = json!(finished);
+            sent
+        }
+        (Some(rate), _, None) => {
             open_loop(Arc::clone(&target), rate, warmup, Arc::clone(&discard)).await;
             start = Instant::now();
             open_loop(target, rate, duration, Arc::clone(&recorder)).await
         }
-        (None, c) => {
+        (None, c, None) => {
             let c = c.unwrap_or(1);
             closed_loop(Arc::clone(&target), c, warmup, Arc::clone(&discard)).await;
             start = Instant::now();
@@ -268,6 +392,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "latency": summary(&r.latency),
         "first_chunk": summary(&r.first_chunk),
         "chunk_gap": summary(&r.chunk_gap),
+        "first_content": summary(&r.first_content),
+        "output_tokens": r.content_chunks,
+        "output_tokens_per_s": r.content_chunks as f64 / elapsed,
     });
     if let (Value::Object(out), Value::Object(mode)) = (&mut out, mode) {
         out.extend(mode);

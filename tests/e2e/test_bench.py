@@ -17,7 +17,7 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     results = json.loads(result_file.read_text())
 
     assert set(results["throughput"]) == {"direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc",
-                                          "fallbacks", "anthropic", "ollama"}
+                                          "pool", "fallbacks", "anthropic", "ollama"}
     assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
     for run in runs:
@@ -25,7 +25,7 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
         assert run["ok"] > 0, run
     # at 0.1x bare Envoy's capacity every scenario is measured; at 0.5x, those that can serve it
     assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", "unaccounted", "passthrough", "rate_limited",
-                                                           "ext_proc"}
+                                                           "ext_proc", "pool"}
     for scenario in results["streaming"].values():
         # 1 role chunk + 20 tokens + finish + [DONE] arrive as separate chunks, so gaps were measured
         assert scenario["chunk_gap"]["count"] > 0
@@ -34,6 +34,19 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     assert memory["stream_errors"] == 0
     assert memory["rss_peak_kib"]["envoy"] >= memory["rss_before_kib"]["envoy"] > 0
 
+    # the pool: every variant played the whole workload, every turn streamed text, and the replicas' own
+    # counters saw every request
+    pools = results["pools"]
+    assert set(pools["variants"]) == {"round_robin", "least_request", "prefix_cache", "combined"}
+    for variant in pools["variants"].values():
+        assert variant["errors"] == 0, variant
+        assert variant["conversations_finished"] == pools["conversations"], variant
+        assert variant["ok"] == pools["conversations"] * pools["turns"]
+        assert variant["first_content"]["count"] == variant["ok"]
+        assert variant["output_tokens"] == variant["ok"] * pools["engine"]["--output-tokens"]
+        assert sum(replica["requests"] for replica in variant["replicas"].values()) == variant["ok"]
+
     report = result_file.with_suffix(".md").read_text()
     assert "| passthrough throughput / bare Envoy |" in report
+    assert "| pool: combined picker's mean TTFT / round robin's |" in report
     assert result_file.with_suffix(".svg").read_text().startswith("<svg")
