@@ -283,7 +283,7 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         .ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
     // A chain goes to the stream guard whole or streamed; the chain names each backend's cluster.
     // A pool's streams go through ext_proc, whose picker chooses their replica.
-    let guarded = fields.stream && target.chain.is_none() && !target.pool;
+    let guarded = fields.stream && target.chain.is_none() && target.pool.is_none();
     let (cluster, stream_cluster) = match router.stream_guard_cluster().filter(|_| guarded) {
         Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
         None => (target.cluster.clone(), None),

@@ -25,14 +25,12 @@ pub struct Target {
     /// The client's own API key goes on to the backend (`api_key: "passthrough"`).
     pub forwards_client_key: bool,
     pub price: Option<Price>,
-    /// The backend is a self-hosted pool: ext-proc picks the replica of each
-    /// of its requests, streams included.
-    pub pool: bool,
     /// For a model with fallbacks: the chain as the internal header's value
     /// ([`crate::chain::Chain`]); `cluster` is then the stream guard's, which
     /// tries the chain's backends in turn, and `profile` is unset.
     pub chain: Option<ChainHeaders>,
-    /// The self-hosted pool the backend is, if it is one.
+    /// The self-hosted pool the backend is, if it is one: ext-proc picks the
+    /// replica of each of its requests, streams included.
     pub pool: Option<String>,
 }
 
@@ -189,7 +187,6 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
         profile: (!profile.is_passthrough()).then(|| profile.to_header()),
         forwards_client_key: backend.api_key == Some(ApiKey::Passthrough),
         price: route.price,
-        pool: backend.pool.is_some(),
         chain: None,
         pool: backend.pool.clone(),
     };
