@@ -6,7 +6,7 @@ use modelgate_proto::error::GatewayError;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct Pool {
@@ -164,6 +164,15 @@ impl Pool {
         let best = self.replicas.iter().min_by_key(|r| r.in_flight()).ok_or(Refusal::NoneReady)?;
         best.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Picked { endpoints: vec![Arc::clone(best)], counted: 0 })
+    }
+
+    /// Whether some replica may be picked: one whose metrics were read within
+    /// `stale_after_ms`.
+    pub fn is_ready(&self, now: Instant) -> bool {
+        let stale_after = Duration::from_millis(self.config.stale_after_ms);
+        self.replicas
+            .iter()
+            .any(|r| r.state().scraped_at.is_some_and(|at| now.saturating_duration_since(at) <= stale_after))
     }
 
     /// The models and adapters the pool's ready replicas serve, when discovery is on.
