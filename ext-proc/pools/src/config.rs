@@ -79,6 +79,18 @@ pub enum Strategy {
     Combined,
 }
 
+impl Strategy {
+    /// Its name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Random => "random",
+            Strategy::LeastRequests => "least_requests",
+            Strategy::PrefixCache => "prefix_cache",
+            Strategy::Combined => "combined",
+        }
+    }
+}
+
 /// One weight per scorer; unset ones take the strategy's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,8 +121,13 @@ impl Default for PrefixConfig {
     }
 }
 
-mod defaults {
+pub(crate) mod defaults {
     pub const BLOCK_BYTES: usize = 256;
+    /// Blocks remembered per replica while its KV cache's size is unknown:
+    /// 4 MiB of prompts at the default block size.
+    pub const BLOCKS_PER_REPLICA: usize = 16_384;
+    /// Prompt bytes per token, to turn a KV cache's tokens into prompt bytes.
+    pub const BYTES_PER_TOKEN: u64 = 4;
     pub fn scrape_interval_ms() -> u64 {
         50
     }

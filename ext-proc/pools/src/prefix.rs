@@ -3,30 +3,133 @@
 //! blocks, each block's hash chained to the previous one's, and each replica
 //! remembers a bounded number of block hashes, least recently used first out.
 
-/// The hashes of a prompt's whole blocks, each chained to the one before.
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// The hashes of a prompt's whole blocks, each chained to the one before, so
+/// that a block's hash stands for the whole prefix ending with it.
 pub fn block_hashes(prompt: &[u8], block_bytes: usize) -> Vec<u64> {
-    let _ = (prompt, block_bytes);
-    Vec::new()
+    if block_bytes == 0 {
+        return Vec::new();
+    }
+    let mut previous = 0u64;
+    prompt
+        .chunks_exact(block_bytes)
+        .map(|block| {
+            // SipHash with fixed keys: the same prompt hashes the same for the
+            // life of the process, which is all the index needs.
+            let mut hasher = DefaultHasher::new();
+            previous.hash(&mut hasher);
+            block.hash(&mut hasher);
+            previous = hasher.finish();
+            previous
+        })
+        .collect()
 }
 
 /// Per replica (by index in the pool), the block hashes it probably holds.
 #[derive(Debug, Default)]
-pub struct PrefixIndex {}
+pub struct PrefixIndex {
+    replicas: Vec<Blocks>,
+    /// Increases with every block recorded: a block's recency.
+    clock: u64,
+}
+
+/// One replica's blocks, each with its recency, and by recency for eviction.
+#[derive(Debug, Default)]
+struct Blocks {
+    recency: HashMap<u64, u64>,
+    by_recency: BTreeMap<u64, u64>,
+}
 
 impl PrefixIndex {
     pub fn new(replicas: usize) -> Self {
-        let _ = replicas;
-        PrefixIndex {}
+        PrefixIndex { replicas: (0..replicas).map(|_| Blocks::default()).collect(), clock: 0 }
     }
 
     /// How many of `blocks`, from the first, `replica` holds.
     pub fn matched(&self, replica: usize, blocks: &[u64]) -> usize {
-        let _ = (replica, blocks);
-        0
+        let Some(held) = self.replicas.get(replica) else { return 0 };
+        blocks.iter().take_while(|b| held.recency.contains_key(b)).count()
     }
 
     /// Records that `replica` now holds `blocks`, keeping at most `capacity` blocks for it.
+    ///
+    /// A prompt's later blocks are made older than its earlier ones, as an
+    /// engine frees a sequence's blocks from its tail: eviction then shortens
+    /// a cached prefix instead of breaking it at its start.
     pub fn insert(&mut self, replica: usize, blocks: &[u64], capacity: usize) {
-        let _ = (replica, blocks, capacity);
+        let Some(held) = self.replicas.get_mut(replica) else { return };
+        for &block in blocks.iter().rev() {
+            self.clock += 1;
+            if let Some(old) = held.recency.insert(block, self.clock) {
+                held.by_recency.remove(&old);
+            }
+            held.by_recency.insert(self.clock, block);
+        }
+        while held.recency.len() > capacity {
+            let Some((_, oldest)) = held.by_recency.pop_first() else { break };
+            held.recency.remove(&oldest);
+        }
+    }
+
+    /// How many blocks `replica` is thought to hold.
+    pub fn len(&self, replica: usize) -> usize {
+        self.replicas.get(replica).map_or(0, |held| held.recency.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_whole_and_chained() {
+        assert!(block_hashes(b"abc", 4).is_empty(), "a partial block is not hashed");
+        assert!(block_hashes(b"abcd", 0).is_empty());
+        let a = block_hashes(b"aaaabbbbcc", 4);
+        let b = block_hashes(b"xxxxbbbb", 4);
+        assert_eq!(a.len(), 2);
+        assert_ne!(a[1], b[1], "the same block after a different prefix is another block");
+        assert_eq!(a, block_hashes(b"aaaabbbbcc", 4), "the same prompt hashes the same");
+        assert_eq!(block_hashes(b"aaaabbbbzzzz", 4)[..2], a[..]);
+    }
+
+    #[test]
+    fn matched_counts_leading_blocks_held() {
+        let mut index = PrefixIndex::new(2);
+        let held = block_hashes(b"sys-prompt-turn1", 4);
+        index.insert(0, &held, 100);
+        assert_eq!(index.matched(0, &held), 4);
+        assert_eq!(index.matched(1, &held), 0, "another replica holds nothing");
+        assert_eq!(index.matched(0, &block_hashes(b"sys-prompt-turn2-more", 4)), 3);
+        assert_eq!(index.matched(0, &block_hashes(b"other-prompt", 4)), 0);
+        assert_eq!(index.matched(7, &held), 0, "an unknown replica holds nothing");
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_tail_first() {
+        let mut index = PrefixIndex::new(1);
+        let first = block_hashes(b"AAAABBBBCCCC", 4);
+        let second = block_hashes(b"DDDDEEEE", 4);
+        index.insert(0, &first, 4);
+        index.insert(0, &second, 4);
+        assert_eq!(index.len(0), 4);
+        assert_eq!(index.matched(0, &second), 2, "the newest prompt is whole");
+        assert_eq!(index.matched(0, &first), 2, "the older prompt lost its tail, not its start");
+
+        // Using the older prompt again makes it the most recent.
+        index.insert(0, &first[..2], 4);
+        index.insert(0, &block_hashes(b"FFFF", 4), 4);
+        assert_eq!(index.matched(0, &first), 2);
+        assert_eq!(index.matched(0, &second), 1, "now the other prompt loses its tail");
+    }
+
+    #[test]
+    fn a_capacity_of_zero_holds_nothing() {
+        let mut index = PrefixIndex::new(1);
+        let blocks = block_hashes(b"AAAABBBB", 4);
+        index.insert(0, &blocks, 0);
+        assert_eq!((index.len(0), index.matched(0, &blocks)), (0, 0));
     }
 }

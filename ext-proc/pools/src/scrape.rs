@@ -1,12 +1,185 @@
 //! Keeps every replica's state fresh: its metrics every `scrape_interval_ms`,
 //! and its model list every `models_interval_ms` when discovery is on.
+//!
+//! A failed read changes nothing: the replica's last success ages until it
+//! is stale, and then the picker passes it over. Failures are logged when a
+//! replica starts and stops failing, not at every read.
 
+use crate::metrics;
+use crate::pool::{Pool, Replica};
 use crate::Pools;
+use serde::Deserialize;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
 
 /// Runs until `stop` resolves.
 pub async fn run(pools: Arc<Pools>, stop: impl Future<Output = ()>) {
-    let _ = pools;
+    let mut loops = JoinSet::new();
+    for pool in pools.iter() {
+        for replica in pool.replicas() {
+            let config = pool.config();
+            let metrics_url = format!("http://{}{}", replica.address, config.metrics_path);
+            let every = Duration::from_millis(config.scrape_interval_ms);
+            loops.spawn(keep_reading(Arc::clone(pool), Arc::clone(replica), metrics_url, every, read_metrics));
+            if config.discover_models {
+                let models_url = format!("http://{}/v1/models", replica.address);
+                let every = Duration::from_millis(config.models_interval_ms);
+                loops.spawn(keep_reading(Arc::clone(pool), Arc::clone(replica), models_url, every, read_models));
+            }
+        }
+    }
     stop.await;
+    loops.abort_all();
+}
+
+/// What one read of a replica's page does with the page: `Err` is a failure.
+type Apply = fn(&Replica, &[u8]) -> Result<(), String>;
+
+/// Reads `url` every `every` (each read given less than that), until aborted.
+async fn keep_reading(pool: Arc<Pool>, replica: Arc<Replica>, url: String, every: Duration, apply: Apply) {
+    // A read never outlives its turn, so one slow replica does not delay
+    // the reading of its state, and a hung one is seen as failing.
+    let client = match reqwest::Client::builder().timeout(every.mul_f64(0.9)).build() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(pool = pool.name(), url, error = %e, "cannot build an HTTP client to read a replica");
+            return;
+        }
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing: Option<String> = None;
+    loop {
+        ticks.tick().await;
+        let outcome = match fetch(&client, &url).await {
+            Ok(page) => apply(&replica, &page),
+            Err(e) => Err(e),
+        };
+        match (outcome, &failing) {
+            (Ok(()), Some(_)) => {
+                tracing::info!(pool = pool.name(), url, "replica answers again");
+                failing = None;
+            }
+            (Err(error), None) => {
+                tracing::warn!(
+                    pool = pool.name(),
+                    url,
+                    error,
+                    "replica does not answer; it is not picked once its state is stale"
+                );
+                failing = Some(error);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
+    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("status {}", response.status()));
+    }
+    Ok(response.bytes().await.map_err(|e| e.to_string())?.to_vec())
+}
+
+fn read_metrics(replica: &Replica, page: &[u8]) -> Result<(), String> {
+    let metrics = metrics::parse(&String::from_utf8_lossy(page))?;
+    let now = Instant::now();
+    replica.update(|state| {
+        state.metrics = Some(metrics);
+        state.scraped_at = Some(now);
+    });
+    Ok(())
+}
+
+/// `/v1/models` as OpenAI shapes it; only the ids matter here.
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry {
+    id: String,
+}
+
+fn read_models(replica: &Replica, page: &[u8]) -> Result<(), String> {
+    let list: ModelList = serde_json::from_slice(page).map_err(|e| format!("unreadable model list: {e}"))?;
+    let models: BTreeSet<String> = list.data.into_iter().map(|m| m.id).collect();
+    replica.update(|state| state.models = Some(models));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const METRICS: &str =
+        "vllm:num_requests_running{model_name=\"m\"} 2\nvllm:num_requests_waiting{model_name=\"m\"} 1\n";
+    const MODELS: &str = r#"{"object":"list","data":[{"id":"m","object":"model"},{"id":"m-sql","object":"model"}]}"#;
+
+    /// A replica that answers every request: `/v1/models` with MODELS, anything else with METRICS.
+    async fn serve(listener: TcpListener) {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let Ok(n) = stream.read(&mut request).await else { return };
+                let body = if request[..n].starts_with(b"GET /v1/models ") { MODELS } else { METRICS };
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+            });
+        }
+    }
+
+    async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+        // Generous: the machine may be busy; this bounds a hang, it times nothing.
+        for _ in 0..2000 {
+            if condition() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_that_stops_answering_becomes_not_ready() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(serve(listener));
+        let json = format!(
+            r#"{{"pools":{{"p":{{"replicas":["{address}"],"scrape_interval_ms":20,"stale_after_ms":200,"discover_models":true,"models_interval_ms":20}}}}}}"#
+        );
+        let pools = Arc::new(Pools::from_json(json.as_bytes()).unwrap());
+        let pool = Arc::clone(pools.get("p").unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let scraper = tokio::spawn(run(Arc::clone(&pools), async {
+            let _ = stopped.await;
+        }));
+        let replica = Arc::clone(&pool.replicas()[0]);
+        let stale_after = Duration::from_millis(200);
+
+        until("ready", || replica.is_ready(Instant::now(), stale_after)).await;
+        let state = replica.state();
+        assert_eq!(state.metrics.map(|m| (m.running, m.waiting)), Some((2, 1)));
+        until("models read", || replica.state().models.is_some()).await;
+        assert_eq!(pool.models(), ["m", "m-sql"].map(String::from).into());
+
+        server.abort();
+        let _ = server.await;
+        until("not ready", || !replica.is_ready(Instant::now(), stale_after)).await;
+        let request = crate::pool::PickRequest { model: "m", ..Default::default() };
+        assert_eq!(pool.pick(&request, Instant::now()).unwrap_err(), crate::pool::Refusal::NoneReady);
+
+        stop.send(()).unwrap();
+        scraper.await.unwrap();
+    }
 }

@@ -207,7 +207,10 @@ mod tests {
         assert_eq!(status_of("liveness").await, Some(Status::Serving));
         assert_eq!(status_of("envoy.service.ext_proc.v3.ExternalProcessor").await, Some(Status::NotServing));
 
-        pool.replicas()[0].update(|state| state.scraped_at = Some(Instant::now()));
+        pool.replicas()[0].update(|state| {
+            state.metrics = Some(Default::default());
+            state.scraped_at = Some(Instant::now());
+        });
         while status_of("readiness").await != Some(Status::Serving) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
