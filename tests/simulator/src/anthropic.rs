@@ -3,11 +3,12 @@
 //! prompt-cache usage and Anthropic's error shape. The official `anthropic`
 //! client is what the tests check it with.
 
-use crate::call::{self, abort_piece, generation_time, new_id, pause, until_abort, Face};
+use crate::call::{self, abort_piece, new_id, pause, until_abort, Face};
+use crate::engine::Work;
 use crate::failure::{failure, ErrorFormat};
-use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
+use crate::{generate, tokenizer};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -79,13 +80,14 @@ struct Plan {
     stop_sequence: Option<String>,
     input_tokens: u32,
     cached_tokens: u32,
+    work: Work,
     behaviour: Behaviour,
 }
 
 impl Plan {
     fn output_tokens(&self) -> u32 {
         match &self.tool_call {
-            Some((_, input)) => generate::count_words(&input.to_string()),
+            Some((_, input)) => tokenizer::count(&input.to_string()),
             None => self.tokens,
         }
     }
@@ -126,23 +128,22 @@ async fn messages(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, R
     call.required("max_tokens")?.as_u64().ok_or_else(|| Anthropic::error(400, "max_tokens: must be an integer"))?;
     let messages =
         call.required("messages")?.as_array().ok_or_else(|| Anthropic::error(400, "messages: must be a list"))?;
-    let prompt = prompt_tokens(&call.body["system"], messages);
-    let plan = plan(&call, messages, prompt);
+    let plan = plan(&call, messages, prompt_ids(&call.body["system"], messages));
     if call.body["stream"].as_bool() == Some(true) {
         return Ok(stream(sim, plan));
     }
-    let running = sim.metrics.start(&plan.model);
-    pause(generation_time(&plan.behaviour, plan.output_tokens())).await;
-    running.finish(prompt, plan.output_tokens());
+    let job = sim.run(plan.work.clone()).await;
+    pause(job.whole(&plan.behaviour, plan.output_tokens())).await;
+    job.finish(plan.output_tokens());
     Ok(Json(plan.whole()).into_response())
 }
 
-/// Words of the system prompt and of every text in the messages, tool results included.
-fn prompt_tokens(system: &Value, messages: &[Value]) -> u32 {
+/// Tokens of the system prompt and of every text in the messages, tool results included.
+fn prompt_ids(system: &Value, messages: &[Value]) -> Vec<u32> {
     let system = match system {
-        Value::String(text) => generate::count_words(text),
-        Value::Array(blocks) => blocks.iter().filter_map(|b| b["text"].as_str()).map(generate::count_words).sum(),
-        _ => 0,
+        Value::String(text) => vec![text.as_str()],
+        Value::Array(blocks) => blocks.iter().filter_map(|b| b["text"].as_str()).collect(),
+        _ => vec![],
     };
     let flattened: Vec<Value> = messages
         .iter()
@@ -160,10 +161,12 @@ fn prompt_tokens(system: &Value, messages: &[Value]) -> u32 {
             other => json!({"content": other}),
         })
         .collect();
-    system + generate::chat_prompt_tokens(&flattened)
+    let chat = generate::chat_prompt(&flattened);
+    tokenizer::ids(&system.into_iter().chain([chat.as_str()]).collect::<Vec<_>>().join("\n"))
 }
 
-fn plan(call: &Call, messages: &[Value], prompt: u32) -> Plan {
+fn plan(call: &Call, messages: &[Value], prompt_ids: Vec<u32>) -> Plan {
+    let prompt = prompt_ids.len() as u32;
     let (mut tokens, limited) = call.planned_tokens();
     let mut stop_reason = if limited { "max_tokens" } else { "end_turn" };
     let mut stop_sequence = None;
@@ -188,6 +191,7 @@ fn plan(call: &Call, messages: &[Value], prompt: u32) -> Plan {
         stop_sequence,
         input_tokens: prompt - cached_tokens,
         cached_tokens,
+        work: call.work(prompt_ids),
         behaviour: call.behaviour.clone(),
     }
 }
@@ -238,8 +242,8 @@ fn event(name: &str, data: &Value) -> Result<Bytes, std::io::Error> {
 /// `error` event (an overloaded engine), or drops the connection with the `reset` format.
 fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
     call::streamed("text/event-stream", |tx| async move {
-        let running = sim.metrics.start(&plan.model);
-        pause(plan.behaviour.ttft).await;
+        let job = sim.run(plan.work.clone()).await;
+        pause(job.first_token(&plan.behaviour)).await;
         let mut start = plan.whole();
         start["content"] = json!([]);
         start["stop_reason"] = Value::Null;
@@ -280,7 +284,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
                 return;
             }
             if i > 0 {
-                pause(plan.behaviour.itl).await;
+                pause(job.next_token(&plan.behaviour)).await;
             }
             let data = json!({"type": "content_block_delta", "index": 0, "delta": delta});
             if tx.send(event("content_block_delta", &data)).await.is_err() {
@@ -300,6 +304,6 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
         for bytes in closing {
             let _ = tx.send(bytes).await;
         }
-        running.finish(plan.input_tokens + plan.cached_tokens, plan.output_tokens());
+        job.finish(plan.output_tokens());
     })
 }

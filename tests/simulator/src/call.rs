@@ -2,6 +2,7 @@
 //! JSON body, record the request, apply the per-request behaviour and any
 //! injected failure, and check the model. Each face words its errors its own way.
 
+use crate::engine::{Running, Work};
 use crate::failure::ErrorFormat;
 use crate::settings::Behaviour;
 use crate::Sim;
@@ -30,6 +31,7 @@ pub struct Call<F> {
     pub body: Value,
     pub headers: HeaderMap,
     pub model: String,
+    pub served: Served,
     pub behaviour: Behaviour,
     face: PhantomData<F>,
 }
@@ -60,10 +62,8 @@ async fn begin<F: Face>(sim: &Sim, uri: &Uri, headers: HeaderMap, bytes: &Bytes)
         });
     }
     let model = body["model"].as_str().ok_or_else(|| F::error(400, "`model` is required"))?.to_string();
-    if !sim.settings.models.is_empty() && !sim.settings.models.contains(&model) {
-        return Err(F::error(404, &format!("The model `{model}` does not exist.")));
-    }
-    Ok(Call { body, headers, model, behaviour, face: PhantomData })
+    let served = sim.served(&model).ok_or_else(|| F::error(404, &format!("The model `{model}` does not exist.")))?;
+    Ok(Call { body, headers, model, served, behaviour, face: PhantomData })
 }
 
 impl<F: Face> Call<F> {
@@ -87,6 +87,72 @@ impl<F: Face> Call<F> {
     }
 }
 
+impl<F> Call<F> {
+    /// What the engine is asked to do for this request.
+    pub fn work(&self, prompt: Vec<u32>) -> Work {
+        let max_output = self.behaviour.output_tokens;
+        Work { model: self.served.base.clone(), adapter: self.served.adapter.clone(), prompt, max_output }
+    }
+}
+
+/// How a requested model is served: by the base model, or with a LoRA adapter on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub base: String,
+    pub adapter: Option<String>,
+}
+
+/// One request on the engine: admitted, timed by the engine's load, and
+/// counted in the metrics. Its place in the batch is given back when dropped.
+pub struct Job<'a> {
+    sim: &'a Sim,
+    running: Running,
+    model: String,
+    prompt: u32,
+}
+
+impl Sim {
+    /// Waits for the engine to admit `work`.
+    pub async fn run(&self, work: Work) -> Job<'_> {
+        let prompt = work.prompt.len() as u32;
+        let model = work.model.clone();
+        let running = self.engine.start(work).await;
+        self.metrics.scheduled(&model, prompt, running.cached_tokens(prompt));
+        Job { sim: self, running, model, prompt }
+    }
+}
+
+impl Job<'_> {
+    /// Time to the first token, from admission: the base time plus the prefill of uncached tokens.
+    pub fn first_token(&self, behaviour: &Behaviour) -> Duration {
+        self.sim.engine.prefill(&self.running, behaviour.ttft)
+    }
+
+    /// Time to the next token, with the batch as it is now.
+    pub fn next_token(&self, behaviour: &Behaviour) -> Duration {
+        self.sim.engine.inter_token(behaviour.itl)
+    }
+
+    /// The time a non-streamed answer of `tokens` tokens takes.
+    pub fn whole(&self, behaviour: &Behaviour, tokens: u32) -> Duration {
+        self.first_token(behaviour) + self.next_token(behaviour) * tokens.saturating_sub(1)
+    }
+
+    /// Records the finished request's tokens.
+    pub fn finish(&self, generated: u32) {
+        self.sim.metrics.finished(&self.model, self.prompt, generated);
+    }
+}
+
+/// The nominal time an answer of `tokens` tokens takes, on an idle engine.
+pub fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
+    behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
+}
+
+pub fn now_f64() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -101,11 +167,6 @@ pub async fn pause(d: Duration) {
     if !d.is_zero() {
         tokio::time::sleep(d).await;
     }
-}
-
-/// The time a non-streamed answer of `tokens` tokens takes.
-pub fn generation_time(behaviour: &Behaviour, tokens: u32) -> Duration {
-    behaviour.ttft + behaviour.itl * tokens.saturating_sub(1)
 }
 
 /// The writing end of a streamed answer's body: each item is the next piece,

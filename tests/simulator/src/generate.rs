@@ -1,6 +1,7 @@
 //! Deterministic "generation": token counts, text and embeddings that depend
 //! only on the request, so tests can predict them.
 
+use crate::tokenizer;
 use serde_json::Value;
 use std::hash::{Hash, Hasher};
 
@@ -21,39 +22,32 @@ pub fn text(n: u32) -> String {
     (0..n).map(token).collect()
 }
 
-/// Prompt tokens, counted as whitespace-separated words (at least 1).
-pub fn count_words(text: &str) -> u32 {
-    text.split_whitespace().count().max(1) as u32
-}
-
-/// Prompt tokens of a chat request: the words of every text part of every message.
-pub fn chat_prompt_tokens(messages: &[Value]) -> u32 {
-    let mut words = 0;
+/// The text a chat's messages give the engine: every text part, one to a line, and a
+/// placeholder token for each image or audio part.
+pub fn chat_prompt(messages: &[Value]) -> String {
+    let mut lines: Vec<&str> = Vec::new();
     for message in messages {
         match &message["content"] {
-            Value::String(s) => words += count_words(s),
-            Value::Array(parts) => {
-                for part in parts {
-                    match part["text"].as_str() {
-                        Some(t) => words += count_words(t),
-                        // an image or audio part costs a fixed amount, as in real engines
-                        None => words += 1,
-                    }
-                }
-            }
+            Value::String(s) => lines.push(s),
+            Value::Array(parts) => lines.extend(parts.iter().map(|part| part["text"].as_str().unwrap_or(MEDIA))),
             _ => {}
         }
     }
-    words.max(1)
+    lines.join("\n")
 }
 
-/// Tokens in a completions `prompt` or an embeddings `input` item: a string
-/// counts its words, a token array its length.
-pub fn item_tokens(item: &Value) -> u32 {
+/// The one token an image or audio part costs, as a fixed amount does in real engines.
+pub const MEDIA: &str = "<media>";
+
+/// The token ids of a completions `prompt` or an embeddings `input` item: a
+/// string's tokens, or the token list itself.
+pub fn item_ids(item: &Value) -> Vec<u32> {
     match item {
-        Value::String(s) => count_words(s),
-        Value::Array(tokens) => tokens.len().max(1) as u32,
-        _ => 1,
+        Value::String(s) => tokenizer::ids(s),
+        Value::Array(tokens) => {
+            tokens.iter().map(|t| t.as_u64().map_or(0, |t| t.min(u64::from(u32::MAX)) as u32)).collect()
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -93,16 +87,17 @@ mod tests {
     #[test]
     fn text_is_deterministic_and_counts_its_tokens() {
         assert_eq!(text(3), "This is a");
-        assert_eq!(count_words(&text(11)), 11);
+        assert_eq!(tokenizer::count(&text(11)), 11);
     }
 
     #[test]
-    fn chat_prompt_counts_words_of_text_parts() {
+    fn a_chat_prompt_has_the_text_parts_and_a_token_per_image() {
         let messages = [
             json!({"role": "system", "content": "be brief"}),
             json!({"role": "user", "content": [{"type": "text", "text": "one two three"}, {"type": "image_url", "image_url": {"url": "x"}}]}),
         ];
-        assert_eq!(chat_prompt_tokens(&messages), 6);
+        assert_eq!(chat_prompt(&messages), "be brief\none two three\n<media>");
+        assert_eq!(tokenizer::count(&chat_prompt(&messages)), 6);
     }
 
     #[test]
@@ -110,7 +105,8 @@ mod tests {
         assert_eq!(items(&json!("a b")).len(), 1);
         assert_eq!(items(&json!(["a", "b"])).len(), 2);
         assert_eq!(items(&json!([1, 2, 3])).len(), 1);
-        assert_eq!(item_tokens(&json!([1, 2, 3])), 3);
+        assert_eq!(item_ids(&json!([1, 2, 3])), [1, 2, 3]);
+        assert_eq!(item_ids(&json!("a b")).len(), 2);
         assert_eq!(items(&json!([[1], [2, 3]])).len(), 2);
     }
 

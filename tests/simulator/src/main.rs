@@ -4,6 +4,7 @@
 
 mod anthropic;
 mod call;
+mod engine;
 mod failure;
 mod generate;
 mod journal;
@@ -11,6 +12,8 @@ mod metrics;
 mod ollama;
 mod openai;
 mod settings;
+mod tokenizer;
+mod vllm;
 
 use axum::extract::State;
 use axum::http::HeaderValue;
@@ -23,8 +26,28 @@ use std::sync::Arc;
 
 pub struct Sim {
     settings: settings::Settings,
+    engine: Arc<engine::Engine>,
     metrics: metrics::Metrics,
     journal: journal::Journal,
+    adapters: vllm::Adapters,
+}
+
+impl Sim {
+    /// How `model` is served here: a base model (any, when none is configured),
+    /// or a loaded LoRA adapter on the first base model.
+    pub fn served(&self, model: &str) -> Option<call::Served> {
+        let models = &self.settings.models;
+        if models.is_empty() || models.iter().any(|m| m == model) {
+            return Some(call::Served { base: model.to_string(), adapter: None });
+        }
+        self.adapters.path(model)?;
+        Some(call::Served { base: self.parent_model().to_string(), adapter: Some(model.to_string()) })
+    }
+
+    /// The base model adapters are loaded onto.
+    pub fn parent_model(&self) -> &str {
+        self.settings.models.first().map_or(self.settings.name.as_str(), String::as_str)
+    }
 }
 
 #[tokio::main]
@@ -32,11 +55,18 @@ async fn main() -> std::io::Result<()> {
     let settings = settings::Settings::parse();
     let listen = settings.listen;
     let name = HeaderValue::from_str(&settings.name).map_err(std::io::Error::other)?;
-    let sim = Arc::new(Sim { settings, metrics: metrics::Metrics::default(), journal: journal::Journal::default() });
+    let sim = Arc::new(Sim {
+        engine: engine::Engine::new(settings.engine()),
+        metrics: metrics::Metrics::new(settings.max_loras),
+        settings,
+        journal: journal::Journal::default(),
+        adapters: vllm::Adapters::default(),
+    });
     let app = Router::new()
         .merge(openai::routes())
         .merge(anthropic::routes())
         .merge(ollama::routes())
+        .merge(vllm::routes())
         .route("/health", get(|| async { "" }))
         .route("/metrics", get(metrics_text))
         .route("/sim/requests", get(requests))
@@ -58,7 +88,10 @@ async fn main() -> std::io::Result<()> {
 }
 
 async fn metrics_text(State(sim): State<Arc<Sim>>) -> Response {
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], sim.metrics.encode())
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        sim.metrics.encode(&sim.engine.snapshot(), &sim.settings.models),
+    )
         .into_response()
 }
 

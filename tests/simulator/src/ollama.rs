@@ -4,10 +4,11 @@
 //! check it with.
 
 use crate::call::{self, abort_piece, generation_time, pause, until_abort, Face};
+use crate::engine::Work;
 use crate::failure::{failure, ErrorFormat};
-use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
+use crate::{generate, tokenizer};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -59,11 +60,13 @@ struct Plan {
     done_reason: &'static str,
     tool_call: Option<Value>,
     prompt: u32,
+    work: Work,
     behaviour: Behaviour,
 }
 
 impl Plan {
-    fn new(call: &Call, kind: Kind, prompt: u32, tool_call: Option<Value>) -> Plan {
+    fn new(call: &Call, kind: Kind, prompt: &str, tool_call: Option<Value>) -> Plan {
+        let prompt = tokenizer::ids(prompt);
         let options = &call.body["options"];
         let (mut tokens, mut done_reason) = match options["num_predict"].as_u64() {
             Some(limit) if limit < u64::from(call.behaviour.output_tokens) => (limit as u32, "length"),
@@ -82,13 +85,14 @@ impl Plan {
             tokens,
             done_reason,
             tool_call,
-            prompt,
+            prompt: prompt.len() as u32,
+            work: call.work(prompt),
             behaviour: call.behaviour.clone(),
         }
     }
 
     fn output_tokens(&self) -> u32 {
-        self.tool_call.as_ref().map_or(self.tokens, |call| generate::count_words(&call.to_string()))
+        self.tool_call.as_ref().map_or(self.tokens, |call| tokenizer::count(&call.to_string()))
     }
 
     /// One answer object: a piece of text while streaming, or the last one with `done` and the counts.
@@ -122,17 +126,20 @@ impl Plan {
 async fn chat(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let messages =
         call.required("messages")?.as_array().ok_or_else(|| Ollama::error(400, "messages must be a list"))?;
-    let prompt = generate::chat_prompt_tokens(messages)
-        + messages.iter().map(|m| m["images"].as_array().map_or(0, |i| i.len() as u32)).sum::<u32>();
+    let images = messages.iter().map(|m| m["images"].as_array().map_or(0, Vec::len)).sum();
+    let prompt =
+        [generate::chat_prompt(messages)].into_iter().chain(std::iter::repeat_n(generate::MEDIA.to_string(), images));
+    let prompt = prompt.collect::<Vec<_>>().join("\n");
     let plan =
-        Plan::new(&call, Kind::Chat, prompt, tool_call(&call.body, messages, call.behaviour.tool_argument_bytes));
+        Plan::new(&call, Kind::Chat, &prompt, tool_call(&call.body, messages, call.behaviour.tool_argument_bytes));
     Ok(answer(sim, &call, plan).await)
 }
 
 async fn generate(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let prompt = call.required("prompt")?.as_str().ok_or_else(|| Ollama::error(400, "prompt must be a string"))?;
-    let system = call.body["system"].as_str().map_or(0, generate::count_words);
-    let plan = Plan::new(&call, Kind::Generate, generate::count_words(prompt) + system, None);
+    let prompt =
+        call.body["system"].as_str().map_or_else(|| prompt.to_string(), |system| format!("{system}\n{prompt}"));
+    let plan = Plan::new(&call, Kind::Generate, &prompt, None);
     Ok(answer(sim, &call, plan).await)
 }
 
@@ -141,9 +148,9 @@ async fn answer(sim: Arc<Sim>, call: &Call, plan: Plan) -> Response {
     if call.body["stream"].as_bool() != Some(false) {
         return stream(sim, plan);
     }
-    let running = sim.metrics.start(&plan.model);
-    pause(generation_time(&plan.behaviour, plan.output_tokens())).await;
-    running.finish(plan.prompt, plan.output_tokens());
+    let job = sim.run(plan.work.clone()).await;
+    pause(job.whole(&plan.behaviour, plan.output_tokens())).await;
+    job.finish(plan.output_tokens());
     Json(plan.part(&generate::text(plan.tokens), true)).into_response()
 }
 
@@ -179,8 +186,8 @@ fn line(part: &Value) -> Result<Bytes, std::io::Error> {
 /// line, or drops the connection with the `reset` format.
 fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
     call::streamed("application/x-ndjson", |tx| async move {
-        let running = sim.metrics.start(&plan.model);
-        pause(plan.behaviour.ttft).await;
+        let job = sim.run(plan.work.clone()).await;
+        pause(job.first_token(&plan.behaviour)).await;
         for i in 0..plan.tokens {
             if plan.behaviour.abort_after == Some(i) {
                 until_abort(&plan.behaviour).await;
@@ -190,26 +197,27 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
                 return;
             }
             if i > 0 {
-                pause(plan.behaviour.itl).await;
+                pause(job.next_token(&plan.behaviour)).await;
             }
             if tx.send(line(&plan.part(&generate::token(i), false))).await.is_err() {
                 return;
             }
         }
         let _ = tx.send(line(&plan.part("", true))).await;
-        running.finish(plan.prompt, plan.output_tokens());
+        job.finish(plan.output_tokens());
     })
 }
 
 async fn embed(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let inputs = generate::items(call.required("input")?);
     let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
-    let running = sim.metrics.start(&call.model);
-    pause(call.behaviour.ttft).await;
+    let prompt: Vec<u32> = inputs.iter().flat_map(generate::item_ids).collect();
+    let prompt_tokens = prompt.len();
+    let job = sim.run(Work { max_output: 0, ..call.work(prompt) }).await;
+    pause(job.first_token(&call.behaviour)).await;
     let embeddings: Vec<Vec<f32>> = inputs.iter().map(|item| generate::embedding(item, dim)).collect();
-    let prompt: u32 = inputs.iter().map(generate::item_tokens).sum();
-    running.finish(prompt, 0);
+    job.finish(0);
     Ok(Json(json!({"model": call.model, "embeddings": embeddings, "total_duration": 0, "load_duration": 0,
-                   "prompt_eval_count": prompt}))
+                   "prompt_eval_count": prompt_tokens}))
     .into_response())
 }

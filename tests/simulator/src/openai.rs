@@ -1,11 +1,12 @@
 //! The OpenAI (vLLM-like) face: chat completions, completions, embeddings and
 //! models, streaming or not, with injected latency and failures.
 
-use crate::call::{self, generation_time, new_id, now, pause, until_abort, Face};
+use crate::call::{self, new_id, now, pause, until_abort, Face};
+use crate::engine::Work;
 use crate::failure::{failure, vllm_error};
-use crate::generate;
 use crate::settings::Behaviour;
 use crate::Sim;
+use crate::{generate, tokenizer};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -56,12 +57,12 @@ fn usage(prompt: u32, completion: u32) -> Value {
 
 async fn chat_completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let messages = call.required("messages")?.as_array().ok_or_else(|| vllm_error(400, "`messages` must be a list"))?;
-    let prompt = generate::chat_prompt_tokens(messages);
+    let prompt = tokenizer::ids(&generate::chat_prompt(messages));
     Ok(respond(sim, call, StreamKind::Chat, prompt).await)
 }
 
 async fn completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
-    let prompt = generate::items(call.required("prompt")?).iter().map(generate::item_tokens).sum();
+    let prompt = generate::items(call.required("prompt")?).iter().flat_map(generate::item_ids).collect();
     Ok(respond(sim, call, StreamKind::Completion, prompt).await)
 }
 
@@ -71,9 +72,10 @@ enum StreamKind {
     Completion,
 }
 
-async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: u32) -> Response {
+async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: Vec<u32>) -> Response {
     let (tokens, finish) = plan_tokens(&call);
     let n = choices_count(&call.body);
+    let work = call.work(prompt);
     let plan = Plan {
         kind,
         id: new_id(match kind {
@@ -85,16 +87,17 @@ async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: u32) -> Re
         n,
         tokens,
         finish,
-        prompt,
+        prompt: work.prompt.len() as u32,
+        work,
         include_usage: call.body["stream_options"]["include_usage"].as_bool() == Some(true),
         behaviour: call.behaviour,
     };
     if call.body["stream"].as_bool() == Some(true) {
         stream(sim, plan)
     } else {
-        let running = sim.metrics.start(&plan.model);
-        pause(generation_time(&plan.behaviour, tokens)).await;
-        running.finish(prompt, tokens * n);
+        let job = sim.run(plan.work.clone()).await;
+        pause(job.whole(&plan.behaviour, tokens)).await;
+        job.finish(tokens * n);
         Json(plan.whole()).into_response()
     }
 }
@@ -109,6 +112,7 @@ struct Plan {
     tokens: u32,
     finish: &'static str,
     prompt: u32,
+    work: Work,
     include_usage: bool,
     behaviour: Behaviour,
 }
@@ -184,8 +188,8 @@ fn sse(event: &Value) -> Result<Bytes, std::io::Error> {
 /// drops the connection mid-body, as a crashing engine would.
 fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
     call::streamed("text/event-stream", |tx| async move {
-        let running = sim.metrics.start(&plan.model);
-        pause(plan.behaviour.ttft).await;
+        let job = sim.run(plan.work.clone()).await;
+        pause(job.first_token(&plan.behaviour)).await;
         if matches!(plan.kind, StreamKind::Chat) {
             for index in 0..plan.n {
                 if tx.send(sse(&plan.chunk(index, None, None))).await.is_err() {
@@ -200,7 +204,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
                 return;
             }
             if i > 0 {
-                pause(plan.behaviour.itl).await;
+                pause(job.next_token(&plan.behaviour)).await;
             }
             let piece = generate::token(i);
             for index in 0..plan.n {
@@ -216,7 +220,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
             let _ = tx.send(sse(&plan.usage_chunk())).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
-        running.finish(plan.prompt, plan.tokens * plan.n);
+        job.finish(plan.tokens * plan.n);
     })
 }
 
@@ -224,8 +228,10 @@ async fn embeddings(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response,
     let inputs = generate::items(call.required("input")?);
     let dim = call.body["dimensions"].as_u64().map_or(sim.settings.embedding_dim, |d| d.clamp(1, 8192) as usize);
     let base64 = call.body["encoding_format"].as_str() == Some("base64");
-    let running = sim.metrics.start(&call.model);
-    pause(call.behaviour.ttft).await;
+    let prompt: Vec<u32> = inputs.iter().flat_map(generate::item_ids).collect();
+    let prompt_tokens = prompt.len();
+    let job = sim.run(Work { max_output: 0, ..call.work(prompt) }).await;
+    pause(job.first_token(&call.behaviour)).await;
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
@@ -240,19 +246,21 @@ async fn embeddings(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response,
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
-    let prompt: u32 = inputs.iter().map(generate::item_tokens).sum();
-    running.finish(prompt, 0);
+    job.finish(0);
     Ok(Json(json!({"object": "list", "data": data, "model": call.model,
-                   "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}))
+                   "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}))
     .into_response())
 }
 
 async fn list_models(State(sim): State<Arc<Sim>>) -> Response {
-    let data: Vec<Value> = sim
-        .settings
-        .models
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "vllm"}))
-        .collect();
+    let model =
+        |id: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "vllm", "root": id, "parent": null});
+    let mut data: Vec<Value> = sim.settings.models.iter().map(|id| model(id)).collect();
+    for (name, path) in sim.adapters.list() {
+        let mut adapter = model(&name);
+        adapter["root"] = json!(path);
+        adapter["parent"] = json!(sim.parent_model());
+        data.push(adapter);
+    }
     Json(json!({"object": "list", "data": data})).into_response()
 }

@@ -1,6 +1,7 @@
 //! How a simulated backend behaves: set at start-up, and overridable per
 //! request with `x-sim-*` headers so one process can serve many test cases.
 
+use crate::engine::EngineConfig;
 use crate::failure::ErrorFormat;
 use axum::http::HeaderMap;
 use clap::Parser;
@@ -57,6 +58,41 @@ pub struct Settings {
     /// test can send one NDJSON line of any length; "simulated" without it.
     #[arg(long)]
     pub tool_argument_bytes: Option<usize>,
+    /// The longest prompt and answer together, as `/tokenize` reports it.
+    #[arg(long, default_value_t = 32768)]
+    pub max_model_len: u64,
+    /// KV-cache size in tokens; the default is large enough never to fill.
+    #[arg(long, default_value_t = 1 << 24)]
+    pub kv_cache_tokens: u64,
+    /// Tokens per KV-cache block, the unit of prefix caching.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub block_size: u32,
+    /// Sequences running at once; later requests wait, first in first out.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_seqs: u64,
+    /// Prefill time per prompt token not found in the prefix cache, in microseconds.
+    #[arg(long, default_value_t = 0)]
+    pub prefill_us_per_token: u64,
+    /// How much each other running sequence slows decoding: the time between
+    /// tokens is `itl-ms × (1 + decode-slowdown × (running − 1))`.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub decode_slowdown: f64,
+    /// Adapters that may run in one batch, as vLLM's `--max-loras` (shown in `vllm:lora_requests_info`).
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: u32,
+    /// Time a LoRA adapter takes to load, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub lora_load_ms: u64,
+    /// The first this many adapter loads fail with a 503, to test retries.
+    #[arg(long, default_value_t = 0)]
+    pub lora_load_failures: u32,
+}
+
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("`{text}` is not a finite number of at least 0")),
+    }
 }
 
 /// The behaviour for one request: the settings, with any `x-sim-*` header applied.
@@ -76,6 +112,16 @@ pub struct Behaviour {
 }
 
 impl Settings {
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            kv_cache_tokens: self.kv_cache_tokens,
+            block_size: self.block_size,
+            max_num_seqs: usize::try_from(self.max_num_seqs).unwrap_or(usize::MAX),
+            prefill_us_per_token: self.prefill_us_per_token,
+            decode_slowdown: self.decode_slowdown,
+        }
+    }
+
     /// With `x-sim-only: NAME`, the `x-sim-*` headers apply only on the backend
     /// of that name: a test can fail the first backend of a fallback chain and
     /// not the ones the gateway retries on.
@@ -112,6 +158,16 @@ impl Behaviour {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_flags_are_checked() {
+        assert_eq!(Settings::parse_from(["sim", "--decode-slowdown", "0.5"]).engine().decode_slowdown, 0.5);
+        for bad in
+            [["--decode-slowdown", "-1"], ["--decode-slowdown", "inf"], ["--block-size", "0"], ["--max-num-seqs", "0"]]
+        {
+            assert!(Settings::try_parse_from(["sim", bad[0], bad[1]]).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn headers_override_settings() {
