@@ -53,7 +53,8 @@ impl ReplicaState {
 
     /// Whether it serves `model`: `None` when it is not known.
     fn serves(&self, model: &str, metrics: &ReplicaMetrics) -> Option<bool> {
-        if metrics.active_loras.contains(model) {
+        // A request naming no model (`GET /v1/models` through the endpoint picker) is for any.
+        if model.is_empty() || metrics.active_loras.contains(model) {
             return Some(true);
         }
         self.models.as_ref().map(|models| models.contains(model))
@@ -63,7 +64,8 @@ impl ReplicaState {
 /// What a request asks of the picker.
 #[derive(Debug, Default)]
 pub struct PickRequest<'a> {
-    /// The model as the replica will see it (after any rename).
+    /// The model as the replica will see it (after any rename); empty when
+    /// the request names none, which any replica serves.
     pub model: &'a str,
     /// The prompt's bytes, for the prefix index.
     pub prompt: &'a [u8],

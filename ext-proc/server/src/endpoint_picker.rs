@@ -345,7 +345,12 @@ mod tests {
 
     #[test]
     fn a_request_without_a_body_is_picked_at_its_headers() {
-        let mut picker = EndpointPicker::new(pool("", 0));
+        // Even where every replica's model list is known: the request names no model.
+        let pool = pool(r#", "discover_models": true"#, 0);
+        for replica in pool.replicas() {
+            replica.update(|state| state.models = Some(["m".to_string()].into()));
+        }
+        let mut picker = EndpointPicker::new(pool);
         let answers = picker.on_message(headers(true), Instant::now());
         assert_eq!(answers.len(), 1);
         let (header, metadata) = destination(&answers[0]);
