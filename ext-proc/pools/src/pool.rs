@@ -42,11 +42,20 @@ pub struct ReplicaState {
     pub scraped_at: Option<Instant>,
     /// The models and adapters its `/v1/models` lists, when discovery is on.
     pub models: Option<BTreeSet<String>>,
+    /// Its last read was refused: nothing listens there (a replica stopped or
+    /// restarting). It is not picked until a read succeeds again, without
+    /// waiting for its metrics to go stale. A slow answer does not count:
+    /// a busy machine would make every replica flap.
+    pub refused: bool,
 }
 
 impl ReplicaState {
-    /// Its metrics, if the last successful scrape is recent enough to trust.
+    /// Its metrics, if the last successful scrape is recent enough to trust
+    /// and it has not refused a read since.
     fn fresh_metrics(&self, now: Instant, stale_after: Duration) -> Option<&ReplicaMetrics> {
+        if self.refused {
+            return None;
+        }
         let scraped_at = self.scraped_at?;
         (now.saturating_duration_since(scraped_at) <= stale_after).then_some(self.metrics.as_ref()).flatten()
     }
@@ -391,6 +400,7 @@ impl Pool {
                 json!({
                     "address": replica.address,
                     "ready": state.fresh_metrics(now, stale_after).is_some(),
+                    "refused": state.refused,
                     "scraped_ms_ago": state.scraped_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
                     "in_flight": replica.in_flight(),
                     "picks": replica.picks(),
@@ -484,6 +494,10 @@ mod tests {
         }
         assert_eq!(seen, [A, B].map(String::from).into(), "C's metrics are too old");
         assert!(!replica(&pool, C).is_ready(now, Duration::from_millis(500)));
+        replica(&pool, B).update(|s| s.refused = true);
+        for _ in 0..10 {
+            assert_eq!(pool.pick(&ask("m"), now).unwrap().primary(), A, "B refused its last read");
+        }
         let later = now + Duration::from_secs(1);
         assert_eq!(pool.pick(&ask("m"), later).unwrap_err(), Refusal::NoneReady);
         let err = Refusal::NoneReady.to_error("p", "m");

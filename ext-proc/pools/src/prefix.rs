@@ -3,8 +3,9 @@
 //! blocks, each block's hash chained to the previous one's, and each replica
 //! remembers a bounded number of block hashes, least recently used first out.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use foldhash::HashMap;
+use std::collections::VecDeque;
+use xxhash_rust::xxh3::xxh3_64;
 
 /// The hashes of a prompt's whole blocks, each chained to the one before, so
 /// that a block's hash stands for the whole prefix ending with it.
@@ -16,12 +17,12 @@ pub fn block_hashes(prompt: &[u8], block_bytes: usize) -> Vec<u64> {
     prompt
         .chunks_exact(block_bytes)
         .map(|block| {
-            // SipHash with fixed keys: the same prompt hashes the same for the
-            // life of the process, which is all the index needs.
-            let mut hasher = DefaultHasher::new();
-            previous.hash(&mut hasher);
-            block.hash(&mut hasher);
-            previous = hasher.finish();
+            // Seeding xxh3 per block would derive a secret each time; hashing
+            // the pair of hashes is a few nanoseconds.
+            let mut pair = [0u8; 16];
+            pair[..8].copy_from_slice(&previous.to_le_bytes());
+            pair[8..].copy_from_slice(&xxh3_64(block).to_le_bytes());
+            previous = xxh3_64(&pair);
             previous
         })
         .collect()
@@ -35,11 +36,31 @@ pub struct PrefixIndex {
     clock: u64,
 }
 
-/// One replica's blocks, each with its recency, and by recency for eviction.
+/// One replica's blocks, each with its recency, and in the order they were
+/// last used for eviction. A block used again is queued again; its older
+/// place in the queue is skipped when reached (its recency no longer matches),
+/// which keeps every step O(1) instead of a sorted map's two updates.
 #[derive(Debug, Default)]
 struct Blocks {
     recency: HashMap<u64, u64>,
-    by_recency: BTreeMap<u64, u64>,
+    /// (recency, block), oldest first; some entries outdated.
+    queue: VecDeque<(u64, u64)>,
+}
+
+impl Blocks {
+    fn evict_beyond(&mut self, capacity: usize) {
+        while self.recency.len() > capacity {
+            let Some((recency, block)) = self.queue.pop_front() else { break };
+            if self.recency.get(&block) == Some(&recency) {
+                self.recency.remove(&block);
+            }
+        }
+        // Outdated entries are dropped once they outnumber the live ones.
+        if self.queue.len() > 2 * self.recency.len() + 64 {
+            let recency = &self.recency;
+            self.queue.retain(|(stamp, block)| recency.get(block) == Some(stamp));
+        }
+    }
 }
 
 impl PrefixIndex {
@@ -62,15 +83,10 @@ impl PrefixIndex {
         let Some(held) = self.replicas.get_mut(replica) else { return };
         for &block in blocks.iter().rev() {
             self.clock += 1;
-            if let Some(old) = held.recency.insert(block, self.clock) {
-                held.by_recency.remove(&old);
-            }
-            held.by_recency.insert(self.clock, block);
+            held.recency.insert(block, self.clock);
+            held.queue.push_back((self.clock, block));
         }
-        while held.recency.len() > capacity {
-            let Some((_, oldest)) = held.by_recency.pop_first() else { break };
-            held.recency.remove(&oldest);
-        }
+        held.evict_beyond(capacity);
     }
 
     /// How many blocks `replica` is thought to hold.
@@ -123,6 +139,17 @@ mod tests {
         index.insert(0, &block_hashes(b"FFFF", 4), 4);
         assert_eq!(index.matched(0, &first), 2);
         assert_eq!(index.matched(0, &second), 1, "now the other prompt loses its tail");
+    }
+
+    #[test]
+    fn blocks_used_again_and_again_keep_the_queue_bounded() {
+        let mut index = PrefixIndex::new(1);
+        let blocks = block_hashes(&[7u8; 64], 4);
+        for _ in 0..1000 {
+            index.insert(0, &blocks, 100);
+        }
+        assert_eq!(index.matched(0, &blocks), 16);
+        assert!(index.replicas[0].queue.len() <= 2 * 16 + 64 + 16);
     }
 
     #[test]

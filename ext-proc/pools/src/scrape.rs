@@ -55,9 +55,17 @@ async fn keep_reading(pool: Arc<Pool>, replica: Arc<Replica>, url: String, every
     let mut failing: Option<String> = None;
     loop {
         ticks.tick().await;
-        let outcome = match fetch(&client, &url).await {
-            Ok(page) => apply(&replica, &page),
-            Err(e) => Err(e),
+        let outcome = match client.get(&url).send().await {
+            Ok(response) => match read(response).await {
+                Ok(page) => apply(&replica, &page),
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                if e.is_connect() && !e.is_timeout() {
+                    replica.update(|state| state.refused = true);
+                }
+                Err(e.to_string())
+            }
         };
         match (outcome, &failing) {
             (Ok(()), Some(_)) => {
@@ -78,8 +86,7 @@ async fn keep_reading(pool: Arc<Pool>, replica: Arc<Replica>, url: String, every
     }
 }
 
-async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
-    let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+async fn read(response: reqwest::Response) -> Result<Vec<u8>, String> {
     if !response.status().is_success() {
         return Err(format!("status {}", response.status()));
     }
@@ -92,6 +99,7 @@ fn read_metrics(replica: &Replica, page: &[u8]) -> Result<(), String> {
     replica.update(|state| {
         state.metrics = Some(metrics);
         state.scraped_at = Some(now);
+        state.refused = false;
     });
     Ok(())
 }
@@ -117,6 +125,7 @@ fn read_models(replica: &Replica, page: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -124,13 +133,19 @@ mod tests {
         "vllm:num_requests_running{model_name=\"m\"} 2\nvllm:num_requests_waiting{model_name=\"m\"} 1\n";
     const MODELS: &str = r#"{"object":"list","data":[{"id":"m","object":"model"},{"id":"m-sql","object":"model"}]}"#;
 
-    /// A replica that answers every request: `/v1/models` with MODELS, anything else with METRICS.
-    async fn serve(listener: TcpListener) {
+    /// A replica that answers every request, `/v1/models` with MODELS and
+    /// anything else with METRICS, until `hang` is set: then it reads
+    /// requests and never answers.
+    async fn serve(listener: TcpListener, hang: Arc<AtomicBool>) {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else { return };
+            let hang = Arc::clone(&hang);
             tokio::spawn(async move {
                 let mut request = vec![0u8; 4096];
                 let Ok(n) = stream.read(&mut request).await else { return };
+                if hang.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
                 let body = if request[..n].starts_with(b"GET /v1/models ") { MODELS } else { METRICS };
                 let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
                 let _ = stream.write_all(head.as_bytes()).await;
@@ -154,7 +169,7 @@ mod tests {
     async fn a_replica_that_stops_answering_becomes_not_ready() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let server = tokio::spawn(serve(listener));
+        let server = tokio::spawn(serve(listener, Arc::default()));
         let json = format!(
             r#"{{"pools":{{"p":{{"replicas":["{address}"],"scrape_interval_ms":20,"stale_after_ms":200,"discover_models":true,"models_interval_ms":20}}}}}}"#
         );
@@ -175,11 +190,40 @@ mod tests {
 
         server.abort();
         let _ = server.await;
-        until("not ready", || !replica.is_ready(Instant::now(), stale_after)).await;
+        until("refused", || replica.state().refused).await;
+        assert!(!replica.is_ready(Instant::now(), stale_after), "a replica refusing reads is not ready");
         let request = crate::pool::PickRequest { model: "m", ..Default::default() };
         assert_eq!(pool.pick(&request, Instant::now()).unwrap_err(), crate::pool::Refusal::NoneReady);
 
         stop.send(()).unwrap();
         scraper.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_that_hangs_goes_stale() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let hang = Arc::new(AtomicBool::new(false));
+        let server = tokio::spawn(serve(listener, Arc::clone(&hang)));
+        let json =
+            format!(r#"{{"pools":{{"p":{{"replicas":["{address}"],"scrape_interval_ms":20,"stale_after_ms":200}}}}}}"#);
+        let pools = Arc::new(Pools::from_json(json.as_bytes()).unwrap());
+        let replica = Arc::clone(&pools.get("p").unwrap().replicas()[0]);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let scraper = tokio::spawn(run(Arc::clone(&pools), async {
+            let _ = stopped.await;
+        }));
+        let stale_after = Duration::from_millis(200);
+
+        until("ready", || replica.is_ready(Instant::now(), stale_after)).await;
+        hang.store(true, Ordering::Relaxed);
+        until("stale", || !replica.is_ready(Instant::now(), stale_after)).await;
+        assert!(!replica.state().refused, "a replica that does not answer in time has not refused");
+        hang.store(false, Ordering::Relaxed);
+        until("ready again", || replica.is_ready(Instant::now(), stale_after)).await;
+
+        stop.send(()).unwrap();
+        scraper.await.unwrap();
+        server.abort();
     }
 }

@@ -300,7 +300,7 @@ impl BlockCache {
     fn fits(&self, blocks: &[u64], private: usize) -> bool {
         let new = blocks.iter().filter(|hash| !self.shared.contains_key(hash)).count();
         let reused_idle = blocks.iter().filter(|hash| self.idle_since.contains_key(hash)).count();
-        let room = self.capacity.saturating_sub(self.used()) + self.idle.len() - reused_idle;
+        let room = self.capacity.saturating_sub(self.used()) + self.idle.len().saturating_sub(reused_idle);
         new + private <= room
     }
 
