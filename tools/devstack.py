@@ -29,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "envoy" / "demo.yaml"
 DEMO_POOLS = ROOT / "envoy" / "pools.json"
+INFERENCE_POOL_CONFIG = ROOT / "envoy" / "inference-pool.yaml"
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_filter.wasm"
 BIN = ROOT / "target" / "release"
 
@@ -39,6 +40,12 @@ ADMIN_PORT = 9901
 EXT_PROC_PORT = 50051
 EXT_PROC_ADMIN_PORT = 9090
 STREAM_GUARD_PORT = 50052
+# The ports envoy/inference-pool.yaml names: its listener and admin, and ext-proc's endpoint picker.
+INFERENCE_LISTENER_PORT = 10002
+INFERENCE_ADMIN_PORT = 9902
+ENDPOINT_PICKER_PORT = 9002
+# The pool of envoy/pools.json that the endpoint picker serves.
+INFERENCE_POOL = "vllm-pool"
 # Simulated backends of the demo: port in demo.yaml -> backend name.
 DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistral", 8004: "anthropic",
                  8005: "ollama", 8011: "vllm-0", 8012: "vllm-1", 8013: "vllm-2", 8014: "vllm-3"}
@@ -181,7 +188,8 @@ class Stack:
                  ext_proc_args: list[str] | None = None, simulator_args: dict[str, list[str]] | None = None,
                  key_dirs: list[Path] | None = None, data_dir: Path | None = None,
                  stream_guard_args: list[str] | None = None, ext_proc_env: dict[str, str] | None = None,
-                 ext_proc_replicas: int = 1, adjust_pools=None):
+                 ext_proc_replicas: int = 1, adjust_pools=None, inference_pool: bool = False,
+                 adjust_inference_pool=None):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
@@ -195,11 +203,16 @@ class Stack:
         Envoy side by side, `ext-proc`, `ext-proc-2`... each with its own ports and data
         directory (`<data_dir>-2`...), sharing what `ext_proc_args` name (Redis, object storage).
         `adjust_pools` may change ext-proc's pools file (envoy/pools.json, parsed, with demo
-        ports) before ext-proc starts, as tests do to set a small `max_waiting`."""
+        ports) before ext-proc starts, as tests do to set a small `max_waiting`.
+
+        `inference_pool` also starts a second Envoy from envoy/inference-pool.yaml (a Gateway API
+        data plane for the demo pool, `inference-gateway`), with ext-proc serving the endpoint-picker
+        protocol for it; `adjust_inference_pool` may change that configuration first."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
-                                                       INNER_LISTENER_PORT, *DEMO_BACKENDS]}
+                                                       INNER_LISTENER_PORT, INFERENCE_LISTENER_PORT,
+                                                       INFERENCE_ADMIN_PORT, ENDPOINT_PICKER_PORT, *DEMO_BACKENDS]}
         self.ports[LISTENER_PORT] = listen_port or pick(LISTENER_PORT)
         self.listen_port_given = listen_port is not None
         self.log_level = log_level
@@ -213,6 +226,8 @@ class Stack:
         self.ext_proc_env = ext_proc_env or {}
         self.ext_proc_replicas = ext_proc_replicas
         self.adjust_pools = adjust_pools
+        self.inference_pool = inference_pool
+        self.adjust_inference_pool = adjust_inference_pool
         # The replicas after the first have ports of their own, named for them: `ext-proc-2:admin`.
         for name in self.ext_proc_names[1:]:
             self.ports.update({f"{name}:grpc": free_port(), f"{name}:admin": free_port()})
@@ -233,6 +248,16 @@ class Stack:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def inference_base_url(self) -> str:
+        """The OpenAI API through envoy/inference-pool.yaml's Envoy (with `inference_pool`)."""
+        return f"http://127.0.0.1:{self.ports[INFERENCE_LISTENER_PORT]}/v1"
+
+    @property
+    def endpoint_picker_address(self) -> str:
+        """ext-proc's endpoint-picker port (gRPC), with `inference_pool`."""
+        return f"127.0.0.1:{self.ports[ENDPOINT_PICKER_PORT]}"
 
     @property
     def admin_url(self) -> str:
@@ -298,9 +323,14 @@ class Stack:
             for attempt in range(5):
                 for name in self.ext_proc_names:
                     listen, admin = self.ext_proc_ports(name)
+                    # The first ext-proc is the inference gateway's endpoint picker, when there is one.
+                    picker = [ENDPOINT_PICKER_PORT] if self.inference_pool and name == "ext-proc" else []
                     data_dir = self.data_dir if name == "ext-proc" else f"{self.data_dir}-{name.rsplit('-', 1)[1]}"
-                    self.serve(name, [listen, admin], lambda listen=listen, admin=admin, data_dir=data_dir: ext_proc(
-                        self.ports[listen], self.ports[admin], data_dir), {**backend_keys, **self.ext_proc_env})
+                    self.serve(name, [listen, admin, *picker], lambda listen=listen, admin=admin, data_dir=data_dir,
+                               picker=picker: [*ext_proc(self.ports[listen], self.ports[admin], data_dir), *(
+                                   [f"--epp-listen=127.0.0.1:{self.ports[ENDPOINT_PICKER_PORT]}",
+                                    f"--epp-pool={INFERENCE_POOL}"] if picker else [])],
+                               {**backend_keys, **self.ext_proc_env})
                 self.serve("stream-guard", [STREAM_GUARD_PORT], lambda: [
                     str(BIN / "modelgate-stream-guard"), "--worker-threads", "1",
                     "--listen", f"127.0.0.1:{self.ports[STREAM_GUARD_PORT]}",
@@ -308,6 +338,11 @@ class Stack:
                     backend_keys)
                 try:
                     self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_envoy)
+                    if self.inference_pool:
+                        # Its own listener and admin stand where start_envoy looks for the demo's.
+                        self.start_envoy("inference-gateway", INFERENCE_POOL_CONFIG, {
+                            **self.ports, LISTENER_PORT: self.ports[INFERENCE_LISTENER_PORT],
+                            ADMIN_PORT: self.ports[INFERENCE_ADMIN_PORT]}, self.adjust_inference_pool)
                     break
                 except RuntimeError as e:
                     # One of Envoy's free ports was taken meanwhile (Stack.serve says how). The
@@ -317,8 +352,9 @@ class Stack:
                         raise
                     for name in [*self.ext_proc_names, "stream-guard"]:
                         self.kill(name)
-                    self.processes = [(n, p) for n, p in self.processes if n != "envoy"]
-                    for demo in [LISTENER_PORT, INNER_LISTENER_PORT, ADMIN_PORT]:
+                    self.processes = [(n, p) for n, p in self.processes if n not in ("envoy", "inference-gateway")]
+                    for demo in [LISTENER_PORT, INNER_LISTENER_PORT, ADMIN_PORT, INFERENCE_LISTENER_PORT,
+                                 INFERENCE_ADMIN_PORT]:
                         self.ports[demo] = free_port()
         except BaseException:
             self.stop()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from devstack import (DEMO_ANTHROPIC_KEY, EXT_PROC_ADMIN_PORT, EXT_PROC_PORT, INNER_LISTENER_PORT,  # noqa: E402,F401
-                      S3, STREAM_GUARD_PORT, Redis, Stack, allow_backend_clusters, edit_filter_config, free_port,
+                      POOL_REPLICAS, S3, STREAM_GUARD_PORT, Redis, Stack, allow_backend_clusters, edit_filter_config, free_port,
                       http_connection_manager)
 
 SPEC_PATH = Path(os.environ.get("OPENAI_OPENAPI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))

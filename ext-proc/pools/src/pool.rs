@@ -62,7 +62,8 @@ impl ReplicaState {
 
     /// Whether it serves `model`: `None` when it is not known.
     fn serves(&self, model: &str, metrics: &ReplicaMetrics) -> Option<bool> {
-        if metrics.active_loras.contains(model) {
+        // A request naming no model (`GET /v1/models` through the endpoint picker) is for any.
+        if model.is_empty() || metrics.active_loras.contains(model) {
             return Some(true);
         }
         self.models.as_ref().map(|models| models.contains(model))
@@ -72,7 +73,8 @@ impl ReplicaState {
 /// What a request asks of the picker.
 #[derive(Debug, Default)]
 pub struct PickRequest<'a> {
-    /// The model as the replica will see it (after any rename).
+    /// The model as the replica will see it (after any rename); empty when
+    /// the request names none, which any replica serves.
     pub model: &'a str,
     /// The prompt's bytes, for the prefix index.
     pub prompt: &'a [u8],
@@ -359,6 +361,12 @@ impl Pool {
                 usize::try_from(tokens.saturating_mul(defaults::BYTES_PER_TOKEN) / block_bytes).unwrap_or(usize::MAX)
             })
         })
+    }
+
+    /// Whether some replica may be picked: one whose metrics were read within
+    /// `stale_after_ms`.
+    pub fn is_ready(&self, now: Instant) -> bool {
+        self.replicas.iter().any(|r| r.is_ready(now, self.stale_after()))
     }
 
     /// The models and adapters the pool's ready replicas serve, when discovery is on.

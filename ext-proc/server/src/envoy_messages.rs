@@ -1,6 +1,7 @@
 //! Building ext_proc answers: the wire-level details of Envoy's protocol, kept
 //! out of the code that decides what to answer.
 
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{BodySendMode, HeaderSendMode};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
@@ -8,15 +9,16 @@ use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation::Mutation, processing_request::Request, processing_response::Response, BodyMutation, BodyResponse,
     CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders, ImmediateResponse, ProcessingResponse,
-    TrailersResponse,
+    StreamedBodyResponse, TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use modelgate_dialects::dialect::HeaderChanges;
 use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::headers::DESTINATION_ENDPOINT;
 
-/// The dynamic metadata namespace Envoy's load balancers read the chosen endpoint from.
-const LB_NAMESPACE: &str = "envoy.lb";
+/// The dynamic metadata namespace Envoy's load balancers read the chosen
+/// endpoint from, and the one a data plane reports the served endpoint in.
+pub const LB_NAMESPACE: &str = "envoy.lb";
 
 /// The value of a request header Envoy sent, if present.
 pub fn header<'a>(headers: &'a HttpHeaders, name: &str) -> Option<&'a [u8]> {
@@ -116,19 +118,19 @@ pub fn replace_response_piece(piece: Vec<u8>) -> ProcessingResponse {
 
 /// Ends the request with an OpenAI error envelope.
 pub fn reject(err: &GatewayError) -> ProcessingResponse {
-    reject_for(err, None)
+    reject_with(err, None)
 }
 
-/// Ends the request with an OpenAI error envelope, and a `retry-after` when
-/// the refusal says how long to wait.
-pub fn reject_for(err: &GatewayError, retry_after_secs: Option<u64>) -> ProcessingResponse {
-    let retry_after = retry_after_secs.map(|secs| secs.to_string());
+/// Ends the request with an OpenAI error envelope and, when given, a
+/// `retry-after` of that many seconds (a request shed by the endpoint picker).
+pub fn reject_with(err: &GatewayError, retry_after_secs: Option<u64>) -> ProcessingResponse {
+    let retry_after = retry_after_secs.map(|secs| ("retry-after", secs.to_string()));
     respond(Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus { code: i32::from(err.status) }),
         headers: Some(HeaderMutation {
-            set_headers: std::iter::once(("content-type", "application/json"))
-                .chain(retry_header(err.should_retry()))
-                .chain(retry_after.as_deref().map(|secs| ("retry-after", secs)))
+            set_headers: std::iter::once(("content-type", "application/json".to_string()))
+                .chain(retry_header(err.should_retry()).map(|(name, value)| (name, value.to_string())))
+                .chain(retry_after)
                 .map(|(name, value)| set_header(name, value.as_bytes()))
                 .collect(),
             ..Default::default()
@@ -144,11 +146,51 @@ pub fn reject_for(err: &GatewayError, retry_after_secs: Option<u64>) -> Processi
 /// API Inference Extension's data planes read them; the header of the same
 /// name is among the answer's header changes.
 pub fn with_destination(mut answer: ProcessingResponse, destination: &str) -> ProcessingResponse {
-    let text = |s: &str| Value { kind: Some(Kind::StringValue(s.to_string())) };
-    let endpoint = Struct { fields: [(DESTINATION_ENDPOINT.to_string(), text(destination))].into() };
-    let lb = Value { kind: Some(Kind::StructValue(endpoint)) };
-    answer.dynamic_metadata = Some(Struct { fields: [(LB_NAMESPACE.to_string(), lb)].into() });
+    answer.dynamic_metadata = Some(destination_metadata(destination));
     answer
+}
+
+/// `{"envoy.lb": {"x-gateway-destination-endpoint": destination}}`
+pub fn destination_metadata(destination: &str) -> Struct {
+    let value = |kind| Value { kind: Some(kind) };
+    let endpoint = Struct {
+        fields: [(DESTINATION_ENDPOINT.to_string(), value(Kind::StringValue(destination.to_string())))].into(),
+    };
+    Struct { fields: [(LB_NAMESPACE.to_string(), value(Kind::StructValue(endpoint)))].into() }
+}
+
+/// Continues the request headers with `header` set to `value`, replacing any
+/// copy the client sent (appended to, the client's would come first), and
+/// emits `metadata` as dynamic metadata.
+pub fn set_request_header_with_metadata(header: &str, value: &str, metadata: Struct) -> ProcessingResponse {
+    let mut set = set_header(header, value.as_bytes());
+    set.append_action = HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
+    let mut answer = respond(Response::RequestHeaders(HeadersResponse {
+        response: Some(CommonResponse {
+            header_mutation: Some(HeaderMutation { set_headers: vec![set], ..Default::default() }),
+            ..Default::default()
+        }),
+    }));
+    answer.dynamic_metadata = Some(metadata);
+    answer
+}
+
+/// Sends one piece of a body on, unchanged, in the `FULL_DUPLEX_STREAMED`
+/// mode (where every piece Envoy sends must come back this way).
+pub fn stream_body_piece(request: bool, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+    let piece = BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
+                    body,
+                    end_of_stream,
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        }),
+    };
+    respond(if request { Response::RequestBody(piece) } else { Response::ResponseBody(piece) })
 }
 
 /// Lets a message through unchanged. Envoy requires one answer per message, so

@@ -136,7 +136,7 @@ impl PoolRoute {
                 envoy_messages::with_destination(forward(upstream), &destination)
             }
             Err(refusal) => {
-                envoy_messages::reject_for(&refusal.to_error(self.pool.name(), model), refusal.retry_after_secs())
+                envoy_messages::reject_with(&refusal.to_error(self.pool.name(), model), refusal.retry_after_secs())
             }
         }
     }

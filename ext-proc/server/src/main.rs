@@ -7,7 +7,7 @@ use modelgate_batch::args::BatchArgs;
 use modelgate_batch::Batches;
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::pools_admin::{self, PoolMetrics};
-use modelgate_ext_proc::service::{self, Processor, DEFAULT_MAX_MESSAGE_BYTES};
+use modelgate_ext_proc::service::{self, PoolPicker, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_pools::Pools;
 use modelgate_proto::clock;
 use modelgate_runtime::internal_token::{InternalToken, InternalTokenArgs};
@@ -70,6 +70,14 @@ struct Args {
     /// see docs/pools.md). A backend names its pool with `pool` in the filter's configuration.
     #[arg(long, env = "MODELGATE_POOLS")]
     pools: Option<PathBuf>,
+    /// Address of the endpoint-picker protocol's gRPC service (the Gateway API
+    /// Inference Extension's, for an InferencePool), with gRPC health checks;
+    /// unset, none is served. It takes no internal token: see docs/deployment.md.
+    #[arg(long, env = "MODELGATE_EPP_LISTEN", requires = "epp_pool")]
+    epp_listen: Option<SocketAddr>,
+    /// The pool of `--pools` whose replicas the endpoint-picker service picks.
+    #[arg(long, env = "MODELGATE_EPP_POOL", requires = "epp_listen")]
+    epp_pool: Option<String>,
     #[command(flatten)]
     process: ProcessArgs,
 }
@@ -105,6 +113,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(path) => Pools::from_file(path)?,
             None => Pools::default(),
         });
+        let endpoint_picker = match (args.epp_listen, &args.epp_pool) {
+            (Some(listen), Some(name)) => {
+                let pool = pools.get(name).ok_or_else(|| format!("--epp-pool `{name}` is not a pool of --pools"))?;
+                Some((listen, Arc::clone(pool)))
+            }
+            _ => None,
+        };
         let batches = Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), secret, token.clone())?;
         let admin = Admin::with_usage(usage).with_collector(Box::new(PoolMetrics(Arc::clone(&pools))));
         let admin = routes::router(Arc::new(admin), limits, token.clone())
@@ -131,6 +146,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await
                 .map_err(Box::<dyn std::error::Error>::from)
         };
+        let endpoint_picker = async {
+            let Some((listen, pool)) = endpoint_picker else { return Ok(()) };
+            tracing::info!(listen = %listen, pool = pool.name(), "endpoint picker listening");
+            let (reporter, health) = tonic_health::server::health_reporter();
+            let picker =
+                service::endpoint_picker_server(PoolPicker { pool: Arc::clone(&pool) }, args.max_message_bytes);
+            let serve = tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(picker)
+                .serve_with_shutdown(listen, shutdown.asked());
+            let (served, ()) = tokio::join!(serve, service::report_health(reporter, pool, shutdown.asked()));
+            served.map_err(Box::<dyn std::error::Error>::from)
+        };
         let scrapers = async {
             modelgate_pools::scrape::run(Arc::clone(&pools), shutdown.asked()).await;
             Ok(())
@@ -141,7 +169,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         };
         let deadline = args.process.shutdown_deadline();
-        match shutdown.drain(async { tokio::try_join!(grpc, admin, runner, scrapers) }, deadline).await {
+        match shutdown.drain(async { tokio::try_join!(grpc, admin, runner, scrapers, endpoint_picker) }, deadline).await
+        {
             Some(served) => {
                 served?;
             }
