@@ -96,6 +96,8 @@ pub struct Routing {
     pub profile: Option<String>,
     /// The client's API key goes on to the backend.
     pub forwards_client_key: bool,
+    /// The backend is a self-hosted pool whose replica ext-proc's picker chooses.
+    pub picked: bool,
     /// For a stream sent through the stream guard (then `cluster`): the backend's cluster.
     pub stream_cluster: Option<String>,
     /// For a model with fallbacks: the chain the stream guard tries (then `cluster`).
@@ -107,8 +109,10 @@ pub struct Routing {
 impl Routing {
     /// Where the backend's profile goes: to ext_proc, or for a stream through
     /// the stream guard to the guard, which then rewrites it without ext_proc.
+    /// A pool's stream still goes to ext_proc, whose picker names its replica
+    /// (and which rewrites it) before the guard relays it.
     pub fn profile_header(&self) -> &'static str {
-        if self.stream_cluster.is_some() {
+        if self.stream_cluster.is_some() && !self.picked {
             headers::STREAM_BACKEND
         } else {
             headers::BACKEND
@@ -282,12 +286,11 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         .filter(|_| may_use(caller, &fields.model))
         .ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
     // A chain goes to the stream guard whole or streamed; the chain names each backend's cluster.
-    // A pool's streams go through ext_proc, whose picker chooses their replica.
-    let guarded = fields.stream && target.chain.is_none() && target.pool.is_none();
-    let (cluster, stream_cluster) = match router.stream_guard_cluster().filter(|_| guarded) {
-        Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
-        None => (target.cluster.clone(), None),
-    };
+    let (cluster, stream_cluster) =
+        match router.stream_guard_cluster().filter(|_| fields.stream && target.chain.is_none()) {
+            Some(guard) => (guard.to_string(), Some(target.cluster.clone())),
+            None => (target.cluster.clone(), None),
+        };
     Ok(Routing {
         model: fields.model.clone(),
         exact_route: router.names_exactly(&fields.model),
@@ -299,6 +302,7 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         cluster,
         profile: target.profile.clone(),
         forwards_client_key: target.forwards_client_key,
+        picked: target.pool.is_some(),
         stream_cluster,
         chain: target.chain.as_ref().map(|chain| chain.for_request(fields.stream).to_owned()),
         tokens: if limits_tokens { fields.token_estimate(body) } else { TokenEstimate::default() },
@@ -503,6 +507,7 @@ mod tests {
                 cluster: "cluster_a".into(),
                 profile: None,
                 forwards_client_key: false,
+                picked: false,
                 stream_cluster: None,
                 chain: None,
                 tokens: TokenEstimate::default()
@@ -521,6 +526,7 @@ mod tests {
                 cluster: "cluster_b".into(),
                 profile: Some(r#"{"model":"qwen-7b"}"#.into()),
                 forwards_client_key: false,
+                picked: false,
                 stream_cluster: None,
                 chain: None,
                 tokens: TokenEstimate::default()
@@ -529,7 +535,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pools_streams_go_to_ext_proc_whose_picker_chooses_their_replica() {
+    fn a_pools_streams_are_picked_by_ext_proc_then_guarded_by_the_stream_guard() {
         let r = Router::from_json(
             br#"{"stream_guard_cluster": "guard",
                 "backends": {"p": {"cluster": "vllm_pool", "pool": "vllm-pool"}},
@@ -537,7 +543,7 @@ mod tests {
         )
         .unwrap();
         let stream = on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap();
-        assert_eq!((stream.cluster.as_str(), stream.stream_cluster.as_deref()), ("vllm_pool", None));
+        assert_eq!((stream.cluster.as_str(), stream.stream_cluster.as_deref()), ("guard", Some("vllm_pool")));
         assert_eq!(stream.profile_header(), headers::BACKEND);
         assert_eq!(stream.profile.as_deref(), Some(r#"{"pool":"vllm-pool"}"#));
     }
@@ -563,6 +569,7 @@ mod tests {
                 cluster: "guard".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
+                picked: false,
                 stream_cluster: Some("cluster_a".into()),
                 chain: None,
                 tokens: TokenEstimate::default()
@@ -585,6 +592,7 @@ mod tests {
                 cluster: "cluster_a".into(),
                 profile: Some(r#"{"model":"n"}"#.into()),
                 forwards_client_key: false,
+                picked: false,
                 stream_cluster: None,
                 chain: None,
                 tokens: TokenEstimate::default()

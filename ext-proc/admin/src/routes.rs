@@ -386,10 +386,7 @@ fn bad_debit_id(id: &str, debit: bool) -> Option<GatewayError> {
 }
 
 /// 405 for a known path called with another method than `allowed`.
-/// The answer to a method the path does not take.
-pub fn only(
-    allowed: &'static str,
-) -> impl Fn(Method, Uri) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+fn only(allowed: &'static str) -> impl Fn(Method, Uri) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
     move |method: Method, uri: Uri| {
         let error = GatewayError::method_not_allowed(method.as_str(), uri.path(), allowed);
         let mut response = error_response(&error);
@@ -412,7 +409,7 @@ fn body_error(rejection: &BytesRejection) -> Response {
 }
 
 /// An error as the admin port answers it: the OpenAI envelope.
-pub fn error_response(error: &GatewayError) -> Response {
+fn error_response(error: &GatewayError) -> Response {
     let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = json_response(status, error.to_json());
     if status == StatusCode::SERVICE_UNAVAILABLE {

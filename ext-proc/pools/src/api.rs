@@ -3,7 +3,10 @@
 //! - `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`: an admin
 //!   key's LoRA operation ([`crate::operations`]), which the filter let through;
 //! - `GET /v1/pools/models`: the models each discovering pool's replicas
-//!   serve ([`PoolModels`]), which the filter merges into `/v1/models`.
+//!   serve ([`PoolModels`]), which the filter merges into `/v1/models`;
+//! - `GET /v1/pools`: each pool as the picker sees it (settings, and each
+//!   replica's readiness, last metrics, requests in flight, picks, models),
+//!   for operators.
 //!
 //! Only a caller presenting the internal token is served, as on the rest of the port.
 
@@ -22,6 +25,7 @@ use modelgate_proto::headers::{self, INTERNAL_TOKEN};
 use modelgate_proto::models::{PoolModels, POOL_MODELS_PATH};
 use modelgate_runtime::internal_token::InternalToken;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Largest operation body: vLLM's is a name and a path.
 const MAX_OPERATION_BYTES: usize = 64 << 10;
@@ -39,6 +43,7 @@ pub fn router(pools: Arc<Pools>, token: InternalToken) -> Router {
         .route("/v1/load_lora_adapter", post(load))
         .route("/v1/unload_lora_adapter", post(unload))
         .route(POOL_MODELS_PATH, get(pool_models))
+        .route("/v1/pools", get(snapshot))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&api), only_envoy))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_OPERATION_BYTES))
         .with_state(api)
@@ -78,6 +83,12 @@ async fn operate(api: &Api, action: Action, request: Request) -> Response {
 async fn pool_models(State(api): State<Arc<Api>>) -> Json<PoolModels> {
     let pools = api.pools.iter().filter(|pool| pool.config().discover_models);
     Json(PoolModels { pools: pools.map(|pool| (pool.name().to_string(), pool.models())).collect() })
+}
+
+async fn snapshot(State(api): State<Arc<Api>>) -> Json<serde_json::Value> {
+    let now = Instant::now();
+    let pools: Vec<_> = api.pools.iter().map(|pool| pool.snapshot(now)).collect();
+    Json(serde_json::json!({"object": "list", "data": pools}))
 }
 
 fn error_response(error: &GatewayError) -> Response {
@@ -127,7 +138,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_envoy_is_served() {
-        for (method, path) in [("GET", POOL_MODELS_PATH), ("POST", "/v1/load_lora_adapter")] {
+        for (method, path) in [("GET", POOL_MODELS_PATH), ("GET", "/v1/pools"), ("POST", "/v1/load_lora_adapter")] {
             let (status, body) = call(request(method, path, None, "{}")).await;
             assert_eq!(
                 (status, body["error"]["code"].as_str()),
@@ -142,6 +153,15 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         // Its replica has no fresh metrics: it serves nothing the picker would pick.
         assert_eq!(body, serde_json::json!({"pools": {"vp": []}}));
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_lists_every_pool_and_its_replicas() {
+        let (status, body) = call(request("GET", "/v1/pools", Some("tok"), "")).await;
+        assert_eq!((status, body["object"].as_str()), (StatusCode::OK, Some("list")));
+        let names: Vec<&str> = body["data"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+        assert_eq!(names, ["plain", "vp"]);
+        assert_eq!(body["data"][1]["replicas"][0]["ready"], false, "never scraped");
     }
 
     #[tokio::test]

@@ -23,12 +23,18 @@ pub async fn run(pools: Arc<Pools>, stop: impl Future<Output = ()>) {
         for replica in pool.replicas() {
             let config = pool.config();
             let metrics_url = format!("http://{}{}", replica.address, config.metrics_path);
+            // A read may take up to half the time its replica has before it counts as
+            // stale: on a busy machine a slow read is not yet a failing replica, while a
+            // hung one is still seen failing in time. Reads never overlap.
+            let patience = Duration::from_millis(config.stale_after_ms) / 2;
             let every = Duration::from_millis(config.scrape_interval_ms);
-            loops.spawn(keep_reading(Arc::clone(pool), Arc::clone(replica), metrics_url, every, read_metrics));
+            let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
+            loops.spawn(keep_reading(pool_, replica_, metrics_url, every, every.max(patience), read_metrics));
             if config.discover_models {
                 let models_url = format!("http://{}/v1/models", replica.address);
                 let every = Duration::from_millis(config.models_interval_ms);
-                loops.spawn(keep_reading(Arc::clone(pool), Arc::clone(replica), models_url, every, read_models));
+                let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
+                loops.spawn(keep_reading(pool_, replica_, models_url, every, every.max(patience), read_models));
             }
         }
     }
@@ -39,11 +45,16 @@ pub async fn run(pools: Arc<Pools>, stop: impl Future<Output = ()>) {
 /// What one read of a replica's page does with the page: `Err` is a failure.
 type Apply = fn(&Replica, &[u8]) -> Result<(), String>;
 
-/// Reads `url` every `every` (each read given less than that), until aborted.
-async fn keep_reading(pool: Arc<Pool>, replica: Arc<Replica>, url: String, every: Duration, apply: Apply) {
-    // A read never outlives its turn, so one slow replica does not delay
-    // the reading of its state, and a hung one is seen as failing.
-    let client = match reqwest::Client::builder().timeout(every.mul_f64(0.9)).build() {
+/// Reads `url` every `every` (a read given at most `timeout`), until aborted.
+async fn keep_reading(
+    pool: Arc<Pool>,
+    replica: Arc<Replica>,
+    url: String,
+    every: Duration,
+    timeout: Duration,
+    apply: Apply,
+) {
+    let client = match reqwest::Client::builder().timeout(timeout).build() {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(pool = pool.name(), url, error = %e, "cannot build an HTTP client to read a replica");

@@ -9,5 +9,5 @@
 pub mod endpoint_picker;
 pub mod envoy_messages;
 pub mod exchange;
-pub mod pools_admin;
+pub mod pool_metrics;
 pub mod service;

@@ -6,7 +6,7 @@ use modelgate_admin::usage_store::{Dedup, Ledger, RedisUsage, Usage};
 use modelgate_batch::args::BatchArgs;
 use modelgate_batch::Batches;
 use modelgate_dialects::credentials::KeySourceArgs;
-use modelgate_ext_proc::pools_admin::{self, PoolMetrics};
+use modelgate_ext_proc::pool_metrics::PoolMetrics;
 use modelgate_ext_proc::service::{self, PoolPicker, Processor, DEFAULT_MAX_MESSAGE_BYTES};
 use modelgate_pools::Pools;
 use modelgate_proto::clock;
@@ -124,7 +124,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let admin = Admin::with_usage(usage).with_collector(Box::new(PoolMetrics(Arc::clone(&pools))));
         let admin = routes::router(Arc::new(admin), limits, token.clone())
             .merge(batches.api())
-            .merge(pools_admin::router(Arc::clone(&pools), token.clone()))
             .merge(modelgate_pools::api::router(Arc::clone(&pools), token.clone()));
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 

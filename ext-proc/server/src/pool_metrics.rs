@@ -1,53 +1,16 @@
-//! The endpoint picker on ext-proc's admin port:
-//!
-//! - `GET /v1/pools`: each pool as the picker sees it (settings, and each
-//!   replica's readiness, last metrics, requests in flight, picks, models),
-//!   for callers presenting the internal token, as the other admin paths
-//!   that are not metrics.
-//! - In `/metrics`, through [`PoolMetrics`]: picks per replica, refusals per
-//!   kind, requests in flight and readiness. Every label comes from the pools
-//!   file (pool, replica address) or is one of a fixed set (refusal kind),
-//!   so the series are bounded.
+//! The endpoint picker's counters in the admin port's `/metrics`: picks per
+//! replica, refusals per kind, requests in flight and readiness. Every label
+//! comes from the pools file (pool, replica address) or is one of a fixed set
+//! (refusal kind), so the series are bounded.
 
-use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use modelgate_admin::routes::{error_response, only};
 use modelgate_pools::Pools;
-use modelgate_proto::headers::INTERNAL_TOKEN;
-use modelgate_runtime::internal_token::InternalToken;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
-use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
-
-struct PoolsApi {
-    pools: Arc<Pools>,
-    token: InternalToken,
-}
-
-pub fn router(pools: Arc<Pools>, token: InternalToken) -> Router {
-    Router::new()
-        .route("/v1/pools", get(get_pools).fallback(only("GET")))
-        .with_state(Arc::new(PoolsApi { pools, token }))
-}
-
-async fn get_pools(State(api): State<Arc<PoolsApi>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = api.token.check(headers.get(INTERNAL_TOKEN).map(|v| v.as_bytes())) {
-        return error_response(&refused);
-    }
-    Json(snapshot(&api.pools, Instant::now())).into_response()
-}
-
-fn snapshot(pools: &Pools, now: Instant) -> Value {
-    json!({"object": "list", "data": pools.iter().map(|pool| pool.snapshot(now)).collect::<Vec<_>>()})
-}
 
 /// The picker's counters, read from the pools at each scrape.
 #[derive(Debug)]
@@ -144,15 +107,5 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
         drop(picked);
-    }
-
-    #[test]
-    fn the_snapshot_lists_every_pool_and_its_replicas() {
-        let snapshot = snapshot(&pools(), Instant::now());
-        assert_eq!(snapshot["object"], "list");
-        let pool = &snapshot["data"][0];
-        assert_eq!(pool["name"], "p");
-        let ready: Vec<&Value> = pool["replicas"].as_array().unwrap().iter().map(|r| &r["ready"]).collect();
-        assert_eq!(ready, [&json!(true), &json!(false)]);
     }
 }
