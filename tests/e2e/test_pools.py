@@ -145,6 +145,19 @@ def test_streams_are_picked_too(gateway):
     assert len(replicas) == 1, f"one system prompt's streams went to {replicas}"
 
 
+def test_a_replica_breaking_off_a_stream_ends_it_with_an_openai_error_event(gateway):
+    """Picked on the listener, a pool's stream is still relayed by the stream guard."""
+    received = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in sdk(gateway).chat.completions.create(
+                model=MODEL, stream=True, messages=[{"role": "user", "content": "hello"}],
+                extra_headers={"x-sim-abort-after": "2"}):
+            received.append(chunk.choices[0].delta.content)
+    assert received == ["", "This", " is"]
+    assert type(err.value) is openai.APIError
+    assert err.value.body["code"] == "stream_interrupted"
+
+
 def test_the_count_in_flight_lasts_until_the_answer_ends(gateway):
     """The picker counts a request in flight on its replica from the pick until its answer
     has ended, though ext-proc sees nothing of a pool's answers."""
