@@ -636,7 +636,9 @@ Try it:
   The same call works with model="claude-sonnet-4-5" (a simulated Anthropic API,
   translated), model="llama3.2" (a simulated Ollama, translated) and
   model="resilient-llama" (three backends tried in turn; the answer's modelgate-backend
-  header says which served).
+  header says which served), and model="qwen3-8b" (a pool of four simulated vLLM
+  replicas; ext-proc's endpoint picker chooses one per request by prefix cache, queue and
+  load, and the answer's x-sim-backend header says which).
 
 Ctrl-C stops everything.""", flush=True)
         while not stopping:
