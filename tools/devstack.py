@@ -69,10 +69,20 @@ def envoy_binary() -> str:
     return str(Path(envoy.__file__).parent / "_bin" / "envoy")
 
 
+# Every port `free_port` handed out in this process. The kernel may hand the same free port to two
+# calls in a row; two servers of one stack would then share it, and the second, failing to bind,
+# would go unnoticed while the first answers on it.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _die_with_parent() -> None:
