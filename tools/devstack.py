@@ -52,8 +52,11 @@ DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistra
 # The replicas of the demo's self-hosted pool (envoy/pools.json), and how each is started.
 POOL_REPLICAS = ["vllm-0", "vllm-1", "vllm-2", "vllm-3"]
 POOL_REPLICA_ARGS = ["--model", "qwen3-8b"]
-# The demo's Anthropic backend takes its key from ext-proc's environment, as a real one would.
+# The demo's Anthropic backend reads its key from a file in DEMO_KEY_DIR, where Kubernetes mounts
+# the Secret (rotation needs no restart); each stack writes it into a directory of its own, from
+# ANTHROPIC_API_KEY when set.
 DEMO_ANTHROPIC_KEY = "sk-ant-demo-key"
+DEMO_KEY_DIR = "/run/secrets/modelgate"
 # The internal token written in demo.yaml; each stack replaces it with a fresh one.
 DEMO_INTERNAL_TOKEN = "modelgate-demo-internal-token"
 
@@ -162,13 +165,16 @@ def render_pools(template: Path, ports: dict[int | str, int], adjust=None) -> st
     return json.dumps(pools, indent=2)
 
 
-def render_config(template: Path, ports: dict[int | str, int], adjust=None, internal_token: str | None = None) -> str:
-    """The Envoy YAML with demo ports remapped, the wasm path made absolute and the demo's
-    internal token replaced by `internal_token`; `adjust`, if given, may change the parsed
-    configuration first."""
+def render_config(template: Path, ports: dict[int | str, int], adjust=None, internal_token: str | None = None,
+                  key_dir: Path | None = None) -> str:
+    """The Envoy YAML with demo ports remapped, the wasm path made absolute, the demo's
+    internal token replaced by `internal_token` and its key directory by `key_dir`; `adjust`,
+    if given, may change the parsed configuration first."""
     text = template.read_text()
     if internal_token:
         text = text.replace(DEMO_INTERNAL_TOKEN, internal_token)
+    if key_dir:
+        text = text.replace(f"{DEMO_KEY_DIR}/", f"{key_dir}/")
     config = yaml.safe_load(text)
     if adjust:
         adjust(config)
@@ -250,6 +256,9 @@ class Stack:
         self.internal_token_file = self.workdir / "internal-token"
         self.internal_token_file.touch(mode=0o600)
         self.internal_token_file.write_text(self.internal_token)
+        self.key_dir = self.workdir / "keys"
+        self.key_dir.mkdir(mode=0o700)
+        (self.key_dir / "anthropic-api-key").write_text(os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY))
 
     @property
     def port(self) -> int:
@@ -317,10 +326,12 @@ class Stack:
         try:
             self.start_simulators()
             # Both rewrite requests for their backends (the guard those that stream), so both
-            # see the backends' keys, and may read only those: the demo's variable, and key files
-            # in `key_dirs`. Both serve only callers with the internal token.
+            # see the backends' keys, and may read only those: key files in the stack's key
+            # directory and in `key_dirs`, and the demo's variable (a source tests name). Both
+            # serve only callers with the internal token.
             backend_keys = {**os.environ, "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", DEMO_ANTHROPIC_KEY)}
-            trusted = ["--key-env", "ANTHROPIC_API_KEY", *[arg for d in self.key_dirs for arg in ("--key-dir", str(d))],
+            trusted = ["--key-env", "ANTHROPIC_API_KEY",
+                       *[arg for d in [self.key_dir, *self.key_dirs] for arg in ("--key-dir", str(d))],
                        "--internal-token-file", str(self.internal_token_file)]
             pools = self.workdir / "pools.json"
             pools.write_text(render_pools(DEMO_POOLS, self.ports, self.adjust_pools))
@@ -414,7 +425,7 @@ class Stack:
     def start_envoy(self, name: str, template: Path, ports: dict[int | str, int], adjust=None) -> None:
         """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
         config = self.workdir / f"{name}.yaml"
-        config.write_text(render_config(template, ports, adjust, self.internal_token))
+        config.write_text(render_config(template, ports, adjust, self.internal_token, self.key_dir))
         self.spawn(name, [envoy_binary(), "-c", str(config), "--concurrency", str(self.envoy_concurrency),
                            "--disable-hot-restart", "--log-level", self.log_level])
         deadline = time.monotonic() + 60
