@@ -1,22 +1,10 @@
 """Where the manifests and the CRDs they are checked against are."""
 
-from pathlib import Path
-
 import pytest
 
 import crd_schema
 import manifests
-
-REPO = Path(__file__).resolve().parents[2]
-MANIFESTS = REPO / "envoy" / "kubernetes"
-
-
-def crd_folder() -> Path | None:
-    """The shared CRDs beside the repository (a CI checkout has them there too), never copied."""
-    for folder in (REPO.parent / "shared" / "k8s-crds", Path("/work/shared/k8s-crds")):
-        if folder.is_dir():
-            return folder
-    return None
+from paths import MANIFESTS, REPO, crd_folder
 
 
 @pytest.fixture(scope="session")
