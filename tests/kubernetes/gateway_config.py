@@ -5,6 +5,7 @@ adds, the routes that carry the filter's cluster names, the internal token in ev
 holds it, and the pools file: the same gateway as the demo's, with names that resolve.
 """
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -166,6 +167,14 @@ def check_ext_proc(index: Index, demo: dict) -> list[Problem]:
     ]
 
 
+def _secret_value(secret: Document, key: str) -> str | None:
+    if key in (secret.body.get("stringData") or {}):
+        return secret.body["stringData"][key]
+    if key in (secret.body.get("data") or {}):
+        return base64.b64decode(secret.body["data"][key]).decode()
+    return None
+
+
 def check_token(index: Index) -> list[Problem]:
     """One internal token: the filter's, ext_proc's initial_metadata, the Secret's."""
     gateway = Gateway(index)
@@ -178,8 +187,8 @@ def check_token(index: Index) -> list[Problem]:
             if entry.get("key") == TOKEN_HEADER:
                 places.append((gateway.patch, f"spec.jsonPatches[{i}] ext_proc initial_metadata {TOKEN_HEADER}", entry.get("value")))
     for secret in index.of_kind("Secret"):
-        if secret.name == TOKEN_SECRET[0]:
-            value = (secret.body.get("stringData") or {}).get(TOKEN_SECRET[1])
+        value = _secret_value(secret, TOKEN_SECRET[1])
+        if secret.name == TOKEN_SECRET[0] and value is not None:  # a missing key: check_workloads
             places.append((secret, f"stringData.{TOKEN_SECRET[1]}", value))
     if not places:
         return []

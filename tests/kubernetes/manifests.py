@@ -1,5 +1,6 @@
 """Loading manifests, and checking each one alone as the API server would on create."""
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,19 @@ def _check_metadata(document: Document) -> list[Problem]:
     return problems
 
 
+_checked = {}
+
+
 def check_document(document: Document, crds: crd_schema.CrdCatalog) -> list[Problem]:
     """What the API server would refuse in this one resource, alone."""
+    # cel-python takes milliseconds a rule: a resource checked once is not checked again.
+    key = (id(crds), document.file, json.dumps(document.body, sort_keys=True))
+    if key not in _checked:
+        _checked[key] = _check_document(document, crds)
+    return _checked[key]
+
+
+def _check_document(document: Document, crds: crd_schema.CrdCatalog) -> list[Problem]:
     body = document.body
     for key in ("apiVersion", "kind"):
         if not isinstance(body.get(key), str) or not body[key]:
