@@ -2,10 +2,10 @@
 as a request that goes nowhere.
 
 Every check returns Problems, each naming the resource and field that hold the broken reference.
-Pods that the folder does not create are described here: Envoy Gateway's Envoy pods (their
-labels and ports: Envoy Gateway's proxy labels, /work/briefs/eg-xds.md) and the user's model
-servers (the pods the model-server Services select: their ports are whatever those Services
-target).
+Pods that the folder does not create are described here: Envoy Gateway's Envoy pods (the labels
+Envoy Gateway v1.9 gives them, internal/infrastructure/kubernetes/proxy/resource.go, and its
+ports) and the user's model servers (the pods the model-server Services select: their ports are
+whatever those Services target).
 """
 
 import re
@@ -175,11 +175,12 @@ def _check_backend_ref(index: Index, route: Document, ref: dict, path: str) -> l
 
 def _check_target(index: Index, policy: Document, ref: dict, path: str) -> list[Problem]:
     kind = ref["kind"]
-    target = index.get(kind, namespace_of(policy), ref["name"])
+    namespace = ref.get("namespace", namespace_of(policy))
+    target = index.get(kind, namespace, ref["name"])
     if kind == "Gateway" and ref["name"] in USER_GATEWAYS:
         return []
     if target is None:
-        return [policy.problem(path, f'{kind} "{ref["name"]}" does not exist in namespace {namespace_of(policy)}')]
+        return [policy.problem(path, f'{kind} "{ref["name"]}" does not exist in namespace {namespace}')]
     section = ref.get("sectionName")
     if section and kind == "Gateway":
         listeners = [listener["name"] for listener in target.body["spec"]["listeners"]]
@@ -188,12 +189,25 @@ def _check_target(index: Index, policy: Document, ref: dict, path: str) -> list[
     return []
 
 
+def _check_admitted(index: Index, route: Document, ref: dict, path: str) -> list[Problem]:
+    """A Gateway's listeners take routes from their own namespace only, unless they say otherwise."""
+    namespace = ref.get("namespace", namespace_of(route))
+    gateway = index.get("Gateway", namespace, ref["name"])
+    if gateway is None or namespace == namespace_of(route):
+        return []
+    listeners = [l for l in gateway.body["spec"]["listeners"] if ref.get("sectionName") in (None, l["name"])]
+    if all(l.get("allowedRoutes", {}).get("namespaces", {}).get("from", "Same") == "Same" for l in listeners):
+        return [route.problem(path, f"{gateway.label} admits routes from namespace {namespace} only (allowedRoutes)")]
+    return []
+
+
 def check_targets(index: Index) -> list[Problem]:
     """Routes' parentRefs, policies' targetRefs, a Gateway's class and a class's parameters."""
     problems = []
     for route in index.of_kind("HTTPRoute", "GRPCRoute"):
         for i, ref in enumerate(route.body["spec"].get("parentRefs", [])):
-            problems += _check_target(index, route, {"kind": "Gateway", **ref}, f"spec.parentRefs[{i}]")
+            errors = _check_target(index, route, {"kind": "Gateway", **ref}, f"spec.parentRefs[{i}]")
+            problems += errors or _check_admitted(index, route, ref, f"spec.parentRefs[{i}]")
     for policy in index.documents:
         spec = policy.body.get("spec") or {}
         refs = spec.get("targetRefs", []) + ([spec["targetRef"]] if "targetRef" in spec else [])
@@ -248,6 +262,8 @@ def check_network_policies(index: Index) -> list[Problem]:
             continue
         for i, rule in enumerate(spec.get("ingress", [])):
             for j, port in enumerate(rule.get("ports", [])):
+                if "endPort" in port or port.get("protocol", "TCP") != "TCP":
+                    continue  # a range (or UDP) admits ports by design, not one named port
                 if not any(pods.serve(port["port"]) for pods in selected):
                     problems.append(policy.problem(
                         f"spec.ingress[{i}].ports[{j}].port",

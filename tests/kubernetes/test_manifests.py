@@ -67,16 +67,63 @@ def test_the_modelgate_resources_are_all_there(documents):
     assert gateway.added(gateway_config.LISTENER_TYPE), "the patch policy adds no inner listener"
 
 
-KUSTOMIZATIONS = sorted(MANIFESTS.rglob("kustomization.yaml")) if MANIFESTS.is_dir() else []
+# What `kubectl apply -k` applies, for each kustomization of envoy/: with, for an overlay onto a
+# Gateway the user already runs, a stand-in for that Gateway under the overlay's placeholder names
+# (its Envoy Service named as the overlay's --gateway-url says).
+YOUR_GATEWAY = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: your-gateway-class}
+spec:
+  controllerName: gateway.envoyproxy.io/gatewayclass-controller
+  parametersRef: {group: gateway.envoyproxy.io, kind: EnvoyProxy, name: your-proxy, namespace: your-gateway-namespace}
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: EnvoyProxy
+metadata: {name: your-proxy, namespace: your-gateway-namespace}
+spec:
+  provider:
+    type: Kubernetes
+    kubernetes: {envoyService: {name: your-gateway-envoy-service}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: your-gateway, namespace: your-gateway-namespace}
+spec:
+  gatewayClassName: your-gateway-class
+  listeners:
+  - {name: http, protocol: HTTP, port: 80, allowedRoutes: {namespaces: {from: All}}}
+"""
+STAND_INS = {"envoy/kubernetes": "", "envoy/kubernetes-byo-gateway": YOUR_GATEWAY}
+KUSTOMIZATIONS = sorted(str(k.parent.relative_to(REPO)) for k in (REPO / "envoy").glob("*/kustomization.yaml"))
 
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda k: str(k.parent.relative_to(MANIFESTS)))
-def test_kustomize_output_validates(kustomization, crds, demo):
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+def test_kustomize_output_validates(folder, crds, demo):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not on PATH: kustomize output not checked")
-    built = subprocess.run(
-        [kubectl, "kustomize", str(kustomization.parent)], capture_output=True, text=True, check=True
-    ).stdout
-    documents = manifests.load_text(built, f"kubectl kustomize {kustomization.parent.relative_to(REPO)}")
+    assert folder in STAND_INS, f"a new kustomization: say what it expects to exist already (STAND_INS)"
+    built = subprocess.run([kubectl, "kustomize", str(REPO / folder)], capture_output=True, text=True, check=True).stdout
+    documents = manifests.load_text(built, f"kubectl kustomize {folder}")
+    documents += manifests.load_text(STAND_INS[folder], "stand-in")
     assert [str(p) for p in validate(documents, crds, demo)] == []
+
+
+def test_your_gateway_must_admit_modelgates_routes(crds, demo):
+    # The mistake the overlay's instructions warn of: a Gateway whose listener takes routes from
+    # its own namespace only (the Gateway API default) never serves modelgate's.
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH: kustomize output not checked")
+    folder = "envoy/kubernetes-byo-gateway"
+    built = subprocess.run([kubectl, "kustomize", str(REPO / folder)], capture_output=True, text=True, check=True).stdout
+    documents = manifests.load_text(built, folder)
+    documents += manifests.load_text(STAND_INS[folder].replace(", allowedRoutes: {namespaces: {from: All}}", ""), "stand-in")
+    found = [str(p) for p in validate(documents, crds, demo)]
+    routes = sorted(d.name for d in documents if d.kind == "HTTPRoute")
+    assert found == [
+        f"HTTPRoute modelgate/{name} ({folder}): spec.parentRefs[0]: Gateway your-gateway-namespace/your-gateway "
+        "(stand-in) admits routes from namespace your-gateway-namespace only (allowedRoutes)"
+        for name in routes
+    ]
