@@ -450,6 +450,72 @@ def check_service_addresses(index: Index) -> list[Problem]:
     return problems
 
 
+# Pod Security's `restricted` profile (kubernetes.io/docs/concepts/security/pod-security-standards).
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+def check_pod_security(index: Index) -> list[Problem]:
+    """Pods in a namespace that enforces Pod Security `restricted` meet it: the Deployment would be
+    accepted, and its pods refused."""
+    problems = []
+    for deployment in index.of_kind("Deployment"):
+        namespace = index.get("Namespace", "default", namespace_of(deployment))
+        labels = (namespace.body["metadata"].get("labels") or {}) if namespace else {}
+        if labels.get("pod-security.kubernetes.io/enforce") != "restricted":
+            continue
+        pod = deployment.body["spec"]["template"]["spec"]
+        base = "spec.template.spec"
+        pod_context = pod.get("securityContext") or {}
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(key):
+                problems.append(deployment.problem(f"{base}.{key}", "not allowed by Pod Security restricted"))
+        for i, volume in enumerate(pod.get("volumes", [])):
+            kinds = set(volume) - {"name"}
+            if not kinds <= _RESTRICTED_VOLUMES:
+                problems.append(deployment.problem(f"{base}.volumes[{i}]", f"{sorted(kinds)} volumes are not allowed by Pod Security restricted"))
+        for c, container in enumerate(pod.get("containers", []) + pod.get("initContainers", [])):
+            where = f"{base}.containers[{c}].securityContext"
+            context = container.get("securityContext") or {}
+
+            def setting(key):
+                return context.get(key, pod_context.get(key))
+
+            if setting("runAsNonRoot") is not True:
+                problems.append(deployment.problem(f"{where}.runAsNonRoot", "must be true (Pod Security restricted)"))
+            if setting("runAsUser") == 0:
+                problems.append(deployment.problem(f"{where}.runAsUser", "must not be 0 (Pod Security restricted)"))
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(deployment.problem(f"{where}.allowPrivilegeEscalation", "must be false (Pod Security restricted)"))
+            if context.get("privileged"):
+                problems.append(deployment.problem(f"{where}.privileged", "not allowed by Pod Security restricted"))
+            capabilities = context.get("capabilities") or {}
+            if "ALL" not in capabilities.get("drop", []):
+                problems.append(deployment.problem(f"{where}.capabilities.drop", "must include ALL (Pod Security restricted)"))
+            if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+                problems.append(deployment.problem(f"{where}.capabilities.add", "only NET_BIND_SERVICE (Pod Security restricted)"))
+            seccomp = (setting("seccompProfile") or {}).get("type")
+            if seccomp not in ("RuntimeDefault", "Localhost"):
+                problems.append(deployment.problem(f"{where}.seccompProfile.type", "must be RuntimeDefault or Localhost (Pod Security restricted)"))
+    return problems
+
+
+def check_termination_grace(index: Index) -> list[Problem]:
+    """Kubernetes waits for a process's own drain (--shutdown-deadline-secs) and a few seconds
+    more before it kills it: terminationGracePeriodSeconds is the deadline + 5."""
+    problems = []
+    for deployment in index.of_kind("Deployment"):
+        pod = deployment.body["spec"]["template"]["spec"]
+        for container in pod.get("containers", []):
+            deadlines = [int(a.split("=", 1)[1]) for a in container.get("args", []) if a.startswith("--shutdown-deadline-secs=")]
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            if deadlines and grace != deadlines[0] + 5:
+                problems.append(deployment.problem(
+                    "spec.template.spec.terminationGracePeriodSeconds",
+                    f"{grace}, but {container['name']} drains for {deadlines[0]} s (--shutdown-deadline-secs): make it {deadlines[0] + 5}",
+                ))
+    return problems
+
+
 CHECKS = [
     check_backend_refs,
     check_targets,
@@ -458,6 +524,8 @@ CHECKS = [
     check_disruption_budgets,
     check_workloads,
     check_service_addresses,
+    check_pod_security,
+    check_termination_grace,
 ]
 
 

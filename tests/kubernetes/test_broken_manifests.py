@@ -381,3 +381,21 @@ def test_service_address_in_arguments(broken, crds, demo):
         f"Deployment modelgate/modelgate-stream-guard (modelgate.yaml): spec.template.spec.containers[0].args[{i}]: "
         'Service "modelgate-envoy-inner" has no port 10002 (it has [10001])'
     ]
+
+
+def test_pod_the_namespaces_pod_security_refuses(broken, crds, demo):
+    del container(broken, "modelgate-stream-guard")["securityContext"]["allowPrivilegeEscalation"]
+    assert problems(broken, crds, demo) == [
+        "Deployment modelgate/modelgate-stream-guard (modelgate.yaml): "
+        "spec.template.spec.containers[0].securityContext.allowPrivilegeEscalation: must be false (Pod Security restricted)"
+    ]
+
+
+def test_termination_grace_shorter_than_the_drain(broken, crds, demo):
+    args = container(broken, "modelgate-ext-proc")["args"]
+    i = next(i for i, a in enumerate(args) if a.startswith("--shutdown-deadline-secs="))
+    args[i] = "--shutdown-deadline-secs=60"
+    assert problems(broken, crds, demo) == [
+        "Deployment modelgate/modelgate-ext-proc (modelgate.yaml): spec.template.spec.terminationGracePeriodSeconds: "
+        "35, but ext-proc drains for 60 s (--shutdown-deadline-secs): make it 65"
+    ]
