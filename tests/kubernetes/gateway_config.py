@@ -8,6 +8,7 @@ holds it, and the pools file: the same gateway as the demo's, with names that re
 import base64
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -27,18 +28,27 @@ CALLED_CLUSTERS = ("accounting", "shared_limits", "pools")
 ROUTED_CLUSTERS = ("batches",)
 
 
-def demo_envoy(repo: Path) -> dict:
-    return yaml.safe_load((repo / "envoy" / "demo.yaml").read_text())
+@dataclass
+class Demo:
+    """What `make run` runs: envoy/demo.yaml and the pools file envoy/pools.json."""
+
+    envoy: dict
+    pools: dict
 
 
-def demo_filters(demo: dict) -> dict:
+def load_demo(repo: Path) -> Demo:
+    envoy = repo / "envoy"
+    return Demo(yaml.safe_load((envoy / "demo.yaml").read_text()), json.loads((envoy / "pools.json").read_text()))
+
+
+def demo_filters(demo: Demo) -> dict:
     """The OpenAI listener's HTTP filters of the demo, by name."""
-    [listener] = [l for l in demo["static_resources"]["listeners"] if l["name"] == "openai"]
+    [listener] = [l for l in demo.envoy["static_resources"]["listeners"] if l["name"] == "openai"]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return {f["name"]: f["typed_config"] for f in manager["http_filters"]}
 
 
-def demo_filter_config(demo: dict) -> dict:
+def demo_filter_config(demo: Demo) -> dict:
     wasm = demo_filters(demo)["modelgate"]["config"]
     return json.loads(wasm["configuration"]["value"])
 
@@ -66,7 +76,7 @@ def differences(left, right, path="") -> list[str]:
             if key not in left:
                 found.append(f"{where} (missing)")
             elif key not in right:
-                found.append(f"{where} (not in envoy/demo.yaml)")
+                found.append(f"{where} (not in the demo)")
             else:
                 found += differences(left[key], right[key], where)
         return found
@@ -129,7 +139,7 @@ class Gateway:
         return routed
 
 
-def check_filter_config(index: Index, demo: dict) -> list[Problem]:
+def check_filter_config(index: Index, demo: Demo) -> list[Problem]:
     """The filter's JSON is the demo's, except the internal token."""
     gateway = Gateway(index)
     if gateway.extension is None:
@@ -142,7 +152,7 @@ def check_filter_config(index: Index, demo: dict) -> list[Problem]:
     ]
 
 
-def check_ext_proc(index: Index, demo: dict) -> list[Problem]:
+def check_ext_proc(index: Index, demo: Demo) -> list[Problem]:
     """The patched-in ext_proc filter is the demo's (modes, failure policy, timeouts, cluster);
     only the token's value may differ."""
     gateway = Gateway(index)
@@ -347,9 +357,14 @@ def check_key_files(index: Index) -> list[Problem]:
     return problems
 
 
-def check_pools(index: Index) -> list[Problem]:
-    """The pools file parses; its pools are the ones the filter's backends and the endpoint
-    picker name; each pool's DNS name is a Service with that port."""
+# How a pool finds its replicas: the demo lists them, a cluster resolves a Service's name.
+_DISCOVERY = ("replicas", "dns", "dns_refresh_ms")
+
+
+def check_pools(index: Index, demo: Demo) -> list[Problem]:
+    """The pools file parses and is envoy/pools.json's but for how replicas are found; its pools
+    are the ones the filter's backends and the endpoint picker name; each pool's DNS name is a
+    Service with that port."""
     config_map = next((c for c in index.of_kind("ConfigMap") if "pools.json" in (c.body.get("data") or {})), None)
     if config_map is None:
         return []
@@ -358,6 +373,14 @@ def check_pools(index: Index) -> list[Problem]:
     except json.JSONDecodeError as error:
         return [config_map.problem("data.pools.json", f"not JSON: {error}")]
     problems = []
+
+    def settings(pools_file):
+        return {name: {k: v for k, v in pool.items() if k not in _DISCOVERY} for name, pool in pools_file.get("pools", {}).items()}
+
+    problems += [
+        config_map.problem(f"data.pools.json {path}", "differs from envoy/pools.json")
+        for path in differences(settings(pools), settings(demo.pools), "pools")
+    ]
     names = set(pools.get("pools", {}))
     gateway = Gateway(index)
     if gateway.extension is not None:
@@ -403,7 +426,7 @@ def check_inference_pools(index: Index) -> list[Problem]:
     return problems
 
 
-def check_gateway_config(index: Index, demo: dict) -> list[Problem]:
+def check_gateway_config(index: Index, demo: Demo) -> list[Problem]:
     return (
         check_filter_config(index, demo)
         + check_ext_proc(index, demo)
@@ -412,6 +435,6 @@ def check_gateway_config(index: Index, demo: dict) -> list[Problem]:
         + check_inner_listener(index)
         + check_patch_targets(index)
         + check_key_files(index)
-        + check_pools(index)
+        + check_pools(index, demo)
         + check_inference_pools(index)
     )

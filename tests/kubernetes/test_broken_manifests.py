@@ -13,7 +13,7 @@ from validate import validate
 
 @pytest.fixture(scope="session")
 def demo():
-    return gateway_config.demo_envoy(REPO)
+    return gateway_config.load_demo(REPO)
 
 
 @pytest.fixture
@@ -398,4 +398,15 @@ def test_termination_grace_shorter_than_the_drain(broken, crds, demo):
     assert problems(broken, crds, demo) == [
         "Deployment modelgate/modelgate-ext-proc (modelgate.yaml): spec.template.spec.terminationGracePeriodSeconds: "
         "35, but ext-proc drains for 60 s (--shutdown-deadline-secs): make it 65"
+    ]
+
+
+def test_pools_file_drifted_from_the_demos(broken, crds, demo):
+    config_map = find(broken, "ConfigMap", "modelgate-pools")
+    pools = json.loads(config_map["data"]["pools.json"])
+    pools["pools"]["vllm-pool"]["strategy"] = "least_queue"
+    config_map["data"]["pools.json"] = json.dumps(pools)
+    assert problems(broken, crds, demo) == [
+        "ConfigMap modelgate/modelgate-pools (modelgate.yaml): data.pools.json pools.vllm-pool.strategy: "
+        "differs from envoy/pools.json"
     ]

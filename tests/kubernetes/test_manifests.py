@@ -17,7 +17,7 @@ DOCUMENTS = manifests.load_folder(MANIFESTS) if MANIFESTS.is_dir() else []
 
 @pytest.fixture(scope="session")
 def demo():
-    return gateway_config.demo_envoy(REPO)
+    return gateway_config.load_demo(REPO)
 
 
 def test_the_folder_has_the_contracts_files(documents):
@@ -44,7 +44,7 @@ GATEWAY_CHECKS = [
     lambda index, demo: gateway_config.check_inner_listener(index),
     lambda index, demo: gateway_config.check_patch_targets(index),
     lambda index, demo: gateway_config.check_key_files(index),
-    lambda index, demo: gateway_config.check_pools(index),
+    gateway_config.check_pools,
     lambda index, demo: gateway_config.check_inference_pools(index),
 ]
 GATEWAY_CHECK_NAMES = [

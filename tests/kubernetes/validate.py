@@ -30,7 +30,7 @@ def main() -> int:
     if crds is None:
         print("no shared/k8s-crds beside the repository", file=sys.stderr)
         return 2
-    problems = validate(manifests.load_folder(folder), crd_schema.CrdCatalog(crds), gateway_config.demo_envoy(REPO))
+    problems = validate(manifests.load_folder(folder), crd_schema.CrdCatalog(crds), gateway_config.load_demo(REPO))
     for problem in problems:
         print(problem)
     return 1 if problems else 0
