@@ -257,7 +257,7 @@ def _check_object(value: dict, schema: dict, path: str, problems: list, root: bo
         if key not in value:
             problems.append((_join(path, key), "Required value"))
     if "maxProperties" in schema and len(value) > schema["maxProperties"]:
-        problems.append((path, f"Too many: {len(value)}: must have at most {schema['maxProperties']} items"))
+        problems.append((path or "<root>", f"Too many: {len(value)}: must have at most {schema['maxProperties']} items"))
     if "minProperties" in schema and len(value) < schema["minProperties"]:
         problems.append(
             (path or "<root>", f"Invalid value: {len(value)}: should have at least {schema['minProperties']} properties")

@@ -258,8 +258,9 @@ def _inner_map(listener: dict):
 
 def check_inner_listener(index: Index) -> list[Problem]:
     """The patched inner listener routes exactly the backends' cluster names, each to the
-    cluster Envoy Gateway makes for the HTTPRoute rule that matches the same name, and listens
-    where the stream guard sends streams."""
+    cluster Envoy Gateway makes for the HTTPRoute rule that matches the same name. (Its port is
+    one of the Envoy pods': the Service the stream guard reaches it through is checked with
+    the other Services.)"""
     gateway = Gateway(index)
     if gateway.patch is None or gateway.extension is None:
         return []
@@ -285,26 +286,7 @@ def check_inner_listener(index: Index) -> list[Problem]:
             actual = entry.get("action", {}).get("typed_config", {}).get("route", {}).get("cluster")
             if actual != expected:
                 problems.append(gateway.patch.problem(f"{where} map.{key}", f'routes to "{actual}", but Envoy Gateway names the cluster of {route.label} rule {r} "{expected}"'))
-        problems += _check_guard_upstream(index, gateway.patch, where, listener)
     return problems
-
-
-def _check_guard_upstream(index: Index, patch: Document, where: str, listener: dict) -> list[Problem]:
-    port = listener["address"]["socket_address"]["port_value"]
-    for deployment in index.of_kind("Deployment"):
-        for container in deployment.body["spec"]["template"]["spec"]["containers"]:
-            for arg in container.get("args", []):
-                match = re.fullmatch(r"--upstream=([a-z0-9.-]+):(\d+)", arg)
-                if not match:
-                    continue
-                service = match.group(1).split(".")
-                document = index.get("Service", service[1] if len(service) > 1 else namespace_of(deployment), service[0])
-                if document is None:
-                    continue  # check_service_addresses reports it
-                targets = [p.get("targetPort", p["port"]) for p in document.body["spec"]["ports"] if p["port"] == int(match.group(2))]
-                if targets and targets[0] != port:
-                    return [patch.problem(where, f"listens on {port}, but the stream guard's --upstream reaches port {targets[0]} of Envoy's pods")]
-    return []
 
 
 def check_patch_targets(index: Index) -> list[Problem]:

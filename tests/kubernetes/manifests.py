@@ -90,8 +90,8 @@ def load_text(text: str, file: str) -> list[Document]:
 def load_folder(folder: Path) -> list[Document]:
     """Every resource of the folder's manifests (kustomization files are not resources)."""
     documents = []
-    for path in sorted(folder.rglob("*.yaml")):
-        if path.name != "kustomization.yaml" and path.parent == folder:
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
             documents += load_text(path.read_text(), path.name)
     return documents
 

@@ -13,15 +13,12 @@ from dataclasses import dataclass, field
 
 from manifests import Document, Problem
 
-GATEWAY_API = "gateway.networking.k8s.io"
-ENVOY_GATEWAY = "gateway.envoyproxy.io"
-INFERENCE = "inference.networking.k8s.io"
-
 # Envoy Gateway's namespace (its default ControllerNamespace mode), where it runs Envoy's pods.
 ENVOY_GATEWAY_NAMESPACE = "envoy-gateway-system"
-# The Envoy pods' ports: the listener of a Gateway port below 1024 (+10000), metrics, readiness,
-# and the inner listener the patch policy adds for the stream guard.
-ENVOY_POD_PORTS = {10080, 19001, 19003, 10001}
+# The Envoy pods' own ports beside the listeners: metrics and readiness.
+ENVOY_POD_PORTS = {19001, 19003}
+# Envoy Gateway binds a Gateway port below 1024 this much higher (no CAP_NET_BIND_SERVICE).
+PRIVILEGED_PORT_SHIFT = 10000
 # Services for the user's model servers: their selectors name pods the folder does not create.
 MODEL_SERVER_SERVICES = {"llama-pool", "qwen-pool", "mistral-pool", "ollama", "vllm-pool"}
 # The user's own Gateway, which inference-pool.yaml's example route attaches to.
@@ -79,7 +76,11 @@ class Index:
                 "gateway.envoyproxy.io/owning-gateway-name": gateway.name,
                 "gateway.envoyproxy.io/owning-gateway-namespace": namespace_of(gateway),
             }
-            ports = {number: number for number in ENVOY_POD_PORTS}
+            numbers = ENVOY_POD_PORTS | {
+                listener["port"] + (PRIVILEGED_PORT_SHIFT if listener["port"] < 1024 else 0)
+                for listener in gateway.body["spec"]["listeners"]
+            } | self._patched_listener_ports(gateway)
+            ports = {number: number for number in numbers}
             pods.append(Pods(f"Envoy pods of {gateway.label}", ENVOY_GATEWAY_NAMESPACE, labels, ports))
         for service in self.of_kind("Service"):
             if service.name in MODEL_SERVER_SERVICES:
@@ -89,6 +90,18 @@ class Index:
                          service.body["spec"].get("selector", {}), ports)
                 )
         return pods
+
+    def _patched_listener_ports(self, gateway: Document) -> set:
+        """Ports of the listeners EnvoyPatchPolicies add to a Gateway's Envoy."""
+        ports = set()
+        for policy in self.of_kind("EnvoyPatchPolicy"):
+            if policy.body["spec"]["targetRef"]["name"] != gateway.name or namespace_of(policy) != namespace_of(gateway):
+                continue
+            for patch in policy.body["spec"].get("jsonPatches", []):
+                value = patch["operation"].get("value")
+                if patch["type"].endswith("listener.v3.Listener") and isinstance(value, dict) and "address" in value:
+                    ports.add(value["address"]["socket_address"]["port_value"])
+        return ports
 
     def _envoy_services(self) -> dict:
         """The Services Envoy Gateway makes for Gateways whose EnvoyProxy names them: (namespace,

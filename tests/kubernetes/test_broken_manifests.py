@@ -342,8 +342,13 @@ def test_inner_listener_missing_a_backend(broken, crds, demo):
 def test_guard_upstream_not_the_inner_listener(broken, crds, demo):
     listener = added(broken, gateway_config.LISTENER_TYPE, "modelgate_inner")
     listener["address"]["socket_address"]["port_value"] = 10002
-    [problem] = problems(broken, crds, demo)
-    assert problem.endswith("listens on 10002, but the stream guard's --upstream reaches port 10001 of Envoy's pods")
+    envoy_pods = "(Envoy pods of Gateway modelgate/modelgate (gateway.yaml))"
+    assert problems(broken, crds, demo) == [
+        "Service envoy-gateway-system/modelgate-envoy-inner (modelgate.yaml): spec.ports[0].targetPort: "
+        f"10001 is not a port of the selected pods {envoy_pods}",
+        "NetworkPolicy envoy-gateway-system/modelgate-envoy (modelgate.yaml): spec.ingress[1].ports[0].port: "
+        f"10001 is not a port of the selected pods {envoy_pods}",
+    ]
 
 
 def test_pools_file_naming_a_missing_service_port(broken, crds, demo):
