@@ -161,16 +161,20 @@ def check_backend_refs(index: Index) -> list[Problem]:
                         f"spec.rules[{r}].filters[{f}].extensionRef",
                         f'{ext["kind"]} "{ext["name"]}" does not exist in namespace {namespace_of(route)}',
                     ))
+    for policy in index.of_kind("EnvoyExtensionPolicy"):
+        for e, ext_proc in enumerate(policy.body["spec"].get("extProc", [])):
+            for b, ref in enumerate(ext_proc.get("backendRefs", [])):
+                problems += _check_backend_ref(index, policy, ref, f"spec.extProc[{e}].backendRefs[{b}]")
     return problems
 
 
-def _check_backend_ref(index: Index, route: Document, ref: dict, path: str) -> list[Problem]:
+def _check_backend_ref(index: Index, referrer: Document, ref: dict, path: str) -> list[Problem]:
     kind = ref.get("kind", "Service")
-    namespace = ref.get("namespace", namespace_of(route))
+    namespace = ref.get("namespace", namespace_of(referrer))
     target = index.get(kind, namespace, ref["name"])
     ports = index.service_ports(namespace, ref["name"]) if kind == "Service" else None
     if target is None and ports is None:
-        return [route.problem(path, f'{kind} "{ref["name"]}" does not exist in namespace {namespace}')]
+        return [referrer.problem(path, f'{kind} "{ref["name"]}" does not exist in namespace {namespace}')]
     port = ref.get("port")
     if kind == "Backend":
         ports = [
@@ -182,7 +186,7 @@ def _check_backend_ref(index: Index, route: Document, ref: dict, path: str) -> l
     elif kind != "Service":
         return []
     if port not in ports:
-        return [route.problem(f"{path}.port", f'{kind} "{ref["name"]}" has no port {port} (it has {ports})')]
+        return [referrer.problem(f"{path}.port", f'{kind} "{ref["name"]}" has no port {port} (it has {ports})')]
     return []
 
 
