@@ -85,7 +85,7 @@ def differences(left, right, path="") -> list[str]:
     return [] if left == right else [path or "<root>"]
 
 
-class Gateway:
+class Modelgate:
     """The modelgate resources of the manifests: the wasm policy, the patch policy, the routes."""
 
     def __init__(self, index: Index):
@@ -141,7 +141,7 @@ class Gateway:
 
 def check_filter_config(index: Index, demo: Demo) -> list[Problem]:
     """The filter's JSON is the demo's, except the internal token."""
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     if gateway.extension is None:
         return []
     ours = {k: v for k, v in gateway.filter_config.items() if k != "internal_token"}
@@ -155,7 +155,7 @@ def check_filter_config(index: Index, demo: Demo) -> list[Problem]:
 def check_ext_proc(index: Index, demo: Demo) -> list[Problem]:
     """The patched-in ext_proc filter is the demo's (modes, failure policy, timeouts, cluster);
     only the token's value may differ."""
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     if gateway.patch is None:
         return []
     found = gateway.ext_proc()
@@ -187,7 +187,7 @@ def _secret_value(secret: Document, key: str) -> str | None:
 
 def check_token(index: Index) -> list[Problem]:
     """One internal token: the filter's, ext_proc's initial_metadata, the Secret's."""
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     places = []
     if gateway.extension is not None:
         places.append((gateway.extension, gateway.filter_path("internal_token"), gateway.filter_config.get("internal_token")))
@@ -213,7 +213,7 @@ def check_token(index: Index) -> list[Problem]:
 def check_clusters(index: Index) -> list[Problem]:
     """Every cluster the filter names exists: routed names are matched by an HTTPRoute rule,
     called names are clusters the patch policy adds; ext_proc's cluster too."""
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     if gateway.extension is None:
         return []
     config = gateway.filter_config
@@ -261,7 +261,7 @@ def check_inner_listener(index: Index) -> list[Problem]:
     cluster Envoy Gateway makes for the HTTPRoute rule that matches the same name. (Its port is
     one of the Envoy pods': the Service the stream guard reaches it through is checked with
     the other Services.)"""
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     if gateway.patch is None or gateway.extension is None:
         return []
     routed = gateway.routed()
@@ -292,7 +292,7 @@ def check_inner_listener(index: Index) -> list[Problem]:
 def check_patch_targets(index: Index) -> list[Problem]:
     """The patches name the xDS resources Envoy Gateway makes: the Gateway listener's name, and the
     wasm filter of the EnvoyExtensionPolicy."""
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     if gateway.patch is None:
         return []
     target = gateway.patch.body["spec"]["targetRef"]
@@ -316,7 +316,7 @@ def check_patch_targets(index: Index) -> list[Problem]:
 
 def check_key_files(index: Index) -> list[Problem]:
     """Every key file the filter's backends name is mounted in ext-proc's and the guard's pods."""
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     if gateway.extension is None:
         return []
     problems = []
@@ -364,7 +364,7 @@ def check_pools(index: Index, demo: Demo) -> list[Problem]:
         for path in differences(settings(pools), settings(demo.pools), "pools")
     ]
     names = set(pools.get("pools", {}))
-    gateway = Gateway(index)
+    gateway = Modelgate(index)
     if gateway.extension is not None:
         wanted = {b["pool"] for b in gateway.filter_config.get("backends", {}).values() if "pool" in b}
         for name in sorted(wanted - names):

@@ -60,7 +60,7 @@ def test_modelgate_configuration(check, documents, demo):
 
 def test_the_modelgate_resources_are_all_there(documents):
     # The checks above pass vacuously on a folder that lost its policies: name what must exist.
-    gateway = gateway_config.Gateway(references.Index(documents))
+    gateway = gateway_config.Modelgate(references.Index(documents))
     assert gateway.extension is not None, "no EnvoyExtensionPolicy loads the modelgate filter"
     assert gateway.patch is not None, "no EnvoyPatchPolicy"
     assert gateway.ext_proc() is not None, "the patch policy adds no ext_proc filter"
