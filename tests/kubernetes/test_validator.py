@@ -178,3 +178,34 @@ def test_the_unevaluable_cel_rules_are_the_listed_ones(crds):
     }
     assert sorted(found - listed) == [], "rules newly unevaluable: decide, then list them"
     assert sorted(listed - found) == [], "listed rules now evaluable: remove them from the list"
+
+
+COMBINED = crd_schema.Served("Thing", "example.com/v1", True, {
+    "type": "object",
+    "properties": {
+        "spec": {
+            "type": "object",
+            "properties": {
+                "address": {"type": "string", "format": "ipv4"},
+                "a": {"type": "string"},
+                "b": {"type": "string"},
+                "c": {"type": "string", "nullable": True},
+            },
+            "oneOf": [{"required": ["a"]}, {"required": ["b"]}],
+        }
+    },
+})
+
+
+def check_combined(spec) -> list[str]:
+    body = {"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t"}, "spec": spec}
+    return [f"{path}: {message}" for path, message in crd_schema.validate(body, COMBINED)]
+
+
+def test_combinators_formats_and_nulls():
+    assert check_combined({"a": "x", "address": "10.0.0.1", "c": None}) == []
+    assert check_combined({"a": "x", "b": None}) == []  # a null the schema does not allow is dropped
+    assert check_combined({"a": "x", "b": "y"}) == ["spec: must validate one and only one schema (oneOf)"]
+    assert check_combined({"a": "x", "address": "10.0.0"}) == [
+        'spec.address: Invalid value: "10.0.0": must be of format ipv4'
+    ]
