@@ -16,12 +16,12 @@ PORT ?= 10000
 LITELLM_VERSION := 1.104.0
 PEER_VENV := .venv-litellm
 
-.PHONY: run test lint lint-tools unit e2e bench build setup wasm-target clean fuzz cargo-fuzz
+.PHONY: run test lint lint-tools unit k8s e2e bench build setup wasm-target clean fuzz cargo-fuzz
 
 run: setup build
 	$(VPY) tools/devstack.py --port $(PORT)
 
-test: lint unit e2e
+test: lint unit k8s e2e
 
 # Formatting and clippy with the workspace lints (Cargo.toml's [workspace.lints]); warnings fail.
 # The filter is linted for wasm32 too: its no-panic denies (filter/src/lib.rs) matter where it runs.
@@ -35,6 +35,11 @@ PROPTEST_CASES ?= 4096
 
 unit:
 	PROPTEST_CASES=$(PROPTEST_CASES) cargo test --workspace --release
+
+# The Kubernetes manifests against the CRDs' schemas and CEL rules, core kinds' schemas, and
+# each other (tests/kubernetes; docs/development.md). Python only: nothing needs building.
+k8s: $(VENV)/.requirements
+	cd tests/kubernetes && ../../$(VPY) -m pytest -q
 
 # The simulator's own tests first: the gateway's are only as good as the backends they simulate.
 e2e: setup build
