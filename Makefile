@@ -4,6 +4,8 @@
 # PORT=10000            port of the OpenAI listener for `make run`
 # SHORT=1               `make bench` in its few-seconds mode, without LiteLLM
 # FUZZ_SECONDS=60       `make fuzz`: how long each fuzz target runs
+# IMAGE_REGISTRY=...    `make images`: where the images are named (default ghcr.io/modelgate)
+# IMAGE_BUILDER=podman  `make images`: docker, podman or buildah (default: the first that works)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +18,7 @@ PORT ?= 10000
 LITELLM_VERSION := 1.104.0
 PEER_VENV := .venv-litellm
 
-.PHONY: run test lint lint-tools unit k8s e2e bench build setup wasm-target clean fuzz cargo-fuzz
+.PHONY: run test lint lint-tools unit k8s e2e bench build setup wasm-target clean fuzz cargo-fuzz images wasm-image
 
 run: setup build
 	$(VPY) tools/devstack.py --port $(PORT)
@@ -52,6 +54,28 @@ bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
 build: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-filter
 	cargo build --release -p modelgate-ext-proc -p modelgate-stream-guard -p modelgate-simulator -p modelgate-bench
+
+# The images (docs/images.md). The wasm filter's OCI image layout needs no container engine; the
+# images of ext-proc and the stream guard need a builder, and are skipped, saying so, without one.
+IMAGE_REGISTRY ?= ghcr.io/modelgate
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# Recursive, so only `make images` asks: a docker client without a daemon does not count.
+IMAGE_BUILDER ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
+	elif command -v podman >/dev/null; then echo podman; elif command -v buildah >/dev/null; then echo buildah; fi)
+
+wasm-image: wasm-target
+	cargo build --release --target wasm32-wasip1 -p modelgate-filter
+	$(PYTHON) tools/oci_image.py --out target/images/filter --tag $(IMAGE_VERSION)
+
+images: wasm-image
+	@builder="$(IMAGE_BUILDER)"; \
+	if [ -z "$$builder" ]; then \
+		echo "images: no docker (with a daemon), podman or buildah here: skipped the ext-proc and stream-guard images"; \
+	else \
+		set -ex; for target in ext-proc stream-guard; do \
+			$$builder build -f ext-proc/Dockerfile --target $$target -t $(IMAGE_REGISTRY)/$$target:$(IMAGE_VERSION) .; \
+		done; \
+	fi
 
 # Coverage-guided fuzzing of the parsers (tests/fuzz, docs/fuzzing.md); not part of `make test`.
 # cargo-fuzz needs -Z flags: RUSTC_BOOTSTRAP lets the stable toolchain take them. No sanitizer:

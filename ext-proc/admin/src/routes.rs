@@ -10,6 +10,8 @@
 //!   same, with `"repeat":true`, and not applied again
 //!   ([`crate::usage_store`]); a 503 when the usage store cannot keep it.
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]).
+//! - `GET /healthz` and `GET /readyz`: the probes ([`modelgate_runtime::health`]);
+//!   readiness fails from SIGTERM on, while the drain delay still serves.
 //! - `GET /v1/usage/report?start=&end=`: usage per key, model and backend
 //!   ([`crate::usage_report`]), in Unix seconds; `start` defaults to 0, `end`
 //!   to now.
@@ -40,7 +42,9 @@ use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::usage::{bounded, Tally, UsageRecord, INVALID, OTHER_MODELS};
+use modelgate_runtime::health;
 use modelgate_runtime::internal_token::InternalToken;
+use modelgate_runtime::process::Shutdown;
 use prometheus_client::collector::Collector;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -257,6 +261,17 @@ pub fn router(admin: Arc<Admin>, limits: Option<SharedLimits>, token: InternalTo
         .with_state(admin)
         .merge(filter_calls.route_layer(from_envoy))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// The probes' routes, answered to any caller; merged beside [`router`]'s.
+pub fn probes(shutdown: Shutdown) -> Router {
+    let probe_answer = |(status, body): health::Answer| {
+        json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+    };
+    let ready = get(move || std::future::ready(probe_answer(health::readiness(&shutdown))));
+    Router::new()
+        .route(health::LIVE, get(move || std::future::ready(probe_answer(health::live()))).fallback(only("GET")))
+        .route(health::READY, ready.fallback(only("GET")))
 }
 
 /// Lets through only callers presenting the internal token (any caller, without one).

@@ -211,6 +211,30 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_mounted_by_kubernetes_is_read_and_read_again_after_its_rotation() {
+        // The kubelet's layout: `key -> ..data/key`, `..data -> ..<timestamp>/`; a rotation writes a
+        // new timestamped directory and renames a fresh `..data` link over the old one.
+        let dir = scratch("kubernetes-secret");
+        let version = |name: &str, key: &str| {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("anthropic-api-key"), key).unwrap();
+        };
+        version("..2026_12_01_10_00_00.1", "sk-first\n");
+        std::os::unix::fs::symlink("..2026_12_01_10_00_00.1", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/anthropic-api-key", dir.join("anthropic-api-key")).unwrap();
+        let sources = KeySources::new(Vec::new(), std::slice::from_ref(&dir)).unwrap();
+        let source = ApiKey::File(dir.join("anthropic-api-key").display().to_string());
+        assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-first"));
+
+        version("..2026_12_01_11_00_00.2", "sk-rotated\n");
+        std::os::unix::fs::symlink("..2026_12_01_11_00_00.2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..2026_12_01_10_00_00.1")).unwrap();
+        assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-rotated"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn sources_named_by_a_request_are_logged_shortened() {
         assert_eq!(bounded("short"), "short");
         let long = "é".repeat(1000);

@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let keys = args.keys.sources()?;
         let token = args.token.load("the stream guard's port")?;
         // Installed before the guard listens: a SIGTERM from then on drains it.
-        let shutdown = Shutdown::on_signal();
+        let shutdown = Shutdown::on_signal(args.process.drain_delay());
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(listen = %args.listen, upstream = %args.upstream, "modelgate stream guard listening");
         let guard = StreamGuard::new(args.upstream)

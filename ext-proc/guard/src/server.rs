@@ -1,12 +1,18 @@
 //! The guard's server: [`StreamGuard`], its accept loop, and its drain on shutdown.
 
+use crate::guarded_body::GuardedBody;
 use crate::retry_budget::RetryBudget;
 use crate::upstream::{upstream_client, UpstreamBody};
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use modelgate_dialects::credentials::KeySources;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
+use modelgate_runtime::health;
 use modelgate_runtime::internal_token::InternalToken;
 use modelgate_runtime::process::Shutdown;
 use std::convert::Infallible;
@@ -106,6 +112,7 @@ impl StreamGuard {
             let guard = Arc::clone(&guard);
             let all_closed = &mut all_closed;
             let asked = shutdown.asked();
+            let probed = shutdown.clone();
             async move {
                 tokio::pin!(asked);
                 loop {
@@ -114,7 +121,7 @@ impl StreamGuard {
                         accepted = listener.accept() => accepted,
                     };
                     match accepted {
-                        Ok((socket, _)) => guard.serve_connection(socket, open.clone()),
+                        Ok((socket, _)) => guard.serve_connection(socket, open.clone(), probed.clone()),
                         Err(e) => tracing::warn!(error = %e, "stream guard: accept failed"),
                     }
                 }
@@ -135,8 +142,9 @@ impl StreamGuard {
         }
     }
 
-    /// Serves one connection in its own task, which holds `open` until the connection closes.
-    fn serve_connection(self: &Arc<Self>, socket: TcpStream, open: mpsc::Sender<()>) {
+    /// Serves one connection in its own task, which holds `open` until the connection closes;
+    /// probes are answered from `shutdown`'s state.
+    fn serve_connection(self: &Arc<Self>, socket: TcpStream, open: mpsc::Sender<()>, shutdown: Shutdown) {
         let _ = socket.set_nodelay(true);
         // Subscribed before any shutdown, so none is missed.
         let mut stopping = self.stopping.subscribe();
@@ -144,9 +152,18 @@ impl StreamGuard {
         let max_headers = guard.max_headers;
         tokio::spawn(async move {
             let _open = open;
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let guard = Arc::clone(&guard);
-                async move { Ok::<_, Infallible>(guard.relay(request).await) }
+                let probe = match *request.method() {
+                    Method::GET => health::probe(request.uri().path(), &shutdown),
+                    _ => None,
+                };
+                async move {
+                    Ok::<_, Infallible>(match probe {
+                        Some(answer) => probe_response(answer),
+                        None => guard.relay(request).await,
+                    })
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .max_headers(max_headers)
@@ -181,10 +198,19 @@ impl StreamGuard {
     }
 }
 
+/// A probe's answer, given without the internal token: it reveals nothing.
+fn probe_response((status, body): health::Answer) -> Response<GuardedBody> {
+    let mut response = Response::new(GuardedBody::last(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::*;
+    use modelgate_runtime::internal_token::InternalToken;
     use std::net::SocketAddr;
     use tokio::net::TcpListener;
 
@@ -243,6 +269,53 @@ mod tests {
         assert!(answer.contains(r#""code":"stream_interrupted"}}"#), "{answer}");
         assert!(answer.ends_with("\n\n\r\n0\r\n\r\n"), "no clean end of the chunked body: {answer:?}");
         serving.await.unwrap();
+    }
+
+    /// The raw answer of the guard at `addr` to a GET of `path` without any token.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn probes_are_answered_without_the_token_and_readiness_fails_through_the_drain_delay() {
+        let never = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::after(
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(3600),
+        );
+        let guard = StreamGuard::new(never).with_token(InternalToken::new("tok"));
+        tokio::spawn(guard.serve_until(listener, shutdown.clone(), Duration::from_secs(60)));
+
+        let live = get(addr, "/healthz").await;
+        assert!(live.starts_with("HTTP/1.1 200") && live.ends_with(r#"{"status":"alive"}"#), "{live}");
+        let ready = get(addr, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 200") && ready.ends_with(r#"{"status":"ready"}"#), "{ready}");
+        assert!(ready.contains("content-type: application/json"), "{ready}");
+        // Every other path still asks for the token.
+        let other = get(addr, "/readyz/more").await;
+        assert!(other.starts_with("HTTP/1.1 401"), "{other}");
+
+        stop.send(()).unwrap();
+        while shutdown.ready() {
+            tokio::task::yield_now().await;
+        }
+        // Unready, yet still accepting: Kubernetes stops sending before the listener closes.
+        let draining = get(addr, "/readyz").await;
+        assert!(draining.starts_with("HTTP/1.1 503") && draining.ends_with(r#"{"status":"draining"}"#), "{draining}");
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
     }
 
     #[tokio::test]

@@ -26,39 +26,69 @@ where
 }
 
 /// A process's stop, shared by its servers: once it is asked for (SIGTERM or
-/// Ctrl-C), each server refuses new work, and the work open then gets until a
-/// deadline to finish before it is cut.
+/// Ctrl-C), the process first reports itself unready while it still serves
+/// (for the drain delay), then each server refuses new work, and the work
+/// open then gets until a deadline to finish before it is cut.
 #[derive(Debug, Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown(watch::Receiver<Stage>);
+
+/// How far a process's stop has come, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Serving,
+    /// Signalled: still serving, but readiness probes fail, so load balancers stop sending.
+    Unready,
+    /// Servers refuse new work; open work drains.
+    Stopping,
+}
 
 impl Shutdown {
-    /// The stop SIGTERM or Ctrl-C asks for. The handlers are installed by the
-    /// call itself, so a signal that arrives before anything waits for it
-    /// still stops the servers cleanly (call it before binding).
-    pub fn on_signal() -> Self {
-        Self::on(signal())
+    /// The stop SIGTERM or Ctrl-C asks for, `drain_delay` after the signal.
+    /// The handlers are installed by the call itself, so a signal that arrives
+    /// before anything waits for it still stops the servers cleanly (call it
+    /// before binding).
+    pub fn on_signal(drain_delay: Duration) -> Self {
+        Self::after(signal(), drain_delay)
     }
 
     /// The stop `ask` asks for when it resolves.
     pub fn on(ask: impl Future<Output = ()> + Send + 'static) -> Self {
-        let (asking, asked) = watch::channel(false);
+        Self::after(ask, Duration::ZERO)
+    }
+
+    /// The stop `ask` asks for, `drain_delay` after it resolves: unready meanwhile.
+    pub fn after(ask: impl Future<Output = ()> + Send + 'static, drain_delay: Duration) -> Self {
+        let (stage, watching) = watch::channel(Stage::Serving);
         tokio::spawn(async move {
             ask.await;
-            let _ = asking.send(true);
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    delay_secs = drain_delay.as_secs_f64(),
+                    "unready; still serving until the drain delay ends"
+                );
+                stage.send_replace(Stage::Unready);
+                tokio::time::sleep(drain_delay).await;
+            }
+            stage.send_replace(Stage::Stopping);
         });
-        Shutdown(asked)
+        Shutdown(watching)
     }
 
     /// A stop never asked for: the servers run until their task is dropped.
     pub fn never() -> Self {
-        Shutdown(watch::channel(false).1)
+        Shutdown(watch::channel(Stage::Serving).1)
     }
 
-    /// Resolves once the stop is asked for: a server then refuses new work.
+    /// True until the stop is asked for: what the readiness probe answers.
+    pub fn ready(&self) -> bool {
+        *self.0.borrow() == Stage::Serving
+    }
+
+    /// Resolves once the servers must refuse new work (the drain delay past).
     pub fn asked(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut asked = self.0.clone();
         async move {
-            if asked.wait_for(|asked| *asked).await.is_err() {
+            if asked.wait_for(|stage| *stage == Stage::Stopping).await.is_err() {
                 // Nothing can ask any more.
                 std::future::pending::<()>().await;
             }
@@ -108,6 +138,12 @@ pub struct ProcessArgs {
     /// cut, a stream ending with an OpenAI error event.
     #[arg(long, env = "MODELGATE_SHUTDOWN_DEADLINE_SECS", default_value_t = DEFAULT_SHUTDOWN_DEADLINE_SECS)]
     pub shutdown_deadline_secs: u64,
+    /// Seconds between SIGTERM and the drain during which everything is still
+    /// served but `GET /readyz` answers 503, so that load balancers (Kubernetes
+    /// endpoints, Envoy's health checks) stop sending new work before the
+    /// listeners close. The signal's sender waits this plus the deadline.
+    #[arg(long, env = "MODELGATE_DRAIN_DELAY_SECS", default_value_t = 0)]
+    pub drain_delay_secs: u64,
     /// The most of one unfinished event (or NDJSON line) a stream holds while
     /// it waits for the event's end; an event that outgrows it ends the stream
     /// with an OpenAI error event.
@@ -119,6 +155,10 @@ pub struct ProcessArgs {
 impl ProcessArgs {
     pub fn shutdown_deadline(&self) -> Duration {
         Duration::from_secs(self.shutdown_deadline_secs)
+    }
+
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_secs(self.drain_delay_secs)
     }
 
     /// `--max-event-bytes`, which must fit this machine's memory addresses.

@@ -91,7 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let secret = args.token.secret()?;
         let token = InternalToken::from_secret(secret.as_deref(), "ext-proc's gRPC and admin ports");
         // One stop for both servers; its signal handlers are installed before either listens.
-        let shutdown = Shutdown::on_signal();
+        let shutdown = Shutdown::on_signal(args.process.drain_delay());
 
         let redis_timeout = Duration::from_millis(args.redis_timeout_ms);
         let limits = match &args.redis_url {
@@ -124,7 +124,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let admin = Admin::with_usage(usage).with_collector(Box::new(PoolMetrics(Arc::clone(&pools))));
         let admin = routes::router(Arc::new(admin), limits, token.clone())
             .merge(batches.api())
-            .merge(modelgate_pools::api::router(Arc::clone(&pools), token.clone()));
+            .merge(modelgate_pools::api::router(Arc::clone(&pools), token.clone()))
+            .merge(routes::probes(shutdown.clone()));
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");

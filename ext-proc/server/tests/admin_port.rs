@@ -147,3 +147,35 @@ fn one_signal_stops_both_servers() {
     assert!(TcpStream::connect(ext_proc.admin).is_err());
     assert!(TcpStream::connect(ext_proc.grpc).is_err());
 }
+
+#[test]
+fn probes_are_open_and_readiness_fails_from_sigterm_while_both_servers_still_serve() {
+    let file = std::env::temp_dir().join(format!("modelgate-probe-token-{}", std::process::id()));
+    std::fs::write(&file, "tok-probe\n").unwrap();
+    let ext_proc = ExtProc::start(&["--internal-token-file", file.to_str().unwrap(), "--drain-delay-secs", "3600"]);
+    std::fs::remove_file(&file).unwrap();
+    // No token: a kubelet presents none.
+    let live = ext_proc.get("/healthz");
+    assert_eq!((live.status, live.json()), (200, json!({"status": "alive"})));
+    assert_eq!(live.header("content-type"), Some("application/json"));
+    let ready = ext_proc.get("/readyz");
+    assert_eq!((ready.status, ready.json()), (200, json!({"status": "ready"})));
+    let posted = ext_proc.post("/readyz", b"");
+    assert_eq!((posted.status, posted.json()["error"]["code"].clone()), (405, json!("method_not_allowed")));
+
+    let killed = Command::new("kill").args(["-TERM", &ext_proc.process.id().to_string()]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let draining = loop {
+        let ready = ext_proc.get("/readyz");
+        if ready.status != 200 || Instant::now() > deadline {
+            break ready;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!((draining.status, draining.json()), (503, json!({"status": "draining"})));
+    // Within the drain delay everything is still served, so nothing is refused before Kubernetes looks away.
+    assert_eq!(ext_proc.get("/healthz").status, 200);
+    assert_eq!(ext_proc.get("/metrics").status, 200);
+    assert!(TcpStream::connect(ext_proc.grpc).is_ok());
+}
