@@ -3,6 +3,7 @@ use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_runtime::internal_token::InternalTokenArgs;
 use modelgate_runtime::process::{run, ProcessArgs, Shutdown};
 use modelgate_stream_guard::server::{StreamGuard, DEFAULT_MAX_HEADERS};
+use modelgate_stream_guard::upstream::Upstream;
 use std::net::SocketAddr;
 
 /// modelgate's stream guard: relays streaming requests to Envoy's inner
@@ -13,9 +14,10 @@ struct Args {
     /// Address the guard listens on; the filter's `stream_guard_cluster` points here.
     #[arg(long, env = "MODELGATE_STREAM_GUARD_LISTEN", default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
-    /// Envoy's inner listener, which routes the relayed streams.
+    /// Envoy's inner listener, which routes the relayed streams: `ip:port`, or
+    /// `host:port` resolved for each new connection (a Service, in Kubernetes).
     #[arg(long, env = "MODELGATE_STREAM_GUARD_UPSTREAM", default_value = "127.0.0.1:10001")]
-    upstream: SocketAddr,
+    upstream: Upstream,
     /// Threads serving streams; 0 means one per CPU.
     #[arg(long, env = "MODELGATE_STREAM_GUARD_THREADS", default_value_t = 0)]
     worker_threads: usize,

@@ -150,6 +150,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_upstream_named_by_host_is_resolved_and_relayed_to() {
+        let (upstream, received) = upstream_answering(STREAMED.as_bytes()).await;
+        let named: crate::upstream::Upstream = format!("localhost:{}", upstream.port()).parse().unwrap();
+        let answer = request_through(StreamGuard::new(named), "x-modelgate-stream-cluster: pool\r\n", "{}").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(received.await.unwrap().starts_with("POST "));
+    }
+
+    #[tokio::test]
     async fn a_clients_envoy_headers_never_reach_the_inner_listener() {
         let (upstream, received) = upstream_answering(STREAMED.as_bytes()).await;
         let headers = concat!(

@@ -2,7 +2,7 @@
 
 use crate::guarded_body::GuardedBody;
 use crate::retry_budget::RetryBudget;
-use crate::upstream::{upstream_client, UpstreamBody};
+use crate::upstream::{upstream_client, Upstream, UpstreamBody};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -17,7 +17,6 @@ use modelgate_runtime::internal_token::InternalToken;
 use modelgate_runtime::process::Shutdown;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +32,7 @@ pub const DEFAULT_MAX_HEADERS: usize = 200;
 /// Relays requests to one upstream (Envoy's inner listener).
 pub struct StreamGuard {
     pub(crate) client: Client<HttpConnector, UpstreamBody>,
-    pub(crate) upstream: SocketAddr,
+    pub(crate) upstream: Upstream,
     /// Bounds the retries of fallback chains.
     pub(crate) budget: RetryBudget,
     /// The key sources the guard may read; none unless given.
@@ -62,10 +61,10 @@ enum Stop {
 const CUT_GRACE: Duration = Duration::from_secs(1);
 
 impl StreamGuard {
-    pub fn new(upstream: SocketAddr) -> Self {
+    pub fn new(upstream: impl Into<Upstream>) -> Self {
         StreamGuard {
             client: upstream_client(DEFAULT_MAX_HEADERS),
-            upstream,
+            upstream: upstream.into(),
             budget: RetryBudget::default(),
             keys: KeySources::default(),
             token: InternalToken::default(),

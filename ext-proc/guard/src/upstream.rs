@@ -9,6 +9,45 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use modelgate_proto::error::GatewayError;
+use std::net::SocketAddr;
+
+/// Where the guard relays: Envoy's inner listener, as `host:port`. A name is
+/// resolved for each new connection (in Kubernetes, a Service in front of the
+/// Envoy pods), so the guard follows the name as its addresses change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream(String);
+
+impl std::str::FromStr for Upstream {
+    type Err = String;
+
+    fn from_str(authority: &str) -> Result<Self, Self::Err> {
+        if let Ok(address) = authority.parse::<SocketAddr>() {
+            return Ok(address.into());
+        }
+        let refused = || format!("`{authority}` is not host:port");
+        let (host, port) = authority.rsplit_once(':').ok_or_else(refused)?;
+        let host_is_a_name = !host.is_empty()
+            && host.split('.').all(|label| {
+                !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 && host_is_a_name => Ok(Upstream(format!("{host}:{port}"))),
+            _ => Err(refused()),
+        }
+    }
+}
+
+impl From<SocketAddr> for Upstream {
+    fn from(address: SocketAddr) -> Self {
+        Upstream(address.to_string())
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// A relayed request's body: the client's as it comes, or rewritten for its backend.
 pub(crate) type UpstreamBody = Either<Incoming, Full<Bytes>>;
@@ -43,5 +82,24 @@ pub(crate) async fn read_body(body: Incoming) -> Result<Bytes, GatewayError> {
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"] {
         headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Upstream;
+
+    #[test]
+    fn an_upstream_is_an_address_or_a_name_with_a_port() {
+        let parsed = |s: &str| s.parse::<Upstream>().map(|u| u.to_string());
+        assert_eq!(parsed("127.0.0.1:10001").unwrap(), "127.0.0.1:10001");
+        assert_eq!(parsed("[::1]:10001").unwrap(), "[::1]:10001");
+        let service = "modelgate-envoy-inner.envoy-gateway-system.svc.cluster.local:10001";
+        assert_eq!(parsed(service).unwrap(), service);
+        for wrong in
+            ["", "envoy", "envoy:", ":10001", "envoy:0", "envoy:70000", "a/b:1", "user@envoy:1", "a..b:1", "::1:10001"]
+        {
+            assert!(parsed(wrong).is_err(), "{wrong} was taken");
+        }
     }
 }
