@@ -517,18 +517,25 @@ def check_pod_security(index: Index) -> list[Problem]:
 
 
 def check_termination_grace(index: Index) -> list[Problem]:
-    """Kubernetes waits for a process's own drain (--shutdown-deadline-secs) and a few seconds
-    more before it kills it: terminationGracePeriodSeconds is the deadline + 5."""
+    """Kubernetes waits for a process's own drain (--drain-delay-secs, then
+    --shutdown-deadline-secs) and a few seconds more before it kills it:
+    terminationGracePeriodSeconds is the delay + the deadline + 5."""
     problems = []
     for deployment in index.of_kind("Deployment"):
         pod = deployment.body["spec"]["template"]["spec"]
         for container in pod.get("containers", []):
-            deadlines = [int(a.split("=", 1)[1]) for a in container.get("args", []) if a.startswith("--shutdown-deadline-secs=")]
+            def seconds(flag: str) -> list[int]:
+                return [int(a.split("=", 1)[1]) for a in container.get("args", []) if a.startswith(f"{flag}=")]
+            deadlines = seconds("--shutdown-deadline-secs")
+            if not deadlines:
+                continue
+            drain = sum(seconds("--drain-delay-secs")) + deadlines[0]
             grace = pod.get("terminationGracePeriodSeconds", 30)
-            if deadlines and grace != deadlines[0] + 5:
+            if grace != drain + 5:
                 problems.append(deployment.problem(
                     "spec.template.spec.terminationGracePeriodSeconds",
-                    f"{grace}, but {container['name']} drains for {deadlines[0]} s (--shutdown-deadline-secs): make it {deadlines[0] + 5}",
+                    f"{grace}, but {container['name']} drains for {drain} s (--drain-delay-secs and "
+                    f"--shutdown-deadline-secs): make it {drain + 5}",
                 ))
     return problems
 

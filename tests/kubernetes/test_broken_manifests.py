@@ -402,7 +402,7 @@ def test_termination_grace_shorter_than_the_drain(broken, crds, demo):
     args[i] = "--shutdown-deadline-secs=60"
     assert problems(broken, crds, demo) == [
         "Deployment modelgate/modelgate-ext-proc (modelgate.yaml): spec.template.spec.terminationGracePeriodSeconds: "
-        "35, but ext-proc drains for 60 s (--shutdown-deadline-secs): make it 65"
+        "40, but ext-proc drains for 65 s (--drain-delay-secs and --shutdown-deadline-secs): make it 70"
     ]
 
 
