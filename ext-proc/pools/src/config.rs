@@ -13,8 +13,7 @@ pub struct PoolsFile {
 
 impl PoolsFile {
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let file: PoolsFile =
-            serde_json::from_slice(bytes).map_err(|e| format!("invalid pools configuration: {e}"))?;
+        let file: PoolsFile = serde_json::from_slice(bytes).map_err(|e| format!("invalid pools configuration: {e}"))?;
         for (name, pool) in &file.pools {
             pool.membership().map_err(|e| format!("invalid pools configuration: pool `{name}`: {e}"))?;
         }
@@ -92,9 +91,9 @@ impl PoolConfig {
         match (&self.replicas, &self.dns) {
             (Some(replicas), None) => Ok(Membership::Listed(replicas)),
             (None, Some(name)) => {
-                let valid = name.rsplit_once(':').is_some_and(|(host, port)| {
-                    !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0)
-                });
+                let valid = name
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0));
                 if !valid {
                     return Err(format!("`dns` must be `host:port`, not `{name}`"));
                 }

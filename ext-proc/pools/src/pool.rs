@@ -237,13 +237,11 @@ impl Replica {
 impl Pool {
     pub fn new(name: String, config: PoolConfig) -> Result<Self, String> {
         let listed = match config.membership().map_err(|e| format!("pool `{name}`: {e}"))? {
+            Membership::Listed([]) => return Err(format!("pool `{name}` lists no replicas")),
             Membership::Listed(replicas) => replicas.to_vec(),
             // Filled by the first lookup.
             Membership::Dns { .. } => Vec::new(),
         };
-        if config.dns.is_none() && listed.is_empty() {
-            return Err(format!("pool `{name}` lists no replicas"));
-        }
         if listed.len() > defaults::MAX_REPLICAS {
             return Err(format!("pool `{name}` lists {} replicas; at most {}", listed.len(), defaults::MAX_REPLICAS));
         }
@@ -288,13 +286,18 @@ impl Pool {
     }
 
     /// Makes `addresses` the pool's replicas. Those already in the pool keep
-    /// their state and place; new ones follow in address order, not ready
+    /// their state and place; new ones follow in the order given, not ready
     /// until their first scrape, up to [`defaults::MAX_REPLICAS`] in all;
     /// those not named leave the pick, the prefix index and the snapshot.
     /// One task (the pool's resolver) changes a pool's set.
     pub fn set_replicas(&self, addresses: impl IntoIterator<Item = String>) -> Change {
         let current = self.replicas();
-        let wanted: BTreeSet<String> = addresses.into_iter().collect();
+        let mut wanted: Vec<String> = Vec::new();
+        for address in addresses {
+            if !wanted.contains(&address) {
+                wanted.push(address);
+            }
+        }
         let (kept, gone): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|r| wanted.contains(&r.address));
         let new: Vec<String> = wanted.into_iter().filter(|a| !kept.iter().any(|r| &r.address == a)).collect();
         let room = defaults::MAX_REPLICAS.saturating_sub(kept.len());
@@ -423,8 +426,8 @@ impl Pool {
         let most_in_flight = candidates.iter().map(|c| c.in_flight).max().unwrap_or(0);
         let most_waiting = candidates.iter().map(|c| c.waiting).max().unwrap_or(0);
         let session = request.session.filter(|_| w.session > 0.0);
-        let highest_session = session
-            .and_then(|s| candidates.iter().map(|c| scorers::session_weight(s, &c.replica.address)).max());
+        let highest_session =
+            session.and_then(|s| candidates.iter().map(|c| scorers::session_weight(s, &c.replica.address)).max());
         if !blocks.is_empty() {
             if let Ok(index) = self.prefix.lock() {
                 for c in candidates.iter_mut() {
@@ -800,20 +803,21 @@ mod tests {
         assert_eq!(pool.pick(&ask("m"), now).unwrap_err(), Refusal::NoneReady);
 
         let change = pool.set_replicas(set_of(&[B, A]));
-        assert_eq!(change, Change { added: set_of(&[A, B]), removed: vec![], ignored: 0 });
+        assert_eq!(change, Change { added: set_of(&[B, A]), removed: vec![], ignored: 0 });
         assert_eq!(pool.pick(&ask("m"), now).unwrap_err(), Refusal::NoneReady, "not ready before a scrape");
         ready(&pool, now);
         let kept = replica(&pool, A);
 
         let change = pool.set_replicas(set_of(&[A, C]));
         assert_eq!(change, Change { added: set_of(&[C]), removed: set_of(&[B]), ignored: 0 });
-        assert_eq!(addresses(&pool), [A, C], "a kept replica keeps its place");
+        assert_eq!(addresses(&pool), [A, C], "a kept replica keeps its place, new ones follow");
         assert!(Arc::ptr_eq(&kept, &replica(&pool, A)), "and its state");
         for _ in 0..10 {
             assert_eq!(pool.pick(&ask("m"), now).unwrap().primary(), A, "B left; C is not scraped yet");
         }
         let snapshot = pool.snapshot(now);
-        let listed: Vec<&str> = snapshot["replicas"].as_array().unwrap().iter().map(|r| r["address"].as_str().unwrap()).collect();
+        let listed: Vec<&str> =
+            snapshot["replicas"].as_array().unwrap().iter().map(|r| r["address"].as_str().unwrap()).collect();
         assert_eq!(listed, [A, C]);
         assert_eq!(snapshot["dns"]["name"], "vllm.example:8000");
 
@@ -858,7 +862,14 @@ mod tests {
         let prompt = b"AAAABBBBCCCC";
         let home = pool.pick(&PickRequest { model: "m", prompt, ..Default::default() }, now).unwrap();
         let home = home.primary().to_owned();
-        let held = |pool: &Pool| pool.snapshot(now)["replicas"].as_array().unwrap().iter().map(|r| r["prefix_blocks"].as_u64().unwrap()).sum::<u64>();
+        let held = |pool: &Pool| {
+            pool.snapshot(now)["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["prefix_blocks"].as_u64().unwrap())
+                .sum::<u64>()
+        };
         assert_eq!(held(&pool), 3);
         let others: Vec<String> = [A, B, C].iter().filter(|a| **a != home).map(|a| a.to_string()).collect();
         pool.set_replicas(others.clone());

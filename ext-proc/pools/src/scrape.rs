@@ -69,7 +69,12 @@ async fn keep_pool<R: Resolve>(pool: Arc<Pool>, resolver: Arc<R>) {
             // No address at all is also what a resolver's hiccup looks like; the
             // replicas that are really gone are passed over by their own failed reads.
             Ok(addresses) if addresses.is_empty() => Err("the name has no address".to_owned()),
-            Ok(addresses) => Ok(addresses),
+            Ok(mut addresses) => {
+                // Resolvers order addresses as they like; past the bound, which
+                // new ones join should not depend on that.
+                addresses.sort_unstable();
+                Ok(addresses)
+            }
             Err(e) => Err(e.to_string()),
         };
         match answer {
@@ -369,7 +374,8 @@ mod tests {
         let server = tokio::spawn(serve(listener, Arc::default()));
         // Nothing listens there once this listener is gone.
         let dead: SocketAddr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let json = r#"{"pools":{"p":{"dns":"vllm:8000","dns_refresh_ms":10,"scrape_interval_ms":20,"stale_after_ms":2000}}}"#;
+        let json =
+            r#"{"pools":{"p":{"dns":"vllm:8000","dns_refresh_ms":10,"scrape_interval_ms":20,"stale_after_ms":2000}}}"#;
         let pools = Arc::new(Pools::from_json(json.as_bytes()).unwrap());
         let pool = Arc::clone(pools.get("p").unwrap());
         let (answer, answers) = tokio::sync::mpsc::unbounded_channel();
