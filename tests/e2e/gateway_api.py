@@ -27,6 +27,7 @@ import base64
 import copy
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import jsonpatch
@@ -53,11 +54,11 @@ class Unsupported(Exception):
 
 
 class Manifests:
-    """The resources of a folder of manifests, by kind."""
+    """The resources a user applies with `kubectl apply -k <folder>`, by kind."""
 
     def __init__(self, folder: Path = MANIFESTS):
-        self.resources = [doc for path in sorted(folder.glob("*.yaml")) if path.name != "kustomization.yaml"
-                          for doc in yaml.safe_load_all(path.read_text()) if doc]
+        rendered = subprocess.run(["kubectl", "kustomize", str(folder)], check=True, capture_output=True, text=True)
+        self.resources = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
     def of_kind(self, kind: str) -> list[dict]:
         return [r for r in self.resources if r["kind"] == kind]
@@ -80,9 +81,11 @@ def namespace_of(resource: dict) -> str:
     return resource["metadata"].get("namespace", "default")
 
 
-def targets(policy: dict, kind: str, name: str) -> bool:
+def targets(policy: dict, resource: dict) -> bool:
+    """Whether a policy targets this resource: a policy reaches only its own namespace."""
     refs = policy["spec"].get("targetRefs") or [policy["spec"]["targetRef"]]
-    return any(ref["kind"] == kind and ref["name"] == name for ref in refs)
+    return namespace_of(policy) == namespace_of(resource) and any(
+        ref["kind"] == resource["kind"] and ref["name"] == resource["metadata"]["name"] for ref in refs)
 
 
 def reject_unknown(where: str, spec: dict, known: set[str]) -> None:
@@ -157,7 +160,7 @@ class Translation:
             "max_connections_to_accept_per_socket_event": 1,
         }
         for policy in self.manifests.of_kind("ClientTrafficPolicy"):
-            if targets(policy, "Gateway", gw):
+            if targets(policy, self.gateway):
                 self.apply_client_traffic_policy(policy, xds_listener, xds_listener["default_filter_chain"]
                                                  ["filters"][0]["typed_config"])
         routes = self.translate_routes(listener)
@@ -167,8 +170,11 @@ class Translation:
             "virtual_hosts": [{"name": f"{name}/*", "domains": ["*"], "routes": routes}]}
         filters = xds_listener["default_filter_chain"]["filters"][0]["typed_config"]["http_filters"]
         for policy in self.manifests.of_kind("EnvoyExtensionPolicy"):
-            if targets(policy, "Gateway", gw):
-                self.apply_extension_policy(policy, filters, routes)
+            reached = [r for r in routes if targets(policy, self.gateway) or any(
+                targets(policy, route) for route in self.attached_routes(listener)
+                if r["name"].startswith(f"httproute/{namespace_of(route)}/{route['metadata']['name']}/rule/"))]
+            if reached:
+                self.apply_extension_policy(policy, filters, reached)
         filters.append({"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
             **({} if self.envoy_headers else {"suppress_envoy_headers": True})}})
@@ -179,7 +185,7 @@ class Translation:
         reject_unknown(where, spec, {"targetRef", "targetRefs", "headers", "connection", "timeout"})
         headers = spec.get("headers", {})
         reject_unknown(f"{where} headers", headers, {"requestID", "withUnderscoresAction", "maxRequestHeaderLimit",
-                                                     "enableEnvoyHeaders"})
+                                                     "enableEnvoyHeaders", "earlyRequestHeaders"})
         request_id = {"PreserveOrGenerate": (True, True), "Preserve": (False, True), "Disable": (False, False),
                       "Generate": (True, False)}
         if "requestID" in headers:
@@ -192,6 +198,15 @@ class Translation:
                 actions[headers["withUnderscoresAction"]]
         if "maxRequestHeaderLimit" in headers:
             hcm["max_request_headers_kb"] = quantity(headers["maxRequestHeaderLimit"]) // 1024
+        if "earlyRequestHeaders" in headers:
+            early = headers["earlyRequestHeaders"]
+            reject_unknown(f"{where} earlyRequestHeaders", early, {"remove", "set", "add"})
+            mutations = [{"append": value} for value in header_values(early)] + \
+                        [{"remove": name} for name in early.get("remove", [])]
+            hcm["early_header_mutation_extensions"] = [{
+                "name": "envoy.http.early_header_mutation.header_mutation", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
+                             "HeaderMutation", "mutations": mutations}}]
         if headers.get("enableEnvoyHeaders"):
             self.envoy_headers = True
         connection = spec.get("connection", {})
@@ -212,8 +227,13 @@ class Translation:
         """The HTTPRoutes attached to this listener, in Gateway API order (oldest first, then by
         namespace and name: all are new here, so by name)."""
         gw_ns, gw = namespace_of(self.gateway), self.gateway["metadata"]["name"]
+        allowed = listener.get("allowedRoutes", {}).get("namespaces", {}).get("from", "Same")
+        if allowed not in ("Same", "All"):
+            raise Unsupported(f"allowedRoutes from {allowed}")
         attached = []
         for route in self.manifests.of_kind("HTTPRoute"):
+            if allowed == "Same" and namespace_of(route) != gw_ns:
+                continue
             for parent in route["spec"].get("parentRefs", []):
                 if parent.get("kind", "Gateway") == "Gateway" and parent["name"] == gw \
                         and parent.get("namespace", namespace_of(route)) == gw_ns \
@@ -275,6 +295,7 @@ class Translation:
     def rule_action(self, route: dict, index: int, rule: dict, cluster: str) -> dict:
         name, ns = route["metadata"]["name"], namespace_of(route)
         action: dict = {}
+        host_rewrite = None
         for f in rule.get("filters", []):
             if f["type"] == "RequestHeaderModifier":
                 modifier = f["requestHeaderModifier"]
@@ -286,6 +307,10 @@ class Translation:
                 reject_unknown(f"HTTPRoute {name} responseHeaderModifier", modifier, {"remove", "set", "add"})
                 action.setdefault("response_headers_to_add", []).extend(header_values(modifier))
                 action.setdefault("response_headers_to_remove", []).extend(modifier.get("remove", []))
+            elif f["type"] == "URLRewrite":
+                rewrite = f["urlRewrite"]
+                reject_unknown(f"HTTPRoute {name} urlRewrite", rewrite, {"hostname"})
+                host_rewrite = rewrite["hostname"]
             elif f["type"] == "ExtensionRef" and f["extensionRef"]["kind"] == "HTTPRouteFilter":
                 route_filter = self.manifests.get("HTTPRouteFilter", f["extensionRef"]["name"], ns)
                 reject_unknown(f"HTTPRouteFilter {f['extensionRef']['name']}", route_filter["spec"], {"directResponse"})
@@ -310,6 +335,8 @@ class Translation:
         if not rule.get("backendRefs"):
             return {**action, "direct_response": {"status": 500}}
         action["route"] = {"cluster": cluster, "upgrade_configs": [{"upgrade_type": "websocket"}]}
+        if host_rewrite:
+            action["route"]["host_rewrite_literal"] = host_rewrite
         timeouts = rule.get("timeouts", {})
         reject_unknown(f"HTTPRoute {name} timeouts", timeouts, {"request", "backendRequest"})
         if "request" in timeouts:
@@ -377,11 +404,14 @@ class Translation:
     def apply_backend_traffic_policies(self, route: dict, index: int, routes: list[dict], cluster: str) -> None:
         for policy in self.manifests.of_kind("BackendTrafficPolicy"):
             spec = policy["spec"]
-            if not (targets(policy, "HTTPRoute", route["metadata"]["name"])
-                    or targets(policy, "Gateway", self.gateway["metadata"]["name"])):
-                continue
             where = f"BackendTrafficPolicy {policy['metadata']['name']}"
-            reject_unknown(where, spec, {"targetRef", "targetRefs", "retry", "timeout", "circuitBreaker", "loadBalancer"})
+            # One on the Gateway would be merged under those on routes: not emulated.
+            if targets(policy, self.gateway):
+                raise Unsupported(f"{where}: targets the Gateway")
+            if not targets(policy, route):
+                continue
+            reject_unknown(where, spec, {"targetRef", "targetRefs", "retry", "timeout", "circuitBreaker", "loadBalancer",
+                                         "healthCheck"})
             xds_cluster = self.resources[CLUSTER].get(cluster)
             for xds in routes:
                 if "route" not in xds:
@@ -405,11 +435,16 @@ class Translation:
                 if "timeout" in spec:
                     http_timeout = spec["timeout"].get("http", {})
                     reject_unknown(f"{where} timeout", spec["timeout"], {"http", "tcp"})
-                    reject_unknown(f"{where} timeout.http", http_timeout, {"requestTimeout"})
+                    reject_unknown(f"{where} timeout.http", http_timeout, {"requestTimeout", "streamIdleTimeout"})
                     if "requestTimeout" in http_timeout:
                         set_request_timeout(xds["route"], duration(http_timeout["requestTimeout"]))
+                    # The route's stream idle timeout wins over the one its request timeout implies.
+                    if "streamIdleTimeout" in http_timeout:
+                        xds["route"]["idle_timeout"] = duration(http_timeout["streamIdleTimeout"])
             if "timeout" in spec and "connectTimeout" in spec["timeout"].get("tcp", {}):
                 xds_cluster["connect_timeout"] = duration(spec["timeout"]["tcp"]["connectTimeout"])
+            if "healthCheck" in spec:
+                apply_health_check(where, spec["healthCheck"], xds_cluster)
             if "loadBalancer" in spec:
                 xds_cluster["load_balancing_policy"] = load_balancing_policy(where, spec["loadBalancer"])
             if "circuitBreaker" in spec:
@@ -435,6 +470,7 @@ class Translation:
                                   # The policy's `config` (JSON) as the API server stores it.
                                   "value": json.dumps(wasm["config"], separators=(",", ":")) if "config" in wasm
                                   else ""},
+                # Envoy Gateway's cache serves the module it fetched (bootstrap() substitutes the file).
                 "vm_config": {"vm_id": ir_name, "runtime": "envoy.wasm.runtime.v8", "code": {"remote": {
                     "http_uri": {"uri": f"https://envoy-gateway:18002/{ir_name}.wasm", "cluster": "wasm_cluster",
                                  "timeout": "10s"},
@@ -457,7 +493,7 @@ class Translation:
         """Every EnvoyPatchPolicy targeting this Gateway, by priority, each patch in turn. A patch
         that fails would leave the policy not Programmed in the cluster: here it raises."""
         policies = [p for p in self.manifests.of_kind("EnvoyPatchPolicy")
-                    if targets(p, "Gateway", self.gateway["metadata"]["name"])]
+                    if targets(p, self.gateway)]
         for policy in sorted(policies, key=lambda p: p["spec"].get("priority", 0)):
             if policy["spec"]["type"] != "JSONPatch":
                 raise Unsupported(f"EnvoyPatchPolicy type {policy['spec']['type']}")
@@ -475,6 +511,39 @@ class Translation:
                     raise LookupError(f"{where}: no such resource (Envoy Gateway reports ResourceNotFound)")
                 document = self.resources[patch["type"]][patch["name"]]
                 self.resources[patch["type"]][patch["name"]] = apply_json_patch(document, operation, where)
+
+
+def apply_health_check(where: str, check: dict, cluster: dict) -> None:
+    """A BackendTrafficPolicy's `healthCheck` (cluster.go, buildXdsHealthCheck and
+    buildXdsOutlierDetection)."""
+    reject_unknown(f"{where} healthCheck", check, {"active", "passive"})
+    if "active" in check:
+        active = check["active"]
+        reject_unknown(f"{where} healthCheck.active", active, {"type", "http", "timeout", "interval",
+                                                               "unhealthyThreshold", "healthyThreshold"})
+        if active["type"] != "HTTP":
+            raise Unsupported(f"{where} active health check {active['type']}")
+        reject_unknown(f"{where} healthCheck.active.http", active["http"], {"path"})
+        xds = {"timeout": duration(active.get("timeout", "1s")), "interval": duration(active.get("interval", "3s")),
+               "unhealthy_threshold": active.get("unhealthyThreshold", 3),
+               "healthy_threshold": active.get("healthyThreshold", 1),
+               "http_health_check": {"path": active["http"]["path"]}}
+        cluster["health_checks"] = [xds]
+    if "passive" in check:
+        passive = check["passive"]
+        names = {"consecutive5XxErrors": "consecutive_5xx", "consecutiveLocalOriginFailures":
+                 "consecutive_local_origin_failure", "maxEjectionPercent": "max_ejection_percent"}
+        reject_unknown(f"{where} healthCheck.passive", passive, {*names, "consecutiveGatewayErrors", "interval",
+                                                                 "baseEjectionTime", "splitExternalLocalOriginErrors"})
+        xds = {"interval": duration(passive.get("interval", "3s")),
+               "base_ejection_time": duration(passive.get("baseEjectionTime", "30s")),
+               **{names[k]: v for k, v in passive.items() if k in names}}
+        if "consecutiveGatewayErrors" in passive:
+            xds.update(consecutive_gateway_failure=passive["consecutiveGatewayErrors"],
+                       enforcing_consecutive_gateway_failure=100)
+        if passive.get("splitExternalLocalOriginErrors"):
+            xds["split_external_local_origin_errors"] = True
+        cluster["outlier_detection"] = xds
 
 
 def load_balancing_policy(where: str, balancer: dict) -> dict:
