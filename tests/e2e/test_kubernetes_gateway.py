@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
-import httpx2
 import openai
 import pytest
 import yaml
@@ -34,6 +32,9 @@ from test_pools import (REPLICAS, ready, wait_for_picker,  # noqa: F401
                         test_a_replica_breaking_off_a_stream_ends_it_with_an_openai_error_event,
                         test_a_shared_system_prompt_keeps_its_replica_and_different_ones_spread,
                         test_streams_are_picked_too)
+from test_failover import (  # noqa: F401
+    test_a_primary_failing_a_third_of_requests_is_hidden_and_retries_stay_in_budget,
+    test_a_stream_broken_halfway_ends_with_an_error_event_and_is_not_retried)
 from test_errors import (test_a_broken_stream_ends_cleanly_on_the_wire,  # noqa: F401
                          test_a_stream_broken_after_its_200_ends_with_an_error_event)
 
@@ -85,9 +86,9 @@ def local_addresses(translation: Translation) -> dict[tuple[str, int], list[tupl
     return addresses
 
 
-def container_args(manifests: Manifests, deployment: str) -> list[str]:
+def container_args(manifests: Manifests, workload: str) -> list[str]:
     """A Deployment's container arguments, less those naming pod addresses and paths."""
-    (container,) = manifests.get("Deployment", deployment, NAMESPACE)["spec"]["template"]["spec"]["containers"]
+    (container,) = manifests.get("Deployment", workload, NAMESPACE)["spec"]["template"]["spec"]["containers"]
     args, kept, skip = container.get("args", []), [], False
     for arg in args:
         if skip:
@@ -184,6 +185,16 @@ def test_the_models_are_the_configured_ones(client, manifests):
     assert {m.id for m in client.models.list()} == configured
 
 
+@pytest.mark.parametrize("model, backend", [("llama-3.1-8b-instruct", "llama-pool"), ("claude-sonnet-4-5", "anthropic"),
+                                            ("llama3.2", "ollama"), ("qwen3-8b", "vllm-pool")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_answer_names_the_backend_that_served_it(http, model, backend, stream):
+    answer = http.post("/v1/chat/completions", json={"model": model, "stream": stream, "max_tokens": 2,
+                                                     "messages": [{"role": "user", "content": "hello"}]})
+    assert answer.status_code == 200, answer.text
+    assert (answer.headers["modelgate-backend"], answer.headers["modelgate-attempts"]) == (backend, "1")
+
+
 def test_a_batch_runs_through_the_admin_route(stack):
     client = openai.OpenAI(base_url=stack.base_url, api_key="sk-batch", max_retries=0, timeout=30)
     lines = [chat_line("llama"), chat_line("claude", model="claude-sonnet-4-5"), chat_line("ollama", model="llama3.2")]
@@ -234,8 +245,10 @@ def test_every_answer_carries_a_request_id(http):
         assert isinstance(response.json()["error"] if response.status_code >= 400 else response.json(), dict)
 
 
-def test_ext_proc_runs_with_the_deployments_arguments(manifests, stack):
-    argv, _ = stack.commands["ext-proc"]
-    for arg in container_args(manifests, "modelgate-ext-proc"):
-        assert arg in argv
-    assert httpx2.get(f"{stack.ext_proc_admin_url}/metrics").status_code == 200
+@pytest.mark.parametrize("process, workload", [("ext-proc", "modelgate-ext-proc"),
+                                                ("stream-guard", "modelgate-stream-guard")])
+def test_the_processes_run_with_their_deployments_arguments(manifests, stack, process, workload):
+    """All but the pod's addresses and paths, which the stack gives its own."""
+    argv, _ = stack.commands[process]
+    kept = container_args(manifests, workload)
+    assert kept and all(arg in argv for arg in kept)
