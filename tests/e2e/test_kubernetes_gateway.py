@@ -35,8 +35,19 @@ from test_pools import (REPLICAS, ready, wait_for_picker,  # noqa: F401
 from test_failover import (  # noqa: F401
     test_a_primary_failing_a_third_of_requests_is_hidden_and_retries_stay_in_budget,
     test_a_stream_broken_halfway_ends_with_an_error_event_and_is_not_retried)
+from test_large_bodies import (  # noqa: F401
+    test_a_large_anthropic_answer_comes_back_translated, test_a_request_at_the_body_limit_reaches_its_backend_rewritten,
+    test_a_request_one_byte_over_the_limit_is_a_413_and_goes_nowhere, test_an_answer_too_large_to_translate_is_an_openai_error,
+    test_large_whole_answers_come_back_translated)
+from test_trust_boundary import (  # noqa: F401
+    test_a_clients_hedging_headers_send_no_second_request, test_a_clients_retry_headers_cause_no_second_request,
+    test_the_guard_drops_a_clients_envoy_headers_before_the_inner_listener,
+    test_the_inner_listener_routes_only_to_backend_clusters, test_the_inner_listener_still_routes_to_backends,
+    test_the_stream_guard_serves_only_callers_with_the_internal_token)
 from test_errors import (test_a_broken_stream_ends_cleanly_on_the_wire,  # noqa: F401
-                         test_a_stream_broken_after_its_200_ends_with_an_error_event)
+                         test_a_request_with_headers_near_the_size_limit_gets_the_same_answer_whole_and_streamed,
+                         test_a_request_with_many_headers_gets_the_same_answer_whole_and_streamed,
+                         test_a_stream_broken_after_its_200_ends_with_an_error_event, test_non_json_content_type_is_415)
 
 # The manifests' names (docs/deployment.md, the contract between them and these tests).
 NAMESPACE = "modelgate"
