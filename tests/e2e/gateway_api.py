@@ -124,8 +124,20 @@ class Translation:
         self.cluster_backends: dict[str, list[tuple[str, str, str, int]]] = {}
         # A ClientTrafficPolicy's `headers.enableEnvoyHeaders` lets the router add x-envoy-* headers.
         self.envoy_headers = False
+        self.check_envoy_proxy()
         for listener in self.gateway["spec"]["listeners"]:
             self.translate_listener(listener)
+
+    def check_envoy_proxy(self) -> None:
+        """The EnvoyProxy of the Gateway's class, where the manifests carry it, may shape the
+        Envoy pods but nothing of the xDS (a filter order, bootstrap patches, merged Gateways)."""
+        classes = [c for c in self.manifests.of_kind("GatewayClass")
+                   if c["metadata"]["name"] == self.gateway["spec"]["gatewayClassName"]]
+        for gateway_class in classes:
+            ref = gateway_class["spec"].get("parametersRef")
+            if ref and ref["kind"] == "EnvoyProxy":
+                proxy = self.manifests.get("EnvoyProxy", ref["name"], ref["namespace"])
+                reject_unknown(f"EnvoyProxy {ref['name']}", proxy["spec"], {"provider", "shutdown"})
 
     # -- the Gateway's listener
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -144,34 +145,56 @@ def translation(deployment) -> Translation:
 
 
 @pytest.fixture(scope="module")
-def stack(manifests, translation, tmp_path_factory):
-    translation = copy.deepcopy(translation)
-    translation.apply_patch_policies()
-    gateway_port = next(l["port"] for l in translation.gateway["spec"]["listeners"])
+def patched(translation) -> Translation:
+    """The translation with the EnvoyPatchPolicy applied, as Envoy Gateway serves it to Envoy."""
+    patched = copy.deepcopy(translation)
+    patched.apply_patch_policies()
+    return patched
+
+
+@pytest.fixture(scope="module")
+def envoy_template(manifests, patched, tmp_path_factory) -> Path:
+    """The Envoy configuration of the manifests on the demo's ports, token and key directory."""
+    gateway_port = next(listener["port"] for listener in patched.gateway["spec"]["listeners"])
     pod_port = gateway_port + 10000 if gateway_port < 1024 else gateway_port
-    config = bootstrap(translation, local_addresses(translation),
+    config = bootstrap(patched, local_addresses(patched),
                        {pod_port: LISTENER_PORT, INNER_LISTENER_POD_PORT: INNER_LISTENER_PORT}, ADMIN_PORT, WASM)
     # The token placeholder, as a user replaces it (the stack replaces the demo's with its own).
     text = yaml.safe_dump(config, sort_keys=False).replace(
         manifests.secret_value("modelgate-internal-token", "token"), DEMO_INTERNAL_TOKEN)
     template = tmp_path_factory.mktemp("kubernetes") / "envoy.yaml"
     template.write_text(text)
+    return template
 
+
+def manifests_stack(manifests: Manifests, envoy_template: Path, pool_replicas) -> Stack:
+    """The manifests' gateway, its processes started with their Deployments' arguments and the
+    ConfigMap's pools file; `pool_replicas(pool, demo_replicas)` says where a pool found by DNS
+    in the cluster finds its replicas here."""
     configured = json.loads(manifests.get("ConfigMap", "modelgate-pools", NAMESPACE)["data"]["pools.json"])
 
     def pools_of_the_manifests(pools: dict) -> None:
-        # A pool found through DNS in the cluster is the demo's replicas here.
         for name, pool in configured["pools"].items():
             if "dns" in pool:
-                del pool["dns"]
-                pool.pop("dns_refresh_ms", None)
-                pool["replicas"] = pools["pools"][name]["replicas"]
+                pool_replicas(pool, pools["pools"][name]["replicas"])
         pools.clear()
         pools.update(configured)
 
-    with Stack(envoy_template=template, adjust_pools=pools_of_the_manifests,
-               ext_proc_args=container_args(manifests, "modelgate-ext-proc"),
-               stream_guard_args=container_args(manifests, "modelgate-stream-guard")) as s:
+    return Stack(envoy_template=envoy_template, adjust_pools=pools_of_the_manifests,
+                 ext_proc_args=container_args(manifests, "modelgate-ext-proc"),
+                 stream_guard_args=container_args(manifests, "modelgate-stream-guard"))
+
+
+@pytest.fixture(scope="module")
+def stack(manifests, envoy_template):
+    def the_demos_replicas(pool: dict, demo_replicas: list[str]) -> None:
+        # A name resolves to one address here, not to a headless Service's pods: the four
+        # replicas are listed instead, for the pick among them.
+        del pool["dns"]
+        pool.pop("dns_refresh_ms", None)
+        pool["replicas"] = demo_replicas
+
+    with manifests_stack(manifests, envoy_template, the_demos_replicas) as s:
         yield s
 
 
