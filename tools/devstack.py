@@ -154,14 +154,20 @@ def add_ext_proc_replicas(config: dict, replicas: list[tuple[int, int]]) -> None
 
 
 def render_pools(template: Path, ports: dict[int | str, int], adjust=None) -> str:
-    """The pools file (envoy/pools.json) with the demo's replica ports remapped as Envoy's are;
-    `adjust`, if given, may change the parsed file (with demo ports) first."""
+    """The pools file (envoy/pools.json) with the demo's replica ports (listed, or a `dns` name's)
+    remapped as Envoy's are; `adjust`, if given, may change the parsed file (with demo ports)
+    first."""
     pools = json.loads(template.read_text())
     if adjust:
         adjust(pools)
+    def remap(address: str) -> str:
+        host, port = address.rsplit(":", 1)
+        return f"{host}:{ports.get(int(port), int(port))}"
     for pool in pools["pools"].values():
-        pool["replicas"] = [f"{host}:{ports.get(int(port), int(port))}"
-                            for host, port in (replica.rsplit(":", 1) for replica in pool["replicas"])]
+        if "replicas" in pool:
+            pool["replicas"] = [remap(replica) for replica in pool["replicas"]]
+        if "dns" in pool:
+            pool["dns"] = remap(pool["dns"])
     return json.dumps(pools, indent=2)
 
 

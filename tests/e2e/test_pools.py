@@ -248,3 +248,38 @@ def test_a_pool_without_a_ready_replica_answers_503(slow_pool):
     assert refused.value.status_code == 503
     assert refused.value.code == "no_ready_replica"
     assert refused.value.response.headers["x-should-retry"] == "true"
+
+
+def named_by_dns(pools: dict) -> None:
+    """The demo's pool with its replicas a name's addresses, as a headless Service gives its pods':
+    `localhost` at vllm-0's port (127.0.0.1 here, maybe ::1 too, where nothing listens)."""
+    pool = pools["pools"]["vllm-pool"]
+    del pool["replicas"]
+    pool["dns"] = f"localhost:{next(port for port, name in DEMO_BACKENDS.items() if name == 'vllm-0')}"
+    patient(pools, dns_refresh_ms=200)
+
+
+@pytest.fixture(scope="module")
+def dns_gateway():
+    with Stack(adjust_pools=named_by_dns) as s:
+        yield s
+
+
+def test_a_pool_named_by_dns_picks_among_the_names_addresses(dns_gateway):
+    replica = dns_gateway.backend_address("vllm-0")
+    port = replica.rsplit(":", 1)[1]
+    view = wait_for_picker(dns_gateway, lambda view: replica in view and view[replica]["ready"])
+    assert all(address.endswith(f":{port}") for address in view), f"not the name's addresses: {sorted(view)}"
+    client = sdk(dns_gateway)
+    # Without the pick, Envoy's own balancing would spread these over the cluster's four replicas.
+    served = {served_by(client, system) for system in SYSTEM_PROMPTS}
+    with client.chat.completions.with_streaming_response.create(
+            model=MODEL, max_tokens=4, stream=True, messages=[{"role": "user", "content": "stream"}]) as raw:
+        assert list(raw.parse())
+        served.add(raw.headers["x-sim-backend"])
+    assert served == {"vllm-0"}
+    answer = httpx2.get(f"{dns_gateway.ext_proc_admin_url}/v1/pools",
+                        headers={"x-modelgate-internal-token": dns_gateway.internal_token}, timeout=5)
+    (pool,) = answer.json()["data"]
+    assert pool["dns"] == {"name": f"localhost:{port}", "refresh_ms": 200, "lookup_failures": 0}
+    assert pools_view(dns_gateway)[replica]["picks"] == len(SYSTEM_PROMPTS) + 1

@@ -13,7 +13,11 @@ pub struct PoolsFile {
 
 impl PoolsFile {
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("invalid pools configuration: {e}"))
+        let file: PoolsFile = serde_json::from_slice(bytes).map_err(|e| format!("invalid pools configuration: {e}"))?;
+        for (name, pool) in &file.pools {
+            pool.membership().map_err(|e| format!("invalid pools configuration: pool `{name}`: {e}"))?;
+        }
+        Ok(file)
     }
 }
 
@@ -21,8 +25,16 @@ impl PoolsFile {
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// The replicas, as `ip:port`: the addresses Envoy's cluster for the pool
-    /// lists, since the picker's header names one of them.
-    pub replicas: Vec<String>,
+    /// lists, since the picker's header names one of them. Exactly one of
+    /// this and `dns`.
+    #[serde(default)]
+    pub replicas: Option<Vec<String>>,
+    /// A name (`host:port`) whose addresses are the replicas, re-resolved
+    /// every `dns_refresh_ms`: a headless Service publishes one per ready pod.
+    #[serde(default)]
+    pub dns: Option<String>,
+    #[serde(default = "defaults::dns_refresh_ms")]
+    pub dns_refresh_ms: u64,
     /// How replicas are scored; see [`Strategy`].
     #[serde(default)]
     pub strategy: Strategy,
@@ -61,6 +73,39 @@ pub struct PoolConfig {
     pub models_interval_ms: u64,
     #[serde(default)]
     pub prefix: PrefixConfig,
+}
+
+/// Where a pool's replicas come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership<'a> {
+    /// A fixed list of `ip:port`.
+    Listed(&'a [String]),
+    /// The addresses of a name, looked up again and again.
+    Dns { name: &'a str, refresh_ms: u64 },
+}
+
+impl PoolConfig {
+    /// Where its replicas come from: exactly one of `replicas` and `dns`,
+    /// `dns` as `host:port`.
+    pub fn membership(&self) -> Result<Membership<'_>, String> {
+        match (&self.replicas, &self.dns) {
+            (Some(replicas), None) => Ok(Membership::Listed(replicas)),
+            (None, Some(name)) => {
+                let valid = name
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0));
+                if !valid {
+                    return Err(format!("`dns` must be `host:port`, not `{name}`"));
+                }
+                if self.dns_refresh_ms == 0 {
+                    return Err("`dns_refresh_ms` must be above 0".into());
+                }
+                Ok(Membership::Dns { name, refresh_ms: self.dns_refresh_ms })
+            }
+            (Some(_), Some(_)) => Err("give either `replicas` or `dns`, not both".into()),
+            (None, None) => Err("give its replicas: `replicas` (a list of `ip:port`) or `dns` (`host:port`)".into()),
+        }
+    }
 }
 
 /// The scorers' weights as a whole: each is a preset.
@@ -122,6 +167,9 @@ impl Default for PrefixConfig {
 }
 
 pub(crate) mod defaults {
+    /// Replicas a pool holds at most: their addresses are metric labels, so a
+    /// name answering with thousands must not make thousands of series.
+    pub const MAX_REPLICAS: usize = 256;
     pub const BLOCK_BYTES: usize = 256;
     /// Blocks remembered per replica while its KV cache's size is unknown:
     /// 4 MiB of prompts at the default block size.
@@ -145,5 +193,8 @@ pub(crate) mod defaults {
     }
     pub fn models_interval_ms() -> u64 {
         1000
+    }
+    pub fn dns_refresh_ms() -> u64 {
+        5000
     }
 }

@@ -8,7 +8,8 @@
 //! - [`scorers`]: each scorer, pure, over one replica's state.
 //! - [`pool`]: a pool's replicas and their state; [`pool::Pool::pick`].
 //! - [`request`]: what a request body tells the picker (model, prompt), read once.
-//! - [`scrape`]: the background task that keeps each replica's state fresh.
+//! - [`scrape`]: the background tasks that keep each replica's state fresh,
+//!   and a `dns` pool's set of replicas current.
 //! - [`operations`]: LoRA adapters loaded and unloaded on a pool's replicas.
 //! - [`api`]: those operations, and the models pools discovered, on ext-proc's admin port.
 //!

@@ -1,6 +1,12 @@
 //! A pool's replicas, their state, and the pick.
+//!
+//! The set of replicas can change while requests are picked (a `dns` pool's
+//! name answers with other addresses): a pick works on the set it started
+//! with, an `Arc` cloned under a lock held only for that clone, and a change
+//! swaps a new set in. A replica that left stays alive for the requests
+//! still counted on it.
 
-use crate::config::{defaults, PoolConfig};
+use crate::config::{defaults, Membership, PoolConfig};
 use crate::metrics::ReplicaMetrics;
 use crate::prefix::{block_hashes, PrefixIndex};
 use crate::scorers::{self, Resolved};
@@ -8,19 +14,42 @@ use modelgate_proto::error::GatewayError;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 pub struct Pool {
     name: String,
     config: PoolConfig,
-    replicas: Vec<Arc<Replica>>,
+    /// The current replicas; see the module's documentation.
+    replicas: RwLock<Replicas>,
+    /// The id the next replica to join gets.
+    next_id: AtomicU64,
     weights: Resolved,
     /// Locked only to look a prompt's blocks up and to record them.
     prefix: Mutex<PrefixIndex>,
     /// Requests refused, by [`Refusal::kind`].
     refusals: [AtomicU64; Refusal::KINDS.len()],
+    /// Lookups of the pool's `dns` name that failed (the set was kept).
+    lookup_failures: AtomicU64,
+}
+
+/// One set of a pool's replicas.
+pub type Replicas = Arc<[Arc<Replica>]>;
+
+/// What a change of a pool's replicas did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// New addresses left out: the pool already had its most replicas.
+    pub ignored: usize,
+}
+
+impl Change {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.ignored == 0
+    }
 }
 
 /// One replica: its address, what its last scrape said, and the requests
@@ -28,6 +57,9 @@ pub struct Pool {
 #[derive(Debug)]
 pub struct Replica {
     pub address: String,
+    /// Unique within its pool, never reused: a replica that leaves and comes
+    /// back at the same address is a new replica, knowing nothing yet.
+    id: u64,
     state: RwLock<ReplicaState>,
     in_flight: AtomicU64,
     /// Requests picked for it (as the first choice) since start.
@@ -169,8 +201,12 @@ impl Drop for Picked {
 }
 
 impl Replica {
-    pub fn new(address: String) -> Self {
-        Replica { address, state: RwLock::default(), in_flight: AtomicU64::new(0), picks: AtomicU64::new(0) }
+    fn new(id: u64, address: String) -> Self {
+        Replica { address, id, state: RwLock::default(), in_flight: AtomicU64::new(0), picks: AtomicU64::new(0) }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -200,10 +236,16 @@ impl Replica {
 
 impl Pool {
     pub fn new(name: String, config: PoolConfig) -> Result<Self, String> {
-        if config.replicas.is_empty() {
-            return Err(format!("pool `{name}` lists no replicas"));
+        let listed = match config.membership().map_err(|e| format!("pool `{name}`: {e}"))? {
+            Membership::Listed([]) => return Err(format!("pool `{name}` lists no replicas")),
+            Membership::Listed(replicas) => replicas.to_vec(),
+            // Filled by the first lookup.
+            Membership::Dns { .. } => Vec::new(),
+        };
+        if listed.len() > defaults::MAX_REPLICAS {
+            return Err(format!("pool `{name}` lists {} replicas; at most {}", listed.len(), defaults::MAX_REPLICAS));
         }
-        if let Some(twice) = config.replicas.iter().enumerate().find(|(i, a)| config.replicas[..*i].contains(a)) {
+        if let Some(twice) = listed.iter().enumerate().find(|(i, a)| listed[..*i].contains(a)) {
             return Err(format!("pool `{name}` lists replica {} twice", twice.1));
         }
         if config.prefix.block_bytes == 0 || config.scrape_interval_ms == 0 || config.models_interval_ms == 0 {
@@ -215,9 +257,18 @@ impl Pool {
         if let Some((scorer, _)) = weights.named().into_iter().find(|(_, w)| !(w.is_finite() && *w >= 0.0)) {
             return Err(format!("pool `{name}`: the weight of `{scorer}` must be a number from 0 up"));
         }
-        let replicas = config.replicas.iter().map(|a| Arc::new(Replica::new(a.clone()))).collect();
-        let prefix = Mutex::new(PrefixIndex::new(config.replicas.len()));
-        Ok(Pool { name, config, replicas, weights, prefix, refusals: Default::default() })
+        let pool = Pool {
+            name,
+            config,
+            replicas: RwLock::new(Arc::new([])),
+            next_id: AtomicU64::new(0),
+            weights,
+            prefix: Mutex::default(),
+            refusals: Default::default(),
+            lookup_failures: AtomicU64::new(0),
+        };
+        pool.set_replicas(listed);
+        Ok(pool)
     }
 
     pub fn name(&self) -> &str {
@@ -228,8 +279,58 @@ impl Pool {
         &self.config
     }
 
-    pub fn replicas(&self) -> &[Arc<Replica>] {
-        &self.replicas
+    /// The current replicas.
+    pub fn replicas(&self) -> Replicas {
+        // Neither holder of this lock can panic while holding it.
+        Arc::clone(&self.replicas.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes `addresses` the pool's replicas. Those already in the pool keep
+    /// their state and place; new ones follow in the order given, not ready
+    /// until their first scrape, up to [`defaults::MAX_REPLICAS`] in all;
+    /// those not named leave the pick, the prefix index and the snapshot.
+    /// One task (the pool's resolver) changes a pool's set.
+    pub fn set_replicas(&self, addresses: impl IntoIterator<Item = String>) -> Change {
+        let current = self.replicas();
+        let mut wanted: Vec<String> = Vec::new();
+        for address in addresses {
+            if !wanted.contains(&address) {
+                wanted.push(address);
+            }
+        }
+        let (kept, gone): (Vec<_>, Vec<_>) = current.iter().cloned().partition(|r| wanted.contains(&r.address));
+        let new: Vec<String> = wanted.into_iter().filter(|a| !kept.iter().any(|r| &r.address == a)).collect();
+        let room = defaults::MAX_REPLICAS.saturating_sub(kept.len());
+        let ignored = new.len().saturating_sub(room);
+        let joining: Vec<Arc<Replica>> = new
+            .into_iter()
+            .take(room)
+            .map(|address| Arc::new(Replica::new(self.next_id.fetch_add(1, Ordering::Relaxed), address)))
+            .collect();
+        // The index first: a pick still holding the old set records nothing
+        // for a replica that left, and one on the new set finds its entry.
+        if let Ok(mut index) = self.prefix.lock() {
+            gone.iter().for_each(|r| index.remove(r.id));
+            joining.iter().for_each(|r| index.add(r.id));
+        }
+        let change = Change {
+            added: joining.iter().map(|r| r.address.clone()).collect(),
+            removed: gone.iter().map(|r| r.address.clone()).collect(),
+            ignored,
+        };
+        let next: Replicas = kept.into_iter().chain(joining).collect();
+        *self.replicas.write().unwrap_or_else(PoisonError::into_inner) = next;
+        change
+    }
+
+    /// A lookup of the pool's `dns` name failed: its replicas stay as they were.
+    pub fn lookup_failed(&self) {
+        self.lookup_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Lookups of the pool's `dns` name that failed since start.
+    pub fn lookup_failures(&self) -> u64 {
+        self.lookup_failures.load(Ordering::Relaxed)
     }
 
     /// How old a replica's metrics may be for it to be picked.
@@ -252,7 +353,8 @@ impl Pool {
     }
 
     fn choose(&self, request: &PickRequest, now: Instant) -> Result<Picked, Refusal> {
-        let mut candidates = self.candidates(request, now);
+        let replicas = self.replicas();
+        let mut candidates = self.candidates(&replicas, request, now);
         if candidates.is_empty() {
             return Err(Refusal::NoneReady);
         }
@@ -280,32 +382,31 @@ impl Pool {
         candidates.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.tie_break.cmp(&b.tie_break)));
 
         let endpoints: Vec<Arc<Replica>> =
-            candidates.iter().take(1 + self.config.fallbacks).map(|c| Arc::clone(&self.replicas[c.index])).collect();
+            candidates.iter().take(1 + self.config.fallbacks).map(|c| Arc::clone(c.replica)).collect();
         let chosen = &candidates[0];
         endpoints[0].in_flight.fetch_add(1, Ordering::Relaxed);
         endpoints[0].picks.fetch_add(1, Ordering::Relaxed);
         if !blocks.is_empty() {
             let capacity = self.prefix_capacity(chosen.kv_cache_tokens);
             if let Ok(mut index) = self.prefix.lock() {
-                index.insert(chosen.index, &blocks, capacity);
+                index.insert(chosen.replica.id, &blocks, capacity);
             }
         }
         Ok(Picked { endpoints, counted: 0 })
     }
 
     /// The ready replicas in the subset, with what scoring needs of their state.
-    fn candidates(&self, request: &PickRequest, now: Instant) -> Vec<Candidate> {
+    fn candidates<'a>(&self, replicas: &'a [Arc<Replica>], request: &PickRequest, now: Instant) -> Vec<Candidate<'a>> {
         let stale_after = self.stale_after();
         let in_subset = |address: &str| request.subset.is_none_or(|subset| subset.iter().any(|a| a == address));
-        self.replicas
+        replicas
             .iter()
-            .enumerate()
-            .filter(|(_, replica)| in_subset(&replica.address))
-            .filter_map(|(index, replica)| {
+            .filter(|replica| in_subset(&replica.address))
+            .filter_map(|replica| {
                 let state = replica.state.read().ok()?;
                 let metrics = state.fresh_metrics(now, stale_after)?;
                 Some(Candidate {
-                    index,
+                    replica,
                     in_flight: replica.in_flight(),
                     waiting: metrics.waiting,
                     kv_cache_usage: metrics.kv_cache_usage,
@@ -325,12 +426,12 @@ impl Pool {
         let most_in_flight = candidates.iter().map(|c| c.in_flight).max().unwrap_or(0);
         let most_waiting = candidates.iter().map(|c| c.waiting).max().unwrap_or(0);
         let session = request.session.filter(|_| w.session > 0.0);
-        let highest_session = session
-            .and_then(|s| candidates.iter().map(|c| scorers::session_weight(s, &self.replicas[c.index].address)).max());
+        let highest_session =
+            session.and_then(|s| candidates.iter().map(|c| scorers::session_weight(s, &c.replica.address)).max());
         if !blocks.is_empty() {
             if let Ok(index) = self.prefix.lock() {
                 for c in candidates.iter_mut() {
-                    c.matched = index.matched(c.index, blocks);
+                    c.matched = index.matched(c.replica.id, blocks);
                 }
             }
         }
@@ -341,7 +442,7 @@ impl Pool {
                 + w.lora * scorers::lora(c.adapter_active)
                 + w.prefix * scorers::prefix(c.matched, blocks.len());
             if let (Some(session), Some(highest)) = (session, highest_session) {
-                let weight = scorers::session_weight(session, &self.replicas[c.index].address);
+                let weight = scorers::session_weight(session, &c.replica.address);
                 score += w.session * scorers::session(weight, highest);
             }
             if w.random > 0.0 {
@@ -366,14 +467,14 @@ impl Pool {
     /// Whether some replica may be picked: one whose metrics were read within
     /// `stale_after_ms`.
     pub fn is_ready(&self, now: Instant) -> bool {
-        self.replicas.iter().any(|r| r.is_ready(now, self.stale_after()))
+        self.replicas().iter().any(|r| r.is_ready(now, self.stale_after()))
     }
 
     /// The models and adapters the pool's ready replicas serve, when discovery is on.
     pub fn models(&self) -> BTreeSet<String> {
         let (now, stale_after) = (Instant::now(), self.stale_after());
         let mut models = BTreeSet::new();
-        for replica in &self.replicas {
+        for replica in self.replicas().iter() {
             let Ok(state) = replica.state.read() else { continue };
             let Some(metrics) = state.fresh_metrics(now, stale_after) else { continue };
             models.extend(metrics.active_loras.iter().cloned());
@@ -393,10 +494,9 @@ impl Pool {
         let stale_after = self.stale_after();
         let index = self.prefix.lock().ok();
         let replicas: Vec<Value> = self
-            .replicas
+            .replicas()
             .iter()
-            .enumerate()
-            .map(|(i, replica)| {
+            .map(|replica| {
                 let state = replica.state();
                 json!({
                     "address": replica.address,
@@ -405,7 +505,7 @@ impl Pool {
                     "scraped_ms_ago": state.scraped_at.map(|t| now.saturating_duration_since(t).as_millis() as u64),
                     "in_flight": replica.in_flight(),
                     "picks": replica.picks(),
-                    "prefix_blocks": index.as_ref().map_or(0, |index| index.len(i)),
+                    "prefix_blocks": index.as_ref().map_or(0, |index| index.len(replica.id)),
                     "metrics": state.metrics.map(|m| json!({
                         "running": m.running,
                         "waiting": m.waiting,
@@ -423,6 +523,11 @@ impl Pool {
             "strategy": self.config.strategy.as_str(),
             "weights": self.weights.named().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "max_waiting": self.config.max_waiting,
+            "dns": self.config.dns.as_ref().map(|name| json!({
+                "name": name,
+                "refresh_ms": self.config.dns_refresh_ms,
+                "lookup_failures": self.lookup_failures(),
+            })),
             "replicas": replicas,
             "refusals": self.refusals().map(|(k, n)| (k.to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
         })
@@ -430,8 +535,8 @@ impl Pool {
 }
 
 /// A replica eligible for one pick, and what scoring needs of it.
-struct Candidate {
-    index: usize,
+struct Candidate<'a> {
+    replica: &'a Arc<Replica>,
     in_flight: u64,
     waiting: u64,
     kv_cache_usage: f64,
@@ -461,7 +566,7 @@ mod tests {
 
     /// Every replica freshly scraped, idle.
     fn ready(pool: &Pool, now: Instant) {
-        for replica in pool.replicas() {
+        for replica in pool.replicas().iter() {
             set(replica, now, ReplicaMetrics::default());
         }
     }
@@ -473,8 +578,8 @@ mod tests {
         });
     }
 
-    fn replica<'a>(pool: &'a Pool, address: &str) -> &'a Replica {
-        pool.replicas().iter().find(|r| r.address == address).unwrap()
+    fn replica(pool: &Pool, address: &str) -> Arc<Replica> {
+        Arc::clone(pool.replicas().iter().find(|r| r.address == address).unwrap())
     }
 
     fn ask(model: &str) -> PickRequest<'_> {
@@ -486,9 +591,9 @@ mod tests {
         let pool = pool(r#","stale_after_ms":500"#);
         let now = Instant::now();
         assert_eq!(pool.pick(&ask("m"), now).unwrap_err(), Refusal::NoneReady, "nothing scraped yet");
-        set(replica(&pool, A), now, ReplicaMetrics::default());
-        set(replica(&pool, B), now - Duration::from_millis(400), ReplicaMetrics::default());
-        set(replica(&pool, C), now - Duration::from_millis(600), ReplicaMetrics::default());
+        set(&replica(&pool, A), now, ReplicaMetrics::default());
+        set(&replica(&pool, B), now - Duration::from_millis(400), ReplicaMetrics::default());
+        set(&replica(&pool, C), now - Duration::from_millis(600), ReplicaMetrics::default());
         let mut seen = BTreeSet::new();
         for _ in 0..50 {
             seen.insert(pool.pick(&ask("m"), now).unwrap().primary().to_owned());
@@ -525,9 +630,9 @@ mod tests {
     fn fallbacks_follow_in_score_order_and_served_moves_the_count() {
         let pool = pool(r#","strategy":"combined","fallbacks":2"#);
         let now = Instant::now();
-        set(replica(&pool, A), now, ReplicaMetrics { waiting: 5, ..Default::default() });
-        set(replica(&pool, B), now, ReplicaMetrics::default());
-        set(replica(&pool, C), now, ReplicaMetrics { waiting: 2, ..Default::default() });
+        set(&replica(&pool, A), now, ReplicaMetrics { waiting: 5, ..Default::default() });
+        set(&replica(&pool, B), now, ReplicaMetrics::default());
+        set(&replica(&pool, C), now, ReplicaMetrics { waiting: 2, ..Default::default() });
         let mut picked = pool.pick(&ask("m"), now).unwrap();
         assert_eq!(picked.destination(), format!("{B},{C},{A}"));
         assert_eq!(replica(&pool, B).in_flight(), 1);
@@ -552,13 +657,13 @@ mod tests {
         let pool = pool(r#","max_waiting":4,"retry_after_secs":3"#);
         let now = Instant::now();
         let queued = ReplicaMetrics { waiting: 4, ..Default::default() };
-        set(replica(&pool, A), now, queued.clone());
-        set(replica(&pool, B), now, queued.clone());
-        set(replica(&pool, C), now, ReplicaMetrics { waiting: 3, ..Default::default() });
+        set(&replica(&pool, A), now, queued.clone());
+        set(&replica(&pool, B), now, queued.clone());
+        set(&replica(&pool, C), now, ReplicaMetrics { waiting: 3, ..Default::default() });
         for _ in 0..10 {
             assert_eq!(pool.pick(&ask("m"), now).unwrap().destination(), C, "only the replica below the limit");
         }
-        set(replica(&pool, C), now, queued);
+        set(&replica(&pool, C), now, queued);
         let refusal = pool.pick(&ask("m"), now).unwrap_err();
         assert_eq!(refusal, Refusal::Saturated { retry_after_secs: 3 });
         assert_eq!((refusal.to_error("p", "m").status, refusal.retry_after_secs()), (429, Some(3)));
@@ -600,7 +705,7 @@ mod tests {
         let plain = self::pool("");
         ready(&plain, now);
         let running = ReplicaMetrics { active_loras: ["chat".to_owned()].into(), ..Default::default() };
-        set(replica(&plain, B), now, running);
+        set(&replica(&plain, B), now, running);
         for _ in 0..10 {
             assert_eq!(plain.pick(&ask("chat"), now).unwrap().primary(), B);
         }
@@ -655,9 +760,9 @@ mod tests {
     fn kv_cache_use_counts() {
         let pool = pool(r#","weights":{"least_requests":0,"queue":0,"prefix":0,"session":0}"#);
         let now = Instant::now();
-        set(replica(&pool, A), now, ReplicaMetrics { kv_cache_usage: 0.9, ..Default::default() });
-        set(replica(&pool, B), now, ReplicaMetrics { kv_cache_usage: 0.1, ..Default::default() });
-        set(replica(&pool, C), now, ReplicaMetrics { kv_cache_usage: 0.5, ..Default::default() });
+        set(&replica(&pool, A), now, ReplicaMetrics { kv_cache_usage: 0.9, ..Default::default() });
+        set(&replica(&pool, B), now, ReplicaMetrics { kv_cache_usage: 0.1, ..Default::default() });
+        set(&replica(&pool, C), now, ReplicaMetrics { kv_cache_usage: 0.5, ..Default::default() });
         assert_eq!(pool.pick(&ask("m"), now).unwrap().destination(), format!("{B},{C},{A}"));
     }
 
@@ -676,11 +781,139 @@ mod tests {
         assert!(crate::Pools::from_json(json.as_bytes()).is_err());
     }
 
+    fn dns_pool() -> Pool {
+        let json = r#"{"pools":{"p":{"dns":"vllm.example:8000","strategy":"least_requests","fallbacks":1}}}"#;
+        let (name, config) = PoolsFile::from_json(json.as_bytes()).unwrap().pools.pop_first().unwrap();
+        Pool::new(name, config).unwrap()
+    }
+
+    fn addresses(pool: &Pool) -> Vec<String> {
+        pool.replicas().iter().map(|r| r.address.clone()).collect()
+    }
+
+    fn set_of(addresses: &[&str]) -> Vec<String> {
+        addresses.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn replicas_join_not_ready_and_leave_the_pick() {
+        let pool = dns_pool();
+        let now = Instant::now();
+        assert!(addresses(&pool).is_empty(), "nothing until the first lookup");
+        assert_eq!(pool.pick(&ask("m"), now).unwrap_err(), Refusal::NoneReady);
+
+        let change = pool.set_replicas(set_of(&[B, A]));
+        assert_eq!(change, Change { added: set_of(&[B, A]), removed: vec![], ignored: 0 });
+        assert_eq!(pool.pick(&ask("m"), now).unwrap_err(), Refusal::NoneReady, "not ready before a scrape");
+        ready(&pool, now);
+        let kept = replica(&pool, A);
+
+        let change = pool.set_replicas(set_of(&[A, C]));
+        assert_eq!(change, Change { added: set_of(&[C]), removed: set_of(&[B]), ignored: 0 });
+        assert_eq!(addresses(&pool), [A, C], "a kept replica keeps its place, new ones follow");
+        assert!(Arc::ptr_eq(&kept, &replica(&pool, A)), "and its state");
+        for _ in 0..10 {
+            assert_eq!(pool.pick(&ask("m"), now).unwrap().primary(), A, "B left; C is not scraped yet");
+        }
+        let snapshot = pool.snapshot(now);
+        let listed: Vec<&str> =
+            snapshot["replicas"].as_array().unwrap().iter().map(|r| r["address"].as_str().unwrap()).collect();
+        assert_eq!(listed, [A, C]);
+        assert_eq!(snapshot["dns"]["name"], "vllm.example:8000");
+
+        assert!(pool.set_replicas(set_of(&[C, A, A])).is_empty(), "the same set again changes nothing");
+        let change = pool.set_replicas(Vec::new());
+        assert_eq!(change.removed, set_of(&[A, C]));
+        assert!(addresses(&pool).is_empty());
+        assert_eq!(pool.pick(&ask("m"), now).unwrap_err(), Refusal::NoneReady);
+    }
+
+    #[test]
+    fn a_request_on_a_replica_that_left_ends_cleanly() {
+        let pool = dns_pool();
+        let now = Instant::now();
+        pool.set_replicas(set_of(&[A, B]));
+        ready(&pool, now);
+        let mut held: Vec<Picked> = (0..2).map(|_| pool.pick(&ask("m"), now).unwrap()).collect();
+        let on_a = held.iter().position(|p| p.primary() == A).unwrap();
+        let gone = replica(&pool, A);
+        assert_eq!(gone.in_flight(), 1);
+
+        pool.set_replicas(set_of(&[B]));
+        pool.set_replicas(set_of(&[A, B]));
+        let back = replica(&pool, A);
+        assert!(!Arc::ptr_eq(&gone, &back), "back at the same address, it is a new replica");
+        assert_eq!(back.in_flight(), 0);
+        assert!(!back.is_ready(now, pool.stale_after()), "not ready before its first scrape");
+
+        let mut request = held.remove(on_a);
+        request.served(B);
+        assert_eq!((gone.in_flight(), replica(&pool, B).in_flight()), (0, 2), "served moves the count off it");
+        drop(request);
+        drop(held);
+        assert_eq!((gone.in_flight(), back.in_flight(), replica(&pool, B).in_flight()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_replica_that_left_takes_its_prefix_blocks_along() {
+        let pool = pool(r#","strategy":"prefix_cache","prefix":{"block_bytes":4}"#);
+        let now = Instant::now();
+        ready(&pool, now);
+        let prompt = b"AAAABBBBCCCC";
+        let home = pool.pick(&PickRequest { model: "m", prompt, ..Default::default() }, now).unwrap();
+        let home = home.primary().to_owned();
+        let held = |pool: &Pool| {
+            pool.snapshot(now)["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["prefix_blocks"].as_u64().unwrap())
+                .sum::<u64>()
+        };
+        assert_eq!(held(&pool), 3);
+        let others: Vec<String> = [A, B, C].iter().filter(|a| **a != home).map(|a| a.to_string()).collect();
+        pool.set_replicas(others.clone());
+        pool.set_replicas([others, vec![home]].concat());
+        assert_eq!(held(&pool), 0, "it came back knowing nothing");
+    }
+
+    #[test]
+    fn a_pool_holds_at_most_256_replicas() {
+        let pool = dns_pool();
+        let many: Vec<String> = (0..300).map(|i| format!("10.1.{}.{}:8000", i / 256, i % 256)).collect();
+        let change = pool.set_replicas(many.clone());
+        assert_eq!((change.added.len(), change.ignored), (256, 44));
+        let change = pool.set_replicas(many[100..].to_vec());
+        assert_eq!((pool.replicas().len(), change.ignored), (200, 0), "room again: every address is a replica");
+
+        let listed: Vec<String> = many.iter().take(257).map(|a| format!("{a:?}")).collect();
+        let json = format!(r#"{{"pools":{{"p":{{"replicas":[{}]}}}}}}"#, listed.join(","));
+        let error = crate::Pools::from_json(json.as_bytes()).unwrap_err();
+        assert!(error.contains("at most 256"), "{error}");
+    }
+
+    #[test]
+    fn a_pool_takes_exactly_one_of_replicas_and_dns() {
+        let error = |pool: &str| {
+            let json = format!(r#"{{"pools":{{"p":{{{pool}}}}}}}"#);
+            crate::Pools::from_json(json.as_bytes()).unwrap_err()
+        };
+        assert!(error(&format!(r#""replicas":["{A}"],"dns":"vllm:8000""#)).contains("not both"));
+        assert!(error("").contains("`replicas`"));
+        assert!(error(r#""dns":"vllm""#).contains("host:port"));
+        assert!(error(r#""dns":":8000""#).contains("host:port"));
+        assert!(error(r#""dns":"vllm:http""#).contains("host:port"));
+        assert!(error(r#""dns":"vllm:8000","dns_refresh_ms":0"#).contains("dns_refresh_ms"));
+        assert!(error(r#""dns":"vllm:8000""#.replace("dns", "dns ").as_str()).contains("unknown field"));
+        let json = r#"{"pools":{"p":{"dns":"[fd00::1]:8000"}}}"#;
+        assert_eq!(crate::Pools::from_json(json.as_bytes()).unwrap().get("p").unwrap().config().dns_refresh_ms, 5000);
+    }
+
     #[test]
     fn the_snapshot_shows_each_replica() {
         let pool = pool("");
         let now = Instant::now();
-        set(replica(&pool, A), now, ReplicaMetrics { running: 2, ..Default::default() });
+        set(&replica(&pool, A), now, ReplicaMetrics { running: 2, ..Default::default() });
         let picked = pool.pick(&ask("m"), now).unwrap();
         let snapshot = pool.snapshot(now);
         assert_eq!(snapshot["strategy"], "combined");

@@ -28,10 +28,10 @@ pub fn block_hashes(prompt: &[u8], block_bytes: usize) -> Vec<u64> {
         .collect()
 }
 
-/// Per replica (by index in the pool), the block hashes it probably holds.
+/// Per replica (by its id in the pool), the block hashes it probably holds.
 #[derive(Debug, Default)]
 pub struct PrefixIndex {
-    replicas: Vec<Blocks>,
+    replicas: HashMap<u64, Blocks>,
     /// Increases with every block recorded: a block's recency.
     clock: u64,
 }
@@ -64,13 +64,19 @@ impl Blocks {
 }
 
 impl PrefixIndex {
-    pub fn new(replicas: usize) -> Self {
-        PrefixIndex { replicas: (0..replicas).map(|_| Blocks::default()).collect(), clock: 0 }
+    /// A replica joins the pool, holding nothing yet.
+    pub fn add(&mut self, replica: u64) {
+        self.replicas.entry(replica).or_default();
+    }
+
+    /// A replica leaves the pool, and what it held with it.
+    pub fn remove(&mut self, replica: u64) {
+        self.replicas.remove(&replica);
     }
 
     /// How many of `blocks`, from the first, `replica` holds.
-    pub fn matched(&self, replica: usize, blocks: &[u64]) -> usize {
-        let Some(held) = self.replicas.get(replica) else { return 0 };
+    pub fn matched(&self, replica: u64, blocks: &[u64]) -> usize {
+        let Some(held) = self.replicas.get(&replica) else { return 0 };
         blocks.iter().take_while(|b| held.recency.contains_key(b)).count()
     }
 
@@ -78,9 +84,10 @@ impl PrefixIndex {
     ///
     /// A prompt's later blocks are made older than its earlier ones, as an
     /// engine frees a sequence's blocks from its tail: eviction then shortens
-    /// a cached prefix instead of breaking it at its start.
-    pub fn insert(&mut self, replica: usize, blocks: &[u64], capacity: usize) {
-        let Some(held) = self.replicas.get_mut(replica) else { return };
+    /// a cached prefix instead of breaking it at its start. A replica that
+    /// left (a pick racing its removal) records nothing.
+    pub fn insert(&mut self, replica: u64, blocks: &[u64], capacity: usize) {
+        let Some(held) = self.replicas.get_mut(&replica) else { return };
         for &block in blocks.iter().rev() {
             self.clock += 1;
             held.recency.insert(block, self.clock);
@@ -90,8 +97,8 @@ impl PrefixIndex {
     }
 
     /// How many blocks `replica` is thought to hold.
-    pub fn len(&self, replica: usize) -> usize {
-        self.replicas.get(replica).map_or(0, |held| held.recency.len())
+    pub fn len(&self, replica: u64) -> usize {
+        self.replicas.get(&replica).map_or(0, |held| held.recency.len())
     }
 }
 
@@ -111,9 +118,15 @@ mod tests {
         assert_eq!(block_hashes(b"aaaabbbbzzzz", 4)[..2], a[..]);
     }
 
+    fn index(replicas: u64) -> PrefixIndex {
+        let mut index = PrefixIndex::default();
+        (0..replicas).for_each(|id| index.add(id));
+        index
+    }
+
     #[test]
     fn matched_counts_leading_blocks_held() {
-        let mut index = PrefixIndex::new(2);
+        let mut index = index(2);
         let held = block_hashes(b"sys-prompt-turn1", 4);
         index.insert(0, &held, 100);
         assert_eq!(index.matched(0, &held), 4);
@@ -125,7 +138,7 @@ mod tests {
 
     #[test]
     fn eviction_takes_the_least_recently_used_tail_first() {
-        let mut index = PrefixIndex::new(1);
+        let mut index = index(1);
         let first = block_hashes(b"AAAABBBBCCCC", 4);
         let second = block_hashes(b"DDDDEEEE", 4);
         index.insert(0, &first, 4);
@@ -143,20 +156,33 @@ mod tests {
 
     #[test]
     fn blocks_used_again_and_again_keep_the_queue_bounded() {
-        let mut index = PrefixIndex::new(1);
+        let mut index = index(1);
         let blocks = block_hashes(&[7u8; 64], 4);
         for _ in 0..1000 {
             index.insert(0, &blocks, 100);
         }
         assert_eq!(index.matched(0, &blocks), 16);
-        assert!(index.replicas[0].queue.len() <= 2 * 16 + 64 + 16);
+        assert!(index.replicas[&0].queue.len() <= 2 * 16 + 64 + 16);
     }
 
     #[test]
     fn a_capacity_of_zero_holds_nothing() {
-        let mut index = PrefixIndex::new(1);
+        let mut index = index(1);
         let blocks = block_hashes(b"AAAABBBB", 4);
         index.insert(0, &blocks, 0);
         assert_eq!((index.len(0), index.matched(0, &blocks)), (0, 0));
+    }
+
+    #[test]
+    fn a_replica_that_left_holds_and_records_nothing() {
+        let mut index = index(2);
+        let blocks = block_hashes(b"AAAABBBB", 4);
+        index.insert(1, &blocks, 100);
+        index.remove(1);
+        assert_eq!((index.len(1), index.matched(1, &blocks)), (0, 0));
+        index.insert(1, &blocks, 100);
+        assert_eq!(index.len(1), 0, "a late pick does not bring it back");
+        index.add(1);
+        assert_eq!(index.matched(1, &blocks), 0, "back under the same id, it starts empty");
     }
 }

@@ -1,45 +1,161 @@
 //! Keeps every replica's state fresh: its metrics every `scrape_interval_ms`,
-//! and its model list every `models_interval_ms` when discovery is on.
+//! and its model list every `models_interval_ms` when discovery is on; and,
+//! for a pool with `dns`, its set of replicas, looked up every `dns_refresh_ms`.
 //!
 //! A failed read changes nothing: the replica's last success ages until it
 //! is stale, and then the picker passes it over. Failures are logged when a
-//! replica starts and stops failing, not at every read.
+//! replica starts and stops failing, not at every read. A failed lookup
+//! likewise keeps the pool's last set.
 
+use crate::config::Membership;
 use crate::metrics;
-use crate::pool::{Pool, Replica};
+use crate::pool::{Change, Pool, Replica};
 use crate::Pools;
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
+/// Looks a `host:port` name up.
+pub trait Resolve: Send + Sync + 'static {
+    fn resolve(&self, name: &str) -> impl Future<Output = io::Result<Vec<SocketAddr>>> + Send;
+}
+
+/// The system resolver (`getaddrinfo`, through tokio's `lookup_host`): the
+/// hosts file, then DNS as `/etc/resolv.conf` says, as Kubernetes sets it up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    async fn resolve(&self, name: &str) -> io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host(name).await?.collect())
+    }
+}
+
 /// Runs until `stop` resolves.
 pub async fn run(pools: Arc<Pools>, stop: impl Future<Output = ()>) {
-    let mut loops = JoinSet::new();
+    run_with(pools, Arc::new(SystemResolver), stop).await;
+}
+
+/// [`run`], looking names up with `resolver`.
+pub async fn run_with<R: Resolve>(pools: Arc<Pools>, resolver: Arc<R>, stop: impl Future<Output = ()>) {
+    let mut kept = JoinSet::new();
     for pool in pools.iter() {
-        for replica in pool.replicas() {
-            let config = pool.config();
-            let metrics_url = format!("http://{}{}", replica.address, config.metrics_path);
-            // A read may take up to half the time its replica has before it counts as
-            // stale: on a busy machine a slow read is not yet a failing replica, while a
-            // hung one is still seen failing in time. Reads never overlap.
-            let patience = Duration::from_millis(config.stale_after_ms) / 2;
-            let every = Duration::from_millis(config.scrape_interval_ms);
-            let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
-            loops.spawn(keep_reading(pool_, replica_, metrics_url, every, every.max(patience), read_metrics));
-            if config.discover_models {
-                let models_url = format!("http://{}/v1/models", replica.address);
-                let every = Duration::from_millis(config.models_interval_ms);
-                let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
-                loops.spawn(keep_reading(pool_, replica_, models_url, every, every.max(patience), read_models));
-            }
-        }
+        kept.spawn(keep_pool(Arc::clone(pool), Arc::clone(&resolver)));
     }
     stop.await;
-    loops.abort_all();
+    kept.abort_all();
+}
+
+/// Keeps one pool's replicas read, and its set current when it has `dns`, until aborted.
+async fn keep_pool<R: Resolve>(pool: Arc<Pool>, resolver: Arc<R>) {
+    let mut scrapers = Scrapers::default();
+    let Ok(Membership::Dns { name, refresh_ms }) = pool.config().membership() else {
+        scrapers.follow(&pool);
+        return std::future::pending().await;
+    };
+    let mut ticks = tokio::time::interval(Duration::from_millis(refresh_ms));
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    let mut ignored = 0;
+    loop {
+        ticks.tick().await;
+        let answer = match resolver.resolve(name).await {
+            // No address at all is also what a resolver's hiccup looks like; the
+            // replicas that are really gone are passed over by their own failed reads.
+            Ok(addresses) if addresses.is_empty() => Err("the name has no address".to_owned()),
+            Ok(mut addresses) => {
+                // Resolvers order addresses as they like; past the bound, which
+                // new ones join should not depend on that.
+                addresses.sort_unstable();
+                Ok(addresses)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match answer {
+            Ok(addresses) => {
+                if failing {
+                    tracing::info!(pool = pool.name(), name, "the pool's name resolves again");
+                    failing = false;
+                }
+                let change = pool.set_replicas(addresses.iter().map(SocketAddr::to_string));
+                log_change(&pool, name, &change, &mut ignored);
+            }
+            Err(error) => {
+                pool.lookup_failed();
+                if !failing {
+                    tracing::warn!(
+                        pool = pool.name(),
+                        name,
+                        error,
+                        "looking the pool's name up failed; its replicas stay as they were"
+                    );
+                    failing = true;
+                }
+            }
+        }
+        scrapers.follow(&pool);
+    }
+}
+
+/// Logs replicas joining and leaving, and addresses left out when their number changes.
+fn log_change(pool: &Pool, name: &str, change: &Change, ignored: &mut usize) {
+    if !change.added.is_empty() || !change.removed.is_empty() {
+        tracing::info!(pool = pool.name(), name, added = ?change.added, removed = ?change.removed, "the pool's replicas changed");
+    }
+    if change.ignored != *ignored && change.ignored > 0 {
+        tracing::warn!(
+            pool = pool.name(),
+            name,
+            ignored = change.ignored,
+            most = crate::config::defaults::MAX_REPLICAS,
+            "the name gives more addresses than a pool holds; the rest are ignored"
+        );
+    }
+    *ignored = change.ignored;
+}
+
+/// The reading tasks of a pool's replicas, by replica id. Dropping a
+/// replica's `JoinSet` aborts its tasks.
+#[derive(Default)]
+struct Scrapers(HashMap<u64, JoinSet<()>>);
+
+impl Scrapers {
+    /// Reads the pool's current replicas: starts reading those that joined,
+    /// stops reading those that left.
+    fn follow(&mut self, pool: &Arc<Pool>) {
+        let replicas = pool.replicas();
+        self.0.retain(|id, _| replicas.iter().any(|r| r.id() == *id));
+        for replica in replicas.iter() {
+            self.0.entry(replica.id()).or_insert_with(|| read_replica(pool, replica));
+        }
+    }
+}
+
+/// Starts reading one replica's metrics, and its models when discovery is on.
+fn read_replica(pool: &Arc<Pool>, replica: &Arc<Replica>) -> JoinSet<()> {
+    let mut loops = JoinSet::new();
+    let config = pool.config();
+    let metrics_url = format!("http://{}{}", replica.address, config.metrics_path);
+    // A read may take up to half the time its replica has before it counts as
+    // stale: on a busy machine a slow read is not yet a failing replica, while a
+    // hung one is still seen failing in time. Reads never overlap.
+    let patience = Duration::from_millis(config.stale_after_ms) / 2;
+    let every = Duration::from_millis(config.scrape_interval_ms);
+    let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
+    loops.spawn(keep_reading(pool_, replica_, metrics_url, every, every.max(patience), read_metrics));
+    if config.discover_models {
+        let models_url = format!("http://{}/v1/models", replica.address);
+        let every = Duration::from_millis(config.models_interval_ms);
+        let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
+        loops.spawn(keep_reading(pool_, replica_, models_url, every, every.max(patience), read_models));
+    }
+    loops
 }
 
 /// What one read of a replica's page does with the page: `Err` is a failure.
@@ -136,6 +252,7 @@ fn read_models(replica: &Replica, page: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::PickRequest;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -203,7 +320,7 @@ mod tests {
         let _ = server.await;
         until("refused", || replica.state().refused).await;
         assert!(!replica.is_ready(Instant::now(), stale_after), "a replica refusing reads is not ready");
-        let request = crate::pool::PickRequest { model: "m", ..Default::default() };
+        let request = PickRequest { model: "m", ..Default::default() };
         assert_eq!(pool.pick(&request, Instant::now()).unwrap_err(), crate::pool::Refusal::NoneReady);
 
         stop.send(()).unwrap();
@@ -235,6 +352,88 @@ mod tests {
 
         stop.send(()).unwrap();
         scraper.await.unwrap();
+        server.abort();
+    }
+
+    /// Answers each lookup with the next answer the test sends, waiting for it.
+    struct Scripted(tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<io::Result<Vec<SocketAddr>>>>);
+
+    impl Resolve for Scripted {
+        async fn resolve(&self, _name: &str) -> io::Result<Vec<SocketAddr>> {
+            match self.0.lock().await.recv().await {
+                Some(answer) => answer,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dns_pool_follows_its_names_answers_and_keeps_its_set_when_a_lookup_fails() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live: SocketAddr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, Arc::default()));
+        // Nothing listens there once this listener is gone.
+        let dead: SocketAddr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let json =
+            r#"{"pools":{"p":{"dns":"vllm:8000","dns_refresh_ms":10,"scrape_interval_ms":20,"stale_after_ms":2000}}}"#;
+        let pools = Arc::new(Pools::from_json(json.as_bytes()).unwrap());
+        let pool = Arc::clone(pools.get("p").unwrap());
+        let (answer, answers) = tokio::sync::mpsc::unbounded_channel();
+        let resolver = Arc::new(Scripted(tokio::sync::Mutex::new(answers)));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let kept = tokio::spawn(run_with(Arc::clone(&pools), resolver, async {
+            let _ = stopped.await;
+        }));
+        let addresses = |pool: &Pool| pool.replicas().iter().map(|r| r.address.clone()).collect::<BTreeSet<_>>();
+        let stale_after = Duration::from_millis(2000);
+
+        answer.send(Ok(vec![live, dead])).unwrap();
+        until("both replicas", || addresses(&pool).len() == 2).await;
+        let replica = Arc::clone(pool.replicas().iter().find(|r| r.address == live.to_string()).unwrap());
+        until("the live one ready", || replica.is_ready(Instant::now(), stale_after)).await;
+        let request = PickRequest { model: "m", ..Default::default() };
+        assert_eq!(pool.pick(&request, Instant::now()).unwrap().primary(), live.to_string());
+
+        answer.send(Err(io::Error::other("SERVFAIL"))).unwrap();
+        until("a failure counted", || pool.lookup_failures() == 1).await;
+        answer.send(Ok(Vec::new())).unwrap();
+        until("an empty answer counted", || pool.lookup_failures() == 2).await;
+        assert_eq!(addresses(&pool), [live, dead].map(|a| a.to_string()).into(), "the last set is kept");
+        assert!(replica.is_ready(Instant::now(), stale_after), "and still read");
+
+        answer.send(Ok(vec![dead])).unwrap();
+        until("the live one gone", || addresses(&pool) == [dead.to_string()].into()).await;
+        // The test's own reference is the last once its scrapers have stopped.
+        until("its scrapers stopped", || Arc::strong_count(&replica) == 1).await;
+        assert_eq!(pool.pick(&request, Instant::now()).unwrap_err(), crate::pool::Refusal::NoneReady);
+
+        stop.send(()).unwrap();
+        kept.await.unwrap();
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn localhost_resolves_through_the_system_resolver_to_a_replica_that_is_picked() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(serve(listener, Arc::default()));
+        let json = format!(
+            r#"{{"pools":{{"p":{{"dns":"localhost:{port}","dns_refresh_ms":50,"scrape_interval_ms":20,"stale_after_ms":2000}}}}}}"#
+        );
+        let pools = Arc::new(Pools::from_json(json.as_bytes()).unwrap());
+        let pool = Arc::clone(pools.get("p").unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let kept = tokio::spawn(run(Arc::clone(&pools), async {
+            let _ = stopped.await;
+        }));
+        let request = PickRequest { model: "m", ..Default::default() };
+        until("picked", || pool.pick(&request, Instant::now()).is_ok()).await;
+        assert_eq!(pool.pick(&request, Instant::now()).unwrap().primary(), format!("127.0.0.1:{port}"));
+        // localhost may also be ::1, where nothing listens: a replica, never ready.
+        assert!(pool.replicas().iter().all(|r| r.address.ends_with(&format!(":{port}"))));
+
+        stop.send(()).unwrap();
+        kept.await.unwrap();
         server.abort();
     }
 }

@@ -230,7 +230,7 @@ mod tests {
             serde_json::to_string(&REPLICAS).unwrap()
         );
         let pool = Arc::clone(Pools::from_json(json.as_bytes()).unwrap().get("p").unwrap());
-        for replica in pool.replicas() {
+        for replica in pool.replicas().iter() {
             replica.update(|state| {
                 state.metrics = Some(ReplicaMetrics { waiting, ..Default::default() });
                 state.scraped_at = Some(Instant::now());
@@ -336,7 +336,7 @@ mod tests {
     fn a_request_without_a_body_is_picked_at_its_headers() {
         // Even where every replica's model list is known: the request names no model.
         let pool = pool(r#", "discover_models": true"#, 0);
-        for replica in pool.replicas() {
+        for replica in pool.replicas().iter() {
             replica.update(|state| state.models = Some(["m".to_string()].into()));
         }
         let mut picker = EndpointPicker::new(pool);
@@ -357,6 +357,30 @@ mod tests {
     }
 
     #[test]
+    fn a_dns_pools_current_replicas_are_picked_and_the_subset_hint_narrows_them() {
+        let pool = Arc::clone(Pools::from_json(br#"{"pools":{"p":{"dns":"vllm:8000"}}}"#).unwrap().get("p").unwrap());
+        let scraped = |pool: &Pool| {
+            for replica in pool.replicas().iter() {
+                replica.update(|state| {
+                    state.metrics = Some(ReplicaMetrics::default());
+                    state.scraped_at = Some(Instant::now());
+                });
+            }
+        };
+        pool.set_replicas(REPLICAS[..2].iter().map(|a| a.to_string()));
+        scraped(&pool);
+        let mut picker = EndpointPicker::new(Arc::clone(&pool));
+        let (header, _) = destination(&send(&mut picker, subset(headers(false), &REPLICAS[1..3]), &chat("hi"))[0]);
+        assert_eq!(header, REPLICAS[1], "the third is not a replica yet");
+
+        pool.set_replicas(REPLICAS[2..].iter().map(|a| a.to_string()));
+        scraped(&pool);
+        let mut picker = EndpointPicker::new(Arc::clone(&pool));
+        let (header, _) = destination(&send(&mut picker, subset(headers(false), &REPLICAS[1..3]), &chat("hi"))[0]);
+        assert_eq!(header, REPLICAS[2], "the second left; the third joined");
+    }
+
+    #[test]
     fn an_empty_or_unknown_subset_is_a_503() {
         for allowed in [&[][..], &["192.168.9.9:1"][..]] {
             let mut picker = EndpointPicker::new(pool("", 0));
@@ -371,7 +395,7 @@ mod tests {
     #[test]
     fn nothing_ready_is_a_503() {
         let pool = pool("", 0);
-        for replica in pool.replicas() {
+        for replica in pool.replicas().iter() {
             replica.update(|state| *state = Default::default());
         }
         let mut picker = EndpointPicker::new(pool);

@@ -1,7 +1,9 @@
 //! The endpoint picker's counters in the admin port's `/metrics`: picks per
-//! replica, refusals per kind, requests in flight and readiness. Every label
-//! comes from the pools file (pool, replica address) or is one of a fixed set
-//! (refusal kind), so the series are bounded.
+//! replica, refusals per kind, requests in flight, readiness, and failed
+//! lookups of a pool's name. Every label comes from the pools file (pool,
+//! replica address), from a pool's name's answers (replica address: at most
+//! 256 per pool, and gone with the replica) or is one of a fixed set (refusal
+//! kind), so the series are bounded.
 
 use modelgate_pools::Pools;
 use prometheus_client::collector::Collector;
@@ -19,7 +21,9 @@ pub struct PoolMetrics(pub Arc<Pools>);
 impl Collector for PoolMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let now = Instant::now();
-        let replicas = || self.0.iter().flat_map(|pool| pool.replicas().iter().map(move |replica| (pool, replica)));
+        // One set per pool for the whole scrape, so every family lists the same replicas.
+        let sets: Vec<_> = self.0.iter().map(|pool| (pool, pool.replicas())).collect();
+        let replicas = || sets.iter().flat_map(|(pool, set)| set.iter().map(move |replica| (*pool, replica)));
         let mut family = encoder.encode_descriptor(
             "modelgate_pool_picks",
             "Requests the endpoint picker sent to a replica first",
@@ -62,6 +66,15 @@ impl Collector for PoolMetrics {
                 let labels = [("pool", pool.name()), ("reason", kind)];
                 ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
+        }
+        let mut family = encoder.encode_descriptor(
+            "modelgate_pool_dns_lookup_failures",
+            "Lookups of a dns pool's name that failed or gave no address (its replicas stayed as they were)",
+            None,
+            MetricType::Counter,
+        )?;
+        for pool in self.0.iter().filter(|pool| pool.config().dns.is_some()) {
+            ConstCounter::new(pool.lookup_failures()).encode(family.encode_family(&[("pool", pool.name())])?)?;
         }
         Ok(())
     }
@@ -107,5 +120,25 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
         drop(picked);
+    }
+
+    #[test]
+    fn a_replica_that_left_leaves_the_metrics_and_failed_lookups_are_counted() {
+        let pools = Pools::from_json(br#"{"pools":{"d":{"dns":"vllm:8000"}}}"#).unwrap();
+        let pool = pools.get("d").unwrap();
+        pool.set_replicas(["10.0.0.1:8000".to_owned(), "10.0.0.2:8000".to_owned()]);
+        pool.set_replicas(["10.0.0.2:8000".to_owned()]);
+        pool.lookup_failed();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(PoolMetrics(Arc::new(pools))));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(!text.contains("10.0.0.1:8000"), "{text}");
+        for line in [
+            r#"modelgate_pool_picks_total{pool="d",replica="10.0.0.2:8000"} 0"#,
+            r#"modelgate_pool_dns_lookup_failures_total{pool="d"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
     }
 }
