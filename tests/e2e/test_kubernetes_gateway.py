@@ -28,7 +28,7 @@ from test_routing import (test_client_cannot_pick_the_cluster_or_rename,  # noqa
                           test_renamed_stream_and_embeddings, test_unknown_model_is_not_found)
 from test_anthropic import test_a_chat_with_a_system_prompt, test_a_stream_with_and_without_usage  # noqa: F401
 from test_ollama import test_a_chat_with_a_system_prompt_and_options, test_a_chat_stream  # noqa: F401
-from test_pools import (REPLICAS, ready, wait_for_picker,  # noqa: F401
+from test_pools import (REPLICAS, pools_view, ready, wait_for_picker,  # noqa: F401
                         test_a_clients_destination_header_steers_nothing, test_a_session_stays_on_its_replica,
                         test_a_replica_breaking_off_a_stream_ends_it_with_an_openai_error_event,
                         test_a_shared_system_prompt_keeps_its_replica_and_different_ones_spread,
@@ -199,6 +199,21 @@ def stack(manifests, envoy_template):
 
 
 @pytest.fixture(scope="module")
+def stack_resolving_the_pool(manifests, patched, envoy_template):
+    """The pools file exactly as the ConfigMap has it, but for the name: `localhost` and the
+    port of what plays the first of the Service's pods."""
+    addresses = local_addresses(patched)
+
+    def localhost(pool: dict, demo_replicas: list[str]) -> None:
+        host, port = pool["dns"].rsplit(":", 1)
+        _, first = addresses[(service_key(host), int(port))][0]
+        pool["dns"] = f"localhost:{first}"
+
+    with manifests_stack(manifests, envoy_template, localhost) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def gateway(stack):
     """The stack, once ext-proc's picker sees every replica of the pool ready (test_pools' name)."""
     wait_for_picker(stack, ready(stack, REPLICAS))
@@ -227,6 +242,17 @@ def test_the_answer_names_the_backend_that_served_it(http, model, backend, strea
                                                      "messages": [{"role": "user", "content": "hello"}]})
     assert answer.status_code == 200, answer.text
     assert (answer.headers["modelgate-backend"], answer.headers["modelgate-attempts"]) == (backend, "1")
+
+
+def test_the_pool_is_found_by_the_dns_name_of_its_service(stack_resolving_the_pool):
+    s = stack_resolving_the_pool
+    replica = s.backend_address("vllm-0")
+    wait_for_picker(s, lambda view: replica in view and view[replica]["ready"])
+    client = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=30)
+    raw = client.chat.completions.with_raw_response.create(
+        model="qwen3-8b", max_tokens=2, messages=[{"role": "user", "content": "hello"}])
+    assert (raw.headers["x-sim-backend"], raw.headers["modelgate-backend"]) == ("vllm-0", "vllm-pool")
+    assert pools_view(s)[replica]["ready"]
 
 
 def test_a_batch_runs_through_the_admin_route(stack):
