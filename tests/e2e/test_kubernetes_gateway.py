@@ -2,8 +2,9 @@
 translates them (gateway_api.py: its xDS names and shapes, the EnvoyPatchPolicy's JSON patches
 applied literally), ext-proc and the stream guard started with the Deployments' arguments and
 the pools file of the ConfigMap, the simulators standing where the Services and the Backend
-point. The core SDK tests run against it unchanged: they are imported here, where `stack` is
-this gateway."""
+point. Both ways of applying them run: the modelgate-owned Gateway (`kubectl apply -k
+envoy/kubernetes`) and the bring-your-own overlay on a user's Gateway. The core SDK tests run
+against it unchanged: they are imported here, where `stack` is this gateway."""
 
 from __future__ import annotations
 
