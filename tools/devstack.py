@@ -211,7 +211,7 @@ class Stack:
                  key_dirs: list[Path] | None = None, data_dir: Path | None = None,
                  stream_guard_args: list[str] | None = None, ext_proc_env: dict[str, str] | None = None,
                  ext_proc_replicas: int = 1, adjust_pools=None, inference_pool: bool = False,
-                 adjust_inference_pool=None):
+                 adjust_inference_pool=None, envoy_template: Path = DEMO_CONFIG):
         """`cpus` pins processes by name to CPU lists (`taskset -c`); the benchmark uses it to keep
         the gateway and the load off each other's cores. `adjust_config` may change the demo
         configuration (parsed YAML) before Envoy starts, as tests do to add failing backends.
@@ -229,7 +229,11 @@ class Stack:
 
         `inference_pool` also starts a second Envoy from envoy/inference-pool.yaml (a Gateway API
         data plane for the demo pool, `inference-gateway`), with ext-proc serving the endpoint-picker
-        protocol for it; `adjust_inference_pool` may change that configuration first."""
+        protocol for it; `adjust_inference_pool` may change that configuration first.
+
+        `envoy_template` is the Envoy configuration to start instead of envoy/demo.yaml: one made
+        elsewhere (from the Kubernetes manifests, say) on the demo's ports, internal token and key
+        directory, which the stack remaps as it does the demo's."""
         pick = (lambda demo: demo) if demo_ports else (lambda demo: free_port())
         self.fixed_ports = demo_ports
         self.ports = {demo: pick(demo) for demo in [ADMIN_PORT, EXT_PROC_PORT, EXT_PROC_ADMIN_PORT, STREAM_GUARD_PORT,
@@ -250,6 +254,7 @@ class Stack:
         self.adjust_pools = adjust_pools
         self.inference_pool = inference_pool
         self.adjust_inference_pool = adjust_inference_pool
+        self.envoy_template = envoy_template
         # The replicas after the first have ports of their own, named for them: `ext-proc-2:admin`.
         for name in self.ext_proc_names[1:]:
             self.ports.update({f"{name}:grpc": free_port(), f"{name}:admin": free_port()})
@@ -364,7 +369,7 @@ class Stack:
                     "--upstream", f"127.0.0.1:{self.ports[INNER_LISTENER_PORT]}", *trusted, *self.stream_guard_args],
                     backend_keys)
                 try:
-                    self.start_envoy("envoy", DEMO_CONFIG, self.ports, self.adjust_envoy)
+                    self.start_envoy("envoy", self.envoy_template, self.ports, self.adjust_envoy)
                     if self.inference_pool:
                         # Its own listener and admin stand where start_envoy looks for the demo's.
                         self.start_envoy("inference-gateway", INFERENCE_POOL_CONFIG, {
