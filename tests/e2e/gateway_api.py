@@ -28,6 +28,7 @@ import copy
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonpatch
@@ -57,7 +58,9 @@ class Manifests:
     """The resources a user applies with `kubectl apply -k <folder>`, by kind."""
 
     def __init__(self, folder: Path = MANIFESTS):
-        rendered = subprocess.run(["kubectl", "kustomize", str(folder)], check=True, capture_output=True, text=True)
+        # The kubectl pinned in tests/requirements.txt, beside this Python: not whichever the host has.
+        kubectl = Path(sys.executable).with_name("kubectl")
+        rendered = subprocess.run([kubectl, "kustomize", str(folder)], check=True, capture_output=True, text=True)
         self.resources = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
     def of_kind(self, kind: str) -> list[dict]:
