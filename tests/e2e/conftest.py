@@ -44,6 +44,20 @@ def spec() -> Spec:
     return _spec
 
 
+def pytest_collection_modifyitems(config, items):
+    """test_kubernetes_gateway runs on the bring-your-own Gateway only the tests it names there."""
+    def elsewhere(item) -> bool:
+        only = getattr(item.module, "ON_YOUR_GATEWAY_TOO", None)
+        params = getattr(item, "callspec", None)
+        return only is not None and params is not None and params.params.get("deployment") == "bring-your-own" \
+            and item.originalname not in only
+
+    deselected = [item for item in items if elsewhere(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not elsewhere(item)]
+
+
 def pytest_terminal_summary(terminalreporter):
     for line in REPORTED:
         terminalreporter.write_line(line)

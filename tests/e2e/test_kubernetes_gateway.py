@@ -122,6 +122,21 @@ YOUR_GATEWAY = {
         {"name": "http", "port": 80, "protocol": "HTTP", "allowedRoutes": {"namespaces": {"from": "All"}}}]}}
 
 
+# On a Gateway of the user's own, what differs from the modelgate-owned case is where things
+# attach: the routes to another Gateway, the filter to modelgate's routes only, the policies and
+# patches to another namespace and listener. These tests cover each; every other test runs on the
+# modelgate-owned Gateway only (conftest.py deselects the rest).
+ON_YOUR_GATEWAY_TOO = {
+    "test_chat_completion", "test_chat_stream_with_usage_chunk", "test_request_id_is_kept_or_made",
+    "test_a_chat_with_a_system_prompt", "test_unknown_model_is_not_found", "test_client_cannot_pick_the_cluster_or_rename",
+    "test_streams_are_picked_too", "test_the_inner_listener_routes_only_to_backend_clusters",
+    "test_an_unknown_path_is_a_json_404", "test_the_models_are_the_configured_ones",
+    "test_the_answer_names_the_backend_that_served_it", "test_a_batch_runs_through_the_admin_route",
+    "test_the_patches_name_what_envoy_gateway_generates", "test_the_filter_configuration_is_the_demos",
+    "test_the_processes_run_with_their_deployments_arguments",
+}
+
+
 @pytest.fixture(scope="module", params=["modelgate-owned", "bring-your-own"])
 def deployment(request) -> tuple[Manifests, dict]:
     """What the user applies (`kubectl apply -k`), in the cluster beside the Gateway it uses."""
