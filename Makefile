@@ -51,9 +51,12 @@ e2e: setup build
 bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
 	$(VPY) bench/run.py $(if $(SHORT),--short)
 
+# ext-proc and the guard are built by exactly the command ext-proc/Dockerfile runs (features are
+# unified per command), so the binaries the tests run are the ones the images hold.
 build: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-filter
-	cargo build --release -p modelgate-ext-proc -p modelgate-stream-guard -p modelgate-simulator -p modelgate-bench
+	cargo build --release --locked -p modelgate-ext-proc -p modelgate-stream-guard
+	cargo build --release -p modelgate-simulator -p modelgate-bench
 
 # The images (docs/images.md). The wasm filter's OCI image layout needs no container engine; the
 # images of ext-proc and the stream guard need a builder, and are skipped, saying so, without one.

@@ -357,7 +357,7 @@ def test_pools_file_naming_a_missing_service_port(broken, crds, demo):
     pools["pools"]["vllm-pool"]["dns"] = "vllm-pool.modelgate.svc.cluster.local:8001"
     config_map["data"]["pools.json"] = json.dumps(pools)
     assert problems(broken, crds, demo) == [
-        "ConfigMap modelgate/modelgate-pools (modelgate.yaml): data.pools.json pools.vllm-pool.dns: "
+        "ConfigMap modelgate/modelgate-pools (pool.yaml): data.pools.json pools.vllm-pool.dns: "
         'Service "vllm-pool" has no port 8001 (it has [8000])'
     ]
 
@@ -365,7 +365,7 @@ def test_pools_file_naming_a_missing_service_port(broken, crds, demo):
 def test_pools_file_that_is_not_json(broken, crds, demo):
     find(broken, "ConfigMap", "modelgate-pools")["data"]["pools.json"] = '{"pools": {'
     [problem] = problems(broken, crds, demo)
-    assert problem.startswith("ConfigMap modelgate/modelgate-pools (modelgate.yaml): data.pools.json: not JSON: ")
+    assert problem.startswith("ConfigMap modelgate/modelgate-pools (pool.yaml): data.pools.json: not JSON: ")
 
 
 def test_endpoint_picker_of_a_pool_the_file_lacks(broken, crds, demo):
@@ -374,7 +374,7 @@ def test_endpoint_picker_of_a_pool_the_file_lacks(broken, crds, demo):
     args[i] = "--epp-pool=vllm"
     assert problems(broken, crds, demo) == [
         f"Deployment modelgate/modelgate-epp (inference-pool.yaml): spec.template.spec.containers[0].args[{i}]: "
-        "--epp-pool=vllm: no such pool in ConfigMap modelgate/modelgate-pools (modelgate.yaml)"
+        "--epp-pool=vllm: no such pool in ConfigMap modelgate/modelgate-pools (pool.yaml)"
     ]
 
 
@@ -412,6 +412,6 @@ def test_pools_file_drifted_from_the_demos(broken, crds, demo):
     pools["pools"]["vllm-pool"]["strategy"] = "least_queue"
     config_map["data"]["pools.json"] = json.dumps(pools)
     assert problems(broken, crds, demo) == [
-        "ConfigMap modelgate/modelgate-pools (modelgate.yaml): data.pools.json pools.vllm-pool.strategy: "
+        "ConfigMap modelgate/modelgate-pools (pool.yaml): data.pools.json pools.vllm-pool.strategy: "
         "differs from envoy/pools.json"
     ]
