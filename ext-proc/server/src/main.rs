@@ -156,7 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .add_service(health)
                 .add_service(picker)
                 .serve_with_shutdown(listen, shutdown.asked());
-            let (served, ()) = tokio::join!(serve, service::report_health(reporter, pool, shutdown.asked()));
+            let (served, ()) = tokio::join!(serve, service::report_health(reporter, pool, shutdown.clone()));
             served.map_err(Box::<dyn std::error::Error>::from)
         };
         let scrapers = async {

@@ -13,7 +13,7 @@ use modelgate_pools::pool::Pool;
 use modelgate_pools::Pools;
 use modelgate_proto::headers;
 use modelgate_runtime::internal_token::InternalToken;
-use std::future::Future;
+use modelgate_runtime::process::Shutdown;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,17 +87,20 @@ pub fn endpoint_picker_server(picker: PoolPicker, max_message_bytes: usize) -> E
 
 /// The gRPC health services of the endpoint picker's port: `liveness` while
 /// the process serves; `readiness`, and ext_proc's service name, while the
-/// pool has a ready replica, checked every scrape interval until `stop`.
-pub async fn report_health(reporter: HealthReporter, pool: Arc<Pool>, stop: impl Future<Output = ()>) {
+/// pool has a ready replica and the process is not stopping (so, like
+/// `/readyz`, they fail during the drain delay), checked every scrape
+/// interval until the servers stop.
+pub async fn report_health(reporter: HealthReporter, pool: Arc<Pool>, shutdown: Shutdown) {
     const EXT_PROC: &str = <ExternalProcessorServer<PoolPicker> as NamedService>::NAME;
     reporter.set_service_status("liveness", ServingStatus::Serving).await;
     let mut every = tokio::time::interval(Duration::from_millis(pool.config().scrape_interval_ms.max(1)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = None;
+    let stopped = shutdown.asked();
     let watch = async {
         loop {
             every.tick().await;
-            let ready = pool.is_ready(Instant::now());
+            let ready = shutdown.ready() && pool.is_ready(Instant::now());
             if reported != Some(ready) {
                 let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
                 for service in ["readiness", EXT_PROC] {
@@ -109,7 +112,7 @@ pub async fn report_health(reporter: HealthReporter, pool: Arc<Pool>, stop: impl
     };
     tokio::select! {
         () = watch => {}
-        () = stop => {}
+        () = stopped => {}
     }
 }
 
@@ -191,7 +194,9 @@ mod tests {
         let picker = endpoint_picker_server(PoolPicker { pool: Arc::clone(&pool) }, DEFAULT_MAX_MESSAGE_BYTES);
         let server = tonic::transport::Server::builder().add_service(health).add_service(picker);
         tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
-        tokio::spawn(report_health(reporter, Arc::clone(&pool), std::future::pending()));
+        let (ask, asked) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::after(async { asked.await.unwrap_or(()) }, Duration::from_secs(600));
+        tokio::spawn(report_health(reporter, Arc::clone(&pool), shutdown));
 
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
@@ -215,6 +220,14 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(status_of("envoy.service.ext_proc.v3.ExternalProcessor").await, Some(Status::Serving));
+
+        // SIGTERM: during the drain delay the picker still answers, but reports itself unready.
+        ask.send(()).unwrap();
+        while status_of("readiness").await != Some(Status::NotServing) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(status_of("envoy.service.ext_proc.v3.ExternalProcessor").await, Some(Status::NotServing));
+        assert_eq!(status_of("liveness").await, Some(Status::Serving));
 
         // A request without a body is answered at its headers, with no token asked.
         let headers = ProcessingRequest {
