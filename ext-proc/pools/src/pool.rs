@@ -307,6 +307,10 @@ impl Pool {
             .take(room)
             .map(|address| Arc::new(Replica::new(self.next_id.fetch_add(1, Ordering::Relaxed), address)))
             .collect();
+        if gone.is_empty() && joining.is_empty() {
+            // The same answer as last time: the set (and the picks reading it) stay untouched.
+            return Change { ignored, ..Change::default() };
+        }
         // The index first: a pick still holding the old set records nothing
         // for a replica that left, and one on the new set finds its entry.
         if let Ok(mut index) = self.prefix.lock() {

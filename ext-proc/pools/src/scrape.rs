@@ -142,18 +142,14 @@ fn read_replica(pool: &Arc<Pool>, replica: &Arc<Replica>) -> JoinSet<()> {
     let mut loops = JoinSet::new();
     let config = pool.config();
     let metrics_url = format!("http://{}{}", replica.address, config.metrics_path);
-    // A read may take up to half the time its replica has before it counts as
-    // stale: on a busy machine a slow read is not yet a failing replica, while a
-    // hung one is still seen failing in time. Reads never overlap.
-    let patience = Duration::from_millis(config.stale_after_ms) / 2;
     let every = Duration::from_millis(config.scrape_interval_ms);
     let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
-    loops.spawn(keep_reading(pool_, replica_, metrics_url, every, every.max(patience), read_metrics));
+    loops.spawn(keep_reading(pool_, replica_, metrics_url, every, read_metrics));
     if config.discover_models {
         let models_url = format!("http://{}/v1/models", replica.address);
         let every = Duration::from_millis(config.models_interval_ms);
         let (pool_, replica_) = (Arc::clone(pool), Arc::clone(replica));
-        loops.spawn(keep_reading(pool_, replica_, models_url, every, every.max(patience), read_models));
+        loops.spawn(keep_reading(pool_, replica_, models_url, every, read_models));
     }
     loops
 }
@@ -161,15 +157,12 @@ fn read_replica(pool: &Arc<Pool>, replica: &Arc<Replica>) -> JoinSet<()> {
 /// What one read of a replica's page does with the page: `Err` is a failure.
 type Apply = fn(&Replica, &[u8]) -> Result<(), String>;
 
-/// Reads `url` every `every` (a read given at most `timeout`), until aborted.
-async fn keep_reading(
-    pool: Arc<Pool>,
-    replica: Arc<Replica>,
-    url: String,
-    every: Duration,
-    timeout: Duration,
-    apply: Apply,
-) {
+/// Reads `url` every `every`, until aborted.
+async fn keep_reading(pool: Arc<Pool>, replica: Arc<Replica>, url: String, every: Duration, apply: Apply) {
+    // A read may take up to half the time its replica has before it counts as
+    // stale: on a busy machine a slow read is not yet a failing replica, while a
+    // hung one is still seen failing in time. Reads never overlap.
+    let timeout = every.max(pool.stale_after() / 2);
     let client = match reqwest::Client::builder().timeout(timeout).build() {
         Ok(client) => client,
         Err(e) => {
