@@ -16,7 +16,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::value::Kind;
 use modelgate_pools::pool::{PickRequest, Picked, Pool};
 use modelgate_pools::request::pick_fields;
-use modelgate_proto::headers::DESTINATION_ENDPOINT;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -158,11 +157,7 @@ impl EndpointPicker {
             Ok(picked) => {
                 let destination = picked.destination();
                 self.phase = Phase::Picked(picked);
-                envoy_messages::set_request_header_with_metadata(
-                    DESTINATION_ENDPOINT,
-                    &destination,
-                    envoy_messages::destination_metadata(&destination),
-                )
+                envoy_messages::pick_destination(&destination)
             }
             Err(refusal) => {
                 self.phase = Phase::Done;
@@ -217,6 +212,7 @@ mod tests {
     use envoy_types::pb::google::protobuf::{Struct, Value};
     use modelgate_pools::metrics::ReplicaMetrics;
     use modelgate_pools::Pools;
+    use modelgate_proto::headers::DESTINATION_ENDPOINT;
     use proptest::prelude::*;
     use serde_json::Value as Json;
     use std::collections::HashMap;

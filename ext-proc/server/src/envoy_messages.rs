@@ -124,13 +124,13 @@ pub fn reject(err: &GatewayError) -> ProcessingResponse {
 /// Ends the request with an OpenAI error envelope and, when given, a
 /// `retry-after` of that many seconds (a request shed by the endpoint picker).
 pub fn reject_with(err: &GatewayError, retry_after_secs: Option<u64>) -> ProcessingResponse {
-    let retry_after = retry_after_secs.map(|secs| ("retry-after", secs.to_string()));
+    let retry_after = retry_after_secs.map(|secs| secs.to_string());
     respond(Response::ImmediateResponse(ImmediateResponse {
         status: Some(HttpStatus { code: i32::from(err.status) }),
         headers: Some(HeaderMutation {
-            set_headers: std::iter::once(("content-type", "application/json".to_string()))
-                .chain(retry_header(err.should_retry()).map(|(name, value)| (name, value.to_string())))
-                .chain(retry_after)
+            set_headers: std::iter::once(("content-type", "application/json"))
+                .chain(retry_header(err.should_retry()))
+                .chain(retry_after.as_deref().map(|secs| ("retry-after", secs)))
                 .map(|(name, value)| set_header(name, value.as_bytes()))
                 .collect(),
             ..Default::default()
@@ -146,33 +146,28 @@ pub fn reject_with(err: &GatewayError, retry_after_secs: Option<u64>) -> Process
 /// API Inference Extension's data planes read them; the header of the same
 /// name is among the answer's header changes.
 pub fn with_destination(mut answer: ProcessingResponse, destination: &str) -> ProcessingResponse {
-    answer.dynamic_metadata = Some(destination_metadata(destination));
-    answer
-}
-
-/// `{"envoy.lb": {"x-gateway-destination-endpoint": destination}}`
-pub fn destination_metadata(destination: &str) -> Struct {
     let value = |kind| Value { kind: Some(kind) };
     let endpoint = Struct {
         fields: [(DESTINATION_ENDPOINT.to_string(), value(Kind::StringValue(destination.to_string())))].into(),
     };
-    Struct { fields: [(LB_NAMESPACE.to_string(), value(Kind::StructValue(endpoint)))].into() }
+    answer.dynamic_metadata =
+        Some(Struct { fields: [(LB_NAMESPACE.to_string(), value(Kind::StructValue(endpoint)))].into() });
+    answer
 }
 
-/// Continues the request headers with `header` set to `value`, replacing any
-/// copy the client sent (appended to, the client's would come first), and
-/// emits `metadata` as dynamic metadata.
-pub fn set_request_header_with_metadata(header: &str, value: &str, metadata: Struct) -> ProcessingResponse {
-    let mut set = set_header(header, value.as_bytes());
+/// Continues the request headers with the endpoint picker's choice: the
+/// header, replacing any copy the client sent (appended to, the client's would
+/// come first), and the same value as `envoy.lb` dynamic metadata.
+pub fn pick_destination(destination: &str) -> ProcessingResponse {
+    let mut set = set_header(DESTINATION_ENDPOINT, destination.as_bytes());
     set.append_action = HeaderAppendAction::OverwriteIfExistsOrAdd as i32;
-    let mut answer = respond(Response::RequestHeaders(HeadersResponse {
+    let answer = respond(Response::RequestHeaders(HeadersResponse {
         response: Some(CommonResponse {
             header_mutation: Some(HeaderMutation { set_headers: vec![set], ..Default::default() }),
             ..Default::default()
         }),
     }));
-    answer.dynamic_metadata = Some(metadata);
-    answer
+    with_destination(answer, destination)
 }
 
 /// Sends one piece of a body on, unchanged, in the `FULL_DUPLEX_STREAMED`
