@@ -50,6 +50,11 @@ HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection
 ROUTING_HEADER = "x-modelgate-cluster"
 
 
+def pod_port(port: int) -> int:
+    """The Envoy pod's port of a Gateway listener's: Envoy Gateway binds privileged ports 10000 higher."""
+    return port + 10000 if port < 1024 else port
+
+
 class Unsupported(Exception):
     """The manifests use something this emulation does not translate."""
 
@@ -150,8 +155,7 @@ class Translation:
             raise Unsupported(f"Gateway listener protocol {listener['protocol']}")
         ns, gw = namespace_of(self.gateway), self.gateway["metadata"]["name"]
         name = f"{ns}/{gw}/{listener['name']}"
-        # Envoy Gateway binds privileged ports 10000 higher inside the Envoy pod.
-        port = listener["port"] + 10000 if listener["port"] < 1024 else listener["port"]
+        port = pod_port(listener["port"])
         hcm = {
             "stat_prefix": f"http-{port}",
             "rds": {"config_source": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gateway_api import (CLUSTER, MANIFESTS, ROUTING_HEADER, Manifests, Translation, bootstrap, namespace_of,
-                         service_key)
+                         pod_port, service_key)
 from harness import Stack, chat_line, results, start_batch, wait_for_batch
 from devstack import (ADMIN_PORT, DEMO_CONFIG, DEMO_INTERNAL_TOKEN, INNER_LISTENER_PORT, LISTENER_PORT, WASM)
 
@@ -172,9 +172,8 @@ def patched(translation) -> Translation:
 def envoy_template(manifests, patched, tmp_path_factory) -> Path:
     """The Envoy configuration of the manifests on the demo's ports, token and key directory."""
     gateway_port = next(listener["port"] for listener in patched.gateway["spec"]["listeners"])
-    pod_port = gateway_port + 10000 if gateway_port < 1024 else gateway_port
     config = bootstrap(patched, local_addresses(patched),
-                       {pod_port: LISTENER_PORT, INNER_LISTENER_POD_PORT: INNER_LISTENER_PORT}, ADMIN_PORT, WASM)
+                       {pod_port(gateway_port): LISTENER_PORT, INNER_LISTENER_POD_PORT: INNER_LISTENER_PORT}, ADMIN_PORT, WASM)
     # The token placeholder, as a user replaces it (the stack replaces the demo's with its own).
     text = yaml.safe_dump(config, sort_keys=False).replace(
         manifests.secret_value("modelgate-internal-token", "token"), DEMO_INTERNAL_TOKEN)

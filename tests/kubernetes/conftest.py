@@ -3,6 +3,7 @@
 import pytest
 
 import crd_schema
+import gateway_config
 import manifests
 from paths import MANIFESTS, REPO, crd_folder
 
@@ -20,3 +21,9 @@ def documents() -> list[manifests.Document]:
     if not MANIFESTS.is_dir():
         pytest.skip(f"no {MANIFESTS.relative_to(REPO)} folder")
     return manifests.load_folder(MANIFESTS)
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """What envoy/demo.yaml and envoy/pools.json configure, for the manifests to match."""
+    return gateway_config.load_demo(REPO)

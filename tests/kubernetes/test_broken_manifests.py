@@ -7,13 +7,7 @@ import json
 import pytest
 
 import gateway_config
-from paths import REPO
 from validate import validate
-
-
-@pytest.fixture(scope="session")
-def demo():
-    return gateway_config.load_demo(REPO)
 
 
 @pytest.fixture

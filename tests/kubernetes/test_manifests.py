@@ -1,6 +1,7 @@
 """envoy/kubernetes as an operator applies it: every resource accepted, every reference resolved,
 modelgate's configuration the demo's."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,6 @@ from paths import MANIFESTS, REPO
 from validate import validate
 
 DOCUMENTS = manifests.load_folder(MANIFESTS) if MANIFESTS.is_dir() else []
-
-
-@pytest.fixture(scope="session")
-def demo():
-    return gateway_config.load_demo(REPO)
 
 
 def test_the_folder_has_the_contracts_files(documents):
@@ -98,14 +94,19 @@ spec:
 # The kubectl pinned in tests/requirements.txt, beside this Python: not whichever the host has.
 KUBECTL = Path(sys.executable).with_name("kubectl")
 STAND_INS = {"envoy/kubernetes": "", "envoy/kubernetes-byo-gateway": YOUR_GATEWAY}
+@functools.cache
+def kustomize(folder: str) -> str:
+    """What `kubectl apply -k` applies for `folder`, rendered once per run."""
+    return subprocess.run([KUBECTL, "kustomize", str(REPO / folder)], capture_output=True, text=True, check=True).stdout
+
+
 KUSTOMIZATIONS = sorted(str(k.parent.relative_to(REPO)) for k in (REPO / "envoy").glob("*/kustomization.yaml"))
 
 
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS)
 def test_kustomize_output_validates(folder, crds, demo):
     assert folder in STAND_INS, f"a new kustomization: say what it expects to exist already (STAND_INS)"
-    built = subprocess.run([KUBECTL, "kustomize", str(REPO / folder)], capture_output=True, text=True, check=True).stdout
-    documents = manifests.load_text(built, f"kubectl kustomize {folder}")
+    documents = manifests.load_text(kustomize(folder), f"kubectl kustomize {folder}")
     documents += manifests.load_text(STAND_INS[folder], "stand-in")
     assert [str(p) for p in validate(documents, crds, demo)] == []
 
@@ -114,8 +115,7 @@ def test_your_gateway_must_admit_modelgates_routes(crds, demo):
     # The mistake the overlay's instructions warn of: a Gateway whose listener takes routes from
     # its own namespace only (the Gateway API default) never serves modelgate's.
     folder = "envoy/kubernetes-byo-gateway"
-    built = subprocess.run([KUBECTL, "kustomize", str(REPO / folder)], capture_output=True, text=True, check=True).stdout
-    documents = manifests.load_text(built, folder)
+    documents = manifests.load_text(kustomize(folder), folder)
     documents += manifests.load_text(STAND_INS[folder].replace(", allowedRoutes: {namespaces: {from: All}}", ""), "stand-in")
     found = [str(p) for p in validate(documents, crds, demo)]
     routes = sorted(d.name for d in documents if d.kind == "HTTPRoute")
