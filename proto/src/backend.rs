@@ -52,6 +52,10 @@ pub struct BackendProfile {
     /// replica ext-proc picks for each request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The backend serves OpenAI's Responses API itself (OpenAI, recent vLLM):
+    /// `/v1/responses` passes through instead of being translated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serves_responses: bool,
 }
 
 fn is_openai(dialect: &Dialect) -> bool {
@@ -92,6 +96,7 @@ mod tests {
             api_key: Some(ApiKey::Env("ANTHROPIC_API_KEY".into())),
             defaults: json!({"max_tokens": 4096}).as_object().cloned().unwrap(),
             pool: None,
+            serves_responses: false,
         };
         let header = profile.to_header();
         assert_eq!(

@@ -226,6 +226,11 @@ pub struct BackendConfig {
     /// its host from the picker's `x-gateway-destination-endpoint` header.
     #[serde(default)]
     pub pool: Option<String>,
+    /// The backend serves OpenAI's Responses API itself (OpenAI, recent vLLM):
+    /// `/v1/responses` passes through to it instead of being translated into
+    /// chat completions. Only for the `openai` dialect.
+    #[serde(default)]
+    pub serves_responses: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

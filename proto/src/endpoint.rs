@@ -27,10 +27,18 @@ pub enum Endpoint {
     LoadLoraAdapter,
     /// vLLM's `/v1/unload_lora_adapter`, as [`Endpoint::LoadLoraAdapter`].
     UnloadLoraAdapter,
+    /// OpenAI's Responses API, `POST /v1/responses`, routed by `model`. The
+    /// responses the gateway stored, `/v1/responses/{id}…`, are answered by
+    /// ext-proc's batch service beside files and batches.
+    Responses,
+    /// Anthropic's Messages API, `POST /v1/messages`, routed by `model`.
+    Messages,
+    /// Anthropic's `POST /v1/messages/count_tokens`, routed by `model`.
+    CountTokens,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 13] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
@@ -41,6 +49,9 @@ impl Endpoint {
         Endpoint::Detokenize,
         Endpoint::LoadLoraAdapter,
         Endpoint::UnloadLoraAdapter,
+        Endpoint::Responses,
+        Endpoint::Messages,
+        Endpoint::CountTokens,
     ];
 
     pub fn path(self) -> &'static str {
@@ -55,6 +66,9 @@ impl Endpoint {
             Endpoint::Detokenize => "/detokenize",
             Endpoint::LoadLoraAdapter => "/v1/load_lora_adapter",
             Endpoint::UnloadLoraAdapter => "/v1/unload_lora_adapter",
+            Endpoint::Responses => "/v1/responses",
+            Endpoint::Messages => "/v1/messages",
+            Endpoint::CountTokens => "/v1/messages/count_tokens",
         }
     }
 
@@ -67,6 +81,9 @@ impl Endpoint {
                 | Endpoint::Embeddings
                 | Endpoint::Tokenize
                 | Endpoint::Detokenize
+                | Endpoint::Responses
+                | Endpoint::Messages
+                | Endpoint::CountTokens
         )
     }
 
@@ -79,7 +96,14 @@ impl Endpoint {
     /// Whether a model's answer on this endpoint is a completion whose usage
     /// counts (tokenizing one is not).
     pub fn is_completion(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings)
+        matches!(
+            self,
+            Endpoint::ChatCompletions
+                | Endpoint::Completions
+                | Endpoint::Embeddings
+                | Endpoint::Responses
+                | Endpoint::Messages
+        )
     }
 
     /// Whether the endpoint is answered by ext-proc's batch service, whose
@@ -98,7 +122,10 @@ impl Endpoint {
             | Endpoint::Tokenize
             | Endpoint::Detokenize
             | Endpoint::LoadLoraAdapter
-            | Endpoint::UnloadLoraAdapter => Some("POST"),
+            | Endpoint::UnloadLoraAdapter
+            | Endpoint::Responses
+            | Endpoint::Messages
+            | Endpoint::CountTokens => Some("POST"),
             Endpoint::Models => Some("GET"),
             Endpoint::Files | Endpoint::Batches => None,
         }
@@ -120,7 +147,8 @@ pub enum Target {
     ListModels,
     /// GET /v1/models/{id}, the id percent-decoded (ids such as `Qwen/Qwen2.5-7B` hold slashes).
     RetrieveModel(String),
-    /// `/v1/files…` or `/v1/batches…` ([`Endpoint::is_batch_service`]), any method.
+    /// `/v1/files…` or `/v1/batches…` ([`Endpoint::is_batch_service`]), or the
+    /// stored responses `/v1/responses/…` ([`Endpoint::Responses`]), any method.
     BatchService(Endpoint),
     /// A POST of an operation on a self-hosted pool ([`Endpoint::is_pool_operation`]).
     PoolOperation(Endpoint),
@@ -135,6 +163,10 @@ pub fn classify(method: &str, path: &str) -> Target {
     let under = |base: &str| path.strip_prefix(base).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
     if let Some(service) = Endpoint::ALL.into_iter().find(|e| e.is_batch_service() && under(e.path())) {
         return Target::BatchService(service);
+    }
+    // The stored responses, any method; `POST /v1/responses` itself is model-routed.
+    if path.strip_prefix(Endpoint::Responses.path()).is_some_and(|rest| rest.starts_with('/')) {
+        return Target::BatchService(Endpoint::Responses);
     }
     let models = Endpoint::Models.path();
     let (endpoint, model_id) = match Endpoint::from_path(path.as_bytes()) {
@@ -204,6 +236,24 @@ mod tests {
         assert_eq!(classify("GET", "/v1/filesystem"), Target::Other);
         assert_eq!(classify("POST", "/v1/batchesx"), Target::Other);
         assert_eq!(classify("GET", "/v2/files"), Target::Other);
+    }
+
+    #[test]
+    fn the_responses_and_messages_apis_are_routed_by_model_and_stored_responses_go_to_the_batch_service() {
+        assert_eq!(classify("POST", "/v1/responses"), Target::ModelRouted(Endpoint::Responses));
+        assert_eq!(classify("GET", "/v1/responses"), Target::WrongMethod("POST"));
+        assert_eq!(classify("POST", "/v1/messages"), Target::ModelRouted(Endpoint::Messages));
+        assert_eq!(classify("POST", "/v1/messages/count_tokens"), Target::ModelRouted(Endpoint::CountTokens));
+        assert_eq!(classify("GET", "/v1/messages"), Target::WrongMethod("POST"));
+        let stored = Target::BatchService(Endpoint::Responses);
+        for method in ["GET", "DELETE", "POST"] {
+            assert_eq!(classify(method, "/v1/responses/resp_1"), stored);
+            assert_eq!(classify(method, "/v1/responses/resp_1/input_items?limit=2"), stored);
+        }
+        assert_eq!(classify("POST", "/v1/responsesx"), Target::Other);
+        assert_eq!(classify("POST", "/v1/messages/batches"), Target::Other);
+        assert!(Endpoint::Responses.is_completion() && Endpoint::Messages.is_completion());
+        assert!(!Endpoint::CountTokens.is_completion() && Endpoint::CountTokens.is_model_routed());
     }
 
     #[test]

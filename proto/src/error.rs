@@ -6,6 +6,7 @@
 //! words are decided in one place. Constructors only build: whoever meets the
 //! error logs what an operator needs to know.
 
+use crate::client_api::ClientApi;
 use crate::limits::Unit;
 use serde::{Deserialize, Serialize, Serializer};
 use std::fmt::Display;
@@ -792,6 +793,22 @@ impl GatewayError {
         }
     }
 
+    /// The status in `api`: Anthropic's clients know an overload by its 529.
+    pub fn status_in(&self, api: ClientApi) -> u16 {
+        match (api, self.code) {
+            (ClientApi::Anthropic, Some(ErrorCode::Overloaded | ErrorCode::PoolSaturated)) => 529,
+            _ => self.status,
+        }
+    }
+
+    /// The error's body in `api`'s envelope.
+    pub fn body_in(&self, api: ClientApi) -> Vec<u8> {
+        match api {
+            ClientApi::Openai => self.to_json(),
+            ClientApi::Anthropic => anthropic_envelope(self.status_in(api), &self.message),
+        }
+    }
+
     /// The envelope as JSON bytes, ready to send.
     pub fn to_json(&self) -> Vec<u8> {
         let envelope = Envelope {
@@ -813,10 +830,59 @@ impl GatewayError {
     }
 }
 
+/// Anthropic's error `type` for an HTTP status, as its API sends them.
+pub fn anthropic_error_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+/// Anthropic's error envelope, `{"type":"error","error":{"type","message"}}`,
+/// for an error with `status`.
+pub fn anthropic_envelope(status: u16, message: &str) -> Vec<u8> {
+    let envelope = serde_json::json!({
+        "type": "error",
+        "error": {"type": anthropic_error_type(status), "message": message},
+    });
+    serde_json::to_vec(&envelope).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn on_anthropics_api_errors_take_its_envelope_and_an_overload_its_529() {
+        let refused = GatewayError::model_not_found("claude-9");
+        assert_eq!(refused.status_in(ClientApi::Anthropic), 404);
+        let body: Value = serde_json::from_slice(&refused.body_in(ClientApi::Anthropic)).unwrap();
+        assert_eq!(
+            body,
+            json!({"type": "error", "error": {
+                "type": "not_found_error",
+                "message": "The model `claude-9` does not exist or you do not have access to it.",
+            }})
+        );
+        assert_eq!(refused.body_in(ClientApi::Openai), refused.to_json());
+        let saturated = GatewayError::pool_saturated("p");
+        assert_eq!(saturated.status_in(ClientApi::Anthropic), 529);
+        assert_eq!(saturated.status_in(ClientApi::Openai), saturated.status);
+        let body: Value = serde_json::from_slice(&saturated.body_in(ClientApi::Anthropic)).unwrap();
+        assert_eq!(body["error"]["type"], "overloaded_error");
+        for (status, kind) in [(400, "invalid_request_error"), (413, "request_too_large"), (500, "api_error")] {
+            assert_eq!(anthropic_error_type(status), kind);
+        }
+    }
 
     #[test]
     fn envelope_has_openai_shape_with_string_or_null_code() {

@@ -10,6 +10,7 @@
 //! One framer for every reader of a stream: the stream guard, the dialects'
 //! translations (in ext-proc) and the filter's usage stripping (in wasm).
 
+use crate::client_api::ClientApi;
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
@@ -293,6 +294,19 @@ pub fn error_event(error: &GatewayError) -> Vec<u8> {
     let mut event = Vec::new();
     write_data(&mut event, &error.to_json());
     event
+}
+
+/// The event a stream in `api` ends with when it fails after its 200:
+/// OpenAI's [`error_event`], or Anthropic's `event: error` with its envelope.
+pub fn error_event_in(api: ClientApi, error: &GatewayError) -> Vec<u8> {
+    match api {
+        ClientApi::Openai => error_event(error),
+        ClientApi::Anthropic => {
+            let mut event = b"event: error\n".to_vec();
+            write_data(&mut event, &error.body_in(api));
+            event
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod batch;
 pub mod chain;
+pub mod client_api;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod clock;
 pub mod config;
@@ -18,4 +19,5 @@ pub mod keys;
 pub mod limits;
 pub mod models;
 pub mod routing;
+pub mod stored_response;
 pub mod usage;

@@ -168,6 +168,7 @@ fn profile_of(backend: &BackendConfig, rename: Option<&String>) -> BackendProfil
         api_key: backend.api_key.clone(),
         defaults: backend.defaults.clone(),
         pool: backend.pool.clone(),
+        serves_responses: backend.serves_responses,
     }
 }
 

@@ -3,15 +3,25 @@
 //! what they make of the request. ext_proc and the stream guard both start
 //! from here, so a request is rewritten the same way whichever handles it.
 
+use crate::client::{self, ClientOutcome, ClientRequest};
 use crate::credentials::KeySources;
-use crate::dialect::{self, Credential, HeaderChanges, OutgoingRequest, RequestTranslator, ResponseTranslator};
-use modelgate_proto::backend::BackendProfile;
+use crate::dialect::{
+    self, Credential, HeaderChanges, OutgoingRequest, RequestTranslator, ResponseContext, ResponseTranslator,
+};
+use modelgate_proto::backend::{BackendProfile, Dialect};
+use modelgate_proto::client_api::{passage, Passage};
 use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
+use serde_json::Value;
 
 pub struct BackendCall {
     translator: Box<dyn RequestTranslator>,
+    /// For a client API the backend does not serve: the request's translation
+    /// into a chat completion, which `translator` then translates as any other.
+    client: Option<Box<dyn ClientRequest>>,
+    /// The client's body was read by [`BackendCall::previous_response`].
+    read: bool,
     credential: Option<Box<dyn Credential>>,
     endpoint: Endpoint,
     /// The client's path, which a credential may sign when the dialect keeps it.
@@ -24,6 +34,9 @@ pub struct BackendCall {
 pub struct UpstreamParts {
     pub headers: HeaderChanges,
     pub body: Option<Vec<u8>>,
+    /// The answer itself (a 200 with this JSON body) when the gateway answers
+    /// without calling the backend: `count_tokens`' estimate. Nothing else applies then.
+    pub answer: Option<Vec<u8>>,
 }
 
 impl BackendCall {
@@ -62,38 +75,101 @@ impl BackendCall {
         let endpoint =
             Endpoint::from_path(path).ok_or_else(|| log_misconfiguration(&"a request to an unknown endpoint"))?;
         let source = profile.api_key.clone();
-        let translates_responses = dialect::registered(profile.dialect).answers.is_some();
+        let client = match passage(endpoint, &profile) {
+            Passage::Native => None,
+            Passage::ThroughChat | Passage::Estimated => client::request_for(endpoint),
+        };
+        let translates_responses = client.is_some() || dialect::registered(profile.dialect).answers.is_some();
+        // The backend gets a chat completion when the client's API is translated.
+        let backend_endpoint = if client.is_some() { Endpoint::ChatCompletions } else { endpoint };
         // An endpoint the backend lacks is refused before any key is read.
-        let translator = dialect::request_translator(profile, endpoint)?;
+        let translator = dialect::request_translator(profile, backend_endpoint)?;
         let secret = match &source {
             Some(source) => keys.resolve(source, client_key)?,
             None => None,
         };
         let credential = secret.map(|secret| translator.credential(secret));
-        let path = String::from_utf8_lossy(path).into_owned();
-        Ok(BackendCall { translator, credential, endpoint, path, translates_responses })
+        let path = match client {
+            Some(_) => backend_endpoint.path().to_string(),
+            None => String::from_utf8_lossy(path).into_owned(),
+        };
+        Ok(BackendCall {
+            translator,
+            client,
+            read: false,
+            credential,
+            endpoint: backend_endpoint,
+            path,
+            translates_responses,
+        })
+    }
+
+    /// Reads the client's body where its API is translated, and says which
+    /// stored response it continues (the Responses API's
+    /// `previous_response_id`): the caller loads that response's
+    /// conversation for [`BackendCall::request_continuing`]. `None` for any other request.
+    pub fn previous_response(&mut self, body: &[u8]) -> Result<Option<String>, GatewayError> {
+        match &mut self.client {
+            Some(client) => {
+                self.read = true;
+                client.read(body)
+            }
+            None => Ok(None),
+        }
     }
 
     /// The backend's request for the client's body: the dialect's translation,
     /// then its credential over the request as it will leave.
     pub fn request(&mut self, body: &[u8]) -> Result<UpstreamParts, GatewayError> {
-        let upstream = self.translator.request(body)?;
+        self.request_continuing(body, None)
+    }
+
+    /// The same, for a request that continues a stored conversation
+    /// (`history`, its items; see [`BackendCall::previous_response`]). A
+    /// client API the backend does not serve becomes a chat completion first.
+    pub fn request_continuing(
+        &mut self,
+        body: &[u8],
+        history: Option<Vec<Value>>,
+    ) -> Result<UpstreamParts, GatewayError> {
+        let chat = match &mut self.client {
+            Some(client) => {
+                if !std::mem::replace(&mut self.read, true) {
+                    client.read(body)?;
+                }
+                match client.to_chat(history)? {
+                    ClientOutcome::Chat(chat) => Some(chat),
+                    ClientOutcome::Answer(answer) => {
+                        return Ok(UpstreamParts {
+                            headers: HeaderChanges::default(),
+                            body: None,
+                            answer: Some(answer),
+                        })
+                    }
+                }
+            }
+            None => None,
+        };
+        let sent = chat.as_deref().unwrap_or(body);
+        let upstream = self.translator.request(sent)?;
+        // A translated client API is sent to the chat completions path unless the dialect names its own.
+        let path = upstream.path.or_else(|| chat.is_some().then(|| self.path.clone()));
         let mut headers = self.translator.headers();
         if let Some(credential) = &self.credential {
             let outgoing = OutgoingRequest {
                 // Only model-routed endpoints reach a backend, and they take one method each.
                 method: self.endpoint.method().unwrap_or("POST"),
-                path: upstream.path.as_deref().unwrap_or(&self.path),
+                path: path.as_deref().unwrap_or(&self.path),
                 headers: &headers.set,
-                body: upstream.body.as_deref().unwrap_or(body),
+                body: upstream.body.as_deref().unwrap_or(sent),
             };
             let authorization = credential.authorize(&outgoing);
             headers.extend(authorization);
         }
-        if let Some(path) = upstream.path {
+        if let Some(path) = path {
             headers.set.push((":path", path));
         }
-        Ok(UpstreamParts { headers, body: upstream.body })
+        Ok(UpstreamParts { headers, body: upstream.body.or(chat), answer: None })
     }
 
     /// Whether the backend's answers need translating; known before the body is read.
@@ -105,8 +181,14 @@ impl BackendCall {
     /// the request; `None` when the answer is OpenAI's already. A streamed
     /// answer's records may be `max_event_bytes` long.
     pub fn response_translator(&self, max_event_bytes: usize) -> Option<Box<dyn ResponseTranslator>> {
-        let mut context = self.translator.response_context()?;
+        let mut context = match (self.translator.response_context(), &self.client) {
+            (Some(context), _) => context,
+            // An OpenAI backend's chat answer needs only the client API's translation.
+            (None, Some(_)) => ResponseContext::new(Dialect::Openai, Endpoint::ChatCompletions),
+            (None, None) => return None,
+        };
         context.max_event_bytes = max_event_bytes;
+        context.client = self.client.as_ref().map(|client| client.answer_context());
         context.translator()
     }
 }
@@ -143,9 +225,6 @@ pub fn log_misconfiguration(why: &dyn std::fmt::Display) -> GatewayError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dialect::ResponseContext;
-    use modelgate_proto::backend::Dialect;
-    use modelgate_proto::endpoint::Endpoint;
 
     #[test]
     fn an_answer_plan_changes_the_status_only_when_the_translation_does() {

@@ -11,11 +11,13 @@
 //! The two halves meet through a [`ResponseContext`]: what the answer's
 //! translation must know of the request.
 
+use crate::client::{ClientContext, ThroughChat};
 use crate::{anthropic, ollama, openai};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
+use modelgate_proto::stored_response::StoredResponse;
 use serde_json::Value;
 
 /// The request as the backend gets it.
@@ -129,6 +131,13 @@ pub trait ResponseTranslator: Send {
     /// error event (an event too long to hold, or one it cannot read): the
     /// rest of the backend's stream need not be read, nothing of it goes on.
     fn ended(&self) -> bool;
+
+    /// The response to store, once the answer has completed (whole, or its
+    /// stream's last piece translated): a Responses API answer whose request
+    /// asked for `store`. `None` for everything else.
+    fn finished(&mut self) -> Option<StoredResponse> {
+        None
+    }
 }
 
 /// What an answer's translation needs to know of its request.
@@ -144,6 +153,9 @@ pub struct ResponseContext {
     pub base64: bool,
     /// The most of one unfinished record (SSE event, NDJSON line) of a streamed answer held; one that outgrows it ends the stream.
     pub max_event_bytes: usize,
+    /// For a client API translated through chat completions: what its
+    /// translation needs; the answer, once a chat completion, is translated again.
+    pub client: Option<ClientContext>,
 }
 
 impl ResponseContext {
@@ -155,12 +167,17 @@ impl ResponseContext {
             include_usage: false,
             base64: false,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            client: None,
         }
     }
 
-    /// The translator of this request's answer; `None` when it is OpenAI's already.
+    /// The translator of this request's answer; `None` when it is what the client gets already.
     pub fn translator(&self) -> Option<Box<dyn ResponseTranslator>> {
-        registered(self.dialect).answers.map(|answers| answers(self))
+        let backend = registered(self.dialect).answers.map(|answers| answers(self));
+        match &self.client {
+            None => backend,
+            Some(client) => Some(Box::new(ThroughChat::new(backend, client.translator(self.max_event_bytes)))),
+        }
     }
 }
 
