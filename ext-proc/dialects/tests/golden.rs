@@ -9,16 +9,18 @@ use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+/// Dialects by the name their files carry.
+type Dialects = &'static [(&'static str, Dialect)];
+
 /// The dialects that translate OpenAI's chat completions, completions and
 /// embeddings, by the name their files carry.
-const TRANSLATING: &[(&str, Dialect)] = &[("anthropic", Dialect::Anthropic), ("ollama", Dialect::Ollama)];
+const TRANSLATING: Dialects = &[("anthropic", Dialect::Anthropic), ("ollama", Dialect::Ollama)];
 
 /// Every dialect: a client API the backend does not serve is translated for OpenAI backends too.
-const EVERY: &[(&str, Dialect)] =
-    &[("openai", Dialect::Openai), ("anthropic", Dialect::Anthropic), ("ollama", Dialect::Ollama)];
+const EVERY: Dialects = &[("openai", Dialect::Openai), ("anthropic", Dialect::Anthropic), ("ollama", Dialect::Ollama)];
 
 /// The endpoint of each folder, and the dialects with golden files for it.
-const ENDPOINTS: [(&str, &str, &[(&str, Dialect)]); 6] = [
+const ENDPOINTS: [(&str, &str, Dialects); 6] = [
     ("chat", "/v1/chat/completions", TRANSLATING),
     ("completions", "/v1/completions", TRANSLATING),
     ("embeddings", "/v1/embeddings", TRANSLATING),
