@@ -21,8 +21,8 @@ use crate::dialect::{
     BackendRequest, Credential, HeaderChanges, KeyHeader, RequestTranslator, ResponseContext, ResponsePlan,
     ResponseTranslator,
 };
-use crate::params::{self, invalid_role, invalid_type, stop_sequences, tool_arguments};
 use crate::openai;
+use crate::params::{self, invalid_role, invalid_type, stop_sequences, tool_arguments};
 use crate::stream::{self, RecordStream, RecordTranslator, StreamHead};
 use modelgate_proto::backend::{BackendProfile, Dialect};
 use modelgate_proto::clock;
