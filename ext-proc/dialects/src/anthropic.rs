@@ -181,7 +181,8 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
                 }
                 out.insert("messages".into(), Value::Array(messages));
             }
-            "temperature" | "top_p" | "stream" => {
+            // `top_k` is not OpenAI's, but vLLM's, and a chat completion made from a Messages request carries it.
+            "temperature" | "top_p" | "top_k" | "stream" => {
                 out.insert(key, value);
             }
             "stop" => {
@@ -571,7 +572,7 @@ mod tests {
     #[test]
     fn a_conversation_with_system_images_and_tools_maps_across() {
         let out = translate(json!({
-            "model": "claude-x", "max_completion_tokens": 300, "max_tokens": 5, "temperature": 0.3, "top_p": 0.9,
+            "model": "claude-x", "max_completion_tokens": 300, "max_tokens": 5, "temperature": 0.3, "top_p": 0.9, "top_k": 7,
             "stop": "END", "user": "u-1", "stream": true, "stream_options": {"include_usage": true},
             "frequency_penalty": 0.5, "seed": 7,
             "messages": [
@@ -594,7 +595,7 @@ mod tests {
         assert_eq!(
             out,
             json!({
-                "model": "claude-x", "max_tokens": 300, "temperature": 0.3, "top_p": 0.9, "stop_sequences": ["END"],
+                "model": "claude-x", "max_tokens": 300, "temperature": 0.3, "top_p": 0.9, "top_k": 7, "stop_sequences": ["END"],
                 "metadata": {"user_id": "u-1"}, "stream": true,
                 "system": "Be brief.\n\nUse tools.",
                 "messages": [
