@@ -684,12 +684,13 @@ fn message(chat: &Value, context: &AnswerContext) -> Result<Value, String> {
     if !text.is_empty() {
         content.push(json!({"type": "text", "text": text}));
     }
-    for call in reply["tool_calls"].as_array().into_iter().flatten() {
+    let calls = reply["tool_calls"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for call in calls {
         let function = &call["function"];
         content.push(json!({"type": "tool_use", "id": call["id"], "name": function["name"],
                             "input": tool_input(&function["arguments"])?}));
     }
-    let has_tool_calls = content.len() > usize::from(!text.is_empty());
+    let has_tool_calls = !calls.is_empty();
     let (stop_reason, stop_sequence) =
         stop_reason(&choice["finish_reason"], &choice["stop_reason"], has_tool_calls, context);
     Ok(json!({
