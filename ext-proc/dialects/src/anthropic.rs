@@ -12,11 +12,16 @@
 //! `chat.completion.chunk`s as each arrives, with the role on the first, tool
 //! input as `tool_calls` argument deltas, a usage chunk when asked for, and
 //! `data: [DONE]`. Anthropic errors, whole or in-stream, become OpenAI errors.
+//!
+//! Anthropic's own Messages API (`/v1/messages`, `/v1/messages/count_tokens`)
+//! passes through: only the model's name, the backend's defaults (never for
+//! `count_tokens`) and the key change, and the answer is the client's as it is.
 
 use crate::dialect::{
     BackendRequest, Credential, HeaderChanges, KeyHeader, RequestTranslator, ResponseContext, ResponsePlan,
     ResponseTranslator,
 };
+use crate::openai;
 use crate::params::{self, invalid_role, invalid_type, stop_sequences, tool_arguments};
 use crate::stream::{self, RecordStream, RecordTranslator, StreamHead};
 use modelgate_proto::backend::{BackendProfile, Dialect};
@@ -33,23 +38,42 @@ pub const API_VERSION: &str = "2023-06-01";
 /// the backend's `defaults` set one.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
-/// An OpenAI chat completion request as a Messages API request.
+/// An OpenAI chat completion request as a Messages API request, or a
+/// Messages API request passed through.
 pub struct AnthropicRequest {
     profile: BackendProfile,
+    /// The client speaks Anthropic's API itself: nothing is translated.
+    native: bool,
     include_usage: bool,
 }
 
 impl AnthropicRequest {
-    pub fn new(profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
-        match endpoint {
-            Endpoint::ChatCompletions => Ok(AnthropicRequest { profile, include_usage: false }),
-            other => Err(GatewayError::unsupported_endpoint(other.path(), "an Anthropic")),
-        }
+    pub fn new(mut profile: BackendProfile, endpoint: Endpoint) -> Result<Self, GatewayError> {
+        let native = match endpoint {
+            Endpoint::ChatCompletions => false,
+            Endpoint::Messages => true,
+            Endpoint::CountTokens => {
+                // Counting takes no generation parameters: `max_tokens` there is refused.
+                profile.defaults.clear();
+                true
+            }
+            other => return Err(GatewayError::unsupported_endpoint(other.path(), "an Anthropic")),
+        };
+        Ok(AnthropicRequest { profile, native, include_usage: false })
     }
 }
 
 impl RequestTranslator for AnthropicRequest {
     fn request(&mut self, body: &[u8]) -> Result<BackendRequest, GatewayError> {
+        if self.native {
+            let unchanged = self.profile.model.is_none() && self.profile.defaults.is_empty();
+            let body = if unchanged {
+                None
+            } else {
+                Some(openai::rewrite(body, &self.profile).map_err(|e| GatewayError::unparsable_json(&e))?)
+            };
+            return Ok(BackendRequest { path: None, body });
+        }
         let request: Map<String, Value> =
             serde_json::from_slice(body).map_err(|e| GatewayError::unparsable_json(&e))?;
         let (messages_request, include_usage) = messages_request(request, &self.profile)?;
@@ -61,6 +85,9 @@ impl RequestTranslator for AnthropicRequest {
     }
 
     fn response_context(&self) -> Option<ResponseContext> {
+        if self.native {
+            return None;
+        }
         let mut context = ResponseContext::new(Dialect::Anthropic, Endpoint::ChatCompletions);
         context.include_usage = self.include_usage;
         Some(context)
@@ -68,11 +95,12 @@ impl RequestTranslator for AnthropicRequest {
 
     fn headers(&self) -> HeaderChanges {
         // A passed-through client key now travels as x-api-key; no bearer token goes on.
-        // Answers must come uncompressed, to be translated.
-        HeaderChanges {
-            set: vec![("anthropic-version", API_VERSION.to_string())],
-            remove: vec!["authorization", "accept-encoding"],
+        // Translated answers must come uncompressed. The client's `anthropic-beta` passes.
+        let mut remove = vec!["authorization"];
+        if !self.native {
+            remove.push("accept-encoding");
         }
+        HeaderChanges { set: vec![("anthropic-version", API_VERSION.to_string())], remove }
     }
 
     fn credential(&self, secret: String) -> Box<dyn Credential> {
@@ -153,7 +181,8 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
                 }
                 out.insert("messages".into(), Value::Array(messages));
             }
-            "temperature" | "top_p" | "stream" => {
+            // `top_k` is not OpenAI's, but vLLM's, and a chat completion made from a Messages request carries it.
+            "temperature" | "top_p" | "top_k" | "stream" => {
                 out.insert(key, value);
             }
             "stop" => {
@@ -543,7 +572,7 @@ mod tests {
     #[test]
     fn a_conversation_with_system_images_and_tools_maps_across() {
         let out = translate(json!({
-            "model": "claude-x", "max_completion_tokens": 300, "max_tokens": 5, "temperature": 0.3, "top_p": 0.9,
+            "model": "claude-x", "max_completion_tokens": 300, "max_tokens": 5, "temperature": 0.3, "top_p": 0.9, "top_k": 7,
             "stop": "END", "user": "u-1", "stream": true, "stream_options": {"include_usage": true},
             "frequency_penalty": 0.5, "seed": 7,
             "messages": [
@@ -566,7 +595,7 @@ mod tests {
         assert_eq!(
             out,
             json!({
-                "model": "claude-x", "max_tokens": 300, "temperature": 0.3, "top_p": 0.9, "stop_sequences": ["END"],
+                "model": "claude-x", "max_tokens": 300, "temperature": 0.3, "top_p": 0.9, "top_k": 7, "stop_sequences": ["END"],
                 "metadata": {"user_id": "u-1"}, "stream": true,
                 "system": "Be brief.\n\nUse tools.",
                 "messages": [
@@ -584,6 +613,35 @@ mod tests {
                 "tool_choice": {"type": "any", "disable_parallel_tool_use": true}
             })
         );
+    }
+
+    #[test]
+    fn anthropics_own_api_passes_through_renamed_with_defaults_but_counting_takes_none() {
+        let profile = BackendProfile {
+            model: Some("claude-y".into()),
+            defaults: json!({"max_tokens": 1000}).as_object().cloned().unwrap(),
+            ..Default::default()
+        };
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"thinking":{"type":"enabled"}}"#;
+        for (endpoint, max_tokens) in [(Endpoint::Messages, json!(1000)), (Endpoint::CountTokens, Value::Null)] {
+            let mut t = AnthropicRequest::new(profile.clone(), endpoint).unwrap();
+            let upstream = t.request(body).unwrap();
+            assert_eq!(upstream.path, None, "{endpoint:?} keeps its path");
+            let sent: Value = serde_json::from_slice(&upstream.body.unwrap()).unwrap();
+            assert_eq!((&sent["model"], &sent["max_tokens"]), (&json!("claude-y"), &max_tokens));
+            assert_eq!(sent["thinking"], json!({"type": "enabled"}));
+            assert!(t.response_context().is_none(), "the answer is the client's as it is");
+            assert_eq!(
+                t.headers(),
+                HeaderChanges {
+                    set: vec![("anthropic-version", API_VERSION.to_string())],
+                    remove: vec!["authorization"]
+                }
+            );
+        }
+        let mut unchanged = AnthropicRequest::new(BackendProfile::default(), Endpoint::Messages).unwrap();
+        assert_eq!(unchanged.request(body).unwrap().body, None);
+        assert!(AnthropicRequest::new(BackendProfile::default(), Endpoint::Embeddings).is_err());
     }
 
     #[test]

@@ -152,7 +152,7 @@ fn common(request: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<
             continue;
         }
         match key.as_str() {
-            "temperature" | "top_p" | "seed" | "frequency_penalty" | "presence_penalty" => {
+            "temperature" | "top_p" | "top_k" | "seed" | "frequency_penalty" | "presence_penalty" => {
                 options.insert(key.clone(), value.clone());
             }
             "stop" => {
@@ -487,7 +487,7 @@ mod tests {
     #[test]
     fn a_chat_maps_options_images_and_tools() {
         let (path, out) = request(Endpoint::ChatCompletions, json!({
-            "model": "llama3.2", "max_tokens": 5, "temperature": 0.1, "top_p": 0.8, "seed": 3, "stop": "END",
+            "model": "llama3.2", "max_tokens": 5, "temperature": 0.1, "top_p": 0.8, "top_k": 20, "seed": 3, "stop": "END",
             "response_format": {"type": "json_object"}, "user": "dropped",
             "messages": [
                 {"role": "developer", "content": "Be brief."},
@@ -505,7 +505,7 @@ mod tests {
             out,
             json!({
                 "model": "llama3.2", "stream": false, "format": "json",
-                "options": {"num_predict": 5, "temperature": 0.1, "top_p": 0.8, "seed": 3, "stop": ["END"]},
+                "options": {"num_predict": 5, "temperature": 0.1, "top_p": 0.8, "top_k": 20, "seed": 3, "stop": ["END"]},
                 "messages": [
                     {"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "What is this?", "images": ["QUJD"]},

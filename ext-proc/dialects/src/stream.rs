@@ -25,6 +25,17 @@ pub fn plan(status: u16, content_type: &[u8], framing: Framing) -> ResponsePlan 
 pub trait RecordTranslator {
     /// Writes the OpenAI events for one record: `record` parsed, `raw` as it came.
     fn translate(&mut self, record: &Value, raw: &[u8], out: &mut Vec<u8>);
+
+    /// Writes the event that ends the stream early with `error`: OpenAI's
+    /// error event, unless the client's API has its own.
+    fn write_error(&mut self, error: &GatewayError, out: &mut Vec<u8>) {
+        out.extend_from_slice(&error_event(error));
+    }
+
+    /// Writes what the end of an OpenAI stream means to the client's API:
+    /// `data: [DONE]` is no JSON record. Only a translation of chat
+    /// completions' own stream meets it.
+    fn done(&mut self, _out: &mut Vec<u8>) {}
 }
 
 /// A streamed answer turned into OpenAI events record by record. A record
@@ -48,6 +59,10 @@ impl<T: RecordTranslator> RecordStream<T> {
         self.ended
     }
 
+    pub fn translator(&self) -> &T {
+        &self.translator
+    }
+
     /// The OpenAI events for `piece`; `end` on the last.
     pub fn push(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
         let mut out = Vec::new();
@@ -61,6 +76,10 @@ impl<T: RecordTranslator> RecordStream<T> {
             }
         };
         for raw in self.framing.records(&complete) {
+            if *raw == *b"[DONE]" {
+                self.translator.done(&mut out);
+                continue;
+            }
             match serde_json::from_slice::<Value>(&raw) {
                 Ok(record) => self.translator.translate(&record, &raw, &mut out),
                 Err(e) => return self.end_with(out, &GatewayError::stream_unreadable(&e)),
@@ -72,10 +91,14 @@ impl<T: RecordTranslator> RecordStream<T> {
         }
     }
 
-    /// `out` followed by `error`'s event, the stream's last.
-    fn end_with(&mut self, out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
+    /// `out` followed by `error`'s event, the stream's last: how a translated
+    /// stream ends early (an event too long to hold, one that cannot be read),
+    /// logged once here.
+    fn end_with(&mut self, mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
         self.ended = true;
-        ended_early(out, error)
+        tracing::warn!(reason = error.message, "ending a translated stream early");
+        self.translator.write_error(error, &mut out);
+        out
     }
 }
 
@@ -85,14 +108,6 @@ pub fn push<T: RecordTranslator>(stream: &mut Option<RecordStream<T>>, piece: &[
         Some(stream) => stream.push(piece, end),
         None => piece.to_vec(),
     }
-}
-
-/// `out` followed by `error`'s event: how a translated stream ends early (an
-/// event too long to hold, one that cannot be read), logged once here.
-fn ended_early(mut out: Vec<u8>, error: &GatewayError) -> Vec<u8> {
-    tracing::warn!(reason = error.message, "ending a translated stream early");
-    out.extend_from_slice(&error_event(error));
-    out
 }
 
 /// What every chunk of one translated OpenAI stream repeats, and how chunks are written.
