@@ -1,0 +1,400 @@
+//! A chat completion answer, whole or streamed, as the Responses API's.
+
+use super::{new_id, AnswerContext};
+use crate::dialect::{ResponsePlan, ResponseTranslator};
+use crate::stream;
+use modelgate_proto::error::GatewayError;
+use modelgate_proto::error_normalize::{normalize, Origin};
+use modelgate_proto::framing::{CompleteEvents, Framing};
+use modelgate_proto::stored_response::StoredResponse;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+/// A chat completion answer as a Responses API answer.
+pub struct ResponsesAnswer {
+    context: AnswerContext,
+    records: CompleteEvents,
+    /// The next event's `sequence_number`.
+    sequence: u64,
+    /// `response.created` and `response.in_progress` are out.
+    started: bool,
+    /// The output items so far, in order.
+    items: Vec<Item>,
+    /// The output index of each chat tool call, by its chat index.
+    calls: HashMap<u64, usize>,
+    finish_reason: Option<String>,
+    usage: Option<Value>,
+    /// The final response event is out (completed, incomplete or failed).
+    over: bool,
+    /// Ended with an error event: the rest of the backend's stream is not read.
+    failed: bool,
+    /// The completed response, until handed on to be stored.
+    done: Option<Value>,
+}
+
+/// One output item as it grows.
+enum Item {
+    Message { id: String, parts: Vec<Part> },
+    Call { id: String, call_id: String, name: String, arguments: String },
+}
+
+struct Part {
+    refusal: bool,
+    text: String,
+}
+
+impl Part {
+    fn json(&self) -> Value {
+        if self.refusal {
+            json!({"type": "refusal", "refusal": self.text})
+        } else {
+            json!({"type": "output_text", "text": self.text, "annotations": []})
+        }
+    }
+}
+
+impl Item {
+    fn id(&self) -> &str {
+        match self {
+            Item::Message { id, .. } | Item::Call { id, .. } => id,
+        }
+    }
+
+    fn json(&self, status: &str) -> Value {
+        match self {
+            Item::Message { id, parts } => json!({
+                "id": id, "type": "message", "status": status, "role": "assistant",
+                "content": parts.iter().map(Part::json).collect::<Vec<_>>(),
+            }),
+            Item::Call { id, call_id, name, arguments } => json!({
+                "id": id, "type": "function_call", "status": status, "call_id": call_id, "name": name,
+                "arguments": arguments,
+            }),
+        }
+    }
+}
+
+/// The response's status for chat's `finish_reason`, and why it is incomplete.
+fn outcome(finish_reason: Option<&str>) -> (&'static str, Value) {
+    match finish_reason {
+        Some("length") => ("incomplete", json!({"reason": "max_output_tokens"})),
+        Some("content_filter") => ("incomplete", json!({"reason": "content_filter"})),
+        _ => ("completed", Value::Null),
+    }
+}
+
+/// A chat error (`{"message","code",…}`) as a response's `error`, and its `error` event's fields.
+fn error_fields(error: &Value) -> (Value, Value, Value) {
+    let code = error["code"].as_str().or(error["type"].as_str()).unwrap_or("server_error");
+    let message = error["message"].as_str().unwrap_or("The backend's answer failed.");
+    (json!(code), json!(message), error["param"].clone())
+}
+
+impl ResponsesAnswer {
+    pub fn new(context: &AnswerContext, max_event_bytes: usize) -> Self {
+        ResponsesAnswer {
+            context: context.clone(),
+            records: CompleteEvents::new(Framing::Sse, max_event_bytes),
+            sequence: 0,
+            started: false,
+            items: Vec::new(),
+            calls: HashMap::new(),
+            finish_reason: None,
+            usage: None,
+            over: false,
+            failed: false,
+            done: None,
+        }
+    }
+
+    /// The response with what the answer has given so far.
+    fn response(&self, status: &str, item_status: &str, extra: Map<String, Value>) -> Value {
+        let output = self.items.iter().map(|item| item.json(item_status)).collect();
+        self.context.response(status, output, self.usage.as_ref(), extra)
+    }
+
+    /// The completed (or incomplete) response, kept to be stored.
+    fn complete(&mut self) -> Value {
+        let (status, details) = outcome(self.finish_reason.as_deref());
+        let item_status = if status == "completed" { "completed" } else { "incomplete" };
+        let mut extra = Map::new();
+        extra.insert("incomplete_details".into(), details);
+        let response = self.response(status, item_status, extra);
+        self.done = Some(response.clone());
+        response
+    }
+
+    fn failed_response(&self, error: &Value) -> Value {
+        let (code, message, _) = error_fields(error);
+        let mut extra = Map::new();
+        extra.insert("error".into(), json!({"code": code, "message": message}));
+        self.response("failed", "incomplete", extra)
+    }
+
+    /// A whole chat completion's items.
+    fn read_whole(&mut self, chat: &Value) {
+        let choice = &chat["choices"][0];
+        let message = &choice["message"];
+        let mut parts = Vec::new();
+        for (field, refusal) in [("content", false), ("refusal", true)] {
+            if let Some(text) = message[field].as_str().filter(|t| !t.is_empty()) {
+                parts.push(Part { refusal, text: text.to_string() });
+            }
+        }
+        if !parts.is_empty() {
+            self.items.push(Item::Message { id: new_id("msg_"), parts });
+        }
+        for call in message["tool_calls"].as_array().into_iter().flatten() {
+            self.items.push(Item::Call {
+                id: new_id("fc_"),
+                call_id: call["id"].as_str().map_or_else(|| new_id("call_"), str::to_string),
+                name: call["function"]["name"].as_str().unwrap_or_default().to_string(),
+                arguments: call["function"]["arguments"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        self.finish_reason = choice["finish_reason"].as_str().map(str::to_string);
+        self.usage = chat.get("usage").filter(|u| u.is_object()).cloned();
+    }
+
+    /// Writes one event: `event: <kind>` and its data with `type` and `sequence_number`.
+    fn event(&mut self, out: &mut Vec<u8>, kind: &str, fields: Value) {
+        let mut data = match fields {
+            Value::Object(fields) => fields,
+            _ => Map::new(),
+        };
+        data.insert("type".into(), json!(kind));
+        data.insert("sequence_number".into(), json!(self.sequence));
+        self.sequence += 1;
+        out.extend_from_slice(format!("event: {kind}\ndata: ").as_bytes());
+        // Writing a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &data);
+        out.extend_from_slice(b"\n\n");
+    }
+
+    fn start(&mut self, out: &mut Vec<u8>) {
+        self.started = true;
+        let response = self.response("in_progress", "in_progress", Map::new());
+        self.event(out, "response.created", json!({"response": response}));
+        self.event(out, "response.in_progress", json!({"response": response}));
+    }
+
+    /// One chat chunk's events.
+    fn chunk(&mut self, chunk: &Value, out: &mut Vec<u8>) {
+        if let Some(error) = chunk.get("error") {
+            return self.fail(error, out);
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(usage.clone());
+        }
+        // One choice: the chat request asks for no more.
+        let Some(choice) = chunk["choices"].get(0) else { return };
+        let delta = &choice["delta"];
+        for (field, refusal) in [("content", false), ("refusal", true)] {
+            if let Some(text) = delta[field].as_str().filter(|t| !t.is_empty()) {
+                self.text(refusal, text, out);
+            }
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            self.tool_call(call, out);
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish_reason = Some(reason.to_string());
+        }
+    }
+
+    /// A piece of the message's text (or refusal), opening the message and its part as needed.
+    fn text(&mut self, refusal: bool, text: &str, out: &mut Vec<u8>) {
+        let open = matches!(self.items.last(), Some(Item::Message { .. }));
+        if !open {
+            self.items.push(Item::Message { id: new_id("msg_"), parts: Vec::new() });
+            let item = self.items[self.items.len() - 1].json("in_progress");
+            self.event(out, "response.output_item.added", json!({"output_index": self.items.len() - 1, "item": item}));
+        }
+        let output_index = self.items.len() - 1;
+        let Some(Item::Message { id, parts }) = self.items.last_mut() else { return };
+        let item_id = id.clone();
+        let added = match parts.last() {
+            Some(part) if part.refusal == refusal => None,
+            _ => {
+                let part = Part { refusal, text: String::new() };
+                let json = part.json();
+                parts.push(part);
+                Some(json)
+            }
+        };
+        let content_index = parts.len() - 1;
+        if let Some(last) = parts.last_mut() {
+            last.text.push_str(text);
+        }
+        let at = json!({"item_id": item_id, "output_index": output_index, "content_index": content_index});
+        if let Some(part) = added {
+            self.event(out, "response.content_part.added", with(&at, "part", part));
+        }
+        if refusal {
+            self.event(out, "response.refusal.delta", with(&at, "delta", json!(text)));
+        } else {
+            let delta = with(&with(&at, "delta", json!(text)), "logprobs", json!([]));
+            self.event(out, "response.output_text.delta", delta);
+        }
+    }
+
+    /// A piece of a tool call: its start (id and name), or a piece of its arguments.
+    fn tool_call(&mut self, call: &Value, out: &mut Vec<u8>) {
+        let index = call["index"].as_u64().unwrap_or(0);
+        let function = &call["function"];
+        let output_index = match self.calls.get(&index) {
+            Some(&output_index) => output_index,
+            None => {
+                self.items.push(Item::Call {
+                    id: new_id("fc_"),
+                    call_id: call["id"].as_str().map_or_else(|| new_id("call_"), str::to_string),
+                    name: function["name"].as_str().unwrap_or_default().to_string(),
+                    arguments: String::new(),
+                });
+                let output_index = self.items.len() - 1;
+                self.calls.insert(index, output_index);
+                let item = self.items[output_index].json("in_progress");
+                self.event(out, "response.output_item.added", json!({"output_index": output_index, "item": item}));
+                output_index
+            }
+        };
+        let Some(delta) = function["arguments"].as_str().filter(|a| !a.is_empty()) else { return };
+        let Some(Item::Call { id, arguments, .. }) = self.items.get_mut(output_index) else { return };
+        arguments.push_str(delta);
+        let fields = json!({"item_id": id, "output_index": output_index, "delta": delta});
+        self.event(out, "response.function_call_arguments.delta", fields);
+    }
+
+    /// The `.done` events of every item, then `response.completed` (or `.incomplete`).
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        self.over = true;
+        let (status, _) = outcome(self.finish_reason.as_deref());
+        let item_status = if status == "completed" { "completed" } else { "incomplete" };
+        let mut events = Vec::new();
+        for (output_index, item) in self.items.iter().enumerate() {
+            let at = json!({"item_id": item.id(), "output_index": output_index});
+            match item {
+                Item::Message { parts, .. } => {
+                    for (content_index, part) in parts.iter().enumerate() {
+                        let at = with(&at, "content_index", json!(content_index));
+                        events.push(if part.refusal {
+                            ("response.refusal.done", with(&at, "refusal", json!(part.text)))
+                        } else {
+                            let done = with(&with(&at, "text", json!(part.text)), "logprobs", json!([]));
+                            ("response.output_text.done", done)
+                        });
+                        events.push(("response.content_part.done", with(&at, "part", part.json())));
+                    }
+                }
+                Item::Call { arguments, .. } => {
+                    events.push(("response.function_call_arguments.done", with(&at, "arguments", json!(arguments))));
+                }
+            }
+            let done = json!({"output_index": output_index, "item": item.json(item_status)});
+            events.push(("response.output_item.done", done));
+        }
+        for (kind, fields) in events {
+            self.event(out, kind, fields);
+        }
+        let response = self.complete();
+        let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
+        self.event(out, kind, json!({"response": response}));
+    }
+
+    /// An `error` event, then `response.failed`: the stream's end.
+    fn fail(&mut self, error: &Value, out: &mut Vec<u8>) {
+        self.over = true;
+        self.failed = true;
+        let (code, message, param) = error_fields(error);
+        self.event(out, "error", json!({"code": code, "message": message, "param": param}));
+        let response = self.failed_response(error);
+        self.event(out, "response.failed", json!({"response": response}));
+    }
+
+    fn fail_with(&mut self, error: &GatewayError, out: &mut Vec<u8>) {
+        tracing::warn!(reason = error.message, "ending a translated Responses stream early");
+        let envelope: Value = serde_json::from_slice(&error.to_json()).unwrap_or_default();
+        self.fail(&envelope["error"], out);
+    }
+}
+
+/// `object` with `key` set to `value`.
+fn with(object: &Value, key: &str, value: Value) -> Value {
+    let mut object = object.clone();
+    object[key] = value;
+    object
+}
+
+impl ResponseTranslator for ResponsesAnswer {
+    fn plan(&mut self, status: u16, content_type: &[u8]) -> ResponsePlan {
+        stream::plan(status, content_type, Framing::Sse)
+    }
+
+    fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
+        if !(200..300).contains(&status) {
+            // An error stays OpenAI's, as the client's SDK reads it.
+            return normalize(status, Origin::Backend { attempts: 1 }, body).map_or_else(|| body.to_vec(), |e| e.body);
+        }
+        let response = match serde_json::from_slice::<Value>(body) {
+            Ok(chat) => {
+                self.read_whole(&chat);
+                self.complete()
+            }
+            Err(e) => {
+                let error = GatewayError::stream_unreadable(&e);
+                let envelope: Value = serde_json::from_slice(&error.to_json()).unwrap_or_default();
+                self.failed_response(&envelope["error"])
+            }
+        };
+        serde_json::to_vec(&response).unwrap_or_default()
+    }
+
+    fn stream(&mut self, piece: &[u8], end: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.over {
+            return out;
+        }
+        if !self.started {
+            self.start(&mut out);
+        }
+        let (complete, too_long) = match self.records.take(piece, end) {
+            Ok(complete) => (complete, None),
+            Err(long) => {
+                (long.complete.to_vec(), Some(GatewayError::stream_event_too_large(self.records.max_event_bytes())))
+            }
+        };
+        for raw in Framing::Sse.records(&complete) {
+            if self.over {
+                return out;
+            }
+            if raw.trim_ascii() == b"[DONE]" {
+                self.finish(&mut out);
+                continue;
+            }
+            match serde_json::from_slice::<Value>(&raw) {
+                Ok(chunk) => self.chunk(&chunk, &mut out),
+                Err(e) => self.fail_with(&GatewayError::stream_unreadable(&e), &mut out),
+            }
+        }
+        if let Some(error) = too_long.filter(|_| !self.over) {
+            self.fail_with(&error, &mut out);
+        }
+        if end && !self.over {
+            // A stream cut before `[DONE]` is whole if its answer said why it stopped.
+            match self.finish_reason {
+                Some(_) => self.finish(&mut out),
+                None => self.fail_with(&GatewayError::interrupted(&"the backend's stream ended early"), &mut out),
+            }
+        }
+        out
+    }
+
+    fn ended(&self) -> bool {
+        self.failed
+    }
+
+    fn finished(&mut self) -> Option<StoredResponse> {
+        let response = self.done.take().filter(|_| self.context.store)?;
+        Some(StoredResponse { response, input: self.context.input.clone() })
+    }
+}
