@@ -34,8 +34,21 @@ pub struct ResponsesAnswer {
 
 /// One output item as it grows.
 enum Item {
-    Message { id: String, parts: Vec<Part> },
-    Call { id: String, call_id: String, name: String, arguments: String },
+    /// The model's reasoning, where the backend gives it (chat's `reasoning_content`).
+    Reasoning {
+        id: String,
+        text: String,
+    },
+    Message {
+        id: String,
+        parts: Vec<Part>,
+    },
+    Call {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
 }
 
 struct Part {
@@ -56,12 +69,16 @@ impl Part {
 impl Item {
     fn id(&self) -> &str {
         match self {
-            Item::Message { id, .. } | Item::Call { id, .. } => id,
+            Item::Reasoning { id, .. } | Item::Message { id, .. } | Item::Call { id, .. } => id,
         }
     }
 
     fn json(&self, status: &str) -> Value {
         match self {
+            Item::Reasoning { id, text } => json!({
+                "id": id, "type": "reasoning", "status": status, "summary": [],
+                "content": if text.is_empty() { json!([]) } else { json!([{"type": "reasoning_text", "text": text}]) },
+            }),
             Item::Message { id, parts } => json!({
                 "id": id, "type": "message", "status": status, "role": "assistant",
                 "content": parts.iter().map(Part::json).collect::<Vec<_>>(),
@@ -135,6 +152,9 @@ impl ResponsesAnswer {
     fn read_whole(&mut self, chat: &Value) {
         let choice = &chat["choices"][0];
         let message = &choice["message"];
+        if let Some(text) = reasoning_text(message) {
+            self.items.push(Item::Reasoning { id: new_id("rs_"), text: text.to_string() });
+        }
         let mut parts = Vec::new();
         for (field, refusal) in [("content", false), ("refusal", true)] {
             if let Some(text) = message[field].as_str().filter(|t| !t.is_empty()) {
@@ -189,6 +209,9 @@ impl ResponsesAnswer {
         // One choice: the chat request asks for no more.
         let Some(choice) = chunk["choices"].get(0) else { return };
         let delta = &choice["delta"];
+        if let Some(text) = reasoning_text(delta) {
+            self.reasoning(text, out);
+        }
         for (field, refusal) in [("content", false), ("refusal", true)] {
             if let Some(text) = delta[field].as_str().filter(|t| !t.is_empty()) {
                 self.text(refusal, text, out);
@@ -200,6 +223,20 @@ impl ResponsesAnswer {
         if let Some(reason) = choice["finish_reason"].as_str() {
             self.finish_reason = Some(reason.to_string());
         }
+    }
+
+    /// A piece of the model's reasoning, opening its item as needed.
+    fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
+        if !matches!(self.items.last(), Some(Item::Reasoning { .. })) {
+            self.items.push(Item::Reasoning { id: new_id("rs_"), text: String::new() });
+            let item = self.items[self.items.len() - 1].json("in_progress");
+            self.event(out, "response.output_item.added", json!({"output_index": self.items.len() - 1, "item": item}));
+        }
+        let output_index = self.items.len() - 1;
+        let Some(Item::Reasoning { id, text: all }) = self.items.last_mut() else { return };
+        all.push_str(text);
+        let fields = json!({"item_id": id, "output_index": output_index, "content_index": 0, "delta": text});
+        self.event(out, "response.reasoning_text.delta", fields);
     }
 
     /// A piece of the message's text (or refusal), opening the message and its part as needed.
@@ -274,6 +311,10 @@ impl ResponsesAnswer {
         for (output_index, item) in self.items.iter().enumerate() {
             let at = json!({"item_id": item.id(), "output_index": output_index});
             match item {
+                Item::Reasoning { text, .. } => {
+                    let done = with(&with(&at, "content_index", json!(0)), "text", json!(text));
+                    events.push(("response.reasoning_text.done", done));
+                }
                 Item::Message { parts, .. } => {
                     for (content_index, part) in parts.iter().enumerate() {
                         let at = with(&at, "content_index", json!(content_index));
@@ -316,6 +357,11 @@ impl ResponsesAnswer {
         let envelope: Value = serde_json::from_slice(&error.to_json()).unwrap_or_default();
         self.fail(&envelope["error"], out);
     }
+}
+
+/// The reasoning of a chat message or delta: vLLM's `reasoning_content`, or the newer `reasoning`.
+fn reasoning_text(message: &Value) -> Option<&str> {
+    ["reasoning_content", "reasoning"].iter().find_map(|field| message[field].as_str().filter(|t| !t.is_empty()))
 }
 
 /// `object` with `key` set to `value`.
