@@ -462,3 +462,188 @@ fn reasoning(value: &Value, chat: &mut Map<String, Value>) -> Result<(), Gateway
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The chat request for `body` continuing `history`, and the answer's context.
+    fn translate(body: Value, history: Option<Vec<Value>>) -> Result<(Value, AnswerContext), GatewayError> {
+        let mut request = ResponsesRequest::default();
+        request.read(&serde_json::to_vec(&body).unwrap())?;
+        let ClientOutcome::Chat(chat) = request.to_chat(history)? else { panic!("a chat request") };
+        let ClientContext::Responses(context) = request.answer_context() else { panic!("a Responses context") };
+        Ok((serde_json::from_slice(&chat).unwrap(), context))
+    }
+
+    fn refusal(body: Value) -> Option<String> {
+        translate(body, None).err().and_then(|e| e.param)
+    }
+
+    #[test]
+    fn read_names_the_continued_response() {
+        let mut request = ResponsesRequest::default();
+        let previous = request.read(br#"{"model":"m","input":"hi","previous_response_id":"resp_1"}"#).unwrap();
+        assert_eq!(previous.as_deref(), Some("resp_1"));
+    }
+
+    #[test]
+    fn history_goes_first_after_this_requests_instructions_and_is_stored_with_the_input() {
+        let history = vec![
+            json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}),
+            json!({"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+                "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]}),
+            json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "w", "arguments": "{}"}),
+            json!({"type": "function_call", "id": "fc_2", "call_id": "call_2", "name": "w", "arguments": "{}"}),
+        ];
+        let body = json!({"model": "m", "instructions": "Be brief.", "previous_response_id": "resp_1",
+            "input": [{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]});
+        let (chat, context) = translate(body, Some(history.clone())).unwrap();
+        let call = |id: &str| json!({"id": id, "type": "function", "function": {"name": "w", "arguments": "{}"}});
+        assert_eq!(
+            chat["messages"],
+            json!([
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [call("call_1"), call("call_2")]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ])
+        );
+        let mut stored = history;
+        stored.push(json!({"type": "function_call_output", "call_id": "call_1", "output": "sunny"}));
+        assert_eq!(context.input, stored);
+        assert_eq!(context.echo["previous_response_id"], "resp_1");
+        assert_eq!(context.echo["instructions"], "Be brief.");
+    }
+
+    #[test]
+    fn a_string_input_is_stored_as_a_user_message_item() {
+        let (_, context) = translate(json!({"model": "m", "input": "hi", "store": false}), None).unwrap();
+        assert_eq!(
+            context.input,
+            vec![json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]})]
+        );
+        assert!(!context.store);
+        assert!(context.id.starts_with("resp_") && context.id.len() == 37);
+        assert_eq!(translate(json!({"model": "m", "input": "hi"}), None).unwrap().1.store, true);
+    }
+
+    #[test]
+    fn parameters_map_to_chats() {
+        let body = json!({"model": "m", "input": "hi", "max_output_tokens": 9, "stream": true, "user": "u",
+            "metadata": {"a": "b"}, "text": {"format": {"type": "json_object"}}, "reasoning": {"effort": "low"},
+            "tool_choice": "required", "service_tier": "auto", "include": [], "truncation": "disabled"});
+        let (chat, context) = translate(body, None).unwrap();
+        assert_eq!(chat["max_completion_tokens"], 9);
+        assert_eq!(chat["stream_options"], json!({"include_usage": true}));
+        assert_eq!(chat["response_format"], json!({"type": "json_object"}));
+        assert_eq!(
+            (&chat["reasoning_effort"], &chat["tool_choice"], &chat["user"]),
+            (&json!("low"), &json!("required"), &json!("u"))
+        );
+        assert!(chat.get("metadata").is_none() && chat.get("service_tier").is_none());
+        assert_eq!(context.echo["metadata"], json!({"a": "b"}));
+        assert!(context.echo.get("stream").is_none());
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_is_refused_by_name() {
+        let with = |field: &str, value: Value| {
+            let mut body = json!({"model": "m", "input": "hi"});
+            body[field] = value;
+            refusal(body)
+        };
+        for (field, value) in [
+            ("background", json!(true)),
+            ("conversation", json!("conv_1")),
+            ("prompt", json!({"id": "p"})),
+            ("include", json!(["file_search_call.results"])),
+            ("truncation", json!("auto")),
+            ("max_tool_calls", json!(3)),
+            ("top_logprobs", json!(2)),
+            ("service_tier", json!("flex")),
+            ("seed", json!(1)),
+        ] {
+            assert_eq!(with(field, value).as_deref(), Some(field));
+        }
+        assert_eq!(
+            with("tools", json!([{"type": "function", "name": "f"}, {"type": "mcp"}])).as_deref(),
+            Some("tools[1].type")
+        );
+        assert_eq!(with("tool_choice", json!({"type": "web_search"})).as_deref(), Some("tool_choice"));
+        assert_eq!(with("reasoning", json!({"summary": "auto"})).as_deref(), Some("reasoning.summary"));
+        assert_eq!(with("text", json!({"format": {"type": "xml"}})).as_deref(), Some("text.format.type"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_path() {
+        let input = |input: Value| refusal(json!({"model": "m", "input": input}));
+        assert_eq!(input(json!(3)).as_deref(), Some("input"));
+        assert_eq!(input(json!(["hi"])).as_deref(), Some("input[0]"));
+        assert_eq!(
+            input(json!([{"role": "user", "content": [{"type": "input_text", "text": 1}]}])).as_deref(),
+            Some("input[0].content[0].text")
+        );
+        assert_eq!(
+            input(json!([{"type": "function_call", "call_id": "c", "name": "f"}])).as_deref(),
+            Some("input[0].arguments")
+        );
+        assert_eq!(input(json!([{"role": "tool", "content": "x"}])).as_deref(), Some("input[0].role"));
+        assert_eq!(input(json!([{"type": "input_file"}])).as_deref(), Some("input[0].type"));
+        assert_eq!(
+            input(json!([{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}])).as_deref(),
+            Some("input[0].content[0].type")
+        );
+        assert_eq!(refusal(json!({"model": "m", "input": "hi", "temperature": "hot"})).as_deref(), Some("temperature"));
+        assert_eq!(refusal(json!({"model": "m", "instructions": "only"})).as_deref(), Some("input"));
+    }
+
+    #[test]
+    fn reasoning_items_are_left_out() {
+        let input = json!([{"type": "reasoning", "id": "rs_1", "summary": []}, {"role": "user", "content": "hi"}]);
+        let (chat, context) = translate(json!({"model": "m", "input": input}), None).unwrap();
+        assert_eq!(chat["messages"], json!([{"role": "user", "content": "hi"}]));
+        assert_eq!(context.input.len(), 2, "the stored conversation keeps what the client sent");
+    }
+
+    fn item() -> impl Strategy<Value = Value> {
+        let text = "\\PC{0,12}";
+        prop_oneof![
+            (prop::sample::select(vec!["user", "system", "developer", "assistant"]), text)
+                .prop_map(|(role, text)| json!({"role": role, "content": text})),
+            text.prop_map(
+                |text| json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+            ),
+            ("[a-z]{1,5}", "[a-z_]{1,8}").prop_map(
+                |(id, name)| json!({"type": "function_call", "call_id": id, "name": name, "arguments": "{}"})
+            ),
+            ("[a-z]{1,5}", text)
+                .prop_map(|(id, output)| json!({"type": "function_call_output", "call_id": id, "output": output})),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut request = ResponsesRequest::default();
+            if request.read(&body).is_ok() {
+                let _ = request.to_chat(None);
+            }
+        }
+
+        #[test]
+        fn any_valid_input_translates(
+            items in proptest::collection::vec(item(), 1..8),
+            history in proptest::collection::vec(item(), 0..4),
+        ) {
+            let mut items = items;
+            items.push(json!({"role": "user", "content": "last"}));
+            let (chat, context) = translate(json!({"model": "m", "input": items}), Some(history.clone())).unwrap();
+            let messages = chat["messages"].as_array().unwrap();
+            prop_assert!(messages.len() <= history.len() + items.len());
+            prop_assert_eq!(messages.last().unwrap(), &json!({"role": "user", "content": "last"}));
+            prop_assert_eq!(context.input.len(), history.len() + items.len());
+        }
+    }
+}
