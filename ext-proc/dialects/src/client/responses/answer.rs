@@ -444,3 +444,166 @@ impl ResponseTranslator for ResponsesAnswer {
         Some(StoredResponse { response, input: self.context.input.clone() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialect::testing::feed;
+    use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
+    use proptest::prelude::*;
+
+    fn context(store: bool) -> AnswerContext {
+        let mut echo = Map::new();
+        echo.insert("model".into(), json!("client-model"));
+        AnswerContext {
+            id: "resp_1".into(),
+            created_at: 1,
+            echo,
+            store,
+            input: vec![json!({"role": "user", "content": "hi"})],
+        }
+    }
+
+    fn answer(store: bool) -> ResponsesAnswer {
+        ResponsesAnswer::new(&context(store), DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    /// Each event's `type` and data.
+    fn events(sse: &str) -> Vec<(String, Value)> {
+        sse.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (kind, data) = e.strip_prefix("event: ").unwrap().split_once("\ndata: ").unwrap();
+                (kind.to_string(), serde_json::from_str(data).unwrap())
+            })
+            .collect()
+    }
+
+    fn chunk(delta: Value, finish_reason: Value) -> String {
+        format!("data: {}\n\n", json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}))
+    }
+
+    const WHOLE: &[u8] = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}"#;
+
+    #[test]
+    fn a_completed_response_is_stored_once_and_only_when_asked() {
+        let mut stored = answer(true);
+        let response: Value = serde_json::from_slice(&stored.whole(200, WHOLE)).unwrap();
+        let kept = stored.finished().unwrap();
+        assert_eq!((kept.id(), &kept.response), ("resp_1", &response));
+        assert_eq!(kept.input, vec![json!({"role": "user", "content": "hi"})]);
+        assert!(stored.finished().is_none(), "once");
+        let mut unstored = answer(false);
+        unstored.whole(200, WHOLE);
+        assert!(unstored.finished().is_none());
+    }
+
+    #[test]
+    fn a_failed_stream_is_not_stored_and_ends_with_error_then_response_failed() {
+        let mut translation = answer(true);
+        let error = r#"data: {"error":{"message":"boom","type":"server_error","code":"internal_error"}}"#;
+        let out = feed(&mut translation, &[chunk(json!({"content": "He"}), Value::Null).as_bytes(), error.as_bytes()]);
+        let events = events(&out);
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds[kinds.len() - 2..], ["error", "response.failed"]);
+        assert_eq!(events[events.len() - 2].1["code"], "internal_error");
+        let failed = &events[events.len() - 1].1["response"];
+        assert_eq!(
+            (&failed["status"], &failed["error"]),
+            (&json!("failed"), &json!({"code": "internal_error", "message": "boom"}))
+        );
+        assert!(translation.ended() && translation.finished().is_none());
+        assert!(translation.stream(b"data: [DONE]\n\n", true).is_empty(), "nothing goes on after the end");
+    }
+
+    #[test]
+    fn a_stream_cut_before_done_completes_only_if_its_answer_said_why_it_stopped() {
+        let finished = chunk(json!({"content": "Hi"}), json!("stop"));
+        let out = feed(&mut answer(true), &[finished.as_bytes()]);
+        assert_eq!(events(&out).last().unwrap().0, "response.completed");
+        let cut = chunk(json!({"content": "Hi"}), Value::Null);
+        let out = feed(&mut answer(true), &[cut.as_bytes()]);
+        let events = events(&out);
+        assert_eq!(events[events.len() - 2].1["code"], "stream_interrupted");
+        assert_eq!(events.last().unwrap().0, "response.failed");
+    }
+
+    #[test]
+    fn sequence_numbers_count_from_zero_and_a_refusal_is_its_own_part() {
+        let pieces = [
+            chunk(json!({"refusal": "No."}), Value::Null),
+            chunk(json!({}), json!("content_filter")),
+            "data: [DONE]\n\n".to_string(),
+        ];
+        let pieces: Vec<&[u8]> = pieces.iter().map(|p| p.as_bytes()).collect();
+        let mut translation = answer(true);
+        let events = events(&feed(&mut translation, &pieces));
+        for (n, (kind, data)) in events.iter().enumerate() {
+            assert_eq!((&data["sequence_number"], &data["type"]), (&json!(n), &json!(kind)));
+        }
+        assert!(events.iter().any(|(kind, data)| kind == "response.refusal.done" && data["refusal"] == "No."));
+        let response = &events.last().unwrap().1["response"];
+        assert_eq!(
+            (&response["status"], &response["incomplete_details"]),
+            (&json!("incomplete"), &json!({"reason": "content_filter"}))
+        );
+        assert_eq!(response["output"][0]["content"], json!([{"type": "refusal", "refusal": "No."}]));
+        assert!(translation.finished().is_some(), "an incomplete response is stored");
+    }
+
+    #[test]
+    fn an_unreadable_whole_answer_is_a_failed_response() {
+        let mut translation = answer(true);
+        let response: Value = serde_json::from_slice(&translation.whole(200, b"<html>")).unwrap();
+        assert_eq!((&response["status"], &response["error"]["code"]), (&json!("failed"), &json!("stream_unreadable")));
+        assert!(translation.finished().is_none());
+    }
+
+    const STREAM: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n\
+        data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\",\"tool_calls\":[{\"index\":0,\"id\":\"c1\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\"\"}}]}}]}\n\n\
+        data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":1}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n\n\
+        data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n\
+        data: [DONE]\n\n";
+
+    /// The events with their made-up ids left out.
+    fn without_ids(sse: &str) -> Vec<(String, Value)> {
+        let strip = |mut value: Value| {
+            for at in ["/item_id", "/item/id", "/response/id"] {
+                if let Some(id) = value.pointer_mut(at) {
+                    *id = Value::Null;
+                }
+            }
+            if let Some(Value::Array(output)) = value.pointer_mut("/response/output") {
+                output.iter_mut().for_each(|item| item["id"] = Value::Null);
+            }
+            value
+        };
+        events(sse).into_iter().map(|(kind, data)| (kind, strip(data))).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn random_splits_give_the_same_events(cuts in proptest::collection::btree_set(0..STREAM.len(), 0..20)) {
+            let whole = feed(&mut answer(true), &[STREAM.as_bytes()]);
+            let mut pieces = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([STREAM.len()]) {
+                pieces.push(&STREAM.as_bytes()[from..cut]);
+                from = cut;
+            }
+            let split = feed(&mut answer(true), &pieces);
+            prop_assert_eq!(without_ids(&split), without_ids(&whole));
+            let events = events(&whole);
+            let completed = &events.last().unwrap().1["response"];
+            prop_assert_eq!(&completed["output"][1]["arguments"], &json!("{\"a\":1}"));
+            prop_assert_eq!(&completed["usage"]["total_tokens"], &json!(7));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256), status in 100u16..600) {
+            let mut translation = answer(true);
+            let _ = translation.whole(status, &body);
+            let _ = answer(true).stream(&body, true);
+        }
+    }
+}

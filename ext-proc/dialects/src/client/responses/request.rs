@@ -526,7 +526,7 @@ mod tests {
         );
         assert!(!context.store);
         assert!(context.id.starts_with("resp_") && context.id.len() == 37);
-        assert_eq!(translate(json!({"model": "m", "input": "hi"}), None).unwrap().1.store, true);
+        assert!(translate(json!({"model": "m", "input": "hi"}), None).unwrap().1.store);
     }
 
     #[test]
