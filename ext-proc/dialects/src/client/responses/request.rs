@@ -158,6 +158,20 @@ impl ClientRequest for ResponsesRequest {
     fn answer_context(&self) -> ClientContext {
         ClientContext::Responses(self.context.clone())
     }
+
+    fn client_param(&self, chat_param: &str) -> Option<String> {
+        let name = chat_param.split(['.', '[']).next().unwrap_or_default();
+        let param = match name {
+            "response_format" => "text.format",
+            "max_completion_tokens" | "max_tokens" => "max_output_tokens",
+            "reasoning_effort" => "reasoning.effort",
+            "verbosity" => "text.verbosity",
+            // Chat's messages are not the input's items one for one (instructions, merged calls).
+            "messages" => "input",
+            _ => return None,
+        };
+        Some(param.to_string())
+    }
 }
 
 fn expect_string<'a>(value: &'a Value, param: &str) -> Result<&'a str, GatewayError> {
