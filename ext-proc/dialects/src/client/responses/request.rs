@@ -298,7 +298,7 @@ fn message(item: &Value, param: &str) -> Result<Value, GatewayError> {
     }
 }
 
-/// Text content: a string, or parts of `text_type` (an assistant's refusals read as its text).
+/// Text content: a string, or parts of `text_type` or `input_text` (an assistant's refusals read as its text).
 fn text_content(content: &Value, param: &str, text_type: &str) -> Result<String, GatewayError> {
     match content {
         Value::String(text) => Ok(text.clone()),
@@ -314,6 +314,8 @@ fn text_parts(parts: &[Value], param: &str, text_type: &str) -> Result<String, G
         let kind = part["type"].as_str().ok_or_else(|| invalid_type(&format!("{param}.type"), "a string"))?;
         let field = match kind {
             "refusal" if text_type == "output_text" => "refusal",
+            // Clients echoing a conversation often send their own earlier text as input_text.
+            "input_text" => "text",
             _ if kind == text_type => "text",
             _ => return Err(unavailable_part(&param, kind, text_type)),
         };
@@ -619,6 +621,15 @@ mod tests {
         let (chat, context) = translate(json!({"model": "m", "input": input}), None).unwrap();
         assert_eq!(chat["messages"], json!([{"role": "user", "content": "hi"}]));
         assert_eq!(context.input.len(), 2, "the stored conversation keeps what the client sent");
+    }
+
+    #[test]
+    fn an_assistants_echoed_text_and_refusal_are_its_content() {
+        let content = json!([{"type": "input_text", "text": "Sure. "}, {"type": "output_text", "text": "Done."},
+            {"type": "refusal", "refusal": " Not that."}]);
+        let input = json!([{"role": "assistant", "content": content}, {"role": "user", "content": "ok"}]);
+        let (chat, _) = translate(json!({"model": "m", "input": input}), None).unwrap();
+        assert_eq!(chat["messages"][0], json!({"role": "assistant", "content": "Sure. Done. Not that."}));
     }
 
     fn item() -> impl Strategy<Value = Value> {
