@@ -91,7 +91,7 @@ impl Item {
     }
 }
 
-/// The response's status for chat's `finish_reason`, and why it is incomplete.
+/// The response's status (its items' too) for chat's `finish_reason`, and why it is incomplete.
 fn outcome(finish_reason: Option<&str>) -> (&'static str, Value) {
     match finish_reason {
         Some("length") => ("incomplete", json!({"reason": "max_output_tokens"})),
@@ -133,10 +133,9 @@ impl ResponsesAnswer {
     /// The completed (or incomplete) response, kept to be stored.
     fn complete(&mut self) -> Value {
         let (status, details) = outcome(self.finish_reason.as_deref());
-        let item_status = if status == "completed" { "completed" } else { "incomplete" };
         let mut extra = Map::new();
         extra.insert("incomplete_details".into(), details);
-        let response = self.response(status, item_status, extra);
+        let response = self.response(status, status, extra);
         self.done = Some(response.clone());
         response
     }
@@ -167,7 +166,7 @@ impl ResponsesAnswer {
         for call in message["tool_calls"].as_array().into_iter().flatten() {
             self.items.push(Item::Call {
                 id: new_id("fc_"),
-                call_id: call["id"].as_str().map_or_else(|| new_id("call_"), str::to_string),
+                call_id: call_id(call),
                 name: call["function"]["name"].as_str().unwrap_or_default().to_string(),
                 arguments: call["function"]["arguments"].as_str().unwrap_or_default().to_string(),
             });
@@ -225,12 +224,18 @@ impl ResponsesAnswer {
         }
     }
 
+    /// Adds `item` to the output, announced; its output index.
+    fn open(&mut self, item: Item, out: &mut Vec<u8>) -> usize {
+        let added = json!({"output_index": self.items.len(), "item": item.json("in_progress")});
+        self.items.push(item);
+        self.event(out, "response.output_item.added", added);
+        self.items.len() - 1
+    }
+
     /// A piece of the model's reasoning, opening its item as needed.
     fn reasoning(&mut self, text: &str, out: &mut Vec<u8>) {
         if !matches!(self.items.last(), Some(Item::Reasoning { .. })) {
-            self.items.push(Item::Reasoning { id: new_id("rs_"), text: String::new() });
-            let item = self.items[self.items.len() - 1].json("in_progress");
-            self.event(out, "response.output_item.added", json!({"output_index": self.items.len() - 1, "item": item}));
+            self.open(Item::Reasoning { id: new_id("rs_"), text: String::new() }, out);
         }
         let output_index = self.items.len() - 1;
         let Some(Item::Reasoning { id, text: all }) = self.items.last_mut() else { return };
@@ -241,11 +246,8 @@ impl ResponsesAnswer {
 
     /// A piece of the message's text (or refusal), opening the message and its part as needed.
     fn text(&mut self, refusal: bool, text: &str, out: &mut Vec<u8>) {
-        let open = matches!(self.items.last(), Some(Item::Message { .. }));
-        if !open {
-            self.items.push(Item::Message { id: new_id("msg_"), parts: Vec::new() });
-            let item = self.items[self.items.len() - 1].json("in_progress");
-            self.event(out, "response.output_item.added", json!({"output_index": self.items.len() - 1, "item": item}));
+        if !matches!(self.items.last(), Some(Item::Message { .. })) {
+            self.open(Item::Message { id: new_id("msg_"), parts: Vec::new() }, out);
         }
         let output_index = self.items.len() - 1;
         let Some(Item::Message { id, parts }) = self.items.last_mut() else { return };
@@ -282,16 +284,14 @@ impl ResponsesAnswer {
         let output_index = match self.calls.get(&index) {
             Some(&output_index) => output_index,
             None => {
-                self.items.push(Item::Call {
+                let call = Item::Call {
                     id: new_id("fc_"),
-                    call_id: call["id"].as_str().map_or_else(|| new_id("call_"), str::to_string),
+                    call_id: call_id(call),
                     name: function["name"].as_str().unwrap_or_default().to_string(),
                     arguments: String::new(),
-                });
-                let output_index = self.items.len() - 1;
+                };
+                let output_index = self.open(call, out);
                 self.calls.insert(index, output_index);
-                let item = self.items[output_index].json("in_progress");
-                self.event(out, "response.output_item.added", json!({"output_index": output_index, "item": item}));
                 output_index
             }
         };
@@ -306,7 +306,6 @@ impl ResponsesAnswer {
     fn finish(&mut self, out: &mut Vec<u8>) {
         self.over = true;
         let (status, _) = outcome(self.finish_reason.as_deref());
-        let item_status = if status == "completed" { "completed" } else { "incomplete" };
         let mut events = Vec::new();
         for (output_index, item) in self.items.iter().enumerate() {
             let at = json!({"item_id": item.id(), "output_index": output_index});
@@ -331,7 +330,7 @@ impl ResponsesAnswer {
                     events.push(("response.function_call_arguments.done", with(&at, "arguments", json!(arguments))));
                 }
             }
-            let done = json!({"output_index": output_index, "item": item.json(item_status)});
+            let done = json!({"output_index": output_index, "item": item.json(status)});
             events.push(("response.output_item.done", done));
         }
         for (kind, fields) in events {
@@ -357,6 +356,11 @@ impl ResponsesAnswer {
         let envelope: Value = serde_json::from_slice(&error.to_json()).unwrap_or_default();
         self.fail(&envelope["error"], out);
     }
+}
+
+/// A chat tool call's id; one is made up for a backend that gives none.
+fn call_id(call: &Value) -> String {
+    call["id"].as_str().map_or_else(|| new_id("call_"), str::to_string)
 }
 
 /// The reasoning of a chat message or delta: vLLM's `reasoning_content`, or the newer `reasoning`.
