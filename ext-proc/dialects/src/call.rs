@@ -151,7 +151,10 @@ impl BackendCall {
             None => None,
         };
         let sent = chat.as_deref().unwrap_or(body);
-        let upstream = self.translator.request(sent)?;
+        let upstream = self.translator.request(sent).map_err(|e| match &self.client {
+            Some(client) => client::in_client_terms(client.as_ref(), e),
+            None => e,
+        })?;
         // A translated client API is sent to the chat completions path unless the dialect names its own.
         let path = upstream.path.or_else(|| chat.is_some().then(|| self.path.clone()));
         let mut headers = self.translator.headers();

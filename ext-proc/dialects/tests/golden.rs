@@ -86,8 +86,8 @@ fn client_answer(dialect: Dialect, path: &str, request: &[u8], status: u16, cont
 const TIMES: [&str; 2] = ["\"created\":", "\"created_at\":"];
 
 /// The prefixes of ids the gateway makes up: `chatcmpl-<hex>`, `cmpl-<hex>`,
-/// and the Responses and Messages APIs' `resp_`, `msg_` and `fc_` ids.
-const MADE_UP_IDS: [&str; 4] = ["cmpl-", "resp_", "msg_", "fc_"];
+/// and the Responses and Messages APIs' `resp_`, `msg_`, `fc_` and `rs_` ids.
+const MADE_UP_IDS: [&str; 5] = ["cmpl-", "resp_", "msg_", "fc_", "rs_"];
 
 /// The fewest hex digits of a made-up id.
 const MADE_UP_ID_DIGITS: usize = 12;

@@ -44,6 +44,22 @@ pub trait ClientRequest: Send {
 
     /// What translating the chat answer back needs of the request, once read.
     fn answer_context(&self) -> ClientContext;
+
+    /// The client's name for the chat request's `chat_param`, so that a
+    /// backend dialect's refusal names what the client sent; `None` keeps it.
+    fn client_param(&self, _chat_param: &str) -> Option<String> {
+        None
+    }
+}
+
+/// `error` naming the client's parameter rather than the chat request's.
+pub fn in_client_terms(client: &dyn ClientRequest, mut error: GatewayError) -> GatewayError {
+    let Some(chat_param) = error.param.clone() else { return error };
+    if let Some(param) = client.client_param(&chat_param) {
+        error.message = error.message.replace(&format!("'{chat_param}'"), &format!("'{param}'"));
+        error.param = Some(param);
+    }
+    error
 }
 
 /// What a client API's answer translation needs of its request.
