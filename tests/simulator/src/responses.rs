@@ -191,7 +191,7 @@ impl Plan {
             Value::Null => default,
             value => value.clone(),
         };
-        json!({
+        let mut response = json!({
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "error": null,
             "incomplete_details": if status == "incomplete" { json!({"reason": "max_output_tokens"}) } else { json!(null) },
@@ -209,13 +209,17 @@ impl Plan {
             "top_p": echo("top_p", json!(1.0)),
             "truncation": "disabled",
             "usage": if done { self.usage() } else { json!(null) },
-            "user": echo("user", json!(null)),
             "metadata": echo("metadata", json!({})),
-        })
+        });
+        // OpenAI's schema has `user` a string: absent unless the request gave one.
+        if let Some(user) = self.request["user"].as_str() {
+            response["user"] = json!(user);
+        }
+        response
     }
 
     fn usage(&self) -> Value {
-        json!({"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+        json!({"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                "output_tokens": self.tokens, "output_tokens_details": {"reasoning_tokens": 0},
                "total_tokens": self.input_tokens + self.tokens})
     }
