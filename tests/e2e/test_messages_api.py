@@ -4,6 +4,7 @@ OpenAI-dialect pool and for Ollama. Every answer, errors included, is in Anthrop
 
 import base64
 import json
+import socket
 import uuid
 
 import anthropic
@@ -111,7 +112,7 @@ def test_a_tool_round_trip(gateway, model):
     assert call.id
     request_id = rid()
     second = client.messages.create(model=model, max_tokens=2, tools=[WEATHER], extra_headers={"x-request-id": request_id},
-                                    messages=[*question, {"role": "assistant", "content": [call.model_dump()]},
+                                    messages=[*question, {"role": "assistant", "content": first.content},
                                               {"role": "user", "content": [{"type": "tool_result",
                                                                             "tool_use_id": call.id,
                                                                             "content": "sunny"}]}])
@@ -218,3 +219,27 @@ def test_the_first_event_arrives_while_the_backend_still_holds_the_rest(gateway,
         open_gate(gateway, backend, gate)
         rest = [e.delta.text for e in events if e.type == "content_block_delta"]
     assert rest == [" is", " a", " simulated", " reply", " from"]
+
+
+def broken_chunked_post(gateway, path: str) -> tuple[str, dict]:
+    """A POST whose chunked body HTTP cannot read (its first chunk size is not a number): the
+    status line and the JSON body of the answer."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=15) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {ALICE}\r\n"
+                           "content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                           "zz\r\n{}\r\n0\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    return head.splitlines()[0], json.loads(body)
+
+
+def test_a_body_http_cannot_read_is_refused_in_each_apis_envelope(gateway):
+    """Envoy's own reply (its codec's) is Anthropic's error on the Messages API, OpenAI's elsewhere."""
+    status, body = broken_chunked_post(gateway, "/v1/messages")
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "http1.codec_error" in body["error"]["message"]
+    status, body = broken_chunked_post(gateway, "/v1/chat/completions")
+    assert status == "HTTP/1.1 400 Bad Request" and body["error"]["code"] == "bad_http_request"

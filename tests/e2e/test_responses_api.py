@@ -87,7 +87,7 @@ def test_a_function_call_round_trip(gateway, model):
     request_id = rid()
     second = client.responses.create(
         model=model, tools=[WEATHER], max_output_tokens=2, store=False, extra_headers={"x-request-id": request_id},
-        input=[*question, call.model_dump(exclude_none=True),
+        input=[*question, *first.output,
                {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
     assert (second.output_text, second.status) == ("This is", "incomplete")
     assert second.incomplete_details.reason == "max_output_tokens"
