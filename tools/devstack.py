@@ -52,6 +52,9 @@ DEMO_BACKENDS = {8001: "vllm-llama", 8002: "sglang-qwen", 8003: "llamacpp-mistra
 # The replicas of the demo's self-hosted pool (envoy/pools.json), and how each is started.
 POOL_REPLICAS = ["vllm-0", "vllm-1", "vllm-2", "vllm-3"]
 POOL_REPLICA_ARGS = ["--model", "qwen3-8b"]
+# The demo's llama pool is a recent vLLM: it serves OpenAI's Responses API itself (demo.yaml's
+# `serves_responses`); the other OpenAI-dialect backends serve chat completions only.
+BACKEND_ARGS = {"vllm-llama": ["--responses-api"]}
 # The demo's Anthropic backend reads its key from a file in DEMO_KEY_DIR, where Kubernetes mounts
 # the Secret (rotation needs no restart); each stack writes it into a directory of its own, from
 # ANTHROPIC_API_KEY when set.
@@ -409,7 +412,8 @@ class Stack:
             for demo, name in DEMO_BACKENDS.items():
                 self.serve(name, [demo], lambda name=name, demo=demo: [
                     str(BIN / "modelgate-simulator"), "--name", name, "--listen", f"127.0.0.1:{self.ports[demo]}",
-                    *(POOL_REPLICA_ARGS if name in POOL_REPLICAS else []), *self.simulator_args.get(name, [])])
+                    *(POOL_REPLICA_ARGS if name in POOL_REPLICAS else []), *BACKEND_ARGS.get(name, []),
+                    *self.simulator_args.get(name, [])])
         except BaseException:
             self.stop()
             raise

@@ -8,7 +8,8 @@ import httpx2
 import openai
 import pytest
 
-from harness import KEY_FILE, REPORTED, SPEC_PATH, Spec, Stack, add_failing_backends, add_keyed_backends
+from harness import (KEY_FILE, REPORTED, SPEC_PATH, Spec, Stack, add_failing_backends, add_keyed_backends,
+                     with_client_api_keys)
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +21,14 @@ def stack():
         add_keyed_backends(config)
 
     with Stack(adjust_config=adjust, key_dirs=[KEY_FILE.parent]) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def client_api_gateway():
+    """A gateway with client keys (stored responses belong to a key), for the Responses and
+    Messages APIs' tests."""
+    with Stack(adjust_config=with_client_api_keys) as s:
         yield s
 
 

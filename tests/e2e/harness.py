@@ -5,6 +5,7 @@ check answers against. Tests import from here; conftest.py holds only the fixtur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -72,6 +73,32 @@ def add_keyed_backends(config: dict) -> None:
                               {"match": "shared-model", "backend": "shared"}]
 
     edit_filter_config(config, keyed)
+
+
+# Client keys of the gateway the Responses and Messages tests share (`client_api_gateway`): two
+# owners of stored responses, and one allowed a single request a minute.
+ALICE, BOB, LIMITED = "sk-alice-client-api", "sk-bob-client-api", "sk-limited-client-api"
+
+
+def with_client_api_keys(config: dict) -> None:
+    """Client keys ALICE, BOB and LIMITED (named alice, bob, limited), usage flushed every 100 ms."""
+    def edit(routing: dict) -> None:
+        digest = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
+        routing["client_keys"] = [{"name": "alice", "sha256": digest(ALICE)}, {"name": "bob", "sha256": digest(BOB)},
+                                  {"name": "limited", "sha256": digest(LIMITED),
+                                   "limits": {"requests_per_minute": 1}}]
+        routing["accounting"]["flush_interval_ms"] = 100
+    edit_filter_config(config, edit)
+
+
+def open_gate(stack, backend: str, gate: str) -> None:
+    """Lets the streams a simulated backend holds at `gate` (`x-sim-gate`) go on."""
+    httpx2.post(f"{stack.backend_url(backend)}/sim/gates/{gate}").raise_for_status()
+
+
+def held_at_gate(stack, backend: str, gate: str) -> int:
+    """How many streams a simulated backend holds at `gate`, their first token sent."""
+    return httpx2.get(f"{stack.backend_url(backend)}/sim/gates/{gate}").json()["waiting"]
 
 
 def backend_requests(stack, backend: str) -> list[dict]:

@@ -15,11 +15,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<Sim>> {
-    Router::new().route("/v1/messages", post(messages))
+    Router::new().route("/v1/messages", post(messages)).route("/v1/messages/count_tokens", post(count_tokens))
 }
 
 /// Anthropic's errors: `{"type":"error","error":{"type","message"}}`.
@@ -117,7 +117,9 @@ impl Plan {
     }
 }
 
-async fn messages(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
+/// Anthropic's own checks of a request's headers: its key and API version.
+#[allow(clippy::result_large_err)] // an error here is the finished answer
+fn check_headers(call: &Call) -> Result<(), Response> {
     // Anthropic takes the key as `x-api-key` or, from its newer clients, as a bearer token.
     if !call.headers.contains_key("x-api-key") && !call.headers.contains_key(header::AUTHORIZATION) {
         return Err(anthropic_error(401, "x-api-key header is required", None));
@@ -125,6 +127,19 @@ async fn messages(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, R
     if !call.headers.contains_key("anthropic-version") {
         return Err(anthropic_error(400, "anthropic-version: header is required", None));
     }
+    Ok(())
+}
+
+/// `count_tokens`: the prompt's tokens as a message would count them, without generating.
+async fn count_tokens(call: Call) -> Result<Response, Response> {
+    check_headers(&call)?;
+    let messages =
+        call.required("messages")?.as_array().ok_or_else(|| Anthropic::error(400, "messages: must be a list"))?;
+    Ok(Json(json!({"input_tokens": prompt_ids(&call.body["system"], messages).len()})).into_response())
+}
+
+async fn messages(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
+    check_headers(&call)?;
     call.required("max_tokens")?.as_u64().ok_or_else(|| Anthropic::error(400, "max_tokens: must be an integer"))?;
     let messages =
         call.required("messages")?.as_array().ok_or_else(|| Anthropic::error(400, "messages: must be a list"))?;
@@ -216,22 +231,7 @@ fn tool_call(body: &Value, messages: &[Value]) -> Option<(String, Value)> {
         Some(name) => tools.iter().find(|t| t["name"] == name)?,
         None => &tools[0],
     };
-    let input: Map<String, Value> = tool["input_schema"]["properties"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(name, schema)| {
-            let value = match schema["type"].as_str() {
-                Some("string") => json!("simulated"),
-                Some("integer" | "number") => json!(1),
-                Some("boolean") => json!(true),
-                Some("array") => json!([]),
-                _ => json!({}),
-            };
-            (name.clone(), value)
-        })
-        .collect();
-    Some((tool["name"].as_str()?.to_string(), Value::Object(input)))
+    Some((tool["name"].as_str()?.to_string(), crate::reply::fitting(&tool["input_schema"])))
 }
 
 fn event(name: &str, data: &Value) -> Result<Bytes, std::io::Error> {
@@ -283,6 +283,7 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
                 let _ = tx.send(abort_piece(&plan.behaviour, event("error", &error_body(529, "Overloaded")))).await;
                 return;
             }
+            sim.hold(&plan.behaviour, i).await;
             if i > 0 {
                 pause(job.next_token(&plan.behaviour)).await;
             }

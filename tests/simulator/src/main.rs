@@ -6,11 +6,14 @@ mod anthropic;
 mod call;
 mod engine;
 mod failure;
+mod gates;
 mod generate;
 mod journal;
 mod metrics;
 mod ollama;
 mod openai;
+mod reply;
+mod responses;
 mod settings;
 mod tokenizer;
 mod vllm;
@@ -30,6 +33,8 @@ pub struct Sim {
     metrics: metrics::Metrics,
     journal: journal::Journal,
     adapters: vllm::Adapters,
+    gates: gates::Gates,
+    responses: responses::Store,
 }
 
 impl Sim {
@@ -42,6 +47,13 @@ impl Sim {
         }
         self.adapters.path(model)?;
         Some(call::Served { base: self.parent_model().to_string(), adapter: Some(model.to_string()) })
+    }
+
+    /// Holds a stream at its request's gate, if it names one, before token `i` (the second).
+    pub async fn hold(&self, behaviour: &settings::Behaviour, i: usize) {
+        if let (1, Some(gate)) = (i, &behaviour.gate) {
+            self.gates.pass(gate).await;
+        }
     }
 
     /// The base model adapters are loaded onto.
@@ -61,12 +73,16 @@ async fn main() -> std::io::Result<()> {
         settings,
         journal: journal::Journal::default(),
         adapters: vllm::Adapters::default(),
+        gates: gates::Gates::default(),
+        responses: responses::Store::default(),
     });
     let app = Router::new()
         .merge(openai::routes())
         .merge(anthropic::routes())
         .merge(ollama::routes())
         .merge(vllm::routes())
+        .merge(responses::routes())
+        .merge(gates::routes())
         .route("/health", get(|| async { "" }))
         .route("/metrics", get(metrics_text))
         .route("/sim/requests", get(requests))

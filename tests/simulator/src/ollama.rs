@@ -6,6 +6,7 @@
 use crate::call::{self, abort_piece, generation_time, pause, until_abort, Face};
 use crate::engine::Work;
 use crate::failure::{failure, ErrorFormat};
+use crate::reply::{fitting, Reply};
 use crate::settings::Behaviour;
 use crate::Sim;
 use crate::{generate, tokenizer};
@@ -57,6 +58,8 @@ struct Plan {
     kind: Kind,
     model: String,
     tokens: u32,
+    /// What streams: text tokens, or a requested `format`'s JSON in pieces.
+    pieces: Vec<String>,
     done_reason: &'static str,
     tool_call: Option<Value>,
     prompt: u32,
@@ -76,13 +79,19 @@ impl Plan {
         if let Some(at) = (0..tokens).find(|&i| stops.iter().any(|s| generate::token(i).contains(s))) {
             (tokens, done_reason) = (at, "stop");
         }
+        let mut pieces = Reply::Text.pieces(tokens);
         if tool_call.is_some() {
-            (tokens, done_reason) = (0, "stop");
+            (tokens, done_reason, pieces) = (0, "stop", vec![]);
+        } else if !call.body["format"].is_null() {
+            // `"json"` or a JSON schema: the answer is a JSON document that fits it.
+            let document = Reply::Json(fitting(&call.body["format"]).to_string());
+            (tokens, done_reason, pieces) = (document.tokens(0), "stop", document.pieces(0));
         }
         Plan {
             kind,
             model: call.model.clone(),
             tokens,
+            pieces,
             done_reason,
             tool_call,
             prompt: prompt.len() as u32,
@@ -151,7 +160,7 @@ async fn answer(sim: Arc<Sim>, call: &Call, plan: Plan) -> Response {
     let job = sim.run(plan.work.clone()).await;
     pause(job.whole(&plan.behaviour, plan.output_tokens())).await;
     job.finish(plan.output_tokens());
-    Json(plan.part(&generate::text(plan.tokens), true)).into_response()
+    Json(plan.part(&plan.pieces.concat(), true)).into_response()
 }
 
 /// A call of the first offered tool, unless the conversation ends with a tool's answer;
@@ -188,18 +197,19 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
     call::streamed("application/x-ndjson", |tx| async move {
         let job = sim.run(plan.work.clone()).await;
         pause(job.first_token(&plan.behaviour)).await;
-        for i in 0..plan.tokens {
-            if plan.behaviour.abort_after == Some(i) {
+        for (i, piece) in plan.pieces.iter().enumerate() {
+            if plan.behaviour.abort_after == Some(i as u32) {
                 until_abort(&plan.behaviour).await;
                 let _ = tx
                     .send(abort_piece(&plan.behaviour, line(&json!({"error": "simulated failure mid-stream"}))))
                     .await;
                 return;
             }
+            sim.hold(&plan.behaviour, i).await;
             if i > 0 {
                 pause(job.next_token(&plan.behaviour)).await;
             }
-            if tx.send(line(&plan.part(&generate::token(i), false))).await.is_err() {
+            if tx.send(line(&plan.part(piece, false))).await.is_err() {
                 return;
             }
         }

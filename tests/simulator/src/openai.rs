@@ -4,6 +4,7 @@
 use crate::call::{self, new_id, now, pause, until_abort, Face};
 use crate::engine::Work;
 use crate::failure::{failure, vllm_error};
+use crate::reply::{Ask, Reply};
 use crate::settings::Behaviour;
 use crate::Sim;
 use crate::{generate, tokenizer};
@@ -58,12 +59,35 @@ fn usage(prompt: u32, completion: u32) -> Value {
 async fn chat_completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let messages = call.required("messages")?.as_array().ok_or_else(|| vllm_error(400, "`messages` must be a list"))?;
     let prompt = tokenizer::ids(&generate::chat_prompt(messages));
-    Ok(respond(sim, call, StreamKind::Chat, prompt).await)
+    let reply = chat_reply(&call.body, messages);
+    Ok(respond(sim, call, StreamKind::Chat, prompt, reply).await)
+}
+
+/// A chat's function tools, tool choice and `response_format`, as the simulated model answers them.
+fn chat_reply(body: &Value, messages: &[Value]) -> Reply {
+    let choice = &body["tool_choice"];
+    let format = &body["response_format"];
+    Reply::to(&Ask {
+        tools: body["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| Some((t["function"]["name"].as_str()?, &t["function"]["parameters"])))
+            .collect(),
+        forced: choice["function"]["name"].as_str(),
+        no_tools: choice == "none",
+        answered: messages.last().is_some_and(|m| m["role"] == "tool"),
+        schema: match format["type"].as_str() {
+            Some("json_schema") => Some(&format["json_schema"]["schema"]),
+            Some("json_object") => Some(&Value::Null),
+            _ => None,
+        },
+    })
 }
 
 async fn completions(State(sim): State<Arc<Sim>>, call: Call) -> Result<Response, Response> {
     let prompt = generate::items(call.required("prompt")?).iter().flat_map(generate::item_ids).collect();
-    Ok(respond(sim, call, StreamKind::Completion, prompt).await)
+    Ok(respond(sim, call, StreamKind::Completion, prompt, Reply::Text).await)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,8 +96,15 @@ enum StreamKind {
     Completion,
 }
 
-async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: Vec<u32>) -> Response {
-    let (tokens, finish) = plan_tokens(&call);
+async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: Vec<u32>, reply: Reply) -> Response {
+    let (planned, finish) = plan_tokens(&call);
+    let pieces = reply.pieces(planned);
+    let tokens = reply.tokens(planned);
+    let finish = match reply {
+        Reply::Text => finish,
+        Reply::Json(_) => "stop",
+        Reply::Call { .. } => "tool_calls",
+    };
     let n = choices_count(&call.body);
     let work = call.work(prompt);
     let plan = Plan {
@@ -87,6 +118,9 @@ async fn respond(sim: Arc<Sim>, call: Call, kind: StreamKind, prompt: Vec<u32>) 
         n,
         tokens,
         finish,
+        call_id: new_id("call").replace('-', "_"),
+        reply,
+        pieces,
         prompt: work.prompt.len() as u32,
         work,
         include_usage: call.body["stream_options"]["include_usage"].as_bool() == Some(true),
@@ -109,8 +143,13 @@ struct Plan {
     created: u64,
     model: String,
     n: u32,
+    /// Tokens generated: text tokens, or those of the JSON or the tool call's arguments.
     tokens: u32,
     finish: &'static str,
+    call_id: String,
+    reply: Reply,
+    /// What streams, piece by piece: text tokens, JSON, or the tool call's arguments.
+    pieces: Vec<String>,
     prompt: u32,
     work: Work,
     include_usage: bool,
@@ -119,12 +158,16 @@ struct Plan {
 
 impl Plan {
     fn whole(&self) -> Value {
-        let text = generate::text(self.tokens);
+        let text = self.pieces.concat();
         let choices: Vec<Value> = (0..self.n)
             .map(|index| match self.kind {
                 StreamKind::Chat => json!({
                     "index": index,
-                    "message": {"role": "assistant", "content": text, "refusal": null},
+                    "message": match &self.reply {
+                        Reply::Call { name, arguments } => json!({"role": "assistant", "content": null,
+                            "refusal": null, "tool_calls": [self.tool_call(name, arguments)]}),
+                        _ => json!({"role": "assistant", "content": text, "refusal": null}),
+                    },
                     "logprobs": null,
                     "finish_reason": self.finish,
                 }),
@@ -143,14 +186,28 @@ impl Plan {
         })
     }
 
-    /// One chunk with one choice. `piece` is the new text, `None` for the role-only opening chunk of chat.
-    fn chunk(&self, index: u32, piece: Option<&str>, finish: Option<&str>) -> Value {
+    fn tool_call(&self, name: &str, arguments: &str) -> Value {
+        json!({"id": self.call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    }
+
+    /// One chunk with one choice. `piece` is the new text (or the tool call's
+    /// arguments, the first piece with the call's id and name), `None` for the
+    /// role-only opening chunk of chat.
+    fn chunk(&self, index: u32, piece: Option<(usize, &str)>, finish: Option<&str>) -> Value {
         let (object, choice) = match self.kind {
             StreamKind::Chat => {
-                let delta = match (piece, finish) {
-                    (_, Some(_)) => json!({}),
-                    (None, None) => json!({"role": "assistant", "content": ""}),
-                    (Some(text), None) => json!({"content": text}),
+                let delta = match (piece, finish, &self.reply) {
+                    (_, Some(_), _) => json!({}),
+                    (None, None, _) => json!({"role": "assistant", "content": ""}),
+                    (Some((0, text)), None, Reply::Call { name, .. }) => {
+                        let mut call = self.tool_call(name, text);
+                        call["index"] = json!(0);
+                        json!({"tool_calls": [call]})
+                    }
+                    (Some((_, text)), None, Reply::Call { .. }) => {
+                        json!({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+                    }
+                    (Some((_, text)), None, _) => json!({"content": text}),
                 };
                 (
                     "chat.completion.chunk",
@@ -159,7 +216,8 @@ impl Plan {
             }
             StreamKind::Completion => (
                 "text_completion",
-                json!({"index": index, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+                json!({"index": index, "text": piece.map_or("", |(_, text)| text), "logprobs": null,
+                       "finish_reason": finish}),
             ),
         };
         let mut chunk =
@@ -197,18 +255,18 @@ fn stream(sim: Arc<Sim>, plan: Plan) -> Response {
                 }
             }
         }
-        for i in 0..plan.tokens {
-            if plan.behaviour.abort_after == Some(i) {
+        for (i, piece) in plan.pieces.iter().enumerate() {
+            if plan.behaviour.abort_after == Some(i as u32) {
                 until_abort(&plan.behaviour).await;
                 let _ = tx.send(Err(std::io::Error::other("simulated abort"))).await;
                 return;
             }
+            sim.hold(&plan.behaviour, i).await;
             if i > 0 {
                 pause(job.next_token(&plan.behaviour)).await;
             }
-            let piece = generate::token(i);
             for index in 0..plan.n {
-                if tx.send(sse(&plan.chunk(index, Some(&piece), None))).await.is_err() {
+                if tx.send(sse(&plan.chunk(index, Some((i, piece)), None))).await.is_err() {
                     return;
                 }
             }

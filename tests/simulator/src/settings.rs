@@ -83,6 +83,10 @@ pub struct Settings {
     /// Time a LoRA adapter takes to load, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub lora_load_ms: u64,
+    /// Serve OpenAI's Responses API (`/v1/responses`), as a recent vLLM does;
+    /// without it the path is a 404, as on engines that serve chat completions only.
+    #[arg(long)]
+    pub responses_api: bool,
     /// The first this many adapter loads fail with a 503, to test retries.
     #[arg(long, default_value_t = 0)]
     pub lora_load_failures: u32,
@@ -109,6 +113,8 @@ pub struct Behaviour {
     pub cached_tokens: u32,
     pub gzip_errors: bool,
     pub tool_argument_bytes: Option<usize>,
+    /// The gate (crate::gates) a stream waits at after its first token.
+    pub gate: Option<String>,
 }
 
 impl Settings {
@@ -144,6 +150,7 @@ impl Settings {
             tool_argument_bytes: number("x-sim-tool-argument-bytes")
                 .and_then(|n| usize::try_from(n).ok())
                 .or(self.tool_argument_bytes),
+            gate: get("x-sim-gate").map(str::to_string),
         }
     }
 }

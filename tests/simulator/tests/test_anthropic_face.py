@@ -80,6 +80,13 @@ def test_errors_in_anthropics_shape(claude, status, exception, kind):
     assert err.value.response.headers["retry-after"] == "2"
 
 
+def test_count_tokens_counts_the_prompt_as_a_message_does(claude):
+    counted = claude.messages.count_tokens(model="m", system="Be brief.", messages=HELLO, tools=[WEATHER])
+    assert counted.input_tokens == 4
+    message = claude.messages.create(model="m", max_tokens=1, system="Be brief.", messages=HELLO)
+    assert message.usage.input_tokens == counted.input_tokens
+
+
 def test_missing_api_key_and_version_are_refused(simulators, claude):
     import httpx2
 

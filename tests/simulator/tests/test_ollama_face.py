@@ -3,6 +3,7 @@ gateway's Ollama translation is tested against this face, so the face must be
 what Ollama's own client accepts and parses."""
 
 import base64
+import json
 
 import ollama
 import pytest
@@ -49,6 +50,15 @@ def test_tool_call_round_trip(local):
         {"role": "user", "content": "Paris?"}, first.message,
         {"role": "tool", "content": "sunny", "tool_name": "get_weather"}])
     assert second.message.content == "This is" and not second.message.tool_calls
+
+
+def test_a_format_gets_json_that_fits_it(local):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    whole = local.chat(model="m", messages=HELLO, format=schema)
+    assert json.loads(whole.message.content) == {"name": "simulated", "age": 1}
+    streamed = "".join(part.message.content for part in local.chat(model="m", messages=HELLO, format="json",
+                                                                    stream=True))
+    assert json.loads(streamed) == {}
 
 
 def test_generate_whole_and_streamed(local):
