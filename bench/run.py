@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make bench`: what modelgate adds to every request, measured in one run
 against bare Envoy, the backend directly, and LiteLLM, on the same simulator;
-a batch of chat completions run through the Batch API; and a self-hosted pool's
+OpenAI's Responses API and Anthropic's Messages API streamed through their translation into chat
+completions; a batch of chat completions run through the Batch API; and a self-hosted pool's
 replica picking against Envoy's own balancing, on simulated vLLM engines.
 
     python bench/run.py [--short] [--out DIR]
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +50,15 @@ CHAINED = "resilient-llama"          # BACKEND first of a fallback chain, throug
 POOLED = "qwen3-8b"                  # the demo's pool of four replicas, each request's replica picked by ext-proc
 # Models of the demo's translated backends: the same simulator behind another dialect.
 TRANSLATED = {"anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
+CHAT = "/v1/chat/completions"
+# The client APIs besides chat completions, by scenario: each is sent to THROUGH_CHAT, an
+# OpenAI-dialect backend that does not serve them itself, so ext-proc translates the request into
+# a chat completion and the chat stream back into the API's own events.
+CLIENT_APIS = {"responses": "/v1/responses", "messages": "/v1/messages"}
+THROUGH_CHAT = "qwen-2.5-7b-instruct"
+# Where each API's request holds the prompt and the bound on the answer's tokens.
+API_FIELDS = {CHAT: ("messages", "max_tokens"), "/v1/responses": ("input", "max_output_tokens"),
+              "/v1/messages": ("messages", "max_tokens")}
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 # Lines of the batch scenario, full and short.
 BATCH_LINES = 10_000
@@ -97,7 +108,8 @@ class Run:
     def load(self, scenario: str, *, rate: float | None = None, concurrency: int | None = None,
              stream: bool = False, headers: dict[str, str] | None = None, duration: float | None = None) -> dict:
         url, model, scenario_headers = self.urls[scenario]
-        body = {"model": model, "messages": PROMPT, "max_tokens": 16}
+        prompt, bound = API_FIELDS[urllib.parse.urlsplit(url).path]
+        body = {"model": model, prompt: PROMPT, bound: 16}
         if stream:
             body["stream"] = True
         argv = [*(["taskset", "-c", PINNING["loadgen"]] if PINNING else []), str(LOADGEN), "--url", url, "--body", json.dumps(body),
@@ -206,7 +218,7 @@ def measure(run: Run, stack: Stack) -> dict:
     # scenarios are interleaved over rounds and each one's median round (by gap p99) counts.
     stream_headers = {"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)}
     stream_rate = 20 if run.short else 100
-    streamed = ["direct", "bare", "passthrough", "ext_proc", *TRANSLATED]
+    streamed = ["direct", "bare", "passthrough", "ext_proc", *TRANSLATED, *CLIENT_APIS]
     stream_rounds: dict[str, list[dict]] = {s: [] for s in streamed}
     # Per stream, CPU time is steady where the gap's p99 is not: it says what a stream costs each process.
     stream_serving = {"direct": [BACKEND], "bare": ["bare-envoy"],
@@ -437,6 +449,11 @@ def measure_pools(short: bool) -> dict:
     return results
 
 
+def failed(result: dict) -> bool:
+    """Whether a scenario got no answer at all: its figures would be empty histograms' zeros."""
+    return result["ok"] == 0
+
+
 def latency_at(results: dict, scenario: str, rate: float) -> dict | None:
     found = [r for r in results["latency"] if r["scenario"] == scenario and r["offered_rps"] == rate]
     return found[-1]["latency"] if found else None
@@ -467,7 +484,11 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
     else:
         rows.append(("ext_proc added p99 at 1000 rps", "not measured (short run or bare < 1200 rps)", "<= 1 ms", None))
     st = results["streaming"]
-    for route in ["passthrough", "ext_proc", *TRANSLATED]:
+    for route in ["passthrough", "ext_proc", *TRANSLATED, *CLIENT_APIS]:
+        if failed(st[route]):
+            rows.append((f"streaming {route}", f"not measured: all {st[route]['errors']} streams failed",
+                         "<= 1 ms to first chunk, <= 0.2 ms gap", None))
+            continue
         ttft = st[route]["first_chunk"]["p50_ms"] - st["bare"]["first_chunk"]["p50_ms"]
         gap = st[route]["chunk_gap"]["p99_ms"] - st["bare"]["chunk_gap"]["p99_ms"]
         rows.append((f"streaming {route}: added time to first chunk (p50)", f"{ttft:+.3f} ms", "<= 1 ms", ttft <= 1.0))
@@ -519,6 +540,9 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     st = results["streaming"]
     for s, r in st.items():
+        if failed(r):
+            out.append(f"| {s} | failed | | | | | {r['errors']} | |")
+            continue
         cpu = ", ".join(f"{name} {us:.0f}" for name, us in r.get("cpu_us_per_request", {}).items())
         out.append(f"| {s} | {r['first_chunk']['p50_ms']:.3f} | "
                    f"{r['first_chunk']['p50_ms'] - st['bare']['first_chunk']['p50_ms']:+.3f} | "
@@ -636,24 +660,24 @@ def main() -> None:
                        INNER_LISTENER_PORT: free_port()}
         stack.start_envoy("quiet-envoy", DEMO_CONFIG, quiet_ports, without_accounting)
         backend = stack.backend_url(BACKEND)
-        chat = "/v1/chat/completions"
         run.urls = {
-            "direct": (backend + chat, MODEL, {}),
-            "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{chat}", MODEL, {}),
-            "unaccounted": (f"http://127.0.0.1:{quiet_ports[LISTENER_PORT]}{chat}", MODEL, {}),
-            "passthrough": (f"http://127.0.0.1:{stack.port}{chat}", MODEL, {}),
-            "rate_limited": (f"http://127.0.0.1:{keyed_ports[LISTENER_PORT]}{chat}", MODEL,
+            "direct": (backend + CHAT, MODEL, {}),
+            "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
+            "unaccounted": (f"http://127.0.0.1:{quiet_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
+            "passthrough": (f"http://127.0.0.1:{stack.port}{CHAT}", MODEL, {}),
+            "rate_limited": (f"http://127.0.0.1:{keyed_ports[LISTENER_PORT]}{CHAT}", MODEL,
                              {"authorization": f"Bearer {BENCH_KEY}"}),
-            "ext_proc": (f"http://127.0.0.1:{stack.port}{chat}", RENAMED, {}),
-            "pool": (f"http://127.0.0.1:{stack.port}{chat}", POOLED, {}),
-            "fallbacks": (f"http://127.0.0.1:{stack.port}{chat}", CHAINED, {}),
-            **{dialect: (f"http://127.0.0.1:{stack.port}{chat}", model, {}) for dialect, model in TRANSLATED.items()},
+            "ext_proc": (f"http://127.0.0.1:{stack.port}{CHAT}", RENAMED, {}),
+            "pool": (f"http://127.0.0.1:{stack.port}{CHAT}", POOLED, {}),
+            "fallbacks": (f"http://127.0.0.1:{stack.port}{CHAT}", CHAINED, {}),
+            **{dialect: (f"http://127.0.0.1:{stack.port}{CHAT}", model, {}) for dialect, model in TRANSLATED.items()},
+            **{api: (f"http://127.0.0.1:{stack.port}{path}", THROUGH_CHAT, {}) for api, path in CLIENT_APIS.items()},
         }
         if not args.short:
             litellm = start_litellm(stack, backend)
             if litellm:
                 port, key = litellm
-                run.urls["litellm"] = (f"http://127.0.0.1:{port}{chat}", MODEL, {"authorization": f"Bearer {key}"})
+                run.urls["litellm"] = (f"http://127.0.0.1:{port}{CHAT}", MODEL, {"authorization": f"Bearer {key}"})
         results = measure(run, stack)
         # Last, so the batch's load does not touch the figures above.
         try:
