@@ -112,8 +112,7 @@ mod tests {
             messages_through_guard(upstream_writing(cut.as_bytes()).await, "/v1/messages?beta=true", true).await;
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
         assert!(answer.contains("event: ping\ndata: {\"type\":\"ping\"}\n\n"), "{answer}");
-        let error =
-            concat!("event: error\ndata: {\"error\":{\"message\":\"The backend stopped in the middle of this stream",);
+        let error = "event: error\ndata: {\"error\":{\"message\":\"The backend stopped in the middle of this stream";
         assert!(answer.contains(error) && answer.contains(r#""type":"api_error"},"type":"error"}"#), "{answer}");
         assert!(!answer.contains("event: message\n") && !answer.contains("\"code\""), "{answer}");
 
