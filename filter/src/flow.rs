@@ -13,9 +13,11 @@ use crate::host::{Host, SharedBuckets};
 use crate::outbox::Outbox;
 use crate::request::{self, HeadersVerdict, ModelsQuery, Reply, RequestHead, Routing};
 use crate::worker::{admin_call_headers, SPEND_PATH};
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::config::Price;
+use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::{retry_header, GatewayError};
-use modelgate_proto::error_normalize::{self, normalize, Origin};
+use modelgate_proto::error_normalize::{self, normalize_in, Origin};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{is_internal_token, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, Reserved, Unit, Verdict};
@@ -52,6 +54,8 @@ pub struct Flow {
     request_id: String,
     /// A batch's line, sent by the batch runner on its key's behalf, or a client's own request.
     traffic: Traffic,
+    /// The API the client speaks, by the request's path: its errors' envelope.
+    api: ClientApi,
     /// Its answer's usage counts: false for an endpoint that is no completion
     /// (`/tokenize`), whose answer has none and whose key's token limits it leaves alone.
     counts_usage: bool,
@@ -73,7 +77,7 @@ enum Phase {
     /// `/v1/models` held while ext-proc says which models pools discovered.
     AwaitingPoolModels(ModelsQuery),
     /// A model-routed request whose body is being buffered: `buffered` bytes so far.
-    ReadingBody { caller: Caller, buffered: usize },
+    ReadingBody { caller: Caller, endpoint: Endpoint, buffered: usize },
     /// Held while the shared rate-limit store decides on it.
     AwaitingSharedLimits(Held),
     /// A model-routed request the filter refused before any backend: what its refusal count needs.
@@ -142,9 +146,9 @@ enum Response {
     Awaiting,
     /// Going on to the client as it comes.
     Passing { status: u16 },
-    /// An error answer being buffered, to be rewritten as an OpenAI error.
+    /// An error answer being buffered, to be rewritten as an error in the client's API.
     Rewriting(Failed),
-    /// The filter answered itself: the answer is already an OpenAI error or a listing.
+    /// The filter answered itself: the answer is already an error in the client's API or a listing.
     Replied { status: u16 },
 }
 
@@ -180,6 +184,7 @@ impl Flow {
             started_us: 0,
             request_id: String::new(),
             traffic: Traffic::Interactive,
+            api: ClientApi::Openai,
             counts_usage: true,
             phase: Phase::Unrouted { buffered: None },
             response: Response::Awaiting,
@@ -204,11 +209,19 @@ impl Flow {
         self.request_id = request_id;
         let method = host.header(REQUEST_HEADERS, ":method").unwrap_or_default();
         let path = host.header(REQUEST_HEADERS, ":path").unwrap_or_default();
+        self.api = ClientApi::of_path(&path);
         let content_type = host.header(REQUEST_HEADERS, "content-type");
         let content_length = host.header(REQUEST_HEADERS, "content-length");
-        // Two more host calls, only where keys are configured and the caller must present one.
+        // More host calls only where keys are configured and the caller must present one.
         let (authorization, api_key) = if self.router.client_keys().required() && on_behalf_of.is_none() {
-            (host.header(REQUEST_HEADERS, "authorization"), host.header(REQUEST_HEADERS, "api-key"))
+            let authorization = host.header(REQUEST_HEADERS, "authorization");
+            // Azure OpenAI's SDKs send `api-key`; Anthropic's `x-api-key`, asked for only when neither came.
+            let api_key = host.header(REQUEST_HEADERS, "api-key");
+            let api_key = match (&authorization, api_key) {
+                (None, None) => host.header(REQUEST_HEADERS, "x-api-key"),
+                (_, api_key) => api_key,
+            };
+            (authorization, api_key)
         } else {
             (None, None)
         };
@@ -234,7 +247,7 @@ impl Flow {
             HeadersVerdict::AskPoolModels(query) => self.ask_pool_models(host, query),
             HeadersVerdict::ReadBody(caller, endpoint) => {
                 self.counts_usage = endpoint.is_completion();
-                self.phase = Phase::ReadingBody { caller, buffered: 0 };
+                self.phase = Phase::ReadingBody { caller, endpoint, buffered: 0 };
                 Action::Pause
             }
             HeadersVerdict::Respond(reply) => self.respond(host, &reply),
@@ -392,7 +405,8 @@ impl Flow {
             .unwrap_or(1);
         if end_of_stream {
             // No body will follow to rewrite: answer anew with the envelope.
-            return match normalize(status, Origin::from_code_details(&details).after_attempts(attempts), b"") {
+            let origin = Origin::from_code_details(&details).after_attempts(attempts);
+            return match normalize_in(self.api, status, origin, b"") {
                 Some(rewritten) => self.respond(host, &Reply::rewritten(status, rewritten)),
                 None => Action::Continue,
             };
@@ -429,7 +443,8 @@ impl Flow {
         // A compressed body is not read: it is always replaced, by a body that is not compressed.
         let readable =
             encoding.as_deref().map_or(Cow::Borrowed(body.as_slice()), |e| error_normalize::compressed_body(e).into());
-        let length = match normalize(*status, Origin::from_code_details(details).after_attempts(*attempts), &readable) {
+        let origin = Origin::from_code_details(details).after_attempts(*attempts);
+        let length = match normalize_in(self.api, *status, origin, &readable) {
             Some(rewritten) => {
                 host.replace_body(BufferType::HttpResponseBody, body_size, &rewritten.body);
                 host.set_header(RESPONSE_HEADERS, "content-type", "application/json");
@@ -491,11 +506,12 @@ impl Flow {
     /// Routes (or refuses) a request once its whole body is buffered.
     fn on_body_read<H: Host>(&mut self, host: &H, body_size: usize) -> Action {
         let body = host.body(BufferType::HttpRequestBody, body_size);
-        let caller = match &self.phase {
-            Phase::ReadingBody { caller, .. } => caller.as_deref(),
-            _ => None,
+        let (caller, endpoint) = match &self.phase {
+            Phase::ReadingBody { caller, endpoint, .. } => (caller.as_deref(), *endpoint),
+            // Not a model-routed request: its body is checked as a chat completion's.
+            _ => (None, Endpoint::ChatCompletions),
         };
-        match request::on_request_body(&self.router, &body, caller) {
+        match request::on_request_body(&self.router, &body, caller, endpoint) {
             Ok(routing) => match std::mem::replace(&mut self.phase, Phase::Unrouted { buffered: None }) {
                 Phase::ReadingBody { caller, .. } => self.route(host, caller, routing, &body),
                 other => {
@@ -616,8 +632,11 @@ impl Flow {
         // Envoy clears the route cache itself when a wasm filter changes request
         // headers, so the route table sees the cluster header (the tests prove it).
         host.set_header(REQUEST_HEADERS, headers::CLUSTER, &routing.cluster);
-        if let Some(profile) = &routing.profile {
-            host.set_header(REQUEST_HEADERS, routing.profile_header(), profile);
+        for (name, profile) in routing.profile_headers() {
+            host.set_header(REQUEST_HEADERS, name, profile);
+        }
+        if routing.stores_response {
+            host.set_header(REQUEST_HEADERS, headers::OWNER, key_name(&admitted.caller));
         }
         if let Some(chain) = &routing.chain {
             host.set_header(REQUEST_HEADERS, headers::CHAIN, chain);
@@ -679,13 +698,14 @@ impl Flow {
         self.respond(host, reply)
     }
 
-    /// Answers the request from the filter; the answer is an OpenAI error or a models listing.
+    /// Answers the request from the filter; the answer is an error in the client's API or a models listing.
     fn respond<H: Host>(&mut self, host: &H, reply: &Reply) -> Action {
-        self.response = Response::Replied { status: reply.status };
+        let (status, body) = reply.in_api(self.api);
+        self.response = Response::Replied { status };
         let processing_ms = self.processing_ms(host).unwrap_or_default();
         let mut response_headers = vec![("content-type", "application/json"), (PROCESSING_MS, processing_ms.as_str())];
         response_headers.extend(reply.headers.iter().map(|(name, value)| (*name, value.as_str())));
-        host.send_response(reply.status, response_headers, &reply.body);
+        host.send_response(status, response_headers, &body);
         Action::Pause
     }
 }

@@ -4,6 +4,7 @@
 //! these functions, and carry out the verdict.
 
 use crate::routing_fields::{read_routing_fields, RoutingFields};
+use modelgate_proto::client_api::{ClientApi, Passage};
 use modelgate_proto::config::{FailureMode, Price};
 use modelgate_proto::endpoint::{classify, Endpoint, Target};
 use modelgate_proto::error::{retry_header, GatewayError};
@@ -14,6 +15,7 @@ use modelgate_proto::limits::{self, Admission, Bucket, BucketStore, Reserved, To
 use modelgate_proto::models::{self, PoolModels};
 use modelgate_proto::routing::Router;
 use modelgate_proto::usage::{bounded, is_bounded, Refused, Traffic, UsageRecord};
+use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
@@ -22,20 +24,33 @@ use std::hash::{BuildHasher, Hasher};
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
+    /// The body in OpenAI's shapes.
     pub body: Vec<u8>,
+    /// The gateway's own error the reply says, which another client API's envelope says its own way.
+    error: Option<GatewayError>,
 }
 
 impl Reply {
     fn ok(body: Vec<u8>) -> Self {
-        Reply { status: 200, headers: Vec::new(), body }
+        Reply { status: 200, headers: Vec::new(), body, error: None }
     }
 
-    /// An error answer rewritten as an OpenAI envelope, with the retry advice it carries.
+    /// An error answer rewritten in the client's API, with the retry advice it carries.
     pub fn rewritten(status: u16, rewritten: Rewritten) -> Self {
         Reply {
             status,
             headers: retry_header(rewritten.should_retry).map(|(k, v)| (k, v.to_string())).into_iter().collect(),
             body: rewritten.body,
+            error: None,
+        }
+    }
+
+    /// The status and body a client of `api` gets: the gateway's own errors in
+    /// Anthropic's envelope and statuses on its API.
+    pub fn in_api(&self, api: ClientApi) -> (u16, Cow<'_, [u8]>) {
+        match (&self.error, api) {
+            (Some(error), ClientApi::Anthropic) => (error.status_in(api), Cow::Owned(error.body_in(api))),
+            _ => (self.status, Cow::Borrowed(&self.body)),
         }
     }
 }
@@ -44,7 +59,7 @@ impl From<GatewayError> for Reply {
     /// The filter's own error answers, with the gateway's retry advice.
     fn from(err: GatewayError) -> Self {
         let headers = retry_header(err.should_retry()).map(|(k, v)| (k, v.to_string())).into_iter().collect();
-        Reply { status: err.status, headers, body: err.to_json() }
+        Reply { status: err.status, headers, body: err.to_json(), error: Some(err) }
     }
 }
 
@@ -104,6 +119,11 @@ pub struct Routing {
     pub chain: Option<String>,
     /// The tokens the request may take, where its key's limits count tokens.
     pub tokens: TokenEstimate,
+    /// The backend does not serve the client's API (Responses, Messages): ext_proc
+    /// translates the request into a chat completion and the answer back, or answers itself.
+    pub translated: bool,
+    /// A translated Responses request: the response is stored, owned by the client's key.
+    pub stores_response: bool,
 }
 
 impl Routing {
@@ -118,7 +138,23 @@ impl Routing {
             headers::BACKEND
         }
     }
+
+    /// The backend's profile headers. A translated request always engages
+    /// ext_proc: with the profile when ext_proc also speaks the backend's
+    /// dialect, else with the default profile (the stream guard, or each
+    /// member of a chain, speaks it).
+    pub fn profile_headers(&self) -> Vec<(&'static str, &str)> {
+        let mut sent: Vec<(&'static str, &str)> =
+            self.profile.iter().map(|profile| (self.profile_header(), profile.as_str())).collect();
+        if self.translated && !sent.iter().any(|(name, _)| *name == headers::BACKEND) {
+            sent.push((headers::BACKEND, DEFAULT_PROFILE));
+        }
+        sent
+    }
 }
+
+/// The profile of a backend whose requests need no rewriting: an OpenAI-dialect backend as it is.
+const DEFAULT_PROFILE: &str = "{}";
 
 /// Bytes of a request body to replace.
 #[derive(Debug, PartialEq, Eq)]
@@ -276,15 +312,25 @@ pub fn body_too_large(router: &Router, buffered: usize) -> Option<Reply> {
 /// OpenAI does: the answer does not tell which models the gateway serves.
 /// Where answers' tokens are counted (accounting, or a token limit on the
 /// key), a stream asks its backend for usage.
-pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>) -> Result<Routing, Reply> {
+pub fn on_request_body(
+    router: &Router,
+    body: &[u8],
+    caller: Option<&ClientKey>,
+    endpoint: Endpoint,
+) -> Result<Routing, Reply> {
     let fields = read_routing_fields(body)?;
     let limits_tokens = caller.is_some_and(|key| key.limits.counts_tokens());
     let counts_tokens = router.accounting().is_some() || limits_tokens;
-    let usage_unasked = fields.stream && counts_tokens && !fields.asks_usage();
+    // Only chat completions and completions have `stream_options.include_usage`: the
+    // Responses and Messages APIs' streams always carry usage, and ext_proc asks for it
+    // in the chat completions it translates them into.
+    let has_usage_option = matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
+    let usage_unasked = has_usage_option && fields.stream && counts_tokens && !fields.asks_usage();
     let target = router
         .resolve(&fields.model)
         .filter(|_| may_use(caller, &fields.model))
         .ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
+    let translated = target.passage(endpoint) != Passage::Native;
     // A chain goes to the stream guard whole or streamed; the chain names each backend's cluster.
     let (cluster, stream_cluster) =
         match router.stream_guard_cluster().filter(|_| fields.stream && target.chain.is_none()) {
@@ -305,7 +351,9 @@ pub fn on_request_body(router: &Router, body: &[u8], caller: Option<&ClientKey>)
         picked: target.pool.is_some(),
         stream_cluster,
         chain: target.chain.as_ref().map(|chain| chain.for_request(fields.stream).to_owned()),
-        tokens: if limits_tokens { fields.token_estimate(body) } else { TokenEstimate::default() },
+        tokens: if limits_tokens { fields.token_estimate(body, endpoint) } else { TokenEstimate::default() },
+        translated,
+        stores_response: translated && endpoint == Endpoint::Responses,
     })
 }
 
@@ -495,7 +543,7 @@ mod tests {
             HeadersVerdict::ReadBody(None, Endpoint::ChatCompletions)
         );
         assert_eq!(
-            on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap(),
+            on_request_body(&r, br#"{"model":"llama-3"}"#, None, Endpoint::ChatCompletions).unwrap(),
             Routing {
                 model: "llama-3".into(),
                 exact_route: false,
@@ -510,11 +558,13 @@ mod tests {
                 picked: false,
                 stream_cluster: None,
                 chain: None,
-                tokens: TokenEstimate::default()
+                tokens: TokenEstimate::default(),
+                translated: false,
+                stores_response: false,
             }
         );
         assert_eq!(
-            on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#, None).unwrap(),
+            on_request_body(&r, br#"{"model":"gpt-4o-mini","stream":true}"#, None, Endpoint::ChatCompletions).unwrap(),
             Routing {
                 model: "gpt-4o-mini".into(),
                 exact_route: true,
@@ -529,7 +579,9 @@ mod tests {
                 picked: false,
                 stream_cluster: None,
                 chain: None,
-                tokens: TokenEstimate::default()
+                tokens: TokenEstimate::default(),
+                translated: false,
+                stores_response: false,
             }
         );
     }
@@ -542,7 +594,7 @@ mod tests {
                 "models": [{"match": "m", "backend": "p"}]}"#,
         )
         .unwrap();
-        let stream = on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap();
+        let stream = on_request_body(&r, br#"{"model":"m","stream":true}"#, None, Endpoint::ChatCompletions).unwrap();
         assert_eq!((stream.cluster.as_str(), stream.stream_cluster.as_deref()), ("guard", Some("vllm_pool")));
         assert_eq!(stream.profile_header(), headers::BACKEND);
         assert_eq!(stream.profile.as_deref(), Some(r#"{"pool":"vllm-pool"}"#));
@@ -557,7 +609,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap(),
+            on_request_body(&r, br#"{"model":"m","stream":true}"#, None, Endpoint::ChatCompletions).unwrap(),
             Routing {
                 model: "m".into(),
                 exact_route: true,
@@ -572,15 +624,17 @@ mod tests {
                 picked: false,
                 stream_cluster: Some("cluster_a".into()),
                 chain: None,
-                tokens: TokenEstimate::default()
+                tokens: TokenEstimate::default(),
+                translated: false,
+                stores_response: false,
             }
         );
-        let guarded = on_request_body(&r, br#"{"model":"m","stream":true}"#, None).unwrap();
+        let guarded = on_request_body(&r, br#"{"model":"m","stream":true}"#, None, Endpoint::ChatCompletions).unwrap();
         assert_eq!(guarded.profile_header(), headers::STREAM_BACKEND, "the guard, not ext_proc, rewrites it");
-        let direct = on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap();
+        let direct = on_request_body(&r, br#"{"model":"m","stream":false}"#, None, Endpoint::ChatCompletions).unwrap();
         assert_eq!(direct.profile_header(), headers::BACKEND);
         assert_eq!(
-            on_request_body(&r, br#"{"model":"m","stream":false}"#, None).unwrap(),
+            on_request_body(&r, br#"{"model":"m","stream":false}"#, None, Endpoint::ChatCompletions).unwrap(),
             Routing {
                 model: "m".into(),
                 exact_route: true,
@@ -595,7 +649,9 @@ mod tests {
                 picked: false,
                 stream_cluster: None,
                 chain: None,
-                tokens: TokenEstimate::default()
+                tokens: TokenEstimate::default(),
+                translated: false,
+                stores_response: false,
             }
         );
     }
@@ -606,7 +662,7 @@ mod tests {
             br#"{"accounting": {"cluster": "admin"}, "backends": {"a": {"cluster": "c"}}, "models": [{"match": "*", "backend": "a"}]}"#,
         )
         .unwrap();
-        let routing = on_request_body(&r, body.as_bytes(), None).unwrap();
+        let routing = on_request_body(&r, body.as_bytes(), None, Endpoint::ChatCompletions).unwrap();
         let sent = routing.body_edit.as_ref().map_or(body.as_bytes().to_vec(), |edit| edit.apply(body.as_bytes()));
         assert_eq!(routing.usage_unasked, routing.body_edit.is_some());
         // Changed in place: a strict decoder sees no member twice.
@@ -628,13 +684,16 @@ mod tests {
         let whole = r#"{"model":"m","messages":[]}"#;
         assert_eq!(sent_upstream(whole), serde_json::from_str::<Value>(whole).unwrap());
         // Without accounting or token limits nothing is counted, so nothing is asked.
-        let routing = on_request_body(&router(), br#"{"model":"llama-3","stream":true}"#, None).unwrap();
+        let routing =
+            on_request_body(&router(), br#"{"model":"llama-3","stream":true}"#, None, Endpoint::ChatCompletions)
+                .unwrap();
         assert_eq!((routing.usage_unasked, routing.body_edit), (false, None));
     }
 
     #[test]
     fn unknown_model_is_404_model_not_found() {
-        let reply = on_request_body(&router(), br#"{"model":"claude-3"}"#, None).unwrap_err();
+        let reply =
+            on_request_body(&router(), br#"{"model":"claude-3"}"#, None, Endpoint::ChatCompletions).unwrap_err();
         assert_eq!(reply.status, 404);
         assert_eq!(json(&reply)["error"]["code"], "model_not_found");
         assert_eq!(json(&reply)["error"]["param"], "model");
@@ -798,8 +857,9 @@ mod tests {
             panic!("a known key reads on")
         };
         assert_eq!(caller.as_ref().map(|k| k.name.as_str()), Some("team"));
-        assert!(on_request_body(&r, br#"{"model":"llama-3"}"#, caller.as_deref()).is_ok());
-        let refused = on_request_body(&r, br#"{"model":"qwen-2"}"#, caller.as_deref()).unwrap_err();
+        assert!(on_request_body(&r, br#"{"model":"llama-3"}"#, caller.as_deref(), Endpoint::ChatCompletions).is_ok());
+        let refused =
+            on_request_body(&r, br#"{"model":"qwen-2"}"#, caller.as_deref(), Endpoint::ChatCompletions).unwrap_err();
         assert_eq!((refused.status, json(&refused)["error"]["code"].as_str()), (404, Some("model_not_found")));
         // Paths the gateway does not serve are not its to refuse.
         assert_eq!(on_request_headers(&r, keyed("/health", b"")), HeadersVerdict::PassThrough);
@@ -851,7 +911,12 @@ mod tests {
             on_request_headers(&r, head("POST", "/tokenize")),
             HeadersVerdict::ReadBody(None, Endpoint::Tokenize)
         );
-        assert_eq!(on_request_body(&r, br#"{"model":"llama-3","prompt":"hi"}"#, None).unwrap().cluster, "cluster_a");
+        assert_eq!(
+            on_request_body(&r, br#"{"model":"llama-3","prompt":"hi"}"#, None, Endpoint::ChatCompletions)
+                .unwrap()
+                .cluster,
+            "cluster_a"
+        );
         let pooled = Router::from_json(br#"{"backends": {}, "models": [], "pools": {"cluster": "admin"}}"#).unwrap();
         let listing = RequestHead { end_of_stream: true, ..head("GET", "/v1/models/m") };
         assert_eq!(
@@ -968,8 +1033,10 @@ mod tests {
         );
         // Only configuration vouches for a refused request's model.
         let r = router();
-        assert!(on_request_body(&r, br#"{"model":"gpt-4o-mini"}"#, None).unwrap().exact_route);
-        assert!(!on_request_body(&r, br#"{"model":"llama-3"}"#, None).unwrap().exact_route);
+        assert!(
+            on_request_body(&r, br#"{"model":"gpt-4o-mini"}"#, None, Endpoint::ChatCompletions).unwrap().exact_route
+        );
+        assert!(!on_request_body(&r, br#"{"model":"llama-3"}"#, None, Endpoint::ChatCompletions).unwrap().exact_route);
     }
 
     #[test]
@@ -984,7 +1051,8 @@ mod tests {
         let presented = Presented { authorization: Some(b"Bearer sk-team"), api_key: None };
         let caller = r.client_keys().authenticate(presented).unwrap().unwrap();
         let buckets = caller.limits.buckets(&caller.name, "m");
-        let routed = |body: &str| on_request_body(&r, body.as_bytes(), Some(&caller)).unwrap().tokens;
+        let routed =
+            |body: &str| on_request_body(&r, body.as_bytes(), Some(&caller), Endpoint::ChatCompletions).unwrap().tokens;
         let hello = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]"#;
         let bounded = routed(&format!("{hello},\"max_tokens\":5}}"));
         assert_eq!(reservation(&r, &caller, &buckets, "m", bounded), Ok(14));

@@ -1,14 +1,16 @@
 //! Reads the fields routing depends on from a JSON request body: `model`,
 //! `stream` (streams go through the stream guard) and `stream_options` (the
 //! gateway asks for a stream's usage when the client did not); and, for token
-//! limits, the answer's bound (`max_completion_tokens`, `max_tokens`) and
-//! where the prompt lies (`messages`, `prompt`, `input`).
+//! limits, the answer's bound (`max_completion_tokens`, `max_tokens`, the
+//! Responses API's `max_output_tokens`) and where the prompt lies (`messages`,
+//! `prompt`, `input`).
 //!
 //! The body is parsed once, in full (so malformed JSON is refused), but only
 //! these two values are kept: every other value is skipped without being built.
 //! When a key appears more than once the last one wins, as it does for the
 //! Python and Go JSON decoders backends use, so routing and backend agree.
 
+use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::{self, TokenEstimate};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -27,11 +29,13 @@ pub struct RoutingFields {
     pub stream_options: Option<Map<String, Value>>,
     /// Where the value of `stream_options` lies in the body, when it is there.
     pub stream_options_at: Option<Range<usize>>,
-    /// `max_completion_tokens`, else `max_tokens` (the older name), when a whole number.
+    /// `max_completion_tokens`, else `max_tokens` (the older name, and the Messages API's), when a whole number.
     pub max_tokens: Option<u64>,
+    /// The Responses API's `max_output_tokens`, when a whole number.
+    pub max_output_tokens: Option<u64>,
     /// Where the prompt (`messages`, `prompt`, or an embedding's `input`) lies in the body.
     pub prompt_at: Option<Range<usize>>,
-    /// The prompt is an embedding's `input`: its answer generates nothing.
+    /// The prompt is an `input`: an embedding's (whose answer generates nothing), or a Responses request's.
     pub embedding: bool,
 }
 
@@ -41,10 +45,13 @@ impl RoutingFields {
         self.stream_options.as_ref().and_then(|o| o.get("include_usage")) == Some(&Value::Bool(true))
     }
 
-    /// The tokens the request in `body` (the body these fields were read from) may take.
-    pub fn token_estimate(&self, body: &[u8]) -> TokenEstimate {
+    /// The tokens the request to `endpoint` in `body` (the body these fields were read from) may take.
+    pub fn token_estimate(&self, body: &[u8], endpoint: Endpoint) -> TokenEstimate {
         let prompt = self.prompt_at.clone().and_then(|at| body.get(at)).map_or(0, limits::prompt_tokens);
-        let completion = self.max_tokens.or(self.embedding.then_some(0));
+        let completion = match endpoint {
+            Endpoint::Responses => self.max_output_tokens,
+            _ => self.max_tokens.or(self.embedding.then_some(0)),
+        };
         TokenEstimate { prompt, completion }
     }
 }
@@ -77,6 +84,7 @@ pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
         stream_options,
         stream_options_at: found.stream_options.map(span),
         max_tokens: max_tokens(found.max_completion_tokens).or(max_tokens(found.max_tokens)),
+        max_output_tokens: max_tokens(found.max_output_tokens),
         prompt_at: found.prompt.map(|(_, raw)| span(raw)),
         embedding: found.prompt.is_some_and(|(name, _)| name == Prompt::Input),
     })
@@ -127,6 +135,7 @@ struct Fields<'de> {
     stream_options: Option<&'de RawValue>,
     max_completion_tokens: Option<Value>,
     max_tokens: Option<Value>,
+    max_output_tokens: Option<Value>,
     prompt: Option<(Prompt, &'de RawValue)>,
 }
 
@@ -152,6 +161,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
             stream_options: None,
             max_completion_tokens: None,
             max_tokens: None,
+            max_output_tokens: None,
             prompt: None,
         };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
@@ -161,6 +171,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                 "stream_options" => fields.stream_options = Some(map.next_value::<&'de RawValue>()?),
                 "max_completion_tokens" => fields.max_completion_tokens = Some(map.next_value::<Value>()?),
                 "max_tokens" => fields.max_tokens = Some(map.next_value::<Value>()?),
+                "max_output_tokens" => fields.max_output_tokens = Some(map.next_value::<Value>()?),
                 "messages" => fields.prompt = Some((Prompt::Messages, map.next_value::<&'de RawValue>()?)),
                 "prompt" => fields.prompt = Some((Prompt::Text, map.next_value::<&'de RawValue>()?)),
                 "input" => fields.prompt = Some((Prompt::Input, map.next_value::<&'de RawValue>()?)),
@@ -229,7 +240,10 @@ mod tests {
 
     #[test]
     fn what_the_request_may_take_in_tokens_is_read() {
-        let estimate = |body: &str| read_routing_fields(body.as_bytes()).unwrap().token_estimate(body.as_bytes());
+        let estimate_for = |body: &str, endpoint| {
+            read_routing_fields(body.as_bytes()).unwrap().token_estimate(body.as_bytes(), endpoint)
+        };
+        let estimate = |body: &str| estimate_for(body, Endpoint::ChatCompletions);
         let chat = r#"{"model":"m","messages":[{"role":"user","content":"hello"}],"max_tokens":5}"#;
         assert_eq!(estimate(chat), TokenEstimate { prompt: 9, completion: Some(5) });
         // `max_completion_tokens` is the newer name of the same bound, and wins.
@@ -239,6 +253,14 @@ mod tests {
         assert_eq!(estimate(unbounded), TokenEstimate { prompt: 2, completion: None }, "not a number: not a bound");
         assert_eq!(estimate(r#"{"model":"m","input":["abcdefgh"]}"#), TokenEstimate { prompt: 3, completion: Some(0) });
         assert_eq!(estimate(r#"{"model":"m"}"#), TokenEstimate { prompt: 0, completion: None });
+        // The Responses API bounds its answer with `max_output_tokens`; its `input` is a prompt, not an embedding's.
+        let responses = r#"{"model":"m","input":"abcdefgh","max_output_tokens":9,"max_tokens":1}"#;
+        assert_eq!(estimate_for(responses, Endpoint::Responses), TokenEstimate { prompt: 3, completion: Some(9) });
+        let unbounded = r#"{"model":"m","input":"abcdefgh"}"#;
+        assert_eq!(estimate_for(unbounded, Endpoint::Responses), TokenEstimate { prompt: 3, completion: None });
+        // The Messages API's is `max_tokens`.
+        let messages = r#"{"model":"m","messages":[{"role":"user","content":"hello"}],"max_tokens":5}"#;
+        assert_eq!(estimate_for(messages, Endpoint::Messages), TokenEstimate { prompt: 9, completion: Some(5) });
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Turns any error answer into an OpenAI error envelope.
+//! Turns any error answer into an OpenAI error envelope, or on Anthropic's
+//! API (`/v1/messages…`) into Anthropic's.
 //!
 //! Errors reach clients from two places besides modelgate itself: backends,
 //! in whatever shape their server writes (vLLM's integer `code`, older vLLM's
@@ -7,7 +8,8 @@
 //! ("no healthy upstream" and the like). Both are rewritten here, keeping the
 //! status, so the SDKs raise the right exception with a usable message.
 
-use crate::error::{ErrorBody, ErrorEnvelope, ErrorType, GatewayError};
+use crate::client_api::ClientApi;
+use crate::error::{anthropic_envelope, ErrorBody, ErrorEnvelope, ErrorType, GatewayError};
 use serde_json::{Map, Value};
 
 /// Where an error answer came from.
@@ -53,13 +55,52 @@ const QUOTE_LIMIT: usize = 300;
 
 /// The error answer as an OpenAI envelope, or `None` when it already is one.
 pub fn normalize(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritten> {
+    rewrite(status, origin, body).map(|(error, should_retry)| Rewritten { body: to_json(error), should_retry })
+}
+
+/// The error answer in `api`'s envelope, or `None` when it already is one.
+/// On Anthropic's API, an answer that is not Anthropic's envelope is read as
+/// [`normalize`] reads it, and its message sent in Anthropic's envelope,
+/// typed by the status, with the same retry advice.
+pub fn normalize_in(api: ClientApi, status: u16, origin: Origin<'_>, body: &[u8]) -> Option<Rewritten> {
+    match api {
+        ClientApi::Openai => normalize(status, origin, body),
+        ClientApi::Anthropic if is_anthropic_envelope(body) => None,
+        ClientApi::Anthropic => {
+            let (message, should_retry) = match rewrite(status, origin, body) {
+                Some((error, should_retry)) => (error.message, should_retry),
+                // OpenAI's envelope already: its message.
+                None => {
+                    (serde_json::from_slice::<ErrorEnvelope>(body).map(|e| e.error.message).unwrap_or_default(), None)
+                }
+            };
+            Some(Rewritten { body: anthropic_envelope(status, &message), should_retry })
+        }
+    }
+}
+
+/// `{"type":"error","error":{"type":string,"message":string}}`, as Anthropic
+/// sends it (with its `request_id` or anything else beside).
+fn is_anthropic_envelope(body: &[u8]) -> bool {
+    let Ok(object) = serde_json::from_slice::<Map<String, Value>>(body) else {
+        return false;
+    };
+    let error = object.get("error").and_then(Value::as_object);
+    object.get("type").and_then(Value::as_str) == Some("error")
+        && error.is_some_and(|e| {
+            e.get("type").is_some_and(Value::is_string) && e.get("message").is_some_and(Value::is_string)
+        })
+}
+
+/// The error answer as OpenAI's error, with the retry advice; `None` when it already is one.
+fn rewrite(status: u16, origin: Origin<'_>, body: &[u8]) -> Option<(ErrorBody, Option<bool>)> {
     match origin {
         // Envoy's replies configured as OpenAI errors (such as the unknown-URL route) stay as they are.
         Origin::Envoy { .. } if is_openai_envelope(body) => None,
         Origin::Envoy { details, attempts } => Some(envoy_reply(status, details, attempts, body)),
         Origin::Backend { attempts } => backend_reply(status, body).map(|mut error| {
             error.message = with_attempts(error.message, attempts);
-            Rewritten { body: to_json(error), should_retry: None }
+            (error, None)
         }),
     }
 }
@@ -84,7 +125,7 @@ fn error(status: u16, message: String) -> ErrorBody {
 }
 
 /// Envoy's local replies, by the `response.code_details` Envoy gives them.
-fn envoy_reply(status: u16, details: &str, attempts: u32, body: &[u8]) -> Rewritten {
+fn envoy_reply(status: u16, details: &str, attempts: u32, body: &[u8]) -> (ErrorBody, Option<bool>) {
     let known = if details == "no_healthy_upstream" {
         Some(GatewayError::backend_unavailable())
     } else if details.starts_with("upstream_reset_before_response_started") {
@@ -108,18 +149,22 @@ fn envoy_reply(status: u16, details: &str, attempts: u32, body: &[u8]) -> Rewrit
     };
     match known {
         // Envoy's status stays, and with it the type, as for any of Envoy's replies.
-        Some(mut known) => {
-            known.status = status;
-            known.kind = ErrorType::for_status(status);
-            known.message = with_attempts(known.message, attempts);
-            Rewritten { body: known.to_json(), should_retry: known.should_retry() }
+        Some(known) => {
+            let should_retry = known.should_retry();
+            let error = ErrorBody {
+                message: with_attempts(known.message, attempts),
+                kind: ErrorType::for_status(status).as_str().to_string(),
+                param: known.param,
+                code: known.code.map(|code| code.as_str().to_string()),
+            };
+            (error, should_retry)
         }
         // Any other reply: Envoy's words, and no advice beyond the status.
         None => {
             let text = quote(body);
             let message =
                 if text.is_empty() { format!("The gateway answered HTTP {status} ({details}).") } else { text };
-            Rewritten { body: to_json(error(status, with_attempts(message, attempts))), should_retry: None }
+            (error(status, with_attempts(message, attempts)), None)
         }
     }
 }
@@ -333,6 +378,39 @@ mod tests {
         assert!(serde_json::from_slice::<ErrorEnvelope>(&invalid_utf8.body).is_ok());
     }
 
+    fn anthropic(status: u16, origin: Origin<'_>, body: &str) -> Option<(Value, Option<bool>)> {
+        normalize_in(ClientApi::Anthropic, status, origin, body.as_bytes())
+            .map(|r| (serde_json::from_slice(&r.body).unwrap(), r.should_retry))
+    }
+
+    #[test]
+    fn on_anthropics_api_errors_take_its_envelope_and_its_own_stay() {
+        let backend = Origin::Backend { attempts: 1 };
+        let own = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_1"}"#;
+        assert_eq!(anthropic(529, backend, own), None);
+        let openai =
+            r#"{"error":{"message":"m","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#;
+        assert_eq!(
+            anthropic(404, backend, openai),
+            Some((json!({"type": "error", "error": {"type": "not_found_error", "message": "m"}}), None))
+        );
+        assert_eq!(
+            anthropic(502, backend, "<html><title>502 Bad Gateway</title></html>"),
+            Some((
+                json!({"type": "error", "error": {"type": "api_error",
+                       "message": "The backend answered HTTP 502 with an HTML page: 502 Bad Gateway"}}),
+                None
+            ))
+        );
+        let (envelope, retry) =
+            anthropic(503, Origin::Envoy { details: "no_healthy_upstream", attempts: 1 }, "").unwrap();
+        assert_eq!((envelope["error"]["type"].as_str(), retry), (Some("api_error"), Some(true)));
+        let (envelope, _) = anthropic(429, backend, r#"{"error":"slow down"}"#).unwrap();
+        assert_eq!(envelope, json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}));
+        // OpenAI's API is as it was.
+        assert_eq!(normalize_in(ClientApi::Openai, 500, backend, b"x"), normalize(500, backend, b"x"));
+    }
+
     proptest! {
         #[test]
         fn any_body_becomes_a_valid_envelope(status in 400u16..600, body in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -342,6 +420,15 @@ mod tests {
             }
             let r = normalize(status, Origin::Envoy { details: "x", attempts: 1 }, &body).unwrap();
             prop_assert!(serde_json::from_slice::<ErrorEnvelope>(&r.body).is_ok());
+        }
+
+        /// On Anthropic's API, whatever the body, what the client gets is Anthropic's envelope, and final.
+        #[test]
+        fn any_body_becomes_an_anthropic_envelope(status in 400u16..600, body in proptest::collection::vec(any::<u8>(), 0..300), envoy in any::<bool>()) {
+            let origin = if envoy { Origin::Envoy { details: "x", attempts: 1 } } else { Origin::Backend { attempts: 1 } };
+            let sent = normalize_in(ClientApi::Anthropic, status, origin, &body).map_or(body, |r| r.body);
+            prop_assert!(is_anthropic_envelope(&sent));
+            prop_assert_eq!(normalize_in(ClientApi::Anthropic, status, origin, &sent), None);
         }
 
         #[test]

@@ -223,10 +223,16 @@ impl CompleteEvents {
     /// it can parse: OpenAI's error event, or for NDJSON (Ollama) an
     /// `{"error": "..."}` line.
     pub fn interrupt(&mut self, error: &GatewayError) -> Bytes {
+        self.interrupt_in(ClientApi::Openai, error)
+    }
+
+    /// As [`CompleteEvents::interrupt`], with an event stream ended by `api`'s
+    /// error event ([`error_event_in`]): Anthropic's on its Messages API.
+    pub fn interrupt_in(&mut self, api: ClientApi, error: &GatewayError) -> Bytes {
         self.pending.clear();
         self.scanner = BoundaryScanner::new(self.scanner.framing);
         Bytes::from(match self.scanner.framing {
-            Framing::Sse => error_event(error),
+            Framing::Sse => error_event_in(api, error),
             Framing::Ndjson => error_line(error),
         })
     }

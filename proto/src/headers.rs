@@ -10,7 +10,9 @@ pub const CLUSTER: &str = "x-modelgate-cluster";
 /// Set by the filter when the backend needs its requests rewritten (another
 /// dialect, another model name, an API key, defaults): the backend's profile
 /// as JSON ([`crate::backend::BackendProfile`]). Its presence is what engages
-/// ext_proc (a matcher on it creates the ext_proc filter).
+/// ext_proc (a matcher on it creates the ext_proc filter): a request in a
+/// client API its backend does not serve carries it always, `{}` where ext_proc
+/// only translates that API.
 pub const BACKEND: &str = "x-modelgate-backend";
 
 /// Set by the filter on a streaming request it sends through the stream guard:
@@ -42,10 +44,11 @@ pub const CLIENT_KEYS: &[&str] = &["authorization", "api-key", "x-api-key"];
 /// metadata, on ext_proc's streams): proves the caller is the gateway's Envoy.
 pub const INTERNAL_TOKEN: &str = "x-modelgate-internal-token";
 
-/// Set by the filter on a request to the Files or Batch API, for ext-proc's
-/// batch service: the name of the client key that made it (empty on an open
-/// gateway), which owns the files and batches it creates. Trusted only with
-/// [`INTERNAL_TOKEN`].
+/// Set by the filter on a request to the Files or Batch API, or the stored
+/// responses, for ext-proc's batch service, and on a Responses request
+/// ext_proc translates: the name of the client key that made it (empty on an
+/// open gateway), which owns the files, batches and responses it creates.
+/// Trusted only with [`INTERNAL_TOKEN`].
 pub const OWNER: &str = "x-modelgate-owner";
 
 /// Sent by ext-proc's batch runner with [`INTERNAL_TOKEN`] on each line it

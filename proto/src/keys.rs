@@ -163,6 +163,7 @@ fn is_header_value(value: &str) -> bool {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Presented<'a> {
     pub authorization: Option<&'a [u8]>,
+    /// `api-key` (Azure OpenAI's SDKs), or `x-api-key` (Anthropic's).
     pub api_key: Option<&'a [u8]>,
 }
 

@@ -4,12 +4,14 @@
 //! name wins over any pattern, a longer prefix over a shorter one, and the
 //! catch-all `*` comes last.
 
-use crate::backend::{ApiKey, BackendProfile};
+use crate::backend::{ApiKey, BackendProfile, Dialect};
 use crate::chain::{Chain, ChainHeaders, Member};
+use crate::client_api::{self, Passage};
 use crate::config::{
     AccountingConfig, BackendConfig, BatchesConfig, FilterConfig, ModelRouteConfig, PoolsConfig, Price,
     SharedLimitsConfig,
 };
+use crate::endpoint::Endpoint;
 use crate::keys::ClientKeys;
 use std::collections::HashMap;
 
@@ -32,6 +34,16 @@ pub struct Target {
     /// The self-hosted pool the backend is, if it is one: ext-proc picks the
     /// replica of each of its requests, streams included.
     pub pool: Option<String>,
+    /// What decides how each endpoint reaches the backend ([`Target::passage`]):
+    /// the backend's profile, or for a chain the default one, since its members differ.
+    pub serves: BackendProfile,
+}
+
+impl Target {
+    /// How a request to `endpoint` reaches this target's backend.
+    pub fn passage(&self, endpoint: Endpoint) -> Passage {
+        client_api::passage(endpoint, &self.serves)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +79,13 @@ impl Router {
             reserved_completion_tokens: config.reserved_completion_tokens,
             ..Router::default()
         };
+        if let Some((name, _)) =
+            config.backends.iter().find(|(_, b)| b.serves_responses && b.dialect != Dialect::Openai)
+        {
+            return Err(format!(
+                "backend `{name}` sets serves_responses, which only a backend of the openai dialect can"
+            ));
+        }
         for route in &config.models {
             let target = target_for(route, config)?;
             let duplicate = match Pattern::parse(&route.pattern)? {
@@ -190,6 +209,7 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
         price: route.price,
         chain: None,
         pool: backend.pool.clone(),
+        serves: profile,
     };
     if route.fallbacks.is_empty() {
         return Ok(target);
@@ -225,6 +245,7 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
     let chain = Chain { members, failover: config.failover.clone(), stream: false };
     target.cluster = guard.clone();
     target.profile = None;
+    target.serves = BackendProfile::default();
     target.chain = Some(chain.headers());
     Ok(target)
 }
@@ -401,6 +422,38 @@ mod tests {
         assert_eq!((shared.profile.as_deref(), shared.forwards_client_key), (None, true));
         let err = Router::from_json(br#"{"backends": {"x": {"cluster": "c", "dialect": "gemini"}}, "models": []}"#);
         assert!(err.unwrap_err().contains("unknown variant `gemini`"));
+    }
+
+    #[test]
+    fn each_target_knows_how_the_client_apis_reach_it_and_a_chain_takes_the_default_passage() {
+        let r = Router::from_json(
+            br#"{"stream_guard_cluster": "guard",
+                 "backends": {"vllm": {"cluster": "v", "serves_responses": true}, "pool": {"cluster": "p"},
+                              "claude": {"cluster": "c", "dialect": "anthropic"}},
+                 "models": [{"match": "v", "backend": "vllm"}, {"match": "p", "backend": "pool"},
+                            {"match": "c", "backend": "claude"},
+                            {"match": "chained", "backend": "claude", "fallbacks": [{"backend": "vllm"}]}]}"#,
+        )
+        .unwrap();
+        let passage = |model: &str, endpoint| r.resolve(model).unwrap().passage(endpoint);
+        assert_eq!(passage("v", Endpoint::Responses), Passage::Native);
+        assert_eq!(passage("p", Endpoint::Responses), Passage::ThroughChat);
+        assert_eq!(passage("c", Endpoint::Messages), Passage::Native);
+        assert_eq!(passage("c", Endpoint::CountTokens), Passage::Native);
+        assert_eq!(passage("chained", Endpoint::Messages), Passage::ThroughChat);
+        assert_eq!(passage("chained", Endpoint::CountTokens), Passage::Estimated);
+        assert_eq!(passage("chained", Endpoint::Responses), Passage::ThroughChat);
+        assert_eq!(r.resolve("v").unwrap().profile, None, "serving Responses needs no rewriting");
+    }
+
+    #[test]
+    fn only_an_openai_backend_may_serve_responses() {
+        let error = Router::from_json(
+            br#"{"backends": {"claude": {"cluster": "c", "dialect": "anthropic", "serves_responses": true}},
+                 "models": []}"#,
+        )
+        .unwrap_err();
+        assert_eq!(error, "backend `claude` sets serves_responses, which only a backend of the openai dialect can");
     }
 
     #[test]

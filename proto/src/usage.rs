@@ -16,6 +16,37 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+/// The counts one `usage` object gives, in any of the APIs' names: chat
+/// completions' `prompt_tokens`/`completion_tokens`, the Responses and
+/// Messages APIs' `input_tokens`/`output_tokens`. Cached tokens are part of
+/// the input in both. A stream may give them in parts (Anthropic's
+/// `message_start` the input, `message_delta` the output), merged field by field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+struct Counts {
+    #[serde(alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+}
+
+impl Counts {
+    /// These counts, with `later`'s where it gives them.
+    fn merged(earlier: Option<Counts>, later: Counts) -> Counts {
+        let earlier = earlier.unwrap_or_default();
+        Counts {
+            prompt_tokens: later.prompt_tokens.or(earlier.prompt_tokens),
+            completion_tokens: later.completion_tokens.or(earlier.completion_tokens),
+        }
+    }
+
+    fn usage(self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens.unwrap_or_default(),
+            completion_tokens: self.completion_tokens.unwrap_or_default(),
+        }
+    }
+}
+
 impl Usage {
     pub fn total(&self) -> u64 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
@@ -157,7 +188,7 @@ const MAX_USAGE_BYTES: usize = 4096;
 /// What the bytes after a `"usage"` member name hold so far.
 enum Member {
     /// An object with token counts.
-    Usage(Usage),
+    Usage(Counts),
     /// Anything else: `null`, a string that merely ends in `"usage"`, a malformed object.
     NotUsage,
     /// Cut off before the value ended: more bytes are needed.
@@ -177,8 +208,9 @@ fn read_member(after: &[u8]) -> Member {
         None => Member::NotUsage,
         Some(b'{') => {
             let mut reader = serde_json::Deserializer::from_slice(value);
-            match <Usage as Deserialize>::deserialize(&mut reader) {
-                Ok(usage) => Member::Usage(usage),
+            match <Counts as Deserialize>::deserialize(&mut reader) {
+                Ok(Counts { prompt_tokens: None, completion_tokens: None }) => Member::NotUsage,
+                Ok(counts) => Member::Usage(counts),
                 Err(e) if at_end(&e, value) && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
                 Err(_) => Member::NotUsage,
             }
@@ -202,13 +234,14 @@ fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
 
 /// Finds the `usage` of an answer that arrives in pieces, without keeping
 /// the answer: only a few bytes across each boundary, and the `usage` object
-/// itself once it has begun. The last one found wins: the top-level `usage`
-/// of an OpenAI answer comes after its choices.
+/// itself once it has begun. Later counts win over earlier ones, field by
+/// field: the top-level `usage` of an OpenAI answer comes after its choices,
+/// and an Anthropic stream gives its output after its input.
 #[derive(Debug, Default)]
 pub struct UsageReader {
     /// The end of the previous piece (a `"usage"` may straddle two), or an unfinished member.
     pending: Vec<u8>,
-    found: Option<Usage>,
+    found: Option<Counts>,
 }
 
 impl UsageReader {
@@ -219,7 +252,7 @@ impl UsageReader {
         while let Some(at) = find(&window, USAGE_KEY, from) {
             let after = at + USAGE_KEY.len();
             match read_member(&window[after..]) {
-                Member::Usage(usage) => self.found = Some(usage),
+                Member::Usage(counts) => self.found = Some(Counts::merged(self.found, counts)),
                 Member::NotUsage => {}
                 Member::Incomplete => {
                     self.pending = window.split_off(at);
@@ -235,7 +268,7 @@ impl UsageReader {
 
     /// The usage found in everything fed so far.
     pub fn usage(&self) -> Option<Usage> {
-        self.found
+        self.found.map(Counts::usage)
     }
 }
 
@@ -255,7 +288,7 @@ pub struct UnaskedUsage {
     unframed: Option<UsageReader>,
     /// The usage chunk was removed with a CR last, and the LF of its CRLF may come with the next piece.
     removed_before_lf: bool,
-    found: Option<Usage>,
+    found: Option<Counts>,
 }
 
 /// The most of one unfinished event the filter holds per stream. Chat
@@ -311,8 +344,8 @@ impl UnaskedUsage {
             return;
         };
         let after = &event[at + USAGE_KEY.len()..];
-        if let Member::Usage(usage) = read_member(after) {
-            self.found = Some(usage);
+        if let Member::Usage(counts) = read_member(after) {
+            self.found = Some(Counts::merged(self.found, counts));
             // A backend that puts usage on a chunk with choices keeps it there: content is never dropped.
             if has_no_choices(event) {
                 self.removed_before_lf = event.ends_with(b"\r");
@@ -328,9 +361,10 @@ impl UnaskedUsage {
         }
     }
 
-    /// The usage found so far: the last one, as for [`UsageReader`].
+    /// The usage found so far, merged as [`UsageReader`] merges it.
     pub fn usage(&self) -> Option<Usage> {
-        self.unframed.as_ref().and_then(UsageReader::usage).or(self.found)
+        let later = self.unframed.as_ref().and_then(|reader| reader.found);
+        later.map_or(self.found, |later| Some(Counts::merged(self.found, later))).map(Counts::usage)
     }
 }
 
@@ -399,6 +433,39 @@ mod tests {
         for none in [&br#"{"usage":null}"#[..], br#"{"usage":"12"}"#, br#"{"x":1}"#, br#"{"usage":{"tokens":3}}"#] {
             assert_eq!(read_whole(none), None, "{}", String::from_utf8_lossy(none));
         }
+    }
+
+    #[test]
+    fn the_responses_and_messages_apis_usage_is_read_under_its_own_names() {
+        let response = br#"{"id":"resp_1","object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"the \"usage\": 3"}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":4},"output_tokens":7,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":19}}"#;
+        assert_eq!(read_whole(response), Some(USAGE));
+        let message = br#"{"id":"msg_1","type":"message","content":[],"usage":{"input_tokens":12,"cache_read_input_tokens":0,"output_tokens":7}}"#;
+        assert_eq!(read_whole(message), Some(USAGE));
+        assert_eq!(read_whole(br#"{"input_tokens":3}"#), None, "count_tokens' answer is no usage");
+    }
+
+    #[test]
+    fn a_stream_that_gives_its_counts_in_parts_is_counted_whole() {
+        // Anthropic's: the input in message_start (with a first output count), the output in message_delta.
+        let anthropic = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":12,\"cache_creation_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        assert_eq!(read_whole(anthropic.as_bytes()), Some(USAGE));
+        // A translated one: no input at first, everything at the end.
+        let translated = concat!(
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":0,\"output_tokens\":0}}}\n\n",
+            "data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":12,\"output_tokens\":7}}\n\n",
+        );
+        assert_eq!(read_whole(translated.as_bytes()), Some(USAGE));
+        // The Responses API's: none until response.completed.
+        let responses = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null},\"sequence_number\":0}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":12,\"output_tokens\":7,\"total_tokens\":19}},\"sequence_number\":1}\n\n",
+        );
+        assert_eq!(read_whole(responses.as_bytes()), Some(USAGE));
     }
 
     fn stream(chunks: &[&str], usage_chunk: bool) -> String {
@@ -548,6 +615,27 @@ mod tests {
             prop_assert_eq!(unasked.usage(), Some(USAGE));
             let expected = with_line_ends(&stream(&["Hel", "lo", " \\\"usage\\\": world"], false), eol);
             prop_assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+
+        /// Partial counts merge field by field: a later count wins, a missing one keeps the earlier.
+        #[test]
+        fn partial_counts_merge_field_by_field(
+            parts in proptest::collection::vec((proptest::option::of(0u64..1000), proptest::option::of(0u64..1000), any::<bool>()), 1..6),
+        ) {
+            let mut answer = String::new();
+            let (mut input, mut output) = (None, None);
+            for (prompt, completion, anthropic) in &parts {
+                let (p, c) = if *anthropic { ("input_tokens", "output_tokens") } else { ("prompt_tokens", "completion_tokens") };
+                let mut fields = Vec::new();
+                fields.extend(prompt.map(|n| format!("\"{p}\":{n}")));
+                fields.extend(completion.map(|n| format!("\"{c}\":{n}")));
+                answer += &format!("data: {{\"usage\":{{{}}}}}\n\n", fields.join(","));
+                input = prompt.or(input);
+                output = completion.or(output);
+            }
+            let expected = (input.is_some() || output.is_some())
+                .then(|| Usage { prompt_tokens: input.unwrap_or(0), completion_tokens: output.unwrap_or(0) });
+            prop_assert_eq!(read_whole(answer.as_bytes()), expected);
         }
 
         #[test]

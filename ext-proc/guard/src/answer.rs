@@ -12,8 +12,9 @@ use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use modelgate_dialects::call::plan_answer;
 use modelgate_dialects::dialect::ResponseTranslator;
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::{retry_header, GatewayError};
-use modelgate_proto::framing::{error_event, CompleteEvents, Framing};
+use modelgate_proto::framing::{error_event_in, CompleteEvents, Framing};
 
 /// The framing of a streamed answer: server-sent events, or Ollama's NDJSON.
 pub(crate) fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
@@ -22,13 +23,15 @@ pub(crate) fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
 
 /// The answer as the client gets it: a stream event by event (translated if
 /// asked), a whole answer to translate read first, anything else as it is.
-/// `first` is the start of the body, already read from `response`.
+/// `first` is the start of the body, already read from `response`; the
+/// guard's errors are in the client's `api`.
 pub(crate) async fn guard_response(
     guard: &StreamGuard,
     response: Response<Incoming>,
     first: Option<Bytes>,
     mut translation: Option<Box<dyn ResponseTranslator>>,
     request_id: Option<HeaderValue>,
+    api: ClientApi,
 ) -> Response<GuardedBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
@@ -43,10 +46,10 @@ pub(crate) async fn guard_response(
             Ok(())
         });
         if let Err(e) = applied {
-            return error_response(e);
+            return error_response(e, api);
         }
         if !plan.streamed {
-            return translate_whole(parts, body, status, translation.as_mut()).await;
+            return translate_whole(parts, body, status, translation.as_mut(), api).await;
         }
     }
     let reader = framing.map(|framing| {
@@ -58,19 +61,23 @@ pub(crate) async fn guard_response(
         }
     });
     let cut = reader.as_ref().map(|_| guard.cut());
-    Response::from_parts(parts, GuardedBody::relaying(body, first, reader, request_id, cut))
+    Response::from_parts(parts, GuardedBody::relaying(body, first, reader, request_id, cut, api))
 }
 
 /// A stream's answer for a success that is not a stream (a whole answer, an
 /// empty body): an event stream of one error event, as for a broken stream.
-pub(crate) fn not_a_stream(headers: &HeaderMap, request_id: Option<HeaderValue>) -> Response<GuardedBody> {
+pub(crate) fn not_a_stream(
+    headers: &HeaderMap,
+    request_id: Option<HeaderValue>,
+    api: ClientApi,
+) -> Response<GuardedBody> {
     let content_type = headers.get(CONTENT_TYPE).map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned());
     tracing::warn!(request_id = ?request_id, content_type, "stream guard: the backend answered a stream without one");
     let what = match content_type {
         Some(content_type) => format!("a success of type `{content_type}` where a stream of events was asked for"),
         None => "a success without content where a stream of events was asked for".to_string(),
     };
-    let event = error_event(&GatewayError::bad_answer(&what));
+    let event = error_event_in(api, &GatewayError::bad_answer(&what));
     let mut response = Response::new(GuardedBody::last(Bytes::from(event)));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     response
@@ -86,12 +93,13 @@ pub(crate) async fn translate_whole(
     body: Incoming,
     status: u16,
     translation: &mut dyn ResponseTranslator,
+    api: ClientApi,
 ) -> Response<GuardedBody> {
     let whole = match Limited::new(body, MAX_WHOLE_ANSWER_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             tracing::warn!(error = %e, "stream guard: the backend's answer could not be read");
-            return error_response(GatewayError::interrupted(&e));
+            return error_response(GatewayError::interrupted(&e), api);
         }
     };
     let body = Bytes::from(translation.whole(status, &whole));
@@ -99,9 +107,10 @@ pub(crate) async fn translate_whole(
     Response::from_parts(parts, GuardedBody::last(body))
 }
 
-pub(crate) fn error_response(error: GatewayError) -> Response<GuardedBody> {
-    let mut response = Response::new(GuardedBody::last(Bytes::from(error.to_json())));
-    *response.status_mut() = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+/// The guard's own error answer, in the client's `api`.
+pub(crate) fn error_response(error: GatewayError, api: ClientApi) -> Response<GuardedBody> {
+    let mut response = Response::new(GuardedBody::last(Bytes::from(error.body_in(api))));
+    *response.status_mut() = StatusCode::from_u16(error.status_in(api)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some((name, value)) = retry_header(error.should_retry()) {
         response.headers_mut().insert(name, HeaderValue::from_static(value));

@@ -14,6 +14,7 @@ use modelgate_dialects::call::BackendCall;
 use modelgate_dialects::credentials::KeySources;
 use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::chain::{Chain, Member};
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 use std::time::Duration;
@@ -30,23 +31,25 @@ impl StreamGuard {
         mut parts: hyper::http::request::Parts,
         body: Incoming,
         chain: &[u8],
+        api: ClientApi,
     ) -> Response<GuardedBody> {
         let chain = match Chain::from_header(chain) {
             Ok(chain) if !chain.members.is_empty() => chain,
             Ok(_) => {
-                return error_response(modelgate_dialects::call::log_misconfiguration(
-                    &"a fallback chain without backends",
-                ))
+                return error_response(
+                    modelgate_dialects::call::log_misconfiguration(&"a fallback chain without backends"),
+                    api,
+                )
             }
-            Err(e) => return error_response(modelgate_dialects::call::log_misconfiguration(&e)),
+            Err(e) => return error_response(modelgate_dialects::call::log_misconfiguration(&e), api),
         };
         remove_hop_by_hop(&mut parts.headers);
         if let Err(e) = self.point_upstream(&mut parts) {
-            return error_response(e);
+            return error_response(e, api);
         }
         let whole = match read_body(body).await {
             Ok(whole) => whole,
-            Err(e) => return error_response(e),
+            Err(e) => return error_response(e, api),
         };
         let request_id = parts.headers.get("x-request-id").cloned();
         // Whole requests of a model with fallbacks come this way too: only a stream's answer must be one.
@@ -67,6 +70,7 @@ impl StreamGuard {
         let Some(last) = prepared.len().checked_sub(1) else {
             return error_response(
                 unfit.unwrap_or_else(|| modelgate_dialects::call::log_misconfiguration(&"an empty fallback chain")),
+                api,
             );
         };
         let _in_flight = self.budget.enter();
@@ -97,7 +101,11 @@ impl StreamGuard {
                     // sends its headers and dies before any event can still be left for the next.
                     let streams = response.status().is_success() && stream_framing(response.headers()).is_some();
                     if streamed && response.status().is_success() && !streams {
-                        return served_by(not_a_stream(response.headers(), request_id), &member.backend, index + 1);
+                        return served_by(
+                            not_a_stream(response.headers(), request_id, api),
+                            &member.backend,
+                            index + 1,
+                        );
                     }
                     let (response, first) = if streams && !is_last {
                         match first_bytes(response, per_try).await {
@@ -107,26 +115,26 @@ impl StreamGuard {
                                     tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.message, "failover: trying the next backend");
                                     continue;
                                 }
-                                return served_by(error_response(failed), &member.backend, index + 1);
+                                return served_by(error_response(failed, api), &member.backend, index + 1);
                             }
                         }
                     } else {
                         (response, None)
                     };
-                    guard_response(self, response, first, translation, request_id.clone()).await
+                    guard_response(self, response, first, translation, request_id.clone(), api).await
                 }
                 Err(failed) => {
                     if may_retry() {
                         tracing::info!(request_id = ?request_id, backend = member.backend, reason = failed.message, "failover: trying the next backend");
                         continue;
                     }
-                    error_response(failed)
+                    error_response(failed, api)
                 }
             };
             return served_by(answer, &member.backend, index + 1);
         }
         // Unreachable: the last attempt always answers; kept total for the type.
-        error_response(modelgate_dialects::call::log_misconfiguration(&"a fallback chain ended without an answer"))
+        error_response(modelgate_dialects::call::log_misconfiguration(&"a fallback chain ended without an answer"), api)
     }
 
     /// Sends one prepared attempt: its answer (headers in) and the answer's

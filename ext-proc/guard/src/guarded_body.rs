@@ -6,8 +6,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use modelgate_dialects::dialect::ResponseTranslator;
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::GatewayError;
-use modelgate_proto::framing::{error_event, CompleteEvents};
+use modelgate_proto::framing::{error_event_in, CompleteEvents};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -24,6 +25,8 @@ pub struct GuardedBody {
     request_id: Option<HeaderValue>,
     /// A stream's end at the shutdown deadline.
     cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The client's API: its error event ends a broken stream.
+    api: ClientApi,
 }
 
 /// How a guarded stream is read: each stream is framed once, by one of them.
@@ -39,7 +42,14 @@ pub enum StreamReader {
 impl GuardedBody {
     /// A body of these bytes only.
     pub(crate) fn last(bytes: Bytes) -> Self {
-        GuardedBody { state: State::Last(bytes), first: None, reader: None, request_id: None, cut: None }
+        GuardedBody {
+            state: State::Last(bytes),
+            first: None,
+            reader: None,
+            request_id: None,
+            cut: None,
+            api: ClientApi::Openai,
+        }
     }
 
     /// The body of `upstream`, whose start `first` was already read from it:
@@ -50,20 +60,20 @@ impl GuardedBody {
         reader: Option<StreamReader>,
         request_id: Option<HeaderValue>,
         cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+        api: ClientApi,
     ) -> Self {
-        GuardedBody { state: State::Relaying(upstream), first, reader, request_id, cut }
+        GuardedBody { state: State::Relaying(upstream), first, reader, request_id, cut, api }
     }
 
     /// Ends a stream early: `complete` (whole events, or a translation's
-    /// output) goes on, then the error event, in OpenAI's dialect whatever the
-    /// backend's (a translation's output is OpenAI's), or in the stream's own
-    /// framing when relayed as it is. A translation's unfinished event is
-    /// simply never read.
+    /// output) goes on, then the error event of the client's API (a
+    /// translation's output is OpenAI's chat), in the stream's own framing
+    /// when relayed as it is. A translation's unfinished event is simply never read.
     fn end_with(&mut self, complete: Bytes, error: &GatewayError) {
         tracing::warn!(request_id = ?self.request_id, reason = error.message, "stream guard: ending a stream early");
         let last = match &mut self.reader {
-            Some(StreamReader::Translated(_)) => [&complete[..], &error_event(error)].concat(),
-            Some(StreamReader::Events(events)) => [&complete[..], &events.interrupt(error)].concat(),
+            Some(StreamReader::Translated(_)) => [&complete[..], &error_event_in(self.api, error)].concat(),
+            Some(StreamReader::Events(events)) => [&complete[..], &events.interrupt_in(self.api, error)].concat(),
             None => complete.to_vec(),
         };
         self.state = State::Last(Bytes::from(last));

@@ -11,20 +11,23 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, Uri};
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
 
 impl StreamGuard {
     pub(crate) async fn relay(&self, request: Request<Incoming>) -> Response<GuardedBody> {
         let (mut parts, body) = request.into_parts();
+        // A Messages stream to Anthropic comes as it is: its errors are Anthropic's.
+        let api = ClientApi::of_path(parts.uri.path().as_bytes());
         if let Err(e) = self.intake(&mut parts.headers) {
-            return error_response(e);
+            return error_response(e, api);
         }
         if let Some(chain) = parts.headers.remove(headers::CHAIN) {
-            return self.relay_chain(parts, body, chain.as_bytes()).await;
+            return self.relay_chain(parts, body, chain.as_bytes(), api).await;
         }
         let Some(cluster) = parts.headers.remove(headers::STREAM_CLUSTER) else {
-            return error_response(GatewayError::stream_without_cluster());
+            return error_response(GatewayError::stream_without_cluster(), api);
         };
         parts.headers.insert(HeaderName::from_static(headers::CLUSTER), cluster);
         remove_hop_by_hop(&mut parts.headers);
@@ -33,20 +36,20 @@ impl StreamGuard {
             Some(profile) => {
                 match rewrite(&mut parts, body, profile.as_bytes(), &self.keys, self.max_event_bytes).await {
                     Ok(rewritten) => rewritten,
-                    Err(e) => return error_response(e),
+                    Err(e) => return error_response(e, api),
                 }
             }
         };
         if let Err(e) = self.point_upstream(&mut parts) {
-            return error_response(e);
+            return error_response(e, api);
         }
         let request_id = parts.headers.get("x-request-id").cloned();
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) if response.status().is_success() && stream_framing(response.headers()).is_none() => {
-                not_a_stream(response.headers(), request_id)
+                not_a_stream(response.headers(), request_id, api)
             }
-            Ok(response) => guard_response(self, response, None, translation, request_id).await,
-            Err(e) => error_response(log_listener_unreachable(&e)),
+            Ok(response) => guard_response(self, response, None, translation, request_id, api).await,
+            Err(e) => error_response(log_listener_unreachable(&e), api),
         }
     }
 
@@ -90,6 +93,42 @@ mod tests {
         let answer = through_guard(closed, false).await;
         assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
         assert!(answer.contains(r#""code":"gateway_misconfigured""#), "{answer}");
+    }
+
+    /// What a client of the Messages API at `path` gets through the guard from `upstream`, raw.
+    async fn messages_through_guard(upstream: std::net::SocketAddr, path: &str, cluster: bool) -> String {
+        let headers = if cluster { "x-modelgate-stream-cluster: claude\r\n" } else { "" };
+        let body = r#"{"model":"claude","max_tokens":5,"messages":[],"stream":true}"#;
+        request_to(StreamGuard::new(upstream), path, headers, body).await
+    }
+
+    #[tokio::test]
+    async fn on_anthropics_api_a_broken_stream_ends_with_its_error_event_and_the_guards_errors_are_its_envelope() {
+        let cut = concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            "2e\r\nevent: ping\ndata: {\"type\":\"ping\"}\n\nevent: message\r\n"
+        );
+        let answer =
+            messages_through_guard(upstream_writing(cut.as_bytes()).await, "/v1/messages?beta=true", true).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains("event: ping\ndata: {\"type\":\"ping\"}\n\n"), "{answer}");
+        let error = "event: error\ndata: {\"error\":{\"message\":\"The backend stopped in the middle of this stream";
+        assert!(answer.contains(error) && answer.contains(r#""type":"api_error"},"type":"error"}"#), "{answer}");
+        assert!(!answer.contains("event: message\n") && !answer.contains("\"code\""), "{answer}");
+
+        let whole = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let answer = messages_through_guard(upstream_writing(whole.as_bytes()).await, "/v1/messages", true).await;
+        assert!(answer.contains("event: error\ndata: {\"error\":{\"message\":\"The backend answered with a success of type `application/json`"), "{answer}");
+
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let answer = messages_through_guard(closed, "/v1/messages", true).await;
+        assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("x-should-retry: true"), "{answer}");
+        assert!(answer.ends_with(r#""type":"api_error"},"type":"error"}"#), "{answer}");
+        let answer = messages_through_guard(closed, "/v1/messages/count_tokens", false).await;
+        assert!(answer.starts_with("HTTP/1.1 500") && answer.ends_with(r#""type":"api_error"},"type":"error"}"#));
+        // OpenAI's API is as it was.
+        let answer = messages_through_guard(closed, "/v1/chat/completions", true).await;
+        assert!(answer.contains(r#""code":"gateway_unavailable""#), "{answer}");
     }
 
     #[tokio::test]

@@ -85,12 +85,17 @@ pub(crate) async fn request_through_guard(upstream: SocketAddr, extra_headers: &
 
 /// The same, through a guard configured as given.
 pub(crate) async fn request_through(guard: StreamGuard, extra_headers: &str, body: &str) -> String {
+    request_to(guard, "/v1/chat/completions", extra_headers, body).await
+}
+
+/// The same, to `path`.
+pub(crate) async fn request_to(guard: StreamGuard, path: &str, extra_headers: &str, body: &str) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let guard_addr = listener.local_addr().unwrap();
     tokio::spawn(guard.serve(listener));
     let mut client = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{extra_headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nhost: x\r\n{extra_headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     client.write_all(request.as_bytes()).await.unwrap();

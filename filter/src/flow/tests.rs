@@ -752,3 +752,169 @@ fn tokenize_is_routed_by_model_and_its_answer_is_not_read_for_usage() {
     assert_eq!(records.len(), 1, "the request is recorded");
     assert_eq!(records[0]["usage"], Value::Null, "with no usage");
 }
+
+/// A gateway with keys, accounting and a stream guard, whose models reach an
+/// OpenAI pool, one serving the Responses API itself, Ollama, Anthropic, and a chain.
+fn client_api_gateway() -> (MockHost, Worker, Flow) {
+    configured_as(&format!(
+        r#"{{"stream_guard_cluster": "guard", "accounting": {{"cluster": "admin"}},
+            "backends": {{"pool": {{"cluster": "pool"}}, "vllm": {{"cluster": "vllm", "serves_responses": true}},
+                         "ollama": {{"cluster": "ollama", "dialect": "ollama"}},
+                         "claude": {{"cluster": "claude", "dialect": "anthropic", "api_key": {{"env": "K"}}}}}},
+            "models": [{{"match": "qwen", "backend": "pool"}}, {{"match": "llama", "backend": "vllm"}},
+                       {{"match": "gemma", "backend": "ollama"}}, {{"match": "claude", "backend": "claude"}},
+                       {{"match": "chained", "backend": "pool", "fallbacks": [{{"backend": "claude"}}]}}]
+            {}}}"#,
+        keyed("{}", "")
+    ))
+}
+
+fn api_request(path: &'static str, key: (&'static str, &'static str)) -> Vec<(&'static str, &'static str)> {
+    vec![(":method", "POST"), (":path", path), ("content-type", "application/json"), ("x-request-id", "req-1"), key]
+}
+
+const ANTHROPIC_KEY: (&str, &str) = ("x-api-key", "sk-team");
+const BEARER: (&str, &str) = ("authorization", "Bearer sk-team");
+
+/// What ext_proc, the stream guard and the backend are told of a request.
+fn routed(host: &MockHost) -> [Option<String>; 5] {
+    [headers::CLUSTER, headers::BACKEND, headers::STREAM_BACKEND, headers::OWNER, headers::CHAIN]
+        .map(|name| host.request_header(name))
+}
+
+#[test]
+fn messages_reach_every_backend_and_only_anthropic_serves_them_itself() {
+    let anthropic_profile = r#"{"dialect":"anthropic","api_key":{"env":"K"}}"#.to_string();
+    for (body, expected) in [
+        // Translated by ext_proc, with no profile to speak: the pool speaks chat completions.
+        (r#"{"model":"qwen","max_tokens":5,"messages":[]}"#, ["pool", "{}", "", "", ""]),
+        // Translated, then the stream guard speaks Ollama's dialect.
+        (
+            r#"{"model":"gemma","max_tokens":5,"stream":true,"messages":[]}"#,
+            ["guard", "{}", r#"{"dialect":"ollama"}"#, "", ""],
+        ),
+        // Anthropic's own: its dialect's translation only (key), as before.
+        (r#"{"model":"claude","max_tokens":5,"messages":[]}"#, ["claude", &anthropic_profile, "", "", ""]),
+        // A chain's members differ: translated into chat completions for each.
+        (r#"{"model":"chained","max_tokens":5,"messages":[]}"#, ["guard", "{}", "", "", "chain"]),
+    ] {
+        let (host, _worker, mut flow) = client_api_gateway();
+        assert_eq!(
+            send(&host, &mut flow, &api_request("/v1/messages", ANTHROPIC_KEY), body.as_bytes()),
+            Action::Continue
+        );
+        let [cluster, backend, stream_backend, owner, chain] = routed(&host);
+        let seen = [cluster, backend, stream_backend, owner, chain.map(|_| "chain".to_string())]
+            .map(Option::unwrap_or_default);
+        assert_eq!(seen, expected, "{body}");
+        assert_eq!(host.state.borrow().request_body, body.as_bytes(), "no stream_options asked for: {body}");
+        assert_eq!(host.request_header("x-api-key"), None, "the client's key goes no further");
+    }
+}
+
+#[test]
+fn responses_are_translated_and_owned_by_the_key_unless_the_backend_serves_them() {
+    let (host, _worker, mut flow) = client_api_gateway();
+    let body = br#"{"model":"qwen","input":"hi","stream":true}"#;
+    assert_eq!(send(&host, &mut flow, &api_request("/v1/responses", BEARER), body), Action::Continue);
+    let owned = [Some("guard".to_string()), Some("{}".into()), None, Some("team".into()), None];
+    assert_eq!(routed(&host), owned);
+    assert_eq!(host.state.borrow().request_body, body, "the chat completion ext_proc makes asks for usage");
+
+    let (host, _worker, mut flow) = client_api_gateway();
+    let body = br#"{"model":"llama","input":"hi","stream":true}"#;
+    assert_eq!(send(&host, &mut flow, &api_request("/v1/responses", BEARER), body), Action::Continue);
+    assert_eq!(routed(&host), [Some("guard".to_string()), None, None, None, None], "passed through as it is");
+    assert_eq!(host.state.borrow().request_body, body);
+}
+
+#[test]
+fn on_anthropics_api_the_filters_refusals_are_anthropics_envelope() {
+    let error_of = |seen: &Seen| {
+        let body = seen.json();
+        assert_eq!(body["type"], "error", "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+        (seen.status, body["error"]["type"].as_str().unwrap().to_string())
+    };
+    let body = br#"{"model":"qwen","max_tokens":5,"messages":[]}"#;
+    for (headers, body, expected) in [
+        (api_request("/v1/messages", ("x-api-key", "sk-wrong")), &body[..], (401, "authentication_error")),
+        (api_request("/v1/messages", ("x-other", "")), body, (401, "authentication_error")),
+        (api_request("/v1/messages", ANTHROPIC_KEY), br#"{"model":"gpt-9","max_tokens":5}"#, (404, "not_found_error")),
+        (api_request("/v1/messages/count_tokens", ANTHROPIC_KEY), b"{", (400, "invalid_request_error")),
+        (vec![(":method", "GET"), (":path", "/v1/messages"), ANTHROPIC_KEY], b"", (405, "invalid_request_error")),
+    ] {
+        let (host, _worker, mut flow) = client_api_gateway();
+        send(&host, &mut flow, &headers, body);
+        let seen = answer(&host, &mut flow, 0, &[], &[]);
+        assert_eq!(error_of(&seen), (expected.0, expected.1.to_string()), "{headers:?}");
+        assert_eq!(seen.header("content-type"), Some("application/json"));
+    }
+    // The same refusal on OpenAI's API is as it was.
+    let (host, _worker, mut flow) = client_api_gateway();
+    send(&host, &mut flow, &api_request("/v1/responses", BEARER), br#"{"model":"gpt-9"}"#);
+    let seen = answer(&host, &mut flow, 0, &[], &[]);
+    assert_eq!((seen.status, seen.error()), (404, ("invalid_request_error".into(), "model_not_found".into())));
+}
+
+#[test]
+fn on_anthropics_api_error_answers_become_anthropics_envelope_and_its_own_stay() {
+    let body = br#"{"model":"qwen","max_tokens":5,"messages":[]}"#;
+    let (host, _worker, mut flow) = client_api_gateway();
+    send(&host, &mut flow, &api_request("/v1/messages", ANTHROPIC_KEY), body);
+    host.state.borrow_mut().properties.insert("response.code_details".into(), b"via_upstream".to_vec());
+    let backend = [("content-type", "text/html")];
+    let seen = answer(&host, &mut flow, 502, &backend, &[b"<html><title>Bad Gateway</title></html>"]);
+    assert_eq!(seen.status, 502);
+    assert_eq!(
+        seen.json(),
+        json!({"type": "error", "error": {"type": "api_error",
+               "message": "The backend answered HTTP 502 with an HTML page: Bad Gateway"}})
+    );
+
+    let (host, _worker, mut flow) = client_api_gateway();
+    send(&host, &mut flow, &api_request("/v1/messages", ANTHROPIC_KEY), body);
+    host.state.borrow_mut().properties.insert("response.code_details".into(), b"no_healthy_upstream".to_vec());
+    let seen = answer(&host, &mut flow, 503, &[], &[]);
+    assert_eq!((seen.status, seen.json()["error"]["type"].as_str()), (503, Some("api_error")));
+    assert_eq!(seen.header("x-should-retry"), Some("true"));
+
+    let (host, _worker, mut flow) = client_api_gateway();
+    send(&host, &mut flow, &api_request("/v1/messages", ANTHROPIC_KEY), br#"{"model":"claude","max_tokens":5}"#);
+    let overloaded: &[u8] = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+    let seen = answer(&host, &mut flow, 529, &[("content-type", "application/json")], &[overloaded]);
+    assert_eq!((seen.status, seen.body.as_slice()), (529, overloaded), "Anthropic's own answer stays");
+}
+
+#[test]
+fn messages_and_responses_count_as_completions_and_count_tokens_as_a_request_without_tokens() {
+    let (host, mut worker, mut flow) = client_api_gateway();
+    let body = br#"{"model":"claude","max_tokens":5,"stream":true,"messages":[]}"#;
+    send(&host, &mut flow, &api_request("/v1/messages", ANTHROPIC_KEY), body);
+    let stream: [&[u8]; 3] = [
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+        b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":2}}\n\n",
+        b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    ];
+    let seen = answer(&host, &mut flow, 200, &[("content-type", "text/event-stream")], &stream);
+    assert_eq!(seen.body, stream.concat(), "passed as it came");
+    let records = sent_lines(&host, &mut worker);
+    assert_eq!(records[0]["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2}));
+
+    let mut responses = worker.new_flow();
+    send(&host, &mut responses, &api_request("/v1/responses", BEARER), br#"{"model":"qwen","input":"hi"}"#);
+    let completed =
+        br#"{"id":"resp_1","object":"response","usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10}}"#;
+    answer(&host, &mut responses, 200, &[("content-type", "application/json")], &[completed]);
+    let mut counted = worker.new_flow();
+    send(
+        &host,
+        &mut counted,
+        &api_request("/v1/messages/count_tokens", ANTHROPIC_KEY),
+        br#"{"model":"qwen","messages":[]}"#,
+    );
+    answer(&host, &mut counted, 200, &[("content-type", "application/json")], &[br#"{"input_tokens":4}"#]);
+    let records = sent_lines(&host, &mut worker);
+    assert_eq!(records[0]["usage"], json!({"prompt_tokens": 4, "completion_tokens": 6}));
+    assert_eq!((records[1]["status"].as_u64(), &records[1]["usage"]), (Some(200), &Value::Null));
+}

@@ -3,12 +3,14 @@
 //!
 //! Invariants: what is rewritten is exactly OpenAI's envelope, and the
 //! normaliser takes its own output as final (normalising twice changes
-//! nothing); a quoted non-JSON body is bounded.
+//! nothing); a quoted non-JSON body is bounded. On Anthropic's API, what the
+//! client gets is Anthropic's envelope, and final too.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use modelgate_fuzz::assert_envelope;
-use modelgate_proto::error_normalize::{normalize, Origin};
+use modelgate_proto::client_api::ClientApi;
+use modelgate_proto::error_normalize::{normalize, normalize_in, Origin};
 
 fuzz_target!(|data: &[u8]| {
     let [a, b, c, rest @ ..] = data else { return };
@@ -22,6 +24,13 @@ fuzz_target!(|data: &[u8]| {
         let Ok(details) = std::str::from_utf8(&rest[..at]) else { return };
         (Origin::Envoy { details, attempts }, rest.get(at + 1..).unwrap_or_default())
     };
+    let anthropic = normalize_in(ClientApi::Anthropic, status, origin, body).map_or(body.to_vec(), |r| r.body);
+    let envelope: serde_json::Value = serde_json::from_slice(&anthropic).expect("Anthropic's envelope is JSON");
+    assert!(
+        envelope["type"] == "error" && envelope["error"]["type"].is_string() && envelope["error"]["message"].is_string(),
+        "not Anthropic's envelope: {envelope}"
+    );
+    assert_eq!(normalize_in(ClientApi::Anthropic, status, origin, &anthropic), None, "normalised twice: {envelope}");
     let Some(rewritten) = normalize(status, origin, body) else {
         // Left as it is: it is an envelope already.
         let value: serde_json::Value = serde_json::from_slice(body).expect("kept as it is only if JSON");

@@ -4,13 +4,15 @@
 //!
 //! Invariants: a refusal is exactly OpenAI's envelope with a 4xx; where
 //! `stream_options` lies is where its value is; the edited body is JSON that
-//! routes the same, asks for usage, and keeps every other member.
+//! routes the same, asks for usage, and keeps every other member; the
+//! Responses and Messages APIs' bodies are never edited.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use modelgate_filter::request::on_request_body;
 use modelgate_filter::routing_fields::read_routing_fields;
 use modelgate_fuzz::assert_envelope;
+use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::routing::Router;
 use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
@@ -26,7 +28,12 @@ thread_local! {
 
 fuzz_target!(|body: &[u8]| {
     let fields = read_routing_fields(body);
-    let routing = match ROUTER.with(|r| on_request_body(r, body, None)) {
+    for endpoint in [Endpoint::Responses, Endpoint::Messages, Endpoint::CountTokens] {
+        if let Ok(routing) = ROUTER.with(|r| on_request_body(r, body, None, endpoint)) {
+            assert!(routing.body_edit.is_none() && !routing.usage_unasked, "{endpoint:?}'s body was edited");
+        }
+    }
+    let routing = match ROUTER.with(|r| on_request_body(r, body, None, Endpoint::ChatCompletions)) {
         Ok(routing) => routing,
         Err(reply) => {
             assert!((400..500).contains(&reply.status), "{}", reply.status);
