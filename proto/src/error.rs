@@ -119,6 +119,11 @@ pub enum ErrorCode {
     // The Files and Batch APIs' objects.
     FileInUse,
     BatchFinished,
+    // The Responses API's stored responses.
+    PreviousResponseNotFound,
+    ResponseNotFound,
+    /// Background mode (`background`, `POST /v1/responses/{id}/cancel`): not served.
+    BackgroundUnsupported,
     // Who is asking.
     InvalidApiKey,
     /// A key without the `admin` mark asking for an operator's action.
@@ -134,6 +139,7 @@ pub enum ErrorCode {
     UsageStoreUnavailable,
     FileStoreUnavailable,
     BatchStoreUnavailable,
+    ResponseStoreUnavailable,
     // The gateway's configuration.
     GatewayMisconfigured,
     BackendNotConfigured,
@@ -176,6 +182,9 @@ impl ErrorCode {
             ErrorCode::InvalidBatchId => "invalid_batch_id",
             ErrorCode::FileInUse => "file_in_use",
             ErrorCode::BatchFinished => "batch_finished",
+            ErrorCode::PreviousResponseNotFound => "previous_response_not_found",
+            ErrorCode::ResponseNotFound => "response_not_found",
+            ErrorCode::BackgroundUnsupported => "background_unsupported",
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::AdminKeyRequired => "admin_key_required",
             ErrorCode::InvalidInternalToken => "invalid_internal_token",
@@ -185,6 +194,7 @@ impl ErrorCode {
             ErrorCode::UsageStoreUnavailable => "usage_store_unavailable",
             ErrorCode::FileStoreUnavailable => "file_store_unavailable",
             ErrorCode::BatchStoreUnavailable => "batch_store_unavailable",
+            ErrorCode::ResponseStoreUnavailable => "response_store_unavailable",
             ErrorCode::GatewayMisconfigured => "gateway_misconfigured",
             ErrorCode::BackendNotConfigured => "backend_not_configured",
             ErrorCode::BackendKeyUnavailable => "backend_key_unavailable",
@@ -452,6 +462,48 @@ impl GatewayError {
             format!("Batch {id} is already {status}: only a batch that has not finished can be cancelled."),
         )
         .about("id")
+    }
+
+    // The Responses API's stored responses.
+
+    /// 400 for a `previous_response_id` its caller has no stored response by
+    /// (never stored, expired, deleted, or another key's), in OpenAI's words.
+    pub fn previous_response_not_found(id: &str) -> Self {
+        Self::bad_request(
+            Some(ErrorCode::PreviousResponseNotFound),
+            format!("Previous response with id '{id}' not found."),
+        )
+        .about("previous_response_id")
+    }
+
+    /// 404 for a response id its caller has no stored response by.
+    pub fn response_not_found(id: &str) -> Self {
+        Self::new(
+            404,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::ResponseNotFound),
+            format!("No response found with id '{id}'."),
+        )
+        .about("id")
+    }
+
+    /// 400 for background mode (`background: true`, or cancelling a
+    /// response), which the gateway does not run: `param` names what asked for it.
+    pub fn background_unsupported(param: &str) -> Self {
+        Self::bad_request(
+            Some(ErrorCode::BackgroundUnsupported),
+            "Background mode is not supported by this gateway: a response is answered while its request is open, and cannot be cancelled.".into(),
+        )
+        .about(param)
+    }
+
+    /// 503: the store of the Responses API's stored responses did not answer.
+    pub fn response_store_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::ResponseStoreUnavailable),
+            "The store of responses is unavailable; try again shortly.".into(),
+        )
     }
 
     // Who is asking.
@@ -755,6 +807,7 @@ impl GatewayError {
                 | UsageStoreUnavailable
                 | FileStoreUnavailable
                 | BatchStoreUnavailable
+                | ResponseStoreUnavailable
                 | NoReadyReplica
                 | StreamInterrupted,
             ) => Some(true),
@@ -780,6 +833,9 @@ impl GatewayError {
                 | InvalidBatchId
                 | FileInUse
                 | BatchFinished
+                | PreviousResponseNotFound
+                | ResponseNotFound
+                | BackgroundUnsupported
                 | InvalidApiKey
                 | AdminKeyRequired
                 | InvalidInternalToken

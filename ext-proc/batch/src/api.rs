@@ -3,7 +3,11 @@
 //! - `POST /v1/files` (a multipart form, streamed to [`Blobs`] as it comes),
 //!   `GET /v1/files`, `GET|DELETE /v1/files/{id}`, `GET /v1/files/{id}/content`;
 //! - `POST /v1/batches`, `GET /v1/batches`, `GET /v1/batches/{id}`,
-//!   `POST /v1/batches/{id}/cancel`.
+//!   `POST /v1/batches/{id}/cancel`;
+//! - the Responses API's stored responses (ext_proc keeps them, see
+//!   [`crate::responses`]): `GET|DELETE /v1/responses/{id}`,
+//!   `GET /v1/responses/{id}/input_items`, and `POST /v1/responses/{id}/cancel`,
+//!   refused: background mode is not served.
 //!
 //! Clients reach them through Envoy: the filter checks their key and names
 //! its owner in [`headers::OWNER`], alongside the internal token. Only a caller
@@ -34,8 +38,10 @@ use modelgate_proto::batch::{Batch, CreateBatch, Deleted, FileObject, ListPage, 
 use modelgate_proto::clock;
 use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::headers::{self, INTERNAL_TOKEN};
+use modelgate_proto::stored_response::StoredResponse;
 use modelgate_runtime::internal_token::InternalToken;
 use serde::Serialize;
+use serde_json::Value;
 use std::convert::Infallible;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
@@ -65,6 +71,9 @@ const FILES_PAGE: RangeInclusive<usize> = 1..=10_000;
 const FILES_PAGE_DEFAULT: usize = 10_000;
 const BATCHES_PAGE: RangeInclusive<usize> = 1..=100;
 const BATCHES_PAGE_DEFAULT: usize = 20;
+/// `limit` of `GET /v1/responses/{id}/input_items`, and its default, as OpenAI's.
+const INPUT_ITEMS_PAGE: RangeInclusive<usize> = 1..=100;
+const INPUT_ITEMS_PAGE_DEFAULT: usize = 20;
 
 /// What the API serves from.
 pub struct Api {
@@ -80,7 +89,7 @@ pub struct Api {
 }
 
 /// The routes, serving only callers presenting the internal token. Other
-/// paths under `/v1/files` and `/v1/batches` are 404 `unknown_url`.
+/// paths under `/v1/files`, `/v1/batches` and `/v1/responses` are 404 `unknown_url`.
 pub fn router(api: Arc<Api>) -> Router {
     let from_envoy = middleware::from_fn_with_state(api.clone(), only_envoy);
     let files = Router::new()
@@ -97,9 +106,15 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/{id}", get(get_batch).fallback(only("GET")))
         .route("/{id}/cancel", post(cancel_batch).fallback(only("POST")))
         .fallback(unknown_url);
+    let responses = Router::new()
+        .route("/{id}", get(get_response).delete(delete_response).fallback(only("GET, DELETE")))
+        .route("/{id}/input_items", get(input_items).fallback(only("GET")))
+        .route("/{id}/cancel", post(cancel_response).fallback(only("POST")))
+        .fallback(unknown_url);
     Router::new()
         .nest("/v1/files", files)
         .nest("/v1/batches", batches)
+        .nest("/v1/responses", responses)
         .route_layer(from_envoy)
         .layer(DefaultBodyLimit::max(MAX_BATCH_REQUEST))
         .with_state(api)
@@ -351,20 +366,9 @@ async fn list_files(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, Refusal> {
     let query = query_pairs(query)?;
-    let order = match param(&query, "order") {
-        None | Some("desc") => Order::Desc,
-        Some("asc") => Order::Asc,
-        Some(other) => {
-            return Err(GatewayError::invalid_value(
-                "order",
-                format!("Invalid value for 'order': '{other}'. Supported values are: 'asc', 'desc'."),
-            )
-            .into())
-        }
-    };
     let files = FileQuery {
         purpose: param(&query, "purpose").map(str::to_string),
-        order,
+        order: order(&query)?,
         after: param(&query, "after").map(str::to_string),
         limit: limit(&query, FILES_PAGE, FILES_PAGE_DEFAULT)?,
     };
@@ -484,7 +488,84 @@ async fn cancel_batch(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): 
     Ok(json(&record.view()))
 }
 
+// Stored responses.
+
+async fn get_response(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): Id) -> Result<Response, Refusal> {
+    Ok(json(&stored_response(&api, &owner, &id).await?.response))
+}
+
+async fn delete_response(State(api): State<Arc<Api>>, Owner(owner): Owner, Id(id): Id) -> Result<Response, Refusal> {
+    let deleted =
+        api.meta.delete_response(&owner, &id, clock::unix_seconds()).await.map_err(|e| response_store_down(&e))?;
+    if !deleted {
+        return Err(GatewayError::response_not_found(&id).into());
+    }
+    Ok(json(&Deleted { id, object: "response".into(), deleted: true }))
+}
+
+/// The response's input items as stored (each with its `id`), a page at a time.
+async fn input_items(
+    State(api): State<Arc<Api>>,
+    Owner(owner): Owner,
+    Id(id): Id,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, Refusal> {
+    let query = query_pairs(query)?;
+    let order = order(&query)?;
+    let limit = limit(&query, INPUT_ITEMS_PAGE, INPUT_ITEMS_PAGE_DEFAULT)?;
+    let mut items = stored_response(&api, &owner, &id).await?.input;
+    if order == Order::Desc {
+        items.reverse();
+    }
+    let start = match param(&query, "after") {
+        Some(after) => {
+            1 + items.iter().position(|item| item_id(item) == after).ok_or_else(|| {
+                GatewayError::invalid_value(
+                    "after",
+                    format!("Invalid value for 'after': '{after}' is not an input item of response {id}."),
+                )
+            })?
+        }
+        None => 0,
+    };
+    let mut page: Vec<Value> = items.into_iter().skip(start).take(limit + 1).collect();
+    let has_more = page.len() > limit;
+    page.truncate(limit);
+    Ok(json(&ListPage::new(page, has_more, item_id)))
+}
+
+fn item_id(item: &Value) -> &str {
+    item.get("id").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Background mode is not served, so no response is ever running to cancel.
+async fn cancel_response() -> Refusal {
+    Refusal(GatewayError::background_unsupported("background"))
+}
+
+async fn stored_response(api: &Api, owner: &str, id: &str) -> Result<StoredResponse, Refusal> {
+    let stored = api.meta.response(owner, id, clock::unix_seconds()).await.map_err(|e| response_store_down(&e))?;
+    Ok(stored.ok_or_else(|| GatewayError::response_not_found(id))?)
+}
+
+fn response_store_down(e: &StoreError) -> Refusal {
+    tracing::warn!(error = %e, "response store unavailable");
+    Refusal(GatewayError::response_store_unavailable())
+}
+
 // Queries.
+
+/// A list's `order`: `desc` unless `asc` is asked for.
+fn order(query: &[(String, String)]) -> Result<Order, GatewayError> {
+    match param(query, "order") {
+        None | Some("desc") => Ok(Order::Desc),
+        Some("asc") => Ok(Order::Asc),
+        Some(other) => Err(GatewayError::invalid_value(
+            "order",
+            format!("Invalid value for 'order': '{other}'. Supported values are: 'asc', 'desc'."),
+        )),
+    }
+}
 
 fn query_pairs(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,

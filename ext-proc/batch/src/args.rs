@@ -47,6 +47,11 @@ pub struct BatchArgs {
     #[arg(long, env = "MODELGATE_BATCH_LEASE_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub batch_lease_secs: u64,
+    /// Days the Responses API's stored responses are kept (OpenAI keeps them
+    /// 30): until then `GET /v1/responses/{id}` and `previous_response_id` find them.
+    #[arg(long, env = "MODELGATE_RESPONSES_RETENTION_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3650))]
+    pub responses_retention_days: u64,
 }
 
 impl BatchArgs {
@@ -61,5 +66,9 @@ impl BatchArgs {
 
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.batch_lease_secs)
+    }
+
+    pub fn responses_retention(&self) -> Duration {
+        Duration::from_secs(self.responses_retention_days.saturating_mul(86_400))
     }
 }

@@ -1,11 +1,11 @@
-//! modelgate's Files and Batch APIs, beside ext_proc.
+//! modelgate's Files and Batch APIs, and the Responses API's stored responses, beside ext_proc.
 //!
-//! - [`api`]: `/v1/files` and `/v1/batches`, served on ext-proc's admin port
+//! - [`api`]: `/v1/files`, `/v1/batches` and `/v1/responses/{id}`, served on ext-proc's admin port
 //!   and reached through Envoy's listener (the filter checks the client's key
 //!   and names its owner).
 //! - [`store`]: batch and file metadata, in SQLite on one machine or in Redis
 //!   shared by several replicas; [`blobs`]: file contents, on local disk or in
-//!   object storage.
+//!   object storage; [`responses`]: the stored responses, in the same metadata store.
 //! - [`runner`]: runs each batch, holding a lease so one replica runs it at a
 //!   time, and sends every line through Envoy's listener as the batch's owner.
 
@@ -13,12 +13,14 @@ pub mod api;
 pub mod args;
 pub mod blobs;
 pub mod ids;
+pub mod responses;
 pub mod runner;
 pub mod store;
 
 use args::BatchArgs;
 use blobs::Blobs;
 use modelgate_runtime::internal_token::InternalToken;
+use responses::Responses;
 use runner::gateway::Gateway;
 use runner::{Runner, Settings};
 use std::path::Path;
@@ -66,7 +68,12 @@ impl Batches {
         })
     }
 
-    /// `/v1/files` and `/v1/batches`, for the admin port.
+    /// The stored responses, for ext_proc: kept in the same store the API serves them from.
+    pub fn responses(&self) -> Responses {
+        Responses::new(self.meta.clone(), self.args.responses_retention())
+    }
+
+    /// `/v1/files`, `/v1/batches` and `/v1/responses/{id}`, for the admin port.
     pub fn api(&self) -> axum::Router {
         api::router(Arc::new(api::Api {
             meta: self.meta.clone(),

@@ -149,6 +149,7 @@ impl Runner {
             if tokio::time::Instant::now() >= next_sweep {
                 next_sweep += SWEEP_INTERVAL;
                 self.delete_expired_files().await;
+                self.delete_expired_responses().await;
             }
         }
         let _ = stopping.send(true);
@@ -172,6 +173,13 @@ impl Runner {
                 Ok(_) => {}
                 Err(e) => return tracing::warn!(error = %e, "the batch store cannot delete expired files"),
             }
+        }
+    }
+
+    /// Deletes stored responses past their retention (already hidden from everyone).
+    async fn delete_expired_responses(&self) {
+        if let Err(e) = self.meta.delete_expired_responses(clock::unix_seconds()).await {
+            tracing::warn!(error = %e, "the batch store cannot delete expired responses");
         }
     }
 

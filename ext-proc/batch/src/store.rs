@@ -11,11 +11,16 @@
 //!
 //! Records belong to an owner: the client key's name (empty on a gateway
 //! without keys). Another owner's record is not found.
+//!
+//! The same store keeps the Responses API's stored responses
+//! ([`StoredResponse`]), each until its expiry: hidden from then on, and
+//! deleted by Redis itself or by the runner's sweep ([`Meta::delete_expired_responses`]).
 
 pub mod redis;
 pub mod sqlite;
 
 use modelgate_proto::batch::{Batch, BatchStatus, FileObject};
+use modelgate_proto::stored_response::StoredResponse;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
@@ -248,5 +253,29 @@ impl Meta {
     /// and its segments are forgotten.
     pub async fn save(&self, lease: &Lease, progress: Progress<'_>) -> Result<bool> {
         each!(self, s => s.save(lease, progress).await)
+    }
+
+    /// Keeps the owner's response until `expires_at` (unix seconds). A write
+    /// repeated after a lost answer lands once; another owner's id is left alone.
+    pub async fn put_response(&self, owner: &str, stored: &StoredResponse, expires_at: u64) -> Result<()> {
+        each!(self, s => s.put_response(owner, stored, expires_at).await)
+    }
+
+    /// The owner's response; an expired one is not found.
+    pub async fn response(&self, owner: &str, id: &str, now: u64) -> Result<Option<StoredResponse>> {
+        each!(self, s => s.response(owner, id, now).await)
+    }
+
+    /// Deletes the owner's response; false when there is none (or it expired).
+    pub async fn delete_response(&self, owner: &str, id: &str, now: u64) -> Result<bool> {
+        each!(self, s => s.delete_response(owner, id, now).await)
+    }
+
+    /// Deletes responses past their expiry, how many. Redis expires its own keys: none there.
+    pub async fn delete_expired_responses(&self, now: u64) -> Result<usize> {
+        match self {
+            Meta::Sqlite(s) => s.delete_expired_responses(now).await,
+            Meta::Redis(_) => Ok(0),
+        }
     }
 }

@@ -625,3 +625,60 @@ fn any_form_or_query_is_answered_in_an_envelope_and_keeps_only_what_it_accepts()
         });
     });
 }
+
+/// A response ext_proc kept for `owner`, with `inputs` input items.
+async fn keep_response(gateway: &Gateway, owner: &str, id: &str, inputs: usize) {
+    let input = (0..inputs).map(|n| json!({"type": "message", "id": format!("msg_{n}"), "role": "user"})).collect();
+    let stored = modelgate_proto::stored_response::StoredResponse {
+        response: json!({"id": id, "object": "response", "status": "completed", "output": []}),
+        input,
+    };
+    gateway.api.meta.put_response(owner, &stored, 4_000_000_000).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stored_response_is_read_listed_and_deleted_by_its_owner_only() {
+    let gateway = gateway(1 << 20);
+    keep_response(&gateway, "alice", "resp_1", 3).await;
+
+    let got = gateway.call(Method::GET, "/v1/responses/resp_1", "alice").await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["id"], "resp_1");
+    let theirs = gateway.call(Method::GET, "/v1/responses/resp_1", "bob").await;
+    assert_eq!(theirs.error(), (404, json!("id"), json!("response_not_found")));
+    assert_eq!(theirs.json()["error"]["message"], "No response found with id 'resp_1'.");
+
+    let items = gateway.call(Method::GET, "/v1/responses/resp_1/input_items", "alice").await.json();
+    let ids = |page: &Value| page["data"].as_array().unwrap().iter().map(|i| i["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&items), [json!("msg_2"), json!("msg_1"), json!("msg_0")], "newest first by default");
+    assert_eq!((items["object"].clone(), items["has_more"].clone()), (json!("list"), json!(false)));
+    assert_eq!((items["first_id"].clone(), items["last_id"].clone()), (json!("msg_2"), json!("msg_0")));
+    let page =
+        gateway.call(Method::GET, "/v1/responses/resp_1/input_items?order=asc&limit=1&after=msg_0", "alice").await;
+    assert_eq!((ids(&page.json()), page.json()["has_more"].clone()), (vec![json!("msg_1")], json!(true)));
+    let bad = gateway.call(Method::GET, "/v1/responses/resp_1/input_items?limit=101", "alice").await;
+    assert_eq!(bad.error(), (400, json!("limit"), json!("invalid_value")));
+    let unknown_after = gateway.call(Method::GET, "/v1/responses/resp_1/input_items?after=msg_9", "alice").await;
+    assert_eq!(unknown_after.error().1, json!("after"));
+    let theirs = gateway.call(Method::GET, "/v1/responses/resp_1/input_items", "bob").await;
+    assert_eq!(theirs.error().0, 404);
+
+    assert_eq!(gateway.call(Method::DELETE, "/v1/responses/resp_1", "bob").await.error().0, 404);
+    let deleted = gateway.call(Method::DELETE, "/v1/responses/resp_1", "alice").await;
+    assert_eq!(deleted.json(), json!({"id": "resp_1", "object": "response", "deleted": true}));
+    assert_eq!(gateway.call(Method::GET, "/v1/responses/resp_1", "alice").await.error().0, 404);
+}
+
+#[tokio::test]
+async fn background_mode_methods_and_paths_the_responses_routes_refuse() {
+    let gateway = gateway(1 << 20);
+    keep_response(&gateway, "alice", "resp_1", 1).await;
+    let cancel = gateway.call(Method::POST, "/v1/responses/resp_1/cancel", "alice").await;
+    assert_eq!(cancel.error(), (400, json!("background"), json!("background_unsupported")));
+    assert_eq!(cancel.header("x-should-retry"), "false");
+    let wrong = gateway.call(Method::POST, "/v1/responses/resp_1", "alice").await;
+    assert_eq!(wrong.error().0, 405);
+    assert_eq!(wrong.header("allow"), "GET, DELETE");
+    assert_eq!(gateway.call(Method::GET, "/v1/responses/resp_1/cancel", "alice").await.error().0, 405);
+    assert_eq!(gateway.call(Method::GET, "/v1/responses/resp_1/other", "alice").await.error().0, 404);
+}

@@ -6,6 +6,8 @@ mod common;
 use common::Backend;
 use modelgate_batch::store::{BatchRecord, Deletion, FileQuery, FileRecord, Lease, Meta, Order, Progress};
 use modelgate_proto::batch::{Batch, BatchStatus, FileObject};
+use modelgate_proto::clock;
+use modelgate_proto::stored_response::StoredResponse;
 use serde_json::json;
 use std::time::Duration;
 
@@ -459,6 +461,55 @@ async fn lists_walk_every_record_once(backend: Backend) {
     }
 }
 
+fn stored_response(id: &str) -> StoredResponse {
+    StoredResponse {
+        response: json!({"id": id, "object": "response", "output": [{"type": "message", "id": "msg_out"}]}),
+        input: vec![json!({"type": "message", "id": "msg_in", "role": "user", "content": "hi"})],
+    }
+}
+
+/// Far beyond any test's clock.
+const LATER: u64 = 4_000_000_000;
+
+async fn stored_responses_are_their_owners(backend: Backend) {
+    let meta = backend.open();
+    let now = clock::unix_seconds();
+    let stored = stored_response("resp_1");
+    meta.put_response(ALICE, &stored, LATER).await.unwrap();
+    assert_eq!(meta.response(ALICE, "resp_1", now).await.unwrap(), Some(stored.clone()));
+    assert_eq!(meta.response(BOB, "resp_1", now).await.unwrap(), None, "another owner's id is not found");
+    let mut other = stored_response("resp_1");
+    other.input.clear();
+    meta.put_response(BOB, &other, LATER).await.unwrap();
+    assert_eq!(meta.response(ALICE, "resp_1", now).await.unwrap(), Some(stored.clone()), "nor overwritten");
+    assert!(!meta.delete_response(BOB, "resp_1", now).await.unwrap(), "nor deleted");
+    meta.put_response(ALICE, &stored, LATER).await.unwrap();
+    assert_eq!(meta.response(ALICE, "resp_1", now).await.unwrap(), Some(stored), "a repeated write lands once");
+    assert!(meta.delete_response(ALICE, "resp_1", now).await.unwrap());
+    assert_eq!(meta.response(ALICE, "resp_1", now).await.unwrap(), None);
+    assert!(!meta.delete_response(ALICE, "resp_1", now).await.unwrap());
+}
+
+async fn an_expired_response_is_gone(backend: Backend) {
+    let meta = backend.open();
+    let now = clock::unix_seconds();
+    meta.put_response(ALICE, &stored_response("resp_old"), now - 1).await.unwrap();
+    meta.put_response(ALICE, &stored_response("resp_new"), LATER).await.unwrap();
+    assert_eq!(meta.response(ALICE, "resp_old", now).await.unwrap(), None);
+    assert!(!meta.delete_response(ALICE, "resp_old", now).await.unwrap());
+    meta.delete_expired_responses(now).await.unwrap();
+    assert_eq!(meta.response(ALICE, "resp_old", 0).await.unwrap(), None, "swept, whatever the clock");
+    assert!(meta.response(ALICE, "resp_new", now).await.unwrap().is_some(), "the others stay");
+}
+
+async fn a_stored_response_survives_reopening(backend: Backend) {
+    backend.open().put_response(ALICE, &stored_response("resp_1"), LATER).await.unwrap();
+    let meta = backend.open();
+    let now = clock::unix_seconds();
+    assert_eq!(meta.response(ALICE, "resp_1", now).await.unwrap(), Some(stored_response("resp_1")));
+    assert_eq!(meta.response(BOB, "resp_1", now).await.unwrap(), None);
+}
+
 /// Each test of the suite, once per store; a store whose server is missing skips.
 macro_rules! suite {
     ($store:ident: $($test:ident),* $(,)?) => {
@@ -496,6 +547,9 @@ both!(
     segments_come_back_in_commit_order,
     everything_survives_reopening,
     lists_walk_every_record_once,
+    stored_responses_are_their_owners,
+    an_expired_response_is_gone,
+    a_stored_response_survives_reopening,
 );
 
 #[tokio::test]
@@ -530,10 +584,26 @@ fn a_database_from_a_newer_modelgate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("batches.sqlite");
     drop(modelgate_batch::store::sqlite::SqliteMeta::open(&path).expect("a new database"));
-    rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", 2).unwrap();
+    rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", 3).unwrap();
     let refused = modelgate_batch::store::sqlite::SqliteMeta::open(&path).err().expect("refused");
-    assert!(refused.contains("schema version 2 is newer"), "{refused}");
+    assert!(refused.contains("schema version 3 is newer"), "{refused}");
 
     std::fs::write(dir.path().join("garbage.sqlite"), b"not a database, not at all").unwrap();
     assert!(modelgate_batch::store::sqlite::SqliteMeta::open(&dir.path().join("garbage.sqlite")).is_err());
+}
+
+/// A database from before stored responses keeps its records and gains them.
+#[tokio::test]
+async fn a_database_from_before_stored_responses_is_brought_up_to_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batches.sqlite");
+    let input = file(ALICE, 1, "batch");
+    modelgate_batch::store::sqlite::SqliteMeta::open(&path).unwrap().insert_file(&input).await.unwrap();
+    let old = rusqlite::Connection::open(&path).unwrap();
+    old.execute_batch("DROP TABLE responses; PRAGMA user_version = 1;").unwrap();
+    drop(old);
+    let meta = modelgate_batch::store::sqlite::SqliteMeta::open(&path).expect("migrated");
+    assert_eq!(meta.file(ALICE, &input.file.id, 0).await.unwrap(), Some(input));
+    meta.put_response(ALICE, &stored_response("resp_1"), LATER).await.unwrap();
+    assert!(meta.response(ALICE, "resp_1", 0).await.unwrap().is_some());
 }

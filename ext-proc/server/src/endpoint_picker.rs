@@ -16,6 +16,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::value::Kind;
 use modelgate_pools::pool::{PickRequest, Picked, Pool};
 use modelgate_pools::request::pick_fields;
+use modelgate_proto::client_api::ClientApi;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -161,7 +162,11 @@ impl EndpointPicker {
             }
             Err(refusal) => {
                 self.phase = Phase::Done;
-                envoy_messages::reject_with(&refusal.to_error(self.pool.name(), model), refusal.retry_after_secs())
+                envoy_messages::reject_with(
+                    &refusal.to_error(self.pool.name(), model),
+                    ClientApi::Openai,
+                    refusal.retry_after_secs(),
+                )
             }
         }
     }

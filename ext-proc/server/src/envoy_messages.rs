@@ -13,8 +13,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use modelgate_dialects::dialect::HeaderChanges;
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::{retry_header, GatewayError};
-use modelgate_proto::headers::DESTINATION_ENDPOINT;
+use modelgate_proto::headers::{DESTINATION_ENDPOINT, OWNER};
 
 /// The dynamic metadata namespace Envoy's load balancers read the chosen
 /// endpoint from, and the one a data plane reports the served endpoint in.
@@ -50,9 +51,13 @@ fn mutation(headers: HeaderChanges) -> Option<HeaderMutation> {
 }
 
 /// Continues the request headers; `watch_response` asks Envoy to send this
-/// request's response headers too (the static configuration skips them).
-pub fn continue_request_headers(watch_response: bool) -> ProcessingResponse {
-    let mut answer = respond(Response::RequestHeaders(HeadersResponse::default()));
+/// request's response headers too (the static configuration skips them), and
+/// `remove_owner` takes the owner the filter named off the backend's request.
+pub fn continue_request_headers(watch_response: bool, remove_owner: bool) -> ProcessingResponse {
+    let owner = remove_owner.then(|| HeaderMutation { remove_headers: vec![OWNER.to_string()], ..Default::default() });
+    let mut answer = respond(Response::RequestHeaders(HeadersResponse {
+        response: owner.map(|owner| CommonResponse { header_mutation: Some(owner), ..Default::default() }),
+    }));
     if watch_response {
         answer.mode_override = Some(mode(HeaderSendMode::Send, BodySendMode::None));
     }
@@ -116,17 +121,31 @@ pub fn replace_response_piece(piece: Vec<u8>) -> ProcessingResponse {
     respond(Response::ResponseBody(body_response(piece, HeaderChanges::default())))
 }
 
-/// Ends the request with an OpenAI error envelope.
-pub fn reject(err: &GatewayError) -> ProcessingResponse {
-    reject_with(err, None)
+/// Answers the request itself, without calling the backend: a 200 with this JSON body.
+pub fn answer_json(body: Vec<u8>) -> ProcessingResponse {
+    respond(Response::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus { code: 200 }),
+        headers: Some(HeaderMutation {
+            set_headers: vec![set_header("content-type", b"application/json")],
+            ..Default::default()
+        }),
+        body,
+        details: "modelgate_ext_proc_answered".to_string(),
+        ..Default::default()
+    }))
 }
 
-/// Ends the request with an OpenAI error envelope and, when given, a
-/// `retry-after` of that many seconds (a request shed by the endpoint picker).
-pub fn reject_with(err: &GatewayError, retry_after_secs: Option<u64>) -> ProcessingResponse {
+/// Ends the request with an error in `api`'s envelope and status.
+pub fn reject(err: &GatewayError, api: ClientApi) -> ProcessingResponse {
+    reject_with(err, api, None)
+}
+
+/// Ends the request with an error in `api`'s envelope and status and, when
+/// given, a `retry-after` of that many seconds (a request shed by the endpoint picker).
+pub fn reject_with(err: &GatewayError, api: ClientApi, retry_after_secs: Option<u64>) -> ProcessingResponse {
     let retry_after = retry_after_secs.map(|secs| secs.to_string());
     respond(Response::ImmediateResponse(ImmediateResponse {
-        status: Some(HttpStatus { code: i32::from(err.status) }),
+        status: Some(HttpStatus { code: i32::from(err.status_in(api)) }),
         headers: Some(HeaderMutation {
             set_headers: std::iter::once(("content-type", "application/json"))
                 .chain(retry_header(err.should_retry()))
@@ -135,7 +154,7 @@ pub fn reject_with(err: &GatewayError, retry_after_secs: Option<u64>) -> Process
                 .collect(),
             ..Default::default()
         }),
-        body: err.to_json(),
+        body: err.body_in(api),
         details: "modelgate_ext_proc_rejected".to_string(),
         ..Default::default()
     }))

@@ -1,12 +1,14 @@
 //! One ext_proc exchange: what to answer to each message Envoy sends about a
 //! single HTTP request. It knows Envoy's protocol and no dialect: the
-//! request's [`BackendCall`] decides every rewrite. Pure but for reading a
-//! key file; tested without Envoy.
+//! request's [`BackendCall`] decides every rewrite. It waits on nothing but
+//! the stored responses of the Responses API, and only for the requests that
+//! continue or keep one; tested without Envoy.
 
 use crate::envoy_messages;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
+use modelgate_batch::responses::Responses;
 use modelgate_dialects::call::{log_misconfiguration, plan_answer, BackendCall, UpstreamParts};
 use modelgate_dialects::credentials::KeySources;
 use modelgate_dialects::dialect::ResponseTranslator;
@@ -14,8 +16,10 @@ use modelgate_pools::pool::{PickRequest, Picked, Pool};
 use modelgate_pools::request::pick_fields;
 use modelgate_pools::Pools;
 use modelgate_proto::backend::BackendProfile;
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
+use modelgate_proto::stored_response::StoredResponse;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,10 +28,14 @@ pub struct Exchange {
     keys: Arc<KeySources>,
     /// The self-hosted pools whose replicas this process picks.
     pools: Arc<Pools>,
+    /// The Responses API's stored responses: loaded for `previous_response_id`, kept when an answer completes.
+    responses: Arc<Responses>,
     /// Set from the request headers when the request's backend has a profile.
     active: Option<Active>,
     /// The longest event of a translated stream.
     max_event_bytes: usize,
+    /// The API of the request's path: the errors ext_proc answers itself take its envelope.
+    api: ClientApi,
 }
 
 struct Active {
@@ -35,9 +43,12 @@ struct Active {
     /// For a backend that is a self-hosted pool: where its replica is picked.
     pool: Option<PoolRoute>,
     /// The answer's translation, once the request is known, for backends whose answers need one.
-    responses: Option<Box<dyn ResponseTranslator>>,
+    translation: Option<Box<dyn ResponseTranslator>>,
     /// The response's status and whether its body streams, once its headers are seen.
     response: Option<(u16, bool)>,
+    /// Whose stored responses the request continues and keeps: the client
+    /// key's name the filter sent (empty on a gateway without keys).
+    owner: String,
 }
 
 /// A request to a self-hosted pool.
@@ -57,56 +68,99 @@ struct PoolRoute {
 }
 
 impl Exchange {
-    pub fn new(keys: Arc<KeySources>, pools: Arc<Pools>, max_event_bytes: usize) -> Self {
-        Exchange { keys, pools, active: None, max_event_bytes }
+    pub fn new(keys: Arc<KeySources>, pools: Arc<Pools>, responses: Arc<Responses>, max_event_bytes: usize) -> Self {
+        Exchange { keys, pools, responses, active: None, max_event_bytes, api: ClientApi::default() }
     }
 
     /// The answer to one message; `None` for a message with nothing in it.
-    pub fn on_message(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
+    /// Ready at once but for the stored responses' reads and writes.
+    pub async fn on_message(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
         let request = message.request?;
+        let api = self.api;
         let answer = match (&request, &mut self.active) {
-            (Request::RequestHeaders(h), _) => match start(h, &self.keys, &self.pools) {
-                Ok(Some(active)) => {
-                    let watch = active.call.translates_responses();
-                    self.active = Some(active);
-                    envoy_messages::continue_request_headers(watch)
+            (Request::RequestHeaders(h), _) => {
+                self.api = ClientApi::of_path(envoy_messages::header(h, ":path").unwrap_or_default());
+                let owner = envoy_messages::header(h, headers::OWNER).is_some();
+                match start(h, &self.keys, &self.pools) {
+                    Ok(Some(active)) => {
+                        let watch = active.call.translates_responses();
+                        self.active = Some(active);
+                        envoy_messages::continue_request_headers(watch, owner)
+                    }
+                    Ok(None) => envoy_messages::pass(&request),
+                    Err(e) => envoy_messages::reject(&e, self.api),
                 }
-                Ok(None) => envoy_messages::pass(&request),
-                Err(e) => envoy_messages::reject(&e),
-            },
-            (Request::RequestBody(body), Some(active)) => match active.call.request(&body.body) {
+            }
+            (Request::RequestBody(body), Some(active)) => match upstream(active, &body.body, &self.responses).await {
+                Ok(UpstreamParts { answer: Some(answer), .. }) => envoy_messages::answer_json(answer),
                 Ok(upstream) => {
-                    active.responses = active.call.response_translator(self.max_event_bytes);
+                    active.translation = active.call.response_translator(self.max_event_bytes);
                     match &mut active.pool {
-                        Some(route) => route.pick(&body.body, upstream),
+                        Some(route) => route.pick(&body.body, upstream, api),
                         None => forward(upstream),
                     }
                 }
-                Err(e) => envoy_messages::reject(&e),
+                Err(e) => envoy_messages::reject(&e, api),
             },
-            (Request::ResponseHeaders(h), Some(Active { responses: Some(responses), response, .. })) => {
+            (Request::ResponseHeaders(h), Some(Active { translation: Some(translation), response, .. })) => {
                 let status = envoy_messages::header(h, ":status")
                     .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
                     .unwrap_or(200);
                 let content_type = envoy_messages::header(h, "content-type").unwrap_or_default();
-                let plan = plan_answer(responses.as_mut(), status, content_type);
+                let plan = plan_answer(translation.as_mut(), status, content_type);
                 *response = Some((status, plan.streamed));
                 envoy_messages::rewrite_response_headers(plan.headers, plan.streamed)
             }
-            (Request::ResponseBody(body), Some(Active { responses: Some(responses), response, .. })) => {
-                match response {
-                    Some((_, true)) => {
-                        envoy_messages::replace_response_piece(responses.stream(&body.body, body.end_of_stream))
-                    }
-                    Some((status, false)) => {
-                        envoy_messages::replace_response_body(responses.whole(*status, &body.body))
-                    }
-                    None => envoy_messages::pass(&request),
+            (
+                Request::ResponseBody(body),
+                Some(Active { translation: Some(translation), response: Some((status, streamed)), owner, .. }),
+            ) => {
+                let (answer, last) = if *streamed {
+                    let piece = translation.stream(&body.body, body.end_of_stream);
+                    (envoy_messages::replace_response_piece(piece), body.end_of_stream)
+                } else {
+                    (envoy_messages::replace_response_body(translation.whole(*status, &body.body)), true)
+                };
+                // Kept before the client has the end of the answer, so a request
+                // continuing it, sent as soon as the client has it, finds it.
+                if let Some(stored) = last.then(|| translation.finished()).flatten() {
+                    keep(&self.responses, owner, stored).await;
                 }
+                answer
             }
             _ => envoy_messages::pass(&request),
         };
         Some(answer)
+    }
+}
+
+/// The backend's request for the client's `body`, continuing the stored
+/// conversation it names, if any.
+async fn upstream(active: &mut Active, body: &[u8], responses: &Responses) -> Result<UpstreamParts, GatewayError> {
+    let history = match active.call.previous_response(body)? {
+        Some(id) => Some(conversation(responses, &active.owner, &id).await?),
+        None => None,
+    };
+    active.call.request_continuing(body, history)
+}
+
+/// The items of the owner's stored response `id`, which a request continues.
+async fn conversation(responses: &Responses, owner: &str, id: &str) -> Result<Vec<serde_json::Value>, GatewayError> {
+    match responses.load(owner, id).await {
+        Ok(Some(stored)) => Ok(stored.conversation()),
+        Ok(None) => Err(GatewayError::previous_response_not_found(id)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the response store cannot load a previous response");
+            Err(GatewayError::response_store_unavailable())
+        }
+    }
+}
+
+/// Keeps a completed response. The client's answer goes on whether or not it could be kept.
+async fn keep(responses: &Responses, owner: &str, stored: StoredResponse) {
+    let id = stored.id().to_string();
+    if let Err(e) = responses.keep(owner, stored).await {
+        tracing::warn!(response = id.as_str(), error = %e, "a completed response could not be stored");
     }
 }
 
@@ -120,11 +174,11 @@ fn forward(upstream: UpstreamParts) -> ProcessingResponse {
 
 impl PoolRoute {
     /// Picks the replicas for the client's `body` and sends the request on
-    /// to them, or refuses it as the picker does.
-    fn pick(&mut self, body: &[u8], mut upstream: UpstreamParts) -> ProcessingResponse {
+    /// to them, or refuses it as the picker does, in the client's `api`.
+    fn pick(&mut self, body: &[u8], mut upstream: UpstreamParts, api: ClientApi) -> ProcessingResponse {
         let fields = match pick_fields(body) {
             Ok(fields) => fields,
-            Err(e) => return envoy_messages::reject(&e),
+            Err(e) => return envoy_messages::reject(&e, api),
         };
         let model = self.rename.as_deref().unwrap_or(&fields.model);
         let request = PickRequest { model, prompt: fields.prompt, session: self.session.as_deref(), subset: None };
@@ -136,7 +190,7 @@ impl PoolRoute {
                 envoy_messages::with_destination(forward(upstream), &destination)
             }
             Err(refusal) => {
-                envoy_messages::reject_with(&refusal.to_error(self.pool.name(), model), refusal.retry_after_secs())
+                envoy_messages::reject_with(&refusal.to_error(self.pool.name(), model), api, refusal.retry_after_secs())
             }
         }
     }
@@ -167,7 +221,9 @@ fn start(request: &HttpHeaders, keys: &KeySources, pools: &Pools) -> Result<Opti
     };
     let path = envoy_messages::header(request, ":path").unwrap_or_default();
     let call = BackendCall::for_request(profile, path, |name| envoy_messages::header(request, name), keys)?;
-    Ok(Some(Active { call, pool, responses: None, response: None }))
+    let owner =
+        envoy_messages::header(request, headers::OWNER).map(|owner| String::from_utf8_lossy(owner).into_owned());
+    Ok(Some(Active { call, pool, translation: None, response: None, owner: owner.unwrap_or_default() }))
 }
 
 #[cfg(test)]
@@ -178,9 +234,32 @@ mod tests {
         body_mutation::Mutation, processing_response::Response, CommonResponse, HttpBody,
     };
     use envoy_types::pb::google::protobuf::value::Kind;
+    use futures_util::FutureExt;
+    use modelgate_batch::store::Meta;
     use modelgate_pools::metrics::ReplicaMetrics;
     use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
     use serde_json::{json, Value};
+    use std::time::Duration;
+
+    impl Exchange {
+        /// The answer to a message that waits on no store.
+        fn on_message_now(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
+            self.on_message(message).now_or_never().expect("an answer at once")
+        }
+    }
+
+    /// Stored responses in SQLite, in a temporary directory kept until the process ends.
+    fn responses() -> Arc<Responses> {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let meta = Meta::open(None, &dir, Duration::from_secs(2)).unwrap();
+        Arc::new(Responses::new(Arc::new(meta), Duration::from_secs(86_400)))
+    }
+
+    /// An exchange whose stored responses are a store shared by the tests that never read it.
+    fn new_exchange(keys: Arc<KeySources>, pools: Arc<Pools>, max_event_bytes: usize) -> Exchange {
+        static SHARED: std::sync::LazyLock<Arc<Responses>> = std::sync::LazyLock::new(responses);
+        Exchange::new(keys, pools, Arc::clone(&SHARED), max_event_bytes)
+    }
 
     fn headers_of(pairs: &[(&str, &str)]) -> HttpHeaders {
         let headers = pairs
@@ -231,43 +310,43 @@ mod tests {
 
     #[test]
     fn renames_the_model_and_fixes_content_length() {
-        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
-        let first = ex.on_message(request_headers(&[
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let first = ex.on_message_now(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"model":"llama-3"}"#),
         ]));
         let first = first.unwrap();
         assert!(first.mode_override.is_none(), "an OpenAI backend's answers are not watched");
-        let answer = common(ex.on_message(body(br#"{"model":"gpt-4o-mini","n":1}"#, true, false)).unwrap());
+        let answer = common(ex.on_message_now(body(br#"{"model":"gpt-4o-mini","n":1}"#, true, false)).unwrap());
         assert_eq!(new_body(&answer), br#"{"model":"llama-3","n":1}"#);
         assert_eq!(set_headers(&answer), vec![("content-length".to_string(), "25".to_string())]);
     }
 
     #[test]
     fn a_backend_that_only_needs_its_key_gets_the_body_as_it_is() {
-        let mut ex = Exchange::new(
+        let mut ex = new_exchange(
             Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()),
             Arc::default(),
             DEFAULT_MAX_EVENT_BYTES,
         );
         let key = std::env::var("HOME").unwrap();
-        ex.on_message(request_headers(&[
+        ex.on_message_now(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"api_key":{"env":"HOME"}}"#),
         ]));
-        let answer = common(ex.on_message(body(br#"{"model":"m"}"#, true, false)).unwrap());
+        let answer = common(ex.on_message_now(body(br#"{"model":"m"}"#, true, false)).unwrap());
         assert!(answer.body_mutation.is_none());
         assert_eq!(set_headers(&answer), vec![("authorization".to_string(), format!("Bearer {}", key.trim()))]);
     }
 
     #[test]
     fn a_key_source_the_process_was_not_given_is_refused_before_anything_is_sent() {
-        let mut ex = Exchange::new(
+        let mut ex = new_exchange(
             Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()),
             Arc::default(),
             DEFAULT_MAX_EVENT_BYTES,
         );
-        let answer = ex.on_message(request_headers(&[
+        let answer = ex.on_message_now(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"api_key":{"env":"PATH"}}"#),
         ]));
@@ -283,18 +362,18 @@ mod tests {
 
     #[test]
     fn without_a_profile_everything_passes_untouched() {
-        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
-        ex.on_message(request_headers(&[(":path", "/v1/embeddings")]));
-        let answer = ex.on_message(body(br#"{"model":"x"}"#, true, false)).unwrap();
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        ex.on_message_now(request_headers(&[(":path", "/v1/embeddings")]));
+        let answer = ex.on_message_now(body(br#"{"model":"x"}"#, true, false)).unwrap();
         let Some(Response::RequestBody(body)) = answer.response else { panic!("expected a body answer") };
         assert!(body.response.is_none());
     }
 
     #[test]
     fn a_body_that_is_not_json_gets_an_openai_400() {
-        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
-        ex.on_message(request_headers(&[(":path", "/v1/completions"), (headers::BACKEND, r#"{"model":"m"}"#)]));
-        let answer = ex.on_message(body(b"nope", true, false)).unwrap();
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        ex.on_message_now(request_headers(&[(":path", "/v1/completions"), (headers::BACKEND, r#"{"model":"m"}"#)]));
+        let answer = ex.on_message_now(body(b"nope", true, false)).unwrap();
         let Some(Response::ImmediateResponse(reply)) = answer.response else { panic!("expected an immediate reply") };
         assert_eq!(reply.status.unwrap().code, 400);
         let v: Value = serde_json::from_slice(&reply.body).unwrap();
@@ -303,10 +382,10 @@ mod tests {
 
     #[test]
     fn an_anthropic_exchange_from_request_to_streamed_answer() {
-        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let profile = r#"{"dialect":"anthropic","model":"claude-x","api_key":"passthrough"}"#;
         let first = ex
-            .on_message(request_headers(&[
+            .on_message_now(request_headers(&[
                 (":path", "/v1/chat/completions"),
                 (headers::BACKEND, profile),
                 ("authorization", "Bearer sk-client"),
@@ -314,7 +393,7 @@ mod tests {
             .unwrap();
         assert!(first.mode_override.is_some(), "the response headers are asked for");
         let request = common(
-            ex.on_message(body(
+            ex.on_message_now(body(
                 br#"{"model":"c","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
                 true,
                 false,
@@ -331,7 +410,7 @@ mod tests {
         assert_eq!(request.header_mutation.unwrap().remove_headers, vec!["authorization", "accept-encoding"]);
 
         let headers_answer =
-            ex.on_message(response_headers(&[(":status", "200"), ("content-type", "text/event-stream")])).unwrap();
+            ex.on_message_now(response_headers(&[(":status", "200"), ("content-type", "text/event-stream")])).unwrap();
         assert_eq!(headers_answer.mode_override.unwrap().response_body_mode, 1, "streamed");
         let start = br#"event: message_start
 data: {"type":"message_start","message":{"id":"msg_1","model":"claude-x","usage":{"input_tokens":3,"output_tokens":1}}}
@@ -340,7 +419,7 @@ event: content_block_delta
 data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}
 
 "#;
-        let out = new_body(&common(ex.on_message(body(start, false, true)).unwrap()));
+        let out = new_body(&common(ex.on_message_now(body(start, false, true)).unwrap()));
         let text = String::from_utf8(out).unwrap();
         let chunks: Vec<Value> =
             text.split("\n\n").filter(|e| !e.is_empty()).map(|e| serde_json::from_str(&e[6..]).unwrap()).collect();
@@ -350,19 +429,19 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_error_becomes_an_openai_error_with_a_retryable_status() {
-        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
-        ex.on_message(request_headers(&[
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        ex.on_message_now(request_headers(&[
             (":path", "/v1/chat/completions"),
             (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
         ]));
-        ex.on_message(body(br#"{"model":"c","messages":[]}"#, true, false));
+        ex.on_message_now(body(br#"{"model":"c","messages":[]}"#, true, false));
         let headers_answer = common(
-            ex.on_message(response_headers(&[(":status", "529"), ("content-type", "application/json")])).unwrap(),
+            ex.on_message_now(response_headers(&[(":status", "529"), ("content-type", "application/json")])).unwrap(),
         );
         assert!(set_headers(&headers_answer).contains(&(":status".to_string(), "503".to_string())));
         let error = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         let out: Value =
-            serde_json::from_slice(&new_body(&common(ex.on_message(body(error, true, true)).unwrap()))).unwrap();
+            serde_json::from_slice(&new_body(&common(ex.on_message_now(body(error, true, true)).unwrap()))).unwrap();
         assert_eq!(
             out,
             json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": "overloaded"}})
@@ -371,9 +450,9 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_anthropic_model_refuses_endpoints_anthropic_lacks() {
-        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let answer = ex
-            .on_message(request_headers(&[
+            .on_message_now(request_headers(&[
                 (":path", "/v1/embeddings"),
                 (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
             ]))
@@ -400,9 +479,10 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
     }
 
     fn pool_exchange(pools: &Arc<Pools>, profile: &str) -> Exchange {
-        let mut ex = Exchange::new(Arc::default(), Arc::clone(pools), DEFAULT_MAX_EVENT_BYTES);
-        let answer =
-            ex.on_message(request_headers(&[(":path", "/v1/chat/completions"), (headers::BACKEND, profile)])).unwrap();
+        let mut ex = new_exchange(Arc::default(), Arc::clone(pools), DEFAULT_MAX_EVENT_BYTES);
+        let answer = ex
+            .on_message_now(request_headers(&[(":path", "/v1/chat/completions"), (headers::BACKEND, profile)]))
+            .unwrap();
         assert!(matches!(answer.response, Some(Response::RequestHeaders(_))), "{answer:?}");
         ex
     }
@@ -432,7 +512,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
     fn a_pool_request_names_its_replicas_in_the_header_and_the_lb_metadata() {
         let pools = pools([0, 0], json!({}));
         let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
-        let answer = ex.on_message(chat()).unwrap();
+        let answer = ex.on_message_now(chat()).unwrap();
         let metadata = answer.dynamic_metadata.clone().expect("envoy.lb metadata");
         let common = common(answer);
         assert!(common.body_mutation.is_none(), "the body goes on as it is");
@@ -453,7 +533,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
         let pools = pools([0, 0], json!({}));
         let in_flight = || pools.get("p").unwrap().replicas().iter().map(|r| r.in_flight()).sum::<u64>();
         let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
-        ex.on_message(chat());
+        ex.on_message_now(chat());
         assert_eq!(in_flight(), 1);
         drop(ex);
         assert_eq!(in_flight(), 0);
@@ -463,14 +543,14 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
     fn a_rename_is_picked_for_and_sent_beside_the_destination() {
         let pools = pools([0, 0], json!({"discover_models": true}));
         let mut ex = pool_exchange(&pools, r#"{"pool":"p","model":"llama-3"}"#);
-        let answer = common(ex.on_message(body(br#"{"model":"my-llama","messages":[]}"#, true, false)).unwrap());
+        let answer = common(ex.on_message_now(body(br#"{"model":"my-llama","messages":[]}"#, true, false)).unwrap());
         assert_eq!(new_body(&answer), br#"{"model":"llama-3","messages":[]}"#);
         let mut names: Vec<String> = set_headers(&answer).into_iter().map(|(k, _)| k).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-length", headers::DESTINATION_ENDPOINT]);
         // Without the rename, no replica serves the client's name.
         let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
-        let (status, _, error) = rejection(ex.on_message(body(br#"{"model":"my-llama"}"#, true, false)).unwrap());
+        let (status, _, error) = rejection(ex.on_message_now(body(br#"{"model":"my-llama"}"#, true, false)).unwrap());
         assert_eq!((status, error["error"]["code"].as_str()), (404, Some("model_not_found")));
     }
 
@@ -478,7 +558,7 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
     fn a_saturated_pool_sheds_with_retry_after() {
         let pools = pools([3, 5], json!({"max_waiting": 3, "retry_after_secs": 2}));
         let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
-        let (status, headers, error) = rejection(ex.on_message(chat()).unwrap());
+        let (status, headers, error) = rejection(ex.on_message_now(chat()).unwrap());
         assert_eq!((status, error["error"]["code"].as_str()), (429, Some("pool_saturated")));
         assert!(headers.contains(&("retry-after".to_string(), "2".to_string())), "{headers:?}");
     }
@@ -487,16 +567,19 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
     fn a_pool_without_a_ready_replica_answers_503() {
         let pools = Arc::new(Pools::from_json(br#"{"pools":{"p":{"replicas":["10.0.0.1:8000"]}}}"#).unwrap());
         let mut ex = pool_exchange(&pools, r#"{"pool":"p"}"#);
-        let (status, headers, error) = rejection(ex.on_message(chat()).unwrap());
+        let (status, headers, error) = rejection(ex.on_message_now(chat()).unwrap());
         assert_eq!((status, error["error"]["code"].as_str()), (503, Some("no_ready_replica")));
         assert!(!headers.iter().any(|(k, _)| k == "retry-after"));
     }
 
     #[test]
     fn a_pool_missing_from_the_pools_file_is_a_misconfiguration() {
-        let mut ex = Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
         let answer = ex
-            .on_message(request_headers(&[(":path", "/v1/chat/completions"), (headers::BACKEND, r#"{"pool":"p"}"#)]))
+            .on_message_now(request_headers(&[
+                (":path", "/v1/chat/completions"),
+                (headers::BACKEND, r#"{"pool":"p"}"#),
+            ]))
             .unwrap();
         assert_eq!(rejection(answer).0, 500);
     }
@@ -509,13 +592,13 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
                                           "session_header": "x-session-id"}),
         );
         let destination = |session: &str| {
-            let mut ex = Exchange::new(Arc::default(), Arc::clone(&pools), DEFAULT_MAX_EVENT_BYTES);
-            ex.on_message(request_headers(&[
+            let mut ex = new_exchange(Arc::default(), Arc::clone(&pools), DEFAULT_MAX_EVENT_BYTES);
+            ex.on_message_now(request_headers(&[
                 (":path", "/v1/chat/completions"),
                 (headers::BACKEND, r#"{"pool":"p"}"#),
                 ("x-session-id", session),
             ]));
-            let answer = common(ex.on_message(chat()).unwrap());
+            let answer = common(ex.on_message_now(chat()).unwrap());
             let (_, value) =
                 set_headers(&answer).into_iter().find(|(k, _)| k == headers::DESTINATION_ENDPOINT).unwrap();
             value.split(',').next().unwrap().to_string()
@@ -526,8 +609,99 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 
     #[test]
     fn an_empty_message_gets_no_answer() {
-        assert!(Exchange::new(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES)
-            .on_message(ProcessingRequest::default())
+        assert!(new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES)
+            .on_message_now(ProcessingRequest::default())
             .is_none());
+    }
+
+    #[test]
+    fn a_refusal_on_anthropics_api_is_anthropics_envelope() {
+        let mut ex = new_exchange(
+            Arc::new(KeySources::new(vec!["HOME".into()], &[]).unwrap()),
+            Arc::default(),
+            DEFAULT_MAX_EVENT_BYTES,
+        );
+        let answer = ex.on_message_now(request_headers(&[
+            (":path", "/v1/messages"),
+            (headers::BACKEND, r#"{"api_key":{"env":"PATH"}}"#),
+        ]));
+        let (status, headers, error) = rejection(answer.unwrap());
+        assert_eq!(status, 500);
+        assert_eq!(
+            error,
+            json!({"type": "error", "error": {"type": "api_error", "message": error["error"]["message"]}})
+        );
+        assert!(headers.contains(&("content-type".to_string(), "application/json".to_string())), "{headers:?}");
+        assert!(headers.contains(&("x-should-retry".to_string(), "false".to_string())), "{headers:?}");
+    }
+
+    #[test]
+    fn the_owner_the_filter_named_does_not_reach_the_backend() {
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let answer = ex
+            .on_message_now(request_headers(&[
+                (":path", "/v1/chat/completions"),
+                (headers::BACKEND, "{}"),
+                (headers::OWNER, "alice"),
+            ]))
+            .unwrap();
+        let removed = common(answer).header_mutation.unwrap().remove_headers;
+        assert_eq!(removed, vec![headers::OWNER]);
+    }
+
+    /// An answer translation that completes a response asked to be stored.
+    struct Completes;
+
+    impl ResponseTranslator for Completes {
+        fn plan(&mut self, status: u16, _content_type: &[u8]) -> modelgate_dialects::dialect::ResponsePlan {
+            modelgate_dialects::dialect::ResponsePlan { status, streamed: false, content_type: None }
+        }
+
+        fn whole(&mut self, _status: u16, body: &[u8]) -> Vec<u8> {
+            body.to_vec()
+        }
+
+        fn stream(&mut self, piece: &[u8], _end: bool) -> Vec<u8> {
+            piece.to_vec()
+        }
+
+        fn ended(&self) -> bool {
+            false
+        }
+
+        fn finished(&mut self) -> Option<StoredResponse> {
+            Some(StoredResponse {
+                response: json!({"id": "resp_1", "object": "response", "output": [
+                    {"type": "message", "id": "msg_out", "role": "assistant", "content": []}]}),
+                input: vec![json!({"role": "user", "content": "hi"})],
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_completed_response_is_kept_for_its_owner_before_the_answer_goes() {
+        let responses = responses();
+        let mut ex = Exchange::new(Arc::default(), Arc::default(), Arc::clone(&responses), DEFAULT_MAX_EVENT_BYTES);
+        let call = BackendCall::start(b"{}", b"/v1/chat/completions", |_| None, &KeySources::default()).unwrap();
+        ex.active = Some(Active {
+            call,
+            pool: None,
+            translation: Some(Box::new(Completes)),
+            response: None,
+            owner: "alice".into(),
+        });
+        ex.on_message(response_headers(&[(":status", "200"), ("content-type", "application/json")])).await;
+        let answer = ex.on_message(body(b"{}", true, true)).await.unwrap();
+        assert_eq!(new_body(&common(answer)), b"{}");
+
+        let items = conversation(&responses, "alice", "resp_1").await.unwrap();
+        assert_eq!(items.len(), 2, "the input, then the output: {items:?}");
+        assert!(items[0]["id"].as_str().unwrap().starts_with("msg_"), "an input item gets an id");
+        assert_eq!(items[1]["id"], "msg_out");
+        let refused = conversation(&responses, "bob", "resp_1").await.unwrap_err();
+        assert_eq!((refused.status, refused.param.as_deref()), (400, Some("previous_response_id")));
+        assert_eq!(refused.message, "Previous response with id 'resp_1' not found.");
+        let unknown = conversation(&responses, "alice", "resp_2").await.unwrap_err();
+        assert_eq!(unknown.code, Some(modelgate_proto::error::ErrorCode::PreviousResponseNotFound));
     }
 }

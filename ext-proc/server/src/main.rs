@@ -121,6 +121,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ => None,
         };
         let batches = Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), secret, token.clone())?;
+        let responses = Arc::new(batches.responses());
         let admin = Admin::with_usage(usage).with_collector(Box::new(PoolMetrics(Arc::clone(&pools))));
         let admin = routes::router(Arc::new(admin), limits, token.clone())
             .merge(batches.api())
@@ -132,7 +133,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let grpc = async {
             tonic::transport::Server::builder()
                 .add_service(service::server(
-                    Processor { keys, max_event_bytes, pools: Arc::clone(&pools) },
+                    Processor { keys, max_event_bytes, pools: Arc::clone(&pools), responses },
                     token,
                     args.max_message_bytes,
                 ))

@@ -1,6 +1,7 @@
 //! The tonic side of ext_proc: each gRPC stream's messages are answered in
 //! order by one [`Exchange`], as a stream transformation — no task or channel
-//! per request on this hot path.
+//! per request on this hot path, and each answer awaited (only the stored
+//! responses' reads and writes ever wait) before the next message is read.
 
 use crate::endpoint_picker::EndpointPicker;
 use crate::exchange::Exchange;
@@ -8,6 +9,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use modelgate_batch::responses::Responses;
 use modelgate_dialects::credentials::KeySources;
 use modelgate_pools::pool::Pool;
 use modelgate_pools::Pools;
@@ -40,6 +42,8 @@ pub struct Processor {
     pub max_event_bytes: usize,
     /// The self-hosted pools whose replicas it picks.
     pub pools: Arc<Pools>,
+    /// The Responses API's stored responses, in the batch metadata store.
+    pub responses: Arc<Responses>,
 }
 
 /// The gRPC service: callers must present `token`, and messages either way are
@@ -142,23 +146,34 @@ impl ExternalProcessor for Processor {
     type ProcessStream = Answers;
 
     async fn process(&self, request: Request<Streaming<ProcessingRequest>>) -> Result<Response<Answers>, Status> {
-        let mut exchange = Exchange::new(Arc::clone(&self.keys), Arc::clone(&self.pools), self.max_event_bytes);
-        let mut failed = false;
-        let answers = request.into_inner().map_while(move |message| match message {
-            _ if failed => None,
-            Ok(message) => Some(exchange.on_message(message).map(Ok)),
-            // A message that cannot be read (one over the size limit, say) ends the
-            // exchange with its error, never with an OK close: Envoy reads that as
-            // "nothing to change" and would send the request on unrewritten. On an
-            // error, `failure_mode_allow: false` refuses the request instead. Envoy
-            // resetting the stream ends it here too, and then no one reads the error.
-            Err(status) => {
-                failed = true;
-                tracing::warn!(error = %status, "ext_proc: a message from Envoy could not be read");
-                Some(Some(Err(status)))
+        let exchange = Exchange::new(
+            Arc::clone(&self.keys),
+            Arc::clone(&self.pools),
+            Arc::clone(&self.responses),
+            self.max_event_bytes,
+        );
+        let answers = futures_util::stream::unfold(Some((request.into_inner(), exchange)), |state| async move {
+            let (mut messages, mut exchange) = state?;
+            loop {
+                match messages.next().await? {
+                    Ok(message) => {
+                        if let Some(answer) = exchange.on_message(message).await {
+                            return Some((Ok(answer), Some((messages, exchange))));
+                        }
+                    }
+                    // A message that cannot be read (one over the size limit, say) ends the
+                    // exchange with its error, never with an OK close: Envoy reads that as
+                    // "nothing to change" and would send the request on unrewritten. On an
+                    // error, `failure_mode_allow: false` refuses the request instead. Envoy
+                    // resetting the stream ends it here too, and then no one reads the error.
+                    Err(status) => {
+                        tracing::warn!(error = %status, "ext_proc: a message from Envoy could not be read");
+                        return Some((Err(status), None));
+                    }
+                }
             }
         });
-        Ok(Response::new(Box::pin(answers.filter_map(|answer| answer))))
+        Ok(Response::new(Box::pin(answers)))
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `readers:<file id>` | set | the unfinished batches reading that input file |
 //! | `lease:<batch id>` | string, expiring | the lease holder's token (`SET NX PX`) |
 //! | `segments:<batch id>` | list | the batch's committed result segments, in commit order |
+//! | `response:<id>` | hash, expiring (EXPIREAT) | `owner`; `record`: the [`StoredResponse`]'s JSON |
 //!
 //! Scripts name every key they touch (KEYS), but the keys of one call do not
 //! share a hash slot: this is for one Redis (or one primary with replicas),
@@ -74,6 +75,10 @@ fn lease_key(batch_id: &str) -> String {
 
 fn segments_key(batch_id: &str) -> String {
     format!("{PREFIX}segments:{batch_id}")
+}
+
+fn response_key(id: &str) -> String {
+    format!("{PREFIX}response:{id}")
 }
 
 /// Registers a file: its hash, its owner's lists, its expiry. KEYS[k], KEYS[k+1],
@@ -185,6 +190,26 @@ end
 return 1
 ";
 
+/// KEYS: the response's hash. ARGV: owner, record, expiry (unix seconds).
+/// Another owner's response of the same id is left alone (0).
+const PUT_RESPONSE_LUA: &str = r"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'record', ARGV[2])
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
+return 1
+";
+
+/// KEYS: the response's hash. ARGV: owner. 1 when deleted.
+const DELETE_RESPONSE_LUA: &str = r"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
+end
+return redis.call('DEL', KEYS[1])
+";
+
 /// Ids read per round trip while a list skips expired files.
 const LIST_CHUNK: usize = 64;
 
@@ -220,6 +245,8 @@ struct Scripts {
     renew: Script,
     release: Script,
     save: Script,
+    put_response: Script,
+    delete_response: Script,
 }
 
 /// Built once: each script's hash is computed when it is made.
@@ -233,6 +260,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         renew: Script::new(RENEW_LUA),
         release: Script::new(RELEASE_LUA),
         save: with_put_file(SAVE_LUA),
+        put_response: Script::new(PUT_RESPONSE_LUA),
+        delete_response: Script::new(DELETE_RESPONSE_LUA),
     }
 });
 
@@ -497,6 +526,28 @@ impl RedisMeta {
         for file in progress.files {
             Self::file_args(&mut invocation, file)?;
         }
+        Ok(self.invoke::<i64>(&invocation).await? == 1)
+    }
+
+    pub async fn put_response(&self, owner: &str, stored: &StoredResponse, expires_at: u64) -> Result<()> {
+        let mut invocation = SCRIPTS.put_response.prepare_invoke();
+        invocation.key(response_key(stored.id())).arg(owner).arg(encode(stored)?).arg(expires_at);
+        self.invoke::<i64>(&invocation).await.map(drop)
+    }
+
+    /// Redis hides an expired response itself: `now` is the SQLite store's concern.
+    pub async fn response(&self, owner: &str, id: &str, _now: u64) -> Result<Option<StoredResponse>> {
+        let (stored_owner, record): (Option<String>, Option<String>) =
+            self.query(cmd("HMGET").arg(response_key(id)).arg("owner").arg("record")).await?;
+        match (stored_owner, record) {
+            (Some(stored_owner), Some(record)) if stored_owner == owner => decode(&record).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    pub async fn delete_response(&self, owner: &str, id: &str, _now: u64) -> Result<bool> {
+        let mut invocation = SCRIPTS.delete_response.prepare_invoke();
+        invocation.key(response_key(id)).arg(owner);
         Ok(self.invoke::<i64>(&invocation).await? == 1)
     }
 }

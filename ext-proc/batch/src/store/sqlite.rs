@@ -11,8 +11,9 @@ use modelgate_proto::clock;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Kept in `PRAGMA user_version`: a file written by a newer schema is refused.
-const SCHEMA_VERSION: i64 = 1;
+/// Kept in `PRAGMA user_version`: a file written by a newer schema is refused,
+/// an older one is brought up to date ([`MIGRATIONS`]).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE files (
@@ -51,6 +52,18 @@ CREATE TABLE segments (
     UNIQUE (batch_id, blob)
 );
 ";
+
+/// What each version adds to the one before it: `MIGRATIONS[v - 1]` makes version `v + 1`.
+const MIGRATIONS: [&str; 1] = ["
+-- The Responses API's stored responses; `record` is the StoredResponse's JSON.
+CREATE TABLE responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX responses_by_expiry ON responses (expires_at);
+"];
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -128,19 +141,19 @@ impl SqliteMeta {
         db.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(fail)?;
-        match version {
-            0 => {
-                tx.execute_batch(SCHEMA).map_err(fail)?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
-            }
-            SCHEMA_VERSION => {}
-            newer => {
-                return Err(format!(
-                    "batch database {}: schema version {newer} is newer than this modelgate's ({SCHEMA_VERSION})",
-                    path.display()
-                ))
-            }
+        if version > SCHEMA_VERSION {
+            return Err(format!(
+                "batch database {}: schema version {version} is newer than this modelgate's ({SCHEMA_VERSION})",
+                path.display()
+            ));
         }
+        if version == 0 {
+            tx.execute_batch(SCHEMA).map_err(fail)?;
+        }
+        for migration in MIGRATIONS.iter().skip(usize::try_from(version.max(1) - 1).unwrap_or(0)) {
+            tx.execute_batch(migration).map_err(fail)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
         tx.commit().map_err(fail)?;
         Ok(SqliteMeta { db: Arc::new(Mutex::new(db)) })
     }
@@ -420,5 +433,49 @@ impl SqliteMeta {
             Ok(true)
         })
         .await
+    }
+
+    pub async fn put_response(&self, owner: &str, stored: &StoredResponse, expires_at: u64) -> Result<()> {
+        let (owner, id, record) = (owner.to_string(), stored.id().to_string(), encode(stored)?);
+        self.run(move |db| {
+            db.execute(
+                "INSERT INTO responses (id, owner, expires_at, record) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET expires_at = ?3, record = ?4 WHERE owner = ?2",
+                params![id, owner, int(expires_at), record],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn response(&self, owner: &str, id: &str, now: u64) -> Result<Option<StoredResponse>> {
+        let (owner, id) = (owner.to_string(), id.to_string());
+        self.run(move |db| {
+            db.query_row(
+                "SELECT record FROM responses WHERE id = ?1 AND owner = ?2 AND expires_at > ?3",
+                params![id, owner, int(now)],
+                |row| row.get::<_, String>(0),
+            )
+            .optional()?
+            .map(|json| decode(&json))
+            .transpose()
+        })
+        .await
+    }
+
+    pub async fn delete_response(&self, owner: &str, id: &str, now: u64) -> Result<bool> {
+        let (owner, id) = (owner.to_string(), id.to_string());
+        self.run(move |db| {
+            let deleted = db.execute(
+                "DELETE FROM responses WHERE id = ?1 AND owner = ?2 AND expires_at > ?3",
+                params![id, owner, int(now)],
+            )?;
+            Ok(deleted == 1)
+        })
+        .await
+    }
+
+    pub async fn delete_expired_responses(&self, now: u64) -> Result<usize> {
+        self.run(move |db| Ok(db.execute("DELETE FROM responses WHERE expires_at <= ?1", params![int(now)])?)).await
     }
 }
