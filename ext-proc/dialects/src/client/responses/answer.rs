@@ -61,7 +61,7 @@ impl Part {
         if self.refusal {
             json!({"type": "refusal", "refusal": self.text})
         } else {
-            json!({"type": "output_text", "text": self.text, "annotations": []})
+            json!({"type": "output_text", "text": self.text, "annotations": [], "logprobs": []})
         }
     }
 }
@@ -326,8 +326,9 @@ impl ResponsesAnswer {
                         events.push(("response.content_part.done", with(&at, "part", part.json())));
                     }
                 }
-                Item::Call { arguments, .. } => {
-                    events.push(("response.function_call_arguments.done", with(&at, "arguments", json!(arguments))));
+                Item::Call { name, arguments, .. } => {
+                    let done = with(&with(&at, "name", json!(name)), "arguments", json!(arguments));
+                    events.push(("response.function_call_arguments.done", done));
                 }
             }
             let done = json!({"output_index": output_index, "item": item.json(status)});

@@ -64,7 +64,11 @@ fn usage(chat: &Value) -> Value {
     let output = count(&chat["completion_tokens"]);
     json!({
         "input_tokens": input,
-        "input_tokens_details": {"cached_tokens": count(&chat["prompt_tokens_details"]["cached_tokens"])},
+        // Chat completions do not say what was written to a cache.
+        "input_tokens_details": {
+            "cached_tokens": count(&chat["prompt_tokens_details"]["cached_tokens"]),
+            "cache_write_tokens": 0,
+        },
         "output_tokens": output,
         "output_tokens_details": {"reasoning_tokens": count(&chat["completion_tokens_details"]["reasoning_tokens"])},
         "total_tokens": chat["total_tokens"].as_u64().unwrap_or(input + output),
@@ -99,7 +103,7 @@ mod tests {
             "prompt_tokens_details": {"cached_tokens": 3}, "completion_tokens_details": {"reasoning_tokens": 2}});
         assert_eq!(
             usage(&chat),
-            json!({"input_tokens": 10, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 4,
+            json!({"input_tokens": 10, "input_tokens_details": {"cached_tokens": 3, "cache_write_tokens": 0}, "output_tokens": 4,
                 "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 14})
         );
         assert_eq!(usage(&Value::Null), Value::Null);

@@ -19,13 +19,14 @@ pub struct ResponsesRequest {
     context: AnswerContext,
 }
 
-/// The fields of a response object that repeat the request, and their defaults.
+/// The fields of a response object that repeat the request, and their
+/// defaults; `user` appears only when sent (the spec has it a string, never null).
 fn echo_defaults() -> Map<String, Value> {
     let defaults = json!({
         "instructions": null, "max_output_tokens": null, "metadata": {}, "model": null,
         "parallel_tool_calls": true, "previous_response_id": null, "reasoning": {"effort": null, "summary": null},
         "store": true, "temperature": null, "text": {"format": {"type": "text"}}, "tool_choice": "auto",
-        "tools": [], "top_p": null, "truncation": "disabled", "user": null,
+        "tools": [], "top_p": null, "truncation": "disabled",
     });
     match defaults {
         Value::Object(map) => map,
