@@ -173,10 +173,12 @@ fn forward(upstream: UpstreamParts) -> ProcessingResponse {
 }
 
 impl PoolRoute {
-    /// Picks the replicas for the client's `body` and sends the request on
-    /// to them, or refuses it as the picker does, in the client's `api`.
+    /// Picks the replicas for the request (the client's `body`, or the body
+    /// the backend gets when it differs: a Responses or Messages request goes
+    /// as a chat completion) and sends it on to them, or refuses it as the
+    /// picker does, in the client's `api`.
     fn pick(&mut self, body: &[u8], mut upstream: UpstreamParts, api: ClientApi) -> ProcessingResponse {
-        let fields = match pick_fields(body) {
+        let fields = match pick_fields(upstream.body.as_deref().unwrap_or(body)) {
             Ok(fields) => fields,
             Err(e) => return envoy_messages::reject(&e, api),
         };
