@@ -122,8 +122,16 @@ def test_a_tool_round_trip(gateway, model):
         assert messages[1]["tool_calls"][0]["id"] == call.id
         assert messages[2] == {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
 
+    forced = {"type": "tool", "name": "get_weather"}
+    if model == "llama3.2":
+        # Ollama cannot be made to call one tool: refused, never silently dropped.
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            client.messages.create(model=model, max_tokens=100, messages=question, tools=[WEATHER], tool_choice=forced)
+        assert refused.value.body["error"]["type"] == "invalid_request_error"
+        assert "tool_choice" in refused.value.body["error"]["message"]
+        return
     with client.messages.stream(model=model, max_tokens=100, messages=question, tools=[WEATHER],
-                                tool_choice={"type": "tool", "name": "get_weather"}) as stream:
+                                tool_choice=forced) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use" and final.content[-1].input == {"city": "simulated"}
 
