@@ -79,7 +79,10 @@ impl BackendCall {
             Passage::Native => None,
             Passage::ThroughChat | Passage::Estimated => client::request_for(endpoint),
         };
-        let translates_responses = client.is_some() || dialect::registered(profile.dialect).answers.is_some();
+        // A client API its backend serves natively is answered in it already: only
+        // chat completions' own endpoints have a dialect's answers to translate.
+        let translates_responses = client.is_some()
+            || (!client::is_client_api(endpoint) && dialect::registered(profile.dialect).answers.is_some());
         // The backend gets a chat completion when the client's API is translated.
         let backend_endpoint = if client.is_some() { Endpoint::ChatCompletions } else { endpoint };
         // An endpoint the backend lacks is refused before any key is read.
@@ -240,6 +243,21 @@ mod tests {
         let streamed = plan_answer(translation.as_mut(), 200, b"text/event-stream");
         assert!(streamed.streamed);
         assert_eq!(streamed.headers.set, vec![("content-type", "text/event-stream".to_string())]);
+    }
+
+    #[test]
+    fn only_answers_in_another_api_than_the_clients_are_watched() {
+        let keys = KeySources::default();
+        let anthropic = || BackendProfile { dialect: Dialect::Anthropic, ..Default::default() };
+        let watched = |profile, path: &str| {
+            BackendCall::for_profile(profile, path.as_bytes(), None, &keys).unwrap().translates_responses()
+        };
+        assert!(watched(anthropic(), "/v1/chat/completions"));
+        assert!(!watched(anthropic(), "/v1/messages"), "Anthropic answers Messages in Messages");
+        assert!(!watched(anthropic(), "/v1/messages/count_tokens"));
+        assert!(watched(anthropic(), "/v1/responses"));
+        assert!(watched(BackendProfile::default(), "/v1/messages"));
+        assert!(!watched(BackendProfile::default(), "/v1/chat/completions"));
     }
 
     #[test]
