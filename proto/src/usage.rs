@@ -19,7 +19,9 @@ pub struct Usage {
 /// The counts one `usage` object gives, in any of the APIs' names: chat
 /// completions' `prompt_tokens`/`completion_tokens`, the Responses and
 /// Messages APIs' `input_tokens`/`output_tokens`. Cached tokens are part of
-/// the input in both. A stream may give them in parts (Anthropic's
+/// chat's and the Responses API's input; Anthropic's `input_tokens` leaves out
+/// the tokens read from and written to its cache, which it counts beside them,
+/// and they are added back. A stream may give them in parts (Anthropic's
 /// `message_start` the input, `message_delta` the output), merged field by field.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 struct Counts {
@@ -27,6 +29,8 @@ struct Counts {
     prompt_tokens: Option<u64>,
     #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
 }
 
 impl Counts {
@@ -36,12 +40,18 @@ impl Counts {
         Counts {
             prompt_tokens: later.prompt_tokens.or(earlier.prompt_tokens),
             completion_tokens: later.completion_tokens.or(earlier.completion_tokens),
+            cache_read_input_tokens: later.cache_read_input_tokens.or(earlier.cache_read_input_tokens),
+            cache_creation_input_tokens: later.cache_creation_input_tokens.or(earlier.cache_creation_input_tokens),
         }
     }
 
     fn usage(self) -> Usage {
+        let cached = [self.cache_read_input_tokens, self.cache_creation_input_tokens];
         Usage {
-            prompt_tokens: self.prompt_tokens.unwrap_or_default(),
+            prompt_tokens: cached
+                .into_iter()
+                .flatten()
+                .fold(self.prompt_tokens.unwrap_or_default(), u64::saturating_add),
             completion_tokens: self.completion_tokens.unwrap_or_default(),
         }
     }
@@ -209,7 +219,7 @@ fn read_member(after: &[u8]) -> Member {
         Some(b'{') => {
             let mut reader = serde_json::Deserializer::from_slice(value);
             match <Counts as Deserialize>::deserialize(&mut reader) {
-                Ok(Counts { prompt_tokens: None, completion_tokens: None }) => Member::NotUsage,
+                Ok(Counts { prompt_tokens: None, completion_tokens: None, .. }) => Member::NotUsage,
                 Ok(counts) => Member::Usage(counts),
                 Err(e) if at_end(&e, value) && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
                 Err(_) => Member::NotUsage,
@@ -442,6 +452,9 @@ mod tests {
         let message = br#"{"id":"msg_1","type":"message","content":[],"usage":{"input_tokens":12,"cache_read_input_tokens":0,"output_tokens":7}}"#;
         assert_eq!(read_whole(message), Some(USAGE));
         assert_eq!(read_whole(br#"{"input_tokens":3}"#), None, "count_tokens' answer is no usage");
+        // Anthropic counts the tokens read from and written to its cache beside `input_tokens`.
+        let cached = br#"{"type":"message","usage":{"input_tokens":2,"cache_read_input_tokens":6,"cache_creation_input_tokens":4,"output_tokens":7}}"#;
+        assert_eq!(read_whole(cached), Some(USAGE));
     }
 
     #[test]

@@ -647,13 +647,14 @@ fn stop_reason(
     }
 }
 
-/// Anthropic's usage for chat's; cached tokens are part of `input_tokens`,
-/// and `cache_read_input_tokens` says how many.
+/// Anthropic's usage for chat's. As Anthropic counts them, `input_tokens`
+/// leaves out the tokens read from a cache, which `cache_read_input_tokens` says.
 fn usage(chat: &Value) -> Value {
     let count = |value: &Value| value.as_u64().unwrap_or(0);
-    let mut usage =
-        json!({"input_tokens": count(&chat["prompt_tokens"]), "output_tokens": count(&chat["completion_tokens"])});
-    if let Some(cached) = chat["prompt_tokens_details"]["cached_tokens"].as_u64() {
+    let cached = chat["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let input = count(&chat["prompt_tokens"]).saturating_sub(cached.unwrap_or(0));
+    let mut usage = json!({"input_tokens": input, "output_tokens": count(&chat["completion_tokens"])});
+    if let Some(cached) = cached {
         usage["cache_read_input_tokens"] = json!(cached);
     }
     usage
@@ -1121,7 +1122,7 @@ mod tests {
                    "content": [{"type": "text", "text": "Let me look."},
                                {"type": "tool_use", "id": "call_1", "name": "look", "input": {"zoom": 2}}],
                    "stop_reason": "tool_use", "stop_sequence": null,
-                   "usage": {"input_tokens": 11, "output_tokens": 7, "cache_read_input_tokens": 4}})
+                   "usage": {"input_tokens": 7, "output_tokens": 7, "cache_read_input_tokens": 4}})
         );
         let finished = |finish: &str, stop_reason: Value| {
             let completion = json!({"choices": [{"finish_reason": finish, "stop_reason": stop_reason,
