@@ -18,7 +18,8 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
 
     assert set(results["throughput"]) == {"direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc",
                                           "pool", "fallbacks", "anthropic", "ollama"}
-    assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama"}
+    assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama", "responses",
+                                         "messages"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
     for run in runs:
         assert run["errors"] == 0, run
