@@ -161,6 +161,10 @@ impl BackendCall {
         // A translated client API is sent to the chat completions path unless the dialect names its own.
         let path = upstream.path.or_else(|| chat.is_some().then(|| self.path.clone()));
         let mut headers = self.translator.headers();
+        // A translated answer is read, and compressed bytes cannot be.
+        if chat.is_some() && !headers.remove.contains(&"accept-encoding") {
+            headers.remove.push("accept-encoding");
+        }
         if let Some(credential) = &self.credential {
             let outgoing = OutgoingRequest {
                 // Only model-routed endpoints reach a backend, and they take one method each.

@@ -36,6 +36,10 @@ pub trait RecordTranslator {
     /// `data: [DONE]` is no JSON record. Only a translation of chat
     /// completions' own stream meets it.
     fn done(&mut self, _out: &mut Vec<u8>) {}
+
+    /// Writes what the end of the backend's stream means when nothing ended
+    /// it before (a translation whose API must always close its stream).
+    fn end(&mut self, _out: &mut Vec<u8>) {}
 }
 
 /// A streamed answer turned into OpenAI events record by record. A record
@@ -87,7 +91,12 @@ impl<T: RecordTranslator> RecordStream<T> {
         }
         match too_long {
             Some(error) => self.end_with(out, &error),
-            None => out,
+            None => {
+                if end {
+                    self.translator.end(&mut out);
+                }
+                out
+            }
         }
     }
 

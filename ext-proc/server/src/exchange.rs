@@ -115,15 +115,15 @@ impl Exchange {
                 Request::ResponseBody(body),
                 Some(Active { translation: Some(translation), response: Some((status, streamed)), owner, .. }),
             ) => {
-                let (answer, last) = if *streamed {
-                    let piece = translation.stream(&body.body, body.end_of_stream);
-                    (envoy_messages::replace_response_piece(piece), body.end_of_stream)
+                let answer = if *streamed {
+                    envoy_messages::replace_response_piece(translation.stream(&body.body, body.end_of_stream))
                 } else {
-                    (envoy_messages::replace_response_body(translation.whole(*status, &body.body)), true)
+                    envoy_messages::replace_response_body(translation.whole(*status, &body.body))
                 };
-                // Kept before the client has the end of the answer, so a request
+                // Kept before the client has the piece that completes the answer (a stream's
+                // `response.completed` may come before Envoy's end of stream), so a request
                 // continuing it, sent as soon as the client has it, finds it.
-                if let Some(stored) = last.then(|| translation.finished()).flatten() {
+                if let Some(stored) = translation.finished() {
                     keep(&self.responses, owner, stored).await;
                 }
                 answer

@@ -166,7 +166,8 @@ fn translate(request: &Map<String, Value>, max_tokens: MaxTokens) -> Result<Tran
                 if !value.is_u64() {
                     return Err(wrong_type("max_tokens", "a non-negative integer", value));
                 }
-                chat.insert("max_tokens".into(), value.clone());
+                // OpenAI's reasoning models take only this name; every dialect reads it.
+                chat.insert("max_completion_tokens".into(), value.clone());
             }
             "temperature" | "top_p" => {
                 if !value.is_number() {
@@ -902,6 +903,19 @@ impl RecordTranslator for EventWriter {
             self.stop(out);
         }
     }
+
+    /// A stream that ended without `[DONE]` or its usage chunk: complete if
+    /// the choice had finished, else cut short, which the client must be told.
+    fn end(&mut self, out: &mut Vec<u8>) {
+        if self.stopped || self.errored {
+            return;
+        }
+        if self.finish.is_some() {
+            self.stop(out);
+        } else {
+            self.write_error(&GatewayError::interrupted(&"the backend's stream ended before its answer"), out);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -956,7 +970,7 @@ mod tests {
         assert_eq!(
             out,
             json!({
-                "model": "claude-x", "max_tokens": 300, "temperature": 0.3, "top_p": 0.9, "top_k": 40, "stop": ["END"],
+                "model": "claude-x", "max_completion_tokens": 300, "temperature": 0.3, "top_p": 0.9, "top_k": 40, "stop": ["END"],
                 "user": "u-1", "stream": true, "stream_options": {"include_usage": true},
                 "messages": [
                     {"role": "system", "content": "Be brief.\n\nUse tools."},
@@ -1195,6 +1209,20 @@ mod tests {
                 data
             })
             .collect()
+    }
+
+    #[test]
+    fn a_chat_stream_that_ends_without_its_end_still_closes_the_message() {
+        let lines: Vec<&str> = STREAM.split_inclusive("\n\n").collect();
+        // Finished, but no usage chunk and no `[DONE]`: the message stops.
+        let (finished, _) = streamed(&[lines[..8].concat().as_bytes(), b""]);
+        assert_eq!(events(&finished).last().unwrap()["type"], "message_stop");
+        // Cut before the choice finished: an error event says so, last.
+        let (cut, ended) = streamed(&[lines[..3].concat().as_bytes(), b""]);
+        let last = events(&cut).pop().unwrap();
+        assert_eq!(last["type"], "error");
+        assert!(last["error"]["message"].as_str().unwrap().contains("stopped in the middle"), "{last}");
+        assert!(ended);
     }
 
     #[test]
