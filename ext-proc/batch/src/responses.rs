@@ -43,21 +43,42 @@ impl Responses {
 /// Gives every input item an `id`, as OpenAI's input item list has one for
 /// each (and `after` pages by it): an item the client sent without one gets
 /// a new one, kept with the response, so it is the same at every read and in
-/// every response that continues this one.
+/// every response that continues this one. A message the client wrote in
+/// short (`{"role","content":"text"}`) is kept in the item shape the list
+/// answers with: `type`, `status` and content parts.
 fn with_item_ids(mut stored: StoredResponse) -> StoredResponse {
     for item in &mut stored.input {
         let Some(item) = item.as_object_mut() else { continue };
+        let kind = item.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
+        if kind == "message" {
+            as_message_item(item);
+        }
         if item.get("id").is_some_and(Value::is_string) {
             continue;
         }
-        let prefix = match item.get("type").and_then(Value::as_str) {
-            Some("function_call") => "fc_",
-            Some("function_call_output") => "fco_",
+        let prefix = match kind.as_str() {
+            "function_call" => "fc_",
+            "function_call_output" => "fco_",
             _ => "msg_",
         };
         item.insert("id".into(), Value::String(ids::new_id(prefix)));
     }
     stored
+}
+
+/// A message item in full: its `type`, a `status`, and its text as a part
+/// (`output_text` for the assistant's, `input_text` for the others').
+fn as_message_item(item: &mut serde_json::Map<String, Value>) {
+    item.insert("type".into(), Value::from("message"));
+    item.entry("status").or_insert_with(|| Value::from("completed"));
+    if let Some(Value::String(text)) = item.get("content") {
+        let part = if item.get("role").and_then(Value::as_str) == Some("assistant") {
+            serde_json::json!({"type": "output_text", "text": text, "annotations": []})
+        } else {
+            serde_json::json!({"type": "input_text", "text": text})
+        };
+        item.insert("content".into(), Value::Array(vec![part]));
+    }
 }
 
 #[cfg(test)]
@@ -79,5 +100,23 @@ mod tests {
             with_item_ids(stored).input.iter().map(|item| item["id"].as_str().unwrap().to_string()).collect();
         assert!(ids[0].starts_with("msg_") && ids[1].starts_with("fco_"), "{ids:?}");
         assert_eq!(ids[2], "msg_kept");
+    }
+
+    #[test]
+    fn a_message_written_in_short_is_kept_as_a_full_item() {
+        let stored = StoredResponse {
+            response: json!({"id": "resp_1", "output": []}),
+            input: vec![
+                json!({"role": "user", "content": "hi"}),
+                json!({"role": "assistant", "content": "hello"}),
+                json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]}),
+            ],
+        };
+        let input = with_item_ids(stored).input;
+        assert_eq!(input[0]["type"], "message");
+        assert_eq!(input[0]["status"], "completed");
+        assert_eq!(input[0]["content"], json!([{"type": "input_text", "text": "hi"}]));
+        assert_eq!(input[1]["content"], json!([{"type": "output_text", "text": "hello", "annotations": []}]));
+        assert_eq!(input[2]["content"], json!([{"type": "input_text", "text": "x"}]));
     }
 }
