@@ -1077,5 +1077,9 @@ mod tests {
         assert!(message.contains("Limit 60, Used 56, Requested 14."), "{message}");
         // Keys without token limits reserve nothing.
         assert_eq!(reservation(&r, &caller, &buckets[..0], "m", bounded), Ok(0));
+        // Nor does counting a prompt's tokens, however long the prompt.
+        let count = format!("{hello},\"max_tokens\":52}}");
+        let counted = on_request_body(&r, count.as_bytes(), Some(&caller), Endpoint::CountTokens).unwrap().tokens;
+        assert_eq!(reservation(&r, &caller, &buckets, "m", counted), Ok(0));
     }
 }

@@ -47,6 +47,10 @@ impl RoutingFields {
 
     /// The tokens the request to `endpoint` in `body` (the body these fields were read from) may take.
     pub fn token_estimate(&self, body: &[u8], endpoint: Endpoint) -> TokenEstimate {
+        // Counting a prompt's tokens uses none: the answer has no usage to settle a reservation with.
+        if endpoint == Endpoint::CountTokens {
+            return TokenEstimate { prompt: 0, completion: Some(0) };
+        }
         let prompt = self.prompt_at.clone().and_then(|at| body.get(at)).map_or(0, limits::prompt_tokens);
         let completion = match endpoint {
             Endpoint::Responses => self.max_output_tokens,

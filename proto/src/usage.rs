@@ -23,14 +23,36 @@ pub struct Usage {
 /// the tokens read from and written to its cache, which it counts beside them,
 /// and they are added back. A stream may give them in parts (Anthropic's
 /// `message_start` the input, `message_delta` the output), merged field by field.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Counts {
-    #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
-    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
+}
+
+/// A `usage` object as sent: chat completions' names or the other APIs'.
+/// Both may be there (a backend that writes both): chat's win.
+#[derive(Deserialize)]
+struct Named {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for Counts {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let named = Named::deserialize(deserializer)?;
+        Ok(Counts {
+            prompt_tokens: named.prompt_tokens.or(named.input_tokens),
+            completion_tokens: named.completion_tokens.or(named.output_tokens),
+            cache_read_input_tokens: named.cache_read_input_tokens,
+            cache_creation_input_tokens: named.cache_creation_input_tokens,
+        })
+    }
 }
 
 impl Counts {
@@ -452,6 +474,8 @@ mod tests {
         let message = br#"{"id":"msg_1","type":"message","content":[],"usage":{"input_tokens":12,"cache_read_input_tokens":0,"output_tokens":7}}"#;
         assert_eq!(read_whole(message), Some(USAGE));
         assert_eq!(read_whole(br#"{"input_tokens":3}"#), None, "count_tokens' answer is no usage");
+        let both = br#"{"usage":{"prompt_tokens":12,"completion_tokens":7,"input_tokens":12,"output_tokens":7}}"#;
+        assert_eq!(read_whole(both), Some(USAGE), "both names, as some backends write them");
         // Anthropic counts the tokens read from and written to its cache beside `input_tokens`.
         let cached = br#"{"type":"message","usage":{"input_tokens":2,"cache_read_input_tokens":6,"cache_creation_input_tokens":4,"output_tokens":7}}"#;
         assert_eq!(read_whole(cached), Some(USAGE));
