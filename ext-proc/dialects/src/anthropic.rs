@@ -216,6 +216,10 @@ fn messages_request(request: Map<String, Value>, profile: &BackendProfile) -> Re
                 return Err(GatewayError::unsupported_parameter(&key, "(deprecated): use `tools` and `tool_choice`"));
             }
             "audio" => return Err(GatewayError::unsupported_parameter("audio", "with Anthropic models")),
+            // They change the answer, and Anthropic's API has no such setting.
+            "reasoning_effort" | "verbosity" => {
+                return Err(GatewayError::unsupported_parameter(&key, "with Anthropic models"))
+            }
             "modalities" if value.as_array().is_some_and(|m| m.iter().any(|m| m == "audio")) => {
                 return Err(GatewayError::unsupported_parameter("modalities", "with Anthropic models: text only"));
             }

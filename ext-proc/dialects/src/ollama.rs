@@ -163,6 +163,8 @@ fn common(request: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<
             "logprobs" if value != &json!(false) => return Err(unsupported("logprobs", "")),
             "top_logprobs" => return Err(unsupported("top_logprobs", "")),
             "echo" if value == &json!(true) => return Err(unsupported("echo", "")),
+            // They change the answer, and Ollama's API has no such setting.
+            "reasoning_effort" | "verbosity" => return Err(unsupported(key, "")),
             "response_format" => match value["type"].as_str() {
                 Some("json_object") => {
                     out.insert("format".into(), json!("json"));
