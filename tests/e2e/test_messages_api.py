@@ -101,6 +101,16 @@ def test_a_base64_image_reaches_the_backend(gateway, model):
         assert sent["images"] == [image]
 
 
+def test_a_pools_replica_is_picked_for_a_messages_request(gateway):
+    """The picker reads the chat completion the request became, not the Messages body."""
+    whole = claude(gateway).messages.create(model="qwen3-8b", max_tokens=4, messages=HELLO)
+    with claude(gateway).messages.stream(model="qwen3-8b", max_tokens=4, messages=HELLO) as events:
+        streamed = events.get_final_message()
+    for message in (whole, streamed):
+        assert (message.content[0].text, message.stop_reason) == ("This is a simulated", "max_tokens")
+        assert message.usage.output_tokens == 4
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_a_tool_round_trip(gateway, model):
     client = claude(gateway)
@@ -251,3 +261,19 @@ def test_a_body_http_cannot_read_is_refused_in_each_apis_envelope(gateway):
     assert "http1.codec_error" in body["error"]["message"]
     status, body = broken_chunked_post(gateway, "/v1/chat/completions")
     assert status == "HTTP/1.1 400 Bad Request" and body["error"]["code"] == "bad_http_request"
+
+
+def test_a_stream_the_backend_breaks_ends_with_anthropics_error_event(gateway):
+    body = {"model": TRANSLATED, "max_tokens": 10, "messages": HELLO, "stream": True}
+    headers = {"x-api-key": ALICE, "anthropic-version": "2023-06-01", "x-sim-abort-after": "2"}
+    with httpx2.Client(base_url=f"http://127.0.0.1:{gateway.port}", timeout=30) as http:
+        with http.stream("POST", "/v1/messages", json=body, headers=headers) as response:
+            assert response.status_code == 200
+            text = "".join(response.iter_text())
+    events = [block for block in text.split("\n\n") if block.strip()]
+    assert events[0].startswith("event: message_start")
+    name, data = events[-1].split("\ndata: ", 1)
+    assert name == "event: error"
+    error = json.loads(data)
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "stopped in the middle" in error["error"]["message"]

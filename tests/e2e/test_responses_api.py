@@ -122,7 +122,7 @@ def test_structured_output_claude_cannot_give_is_refused_by_name(gateway):
     assert err.value.body["param"] == "text.format"
 
 
-@pytest.mark.parametrize("model", [TRANSLATED, NATIVE])
+@pytest.mark.parametrize("model", [TRANSLATED, NATIVE, "claude-sonnet-4-5", "llama3.2"])
 def test_previous_response_id_continues_the_conversation(gateway, model):
     alice = sdk(gateway, key=ALICE)
     first = alice.responses.create(model=model, input="My name is Ada.", max_output_tokens=3)
@@ -223,7 +223,7 @@ def usage_rows(gateway, start: int, model: str) -> list[dict]:
     return [r for r in answer.json()["data"] if (r["key"], r["model"]) == ("bob", model)]
 
 
-@pytest.mark.parametrize("model", [NATIVE, TRANSLATED, "claude-sonnet-4-5"])
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED, "claude-sonnet-4-5", "llama3.2"])
 def test_the_first_event_arrives_while_the_backend_still_holds_the_rest(gateway, model):
     """The backend stops after its first token until the test has read the first text delta:
     had the gateway held events back, the delta would never come (the read times out)."""
@@ -239,3 +239,26 @@ def test_the_first_event_arrives_while_the_backend_still_holds_the_rest(gateway,
         open_gate(gateway, backend, gate)
         rest = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert rest == [" is", " a", " simulated", " reply", " from"]
+
+
+def sse_events(response) -> list[tuple[str, dict]]:
+    """Each event's name and data, as a stream arrived."""
+    text = "".join(response.iter_text())
+    return [(block.split("\n", 1)[0].removeprefix("event: "), json.loads(block.split("data: ", 1)[1]))
+            for block in text.split("\n\n") if block.strip()]
+
+
+def test_a_stream_the_backend_breaks_ends_with_an_error_event_then_a_failed_response(gateway):
+    body = {"model": TRANSLATED, "input": "hello", "stream": True}
+    headers = {"authorization": f"Bearer {ALICE}", "x-sim-abort-after": "2"}
+    with httpx2.Client(base_url=f"http://127.0.0.1:{gateway.port}", timeout=30) as http:
+        with http.stream("POST", "/v1/responses", json=body, headers=headers) as response:
+            assert response.status_code == 200
+            events = sse_events(response)
+    names = [name for name, _ in events]
+    assert names[:2] == ["response.created", "response.in_progress"]
+    assert names[-2:] == ["error", "response.failed"], names
+    error, failed = events[-2][1], events[-1][1]
+    assert error["code"] == "stream_interrupted" and error["message"]
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["code"] == "stream_interrupted"
