@@ -23,7 +23,6 @@ use modelgate_proto::error::{anthropic_envelope, ErrorCode, ErrorEnvelope, Error
 use modelgate_proto::error_normalize::{self, Origin};
 use modelgate_proto::framing::{error_event_in, Framing};
 use serde_json::{json, Map, Value};
-use std::hash::{BuildHasher, Hasher};
 
 /// Why a parameter is refused: completes "Unsupported parameter: '<param>' …".
 const THROUGH_CHAT: &str = "for this model: its backend is reached through chat completions, which have no such thing";
@@ -616,18 +615,6 @@ fn error_message(status: u16, body: &[u8]) -> String {
         .map_or_else(|_| format!("The backend answered HTTP {status}."), |e| e.error.message)
 }
 
-/// `msg_` and 24 hex digits, made up: the chat answer's id is the backend's, not the client's.
-fn message_id() -> String {
-    // Each RandomState is keyed anew, from the process's random seed.
-    let random = |salt: u128| {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(salt);
-        hasher.finish()
-    };
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("msg_{:016x}{:08x}", random(nanos), random(nanos + 1) as u32)
-}
-
 /// Anthropic's `stop_reason` and `stop_sequence` for a chat choice's `finish_reason`.
 fn stop_reason(
     finish_reason: &Value,
@@ -696,7 +683,7 @@ fn message(chat: &Value, context: &AnswerContext) -> Result<Value, String> {
     let (stop_reason, stop_sequence) =
         stop_reason(&choice["finish_reason"], &choice["stop_reason"], has_tool_calls, context);
     Ok(json!({
-        "id": message_id(), "type": "message", "role": "assistant", "model": context.model,
+        "id": super::new_id("msg_"), "type": "message", "role": "assistant", "model": context.model,
         "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
         "usage": usage(&chat["usage"]),
     }))
@@ -763,7 +750,7 @@ impl EventWriter {
             return;
         }
         // Input tokens are known only at the end; message_delta says them.
-        let message = json!({"id": message_id(), "type": "message", "role": "assistant", "model": self.context.model,
+        let message = json!({"id": super::new_id("msg_"), "type": "message", "role": "assistant", "model": self.context.model,
                              "content": [], "stop_reason": null, "stop_sequence": null,
                              "usage": {"input_tokens": 0, "output_tokens": 0}});
         Self::event(out, &json!({"type": "message_start", "message": message}));
@@ -1129,7 +1116,7 @@ mod tests {
                 "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"zoom\":2}"}}]}}],
             "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18, "prompt_tokens_details": {"cached_tokens": 4}}});
         let out = whole(200, completion, &[]);
-        assert!(out["id"].as_str().unwrap().starts_with("msg_") && out["id"].as_str().unwrap().len() == 28);
+        assert!(out["id"].as_str().unwrap().starts_with("msg_") && out["id"].as_str().unwrap().len() == 36);
         assert_eq!(
             out,
             json!({"id": out["id"], "type": "message", "role": "assistant", "model": "claude-x",

@@ -19,6 +19,10 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::Framing;
 use modelgate_proto::stored_response::StoredResponse;
 use serde_json::Value;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What a client API's request becomes.
 #[derive(Debug, PartialEq)]
@@ -98,6 +102,17 @@ pub fn request_for(endpoint: Endpoint) -> Option<Box<dyn ClientRequest>> {
     }
 }
 
+/// A new id with `prefix` and 32 hex digits, for what the gateway names in a
+/// client API's answer. A stored response's id is its only handle, so ids are
+/// unguessable as well as unique: hashers seeded at random.
+pub(crate) fn new_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let high = RandomState::new().hash_one(nanos);
+    let low = RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed));
+    format!("{prefix}{high:016x}{low:016x}")
+}
+
 /// A backend's answer through its dialect's translation into a chat
 /// completion (none for an OpenAI backend), then into the client's API.
 pub struct ThroughChat {
@@ -150,5 +165,18 @@ impl ResponseTranslator for ThroughChat {
 
     fn finished(&mut self) -> Option<StoredResponse> {
         self.client.finished()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (new_id("resp_"), new_id("resp_"));
+        assert_ne!(a, b);
+        let digits = a.strip_prefix("resp_").unwrap();
+        assert!(digits.len() == 32 && digits.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
     }
 }

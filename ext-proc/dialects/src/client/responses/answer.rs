@@ -1,6 +1,7 @@
 //! A chat completion answer, whole or streamed, as the Responses API's.
 
-use super::{new_id, AnswerContext};
+use super::AnswerContext;
+use crate::client::new_id;
 use crate::dialect::{ResponsePlan, ResponseTranslator};
 use crate::stream;
 use modelgate_proto::error::GatewayError;

@@ -11,10 +11,6 @@ pub use answer::ResponsesAnswer;
 pub use request::ResponsesRequest;
 
 use serde_json::{json, Map, Value};
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What a Responses answer's translation needs of its request.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -75,27 +71,9 @@ fn usage(chat: &Value) -> Value {
     })
 }
 
-/// A new id with `prefix` and 32 hex digits. A stored response's id is its
-/// only handle, so it is unguessable as well as unique: hashers seeded at random.
-pub(crate) fn new_id(prefix: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let high = RandomState::new().hash_one(nanos);
-    let low = RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed));
-    format!("{prefix}{high:016x}{low:016x}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_are_32_hex_digits_and_differ() {
-        let (a, b) = (new_id("resp_"), new_id("resp_"));
-        assert_ne!(a, b);
-        let digits = a.strip_prefix("resp_").unwrap();
-        assert!(digits.len() == 32 && digits.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
-    }
 
     #[test]
     fn usage_counts_cached_and_reasoning_tokens() {

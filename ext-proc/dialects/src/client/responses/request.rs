@@ -1,6 +1,7 @@
 //! A Responses API request as a chat completion.
 
-use super::{new_id, AnswerContext};
+use super::AnswerContext;
+use crate::client::new_id;
 use crate::client::{ClientContext, ClientOutcome, ClientRequest};
 use crate::params::invalid_type;
 use modelgate_proto::clock;
