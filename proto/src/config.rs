@@ -58,6 +58,160 @@ pub struct FilterConfig {
     /// length it does not bound (no `max_completion_tokens` or `max_tokens`).
     #[serde(default = "default_reserved_completion_tokens")]
     pub reserved_completion_tokens: u64,
+    /// The store of cached answers and idempotent requests' answers (ext-proc's
+    /// admin port). Unset: nothing is cached, and `Idempotency-Key` is ignored.
+    /// Routes opt into caching with `models[].cache` or `backends.<name>.cache`.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
+    /// Requests carrying `Idempotency-Key` are answered once per key and client
+    /// key within the window; repeats get the first answer. Needs `cache`.
+    #[serde(default)]
+    pub idempotency: Option<IdempotencyConfig>,
+    /// Where the spend and token budgets of `client_keys[].budgets` are kept
+    /// (ext-proc's admin port). Needs `accounting`, whose records settle them.
+    #[serde(default)]
+    pub budgets: Option<BudgetsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The Envoy cluster of ext-proc's admin port.
+    pub cluster: String,
+    /// Longest wait for the store; past it the request goes on as a miss.
+    #[serde(default = "default_gate_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The largest answer kept, in bytes as the client got it; a larger one is not cached.
+    #[serde(default = "default_max_entry_bytes")]
+    pub max_entry_bytes: usize,
+    /// A hit's tokens count against the key's token limits, as if the backend had answered.
+    #[serde(default)]
+    pub hits_count_in_limits: bool,
+}
+
+/// Default of `cache.max_entry_bytes`.
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1024 * 1024;
+
+fn default_max_entry_bytes() -> usize {
+    DEFAULT_MAX_ENTRY_BYTES
+}
+
+fn default_gate_timeout_ms() -> u64 {
+    200
+}
+
+/// A route's cache: `models[].cache` or `backends.<name>.cache` (the model's wins).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    /// How long an answer is served from the cache, 1 to 2592000 (30 days).
+    pub ttl_secs: u64,
+    #[serde(default)]
+    pub mode: CacheMode,
+    /// Hits are shared by every client key, instead of each key seeing only its own answers.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Only requests deterministic by their parameters: `temperature: 0`, or a `seed`.
+    #[default]
+    Deterministic,
+    /// Every request the endpoint allows (the operator accepts replayed samples).
+    Always,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a key's first answer is kept for its repeats, 1 to 2592000 (30 days).
+    #[serde(default = "default_idempotency_window_secs")]
+    pub window_secs: u64,
+}
+
+/// Default of `idempotency.window_secs`: 24 hours.
+pub const DEFAULT_IDEMPOTENCY_WINDOW_SECS: u64 = 24 * 60 * 60;
+
+fn default_idempotency_window_secs() -> u64 {
+    DEFAULT_IDEMPOTENCY_WINDOW_SECS
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetsConfig {
+    /// The Envoy cluster of ext-proc's admin port.
+    pub cluster: String,
+    /// Longest wait for the store's verdict; past it the store counts as unreachable.
+    #[serde(default = "default_gate_timeout_ms")]
+    pub timeout_ms: u64,
+    /// What an unreachable store means for a request under a budget: by
+    /// default it is refused (503), since money cannot be un-spent.
+    #[serde(default = "default_budgets_on_failure")]
+    pub on_failure: FailureMode,
+}
+
+fn default_budgets_on_failure() -> FailureMode {
+    FailureMode::Deny
+}
+
+/// A key's budgets: its own, per model name or pattern, and per backend.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBudgetsConfig {
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+    #[serde(default)]
+    pub usd_per_month: Option<f64>,
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_month: Option<u64>,
+    /// On the models matching each name or pattern, on top of the key's own;
+    /// for each amount, the most specific pattern that sets it applies.
+    #[serde(default)]
+    pub models: BTreeMap<String, BudgetAmounts>,
+    /// On the requests a backend serves (a fallback's included), on top of the others.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BudgetAmounts>,
+}
+
+impl KeyBudgetsConfig {
+    /// The key's own amounts, on every model.
+    pub fn own(&self) -> BudgetAmounts {
+        BudgetAmounts {
+            usd_per_day: self.usd_per_day,
+            usd_per_month: self.usd_per_month,
+            tokens_per_day: self.tokens_per_day,
+            tokens_per_month: self.tokens_per_month,
+        }
+    }
+}
+
+/// Amounts per calendar day and month (UTC), each optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetAmounts {
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+    #[serde(default)]
+    pub usd_per_month: Option<f64>,
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_month: Option<u64>,
+}
+
+/// What a model with fallbacks does when a budget refuses its first backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBudgetExhausted {
+    /// A 429 `insufficient_quota`.
+    #[default]
+    Refuse,
+    /// The next backend whose own budgets allow the request serves it.
+    Fallback,
 }
 
 /// Default of `reserved_completion_tokens`.
@@ -171,6 +325,9 @@ pub struct ClientKeyConfig {
     /// How fast the key may call; unlimited if unset.
     #[serde(default)]
     pub limits: Option<LimitConfig>,
+    /// The key's spend and token budgets per day and month; need `budgets`.
+    #[serde(default)]
+    pub budgets: Option<KeyBudgetsConfig>,
     /// An operator's key: it may also load and unload LoRA adapters on self-hosted pools.
     #[serde(default)]
     pub admin: bool,
@@ -231,6 +388,9 @@ pub struct BackendConfig {
     /// chat completions. Only for the `openai` dialect.
     #[serde(default)]
     pub serves_responses: bool,
+    /// Answers from this backend are cached (unless the model's route says otherwise).
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,6 +412,12 @@ pub struct ModelRouteConfig {
     /// model with fallbacks needs `stream_guard_cluster`.
     #[serde(default)]
     pub fallbacks: Vec<FallbackConfig>,
+    /// This model's answers are cached; overrides its backend's `cache`.
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
+    /// With fallbacks: whether a spent budget refuses the request or moves it on.
+    #[serde(default)]
+    pub on_budget_exhausted: OnBudgetExhausted,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +427,9 @@ pub struct FallbackConfig {
     /// The model name this backend expects, when it differs from the client's.
     #[serde(default)]
     pub rename: Option<String>,
+    /// What the model costs on this backend; the route's `price` if unset.
+    #[serde(default)]
+    pub price: Option<Price>,
 }
 
 /// Bounds of the waits configured in milliseconds: Envoy takes 0 as no

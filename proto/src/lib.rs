@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod budgets;
 pub mod chain;
 pub mod client_api;
 #[cfg(not(target_arch = "wasm32"))]
@@ -14,10 +15,12 @@ pub mod endpoint;
 pub mod error;
 pub mod error_normalize;
 pub mod framing;
+pub mod gate;
 pub mod headers;
 pub mod keys;
 pub mod limits;
 pub mod models;
+pub mod replay;
 pub mod routing;
 pub mod stored_response;
 pub mod usage;

@@ -523,12 +523,13 @@ pub fn overspend(per_minute: u64, tat: u64, now_us: u64, cost: u64) -> (Verdict,
     (verdict, tat.max(now_us).saturating_add(time_for(per_minute, cost)))
 }
 
-/// Buckets in a map, versioned as Envoy's shared data versions them: for tests.
-#[cfg(any(test, feature = "testing"))]
+/// Buckets in a map, versioned as Envoy's shared data versions them: for
+/// tests, here and in other crates. Always built, so that those crates' tests
+/// and their release builds share one build of this crate (a feature for it
+/// would make `make build` compile every crate above this one again).
 #[derive(Default)]
 pub struct MemoryBuckets(std::cell::RefCell<std::collections::HashMap<String, (u64, u32)>>);
 
-#[cfg(any(test, feature = "testing"))]
 impl BucketStore for MemoryBuckets {
     fn load(&self, bucket: &str) -> (u64, Option<u32>) {
         self.0.borrow().get(bucket).map_or((0, None), |(state, version)| (*state, Some(*version)))

@@ -180,6 +180,14 @@ pub struct UsageRecord {
     /// Interactive unless a batch's runner sent it (absent from older senders' records).
     #[serde(default, skip_serializing_if = "Traffic::is_interactive")]
     pub traffic: Traffic,
+    /// The answer came from the gateway's store, not a backend: a cache hit or
+    /// an idempotent repeat. Its tokens were served, not used; it costs nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_from: Option<crate::gate::ReplaySource>,
+    /// The budget reservation the request holds ([`crate::gate::GateRequest::reservation`]),
+    /// settled with this record's cost and tokens, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_reservation: Option<String>,
 }
 
 /// Requests the gateway refused itself before any backend (a bad body, an

@@ -269,6 +269,7 @@ mod tests {
             ttft_us: Some(200_000),
             itl_us: vec![1_000, 40_000, 40_000],
             traffic: Traffic::Interactive,
+            ..UsageRecord::default()
         };
         m.record(&stream);
         m.record(&UsageRecord { status: 429, usage: None, cost_usd: Some(0.25), stream: false, ..stream.clone() });

@@ -1,0 +1,1 @@
+//! The gate's routes on the admin port.

@@ -1,0 +1,1 @@
+//! Cached answers and idempotency claims: in memory, or in Redis.
