@@ -288,7 +288,6 @@ impl Budgets {
             Store::Sqlite(store) => store.counters(key, now_secs).await?,
             Store::Redis(store) => store.counters(key, now_secs).await?,
         };
-        counters.retain(|counter| counter.resets_at > now_secs && key.is_none_or(|key| counter.owner == key));
         counters.sort_by(|a, b| {
             (&a.owner, &a.scope, &a.amount_name, &a.period).cmp(&(&b.owner, &b.scope, &b.amount_name, &b.period))
         });
