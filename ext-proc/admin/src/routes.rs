@@ -680,14 +680,13 @@ not json\n\
         assert_eq!(admin.ingest(Some("vm-1"), records(), Vec::new(), later).await.unwrap(), Outcome::Applied);
     }
 
-    /// Budgets in a temporary SQLite file, with two requests of alice's admitted
-    /// (600 and 300 tokens reserved of her 1000 a day), and the admin port settling them.
-    async fn admitted_twice() -> (Arc<Admin>, Arc<Budgets>, tempfile::TempDir) {
+    /// Budgets with two requests of alice's admitted (600 and 300 tokens
+    /// reserved of her 1000 a day), and the admin port settling them.
+    async fn admitted_twice() -> Arc<Admin> {
         use modelgate_gate::budgets::Admission;
         use modelgate_proto::budgets::{BudgetLimit, BudgetUnit, Period};
         use modelgate_proto::gate::BudgetCandidate;
-        let dir = tempfile::tempdir().unwrap();
-        let budgets = Arc::new(Budgets::open(dir.path(), None, std::time::Duration::from_secs(1)).unwrap());
+        let budgets = Arc::new(Budgets::in_memory());
         let limit = BudgetLimit { scope: "key".into(), unit: BudgetUnit::Tokens, period: Period::Day, limit: 1000 };
         for (reservation, tokens) in [("r1", 600), ("r2", 300)] {
             let candidate =
@@ -695,7 +694,7 @@ not json\n\
             let admitted = budgets.admit("alice", &[candidate], false, reservation, clock::unix_seconds()).await;
             assert_eq!(admitted.unwrap(), Admission::Admitted { member: 0 });
         }
-        (Arc::new(Admin::new(1).with_budgets(Arc::clone(&budgets))), budgets, dir)
+        Arc::new(Admin::new(1).with_budgets(budgets))
     }
 
     async fn budgets_of(admin: &Arc<Admin>, query: &str) -> Value {
@@ -710,7 +709,7 @@ not json\n\
 
     #[tokio::test]
     async fn records_settle_their_reservations_once() {
-        let (admin, _budgets, _dir) = admitted_twice().await;
+        let admin = admitted_twice().await;
         let record = |reservation: &str, status, usage| UsageRecord {
             key: "alice".into(),
             status,
@@ -737,7 +736,7 @@ not json\n\
 
     #[tokio::test]
     async fn a_record_answered_without_usage_is_charged_what_it_reserved() {
-        let (admin, _budgets, _dir) = admitted_twice().await;
+        let admin = admitted_twice().await;
         let record = UsageRecord { status: 200, budget_reservation: Some("r2".into()), ..UsageRecord::default() };
         admin.ingest(None, vec![record], Vec::new(), clock::unix_millis()).await.unwrap();
         let row = &budgets_of(&admin, "").await["data"][0];

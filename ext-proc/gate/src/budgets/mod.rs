@@ -220,6 +220,12 @@ impl Budgets {
         Ok(Budgets { store, refusals: Family::default() })
     }
 
+    /// Budgets in an SQLite database in memory, lost with the process: for tests.
+    pub fn in_memory() -> Self {
+        let store = SqliteBudgets::open(Path::new(":memory:")).expect("an SQLite database in memory opens");
+        Budgets { store: Store::Sqlite(store), refusals: Family::default() }
+    }
+
     /// Admits a request of `owner` into the first candidate whose budgets all
     /// have room for it (only the first, unless `fallback`), reserving its
     /// cost under `reservation` in the periods that hold `now_secs`. A
