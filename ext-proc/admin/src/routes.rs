@@ -43,7 +43,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use modelgate_gate::budgets::{self, Budgets};
+use modelgate_gate::budgets::{self, Budgets, Charge};
 use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
@@ -132,9 +132,8 @@ impl Admin {
         now_ms: u64,
     ) -> Result<Outcome, IngestError> {
         if let Some(budgets) = &self.budgets {
-            for record in &records {
-                settle(budgets, record).await.map_err(IngestError::Budgets)?;
-            }
+            let settlements: Vec<_> = records.iter().filter_map(settlement).collect();
+            budgets.settle_all(&settlements).await.map_err(IngestError::Budgets)?;
         }
         {
             let mut models = self.models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -179,20 +178,18 @@ impl Admin {
     }
 }
 
-/// Settles the budget reservation `record` holds, if any: with what it cost
-/// (nothing, for an error), or, answered without usage, with what it reserved.
-async fn settle(budgets: &Budgets, record: &UsageRecord) -> Result<(), budgets::StoreError> {
-    let Some(reservation) = record.budget_reservation.as_deref() else {
-        return Ok(());
+/// The budget reservation `record` holds, if any, and what it is charged:
+/// what it cost (nothing, for an error), or, answered without usage, what it reserved.
+fn settlement(record: &UsageRecord) -> Option<(&str, Charge)> {
+    let charge = match record.usage {
+        _ if record.status >= 400 => Charge::Real { usd_micros: 0, tokens: 0 },
+        Some(usage) => Charge::Real {
+            usd_micros: record.cost_usd.map_or(0, modelgate_proto::budgets::usd_micros),
+            tokens: usage.total(),
+        },
+        None => Charge::Reserved,
     };
-    match record.usage {
-        _ if record.status >= 400 => budgets.settle(reservation, 0, 0).await,
-        Some(usage) => {
-            let usd_micros = record.cost_usd.map_or(0, modelgate_proto::budgets::usd_micros);
-            budgets.settle(reservation, usd_micros, usage.total()).await
-        }
-        None => budgets.settle_as_reserved(reservation).await,
-    }
+    Some((record.budget_reservation.as_deref()?, charge))
 }
 
 /// What a model name is shown as: itself once it is known (or vouched for

@@ -2,7 +2,7 @@
 //! in a temporary directory, and a real `redis-server` on a free loopback
 //! port (skipped only when it is not installed, and failing then in CI).
 
-use modelgate_gate::budgets::{Admission, BudgetReport, Budgets};
+use modelgate_gate::budgets::{Admission, BudgetReport, Budgets, Charge};
 use modelgate_proto::budgets::{BudgetLimit, BudgetUnit, Period};
 use modelgate_proto::gate::BudgetCandidate;
 use serde_json::{json, Value};
@@ -107,6 +107,11 @@ async fn concurrent_admissions_never_reserve_past_a_limit() {
         // 14 × 70 = 980 ≤ 1000 < 15 × 70.
         assert_eq!(admitted, 14, "{}", backend.name);
         assert_eq!(amounts(&gateways[0], NOW).await, (json!(1000), json!(0), json!(980)), "{}", backend.name);
+        // One batch of records settles them all, the refused ones' too (which reserved nothing).
+        let ids: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+        let batch: Vec<_> = ids.iter().map(|id| (id.as_str(), Charge::Real { usd_micros: 0, tokens: 50 })).collect();
+        gateways[1].settle_all(&batch).await.unwrap();
+        assert_eq!(amounts(&gateways[0], NOW).await, (json!(1000), json!(700), json!(0)), "{}", backend.name);
     }
 }
 
@@ -132,7 +137,7 @@ async fn a_reservation_settles_once_with_what_was_used() {
             Admission::Admitted { member: 0 }
         );
         // Its usage unknown, a request is charged what it reserved.
-        budgets.settle_as_reserved("r3").await.unwrap();
+        budgets.settle_all(&[("r3", Charge::Reserved)]).await.unwrap();
         assert_eq!(amounts(&budgets, NOW).await, (json!(1000), json!(750), json!(0)), "{}", backend.name);
         // An admission landing after its request was settled (its answer lost) reserves nothing.
         budgets.settle("lost", 0, 0).await.unwrap();

@@ -82,7 +82,7 @@ impl std::error::Error for StoreError {}
 
 /// What a settled request is charged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Charge {
+pub enum Charge {
     /// What it really cost.
     Real { usd_micros: u64, tokens: u64 },
     /// What it reserved: its real cost is not known.
@@ -266,24 +266,24 @@ impl Budgets {
     /// Settles `reservation` with what its request really cost, once: a
     /// reservation already settled (or never made) changes nothing.
     pub async fn settle(&self, reservation: &str, usd_micros: u64, tokens: u64) -> Result<(), StoreError> {
-        self.charge(reservation, Charge::Real { usd_micros, tokens }).await
+        self.settle_all(&[(reservation, Charge::Real { usd_micros, tokens })]).await
     }
 
-    /// Settles `reservation` with what it reserved, once: for a request
-    /// that was answered but whose usage is not known, so it may have cost
-    /// as much as it could.
-    pub async fn settle_as_reserved(&self, reservation: &str) -> Result<(), StoreError> {
-        self.charge(reservation, Charge::Reserved).await
-    }
-
-    async fn charge(&self, reservation: &str, charge: Charge) -> Result<(), StoreError> {
-        if !valid_reservation(reservation) {
-            // Never made: there is nothing to settle.
+    /// Settles each reservation with its charge, once, in one step of the
+    /// store (a batch of usage records at a time).
+    pub async fn settle_all(&self, settlements: &[(&str, Charge)]) -> Result<(), StoreError> {
+        // An id of another shape was never made: there is nothing to settle.
+        let settlements: Vec<(String, Charge)> = settlements
+            .iter()
+            .filter(|(reservation, _)| valid_reservation(reservation))
+            .map(|(reservation, charge)| (reservation.to_string(), *charge))
+            .collect();
+        if settlements.is_empty() {
             return Ok(());
         }
         match &self.store {
-            Store::Sqlite(store) => store.settle(reservation, charge).await,
-            Store::Redis(store) => store.settle(reservation, charge).await,
+            Store::Sqlite(store) => store.settle(settlements).await,
+            Store::Redis(store) => store.settle(&settlements).await,
         }
     }
 

@@ -87,43 +87,49 @@ end
 return refused
 "#;
 
-/// KEYS: the reservation. ARGV: "real" (then the dollars in millionths
-/// and the tokens it cost) or "reserved" (charged what it reserved), and how
-/// long a tombstone lasts, in ms. Applied once: the reservation is deleted.
-/// A reservation not found leaves a tombstone (a `member` without holds),
-/// so that an admission whose answer was lost, landing after its request
-/// was settled, reserves nothing.
+/// KEYS: reservations. ARGV[1]: how long a tombstone lasts, in ms; then
+/// per reservation, "real" and the dollars in millionths and the tokens it
+/// cost, or "reserved" (charged what it reserved) and two zeros. Each is
+/// applied once: the reservation is deleted. A reservation not found leaves
+/// a tombstone (a `member` without holds), so that an admission whose
+/// answer was lost, landing after its request was settled, reserves nothing.
 ///
-/// The counters are read from the reservation, so they are not among KEYS:
+/// The counters are read from the reservations, so they are not among KEYS:
 /// a single Redis (not a Cluster) runs this.
 const SETTLE_LUA: &str = r#"
-local fields = redis.call('HGETALL', KEYS[1])
-if #fields == 0 then
-  redis.call('HSET', KEYS[1], 'member', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  return 0
-end
-for i = 1, #fields, 2 do
-  local unit, counter = string.match(fields[i], '^(%a+)|(.*)$')
-  -- A counter gone with its period is not brought back.
-  if unit and redis.call('EXISTS', counter) == 1 then
-    local reserved = fields[i + 1]
-    local spent = reserved
-    if ARGV[1] == 'real' then
-      spent = unit == 'usd' and ARGV[2] or ARGV[3]
+for r = 1, #KEYS do
+  local mode, usd, tokens = ARGV[3 * r - 1], ARGV[3 * r], ARGV[3 * r + 1]
+  local fields = redis.call('HGETALL', KEYS[r])
+  if #fields == 0 then
+    redis.call('HSET', KEYS[r], 'member', 0)
+    redis.call('PEXPIRE', KEYS[r], ARGV[1])
+  end
+  for i = 1, #fields, 2 do
+    local unit, counter = string.match(fields[i], '^(%a+)|(.*)$')
+    -- A counter gone with its period is not brought back.
+    if unit and redis.call('EXISTS', counter) == 1 then
+      local reserved = fields[i + 1]
+      local spent = reserved
+      if mode == 'real' then
+        spent = unit == 'usd' and usd or tokens
+      end
+      if redis.call('HINCRBY', counter, 'reserved', '-' .. reserved) < 0 then
+        redis.call('HSET', counter, 'reserved', 0)
+      end
+      redis.call('HINCRBY', counter, 'spent', spent)
     end
-    if redis.call('HINCRBY', counter, 'reserved', '-' .. reserved) < 0 then
-      redis.call('HSET', counter, 'reserved', 0)
-    end
-    redis.call('HINCRBY', counter, 'spent', spent)
+  end
+  -- A tombstone (no holds) stays until it expires.
+  if #fields > 2 then
+    redis.call('DEL', KEYS[r])
   end
 end
--- A tombstone (no holds) stays until it expires.
-if #fields > 2 then
-  redis.call('DEL', KEYS[1])
-end
-return 1
+return #KEYS
 "#;
+
+/// Reservations settled by one script call: a batch of records is split so
+/// that Redis is never held long.
+const SETTLE_CHUNK: usize = 256;
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
@@ -203,18 +209,22 @@ impl RedisBudgets {
         }
     }
 
-    pub(super) async fn settle(&self, reservation: &str, charge: Charge) -> Result<(), StoreError> {
-        let mut invocation = self.settle.prepare_invoke();
-        invocation.key(format!("{RESERVATION_PREFIX}{reservation}"));
-        match charge {
-            Charge::Real { usd_micros, tokens } => {
-                invocation.arg("real").arg(usd_micros.min(MAX_AMOUNT)).arg(tokens.min(MAX_AMOUNT))
-            }
-            Charge::Reserved => invocation.arg("reserved").arg(0).arg(0),
-        };
-        invocation.arg(TOMBSTONE_SECS * 1000);
+    pub(super) async fn settle(&self, settlements: &[(String, Charge)]) -> Result<(), StoreError> {
         let mut redis = self.redis.clone();
-        let _: u8 = self.bounded(invocation.invoke_async(&mut redis)).await?;
+        for chunk in settlements.chunks(SETTLE_CHUNK) {
+            let mut invocation = self.settle.prepare_invoke();
+            invocation.arg(TOMBSTONE_SECS * 1000);
+            for (reservation, charge) in chunk {
+                invocation.key(format!("{RESERVATION_PREFIX}{reservation}"));
+                match *charge {
+                    Charge::Real { usd_micros, tokens } => {
+                        invocation.arg("real").arg(usd_micros.min(MAX_AMOUNT)).arg(tokens.min(MAX_AMOUNT))
+                    }
+                    Charge::Reserved => invocation.arg("reserved").arg(0).arg(0),
+                };
+            }
+            let _: usize = self.bounded(invocation.invoke_async(&mut redis)).await?;
+        }
         Ok(())
     }
 

@@ -164,33 +164,30 @@ impl SqliteBudgets {
         .await
     }
 
-    pub(super) async fn settle(&self, reservation: &str, charge: Charge) -> Result<(), StoreError> {
-        let reservation = reservation.to_string();
+    pub(super) async fn settle(&self, settlements: Vec<(String, Charge)>) -> Result<(), StoreError> {
         let now_secs = clock::unix_seconds();
         self.transaction(move |tx| {
-            let holds: Option<String> = tx
-                .query_row(
-                    "DELETE FROM reservations WHERE id = ?1 AND holds != '[]' RETURNING holds",
-                    [&reservation],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            let Some(holds) = holds else {
-                // Settled before it was made, if ever: it never will be (a tombstone until it expires).
-                tx.execute(
-                    "INSERT OR IGNORE INTO reservations (id, member, expires_at, holds) VALUES (?1, 0, ?2, '[]')",
-                    params![reservation, int(now_secs + TOMBSTONE_SECS)],
-                )?;
-                return Ok(());
-            };
-            let holds: Vec<(String, String, u64)> =
-                serde_json::from_str(&holds).map_err(|e| StoreError(format!("reservation {reservation}: {e}")))?;
+            let mut take =
+                tx.prepare_cached("DELETE FROM reservations WHERE id = ?1 AND holds != '[]' RETURNING holds")?;
+            // Settled before it was made, if ever: it never will be (a tombstone until it expires).
+            let mut tombstone = tx.prepare_cached(
+                "INSERT OR IGNORE INTO reservations (id, member, expires_at, holds) VALUES (?1, 0, ?2, '[]')",
+            )?;
             let mut settle = tx.prepare_cached(
                 "UPDATE counters SET reserved = MAX(reserved - ?2, 0), spent = MIN(spent + ?3, ?4) WHERE name = ?1",
             )?;
-            for (unit, counter, amount) in holds {
-                let spent = charged(charge, unit_named(&unit)?, amount);
-                settle.execute(params![counter, int(amount), int(spent), int(MAX_AMOUNT)])?;
+            for (reservation, charge) in settlements {
+                let holds: Option<String> = take.query_row([&reservation], |row| row.get(0)).optional()?;
+                let Some(holds) = holds else {
+                    tombstone.execute(params![reservation, int(now_secs + TOMBSTONE_SECS)])?;
+                    continue;
+                };
+                let holds: Vec<(String, String, u64)> =
+                    serde_json::from_str(&holds).map_err(|e| StoreError(format!("reservation {reservation}: {e}")))?;
+                for (unit, counter, amount) in holds {
+                    let spent = charged(charge, unit_named(&unit)?, amount);
+                    settle.execute(params![counter, int(amount), int(spent), int(MAX_AMOUNT)])?;
+                }
             }
             Ok(())
         })
