@@ -211,6 +211,32 @@ mod tests {
     }
 
     #[test]
+    fn a_request_counts_in_the_keys_budgets_its_most_specific_patterns_and_its_backends() {
+        let config: KeyBudgetsConfig = serde_json::from_value(serde_json::json!({
+            "usd_per_day": 5.0, "tokens_per_month": 1000,
+            "models": {"*": {"usd_per_day": 3}, "gpt-4*": {"usd_per_day": 1, "tokens_per_day": 50},
+                       "gpt-4o": {"usd_per_day": 0.5}},
+            "backends": {"openai": {"usd_per_month": 20}}
+        }))
+        .unwrap();
+        let named = |model, backend| -> Vec<(String, &str, u64)> {
+            applicable(&config, model, backend).iter().map(|b| (b.scope.clone(), b.amount_name(), b.limit)).collect()
+        };
+        let own = [("key".to_string(), "usd_per_day", 5_000_000), ("key".to_string(), "tokens_per_month", 1000)];
+        let mut expected = own.to_vec();
+        expected.extend([
+            ("model:gpt-4o".to_string(), "usd_per_day", 500_000),
+            ("model:gpt-4*".to_string(), "tokens_per_day", 50),
+            ("backend:openai".to_string(), "usd_per_month", 20_000_000),
+        ]);
+        assert_eq!(named("gpt-4o", "openai"), expected);
+        let mut expected = own.to_vec();
+        expected.push(("model:*".to_string(), "usd_per_day", 3_000_000));
+        assert_eq!(named("llama", "vllm"), expected);
+        assert!(applicable(&KeyBudgetsConfig::default(), "m", "b").is_empty());
+    }
+
+    #[test]
     fn periods_follow_the_utc_calendar() {
         // 2026-12-31T23:59:59Z, then the next second.
         let last = 1_798_761_599;
