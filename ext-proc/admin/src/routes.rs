@@ -741,6 +741,31 @@ not json\n\
     }
 
     #[tokio::test]
+    async fn a_batch_whose_budgets_cannot_be_settled_is_refused_whole_to_come_again() {
+        use tower::ServiceExt;
+        // Nothing listens on port 1: every call to this Redis fails.
+        let dir = std::path::Path::new("/nonexistent");
+        let budgets = Budgets::open(dir, Some("redis://127.0.0.1:1/0"), std::time::Duration::from_millis(200)).unwrap();
+        let admin = Arc::new(Admin::new(1).with_budgets(Arc::new(budgets)));
+        let record = UsageRecord {
+            key: "alice".into(),
+            status: 200,
+            budget_reservation: Some("r1".into()),
+            ..UsageRecord::default()
+        };
+        let request = axum::http::Request::post("/v1/usage/records")
+            .body(Body::from(serde_json::to_vec(&record).unwrap()))
+            .unwrap();
+        let response =
+            router(Arc::clone(&admin), None, InternalToken::from_secret(None, "test")).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let envelope: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope["error"]["code"], "usage_store_unavailable");
+        assert!(admin.usage.report(0, u64::MAX, 0).await.unwrap().data.is_empty());
+    }
+
+    #[tokio::test]
     async fn without_budgets_the_list_is_empty() {
         assert_eq!(budgets_of(&Arc::new(Admin::new(1)), "?key=alice").await, json!({"object": "list", "data": []}));
     }
