@@ -189,6 +189,52 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A period is every second up to its reset, and the reset starts the next one.
+        #[test]
+        fn a_period_ends_where_the_next_begins(now in 0u64..1 << 40, month in any::<bool>()) {
+            let period = if month { Period::Month } else { Period::Day };
+            let reset = resets_at(period, now);
+            prop_assert!(reset > now);
+            prop_assert_eq!(period_id(period, reset - 1), period_id(period, now));
+            prop_assert_ne!(period_id(period, reset), period_id(period, now));
+            // Periods start at midnight; a month on its first day.
+            prop_assert_eq!(reset % DAY_SECS, 0);
+            let longest = if month { 31 * DAY_SECS } else { DAY_SECS };
+            prop_assert!(reset - now <= longest);
+            if month {
+                prop_assert!(period_id(Period::Day, reset).ends_with("-01"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_counts_in_the_keys_budgets_its_most_specific_patterns_and_its_backends() {
+        let config: KeyBudgetsConfig = serde_json::from_value(serde_json::json!({
+            "usd_per_day": 5.0, "tokens_per_month": 1000,
+            "models": {"*": {"usd_per_day": 3}, "gpt-4*": {"usd_per_day": 1, "tokens_per_day": 50},
+                       "gpt-4o": {"usd_per_day": 0.5}},
+            "backends": {"openai": {"usd_per_month": 20}}
+        }))
+        .unwrap();
+        let named = |model, backend| -> Vec<(String, &str, u64)> {
+            applicable(&config, model, backend).iter().map(|b| (b.scope.clone(), b.amount_name(), b.limit)).collect()
+        };
+        let own = [("key".to_string(), "usd_per_day", 5_000_000), ("key".to_string(), "tokens_per_month", 1000)];
+        let mut expected = own.to_vec();
+        expected.extend([
+            ("model:gpt-4o".to_string(), "usd_per_day", 500_000),
+            ("model:gpt-4*".to_string(), "tokens_per_day", 50),
+            ("backend:openai".to_string(), "usd_per_month", 20_000_000),
+        ]);
+        assert_eq!(named("gpt-4o", "openai"), expected);
+        let mut expected = own.to_vec();
+        expected.push(("model:*".to_string(), "usd_per_day", 3_000_000));
+        assert_eq!(named("llama", "vllm"), expected);
+        assert!(applicable(&KeyBudgetsConfig::default(), "m", "b").is_empty());
+    }
 
     #[test]
     fn periods_follow_the_utc_calendar() {
