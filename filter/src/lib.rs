@@ -9,7 +9,10 @@
 //! token on a key's behalf is that key's, and counted as batch traffic. On the way back it
 //! adds `openai-processing-ms` and rewrites every error answer — a backend's or
 //! Envoy's own — as an OpenAI error envelope. Successful answers, streams
-//! included, are never buffered.
+//! included, are never buffered. Where a route caches answers, a request
+//! carries an `Idempotency-Key`, or its key has budgets, one call to
+//! ext-proc's gate decides before it goes on: sent on, answered from the
+//! gate's store, or refused ([`gate`]).
 //!
 //! The proxy-wasm callbacks here only hand over to the policy: [`flow`] for a
 //! request, [`worker`] for the root context, both written against [`host::Host`]
