@@ -193,7 +193,9 @@ impl Keep {
     }
 }
 
-/// Budgets reserved by a request: this worker's part and a counter, with the request's start, in hex.
+/// Budgets reserved by a request: this worker's part (16 hex digits) and a
+/// counter, with the request's start, in hex: at most 64 letters, digits and
+/// `-`, as the store takes them.
 pub fn reservation_id(worker: &str, counter: u64, started_us: u64) -> String {
     format!("{worker}-{counter:x}-{started_us:x}")
 }
@@ -253,6 +255,13 @@ mod tests {
         left.on_headers(200, None);
         left.add(b"data: ");
         assert_eq!(call(left, false), Some((false, Vec::new())));
+    }
+
+    #[test]
+    fn a_reservation_id_is_short_and_plain() {
+        let id = reservation_id(&format!("{:016x}", u64::MAX), u64::MAX, u64::MAX);
+        assert!(id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'), "{id}");
+        assert_ne!(reservation_id("w", 1, 5), reservation_id("w", 2, 5));
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl Worker {
                 if router.cache().is_some() || router.budgets().is_some() {
                     self.gate = Rc::new(GateShared {
                         store_failures: host.counter("modelgate.gate.store_failures"),
-                        worker: batch_sender(host.now_us()),
+                        worker: random_hex(),
                         reservations: Cell::new(0),
                     });
                 }
@@ -210,11 +210,15 @@ impl Worker {
     }
 }
 
-/// This VM's part of its batches' ids: 64 random bits from the host
-/// (WASI's `random_get`, which keys std's hasher) and the time, so no two
-/// workers or Envoy restarts share one.
+/// This VM's part of its batches' ids: 64 random bits and the time, so no
+/// two workers or Envoy restarts share one.
 fn batch_sender(now_us: u64) -> String {
+    format!("{}-{now_us:x}", random_hex())
+}
+
+/// 64 random bits from the host (WASI's `random_get`, which keys std's hasher), in hex.
+fn random_hex() -> String {
     use std::hash::BuildHasher;
     let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    format!("{random:016x}-{now_us:x}")
+    format!("{random:016x}")
 }
