@@ -8,6 +8,7 @@ use crate::host::Host;
 use crate::outbox::{self, Delivery, Outbox, RecordBatch};
 use modelgate_proto::headers;
 use modelgate_proto::routing::Router;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -35,6 +36,25 @@ pub(crate) fn admin_call_headers<'a>(
     headers
 }
 
+/// What this worker's requests share for the gate.
+#[derive(Debug, Default)]
+pub struct GateShared {
+    /// Envoy's counter of the times the gate gave no verdict.
+    pub store_failures: Option<u32>,
+    /// This VM's part of its budget reservations' ids.
+    worker: String,
+    reservations: Cell<u64>,
+}
+
+impl GateShared {
+    /// A new budget reservation's id, for a request that started at `started_us`.
+    pub fn reservation_id(&self, started_us: u64) -> String {
+        let counter = self.reservations.get() + 1;
+        self.reservations.set(counter);
+        crate::gate::reservation_id(&self.worker, counter, started_us)
+    }
+}
+
 #[derive(Default)]
 pub struct Worker {
     router: Rc<Router>,
@@ -48,6 +68,7 @@ pub struct Worker {
     records_dropped: Option<u32>,
     /// Batches sent and not yet answered, by call: put back in the outbox if they fail.
     in_flight: HashMap<u32, Batch>,
+    gate: Rc<GateShared>,
 }
 
 enum Batch {
@@ -74,6 +95,13 @@ impl Worker {
                 if router.accounting().is_some() {
                     self.records_dropped = host.counter("modelgate.usage_records_dropped");
                 }
+                if router.cache().is_some() || router.budgets().is_some() {
+                    self.gate = Rc::new(GateShared {
+                        store_failures: host.counter("modelgate.gate.store_failures"),
+                        worker: random_hex(),
+                        reservations: Cell::new(0),
+                    });
+                }
                 self.router = Rc::new(router);
                 true
             }
@@ -86,7 +114,7 @@ impl Worker {
 
     /// A new request's flow.
     pub fn new_flow(&self) -> Flow {
-        Flow::new(Rc::clone(&self.router), Rc::clone(&self.outbox), self.store_failures)
+        Flow::new(Rc::clone(&self.router), Rc::clone(&self.outbox), self.store_failures, Rc::clone(&self.gate))
     }
 
     /// Sends the usage records and token settlements this worker holds, and tells of what it dropped.
@@ -182,11 +210,15 @@ impl Worker {
     }
 }
 
-/// This VM's part of its batches' ids: 64 random bits from the host
-/// (WASI's `random_get`, which keys std's hasher) and the time, so no two
-/// workers or Envoy restarts share one.
+/// This VM's part of its batches' ids: 64 random bits and the time, so no
+/// two workers or Envoy restarts share one.
 fn batch_sender(now_us: u64) -> String {
+    format!("{}-{now_us:x}", random_hex())
+}
+
+/// 64 random bits from the host (WASI's `random_get`, which keys std's hasher), in hex.
+fn random_hex() -> String {
     use std::hash::BuildHasher;
     let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    format!("{random:016x}-{now_us:x}")
+    format!("{random:016x}")
 }
