@@ -37,8 +37,13 @@ fn base() -> Value {
 
 /// Options that need another (dependent, needed): leaving the needed one out
 /// leaves its dependents out too, since a configuration with them alone is refused.
-const NEEDS: &[(&str, &str)] =
-    &[("idempotency", "cache"), ("budgets", "accounting"), ("client_keys[].budgets", "budgets")];
+const NEEDS: &[(&str, &str)] = &[
+    ("idempotency", "cache"),
+    ("backends.<name>.cache", "cache"),
+    ("models[].cache", "cache"),
+    ("budgets", "accounting"),
+    ("client_keys[].budgets", "budgets"),
+];
 
 /// `option` left out of `config`, with every option that needs it.
 fn remove(config: &mut Value, option: &str) {
