@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: what modelgate adds to every request, measured in one run
-against bare Envoy, the backend directly, and LiteLLM, on the same simulator;
+against bare Envoy, the backend directly, and LiteLLM, on the same simulator; what a response
+cache hit costs;
 OpenAI's Responses API and Anthropic's Messages API streamed through their translation into chat
 completions; a batch of chat completions run through the Batch API; and a self-hosted pool's
 replica picking against Envoy's own balancing, on simulated vLLM engines.
@@ -68,8 +69,8 @@ BATCH_TIMEOUT_S = 600
 # On two or more CPUs, the gateway under test (Envoy, ext-proc, stream guard) and its peer (LiteLLM) get
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
-PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "quiet-envoy", "ext-proc", "stream-guard",
-                                    "litellm"]}
+PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "quiet-envoy", "cached-envoy", "ext-proc",
+                                    "stream-guard", "litellm"]}
            | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, *POOL_REPLICAS,
                                      "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
@@ -80,17 +81,46 @@ PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "quiet-
 BENCH_KEY = f"sk-bench-{secrets.token_hex(8)}"
 
 
-def with_limited_key(config: dict) -> None:
+def gateway(*edits):
+    """An Envoy configuration's adjustment: the demo's filter configuration with the cache's store
+    and idempotency configured and no route caching (every gateway here has a cache, and its routes
+    pay nothing for it unless they cache), then `edits` applied."""
+    def edit(routing: dict) -> None:
+        routing.setdefault("cache", {"cluster": "modelgate_admin"})
+        routing.setdefault("idempotency", {})
+        for holder in [*routing["models"], *routing["backends"].values()]:
+            holder.pop("cache", None)
+        for more in edits:
+            more(routing)
+    return lambda config: edit_filter_config(config, edit)
+
+
+def with_limited_key(routing: dict) -> None:
     limits = {"requests_per_minute": 60_000_000, "tokens_per_minute": 60_000_000,
               "models": {MODEL: {"requests_per_minute": 60_000_000, "tokens_per_minute": 60_000_000}}}
     digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
-    edit_filter_config(config, lambda routing: routing.update(
-        client_keys=[{"name": "bench", "sha256": digest, "limits": limits}]))
+    routing["client_keys"] = [{"name": "bench", "sha256": digest, "limits": limits}]
 
 
-def without_accounting(config: dict) -> None:
-    """The demo without usage records: what accounting costs is the difference."""
-    edit_filter_config(config, lambda routing: routing.pop("accounting"))
+def with_cached_model(routing: dict) -> None:
+    """The cache-hit route: MODEL's answers cached (deterministic requests only, as by default), so
+    the same `temperature: 0` request is a hit after its first."""
+    next(route for route in routing["models"] if route["match"] == MODEL)["cache"] = {"ttl_secs": 3600}
+
+
+def without_accounting(routing: dict) -> None:
+    """The demo without usage records: what accounting costs is the difference (budgets, which
+    need them, go too)."""
+    routing.pop("accounting")
+    routing.pop("budgets", None)
+
+
+def cache_hits(stack: Stack) -> float:
+    """ext-proc's count of cache hits so far (`modelgate_cache_lookups_total{result="hit"}`)."""
+    with urllib.request.urlopen(f"{stack.ext_proc_admin_url}/metrics", timeout=10) as answer:
+        metrics = answer.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("modelgate_cache_lookups_total{") and 'result="hit"' in line)
 
 
 STREAM_TOKENS = 20
@@ -104,12 +134,14 @@ class Run:
         self.warmup = 0.2 if short else 1.0
         # scenario -> (url, model, headers of that scenario)
         self.urls: dict[str, tuple[str, str, dict[str, str]]] = {}
+        # scenario -> members its requests' bodies add
+        self.body_extras: dict[str, dict] = {}
 
     def load(self, scenario: str, *, rate: float | None = None, concurrency: int | None = None,
              stream: bool = False, headers: dict[str, str] | None = None, duration: float | None = None) -> dict:
         url, model, scenario_headers = self.urls[scenario]
         prompt, bound = API_FIELDS[urllib.parse.urlsplit(url).path]
-        body = {"model": model, prompt: PROMPT, bound: 16}
+        body = {"model": model, prompt: PROMPT, bound: 16, **self.body_extras.get(scenario, {})}
         if stream:
             body["stream"] = True
         argv = [*(["taskset", "-c", PINNING["loadgen"]] if PINNING else []), str(LOADGEN), "--url", url, "--body", json.dumps(body),
@@ -177,21 +209,26 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
 
 def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", "pool",
-                             "fallbacks", *TRANSLATED, "litellm"] if s in run.urls]
+    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "cache_hit", "rate_limited", "ext_proc",
+                             "pool", "fallbacks", *TRANSLATED, "litellm"] if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
     # Rounds interleave the scenarios so a noisy neighbour hits them alike; the median round counts.
     # CPU time per request of the processes doing the serving shows where the time goes.
     serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "unaccounted": ["quiet-envoy"],
-               "passthrough": ["envoy", "ext-proc"], "rate_limited": ["keyed-envoy", "ext-proc"],
+               "passthrough": ["envoy", "ext-proc"], "cache_hit": ["cached-envoy", "ext-proc"],
+               "rate_limited": ["keyed-envoy", "ext-proc"],
                "ext_proc": ["envoy", "ext-proc"], "pool": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],
                **{dialect: ["envoy", "ext-proc"] for dialect in TRANSLATED}}
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
     for _ in range(1 if run.short else 3):
         for s in scenarios:
+            hits_before = cache_hits(stack) if s == "cache_hit" else 0
             rounds[s].append(with_cpu(stack, serving[s], lambda: run.load(s, concurrency=concurrency)))
+            if s == "cache_hit":
+                # Every request answered from the cache, or the row measures something else.
+                rounds[s][-1]["cache_hits"] = cache_hits(stack) - hits_before
     results["throughput"] = {s: sorted(r, key=lambda x: x["throughput_rps"])[len(r) // 2] for s, r in rounds.items()}
     bare_max = results["throughput"]["bare"]["throughput_rps"]
 
@@ -201,7 +238,7 @@ def measure(run: Run, stack: Stack) -> dict:
     sweep = []
     capacity = {s: r["throughput_rps"] for s, r in results["throughput"].items()}
     for rate in rates:
-        for s in ["direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc", "pool"]:
+        for s in ["direct", "bare", "unaccounted", "passthrough", "cache_hit", "rate_limited", "ext_proc", "pool"]:
             # Past its capacity a scenario only queues without bound; its latency there says nothing.
             if rate <= 0.9 * capacity[s]:
                 sweep.append(run.load(s, rate=rate))
@@ -470,6 +507,10 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
         rows.append((f"{name} throughput / bare Envoy", f"{r:.2f}x", f">= {goal}x", r >= goal))
 
     ratio_row("passthrough", "passthrough", 0.85)
+    cpu = {s: sum(tp[s]["cpu_us_per_request"].values()) for s in ["passthrough", "cache_hit"]}
+    rows.append(("cache hit: CPU per request (Envoy + ext-proc) / passthrough's",
+                 f"{cpu['cache_hit']:.1f} / {cpu['passthrough']:.1f} µs", "lower",
+                 cpu["cache_hit"] < cpu["passthrough"]))
     half = round(bare * 0.5)
     b, p = latency_at(results, "bare", half), latency_at(results, "passthrough", half)
     if b and p:
@@ -650,21 +691,25 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Run(short=args.short)
-    with Stack(log_level="error", envoy_concurrency=1, cpus=PINNING) as stack:
+    with Stack(log_level="error", envoy_concurrency=1, cpus=PINNING, adjust_config=gateway()) as stack:
         bare_ports = {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001]}
         stack.start_envoy("bare-envoy", BARE_CONFIG, bare_ports)
         keyed_ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
                        INNER_LISTENER_PORT: free_port()}
-        stack.start_envoy("keyed-envoy", DEMO_CONFIG, keyed_ports, with_limited_key)
+        stack.start_envoy("keyed-envoy", DEMO_CONFIG, keyed_ports, gateway(with_limited_key))
         quiet_ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
                        INNER_LISTENER_PORT: free_port()}
-        stack.start_envoy("quiet-envoy", DEMO_CONFIG, quiet_ports, without_accounting)
+        stack.start_envoy("quiet-envoy", DEMO_CONFIG, quiet_ports, gateway(without_accounting))
+        cached_ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
+                        INNER_LISTENER_PORT: free_port()}
+        stack.start_envoy("cached-envoy", DEMO_CONFIG, cached_ports, gateway(with_cached_model))
         backend = stack.backend_url(BACKEND)
         run.urls = {
             "direct": (backend + CHAT, MODEL, {}),
             "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
             "unaccounted": (f"http://127.0.0.1:{quiet_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
             "passthrough": (f"http://127.0.0.1:{stack.port}{CHAT}", MODEL, {}),
+            "cache_hit": (f"http://127.0.0.1:{cached_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
             "rate_limited": (f"http://127.0.0.1:{keyed_ports[LISTENER_PORT]}{CHAT}", MODEL,
                              {"authorization": f"Bearer {BENCH_KEY}"}),
             "ext_proc": (f"http://127.0.0.1:{stack.port}{CHAT}", RENAMED, {}),
@@ -673,6 +718,7 @@ def main() -> None:
             **{dialect: (f"http://127.0.0.1:{stack.port}{CHAT}", model, {}) for dialect, model in TRANSLATED.items()},
             **{api: (f"http://127.0.0.1:{stack.port}{path}", THROUGH_CHAT, {}) for api, path in CLIENT_APIS.items()},
         }
+        run.body_extras = {"cache_hit": {"temperature": 0}}
         if not args.short:
             litellm = start_litellm(stack, backend)
             if litellm:

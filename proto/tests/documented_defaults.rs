@@ -15,7 +15,7 @@ const SECTION: &str = "The filter's configuration";
 
 /// One of every object the options live in, each with its required fields.
 fn base() -> Value {
-    json!({
+    let mut config = json!({
         "backends": {"b": {"cluster": "c"}},
         "models": [{"match": "m", "backend": "b", "price": {"input_per_million": 1.0, "output_per_million": 2.0},
                     "fallbacks": [{"backend": "b"}]}],
@@ -25,7 +25,34 @@ fn base() -> Value {
         "shared_limits": {"cluster": "admin"},
         "batches": {"cluster": "admin"},
         "pools": {"cluster": "admin"},
-    })
+        "cache": {"cluster": "admin"},
+        "idempotency": {},
+        "budgets": {"cluster": "admin"},
+    });
+    config["backends"]["b"]["cache"] = json!({"ttl_secs": 60});
+    config["models"][0]["cache"] = json!({"ttl_secs": 60});
+    config["client_keys"][0]["budgets"] = json!({"models": {"m": {}}, "backends": {"b": {}}});
+    config
+}
+
+/// Options that need another (dependent, needed): leaving the needed one out
+/// leaves its dependents out too, since a configuration with them alone is refused.
+const NEEDS: &[(&str, &str)] = &[
+    ("idempotency", "cache"),
+    ("backends.<name>.cache", "cache"),
+    ("models[].cache", "cache"),
+    ("budgets", "accounting"),
+    ("client_keys[].budgets", "budgets"),
+];
+
+/// `option` left out of `config`, with every option that needs it.
+fn remove(config: &mut Value, option: &str) {
+    for (dependent, _) in NEEDS.iter().filter(|(_, needed)| *needed == option) {
+        remove(config, dependent);
+    }
+    let path: Vec<&str> = option.split('.').collect();
+    let (leaf, parent) = path.split_last().expect("a non-empty option");
+    object(config, parent).remove(*leaf);
 }
 
 /// The object a documented path leads to: `name[]` is a list's first element,
@@ -63,7 +90,7 @@ fn every_documented_default_is_the_codes() {
         let path: Vec<&str> = option.split('.').collect();
         let (leaf, parent) = path.split_last().expect("a non-empty option");
         let mut without = base();
-        object(&mut without, parent).remove(*leaf);
+        remove(&mut without, option);
         let omitted = parsed(&without);
 
         // The option exists: a value of the wrong type (no option is a list of lists) is refused.

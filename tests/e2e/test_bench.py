@@ -16,8 +16,8 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     [result_file] = tmp_path.glob("bench-*-short.json")
     results = json.loads(result_file.read_text())
 
-    assert set(results["throughput"]) == {"direct", "bare", "unaccounted", "passthrough", "rate_limited", "ext_proc",
-                                          "pool", "fallbacks", "anthropic", "ollama"}
+    assert set(results["throughput"]) == {"direct", "bare", "unaccounted", "passthrough", "cache_hit", "rate_limited",
+                                          "ext_proc", "pool", "fallbacks", "anthropic", "ollama"}
     assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama", "responses",
                                          "messages"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
@@ -25,8 +25,11 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
         assert run["errors"] == 0, run
         assert run["ok"] > 0, run
     # at 0.1x bare Envoy's capacity every scenario is measured; at 0.5x, those that can serve it
-    assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", "unaccounted", "passthrough", "rate_limited",
-                                                           "ext_proc", "pool"}
+    assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", "unaccounted", "passthrough", "cache_hit",
+                                                           "rate_limited", "ext_proc", "pool"}
+    # the cache-hit row measured hits: ext-proc counted at least one for every request after the warm-up
+    cached = results["throughput"]["cache_hit"]
+    assert cached["cache_hits"] >= cached["ok"], cached
     for scenario in results["streaming"].values():
         # 1 role chunk + 20 tokens + finish + [DONE] arrive as separate chunks, so gaps were measured
         assert scenario["chunk_gap"]["count"] > 0
@@ -49,5 +52,6 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
 
     report = result_file.with_suffix(".md").read_text()
     assert "| passthrough throughput / bare Envoy |" in report
+    assert "| cache hit: CPU per request (Envoy + ext-proc) / passthrough's |" in report
     assert "| pool: combined picker's mean TTFT / round robin's |" in report
     assert result_file.with_suffix(".svg").read_text().startswith("<svg")
