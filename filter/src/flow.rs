@@ -877,16 +877,22 @@ impl Flow {
     }
 
     /// A request the gate gave no verdict on: counted and logged; with
-    /// budgets, refused or let through uncharged as configured; otherwise a
-    /// cache miss that keeps nothing.
+    /// budgets, refused or let through as configured; otherwise a cache miss
+    /// that keeps nothing.
     fn without_verdict<H: Host>(&mut self, host: &H, gated: Gated, body: &[u8]) -> Action {
         if let Some(metric) = self.gate.store_failures {
             host.count(metric);
         }
         host.log_error("modelgate: ext-proc's gate gave no verdict (see ext-proc's log)");
-        let Gated { admitted, routing, budgets, cache, .. } = gated;
+        let Gated { admitted, routing, budgets, cache, reservation, .. } = gated;
         match gate::without_verdict(&self.router, budgets) {
-            Ok(()) => self.send_on(host, admitted, routing, body, Passed { cache_miss: cache, ..Passed::default() }),
+            Ok(()) => {
+                // The record still names the reservation: had the store made it after all, the
+                // record settles it, and had it not, the store refuses to make it later.
+                let passed =
+                    Passed { cache_miss: cache, budget_reservation: budgets.then_some(reservation), ..Passed::default() };
+                self.send_on(host, admitted, routing, body, passed)
+            }
             Err(reply) => {
                 self.settle(host, &admitted.reserved, Some(0));
                 self.refuse(host, admitted.caller, routing, &reply)

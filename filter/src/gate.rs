@@ -111,7 +111,7 @@ pub fn refusal(refusal: &Refusal) -> Reply {
 }
 
 /// What a request does when the gate gave no verdict: with budgets, as
-/// `budgets.on_failure` says (`Ok` goes on, uncharged); otherwise it goes on as a miss.
+/// `budgets.on_failure` says (`Ok` goes on; its record settles whatever the store reserved after all); otherwise it goes on as a miss.
 pub fn without_verdict(router: &Router, asked_budgets: bool) -> Result<(), Reply> {
     match router.budgets().map(|b| b.on_failure) {
         Some(modelgate_proto::config::FailureMode::Deny) if asked_budgets => {
