@@ -121,3 +121,118 @@ fn error_response(error: &GatewayError) -> Response {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budgets::Budgets;
+    use crate::cache::{Memory, Store};
+    use axum::body::Body;
+    use modelgate_proto::gate::{GateVerdict, StoreTicket};
+    use modelgate_proto::headers::INTERNAL_TOKEN;
+    use serde_json::{json, Value};
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "s3cret";
+
+    fn app() -> Router {
+        let gate = Gate::new(Store::Memory(Memory::new(1 << 20)), Arc::new(Budgets {}));
+        router(Arc::new(gate), InternalToken::new(TOKEN))
+    }
+
+    async fn call(app: &Router, method: &str, path: &str, token: Option<&str>, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        let mut builder = axum::http::Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            builder = builder.header(INTERNAL_TOKEN, token);
+        }
+        let answer = app.clone().oneshot(builder.body(Body::from(body)).unwrap()).await.unwrap();
+        let status = answer.status();
+        (status, axum::body::to_bytes(answer.into_body(), usize::MAX).await.unwrap().to_vec())
+    }
+
+    fn error_of(body: &[u8]) -> Value {
+        serde_json::from_slice::<Value>(body).unwrap()["error"].clone()
+    }
+
+    fn gate_call(body: &str) -> Vec<u8> {
+        let ask = GateRequest {
+            request_id: "r".into(),
+            owner: "alice".into(),
+            path: "/v1/chat/completions".into(),
+            model: "m".into(),
+            idempotency: Some(gate::IdempotencyAsk { key: "k".into(), window_secs: 60 }),
+            ..GateRequest::default()
+        };
+        ask.to_call_body(body.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn only_envoy_is_served() {
+        let app = app();
+        for path in [GATE_PATH, GATE_STORE_PATH] {
+            for token in [None, Some("wrong")] {
+                let (status, body) = call(&app, "POST", path, token, b"{}".to_vec()).await;
+                assert_eq!(
+                    (status, error_of(&body)["code"].clone()),
+                    (StatusCode::UNAUTHORIZED, json!("invalid_internal_token"))
+                );
+            }
+            let (status, _) = call(&app, "GET", path, Some(TOKEN), Vec::new()).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_is_claimed_then_its_repeat_refused_then_replayed() {
+        let app = app();
+        let (status, body) = call(&app, "POST", GATE_PATH, Some(TOKEN), gate_call(r#"{"model":"m"}"#)).await;
+        assert_eq!(status, StatusCode::OK);
+        let (verdict, rest) = gate::split_answer(&body).unwrap();
+        assert!(rest.is_empty());
+        let GateVerdict::Proceed { ticket: Some(ticket), .. } = verdict else { panic!("{verdict:?}") };
+
+        let (_, body) = call(&app, "POST", GATE_PATH, Some(TOKEN), gate_call(r#"{"model":"m"}"#)).await;
+        assert!(matches!(gate::split_answer(&body).unwrap().0, GateVerdict::Refuse { .. }));
+
+        let ended = StoreRequest {
+            request_id: "r".into(),
+            ticket,
+            complete: true,
+            status: 201,
+            content_type: "application/json".into(),
+            stream: false,
+            usage: None,
+        };
+        let (status, body) =
+            call(&app, "POST", GATE_STORE_PATH, Some(TOKEN), gate::join_line(&ended, b"{\"id\":1}\n")).await;
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+        let (_, body) = call(&app, "POST", GATE_PATH, Some(TOKEN), gate_call(r#"{ "model" : "m" }"#)).await;
+        let (verdict, rest) = gate::split_answer(&body).unwrap();
+        assert!(matches!(verdict, GateVerdict::Replay { status: 201, .. }), "{verdict:?}");
+        assert_eq!(rest, b"{\"id\":1}\n");
+    }
+
+    #[tokio::test]
+    async fn calls_of_another_shape_are_refused_by_name() {
+        let app = app();
+        let (status, body) = call(&app, "POST", GATE_PATH, Some(TOKEN), b"{\"owner\":".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+        let budgeted = GateRequest { budgets: vec![gate::BudgetCandidate::default()], ..GateRequest::default() };
+        let (status, body) = call(&app, "POST", GATE_PATH, Some(TOKEN), budgeted.to_call_body(b"{}")).await;
+        assert_eq!((status, error_of(&body)["param"].clone()), (StatusCode::BAD_REQUEST, json!("reservation")));
+
+        let forged = StoreRequest {
+            request_id: "r".into(),
+            ticket: StoreTicket { claim: Some("idem:../../x/00/00".into()), ..StoreTicket::default() },
+            complete: false,
+            status: 200,
+            content_type: String::new(),
+            stream: false,
+            usage: None,
+        };
+        let (status, body) = call(&app, "POST", GATE_STORE_PATH, Some(TOKEN), gate::join_line(&forged, b"")).await;
+        assert_eq!((status, error_of(&body)["param"].clone()), (StatusCode::BAD_REQUEST, json!("ticket")));
+        let (status, _) = call(&app, "POST", GATE_STORE_PATH, Some(TOKEN), b"not json\n".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+}

@@ -116,7 +116,11 @@ impl Gate {
             if asked.mode == CacheMode::Always || replay::is_deterministic(&ask.body) {
                 let partition = if asked.shared { "*" } else { ask.owner.as_str() };
                 let key = replay::cache_key(partition, &ask.path, &ask.model, &ask.body);
-                if asked.lookup && store_up {
+                if !asked.lookup {
+                    self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                } else if !store_up {
+                    self.counters.miss.fetch_add(1, Ordering::Relaxed);
+                } else {
                     match self.store.get(&cache::cache_entry_key(&key), now_ms).await {
                         Ok(found) => {
                             if let Some((head, whole)) = found.as_deref().and_then(cache::decode_cached) {
@@ -131,8 +135,6 @@ impl Gate {
                             store_up = false;
                         }
                     }
-                } else {
-                    self.counters.skipped.fetch_add(1, Ordering::Relaxed);
                 }
                 cache_miss = true;
                 if asked.store && store_up {
@@ -320,5 +322,306 @@ impl Collector for GateMetrics {
             ConstCounter::new(count.load(Ordering::Relaxed)).encode(metric)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Memory, RedisStore};
+    use modelgate_proto::gate::{CacheAsk, IdempotencyAsk};
+    use modelgate_proto::usage::Usage;
+    use serde_json::{json, Value};
+    use std::time::Duration;
+
+    const CHAT: &str = "/v1/chat/completions";
+    const MINUTE: u64 = 60_000;
+    const USAGE: Usage = Usage { prompt_tokens: 5, completion_tokens: 2 };
+
+    fn gate() -> Gate {
+        Gate::new(Store::Memory(Memory::new(1 << 20)), Arc::new(Budgets {}))
+    }
+
+    fn cached(ttl_secs: u64) -> CacheAsk {
+        CacheAsk { ttl_secs, mode: CacheMode::Deterministic, shared: false, lookup: true, store: true }
+    }
+
+    fn ask(owner: &str, body: Value) -> GateRequest {
+        GateRequest {
+            request_id: "req".into(),
+            owner: owner.into(),
+            path: CHAT.into(),
+            model: "m".into(),
+            cache: Some(cached(300)),
+            body,
+            ..GateRequest::default()
+        }
+    }
+
+    fn idempotent(owner: &str, key: &str, body: Value) -> GateRequest {
+        GateRequest {
+            idempotency: Some(IdempotencyAsk { key: key.into(), window_secs: 3600 }),
+            cache: None,
+            ..ask(owner, body)
+        }
+    }
+
+    fn question(text: &str) -> Value {
+        json!({"model": "m", "temperature": 0, "messages": [{"role": "user", "content": text}]})
+    }
+
+    fn answer(text: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        }))
+        .unwrap()
+    }
+
+    fn ended(ticket: StoreTicket, complete: bool, status: u16) -> StoreRequest {
+        StoreRequest {
+            request_id: "req".into(),
+            ticket,
+            complete,
+            status,
+            content_type: "application/json".into(),
+            stream: false,
+            usage: Some(USAGE),
+        }
+    }
+
+    fn ticket_of(verdict: &GateVerdict) -> StoreTicket {
+        match verdict {
+            GateVerdict::Proceed { ticket: Some(ticket), .. } => ticket.clone(),
+            other => panic!("no ticket: {other:?}"),
+        }
+    }
+
+    fn metric(gate: &Gate, series: &str) -> u64 {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(gate.collector());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let line = text.lines().find(|l| l.starts_with(&format!("{series} "))).unwrap_or_else(|| panic!("{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_kept_and_then_served_whole_or_as_a_stream() {
+        let gate = gate();
+        let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
+        let GateVerdict::Proceed { member: 0, cache_miss: true, ticket: Some(ticket) } = verdict else {
+            panic!("{verdict:?}")
+        };
+        assert!(ticket.cache_key.is_some() && ticket.claim.is_none());
+        assert_eq!((ticket.ttl_secs, ticket.path.as_str()), (300, CHAT));
+        gate.keep(&ended(ticket, true, 200), &answer("hello"), 1).await;
+
+        // Key order and the non-semantic members do not matter.
+        let again =
+            json!({"messages": [{"content": "hi", "role": "user"}], "temperature": 0, "model": "m", "user": "u"});
+        let (verdict, bytes) = gate.decide(&ask("alice", again), 2).await.unwrap();
+        let usage = Some(USAGE);
+        let json = "application/json".to_string();
+        assert_eq!(
+            verdict,
+            GateVerdict::Replay { source: ReplaySource::Cache, status: 200, content_type: json, usage }
+        );
+        let whole: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(whole["choices"][0]["message"]["content"], "hello");
+
+        let mut streamed = question("hi");
+        streamed["stream"] = true.into();
+        streamed["stream_options"] = json!({"include_usage": true});
+        let (verdict, bytes) = gate.decide(&ask("alice", streamed), 3).await.unwrap();
+        assert!(matches!(&verdict, GateVerdict::Replay { content_type, .. } if content_type == "text/event-stream"));
+        let assembled = replay::whole_answer(CHAT, true, &bytes, None).unwrap();
+        assert_eq!(assembled["choices"][0]["message"]["content"], "hello");
+        assert_eq!(assembled["usage"]["completion_tokens"], 2);
+        assert_eq!((metric(&gate, "modelgate_cache_lookups_total{result=\"hit\"}")), 2);
+        assert_eq!((metric(&gate, "modelgate_cache_lookups_total{result=\"miss\"}")), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_are_kept_per_key_unless_shared_and_for_their_ttl() {
+        let gate = gate();
+        let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
+        gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("hello"), 0).await;
+        let hit = |verdict: &GateVerdict| matches!(verdict, GateVerdict::Replay { .. });
+        assert!(!hit(&gate.decide(&ask("bob", question("hi")), 1).await.unwrap().0));
+        assert!(hit(&gate.decide(&ask("alice", question("hi")), 300_000 - 1).await.unwrap().0));
+        assert!(!hit(&gate.decide(&ask("alice", question("hi")), 300_000).await.unwrap().0));
+
+        let shared = |owner: &str| GateRequest {
+            cache: Some(CacheAsk { shared: true, ..cached(300) }),
+            ..ask(owner, question("shared"))
+        };
+        let (verdict, _) = gate.decide(&shared("alice"), 0).await.unwrap();
+        gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("for all"), 0).await;
+        assert!(hit(&gate.decide(&shared("bob"), 1).await.unwrap().0));
+    }
+
+    #[tokio::test]
+    async fn no_cache_no_store_and_random_requests_are_not_served_from_the_cache() {
+        let gate = gate();
+        let with = |lookup, store, body| GateRequest {
+            cache: Some(CacheAsk { lookup, store, ..cached(300) }),
+            ..ask("alice", body)
+        };
+        // no-store: not kept.
+        let (verdict, _) = gate.decide(&with(true, false, question("hi")), 0).await.unwrap();
+        assert_eq!(verdict, GateVerdict::Proceed { member: 0, ticket: None, cache_miss: true });
+        // no-cache: not looked up, but kept.
+        let (verdict, _) = gate.decide(&with(false, true, question("hi")), 0).await.unwrap();
+        gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("fresh"), 0).await;
+        let (verdict, _) = gate.decide(&with(false, true, question("hi")), 1).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Proceed { cache_miss: true, .. }), "{verdict:?}");
+        assert!(matches!(
+            gate.decide(&with(true, true, question("hi")), 1).await.unwrap().0,
+            GateVerdict::Replay { .. }
+        ));
+        // Sampled: neither looked up nor kept, unless the route caches always.
+        let sampled = json!({"model": "m", "messages": [], "temperature": 0.7});
+        let (verdict, _) = gate.decide(&ask("alice", sampled.clone()), 0).await.unwrap();
+        assert_eq!(verdict, GateVerdict::Proceed { member: 0, ticket: None, cache_miss: false });
+        let always =
+            GateRequest { cache: Some(CacheAsk { mode: CacheMode::Always, ..cached(300) }), ..ask("alice", sampled) };
+        assert!(
+            gate.decide(&always, 0).await.unwrap().0
+                != GateVerdict::Proceed { member: 0, ticket: None, cache_miss: false }
+        );
+        assert_eq!(metric(&gate, "modelgate_cache_lookups_total{result=\"skipped\"}"), 3);
+    }
+
+    #[tokio::test]
+    async fn errors_and_answers_cut_short_are_not_kept() {
+        let gate = gate();
+        let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
+        let ticket = ticket_of(&verdict);
+        gate.keep(&ended(ticket.clone(), false, 200), &[], 0).await;
+        gate.keep(&ended(ticket.clone(), true, 200), br#"{"error":{"message":"no"}}"#, 0).await;
+        let cut = StoreRequest { stream: true, content_type: "text/event-stream".into(), ..ended(ticket, true, 200) };
+        gate.keep(&cut, b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"he\"}}]}\n\n", 0).await;
+        assert!(matches!(gate.decide(&ask("alice", question("hi")), 1).await.unwrap().0, GateVerdict::Proceed { .. }));
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_runs_once_and_its_repeats_get_its_answer() {
+        let gate = gate();
+        let first = idempotent("alice", "k1", question("hi"));
+        let (verdict, _) = gate.decide(&first, 0).await.unwrap();
+        let ticket = ticket_of(&verdict);
+        assert_eq!((ticket.cache_key.as_ref(), ticket.window_secs), (None, 3600));
+        assert!(valid_ticket(&ticket));
+        let refused = |refusal| (GateVerdict::Refuse { refusal }, Vec::new());
+        assert_eq!(gate.decide(&first, 1).await.unwrap(), refused(Refusal::IdempotencyInProgress));
+        let other = idempotent("alice", "k1", question("another"));
+        assert_eq!(gate.decide(&other, 1).await.unwrap(), refused(Refusal::IdempotencyMismatch));
+        // Another key's, or another key name: its own.
+        assert!(matches!(
+            gate.decide(&idempotent("bob", "k1", question("hi")), 1).await.unwrap().0,
+            GateVerdict::Proceed { .. }
+        ));
+
+        let streamed =
+            StoreRequest { stream: true, content_type: "text/event-stream".into(), ..ended(ticket, true, 200) };
+        gate.keep(&streamed, b"data: raw\n\n", 2).await;
+        let (verdict, bytes) = gate.decide(&first, 3).await.unwrap();
+        let content_type = "text/event-stream".to_string();
+        let usage = Some(USAGE);
+        assert_eq!(
+            verdict,
+            GateVerdict::Replay { source: ReplaySource::Idempotency, status: 200, content_type, usage }
+        );
+        assert_eq!(bytes, b"data: raw\n\n");
+        assert_eq!(gate.decide(&other, 3).await.unwrap(), refused(Refusal::IdempotencyMismatch));
+        assert_eq!(metric(&gate, "modelgate_idempotent_replays_total"), 1);
+        // Past the window, the key is new again.
+        assert!(matches!(gate.decide(&first, 2 + 3_600_000).await.unwrap().0, GateVerdict::Proceed { .. }));
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_answer_lets_the_key_go_and_a_lost_claim_ends_with_its_lease() {
+        let gate = gate();
+        let first = idempotent("alice", "k", question("hi"));
+        let (verdict, _) = gate.decide(&first, 0).await.unwrap();
+        gate.keep(&ended(ticket_of(&verdict), false, 0), &[], 1).await;
+        let (verdict, _) = gate.decide(&first, 2).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Proceed { ticket: Some(_), .. }), "{verdict:?}");
+        // A claim's lease is ten minutes: then its request is taken as lost.
+        let refused = GateVerdict::Refuse { refusal: Refusal::IdempotencyInProgress };
+        assert_eq!(gate.decide(&first, 2 + 10 * MINUTE - 1).await.unwrap().0, refused);
+        let (late, _) = gate.decide(&first, 2 + 10 * MINUTE).await.unwrap();
+        // The lost request's end changes nothing; the new one's is kept.
+        gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("lost"), 11 * MINUTE).await;
+        assert_eq!(gate.decide(&first, 11 * MINUTE).await.unwrap().0, refused);
+        gate.keep(&ended(ticket_of(&late), true, 200), &answer("found"), 11 * MINUTE).await;
+        let (verdict, bytes) = gate.decide(&first, 11 * MINUTE).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Replay { source: ReplaySource::Idempotency, .. }));
+        assert_eq!(bytes, answer("found"));
+    }
+
+    #[tokio::test]
+    async fn a_repeat_comes_before_the_cache_and_a_hit_answers_the_key() {
+        let gate = gate();
+        let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
+        gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("cached"), 0).await;
+        let both = GateRequest { cache: Some(cached(300)), ..idempotent("alice", "k", question("hi")) };
+        let (verdict, first) = gate.decide(&both, 1).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Replay { source: ReplaySource::Cache, .. }), "{verdict:?}");
+        let (verdict, repeat) = gate.decide(&both, 2).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Replay { source: ReplaySource::Idempotency, .. }), "{verdict:?}");
+        assert_eq!(first, repeat);
+        // A miss carries both the cache's key and the claim.
+        let fresh = GateRequest { cache: Some(cached(300)), ..idempotent("alice", "k2", question("new")) };
+        let ticket = ticket_of(&gate.decide(&fresh, 3).await.unwrap().0);
+        assert!(ticket.cache_key.is_some() && ticket.claim.is_some());
+    }
+
+    #[tokio::test]
+    async fn budgets_are_asked_after_the_cache() {
+        let gate = gate();
+        let budgeted = |body| GateRequest {
+            budgets: vec![modelgate_proto::gate::BudgetCandidate { backend: "b".into(), ..Default::default() }],
+            reservation: "r1".into(),
+            ..ask("alice", body)
+        };
+        let (verdict, _) = gate.decide(&budgeted(question("hi")), 0).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Proceed { member: 0, cache_miss: true, .. }), "{verdict:?}");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_does_not_answer_is_a_miss_without_a_claim() {
+        let store = RedisStore::new("redis://127.0.0.1:1/0", Duration::from_millis(50)).unwrap();
+        let gate = Gate::new(Store::Redis(store), Arc::new(Budgets {}));
+        let both = GateRequest { cache: Some(cached(300)), ..idempotent("alice", "k", question("hi")) };
+        let (verdict, _) = gate.decide(&both, 0).await.unwrap();
+        assert_eq!(verdict, GateVerdict::Proceed { member: 0, ticket: None, cache_miss: true });
+        // Asked once: after the claim failed, the cache was not looked up.
+        assert_eq!(metric(&gate, "modelgate_cache_store_errors_total"), 1);
+        assert_eq!(metric(&gate, "modelgate_cache_lookups_total{result=\"miss\"}"), 1);
+    }
+
+    #[test]
+    fn tickets_name_only_entries_the_gate_hands_out() {
+        let claim = Claim {
+            key: format!("idem:{}", "a".repeat(64)),
+            holder: cache::claim_holder("00ff"),
+            digest: "beef".into(),
+        };
+        let ticket = claim.to_ticket("00ff");
+        assert_eq!(Claim::from_ticket(&ticket), Some(claim));
+        for bad in [
+            "",
+            "idem:aa/00/00",
+            "cache:x/00/00",
+            &format!("idem:{}/00/00/00", "a".repeat(64)),
+            &format!("idem:{}/zz/00", "a".repeat(64)),
+        ] {
+            assert_eq!(Claim::from_ticket(bad), None, "{bad}");
+        }
+        assert!(!valid_ticket(&StoreTicket { cache_key: Some("../x".into()), ..StoreTicket::default() }));
+        assert!(valid_ticket(&StoreTicket { cache_key: Some("ab".repeat(32)), ..StoreTicket::default() }));
     }
 }

@@ -158,11 +158,11 @@ mod tests {
             assert!(memory.get(key, 3).is_some(), "{key}");
         }
         // One entry twice as large takes two places.
-        memory.put("k4", &[0; 100 + entry], MINUTE, 4);
+        memory.put("k4", &vec![0; 100 + entry], MINUTE, 4);
         assert_eq!(memory.bytes(), 3 * entry);
         assert!(memory.get("k4", 5).is_some());
         // Larger than the whole bound: not kept, and nothing else is evicted for it.
-        memory.put("huge", &[0; 4 * 100], MINUTE, 6);
+        memory.put("huge", &vec![0; 3 * entry], MINUTE, 6);
         assert!(memory.get("huge", 7).is_none());
         assert!(memory.get("k4", 7).is_some());
     }
