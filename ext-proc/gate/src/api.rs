@@ -12,6 +12,7 @@
 //!
 //! Errors are OpenAI envelopes.
 
+use crate::budgets::valid_reservation;
 use crate::gate::{valid_ticket, Gate};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -57,8 +58,10 @@ async fn post_gate(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesRejec
         Ok(ask) => ask,
         Err(e) => return error_response(&GatewayError::unparsable_json(&e)),
     };
-    if !ask.budgets.is_empty() && ask.reservation.is_empty() {
-        let message = "Invalid 'reservation': a request with budgets names its reservation.".to_string();
+    if !ask.budgets.is_empty() && !valid_reservation(&ask.reservation) {
+        let message = "Invalid 'reservation': a request with budgets names its reservation, 1 to 64 letters, \
+                       digits, '-' or '_'."
+            .to_string();
         return error_response(&GatewayError::invalid_value("reservation", message));
     }
     match gate.decide(&ask, clock::unix_millis()).await {
@@ -135,9 +138,12 @@ mod tests {
 
     const TOKEN: &str = "s3cret";
 
-    fn app() -> Router {
-        let gate = Gate::new(Store::Memory(Memory::new(1 << 20)), Arc::new(Budgets {}));
-        router(Arc::new(gate), InternalToken::new(TOKEN))
+    /// The routes, and the budgets' directory, removed with it.
+    fn app() -> (Router, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let budgets = Budgets::open(dir.path(), None, std::time::Duration::from_secs(1)).unwrap();
+        let gate = Gate::new(Store::Memory(Memory::new(1 << 20)), Arc::new(budgets));
+        (router(Arc::new(gate), InternalToken::new(TOKEN)), dir)
     }
 
     async fn call(app: &Router, method: &str, path: &str, token: Option<&str>, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
@@ -168,7 +174,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_envoy_is_served() {
-        let app = app();
+        let (app, _budgets) = app();
         for path in [GATE_PATH, GATE_STORE_PATH] {
             for token in [None, Some("wrong")] {
                 let (status, body) = call(&app, "POST", path, token, b"{}".to_vec()).await;
@@ -184,7 +190,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_is_claimed_then_its_repeat_refused_then_replayed() {
-        let app = app();
+        let (app, _budgets) = app();
         let (status, body) = call(&app, "POST", GATE_PATH, Some(TOKEN), gate_call(r#"{"model":"m"}"#)).await;
         assert_eq!(status, StatusCode::OK);
         let (verdict, rest) = gate::split_answer(&body).unwrap();
@@ -214,7 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_of_another_shape_are_refused_by_name() {
-        let app = app();
+        let (app, _budgets) = app();
         let (status, body) = call(&app, "POST", GATE_PATH, Some(TOKEN), b"{\"owner\":".to_vec()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
         let budgeted = GateRequest { budgets: vec![gate::BudgetCandidate::default()], ..GateRequest::default() };

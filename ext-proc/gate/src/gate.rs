@@ -329,7 +329,8 @@ impl Collector for GateMetrics {
 mod tests {
     use super::*;
     use crate::cache::{Memory, RedisStore};
-    use modelgate_proto::gate::{CacheAsk, IdempotencyAsk};
+    use modelgate_proto::budgets::{BudgetLimit, BudgetUnit, Period};
+    use modelgate_proto::gate::{BudgetCandidate, CacheAsk, IdempotencyAsk};
     use modelgate_proto::usage::Usage;
     use serde_json::{json, Value};
     use std::time::Duration;
@@ -338,8 +339,15 @@ mod tests {
     const MINUTE: u64 = 60_000;
     const USAGE: Usage = Usage { prompt_tokens: 5, completion_tokens: 2 };
 
-    fn gate() -> Gate {
-        Gate::new(Store::Memory(Memory::new(1 << 20)), Arc::new(Budgets {}))
+    /// Budgets in SQLite in a directory of their own, removed with it.
+    fn budgets() -> (Arc<Budgets>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (Arc::new(Budgets::open(dir.path(), None, Duration::from_secs(1)).unwrap()), dir)
+    }
+
+    fn gate() -> (Gate, tempfile::TempDir) {
+        let (budgets, dir) = budgets();
+        (Gate::new(Store::Memory(Memory::new(1 << 20)), budgets), dir)
     }
 
     fn cached(ttl_secs: u64) -> CacheAsk {
@@ -409,7 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_miss_is_kept_and_then_served_whole_or_as_a_stream() {
-        let gate = gate();
+        let (gate, _budgets) = gate();
         let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
         let GateVerdict::Proceed { member: 0, cache_miss: true, ticket: Some(ticket) } = verdict else {
             panic!("{verdict:?}")
@@ -445,7 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_are_kept_per_key_unless_shared_and_for_their_ttl() {
-        let gate = gate();
+        let (gate, _budgets) = gate();
         let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
         gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("hello"), 0).await;
         let hit = |verdict: &GateVerdict| matches!(verdict, GateVerdict::Replay { .. });
@@ -464,7 +472,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_cache_no_store_and_random_requests_are_not_served_from_the_cache() {
-        let gate = gate();
+        let (gate, _budgets) = gate();
         let with = |lookup, store, body| GateRequest {
             cache: Some(CacheAsk { lookup, store, ..cached(300) }),
             ..ask("alice", body)
@@ -496,7 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn errors_and_answers_cut_short_are_not_kept() {
-        let gate = gate();
+        let (gate, _budgets) = gate();
         let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
         let ticket = ticket_of(&verdict);
         gate.keep(&ended(ticket.clone(), false, 200), &[], 0).await;
@@ -508,7 +516,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idempotent_request_runs_once_and_its_repeats_get_its_answer() {
-        let gate = gate();
+        let (gate, _budgets) = gate();
         let first = idempotent("alice", "k1", question("hi"));
         let (verdict, _) = gate.decide(&first, 0).await.unwrap();
         let ticket = ticket_of(&verdict);
@@ -543,7 +551,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unfinished_answer_lets_the_key_go_and_a_lost_claim_ends_with_its_lease() {
-        let gate = gate();
+        let (gate, _budgets) = gate();
         let first = idempotent("alice", "k", question("hi"));
         let (verdict, _) = gate.decide(&first, 0).await.unwrap();
         gate.keep(&ended(ticket_of(&verdict), false, 0), &[], 1).await;
@@ -564,7 +572,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_repeat_comes_before_the_cache_and_a_hit_answers_the_key() {
-        let gate = gate();
+        let (gate, _budgets) = gate();
         let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
         gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("cached"), 0).await;
         let both = GateRequest { cache: Some(cached(300)), ..idempotent("alice", "k", question("hi")) };
@@ -579,22 +587,47 @@ mod tests {
         assert!(ticket.cache_key.is_some() && ticket.claim.is_some());
     }
 
+    fn candidate(backend: &str, limit: u64) -> BudgetCandidate {
+        let budget = BudgetLimit { scope: "key".into(), unit: BudgetUnit::Usd, period: Period::Day, limit };
+        BudgetCandidate { backend: backend.into(), budgets: vec![budget], usd_micros: 1, tokens: 1 }
+    }
+
+    fn budgeted(request: GateRequest, candidates: Vec<BudgetCandidate>) -> GateRequest {
+        GateRequest { budgets: candidates, reservation: format!("r{}", cache::claim_token()), ..request }
+    }
+
     #[tokio::test]
-    async fn budgets_are_asked_after_the_cache() {
-        let gate = gate();
-        let budgeted = |body| GateRequest {
-            budgets: vec![modelgate_proto::gate::BudgetCandidate { backend: "b".into(), ..Default::default() }],
-            reservation: "r1".into(),
-            ..ask("alice", body)
+    async fn a_spent_budget_refuses_after_the_cache_and_lets_the_key_go() {
+        let (gate, _budgets) = gate();
+        let (verdict, _) = gate.decide(&ask("alice", question("hi")), 0).await.unwrap();
+        gate.keep(&ended(ticket_of(&verdict), true, 200), &answer("cached"), 0).await;
+        // A hit spends nothing: no budget is asked.
+        let spent = vec![candidate("b", 0)];
+        let (verdict, _) = gate.decide(&budgeted(ask("alice", question("hi")), spent.clone()), 1).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Replay { source: ReplaySource::Cache, .. }), "{verdict:?}");
+
+        let both = GateRequest { cache: Some(cached(300)), ..idempotent("alice", "k", question("new")) };
+        let (verdict, _) = gate.decide(&budgeted(both.clone(), spent.clone()), 1).await.unwrap();
+        let GateVerdict::Refuse { refusal: Refusal::BudgetExhausted { budget, resets_at } } = verdict else {
+            panic!("{verdict:?}")
         };
-        let (verdict, _) = gate.decide(&budgeted(question("hi")), 0).await.unwrap();
-        assert!(matches!(verdict, GateVerdict::Proceed { member: 0, cache_miss: true, .. }), "{verdict:?}");
+        assert_eq!((budget.as_str(), resets_at), ("usd_per_day of key `alice`", 86_400));
+        // The refused request's key is free for its retry.
+        let (verdict, _) = gate.decide(&both, 2).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Proceed { ticket: Some(_), .. }), "{verdict:?}");
+
+        // With fallback, the first member with room.
+        let fallback = GateRequest { budget_fallback: true, ..ask("alice", question("other")) };
+        let (verdict, _) =
+            gate.decide(&budgeted(fallback, vec![candidate("b", 0), candidate("c", 10)]), 3).await.unwrap();
+        assert!(matches!(verdict, GateVerdict::Proceed { member: 1, cache_miss: true, .. }), "{verdict:?}");
     }
 
     #[tokio::test]
     async fn a_store_that_does_not_answer_is_a_miss_without_a_claim() {
         let store = RedisStore::new("redis://127.0.0.1:1/0", Duration::from_millis(50)).unwrap();
-        let gate = Gate::new(Store::Redis(store), Arc::new(Budgets {}));
+        let (budgets, _dir) = budgets();
+        let gate = Gate::new(Store::Redis(store), budgets);
         let both = GateRequest { cache: Some(cached(300)), ..idempotent("alice", "k", question("hi")) };
         let (verdict, _) = gate.decide(&both, 0).await.unwrap();
         assert_eq!(verdict, GateVerdict::Proceed { member: 0, ticket: None, cache_miss: true });

@@ -93,7 +93,8 @@ fn store(redis: &Redis) -> Store {
 }
 
 fn gate(redis: &Redis) -> Gate {
-    Gate::new(store(redis), Arc::new(Budgets {}))
+    let budgets = Budgets::open(std::path::Path::new("/nonexistent"), Some(&redis.url()), Duration::from_secs(2));
+    Gate::new(store(redis), Arc::new(budgets.expect("a Redis URL")))
 }
 
 const CHAT: &str = "/v1/chat/completions";
