@@ -1,7 +1,9 @@
 //! The admin port's Prometheus metrics: requests, errors, tokens, cost and
 //! timings per key, model and backend, as the usage records tell them.
 //! Requests, errors, tokens and cost are also split by `traffic`: a client's
-//! own (`interactive`) or a batch's lines (`batch`).
+//! own (`interactive`) or a batch's lines (`batch`). An answer served from the
+//! gateway's store (a cache hit, an idempotent repeat) is a request like any
+//! other, but its tokens are counted apart, as cached, and it costs nothing.
 //!
 //! Counters are registered without their `_total`, which the encoder adds.
 
@@ -70,6 +72,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     prompt_tokens: Family<KeyLabels, Counter>,
     completion_tokens: Family<KeyLabels, Counter>,
+    cached_tokens: Family<KeyLabels, Counter>,
     without_usage: Family<BackendLabels, Counter>,
     cost_usd: Family<KeyLabels, Counter<f64, AtomicU64>>,
     duration: Histograms,
@@ -88,6 +91,7 @@ impl Default for Metrics {
             errors: Family::default(),
             prompt_tokens: Family::default(),
             completion_tokens: Family::default(),
+            cached_tokens: Family::default(),
             without_usage: Family::default(),
             cost_usd: Family::default(),
             duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
@@ -105,6 +109,12 @@ impl Default for Metrics {
             "modelgate_completion_tokens",
             "Completion tokens, as backends reported them",
             m.completion_tokens.clone(),
+        );
+        r.register(
+            "modelgate_cached_tokens",
+            "Tokens of answers served from the gateway's store (cache hits and idempotent repeats): served, not \
+             used, in neither prompt nor completion tokens",
+            m.cached_tokens.clone(),
         );
         r.register(
             "modelgate_answers_without_usage",
@@ -165,11 +175,17 @@ impl Metrics {
         if record.status >= 400 {
             self.errors.get_or_create(&ErrorLabels::of(&labels, record.status)).inc();
         }
-        if let Some(usage) = record.usage {
-            self.prompt_tokens.get_or_create(&labels).inc_by(usage.prompt_tokens);
-            self.completion_tokens.get_or_create(&labels).inc_by(usage.completion_tokens);
+        match (record.usage, record.served_from) {
+            (Some(usage), Some(_)) => {
+                self.cached_tokens.get_or_create(&labels).inc_by(usage.total());
+            }
+            (Some(usage), None) => {
+                self.prompt_tokens.get_or_create(&labels).inc_by(usage.prompt_tokens);
+                self.completion_tokens.get_or_create(&labels).inc_by(usage.completion_tokens);
+            }
+            (None, _) => {}
         }
-        if let Some(cost) = record.cost_usd {
+        if let (Some(cost), None) = (record.cost_usd, record.served_from) {
             self.cost_usd.get_or_create(&labels).inc_by(cost);
         }
         let timings = BackendLabels { model: labels.model, backend: labels.backend };
@@ -238,6 +254,7 @@ fn seconds(us: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelgate_proto::gate::ReplaySource;
     use modelgate_proto::usage::{Traffic, Usage};
 
     fn lines(text: &str, prefix: &str) -> Vec<String> {
@@ -353,6 +370,36 @@ mod tests {
                 r#"modelgate_prompt_tokens_total{model="m",backend="b",key="k",traffic="interactive"} 5"#
             ]
         );
+    }
+
+    #[test]
+    fn answers_served_from_the_store_count_their_tokens_as_cached_and_cost_nothing() {
+        let m = Metrics::default();
+        let used = UsageRecord {
+            key: "k".into(),
+            model: "m".into(),
+            backend: "b".into(),
+            status: 200,
+            usage: Some(Usage { prompt_tokens: 5, completion_tokens: 2 }),
+            cost_usd: Some(0.5),
+            ..UsageRecord::default()
+        };
+        m.record(&used);
+        m.record(&UsageRecord { served_from: Some(ReplaySource::Cache), cost_usd: None, ..used.clone() });
+        m.record(&UsageRecord { served_from: Some(ReplaySource::Idempotency), ..used });
+        let text = m.encode();
+        let labels = r#"{model="m",backend="b",key="k",traffic="interactive"}"#;
+        assert_eq!(lines(&text, "modelgate_requests_total"), [format!("modelgate_requests_total{labels} 3")]);
+        assert_eq!(lines(&text, "modelgate_prompt_tokens_total"), [format!("modelgate_prompt_tokens_total{labels} 5")]);
+        assert_eq!(
+            lines(&text, "modelgate_completion_tokens_total"),
+            [format!("modelgate_completion_tokens_total{labels} 2")]
+        );
+        assert_eq!(
+            lines(&text, "modelgate_cached_tokens_total"),
+            [format!("modelgate_cached_tokens_total{labels} 14")]
+        );
+        assert_eq!(lines(&text, "modelgate_cost_usd_total"), [format!("modelgate_cost_usd_total{labels} 0.5")]);
     }
 
     #[test]

@@ -46,6 +46,7 @@ use axum::Router;
 use modelgate_gate::budgets::{self, Budgets, Charge};
 use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::gate::ReplaySource;
 use modelgate_proto::limits::SpendRequest;
 use modelgate_proto::usage::{bounded, Tally, UsageRecord, INVALID, OTHER_MODELS};
 use modelgate_runtime::health;
@@ -229,6 +230,10 @@ fn log(record: &UsageRecord) {
             latency_us = record.latency_us,
             ttft_us = record.ttft_us,
             cost_usd = record.cost_usd,
+            served_from = record.served_from.map(|source| match source {
+                ReplaySource::Cache => "cache",
+                ReplaySource::Idempotency => "idempotency",
+            }),
             "request finished"
         );
     });

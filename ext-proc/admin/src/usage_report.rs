@@ -34,6 +34,18 @@ pub struct Totals {
     pub completion_tokens: u64,
     /// None while no record of the group had a price.
     pub cost_usd: Option<f64>,
+    /// Answers served from the gateway's store (a cache hit or an idempotent
+    /// repeat), counted in `requests` too. Absent from rows kept before there
+    /// was a cache, and left out where 0 so such rows are written as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_hits: u64,
+    /// Those answers' tokens: served, not used, so in neither `prompt_tokens` nor `completion_tokens`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One group's sums in one minute (since the Unix epoch).
@@ -52,20 +64,28 @@ impl Totals {
         self.errors = self.errors.saturating_add(other.errors);
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
+        self.cache_hits = self.cache_hits.saturating_add(other.cache_hits);
+        self.cached_tokens = self.cached_tokens.saturating_add(other.cached_tokens);
         self.cost_usd = match (self.cost_usd, other.cost_usd) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
     }
 
+    /// One record's part. An answer served from the store used no tokens and costs nothing.
     fn of(record: &UsageRecord) -> Totals {
         let usage = record.usage.unwrap_or_default();
+        let errors = u64::from(record.status >= 400);
+        if record.served_from.is_some() {
+            return Totals { requests: 1, errors, cache_hits: 1, cached_tokens: usage.total(), ..Totals::default() };
+        }
         Totals {
             requests: 1,
-            errors: u64::from(record.status >= 400),
+            errors,
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             cost_usd: record.cost_usd,
+            ..Totals::default()
         }
     }
 }
@@ -84,6 +104,10 @@ pub struct ReportRow {
     pub total_tokens: u64,
     /// Summed over the records that had a price; null when none had.
     pub cost_usd: Option<f64>,
+    /// Answers served from the gateway's store (cache hits and idempotent repeats), among `requests`.
+    pub cache_hits: u64,
+    /// Their tokens, in no other count: served from the store, not used, cost nothing.
+    pub cached_tokens: u64,
 }
 
 /// `GET /v1/usage/report`'s answer.
@@ -216,6 +240,8 @@ impl UsageStore {
                 completion_tokens: t.completion_tokens,
                 total_tokens: t.prompt_tokens.saturating_add(t.completion_tokens),
                 cost_usd: t.cost_usd,
+                cache_hits: t.cache_hits,
+                cached_tokens: t.cached_tokens,
             })
             .collect();
         Report { object: "usage.report", start, end, data }
@@ -225,6 +251,7 @@ impl UsageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelgate_proto::gate::ReplaySource;
     use modelgate_proto::usage::{Refused, Usage};
     use proptest::prelude::*;
     use serde_json::json;
@@ -265,15 +292,45 @@ mod tests {
             serde_json::to_value(&report).unwrap(),
             json!({"object": "usage.report", "start": 0, "end": now / 1000 + 1, "data": [
                 {"key": "alice", "model": "", "backend": "", "traffic": "interactive", "requests": 1, "errors": 0, "prompt_tokens": 0,
-                 "completion_tokens": 0, "total_tokens": 0, "cost_usd": null},
+                 "completion_tokens": 0, "total_tokens": 0, "cost_usd": null, "cache_hits": 0, "cached_tokens": 0},
                 {"key": "alice", "model": "m", "backend": "b", "traffic": "interactive", "requests": 1, "errors": 0, "prompt_tokens": 3,
-                 "completion_tokens": 4, "total_tokens": 7, "cost_usd": null},
+                 "completion_tokens": 4, "total_tokens": 7, "cost_usd": null, "cache_hits": 0, "cached_tokens": 0},
                 {"key": "bob", "model": "m", "backend": "b", "traffic": "interactive", "requests": 2, "errors": 1,
-                 "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost_usd": 0.25},
+                 "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cost_usd": 0.25, "cache_hits": 0, "cached_tokens": 0},
                 {"key": "bob", "model": "m", "backend": "b", "traffic": "batch", "requests": 1, "errors": 0,
-                 "prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8, "cost_usd": null},
+                 "prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8, "cost_usd": null, "cache_hits": 0, "cached_tokens": 0},
             ]})
         );
+    }
+
+    #[test]
+    fn answers_served_from_the_store_count_as_requests_and_hits_with_tokens_apart_and_no_cost() {
+        let now = 1000 * HOUR_MS;
+        let mut store = UsageStore::new(Retention::hours(1));
+        add(&mut store, &record(now, "k", "m", 200, (10, 5), Some(0.25)), now);
+        for source in [ReplaySource::Cache, ReplaySource::Idempotency] {
+            // A cost on a replay is no cost: nothing was used.
+            let hit = UsageRecord { served_from: Some(source), ..record(now, "k", "m", 200, (10, 5), Some(1.0)) };
+            add(&mut store, &hit, now);
+        }
+        let row = &store.report(0, u64::MAX).data[0];
+        assert_eq!(
+            (row.requests, row.prompt_tokens, row.completion_tokens, row.cost_usd, row.cache_hits, row.cached_tokens),
+            (3, 10, 5, Some(0.25), 2, 30)
+        );
+    }
+
+    #[test]
+    fn rows_without_hits_are_written_and_read_as_before_there_was_a_cache() {
+        let before = json!({"minute": 7, "key": "k", "model": "m", "backend": "b", "requests": 1, "errors": 0,
+                            "prompt_tokens": 3, "completion_tokens": 4, "cost_usd": null});
+        let row: MinuteRow = serde_json::from_value(before.clone()).unwrap();
+        assert_eq!((row.totals.cache_hits, row.totals.cached_tokens), (0, 0));
+        assert_eq!(serde_json::to_value(&row).unwrap(), before);
+        let hits = MinuteRow { totals: Totals { cache_hits: 1, cached_tokens: 9, ..row.totals }, ..row };
+        let written = serde_json::to_value(&hits).unwrap();
+        assert_eq!((written["cache_hits"].clone(), written["cached_tokens"].clone()), (json!(1), json!(9)));
+        assert_eq!(serde_json::from_value::<MinuteRow>(written).unwrap(), hits);
     }
 
     #[test]
@@ -324,8 +381,14 @@ mod tests {
         let names = prop::sample::select(vec!["", "a", "b"]);
         (0..5 * MINUTE_MS, names.clone(), names, prop::sample::select(vec![200u16, 429, 500]), 0..1000u64, 0..1000u64)
             .prop_flat_map(|(at_ms, key, model, status, prompt, completion)| {
-                prop::option::of(prop::sample::select(vec![0.25, 0.5, 2.0]))
-                    .prop_map(move |cost| record(HOUR_MS + at_ms, key, model, status, (prompt, completion), cost))
+                let served_from =
+                    prop::option::of(prop::sample::select(vec![ReplaySource::Cache, ReplaySource::Idempotency]));
+                (prop::option::of(prop::sample::select(vec![0.25, 0.5, 2.0])), served_from).prop_map(
+                    move |(cost, served_from)| UsageRecord {
+                        served_from,
+                        ..record(HOUR_MS + at_ms, key, model, status, (prompt, completion), cost)
+                    },
+                )
             })
     }
 

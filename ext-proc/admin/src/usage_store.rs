@@ -295,9 +295,10 @@ fn batch_key(id: &str) -> String {
 /// remember the id (ms); ARGV[2]: the oldest minute kept; ARGV[3]: when the
 /// index expires (Unix ms); then per minute hash, its minute and expiry; then
 /// per row its hash's place in KEYS, its group's field, requests, errors,
-/// prompt and completion tokens, and cost ('' for none). Returns 1 when
-/// applied, 0 for a repeat. A hash's fields are a letter (`r`, `e`, `p`, `c`,
-/// `$`) followed by the group as a JSON array.
+/// prompt and completion tokens, answers served from the store and their
+/// tokens, and cost ('' for none). Returns 1 when applied, 0 for a repeat. A
+/// hash's fields are a letter (`r`, `e`, `p`, `c`, `h`, `t`, `$`) followed
+/// by the group as a JSON array; a field never written reads as 0.
 const APPLY_LUA: &str = r#"
 if KEYS[1] ~= '' and not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return 0
@@ -310,16 +311,16 @@ for h = 1, hashes do
   redis.call('PEXPIREAT', KEYS[2 + h], expiry)
 end
 redis.call('PEXPIREAT', KEYS[2], ARGV[3])
-local names = {'r', 'e', 'p', 'c'}
-for i = 4 + 2 * hashes, #ARGV, 7 do
+local names = {'r', 'e', 'p', 'c', 'h', 't'}
+for i = 4 + 2 * hashes, #ARGV, 9 do
   local key, group = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
-  for n = 1, 4 do
+  for n = 1, 6 do
     if ARGV[i + 1 + n] ~= '0' then
       redis.call('HINCRBY', key, names[n] .. group, ARGV[i + 1 + n])
     end
   end
-  if ARGV[i + 6] ~= '' then
-    redis.call('HINCRBYFLOAT', key, '$' .. group, ARGV[i + 6])
+  if ARGV[i + 8] ~= '' then
+    redis.call('HINCRBYFLOAT', key, '$' .. group, ARGV[i + 8])
   end
 end
 return 1
@@ -370,7 +371,8 @@ impl RedisUsage {
             let group = redis_group(&row.group);
             let t = &row.totals;
             invocation.arg(place).arg(group).arg(t.requests).arg(t.errors).arg(t.prompt_tokens);
-            invocation.arg(t.completion_tokens).arg(t.cost_usd.map(|c| c.to_string()).unwrap_or_default());
+            invocation.arg(t.completion_tokens).arg(t.cache_hits).arg(t.cached_tokens);
+            invocation.arg(t.cost_usd.map(|c| c.to_string()).unwrap_or_default());
         }
         let mut redis = self.redis.clone();
         let applied: u8 = within(self.timeout, invocation.invoke_async(&mut redis)).await?;
@@ -416,6 +418,8 @@ fn minute_rows(minute: u64, fields: &HashMap<String, String>) -> Vec<MinuteRow> 
             "e" => totals.errors = value.parse().unwrap_or_default(),
             "p" => totals.prompt_tokens = value.parse().unwrap_or_default(),
             "c" => totals.completion_tokens = value.parse().unwrap_or_default(),
+            "h" => totals.cache_hits = value.parse().unwrap_or_default(),
+            "t" => totals.cached_tokens = value.parse().unwrap_or_default(),
             "$" => totals.cost_usd = value.parse().ok(),
             _ => {}
         }
@@ -654,6 +658,8 @@ mod tests {
             ("r[\"k\",\"m\",\"b\"]", "3"),
             ("p[\"k\",\"m\",\"b\"]", "30"),
             ("$[\"k\",\"m\",\"b\"]", "0.75"),
+            ("h[\"k\",\"m\",\"b\"]", "2"),
+            ("t[\"k\",\"m\",\"b\"]", "40"),
             ("r[\"\",\"\",\"\"]", "1"),
             ("e[\"\",\"\",\"\"]", "1"),
             ("rnot json", "1"),
@@ -669,7 +675,17 @@ mod tests {
             totals,
             [
                 ("", Totals { requests: 1, errors: 1, ..Totals::default() }),
-                ("k", Totals { requests: 3, prompt_tokens: 30, cost_usd: Some(0.75), ..Totals::default() }),
+                (
+                    "k",
+                    Totals {
+                        requests: 3,
+                        prompt_tokens: 30,
+                        cost_usd: Some(0.75),
+                        cache_hits: 2,
+                        cached_tokens: 40,
+                        ..Totals::default()
+                    }
+                ),
             ]
         );
     }

@@ -23,6 +23,13 @@ fn record(at_ms: u64, key: &str, status: u16, tokens: (u64, u64), cost: Option<f
     .to_string()
 }
 
+/// An answer the gateway served from its cache: its tokens were served, not used.
+fn cache_hit(at_ms: u64, key: &str, tokens: (u64, u64)) -> String {
+    let mut hit: Value = serde_json::from_str(&record(at_ms, key, 200, tokens, None)).expect("a record");
+    hit["served_from"] = json!("cache");
+    hit.to_string()
+}
+
 #[test]
 fn records_become_the_report_and_the_metrics() {
     let ext_proc = ExtProc::start(&[]);
@@ -33,10 +40,11 @@ fn records_become_the_report_and_the_metrics() {
         record(now, "alice", 500, (0, 0), None),
         String::new(),
         record(now - 120_000, "bob", 200, (1, 2), None),
+        cache_hit(now, "alice", (10, 20)),
     ]
     .join("\n");
     let answer = ext_proc.post("/v1/usage/records", body.as_bytes());
-    assert_eq!((answer.status, answer.json()), (200, json!({"accepted": 3, "rejected": 1})));
+    assert_eq!((answer.status, answer.json()), (200, json!({"accepted": 4, "rejected": 1})));
 
     let report = ext_proc.get("/v1/usage/report").json();
     assert_eq!(report["object"], "usage.report");
@@ -46,10 +54,12 @@ fn records_become_the_report_and_the_metrics() {
     assert_eq!(
         report["data"],
         json!([
-            {"key": "alice", "model": "gpt-4o", "backend": "vllm", "requests": 2, "errors": 1, "prompt_tokens": 10,
-             "completion_tokens": 20, "total_tokens": 30, "cost_usd": 0.5, "traffic": "interactive"},
+            {"key": "alice", "model": "gpt-4o", "backend": "vllm", "requests": 3, "errors": 1, "prompt_tokens": 10,
+             "completion_tokens": 20, "total_tokens": 30, "cost_usd": 0.5, "traffic": "interactive",
+             "cache_hits": 1, "cached_tokens": 30},
             {"key": "bob", "model": "gpt-4o", "backend": "vllm", "requests": 1, "errors": 0, "prompt_tokens": 1,
-             "completion_tokens": 2, "total_tokens": 3, "cost_usd": null, "traffic": "interactive"},
+             "completion_tokens": 2, "total_tokens": 3, "cost_usd": null, "traffic": "interactive",
+             "cache_hits": 0, "cached_tokens": 0},
         ])
     );
     // A window starting with this minute leaves bob's record of two minutes ago out.
@@ -63,15 +73,16 @@ fn records_become_the_report_and_the_metrics() {
     assert_eq!(metrics.header("content-type"), Some("application/openmetrics-text; version=1.0.0; charset=utf-8"));
     let alice = r#"{model="gpt-4o",backend="vllm",key="alice",traffic="interactive"}"#;
     for line in [
-        format!("modelgate_requests_total{alice} 2"),
+        format!("modelgate_requests_total{alice} 3"),
         format!("modelgate_prompt_tokens_total{alice} 10"),
         format!("modelgate_completion_tokens_total{alice} 20"),
+        format!("modelgate_cached_tokens_total{alice} 30"),
         format!("modelgate_cost_usd_total{alice} 0.5"),
         r#"modelgate_errors_total{model="gpt-4o",backend="vllm",key="alice",status="500",traffic="interactive"} 1"#
             .to_string(),
-        r#"modelgate_request_duration_seconds_count{model="gpt-4o",backend="vllm"} 3"#.to_string(),
-        r#"modelgate_time_to_first_token_seconds_count{model="gpt-4o",backend="vllm"} 3"#.to_string(),
-        r#"modelgate_inter_token_latency_seconds_count{model="gpt-4o",backend="vllm"} 6"#.to_string(),
+        r#"modelgate_request_duration_seconds_count{model="gpt-4o",backend="vllm"} 4"#.to_string(),
+        r#"modelgate_time_to_first_token_seconds_count{model="gpt-4o",backend="vllm"} 4"#.to_string(),
+        r#"modelgate_inter_token_latency_seconds_count{model="gpt-4o",backend="vllm"} 8"#.to_string(),
         "modelgate_usage_records_rejected_total 1".to_string(),
         "modelgate_limit_store_errors_total 0".to_string(),
     ] {

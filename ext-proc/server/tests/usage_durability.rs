@@ -24,14 +24,23 @@ fn record(at_ms: u64, key: &str, tokens: u64, cost: Option<f64>) -> String {
     .to_string()
 }
 
+/// An answer served from the gateway's store: a request whose tokens are counted apart, at no cost.
+fn replayed(at_ms: u64, key: &str, tokens: u64, source: &str) -> String {
+    let mut replayed: Value = serde_json::from_str(&record(at_ms, key, tokens, None)).expect("a record");
+    replayed["served_from"] = json!(source);
+    replayed.to_string()
+}
+
 fn post(ext_proc: &ExtProc, id: &str, records: &[String]) -> Value {
     let answer = ext_proc.post_batch(id, records.join("\n").as_bytes());
     assert_eq!(answer.status, 200, "{answer:?}");
     answer.json()
 }
 
-/// Each row as (key, requests, prompt tokens, cost).
-fn report(ext_proc: &ExtProc) -> Vec<(String, u64, u64, Option<f64>)> {
+/// Each row as (key, requests, prompt tokens, cost, cache hits, cached tokens).
+type Row = (String, u64, u64, Option<f64>, u64, u64);
+
+fn report(ext_proc: &ExtProc) -> Vec<Row> {
     let answer = ext_proc.get("/v1/usage/report");
     assert_eq!(answer.status, 200, "{answer:?}");
     let report = answer.json();
@@ -40,7 +49,8 @@ fn report(ext_proc: &ExtProc) -> Vec<(String, u64, u64, Option<f64>)> {
         .map(|row| {
             let number = |name: &str| row[name].as_u64().unwrap_or_else(|| panic!("{name}: {row}"));
             let key = row["key"].as_str().unwrap_or_default().to_string();
-            (key, number("requests"), number("prompt_tokens"), row["cost_usd"].as_f64())
+            let (hits, cached) = (number("cache_hits"), number("cached_tokens"));
+            (key, number("requests"), number("prompt_tokens"), row["cost_usd"].as_f64(), hits, cached)
         })
         .collect()
 }
@@ -50,18 +60,18 @@ fn report(ext_proc: &ExtProc) -> Vec<(String, u64, u64, Option<f64>)> {
 fn batches_count_once_across_a_kill(mut start: impl FnMut() -> ExtProc) {
     let now = now_ms();
     let first = [record(now, "alice", 10, Some(0.5)), record(now, "bob", 1, None)];
-    let second = [record(now, "alice", 20, Some(0.25))];
-    let third = [record(now - 120_000, "carol", 5, None)];
+    let second = [record(now, "alice", 20, Some(0.25)), replayed(now, "alice", 20, "cache")];
+    let third = [record(now - 120_000, "carol", 5, None), replayed(now - 120_000, "carol", 5, "idempotency")];
     let expected = vec![
-        ("alice".to_string(), 2, 30, Some(0.75)),
-        ("bob".to_string(), 1, 1, None),
-        ("carol".to_string(), 1, 5, None),
+        ("alice".to_string(), 3, 30, Some(0.75), 1, 21),
+        ("bob".to_string(), 1, 1, None, 0, 0),
+        ("carol".to_string(), 2, 5, None, 1, 6),
     ];
 
     let mut ext_proc = start();
     assert_eq!(post(&ext_proc, "vm1-1", &first), json!({"accepted": 2, "rejected": 0}));
-    assert_eq!(post(&ext_proc, "vm1-2", &second), json!({"accepted": 1, "rejected": 0}));
-    assert_eq!(post(&ext_proc, "vm2-1", &third), json!({"accepted": 1, "rejected": 0}));
+    assert_eq!(post(&ext_proc, "vm1-2", &second), json!({"accepted": 2, "rejected": 0}));
+    assert_eq!(post(&ext_proc, "vm2-1", &third), json!({"accepted": 2, "rejected": 0}));
     // The first batch again, as after an answer lost to a timeout: acknowledged, not counted.
     assert_eq!(post(&ext_proc, "vm1-1", &first), json!({"accepted": 2, "rejected": 0, "repeat": true}));
     assert_eq!(report(&ext_proc), expected);
@@ -93,8 +103,8 @@ fn usage_in_redis_counts_each_batch_once_across_a_kill_and_is_shared() {
     let other = ExtProc::start(&flags);
     assert_eq!(post(&other, "vm2-1", &[record(now_ms() - 120_000, "carol", 5, None)])["repeat"], true);
     assert_eq!(post(&other, "vm3-1", &[record(now_ms(), "dave", 7, None)]), json!({"accepted": 1, "rejected": 0}));
-    let keys: Vec<(String, u64)> = report(&other).into_iter().map(|(key, requests, _, _)| (key, requests)).collect();
-    assert_eq!(keys, [("alice".into(), 2), ("bob".into(), 1), ("carol".into(), 1), ("dave".into(), 1)]);
+    let keys: Vec<(String, u64)> = report(&other).into_iter().map(|(key, requests, ..)| (key, requests)).collect();
+    assert_eq!(keys, [("alice".into(), 3), ("bob".into(), 1), ("carol".into(), 2), ("dave".into(), 1)]);
 }
 
 #[test]
@@ -118,5 +128,5 @@ fn a_batch_is_refused_when_redis_is_away_and_taken_once_it_is_back() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert_eq!((answer.status, answer.json()), (200, json!({"accepted": 1, "rejected": 0})));
-    assert_eq!(report(&ext_proc), [("alice".to_string(), 1, 3, None)]);
+    assert_eq!(report(&ext_proc), [("alice".to_string(), 1, 3, None, 0, 0)]);
 }

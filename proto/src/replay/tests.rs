@@ -240,7 +240,7 @@ fn errors_and_answers_cut_short_are_never_kept() {
     let full = String::from_utf8(openai_stream()).unwrap();
     let without_done = full.trim_end_matches("data: [DONE]\n\n");
     let unfinished = full.replace("\"finish_reason\":\"tool_calls\"", "\"finish_reason\":null");
-    let failed = format!("{}data: {{\"error\":{{\"message\":\"x\",\"type\":\"server_error\",\"param\":null,\"code\":null}}}}\n\ndata: [DONE]\n\n", without_done);
+    let failed = format!("{without_done}data: {{\"error\":{{\"message\":\"x\",\"type\":\"server_error\",\"param\":null,\"code\":null}}}}\n\ndata: [DONE]\n\n");
     let after_done = format!("{full}data: {{}}\n\n");
     let broken = full.replacen("{\"choices\"", "{\"choices", 1);
     for stream in [without_done, &unfinished, &failed, &after_done, &broken, "", "data: [DONE]\n\n"] {
