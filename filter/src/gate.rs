@@ -230,6 +230,7 @@ mod tests {
             ttl_secs: 60,
             claim: claim.map(String::from),
             window_secs: 0,
+            ..StoreTicket::default()
         };
         let call = |keep: Keep, ended| {
             keep.into_call("r", ended, false, None).map(|body| {

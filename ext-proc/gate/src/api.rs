@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use modelgate_proto::clock;
-use modelgate_proto::error::{ErrorType, GatewayError};
+use modelgate_proto::error::GatewayError;
 use modelgate_proto::gate::{self, GateRequest, StoreRequest, GATE_PATH, GATE_STORE_PATH};
 use modelgate_runtime::internal_token::InternalToken;
 use std::sync::Arc;
@@ -71,16 +71,9 @@ async fn post_gate(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesRejec
         }
         Err(unavailable) => {
             tracing::warn!(request_id = ask.request_id.as_str(), error = %unavailable.0, "budget store unavailable");
-            error_response(&budgets_unavailable())
+            error_response(&GatewayError::budgets_unavailable())
         }
     }
-}
-
-/// The gate's 503 when the budgets' store does not answer; the filter
-/// answers its client by `budgets.on_failure`, never with this.
-fn budgets_unavailable() -> GatewayError {
-    let message = "The budgets' store is unavailable; try again shortly.".to_string();
-    GatewayError::from_backend(503, ErrorType::Server, None, message)
 }
 
 async fn post_store(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesRejection>) -> Response {

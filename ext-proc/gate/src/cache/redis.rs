@@ -1,8 +1,9 @@
 //! The store in Redis, shared by every gateway pointed at it: each entry one
 //! string under `modelgate:<key>`, expiring by Redis's own clock (PX). A
 //! claim is taken, completed and let go by one script each, so two gateways
-//! never both hold one. Redis's own eviction policy bounds its memory
-//! (`maxmemory` with `allkeys-lru` or `volatile-lru`); `--cache-max-bytes` does not apply.
+//! never both hold one. Entries leave by their TTL or window; `--cache-max-bytes`
+//! does not apply. Redis keeps budgets and usage too, so it is sized, not
+//! left to evict (an eviction policy could drop a key's spend for a cached answer).
 
 use super::{Result, StoreError};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
