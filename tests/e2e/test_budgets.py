@@ -99,7 +99,7 @@ def spend_until_refused(gateway, client: openai.OpenAI, key: str, model: str = "
 def assert_refused(refusal: openai.RateLimitError, budget: str, resets: datetime.date) -> None:
     assert refusal.status_code == 429
     assert (refusal.type, refusal.code) == ("insufficient_quota", "insufficient_quota")
-    assert refusal.message.startswith(f"You exceeded your budget: {budget} is spent until {resets.isoformat()}T00:00:00")
+    assert refusal.body["message"] == f"You exceeded your budget: {budget} is spent until {resets.isoformat()}T00:00:00Z."
     assert refusal.response.headers["x-should-retry"] == "false"
     assert refusal.response.headers["x-request-id"]
 
