@@ -9,21 +9,26 @@
 //! module carries them out through the host.
 
 use crate::answer::Answer;
+use crate::gate::{self, Keep};
 use crate::host::{Host, SharedBuckets};
 use crate::outbox::Outbox;
 use crate::request::{self, HeadersVerdict, ModelsQuery, Reply, RequestHead, Routing};
-use crate::worker::{admin_call_headers, SPEND_PATH};
+use crate::worker::{admin_call_headers, GateShared, SPEND_PATH};
 use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::config::Price;
 use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::error_normalize::{self, normalize_in, Origin};
+use modelgate_proto::gate::{
+    CacheAsk, GateVerdict, IdempotencyAsk, ReplaySource, CACHE_HEADER, GATE_PATH, GATE_STORE_PATH,
+    IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER,
+};
 use modelgate_proto::headers;
 use modelgate_proto::keys::{is_internal_token, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, Reserved, Unit, Verdict};
 use modelgate_proto::models::POOL_MODELS_PATH;
 use modelgate_proto::routing::Router;
-use modelgate_proto::usage::Traffic;
+use modelgate_proto::usage::{Traffic, Usage, UsageRecord};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use std::borrow::Cow;
 use std::rc::Rc;
@@ -48,6 +53,12 @@ pub struct Flow {
     outbox: Rc<Outbox>,
     /// Envoy's counter of the shared store's failures, where limits are shared.
     store_failures: Option<u32>,
+    /// What the worker's requests share for the gate.
+    gate: Rc<GateShared>,
+    /// The endpoint of a model-routed request.
+    endpoint: Endpoint,
+    /// The client's `Idempotency-Key`, where idempotency is configured.
+    idempotency_key: Option<String>,
     /// When the request's headers came, in microseconds since the Unix epoch (0 if unknown).
     started_us: u64,
     /// The request's `x-request-id`, bounded.
@@ -80,6 +91,10 @@ enum Phase {
     ReadingBody { caller: Caller, endpoint: Endpoint, buffered: usize },
     /// Held while the shared rate-limit store decides on it.
     AwaitingSharedLimits(Held),
+    /// Admitted by its limits, held while ext-proc's gate decides on it.
+    AwaitingGate(Box<Gated>),
+    /// Answered from the gate's store: a cached answer, or an idempotent request's first answer.
+    Replayed(Replayed),
     /// A model-routed request the filter refused before any backend: what its refusal count needs.
     Refused { caller: Caller, model: String, exact_route: bool },
     /// Sent on to its backend.
@@ -97,6 +112,48 @@ struct Held {
     /// The tokens it asked to reserve, and when it asked.
     reserved_tokens: u64,
     asked_us: u64,
+}
+
+/// A request admitted by its limits, waiting for the gate's verdict.
+#[derive(Debug)]
+struct Gated {
+    admitted: Admitted,
+    routing: Routing,
+    body_len: usize,
+    /// Budgets were asked for: a missing verdict follows `budgets.on_failure`.
+    budgets: bool,
+    /// The route caches the answer: a missing verdict makes a miss.
+    cache: bool,
+    reservation: String,
+}
+
+/// A request the gate answered from its store.
+#[derive(Debug)]
+struct Replayed {
+    caller: Caller,
+    model: String,
+    exact_route: bool,
+    backend: String,
+    stream: bool,
+    source: ReplaySource,
+    usage: Option<Usage>,
+}
+
+/// What the gate said about a request it let through.
+#[derive(Debug, Default)]
+struct Passed {
+    /// The answer is kept for the store (a cache entry, an idempotent request's claim).
+    keep: Option<Keep>,
+    /// The route caches answers and had none for it: `modelgate-cache: miss`.
+    cache_miss: bool,
+    /// The budget reservation its usage record settles.
+    budget_reservation: Option<String>,
+}
+
+impl Passed {
+    fn is_nothing(&self) -> bool {
+        self.keep.is_none() && !self.cache_miss && self.budget_reservation.is_none()
+    }
 }
 
 /// A request sent on to its backend: what its answer's headers, its token
@@ -117,9 +174,13 @@ struct Forwarded {
     /// Sent through the stream guard: Envoy's code details come from the inner listener.
     guarded: bool,
     answer: Answer,
+    stream: bool,
+    /// What the gate said, where it was asked.
+    gated: Option<Box<Passed>>,
 }
 
 /// What the request's key's limits let through.
+#[derive(Debug)]
 struct Admitted {
     caller: Caller,
     admission: Admission,
@@ -176,11 +237,14 @@ struct Failed {
 }
 
 impl Flow {
-    pub fn new(router: Rc<Router>, outbox: Rc<Outbox>, store_failures: Option<u32>) -> Self {
+    pub fn new(router: Rc<Router>, outbox: Rc<Outbox>, store_failures: Option<u32>, gate: Rc<GateShared>) -> Self {
         Flow {
             router,
             outbox,
             store_failures,
+            gate,
+            endpoint: Endpoint::ChatCompletions,
+            idempotency_key: None,
             started_us: 0,
             request_id: String::new(),
             traffic: Traffic::Interactive,
@@ -247,7 +311,16 @@ impl Flow {
             HeadersVerdict::AskPoolModels(query) => self.ask_pool_models(host, query),
             HeadersVerdict::ReadBody(caller, endpoint) => {
                 self.counts_usage = endpoint.is_completion();
+                self.endpoint = endpoint;
                 self.phase = Phase::ReadingBody { caller, endpoint, buffered: 0 };
+                if self.router.idempotency().is_some() && head.method == "POST" {
+                    if let Some(key) = host.header(REQUEST_HEADERS, IDEMPOTENCY_KEY_HEADER) {
+                        match gate::idempotency_key(&key) {
+                            Ok(key) => self.idempotency_key = Some(key),
+                            Err(error) => return self.refuse_unread(host, &error.into()),
+                        }
+                    }
+                }
                 Action::Pause
             }
             HeadersVerdict::Respond(reply) => self.respond(host, &reply),
@@ -291,6 +364,7 @@ impl Flow {
         match &self.phase {
             Phase::AwaitingSharedLimits(_) => self.on_shared_verdict(host, num_headers, body_size),
             Phase::AwaitingPoolModels(_) => self.on_pool_models(host, num_headers, body_size),
+            Phase::AwaitingGate(_) => self.on_gate_verdict(host, num_headers, body_size),
             _ => {}
         }
     }
@@ -359,6 +433,9 @@ impl Flow {
             for (name, value) in limits::headers(&forwarded.admission) {
                 host.set_header(RESPONSE_HEADERS, name, &value);
             }
+            if forwarded.gated.as_ref().is_some_and(|gated| gated.cache_miss) {
+                host.set_header(RESPONSE_HEADERS, CACHE_HEADER, "miss");
+            }
             // The inner listener's reason, for this filter only: never sent on to the client.
             if forwarded.guarded {
                 relayed_details = host.header(RESPONSE_HEADERS, headers::CODE_DETAILS);
@@ -377,10 +454,15 @@ impl Flow {
             Phase::Forwarded(forwarded) => Some(forwarded),
             _ => None,
         };
-        if let (Some(forwarded), true) = (forwarded, self.router.accounting().is_some()) {
+        if let Some(forwarded) = forwarded {
+            if let Some(keep) = forwarded.gated.as_mut().and_then(|gated| gated.keep.as_mut()) {
+                keep.on_headers(status, host.header(RESPONSE_HEADERS, "content-type").as_deref());
+            }
             // A fallback chain may have been answered by another backend than the first.
-            if let Some(backend) = host.header(RESPONSE_HEADERS, headers::SERVED_BY) {
-                forwarded.backend = String::from_utf8_lossy(&backend).into_owned();
+            if self.router.accounting().is_some() {
+                if let Some(backend) = host.header(RESPONSE_HEADERS, headers::SERVED_BY) {
+                    forwarded.backend = String::from_utf8_lossy(&backend).into_owned();
+                }
             }
         }
         if status < 400 {
@@ -422,15 +504,26 @@ impl Flow {
 
     pub fn on_response_body<H: Host>(&mut self, host: &H, body_size: usize, end_of_stream: bool) -> Action {
         let Response::Rewriting(Failed { status, details, attempts, encoding }) = &self.response else {
-            if let Phase::Forwarded(Forwarded { answer, .. }) = &mut self.phase {
-                // The body is read only where usage is counted; every piece is timed.
-                let piece =
-                    if answer.reads_body() { host.body(BufferType::HttpResponseBody, body_size) } else { Vec::new() };
-                if let Some(passed) = answer.on_piece(host.now_us(), &piece, end_of_stream) {
-                    host.replace_body(BufferType::HttpResponseBody, body_size, &passed);
+            if let Phase::Forwarded(Forwarded { answer, gated, .. }) = &mut self.phase {
+                let keep = gated.as_mut().and_then(|gated| gated.keep.as_mut());
+                let keeps = keep.as_ref().is_some_and(|keep| keep.wants_bytes());
+                // The body is read only where usage is counted or the answer kept; every piece is timed.
+                let piece = if answer.reads_body() || keeps {
+                    host.body(BufferType::HttpResponseBody, body_size)
+                } else {
+                    Vec::new()
+                };
+                let changed = answer.on_piece(host.now_us(), &piece, end_of_stream);
+                if let Some(changed) = &changed {
+                    host.replace_body(BufferType::HttpResponseBody, body_size, changed);
+                }
+                if let (Some(keep), true) = (keep, keeps) {
+                    // What the client gets, after the unasked usage chunk is gone.
+                    keep.add(changed.as_deref().unwrap_or(&piece));
                 }
             }
             if end_of_stream {
+                self.hand_over_answer(host, true);
                 // Before the answer's end leaves: the client's next request sees these tokens settled.
                 self.settle_tokens(host);
             }
@@ -465,11 +558,36 @@ impl Flow {
     /// worker's outbox, or, refused before any backend (or left by its
     /// client before one), it is counted with the worker's refusals.
     pub fn on_log<H: Host>(&mut self, host: &H) {
+        // An answer not handed over by now did not end whole: its claim is let go.
+        self.hand_over_answer(host, false);
         self.settle_tokens(host);
         if self.router.accounting().is_none() {
             return;
         }
         let status = self.response.status();
+        if let Phase::Replayed(replayed) = &self.phase {
+            let record = UsageRecord {
+                at_ms: host.now_us() / 1000,
+                stream: replayed.stream,
+                usage: replayed.usage,
+                latency_us: host.now_us().saturating_sub(self.started_us),
+                served_from: Some(replayed.source),
+                ..UsageRecord::default()
+            };
+            let finished = request::Finished {
+                request_id: &self.request_id,
+                key: key_name(&replayed.caller),
+                model: &replayed.model,
+                exact_route: replayed.exact_route,
+                backend: &replayed.backend,
+                // Served from the store: it costs nothing.
+                price: None,
+                status,
+                traffic: self.traffic,
+            };
+            self.outbox.push(&request::usage_record(record, finished));
+            return;
+        }
         if let Phase::Forwarded(forwarded) = &mut self.phase {
             let finished = request::Finished {
                 request_id: &self.request_id,
@@ -481,14 +599,23 @@ impl Flow {
                 status,
                 traffic: self.traffic,
             };
-            self.outbox.push(&request::usage_record(forwarded.answer.record(host.now_us()), finished));
+            let mut record = request::usage_record(forwarded.answer.record(host.now_us()), finished);
+            record.budget_reservation = forwarded.gated.as_ref().and_then(|gated| gated.budget_reservation.clone());
+            self.outbox.push(&record);
             return;
         }
         let (key, model, exact_route) = match &self.phase {
-            Phase::Unrouted { .. } | Phase::Service | Phase::AwaitingPoolModels(_) | Phase::Forwarded(_) => return,
+            Phase::Unrouted { .. }
+            | Phase::Service
+            | Phase::AwaitingPoolModels(_)
+            | Phase::Forwarded(_)
+            | Phase::Replayed(_) => return,
             Phase::ReadingBody { caller, .. } => (key_name(caller), "", false),
             Phase::AwaitingSharedLimits(held) => {
                 (held.caller.name.as_str(), held.routing.model.as_str(), held.routing.exact_route)
+            }
+            Phase::AwaitingGate(gated) => {
+                (key_name(&gated.admitted.caller), gated.routing.model.as_str(), gated.routing.exact_route)
             }
             Phase::Refused { caller, model, exact_route } => (key_name(caller), model.as_str(), *exact_route),
         };
@@ -545,10 +672,18 @@ impl Flow {
             if self.response.status() >= 400 { Some(0) } else { forwarded.answer.usage().map(|usage| usage.total()) };
         // Settled: nothing is left to settle twice.
         let reserved = std::mem::take(&mut forwarded.reserved);
+        self.settle(host, &reserved, used);
+    }
+
+    /// Settles `reserved` tokens with those `used` (`None`: unknown, the reservation stands).
+    fn settle<H: Host>(&self, host: &H, reserved: &[Reserved], used: Option<u64>) {
+        if reserved.is_empty() {
+            return;
+        }
         if self.router.shared_limits().is_some() {
-            self.outbox.settle(&reserved, used, host.now_us());
+            self.outbox.settle(reserved, used, host.now_us());
         } else {
-            limits::settle(&SharedBuckets(host), &reserved, used, host.now_us());
+            limits::settle(&SharedBuckets(host), reserved, used, host.now_us());
         }
     }
 
@@ -617,11 +752,201 @@ impl Flow {
         }
     }
 
-    /// Sends an admitted request on to its backend: routing headers, and the body as the backend gets it.
+    /// Sends an admitted request on to its backend, or first asks the gate
+    /// where its route caches answers, it carries an `Idempotency-Key`, or
+    /// its key has budgets: `Continue` once forwarded.
     fn forward<H: Host>(&mut self, host: &H, admitted: Admitted, routing: Routing, body: &[u8]) -> Action {
+        // The one branch a gateway without a cache or budgets pays.
+        if self.router.cache().is_none() && self.router.budgets().is_none() {
+            return self.send_on(host, admitted, routing, body, Passed::default());
+        }
+        let router = Rc::clone(&self.router);
+        let Some(target) = router.resolve(&routing.model) else {
+            return self.send_on(host, admitted, routing, body, Passed::default());
+        };
+        let cache = gate::route_cache(target, self.endpoint).map(|cache| {
+            let (lookup, store) = gate::cache_control(host.header(REQUEST_HEADERS, "cache-control").as_deref());
+            CacheAsk { ttl_secs: cache.ttl_secs, mode: cache.mode, shared: cache.shared, lookup, store }
+        });
+        let idempotency = self
+            .idempotency_key
+            .take()
+            .zip(router.idempotency())
+            .map(|(key, config)| IdempotencyAsk { key, window_secs: config.window_secs });
+        let candidates = gate::budget_candidates(&router, key_name(&admitted.caller), target, &routing);
+        let fallback = target.on_budget_exhausted == modelgate_proto::config::OnBudgetExhausted::Fallback;
+        let (Some(mut ask), Some((cluster, timeout))) =
+            (gate::ask(cache, idempotency, candidates, fallback), gate::call_target(&router))
+        else {
+            return self.send_on(host, admitted, routing, body, Passed::default());
+        };
+        let budgets = !ask.budgets.is_empty();
+        ask.request_id = self.request_id.clone();
+        ask.owner = key_name(&admitted.caller).to_string();
+        ask.path = self.endpoint.path().to_string();
+        ask.model = routing.model.clone();
+        if budgets {
+            ask.reservation = self.gate.reservation_id(self.started_us);
+        }
+        let call = admin_call_headers("POST", GATE_PATH, "application/json", router.internal_token());
+        let gated = Gated {
+            cache: ask.cache.is_some(),
+            reservation: ask.reservation.clone(),
+            budgets,
+            admitted,
+            routing,
+            body_len: body.len(),
+        };
+        if host.dispatch(&cluster, call, &ask.to_call_body(body), timeout).is_some() {
+            self.phase = Phase::AwaitingGate(Box::new(gated));
+            return Action::Pause;
+        }
+        self.without_verdict(host, gated, body)
+    }
+
+    /// The gate's verdict on a held request, carried out.
+    fn on_gate_verdict<H: Host>(&mut self, host: &H, num_headers: usize, body_size: usize) {
+        let Phase::AwaitingGate(gated) = std::mem::replace(&mut self.phase, Phase::Unrouted { buffered: None }) else {
+            return;
+        };
+        let status = host.http_call_header(num_headers, ":status");
+        let answer = host.body(BufferType::HttpCallResponseBody, body_size);
+        // Envoy still holds the request body it buffered for the filter.
+        let body = host.body(BufferType::HttpRequestBody, gated.body_len);
+        let action = match gate::verdict(status.as_deref(), &answer) {
+            Some((verdict, bytes)) => self.carry_out(host, *gated, verdict, bytes, &body),
+            None => self.without_verdict(host, *gated, &body),
+        };
+        if action == Action::Continue {
+            host.resume_request();
+        }
+    }
+
+    fn carry_out<H: Host>(
+        &mut self,
+        host: &H,
+        gated: Gated,
+        verdict: GateVerdict,
+        bytes: &[u8],
+        body: &[u8],
+    ) -> Action {
+        let Gated { admitted, mut routing, budgets, reservation, .. } = gated;
+        match verdict {
+            GateVerdict::Proceed { member, ticket, cache_miss } => {
+                if member > 0 && !self.start_at(&mut routing, member) {
+                    host.log_error(
+                        "modelgate: the gate chose a backend the model's route does not have; its first is tried",
+                    );
+                }
+                let max_bytes = self.router.cache().map_or(0, |c| c.max_entry_bytes);
+                let passed = Passed {
+                    keep: ticket.map(|ticket| Keep::new(ticket, max_bytes)),
+                    cache_miss,
+                    budget_reservation: budgets.then_some(reservation),
+                };
+                self.send_on(host, admitted, routing, body, passed)
+            }
+            GateVerdict::Replay { source, status, content_type, usage } => {
+                let used = gate::replay_settles(&self.router, source, usage);
+                self.settle(host, &admitted.reserved, Some(used));
+                self.phase = Phase::Replayed(Replayed {
+                    caller: admitted.caller,
+                    model: routing.model,
+                    exact_route: routing.exact_route,
+                    backend: routing.backend,
+                    stream: routing.stream,
+                    source,
+                    usage,
+                });
+                let marker = match source {
+                    ReplaySource::Cache => (CACHE_HEADER, "hit"),
+                    ReplaySource::Idempotency => (REPLAYED_HEADER, "true"),
+                };
+                self.response = Response::Replied { status };
+                let processing_ms = self.processing_ms(host).unwrap_or_default();
+                let headers =
+                    vec![("content-type", content_type.as_str()), (PROCESSING_MS, processing_ms.as_str()), marker];
+                host.send_response(status, headers, bytes);
+                Action::Pause
+            }
+            GateVerdict::Refuse { refusal } => {
+                self.settle(host, &admitted.reserved, Some(0));
+                self.refuse(host, admitted.caller, routing, &gate::refusal(&refusal))
+            }
+        }
+    }
+
+    /// A request the gate gave no verdict on: counted and logged; with
+    /// budgets, refused or let through uncharged as configured; otherwise a
+    /// cache miss that keeps nothing.
+    fn without_verdict<H: Host>(&mut self, host: &H, gated: Gated, body: &[u8]) -> Action {
+        if let Some(metric) = self.gate.store_failures {
+            host.count(metric);
+        }
+        host.log_error("modelgate: ext-proc's gate gave no verdict (see ext-proc's log)");
+        let Gated { admitted, routing, budgets, cache, .. } = gated;
+        match gate::without_verdict(&self.router, budgets) {
+            Ok(()) => self.send_on(host, admitted, routing, body, Passed { cache_miss: cache, ..Passed::default() }),
+            Err(reply) => {
+                self.settle(host, &admitted.reserved, Some(0));
+                self.refuse(host, admitted.caller, routing, &reply)
+            }
+        }
+    }
+
+    /// Moves a request for a model with fallbacks to start at chain `member`,
+    /// whose budgets admitted it: false if the route has no such member.
+    fn start_at(&self, routing: &mut Routing, member: usize) -> bool {
+        let Some(target) = self.router.resolve(&routing.model) else {
+            return false;
+        };
+        let (Some(chain), Some(candidate)) = (target.chain_from(member, routing.stream), target.members.get(member))
+        else {
+            return false;
+        };
+        routing.chain = Some(chain.to_string());
+        routing.backend = candidate.backend.clone();
+        routing.price = candidate.price;
+        true
+    }
+
+    /// Hands the answer kept for the gate's store over, once: whole where it
+    /// `ended` a success within its bound, else only to let its claim go.
+    /// The call outlives the request; nobody waits for its answer.
+    fn hand_over_answer<H: Host>(&mut self, host: &H, ended: bool) {
+        let Phase::Forwarded(forwarded) = &mut self.phase else {
+            return;
+        };
+        let Some(keep) = forwarded.gated.as_mut().and_then(|gated| gated.keep.take()) else {
+            return;
+        };
+        let Some(call) = keep.into_call(&self.request_id, ended, forwarded.stream, forwarded.answer.usage()) else {
+            return;
+        };
+        let Some(cache) = self.router.cache() else {
+            return;
+        };
+        let headers = admin_call_headers("POST", GATE_STORE_PATH, "application/x-ndjson", self.router.internal_token());
+        if !host.dispatch_detached(&cache.cluster, headers, &call, Duration::from_millis(cache.timeout_ms)) {
+            if let Some(metric) = self.gate.store_failures {
+                host.count(metric);
+            }
+            host.log_error("modelgate: could not hand an answer to ext-proc's gate store");
+        }
+    }
+
+    /// Sends an admitted request on to its backend: routing headers, and the body as the backend gets it.
+    fn send_on<H: Host>(
+        &mut self,
+        host: &H,
+        admitted: Admitted,
+        routing: Routing,
+        body: &[u8],
+        passed: Passed,
+    ) -> Action {
         let count_tokens = self.counts_usage && (self.router.accounting().is_some() || admitted.limits_tokens);
-        if count_tokens {
-            // A compressed answer's usage could not be read, nor its usage chunk removed.
+        if count_tokens || passed.keep.is_some() {
+            // A compressed answer's usage could not be read, nor its usage chunk removed, nor the answer kept.
             host.remove_header(REQUEST_HEADERS, "accept-encoding");
         }
         if let Some(edit) = &routing.body_edit {
@@ -663,6 +988,8 @@ impl Flow {
             reserved: admitted.reserved,
             admission: admitted.admission,
             guarded,
+            stream: routing.stream,
+            gated: (!passed.is_nothing()).then(|| Box::new(passed)),
         });
         Action::Continue
     }

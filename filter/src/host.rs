@@ -16,7 +16,18 @@
 use modelgate_proto::limits::BucketStore;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use std::cell::Cell;
 use std::time::{Duration, UNIX_EPOCH};
+
+thread_local! {
+    /// The VM's root context, which owns the calls that outlive a request.
+    static ROOT_CONTEXT: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Notes the VM's root context id, as Envoy creates it.
+pub fn set_root_context(context_id: u32) {
+    ROOT_CONTEXT.with(|root| root.set(context_id));
+}
 
 /// What the filter asks of its host.
 pub trait Host {
@@ -45,6 +56,10 @@ pub trait Host {
 
     /// Sends an HTTP request to an Envoy cluster: the call's token, or `None` if Envoy would not send it.
     fn dispatch(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> Option<u32>;
+
+    /// Sends an HTTP request whose answer nobody waits for, and which outlives
+    /// the request that sends it (Envoy cancels a request's own calls when it ends).
+    fn dispatch_detached(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> bool;
 
     /// Lets a request held by the filter go on.
     fn resume_request(&self);
@@ -81,12 +96,15 @@ pub trait Host {
     }
 }
 
-/// The host the filter runs in: Envoy's proxy-wasm host calls.
+/// The host the filter runs in: Envoy's proxy-wasm host calls, made for
+/// `context` (a request's context id; 0 for the root context).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Envoy;
+pub struct Envoy {
+    pub context: u32,
+}
 
 fn log_failure(what: &str, status: Status) {
-    Envoy.log_error(&format!("modelgate: {what} failed: {status:?}"));
+    Envoy::default().log_error(&format!("modelgate: {what} failed: {status:?}"));
 }
 
 impl Host for Envoy {
@@ -155,6 +173,19 @@ impl Host for Envoy {
         hostcalls::dispatch_http_call(cluster, headers, Some(body), Vec::new(), timeout)
             .map_err(|s| log_failure("calling a cluster", s))
             .ok()
+    }
+
+    /// Made as the root context, so the call is the root's: a request's calls are cancelled when it ends.
+    fn dispatch_detached(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> bool {
+        let root = ROOT_CONTEXT.with(Cell::get);
+        if root == 0 || hostcalls::set_effective_context(root).is_err() {
+            return self.dispatch(cluster, headers, body, timeout).is_some();
+        }
+        let sent = self.dispatch(cluster, headers, body, timeout).is_some();
+        if let Err(s) = hostcalls::set_effective_context(self.context) {
+            log_failure("returning to the request's context", s);
+        }
+        sent
     }
 
     fn resume_request(&self) {

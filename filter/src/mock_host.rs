@@ -221,6 +221,21 @@ impl Host for MockHost {
         u32::try_from(state.dispatched.len()).ok()
     }
 
+    fn dispatch_detached(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> bool {
+        self.record(format!("dispatch detached {cluster}"));
+        let mut state = self.state.borrow_mut();
+        if state.dispatch_refused {
+            return false;
+        }
+        state.dispatched.push(Dispatched {
+            cluster: cluster.to_string(),
+            headers: owned(&headers),
+            body: body.to_vec(),
+            timeout,
+        });
+        true
+    }
+
     fn resume_request(&self) {
         self.record("resume".into());
         self.state.borrow_mut().resumed = true;

@@ -320,6 +320,8 @@ pub fn on_request_body(
 ) -> Result<Routing, Reply> {
     let fields = read_routing_fields(body)?;
     let limits_tokens = caller.is_some_and(|key| key.limits.counts_tokens());
+    // A budget reserves what the request may spend, from the same estimate.
+    let has_budgets = caller.is_some_and(|key| router.key_budgets(&key.name).is_some());
     let counts_tokens = router.accounting().is_some() || limits_tokens;
     // Only chat completions and completions have `stream_options.include_usage`: the
     // Responses and Messages APIs' streams always carry usage, and ext_proc asks for it
@@ -351,7 +353,11 @@ pub fn on_request_body(
         picked: target.pool.is_some(),
         stream_cluster,
         chain: target.chain.as_ref().map(|chain| chain.for_request(fields.stream).to_owned()),
-        tokens: if limits_tokens { fields.token_estimate(body, endpoint) } else { TokenEstimate::default() },
+        tokens: if limits_tokens || has_budgets {
+            fields.token_estimate(body, endpoint)
+        } else {
+            TokenEstimate::default()
+        },
         translated,
         stores_response: translated && endpoint == Endpoint::Responses,
     })

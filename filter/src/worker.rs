@@ -8,6 +8,7 @@ use crate::host::Host;
 use crate::outbox::{self, Delivery, Outbox, RecordBatch};
 use modelgate_proto::headers;
 use modelgate_proto::routing::Router;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -35,6 +36,25 @@ pub(crate) fn admin_call_headers<'a>(
     headers
 }
 
+/// What this worker's requests share for the gate.
+#[derive(Debug, Default)]
+pub struct GateShared {
+    /// Envoy's counter of the times the gate gave no verdict.
+    pub store_failures: Option<u32>,
+    /// This VM's part of its budget reservations' ids.
+    worker: String,
+    reservations: Cell<u64>,
+}
+
+impl GateShared {
+    /// A new budget reservation's id, for a request that started at `started_us`.
+    pub fn reservation_id(&self, started_us: u64) -> String {
+        let counter = self.reservations.get() + 1;
+        self.reservations.set(counter);
+        crate::gate::reservation_id(&self.worker, counter, started_us)
+    }
+}
+
 #[derive(Default)]
 pub struct Worker {
     router: Rc<Router>,
@@ -48,6 +68,7 @@ pub struct Worker {
     records_dropped: Option<u32>,
     /// Batches sent and not yet answered, by call: put back in the outbox if they fail.
     in_flight: HashMap<u32, Batch>,
+    gate: Rc<GateShared>,
 }
 
 enum Batch {
@@ -74,6 +95,13 @@ impl Worker {
                 if router.accounting().is_some() {
                     self.records_dropped = host.counter("modelgate.usage_records_dropped");
                 }
+                if router.cache().is_some() || router.budgets().is_some() {
+                    self.gate = Rc::new(GateShared {
+                        store_failures: host.counter("modelgate.gate.store_failures"),
+                        worker: batch_sender(host.now_us()),
+                        reservations: Cell::new(0),
+                    });
+                }
                 self.router = Rc::new(router);
                 true
             }
@@ -86,7 +114,7 @@ impl Worker {
 
     /// A new request's flow.
     pub fn new_flow(&self) -> Flow {
-        Flow::new(Rc::clone(&self.router), Rc::clone(&self.outbox), self.store_failures)
+        Flow::new(Rc::clone(&self.router), Rc::clone(&self.outbox), self.store_failures, Rc::clone(&self.gate))
     }
 
     /// Sends the usage records and token settlements this worker holds, and tells of what it dropped.

@@ -159,6 +159,13 @@ pub fn resets_at(period: Period, now_secs: u64) -> u64 {
     }
 }
 
+/// A moment as RFC 3339 in UTC, to the second: `2027-01-01T00:00:00Z`.
+pub fn rfc3339(secs: u64) -> String {
+    let (year, month, day) = civil_date(secs / DAY_SECS);
+    let in_day = secs % DAY_SECS;
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", in_day / 3600, in_day / 60 % 60, in_day % 60)
+}
+
 const DAY_SECS: u64 = 86_400;
 
 /// Year, month and day of the `days`th day since 1970-01-01 (Howard Hinnant's civil calendar).
@@ -202,5 +209,6 @@ mod tests {
         // A leap day.
         assert_eq!(period_id(Period::Day, 1_709_164_800), "2024-02-29");
         assert_eq!(resets_at(Period::Month, 1_709_164_800), 1_709_251_200);
+        assert_eq!(rfc3339(last), "2026-12-31T23:59:59Z");
     }
 }

@@ -444,6 +444,8 @@ impl FilterConfig {
             ("accounting.flush_interval_ms", config.accounting.as_ref().map(|a| a.flush_interval_ms)),
             ("shared_limits.timeout_ms", config.shared_limits.as_ref().map(|s| s.timeout_ms)),
             ("failover.per_try_timeout_ms", Some(config.failover.per_try_timeout_ms)),
+            ("cache.timeout_ms", config.cache.as_ref().map(|c| c.timeout_ms)),
+            ("budgets.timeout_ms", config.budgets.as_ref().map(|b| b.timeout_ms)),
         ];
         for (name, ms) in waits {
             if let Some(ms) = ms.filter(|ms| !MILLISECONDS.contains(ms)) {
@@ -456,9 +458,70 @@ impl FilterConfig {
                 "invalid modelgate configuration: internal_token must be printable ASCII, without spaces".into()
             );
         }
+        config.check_gate().map_err(|e| format!("invalid modelgate configuration: {e}"))?;
         Ok(config)
     }
+
+    /// The cache's, idempotency's and budgets' settings hold together.
+    fn check_gate(&self) -> Result<(), String> {
+        let route_caches = self
+            .backends
+            .iter()
+            .filter_map(|(name, b)| Some((format!("backends.{name}.cache"), b.cache.as_ref()?)))
+            .chain(
+                self.models.iter().filter_map(|m| Some((format!("models `{}` cache", m.pattern), m.cache.as_ref()?))),
+            );
+        let mut seconds =
+            vec![("idempotency.window_secs".to_string(), self.idempotency.as_ref().map(|i| i.window_secs))];
+        for (name, cache) in route_caches {
+            if self.cache.is_none() {
+                return Err(format!("{name} needs the top-level `cache`, the store of cached answers"));
+            }
+            seconds.push((format!("{name}.ttl_secs"), Some(cache.ttl_secs)));
+        }
+        for (name, secs) in seconds {
+            if let Some(secs) = secs.filter(|secs| !SECONDS.contains(secs)) {
+                return Err(format!("{name} is {secs}, outside 1 to 2592000 (30 days)"));
+            }
+        }
+        if self.idempotency.is_some() && self.cache.is_none() {
+            return Err("`idempotency` needs `cache`, whose store keeps the first answers".into());
+        }
+        if self.budgets.is_some() && self.accounting.is_none() {
+            return Err("`budgets` needs `accounting`, whose usage records settle them".into());
+        }
+        for key in &self.client_keys {
+            let Some(budgets) = &key.budgets else { continue };
+            if self.budgets.is_none() {
+                return Err(format!("client key `{}` has budgets, which need the top-level `budgets`", key.name));
+            }
+            let amounts = std::iter::once(("".to_string(), budgets.own()))
+                .chain(budgets.models.iter().map(|(pattern, a)| (format!(" on models `{pattern}`"), *a)))
+                .chain(budgets.backends.iter().map(|(backend, a)| (format!(" on backend `{backend}`"), *a)));
+            for (scope, amounts) in amounts {
+                for usd in [amounts.usd_per_day, amounts.usd_per_month].into_iter().flatten() {
+                    if !(usd.is_finite() && usd >= 0.0) {
+                        return Err(format!(
+                            "client key `{}`: a budget{scope} is {usd} dollars, not 0 or more",
+                            key.name
+                        ));
+                    }
+                }
+            }
+            for pattern in budgets.models.keys() {
+                crate::routing::Pattern::parse(pattern)
+                    .map_err(|e| format!("client key `{}`'s budgets: {e}", key.name))?;
+            }
+            if let Some(backend) = budgets.backends.keys().find(|b| !self.backends.contains_key(*b)) {
+                return Err(format!("client key `{}` has budgets on unknown backend `{backend}`", key.name));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Bounds of the durations configured in seconds (a cache's TTL, idempotency's window): up to 30 days.
+const SECONDS: std::ops::RangeInclusive<u64> = 1..=2_592_000;
 
 #[cfg(test)]
 mod tests {
@@ -476,5 +539,72 @@ mod tests {
             assert!(with(bad).unwrap_err().contains("internal_token"), "{bad}");
         }
         assert_eq!(with("null").unwrap().internal_token, None);
+    }
+
+    #[test]
+    fn the_cache_idempotency_and_budgets_settings_hold_together() {
+        let with = |extra: &str| {
+            FilterConfig::from_json(
+                format!(
+                    r#"{{"backends": {{"a": {{"cluster": "a"}}}}, "models": [{{"match": "m", "backend": "a"}}]{extra}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let cache = r#", "cache": {"cluster": "admin"}"#;
+        let keyed = |budgets: &str| {
+            format!(
+                r#", "accounting": {{"cluster": "admin"}}, "budgets": {{"cluster": "admin"}},
+                   "client_keys": [{{"name": "k", "sha256": "{}", "budgets": {budgets}}}]"#,
+                "0".repeat(64)
+            )
+        };
+        let fine = [
+            cache.to_string(),
+            format!(r#"{cache}, "idempotency": {{}}"#),
+            keyed(
+                r#"{"usd_per_day": 0, "models": {"gpt-4*": {"tokens_per_month": 10}}, "backends": {"a": {"usd_per_month": 5.5}}}"#,
+            ),
+        ];
+        for extra in &fine {
+            assert!(with(extra).is_ok(), "{extra}: {:?}", with(extra).err());
+        }
+        let idempotency = with(&format!(r#"{cache}, "idempotency": {{}}"#)).unwrap().idempotency.unwrap();
+        assert_eq!(idempotency.window_secs, 86_400);
+        let bad = [
+            (format!(r#"{cache}, "idempotency": {{"window_secs": 0}}"#), "outside 1 to 2592000"),
+            (format!(r#"{cache}, "idempotency": {{"window_secs": 2592001}}"#), "outside 1 to 2592000"),
+            (r#", "idempotency": {}"#.to_string(), "needs `cache`"),
+            (r#", "cache": {"cluster": "admin", "timeout_ms": 0}"#.to_string(), "outside 1 to 600000"),
+            (r#", "budgets": {"cluster": "admin"}"#.to_string(), "needs `accounting`"),
+            (
+                r#", "accounting": {"cluster": "admin"}, "budgets": {"cluster": "admin", "timeout_ms": 600001}"#
+                    .to_string(),
+                "outside 1 to 600000",
+            ),
+            (keyed(r#"{"usd_per_day": -1}"#), "not 0 or more"),
+            (keyed(r#"{"models": {"a*b": {"usd_per_day": 1}}}"#), "only at the end"),
+            (keyed(r#"{"backends": {"nope": {"usd_per_day": 1}}}"#), "unknown backend `nope`"),
+        ];
+        for (extra, why) in &bad {
+            let error = with(extra).unwrap_err();
+            assert!(error.contains(why), "{extra}: {error}");
+        }
+        let no_store = format!(
+            r#", "client_keys": [{{"name": "k", "sha256": "{}", "budgets": {{"usd_per_day": 1}}}}]"#,
+            "0".repeat(64)
+        );
+        assert!(with(&no_store).unwrap_err().contains("need the top-level `budgets`"));
+        let route_cache = |cache_config: &str, ttl: u64| {
+            FilterConfig::from_json(
+                format!(
+                    r#"{{"backends": {{"a": {{"cluster": "a", "cache": {{"ttl_secs": {ttl}}}}}}}, "models": []{cache_config}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        assert!(route_cache(cache, 300).is_ok());
+        assert!(route_cache(cache, 0).unwrap_err().contains("backends.a.cache.ttl_secs is 0"));
+        assert!(route_cache("", 300).unwrap_err().contains("needs the top-level `cache`"));
     }
 }

@@ -136,6 +136,15 @@ pub enum ErrorCode {
     TokensBeyondLimit,
     RateLimitsUnavailable,
     LimitStoreUnavailable,
+    // Budgets and idempotent requests.
+    /// A spend or token budget is spent until its period ends.
+    InsufficientQuota,
+    /// The store of budgets did not answer, where the configuration refuses then.
+    BudgetsUnavailable,
+    /// An `Idempotency-Key` whose first request is still running.
+    IdempotencyKeyInUse,
+    /// An `Idempotency-Key` used again with another request.
+    IdempotencyKeyReused,
     UsageStoreUnavailable,
     FileStoreUnavailable,
     BatchStoreUnavailable,
@@ -191,6 +200,10 @@ impl ErrorCode {
             ErrorCode::RateLimitExceeded | ErrorCode::TokensBeyondLimit => "rate_limit_exceeded",
             ErrorCode::RateLimitsUnavailable => "rate_limits_unavailable",
             ErrorCode::LimitStoreUnavailable => "limit_store_unavailable",
+            ErrorCode::InsufficientQuota => "insufficient_quota",
+            ErrorCode::BudgetsUnavailable => "budgets_unavailable",
+            ErrorCode::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::UsageStoreUnavailable => "usage_store_unavailable",
             ErrorCode::FileStoreUnavailable => "file_store_unavailable",
             ErrorCode::BatchStoreUnavailable => "batch_store_unavailable",
@@ -568,6 +581,58 @@ impl GatewayError {
         )
     }
 
+    // Budgets and idempotent requests.
+
+    /// OpenAI's 429 for a spent quota: `budget` (as [`crate::budgets::BudgetLimit::describe`]
+    /// names it) is spent until `resets_at` (seconds since the epoch). Retrying before then fails alike.
+    pub fn insufficient_quota(budget: &str, resets_at: u64) -> Self {
+        Self::new(
+            429,
+            ErrorType::InsufficientQuota,
+            Some(ErrorCode::InsufficientQuota),
+            format!("You exceeded your budget: {budget} is spent until {}.", crate::budgets::rfc3339(resets_at)),
+        )
+    }
+
+    /// 503: the store of budgets did not answer, where the configuration
+    /// refuses a request it cannot charge (`budgets.on_failure: deny`).
+    pub fn budgets_unavailable() -> Self {
+        Self::server(
+            503,
+            Some(ErrorCode::BudgetsUnavailable),
+            "The gateway could not check this key's budgets. Please retry your request shortly.".into(),
+        )
+    }
+
+    /// 400 for an `Idempotency-Key` header that is empty, too long, or not printable ASCII.
+    pub fn invalid_idempotency_key(max_len: usize) -> Self {
+        Self::invalid_value(
+            "Idempotency-Key",
+            format!("The Idempotency-Key header must be 1 to {max_len} printable ASCII characters."),
+        )
+    }
+
+    /// 409 for a repeat of an idempotent request whose first is still running: it may pass once that one ends.
+    pub fn idempotency_key_in_use() -> Self {
+        Self::new(
+            409,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::IdempotencyKeyInUse),
+            "A request with this Idempotency-Key is still being processed. Retry it once that request has finished."
+                .into(),
+        )
+    }
+
+    /// 422 for an `Idempotency-Key` sent again with another request, as Stripe answers it.
+    pub fn idempotency_key_reused() -> Self {
+        Self::new(
+            422,
+            ErrorType::InvalidRequest,
+            Some(ErrorCode::IdempotencyKeyReused),
+            "Keys for idempotent requests can only be used with the same parameters they were first used with.".into(),
+        )
+    }
+
     /// 503 from the admin port: its rate-limit store (Redis) did not answer.
     pub fn limit_store_unavailable() -> Self {
         Self::server(
@@ -803,6 +868,7 @@ impl GatewayError {
                 | BackendReset
                 | BackendTimeout
                 | RateLimitsUnavailable
+                | BudgetsUnavailable
                 | LimitStoreUnavailable
                 | UsageStoreUnavailable
                 | FileStoreUnavailable
@@ -811,10 +877,11 @@ impl GatewayError {
                 | NoReadyReplica
                 | StreamInterrupted,
             ) => Some(true),
-            // The status says it already: a 429 passes after its `retry-after`; a backend's 5xx may pass.
+            // The status says it already: a 429 passes after its `retry-after`; a backend's 5xx may
+            // pass; a 409 once the first request ends.
             Some(
-                RateLimitExceeded | PoolSaturated | Overloaded | BadBackendAnswer | StreamEventTooLarge
-                | StreamUnreadable | LoraOperationFailed,
+                IdempotencyKeyInUse | RateLimitExceeded | PoolSaturated | Overloaded | BadBackendAnswer
+                | StreamEventTooLarge | StreamUnreadable | LoraOperationFailed,
             ) => None,
             // The same request would fail again: refused as sent, or a configuration only an operator can fix.
             Some(
@@ -840,6 +907,8 @@ impl GatewayError {
                 | AdminKeyRequired
                 | InvalidInternalToken
                 | TokensBeyondLimit
+                | InsufficientQuota
+                | IdempotencyKeyReused
                 | GatewayMisconfigured
                 | BackendNotConfigured
                 | BackendKeyUnavailable,
@@ -993,6 +1062,10 @@ mod tests {
         assert_eq!(advice(GatewayError::file_in_use("file-1", "batch_1")), Some(false));
         assert_eq!(advice(GatewayError::batch_finished("batch_1", "completed")), Some(false));
         assert_eq!(advice(GatewayError::file_not_found("file-1")), Some(false));
+        assert_eq!(advice(GatewayError::insufficient_quota("usd_per_day of key `k`", 0)), Some(false));
+        assert_eq!(advice(GatewayError::idempotency_key_reused()), Some(false));
+        assert_eq!(advice(GatewayError::invalid_idempotency_key(255)), Some(false));
+        assert_eq!(advice(GatewayError::budgets_unavailable()), Some(true));
         // Briefly unable: yes, the guard's own per-try timeouts included.
         assert_eq!(advice(GatewayError::gateway_unavailable()), Some(true));
         assert_eq!(advice(GatewayError::rate_limits_unavailable()), Some(true));
@@ -1005,6 +1078,35 @@ mod tests {
         // The status decides: a 429 after its retry-after, a backend's 5xx.
         assert_eq!(advice(GatewayError::rate_limit_reached(Unit::Tokens, "m".into())), None);
         assert_eq!(advice(GatewayError::bad_answer("nothing")), None);
+        assert_eq!(advice(GatewayError::idempotency_key_in_use()), None);
         assert_eq!(advice(GatewayError::internal("encoding".into())), None);
+    }
+
+    #[test]
+    fn a_spent_budget_is_openais_insufficient_quota_with_its_reset() {
+        let spent = GatewayError::insufficient_quota("usd_per_day of key `alice`", 1_798_761_600);
+        assert_eq!(
+            (spent.status, spent.kind, spent.code),
+            (429, ErrorType::InsufficientQuota, Some(ErrorCode::InsufficientQuota))
+        );
+        let body: Value = serde_json::from_slice(&spent.to_json()).unwrap();
+        assert_eq!(
+            body,
+            json!({"error": {
+                "message": "You exceeded your budget: usd_per_day of key `alice` is spent until 2027-01-01T00:00:00Z.",
+                "type": "insufficient_quota", "param": null, "code": "insufficient_quota",
+            }})
+        );
+        let body: Value = serde_json::from_slice(&spent.body_in(ClientApi::Anthropic)).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        let key = GatewayError::invalid_idempotency_key(255);
+        assert_eq!(
+            (key.status, key.param.as_deref(), key.code),
+            (400, Some("Idempotency-Key"), Some(ErrorCode::InvalidValue))
+        );
+        assert_eq!(GatewayError::idempotency_key_in_use().status, 409);
+        let reused = GatewayError::idempotency_key_reused();
+        assert_eq!((reused.status, reused.code.map(ErrorCode::as_str)), (422, Some("idempotency_key_reused")));
+        assert_eq!(GatewayError::budgets_unavailable().status, 503);
     }
 }

@@ -187,6 +187,9 @@ pub struct StoreTicket {
     pub cache_key: Option<String>,
     #[serde(default)]
     pub ttl_secs: u64,
+    /// The request's path, which says what shape of answer is cached (with `cache_key`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
     /// The idempotency claim this request holds, released or completed with the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<String>,

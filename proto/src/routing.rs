@@ -8,8 +8,8 @@ use crate::backend::{ApiKey, BackendProfile, Dialect};
 use crate::chain::{Chain, ChainHeaders, Member};
 use crate::client_api::{self, Passage};
 use crate::config::{
-    AccountingConfig, BackendConfig, BatchesConfig, FilterConfig, ModelRouteConfig, PoolsConfig, Price,
-    SharedLimitsConfig,
+    AccountingConfig, BackendConfig, BatchesConfig, BudgetsConfig, CacheConfig, FilterConfig, IdempotencyConfig,
+    KeyBudgetsConfig, ModelRouteConfig, OnBudgetExhausted, PoolsConfig, Price, RouteCacheConfig, SharedLimitsConfig,
 };
 use crate::endpoint::Endpoint;
 use crate::keys::ClientKeys;
@@ -37,12 +37,39 @@ pub struct Target {
     /// What decides how each endpoint reaches the backend ([`Target::passage`]):
     /// the backend's profile, or for a chain the default one, since its members differ.
     pub serves: BackendProfile,
+    /// The route's cache: the model's, else its backend's.
+    pub cache: Option<RouteCacheConfig>,
+    /// The backends a request may be served by, in the order they are tried:
+    /// the route's backend, then its fallbacks. Budgets are reserved on one of them.
+    pub members: Vec<Candidate>,
+    /// With fallbacks: a spent budget on one member moves the request on to the next.
+    pub on_budget_exhausted: OnBudgetExhausted,
+    /// For a chain whose budgets may move a request on: the chain's headers
+    /// when it starts at member 1, 2, … (member 0's are `chain`).
+    pub later_chains: Vec<ChainHeaders>,
+}
+
+/// One backend a model's request may go to, with what the model costs there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub backend: String,
+    pub price: Option<Price>,
 }
 
 impl Target {
     /// How a request to `endpoint` reaches this target's backend.
     pub fn passage(&self, endpoint: Endpoint) -> Passage {
         client_api::passage(endpoint, &self.serves)
+    }
+
+    /// The chain header's value for a request that starts at `member` (0 is
+    /// the route's backend); `None` without a chain, or past its last member.
+    pub fn chain_from(&self, member: usize, stream: bool) -> Option<&str> {
+        let headers = match member {
+            0 => self.chain.as_ref(),
+            later => self.later_chains.get(later - 1),
+        };
+        headers.map(|headers| headers.for_request(stream))
     }
 }
 
@@ -63,6 +90,11 @@ pub struct Router {
     pools: Option<PoolsConfig>,
     internal_token: Option<String>,
     reserved_completion_tokens: u64,
+    cache: Option<CacheConfig>,
+    idempotency: Option<IdempotencyConfig>,
+    budgets: Option<BudgetsConfig>,
+    /// The budgets of each key that has some, by the key's name.
+    key_budgets: HashMap<String, KeyBudgetsConfig>,
 }
 
 impl Router {
@@ -77,6 +109,14 @@ impl Router {
             pools: config.pools.clone(),
             internal_token: config.internal_token.clone(),
             reserved_completion_tokens: config.reserved_completion_tokens,
+            cache: config.cache.clone(),
+            idempotency: config.idempotency.clone(),
+            budgets: config.budgets.clone(),
+            key_budgets: config
+                .client_keys
+                .iter()
+                .filter_map(|key| Some((key.name.clone(), key.budgets.clone()?)))
+                .collect(),
             ..Router::default()
         };
         if let Some((name, _)) =
@@ -178,6 +218,29 @@ impl Router {
     pub fn reserved_completion_tokens(&self) -> u64 {
         self.reserved_completion_tokens
     }
+
+    /// The store of cached answers (and idempotent requests' answers), if one is configured.
+    pub fn cache(&self) -> Option<&CacheConfig> {
+        self.cache.as_ref()
+    }
+
+    /// Idempotent requests are answered once per key, if configured.
+    pub fn idempotency(&self) -> Option<&IdempotencyConfig> {
+        self.idempotency.as_ref()
+    }
+
+    /// The store of spend and token budgets, if one is configured.
+    pub fn budgets(&self) -> Option<&BudgetsConfig> {
+        self.budgets.as_ref()
+    }
+
+    /// The budgets of the key named `key`, if it has any.
+    pub fn key_budgets(&self, key: &str) -> Option<&KeyBudgetsConfig> {
+        if self.key_budgets.is_empty() {
+            return None;
+        }
+        self.key_budgets.get(key)
+    }
 }
 
 fn profile_of(backend: &BackendConfig, rename: Option<&String>) -> BackendProfile {
@@ -200,6 +263,9 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
     };
     let backend = named(&route.backend)?;
     let profile = profile_of(backend, route.rename.as_ref());
+    let members = std::iter::once(Candidate { backend: route.backend.clone(), price: route.price })
+        .chain(route.fallbacks.iter().map(|f| Candidate { backend: f.backend.clone(), price: f.price.or(route.price) }))
+        .collect();
     let mut target = Target {
         backend: route.backend.clone(),
         cluster: backend.cluster.clone(),
@@ -210,6 +276,10 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
         chain: None,
         pool: backend.pool.clone(),
         serves: profile,
+        cache: route.cache.clone().or_else(|| backend.cache.clone()),
+        members,
+        on_budget_exhausted: route.on_budget_exhausted,
+        later_chains: Vec::new(),
     };
     if route.fallbacks.is_empty() {
         return Ok(target);
@@ -243,6 +313,13 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
         });
     }
     let chain = Chain { members, failover: config.failover.clone(), stream: false };
+    if route.on_budget_exhausted == OnBudgetExhausted::Fallback {
+        target.later_chains = (1..chain.members.len())
+            .map(|start| {
+                Chain { members: chain.members.get(start..).unwrap_or_default().to_vec(), ..chain.clone() }.headers()
+            })
+            .collect();
+    }
     target.cluster = guard.clone();
     target.profile = None;
     target.serves = BackendProfile::default();
@@ -486,5 +563,46 @@ mod tests {
         assert_eq!(r.max_request_body_bytes(), crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES);
         let r = Router::from_json(br#"{"max_request_body_bytes": 10, "backends": {}, "models": []}"#).unwrap();
         assert_eq!(r.max_request_body_bytes(), 10);
+    }
+
+    #[test]
+    fn a_route_knows_its_cache_its_members_prices_and_its_chain_from_each_member() {
+        let router = Router::from_json(
+            br#"{"stream_guard_cluster": "guard", "cache": {"cluster": "admin"},
+                "backends": {"a": {"cluster": "ca", "cache": {"ttl_secs": 60}}, "b": {"cluster": "cb"}, "c": {"cluster": "cc"}},
+                "models": [
+                  {"match": "plain", "backend": "a"},
+                  {"match": "own", "backend": "a", "cache": {"ttl_secs": 5, "mode": "always", "shared": true}},
+                  {"match": "m", "backend": "a", "price": {"input_per_million": 1, "output_per_million": 2},
+                   "on_budget_exhausted": "fallback",
+                   "fallbacks": [{"backend": "b", "price": {"input_per_million": 3, "output_per_million": 4}},
+                                 {"backend": "c", "rename": "m2"}]}]}"#,
+        )
+        .unwrap();
+        let plain = router.resolve("plain").unwrap();
+        assert_eq!(plain.cache.as_ref().map(|c| c.ttl_secs), Some(60), "the backend's cache");
+        assert_eq!(plain.members, [Candidate { backend: "a".into(), price: None }]);
+        assert_eq!((plain.chain_from(0, false), plain.chain_from(1, false)), (None, None));
+        let own = router.resolve("own").unwrap().cache.clone().unwrap();
+        assert_eq!((own.ttl_secs, own.mode, own.shared), (5, crate::config::CacheMode::Always, true));
+        let m = router.resolve("m").unwrap();
+        let prices: Vec<_> =
+            m.members.iter().map(|c| (c.backend.as_str(), c.price.map(|p| p.input_per_million))).collect();
+        assert_eq!(
+            prices,
+            [("a", Some(1.0)), ("b", Some(3.0)), ("c", Some(1.0))],
+            "a fallback's own price, else the route's"
+        );
+        assert_eq!(m.on_budget_exhausted, OnBudgetExhausted::Fallback);
+        let backends = |member, stream| {
+            let chain = Chain::from_header(m.chain_from(member, stream).unwrap().as_bytes()).unwrap();
+            assert_eq!(chain.stream, stream);
+            chain.members.iter().map(|m| m.backend.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(backends(0, false), ["a", "b", "c"]);
+        assert_eq!(backends(1, true), ["b", "c"]);
+        assert_eq!(backends(2, false), ["c"]);
+        assert_eq!(m.chain_from(3, false), None);
+        assert!(router.key_budgets("anyone").is_none());
     }
 }

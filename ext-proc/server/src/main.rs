@@ -8,6 +8,9 @@ use modelgate_batch::Batches;
 use modelgate_dialects::credentials::KeySourceArgs;
 use modelgate_ext_proc::pool_metrics::PoolMetrics;
 use modelgate_ext_proc::service::{self, PoolPicker, Processor, DEFAULT_MAX_MESSAGE_BYTES};
+use modelgate_gate::budgets::Budgets;
+use modelgate_gate::cache::{Memory, RedisStore, Store};
+use modelgate_gate::gate::Gate;
 use modelgate_pools::Pools;
 use modelgate_proto::clock;
 use modelgate_runtime::internal_token::{InternalToken, InternalTokenArgs};
@@ -54,6 +57,12 @@ struct Args {
     #[arg(long, env = "MODELGATE_REDIS_TIMEOUT_MS", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..))]
     redis_timeout_ms: u64,
+    /// Bytes the response cache and idempotent requests' answers may take in
+    /// memory, the least recently used going first; ignored with `--redis-url`,
+    /// which keeps them in Redis.
+    #[arg(long, env = "MODELGATE_CACHE_MAX_BYTES", default_value_t = 268_435_456,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    cache_max_bytes: usize,
     #[command(flatten)]
     keys: KeySourceArgs,
     #[command(flatten)]
@@ -122,8 +131,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let batches = Batches::open(&args.batch, &args.data_dir, args.redis_url.as_deref(), secret, token.clone())?;
         let responses = Arc::new(batches.responses());
-        let admin = Admin::with_usage(usage).with_collector(Box::new(PoolMetrics(Arc::clone(&pools))));
+        let cache = match &args.redis_url {
+            Some(url) => Store::Redis(RedisStore::new(url, redis_timeout)?),
+            None => Store::Memory(Memory::new(args.cache_max_bytes)),
+        };
+        let gate = Arc::new(Gate::new(cache, Arc::new(Budgets {})));
+        let admin = Admin::with_usage(usage)
+            .with_collector(Box::new(PoolMetrics(Arc::clone(&pools))))
+            .with_collector(gate.collector());
         let admin = routes::router(Arc::new(admin), limits, token.clone())
+            .merge(modelgate_gate::api::router(gate, token.clone()))
             .merge(batches.api())
             .merge(modelgate_pools::api::router(Arc::clone(&pools), token.clone()))
             .merge(routes::probes(shutdown.clone()));

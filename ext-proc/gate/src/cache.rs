@@ -1,1 +1,0 @@
-//! Cached answers and idempotency claims: in memory, or in Redis.
