@@ -196,6 +196,26 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A period is every second up to its reset, and the reset starts the next one.
+        #[test]
+        fn a_period_ends_where_the_next_begins(now in 0u64..1 << 40, month in any::<bool>()) {
+            let period = if month { Period::Month } else { Period::Day };
+            let reset = resets_at(period, now);
+            prop_assert!(reset > now);
+            prop_assert_eq!(period_id(period, reset - 1), period_id(period, now));
+            prop_assert_ne!(period_id(period, reset), period_id(period, now));
+            // Periods start at midnight; a month on its first day.
+            prop_assert_eq!(reset % DAY_SECS, 0);
+            let longest = if month { 31 * DAY_SECS } else { DAY_SECS };
+            prop_assert!(reset - now <= longest);
+            if month {
+                prop_assert!(period_id(Period::Day, reset).ends_with("-01"));
+            }
+        }
+    }
 
     #[test]
     fn periods_follow_the_utc_calendar() {

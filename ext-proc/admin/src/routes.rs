@@ -9,12 +9,17 @@
 //!   A batch with an `x-modelgate-batch-id` already applied is answered the
 //!   same, with `"repeat":true`, and not applied again
 //!   ([`crate::usage_store`]); a 503 when the usage store cannot keep it.
+//!   Before a batch is kept, each record holding a budget reservation settles
+//!   it ([`modelgate_gate::budgets`]), once however often it is sent; a 503
+//!   when the budgets' store does not answer, so the batch comes again.
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]).
 //! - `GET /healthz` and `GET /readyz`: the probes ([`modelgate_runtime::health`]);
 //!   readiness fails from SIGTERM on, while the drain delay still serves.
 //! - `GET /v1/usage/report?start=&end=`: usage per key, model and backend
 //!   ([`crate::usage_report`]), in Unix seconds; `start` defaults to 0, `end`
 //!   to now.
+//! - `GET /v1/usage/budgets?key=`: each budget's counter in its current
+//!   period (of one key, or of all): limit, spent, reserved and when it resets.
 //! - `POST /v1/limits/spend`: rate-limit buckets in Redis
 //!   ([`crate::shared_limits`]), only when Redis is configured. A debit may
 //!   carry an `id` (1 to 64 letters, digits, `-`, `_`), applied once however
@@ -31,13 +36,14 @@ use crate::shared_limits::SharedLimits;
 use crate::usage_report::Retention;
 use crate::usage_store::{self, Dedup, Ledger, Outcome, Usage};
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use modelgate_gate::budgets::{self, Budgets};
 use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::SpendRequest;
@@ -62,12 +68,32 @@ const MAX_MODELS: usize = 1000;
 /// How long applied batch ids are remembered unless configured.
 pub const DEFAULT_DEDUP: Dedup = Dedup { window_ms: 60 * 60_000 };
 
-/// What the admin port keeps: metrics and the usage report's minutes.
+/// What the admin port keeps: metrics and the usage report's minutes, and
+/// the budgets its records settle.
 pub struct Admin {
     metrics: Metrics,
     usage: Usage,
     models: Mutex<HashSet<String>>,
+    budgets: Option<Arc<Budgets>>,
 }
+
+/// Why a batch was not kept: the filter sends it again.
+#[derive(Debug)]
+pub enum IngestError {
+    Usage(usage_store::StoreError),
+    Budgets(budgets::StoreError),
+}
+
+impl std::fmt::Display for IngestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IngestError::Usage(e) => write!(f, "usage store: {e}"),
+            IngestError::Budgets(e) => write!(f, "budget store: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for IngestError {}
 
 impl Admin {
     /// Usage kept in memory only.
@@ -76,7 +102,15 @@ impl Admin {
     }
 
     pub fn with_usage(usage: Usage) -> Self {
-        Admin { metrics: Metrics::default(), usage, models: Mutex::new(HashSet::new()) }
+        Admin { metrics: Metrics::default(), usage, models: Mutex::new(HashSet::new()), budgets: None }
+    }
+
+    /// Settles `budgets`' reservations from the records, reports them on
+    /// `/v1/usage/budgets`, and counts their refusals in `/metrics`.
+    pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {
+        self.metrics.register_collector(budgets.metrics());
+        self.budgets = Some(budgets);
+        self
     }
 
     /// Adds metrics read from elsewhere at each scrape (the endpoint picker's, say) to `/metrics`.
@@ -88,13 +122,20 @@ impl Admin {
     /// Stores a batch of parsed records and tallies, received at `now_ms`, once:
     /// a repeat of a batch already applied is neither stored nor counted nor
     /// logged again. Every value that becomes a label is bounded first.
+    /// The records' budget reservations are settled first: a batch that
+    /// fails after is sent again, and settles nothing twice.
     pub async fn ingest(
         &self,
         batch: Option<&str>,
         mut records: Vec<UsageRecord>,
         mut tallies: Vec<Tally>,
         now_ms: u64,
-    ) -> Result<Outcome, usage_store::StoreError> {
+    ) -> Result<Outcome, IngestError> {
+        if let Some(budgets) = &self.budgets {
+            for record in &records {
+                settle(budgets, record).await.map_err(IngestError::Budgets)?;
+            }
+        }
         {
             let mut models = self.models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for record in &mut records {
@@ -108,7 +149,7 @@ impl Admin {
                 refused.model = model_label(&mut models, &refused.model, refused.model_served);
             }
         }
-        let outcome = self.usage.apply(batch, &records, &tallies, now_ms).await?;
+        let outcome = self.usage.apply(batch, &records, &tallies, now_ms).await.map_err(IngestError::Usage)?;
         if outcome == Outcome::Applied {
             for record in &records {
                 self.metrics.record(record);
@@ -135,6 +176,22 @@ impl Admin {
             }
         }
         Ok(outcome)
+    }
+}
+
+/// Settles the budget reservation `record` holds, if any: with what it cost
+/// (nothing, for an error), or, answered without usage, with what it reserved.
+async fn settle(budgets: &Budgets, record: &UsageRecord) -> Result<(), budgets::StoreError> {
+    let Some(reservation) = record.budget_reservation.as_deref() else {
+        return Ok(());
+    };
+    match record.usage {
+        _ if record.status >= 400 => budgets.settle(reservation, 0, 0).await,
+        Some(usage) => {
+            let usd_micros = record.cost_usd.map_or(0, modelgate_proto::budgets::usd_micros);
+            budgets.settle(reservation, usd_micros, usage.total()).await
+        }
+        None => budgets.settle_as_reserved(reservation).await,
     }
 }
 
@@ -257,6 +314,7 @@ pub fn router(admin: Arc<Admin>, limits: Option<SharedLimits>, token: InternalTo
     Router::new()
         .route("/metrics", get(get_metrics).fallback(only("GET")))
         .route("/v1/usage/report", get(get_report).fallback(only("GET")))
+        .route("/v1/usage/budgets", get(get_budgets).fallback(only("GET")))
         .fallback(unknown_url)
         .with_state(admin)
         .merge(filter_calls.route_layer(from_envoy))
@@ -357,6 +415,33 @@ async fn get_report(State(admin): State<Arc<Admin>>, uri: Uri) -> Response {
     }
 }
 
+/// `?key=`: one key's budgets; all keys' without it.
+#[derive(serde::Deserialize)]
+struct BudgetsQuery {
+    key: Option<String>,
+}
+
+async fn get_budgets(State(admin): State<Arc<Admin>>, query: Result<Query<BudgetsQuery>, QueryRejection>) -> Response {
+    let key = match query {
+        Ok(Query(query)) => query.key,
+        Err(rejection) => return error_response(&GatewayError::invalid_request(format!("{rejection}."))),
+    };
+    let report = match &admin.budgets {
+        Some(budgets) => match budgets.report(key.as_deref(), clock::unix_seconds()).await {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::warn!(error = %e, "budget store unavailable");
+                return error_response(&GatewayError::usage_store_unavailable());
+            }
+        },
+        None => budgets::BudgetReport { object: "list", data: Vec::new() },
+    };
+    match serde_json::to_string(&report) {
+        Ok(json) => json_response(StatusCode::OK, json),
+        Err(e) => error_response(&GatewayError::internal(format!("encoding the budgets: {e}"))),
+    }
+}
+
 async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(body) => body,
@@ -383,7 +468,7 @@ async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, Bytes
 }
 
 /// A 503: the filter keeps a batch it could not hand over and sends it again.
-fn usage_store_unavailable(e: &usage_store::StoreError) -> Response {
+fn usage_store_unavailable(e: &dyn std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "usage store unavailable");
     error_response(&GatewayError::usage_store_unavailable())
 }
@@ -593,6 +678,74 @@ not json\n\
         // Remembered for the window, then forgotten.
         let later = now + DEFAULT_DEDUP.window_ms + 1001;
         assert_eq!(admin.ingest(Some("vm-1"), records(), Vec::new(), later).await.unwrap(), Outcome::Applied);
+    }
+
+    /// Budgets with two requests of alice's admitted (600 and 300 tokens
+    /// reserved of her 1000 a day), and the admin port settling them.
+    async fn admitted_twice() -> Arc<Admin> {
+        use modelgate_gate::budgets::Admission;
+        use modelgate_proto::budgets::{BudgetLimit, BudgetUnit, Period};
+        use modelgate_proto::gate::BudgetCandidate;
+        let budgets = Arc::new(Budgets::in_memory());
+        let limit = BudgetLimit { scope: "key".into(), unit: BudgetUnit::Tokens, period: Period::Day, limit: 1000 };
+        for (reservation, tokens) in [("r1", 600), ("r2", 300)] {
+            let candidate =
+                BudgetCandidate { backend: "b".into(), budgets: vec![limit.clone()], usd_micros: 0, tokens };
+            let admitted = budgets.admit("alice", &[candidate], false, reservation, clock::unix_seconds()).await;
+            assert_eq!(admitted.unwrap(), Admission::Admitted { member: 0 });
+        }
+        Arc::new(Admin::new(1).with_budgets(budgets))
+    }
+
+    async fn budgets_of(admin: &Arc<Admin>, query: &str) -> Value {
+        use tower::ServiceExt;
+        let request = axum::http::Request::get(format!("/v1/usage/budgets{query}")).body(Body::empty()).unwrap();
+        let response =
+            router(Arc::clone(admin), None, InternalToken::from_secret(None, "test")).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_settle_their_reservations_once() {
+        let admin = admitted_twice().await;
+        let record = |reservation: &str, status, usage| UsageRecord {
+            key: "alice".into(),
+            status,
+            usage,
+            budget_reservation: Some(reservation.into()),
+            ..UsageRecord::default()
+        };
+        let used = Some(modelgate_proto::usage::Usage { prompt_tokens: 100, completion_tokens: 20 });
+        let batch = || vec![record("r1", 200, used), record("r2", 429, None), record("unknown", 200, used)];
+        let now = clock::unix_millis();
+        assert_eq!(admin.ingest(Some("b-1"), batch(), Vec::new(), now).await.unwrap(), Outcome::Applied);
+        // Sent again, under another id or none: settled already.
+        assert_eq!(admin.ingest(None, batch(), Vec::new(), now).await.unwrap(), Outcome::Applied);
+        let report = budgets_of(&admin, "?key=alice").await;
+        let row = &report["data"][0];
+        assert_eq!(
+            (&row["amount"], &row["limit"], &row["spent"], &row["reserved"]),
+            (&json!("tokens_per_day"), &json!(1000), &json!(120), &json!(0)),
+            "{report}"
+        );
+        assert_eq!(budgets_of(&admin, "?key=bob").await, json!({"object": "list", "data": []}));
+        assert_eq!(budgets_of(&admin, "").await["data"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_record_answered_without_usage_is_charged_what_it_reserved() {
+        let admin = admitted_twice().await;
+        let record = UsageRecord { status: 200, budget_reservation: Some("r2".into()), ..UsageRecord::default() };
+        admin.ingest(None, vec![record], Vec::new(), clock::unix_millis()).await.unwrap();
+        let row = &budgets_of(&admin, "").await["data"][0];
+        assert_eq!((&row["spent"], &row["reserved"]), (&json!(300), &json!(600)));
+    }
+
+    #[tokio::test]
+    async fn without_budgets_the_list_is_empty() {
+        assert_eq!(budgets_of(&Arc::new(Admin::new(1)), "?key=alice").await, json!({"object": "list", "data": []}));
     }
 
     #[test]

@@ -220,6 +220,12 @@ impl Budgets {
         Ok(Budgets { store, refusals: Family::default() })
     }
 
+    /// Budgets in an SQLite database in memory, lost with the process: for tests.
+    pub fn in_memory() -> Self {
+        let store = SqliteBudgets::open(Path::new(":memory:")).expect("an SQLite database in memory opens");
+        Budgets { store: Store::Sqlite(store), refusals: Family::default() }
+    }
+
     /// Admits a request of `owner` into the first candidate whose budgets all
     /// have room for it (only the first, unless `fallback`), reserving its
     /// cost under `reservation` in the periods that hold `now_secs`. A
@@ -288,7 +294,6 @@ impl Budgets {
             Store::Sqlite(store) => store.counters(key, now_secs).await?,
             Store::Redis(store) => store.counters(key, now_secs).await?,
         };
-        counters.retain(|counter| counter.resets_at > now_secs && key.is_none_or(|key| counter.owner == key));
         counters.sort_by(|a, b| {
             (&a.owner, &a.scope, &a.amount_name, &a.period).cmp(&(&b.owner, &b.scope, &b.amount_name, &b.period))
         });

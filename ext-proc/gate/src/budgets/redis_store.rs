@@ -31,7 +31,8 @@ const RESERVATION_PREFIX: &str = "modelgate:budget-reservation:";
 const INDEX: &str = "modelgate:budgets";
 
 /// KEYS: the reservation, the index, then every candidate's counters in order.
-/// ARGV: per candidate (tried in turn), its number of holds followed by each
+/// ARGV[1]: the time before which the index forgets counters (their grace
+/// over); then per candidate (tried in turn), its number of holds followed by each
 /// hold's unit ("usd" or "tokens"), limit, amount, resets_at, expiry in ms,
 /// owner, scope, amount name and period. Answers {1, member} or
 /// {0, member, hold} (from 0) for the first budget that refused.
@@ -41,7 +42,8 @@ local made = redis.call('HGET', KEYS[1], 'member')
 if made then
   return {1, tonumber(made)}
 end
-local arg = 1
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+local arg = 2
 local key = 3
 local member = 0
 local refused = nil
@@ -166,7 +168,10 @@ impl RedisBudgets {
         now_secs: u64,
     ) -> Result<Decision, StoreError> {
         let mut invocation = self.admit.prepare_invoke();
-        invocation.key(format!("{RESERVATION_PREFIX}{reservation}")).key(INDEX);
+        invocation
+            .key(format!("{RESERVATION_PREFIX}{reservation}"))
+            .key(INDEX)
+            .arg(now_secs.saturating_sub(GRACE_SECS));
         for holds in candidates {
             invocation.arg(holds.len());
             for hold in holds {
@@ -215,8 +220,6 @@ impl RedisBudgets {
 
     pub(super) async fn counters(&self, key: Option<&str>, now_secs: u64) -> Result<Vec<CounterState>, StoreError> {
         let mut redis = self.redis.clone();
-        let forgotten = now_secs.saturating_sub(GRACE_SECS);
-        let _: u64 = self.bounded(redis.zrembyscore(INDEX, "-inf", format!("({forgotten}"))).await?;
         let names: Vec<String> = self.bounded(redis.zrangebyscore(INDEX, format!("({now_secs}"), "+inf")).await?;
         let mut pipe = redis::pipe();
         for name in &names {

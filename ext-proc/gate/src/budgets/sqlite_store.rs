@@ -70,7 +70,7 @@ pub(super) struct SqliteBudgets {
 }
 
 impl SqliteBudgets {
-    /// Opens the database at `path`, creating it and its schema if missing.
+    /// Opens the database at `path` (`:memory:`: one in memory), creating it and its schema if missing.
     pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
         let fail = |e: rusqlite::Error| StoreError(format!("budget database {}: {e}", path.display()));
         let mut db = Connection::open(path).map_err(fail)?;
