@@ -135,8 +135,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(url) => Store::Redis(RedisStore::new(url, redis_timeout)?),
             None => Store::Memory(Memory::new(args.cache_max_bytes)),
         };
-        let gate = Arc::new(Gate::new(cache, Arc::new(Budgets {})));
+        let budgets = Arc::new(
+            Budgets::open(&args.data_dir, args.redis_url.as_deref(), redis_timeout)
+                .map_err(|e| format!("opening the budgets' store: {e}"))?,
+        );
+        let gate = Arc::new(Gate::new(cache, Arc::clone(&budgets)));
         let admin = Admin::with_usage(usage)
+            .with_budgets(budgets)
             .with_collector(Box::new(PoolMetrics(Arc::clone(&pools))))
             .with_collector(gate.collector());
         let admin = routes::router(Arc::new(admin), limits, token.clone())
