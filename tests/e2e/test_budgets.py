@@ -129,7 +129,7 @@ def test_a_spent_usd_budget_refuses_with_insufficient_quota(gateway):
     # Whatever the API: a Messages request is refused in Anthropic's envelope.
     claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gateway.port}", api_key=SPENDER, max_retries=0)
     with pytest.raises(anthropic.RateLimitError) as refused:
-        claude.messages.create(model="pricey-llama", max_tokens=5, messages=[{"role": "user", "content": "hello"}])
+        claude.messages.create(model="pricey-llama", max_tokens=50, messages=[{"role": "user", "content": "hello"}])
     assert refused.value.body["type"] == "error"
     assert "spender" in refused.value.body["error"]["message"]
 
