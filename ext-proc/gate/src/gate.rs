@@ -113,7 +113,7 @@ impl Gate {
 
         let mut cache_miss = false;
         if let Some(asked) = ask.cache.as_ref().filter(|_| replay::cacheable_path(&ask.path)) {
-            if asked.mode == CacheMode::Always || replay::is_deterministic(&ask.body) {
+            if asked.mode == CacheMode::Always || replay::is_deterministic(&ask.path, &ask.body) {
                 let partition = if asked.shared { "*" } else { ask.owner.as_str() };
                 let key = replay::cache_key(partition, &ask.path, &ask.model, &ask.body);
                 if asked.lookup && store_up {
