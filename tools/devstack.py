@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime
 import json
 import os
 import secrets
@@ -572,6 +573,34 @@ class Redis:
         self.stop()
 
 
+class FakeClock:
+    """A wall clock a test sets for the processes it is given to (ext-proc, through
+    `Stack(ext_proc_env=clock.env)`): Debian's libfaketime, preloaded, holds their clock at
+    the time last `set`. Monotonic time is left alone, so timeouts and timers run as usual."""
+
+    LIBRARY = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+    def __init__(self, at: datetime.datetime):
+        self.file = Path(tempfile.mkdtemp(prefix="modelgate-clock-")) / "now"
+        self.set(at)
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls.LIBRARY.exists()
+
+    @property
+    def env(self) -> dict[str, str]:
+        # The file is read again at every clock reading; its time is UTC's.
+        return {"LD_PRELOAD": str(self.LIBRARY), "FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1", "TZ": "UTC"}
+
+    def set(self, at: datetime.datetime) -> None:
+        """Moves the clock to `at` (timezone-aware), at once for every process reading it."""
+        staged = self.file.with_suffix(".new")
+        staged.write_text(at.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S\n"))
+        staged.replace(self.file)
+
+
 class S3:
     """A throwaway S3-compatible server (moto's, from the registry's `moto[server]`) on a free
     loopback port, with one bucket: batch files shared by several ext-proc replicas."""
@@ -661,8 +690,12 @@ modelgate is running: OpenAI API at {stack.base_url}
 
 Try it:
   curl {stack.base_url}/models
-  curl {stack.base_url}/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  curl -i {stack.base_url}/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "gpt-4o-mini", "temperature": 0, "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  gpt-4o-mini's deterministic answers are cached for five minutes: run the same curl
+  again and its answer says `modelgate-cache: hit` (the backend was not called). A POST
+  with an `Idempotency-Key` header is answered once; its repeats get the first answer.
 
   from openai import OpenAI
   client = OpenAI(base_url="{stack.base_url}", api_key="unused")

@@ -4,11 +4,14 @@ at hand. The helpers they use are in harness.py."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import httpx2
 import openai
 import pytest
 
-from harness import (KEY_FILE, REPORTED, SPEC_PATH, Spec, Stack, add_failing_backends, add_keyed_backends,
+from harness import (KEY_FILE, REPORTED, SPEC_PATH, Redis, Spec, Stack, add_failing_backends, add_keyed_backends,
                      with_client_api_keys)
 
 
@@ -30,6 +33,15 @@ def client_api_gateway():
     Messages APIs' tests."""
     with Stack(adjust_config=with_client_api_keys) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def redis():
+    """A Redis of the module's own, for state that several gateways share."""
+    if not shutil.which("redis-server") and not os.environ.get("CI"):
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+    with Redis() as r:
+        yield r
 
 
 @pytest.fixture

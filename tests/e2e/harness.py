@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from devstack import (DEMO_ANTHROPIC_KEY, EXT_PROC_ADMIN_PORT, EXT_PROC_PORT, INNER_LISTENER_PORT,  # noqa: E402,F401
+from devstack import (DEMO_ANTHROPIC_KEY, EXT_PROC_ADMIN_PORT, EXT_PROC_PORT, INNER_LISTENER_PORT, FakeClock,  # noqa: E402,F401
                       POOL_REPLICAS, S3, STREAM_GUARD_PORT, Redis, Stack, allow_backend_clusters, edit_filter_config, free_port,
                       http_connection_manager)
 
@@ -118,6 +118,30 @@ def received_by(stack, backend: str, request_id: str) -> dict | None:
 
 def new_request_id() -> str:
     return f"req-{uuid.uuid4()}"
+
+
+def client_key(name: str, key: str, **settings) -> dict:
+    """A `client_keys` entry: the key's name, its SHA-256, and any settings (limits, budgets)."""
+    return {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), **settings}
+
+
+def new_prompt(topic: str) -> str:
+    """A prompt no other request sends, so what a backend received for it can be counted."""
+    return f"{topic} {uuid.uuid4().hex}"
+
+
+def backend_calls(stack, backend: str, prompt: str) -> int:
+    """How many requests carrying `prompt` a simulated backend received."""
+    return sum(prompt in json.dumps(r["body"]) for r in backend_requests(stack, backend))
+
+
+def budgets(stack, key: str) -> dict[tuple[str, str], dict]:
+    """ext-proc's `GET /v1/usage/budgets` for one key, by each budget's scope and amount."""
+    answer = httpx2.get(f"{stack.ext_proc_admin_url}/v1/usage/budgets", params={"key": key})
+    assert answer.status_code == 200, answer.text
+    listed = answer.json()
+    assert listed["object"] == "list"
+    return {(row["scope"], row["amount"]): row for row in listed["data"]}
 
 
 def sdk(stack, retries: int = 0, key: str = "sk-client-key") -> openai.OpenAI:

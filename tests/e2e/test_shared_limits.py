@@ -3,15 +3,13 @@ their keys' buckets in one Redis, so a key's budget holds across both; when Redi
 gone, each follows its configured policy, and both recover by themselves."""
 
 import hashlib
-import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import pytest
 
-from harness import Redis, Stack, edit_filter_config, envoy_stat, metrics, new_request_id as rid
+from harness import Stack, edit_filter_config, envoy_stat, metrics, new_request_id as rid
 
 SHARED, METERED, CROWDED = "sk-shared-0001", "sk-metered-0002", "sk-crowded-0003"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -35,14 +33,6 @@ def shared_keys(on_failure: str):
             routing["accounting"]["flush_interval_ms"] = 100
         edit_filter_config(config, edit)
     return adjust
-
-
-@pytest.fixture(scope="module")
-def redis():
-    if not shutil.which("redis-server") and not os.environ.get("CI"):
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
-    with Redis() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")
