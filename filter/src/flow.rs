@@ -889,8 +889,11 @@ impl Flow {
             Ok(()) => {
                 // The record still names the reservation: had the store made it after all, the
                 // record settles it, and had it not, the store refuses to make it later.
-                let passed =
-                    Passed { cache_miss: cache, budget_reservation: budgets.then_some(reservation), ..Passed::default() };
+                let passed = Passed {
+                    cache_miss: cache,
+                    budget_reservation: budgets.then_some(reservation),
+                    ..Passed::default()
+                };
                 self.send_on(host, admitted, routing, body, passed)
             }
             Err(reply) => {

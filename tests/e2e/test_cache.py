@@ -216,8 +216,6 @@ def test_errors_and_answers_cut_short_are_never_cached(gateway):
     assert text and len(finishes) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="ext-proc does not yet count records served from the cache apart "
-                                       "(cache_hits, cached_tokens, modelgate_cached_tokens_total)")
 def test_hits_are_reported_as_served_from_the_cache_at_no_cost(gateway):
     carol, prompt = sdk(gateway, key=CAROL), new_prompt("cache")
     miss = ask(carol, "cached-llama", prompt, max_tokens=5).parse()

@@ -141,7 +141,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         let gate = Arc::new(Gate::new(cache, Arc::clone(&budgets)));
         let admin = Admin::with_usage(usage)
-            .with_budgets(budgets)
             .with_collector(Box::new(PoolMetrics(Arc::clone(&pools))))
             .with_collector(gate.collector())
             .with_budgets(budgets);
