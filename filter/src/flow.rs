@@ -456,7 +456,12 @@ impl Flow {
         };
         if let Some(forwarded) = forwarded {
             if let Some(keep) = forwarded.gated.as_mut().and_then(|gated| gated.keep.as_mut()) {
-                keep.on_headers(status, host.header(RESPONSE_HEADERS, "content-type").as_deref());
+                let content_type = host.header(RESPONSE_HEADERS, "content-type");
+                keep.on_headers(
+                    status,
+                    content_type.as_deref(),
+                    host.header(RESPONSE_HEADERS, "content-encoding").as_deref(),
+                );
             }
             // A fallback chain may have been answered by another backend than the first.
             if self.router.accounting().is_some() {
@@ -773,7 +778,12 @@ impl Flow {
             .take()
             .zip(router.idempotency())
             .map(|(key, config)| IdempotencyAsk { key, window_secs: config.window_secs });
-        let candidates = gate::budget_candidates(&router, key_name(&admitted.caller), target, &routing);
+        // An endpoint whose answer has no usage (`/tokenize`) costs nothing to reserve.
+        let candidates = if self.counts_usage {
+            gate::budget_candidates(&router, key_name(&admitted.caller), target, &routing)
+        } else {
+            Vec::new()
+        };
         let fallback = target.on_budget_exhausted == modelgate_proto::config::OnBudgetExhausted::Fallback;
         let (Some(mut ask), Some((cluster, timeout))) =
             (gate::ask(cache, idempotency, candidates, fallback), gate::call_target(&router))
@@ -864,8 +874,10 @@ impl Flow {
                 };
                 self.response = Response::Replied { status };
                 let processing_ms = self.processing_ms(host).unwrap_or_default();
-                let headers =
+                let limits = limits::headers(&admitted.admission);
+                let mut headers =
                     vec![("content-type", content_type.as_str()), (PROCESSING_MS, processing_ms.as_str()), marker];
+                headers.extend(limits.iter().map(|(name, value)| (*name, value.as_str())));
                 host.send_response(status, headers, bytes);
                 Action::Pause
             }

@@ -149,11 +149,15 @@ impl Keep {
         Keep { ticket, bytes: Vec::new(), max_bytes, spoilt: false, status: 0, content_type: String::new() }
     }
 
-    /// The answer's status and content type: a status other than 200 is not kept.
-    pub fn on_headers(&mut self, status: u16, content_type: Option<&[u8]>) {
+    /// The answer's status, content type and `content-encoding`: a status
+    /// other than 200 is not kept, nor a compressed body (a backend may
+    /// compress though the request asked it not to), which a replay without
+    /// its encoding would hand over unreadable.
+    pub fn on_headers(&mut self, status: u16, content_type: Option<&[u8]>, encoding: Option<&[u8]>) {
         self.status = status;
         self.content_type = content_type.map(|c| String::from_utf8_lossy(c).into_owned()).unwrap_or_default();
-        self.spoilt |= status != 200;
+        let compressed = encoding.is_some_and(|e| !e.eq_ignore_ascii_case(b"identity"));
+        self.spoilt |= status != 200 || compressed;
     }
 
     /// True while the answer's bytes are still wanted.
@@ -240,22 +244,26 @@ mod tests {
             })
         };
         let mut kept = Keep::new(ticket(None), 8);
-        kept.on_headers(200, Some(b"application/json"));
+        kept.on_headers(200, Some(b"application/json"), None);
         kept.add(b"{\"a\":");
         kept.add(b"1}");
         assert_eq!(call(kept, true), Some((true, b"{\"a\":1}".to_vec())));
         let mut over = Keep::new(ticket(None), 4);
-        over.on_headers(200, None);
+        over.on_headers(200, None, None);
         over.add(b"{\"a\":1}");
         assert!(!over.wants_bytes());
         assert_eq!(call(over, true), None, "nothing to keep, no claim to let go");
         let mut failed = Keep::new(ticket(Some("c")), 64);
-        failed.on_headers(500, None);
+        failed.on_headers(500, None, None);
         assert_eq!(call(failed, true), Some((false, Vec::new())), "the claim is let go");
         let mut left = Keep::new(ticket(Some("c")), 64);
-        left.on_headers(200, None);
+        left.on_headers(200, None, None);
         left.add(b"data: ");
         assert_eq!(call(left, false), Some((false, Vec::new())));
+        let mut compressed = Keep::new(ticket(Some("c")), 64);
+        compressed.on_headers(200, Some(b"application/json"), Some(b"gzip"));
+        compressed.add(b"\x1f\x8b");
+        assert_eq!(call(compressed, true), Some((false, Vec::new())), "a compressed answer is not kept");
     }
 
     #[test]

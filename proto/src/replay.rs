@@ -78,6 +78,20 @@ pub fn whole_answer(path: &str, stream: bool, bytes: &[u8], usage: Option<&Usage
     Some(whole)
 }
 
+/// An SSE stream of any client API that ended in an error event (the
+/// stream guard's `stream_interrupted`, Anthropic's `event: error`, the
+/// Responses API's `error` or `response.failed`): what an idempotent repeat
+/// must not be served, though its status was a 200 and its end clean.
+pub fn stream_broken(bytes: &[u8]) -> bool {
+    event_data(bytes).iter().any(|data| {
+        let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(data) else {
+            return false;
+        };
+        event.get("error").is_some_and(|error| !error.is_null())
+            || matches!(event.get("type").and_then(Value::as_str), Some("error" | "response.failed"))
+    })
+}
+
 /// A kept whole answer as the client asks for it: the JSON object, or an
 /// SSE stream with the same content and finish reason (the usage chunk
 /// only when `include_usage`), ending with `[DONE]`. Its content type, and the bytes.

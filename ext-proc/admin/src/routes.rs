@@ -433,7 +433,7 @@ async fn get_budgets(State(admin): State<Arc<Admin>>, query: Result<Query<Budget
             Ok(report) => report,
             Err(e) => {
                 tracing::warn!(error = %e, "budget store unavailable");
-                return error_response(&GatewayError::usage_store_unavailable());
+                return error_response(&GatewayError::budgets_unavailable());
             }
         },
         None => budgets::BudgetReport { object: "list", data: Vec::new() },

@@ -114,8 +114,9 @@ impl Gate {
         let mut cache_miss = false;
         if let Some(asked) = ask.cache.as_ref().filter(|_| replay::cacheable_path(&ask.path)) {
             if asked.mode == CacheMode::Always || replay::is_deterministic(&ask.path, &ask.body) {
-                let partition = if asked.shared { "*" } else { ask.owner.as_str() };
-                let key = replay::cache_key(partition, &ask.path, &ask.model, &ask.body);
+                // Named apart, so that no key's name is the shared partition's.
+                let partition = if asked.shared { "shared".to_string() } else { format!("key:{}", ask.owner) };
+                let key = replay::cache_key(&partition, &ask.path, &ask.model, &ask.body);
                 if !asked.lookup {
                     self.counters.skipped.fetch_add(1, Ordering::Relaxed);
                 } else if !store_up {
@@ -160,6 +161,11 @@ impl Gate {
                 }
                 Err(e) => {
                     self.let_go(claim, ask, now_ms).await;
+                    // The admission may have landed after all (a timeout): settling it at nothing
+                    // frees what it holds, or keeps it from landing later, at best effort.
+                    if let Err(e) = self.budgets.settle(&ask.reservation, 0, 0).await {
+                        tracing::debug!(request_id = ask.request_id.as_str(), error = %e, "reservation not let go");
+                    }
                     return Err(BudgetsUnavailable(e));
                 }
             }
@@ -215,7 +221,8 @@ impl Gate {
     pub async fn keep(&self, request: &StoreRequest, bytes: &[u8], now_ms: u64) {
         let ticket = &request.ticket;
         let claim = ticket.claim.as_deref().and_then(Claim::from_ticket);
-        if !request.complete {
+        // A stream cut short still ends cleanly, in an error event: never an answer to repeat.
+        if !request.complete || (request.stream && replay::stream_broken(bytes)) {
             if let Some(claim) = claim {
                 if let Err(e) = self.store.release(&claim.key, claim.holder.as_bytes(), now_ms).await {
                     self.keep_failed(&e, request, "idempotency claim not let go");

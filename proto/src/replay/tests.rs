@@ -521,3 +521,15 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_stream_ending_in_any_apis_error_event_is_broken() {
+    let openai = b"data: {\"choices\":[]}\n\ndata: {\"error\":{\"code\":\"stream_interrupted\"}}\n\n";
+    let anthropic = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\"}}\n\n";
+    let responses = b"data: {\"type\":\"response.failed\",\"response\":{}}\n\n";
+    for broken in [&openai[..], anthropic, responses] {
+        assert!(stream_broken(broken), "{}", String::from_utf8_lossy(broken));
+    }
+    let whole = b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n";
+    assert!(!stream_broken(whole));
+}

@@ -113,7 +113,8 @@ for r = 1, #KEYS do
       if mode == 'real' then
         spent = unit == 'usd' and usd or tokens
       end
-      if redis.call('HINCRBY', counter, 'reserved', '-' .. reserved) < 0 then
+      -- An amount is a decimal string; "-0" is no integer to Redis, and nothing to give back.
+      if reserved ~= '0' and redis.call('HINCRBY', counter, 'reserved', '-' .. reserved) < 0 then
         redis.call('HSET', counter, 'reserved', 0)
       end
       redis.call('HINCRBY', counter, 'spent', spent)

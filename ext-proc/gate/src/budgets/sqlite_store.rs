@@ -1,6 +1,8 @@
 //! Budgets on one machine: `budgets.sqlite` under the data directory. WAL
-//! with `synchronous=FULL`, so a reservation or a settlement that returned
-//! survives a crash of the process or the machine; each call is one
+//! with `synchronous=NORMAL`: a reservation or a settlement that returned
+//! survives the process being killed (the WAL is in the OS's hands), and an
+//! admission, on every budgeted request, waits for no disk sync; a power
+//! loss may lose the last moments' (Redis with AOF is the choice for that). Each call is one
 //! immediate transaction, run off the async runtime on one connection, so
 //! admissions are serialized and never reserve past a limit together.
 
@@ -77,7 +79,7 @@ impl SqliteBudgets {
         // Another process may hold the file a moment (one exiting as its successor starts).
         db.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
         db.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
-        db.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+        db.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(fail)?;
         if version > SCHEMA_VERSION {
