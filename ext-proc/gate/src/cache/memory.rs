@@ -1,7 +1,8 @@
 //! The store in memory: one LRU over answers and idempotency records alike,
 //! bounded in bytes (keys, values and bookkeeping). Past the bound, the
-//! entries used least recently go first, whatever their TTL; an expired
-//! entry is dropped when read, or when the bound needs its room.
+//! entries used least recently go first, whatever their TTL (a live entry
+//! may go before an expired one used later); an expired entry is dropped
+//! when read, or when its turn in that order comes.
 //!
 //! Every operation holds one lock, so a claim is atomic. Time is passed in
 //! (`now_ms`), so tests move it.
