@@ -9,7 +9,7 @@
 //! module carries them out through the host.
 
 use crate::answer::Answer;
-use crate::gate::{self, Keep};
+use crate::gate::{self, Keep, LocalCopy};
 use crate::host::{Host, SharedBuckets};
 use crate::outbox::Outbox;
 use crate::request::{self, HeadersVerdict, ModelsQuery, Reply, RequestHead, Routing};
@@ -27,6 +27,7 @@ use modelgate_proto::headers;
 use modelgate_proto::keys::{is_internal_token, Caller, ClientKey, Presented};
 use modelgate_proto::limits::{self, Admission, Bucket, Reserved, Unit, Verdict};
 use modelgate_proto::models::POOL_MODELS_PATH;
+use modelgate_proto::replay;
 use modelgate_proto::routing::Router;
 use modelgate_proto::usage::{Traffic, Usage, UsageRecord};
 use proxy_wasm::types::{Action, BufferType, MapType};
@@ -124,6 +125,8 @@ struct Gated {
     budgets: bool,
     /// The route caches the answer: a missing verdict makes a miss.
     cache: bool,
+    /// Where this worker keeps its copy of a cached answer the gate replays.
+    copy_key: Option<String>,
     reservation: String,
 }
 
@@ -778,6 +781,30 @@ impl Flow {
             .take()
             .zip(router.idempotency())
             .map(|(key, config)| IdempotencyAsk { key, window_secs: config.window_secs });
+        // A worker's own copy answers an exact repeat; a request that claims an
+        // `Idempotency-Key` goes to the gate, which alone records the claim.
+        let copy_key = cache.as_ref().filter(|_| idempotency.is_none() && gate::keeps_copies(&router)).map(|asked| {
+            let partition = replay::partition(asked.shared, key_name(&admitted.caller));
+            replay::local_key(&partition, self.endpoint.path(), &routing.model, body)
+        });
+        if let (Some(key), Some(asked)) = (&copy_key, &cache) {
+            if !asked.lookup {
+                self.gate.forget_copy(key);
+            } else if let Some(copy) = self.gate.copy(key, host.now_us() / 1000) {
+                if let Some(metric) = self.gate.local_hits {
+                    host.count(metric);
+                }
+                let LocalCopy { status, content_type, usage, bytes } = copy;
+                return self.replay(
+                    host,
+                    admitted,
+                    routing,
+                    ReplaySource::Cache,
+                    (status, &content_type, usage),
+                    &bytes,
+                );
+            }
+        }
         // An endpoint whose answer has no usage (`/tokenize`) costs nothing to reserve.
         let candidates = if self.counts_usage {
             gate::budget_candidates(&router, key_name(&admitted.caller), target, &routing)
@@ -801,6 +828,7 @@ impl Flow {
         let call = admin_call_headers("POST", GATE_PATH, "application/json", router.internal_token());
         let gated = Gated {
             cache: ask.cache.is_some(),
+            copy_key: copy_key.filter(|_| ask.cache.as_ref().is_some_and(|asked| asked.store)),
             reservation: ask.reservation.clone(),
             budgets,
             admitted,
@@ -840,7 +868,7 @@ impl Flow {
         bytes: &[u8],
         body: &[u8],
     ) -> Action {
-        let Gated { admitted, mut routing, budgets, reservation, .. } = gated;
+        let Gated { admitted, mut routing, budgets, reservation, copy_key, .. } = gated;
         match verdict {
             GateVerdict::Proceed { member, ticket, cache_miss } => {
                 if member > 0 && !self.start_at(&mut routing, member) {
@@ -856,36 +884,53 @@ impl Flow {
                 };
                 self.send_on(host, admitted, routing, body, passed)
             }
-            GateVerdict::Replay { source, status, content_type, usage } => {
-                let used = gate::replay_settles(&self.router, source, usage);
-                self.settle(host, &admitted.reserved, Some(used));
-                self.phase = Phase::Replayed(Replayed {
-                    caller: admitted.caller,
-                    model: routing.model,
-                    exact_route: routing.exact_route,
-                    backend: routing.backend,
-                    stream: routing.stream,
-                    source,
-                    usage,
-                });
-                let marker = match source {
-                    ReplaySource::Cache => (CACHE_HEADER, "hit"),
-                    ReplaySource::Idempotency => (REPLAYED_HEADER, "true"),
-                };
-                self.response = Response::Replied { status };
-                let processing_ms = self.processing_ms(host).unwrap_or_default();
-                let limits = limits::headers(&admitted.admission);
-                let mut headers =
-                    vec![("content-type", content_type.as_str()), (PROCESSING_MS, processing_ms.as_str()), marker];
-                headers.extend(limits.iter().map(|(name, value)| (*name, value.as_str())));
-                host.send_response(status, headers, bytes);
-                Action::Pause
+            GateVerdict::Replay { source, status, content_type, usage, ttl_ms } => {
+                if let Some(key) = copy_key.filter(|_| source == ReplaySource::Cache && ttl_ms > 0) {
+                    let copy = LocalCopy { status, content_type: content_type.clone(), usage, bytes: bytes.into() };
+                    self.gate.keep_copy(&key, copy, (host.now_us() / 1000).saturating_add(ttl_ms));
+                }
+                self.replay(host, admitted, routing, source, (status, &content_type, usage), bytes)
             }
             GateVerdict::Refuse { refusal } => {
                 self.settle(host, &admitted.reserved, Some(0));
                 self.refuse(host, admitted.caller, routing, &gate::refusal(&refusal))
             }
         }
+    }
+
+    /// Answers with a kept answer (`head`: its status, content type and usage) instead of the backend.
+    fn replay<H: Host>(
+        &mut self,
+        host: &H,
+        admitted: Admitted,
+        routing: Routing,
+        source: ReplaySource,
+        head: (u16, &str, Option<Usage>),
+        bytes: &[u8],
+    ) -> Action {
+        let (status, content_type, usage) = head;
+        let used = gate::replay_settles(&self.router, source, usage);
+        self.settle(host, &admitted.reserved, Some(used));
+        self.phase = Phase::Replayed(Replayed {
+            caller: admitted.caller,
+            model: routing.model,
+            exact_route: routing.exact_route,
+            backend: routing.backend,
+            stream: routing.stream,
+            source,
+            usage,
+        });
+        let marker = match source {
+            ReplaySource::Cache => (CACHE_HEADER, "hit"),
+            ReplaySource::Idempotency => (REPLAYED_HEADER, "true"),
+        };
+        self.response = Response::Replied { status };
+        let processing_ms = self.processing_ms(host).unwrap_or_default();
+        let limits = limits::headers(&admitted.admission);
+        let mut headers = vec![("content-type", content_type), (PROCESSING_MS, processing_ms.as_str()), marker];
+        headers.extend(limits.iter().map(|(name, value)| (*name, value.as_str())));
+        host.send_response(status, headers, bytes);
+        Action::Pause
     }
 
     /// A request the gate gave no verdict on: counted and logged; with

@@ -11,10 +11,29 @@ use modelgate_proto::gate::{
     self, BudgetCandidate, CacheAsk, GateRequest, GateVerdict, IdempotencyAsk, Refusal, StoreRequest, StoreTicket,
     MAX_IDEMPOTENCY_KEY_LEN,
 };
+use modelgate_proto::lru::Weigh;
 use modelgate_proto::replay;
 use modelgate_proto::routing::{Router, Target};
 use modelgate_proto::usage::Usage;
+use std::rc::Rc;
 use std::time::Duration;
+
+/// A worker's copy of a cached answer, as ext-proc's gate replayed it for
+/// one exact request ([`replay::local_key`]): a byte-identical repeat is
+/// answered with it, without a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalCopy {
+    pub status: u16,
+    pub content_type: String,
+    pub usage: Option<Usage>,
+    pub bytes: Rc<[u8]>,
+}
+
+impl Weigh for LocalCopy {
+    fn weight(&self) -> usize {
+        self.content_type.len() + self.bytes.len()
+    }
+}
 
 /// The client's `Idempotency-Key`, if it is one the gate takes: 1 to 255 printable ASCII characters.
 pub fn idempotency_key(value: &[u8]) -> Result<String, GatewayError> {
@@ -36,6 +55,11 @@ pub fn cache_control(value: Option<&[u8]>) -> (bool, bool) {
 /// The route's cache, where it caches answers of `endpoint`.
 pub fn route_cache(target: &Target, endpoint: Endpoint) -> Option<&modelgate_proto::config::RouteCacheConfig> {
     target.cache.as_ref().filter(|_| replay::cacheable_path(endpoint.path()))
+}
+
+/// The worker keeps copies of cached answers (`cache.local_max_bytes` above 0).
+pub fn keeps_copies(router: &Router) -> bool {
+    router.cache().is_some_and(|cache| cache.local_max_bytes > 0)
 }
 
 /// One candidate per member of the route's chain, with the key's budgets

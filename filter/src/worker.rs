@@ -4,11 +4,14 @@
 //! [`Outbox`] to ext-proc's admin port.
 
 use crate::flow::Flow;
+use crate::gate::LocalCopy;
 use crate::host::Host;
 use crate::outbox::{self, Delivery, Outbox, RecordBatch};
 use modelgate_proto::headers;
 use modelgate_proto::routing::Router;
-use std::cell::Cell;
+
+use modelgate_proto::lru::Lru;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -41,12 +44,32 @@ pub(crate) fn admin_call_headers<'a>(
 pub struct GateShared {
     /// Envoy's counter of the times the gate gave no verdict.
     pub store_failures: Option<u32>,
+    /// Envoy's counter of the cache hits this worker answered from its own copies.
+    pub local_hits: Option<u32>,
+    /// This worker's copies of cached answers, by [`modelgate_proto::replay::local_key`],
+    /// bounded by `cache.local_max_bytes`.
+    copies: RefCell<Lru<LocalCopy>>,
     /// This VM's part of its budget reservations' ids.
     worker: String,
     reservations: Cell<u64>,
 }
 
 impl GateShared {
+    /// The live copy kept under `key`.
+    pub fn copy(&self, key: &str, now_ms: u64) -> Option<LocalCopy> {
+        self.copies.borrow_mut().get(key, now_ms).cloned()
+    }
+
+    /// Keeps `copy` under `key` until `expires_ms`.
+    pub fn keep_copy(&self, key: &str, copy: LocalCopy, expires_ms: u64) {
+        self.copies.borrow_mut().put(key, copy, expires_ms);
+    }
+
+    /// Drops the copy under `key`: its client asked for a fresh answer.
+    pub fn forget_copy(&self, key: &str) {
+        self.copies.borrow_mut().remove(key);
+    }
+
     /// A new budget reservation's id, for a request that started at `started_us`.
     pub fn reservation_id(&self, started_us: u64) -> String {
         let counter = self.reservations.get() + 1;
@@ -96,8 +119,11 @@ impl Worker {
                     self.records_dropped = host.counter("modelgate.usage_records_dropped");
                 }
                 if router.cache().is_some() || router.budgets().is_some() {
+                    let local_max_bytes = router.cache().map_or(0, |cache| cache.local_max_bytes);
                     self.gate = Rc::new(GateShared {
                         store_failures: host.counter("modelgate.gate.store_failures"),
+                        local_hits: (local_max_bytes > 0).then(|| host.counter("modelgate.cache.local_hits")).flatten(),
+                        copies: RefCell::new(Lru::new(local_max_bytes)),
                         worker: random_hex(),
                         reservations: Cell::new(0),
                     });

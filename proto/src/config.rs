@@ -87,6 +87,17 @@ pub struct CacheConfig {
     /// A hit's tokens count against the key's token limits, as if the backend had answered.
     #[serde(default)]
     pub hits_count_in_limits: bool,
+    /// Bytes of cached answers each Envoy worker keeps a copy of, so that an exact repeat of a
+    /// request it saw served from the cache is answered without asking ext-proc; 0 turns it off.
+    #[serde(default = "default_local_max_bytes")]
+    pub local_max_bytes: usize,
+}
+
+/// Default of `cache.local_max_bytes`.
+pub const DEFAULT_LOCAL_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+fn default_local_max_bytes() -> usize {
+    DEFAULT_LOCAL_MAX_BYTES
 }
 
 /// Default of `cache.max_entry_bytes`.

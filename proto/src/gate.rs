@@ -148,6 +148,11 @@ pub enum GateVerdict {
         /// The tokens the first answer used, for the record (and the limits, where hits count).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage: Option<Usage>,
+        /// How much longer a cached answer lives, in milliseconds: the worker
+        /// may keep its own copy of these bytes for this request's exact
+        /// bytes until then ([`crate::replay::local_key`]). 0: keep none.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        ttl_ms: u64,
     },
     /// Refuse the request.
     Refuse { refusal: Refusal },
@@ -214,6 +219,10 @@ pub struct StoreRequest {
     pub usage: Option<Usage>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A gate answer's verdict line and the bytes after it.
 pub fn split_answer(answer: &[u8]) -> Option<(GateVerdict, &[u8])> {
     let end = answer.iter().position(|&b| b == b'\n').unwrap_or(answer.len());
@@ -249,6 +258,7 @@ mod tests {
             status: 200,
             content_type: "application/json".into(),
             usage: None,
+            ttl_ms: 1000,
         };
         let answer = join_line(&verdict, b"{\"id\":1}\n");
         let (read, rest) = split_answer(&answer).unwrap();

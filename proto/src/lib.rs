@@ -19,6 +19,7 @@ pub mod gate;
 pub mod headers;
 pub mod keys;
 pub mod limits;
+pub mod lru;
 pub mod models;
 pub mod replay;
 pub mod routing;

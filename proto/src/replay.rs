@@ -47,6 +47,30 @@ pub fn cache_key(partition: &str, path: &str, model: &str, body: &Value) -> Stri
     digest("modelgate.cache.v1", &[partition, path, model], body, &NON_SEMANTIC)
 }
 
+/// The cache's partition of a request: one per client key (named apart, so
+/// that no key's name is the shared partition's), or the one `shared` by all.
+pub fn partition(shared: bool, owner: &str) -> String {
+    if shared {
+        "shared".to_string()
+    } else {
+        format!("key:{owner}")
+    }
+}
+
+/// The key of a worker's local copy of a cached answer: a hex SHA-256 over
+/// the partition, path, routed model and the client's body bytes exactly as
+/// they came. Only byte-identical requests share it, and such a request asks
+/// for the same replay (whole or streamed, with or without usage), so the
+/// copy is the answer's bytes as ext-proc replayed them; no JSON is read.
+pub fn local_key(partition: &str, path: &str, model: &str, raw_body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    for part in ["modelgate.local.v1".as_bytes(), partition.as_bytes(), path.as_bytes(), model.as_bytes(), raw_body] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize())
+}
+
 /// What an idempotent request is compared by: a hex SHA-256 over the path,
 /// the model and the whole body in canonical form, so a repeat with the
 /// same meaning matches whatever its key order or whitespace.

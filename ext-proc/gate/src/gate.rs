@@ -95,6 +95,7 @@ impl Gate {
                             status: head.status,
                             content_type: head.content_type,
                             usage: head.usage,
+                            ttl_ms: 0,
                         };
                         return Ok((verdict, bytes.to_vec()));
                     }
@@ -114,8 +115,7 @@ impl Gate {
         let mut cache_miss = false;
         if let Some(asked) = ask.cache.as_ref().filter(|_| replay::cacheable_path(&ask.path)) {
             if asked.mode == CacheMode::Always || replay::is_deterministic(&ask.path, &ask.body) {
-                // Named apart, so that no key's name is the shared partition's.
-                let partition = if asked.shared { "shared".to_string() } else { format!("key:{}", ask.owner) };
+                let partition = replay::partition(asked.shared, &ask.owner);
                 let key = replay::cache_key(&partition, &ask.path, &ask.model, &ask.body);
                 if !asked.lookup {
                     self.counters.skipped.fetch_add(1, Ordering::Relaxed);
@@ -204,6 +204,7 @@ impl Gate {
             status: 200,
             content_type: content_type.to_string(),
             usage: head.usage,
+            ttl_ms: head.expires_ms.saturating_sub(now_ms),
         };
         (verdict, bytes)
     }
@@ -233,9 +234,11 @@ impl Gate {
         if let Some(cache_key) = &ticket.cache_key {
             match replay::whole_answer(&ticket.path, request.stream, bytes, request.usage.as_ref()) {
                 Some(whole) => {
-                    let value = cache::encode_cached(&CachedHead { usage: request.usage }, &whole);
+                    let ttl_ms = secs_to_ms(ticket.ttl_secs);
+                    let head = CachedHead { usage: request.usage, expires_ms: now_ms.saturating_add(ttl_ms) };
+                    let value = cache::encode_cached(&head, &whole);
                     let key = cache::cache_entry_key(cache_key);
-                    if let Err(e) = self.store.put(&key, &value, secs_to_ms(ticket.ttl_secs), now_ms).await {
+                    if let Err(e) = self.store.put(&key, &value, ttl_ms, now_ms).await {
                         self.keep_failed(&e, request, "answer not cached");
                     }
                 }
@@ -439,9 +442,11 @@ mod tests {
         let (verdict, bytes) = gate.decide(&ask("alice", again), 2).await.unwrap();
         let usage = Some(USAGE);
         let json = "application/json".to_string();
+        // Kept at 1 for 300 s: the worker's copy may live as long as the entry, and no longer.
+        let ttl_ms = 300_000 - 1;
         assert_eq!(
             verdict,
-            GateVerdict::Replay { source: ReplaySource::Cache, status: 200, content_type: json, usage }
+            GateVerdict::Replay { source: ReplaySource::Cache, status: 200, content_type: json, usage, ttl_ms }
         );
         let whole: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(whole["choices"][0]["message"]["content"], "hello");
@@ -547,7 +552,8 @@ mod tests {
         let usage = Some(USAGE);
         assert_eq!(
             verdict,
-            GateVerdict::Replay { source: ReplaySource::Idempotency, status: 200, content_type, usage }
+            // An idempotent repeat is no copy for the worker to keep: its key is claimed per request.
+            GateVerdict::Replay { source: ReplaySource::Idempotency, status: 200, content_type, usage, ttl_ms: 0 }
         );
         assert_eq!(bytes, b"data: raw\n\n");
         assert_eq!(gate.decide(&other, 3).await.unwrap(), refused(Refusal::IdempotencyMismatch));

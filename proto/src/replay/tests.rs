@@ -99,6 +99,27 @@ fn the_cache_key_is_the_meaning_partitioned_by_owner() {
 }
 
 #[test]
+fn a_local_copy_is_keyed_by_the_exact_bytes_and_the_partition() {
+    let body = br#"{"model":"m","messages":[],"temperature":0}"#;
+    let key = local_key(&partition(false, "alice"), CHAT, "m", body);
+    assert_eq!(key.len(), 64);
+    assert_eq!(local_key(&partition(false, "alice"), CHAT, "m", body), key);
+    for other in [
+        local_key(&partition(false, "bob"), CHAT, "m", body),
+        local_key(&partition(true, "alice"), CHAT, "m", body),
+        local_key(&partition(false, "alice"), COMPLETIONS, "m", body),
+        local_key(&partition(false, "alice"), CHAT, "m2", body),
+        // The same meaning in other bytes is another copy (ext-proc's key finds it).
+        local_key(&partition(false, "alice"), CHAT, "m", br#"{"temperature":0,"model":"m","messages":[]}"#),
+    ] {
+        assert_ne!(other, key);
+    }
+    // No key's name is the shared partition.
+    assert_ne!(partition(false, "shared"), partition(true, ""));
+    assert_ne!(local_key("ab", "c", "m", body), local_key("a", "bc", "m", body));
+}
+
+#[test]
 fn the_request_digest_compares_the_whole_body() {
     let body = json!({"model": "m", "input": "x"});
     let digest = request_digest(EMBEDDINGS, "m", &body);

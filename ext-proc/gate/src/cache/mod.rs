@@ -6,7 +6,7 @@
 //! `idem:<record id>` for an `Idempotency-Key` ([`record_id`]); Redis puts
 //! `modelgate:` before them. Values are bytes, the same in both stores:
 //!
-//! - an answer: a JSON line ([`CachedHead`]: its usage), `\n`, the answer's
+//! - an answer: a JSON line ([`CachedHead`]: its usage and expiry), `\n`, the answer's
 //!   whole form as JSON ([`modelgate_proto::replay::whole_answer`]);
 //! - a claim on an idempotency key, while its first request runs: `C`, the
 //!   claim's token, `:`, the request's digest. Only the holder of the token
@@ -142,6 +142,11 @@ pub fn claim_token() -> String {
 pub struct CachedHead {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// When the entry expires (ms since the epoch, by ext-proc's clock): a
+    /// replay tells the worker how long its own copy may live. 0 in entries
+    /// kept before it was recorded, which no worker copies.
+    #[serde(default)]
+    pub expires_ms: u64,
 }
 
 /// A cached answer's bytes: its head line, then its whole form.
@@ -231,7 +236,7 @@ mod tests {
             assert_eq!(decode_record(junk), None, "{junk:?}");
         }
         let whole = json!({"object": "chat.completion", "choices": []});
-        let head = CachedHead { usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2 }) };
+        let head = CachedHead { usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2 }), expires_ms: 5 };
         assert_eq!(decode_cached(&encode_cached(&head, &whole)), Some((head, whole)));
         assert_eq!(decode_cached(b"{}"), None);
     }

@@ -126,6 +126,60 @@ fn a_cache_hit_is_answered_by_the_filter_and_recorded_as_served_from_the_cache()
 }
 
 #[test]
+fn a_worker_answers_an_exact_repeat_of_a_hit_from_its_own_copy_until_the_entry_expires() {
+    let (host, mut worker, mut flow) = gateway("deny");
+    let free = || chat_headers(&[("authorization", "Bearer sk-free")]);
+    let question: &[u8] = br#"{"model":"llama-3","messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
+    send(&host, &mut flow, &free(), question);
+    let usage = json!({"prompt_tokens": 3, "completion_tokens": 2});
+    let verdict = json!({"outcome": "replay", "source": "cache", "status": 200,
+                         "content_type": "application/json", "usage": usage, "ttl_ms": 60_000});
+    gate_says(&host, &mut flow, verdict, br#"{"id":"chatcmpl-1"}"#);
+    answer(&host, &mut flow, 0, &[], &[]);
+    flow.on_log(&host);
+
+    // The same bytes again: answered at once, without a call, as the gate answered them.
+    fn repeat(host: &MockHost, worker: &Worker, headers: &[(&str, &str)], body: &[u8]) -> (Action, Flow, usize) {
+        host.state.borrow_mut().dispatched.clear();
+        host.state.borrow_mut().sent = None;
+        let mut flow = worker.new_flow();
+        let action = send(host, &mut flow, headers, body);
+        (action, flow, calls_to(host, "/v1/gate").len())
+    }
+    let (action, mut again, calls) = repeat(&host, &worker, &free(), question);
+    assert_eq!((action, calls), (Action::Pause, 0));
+    let seen = answer(&host, &mut again, 0, &[], &[]);
+    assert_eq!((seen.status, seen.body.as_slice()), (200, &br#"{"id":"chatcmpl-1"}"#[..]));
+    assert_eq!((seen.header("modelgate-cache"), seen.header("content-type")), (Some("hit"), Some("application/json")));
+    again.on_log(&host);
+    assert_eq!(host.state.borrow().counters.iter().find(|(n, _)| n == "modelgate.cache.local_hits").unwrap().1, 1);
+    let records = sent_lines(&host, &mut worker);
+    assert_eq!((&records[1]["served_from"], &records[1]["usage"]), (&json!("cache"), &usage));
+
+    // Other bytes, another key, an Idempotency-Key or no-cache: the gate is asked.
+    let respaced: &[u8] = br#"{"model":"llama-3", "messages":[{"role":"user","content":"hi"}],"temperature":0}"#;
+    assert_eq!(repeat(&host, &worker, &free(), respaced).2, 1);
+    assert_eq!(repeat(&host, &worker, &team(&[]), question).2, 1);
+    let idempotent = chat_headers(&[("authorization", "Bearer sk-free"), ("idempotency-key", "k")]);
+    assert_eq!(repeat(&host, &worker, &idempotent, question).2, 1);
+    let no_cache = chat_headers(&[("authorization", "Bearer sk-free"), ("cache-control", "no-cache")]);
+    assert_eq!(repeat(&host, &worker, &no_cache, question).2, 1);
+    // no-cache asked for a fresh answer: the copy is gone for the next request too.
+    assert_eq!(repeat(&host, &worker, &free(), question).2, 1);
+
+    // A copy lives no longer than the entry it copies.
+    let mut flow = worker.new_flow();
+    host.state.borrow_mut().dispatched.clear();
+    send(&host, &mut flow, &free(), question);
+    let verdict = json!({"outcome": "replay", "source": "cache", "status": 200,
+                         "content_type": "application/json", "ttl_ms": 1_000});
+    gate_says(&host, &mut flow, verdict, b"{}");
+    assert_eq!(repeat(&host, &worker, &free(), question).2, 0);
+    host.advance_us(1_000_000);
+    assert_eq!(repeat(&host, &worker, &free(), question).2, 1);
+}
+
+#[test]
 fn a_miss_is_sent_on_marked_and_its_answer_handed_to_the_store() {
     let (host, mut worker, mut flow) = gateway("deny");
     send(&host, &mut flow, &team(&[("accept-encoding", "gzip")]), BOUNDED);
