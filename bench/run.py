@@ -115,12 +115,18 @@ def without_accounting(routing: dict) -> None:
     routing.pop("budgets", None)
 
 
-def cache_hits(stack: Stack) -> float:
-    """ext-proc's count of cache hits so far (`modelgate_cache_lookups_total{result="hit"}`)."""
+def cache_hits(stack: Stack, envoy_admin_port: int) -> float:
+    """Cache hits so far: ext-proc's (`modelgate_cache_lookups_total{result="hit"}`) and those
+    the cached gateway's worker answered from its own copies (`modelgate.cache.local_hits`)."""
     with urllib.request.urlopen(f"{stack.ext_proc_admin_url}/metrics", timeout=10) as answer:
         metrics = answer.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("modelgate_cache_lookups_total{") and 'result="hit"' in line)
+    from_store = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                     if line.startswith("modelgate_cache_lookups_total{") and 'result="hit"' in line)
+    stats_url = f"http://127.0.0.1:{envoy_admin_port}/stats?filter=modelgate.cache.local_hits"
+    with urllib.request.urlopen(stats_url, timeout=10) as answer:
+        stats = answer.read().decode()
+    from_copies = sum(float(line.rsplit(" ", 1)[1]) for line in stats.splitlines() if line.strip())
+    return from_store + from_copies
 
 
 STREAM_TOKENS = 20
@@ -136,6 +142,8 @@ class Run:
         self.urls: dict[str, tuple[str, str, dict[str, str]]] = {}
         # scenario -> members its requests' bodies add
         self.body_extras: dict[str, dict] = {}
+        # The cache-hit gateway's Envoy admin port, whose stats count hits answered from its copies.
+        self.cached_admin_port = 0
 
     def load(self, scenario: str, *, rate: float | None = None, concurrency: int | None = None,
              stream: bool = False, headers: dict[str, str] | None = None, duration: float | None = None) -> dict:
@@ -224,11 +232,11 @@ def measure(run: Run, stack: Stack) -> dict:
     rounds: dict[str, list[dict]] = {s: [] for s in scenarios}
     for _ in range(1 if run.short else 3):
         for s in scenarios:
-            hits_before = cache_hits(stack) if s == "cache_hit" else 0
+            hits_before = cache_hits(stack, run.cached_admin_port) if s == "cache_hit" else 0
             rounds[s].append(with_cpu(stack, serving[s], lambda: run.load(s, concurrency=concurrency)))
             if s == "cache_hit":
                 # Every request answered from the cache, or the row measures something else.
-                rounds[s][-1]["cache_hits"] = cache_hits(stack) - hits_before
+                rounds[s][-1]["cache_hits"] = cache_hits(stack, run.cached_admin_port) - hits_before
     results["throughput"] = {s: sorted(r, key=lambda x: x["throughput_rps"])[len(r) // 2] for s, r in rounds.items()}
     bare_max = results["throughput"]["bare"]["throughput_rps"]
 
@@ -719,6 +727,7 @@ def main() -> None:
             **{api: (f"http://127.0.0.1:{stack.port}{path}", THROUGH_CHAT, {}) for api, path in CLIENT_APIS.items()},
         }
         run.body_extras = {"cache_hit": {"temperature": 0}}
+        run.cached_admin_port = cached_ports[ADMIN_PORT]
         if not args.short:
             litellm = start_litellm(stack, backend)
             if litellm:

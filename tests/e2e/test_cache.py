@@ -12,7 +12,7 @@ import httpx2
 import openai
 import pytest
 
-from harness import Stack, backend_calls, client_key, edit_filter_config, metrics, new_prompt, sdk
+from harness import Stack, backend_calls, client_key, edit_filter_config, envoy_stat, metrics, new_prompt, sdk
 
 ALICE, BOB, CAROL = "sk-alice-cache-0001", "sk-bob-cache-0002", "sk-carol-cache-0003"
 LLAMA = "llama-3.1-8b-instruct"
@@ -89,6 +89,27 @@ def test_a_repeated_deterministic_request_is_answered_from_the_cache(gateway):
                                     f'[{{"content": "{prompt}", "role": "user"}}], "model": "cached-llama" }}')
     assert reordered.status_code == 200 and reordered.headers["modelgate-cache"] == "hit"
     assert backend_calls(gateway, LLAMA_BACKEND, prompt) == 1
+
+
+def test_exact_repeats_of_a_hit_are_answered_by_envoy_alone(gateway):
+    """After one hit from ext-proc's store, each Envoy worker answers byte-identical repeats from
+    its own copy: the same answer, marked a hit, with no lookup in ext-proc."""
+    alice, prompt = sdk(gateway, key=ALICE), new_prompt("cache")
+    first = ask(alice, "cached-llama", prompt, max_tokens=8)
+    store_hits = lambda: metrics(gateway)['modelgate_cache_lookups_total{result="hit"}']  # noqa: E731
+    local_hits = lambda: envoy_stat(gateway, "modelgate.cache.local_hits")  # noqa: E731
+    before = (store_hits(), local_hits())
+    repeats = [ask(alice, "cached-llama", prompt, max_tokens=8) for _ in range(6)]
+    assert {r.headers["modelgate-cache"] for r in repeats} == {"hit"}
+    answers = {r.parse().model_dump_json() for r in repeats}
+    assert len(answers) == 1 and first.parse().model_dump_json() in answers
+    assert backend_calls(gateway, LLAMA_BACKEND, prompt) == 1
+    from_store, from_copies = store_hits() - before[0], local_hits() - before[1]
+    # Each worker asks the store once, then answers from its copy.
+    assert from_store + from_copies == 6 and 1 <= from_store <= gateway.envoy_concurrency
+    # A stream is another request's bytes: its first repeat asks the store again.
+    stream = ask(alice, "cached-llama", prompt, max_tokens=8, stream=True)
+    assert stream.headers["modelgate-cache"] == "hit" and streamed(stream)[1] == ["length"]
 
 
 def test_a_whole_answer_is_replayed_as_the_stream_the_client_asks_for(gateway):
