@@ -623,6 +623,10 @@ impl Flow {
                 (held.caller.name.as_str(), held.routing.model.as_str(), held.routing.exact_route)
             }
             Phase::AwaitingGate(gated) => {
+                // Its client left while the gate decided: the gate may reserve, and no record will settle.
+                if gated.budgets {
+                    self.outbox.release(gated.reservation.clone());
+                }
                 (key_name(&gated.admitted.caller), gated.routing.model.as_str(), gated.routing.exact_route)
             }
             Phase::Refused { caller, model, exact_route } => (key_name(caller), model.as_str(), *exact_route),
@@ -954,6 +958,8 @@ impl Flow {
                 self.send_on(host, admitted, routing, body, passed)
             }
             Err(reply) => {
+                // Had the store made the reservation after all, no record would settle it.
+                self.outbox.release(reservation);
                 self.settle(host, &admitted.reserved, Some(0));
                 self.refuse(host, admitted.caller, routing, &reply)
             }

@@ -20,6 +20,10 @@ const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 /// models are counted as [`OTHER_MODELS`], so a flood of names cannot grow them.
 const MAX_REFUSED_GROUPS: usize = 1024;
 
+/// Budget reservations held to release; past this many, a release is not
+/// sent, and its reservation (if made) stays reserved until its period ends.
+const MAX_RELEASES: usize = 65_536;
+
 /// A refusal count's group: key, model, whether the model may be a label, status.
 type RefusedGroup = (String, String, bool, u16, Traffic);
 
@@ -52,6 +56,8 @@ pub struct Outbox {
     dropped_untold: Cell<u64>,
     /// Requests refused before any backend, counted by group.
     refused: RefCell<BTreeMap<RefusedGroup, u64>>,
+    /// Budget reservations to release with the next batch ([`Tally::released_reservations`]).
+    releases: RefCell<Vec<String>>,
     /// Tokens to settle in shared token buckets, by bucket name: the bucket's
     /// limit, and the tokens to charge (or, below zero, to give back).
     settlements: RefCell<BTreeMap<String, (u64, i64)>>,
@@ -104,6 +110,14 @@ impl Outbox {
         *count = count.saturating_add(refused.count);
     }
 
+    /// Releases a budget reservation no usage record will settle, with the next batch.
+    pub fn release(&self, reservation: String) {
+        let mut releases = self.releases.borrow_mut();
+        if releases.len() < MAX_RELEASES {
+            releases.push(reservation);
+        }
+    }
+
     fn held_bytes(&self) -> usize {
         self.lines.borrow().len() + self.unsent.borrow().iter().map(|batch| batch.lines.len()).sum::<usize>()
     }
@@ -137,9 +151,10 @@ impl Outbox {
                 })
                 .collect(),
             dropped_records: self.dropped_untold.replace(0),
+            released_reservations: std::mem::take(&mut *self.releases.borrow_mut()),
         };
-        if (!tally.refused.is_empty() || tally.dropped_records > 0) && serde_json::to_writer(&mut lines, &tally).is_ok()
-        {
+        let nothing = Tally { at_ms: now_ms, ..Tally::default() };
+        if tally != nothing && serde_json::to_writer(&mut lines, &tally).is_ok() {
             lines.push(b'\n');
         }
         if lines.is_empty() {
@@ -354,7 +369,10 @@ mod tests {
         assert_eq!(outbox.take_dropped(), 1);
         assert_eq!(outbox.take_dropped(), 0);
         let sent = outbox.take("vm", NOW).unwrap();
-        assert_eq!(tally(&sent.lines), Some(Tally { at_ms: NOW, refused: Vec::new(), dropped_records: 1 }));
+        assert_eq!(
+            tally(&sent.lines),
+            Some(Tally { at_ms: NOW, refused: Vec::new(), dropped_records: 1, ..Tally::default() })
+        );
         // A batch that no longer fits is dropped whole when put back, its record counted.
         outbox.put_back(sent);
         assert_eq!(outbox.take_dropped(), 1);
@@ -362,7 +380,13 @@ mod tests {
         assert_eq!(
             next.lines,
             [
-                serde_json::to_vec(&Tally { at_ms: NOW + 1, refused: Vec::new(), dropped_records: 1 }).unwrap(),
+                serde_json::to_vec(&Tally {
+                    at_ms: NOW + 1,
+                    refused: Vec::new(),
+                    dropped_records: 1,
+                    ..Tally::default()
+                })
+                .unwrap(),
                 b"\n".to_vec()
             ]
             .concat()
@@ -404,10 +428,21 @@ mod tests {
         let counted = Tally {
             at_ms: NOW,
             refused: vec![Refused { count: 3, ..refused("k", "", 404) }, refused("k", "m", 429)],
-            dropped_records: 0,
+            ..Tally::default()
         };
         assert_eq!((lines.len(), tally(&sent.lines)), (2, Some(counted)));
         assert_eq!(outbox.take("vm", NOW), None, "told once");
+    }
+
+    #[test]
+    fn reservations_no_record_settles_are_released_with_the_next_batch_once() {
+        let outbox = Outbox::default();
+        outbox.release("r1".into());
+        outbox.release("r2".into());
+        let sent = outbox.take("vm", NOW).unwrap();
+        let released = tally(&sent.lines).unwrap().released_reservations;
+        assert_eq!(released, ["r1", "r2"]);
+        assert_eq!(outbox.take("vm", NOW), None, "released once");
     }
 
     #[test]

@@ -217,6 +217,12 @@ pub struct Tally {
     pub refused: Vec<Refused>,
     /// Usage records the worker dropped: its outbox was full while ext-proc did not take them.
     pub dropped_records: u64,
+    /// Budget reservations of requests that ended without a usage record
+    /// (refused when the gate gave no verdict, or left by their client while
+    /// it decided): each is settled at nothing, or, if the gate has not made
+    /// it yet, kept from being made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released_reservations: Vec<String>,
 }
 
 /// Where an answer's `usage` begins: the member name, then `:` and an object.

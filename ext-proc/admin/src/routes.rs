@@ -133,7 +133,12 @@ impl Admin {
         now_ms: u64,
     ) -> Result<Outcome, IngestError> {
         if let Some(budgets) = &self.budgets {
-            let settlements: Vec<_> = records.iter().filter_map(settlement).collect();
+            let released = tallies.iter().flat_map(|tally| &tally.released_reservations);
+            let settlements: Vec<_> = records
+                .iter()
+                .filter_map(settlement)
+                .chain(released.map(|reservation| (reservation.as_str(), NOTHING)))
+                .collect();
             budgets.settle_all(&settlements).await.map_err(IngestError::Budgets)?;
         }
         {
@@ -179,11 +184,14 @@ impl Admin {
     }
 }
 
+/// What a request that used nothing is charged.
+const NOTHING: Charge = Charge::Real { usd_micros: 0, tokens: 0 };
+
 /// The budget reservation `record` holds, if any, and what it is charged:
 /// what it cost (nothing, for an error), or, answered without usage, what it reserved.
 fn settlement(record: &UsageRecord) -> Option<(&str, Charge)> {
     let charge = match record.usage {
-        _ if record.status >= 400 => Charge::Real { usd_micros: 0, tokens: 0 },
+        _ if record.status >= 400 => NOTHING,
         Some(usage) => Charge::Real {
             usd_micros: record.cost_usd.map_or(0, modelgate_proto::budgets::usd_micros),
             tokens: usage.total(),
@@ -595,7 +603,7 @@ not json\n\
             count: 4,
             ..Refused::default()
         };
-        let tally = Tally { at_ms: 0, refused: vec![refused.clone()], dropped_records: 3 };
+        let tally = Tally { at_ms: 0, refused: vec![refused.clone()], dropped_records: 3, ..Tally::default() };
         ingest(&admin, Vec::new(), vec![tally], 0).await;
         assert_eq!(requests_of(&admin, OTHER_MODELS).as_deref(), Some(&*(2 * MAX_MODELS + 1).to_string()));
         assert_eq!(requests_of(&admin, "qwen-3").as_deref(), Some("2"));
@@ -629,7 +637,13 @@ not json\n\
             count: 1,
             ..Refused::default()
         };
-        ingest(&admin, vec![record], vec![Tally { at_ms: 0, refused: vec![refused], dropped_records: 0 }], 0).await;
+        ingest(
+            &admin,
+            vec![record],
+            vec![Tally { at_ms: 0, refused: vec![refused], dropped_records: 0, ..Tally::default() }],
+            0,
+        )
+        .await;
         let metrics = admin.metrics.encode();
         assert!(metrics.len() < 16 << 10, "{} bytes", metrics.len());
         assert!(metrics.contains(
@@ -661,7 +675,10 @@ not json\n\
             count: 3,
             ..Refused::default()
         };
-        assert_eq!(parsed.tallies, [Tally { at_ms: 7, refused: vec![refused], dropped_records: 2 }]);
+        assert_eq!(
+            parsed.tallies,
+            [Tally { at_ms: 7, refused: vec![refused], dropped_records: 2, ..Tally::default() }]
+        );
         assert!(parsed.first_error.unwrap().starts_with("line 3: "));
     }
 
@@ -734,6 +751,28 @@ not json\n\
         );
         assert_eq!(budgets_of(&admin, "?key=bob").await, json!({"object": "list", "data": []}));
         assert_eq!(budgets_of(&admin, "").await["data"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_released_reservation_frees_what_it_held_and_a_late_admission_is_refused() {
+        use modelgate_proto::budgets::{BudgetLimit, BudgetUnit, Period};
+        use modelgate_proto::gate::BudgetCandidate;
+        let admin = admitted_twice().await;
+        let release = |ids: &[&str]| Tally {
+            released_reservations: ids.iter().map(|id| id.to_string()).collect(),
+            ..Tally::default()
+        };
+        let now = clock::unix_millis();
+        admin.ingest(Some("b-1"), Vec::new(), vec![release(&["r1", "late"])], now).await.unwrap();
+        let row = &budgets_of(&admin, "").await["data"][0];
+        assert_eq!((&row["spent"], &row["reserved"]), (&json!(0), &json!(300)), "r1 freed, r2 still held");
+        // The gate's admission of `late` landed after its request was gone: it is not made.
+        let budgets = admin.budgets.as_ref().unwrap();
+        let limit = BudgetLimit { scope: "key".into(), unit: BudgetUnit::Tokens, period: Period::Day, limit: 1000 };
+        let candidate = BudgetCandidate { backend: "b".into(), budgets: vec![limit], usd_micros: 0, tokens: 100 };
+        let _ = budgets.admit("alice", &[candidate], false, "late", clock::unix_seconds()).await;
+        let row = &budgets_of(&admin, "").await["data"][0];
+        assert_eq!(row["reserved"], json!(300));
     }
 
     #[tokio::test]

@@ -430,7 +430,7 @@ mod tests {
             count: 9,
             ..Refused::default()
         };
-        let tally = |at_ms| Tally { at_ms, refused: vec![refused.clone()], dropped_records: 0 };
+        let tally = |at_ms| Tally { at_ms, refused: vec![refused.clone()], dropped_records: 0, ..Tally::default() };
         store.add(&retention.rows(&[record], &[tally(now), tally(now - 2 * HOUR_MS)], now), now);
         let row = &store.report(0, u64::MAX).data[0];
         assert_eq!((row.key.as_str(), row.model.as_str(), row.requests, row.errors), ("k", "", 10, 10));

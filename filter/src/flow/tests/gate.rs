@@ -322,14 +322,19 @@ fn a_gate_that_does_not_answer_makes_a_miss_for_the_cache_and_idempotency() {
 
 #[test]
 fn a_gate_that_does_not_answer_refuses_budgeted_requests_or_lets_them_through() {
-    let (host, _worker, mut flow) = gateway("deny");
+    let (host, mut worker, mut flow) = gateway("deny");
     send(&host, &mut flow, &team(&[]), BOUNDED);
+    let reservation = asked(&host)["reservation"].clone();
     host.set_call_response(&[(":status", "503")], b"{}");
     flow.on_call_answer(&host, 1, 2);
     assert!(!host.state.borrow().resumed);
     let seen = answer(&host, &mut flow, 0, &[], &[]);
     assert_eq!((seen.status, seen.error().1.as_str()), (503, "budgets_unavailable"));
     assert_eq!(seen.header("x-should-retry"), Some("true"));
+    flow.on_log(&host);
+    // Had the store made the reservation after all, it is released: no record will settle it.
+    let tally = sent_lines(&host, &mut worker).pop().unwrap();
+    assert_eq!(tally["released_reservations"], json!([reservation]));
 
     let (host, mut worker, mut flow) = gateway("allow");
     host.state.borrow_mut().dispatch_refused = true;
@@ -357,6 +362,17 @@ fn an_answer_over_the_entry_bound_is_not_kept_and_its_claim_let_go() {
             assert_eq!((head["complete"].as_bool(), bytes.len()), (Some(false), 0));
         }
     }
+}
+
+#[test]
+fn a_client_gone_while_the_gate_decides_releases_its_reservation() {
+    let (host, mut worker, mut flow) = gateway("deny");
+    send(&host, &mut flow, &team(&[]), BOUNDED);
+    let reservation = asked(&host)["reservation"].clone();
+    flow.on_log(&host);
+    let tally = sent_lines(&host, &mut worker).pop().unwrap();
+    assert_eq!(tally["released_reservations"], json!([reservation]));
+    assert_eq!(tally["refused"][0]["key"], "team", "counted as a request that reached no backend");
 }
 
 #[test]
