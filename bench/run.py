@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make bench`: what modelgate adds to every request, measured in one run
-against bare Envoy, the backend directly, and LiteLLM, on the same simulator; what a response
-cache hit costs;
+against bare Envoy, the backend directly, and LiteLLM, on the same simulator; each route's cost
+over its floor (the least any body-routing wasm filter, or ext_proc service, costs Envoy); what a
+response cache hit costs;
 OpenAI's Responses API and Anthropic's Messages API streamed through their translation into chat
 completions; a batch of chat completions run through the Batch API; and a self-hosted pool's
 replica picking against Envoy's own balancing, on simulated vLLM engines.
