@@ -18,6 +18,13 @@ proxy_wasm::main! {{
 /// The header each request gets once its body is complete, if configured.
 type RoutingHeader = Option<Rc<(String, String)>>;
 
+/// The header a `name: value` configuration names; none for any other.
+fn routing_header(configuration: &[u8]) -> RoutingHeader {
+    let configuration = String::from_utf8_lossy(configuration);
+    let (name, value) = configuration.split_once(':')?;
+    Some(Rc::new((name.trim().to_owned(), value.trim().to_owned())))
+}
+
 #[derive(Default)]
 struct Floor(RoutingHeader);
 
@@ -25,11 +32,7 @@ impl Context for Floor {}
 
 impl RootContext for Floor {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let configuration = self.get_plugin_configuration().unwrap_or_default();
-        let configuration = String::from_utf8_lossy(&configuration);
-        self.0 = configuration
-            .split_once(':')
-            .map(|(name, value)| Rc::new((name.trim().to_owned(), value.trim().to_owned())));
+        self.0 = routing_header(&self.get_plugin_configuration().unwrap_or_default());
         true
     }
 
@@ -68,5 +71,17 @@ impl HttpContext for Request {
             return self.body_complete();
         }
         Action::Pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_value_line_names_the_header_and_nothing_else_does() {
+        let header = routing_header(b"x-modelgate-cluster: llama_pool\n");
+        assert_eq!(header.as_deref(), Some(&("x-modelgate-cluster".to_owned(), "llama_pool".to_owned())));
+        assert_eq!(routing_header(b""), None);
     }
 }
