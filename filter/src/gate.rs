@@ -68,8 +68,10 @@ pub fn budget_candidates(router: &Router, key: &str, target: &Target, routing: &
     let Some(config) = router.budgets().and(router.key_budgets(key)) else {
         return Vec::new();
     };
-    let completion = routing.tokens.completion.unwrap_or(router.reserved_completion_tokens());
+    // The per-minute limits' reservation, without their cap: a budget holds the most a request may cost.
+    let tokens = routing.tokens.reservation(router.reserved_completion_tokens(), u64::MAX);
     let prompt = routing.tokens.prompt;
+    let completion = tokens.saturating_sub(prompt);
     let candidates: Vec<BudgetCandidate> = target
         .members
         .iter()
@@ -77,7 +79,7 @@ pub fn budget_candidates(router: &Router, key: &str, target: &Target, routing: &
             backend: member.backend.clone(),
             budgets: budgets::applicable(config, &routing.model, &member.backend),
             usd_micros: budgets::cost_micros(member.price.as_ref(), prompt, completion),
-            tokens: prompt.saturating_add(completion),
+            tokens,
         })
         .collect();
     if candidates.iter().all(|c| c.budgets.is_empty()) {
