@@ -75,15 +75,19 @@ impl BudgetLimit {
 pub fn applicable(config: &KeyBudgetsConfig, model: &str, backend: &str) -> Vec<BudgetLimit> {
     let mut limits = Vec::new();
     push_amounts(&mut limits, "key".to_string(), &config.own());
+    // Each pattern parsed once, whatever the number of amounts it sets.
+    let matching: Vec<_> = config
+        .models
+        .iter()
+        .filter_map(|(pattern, amounts)| {
+            let parsed = Pattern::parse(pattern).ok()?;
+            parsed.matches(model).then(|| (parsed.specificity(), pattern, amounts))
+        })
+        .collect();
     for (unit, period) in AMOUNTS {
-        let most_specific = config
-            .models
+        let most_specific = matching
             .iter()
-            .filter_map(|(pattern, amounts)| {
-                let limit = amount(amounts, unit, period)?;
-                let matched = Pattern::parse(pattern).ok()?;
-                matched.matches(model).then(|| (matched.specificity(), pattern, limit))
-            })
+            .filter_map(|&(specificity, pattern, amounts)| Some((specificity, pattern, amount(amounts, unit, period)?)))
             .max_by_key(|(specificity, _, _)| *specificity);
         if let Some((_, pattern, limit)) = most_specific {
             limits.push(BudgetLimit { scope: format!("model:{pattern}"), unit, period, limit });
