@@ -826,6 +826,7 @@ impl Flow {
         ask.owner = key_name(&admitted.caller).to_string();
         ask.path = self.endpoint.path().to_string();
         ask.model = routing.model.clone();
+        ask.timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         if budgets {
             ask.reservation = self.gate.reservation_id(self.started_us);
         }

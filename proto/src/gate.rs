@@ -61,6 +61,12 @@ pub struct GateRequest {
     /// A refused first candidate moves on to the next (`on_budget_exhausted: fallback`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub budget_fallback: bool,
+    /// How long the filter waits for the verdict, in milliseconds (0: not
+    /// said). A verdict ext-proc reaches later than this comes to nobody: what
+    /// it took for the request (an idempotency claim, a budget reservation)
+    /// is let go at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_ms: u64,
     /// The reservation's id, unique per request (made by the filter); the
     /// usage record carries it, and settles the reservation once.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -64,8 +64,13 @@ async fn post_gate(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesRejec
             .to_string();
         return error_response(&GatewayError::invalid_value("reservation", message));
     }
+    let started = std::time::Instant::now();
     match gate.decide(&ask, clock::unix_millis()).await {
         Ok((verdict, bytes)) => {
+            // Measured from here, after the call reached ext-proc: a verdict late by this measure is surely late.
+            if ask.timeout_ms > 0 && started.elapsed() >= std::time::Duration::from_millis(ask.timeout_ms) {
+                gate.abandon(&ask, &verdict, clock::unix_millis()).await;
+            }
             let answer = gate::join_line(&verdict, &bytes);
             (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], answer).into_response()
         }

@@ -174,6 +174,27 @@ impl Gate {
         Ok((GateVerdict::Proceed { member, ticket, cache_miss }, Vec::new()))
     }
 
+    /// Lets go of what `verdict` took for `ask`, which reached the filter too
+    /// late to be followed: the claim its ticket names, and its budget reservation.
+    pub async fn abandon(&self, ask: &GateRequest, verdict: &GateVerdict, now_ms: u64) {
+        let GateVerdict::Proceed { ticket, .. } = verdict else {
+            return;
+        };
+        self.counters.late_verdicts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            request_id = ask.request_id.as_str(),
+            timeout_ms = ask.timeout_ms,
+            "the gate decided after the filter stopped waiting: what it took is let go"
+        );
+        let claim = ticket.as_ref().and_then(|ticket| ticket.claim.as_deref()).and_then(Claim::from_ticket);
+        self.let_go(claim, ask, now_ms).await;
+        if !ask.budgets.is_empty() {
+            if let Err(e) = self.budgets.settle(&ask.reservation, 0, 0).await {
+                tracing::warn!(request_id = ask.request_id.as_str(), error = %e, "reservation not let go");
+            }
+        }
+    }
+
     /// A cached answer as the client asks for it; a claim this request took is completed with it.
     async fn replay_hit(
         &self,
@@ -296,6 +317,7 @@ struct Counters {
     skipped: AtomicU64,
     store_errors: AtomicU64,
     idempotent_replays: AtomicU64,
+    late_verdicts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -325,6 +347,12 @@ impl Collector for GateMetrics {
                 "modelgate_idempotent_replays",
                 "Repeats of an Idempotency-Key answered with the first request's answer",
                 &counters.idempotent_replays,
+            ),
+            (
+                "modelgate_gate_late_verdicts",
+                "Verdicts reached after the filter stopped waiting for them (cache.timeout_ms, budgets.timeout_ms): \
+                 the idempotency claim and budget reservation they took were let go",
+                &counters.late_verdicts,
             ),
         ];
         for (name, help, count) in single {
@@ -634,6 +662,25 @@ mod tests {
         let (verdict, _) =
             gate.decide(&budgeted(fallback, vec![candidate("b", 0), candidate("c", 10)]), 3).await.unwrap();
         assert!(matches!(verdict, GateVerdict::Proceed { member: 1, cache_miss: true, .. }), "{verdict:?}");
+    }
+
+    #[tokio::test]
+    async fn a_verdict_too_late_for_the_filter_lets_go_of_its_claim_and_reservation() {
+        let (gate, _dir) = gate();
+        let late = budgeted(idempotent("alice", "k", question("hi")), vec![candidate("b", 10)]);
+        let (verdict, _) = gate.decide(&late, 0).await.unwrap();
+        assert!(matches!(&verdict, GateVerdict::Proceed { ticket: Some(_), .. }), "{verdict:?}");
+        gate.abandon(&late, &verdict, 1).await;
+        // The client's retry is a first request again, not a 409 until the claim's lease ends.
+        let (retry, _) = gate.decide(&idempotent("alice", "k", question("hi")), 2).await.unwrap();
+        assert!(matches!(retry, GateVerdict::Proceed { ticket: Some(_), .. }), "{retry:?}");
+        // The reservation holds nothing; had it not landed yet, it would be refused when it does.
+        let report = gate.budgets.report(Some("alice"), 0).await.unwrap();
+        assert!(
+            !report.data.is_empty() && report.data.iter().all(|row| row.reserved.as_f64() == Some(0.0)),
+            "{report:?}"
+        );
+        assert_eq!(metric(&gate, "modelgate_gate_late_verdicts_total"), 1);
     }
 
     #[tokio::test]

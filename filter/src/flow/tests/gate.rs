@@ -93,6 +93,7 @@ fn a_keyed_request_under_budgets_asks_the_gate_once_with_its_body_spliced_in() {
     assert_eq!(ask.get("cache").is_some(), replay::cacheable_path("/v1/chat/completions"));
     let dispatched = host.state.borrow().dispatched[0].clone();
     assert_eq!(dispatched.timeout, Duration::from_millis(200));
+    assert_eq!(ask["timeout_ms"], 200, "a verdict later than this comes to nobody: ext-proc lets go of what it took");
 }
 
 #[test]
