@@ -13,6 +13,11 @@ the total over N. Each variant is counted `--rounds` times on the same Envoy, to
 The totals are split by object (Envoy's binary, libc and the rest, and code valgrind cannot place
 in any object: V8's JIT, where the wasm filter runs).
 
+Envoy is stripped and the filter runs as JIT code, so neither names a function. The filter's own
+logic is counted apart, natively: the filter crate's ignored test `flow::tests::count` runs the
+same requests through `Flow` under callgrind with each route's filter configuration, and its
+functions are listed by inclusive instructions per request.
+
 Writes DIR/count-<time>.json and .md.
 """
 
@@ -36,9 +41,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack, envoy_binary,  # noqa: E402
-                      free_port, render_config)
-from run import (BARE_CONFIG, BACKEND, CHAT, MODEL, RENAMED, TRANSLATED, PROMPT, gateway,  # noqa: E402
+                      free_port, http_connection_manager, render_config)
+from run import (BARE_CONFIG, CHAT, MODEL, RENAMED, TRANSLATED, PROMPT, gateway,  # noqa: E402
                  with_cached_model, without_accounting)
+import yaml  # noqa: E402
 
 # Envoy under callgrind starts in tens of seconds, and V8 compiling the filter takes more.
 START_TIMEOUT_S = 300
@@ -53,6 +59,8 @@ class Route:
     extras: dict = field(default_factory=dict)
     # A response header and value every counted answer must carry (a cache hit's, say).
     expect: tuple[str, str] | None = None
+    # Whether the filter's part is also counted natively (not where it waits on a call's answer).
+    native: bool = True
 
 
 @dataclass
@@ -67,9 +75,9 @@ class Variant:
 
 
 def variants() -> list[Variant]:
-    cached = Route("cache_hit", MODEL, {"temperature": 0}, ("modelgate-cache", "hit"))
+    cached = Route("cache_hit", MODEL, {"temperature": 0}, ("modelgate-cache", "hit"), native=False)
     return [
-        Variant("bare", BARE_CONFIG, None, [Route("bare", MODEL)], shared_ports=[8001]),
+        Variant("bare", BARE_CONFIG, None, [Route("bare", MODEL, native=False)], shared_ports=[8001]),
         Variant("unaccounted", DEMO_CONFIG, gateway(without_accounting), [Route("unaccounted", MODEL)]),
         Variant("gateway", DEMO_CONFIG, gateway(), [
             Route("passthrough", MODEL), Route("ext_proc", RENAMED),
@@ -175,6 +183,100 @@ def count(stack: Stack, pid: int, port: int, route: Route, requests: int, dump: 
     return read_dump(fresh[-1])
 
 
+def filter_tests() -> str:
+    """Builds the filter crate's test binary (release, as the filter ships) and returns its path."""
+    built = subprocess.run(["cargo", "test", "--release", "-p", "modelgate-filter", "--lib", "--no-run",
+                            "--message-format=json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for line in built.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable") \
+                and message["target"]["name"] == "modelgate_filter":
+            return message["executable"]
+    raise RuntimeError("cargo built no test binary for modelgate-filter")
+
+
+def filter_configuration(variant: Variant) -> str:
+    """The modelgate filter's JSON configuration in the variant's Envoy configuration."""
+    config = yaml.safe_load(render_config(variant.template, {}, variant.adjust))
+    plugin = next(f for f in http_connection_manager(config)["http_filters"] if f["name"] == "modelgate")
+    return plugin["typed_config"]["config"]["configuration"]["value"]
+
+
+ANNOTATED = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(?:\S*?:)?(.+?) \[(.*)\]$")
+
+
+def count_native(binary: str, variant: Variant, route: Route, requests: int, workdir: Path) -> dict:
+    """The filter's own instructions per request for `route`, run natively on a quiet host: the
+    total, host calls, and the functions with the most inclusive instructions (callgrind's
+    `--toggle-collect` counts only inside one request's callbacks)."""
+    config = workdir / f"filter-{route.name}.json"
+    config.write_text(filter_configuration(variant))
+    dump = workdir / f"callgrind.native-{route.name}"
+    env = {**os.environ, "MODELGATE_COUNT_CONFIG": str(config), "MODELGATE_COUNT_MODEL": route.model,
+           "MODELGATE_COUNT_REQUESTS": str(requests)}
+    ran = subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=*one_request*",
+                          f"--callgrind-out-file={dump}", binary, "--ignored", "--exact", "--nocapture",
+                          "--test-threads=1", "flow::tests::count::counted_requests"],
+                         env=env, capture_output=True, text=True, check=True)
+    calls = float(re.search(r"host calls per request: ([\d.]+)", ran.stdout).group(1))
+    total = sum(read_dump(dump).values())
+    annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", str(dump)],
+                               capture_output=True, text=True, check=True).stdout
+    top = []
+    for line in annotated.splitlines():
+        match = ANNOTATED.match(line)
+        # Callers of the request (the test harness) cost all of it and say nothing.
+        if match and int(match.group(1).replace(",", "")) < total:
+            top.append((match.group(2), int(match.group(1).replace(",", "")) / requests))
+    return {"ir_per_request": total / requests, "host_calls_per_request": calls, "top": top[:20]}
+
+
+def kind(obj: str) -> str:
+    """The column a callgrind object's instructions go to."""
+    name = Path(obj).name
+    return ("envoy" if name == "envoy" else "jit" if obj == "???" else
+            "libc" if name.startswith(("libc.", "libm.")) else "other")
+
+
+def summary(results: dict) -> dict:
+    """Per route: instructions per request in each round, their median (of two, the mean), the
+    spread, and the split by object of the first round."""
+    rows = {}
+    for name, rounds in results["routes"].items():
+        totals = sorted(sum(r.values()) for r in rounds)
+        split: dict[str, float] = {}
+        for obj, ir in rounds[0].items():
+            split[kind(obj)] = split.get(kind(obj), 0) + ir
+        rows[name] = {"rounds": totals, "ir": sum(totals) / len(totals),
+                      "spread": (totals[-1] - totals[0]) / totals[0], "split": split}
+    return rows
+
+
+def markdown(results: dict) -> str:
+    rows = summary(results)
+    bare = rows.get("bare", {}).get("ir")
+    out = [f"# Envoy instructions per request, {results['started']}", "",
+           f"{results['requests']} requests a round, {results['rounds']} rounds; Envoy `--concurrency 1` under "
+           "callgrind; `jit` is code in no object (V8's JIT, where the wasm filter runs).", "",
+           "| route | instructions per request | over bare Envoy | spread of rounds | envoy | libc | jit | other |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        over = f"{row['ir'] - bare:+,.0f} ({row['ir'] / bare:.2f}x)" if bare else "n/a"
+        split = " | ".join(f"{row['split'].get(k, 0):,.0f}" for k in ["envoy", "libc", "jit", "other"])
+        out.append(f"| {name} | {row['ir']:,.0f} | {over} | {row['spread']:.2%} | {split} |")
+    native = results.get("native", {})
+    if native:
+        out += ["", "## The filter's own logic, natively (quiet host)", "",
+                "| route | instructions per request | host calls per request |", "|---|---|---|"]
+        for name, n in native.items():
+            out.append(f"| {name} | {n['ir_per_request']:,.0f} | {n['host_calls_per_request']:.0f} |")
+        for name, n in native.items():
+            out += ["", f"### {name}: functions by inclusive instructions per request", "",
+                    "| function | instructions per request |", "|---|---|"]
+            out += [f"| `{function}` | {ir:,.0f} |" for function, ir in n["top"]]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300, help="requests counted per round (default 300)")
@@ -183,13 +285,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = parser.parse_args()
 
+    chosen = [v for v in variants() if not args.only or v.name in args.only]
+    binary = filter_tests() if any(r.native for v in chosen for r in v.routes) else None
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "requests": args.requests,
-                     "rounds": args.rounds, "routes": {}}
+                     "rounds": args.rounds, "routes": {}, "native": {}}
     with Stack(log_level="error", envoy_concurrency=1, adjust_config=gateway()) as stack:
-        for variant in variants():
-            if args.only and variant.name not in args.only:
-                continue
-            print(f"starting {variant.name} under callgrind...", flush=True)
+        for variant in chosen:
+            print(f"counting {variant.name} under callgrind...", flush=True)
             ports = start_counted_envoy(stack, variant)
             pid = stack.pid(variant.name)
             control(pid, "--instr=on")
@@ -197,9 +299,17 @@ def main() -> None:
                 rounds = [count(stack, pid, ports[LISTENER_PORT], route, args.requests,
                                 stack.workdir / f"callgrind.{variant.name}") for _ in range(args.rounds)]
                 results["routes"][route.name] = [{obj: ir / args.requests for obj, ir in r.items()} for r in rounds]
-                print(route.name, [round(sum(r.values()) / args.requests) for r in rounds], flush=True)
+                if route.native:
+                    results["native"][route.name] = count_native(binary, variant, route, args.requests, stack.workdir)
             stack.kill(variant.name)
-    print(json.dumps(results, indent=1))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"count-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    report = markdown(results)
+    stem.with_suffix(".md").write_text(report)
+    print(report)
+    print(f"written: {stem}.json, .md")
 
 
 if __name__ == "__main__":
