@@ -18,7 +18,7 @@ PORT ?= 10000
 LITELLM_VERSION := 1.104.0
 PEER_VENV := .venv-litellm
 
-.PHONY: run test lint lint-tools unit k8s e2e bench build setup wasm-target clean fuzz cargo-fuzz images wasm-image
+.PHONY: run test lint lint-tools unit k8s e2e bench floors build setup wasm-target clean fuzz cargo-fuzz images wasm-image
 
 run: setup build
 	$(VPY) tools/devstack.py --port $(PORT)
@@ -48,8 +48,13 @@ e2e: setup build
 	cd tests/simulator/tests && ../../../$(VPY) -m pytest -q
 	cd tests/e2e && ../../$(VPY) -m pytest -q
 
-bench: setup build $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
+bench: setup build floors $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
 	$(VPY) bench/run.py $(if $(SHORT),--short)
+
+# The benchmark's wasm floor (bench/floor-filter); its ext_proc floor is a binary of the bench
+# crate, which `build` builds.
+floors: wasm-target
+	cargo build --release --target wasm32-wasip1 -p modelgate-floor-filter
 
 # ext-proc and the guard are built by exactly the command ext-proc/Dockerfile runs (features are
 # unified per command), so the binaries the tests run are the ones the images hold.

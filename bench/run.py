@@ -38,12 +38,25 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, POOL_REPLICAS,  # noqa: E402
-                      Stack, edit_filter_config, free_port)
+from devstack import (ADMIN_PORT, BIN, DEMO_CONFIG, EXT_PROC_PORT, INNER_LISTENER_PORT, LISTENER_PORT,  # noqa: E402
+                      POOL_REPLICAS, Stack, edit_filter_config, free_port)
 
 LOADGEN = ROOT / "target" / "release" / "modelgate-loadgen"
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
 BARE_CONFIG = ROOT / "bench" / "bare-envoy.yaml"
+# The floors: the least any body-routing wasm filter, and any ext_proc service behind one, cost
+# Envoy (docs/performance.md). Each is an Envoy on bare Envoy's listener, cluster and backend;
+# start_floors starts them. Scenario -> (the Envoy's process name, its configuration).
+FLOORS = {"floor_wasm": ("floor-wasm-envoy", ROOT / "bench" / "floor-wasm.yaml"),
+          "floor_wasm_header": ("floor-wasm-header-envoy", ROOT / "bench" / "floor-wasm-header.yaml"),
+          "floor_ext_proc": ("floor-ext-proc-envoy", ROOT / "bench" / "floor-ext-proc.yaml")}
+# What they load and call: the floor filter (bench/floor-filter) and the ext_proc service answering
+# "continue" (bench/src/continue_ext_proc.rs), which floor_ext_proc's Envoy calls on EXT_PROC_PORT.
+FLOOR_FILTER = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_floor_filter.wasm"
+CONTINUE_EXT_PROC = BIN / "modelgate-continue-ext-proc"
+# Each route's floor: its added cost over it is modelgate's own.
+ROUTE_FLOORS = {**{s: "floor_wasm_header" for s in ["unaccounted", "passthrough", "cache_hit", "rate_limited"]},
+                **{s: "floor_ext_proc" for s in ["ext_proc", "pool", "anthropic", "ollama"]}}
 BACKEND = "vllm-llama"
 MODEL = "llama-3.1-8b-instruct"      # routed straight to BACKEND
 RENAMED = "gpt-4o-mini"              # routed to BACKEND through ext_proc
@@ -70,7 +83,8 @@ BATCH_TIMEOUT_S = 600
 # CPU 1 to themselves, while the load generator and the backend share CPU 0: a 2-core
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
 PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "quiet-envoy", "cached-envoy", "ext-proc",
-                                    "stream-guard", "litellm"]}
+                                    "stream-guard", "litellm", *(envoy for envoy, _ in FLOORS.values()),
+                                    "continue-ext-proc"]}
            | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, *POOL_REPLICAS,
                                      "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
@@ -188,6 +202,24 @@ def with_cpu(stack: Stack, names: list[str], load) -> dict:
     return result
 
 
+def start_floors(stack: Stack) -> dict[str, int]:
+    """Starts the continue ext_proc service (`continue-ext-proc`) and each floor's Envoy (FLOORS)
+    in front of `stack`'s backend, pinned as the gateway is; returns each floor's listener port."""
+    for artifact in [FLOOR_FILTER, CONTINUE_EXT_PROC]:
+        if not artifact.exists():
+            sys.exit(f"{artifact} is missing: run `make bench`, which builds it")
+    ext_proc_port = free_port()
+    stack.spawn("continue-ext-proc", [str(CONTINUE_EXT_PROC), "--listen", f"127.0.0.1:{ext_proc_port}"])
+    stack.wait_for_port(ext_proc_port)
+    listeners = {}
+    for scenario, (name, config) in FLOORS.items():
+        ports = {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001],
+                 EXT_PROC_PORT: ext_proc_port}
+        stack.start_envoy(name, config, ports)
+        listeners[scenario] = ports[LISTENER_PORT]
+    return listeners
+
+
 def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
     """LiteLLM's proxy with one worker in front of the same backend, if `make bench` installed it.
     Returns its port and the key it requires."""
@@ -209,14 +241,17 @@ def start_litellm(stack: Stack, backend_url: str) -> tuple[int, str] | None:
 
 def measure(run: Run, stack: Stack) -> dict:
     results: dict = {"short": run.short, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    scenarios = [s for s in ["direct", "bare", "unaccounted", "passthrough", "cache_hit", "rate_limited", "ext_proc",
+    scenarios = [s for s in ["direct", "bare", *FLOORS, "unaccounted", "passthrough", "cache_hit", "rate_limited", "ext_proc",
                              "pool", "fallbacks", *TRANSLATED, "litellm"] if s in run.urls]
 
     # Closed loop: the most each scenario serves.
     concurrency = 4 if run.short else 16
     # Rounds interleave the scenarios so a noisy neighbour hits them alike; the median round counts.
-    # CPU time per request of the processes doing the serving shows where the time goes.
+    # CPU time per request of the processes doing the serving shows where the time goes; an
+    # Envoy's is named first.
     serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "unaccounted": ["quiet-envoy"],
+               "floor_wasm": ["floor-wasm-envoy"], "floor_wasm_header": ["floor-wasm-header-envoy"],
+               "floor_ext_proc": ["floor-ext-proc-envoy", "continue-ext-proc"],
                "passthrough": ["envoy", "ext-proc"], "cache_hit": ["cached-envoy", "ext-proc"],
                "rate_limited": ["keyed-envoy", "ext-proc"],
                "ext_proc": ["envoy", "ext-proc"], "pool": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],
@@ -238,7 +273,8 @@ def measure(run: Run, stack: Stack) -> dict:
     sweep = []
     capacity = {s: r["throughput_rps"] for s, r in results["throughput"].items()}
     for rate in rates:
-        for s in ["direct", "bare", "unaccounted", "passthrough", "cache_hit", "rate_limited", "ext_proc", "pool"]:
+        for s in ["direct", "bare", *FLOORS, "unaccounted", "passthrough", "cache_hit", "rate_limited", "ext_proc",
+                  "pool"]:
             # Past its capacity a scenario only queues without bound; its latency there says nothing.
             if rate <= 0.9 * capacity[s]:
                 sweep.append(run.load(s, rate=rate))
@@ -566,6 +602,7 @@ def markdown(results: dict) -> str:
         cpu = ", ".join(f"{name} {us:.1f}" for name, us in r.get("cpu_us_per_request", {}).items())
         out.append(f"| {s} | {r['throughput_rps']:.0f} | {r['throughput_rps'] / bare:.2f}x | "
                    f"{r['latency']['p50_ms']:.3f} | {r['latency']['p99_ms']:.3f} | {r['errors']} | {cpu} |")
+    out += floors_markdown(tp)
     out += ["", "## Latency at fixed offered rates (open loop)", "",
             "| offered req/s | scenario | p50 ms | p90 ms | p99 ms | max ms | added p50 | added p99 | errors |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -600,6 +637,32 @@ def markdown(results: dict) -> str:
     if "pools" in results:
         out += pools_markdown(results["pools"])
     return "\n".join(out) + "\n"
+
+
+def floors_markdown(tp: dict) -> list[str]:
+    """Each floor against bare Envoy, and each route's CPU per request over its floor (ROUTE_FLOORS):
+    its Envoy's, and all its serving processes' together."""
+    def envoy(r: dict) -> float:
+        return next(iter(r["cpu_us_per_request"].values()))
+
+    def total(r: dict) -> float:
+        return sum(r["cpu_us_per_request"].values())
+
+    bare = tp["bare"]
+    out = ["", "## The floors (closed loop, CPU µs per request)", "",
+           "| floor | vs bare Envoy | Envoy CPU | added Envoy CPU over bare | total CPU |", "|---|---|---|---|---|"]
+    for floor in FLOORS:
+        r = tp[floor]
+        out.append(f"| {floor} | {r['throughput_rps'] / bare['throughput_rps']:.2f}x | {envoy(r):.1f} | "
+                   f"{envoy(r) - envoy(bare):+.1f} | {total(r):.1f} |")
+    out += ["", "| route | floor | vs floor's throughput | added Envoy CPU over the floor | added total CPU |",
+            "|---|---|---|---|---|"]
+    for route, floor in ROUTE_FLOORS.items():
+        if route in tp:
+            r, f = tp[route], tp[floor]
+            out.append(f"| {route} | {floor} | {r['throughput_rps'] / f['throughput_rps']:.2f}x | "
+                       f"{envoy(r) - envoy(f):+.1f} | {total(r) - total(f):+.1f} |")
+    return out
 
 
 def pools_markdown(p: dict) -> list[str]:
@@ -703,10 +766,12 @@ def main() -> None:
         cached_ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
                         INNER_LISTENER_PORT: free_port()}
         stack.start_envoy("cached-envoy", DEMO_CONFIG, cached_ports, gateway(with_cached_model))
+        floors = start_floors(stack)
         backend = stack.backend_url(BACKEND)
         run.urls = {
             "direct": (backend + CHAT, MODEL, {}),
             "bare": (f"http://127.0.0.1:{bare_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
+            **{floor: (f"http://127.0.0.1:{port}{CHAT}", MODEL, {}) for floor, port in floors.items()},
             "unaccounted": (f"http://127.0.0.1:{quiet_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
             "passthrough": (f"http://127.0.0.1:{stack.port}{CHAT}", MODEL, {}),
             "cache_hit": (f"http://127.0.0.1:{cached_ports[LISTENER_PORT]}{CHAT}", MODEL, {}),
