@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack, envoy_binary,  # noqa: E402
                       free_port, http_connection_manager, render_config)
-from run import (BARE_CONFIG, CHAT, MODEL, RENAMED, TRANSLATED, PROMPT, gateway,  # noqa: E402
-                 with_cached_model, without_accounting)
+from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, RENAMED, TRANSLATED, PROMPT, floor_ports, gateway,  # noqa: E402
+                 start_continue_ext_proc, with_cached_model, without_accounting)
 import yaml  # noqa: E402
 
 # Envoy under callgrind starts in tens of seconds, and V8 compiling the filter takes more.
@@ -70,14 +70,17 @@ class Variant:
     template: Path
     adjust: object
     routes: list[Route]
-    # Which of the stack's demo ports it keeps (the rest are its own).
-    shared_ports: list[int] | None = None
+    # On bare Envoy's listener and backend (bare Envoy and the floors), rather than the demo's.
+    bare_listener: bool = False
 
 
 def variants() -> list[Variant]:
     cached = Route("cache_hit", MODEL, {"temperature": 0}, ("modelgate-cache", "hit"), native=False)
+    floors = [Variant(name, config, None, [Route(name, MODEL, native=False)], bare_listener=True)
+              for name, (_, config) in FLOORS.items()]
     return [
-        Variant("bare", BARE_CONFIG, None, [Route("bare", MODEL, native=False)], shared_ports=[8001]),
+        Variant("bare", BARE_CONFIG, None, [Route("bare", MODEL, native=False)], bare_listener=True),
+        *floors,
         Variant("unaccounted", DEMO_CONFIG, gateway(without_accounting), [Route("unaccounted", MODEL)]),
         Variant("gateway", DEMO_CONFIG, gateway(), [
             Route("passthrough", MODEL), Route("ext_proc", RENAMED),
@@ -94,12 +97,11 @@ def callgrind(name: str, workdir: Path) -> list[str]:
             f"--callgrind-out-file={workdir / f'callgrind.{name}'}", "--log-file=" + str(workdir / f"valgrind.{name}.log")]
 
 
-def start_counted_envoy(stack: Stack, variant: Variant) -> dict:
-    """Starts the variant's Envoy under callgrind on ports of its own; returns its ports."""
-    ports = {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), INNER_LISTENER_PORT: free_port()}
-    if variant.shared_ports is not None:
-        ports = {LISTENER_PORT: ports[LISTENER_PORT], ADMIN_PORT: ports[ADMIN_PORT],
-                 **{p: stack.ports[p] for p in variant.shared_ports}}
+def start_counted_envoy(stack: Stack, variant: Variant, floor_ext_proc: int) -> dict:
+    """Starts the variant's Envoy under callgrind on ports of its own (a floor's calling the continue
+    ext_proc service on `floor_ext_proc`); returns its ports."""
+    ports = (floor_ports(stack, floor_ext_proc) if variant.bare_listener else
+             {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), INNER_LISTENER_PORT: free_port()})
     config = stack.workdir / f"{variant.name}.yaml"
     config.write_text(render_config(variant.template, ports, variant.adjust, stack.internal_token, stack.key_dir))
     stack.spawn(variant.name, [*callgrind(variant.name, stack.workdir), envoy_binary(), "-c", str(config),
@@ -141,33 +143,45 @@ def control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=300)
 
 
+# Code valgrind places in no object: below 4 GiB it lies in Envoy's own image, in the section
+# holding tcmalloc (`google_malloc`, which valgrind does not map to the binary); above, in memory
+# V8 compiled the wasm filter into.
+UNNAMED_BELOW_4GIB = "tcmalloc"
+UNNAMED = "???"
+
+
 def read_dump(path: Path) -> dict[str, int]:
-    """Instructions (Ir) by object in a callgrind dump: cost lines count toward the object of the
-    function they follow (callgrind's `ob=`, names compressed as `(id) name`); calls' inclusive
-    costs (the line after `calls=`) are skipped, so each instruction is counted once."""
-    names: dict[str, str] = {}
+    """Instructions (Ir) by object in a callgrind dump, unnamed code split as UNNAMED_BELOW_4GIB
+    says: cost lines count toward the object and function they follow (callgrind's `ob=` and
+    `fn=`, names compressed as `(id) name`, each kind numbered apart); calls' inclusive costs (the
+    line after `calls=`) are skipped, so each instruction is counted once."""
+    names: dict[tuple[str, str], str] = {}
     by_object: dict[str, int] = {}
-    current = "???"
+    current = {"ob": UNNAMED, "fn": ""}
     skip_next = False
     for line in path.read_text(errors="replace").splitlines():
         if skip_next:
             skip_next = False
             continue
-        if line.startswith(("ob=", "cob=")):
-            name = line.split("=", 1)[1]
+        key, _, name = line.partition("=")
+        if key in ("ob", "cob", "fn", "cfn"):
+            kind = key.removeprefix("c")
             match = re.match(r"\((\d+)\)(?: (.*))?", name)
             if match:
                 if match.group(2) is not None:
-                    names[match.group(1)] = match.group(2)
-                name = names[match.group(1)]
-            if line.startswith("ob="):
-                current = name
-        elif line.startswith("calls="):
+                    names[kind, match.group(1)] = match.group(2)
+                name = names[kind, match.group(1)]
+            if key == kind:
+                current[kind] = name
+        elif key == "calls":
             skip_next = True
         elif line[:1].isdigit() or line[:1] in "+-*":
             parts = line.split()
             if len(parts) >= 2:
-                by_object[current] = by_object.get(current, 0) + int(parts[1])
+                where = current["ob"]
+                if where == UNNAMED and current["fn"].startswith("0x") and int(current["fn"], 16) < 1 << 32:
+                    where = UNNAMED_BELOW_4GIB
+                by_object[where] = by_object.get(where, 0) + int(parts[1])
     return by_object
 
 
@@ -222,19 +236,22 @@ def count_native(binary: str, variant: Variant, route: Route, requests: int, wor
     total = sum(read_dump(dump).values())
     annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", str(dump)],
                                capture_output=True, text=True, check=True).stdout
-    top = []
-    for line in annotated.splitlines():
-        match = ANNOTATED.match(line)
-        # Callers of the request (the test harness) cost all of it and say nothing.
-        if match and int(match.group(1).replace(",", "")) < total:
-            top.append((match.group(2), int(match.group(1).replace(",", "")) / requests))
-    return {"ir_per_request": total / requests, "host_calls_per_request": calls, "top": top[:20]}
+    functions = [(match.group(2), int(match.group(1).replace(",", "")) / requests)
+                 for match in map(ANNOTATED.match, annotated.splitlines()) if match]
+    # The filter's and its libraries' functions; the request's callers (the test harness) and the
+    # host's calls are not the filter's logic.
+    top = [(name, ir) for name, ir in functions if ("modelgate_" in name or "serde" in name)
+           and "tests::count" not in name]
+    return {"ir_per_request": total / requests, "host_calls_per_request": calls,
+            "host_ir_per_request": sum(ir for name, ir in functions if "count::Quiet as" in name),
+            "allocator_ir_per_request": sum(ir for name, ir in functions if name in ("malloc", "free", "realloc")),
+            "top": top[:15]}
 
 
 def kind(obj: str) -> str:
     """The column a callgrind object's instructions go to."""
     name = Path(obj).name
-    return ("envoy" if name == "envoy" else "jit" if obj == "???" else
+    return ("envoy" if name == "envoy" else "jit" if obj == UNNAMED else obj if obj == UNNAMED_BELOW_4GIB else
             "libc" if name.startswith(("libc.", "libm.")) else "other")
 
 
@@ -257,19 +274,22 @@ def markdown(results: dict) -> str:
     bare = rows.get("bare", {}).get("ir")
     out = [f"# Envoy instructions per request, {results['started']}", "",
            f"{results['requests']} requests a round, {results['rounds']} rounds; Envoy `--concurrency 1` under "
-           "callgrind; `jit` is code in no object (V8's JIT, where the wasm filter runs).", "",
-           "| route | instructions per request | over bare Envoy | spread of rounds | envoy | libc | jit | other |",
-           "|---|---|---|---|---|---|---|---|"]
+           "callgrind. Split by where the code lies: Envoy's binary, its tcmalloc, libc, V8's JIT (the "
+           "wasm filter's code and V8's stubs), anything else.", "",
+           "| route | instructions per request | over bare Envoy | spread of rounds | envoy | tcmalloc | libc | jit "
+           "| other |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         over = f"{row['ir'] - bare:+,.0f} ({row['ir'] / bare:.2f}x)" if bare else "n/a"
-        split = " | ".join(f"{row['split'].get(k, 0):,.0f}" for k in ["envoy", "libc", "jit", "other"])
+        split = " | ".join(f"{row['split'].get(k, 0):,.0f}" for k in ["envoy", UNNAMED_BELOW_4GIB, "libc", "jit", "other"])
         out.append(f"| {name} | {row['ir']:,.0f} | {over} | {row['spread']:.2%} | {split} |")
     native = results.get("native", {})
     if native:
         out += ["", "## The filter's own logic, natively (quiet host)", "",
-                "| route | instructions per request | host calls per request |", "|---|---|---|"]
+                "| route | instructions per request | of which the host's side | of which malloc, realloc, free "
+                "| host calls per request |", "|---|---|---|---|---|"]
         for name, n in native.items():
-            out.append(f"| {name} | {n['ir_per_request']:,.0f} | {n['host_calls_per_request']:.0f} |")
+            out.append(f"| {name} | {n['ir_per_request']:,.0f} | {n['host_ir_per_request']:,.0f} | "
+                       f"{n['allocator_ir_per_request']:,.0f} | {n['host_calls_per_request']:.0f} |")
         for name, n in native.items():
             out += ["", f"### {name}: functions by inclusive instructions per request", "",
                     "| function | instructions per request |", "|---|---|"]
@@ -290,9 +310,10 @@ def main() -> None:
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "requests": args.requests,
                      "rounds": args.rounds, "routes": {}, "native": {}}
     with Stack(log_level="error", envoy_concurrency=1, adjust_config=gateway()) as stack:
+        floor_ext_proc = start_continue_ext_proc(stack)
         for variant in chosen:
             print(f"counting {variant.name} under callgrind...", flush=True)
-            ports = start_counted_envoy(stack, variant)
+            ports = start_counted_envoy(stack, variant, floor_ext_proc)
             pid = stack.pid(variant.name)
             control(pid, "--instr=on")
             for route in variant.routes:

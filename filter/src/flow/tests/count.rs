@@ -168,6 +168,7 @@ fn counted_requests() {
 
 /// Gives the host a request as Envoy's HTTP/1.1 codec hands it over, and the backend's answer.
 fn hand_over(host: &Quiet, body: &[u8]) {
+    let owned = |pairs: &[(&str, &str)]| pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
     let request_headers = [
         (":authority", "127.0.0.1:10000"),
         (":path", "/v1/chat/completions"),
@@ -178,11 +179,11 @@ fn hand_over(host: &Quiet, body: &[u8]) {
         ("x-forwarded-proto", "http"),
         ("x-request-id", "6f1c9f0e-2b7a-4d59-9a51-0c1f3f7c2d11"),
     ];
-    *host.request_headers.borrow_mut() = request_headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    *host.request_headers.borrow_mut() = owned(&request_headers);
     *host.request_body.borrow_mut() = body.to_vec();
     let response_headers =
         [(":status", "200"), ("content-type", "application/json"), ("content-length", &ANSWER.len().to_string())];
-    *host.response_headers.borrow_mut() = response_headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    *host.response_headers.borrow_mut() = owned(&response_headers);
     *host.response_body.borrow_mut() = ANSWER.to_vec();
 }
 
