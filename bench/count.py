@@ -10,8 +10,8 @@ counts barely move. Each variant's Envoy runs under `valgrind --tool=callgrind` 
 simulated backend and ext-proc outside valgrind. After a warm-up, the counters are zeroed, N
 identical requests are sent one at a time and the counters dumped: instructions per request are
 the total over N. Each variant is counted `--rounds` times on the same Envoy, to show the spread.
-The totals are split by object (Envoy's binary, libc and the rest, and code valgrind cannot place
-in any object: V8's JIT, where the wasm filter runs).
+The totals are split by where the code lies: Envoy's binary, its tcmalloc, libc, and V8's JIT,
+where the wasm filter runs (read_dump says how unnamed code is told apart).
 
 Envoy is stripped and the filter runs as JIT code, so neither names a function. The filter's own
 logic is counted apart, natively: the filter crate's ignored test `flow::tests::count` runs the
@@ -189,7 +189,7 @@ def read_dump(path: Path) -> dict[str, int]:
     return by_object
 
 
-def count(stack: Stack, pid: int, port: int, route: Route, requests: int, dump: Path) -> dict[str, int]:
+def count(pid: int, port: int, route: Route, requests: int, dump: Path) -> dict[str, int]:
     """Ir by object for `requests` requests of `route`."""
     client = Client(port, route)
     client.send(WARMUP_REQUESTS, warming=True)
@@ -321,7 +321,7 @@ def main() -> None:
             pid = stack.pid(variant.name)
             control(pid, "--instr=on")
             for route in variant.routes:
-                rounds = [count(stack, pid, ports[LISTENER_PORT], route, args.requests,
+                rounds = [count(pid, ports[LISTENER_PORT], route, args.requests,
                                 stack.workdir / f"callgrind.{variant.name}") for _ in range(args.rounds)]
                 results["routes"][route.name] = [{obj: ir / args.requests for obj, ir in r.items()} for r in rounds]
                 if route.native:
