@@ -18,7 +18,7 @@ PORT ?= 10000
 LITELLM_VERSION := 1.104.0
 PEER_VENV := .venv-litellm
 
-.PHONY: run test lint lint-tools unit k8s e2e bench floors build setup wasm-target clean fuzz cargo-fuzz images wasm-image
+.PHONY: run test lint lint-tools unit k8s e2e bench bench-count floors build setup wasm-target clean fuzz cargo-fuzz images wasm-image
 
 run: setup build
 	$(VPY) tools/devstack.py --port $(PORT)
@@ -50,6 +50,11 @@ e2e: setup build
 
 bench: setup build floors $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION))
 	$(VPY) bench/run.py $(if $(SHORT),--short)
+
+# Envoy's instructions per request under callgrind, for bare Envoy, the floors and the routes, and
+# the filter's own logic counted natively (docs/performance.md, "Instruction counts").
+bench-count: setup build floors
+	$(VPY) bench/count.py
 
 # The benchmark's wasm floor (bench/floor-filter); its ext_proc floor is a binary of the bench
 # crate, which `build` builds.

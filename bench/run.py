@@ -211,19 +211,30 @@ def with_cpu(stack: Stack, names: list[str], load) -> dict:
     return result
 
 
-def start_floors(stack: Stack) -> dict[str, int]:
-    """Starts the continue ext_proc service (`continue-ext-proc`) and each floor's Envoy (FLOORS)
-    in front of `stack`'s backend, pinned as the gateway is; returns each floor's listener port."""
+def start_continue_ext_proc(stack: Stack) -> int:
+    """Starts the continue ext_proc service (`continue-ext-proc`) the floors call; returns its port."""
     for artifact in [FLOOR_FILTER, CONTINUE_EXT_PROC]:
         if not artifact.exists():
             sys.exit(f"{artifact} is missing: run `make bench`, which builds it")
-    ext_proc_port = free_port()
-    stack.spawn("continue-ext-proc", [str(CONTINUE_EXT_PROC), "--listen", f"127.0.0.1:{ext_proc_port}"])
-    stack.wait_for_port(ext_proc_port)
+    port = free_port()
+    stack.spawn("continue-ext-proc", [str(CONTINUE_EXT_PROC), "--listen", f"127.0.0.1:{port}"])
+    stack.wait_for_port(port)
+    return port
+
+
+def floor_ports(stack: Stack, ext_proc_port: int) -> dict[int, int]:
+    """A floor Envoy's ports: a listener and admin of its own, `stack`'s backend, and the continue
+    ext_proc service on `ext_proc_port`."""
+    return {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001], EXT_PROC_PORT: ext_proc_port}
+
+
+def start_floors(stack: Stack) -> dict[str, int]:
+    """Starts the continue ext_proc service and each floor's Envoy (FLOORS) in front of `stack`'s
+    backend, pinned as the gateway is; returns each floor's listener port."""
+    ext_proc_port = start_continue_ext_proc(stack)
     listeners = {}
     for scenario, (name, config) in FLOORS.items():
-        ports = {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001],
-                 EXT_PROC_PORT: ext_proc_port}
+        ports = floor_ports(stack, ext_proc_port)
         stack.start_envoy(name, config, ports)
         listeners[scenario] = ports[LISTENER_PORT]
     return listeners

@@ -438,13 +438,15 @@ class Stack:
                 for demo in demo_ports:
                     self.ports[demo] = free_port()
 
-    def start_envoy(self, name: str, template: Path, ports: dict[int | str, int], adjust=None) -> None:
-        """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves."""
+    def start_envoy(self, name: str, template: Path, ports: dict[int | str, int], adjust=None,
+                    wrapper: list[str] | None = None, timeout: float = 60) -> None:
+        """Starts an Envoy from `template` with its demo ports remapped, and waits until it serves,
+        at most `timeout` seconds. `wrapper` is a command Envoy runs under (valgrind, say)."""
         config = self.workdir / f"{name}.yaml"
         config.write_text(render_config(template, ports, adjust, self.internal_token, self.key_dir))
-        self.spawn(name, [envoy_binary(), "-c", str(config), "--concurrency", str(self.envoy_concurrency),
-                           "--disable-hot-restart", "--log-level", self.log_level])
-        deadline = time.monotonic() + 60
+        self.spawn(name, [*(wrapper or []), envoy_binary(), "-c", str(config), "--concurrency",
+                          str(self.envoy_concurrency), "--disable-hot-restart", "--log-level", self.log_level])
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
             try:
@@ -455,7 +457,7 @@ class Stack:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"{name} is not ready after 60s:\n{self.log_tail(name)}")
+        raise RuntimeError(f"{name} is not ready after {timeout:.0f}s:\n{self.log_tail(name)}")
 
     def kill(self, name: str) -> None:
         """Kills a process of the stack at once (SIGKILL), as a crash would."""

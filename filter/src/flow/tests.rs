@@ -919,4 +919,5 @@ fn messages_and_responses_count_as_completions_and_count_tokens_as_a_request_wit
     assert_eq!((records[1]["status"].as_u64(), &records[1]["usage"]), (Some(200), &Value::Null));
 }
 
+mod count;
 mod gate;

@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""`make bench-count`: instructions Envoy executes per request, counted by callgrind, for bare
+Envoy, modelgate's routes and the floors beside them.
+
+    python bench/count.py [--requests N] [--rounds R] [--only VARIANT ...] [--out DIR]
+
+Timing on a shared 2-core machine moves by tens of percent from one run to the next; instruction
+counts barely move. Each variant's Envoy runs under `valgrind --tool=callgrind` with
+`--concurrency 1` and the configuration `make bench` gives it (bench/run.py's gateway edits), the
+simulated backend and ext-proc outside valgrind. After a warm-up, the counters are zeroed, N
+identical requests are sent one at a time and the counters dumped: instructions per request are
+the total over N. Each variant is counted `--rounds` times on the same Envoy, to show the spread.
+The totals are split by where the code lies: Envoy's binary, its tcmalloc, libc, and V8's JIT,
+where the wasm filter runs (read_dump says how unnamed code is told apart).
+
+Envoy is stripped and the filter runs as JIT code, so neither names a function. The filter's own
+logic is counted apart, natively: the filter crate's ignored test `flow::tests::count` runs the
+same requests through `Flow` under callgrind with each route's filter configuration, and its
+functions are listed by inclusive instructions per request.
+
+Writes DIR/count-<time>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack, free_port,  # noqa: E402
+                      http_connection_manager, render_config)
+from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, RENAMED, TRANSLATED, PROMPT, floor_ports, gateway,  # noqa: E402
+                 start_continue_ext_proc, with_cached_model, without_accounting)
+import yaml  # noqa: E402
+
+# Envoy under callgrind starts in tens of seconds, and V8 compiling the filter takes more.
+START_TIMEOUT_S = 300
+WARMUP_REQUESTS = 20
+
+
+@dataclass
+class Route:
+    """One row of the table: requests for `model` (with `extras` in the body) to one Envoy."""
+    name: str
+    model: str
+    extras: dict = field(default_factory=dict)
+    # A response header and value every counted answer must carry (a cache hit's, say).
+    expect: tuple[str, str] | None = None
+    # Whether the filter's part is also counted natively (not where it waits on a call's answer).
+    native: bool = True
+
+
+@dataclass
+class Variant:
+    """One Envoy configuration under callgrind, and the routes counted through it."""
+    name: str
+    template: Path
+    adjust: object
+    routes: list[Route]
+    # On bare Envoy's listener and backend (bare Envoy and the floors), rather than the demo's.
+    bare_listener: bool = False
+
+
+def variants() -> list[Variant]:
+    cached = Route("cache_hit", MODEL, {"temperature": 0}, ("modelgate-cache", "hit"), native=False)
+    floors = [Variant(name, config, None, [Route(name, MODEL, native=False)], bare_listener=True)
+              for name, (_, config) in FLOORS.items()]
+    return [
+        Variant("bare", BARE_CONFIG, None, [Route("bare", MODEL, native=False)], bare_listener=True),
+        *floors,
+        Variant("unaccounted", DEMO_CONFIG, gateway(without_accounting), [Route("unaccounted", MODEL)]),
+        Variant("gateway", DEMO_CONFIG, gateway(), [
+            Route("passthrough", MODEL), Route("ext_proc", RENAMED),
+            Route("anthropic", TRANSLATED["anthropic"])]),
+        Variant("cached", DEMO_CONFIG, gateway(with_cached_model), [cached]),
+    ]
+
+
+def callgrind(name: str, workdir: Path) -> list[str]:
+    """valgrind's command line for one Envoy. V8 writes the code it runs, so every store is checked
+    against translated code (`--smc-check=all`); nothing is counted until `callgrind_control -i on`,
+    which makes the start cheaper."""
+    return ["valgrind", "--tool=callgrind", "--smc-check=all", "--instr-atstart=no",
+            f"--callgrind-out-file={workdir / f'callgrind.{name}'}", "--log-file=" + str(workdir / f"valgrind.{name}.log")]
+
+
+def start_counted_envoy(stack: Stack, variant: Variant, floor_ext_proc: int) -> dict:
+    """Starts the variant's Envoy under callgrind on ports of its own (a floor's calling the continue
+    ext_proc service on `floor_ext_proc`); returns its ports."""
+    ports = (floor_ports(stack, floor_ext_proc) if variant.bare_listener else
+             {**stack.ports, LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), INNER_LISTENER_PORT: free_port()})
+    def adjust(config: dict) -> None:
+        if variant.adjust:
+            variant.adjust(config)
+        patient(config)
+    stack.start_envoy(variant.name, variant.template, ports, adjust,
+                      wrapper=callgrind(variant.name, stack.workdir), timeout=START_TIMEOUT_S)
+    return ports
+
+
+def patient(node) -> None:
+    """Lengthens every ext_proc message timeout in an Envoy configuration: under callgrind Envoy
+    runs tens of times slower, and on a loaded machine an exchange can outlast the usual 2 s. A
+    timer that never fires costs no instructions, so the counts are those of the usual setting."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "message_timeout":
+                node[key] = "60s"
+            else:
+                patient(value)
+    elif isinstance(node, list):
+        for item in node:
+            patient(item)
+
+
+class Client:
+    """One keep-alive connection sending the same chat completion again and again."""
+
+    def __init__(self, port: int, route: Route):
+        self.port = port
+        self.route = route
+        self.body = json.dumps({"model": route.model, "messages": PROMPT, "max_tokens": 16, **route.extras})
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def send(self, count: int, warming: bool = False) -> None:
+        """Sends the request `count` times; while `warming`, answers need not carry `expect` (the
+        first request to a cached route fills the cache)."""
+        for _ in range(count):
+            self.connection.request("POST", CHAT, self.body, {"content-type": "application/json"})
+            answer = self.connection.getresponse()
+            answer.read()
+            if answer.status != 200:
+                raise RuntimeError(f"{self.route.name}: status {answer.status}")
+            if self.route.expect and not warming and answer.getheader(self.route.expect[0]) != self.route.expect[1]:
+                raise RuntimeError(f"{self.route.name}: no {self.route.expect[0]}: {self.route.expect[1]}")
+
+
+def control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=300)
+
+
+# Code valgrind places in no object: below 4 GiB it lies in Envoy's own image, in the section
+# holding tcmalloc (`google_malloc`, which valgrind does not map to the binary); above, in memory
+# V8 compiled the wasm filter into.
+UNNAMED_BELOW_4GIB = "tcmalloc"
+UNNAMED = "???"
+
+
+def read_dump(path: Path) -> dict[str, int]:
+    """Instructions (Ir) by object in a callgrind dump, unnamed code split as UNNAMED_BELOW_4GIB
+    says: cost lines count toward the object and function they follow (callgrind's `ob=` and
+    `fn=`, names compressed as `(id) name`, each kind numbered apart); calls' inclusive costs (the
+    line after `calls=`) are skipped, so each instruction is counted once."""
+    names: dict[tuple[str, str], str] = {}
+    by_object: dict[str, int] = {}
+    current = {"ob": UNNAMED, "fn": ""}
+    skip_next = False
+    for line in path.read_text(errors="replace").splitlines():
+        if skip_next:
+            skip_next = False
+            continue
+        key, _, name = line.partition("=")
+        if key in ("ob", "cob", "fn", "cfn"):
+            kind = key.removeprefix("c")
+            match = re.match(r"\((\d+)\)(?: (.*))?", name)
+            if match:
+                if match.group(2) is not None:
+                    names[kind, match.group(1)] = match.group(2)
+                name = names[kind, match.group(1)]
+            if key == kind:
+                current[kind] = name
+        elif key == "calls":
+            skip_next = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            parts = line.split()
+            if len(parts) >= 2:
+                where = current["ob"]
+                # An unnamed function is named by its address (`0x...`, then `'2` and so on if recursive).
+                address = re.match(r"0x([0-9a-f]+)", current["fn"])
+                if where == UNNAMED and address and int(address.group(1), 16) < 1 << 32:
+                    where = UNNAMED_BELOW_4GIB
+                by_object[where] = by_object.get(where, 0) + int(parts[1])
+    return by_object
+
+
+def count(pid: int, port: int, route: Route, requests: int, dump: Path) -> dict[str, int]:
+    """Ir by object for `requests` requests of `route`."""
+    client = Client(port, route)
+    client.send(WARMUP_REQUESTS, warming=True)
+    control(pid, "--zero")
+    client.send(requests)
+    before = set(dump.parent.glob(dump.name + "*"))
+    control(pid, "--dump")
+    fresh = sorted(set(dump.parent.glob(dump.name + "*")) - before, key=lambda p: p.stat().st_mtime)
+    return read_dump(fresh[-1])
+
+
+def filter_tests() -> str:
+    """Builds the filter crate's test binary (release, as the filter ships) and returns its path."""
+    built = subprocess.run(["cargo", "test", "--release", "-p", "modelgate-filter", "--lib", "--no-run",
+                            "--message-format=json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for line in built.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable") \
+                and message["target"]["name"] == "modelgate_filter":
+            return message["executable"]
+    raise RuntimeError("cargo built no test binary for modelgate-filter")
+
+
+def filter_configuration(variant: Variant) -> str:
+    """The modelgate filter's JSON configuration in the variant's Envoy configuration."""
+    config = yaml.safe_load(render_config(variant.template, {}, variant.adjust))
+    plugin = next(f for f in http_connection_manager(config)["http_filters"] if f["name"] == "modelgate")
+    return plugin["typed_config"]["config"]["configuration"]["value"]
+
+
+ANNOTATED = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(?:\S*?:)?(.+?) \[(.*)\]$")
+
+
+def count_native(binary: str, variant: Variant, route: Route, requests: int, workdir: Path) -> dict:
+    """The filter's own instructions per request for `route`, run natively on a quiet host: the
+    total, host calls, and the functions with the most inclusive instructions (callgrind's
+    `--toggle-collect` counts only inside one request's callbacks)."""
+    config = workdir / f"filter-{route.name}.json"
+    config.write_text(filter_configuration(variant))
+    dump = workdir / f"callgrind.native-{route.name}"
+    env = {**os.environ, "MODELGATE_COUNT_CONFIG": str(config), "MODELGATE_COUNT_MODEL": route.model,
+           "MODELGATE_COUNT_REQUESTS": str(requests)}
+    ran = subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=*one_request*",
+                          f"--callgrind-out-file={dump}", binary, "--ignored", "--exact", "--nocapture",
+                          "--test-threads=1", "flow::tests::count::counted_requests"],
+                         env=env, capture_output=True, text=True, check=True)
+    calls = float(re.search(r"host calls per request: ([\d.]+)", ran.stdout).group(1))
+    total = sum(read_dump(dump).values())
+    annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", str(dump)],
+                               capture_output=True, text=True, check=True).stdout
+    functions = [(match.group(2), int(match.group(1).replace(",", "")) / requests)
+                 for match in map(ANNOTATED.match, annotated.splitlines()) if match]
+    # The filter's and its libraries' functions; the request's callers (the test harness) and the
+    # host's calls are not the filter's logic.
+    top = [(name, ir) for name, ir in functions if ("modelgate_" in name or "serde" in name)
+           and "tests::count" not in name]
+    return {"ir_per_request": total / requests, "host_calls_per_request": calls,
+            "host_ir_per_request": sum(ir for name, ir in functions if "count::Quiet as" in name),
+            "allocator_ir_per_request": sum(ir for name, ir in functions if name in ("malloc", "free", "realloc")),
+            "top": top[:15]}
+
+
+def kind(obj: str) -> str:
+    """The column a callgrind object's instructions go to."""
+    name = Path(obj).name
+    return ("envoy" if name == "envoy" else "jit" if obj == UNNAMED else obj if obj == UNNAMED_BELOW_4GIB else
+            "libc" if name.startswith(("libc.", "libm.")) else "other")
+
+
+def summary(results: dict) -> dict:
+    """Per route: instructions per request in each round, their median (of two, the mean), the
+    spread, and the split by object of the first round."""
+    rows = {}
+    for name, rounds in results["routes"].items():
+        totals = sorted(sum(r.values()) for r in rounds)
+        split: dict[str, float] = {}
+        for obj, ir in rounds[0].items():
+            split[kind(obj)] = split.get(kind(obj), 0) + ir
+        rows[name] = {"rounds": totals, "ir": sum(totals) / len(totals),
+                      "spread": (totals[-1] - totals[0]) / totals[0], "split": split}
+    return rows
+
+
+def markdown(results: dict) -> str:
+    rows = summary(results)
+    bare = rows.get("bare", {}).get("ir")
+    out = [f"# Envoy instructions per request, {results['started']}", "",
+           f"{results['requests']} requests a round, {results['rounds']} rounds; Envoy `--concurrency 1` under "
+           "callgrind. Split by where the code lies: Envoy's binary, its tcmalloc, libc, V8's JIT (the "
+           "wasm filter's code and V8's stubs), anything else.", "",
+           "| route | instructions per request | over bare Envoy | spread of rounds | envoy | tcmalloc | libc | jit "
+           "| other |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        over = f"{row['ir'] - bare:+,.0f} ({row['ir'] / bare:.2f}x)" if bare else "n/a"
+        split = " | ".join(f"{row['split'].get(k, 0):,.0f}" for k in ["envoy", UNNAMED_BELOW_4GIB, "libc", "jit", "other"])
+        out.append(f"| {name} | {row['ir']:,.0f} | {over} | {row['spread']:.2%} | {split} |")
+    native = results.get("native", {})
+    if native:
+        out += ["", "## The filter's own logic, natively (quiet host)", "",
+                "| route | instructions per request | of which the host's side | of which malloc, realloc, free "
+                "| host calls per request |", "|---|---|---|---|---|"]
+        for name, n in native.items():
+            out.append(f"| {name} | {n['ir_per_request']:,.0f} | {n['host_ir_per_request']:,.0f} | "
+                       f"{n['allocator_ir_per_request']:,.0f} | {n['host_calls_per_request']:.0f} |")
+        for name, n in native.items():
+            out += ["", f"### {name}: functions by inclusive instructions per request", "",
+                    "| function | instructions per request |", "|---|---|"]
+            out += [f"| `{function}` | {ir:,.0f} |" for function, ir in n["top"]]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=300, help="requests counted per round (default 300)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per route (default 2)")
+    parser.add_argument("--only", nargs="*", help="variants to count (default all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
+    args = parser.parse_args()
+
+    chosen = [v for v in variants() if not args.only or v.name in args.only]
+    binary = filter_tests() if any(r.native for v in chosen for r in v.routes) else None
+    results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "requests": args.requests,
+                     "rounds": args.rounds, "routes": {}, "native": {}}
+    with Stack(log_level="error", envoy_concurrency=1, adjust_config=gateway()) as stack:
+        floor_ext_proc = start_continue_ext_proc(stack)
+        for variant in chosen:
+            print(f"counting {variant.name} under callgrind...", flush=True)
+            ports = start_counted_envoy(stack, variant, floor_ext_proc)
+            pid = stack.pid(variant.name)
+            control(pid, "--instr=on")
+            for route in variant.routes:
+                rounds = [count(pid, ports[LISTENER_PORT], route, args.requests,
+                                stack.workdir / f"callgrind.{variant.name}") for _ in range(args.rounds)]
+                results["routes"][route.name] = [{obj: ir / args.requests for obj, ir in r.items()} for r in rounds]
+                if route.native:
+                    results["native"][route.name] = count_native(binary, variant, route, args.requests, stack.workdir)
+            stack.kill(variant.name)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"count-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    report = markdown(results)
+    stem.with_suffix(".md").write_text(report)
+    print(report)
+    print(f"written: {stem}.json, .md")
+
+
+if __name__ == "__main__":
+    main()
