@@ -62,7 +62,8 @@ floors: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-floor-filter
 
 # ext-proc and the guard are built by exactly the command ext-proc/Dockerfile runs (features are
-# unified per command), so the binaries the tests run are the ones the images hold.
+# unified per command), so the binaries the tests run are the ones the images hold. After `make
+# unit` it compiles nothing again: ext-proc/runtime names the features the tests turn on.
 build: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-filter
 	cargo build --release --locked -p modelgate-ext-proc -p modelgate-stream-guard
