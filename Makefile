@@ -56,10 +56,11 @@ bench: setup build floors $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION
 bench-count: setup build floors
 	$(VPY) bench/count.py
 
-# The benchmark's wasm floor (bench/floor-filter); its ext_proc floor is a binary of the bench
-# crate, which `build` builds.
+# The benchmark's floors: the wasm filter (bench/floor-filter) and the ext_proc service
+# (bench/continue-ext-proc), apart from `build`, whose load generator then compiles no gRPC crates.
 floors: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-floor-filter
+	cargo build --release -p modelgate-continue-ext-proc
 
 # ext-proc and the guard are built by exactly the command ext-proc/Dockerfile runs (features are
 # unified per command), so the binaries the tests run are the ones the images hold. After `make

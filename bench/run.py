@@ -52,7 +52,7 @@ FLOORS = {"floor_wasm": ("floor-wasm-envoy", ROOT / "bench" / "floor-wasm.yaml")
           "floor_wasm_header": ("floor-wasm-header-envoy", ROOT / "bench" / "floor-wasm-header.yaml"),
           "floor_ext_proc": ("floor-ext-proc-envoy", ROOT / "bench" / "floor-ext-proc.yaml")}
 # What they load and call: the floor filter (bench/floor-filter) and the ext_proc service answering
-# "continue" (bench/src/continue_ext_proc.rs), which floor_ext_proc's Envoy calls on EXT_PROC_PORT.
+# "continue" (bench/continue-ext-proc), which floor_ext_proc's Envoy calls on EXT_PROC_PORT.
 FLOOR_FILTER = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_floor_filter.wasm"
 CONTINUE_EXT_PROC = BIN / "modelgate-continue-ext-proc"
 # Each route's floor: its added cost over it is modelgate's own.
