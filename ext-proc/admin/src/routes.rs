@@ -44,6 +44,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use modelgate_gate::budgets::{self, Budgets, Charge};
+use modelgate_gate::error_answers::{body_error, error_response, method_not_allowed};
 use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::gate::ReplaySource;
@@ -366,7 +367,7 @@ async fn post_records(
 ) -> Response {
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => return body_error(&rejection),
+        Err(rejection) => return body_error(&rejection, MAX_BODY),
     };
     let batch = match batch_id(&headers) {
         Ok(batch) => batch,
@@ -455,7 +456,7 @@ async fn get_budgets(State(admin): State<Arc<Admin>>, query: Result<Query<Budget
 async fn post_spend(State(limits): State<Arc<Limits>>, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => return body_error(&rejection),
+        Err(rejection) => return body_error(&rejection, MAX_BODY),
     };
     let request: SpendRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -497,35 +498,11 @@ fn bad_debit_id(id: &str, debit: bool) -> Option<GatewayError> {
 
 /// 405 for a known path called with another method than `allowed`.
 fn only(allowed: &'static str) -> impl Fn(Method, Uri) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
-    move |method: Method, uri: Uri| {
-        let error = GatewayError::method_not_allowed(method.as_str(), uri.path(), allowed);
-        let mut response = error_response(&error);
-        response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allowed));
-        std::future::ready(response)
-    }
+    move |method: Method, uri: Uri| std::future::ready(method_not_allowed(&method, &uri, allowed))
 }
 
 async fn unknown_url(method: Method, uri: Uri) -> Response {
     error_response(&GatewayError::unknown_url(Some((method.as_str(), uri.path()))))
-}
-
-fn body_error(rejection: &BytesRejection) -> Response {
-    let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        GatewayError::body_too_large(Some(MAX_BODY))
-    } else {
-        GatewayError::invalid_request(format!("Could not read the request body: {rejection}."))
-    };
-    error_response(&error)
-}
-
-/// An error as the admin port answers it: the OpenAI envelope.
-fn error_response(error: &GatewayError) -> Response {
-    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = json_response(status, error.to_json());
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    }
-    response
 }
 
 fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {

@@ -26,7 +26,8 @@
 //! bucket of one call (and its debit's id) must hash to the same slot.
 
 use modelgate_proto::limits::{SpendRequest, SpendResponse, Verdict, MAX_PER_MINUTE};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use modelgate_runtime::redis_connection::{connect_lazily, within, CallError};
+use redis::aio::ConnectionManager;
 use redis::Script;
 use std::time::Duration;
 
@@ -155,6 +156,15 @@ impl std::fmt::Display for LimitStoreError {
 
 impl std::error::Error for LimitStoreError {}
 
+impl From<CallError> for LimitStoreError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Timeout => LimitStoreError::Timeout,
+            CallError::Redis(e) => LimitStoreError::Redis(e),
+        }
+    }
+}
+
 /// Buckets in one Redis, over a connection that reconnects by itself.
 pub struct SharedLimits {
     redis: ConnectionManager,
@@ -166,13 +176,7 @@ impl SharedLimits {
     /// Connects lazily: a Redis that is down at start is only an error for
     /// the calls made while it is. Each call is bounded by `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
-            // Back within a second of Redis coming back, however long it was away.
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config)?;
+        let redis = connect_lazily(url, timeout, timeout)?;
         Ok(SharedLimits { redis, script: Script::new(SPEND_LUA), timeout })
     }
 
@@ -197,11 +201,7 @@ impl SharedLimits {
             invocation.key(format!("modelgate.debit.{id}"));
         }
         let mut redis = self.redis.clone();
-        let reply: Vec<(u8, u64, u64, u64, u64)> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut redis))
-                .await
-                .map_err(|_| LimitStoreError::Timeout)?
-                .map_err(LimitStoreError::Redis)?;
+        let reply: Vec<(u8, u64, u64, u64, u64)> = within(self.timeout, invocation.invoke_async(&mut redis)).await?;
         if reply.len() != request.buckets.len() {
             return Err(LimitStoreError::Reply(format!(
                 "{} verdicts for {} buckets",

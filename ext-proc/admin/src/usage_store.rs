@@ -18,7 +18,8 @@
 
 use crate::usage_report::{Group, MinuteRow, Report, Retention, Totals, UsageStore};
 use modelgate_proto::usage::{Tally, Traffic, UsageRecord};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use modelgate_runtime::redis_connection::{connect_lazily, within, CallError};
+use redis::aio::ConnectionManager;
 use redis::Script;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -65,6 +66,15 @@ impl std::fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
+
+impl From<CallError> for StoreError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Timeout => StoreError::Timeout,
+            CallError::Redis(e) => StoreError::Redis(e),
+        }
+    }
+}
 
 /// How long applied batch ids are remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,12 +352,7 @@ pub struct RedisUsage {
 impl RedisUsage {
     /// Connects lazily, as [`crate::shared_limits::SharedLimits`] does; each batch is bounded by `timeout`.
     pub fn new(url: &str, timeout: Duration, retention: Retention, dedup: Dedup) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout.max(REPORT_TIMEOUT)))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config)?;
+        let redis = connect_lazily(url, timeout, timeout.max(REPORT_TIMEOUT))?;
         Ok(RedisUsage { redis, script: Script::new(APPLY_LUA), timeout, retention, dedup })
     }
 
@@ -398,13 +403,6 @@ impl RedisUsage {
         }
         Ok(usage.report(start, end))
     }
-}
-
-async fn within<T>(
-    timeout: Duration,
-    call: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(timeout, call).await.map_err(|_| StoreError::Timeout)?.map_err(StoreError::Redis)
 }
 
 /// A minute's hash, as the script writes it, back as rows; fields of another shape are skipped.

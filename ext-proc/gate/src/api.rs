@@ -13,6 +13,7 @@
 //! Errors are OpenAI envelopes.
 
 use crate::budgets::valid_reservation;
+use crate::error_answers::{body_error, error_response, method_not_allowed};
 use crate::gate::{valid_ticket, Gate};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -52,7 +53,7 @@ async fn only_envoy(State(token): State<Arc<InternalToken>>, request: axum::extr
 async fn post_gate(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => return body_error(&rejection),
+        Err(rejection) => return body_error(&rejection, MAX_BODY),
     };
     let ask: GateRequest = match serde_json::from_slice(&body) {
         Ok(ask) => ask,
@@ -84,7 +85,7 @@ async fn post_gate(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesRejec
 async fn post_store(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => return body_error(&rejection),
+        Err(rejection) => return body_error(&rejection, MAX_BODY),
     };
     let end = body.iter().position(|&b| b == b'\n').unwrap_or(body.len());
     let request: StoreRequest = match serde_json::from_slice(&body[..end]) {
@@ -100,27 +101,7 @@ async fn post_store(State(gate): State<Arc<Gate>>, body: Result<Bytes, BytesReje
 }
 
 async fn only_post(method: Method, uri: Uri) -> Response {
-    let mut response = error_response(&GatewayError::method_not_allowed(method.as_str(), uri.path(), "POST"));
-    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
-    response
-}
-
-fn body_error(rejection: &BytesRejection) -> Response {
-    let error = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        GatewayError::body_too_large(Some(MAX_BODY))
-    } else {
-        GatewayError::invalid_request(format!("Could not read the request body: {rejection}."))
-    };
-    error_response(&error)
-}
-
-fn error_response(error: &GatewayError) -> Response {
-    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], error.to_json()).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    response
+    method_not_allowed(&method, &uri, "POST")
 }
 
 #[cfg(test)]

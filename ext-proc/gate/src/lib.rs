@@ -8,9 +8,11 @@
 //!   bounded in bytes) or in Redis;
 //! - [`budgets`]: spend and token budgets per key, in SQLite or Redis,
 //!   settled from usage records;
-//! - [`api`]: the routes, `POST /v1/gate` and `POST /v1/gate/store`.
+//! - [`api`]: the routes, `POST /v1/gate` and `POST /v1/gate/store`;
+//! - [`error_answers`]: how the admin port's routes, these and admin's, answer errors.
 
 pub mod api;
 pub mod budgets;
 pub mod cache;
+pub mod error_answers;
 pub mod gate;

@@ -27,8 +27,9 @@
 //! same promise as SQLite.
 
 use super::*;
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::ConnectionManager;
 use ::redis::{cmd, pipe, RedisResult, Script};
+use modelgate_runtime::redis_connection::{connect_lazily, within};
 use std::future::Future;
 use std::sync::LazyLock;
 
@@ -274,22 +275,14 @@ impl RedisMeta {
     /// Connects lazily, as shared limits do: a Redis that is down at start is
     /// only an error for the calls made while it is. Each call is bounded by `timeout`.
     pub fn new(url: &str, timeout: Duration) -> std::result::Result<Self, String> {
-        let fail = |e: ::redis::RedisError| format!("batch metadata in Redis at {url}: {e}");
-        let client = ::redis::Client::open(url).map_err(fail)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config).map_err(fail)?;
+        let redis =
+            connect_lazily(url, timeout, timeout).map_err(|e| format!("batch metadata in Redis at {url}: {e}"))?;
         Ok(RedisMeta { redis, timeout })
     }
 
     /// One call to Redis, bounded by the timeout.
     async fn bounded<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Result<T> {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError("no answer from Redis in time".into()))?
-            .map_err(|e| StoreError(format!("Redis: {e}")))
+        within(self.timeout, call).await.map_err(|e| StoreError(e.to_string()))
     }
 
     async fn query<T: ::redis::FromRedisValue>(&self, command: &::redis::Cmd) -> Result<T> {

@@ -8,6 +8,7 @@
 
 use super::*;
 use modelgate_proto::clock;
+use modelgate_runtime::sqlite_database;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -133,28 +134,15 @@ pub struct SqliteMeta {
 impl SqliteMeta {
     /// Opens the database at `path`, creating it and its schema if missing.
     pub fn open(path: &Path) -> std::result::Result<Self, String> {
-        let fail = |e: rusqlite::Error| format!("batch database {}: {e}", path.display());
-        let mut db = Connection::open(path).map_err(fail)?;
-        // Another process may hold the file a moment (one exiting as its successor starts).
-        db.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
-        db.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
-        db.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
-        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(fail)?;
-        if version > SCHEMA_VERSION {
-            return Err(format!(
-                "batch database {}: schema version {version} is newer than this modelgate's ({SCHEMA_VERSION})",
-                path.display()
-            ));
-        }
-        if version == 0 {
-            tx.execute_batch(SCHEMA).map_err(fail)?;
-        }
-        for migration in MIGRATIONS.iter().skip(usize::try_from(version.max(1) - 1).unwrap_or(0)) {
-            tx.execute_batch(migration).map_err(fail)?;
-        }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
-        tx.commit().map_err(fail)?;
+        let db = sqlite_database::open(path, "batch database", "FULL", SCHEMA_VERSION, |tx, version| {
+            if version == 0 {
+                tx.execute_batch(SCHEMA)?;
+            }
+            for migration in MIGRATIONS.iter().skip(usize::try_from(version.max(1) - 1).unwrap_or(0)) {
+                tx.execute_batch(migration)?;
+            }
+            Ok(())
+        })?;
         Ok(SqliteMeta { db: Arc::new(Mutex::new(db)) })
     }
 

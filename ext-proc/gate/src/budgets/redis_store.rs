@@ -21,7 +21,8 @@
 use super::{
     unit_name, unit_named, Charge, CounterState, Decision, Hold, StoreError, GRACE_SECS, MAX_AMOUNT, TOMBSTONE_SECS,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use modelgate_runtime::redis_connection::{connect_lazily, within, CallError};
+use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -148,13 +149,7 @@ pub(super) struct RedisBudgets {
 impl RedisBudgets {
     /// Connects lazily; each call is bounded by `timeout`.
     pub(super) fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
-            // Back within a second of Redis coming back, however long it was away.
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config)?;
+        let redis = connect_lazily(url, timeout, timeout)?;
         Ok(RedisBudgets { redis, admit: Script::new(ADMIT_LUA), settle: Script::new(SETTLE_LUA), timeout })
     }
 
@@ -162,10 +157,10 @@ impl RedisBudgets {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError("budgets in Redis: no answer in time".into()))?
-            .map_err(StoreError::from)
+        within(self.timeout, call).await.map_err(|e| match e {
+            CallError::Timeout => StoreError("budgets in Redis: no answer in time".into()),
+            CallError::Redis(e) => StoreError::from(e),
+        })
     }
 
     pub(super) async fn admit(

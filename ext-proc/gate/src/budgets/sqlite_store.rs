@@ -11,11 +11,11 @@ use super::{
     MAX_AMOUNT, TOMBSTONE_SECS,
 };
 use modelgate_proto::clock;
+use modelgate_runtime::sqlite_database;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 /// Kept in `PRAGMA user_version`: a file written by a newer schema is refused.
 const SCHEMA_VERSION: i64 = 1;
@@ -74,25 +74,10 @@ pub(super) struct SqliteBudgets {
 impl SqliteBudgets {
     /// Opens the database at `path` (`:memory:`: one in memory), creating it and its schema if missing.
     pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
-        let fail = |e: rusqlite::Error| StoreError(format!("budget database {}: {e}", path.display()));
-        let mut db = Connection::open(path).map_err(fail)?;
-        // Another process may hold the file a moment (one exiting as its successor starts).
-        db.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
-        db.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
-        db.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
-        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(fail)?;
-        let version: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(fail)?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError(format!(
-                "budget database {}: schema version {version} is newer than this modelgate's ({SCHEMA_VERSION})",
-                path.display()
-            )));
-        }
-        if version == 0 {
-            tx.execute_batch(SCHEMA).map_err(fail)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(fail)?;
-        }
-        tx.commit().map_err(fail)?;
+        // The only version yet: a database older than it is a new one.
+        let db =
+            sqlite_database::open(path, "budget database", "NORMAL", SCHEMA_VERSION, |tx, _| tx.execute_batch(SCHEMA))
+                .map_err(StoreError)?;
         Ok(SqliteBudgets { db: Arc::new(Mutex::new(db)), pruned_at: Arc::new(AtomicU64::new(0)) })
     }
 

@@ -6,8 +6,9 @@
 //! left to evict (an eviction policy could drop a key's spend for a cached answer).
 
 use super::{Result, StoreError};
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::ConnectionManager;
 use ::redis::{cmd, RedisResult, Script};
+use modelgate_runtime::redis_connection::{connect_lazily, within};
 use std::future::Future;
 use std::time::Duration;
 
@@ -53,14 +54,7 @@ impl RedisStore {
     /// Connects lazily, as the other Redis stores do: a Redis that is down at
     /// start only fails the calls made while it is. Each call is bounded by `timeout`.
     pub fn new(url: &str, timeout: Duration) -> std::result::Result<Self, String> {
-        let fail = |e: ::redis::RedisError| format!("the cache in Redis at {url}: {e}");
-        let client = ::redis::Client::open(url).map_err(fail)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
-            // Back within a second of Redis coming back, however long it was away.
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config).map_err(fail)?;
+        let redis = connect_lazily(url, timeout, timeout).map_err(|e| format!("the cache in Redis at {url}: {e}"))?;
         Ok(RedisStore {
             redis,
             timeout,
@@ -71,10 +65,7 @@ impl RedisStore {
     }
 
     async fn bounded<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Result<T> {
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError("no answer from Redis in time".into()))?
-            .map_err(|e| StoreError(format!("Redis: {e}")))
+        within(self.timeout, call).await.map_err(|e| StoreError(e.to_string()))
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
