@@ -520,13 +520,13 @@ impl Flow {
             if let Phase::Forwarded(Forwarded { answer, gated, .. }) = &mut self.phase {
                 let keep = gated.as_mut().and_then(|gated| gated.keep.as_mut());
                 let keeps = keep.as_ref().is_some_and(|keep| keep.wants_bytes());
-                // The body is read only where usage is counted or the answer kept; every piece is timed.
+                // The body is read only where usage is counted or the answer kept, and only a piece read is timed.
                 let piece = if answer.reads_body() || keeps {
                     host.body(BufferType::HttpResponseBody, body_size)
                 } else {
                     Vec::new()
                 };
-                let changed = answer.on_piece(host.now_us(), &piece, end_of_stream);
+                let changed = answer.on_piece(|| host.now_us(), &piece, end_of_stream);
                 if let Some(changed) = &changed {
                     host.replace_body(BufferType::HttpResponseBody, body_size, changed);
                 }
