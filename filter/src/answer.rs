@@ -51,10 +51,12 @@ impl Answer {
         !matches!(self.watch, Watch::Off)
     }
 
-    /// Notes a piece of the answer that arrived at `now_us`. `Some(bytes)`
-    /// when the piece must be replaced by those bytes before it goes on.
-    pub fn on_piece(&mut self, now_us: u64, piece: &[u8], last: bool) -> Option<Vec<u8>> {
+    /// Notes a piece of the answer that arrived at `now_us()`, asked only of a
+    /// piece with bytes (the clock is a host call). `Some(bytes)` when the
+    /// piece must be replaced by those bytes before it goes on.
+    pub fn on_piece(&mut self, now_us: impl FnOnce() -> u64, piece: &[u8], last: bool) -> Option<Vec<u8>> {
         if !piece.is_empty() {
+            let now_us = now_us();
             self.first_piece_us.get_or_insert(now_us);
             if let Some(previous) = self.last_piece_us.replace(now_us) {
                 if self.stream && self.gaps_us.len() < MAX_GAPS {
@@ -108,11 +110,11 @@ mod tests {
     fn a_stream_is_timed_chunk_by_chunk_and_its_unasked_usage_removed() {
         let mut answer = Answer::new(1_000, true, true, true);
         assert!(answer.reads_body());
-        let first = answer.on_piece(5_000, CHUNK, false).unwrap();
+        let first = answer.on_piece(|| 5_000, CHUNK, false).unwrap();
         assert_eq!(first, b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
-        answer.on_piece(7_500, CHUNK, false);
-        assert_eq!(answer.on_piece(8_000, USAGE_CHUNK, false), Some(Vec::new()));
-        assert_eq!(answer.on_piece(8_100, b"data: [DONE]\n\n", true), None, "an unchanged piece is left alone");
+        answer.on_piece(|| 7_500, CHUNK, false);
+        assert_eq!(answer.on_piece(|| 8_000, USAGE_CHUNK, false), Some(Vec::new()));
+        assert_eq!(answer.on_piece(|| 8_100, b"data: [DONE]\n\n", true), None, "an unchanged piece is left alone");
         let record = answer.record(9_000);
         assert_eq!(record.usage, Some(Usage { prompt_tokens: 3, completion_tokens: 2 }));
         assert_eq!((record.latency_us, record.ttft_us), (8_000, Some(4_000)));
@@ -122,14 +124,14 @@ mod tests {
     #[test]
     fn a_whole_answer_passes_unchanged_and_an_error_is_not_read() {
         let mut answer = Answer::new(0, false, true, false);
-        assert_eq!(answer.on_piece(10, br#"{"usage":{"prompt_tokens":4}}"#, true), None);
+        assert_eq!(answer.on_piece(|| 10, br#"{"usage":{"prompt_tokens":4}}"#, true), None);
         let record = answer.record(20);
         assert_eq!(record.usage, Some(Usage { prompt_tokens: 4, completion_tokens: 0 }));
         assert!(record.itl_us.is_empty());
         let mut failed = Answer::new(0, false, true, false);
         failed.failed();
         assert!(!failed.reads_body());
-        assert_eq!(failed.on_piece(10, br#"{"usage":{"prompt_tokens":4}}"#, true), None);
+        assert_eq!(failed.on_piece(|| 10, br#"{"usage":{"prompt_tokens":4}}"#, true), None);
         assert_eq!(failed.usage(), None);
     }
 }

@@ -71,6 +71,8 @@ pub struct Flow {
     /// Its answer's usage counts: false for an endpoint that is no completion
     /// (`/tokenize`), whose answer has none and whose key's token limits it leaves alone.
     counts_usage: bool,
+    /// The request came with a client key header: only then are they dropped.
+    presents_key: bool,
     phase: Phase,
     response: Response,
 }
@@ -253,6 +255,7 @@ impl Flow {
             traffic: Traffic::Interactive,
             api: ClientApi::Openai,
             counts_usage: true,
+            presents_key: false,
             phase: Phase::Unrouted { buffered: None },
             response: Response::Awaiting,
         }
@@ -260,32 +263,34 @@ impl Flow {
 
     pub fn on_request_headers<H: Host>(&mut self, host: &H, end_of_stream: bool) -> Action {
         self.started_us = host.now_us();
-        // Read before the internal headers go, and only where a token could prove them.
-        let on_behalf_of = self.router.internal_token().and_then(|token| on_behalf_of(host, token));
+        // One host call for every header the filter reads; one more only for each header it drops.
+        let request = host.headers(REQUEST_HEADERS);
+        let header = |name: &str| find_header(&request, name);
+        // Only where a token could prove them.
+        let on_behalf_of = self.router.internal_token().and_then(|token| on_behalf_of(&header, token));
         if on_behalf_of.is_some() {
             self.traffic = Traffic::Batch;
         }
-        for name in headers::INTERNAL {
+        for name in headers::INTERNAL.iter().filter(|name| header(name).is_some()) {
             host.remove_header(REQUEST_HEADERS, name);
         }
-        let (request_id, replaced) = request::request_id(host.header(REQUEST_HEADERS, REQUEST_ID).as_deref());
+        self.presents_key = headers::CLIENT_KEYS.iter().any(|name| header(name).is_some());
+        let (request_id, replaced) = request::request_id(header(REQUEST_ID));
         if replaced {
             // Envoy answers with the request's header as it is now (`always_set_request_id_in_response`).
             host.set_header(REQUEST_HEADERS, REQUEST_ID, &request_id);
         }
         self.request_id = request_id;
-        let method = host.header(REQUEST_HEADERS, ":method").unwrap_or_default();
-        let path = host.header(REQUEST_HEADERS, ":path").unwrap_or_default();
-        self.api = ClientApi::of_path(&path);
-        let content_type = host.header(REQUEST_HEADERS, "content-type");
-        let content_length = host.header(REQUEST_HEADERS, "content-length");
-        // More host calls only where keys are configured and the caller must present one.
+        let method = header(":method").unwrap_or_default();
+        let path = header(":path").unwrap_or_default();
+        self.api = ClientApi::of_path(path);
+        let content_type = header("content-type");
+        let content_length = header("content-length");
         let (authorization, api_key) = if self.router.client_keys().required() && on_behalf_of.is_none() {
-            let authorization = host.header(REQUEST_HEADERS, "authorization");
-            // Azure OpenAI's SDKs send `api-key`; Anthropic's `x-api-key`, asked for only when neither came.
-            let api_key = host.header(REQUEST_HEADERS, "api-key");
-            let api_key = match (&authorization, api_key) {
-                (None, None) => host.header(REQUEST_HEADERS, "x-api-key"),
+            // Azure OpenAI's SDKs send `api-key`; Anthropic's `x-api-key`, taken only when neither came.
+            let authorization = header("authorization");
+            let api_key = match (authorization, header("api-key")) {
+                (None, None) => header("x-api-key"),
                 (_, api_key) => api_key,
             };
             (authorization, api_key)
@@ -293,13 +298,13 @@ impl Flow {
             (None, None)
         };
         let head = RequestHead {
-            method: &String::from_utf8_lossy(&method),
-            path: &String::from_utf8_lossy(&path),
-            content_type: content_type.as_deref(),
-            content_length: content_length.as_deref(),
+            method: &String::from_utf8_lossy(method),
+            path: &String::from_utf8_lossy(path),
+            content_type,
+            content_length,
             end_of_stream,
-            presented: Presented { authorization: authorization.as_deref(), api_key: api_key.as_deref() },
-            on_behalf_of: on_behalf_of.as_deref(),
+            presented: Presented { authorization, api_key },
+            on_behalf_of,
         };
         match request::on_request_headers(&self.router, head) {
             HeadersVerdict::PassThrough => Action::Continue,
@@ -317,8 +322,8 @@ impl Flow {
                 self.endpoint = endpoint;
                 self.phase = Phase::ReadingBody { caller, endpoint, buffered: 0 };
                 if self.router.idempotency().is_some() && head.method == "POST" {
-                    if let Some(key) = host.header(REQUEST_HEADERS, IDEMPOTENCY_KEY_HEADER) {
-                        match gate::idempotency_key(&key) {
+                    if let Some(key) = header(IDEMPOTENCY_KEY_HEADER) {
+                        match gate::idempotency_key(key) {
                             Ok(key) => self.idempotency_key = Some(key),
                             Err(error) => return self.refuse_unread(host, &error.into()),
                         }
@@ -515,13 +520,13 @@ impl Flow {
             if let Phase::Forwarded(Forwarded { answer, gated, .. }) = &mut self.phase {
                 let keep = gated.as_mut().and_then(|gated| gated.keep.as_mut());
                 let keeps = keep.as_ref().is_some_and(|keep| keep.wants_bytes());
-                // The body is read only where usage is counted or the answer kept; every piece is timed.
+                // The body is read only where usage is counted or the answer kept, and only a piece read is timed.
                 let piece = if answer.reads_body() || keeps {
                     host.body(BufferType::HttpResponseBody, body_size)
                 } else {
                     Vec::new()
                 };
-                let changed = answer.on_piece(host.now_us(), &piece, end_of_stream);
+                let changed = answer.on_piece(|| host.now_us(), &piece, end_of_stream);
                 if let Some(changed) = &changed {
                     host.replace_body(BufferType::HttpResponseBody, body_size, changed);
                 }
@@ -1039,7 +1044,7 @@ impl Flow {
         if let Some(chain) = &routing.chain {
             host.set_header(REQUEST_HEADERS, headers::CHAIN, chain);
         }
-        if !routing.forwards_client_key {
+        if !routing.forwards_client_key && self.presents_key {
             for name in headers::CLIENT_KEYS {
                 host.remove_header(REQUEST_HEADERS, name);
             }
@@ -1077,8 +1082,10 @@ impl Flow {
             host.set_header(REQUEST_HEADERS, headers::INTERNAL_TOKEN, token);
         }
         // The service knows the caller by name; the key itself goes no further.
-        for name in headers::CLIENT_KEYS {
-            host.remove_header(REQUEST_HEADERS, name);
+        if self.presents_key {
+            for name in headers::CLIENT_KEYS {
+                host.remove_header(REQUEST_HEADERS, name);
+            }
         }
         self.phase = Phase::Service;
         Action::Continue
@@ -1117,12 +1124,17 @@ fn key_name(caller: &Caller) -> &str {
 
 /// The key a request names in [`headers::ON_BEHALF_OF`], if it also presents
 /// the internal `token`: the batch runner's request for one of its batch's lines.
-fn on_behalf_of<H: Host>(host: &H, token: &str) -> Option<Vec<u8>> {
-    let presented = host.header(REQUEST_HEADERS, headers::INTERNAL_TOKEN)?;
-    if !is_internal_token(token, &presented) {
+fn on_behalf_of<'a>(header: &impl Fn(&str) -> Option<&'a [u8]>, token: &str) -> Option<&'a [u8]> {
+    let presented = header(headers::INTERNAL_TOKEN)?;
+    if !is_internal_token(token, presented) {
         return None;
     }
-    host.header(REQUEST_HEADERS, headers::ON_BEHALF_OF)
+    header(headers::ON_BEHALF_OF)
+}
+
+/// A header's first value, as Envoy's own lookup of one header gives it.
+fn find_header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_slice())
 }
 
 /// Why Envoy answered as it did: `via_upstream` for a backend's answer, or

@@ -41,6 +41,9 @@ pub trait Host {
 
     fn header(&self, map: MapType, name: &str) -> Option<Vec<u8>>;
 
+    /// Every header of a map, in one host call: cheaper in Envoy than a call per header wanted.
+    fn headers(&self, map: MapType) -> Vec<(String, Vec<u8>)>;
+
     fn set_header(&self, map: MapType, name: &str, value: &str);
 
     fn remove_header(&self, map: MapType, name: &str);
@@ -131,6 +134,14 @@ impl Host for Envoy {
         hostcalls::get_map_value_bytes(map, name).unwrap_or_else(|s| {
             log_failure("reading a header", s);
             None
+        })
+    }
+
+    fn headers(&self, map: MapType) -> Vec<(String, Vec<u8>)> {
+        // The SDK panics on a status other than Ok; Envoy answers Ok for a map it holds.
+        hostcalls::get_map_bytes(map).unwrap_or_else(|s| {
+            log_failure("reading headers", s);
+            Vec::new()
         })
     }
 

@@ -176,6 +176,11 @@ impl Host for MockHost {
         self.value(map, name).map(String::into_bytes)
     }
 
+    fn headers(&self, map: MapType) -> Vec<(String, Vec<u8>)> {
+        self.record(format!("get {} headers", map_name(map)));
+        self.with_headers(map, |headers| headers.iter().map(|(n, v)| (n.clone(), v.clone().into_bytes())).collect())
+    }
+
     fn set_header(&self, map: MapType, name: &str, value: &str) {
         self.record(format!("set {} {name}: {value}", map_name(map)));
         self.with_headers(map, |headers| {

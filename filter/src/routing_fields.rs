@@ -168,23 +168,65 @@ impl<'de> Visitor<'de> for FieldsVisitor {
             max_output_tokens: None,
             prompt: None,
         };
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                "model" => fields.model = Some(map.next_value::<Value>()?),
-                "stream" => fields.stream = Some(map.next_value::<Value>()?),
-                "stream_options" => fields.stream_options = Some(map.next_value::<&'de RawValue>()?),
-                "max_completion_tokens" => fields.max_completion_tokens = Some(map.next_value::<Value>()?),
-                "max_tokens" => fields.max_tokens = Some(map.next_value::<Value>()?),
-                "max_output_tokens" => fields.max_output_tokens = Some(map.next_value::<Value>()?),
-                "messages" => fields.prompt = Some((Prompt::Messages, map.next_value::<&'de RawValue>()?)),
-                "prompt" => fields.prompt = Some((Prompt::Text, map.next_value::<&'de RawValue>()?)),
-                "input" => fields.prompt = Some((Prompt::Input, map.next_value::<&'de RawValue>()?)),
-                _ => {
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Model => fields.model = Some(map.next_value::<Value>()?),
+                Key::Stream => fields.stream = Some(map.next_value::<Value>()?),
+                Key::StreamOptions => fields.stream_options = Some(map.next_value::<&'de RawValue>()?),
+                Key::MaxCompletionTokens => fields.max_completion_tokens = Some(map.next_value::<Value>()?),
+                Key::MaxTokens => fields.max_tokens = Some(map.next_value::<Value>()?),
+                Key::MaxOutputTokens => fields.max_output_tokens = Some(map.next_value::<Value>()?),
+                Key::Prompt(prompt) => fields.prompt = Some((prompt, map.next_value::<&'de RawValue>()?)),
+                Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
         Ok(fields)
+    }
+}
+
+/// A member's name, told apart as it is read: no name is copied out of the body.
+enum Key {
+    Model,
+    Stream,
+    StreamOptions,
+    MaxCompletionTokens,
+    MaxTokens,
+    MaxOutputTokens,
+    Prompt(Prompt),
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member's name")
+    }
+
+    /// Called for every name, escaped or not: an escaped one is given unescaped.
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Key, E> {
+        Ok(match name {
+            "model" => Key::Model,
+            "stream" => Key::Stream,
+            "stream_options" => Key::StreamOptions,
+            "max_completion_tokens" => Key::MaxCompletionTokens,
+            "max_tokens" => Key::MaxTokens,
+            "max_output_tokens" => Key::MaxOutputTokens,
+            "messages" => Key::Prompt(Prompt::Messages),
+            "prompt" => Key::Prompt(Prompt::Text),
+            "input" => Key::Prompt(Prompt::Input),
+            _ => Key::Other,
+        })
     }
 }
 
@@ -207,6 +249,7 @@ mod tests {
         let body = r#"{"messages":[{"role":"user","content":"hi \"model\": x"}],"model":"llama-3","stream":true}"#;
         assert_eq!(read_model(body.as_bytes()).unwrap(), "llama-3");
         assert_eq!(read_model(br#"{"model":"a\u00e9\"b"}"#).unwrap(), "a\u{e9}\"b");
+        assert_eq!(read_model(br#"{"mod\u0065l":"m"}"#).unwrap(), "m", "a name is read as a backend reads it");
     }
 
     #[test]

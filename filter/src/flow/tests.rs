@@ -136,18 +136,9 @@ fn upstream(host: &MockHost) -> Option<(String, Value)> {
     Some((cluster, serde_json::from_slice(&host.state.borrow().request_body).unwrap()))
 }
 
-fn removed_internal_headers() -> Vec<String> {
-    headers::INTERNAL.iter().map(|name| format!("remove request {name}")).collect()
-}
-
-/// The host calls a request's headers take, for a request with an id and without keys.
+/// The host calls a request's headers take, for a request with an id and without internal headers.
 fn request_headers_calls() -> Vec<String> {
-    let mut calls = vec!["now".to_string()];
-    calls.extend(removed_internal_headers());
-    calls.extend(
-        ["x-request-id", ":method", ":path", "content-type", "content-length"].map(|h| format!("get request {h}")),
-    );
-    calls
+    vec!["now".to_string(), "get request headers".to_string()]
 }
 
 #[test]
@@ -175,16 +166,15 @@ fn a_model_routed_request_to_an_openai_backend_costs_these_host_calls() {
     assert_eq!(flow.on_request_body(&host, 10, false), Action::Pause);
     host.state.borrow_mut().request_body = CHAT.to_vec();
     assert_eq!(flow.on_request_body(&host, CHAT.len(), true), Action::Continue);
-    let mut routed = vec!["get request body".to_string(), format!("set request {}: cluster_a", headers::CLUSTER)];
-    routed.extend(headers::CLIENT_KEYS.iter().map(|name| format!("remove request {name}")));
-    assert_eq!(host.take_calls(), routed);
+    let routed = vec!["get request body".to_string(), format!("set request {}: cluster_a", headers::CLUSTER)];
+    assert_eq!(host.take_calls(), routed, "no client key came: none is dropped");
     assert_eq!(upstream(&host), Some(("cluster_a".into(), serde_json::from_slice(CHAT).unwrap())));
 
     let seen = answer(&host, &mut flow, 200, &[], &[b"{\"id\":", b"\"x\"}"]);
     assert_eq!(
         host.take_calls(),
-        ["now", "set response openai-processing-ms: 0", "get response :status", "now", "now"],
-        "without accounting or token limits the answer is only timed, never read"
+        ["now", "set response openai-processing-ms: 0", "get response :status"],
+        "without accounting or token limits the answer is neither read nor timed piece by piece"
     );
     assert_eq!((seen.status, seen.body.as_slice()), (200, &b"{\"id\":\"x\"}"[..]));
 }
@@ -470,12 +460,12 @@ fn an_upload_streams_to_the_batch_service_unbuffered_with_its_owner_and_the_toke
     let spoofed = [(headers::OWNER, "someone-else"), (headers::CLUSTER, "elsewhere")];
     host.set_request(&files_upload(&[("authorization", "Bearer sk-team"), spoofed[0], spoofed[1]]), b"");
     assert_eq!(flow.on_request_headers(&host, false), Action::Continue, "headers go on at once");
-    let mut calls = vec!["now".to_string(), format!("get request {}", headers::INTERNAL_TOKEN)];
-    calls.extend(removed_internal_headers());
-    calls.extend(
-        ["x-request-id", ":method", ":path", "content-type", "content-length", "authorization", "api-key"]
-            .map(|h| format!("get request {h}")),
-    );
+    let mut calls = vec![
+        "now".to_string(),
+        "get request headers".to_string(),
+        format!("remove request {}", headers::CLUSTER),
+        format!("remove request {}", headers::OWNER),
+    ];
     calls.extend([
         format!("set request {}: modelgate_admin", headers::CLUSTER),
         format!("set request {}: team", headers::OWNER),
@@ -552,11 +542,7 @@ fn without_the_right_token_the_internal_headers_are_dropped_and_the_key_authenti
     assert_eq!((seen.status, seen.error().1.as_str()), (401, "invalid_api_key"), "no key was presented");
 
     let mut flow = worker.new_flow();
-    host.take_calls();
     send(&host, &mut flow, &chat_headers(&[forged[0], forged[1], ("authorization", "Bearer sk-team")]), CHAT);
-    let calls = host.take_calls();
-    assert!(!calls.contains(&format!("get request {}", headers::ON_BEHALF_OF)), "read only with the right token");
-    assert!(calls.contains(&"get request authorization".to_string()));
     assert_eq!(
         (host.request_header(headers::INTERNAL_TOKEN), host.request_header(headers::ON_BEHALF_OF)),
         (None, None)
@@ -573,8 +559,6 @@ fn on_behalf_of_a_key_its_limits_apply_and_its_records_say_batch() {
     let (host, mut worker, mut flow) = batch_gateway();
     let runner = [(headers::INTERNAL_TOKEN, "tok-1"), (headers::ON_BEHALF_OF, "team")];
     assert_eq!(send(&host, &mut flow, &chat_headers(&runner), CHAT), Action::Continue);
-    let calls = host.take_calls();
-    assert!(!calls.contains(&"get request authorization".to_string()), "the runner holds no client key");
     assert_eq!(upstream(&host).map(|(cluster, _)| cluster), Some("cluster_a".into()));
     assert_eq!(
         (host.request_header(headers::ON_BEHALF_OF), host.request_header(headers::INTERNAL_TOKEN)),

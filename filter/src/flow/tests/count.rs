@@ -70,6 +70,11 @@ impl Host for Quiet {
         headers.iter().find(|(n, _)| n == name).map(|(_, value)| value.as_bytes().to_vec())
     }
 
+    fn headers(&self, map: MapType) -> Vec<(String, Vec<u8>)> {
+        self.call();
+        self.headers(map).borrow().iter().map(|(n, v)| (n.clone(), v.as_bytes().to_vec())).collect()
+    }
+
     fn set_header(&self, map: MapType, name: &str, value: &str) {
         self.call();
         let mut headers = self.headers(map).borrow_mut();
