@@ -137,9 +137,8 @@ const MAX_EXACT: u64 = 1 << 53;
 
 #[derive(Debug)]
 pub enum LimitStoreError {
-    /// No answer within the configured time.
-    Timeout,
-    Redis(redis::RedisError),
+    /// No answer in time, or Redis's error.
+    Call(CallError),
     /// An answer of another shape than the script's.
     Reply(String),
 }
@@ -147,8 +146,7 @@ pub enum LimitStoreError {
 impl std::fmt::Display for LimitStoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LimitStoreError::Timeout => write!(f, "no answer from Redis in time"),
-            LimitStoreError::Redis(e) => write!(f, "Redis: {e}"),
+            LimitStoreError::Call(e) => e.fmt(f),
             LimitStoreError::Reply(e) => write!(f, "unexpected reply from Redis: {e}"),
         }
     }
@@ -158,10 +156,7 @@ impl std::error::Error for LimitStoreError {}
 
 impl From<CallError> for LimitStoreError {
     fn from(e: CallError) -> Self {
-        match e {
-            CallError::Timeout => LimitStoreError::Timeout,
-            CallError::Redis(e) => LimitStoreError::Redis(e),
-        }
+        LimitStoreError::Call(e)
     }
 }
 

@@ -51,16 +51,14 @@ pub enum Outcome {
 #[derive(Debug)]
 pub enum StoreError {
     Disk(io::Error),
-    Timeout,
-    Redis(redis::RedisError),
+    Redis(CallError),
 }
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreError::Disk(e) => write!(f, "usage log: {e}"),
-            StoreError::Timeout => write!(f, "no answer from Redis in time"),
-            StoreError::Redis(e) => write!(f, "Redis: {e}"),
+            StoreError::Redis(e) => e.fmt(f),
         }
     }
 }
@@ -69,10 +67,7 @@ impl std::error::Error for StoreError {}
 
 impl From<CallError> for StoreError {
     fn from(e: CallError) -> Self {
-        match e {
-            CallError::Timeout => StoreError::Timeout,
-            CallError::Redis(e) => StoreError::Redis(e),
-        }
+        StoreError::Redis(e)
     }
 }
 
