@@ -44,7 +44,8 @@ k8s: $(VENV)/.requirements
 	cd tests/kubernetes && ../../$(VPY) -m pytest -q
 
 # The simulator's own tests first: the gateway's are only as good as the backends they simulate.
-e2e: setup build
+# The floors too: the short benchmark, run as a test so that it cannot rot, measures them.
+e2e: setup build floors
 	cd tests/simulator/tests && ../../../$(VPY) -m pytest -q
 	cd tests/e2e && ../../$(VPY) -m pytest -q
 
