@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack, free_port,  # noqa: E402
                       http_connection_manager, render_config)
-from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, RENAMED, TRANSLATED, PROMPT, floor_ports, gateway,  # noqa: E402
+from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, POOLED, RENAMED, TRANSLATED, PROMPT, floor_ports, gateway,  # noqa: E402
                  start_continue_ext_proc, with_cached_model, without_accounting)
 import yaml  # noqa: E402
 
@@ -81,7 +81,7 @@ def variants() -> list[Variant]:
         *floors,
         Variant("unaccounted", DEMO_CONFIG, gateway(without_accounting), [Route("unaccounted", MODEL)]),
         Variant("gateway", DEMO_CONFIG, gateway(), [
-            Route("passthrough", MODEL), Route("ext_proc", RENAMED),
+            Route("passthrough", MODEL), Route("rename", RENAMED), Route("pool", POOLED),
             Route("anthropic", TRANSLATED["anthropic"])]),
         Variant("cached", DEMO_CONFIG, gateway(with_cached_model), [cached]),
     ]

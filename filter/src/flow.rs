@@ -1027,8 +1027,8 @@ impl Flow {
             // A compressed answer's usage could not be read, nor its usage chunk removed, nor the answer kept.
             host.remove_header(REQUEST_HEADERS, "accept-encoding");
         }
-        if let Some(edit) = &routing.body_edit {
-            let edited = edit.apply(body);
+        if !routing.body_edits.is_empty() {
+            let edited = request::edited(body, &routing.body_edits);
             host.replace_body(BufferType::HttpRequestBody, body.len(), &edited);
             host.set_header(REQUEST_HEADERS, "content-length", &edited.len().to_string());
         }

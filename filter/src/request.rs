@@ -103,8 +103,9 @@ pub struct Routing {
     /// A stream whose usage the gateway asked for though the client did not:
     /// the usage chunk is removed from the answer.
     pub usage_unasked: bool,
-    /// How the request body changes: the gateway asks for a stream's usage.
-    pub body_edit: Option<BodyEdit>,
+    /// How the request body changes, in the order they lie: the model renamed
+    /// for its backend, and the gateway asking for a stream's usage.
+    pub body_edits: Vec<BodyEdit>,
     /// The cluster the route sends the request to.
     pub cluster: String,
     /// The backend's profile for ext-proc, when its requests need rewriting.
@@ -164,13 +165,18 @@ pub struct BodyEdit {
     pub with: Vec<u8>,
 }
 
-impl BodyEdit {
-    /// `body` with the edit made.
-    pub fn apply(&self, body: &[u8]) -> Vec<u8> {
-        let kept = body.get(..self.at).unwrap_or(body);
-        let rest = body.get(self.at + self.len..).unwrap_or_default();
-        [kept, &self.with, rest].concat()
+/// `body` with `edits` made: each replaces bytes of the original body, and
+/// they lie in order without overlapping.
+pub fn edited(body: &[u8], edits: &[BodyEdit]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + edits.iter().map(|edit| edit.with.len()).sum::<usize>());
+    let mut from = 0;
+    for edit in edits {
+        out.extend_from_slice(body.get(from..edit.at).unwrap_or_default());
+        out.extend_from_slice(&edit.with);
+        from = edit.at + edit.len;
     }
+    out.extend_from_slice(body.get(from..).unwrap_or_default());
+    out
 }
 
 /// Asks the backend for a stream's usage chunk (`stream_options.include_usage`),
@@ -333,6 +339,16 @@ pub fn on_request_body(
         .filter(|_| may_use(caller, &fields.model))
         .ok_or_else(|| GatewayError::model_not_found(&fields.model))?;
     let translated = target.passage(endpoint) != Passage::Native;
+    // Where ext_proc translates, it renames too; a body naming `model` twice is its to collapse.
+    let rename = target.rename.as_ref().filter(|_| !translated).zip(fields.model_at.clone());
+    let mut body_edits: Vec<BodyEdit> = rename
+        .iter()
+        .map(|(name, at)| BodyEdit { at: at.start, len: at.len(), with: name.as_bytes().to_vec() })
+        .collect();
+    if usage_unasked {
+        body_edits.extend(ask_for_usage(body, &fields));
+        body_edits.sort_by_key(|edit| edit.at);
+    }
     // A chain goes to the stream guard whole or streamed; the chain names each backend's cluster.
     let (cluster, stream_cluster) =
         match router.stream_guard_cluster().filter(|_| fields.stream && target.chain.is_none()) {
@@ -346,9 +362,9 @@ pub fn on_request_body(
         price: target.price,
         stream: fields.stream,
         usage_unasked,
-        body_edit: if usage_unasked { ask_for_usage(body, &fields) } else { None },
+        body_edits,
         cluster,
-        profile: target.profile.clone(),
+        profile: if rename.is_some() { None } else { target.profile.clone() },
         forwards_client_key: target.forwards_client_key,
         picked: target.pool.is_some(),
         stream_cluster,
@@ -557,7 +573,7 @@ mod tests {
                 price: None,
                 stream: false,
                 usage_unasked: false,
-                body_edit: None,
+                body_edits: Vec::new(),
                 cluster: "cluster_a".into(),
                 profile: None,
                 forwards_client_key: false,
@@ -578,9 +594,9 @@ mod tests {
                 price: None,
                 stream: true,
                 usage_unasked: false,
-                body_edit: None,
+                body_edits: vec![BodyEdit { at: 9, len: 13, with: br#""qwen-7b""#.to_vec() }],
                 cluster: "cluster_b".into(),
-                profile: Some(r#"{"model":"qwen-7b"}"#.into()),
+                profile: None,
                 forwards_client_key: false,
                 picked: false,
                 stream_cluster: None,
@@ -610,7 +626,7 @@ mod tests {
     fn streams_go_through_the_stream_guard_when_one_is_configured() {
         let r = Router::from_json(
             br#"{"stream_guard_cluster": "guard",
-                "backends": {"a": {"cluster": "cluster_a"}},
+                "backends": {"a": {"cluster": "cluster_a", "api_key": {"env": "K"}}},
                 "models": [{"match": "m", "backend": "a", "rename": "n"}]}"#,
         )
         .unwrap();
@@ -623,9 +639,9 @@ mod tests {
                 price: None,
                 stream: true,
                 usage_unasked: false,
-                body_edit: None,
+                body_edits: Vec::new(),
                 cluster: "guard".into(),
-                profile: Some(r#"{"model":"n"}"#.into()),
+                profile: Some(r#"{"model":"n","api_key":{"env":"K"}}"#.into()),
                 forwards_client_key: false,
                 picked: false,
                 stream_cluster: Some("cluster_a".into()),
@@ -648,9 +664,9 @@ mod tests {
                 price: None,
                 stream: false,
                 usage_unasked: false,
-                body_edit: None,
+                body_edits: Vec::new(),
                 cluster: "cluster_a".into(),
-                profile: Some(r#"{"model":"n"}"#.into()),
+                profile: Some(r#"{"model":"n","api_key":{"env":"K"}}"#.into()),
                 forwards_client_key: false,
                 picked: false,
                 stream_cluster: None,
@@ -669,8 +685,8 @@ mod tests {
         )
         .unwrap();
         let routing = on_request_body(&r, body.as_bytes(), None, Endpoint::ChatCompletions).unwrap();
-        let sent = routing.body_edit.as_ref().map_or(body.as_bytes().to_vec(), |edit| edit.apply(body.as_bytes()));
-        assert_eq!(routing.usage_unasked, routing.body_edit.is_some());
+        let sent = edited(body.as_bytes(), &routing.body_edits);
+        assert_eq!(routing.usage_unasked, !routing.body_edits.is_empty());
         // Changed in place: a strict decoder sees no member twice.
         let text = String::from_utf8(sent.clone()).unwrap();
         assert!(text.matches("stream_options").count() <= 1, "{text}");
@@ -693,7 +709,74 @@ mod tests {
         let routing =
             on_request_body(&router(), br#"{"model":"llama-3","stream":true}"#, None, Endpoint::ChatCompletions)
                 .unwrap();
-        assert_eq!((routing.usage_unasked, routing.body_edit), (false, None));
+        assert_eq!((routing.usage_unasked, routing.body_edits), (false, Vec::new()));
+    }
+
+    /// A router whose model `m` is renamed `n` on an OpenAI backend, with accounting on.
+    fn renaming(backend: &str) -> Router {
+        let config = format!(
+            r#"{{"accounting": {{"cluster": "admin"}}, "backends": {{"a": {backend}}},
+                "models": [{{"match": "m", "backend": "a", "rename": "n \"2\""}}]}}"#
+        );
+        Router::from_json(config.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_rename_alone_is_made_by_the_filter_without_ext_proc() {
+        let r = renaming(r#"{"cluster": "c"}"#);
+        let client = r#"{"stream_options":{"x":1},"model" : "m","stream":true,"model_note":"m"}"#;
+        let routing = on_request_body(&r, client.as_bytes(), None, Endpoint::ChatCompletions).unwrap();
+        assert_eq!((routing.profile.as_deref(), routing.profile_headers()), (None, Vec::new()));
+        assert_eq!(
+            String::from_utf8(edited(client.as_bytes(), &routing.body_edits)).unwrap(),
+            r#"{"stream_options":{"include_usage":true,"x":1},"model" : "n \"2\"","stream":true,"model_note":"m"}"#
+        );
+        let whole = on_request_body(&r, br#"{"model":"m"}"#, None, Endpoint::ChatCompletions).unwrap();
+        assert_eq!(edited(br#"{"model":"m"}"#, &whole.body_edits), br#"{"model":"n \"2\""}"#);
+    }
+
+    #[test]
+    fn ext_proc_renames_where_it_translates_or_must_collapse_a_repeated_model() {
+        let r = renaming(r#"{"cluster": "c"}"#);
+        let translated = on_request_body(&r, br#"{"model":"m","input":"hi"}"#, None, Endpoint::Responses).unwrap();
+        assert!(translated.translated);
+        assert_eq!(translated.profile.as_deref(), Some(r#"{"model":"n \"2\""}"#));
+        assert_eq!(translated.body_edits, Vec::new());
+        let twice = on_request_body(&r, br#"{"model":"x","model":"m"}"#, None, Endpoint::ChatCompletions).unwrap();
+        assert_eq!((twice.profile.as_deref(), twice.body_edits), (Some(r#"{"model":"n \"2\""}"#), Vec::new()));
+        let keyed = renaming(r#"{"cluster": "c", "api_key": {"env": "K"}}"#);
+        let routing = on_request_body(&keyed, br#"{"model":"m"}"#, None, Endpoint::ChatCompletions).unwrap();
+        assert_eq!(routing.profile.as_deref(), Some(r#"{"model":"n \"2\"","api_key":{"env":"K"}}"#));
+        assert_eq!(routing.body_edits, Vec::new());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_renamed_body_keeps_every_other_member(
+            before in proptest::collection::btree_map("[a-z_]{1,8}", "[ -~]{0,12}", 0..4),
+            after in proptest::collection::btree_map("[A-Z]{1,8}", 0u32..100, 0..4),
+            stream in proptest::bool::ANY,
+        ) {
+            let r = renaming(r#"{"cluster": "c"}"#);
+            let mut client = serde_json::Map::new();
+            for (key, value) in &before {
+                client.insert(key.clone(), Value::from(value.as_str()));
+            }
+            client.insert("model".into(), Value::from("m"));
+            client.insert("stream".into(), Value::from(stream));
+            for (key, value) in &after {
+                client.insert(key.clone(), Value::from(*value));
+            }
+            let body = serde_json::to_vec(&client).unwrap();
+            let routing = on_request_body(&r, &body, None, Endpoint::ChatCompletions).unwrap();
+            let sent: serde_json::Map<String, Value> = serde_json::from_slice(&edited(&body, &routing.body_edits)).unwrap();
+            let mut expected = client.clone();
+            expected.insert("model".into(), Value::from("n \"2\""));
+            if stream {
+                expected.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+            }
+            proptest::prop_assert_eq!(sent, expected);
+        }
     }
 
     #[test]

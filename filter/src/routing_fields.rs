@@ -23,6 +23,10 @@ use std::ops::Range;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingFields {
     pub model: String,
+    /// Where the value of `model` lies in the body, when the body names it
+    /// once (a rename replaces it there; a body naming it twice is left to
+    /// ext-proc, which keeps one).
+    pub model_at: Option<Range<usize>>,
     /// `"stream": true`; absent, null and false are all a single answer.
     pub stream: bool,
     /// `stream_options` as sent, when it is an object.
@@ -84,6 +88,7 @@ pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
     let max_tokens = |value: Option<Value>| value.and_then(|v| v.as_u64());
     Ok(RoutingFields {
         model: model(found.model)?,
+        model_at: found.model.filter(|_| found.models == 1).map(span),
         stream: stream(found.stream)?,
         stream_options,
         stream_options_at: found.stream_options.map(span),
@@ -102,40 +107,49 @@ enum Prompt {
     Input,
 }
 
-fn model(value: Option<Value>) -> Result<String, GatewayError> {
-    match value {
-        None | Some(Value::Null) => Err(GatewayError::missing_required_parameter("model")),
-        Some(Value::String(model)) if model.is_empty() => Err(GatewayError::empty_string("model")),
-        Some(Value::String(model)) => Ok(model),
-        Some(other) => Err(GatewayError::invalid_type("model", "a string", Some(json_type_name(&other)))),
+fn model(value: Option<&RawValue>) -> Result<String, GatewayError> {
+    let invalid = |got| GatewayError::invalid_type("model", "a string", Some(got));
+    match value.map(RawValue::get) {
+        None | Some("null") => Err(GatewayError::missing_required_parameter("model")),
+        Some(raw) if raw.starts_with('"') => match serde_json::from_str::<String>(raw) {
+            Ok(model) if model.is_empty() => Err(GatewayError::empty_string("model")),
+            Ok(model) => Ok(model),
+            // A string the parser already read whole always reads again.
+            Err(_) => Err(invalid("a string")),
+        },
+        Some(raw) => Err(invalid(raw_type_name(raw))),
     }
 }
 
-fn stream(value: Option<Value>) -> Result<bool, GatewayError> {
-    match value {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(stream)) => Ok(stream),
-        Some(other) => Err(GatewayError::invalid_type("stream", "a boolean", Some(json_type_name(&other)))),
+/// The type of a JSON value the parser has checked, from its text: a value
+/// nested too deep to build is still named.
+fn raw_type_name(raw: &str) -> &'static str {
+    match raw.as_bytes().first() {
+        Some(b't' | b'f') => "a boolean",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        Some(b'"') => "a string",
+        Some(b'n') => "null",
+        _ if raw.parse::<i64>().is_ok() || raw.parse::<u64>().is_ok() => "an integer",
+        _ => "a decimal",
     }
 }
 
-fn json_type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(n) if n.is_f64() => "a decimal",
-        Value::Number(_) => "an integer",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+fn stream(value: Option<&RawValue>) -> Result<bool, GatewayError> {
+    match value.map(RawValue::get) {
+        None | Some("null" | "false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(GatewayError::invalid_type("stream", "a boolean", Some(raw_type_name(other)))),
     }
 }
 
 /// The values of `model`, `stream` and `stream_options` in a JSON object;
 /// anything but an object is a data error.
 struct Fields<'de> {
-    model: Option<Value>,
-    stream: Option<Value>,
+    model: Option<&'de RawValue>,
+    /// How many times the object names `model`.
+    models: usize,
+    stream: Option<&'de RawValue>,
     stream_options: Option<&'de RawValue>,
     max_completion_tokens: Option<Value>,
     max_tokens: Option<Value>,
@@ -161,6 +175,7 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
         let mut fields = Fields {
             model: None,
+            models: 0,
             stream: None,
             stream_options: None,
             max_completion_tokens: None,
@@ -170,8 +185,11 @@ impl<'de> Visitor<'de> for FieldsVisitor {
         };
         while let Some(key) = map.next_key::<Key>()? {
             match key {
-                Key::Model => fields.model = Some(map.next_value::<Value>()?),
-                Key::Stream => fields.stream = Some(map.next_value::<Value>()?),
+                Key::Model => {
+                    fields.model = Some(map.next_value::<&'de RawValue>()?);
+                    fields.models += 1;
+                }
+                Key::Stream => fields.stream = Some(map.next_value::<&'de RawValue>()?),
                 Key::StreamOptions => fields.stream_options = Some(map.next_value::<&'de RawValue>()?),
                 Key::MaxCompletionTokens => fields.max_completion_tokens = Some(map.next_value::<Value>()?),
                 Key::MaxTokens => fields.max_tokens = Some(map.next_value::<Value>()?),
@@ -316,6 +334,14 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_found_in_place_only_when_named_once() {
+        let body = br#"{"messages":[],"model" : "a\"b","n":1}"#;
+        let at = read_routing_fields(body).unwrap().model_at.unwrap();
+        assert_eq!(&body[at], br#""a\"b""#);
+        assert_eq!(read_routing_fields(br#"{"model":"a","model":"b"}"#).unwrap().model_at, None);
+    }
+
+    #[test]
     fn malformed_bodies_get_400_without_param() {
         for body in ["", "not json", "{\"model\":\"a\"", "{\"model\":\"a\"} trailing", "[\"model\"]", "\"model\"", "42"]
         {
@@ -360,7 +386,7 @@ mod tests {
         let deep_elsewhere = format!("{{\"model\":\"m\",\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(read_model(deep_elsewhere.as_bytes()).unwrap(), "m");
         let deep_model = format!("{{\"model\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
-        assert_eq!(err(&deep_model).status, 400);
+        assert!(err(&deep_model).message.contains("got an array"));
         for body in [&b"{\"model\":\"\xff\xfe\"}"[..], b"{\"x\":\"\xc3\x28\",\"model\":\"m\"}"] {
             let e = read_routing_fields(body).unwrap_err();
             assert_eq!(e.status, 400);
@@ -394,7 +420,10 @@ mod tests {
         #[test]
         fn any_string_model_round_trips(model in "\\PC{1,64}") {
             let body = serde_json::to_vec(&serde_json::json!({"model": model, "x": [1, {"y": null}]})).unwrap();
-            prop_assert_eq!(read_model(&body).unwrap(), model);
+            let fields = read_routing_fields(&body).unwrap();
+            let at = fields.model_at.unwrap();
+            prop_assert_eq!(serde_json::from_slice::<String>(&body[at]).unwrap(), model.clone());
+            prop_assert_eq!(fields.model, model);
         }
     }
 }

@@ -72,6 +72,13 @@ impl BackendProfile {
             && self.pool.is_none()
     }
 
+    /// The model name the backend expects, when renaming is all its requests
+    /// need: the filter then renames them itself, without ext_proc.
+    pub fn rename_only(&self) -> Option<&str> {
+        let renamed = BackendProfile { model: None, ..self.clone() };
+        self.model.as_deref().filter(|_| renamed.is_passthrough())
+    }
+
     /// The profile as the value of the internal header.
     pub fn to_header(&self) -> String {
         // A struct of strings and JSON values always serialises.
@@ -114,6 +121,23 @@ mod tests {
         assert!(BackendProfile { api_key: Some(ApiKey::Passthrough), ..Default::default() }.is_passthrough());
         assert!(!BackendProfile { dialect: Dialect::Ollama, ..Default::default() }.is_passthrough());
         assert!(!BackendProfile { api_key: Some(ApiKey::File("/k".into())), ..Default::default() }.is_passthrough());
+    }
+
+    #[test]
+    fn only_a_rename_of_a_plain_openai_backend_is_left_to_the_filter() {
+        let rename = BackendProfile { model: Some("m".into()), ..Default::default() };
+        assert_eq!(rename.rename_only(), Some("m"));
+        let passthrough_key = BackendProfile { api_key: Some(ApiKey::Passthrough), ..rename.clone() };
+        assert_eq!(passthrough_key.rename_only(), Some("m"));
+        assert_eq!(BackendProfile::default().rename_only(), None);
+        for more in [
+            BackendProfile { api_key: Some(ApiKey::Env("K".into())), ..rename.clone() },
+            BackendProfile { dialect: Dialect::Anthropic, ..rename.clone() },
+            BackendProfile { pool: Some("p".into()), ..rename.clone() },
+            BackendProfile { defaults: json!({"n": 1}).as_object().cloned().unwrap(), ..rename.clone() },
+        ] {
+            assert_eq!(more.rename_only(), None, "{more:?}");
+        }
     }
 
     #[test]

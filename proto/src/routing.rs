@@ -24,6 +24,10 @@ pub struct Target {
     /// How ext-proc must rewrite requests for this backend, as the internal
     /// header's value; `None` when they go through untouched.
     pub profile: Option<String>,
+    /// When renaming the model is all the backend's requests need: the name it
+    /// expects, as a JSON string. The filter writes it into the body itself,
+    /// without ext_proc, wherever the request passes in the backend's own API.
+    pub rename: Option<String>,
     /// The client's own API key goes on to the backend (`api_key: "passthrough"`).
     pub forwards_client_key: bool,
     pub price: Option<Price>,
@@ -271,6 +275,7 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
         cluster: backend.cluster.clone(),
         owned_by: backend.owned_by.clone().unwrap_or_else(|| route.backend.clone()),
         profile: (!profile.is_passthrough()).then(|| profile.to_header()),
+        rename: profile.rename_only().and_then(|model| serde_json::to_string(model).ok()),
         forwards_client_key: backend.api_key == Some(ApiKey::Passthrough),
         price: route.price,
         chain: None,
@@ -322,6 +327,7 @@ fn target_for(route: &ModelRouteConfig, config: &FilterConfig) -> Result<Target,
     }
     target.cluster = guard.clone();
     target.profile = None;
+    target.rename = None;
     target.serves = BackendProfile::default();
     target.chain = Some(chain.headers());
     Ok(target)
@@ -414,7 +420,10 @@ mod tests {
         )
         .unwrap();
         let target = router.resolve("m").unwrap();
-        assert_eq!((target.cluster.as_str(), target.profile.as_deref()), ("guard", None));
+        assert_eq!(
+            (target.cluster.as_str(), target.profile.as_deref(), target.rename.as_deref()),
+            ("guard", None, None)
+        );
         let headers = target.chain.as_ref().unwrap();
         assert!(Chain::from_header(headers.streamed.as_bytes()).unwrap().stream);
         let chain = Chain::from_header(headers.whole.as_bytes()).unwrap();
@@ -476,7 +485,9 @@ mod tests {
         assert_eq!(t.cluster, "cb");
         assert_eq!(t.owned_by, "team-b");
         assert_eq!(t.profile.as_deref(), Some(r#"{"model":"llama-3.1-8b"}"#));
+        assert_eq!(t.rename.as_deref(), Some(r#""llama-3.1-8b""#));
         assert_eq!(r.resolve("x").unwrap().profile, None);
+        assert_eq!(r.resolve("x").unwrap().rename, None);
     }
 
     #[test]

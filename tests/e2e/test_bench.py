@@ -18,8 +18,8 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
 
     floors = {"floor_wasm", "floor_wasm_header", "floor_ext_proc"}
     assert set(results["throughput"]) == {"direct", "bare", *floors, "unaccounted", "passthrough", "cache_hit",
-                                          "rate_limited", "ext_proc", "pool", "fallbacks", "anthropic", "ollama"}
-    assert set(results["streaming"]) == {"direct", "bare", "passthrough", "ext_proc", "anthropic", "ollama", "responses",
+                                          "rate_limited", "rename", "pool", "fallbacks", "anthropic", "ollama"}
+    assert set(results["streaming"]) == {"direct", "bare", "passthrough", "rename", "anthropic", "ollama", "responses",
                                          "messages"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
     for run in runs:
@@ -27,7 +27,7 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
         assert run["ok"] > 0, run
     # at 0.1x bare Envoy's capacity every scenario is measured; at 0.5x, those that can serve it
     assert {r["scenario"] for r in results["latency"]} == {"direct", "bare", *floors, "unaccounted", "passthrough",
-                                                           "cache_hit", "rate_limited", "ext_proc", "pool"}
+                                                           "cache_hit", "rate_limited", "rename", "pool"}
     # the cache-hit row measured hits: ext-proc and the worker's copies counted one for every request after the warm-up
     cached = results["throughput"]["cache_hit"]
     assert cached["cache_hits"] >= cached["ok"], cached
@@ -52,7 +52,7 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
         assert sum(replica["requests"] for replica in variant["replicas"].values()) == variant["ok"]
 
     report = result_file.with_suffix(".md").read_text()
-    assert "| passthrough throughput / bare Envoy |" in report
+    assert "| passthrough with accounting throughput / bare Envoy |" in report
     assert "| cache hit: CPU per request (Envoy + ext-proc) / passthrough's |" in report
     assert "| pool: combined picker's mean TTFT / round robin's |" in report
     assert result_file.with_suffix(".svg").read_text().startswith("<svg")

@@ -1,8 +1,9 @@
-"""Large requests and answers on the routes ext_proc rewrites: a request at the filter's
+"""Large requests and answers on the routes the gateway rewrites: a request at the filter's
 `max_request_body_bytes` reaches its backend rewritten, one byte more is a 413, and whole
 answers of 5 and 10 MiB come back translated. Whatever fails — a message over ext-proc's
 limit, an answer too large to buffer for its translation — fails as an OpenAI error: the
-backend never gets an unrewritten request, nor the client an untranslated answer."""
+backend never gets an unrewritten request, nor the client an untranslated answer. A rename
+alone is the filter's, so ext-proc's limit does not apply to it."""
 
 import json
 
@@ -21,6 +22,8 @@ TRANSLATED = {
                           lambda r: r["model"] == "claude-sonnet-4-5" and r["headers"].get("x-api-key")),
     "llama3.2": ("ollama", "/api/chat", lambda r: r["model"] == "llama3.2"),
 }
+RENAMED_BY_THE_FILTER = "gpt-4o-mini"
+THROUGH_EXT_PROC = [model for model in TRANSLATED if model != RENAMED_BY_THE_FILTER]
 
 
 def chat_body(model: str, size: int) -> bytes:
@@ -117,7 +120,7 @@ def small_messages():
         yield gateway
 
 
-@pytest.mark.parametrize("model", TRANSLATED)
+@pytest.mark.parametrize("model", THROUGH_EXT_PROC)
 def test_a_request_over_ext_procs_message_limit_fails_and_never_reaches_the_backend(small_messages, model):
     backend = TRANSLATED[model][0]
     request_id = new_request_id()
@@ -126,6 +129,16 @@ def test_a_request_over_ext_procs_message_limit_fails_and_never_reaches_the_back
     assert received_by(small_messages, backend, request_id) is None
     # The gateway serves the next request as before.
     assert post(small_messages.port, "/v1/chat/completions", chat_body(model, 1000), new_request_id()).status_code == 200
+
+
+def test_a_rename_is_not_bound_by_ext_procs_message_limit(small_messages):
+    backend, _, rewritten = TRANSLATED[RENAMED_BY_THE_FILTER]
+    request_id = new_request_id()
+    response = post(small_messages.port, "/v1/chat/completions", chat_body(RENAMED_BY_THE_FILTER, 2 << 20), request_id)
+    assert response.status_code == 200, response.text[:300]
+    got = received_by(small_messages, backend, request_id)
+    assert rewritten(got) and int(got["headers"]["content-length"]) == (2 << 20) + len("llama-3.1-8b-instruct") - len(
+        RENAMED_BY_THE_FILTER)
 
 
 def test_an_answer_over_ext_procs_message_limit_is_an_openai_error(small_messages):

@@ -4,7 +4,7 @@ that backend expects, and clients cannot steer routing themselves."""
 import openai
 import pytest
 
-from harness import new_request_id as request_id, received_by
+from harness import envoy_stat, new_request_id as request_id, received_by
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -38,6 +38,31 @@ def test_renamed_model_is_what_the_backend_sees(client, stack):
     # The rewritten body arrived whole: the backend parsed it and answered for the new name.
     assert raw.parse().model == "llama-3.1-8b-instruct"
     assert raw.parse().choices[0].message.content == "This is"
+
+
+def ext_proc_streams(stack) -> int:
+    """gRPC streams Envoy has opened to ext_proc."""
+    return envoy_stat(stack, r"^cluster\.modelgate_ext_proc\.upstream_rq_total$")
+
+
+def test_a_rename_alone_needs_no_ext_proc_and_a_repeated_model_still_gets_one_name(client, http, stack):
+    before = ext_proc_streams(stack)
+    for stream in [False, True]:
+        rid = request_id()
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HELLO, max_tokens=2, stream=stream, extra_headers={"x-request-id": rid})
+        assert raw.status_code == 200
+        assert received_by(stack, "vllm-llama", rid)["model"] == "llama-3.1-8b-instruct"
+    assert ext_proc_streams(stack) == before, "the filter renamed both without an ext_proc stream"
+    # A body naming its model twice is routed by the last, as backends read it, and reaches the
+    # backend under its new name (ext_proc rewrites it, keeping one).
+    rid = request_id()
+    response = http.post("/v1/chat/completions", headers={"x-request-id": rid, "content-type": "application/json"},
+                         content=b'{"model":"qwen-2.5-7b-instruct","messages":[{"role":"user","content":"hi"}],'
+                                 b'"model":"gpt-4o-mini"}')
+    assert response.status_code == 200, response.text
+    assert received_by(stack, "vllm-llama", rid)["model"] == "llama-3.1-8b-instruct"
+    assert ext_proc_streams(stack) == before + 1
 
 
 def test_renamed_stream_and_embeddings(client, stack):
