@@ -13,6 +13,7 @@
 use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::limits::{self, TokenEstimate};
+use modelgate_proto::params;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -87,7 +88,7 @@ pub fn read_routing_fields(body: &[u8]) -> Result<RoutingFields, GatewayError> {
     };
     let max_tokens = |value: Option<Value>| value.and_then(|v| v.as_u64());
     Ok(RoutingFields {
-        model: model(found.model)?,
+        model: params::model(found.model.map(RawValue::get))?,
         model_at: found.model.filter(|_| found.models == 1).map(span),
         stream: stream(found.stream)?,
         stream_options,
@@ -107,39 +108,11 @@ enum Prompt {
     Input,
 }
 
-fn model(value: Option<&RawValue>) -> Result<String, GatewayError> {
-    let invalid = |got| GatewayError::invalid_type("model", "a string", Some(got));
-    match value.map(RawValue::get) {
-        None | Some("null") => Err(GatewayError::missing_required_parameter("model")),
-        Some(raw) if raw.starts_with('"') => match serde_json::from_str::<String>(raw) {
-            Ok(model) if model.is_empty() => Err(GatewayError::empty_string("model")),
-            Ok(model) => Ok(model),
-            // A string the parser already read whole always reads again.
-            Err(_) => Err(invalid("a string")),
-        },
-        Some(raw) => Err(invalid(raw_type_name(raw))),
-    }
-}
-
-/// The type of a JSON value the parser has checked, from its text: a value
-/// nested too deep to build is still named.
-fn raw_type_name(raw: &str) -> &'static str {
-    match raw.as_bytes().first() {
-        Some(b't' | b'f') => "a boolean",
-        Some(b'[') => "an array",
-        Some(b'{') => "an object",
-        Some(b'"') => "a string",
-        Some(b'n') => "null",
-        _ if raw.parse::<i64>().is_ok() || raw.parse::<u64>().is_ok() => "an integer",
-        _ => "a decimal",
-    }
-}
-
 fn stream(value: Option<&RawValue>) -> Result<bool, GatewayError> {
     match value.map(RawValue::get) {
         None | Some("null" | "false") => Ok(false),
         Some("true") => Ok(true),
-        Some(other) => Err(GatewayError::invalid_type("stream", "a boolean", Some(raw_type_name(other)))),
+        Some(other) => Err(GatewayError::invalid_type("stream", "a boolean", Some(params::type_name(other)))),
     }
 }
 

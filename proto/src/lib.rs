@@ -21,6 +21,7 @@ pub mod keys;
 pub mod limits;
 pub mod lru;
 pub mod models;
+pub mod params;
 pub mod replay;
 pub mod routing;
 pub mod stored_response;

@@ -3,6 +3,7 @@
 //! `input`), whose bytes the prefix index hashes as they are.
 
 use modelgate_proto::error::GatewayError;
+use modelgate_proto::params;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -33,26 +34,9 @@ pub fn pick_fields(body: &[u8]) -> Result<PickFields<'_>, GatewayError> {
         serde_json::error::Category::Data => GatewayError::invalid_request(format!("Invalid request body: {e}.")),
         _ => GatewayError::unparsable_json(&e),
     })?;
-    let model = fields.model.ok_or_else(|| GatewayError::missing_required_parameter("model"))?;
-    let model = match serde_json::from_str::<String>(model.get()) {
-        Ok(model) if model.is_empty() => return Err(GatewayError::empty_string("model")),
-        Ok(model) => model,
-        Err(_) => return Err(GatewayError::invalid_type("model", "a string", Some(json_type(model.get())))),
-    };
+    let model = params::model(fields.model.map(RawValue::get))?;
     let prompt = fields.messages.or(fields.prompt).or(fields.input).map_or(&[][..], |raw| raw.get().as_bytes());
     Ok(PickFields { model, prompt })
-}
-
-/// The JSON type of a raw value, as OpenAI's errors name it.
-fn json_type(raw: &str) -> &'static str {
-    match raw.as_bytes().first() {
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b'"') => "a string",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        _ => "a number",
-    }
 }
 
 #[cfg(test)]
