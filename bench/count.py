@@ -2,7 +2,7 @@
 """`make bench-count`: instructions Envoy executes per request, counted by callgrind, for bare
 Envoy, modelgate's routes and the floors beside them.
 
-    python bench/count.py [--requests N] [--rounds R] [--only VARIANT ...] [--out DIR]
+    python bench/count.py [--requests N] [--rounds R] [--only VARIANT ...] [--split] [--out DIR]
 
 Timing on a shared 2-core machine moves by tens of percent from one run to the next; instruction
 counts barely move. Each variant's Envoy runs under `valgrind --tool=callgrind` with
@@ -17,6 +17,10 @@ Envoy is stripped and the filter runs as JIT code, so neither names a function. 
 logic is counted apart, natively: the filter crate's ignored test `flow::tests::count` runs the
 same requests through `Flow` under callgrind with each route's filter configuration, and its
 functions are listed by inclusive instructions per request.
+
+`--split` adds the passthrough route's split by configuration (chain_variants): modelgate's filter on
+floor_wasm_header's minimal chain, the floor filter on the demo's chain with and without each of its
+parts, and the floor filter making modelgate's host calls one at a time.
 
 Writes DIR/count-<time>.json and .md.
 """
@@ -87,11 +91,93 @@ def variants() -> list[Variant]:
     ]
 
 
+# The passthrough route's cost over floor_wasm_header, split between the filter and the demo's
+# configuration around it: each filter on the other's chain, then the demo's chain with the floor
+# filter and one of its parts taken out (what that part costs a passthrough request).
+FLOOR_HEADER_CONFIG = FLOORS["floor_wasm_header"][1]
+DEMO_CHAIN_PARTS = {
+    # The composite filter holding ext_proc, whose matcher runs on every request.
+    "composite": lambda hcm, clusters: hcm.update(
+        http_filters=[f for f in hcm["http_filters"] if f["name"] != "modelgate.ext_proc"]),
+    # The answer's `modelgate-backend` and `modelgate-attempts`, formatted per answer.
+    "served_by": lambda hcm, clusters: [route.pop("response_headers_to_add", None)
+                                        for route in hcm["route_config"]["virtual_hosts"][0]["routes"]
+                                        if "route" in route],
+    # The backend cluster's health checks, outlier detection and least-request balancing.
+    "cluster_checks": lambda hcm, clusters: [clusters["llama_pool"].pop(key, None)
+                                             for key in ("health_checks", "outlier_detection", "lb_policy")],
+    # The client's address taken from the connection, no address trusted as internal.
+    "remote_address": lambda hcm, clusters: [hcm.pop(key) for key in ("use_remote_address",
+                                                                      "internal_address_config")],
+    # The routes before the catch-all, and the internal headers each route removes.
+    "routes": lambda hcm, clusters: hcm.update(
+        route_config=http_connection_manager(yaml.safe_load(FLOOR_HEADER_CONFIG.read_text()))["route_config"]),
+}
+
+
+def http_filter(config: dict, name: str) -> dict:
+    return next(f for f in http_connection_manager(config)["http_filters"] if f["name"] == name)
+
+
+def swap_filter(config: dict, name: str, replacement: dict) -> None:
+    """Puts `replacement` in the place of the HTTP filter called `name`."""
+    filters = http_connection_manager(config)["http_filters"]
+    filters[filters.index(http_filter(config, name))] = replacement
+
+
+def floor_on_demo(*without: str):
+    """The demo's configuration with the floor filter (setting the routing header, as
+    floor_wasm_header's does) in modelgate's filter's place, and the DEMO_CHAIN_PARTS named in
+    `without` taken out."""
+    floor = http_filter(yaml.safe_load(FLOOR_HEADER_CONFIG.read_text()), "floor")
+    def adjust(config: dict) -> None:
+        swap_filter(config, "modelgate", floor)
+        clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+        for part in without:
+            DEMO_CHAIN_PARTS[part](http_connection_manager(config), clusters)
+    return adjust
+
+
+def modelgate_on_floor(config: dict) -> None:
+    """floor_wasm_header's configuration with modelgate's filter, configured as the unaccounted
+    gateway's, in the floor filter's place."""
+    demo = yaml.safe_load(render_config(DEMO_CONFIG, {}, gateway(without_accounting)))
+    swap_filter(config, "floor", http_filter(demo, "modelgate"))
+
+
+# The host calls modelgate's filter makes on a passthrough request without accounting besides the
+# routing header (bench/floor-filter names them): each made by the floor filter alone, then all.
+FILTER_CALLS = ["now", "request_headers", "request_body", "processing_ms", "response_status"]
+
+
+def floor_making(calls: list[str]):
+    """floor_wasm_header's configuration with its filter also making `calls`."""
+    def adjust(config: dict) -> None:
+        value = http_filter(config, "floor")["typed_config"]["config"]["configuration"]
+        value["value"] = "\n".join([value["value"], *calls])
+    return adjust
+
+
+def chain_variants() -> list[Variant]:
+    def named(name: str) -> Route:
+        return Route(name, MODEL, native=False)
+    calls = {**{f"floor_calls_{call}": [call] for call in FILTER_CALLS}, "floor_calls_all": FILTER_CALLS}
+    return [
+        *[Variant(name, FLOOR_HEADER_CONFIG, floor_making(made), [named(name)], bare_listener=True)
+          for name, made in calls.items()],
+        Variant("modelgate_on_floor", FLOOR_HEADER_CONFIG, modelgate_on_floor, [named("modelgate_on_floor")],
+                bare_listener=True),
+        Variant("floor_on_demo", DEMO_CONFIG, floor_on_demo(), [named("floor_on_demo")]),
+        *[Variant(f"floor_on_demo_without_{part}", DEMO_CONFIG, floor_on_demo(part),
+                  [named(f"floor_on_demo_without_{part}")]) for part in DEMO_CHAIN_PARTS],
+    ]
+
+
 def callgrind(name: str, workdir: Path) -> list[str]:
     """valgrind's command line for one Envoy. V8 writes the code it runs, so every store is checked
     against translated code (`--smc-check=all`); nothing is counted until `callgrind_control -i on`,
     which makes the start cheaper."""
-    return ["valgrind", "--tool=callgrind", "--smc-check=all", "--instr-atstart=no",
+    return ["valgrind", "--tool=callgrind", "--smc-check=all", "--instr-atstart=no", "--separate-threads=yes",
             f"--callgrind-out-file={workdir / f'callgrind.{name}'}", "--log-file=" + str(workdir / f"valgrind.{name}.log")]
 
 
@@ -194,16 +280,23 @@ def read_dump(path: Path) -> dict[str, int]:
     return by_object
 
 
-def count(pid: int, port: int, route: Route, requests: int, dump: Path) -> dict[str, int]:
-    """Ir by object for `requests` requests of `route`."""
+def count(pid: int, port: int, route: Route, requests: int, dump: Path) -> tuple[dict[str, int], int]:
+    """Ir by object for `requests` requests of `route`, every thread's, and the worker thread's Ir.
+    callgrind dumps each thread apart (`--separate-threads`); the worker is the thread that executed
+    the most. Its count leaves out the main thread's timers (health checks, stats), whose work grows
+    with wall time, not requests, and so with how busy the machine is."""
     client = Client(port, route)
     client.send(WARMUP_REQUESTS, warming=True)
     control(pid, "--zero")
     client.send(requests)
     before = set(dump.parent.glob(dump.name + "*"))
     control(pid, "--dump")
-    fresh = sorted(set(dump.parent.glob(dump.name + "*")) - before, key=lambda p: p.stat().st_mtime)
-    return read_dump(fresh[-1])
+    threads = [read_dump(path) for path in set(dump.parent.glob(dump.name + "*")) - before]
+    by_object: dict[str, int] = {}
+    for thread in threads:
+        for obj, ir in thread.items():
+            by_object[obj] = by_object.get(obj, 0) + ir
+    return by_object, max(sum(thread.values()) for thread in threads)
 
 
 def filter_tests() -> str:
@@ -266,15 +359,17 @@ def kind(obj: str) -> str:
 
 def summary(results: dict) -> dict:
     """Per route: instructions per request in each round, their median (of two, the mean), the
-    spread, and the split by object of the first round."""
+    spread, the split by object of the first round, and the worker thread's mean."""
     rows = {}
     for name, rounds in results["routes"].items():
         totals = sorted(sum(r.values()) for r in rounds)
         split: dict[str, float] = {}
         for obj, ir in rounds[0].items():
             split[kind(obj)] = split.get(kind(obj), 0) + ir
+        worker = results["worker"][name]
         rows[name] = {"rounds": totals, "ir": sum(totals) / len(totals),
-                      "spread": (totals[-1] - totals[0]) / totals[0], "split": split}
+                      "spread": (totals[-1] - totals[0]) / totals[0], "split": split,
+                      "worker": sum(worker) / len(worker)}
     return rows
 
 
@@ -284,13 +379,14 @@ def markdown(results: dict) -> str:
     out = [f"# Envoy instructions per request, {results['started']}", "",
            f"{results['requests']} requests a round, {results['rounds']} rounds; Envoy `--concurrency 1` under "
            "callgrind. Split by where the code lies: Envoy's binary, its tcmalloc, libc, V8's JIT (the "
-           "wasm filter's code and V8's stubs), anything else.", "",
+           "wasm filter's code and V8's stubs), anything else; and the worker thread's instructions alone "
+           "(without the main thread's timers, which grow with wall time).", "",
            "| route | instructions per request | over bare Envoy | spread of rounds | envoy | tcmalloc | libc | jit "
-           "| other |", "|---|---|---|---|---|---|---|---|---|"]
+           "| other | worker thread |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         over = f"{row['ir'] - bare:+,.0f} ({row['ir'] / bare:.2f}x)" if bare else "n/a"
         split = " | ".join(f"{row['split'].get(k, 0):,.0f}" for k in ["envoy", UNNAMED_BELOW_4GIB, "libc", "jit", "other"])
-        out.append(f"| {name} | {row['ir']:,.0f} | {over} | {row['spread']:.2%} | {split} |")
+        out.append(f"| {name} | {row['ir']:,.0f} | {over} | {row['spread']:.2%} | {split} | {row['worker']:,.0f} |")
     native = results.get("native", {})
     if native:
         out += ["", "## The filter's own logic, natively (quiet host)", "",
@@ -310,14 +406,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300, help="requests counted per round (default 300)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per route (default 2)")
-    parser.add_argument("--only", nargs="*", help="variants to count (default all)")
+    parser.add_argument("--only", nargs="*", help="variants to count, by name (default all but the split's)")
+    parser.add_argument("--split", action="store_true",
+                        help="also the passthrough route's split: chain_variants() (about 10 minutes more)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = parser.parse_args()
 
-    chosen = [v for v in variants() if not args.only or v.name in args.only]
+    headline = variants()
+    chosen = [v for v in [*headline, *chain_variants()]
+              if v.name in args.only] if args.only else [*headline, *(chain_variants() if args.split else [])]
     binary = filter_tests() if any(r.native for v in chosen for r in v.routes) else None
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "requests": args.requests,
-                     "rounds": args.rounds, "routes": {}, "native": {}}
+                     "rounds": args.rounds, "routes": {}, "worker": {}, "native": {}}
     with Stack(log_level="error", envoy_concurrency=1, adjust_config=gateway()) as stack:
         floor_ext_proc = start_continue_ext_proc(stack)
         for variant in chosen:
@@ -328,7 +428,8 @@ def main() -> None:
             for route in variant.routes:
                 rounds = [count(pid, ports[LISTENER_PORT], route, args.requests,
                                 stack.workdir / f"callgrind.{variant.name}") for _ in range(args.rounds)]
-                results["routes"][route.name] = [{obj: ir / args.requests for obj, ir in r.items()} for r in rounds]
+                results["routes"][route.name] = [{obj: ir / args.requests for obj, ir in r.items()} for r, _ in rounds]
+                results["worker"][route.name] = [worker / args.requests for _, worker in rounds]
                 if route.native:
                     results["native"][route.name] = count_native(binary, variant, route, args.requests, stack.workdir)
             stack.kill(variant.name)
