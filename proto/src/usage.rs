@@ -190,6 +190,101 @@ pub struct UsageRecord {
     pub budget_reservation: Option<String>,
 }
 
+impl UsageRecord {
+    /// Appends this record as JSON, byte for byte what serde_json writes for
+    /// it: the filter writes one per request, and serde's field-by-field
+    /// calls cost it more than the record's few short values do.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"request_id\":");
+        write_str(out, &self.request_id);
+        out.extend_from_slice(b",\"at_ms\":");
+        write_u64(out, self.at_ms);
+        out.extend_from_slice(b",\"key\":");
+        write_str(out, &self.key);
+        out.extend_from_slice(b",\"model\":");
+        write_str(out, &self.model);
+        out.extend_from_slice(if self.model_served { b",\"model_served\":true" } else { b",\"model_served\":false" });
+        out.extend_from_slice(b",\"backend\":");
+        write_str(out, &self.backend);
+        out.extend_from_slice(b",\"status\":");
+        write_u64(out, self.status.into());
+        out.extend_from_slice(if self.stream { b",\"stream\":true" } else { b",\"stream\":false" });
+        out.extend_from_slice(b",\"usage\":");
+        match self.usage {
+            Some(usage) => {
+                out.extend_from_slice(b"{\"prompt_tokens\":");
+                write_u64(out, usage.prompt_tokens);
+                out.extend_from_slice(b",\"completion_tokens\":");
+                write_u64(out, usage.completion_tokens);
+                out.push(b'}');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"cost_usd\":");
+        // Floats as serde_json formats them (non-finite ones as null).
+        write_serde(out, &self.cost_usd);
+        out.extend_from_slice(b",\"latency_us\":");
+        write_u64(out, self.latency_us);
+        out.extend_from_slice(b",\"ttft_us\":");
+        match self.ttft_us {
+            Some(us) => write_u64(out, us),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"itl_us\":[");
+        for (i, gap) in self.itl_us.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_u64(out, *gap);
+        }
+        out.push(b']');
+        if !self.traffic.is_interactive() {
+            out.extend_from_slice(b",\"traffic\":");
+            write_str(out, self.traffic.as_str());
+        }
+        if let Some(source) = &self.served_from {
+            out.extend_from_slice(b",\"served_from\":");
+            write_serde(out, source);
+        }
+        if let Some(reservation) = &self.budget_reservation {
+            out.extend_from_slice(b",\"budget_reservation\":");
+            write_str(out, reservation);
+        }
+        out.push(b'}');
+    }
+}
+
+/// `value` as a JSON string. Values in records are bounded ([`is_bounded`])
+/// and need no escaping; any other is escaped by serde_json.
+fn write_str(out: &mut Vec<u8>, value: &str) {
+    if value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        write_serde(out, value);
+        return;
+    }
+    out.push(b'"');
+    out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
+}
+
+fn write_u64(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// What serde_json writes for `value`; writing to a `Vec` cannot fail, nor can these values.
+fn write_serde<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(out, value);
+}
+
 /// Requests the gateway refused itself before any backend (a bad body, an
 /// unknown model, a rate limit), by key, model and status: counted per
 /// worker and sent with its next batch instead of one record each, so a
@@ -633,7 +728,69 @@ mod tests {
         .is_err());
     }
 
+    #[test]
+    fn every_ascii_character_is_written_as_serde_json_writes_it() {
+        for c in (0u8..0x80).map(char::from) {
+            let record = UsageRecord { request_id: format!("a{c}b"), key: c.into(), ..UsageRecord::default() };
+            let mut written = Vec::new();
+            record.write_json(&mut written);
+            assert_eq!(String::from_utf8(written).unwrap(), serde_json::to_string(&record).unwrap(), "{c:?}");
+        }
+    }
+
+    fn any_record() -> impl Strategy<Value = UsageRecord> {
+        use crate::gate::ReplaySource;
+        // Plain values as the filter writes them, values of every character that is escaped, and any others.
+        let text = || {
+            prop_oneof!["[a-z0-9./:-]{0,40}", "[\\x00-\\x20\"\\\\a\\x7f\u{e9}\u{2028}\u{1f600}]{0,12}", any::<String>()]
+        };
+        let usage = (any::<u64>(), any::<u64>())
+            .prop_map(|(prompt_tokens, completion_tokens)| Usage { prompt_tokens, completion_tokens });
+        let cost = prop_oneof![proptest::num::f64::ANY, (0u32..1_000_000).prop_map(|n| f64::from(n) / 1e7)];
+        let source = prop_oneof![Just(ReplaySource::Cache), Just(ReplaySource::Idempotency)];
+        let traffic = prop_oneof![Just(Traffic::Interactive), Just(Traffic::Batch)];
+        (
+            (text(), any::<u64>(), text(), text(), any::<bool>(), text(), any::<u16>(), any::<bool>()),
+            (proptest::option::of(usage), proptest::option::of(cost), any::<u64>(), proptest::option::of(any::<u64>())),
+            (proptest::collection::vec(any::<u64>(), 0..5), traffic, proptest::option::of(source)),
+            proptest::option::of(text()),
+        )
+            .prop_map(
+                |(
+                    (request_id, at_ms, key, model, model_served, backend, status, stream),
+                    (usage, cost_usd, latency_us, ttft_us),
+                    (itl_us, traffic, served_from),
+                    budget_reservation,
+                )| UsageRecord {
+                    request_id,
+                    at_ms,
+                    key,
+                    model,
+                    model_served,
+                    backend,
+                    status,
+                    stream,
+                    usage,
+                    cost_usd,
+                    latency_us,
+                    ttft_us,
+                    itl_us,
+                    traffic,
+                    served_from,
+                    budget_reservation,
+                },
+            )
+    }
+
     proptest! {
+        /// A record written by hand is what serde_json writes for it, byte for byte.
+        #[test]
+        fn a_record_is_written_as_serde_json_writes_it(record in any_record()) {
+            let mut written = Vec::new();
+            record.write_json(&mut written);
+            prop_assert_eq!(String::from_utf8(written).unwrap(), serde_json::to_string(&record).unwrap());
+        }
+
         #[test]
         fn a_bounded_value_is_short_and_plain(value in ".*") {
             let shown = bounded(&value);
