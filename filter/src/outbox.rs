@@ -16,6 +16,9 @@ use std::collections::{BTreeMap, VecDeque};
 /// Records held while ext-proc cannot take them; past this, new ones are dropped and counted.
 const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 
+/// About what a usage record of a whole answer takes as a JSON line.
+const RECORD_BYTES: usize = 384;
+
 /// Distinct (key, model, status) refusal counts held; past this many, new
 /// models are counted as [`OTHER_MODELS`], so a flood of names cannot grow them.
 const MAX_REFUSED_GROUPS: usize = 1024;
@@ -88,9 +91,10 @@ impl Outbox {
             return;
         }
         let mut lines = self.lines.borrow_mut();
-        if serde_json::to_writer(&mut *lines, record).is_ok() {
-            lines.push(b'\n');
-        }
+        // Room for a usual record at once, rather than growing as it is written.
+        lines.reserve(RECORD_BYTES);
+        record.write_json(&mut lines);
+        lines.push(b'\n');
     }
 
     fn drop_records(&self, records: u64) {

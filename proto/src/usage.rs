@@ -190,6 +190,101 @@ pub struct UsageRecord {
     pub budget_reservation: Option<String>,
 }
 
+impl UsageRecord {
+    /// Appends this record as JSON, byte for byte what serde_json writes for
+    /// it: the filter writes one per request, and serde's field-by-field
+    /// calls cost it more than the record's few short values do.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"request_id\":");
+        write_str(out, &self.request_id);
+        out.extend_from_slice(b",\"at_ms\":");
+        write_u64(out, self.at_ms);
+        out.extend_from_slice(b",\"key\":");
+        write_str(out, &self.key);
+        out.extend_from_slice(b",\"model\":");
+        write_str(out, &self.model);
+        out.extend_from_slice(if self.model_served { b",\"model_served\":true" } else { b",\"model_served\":false" });
+        out.extend_from_slice(b",\"backend\":");
+        write_str(out, &self.backend);
+        out.extend_from_slice(b",\"status\":");
+        write_u64(out, self.status.into());
+        out.extend_from_slice(if self.stream { b",\"stream\":true" } else { b",\"stream\":false" });
+        out.extend_from_slice(b",\"usage\":");
+        match self.usage {
+            Some(usage) => {
+                out.extend_from_slice(b"{\"prompt_tokens\":");
+                write_u64(out, usage.prompt_tokens);
+                out.extend_from_slice(b",\"completion_tokens\":");
+                write_u64(out, usage.completion_tokens);
+                out.push(b'}');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"cost_usd\":");
+        // Floats as serde_json formats them (non-finite ones as null).
+        write_serde(out, &self.cost_usd);
+        out.extend_from_slice(b",\"latency_us\":");
+        write_u64(out, self.latency_us);
+        out.extend_from_slice(b",\"ttft_us\":");
+        match self.ttft_us {
+            Some(us) => write_u64(out, us),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"itl_us\":[");
+        for (i, gap) in self.itl_us.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_u64(out, *gap);
+        }
+        out.push(b']');
+        if !self.traffic.is_interactive() {
+            out.extend_from_slice(b",\"traffic\":");
+            write_str(out, self.traffic.as_str());
+        }
+        if let Some(source) = &self.served_from {
+            out.extend_from_slice(b",\"served_from\":");
+            write_serde(out, source);
+        }
+        if let Some(reservation) = &self.budget_reservation {
+            out.extend_from_slice(b",\"budget_reservation\":");
+            write_str(out, reservation);
+        }
+        out.push(b'}');
+    }
+}
+
+/// `value` as a JSON string. Values in records are bounded ([`is_bounded`])
+/// and need no escaping; any other is escaped by serde_json.
+fn write_str(out: &mut Vec<u8>, value: &str) {
+    if value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        write_serde(out, value);
+        return;
+    }
+    out.push(b'"');
+    out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
+}
+
+fn write_u64(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// What serde_json writes for `value`; writing to a `Vec` cannot fail, nor can these values.
+fn write_serde<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(out, value);
+}
+
 /// Requests the gateway refused itself before any backend (a bad body, an
 /// unknown model, a rate limit), by key, model and status: counted per
 /// worker and sent with its next batch instead of one record each, so a
@@ -243,6 +338,15 @@ enum Member {
 
 /// Reads a `"usage"` member from `after`, the bytes just after its name.
 fn read_member(after: &[u8]) -> Member {
+    read_member_with(after, |value| plain_counts(value).map_or_else(|| serde_counts(value), Ok))
+}
+
+fn serde_counts(value: &[u8]) -> Result<Counts, serde_json::Error> {
+    Counts::deserialize(&mut serde_json::Deserializer::from_slice(value))
+}
+
+/// Reads a `"usage"` member from `after`, its object's counts by `counts`.
+fn read_member_with(after: &[u8], counts: impl Fn(&[u8]) -> Result<Counts, serde_json::Error>) -> Member {
     let rest = after.trim_ascii_start();
     let room = after.len() < MAX_USAGE_BYTES;
     let Some((&b':', value)) = rest.split_first() else {
@@ -252,16 +356,186 @@ fn read_member(after: &[u8]) -> Member {
     match value.first() {
         None if room => Member::Incomplete,
         None => Member::NotUsage,
-        Some(b'{') => {
-            let mut reader = serde_json::Deserializer::from_slice(value);
-            match <Counts as Deserialize>::deserialize(&mut reader) {
-                Ok(Counts { prompt_tokens: None, completion_tokens: None, .. }) => Member::NotUsage,
-                Ok(counts) => Member::Usage(counts),
-                Err(e) if at_end(&e, value) && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
-                Err(_) => Member::NotUsage,
+        Some(b'{') => match counts(value) {
+            Ok(Counts { prompt_tokens: None, completion_tokens: None, .. }) => Member::NotUsage,
+            Ok(counts) => Member::Usage(counts),
+            Err(e) if at_end(&e, value) && value.len() < MAX_USAGE_BYTES => Member::Incomplete,
+            Err(_) => Member::NotUsage,
+        },
+        Some(_) => Member::NotUsage,
+    }
+}
+
+/// The counts of the `usage` object `value` begins with, read without
+/// serde where it is plain JSON, as backends write it: member names without
+/// escapes, counts that are integers or null, other values that are numbers,
+/// literals, ASCII strings without escapes, or arrays and objects of those,
+/// a few deep. `None` for anything else (and for an object cut off), which
+/// serde_json reads instead; where this reads counts, serde_json reads the same.
+fn plain_counts(value: &[u8]) -> Option<Counts> {
+    let mut scan = Scan { bytes: value, at: 1 };
+    let mut named = [None; 6];
+    let mut seen = [false; 6];
+    if scan.peek()? != b'}' {
+        loop {
+            let name = scan.string()?;
+            scan.expect(b':')?;
+            match COUNT_NAMES.iter().position(|n| *n == name) {
+                // serde refuses a count given twice.
+                Some(field) if !std::mem::replace(&mut seen[field], true) => named[field] = scan.count()?,
+                Some(_) => return None,
+                None => scan.skip_value(0)?,
+            }
+            match scan.peek()? {
+                b',' => scan.at += 1,
+                b'}' => break,
+                _ => return None,
             }
         }
-        Some(_) => Member::NotUsage,
+    }
+    let [prompt, completion, input, output, cache_read, cache_creation] = named;
+    Some(Counts {
+        prompt_tokens: prompt.or(input),
+        completion_tokens: completion.or(output),
+        cache_read_input_tokens: cache_read,
+        cache_creation_input_tokens: cache_creation,
+    })
+}
+
+/// The names [`Named`] reads, in the order [`plain_counts`] keeps them.
+const COUNT_NAMES: [&[u8]; 6] = [
+    b"prompt_tokens",
+    b"completion_tokens",
+    b"input_tokens",
+    b"output_tokens",
+    b"cache_read_input_tokens",
+    b"cache_creation_input_tokens",
+];
+
+/// Arrays and objects nested deeper than this in a `usage` object are left to serde_json.
+const MAX_PLAIN_DEPTH: usize = 8;
+
+/// A cursor over plain JSON for [`plain_counts`]: each step is `None` where
+/// the JSON is not plain or ends.
+struct Scan<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    /// The next byte that is not JSON whitespace, not taken.
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(&b) = self.bytes.get(self.at) {
+            if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
+                return Some(b);
+            }
+            self.at += 1;
+        }
+        None
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// A string's contents: printable ASCII without escapes.
+    fn string(&mut self) -> Option<&'a [u8]> {
+        self.expect(b'"')?;
+        let rest = self.bytes.get(self.at..)?;
+        let end = rest.iter().position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))?;
+        (rest[end] == b'"').then(|| {
+            self.at += end + 1;
+            &rest[..end]
+        })
+    }
+
+    /// A count: `null`, or an integer that fits a `u64`, written without leading zeros.
+    fn count(&mut self) -> Option<Option<u64>> {
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|()| None);
+        }
+        let digits = self.digits();
+        let leading_zero = digits.len() > 1 && digits[0] == b'0';
+        // A fraction or an exponent makes a float, which serde refuses as a count.
+        if digits.is_empty() || leading_zero || matches!(self.bytes.get(self.at)?, b'.' | b'e' | b'E') {
+            return None;
+        }
+        digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0'))).map(Some)
+    }
+
+    fn digits(&mut self) -> &'a [u8] {
+        let start = self.at;
+        while self.bytes.get(self.at).is_some_and(u8::is_ascii_digit) {
+            self.at += 1;
+        }
+        &self.bytes[start..self.at]
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.bytes.get(self.at..)?.starts_with(word).then(|| self.at += word.len())
+    }
+
+    /// Skips any plain value, `depth` arrays and objects deep.
+    fn skip_value(&mut self, depth: usize) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            open @ (b'[' | b'{') if depth < MAX_PLAIN_DEPTH => {
+                self.at += 1;
+                let close = if open == b'[' { b']' } else { b'}' };
+                if self.peek()? == close {
+                    self.at += 1;
+                    return Some(());
+                }
+                loop {
+                    if open == b'{' {
+                        self.string()?;
+                        self.expect(b':')?;
+                    }
+                    self.skip_value(depth + 1)?;
+                    match self.peek()? {
+                        b',' => self.at += 1,
+                        b if b == close => {
+                            self.at += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// A number as JSON writes it: `-`, an integer part without leading zeros, a fraction, an exponent.
+    fn number(&mut self) -> Option<()> {
+        if self.bytes.get(self.at) == Some(&b'-') {
+            self.at += 1;
+        }
+        let int = self.digits();
+        if int.is_empty() || (int[0] == b'0' && int.len() > 1) {
+            return None;
+        }
+        if self.bytes.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            if self.digits().is_empty() {
+                return None;
+            }
+        }
+        if matches!(self.bytes.get(self.at), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.bytes.get(self.at), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            if self.digits().is_empty() {
+                return None;
+            }
+        }
+        // What ends the number is read by the caller; the end of the bytes may be a number cut off.
+        self.bytes.get(self.at).map(drop)
     }
 }
 
@@ -275,7 +549,7 @@ fn at_end(error: &serde_json::Error, json: &[u8]) -> bool {
 }
 
 fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    haystack.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+    memchr::memmem::find(haystack.get(from..)?, needle).map(|i| i + from)
 }
 
 /// Finds the `usage` of an answer that arrives in pieces, without keeping
@@ -292,24 +566,35 @@ pub struct UsageReader {
 
 impl UsageReader {
     pub fn feed(&mut self, piece: &[u8]) {
+        // Most pieces leave nothing behind, and are read where they lie.
+        if self.pending.is_empty() {
+            let keep = self.read(piece);
+            self.pending.extend_from_slice(&piece[keep..]);
+            return;
+        }
         let mut window = std::mem::take(&mut self.pending);
         window.extend_from_slice(piece);
+        let keep = self.read(&window);
+        window.drain(..keep);
+        self.pending = window;
+    }
+
+    /// Reads the `usage` members in `window`, and says where the bytes to
+    /// keep for the next piece begin: an unfinished member, or what could be
+    /// the start of a `"usage"` cut off by the boundary.
+    fn read(&mut self, window: &[u8]) -> usize {
         let mut from = 0;
-        while let Some(at) = find(&window, USAGE_KEY, from) {
+        while let Some(at) = find(window, USAGE_KEY, from) {
             let after = at + USAGE_KEY.len();
             match read_member(&window[after..]) {
                 Member::Usage(counts) => self.found = Some(Counts::merged(self.found, counts)),
                 Member::NotUsage => {}
-                Member::Incomplete => {
-                    self.pending = window.split_off(at);
-                    return;
-                }
+                Member::Incomplete => return at,
             }
             from = after;
         }
-        // Keep what could be the start of a `"usage"` cut off by the boundary.
-        let keep = window.len().saturating_sub(USAGE_KEY.len() - 1).max(from);
-        self.pending = window.split_off(keep);
+        let tail = window.len().saturating_sub(USAGE_KEY.len() - 1).max(from);
+        (tail..window.len()).find(|&i| USAGE_KEY.starts_with(&window[i..])).unwrap_or(window.len())
     }
 
     /// The usage found in everything fed so far.
@@ -385,7 +670,7 @@ impl UnaskedUsage {
             event
         };
         // The last one: a chunk's own `usage` follows its choices, whose content may say "usage".
-        let Some(at) = event.windows(USAGE_KEY.len()).rposition(|w| w == USAGE_KEY) else {
+        let Some(at) = memchr::memmem::rfind(event, USAGE_KEY) else {
             out.extend_from_slice(event);
             return;
         };
@@ -633,7 +918,267 @@ mod tests {
         .is_err());
     }
 
+    #[test]
+    fn every_ascii_character_is_written_as_serde_json_writes_it() {
+        for c in (0u8..0x80).map(char::from) {
+            let record = UsageRecord { request_id: format!("a{c}b"), key: c.into(), ..UsageRecord::default() };
+            let mut written = Vec::new();
+            record.write_json(&mut written);
+            assert_eq!(String::from_utf8(written).unwrap(), serde_json::to_string(&record).unwrap(), "{c:?}");
+        }
+    }
+
+    fn any_record() -> impl Strategy<Value = UsageRecord> {
+        use crate::gate::ReplaySource;
+        // Plain values as the filter writes them, values of every character that is escaped, and any others.
+        let text = || {
+            prop_oneof!["[a-z0-9./:-]{0,40}", "[\\x00-\\x20\"\\\\a\\x7f\u{e9}\u{2028}\u{1f600}]{0,12}", any::<String>()]
+        };
+        let usage = (any::<u64>(), any::<u64>())
+            .prop_map(|(prompt_tokens, completion_tokens)| Usage { prompt_tokens, completion_tokens });
+        let cost = prop_oneof![proptest::num::f64::ANY, (0u32..1_000_000).prop_map(|n| f64::from(n) / 1e7)];
+        let source = prop_oneof![Just(ReplaySource::Cache), Just(ReplaySource::Idempotency)];
+        let traffic = prop_oneof![Just(Traffic::Interactive), Just(Traffic::Batch)];
+        (
+            (text(), any::<u64>(), text(), text(), any::<bool>(), text(), any::<u16>(), any::<bool>()),
+            (proptest::option::of(usage), proptest::option::of(cost), any::<u64>(), proptest::option::of(any::<u64>())),
+            (proptest::collection::vec(any::<u64>(), 0..5), traffic, proptest::option::of(source)),
+            proptest::option::of(text()),
+        )
+            .prop_map(
+                |(
+                    (request_id, at_ms, key, model, model_served, backend, status, stream),
+                    (usage, cost_usd, latency_us, ttft_us),
+                    (itl_us, traffic, served_from),
+                    budget_reservation,
+                )| UsageRecord {
+                    request_id,
+                    at_ms,
+                    key,
+                    model,
+                    model_served,
+                    backend,
+                    status,
+                    stream,
+                    usage,
+                    cost_usd,
+                    latency_us,
+                    ttft_us,
+                    itl_us,
+                    traffic,
+                    served_from,
+                    budget_reservation,
+                },
+            )
+    }
+
+    /// The reader as it was before it read pieces in place and plain `usage` objects without serde:
+    /// the reference it is held to.
+    #[derive(Default)]
+    struct SerdeReader {
+        pending: Vec<u8>,
+        found: Option<Counts>,
+    }
+
+    impl SerdeReader {
+        fn feed(&mut self, piece: &[u8]) {
+            let mut window = std::mem::take(&mut self.pending);
+            window.extend_from_slice(piece);
+            let mut from = 0;
+            while let Some(at) =
+                window.windows(USAGE_KEY.len()).skip(from).position(|w| w == USAGE_KEY).map(|i| i + from)
+            {
+                let after = at + USAGE_KEY.len();
+                match read_member_with(&window[after..], serde_counts) {
+                    Member::Usage(counts) => self.found = Some(Counts::merged(self.found, counts)),
+                    Member::NotUsage => {}
+                    Member::Incomplete => {
+                        self.pending = window.split_off(at);
+                        return;
+                    }
+                }
+                from = after;
+            }
+            let keep = window.len().saturating_sub(USAGE_KEY.len() - 1).max(from);
+            self.pending = window.split_off(keep);
+        }
+    }
+
+    #[test]
+    fn every_odd_count_is_read_as_serde_json_reads_it() {
+        for odd in ODD_COUNTS {
+            for object in
+                [format!("{{\"prompt_tokens\":{odd}}}"), format!("{{\"total_tokens\":{odd},\"output_tokens\":1}}")]
+            {
+                let plain = plain_counts(object.as_bytes());
+                assert!(plain.is_none() || plain == serde_counts(object.as_bytes()).ok(), "{object}");
+            }
+        }
+    }
+
+    /// Counts as backends should not write them.
+    const ODD_COUNTS: [&str; 19] = [
+        "null",
+        "-1",
+        "-0",
+        "012",
+        "1.5",
+        "1e3",
+        "2E-1",
+        "18446744073709551615",
+        "18446744073709551616",
+        "+1",
+        ".5",
+        "1.",
+        "1e",
+        "-",
+        "nul",
+        "true",
+        "\"12\"",
+        "{}",
+        "[1]",
+    ];
+
+    /// JSON whitespace, and a form feed, which JSON does not allow.
+    fn space() -> impl Strategy<Value = &'static str> {
+        prop_oneof![9 => proptest::sample::select(vec!["", " ", "\n  ", "\t", "\r\n"]), 1 => Just("\x0c")]
+    }
+
+    /// A count as backends write it, or as they should not.
+    fn count_value() -> impl Strategy<Value = String> {
+        let odd = proptest::sample::select(ODD_COUNTS.to_vec());
+        prop_oneof![any::<u64>().prop_map(|n| n.to_string()), odd.prop_map(String::from)]
+    }
+
+    /// Any other member's value: plain, escaped, nested, or malformed.
+    fn other_value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            count_value(),
+            proptest::sample::select(vec![
+                "\"abc\"",
+                "\"a\\nb\"",
+                "\"caf\u{e9}\"",
+                "\"a\tb\"",
+                "\"\\u0041\"",
+                "\"x\\\"\"",
+                "false",
+                "tru",
+                "-4.5e-3",
+                "0.0",
+                "[]",
+                "{}",
+                "[1,]",
+                "{\"a\":}",
+            ])
+            .prop_map(String::from),
+        ];
+        leaf.prop_recursive(4, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(|items| format!("[{}]", items.join(","))),
+                proptest::collection::vec(("[a-z_]{1,6}", inner), 0..4).prop_map(|members| {
+                    let members: Vec<String> = members.iter().map(|(n, v)| format!("\"{n}\":{v}")).collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    /// A `usage` object, as backends write them and otherwise, with what follows it.
+    fn usage_object() -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            6 => proptest::sample::select(COUNT_NAMES.iter().map(|n| std::str::from_utf8(n).unwrap()).collect::<Vec<_>>())
+                .prop_map(String::from),
+            1 => proptest::sample::select(vec!["total_tokens", "prompt_tokens_details", "prompt\\u005ftokens", "x\\\"y", "caf\u{e9}"])
+                .prop_map(String::from),
+        ];
+        let member = (space(), name, space(), prop_oneof![3 => count_value(), 1 => other_value()], space())
+            .prop_map(|(a, name, b, value, c)| format!("{a}\"{name}\"{b}:{c}{value}"));
+        (
+            proptest::collection::vec(member, 0..6),
+            space(),
+            any::<bool>(),
+            proptest::sample::select(vec!["", ",", "}", "x"]),
+        )
+            .prop_map(|(members, end, trailing_comma, after)| {
+                let comma = if trailing_comma && !members.is_empty() { "," } else { "" };
+                format!("{{{}{comma}{end}}}{after}", members.join(","))
+            })
+    }
+
+    /// An answer or a stream: `usage` members among other JSON.
+    fn answer_text() -> impl Strategy<Value = String> {
+        let part = prop_oneof![
+            (space(), space(), usage_object()).prop_map(|(a, b, object)| format!("\"usage\"{a}:{b}{object}")),
+            proptest::sample::select(vec![
+                "data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}],\"usage\":null}\n\n",
+                "{\"id\":\"x\",\"object\":\"chat.completion\",",
+                "\"usage\"",
+                "\"usage\":",
+                "\"usa",
+                "ge\":{\"prompt_tokens\":3}",
+                "\"content\":\"the \\\"usage\\\": {\\\"prompt_tokens\\\": 99}\",",
+                "}\n\n",
+            ])
+            .prop_map(String::from),
+        ];
+        proptest::collection::vec(part, 0..8).prop_map(|parts| parts.concat())
+    }
+
     proptest! {
+        /// Where a `usage` object is read without serde, serde_json reads the same counts from it,
+        /// cut off anywhere or whole.
+        #[test]
+        fn plain_counts_are_serde_json_counts(object in usage_object(), cut in 0usize..400) {
+            let object = object.as_bytes();
+            for value in [object, &object[..cut.min(object.len())]] {
+                if let Some(counts) = plain_counts(value) {
+                    prop_assert_eq!(Some(counts), serde_counts(value).ok(), "{}", String::from_utf8_lossy(value));
+                }
+            }
+        }
+
+        /// Backends' own `usage` objects are read without serde.
+        #[test]
+        fn plain_usage_is_read_without_serde(
+            counts in proptest::collection::vec((0usize..6, any::<u64>()), 0..6),
+            details in proptest::option::of(0u64..100),
+        ) {
+            let mut members: Vec<String> = Vec::new();
+            let mut named = [None; 6];
+            for (field, n) in counts {
+                if named[field].replace(n).is_none() {
+                    members.push(format!("\"{}\": {n}", std::str::from_utf8(COUNT_NAMES[field]).unwrap()));
+                }
+            }
+            members.extend(details.map(|n| format!("\"prompt_tokens_details\":{{\"cached_tokens\":{n},\"audio\":null}}")));
+            let object = format!("{{{}}}", members.join(","));
+            prop_assert_eq!(plain_counts(object.as_bytes()).ok_or("not plain"), serde_counts(object.as_bytes()).map_err(|_| "serde"));
+        }
+
+        /// However an answer is cut into pieces, the reader finds what the reader before it found.
+        #[test]
+        fn usage_is_read_as_serde_json_reads_it(text in answer_text(), cuts in proptest::collection::vec(0usize..600, 0..8)) {
+            let bytes = text.as_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort();
+            let (mut reader, mut reference) = (UsageReader::default(), SerdeReader::default());
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                reader.feed(&bytes[from..cut]);
+                reference.feed(&bytes[from..cut]);
+                from = cut;
+            }
+            prop_assert_eq!(reader.found, reference.found, "{}", text);
+        }
+
+        /// A record written by hand is what serde_json writes for it, byte for byte.
+        #[test]
+        fn a_record_is_written_as_serde_json_writes_it(record in any_record()) {
+            let mut written = Vec::new();
+            record.write_json(&mut written);
+            prop_assert_eq!(String::from_utf8(written).unwrap(), serde_json::to_string(&record).unwrap());
+        }
+
         #[test]
         fn a_bounded_value_is_short_and_plain(value in ".*") {
             let shown = bounded(&value);
