@@ -158,6 +158,19 @@ def floor_making(calls: list[str]):
     return adjust
 
 
+def answers_through_ext_proc(node) -> None:
+    """floor_ext_proc's configuration with the answer's headers and whole body sent to ext_proc
+    too, as ext-proc asks for them on a translated route: the ext_proc floor of a translation."""
+    if isinstance(node, dict):
+        if "processing_mode" in node:
+            node["processing_mode"].update(response_header_mode="SEND", response_body_mode="BUFFERED")
+        for value in node.values():
+            answers_through_ext_proc(value)
+    elif isinstance(node, list):
+        for value in node:
+            answers_through_ext_proc(value)
+
+
 def chain_variants() -> list[Variant]:
     def named(name: str) -> Route:
         return Route(name, MODEL, native=False)
@@ -167,6 +180,8 @@ def chain_variants() -> list[Variant]:
           for name, made in calls.items()],
         Variant("modelgate_on_floor", FLOOR_HEADER_CONFIG, modelgate_on_floor, [named("modelgate_on_floor")],
                 bare_listener=True),
+        Variant("floor_ext_proc_answers", FLOORS["floor_ext_proc"][1], answers_through_ext_proc,
+                [named("floor_ext_proc_answers")], bare_listener=True),
         Variant("floor_on_demo", DEMO_CONFIG, floor_on_demo(), [named("floor_on_demo")]),
         *[Variant(f"floor_on_demo_without_{part}", DEMO_CONFIG, floor_on_demo(part),
                   [named(f"floor_on_demo_without_{part}")]) for part in DEMO_CHAIN_PARTS],

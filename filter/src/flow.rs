@@ -60,6 +60,8 @@ pub struct Flow {
     endpoint: Endpoint,
     /// The client's `Idempotency-Key`, where idempotency is configured.
     idempotency_key: Option<String>,
+    /// The request's `cache-control`, as the gate reads it: (look up, store).
+    cache_control: (bool, bool),
     /// When the request's headers came, in microseconds since the Unix epoch (0 if unknown).
     started_us: u64,
     /// The request's `x-request-id`, bounded.
@@ -250,6 +252,7 @@ impl Flow {
             gate,
             endpoint: Endpoint::ChatCompletions,
             idempotency_key: None,
+            cache_control: (true, true),
             started_us: 0,
             request_id: String::new(),
             traffic: Traffic::Interactive,
@@ -321,6 +324,9 @@ impl Flow {
                 self.counts_usage = endpoint.is_completion();
                 self.endpoint = endpoint;
                 self.phase = Phase::ReadingBody { caller, endpoint, buffered: 0 };
+                if self.router.cache().is_some() {
+                    self.cache_control = gate::cache_control(header("cache-control"));
+                }
                 if self.router.idempotency().is_some() && head.method == "POST" {
                     if let Some(key) = header(IDEMPOTENCY_KEY_HEADER) {
                         match gate::idempotency_key(key) {
@@ -782,7 +788,7 @@ impl Flow {
             return self.send_on(host, admitted, routing, body, Passed::default());
         };
         let cache = gate::route_cache(target, self.endpoint).map(|cache| {
-            let (lookup, store) = gate::cache_control(host.header(REQUEST_HEADERS, "cache-control").as_deref());
+            let (lookup, store) = self.cache_control;
             CacheAsk { ttl_secs: cache.ttl_secs, mode: cache.mode, shared: cache.shared, lookup, store }
         });
         let idempotency = self

@@ -165,6 +165,7 @@ fn a_worker_answers_an_exact_repeat_of_a_hit_from_its_own_copy_until_the_entry_e
     assert_eq!(repeat(&host, &worker, &idempotent, question).2, 1);
     let no_cache = chat_headers(&[("authorization", "Bearer sk-free"), ("cache-control", "no-cache")]);
     assert_eq!(repeat(&host, &worker, &no_cache, question).2, 1);
+    assert!(!host.take_calls().iter().any(|call| call.contains("cache-control")), "read with the header map");
     // no-cache asked for a fresh answer: the copy is gone for the next request too.
     assert_eq!(repeat(&host, &worker, &free(), question).2, 1);
 
