@@ -65,18 +65,22 @@ fn is_openai(dialect: &Dialect) -> bool {
 impl BackendProfile {
     /// True when requests to this backend pass through untouched, without ext_proc.
     pub fn is_passthrough(&self) -> bool {
-        self.dialect == Dialect::Openai
-            && self.model.is_none()
-            && matches!(self.api_key, None | Some(ApiKey::Passthrough))
-            && self.defaults.is_empty()
-            && self.pool.is_none()
+        self.model.is_none() && self.needs_no_more_than_a_rename()
     }
 
     /// The model name the backend expects, when renaming is all its requests
     /// need: the filter then renames them itself, without ext_proc.
     pub fn rename_only(&self) -> Option<&str> {
-        let renamed = BackendProfile { model: None, ..self.clone() };
-        self.model.as_deref().filter(|_| renamed.is_passthrough())
+        self.model.as_deref().filter(|_| self.needs_no_more_than_a_rename())
+    }
+
+    /// Nothing but the model's name may need changing: the backend speaks
+    /// OpenAI's API, takes the client's key or none, and has no defaults or pool.
+    fn needs_no_more_than_a_rename(&self) -> bool {
+        self.dialect == Dialect::Openai
+            && matches!(self.api_key, None | Some(ApiKey::Passthrough))
+            && self.defaults.is_empty()
+            && self.pool.is_none()
     }
 
     /// The profile as the value of the internal header.
