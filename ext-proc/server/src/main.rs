@@ -150,6 +150,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .merge(modelgate_pools::api::router(Arc::clone(&pools), token.clone()))
             .merge(routes::probes(shutdown.clone()));
         let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
+        // Stops with the process: a read cut short loses nothing.
+        modelgate_pools::scrape::run_apart(Arc::clone(&pools), shutdown.asked())?;
 
         tracing::info!(listen = %args.listen, admin = %args.admin_listen, "modelgate ext-proc listening");
         let grpc = async {
@@ -182,18 +184,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (served, ()) = tokio::join!(serve, service::report_health(reporter, pool, shutdown.clone()));
             served.map_err(Box::<dyn std::error::Error>::from)
         };
-        let scrapers = async {
-            modelgate_pools::scrape::run(Arc::clone(&pools), shutdown.asked()).await;
-            Ok(())
-        };
         let runner = batches.runner()?;
         let runner = async {
             runner.run(shutdown.asked()).await;
             Ok(())
         };
         let deadline = args.process.shutdown_deadline();
-        match shutdown.drain(async { tokio::try_join!(grpc, admin, runner, scrapers, endpoint_picker) }, deadline).await
-        {
+        match shutdown.drain(async { tokio::try_join!(grpc, admin, runner, endpoint_picker) }, deadline).await {
             Some(served) => {
                 served?;
             }
