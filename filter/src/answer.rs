@@ -26,6 +26,8 @@ pub struct Answer {
     started_us: u64,
     first_piece_us: Option<u64>,
     last_piece_us: Option<u64>,
+    /// The answer ended whole: its last piece has come.
+    ended: bool,
     gaps_us: Vec<u64>,
 }
 
@@ -38,7 +40,15 @@ impl Answer {
             (true, false) => Watch::Read(UsageReader::default()),
             (true, true) => Watch::Unasked(UnaskedUsage::default()),
         };
-        Answer { watch, stream, started_us, first_piece_us: None, last_piece_us: None, gaps_us: Vec::new() }
+        Answer {
+            watch,
+            stream,
+            started_us,
+            first_piece_us: None,
+            last_piece_us: None,
+            ended: false,
+            gaps_us: Vec::new(),
+        }
     }
 
     /// An error answer has no usage to read, and is passed on as it is rewritten.
@@ -64,6 +74,7 @@ impl Answer {
                 }
             }
         }
+        self.ended |= last;
         match &mut self.watch {
             Watch::Off => None,
             Watch::Read(reader) => {
@@ -83,6 +94,12 @@ impl Answer {
             Watch::Read(reader) => reader.usage(),
             Watch::Unasked(unasked) => unasked.usage(),
         }
+    }
+
+    /// When the answer's last bytes came, if it ended whole and they were
+    /// timed: the request's end, without another read of the clock.
+    pub fn ended_us(&self) -> Option<u64> {
+        self.last_piece_us.filter(|_| self.ended)
     }
 
     /// The record of this answer, ended at `now_us`, with the timing filled in.
@@ -114,11 +131,24 @@ mod tests {
         assert_eq!(first, b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
         answer.on_piece(|| 7_500, CHUNK, false);
         assert_eq!(answer.on_piece(|| 8_000, USAGE_CHUNK, false), Some(Vec::new()));
+        assert_eq!(answer.ended_us(), None, "not yet ended");
         assert_eq!(answer.on_piece(|| 8_100, b"data: [DONE]\n\n", true), None, "an unchanged piece is left alone");
+        assert_eq!(answer.ended_us(), Some(8_100), "ended with its last bytes");
         let record = answer.record(9_000);
         assert_eq!(record.usage, Some(Usage { prompt_tokens: 3, completion_tokens: 2 }));
         assert_eq!((record.latency_us, record.ttft_us), (8_000, Some(4_000)));
         assert_eq!(record.itl_us, [2_500, 500, 100]);
+    }
+
+    #[test]
+    fn an_answer_ends_when_its_last_bytes_came_even_if_its_end_has_none() {
+        let mut answer = Answer::new(0, false, true, false);
+        answer.on_piece(|| 10, b"{}", false);
+        answer.on_piece(|| panic!("an empty piece is not timed"), b"", true);
+        assert_eq!(answer.ended_us(), Some(10));
+        let mut empty = Answer::new(0, false, true, false);
+        empty.on_piece(|| panic!("an empty piece is not timed"), b"", true);
+        assert_eq!(empty.ended_us(), None, "no bytes came: the clock says when it ended");
     }
 
     #[test]

@@ -618,7 +618,8 @@ impl Flow {
                 status,
                 traffic: self.traffic,
             };
-            let mut record = request::usage_record(forwarded.answer.record(host.now_us()), finished);
+            let ended_us = forwarded.answer.ended_us().unwrap_or_else(|| host.now_us());
+            let mut record = request::usage_record(forwarded.answer.record(ended_us), finished);
             record.budget_reservation = forwarded.gated.as_ref().and_then(|gated| gated.budget_reservation.clone());
             self.outbox.push(&record);
             return;

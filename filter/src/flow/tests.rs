@@ -353,6 +353,21 @@ fn a_streams_usage_the_client_did_not_ask_for_is_read_and_removed() {
 }
 
 #[test]
+fn an_accounted_answer_is_timed_by_its_bytes_and_recorded_without_another_clock_read() {
+    let (host, mut worker, mut flow) = configured(r#", "accounting": {"cluster": "admin"}"#);
+    assert_eq!(send(&host, &mut flow, &chat_headers(&[]), CHAT), Action::Continue);
+    host.take_calls();
+    host.advance_us(2_000);
+    answer(&host, &mut flow, 200, &[], &[br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#]);
+    let clock_reads = host.take_calls().iter().filter(|call| *call == "now").count();
+    assert_eq!(clock_reads, 2, "openai-processing-ms, then the answer's bytes; the record takes their time");
+    worker.on_tick(&host);
+    let records = host.state.borrow().dispatched.clone();
+    let record: Value = serde_json::from_slice(&records[0].body).unwrap();
+    assert_eq!(record["latency_us"], 2_000, "from the request's start to its answer's last bytes");
+}
+
+#[test]
 fn models_are_listed_by_the_filter_itself() {
     let (host, _worker, mut flow) =
         configured_as(r#"{"backends": {"a": {"cluster": "c"}}, "models": [{"match": "llama-3", "backend": "a"}]}"#);
