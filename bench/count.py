@@ -20,7 +20,8 @@ functions are listed by inclusive instructions per request.
 
 `--split` adds the passthrough route's split by configuration (chain_variants): modelgate's filter on
 floor_wasm_header's minimal chain, the floor filter on the demo's chain with and without each of its
-parts, and the floor filter making modelgate's host calls one at a time.
+parts, and the floor filter making modelgate's host calls one at a time; and the body read natively
+and in wasm with a longer conversation (`*_long`).
 
 Writes DIR/count-<time>.json and .md.
 """
@@ -171,6 +172,16 @@ def answers_through_ext_proc(node) -> None:
             answers_through_ext_proc(value)
 
 
+# A longer conversation, 16 turns of 1,000 characters (a body of 16.6 KB against the usual 124
+# bytes): what reading the body costs as it grows, natively (json_to_metadata parses all of it)
+# and in wasm (the body copied into the VM, as modelgate's filter reads it).
+LONG_CONVERSATION = [{"role": ("user", "assistant")[turn % 2], "content": ("word " * 200)[:1000] + str(turn)}
+                     for turn in range(16)]
+LONG_BODY_VARIANTS = {"bare": (BARE_CONFIG, None),
+                      "floor_calls_request_body": (FLOOR_HEADER_CONFIG, floor_making(["request_body"])),
+                      "floor_native_route": (FLOORS["floor_native_route"][1], None)}
+
+
 def chain_variants() -> list[Variant]:
     def named(name: str) -> Route:
         return Route(name, MODEL, native=False)
@@ -182,6 +193,9 @@ def chain_variants() -> list[Variant]:
                 bare_listener=True),
         Variant("floor_ext_proc_answers", FLOORS["floor_ext_proc"][1], answers_through_ext_proc,
                 [named("floor_ext_proc_answers")], bare_listener=True),
+        *[Variant(f"{name}_long", config, adjust,
+                  [Route(f"{name}_long", MODEL, {"messages": LONG_CONVERSATION}, native=False)], bare_listener=True)
+          for name, (config, adjust) in LONG_BODY_VARIANTS.items()],
         Variant("floor_on_demo", DEMO_CONFIG, floor_on_demo(), [named("floor_on_demo")]),
         *[Variant(f"floor_on_demo_without_{part}", DEMO_CONFIG, floor_on_demo(part),
                   [named(f"floor_on_demo_without_{part}")]) for part in DEMO_CHAIN_PARTS],
