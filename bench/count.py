@@ -35,7 +35,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -174,32 +174,33 @@ def answers_through_ext_proc(node) -> None:
 
 # A longer conversation, 16 turns of 1,000 characters (a body of 16.6 KB against the usual 124
 # bytes): what reading the body costs as it grows, natively (json_to_metadata parses all of it)
-# and in wasm (the body copied into the VM, as modelgate's filter reads it).
+# and in wasm (the body copied into the VM; modelgate's filter reading it), for these variants.
 LONG_CONVERSATION = [{"role": ("user", "assistant")[turn % 2], "content": ("word " * 200)[:1000] + str(turn)}
                      for turn in range(16)]
-LONG_BODY_VARIANTS = {"bare": (BARE_CONFIG, None),
-                      "floor_calls_request_body": (FLOOR_HEADER_CONFIG, floor_making(["request_body"])),
-                      "floor_native_route": (FLOORS["floor_native_route"][1], None)}
+WITH_LONG_CONVERSATION = ["bare", "floor_calls_request_body", "floor_native_route", "unaccounted"]
+
+
+def with_long_conversation(variant: Variant) -> Variant:
+    name = f"{variant.name}_long"
+    return replace(variant, name=name, routes=[Route(name, MODEL, {"messages": LONG_CONVERSATION}, native=False)])
 
 
 def chain_variants() -> list[Variant]:
     def named(name: str) -> Route:
         return Route(name, MODEL, native=False)
     calls = {**{f"floor_calls_{call}": [call] for call in FILTER_CALLS}, "floor_calls_all": FILTER_CALLS}
-    return [
+    split = [
         *[Variant(name, FLOOR_HEADER_CONFIG, floor_making(made), [named(name)], bare_listener=True)
           for name, made in calls.items()],
         Variant("modelgate_on_floor", FLOOR_HEADER_CONFIG, modelgate_on_floor, [named("modelgate_on_floor")],
                 bare_listener=True),
         Variant("floor_ext_proc_answers", FLOORS["floor_ext_proc"][1], answers_through_ext_proc,
                 [named("floor_ext_proc_answers")], bare_listener=True),
-        *[Variant(f"{name}_long", config, adjust,
-                  [Route(f"{name}_long", MODEL, {"messages": LONG_CONVERSATION}, native=False)], bare_listener=True)
-          for name, (config, adjust) in LONG_BODY_VARIANTS.items()],
         Variant("floor_on_demo", DEMO_CONFIG, floor_on_demo(), [named("floor_on_demo")]),
         *[Variant(f"floor_on_demo_without_{part}", DEMO_CONFIG, floor_on_demo(part),
                   [named(f"floor_on_demo_without_{part}")]) for part in DEMO_CHAIN_PARTS],
     ]
+    return [*split, *[with_long_conversation(v) for v in [*variants(), *split] if v.name in WITH_LONG_CONVERSATION]]
 
 
 def callgrind(name: str, workdir: Path) -> list[str]:
