@@ -20,7 +20,8 @@ functions are listed by inclusive instructions per request.
 
 `--split` adds the passthrough route's split by configuration (chain_variants): modelgate's filter on
 floor_wasm_header's minimal chain, the floor filter on the demo's chain with and without each of its
-parts, and the floor filter making modelgate's host calls one at a time.
+parts, and the floor filter making modelgate's host calls one at a time; and the body read natively
+and in wasm with a longer conversation (`*_long`).
 
 Writes DIR/count-<time>.json and .md.
 """
@@ -34,7 +35,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -171,11 +172,24 @@ def answers_through_ext_proc(node) -> None:
             answers_through_ext_proc(value)
 
 
+# A longer conversation, 16 turns of 1,000 characters (a body of 16.6 KB against the usual 124
+# bytes): what reading the body costs as it grows, natively (json_to_metadata parses all of it)
+# and in wasm (the body copied into the VM; modelgate's filter reading it), for these variants.
+LONG_CONVERSATION = [{"role": ("user", "assistant")[turn % 2], "content": ("word " * 200)[:1000] + str(turn)}
+                     for turn in range(16)]
+WITH_LONG_CONVERSATION = ["bare", "floor_calls_request_body", "floor_native_route", "unaccounted"]
+
+
+def with_long_conversation(variant: Variant) -> Variant:
+    name = f"{variant.name}_long"
+    return replace(variant, name=name, routes=[Route(name, MODEL, {"messages": LONG_CONVERSATION}, native=False)])
+
+
 def chain_variants() -> list[Variant]:
     def named(name: str) -> Route:
         return Route(name, MODEL, native=False)
     calls = {**{f"floor_calls_{call}": [call] for call in FILTER_CALLS}, "floor_calls_all": FILTER_CALLS}
-    return [
+    split = [
         *[Variant(name, FLOOR_HEADER_CONFIG, floor_making(made), [named(name)], bare_listener=True)
           for name, made in calls.items()],
         Variant("modelgate_on_floor", FLOOR_HEADER_CONFIG, modelgate_on_floor, [named("modelgate_on_floor")],
@@ -186,6 +200,7 @@ def chain_variants() -> list[Variant]:
         *[Variant(f"floor_on_demo_without_{part}", DEMO_CONFIG, floor_on_demo(part),
                   [named(f"floor_on_demo_without_{part}")]) for part in DEMO_CHAIN_PARTS],
     ]
+    return [*split, *[with_long_conversation(v) for v in [*variants(), *split] if v.name in WITH_LONG_CONVERSATION]]
 
 
 def callgrind(name: str, workdir: Path) -> list[str]:

@@ -46,11 +46,15 @@ LOADGEN = ROOT / "target" / "release" / "modelgate-loadgen"
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
 BARE_CONFIG = ROOT / "bench" / "bare-envoy.yaml"
 # The floors: the least any body-routing wasm filter, and any ext_proc service behind one, cost
-# Envoy (docs/performance.md). Each is an Envoy on bare Envoy's listener, cluster and backend;
-# start_floors starts them. Scenario -> (the Envoy's process name, its configuration).
+# Envoy, and the least a body read by Envoy's native json_to_metadata costs, with and without a
+# wasm filter reading its metadata (docs/performance.md). Each is an Envoy on bare Envoy's
+# listener, cluster and backend; start_floors starts them. Scenario -> (the Envoy's process name,
+# its configuration).
 FLOORS = {"floor_wasm": ("floor-wasm-envoy", ROOT / "bench" / "floor-wasm.yaml"),
           "floor_wasm_header": ("floor-wasm-header-envoy", ROOT / "bench" / "floor-wasm-header.yaml"),
-          "floor_ext_proc": ("floor-ext-proc-envoy", ROOT / "bench" / "floor-ext-proc.yaml")}
+          "floor_ext_proc": ("floor-ext-proc-envoy", ROOT / "bench" / "floor-ext-proc.yaml"),
+          "floor_native_model": ("floor-native-model-envoy", ROOT / "bench" / "floor-native-model.yaml"),
+          "floor_native_route": ("floor-native-route-envoy", ROOT / "bench" / "floor-native-route.yaml")}
 # What they load and call: the floor filter (bench/floor-filter) and the ext_proc service answering
 # "continue" (bench/continue-ext-proc), which floor_ext_proc's Envoy calls on EXT_PROC_PORT.
 FLOOR_FILTER = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_floor_filter.wasm"
@@ -272,6 +276,7 @@ def measure(run: Run, stack: Stack) -> dict:
     serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "unaccounted": ["quiet-envoy"],
                "floor_wasm": ["floor-wasm-envoy"], "floor_wasm_header": ["floor-wasm-header-envoy"],
                "floor_ext_proc": ["floor-ext-proc-envoy", "continue-ext-proc"],
+               "floor_native_model": ["floor-native-model-envoy"], "floor_native_route": ["floor-native-route-envoy"],
                "passthrough": ["envoy", "ext-proc"], "cache_hit": ["cached-envoy", "ext-proc"],
                "rate_limited": ["keyed-envoy", "ext-proc"],
                "rename": ["envoy", "ext-proc"], "pool": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],

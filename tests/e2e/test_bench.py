@@ -16,7 +16,7 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     [result_file] = tmp_path.glob("bench-*-short.json")
     results = json.loads(result_file.read_text())
 
-    floors = {"floor_wasm", "floor_wasm_header", "floor_ext_proc"}
+    floors = {"floor_wasm", "floor_wasm_header", "floor_ext_proc", "floor_native_model", "floor_native_route"}
     assert set(results["throughput"]) == {"direct", "bare", *floors, "unaccounted", "passthrough", "cache_hit",
                                           "rate_limited", "rename", "pool", "fallbacks", "anthropic", "ollama"}
     assert set(results["streaming"]) == {"direct", "bare", "passthrough", "rename", "anthropic", "ollama", "responses",

@@ -10,6 +10,12 @@
 //! Each further line names one more host call to make as modelgate's filter
 //! makes it, and nothing done with its answer: what that call costs Envoy,
 //! counted by `make bench-count` (bench/count.py).
+//!
+//! One of them, `model_metadata`, changes what the filter holds: the model is
+//! read from the dynamic metadata Envoy's `json_to_metadata` filter, placed
+//! before this one, wrote from the body, and the header is set as the request's
+//! headers come, without holding them for the body. That is the floor of a
+//! design in which wasm does not hold the body.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -33,7 +39,16 @@ enum Call {
     ProcessingMs,
     /// The answer's `:status` (`response_status`).
     ResponseStatus,
+    /// The model `json_to_metadata` read from the body, from the dynamic metadata at
+    /// MODEL_METADATA, as the request's headers come (`model_metadata`): the header is set
+    /// then, only if there is a model, and the headers are not held for the body. The header's
+    /// value stays the configured one: looking the model up is modelgate's logic, not the floor's.
+    ModelMetadata,
 }
+
+/// Where `json_to_metadata` puts the body's `model` (bench/floor-native-model.yaml): the
+/// `modelgate` namespace of the request's dynamic metadata, key `model`.
+const MODEL_METADATA: [&str; 4] = ["metadata", "filter_metadata", "modelgate", "model"];
 
 impl Call {
     fn named(name: &str) -> Option<Call> {
@@ -43,6 +58,7 @@ impl Call {
             "request_body" => Call::RequestBody,
             "processing_ms" => Call::ProcessingMs,
             "response_status" => Call::ResponseStatus,
+            "model_metadata" => Call::ModelMetadata,
             _ => return None,
         })
     }
@@ -118,6 +134,14 @@ impl HttpContext for Request {
         if self.0.makes(Call::RequestHeaders) {
             let _ = hostcalls::get_map_bytes(MapType::HttpRequestHeaders);
         }
+        if self.0.makes(Call::ModelMetadata) {
+            // Set only where json_to_metadata found a model: without one the request meets the
+            // catch-all 404, so a floor whose metadata is not there cannot be counted.
+            if let (Some(header), Some(_)) = (&self.0.header, self.get_property(MODEL_METADATA.to_vec())) {
+                self.set_http_request_header(&header.0, Some(&header.1));
+            }
+            return Action::Continue;
+        }
         if end_of_stream {
             return self.body_complete(0);
         }
@@ -125,6 +149,9 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.0.makes(Call::ModelMetadata) {
+            return Action::Continue;
+        }
         if end_of_stream {
             return self.body_complete(body_size);
         }
@@ -154,5 +181,13 @@ mod tests {
         assert_eq!(setup.calls, [Call::RequestHeaders, Call::ResponseStatus]);
         assert_eq!(Setup::parse(b"x-modelgate-cluster: llama_pool\n").calls, []);
         assert_eq!(Setup::parse(b""), Setup::default());
+    }
+
+    #[test]
+    fn model_metadata_is_named_as_the_other_calls() {
+        let setup = Setup::parse(b"x-modelgate-cluster: llama_pool\n model_metadata \n");
+        assert_eq!(setup.calls, [Call::ModelMetadata]);
+        assert!(setup.makes(Call::ModelMetadata));
+        assert!(!Setup::parse(b"x-modelgate-cluster: llama_pool\nrequest_body\n").makes(Call::ModelMetadata));
     }
 }
