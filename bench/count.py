@@ -159,17 +159,21 @@ def floor_making(calls: list[str]):
     return adjust
 
 
-def answers_through_ext_proc(node) -> None:
-    """floor_ext_proc's configuration with the answer's headers and whole body sent to ext_proc
-    too, as ext-proc asks for them on a translated route: the ext_proc floor of a translation."""
-    if isinstance(node, dict):
-        if "processing_mode" in node:
-            node["processing_mode"].update(response_header_mode="SEND", response_body_mode="BUFFERED")
-        for value in node.values():
-            answers_through_ext_proc(value)
-    elif isinstance(node, list):
-        for value in node:
-            answers_through_ext_proc(value)
+def ext_proc_mode(**mode: str):
+    """floor_ext_proc's configuration with its ext_proc processing mode changed by `mode`: the
+    answer's headers and whole body sent too (as ext-proc asks for them on a translated route, the
+    ext_proc floor of a translation), or the request's headers not sent (its body alone, one
+    message for the request, as a design in which the filter sets what the headers need would send)."""
+    def adjust(node) -> None:
+        if isinstance(node, dict):
+            if "processing_mode" in node:
+                node["processing_mode"].update(mode)
+            for value in node.values():
+                adjust(value)
+        elif isinstance(node, list):
+            for value in node:
+                adjust(value)
+    return adjust
 
 
 # A longer conversation, 16 turns of 1,000 characters (a body of 16.6 KB against the usual 124
@@ -194,8 +198,11 @@ def chain_variants() -> list[Variant]:
           for name, made in calls.items()],
         Variant("modelgate_on_floor", FLOOR_HEADER_CONFIG, modelgate_on_floor, [named("modelgate_on_floor")],
                 bare_listener=True),
-        Variant("floor_ext_proc_answers", FLOORS["floor_ext_proc"][1], answers_through_ext_proc,
+        Variant("floor_ext_proc_answers", FLOORS["floor_ext_proc"][1],
+                ext_proc_mode(response_header_mode="SEND", response_body_mode="BUFFERED"),
                 [named("floor_ext_proc_answers")], bare_listener=True),
+        Variant("floor_ext_proc_body_only", FLOORS["floor_ext_proc"][1], ext_proc_mode(request_header_mode="SKIP"),
+                [named("floor_ext_proc_body_only")], bare_listener=True),
         Variant("floor_on_demo", DEMO_CONFIG, floor_on_demo(), [named("floor_on_demo")]),
         *[Variant(f"floor_on_demo_without_{part}", DEMO_CONFIG, floor_on_demo(part),
                   [named(f"floor_on_demo_without_{part}")]) for part in DEMO_CHAIN_PARTS],

@@ -47,14 +47,16 @@ LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
 BARE_CONFIG = ROOT / "bench" / "bare-envoy.yaml"
 # The floors: the least any body-routing wasm filter, and any ext_proc service behind one, cost
 # Envoy, and the least a body read by Envoy's native json_to_metadata costs, with and without a
-# wasm filter reading its metadata (docs/performance.md). Each is an Envoy on bare Envoy's
+# wasm filter reading its metadata; and what a second pass through Envoy costs, as a stream through
+# the stream guard takes one (docs/performance.md). Each is an Envoy on bare Envoy's
 # listener, cluster and backend; start_floors starts them. Scenario -> (the Envoy's process name,
 # its configuration).
 FLOORS = {"floor_wasm": ("floor-wasm-envoy", ROOT / "bench" / "floor-wasm.yaml"),
           "floor_wasm_header": ("floor-wasm-header-envoy", ROOT / "bench" / "floor-wasm-header.yaml"),
           "floor_ext_proc": ("floor-ext-proc-envoy", ROOT / "bench" / "floor-ext-proc.yaml"),
           "floor_native_model": ("floor-native-model-envoy", ROOT / "bench" / "floor-native-model.yaml"),
-          "floor_native_route": ("floor-native-route-envoy", ROOT / "bench" / "floor-native-route.yaml")}
+          "floor_native_route": ("floor-native-route-envoy", ROOT / "bench" / "floor-native-route.yaml"),
+          "floor_two_pass": ("floor-two-pass-envoy", ROOT / "bench" / "floor-two-pass.yaml")}
 # What they load and call: the floor filter (bench/floor-filter) and the ext_proc service answering
 # "continue" (bench/continue-ext-proc), which floor_ext_proc's Envoy calls on EXT_PROC_PORT.
 FLOOR_FILTER = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_floor_filter.wasm"
@@ -227,9 +229,10 @@ def start_continue_ext_proc(stack: Stack) -> int:
 
 
 def floor_ports(stack: Stack, ext_proc_port: int) -> dict[int, int]:
-    """A floor Envoy's ports: a listener and admin of its own, `stack`'s backend, and the continue
-    ext_proc service on `ext_proc_port`."""
-    return {LISTENER_PORT: free_port(), ADMIN_PORT: free_port(), 8001: stack.ports[8001], EXT_PROC_PORT: ext_proc_port}
+    """A floor Envoy's ports: a listener, a second listener and admin of its own, `stack`'s backend,
+    and the continue ext_proc service on `ext_proc_port`."""
+    return {LISTENER_PORT: free_port(), INNER_LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
+            8001: stack.ports[8001], EXT_PROC_PORT: ext_proc_port}
 
 
 def start_floors(stack: Stack) -> dict[str, int]:
@@ -277,6 +280,7 @@ def measure(run: Run, stack: Stack) -> dict:
                "floor_wasm": ["floor-wasm-envoy"], "floor_wasm_header": ["floor-wasm-header-envoy"],
                "floor_ext_proc": ["floor-ext-proc-envoy", "continue-ext-proc"],
                "floor_native_model": ["floor-native-model-envoy"], "floor_native_route": ["floor-native-route-envoy"],
+               "floor_two_pass": ["floor-two-pass-envoy"],
                "passthrough": ["envoy", "ext-proc"], "cache_hit": ["cached-envoy", "ext-proc"],
                "rate_limited": ["keyed-envoy", "ext-proc"],
                "rename": ["envoy", "ext-proc"], "pool": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],
@@ -316,11 +320,13 @@ def measure(run: Run, stack: Stack) -> dict:
     # scenarios are interleaved over rounds and each one's median round (by gap p99) counts.
     stream_headers = {"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)}
     stream_rate = 20 if run.short else 100
-    streamed = ["direct", "bare", "passthrough", "rename", *TRANSLATED, *CLIENT_APIS]
+    # The two-pass floor: what a guarded stream's second pass through Envoy costs alone.
+    guarded = ["passthrough", "rename", *TRANSLATED, *CLIENT_APIS]
+    streamed = ["direct", "bare", "floor_two_pass", *guarded]
     stream_rounds: dict[str, list[dict]] = {s: [] for s in streamed}
     # Per stream, CPU time is steady where the gap's p99 is not: it says what a stream costs each process.
-    stream_serving = {"direct": [BACKEND], "bare": ["bare-envoy"],
-                      **{s: ["envoy", "stream-guard", "ext-proc"] for s in streamed[2:]}}
+    stream_serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "floor_two_pass": ["floor-two-pass-envoy"],
+                      **{s: ["envoy", "stream-guard", "ext-proc"] for s in guarded}}
     for _ in range(1 if run.short else 5):
         for s in streamed:
             stream_rounds[s].append(with_cpu(stack, stream_serving[s], lambda: run.load(
@@ -604,6 +610,14 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
         if route in ["passthrough", "rename"]:
             r = envoy_cpu(st[route]) / envoy_cpu(st["bare"])
             rows.append((f"streaming {route}: Envoy CPU per stream / bare Envoy's", f"{r:.2f}x", "<= 1.3x", r <= 1.3))
+    # What the guarded routes' two passes through Envoy cost with nothing else: the floor under both stream targets.
+    if not failed(st["floor_two_pass"]):
+        r = envoy_cpu(st["floor_two_pass"]) / envoy_cpu(st["bare"])
+        gap = st["floor_two_pass"]["chunk_gap"]["p99_ms"] - st["bare"]["chunk_gap"]["p99_ms"]
+        rows.append(("streaming floor, two passes through Envoy: Envoy CPU per stream / bare Envoy's", f"{r:.2f}x",
+                     "the floor under <= 1.3x", None))
+        rows.append(("streaming floor, two passes through Envoy: added gap between chunks (p99)", f"{gap:+.3f} ms",
+                     "the floor under <= 0.2 ms", None))
     if "litellm" in tp:
         r = tp["passthrough"]["throughput_rps"] / tp["litellm"]["throughput_rps"]
         rows.append(("passthrough throughput / LiteLLM", f"{r:.1f}x", ">= 20x", r >= 20))
