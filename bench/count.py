@@ -2,7 +2,7 @@
 """`make bench-count`: instructions Envoy executes per request, counted by callgrind, for bare
 Envoy, modelgate's routes and the floors beside them.
 
-    python bench/count.py [--requests N] [--rounds R] [--only VARIANT ...] [--split] [--out DIR]
+    python bench/count.py [--requests N] [--rounds R] [--only VARIANT ...] [--split] [--streams] [--out DIR]
 
 Timing on a shared 2-core machine moves by tens of percent from one run to the next; instruction
 counts barely move. Each variant's Envoy runs under `valgrind --tool=callgrind` with
@@ -22,6 +22,10 @@ functions are listed by inclusive instructions per request.
 floor_wasm_header's minimal chain, the floor filter on the demo's chain with and without each of its
 parts, and the floor filter making modelgate's host calls one at a time; and the body read natively
 and in wasm with a longer conversation (`*_long`).
+
+`--streams` adds streamed answers of STREAM_TOKENS chunks, STREAM_ITL_MS apart as `make bench` sends
+them (stream_variants): bare Envoy, the two-pass floor, and the gateway's passthrough route through
+the stream guard, with and without accounting. Each stream is a "request" of the table.
 
 Writes DIR/count-<time>.json and .md.
 """
@@ -45,8 +49,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack, free_port,  # noqa: E402
                       http_connection_manager, render_config)
-from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, POOLED, RENAMED, TRANSLATED, PROMPT, floor_ports, gateway,  # noqa: E402
-                 start_continue_ext_proc, with_cached_model, without_accounting)
+from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, POOLED, RENAMED, STREAM_ITL_MS, STREAM_TOKENS, TRANSLATED,  # noqa: E402
+                 PROMPT, floor_ports, gateway, start_continue_ext_proc, with_cached_model, without_accounting)
 import yaml  # noqa: E402
 
 # Envoy under callgrind starts in tens of seconds, and V8 compiling the filter takes more.
@@ -64,6 +68,8 @@ class Route:
     expect: tuple[str, str] | None = None
     # Whether the filter's part is also counted natively (not where it waits on a call's answer).
     native: bool = True
+    # Request headers besides the content type (the simulator's stream length, say).
+    headers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -210,6 +216,20 @@ def chain_variants() -> list[Variant]:
     return [*split, *[with_long_conversation(v) for v in [*variants(), *split] if v.name in WITH_LONG_CONVERSATION]]
 
 
+def stream_variants() -> list[Variant]:
+    def streamed(name: str) -> Route:
+        return Route(name, MODEL, {"stream": True}, native=False,
+                     headers={"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)})
+    return [
+        Variant("bare_stream", BARE_CONFIG, None, [streamed("bare_stream")], bare_listener=True),
+        Variant("floor_two_pass_stream", FLOORS["floor_two_pass"][1], None, [streamed("floor_two_pass_stream")],
+                bare_listener=True),
+        Variant("guarded_stream", DEMO_CONFIG, gateway(), [streamed("guarded_stream")]),
+        Variant("guarded_stream_unaccounted", DEMO_CONFIG, gateway(without_accounting),
+                [streamed("guarded_stream_unaccounted")]),
+    ]
+
+
 def callgrind(name: str, workdir: Path) -> list[str]:
     """valgrind's command line for one Envoy. V8 writes the code it runs, so every store is checked
     against translated code (`--smc-check=all`); nothing is counted until `callgrind_control -i on`,
@@ -260,7 +280,7 @@ class Client:
         """Sends the request `count` times; while `warming`, answers need not carry `expect` (the
         first request to a cached route fills the cache)."""
         for _ in range(count):
-            self.connection.request("POST", CHAT, self.body, {"content-type": "application/json"})
+            self.connection.request("POST", CHAT, self.body, {"content-type": "application/json", **self.route.headers})
             answer = self.connection.getresponse()
             answer.read()
             if answer.status != 200:
@@ -446,12 +466,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variants to count, by name (default all but the split's)")
     parser.add_argument("--split", action="store_true",
                         help="also the passthrough route's split: chain_variants() (about 10 minutes more)")
+    parser.add_argument("--streams", action="store_true",
+                        help="also streamed answers: stream_variants() (about 5 minutes more at 100 requests)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     args = parser.parse_args()
 
     headline = variants()
-    chosen = [v for v in [*headline, *chain_variants()]
-              if v.name in args.only] if args.only else [*headline, *(chain_variants() if args.split else [])]
+    optional = [*(chain_variants() if args.split else []), *(stream_variants() if args.streams else [])]
+    chosen = [v for v in [*headline, *chain_variants(), *stream_variants()]
+              if v.name in args.only] if args.only else [*headline, *optional]
     binary = filter_tests() if any(r.native for v in chosen for r in v.routes) else None
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "requests": args.requests,
                      "rounds": args.rounds, "routes": {}, "worker": {}, "native": {}}
