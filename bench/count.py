@@ -25,7 +25,8 @@ and in wasm with a longer conversation (`*_long`).
 
 `--streams` adds streamed answers of STREAM_TOKENS chunks, STREAM_ITL_MS apart as `make bench` sends
 them (stream_variants): bare Envoy, the two-pass floor, and the gateway's passthrough route through
-the stream guard, with and without accounting. Each stream is a "request" of the table.
+the stream guard, with and without accounting, and with the client asking for the usage chunk
+itself. Each stream is a "request" of the table.
 
 Writes DIR/count-<time>.json and .md.
 """
@@ -217,14 +218,17 @@ def chain_variants() -> list[Variant]:
 
 
 def stream_variants() -> list[Variant]:
-    def streamed(name: str) -> Route:
-        return Route(name, MODEL, {"stream": True}, native=False,
+    def streamed(name: str, **extras) -> Route:
+        return Route(name, MODEL, {"stream": True, **extras}, native=False,
                      headers={"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)})
     return [
         Variant("bare_stream", BARE_CONFIG, None, [streamed("bare_stream")], bare_listener=True),
         Variant("floor_two_pass_stream", FLOORS["floor_two_pass"][1], None, [streamed("floor_two_pass_stream")],
                 bare_listener=True),
-        Variant("guarded_stream", DEMO_CONFIG, gateway(), [streamed("guarded_stream")]),
+        # The client asking for the usage chunk itself: read as it passes, nothing removed.
+        Variant("guarded_stream", DEMO_CONFIG, gateway(), [
+            streamed("guarded_stream"),
+            streamed("guarded_stream_usage_asked", stream_options={"include_usage": True})]),
         Variant("guarded_stream_unaccounted", DEMO_CONFIG, gateway(without_accounting),
                 [streamed("guarded_stream_unaccounted")]),
     ]
