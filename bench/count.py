@@ -23,8 +23,8 @@ floor_wasm_header's minimal chain, the floor filter on the demo's chain with and
 parts, and the floor filter making modelgate's host calls one at a time; and the body read natively
 and in wasm with a longer conversation (`*_long`).
 
-`--streams` adds streamed answers of STREAM_TOKENS chunks, STREAM_ITL_MS apart as `make bench` sends
-them (stream_variants): bare Envoy, the two-pass floor, and the gateway's passthrough route through
+`--streams` adds streamed answers as `make bench` asks the simulator for them (STREAM_HEADERS;
+stream_variants): bare Envoy, the two-pass floor, and the gateway's passthrough route through
 the stream guard, with and without accounting, and with the client asking for the usage chunk
 itself. Each stream is a "request" of the table.
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack, free_port,  # noqa: E402
                       http_connection_manager, render_config)
-from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, POOLED, RENAMED, STREAM_ITL_MS, STREAM_TOKENS, TRANSLATED,  # noqa: E402
+from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, POOLED, RENAMED, STREAM_HEADERS, TRANSLATED,  # noqa: E402
                  PROMPT, floor_ports, gateway, start_continue_ext_proc, with_cached_model, without_accounting)
 import yaml  # noqa: E402
 
@@ -171,15 +171,10 @@ def ext_proc_mode(**mode: str):
     answer's headers and whole body sent too (as ext-proc asks for them on a translated route, the
     ext_proc floor of a translation), or the request's headers not sent (its body alone, one
     message for the request, as a design in which the filter sets what the headers need would send)."""
-    def adjust(node) -> None:
-        if isinstance(node, dict):
+    def adjust(config: dict) -> None:
+        for node in objects(config):
             if "processing_mode" in node:
                 node["processing_mode"].update(mode)
-            for value in node.values():
-                adjust(value)
-        elif isinstance(node, list):
-            for value in node:
-                adjust(value)
     return adjust
 
 
@@ -219,8 +214,7 @@ def chain_variants() -> list[Variant]:
 
 def stream_variants() -> list[Variant]:
     def streamed(name: str, **extras) -> Route:
-        return Route(name, MODEL, {"stream": True, **extras}, native=False,
-                     headers={"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)})
+        return Route(name, MODEL, {"stream": True, **extras}, native=False, headers=STREAM_HEADERS)
     return [
         Variant("bare_stream", BARE_CONFIG, None, [streamed("bare_stream")], bare_listener=True),
         Variant("floor_two_pass_stream", FLOORS["floor_two_pass"][1], None, [streamed("floor_two_pass_stream")],
@@ -256,19 +250,24 @@ def start_counted_envoy(stack: Stack, variant: Variant, floor_ext_proc: int) -> 
     return ports
 
 
-def patient(node) -> None:
+def objects(node):
+    """Every mapping in a parsed configuration, `node` itself included, outermost first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from objects(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from objects(item)
+
+
+def patient(config: dict) -> None:
     """Lengthens every ext_proc message timeout in an Envoy configuration: under callgrind Envoy
     runs tens of times slower, and on a loaded machine an exchange can outlast the usual 2 s. A
     timer that never fires costs no instructions, so the counts are those of the usual setting."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "message_timeout":
-                node[key] = "60s"
-            else:
-                patient(value)
-    elif isinstance(node, list):
-        for item in node:
-            patient(item)
+    for node in objects(config):
+        if "message_timeout" in node:
+            node["message_timeout"] = "60s"
 
 
 class Client:

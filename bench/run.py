@@ -152,6 +152,8 @@ def cache_hits(stack: Stack, envoy_admin_port: int) -> float:
 
 STREAM_TOKENS = 20
 STREAM_ITL_MS = 10
+# What asks the simulator for such a stream.
+STREAM_HEADERS = {"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)}
 
 
 class Run:
@@ -318,7 +320,6 @@ def measure(run: Run, stack: Stack) -> dict:
     # Streams of STREAM_TOKENS chunks, STREAM_ITL_MS apart, at a modest fixed rate. The backend's own
     # timer jitter moves a gap's p99 by a millisecond or more from one run to the next, so the
     # scenarios are interleaved over rounds and each one's median round (by gap p99) counts.
-    stream_headers = {"x-sim-output-tokens": str(STREAM_TOKENS), "x-sim-itl-ms": str(STREAM_ITL_MS)}
     stream_rate = 20 if run.short else 100
     # The two-pass floor: what a guarded stream's second pass through Envoy costs alone.
     guarded = ["passthrough", "rename", *TRANSLATED, *CLIENT_APIS]
@@ -330,7 +331,7 @@ def measure(run: Run, stack: Stack) -> dict:
     for _ in range(1 if run.short else 5):
         for s in streamed:
             stream_rounds[s].append(with_cpu(stack, stream_serving[s], lambda: run.load(
-                s, rate=stream_rate, stream=True, headers=stream_headers)))
+                s, rate=stream_rate, stream=True, headers=STREAM_HEADERS)))
     results["streaming"] = {s: sorted(r, key=lambda x: x["chunk_gap"]["p99_ms"])[len(r) // 2]
                             for s, r in stream_rounds.items()}
 
