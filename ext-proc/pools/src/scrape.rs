@@ -44,8 +44,8 @@ pub async fn run(pools: Arc<Pools>, stop: impl Future<Output = ()>) {
 
 /// [`run`] on a thread and runtime of its own, until `stop` resolves: a
 /// replica's read, its page parsed, never waits in line before an answer to
-/// Envoy on the threads that serve requests (with one such thread, the reads
-/// made about half of the pool route's p99 at 1,000 req/s).
+/// Envoy on the threads that serve requests (with one such thread, as beside
+/// a small Envoy, a pick could wait behind 80 reads a second).
 pub fn run_apart(pools: Arc<Pools>, stop: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("pool-scrape".to_owned()).spawn(move || runtime.block_on(run(pools, stop)))?;
