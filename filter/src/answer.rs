@@ -3,20 +3,19 @@
 //! buffered: usage is read piece by piece, and a stream whose client did not
 //! ask for usage loses its usage chunk on the way.
 
-use modelgate_proto::usage::{UnaskedUsage, Usage, UsageReader, UsageRecord};
-
-/// A stream's inter-token gaps kept for one record; a longer stream's later gaps are not reported.
-const MAX_GAPS: usize = 4096;
+use modelgate_proto::usage::{Usage, UsageRecord, UsageWatch};
+use modelgate_proto::usage_trailer::{UsageTrailer, MAX_GAPS};
 
 /// How an answer's usage is found.
 #[derive(Debug)]
 enum Watch {
     /// Tokens are not counted here, or the answer is an error.
     Off,
-    /// Read where it stands; the answer passes unchanged.
-    Read(UsageReader),
-    /// Read and removed: the gateway asked for it, not the client.
-    Unasked(UnaskedUsage),
+    /// Read here, piece by piece (unless the stream guard, asked to, says it
+    /// reads it and gives it in a trailer at the stream's end).
+    Here(UsageWatch),
+    /// Read by the stream guard, which gives it in a trailer at the stream's end.
+    Trailer(Option<Usage>),
 }
 
 #[derive(Debug)]
@@ -28,6 +27,8 @@ pub struct Answer {
     last_piece_us: Option<u64>,
     /// The answer ended whole: its last piece has come.
     ended: bool,
+    /// The stream guard was asked to read the usage: it may say it does.
+    asked_guard: bool,
     gaps_us: Vec<u64>,
 }
 
@@ -35,11 +36,7 @@ impl Answer {
     /// An answer to a request that began at `started_us`; `count_tokens` where
     /// its usage matters, `unasked` where the client did not ask for a stream's usage.
     pub fn new(started_us: u64, stream: bool, count_tokens: bool, unasked: bool) -> Self {
-        let watch = match (count_tokens, unasked) {
-            (false, _) => Watch::Off,
-            (true, false) => Watch::Read(UsageReader::default()),
-            (true, true) => Watch::Unasked(UnaskedUsage::default()),
-        };
+        let watch = if count_tokens { Watch::Here(UsageWatch::new(unasked)) } else { Watch::Off };
         Answer {
             watch,
             stream,
@@ -47,8 +44,52 @@ impl Answer {
             first_piece_us: None,
             last_piece_us: None,
             ended: false,
+            asked_guard: false,
             gaps_us: Vec::new(),
         }
+    }
+
+    /// A stream through the stream guard whose tokens are counted: the guard
+    /// is asked to read its usage, with the value this returns, if any.
+    pub fn ask_guard(&mut self) -> Option<&'static str> {
+        let Watch::Here(watch) = &self.watch else { return None };
+        self.asked_guard = self.stream;
+        self.stream.then(|| watch.name())
+    }
+
+    /// True when the stream guard was asked for the usage trailer and has not answered yet.
+    pub fn asked_guard(&self) -> bool {
+        self.asked_guard && matches!(self.watch, Watch::Here(_))
+    }
+
+    /// The stream guard said it reads the usage: the stream's pieces are not read here.
+    pub fn from_trailer(&mut self) {
+        if self.asked_guard() {
+            self.watch = Watch::Trailer(None);
+        }
+    }
+
+    /// True when the stream guard gives the usage in a trailer.
+    pub fn awaits_trailer(&self) -> bool {
+        matches!(self.watch, Watch::Trailer(_))
+    }
+
+    /// A piece of a stream whose usage comes in a trailer: only the first is timed.
+    pub fn on_unread_piece(&mut self, now_us: impl FnOnce() -> u64) {
+        if self.first_piece_us.is_none() {
+            self.first_piece_us = Some(now_us());
+        }
+    }
+
+    /// The stream guard's usage trailer ([`UsageTrailer`]), come at `now_us`:
+    /// the answer ended whole with it.
+    pub fn on_trailer(&mut self, value: &[u8], now_us: u64) {
+        let Watch::Trailer(usage) = &mut self.watch else { return };
+        let trailer = UsageTrailer::parse(value);
+        *usage = trailer.usage;
+        self.gaps_us = trailer.gaps_us;
+        self.ended = true;
+        self.last_piece_us = Some(now_us);
     }
 
     /// An error answer has no usage to read, and is passed on as it is rewritten.
@@ -58,7 +99,7 @@ impl Answer {
 
     /// True when the answer's bytes must be looked at.
     pub fn reads_body(&self) -> bool {
-        !matches!(self.watch, Watch::Off)
+        !matches!(self.watch, Watch::Off | Watch::Trailer(_))
     }
 
     /// Notes a piece of the answer that arrived at `now_us()`, asked only of a
@@ -76,23 +117,16 @@ impl Answer {
         }
         self.ended |= last;
         match &mut self.watch {
-            Watch::Off => None,
-            Watch::Read(reader) => {
-                reader.feed(piece);
-                None
-            }
-            Watch::Unasked(unasked) => {
-                let passed = unasked.pass(piece, last);
-                (passed != piece).then_some(passed)
-            }
+            Watch::Off | Watch::Trailer(_) => None,
+            Watch::Here(watch) => watch.pass(piece, last),
         }
     }
 
     pub fn usage(&self) -> Option<Usage> {
         match &self.watch {
             Watch::Off => None,
-            Watch::Read(reader) => reader.usage(),
-            Watch::Unasked(unasked) => unasked.usage(),
+            Watch::Trailer(usage) => *usage,
+            Watch::Here(watch) => watch.usage(),
         }
     }
 
@@ -149,6 +183,40 @@ mod tests {
         let mut empty = Answer::new(0, false, true, false);
         empty.on_piece(|| panic!("an empty piece is not timed"), b"", true);
         assert_eq!(empty.ended_us(), None, "no bytes came: the clock says when it ended");
+    }
+
+    #[test]
+    fn a_guarded_streams_usage_comes_in_the_guards_trailer_once_the_guard_says_it_sends_one() {
+        let mut answer = Answer::new(0, true, true, true);
+        assert_eq!(answer.ask_guard(), Some("unasked"));
+        assert!(answer.asked_guard() && answer.reads_body(), "read here until the guard answers");
+        answer.from_trailer();
+        assert!(!answer.reads_body() && answer.awaits_trailer());
+        assert_eq!(answer.on_piece(|| panic!("no piece is read"), b"", false), None);
+        answer.on_unread_piece(|| 40);
+        answer.on_unread_piece(|| panic!("only the first piece is timed"));
+        answer.on_trailer(b"12,34 20 30", 100);
+        assert_eq!(answer.usage(), Some(Usage { prompt_tokens: 12, completion_tokens: 34 }));
+        assert_eq!(answer.ended_us(), Some(100));
+        let record = answer.record(120);
+        assert_eq!((record.ttft_us, record.itl_us), (Some(40), vec![20, 30]));
+
+        let mut none = Answer::new(0, true, true, false);
+        assert_eq!(none.ask_guard(), Some("read"));
+        none.from_trailer();
+        none.on_trailer(b"none", 10);
+        assert_eq!(none.usage(), None);
+
+        // A guard that does not say it sends the trailer (an older one): the stream is read here.
+        let mut older = Answer::new(0, true, true, false);
+        older.ask_guard();
+        older.on_piece(|| 5, USAGE_CHUNK, true);
+        assert_eq!(older.usage(), Some(Usage { prompt_tokens: 3, completion_tokens: 2 }));
+
+        let mut off = Answer::new(0, true, false, false);
+        assert_eq!(off.ask_guard(), None, "tokens not counted: nothing to ask the guard for");
+        let mut whole = Answer::new(0, false, true, false);
+        assert_eq!(whole.ask_guard(), None, "a whole answer is read here");
     }
 
     #[test]

@@ -46,6 +46,7 @@ const POOL_MODELS_TIMEOUT: Duration = Duration::from_secs(1);
 
 const REQUEST_HEADERS: MapType = MapType::HttpRequestHeaders;
 const RESPONSE_HEADERS: MapType = MapType::HttpResponseHeaders;
+const RESPONSE_TRAILERS: MapType = MapType::HttpResponseTrailers;
 
 /// One request, from its headers to its log.
 pub struct Flow {
@@ -456,6 +457,14 @@ impl Flow {
                 host.remove_header(RESPONSE_HEADERS, headers::CODE_DETAILS);
             }
         }
+        if let Phase::Forwarded(Forwarded { answer, .. }) = &mut self.phase {
+            // The guard's word that it reads the usage and sends the trailer, which the client never gets.
+            let announced = |trailer: Vec<u8>| trailer == headers::USAGE_TRAILER.as_bytes();
+            if answer.asked_guard() && host.header(RESPONSE_HEADERS, "trailer").is_some_and(announced) {
+                answer.from_trailer();
+                host.remove_header(RESPONSE_HEADERS, "trailer");
+            }
+        }
         if let Response::Replied { .. } = self.response {
             return Action::Continue;
         }
@@ -532,6 +541,9 @@ impl Flow {
                 } else {
                     Vec::new()
                 };
+                if answer.awaits_trailer() && body_size > 0 {
+                    answer.on_unread_piece(|| host.now_us());
+                }
                 let changed = answer.on_piece(|| host.now_us(), &piece, end_of_stream);
                 if let Some(changed) = &changed {
                     host.replace_body(BufferType::HttpResponseBody, body_size, changed);
@@ -542,6 +554,9 @@ impl Flow {
                 }
             }
             if end_of_stream {
+                if matches!(&self.phase, Phase::Forwarded(Forwarded { answer, .. }) if answer.awaits_trailer()) {
+                    host.log_error("the stream guard announced a usage trailer and ended the stream without it");
+                }
                 self.hand_over_answer(host, true);
                 // Before the answer's end leaves: the client's next request sees these tokens settled.
                 self.settle_tokens(host);
@@ -569,6 +584,22 @@ impl Flow {
             None => body.len(),
         };
         host.set_header(RESPONSE_HEADERS, "content-length", &length.to_string());
+        Action::Continue
+    }
+
+    /// A guarded stream's end: the stream guard's usage trailer, taken out.
+    pub fn on_response_trailers<H: Host>(&mut self, host: &H) -> Action {
+        if let Phase::Forwarded(Forwarded { answer, .. }) = &mut self.phase {
+            if answer.awaits_trailer() {
+                if let Some(value) = host.header(RESPONSE_TRAILERS, headers::USAGE_TRAILER) {
+                    host.remove_header(RESPONSE_TRAILERS, headers::USAGE_TRAILER);
+                    answer.on_trailer(&value, host.now_us());
+                }
+            }
+        }
+        self.hand_over_answer(host, true);
+        // Before the answer's end leaves: the client's next request sees these tokens settled.
+        self.settle_tokens(host);
         Action::Continue
     }
 
@@ -1063,8 +1094,14 @@ impl Flow {
         if let (true, Some(token)) = (guarded, self.router.internal_token()) {
             host.set_header(REQUEST_HEADERS, headers::INTERNAL_TOKEN, token);
         }
+        let mut answer = Answer::new(self.started_us, routing.stream, count_tokens, routing.usage_unasked);
+        // The stream guard frames every event of a stream it relays: asked, it reads the
+        // usage there and gives it in a trailer, and this filter reads no piece of the stream.
+        if let Some(asked) = guarded.then(|| answer.ask_guard()).flatten() {
+            host.set_header(REQUEST_HEADERS, headers::USAGE, asked);
+        }
         self.phase = Phase::Forwarded(Forwarded {
-            answer: Answer::new(self.started_us, routing.stream, count_tokens, routing.usage_unasked),
+            answer,
             caller: admitted.caller,
             model: routing.model,
             exact_route: routing.exact_route,

@@ -104,6 +104,10 @@ impl HttpContext for Request {
         self.0.on_response_body(&self.1, body_size, end_of_stream)
     }
 
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.0.on_response_trailers(&self.1)
+    }
+
     fn on_log(&mut self) {
         self.0.on_log(&self.1);
     }

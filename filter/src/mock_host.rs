@@ -33,6 +33,8 @@ pub struct State {
     pub tick_period: Option<Duration>,
     pub request_headers: Vec<(String, String)>,
     pub response_headers: Vec<(String, String)>,
+    /// The answer's trailers; an answer with some ends with them, not with its last piece.
+    pub response_trailers: Vec<(String, String)>,
     pub call_response_headers: Vec<(String, String)>,
     pub request_body: Vec<u8>,
     pub response_body: Vec<u8>,
@@ -60,6 +62,7 @@ fn map_name(map: MapType) -> &'static str {
     match map {
         MapType::HttpRequestHeaders => "request",
         MapType::HttpResponseHeaders => "response",
+        MapType::HttpResponseTrailers => "trailers",
         MapType::HttpCallResponseHeaders => "call",
         _ => "other",
     }
@@ -129,6 +132,7 @@ impl MockHost {
         let headers = match map {
             MapType::HttpRequestHeaders => &state.request_headers,
             MapType::HttpResponseHeaders => &state.response_headers,
+            MapType::HttpResponseTrailers => &state.response_trailers,
             _ => &state.call_response_headers,
         };
         headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
@@ -139,6 +143,7 @@ impl MockHost {
         let headers = match map {
             MapType::HttpRequestHeaders => &mut state.request_headers,
             MapType::HttpResponseHeaders => &mut state.response_headers,
+            MapType::HttpResponseTrailers => &mut state.response_trailers,
             _ => &mut state.call_response_headers,
         };
         edit(headers)

@@ -63,6 +63,20 @@ pub const ON_BEHALF_OF: &str = "x-modelgate-on-behalf-of";
 /// list on retries). A client's copy would bypass the picker: it is dropped.
 pub const DESTINATION_ENDPOINT: &str = "x-gateway-destination-endpoint";
 
+/// Set by the filter on a stream it sends through the stream guard and counts
+/// the tokens of: `read` where the client asked for the stream's usage,
+/// `unasked` where only the gateway did (the guard then removes it from the
+/// stream). Reached over HTTP/2, the guard reads the usage in the events it
+/// relays, announces the trailer [`USAGE_TRAILER`] in the answer's `trailer`
+/// header, and sends it at the stream's end, so the filter need not read the
+/// stream itself. Over HTTP/1.1 it does neither: the filter reads the stream.
+pub const USAGE: &str = "x-modelgate-usage";
+
+/// The stream guard's trailer on a stream asked for with [`USAGE`], as
+/// [`crate::usage_trailer::UsageTrailer`] writes it. The filter removes it,
+/// and the `trailer` header announcing it: clients never see either.
+pub const USAGE_TRAILER: &str = "modelgate-usage";
+
 /// Every internal request header; a client's copy of any of them is dropped.
 pub const INTERNAL: &[&str] = &[
     CLUSTER,
@@ -74,6 +88,7 @@ pub const INTERNAL: &[&str] = &[
     OWNER,
     ON_BEHALF_OF,
     DESTINATION_ENDPOINT,
+    USAGE,
 ];
 
 /// A response header Envoy's inner listener (behind the stream guard) adds with

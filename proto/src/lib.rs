@@ -26,3 +26,4 @@ pub mod replay;
 pub mod routing;
 pub mod stored_response;
 pub mod usage;
+pub mod usage_trailer;

@@ -689,6 +689,65 @@ impl UnaskedUsage {
     }
 }
 
+/// How a stream's usage is found as it passes, by the filter or, for a guarded
+/// stream, by the stream guard: read where it stands, or, where the gateway
+/// asked for it and the client did not, read and removed.
+#[derive(Debug)]
+pub enum UsageWatch {
+    Read(UsageReader),
+    Unasked(UnaskedUsage),
+}
+
+impl UsageWatch {
+    /// `unasked` where the client did not ask for the stream's usage.
+    pub fn new(unasked: bool) -> Self {
+        if unasked {
+            UsageWatch::Unasked(UnaskedUsage::default())
+        } else {
+            UsageWatch::Read(UsageReader::default())
+        }
+    }
+
+    /// The watch a request header's value names ([`Self::name`]'s), if any.
+    pub fn named(name: &[u8]) -> Option<Self> {
+        match name {
+            b"read" => Some(Self::new(false)),
+            b"unasked" => Some(Self::new(true)),
+            _ => None,
+        }
+    }
+
+    /// Its name in the request header that hands it to the stream guard.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UsageWatch::Read(_) => "read",
+            UsageWatch::Unasked(_) => "unasked",
+        }
+    }
+
+    /// Reads `piece` (`last` for the stream's final one): `Some(bytes)` when
+    /// the piece must be replaced by those before it goes on.
+    pub fn pass(&mut self, piece: &[u8], last: bool) -> Option<Vec<u8>> {
+        match self {
+            UsageWatch::Read(reader) => {
+                reader.feed(piece);
+                None
+            }
+            UsageWatch::Unasked(unasked) => {
+                let passed = unasked.pass(piece, last);
+                (passed != piece).then_some(passed)
+            }
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            UsageWatch::Read(reader) => reader.usage(),
+            UsageWatch::Unasked(unasked) => unasked.usage(),
+        }
+    }
+}
+
 /// True for the usage chunk OpenAI streams last: `"choices": []`.
 fn has_no_choices(event: &[u8]) -> bool {
     let Some(at) = find(event, b"\"choices\"", 0) else {

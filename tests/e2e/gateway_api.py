@@ -363,6 +363,11 @@ class Translation:
         self.translate_rule_cluster(route, index, rule, cluster)
         return action
 
+    def app_protocol(self, kind: str, namespace: str, name: str, port: int) -> str | None:
+        """The appProtocol of a Service's port, which Envoy Gateway reads for the upstream protocol."""
+        ports = self.manifests.get(kind, name, namespace)["spec"]["ports"]
+        return next((p.get("appProtocol") for p in ports if p["port"] == port), None)
+
     def translate_rule_cluster(self, route: dict, index: int, rule: dict, cluster: str) -> None:
         ns = namespace_of(route)
         backends = []
@@ -389,6 +394,12 @@ class Translation:
                     "locality_lb_config": {"locality_weighted_lb_config": {}}}}}]},
         }
         if all(kind == "Service" for kind, *_ in backends):
+            if any(self.app_protocol(*backend) == "kubernetes.io/h2c" for backend in backends):
+                # HTTP/2 with Envoy Gateway's window sizes (internal/xds/translator/cluster.go).
+                xds["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {
+                        "initial_stream_window_size": 65536, "initial_connection_window_size": 1048576}}}}
             xds.update(type="EDS", eds_cluster_config={
                 "eds_config": {"ads": {}, "resource_api_version": "V3"}, "service_name": cluster})
             self.resources[LOAD_ASSIGNMENT][cluster] = {"cluster_name": cluster, "endpoints": [

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # the HTTP client the openai SDK itself is built on
@@ -333,3 +334,49 @@ def report(line: str) -> None:
     REPORTED.append(line)
 
 
+
+
+@dataclass
+class H2Answer:
+    status: int
+    headers: dict[str, str]
+    data: bytes
+    trailers: dict[str, str]
+
+
+def h2c_post(port: int, body: dict, headers: dict[str, str], trailers: bool = False) -> H2Answer:
+    """A chat completions POST over HTTP/2 without TLS (h2c), its body ending in trailers if
+    asked: the answer as the client gets it, its trailers included."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+                          (":authority", "gateway"), ("content-type", "application/json"), *headers.items()])
+    conn.send_data(1, json.dumps(body).encode(), end_stream=not trailers)
+    if trailers:
+        conn.send_headers(1, [("x-checksum", "none")], end_stream=True)
+    answer = H2Answer(0, {}, b"", {})
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(conn.data_to_send())
+        ended = False
+        while not ended:
+            received = sock.recv(65536)
+            assert received, "the gateway closed the connection"
+            for event in conn.receive_data(received):
+                if isinstance(event, h2.events.ResponseReceived):
+                    answer.headers = {k.decode(): v.decode() for k, v in event.headers}
+                    answer.status = int(answer.headers[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    answer.data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    answer.trailers = {k.decode(): v.decode() for k, v in event.headers}
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended = True
+            sock.sendall(conn.data_to_send())
+    return answer

@@ -10,7 +10,7 @@ import httpx2
 import openai
 import pytest
 
-from harness import Stack, attempts_at, edit_filter_config, envoy_stat, new_request_id as rid, sdk
+from harness import Stack, attempts_at, edit_filter_config, envoy_stat, h2c_post, new_request_id as rid, sdk
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -325,41 +325,6 @@ def test_a_request_with_many_headers_gets_the_same_answer_whole_and_streamed(htt
         assert refused.json()["error"]["code"] == "bad_http_request"
 
 
-def h2c_request(port: int, body: dict, request_id: str, trailers: bool) -> tuple[int, bytes]:
-    """A POST over HTTP/2 without TLS (h2c), its body ending in trailers if asked: the status and body."""
-    import socket
-
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    conn.send_headers(1, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
-                          (":authority", "gateway"), ("content-type", "application/json"),
-                          ("x-request-id", request_id)])
-    conn.send_data(1, json.dumps(body).encode(), end_stream=not trailers)
-    if trailers:
-        conn.send_headers(1, [("x-checksum", "none")], end_stream=True)
-    status, data = 0, b""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(conn.data_to_send())
-        ended = False
-        while not ended:
-            received = sock.recv(65536)
-            assert received, "the gateway closed the connection"
-            for event in conn.receive_data(received):
-                if isinstance(event, h2.events.ResponseReceived):
-                    status = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
-                    ended = True
-            sock.sendall(conn.data_to_send())
-    return status, data
-
-
 @pytest.mark.parametrize("model, backend, path", [
     ("llama-3.1-8b-instruct", "vllm-llama", "/v1/chat/completions"),
     ("claude-sonnet-4-5", "anthropic", "/v1/messages"),
@@ -367,7 +332,7 @@ def h2c_request(port: int, body: dict, request_id: str, trailers: bool) -> tuple
 @pytest.mark.parametrize("trailers", [False, True])
 def test_an_http2_request_ending_in_trailers_is_routed_as_any_other(stack, model, backend, path, trailers):
     request_id = rid()
-    status, data = h2c_request(stack.port, {"model": model, "messages": HELLO}, request_id, trailers)
-    assert status == 200, data
-    assert json.loads(data)["object"] == "chat.completion"
+    answer = h2c_post(stack.port, {"model": model, "messages": HELLO}, {"x-request-id": request_id}, trailers)
+    assert answer.status == 200, answer.data
+    assert json.loads(answer.data)["object"] == "chat.completion"
     assert [r["path"] for r in attempts_at(stack, backend, request_id)] == [path]

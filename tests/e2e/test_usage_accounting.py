@@ -5,13 +5,14 @@ usage report (tokens and cost per key, model and backend over a time window)."""
 import hashlib
 import json
 import re
+import socket
 import time
 
 import httpx2
 import pytest
 
-from harness import (EXT_PROC_ADMIN_PORT, Stack, edit_filter_config, labels, metrics, new_request_id as rid, sdk,
-                     wait_for_requests)
+from harness import (EXT_PROC_ADMIN_PORT, Stack, edit_filter_config, envoy_stat, h2c_post, labels, metrics,
+                     new_request_id as rid, requests_counted, sdk, wait_for_requests)
 
 ALICE, BOB = "sk-alice-0001", "sk-bob-0002"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -92,6 +93,55 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
     # ext-proc logs each request in a span carrying its id, model, backend, status and tokens.
     line = next(line for line in gateway.log_tail("ext-proc", 200).splitlines() if request_id in line)
     assert "claude-sonnet-4-5" in line and "anthropic" in line and f"completion_tokens={stream_usage.completion_tokens}" in line
+
+
+def http1_stream(port: int, body: dict, headers: dict[str, str]) -> bytes:
+    """A POST over HTTP/1.1, read raw to the connection's end: what the client gets, byte for byte."""
+    payload = json.dumps(body).encode()
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+               f"{head}content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_guarded_streams_usage_comes_to_the_filter_in_a_trailer_no_client_sees(gateway):
+    """The stream guard, reached over HTTP/2, reads a counted stream's usage and hands it to the
+    filter in a trailer at the stream's end; the filter takes it out, so clients over HTTP/1.1 and
+    HTTP/2 get exactly the stream they asked for, and the tokens are counted all the same."""
+    claude = labels(model="claude-sonnet-4-5", backend="anthropic", key="alice", traffic="interactive")
+    llama = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="alice", traffic="interactive")
+    before = metrics(gateway)
+    counted_before = requests_counted(gateway)
+
+    raw = http1_stream(gateway.port, {"model": "llama-3.1-8b-instruct", "messages": HELLO, "max_tokens": 5,
+                                      "stream": True}, {"authorization": f"Bearer {ALICE}"})
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    assert b"\r\ntrailer:" not in head.lower() and b"modelgate-usage" not in raw, raw
+    assert body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), body[-80:]
+    assert b'"usage"' not in body, "the client did not ask for usage"
+
+    h2 = h2c_post(gateway.port, {"model": "claude-sonnet-4-5", "messages": HELLO, "max_tokens": 6, "stream": True,
+                                 "stream_options": {"include_usage": True}}, {"authorization": f"Bearer {ALICE}"})
+    assert h2.status == 200 and "trailer" not in h2.headers and h2.trailers == {}, (h2.headers, h2.trailers)
+    assert b"modelgate-usage" not in h2.data
+    usage = [json.loads(line[6:])["usage"] for line in h2.data.decode().splitlines()
+             if line.startswith("data: {") and '"usage":{' in line]
+    assert usage and usage[-1]["completion_tokens"] == 6, "the client asked for usage: it keeps it"
+
+    wait_for_requests(gateway, counted_before + 2, within=5)
+    after = metrics(gateway)
+    grown = lambda name, at: after[f"{name}{at}"] - before.get(f"{name}{at}", 0)  # noqa: E731
+    assert grown("modelgate_completion_tokens_total", llama) == 5
+    assert grown("modelgate_completion_tokens_total", claude) == 6
+    assert grown("modelgate_prompt_tokens_total", claude) == usage[-1]["prompt_tokens"]
+    # Envoy reached the guard over HTTP/2, where no setting of its own can drop a trailer.
+    assert envoy_stat(gateway, r"^cluster\.modelgate_stream_guard\.upstream_cx_http2_total$") >= 1
 
 
 def test_the_usage_report_survives_an_ext_proc_crash_and_counts_each_request_once(gateway):

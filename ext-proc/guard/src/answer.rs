@@ -1,20 +1,21 @@
 //! The answer the client gets: a stream guarded event by event, a whole
 //! answer translated, and the guard's own errors.
 
-use crate::guarded_body::{GuardedBody, StreamReader};
+use crate::guarded_body::{GuardedBody, StreamReader, TrailedUsage};
 use crate::rewrite::apply_changes;
 use crate::server::StreamGuard;
 use crate::upstream::remove_hop_by_hop;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRAILER};
 use hyper::{Response, StatusCode};
 use modelgate_dialects::call::plan_answer;
 use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::{retry_header, GatewayError};
 use modelgate_proto::framing::{error_event_in, CompleteEvents, Framing};
+use modelgate_proto::headers;
 
 /// The framing of a streamed answer: server-sent events, or Ollama's NDJSON.
 pub(crate) fn stream_framing(headers: &HeaderMap) -> Option<Framing> {
@@ -32,6 +33,7 @@ pub(crate) async fn guard_response(
     mut translation: Option<Box<dyn ResponseTranslator>>,
     request_id: Option<HeaderValue>,
     api: ClientApi,
+    usage: Option<TrailedUsage>,
 ) -> Response<GuardedBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
@@ -61,7 +63,11 @@ pub(crate) async fn guard_response(
         }
     });
     let cut = reader.as_ref().map(|_| guard.cut());
-    Response::from_parts(parts, GuardedBody::relaying(body, first, reader, request_id, cut, api))
+    if reader.is_some() && usage.is_some() {
+        // The filter's sign that the usage comes in the trailer, and that it need read no piece.
+        parts.headers.insert(TRAILER, HeaderValue::from_static(headers::USAGE_TRAILER));
+    }
+    Response::from_parts(parts, GuardedBody::relaying(body, first, reader, request_id, cut, api).with_usage(usage))
 }
 
 /// A stream's answer for a success that is not a stream (a whole answer, an

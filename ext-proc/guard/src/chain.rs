@@ -1,7 +1,7 @@
 //! A model with fallbacks: its chain's backends tried in turn within the retry budget.
 
 use crate::answer::{error_response, guard_response, not_a_stream, stream_framing};
-use crate::guarded_body::GuardedBody;
+use crate::guarded_body::{GuardedBody, TrailedUsage};
 use crate::rewrite::{apply_rewrite, unusable_header};
 use crate::server::StreamGuard;
 use crate::upstream::{log_listener_unreachable, read_body, remove_hop_by_hop, UpstreamBody};
@@ -32,6 +32,7 @@ impl StreamGuard {
         body: Incoming,
         chain: &[u8],
         api: ClientApi,
+        mut usage: Option<TrailedUsage>,
     ) -> Response<GuardedBody> {
         let chain = match Chain::from_header(chain) {
             Ok(chain) if !chain.members.is_empty() => chain,
@@ -121,7 +122,7 @@ impl StreamGuard {
                     } else {
                         (response, None)
                     };
-                    guard_response(self, response, first, translation, request_id.clone(), api).await
+                    guard_response(self, response, first, translation, request_id.clone(), api, usage.take()).await
                 }
                 Err(failed) => {
                     if may_retry() {

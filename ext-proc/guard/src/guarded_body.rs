@@ -4,14 +4,18 @@
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use modelgate_dialects::dialect::ResponseTranslator;
 use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{error_event_in, CompleteEvents};
+use modelgate_proto::headers;
+use modelgate_proto::usage::UsageWatch;
+use modelgate_proto::usage_trailer::{UsageTrailer, MAX_GAPS};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 /// A relayed answer's body. Event streams go on whole events at a time and
 /// end with an error event if the upstream breaks, an event is too long or the
@@ -27,6 +31,59 @@ pub struct GuardedBody {
     cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The client's API: its error event ends a broken stream.
     api: ClientApi,
+    /// Where the filter asked for it: the stream's usage, read (and removed if
+    /// unasked) from what goes on, and sent as a trailer at the end.
+    usage: Option<TrailedUsage>,
+}
+
+/// A stream whose usage the filter asked for: read (and removed where the
+/// client did not ask for it) as its pieces go on, the gaps between the
+/// pieces timed, and all of it sent to the filter in the usage trailer.
+pub struct TrailedUsage {
+    watch: UsageWatch,
+    last_piece: Option<Instant>,
+    gaps_us: Vec<u64>,
+}
+
+fn watched(usage: &mut Option<TrailedUsage>, piece: Bytes, last: bool) -> Bytes {
+    match usage {
+        Some(usage) => usage.pass(piece, last),
+        None => piece,
+    }
+}
+
+impl TrailedUsage {
+    /// What the filter's [`headers::USAGE`] asks for, if anything.
+    pub fn asked(value: Option<&HeaderValue>) -> Option<Self> {
+        let watch = UsageWatch::named(value?.as_bytes())?;
+        Some(TrailedUsage { watch, last_piece: None, gaps_us: Vec::new() })
+    }
+
+    /// The bytes to send on for `piece`, `last` for the stream's final piece.
+    fn pass(&mut self, piece: Bytes, last: bool) -> Bytes {
+        if !piece.is_empty() {
+            let now = Instant::now();
+            if let Some(previous) = self.last_piece.replace(now) {
+                if self.gaps_us.len() < MAX_GAPS {
+                    self.gaps_us.push(now.duration_since(previous).as_micros() as u64);
+                }
+            }
+        }
+        match self.watch.pass(&piece, last) {
+            Some(changed) => Bytes::from(changed),
+            None => piece,
+        }
+    }
+
+    fn trailers(&self) -> HeaderMap {
+        let value = UsageTrailer::encode(self.watch.usage(), &self.gaps_us);
+        let mut trailers = HeaderMap::new();
+        // Digits, commas, spaces and `none`: always a valid value.
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            trailers.insert(HeaderName::from_static(headers::USAGE_TRAILER), value);
+        }
+        trailers
+    }
 }
 
 /// How a guarded stream is read: each stream is framed once, by one of them.
@@ -49,6 +106,7 @@ impl GuardedBody {
             request_id: None,
             cut: None,
             api: ClientApi::Openai,
+            usage: None,
         }
     }
 
@@ -62,7 +120,13 @@ impl GuardedBody {
         cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
         api: ClientApi,
     ) -> Self {
-        GuardedBody { state: State::Relaying(upstream), first, reader, request_id, cut, api }
+        GuardedBody { state: State::Relaying(upstream), first, reader, request_id, cut, api, usage: None }
+    }
+
+    /// Reads the stream's usage as asked, and ends it with the usage trailer.
+    pub(crate) fn with_usage(mut self, usage: Option<TrailedUsage>) -> Self {
+        self.usage = usage.filter(|_| self.reader.is_some());
+        self
     }
 
     /// Ends a stream early: `complete` (whole events, or a translation's
@@ -84,6 +148,8 @@ enum State {
     Relaying(Incoming),
     /// One last piece to send, then the end.
     Last(Bytes),
+    /// The usage trailer, after the last piece.
+    Trailers(HeaderMap),
     Done,
 }
 
@@ -95,10 +161,20 @@ impl Body for GuardedBody {
         let this = &mut *self;
         loop {
             if !matches!(this.state, State::Relaying(_)) {
-                return Poll::Ready(match std::mem::replace(&mut this.state, State::Done) {
-                    State::Last(last) if !last.is_empty() => Some(Ok(Frame::data(last))),
-                    _ => None,
-                });
+                match std::mem::replace(&mut this.state, State::Done) {
+                    State::Last(last) => {
+                        let last = watched(&mut this.usage, last, true);
+                        if let Some(usage) = this.usage.take() {
+                            this.state = State::Trailers(usage.trailers());
+                        }
+                        if !last.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(last))));
+                        }
+                        continue;
+                    }
+                    State::Trailers(trailers) => return Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                    _ => return Poll::Ready(None),
+                }
             }
             if this.cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
                 this.cut = None;
@@ -118,6 +194,7 @@ impl Body for GuardedBody {
                     Ok(data) => match reader {
                         StreamReader::Events(events) => match events.push(data) {
                             Ok(complete) => {
+                                let complete = watched(&mut this.usage, complete, false);
                                 if !complete.is_empty() {
                                     return Poll::Ready(Some(Ok(Frame::data(complete))));
                                 }
@@ -132,12 +209,26 @@ impl Body for GuardedBody {
                             if translation.ended() {
                                 // It ended the stream with its error event: nothing more is read.
                                 this.state = State::Last(translated);
-                            } else if !translated.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(translated))));
+                            } else {
+                                let translated = watched(&mut this.usage, translated, false);
+                                if !translated.is_empty() {
+                                    return Poll::Ready(Some(Ok(Frame::data(translated))));
+                                }
                             }
                         }
                     },
-                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    Err(trailers) => {
+                        // The upstream's own trailers end the stream: the usage trailer joins them.
+                        let usage = this.usage.take().map(|usage| usage.trailers());
+                        return Poll::Ready(Some(Ok(match (trailers.into_trailers(), usage) {
+                            (Ok(mut theirs), Some(ours)) => {
+                                theirs.extend(ours);
+                                Frame::trailers(theirs)
+                            }
+                            (Ok(theirs), None) => Frame::trailers(theirs),
+                            (Err(other), _) => other,
+                        })));
+                    }
                 },
                 Some(Err(e)) => this.end_with(Bytes::new(), &GatewayError::interrupted(&e)),
                 None => {
@@ -158,7 +249,7 @@ impl Body for GuardedBody {
         match (&self.state, &self.reader) {
             (State::Relaying(upstream), None) if self.first.is_none() => upstream.size_hint(),
             (State::Last(last), _) => SizeHint::with_exact(last.len() as u64),
-            (State::Done, _) => SizeHint::with_exact(0),
+            (State::Trailers(_) | State::Done, _) => SizeHint::with_exact(0),
             (State::Relaying(_), _) => SizeHint::default(),
         }
     }
@@ -168,6 +259,8 @@ impl Body for GuardedBody {
 mod tests {
     use crate::server::StreamGuard;
     use crate::testing::*;
+    use modelgate_proto::usage::Usage;
+    use modelgate_proto::usage_trailer::UsageTrailer;
     use std::time::Duration;
     use tokio::net::TcpListener;
 
@@ -213,6 +306,36 @@ mod tests {
         let answer = through_guard(upstream_writing(whole.as_bytes()).await, true).await;
         assert!(answer.contains("data: 1\n\ndata: [DONE]\n\n"), "{answer}");
         assert!(!answer.contains("error"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_asked_for_its_usage_over_http2_ends_with_the_usage_trailer_and_loses_the_unasked_usage() {
+        let events = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        let upstream: &'static str = format!("{head}{:x}\r\n{events}\r\n0\r\n\r\n", events.len()).leak();
+        let asked = [("x-modelgate-stream-cluster", "pool"), ("x-modelgate-usage", "unasked")];
+        let (upstream_addr, received) = upstream_answering(upstream.as_bytes()).await;
+        let (head, body, trailers) = http2_request_through(StreamGuard::new(upstream_addr), &asked, "{}").await;
+        assert_eq!(head.headers["trailer"], "modelgate-usage", "{head:?}");
+        assert_eq!(body, "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n");
+        let trailer = trailers.expect("the usage trailer")["modelgate-usage"].to_str().unwrap().to_owned();
+        let trailer = UsageTrailer::parse(trailer.as_bytes());
+        assert_eq!(trailer.usage, Some(Usage { prompt_tokens: 3, completion_tokens: 2 }));
+        let received = received.await.unwrap();
+        assert!(received.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"), "{received}");
+        assert!(received.contains("host: x\r\n"), "the host goes on: {received}");
+        assert!(!received.contains("x-modelgate-usage"), "{received}");
+
+        // Over HTTP/1.1, where a proxy's setting may drop trailers, the usage is left to the filter.
+        let asked = "x-modelgate-stream-cluster: pool\r\nx-modelgate-usage: unasked\r\nte: trailers\r\n";
+        let answer = request_through_guard(upstream_writing(upstream.as_bytes()).await, asked, "").await;
+        assert!(!answer.contains("trailer:") && !answer.contains("modelgate-usage"), "{answer}");
+        assert!(answer.contains("\"usage\":{\"prompt_tokens\":3"), "{answer}");
+        assert!(answer.ends_with("\r\n0\r\n\r\n"), "{answer}");
     }
 
     #[tokio::test]

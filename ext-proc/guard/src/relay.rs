@@ -3,14 +3,14 @@
 //! answer guarded. A request for a model with fallbacks goes to [`crate::chain`].
 
 use crate::answer::{error_response, guard_response, not_a_stream, stream_framing};
-use crate::guarded_body::GuardedBody;
+use crate::guarded_body::{GuardedBody, TrailedUsage};
 use crate::rewrite::rewrite;
 use crate::server::StreamGuard;
 use crate::upstream::{log_listener_unreachable, remove_hop_by_hop};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, Uri};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use hyper::{Request, Response, Uri, Version};
 use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
@@ -23,8 +23,11 @@ impl StreamGuard {
         if let Err(e) = self.intake(&mut parts.headers) {
             return error_response(e, api);
         }
+        // Only over HTTP/2 can no setting of Envoy's drop the trailer the usage would come in.
+        let asked = parts.headers.remove(headers::USAGE);
+        let usage = TrailedUsage::asked(asked.as_ref().filter(|_| parts.version == Version::HTTP_2));
         if let Some(chain) = parts.headers.remove(headers::CHAIN) {
-            return self.relay_chain(parts, body, chain.as_bytes(), api).await;
+            return self.relay_chain(parts, body, chain.as_bytes(), api, usage).await;
         }
         let Some(cluster) = parts.headers.remove(headers::STREAM_CLUSTER) else {
             return error_response(GatewayError::stream_without_cluster(), api);
@@ -48,7 +51,7 @@ impl StreamGuard {
             Ok(response) if response.status().is_success() && stream_framing(response.headers()).is_none() => {
                 not_a_stream(response.headers(), request_id, api)
             }
-            Ok(response) => guard_response(self, response, None, translation, request_id, api).await,
+            Ok(response) => guard_response(self, response, None, translation, request_id, api, usage).await,
             Err(e) => error_response(log_listener_unreachable(&e), api),
         }
     }
@@ -66,8 +69,15 @@ impl StreamGuard {
         Ok(())
     }
 
-    /// Points a request at Envoy's inner listener, keeping its path.
+    /// Points a request at Envoy's inner listener, keeping its path and its host: a request
+    /// Envoy sent over HTTP/2 names its host only in the URI, and goes on over HTTP/1.1.
     pub(crate) fn point_upstream(&self, parts: &mut hyper::http::request::Parts) -> Result<(), GatewayError> {
+        if let (false, Some(authority)) = (parts.headers.contains_key(HOST), parts.uri.authority()) {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(HOST, host);
+            }
+        }
+        parts.version = Version::HTTP_11;
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::try_from(format!("http://{}{path}", self.upstream))
             .map_err(|_| GatewayError::invalid_request("The request path is not valid.".into()))?;

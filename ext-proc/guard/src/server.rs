@@ -9,7 +9,8 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use modelgate_dialects::credentials::KeySources;
 use modelgate_proto::framing::DEFAULT_MAX_EVENT_BYTES;
 use modelgate_runtime::health;
@@ -28,6 +29,11 @@ use tokio::sync::{mpsc, watch};
 /// Envoy's default), with room for the headers the gateway adds on the way,
 /// so every request Envoy lets in is relayed.
 pub const DEFAULT_MAX_HEADERS: usize = 200;
+
+/// The most bytes of headers a request over HTTP/2 may have: about what the
+/// HTTP/1 side reads (hyper's read buffer), far above Envoy's default limit
+/// on a request's headers (60 KiB), so every request Envoy lets in is relayed.
+const MAX_HTTP2_HEADER_BYTES: u32 = 400 * 1024;
 
 /// Relays requests to one upstream (Envoy's inner listener).
 pub struct StreamGuard {
@@ -164,9 +170,12 @@ impl StreamGuard {
                     })
                 }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .max_headers(max_headers)
-                .serve_connection(TokioIo::new(socket), service);
+            // HTTP/1.1, or HTTP/2 (prior knowledge), in which a stream's usage trailer always reaches Envoy.
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().max_headers(max_headers);
+            // Envoy's circuit breakers bound the streams at once, not a connection's setting.
+            builder.http2().max_header_list_size(MAX_HTTP2_HEADER_BYTES).max_concurrent_streams(None);
+            let connection = builder.serve_connection(TokioIo::new(socket), service);
             tokio::pin!(connection);
             // A client that goes away mid-answer is routine, not an error.
             tokio::select! {

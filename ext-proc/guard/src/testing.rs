@@ -142,3 +142,30 @@ pub(crate) const CHAT: &str = r#"{"model":"claude","messages":[{"role":"user","c
 
 pub(crate) const STREAMED: &str =
     concat!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 14\r\n\r\n", "data: [DONE]\n\n");
+
+/// What a client of a guard over HTTP/2 (as Envoy is) gets for a POST with these
+/// extra headers: the answer's head, its body, and its trailers.
+pub(crate) async fn http2_request_through(
+    guard: StreamGuard,
+    extra_headers: &[(&str, &str)],
+    body: &'static str,
+) -> (hyper::http::response::Parts, String, Option<hyper::HeaderMap>) {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let guard_addr = listener.local_addr().unwrap();
+    tokio::spawn(guard.serve(listener));
+    let socket = tokio::net::TcpStream::connect(guard_addr).await.unwrap();
+    let executor = hyper_util::rt::TokioExecutor::new();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(executor, hyper_util::rt::TokioIo::new(socket)).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::post("http://x/v1/chat/completions");
+    for (name, value) in extra_headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))).unwrap();
+    let (parts, answer) = sender.send_request(request).await.unwrap().into_parts();
+    let answer = answer.collect().await.unwrap();
+    let trailers = answer.trailers().cloned();
+    (parts, String::from_utf8(answer.to_bytes().to_vec()).unwrap(), trailers)
+}

@@ -112,13 +112,17 @@ fn answer(host: &MockHost, flow: &mut Flow, status: u16, headers: &[(&str, &str)
 fn stream_body(host: &MockHost, flow: &mut Flow, pieces: &[&[u8]]) -> Vec<u8> {
     let mut client = Vec::new();
     let mut buffered = Vec::new();
+    let trailed = !host.state.borrow().response_trailers.is_empty();
     for (i, piece) in pieces.iter().enumerate() {
         buffered.extend_from_slice(piece);
         host.state.borrow_mut().response_body = buffered.clone();
-        if flow.on_response_body(host, buffered.len(), i + 1 == pieces.len()) == Action::Continue {
+        if flow.on_response_body(host, buffered.len(), !trailed && i + 1 == pieces.len()) == Action::Continue {
             client.append(&mut host.state.borrow_mut().response_body);
             buffered.clear();
         }
+    }
+    if trailed {
+        assert_eq!(flow.on_response_trailers(host), Action::Continue);
     }
     client
 }
@@ -350,6 +354,50 @@ fn a_streams_usage_the_client_did_not_ask_for_is_read_and_removed() {
     let record: Value = serde_json::from_slice(&records[0].body).unwrap();
     assert_eq!((record["request_id"].as_str(), record["model"].as_str()), (Some("req-1"), Some("llama-3")));
     assert_eq!(record["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2}));
+}
+
+#[test]
+fn a_guarded_streams_usage_comes_in_the_guards_trailer_where_the_guard_announces_it() {
+    let (host, mut worker, mut flow) = client_api_gateway();
+    let stream = br#"{"model":"gemma","stream":true,"messages":[]}"#;
+    send(&host, &mut flow, &api_request("/v1/chat/completions", BEARER), stream);
+    assert_eq!(host.request_header(headers::USAGE).as_deref(), Some("unasked"), "the guard is asked");
+    let chunk: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+    let done: &[u8] = b"data: [DONE]\n\n";
+    host.state.borrow_mut().response_trailers = vec![(headers::USAGE_TRAILER.into(), "7,9 250 300".into())];
+    host.take_calls();
+    let announced = [("content-type", "text/event-stream"), ("trailer", headers::USAGE_TRAILER)];
+    let seen = answer(&host, &mut flow, 200, &announced, &[chunk, chunk, done]);
+    assert_eq!(seen.body, [chunk, chunk, done].concat(), "passed as it came");
+    assert_eq!(seen.header("trailer"), None, "the client is not told of the trailer");
+    assert!(host.state.borrow().response_trailers.is_empty(), "nor given it");
+    let calls = [
+        "now",
+        "set response openai-processing-ms: 0",
+        "get response x-modelgate-code-details",
+        "remove response x-modelgate-code-details",
+        "get response trailer",
+        "remove response trailer",
+        "get response :status",
+        "get response modelgate-backend",
+        // The first piece is timed; no piece is read, however long the stream.
+        "now",
+        "get trailers modelgate-usage",
+        "remove trailers modelgate-usage",
+        "now",
+    ];
+    assert_eq!(host.take_calls(), calls);
+    let records = sent_lines(&host, &mut worker);
+    assert_eq!(records[0]["usage"], json!({"prompt_tokens": 7, "completion_tokens": 9}));
+    assert_eq!(records[0]["itl_us"], json!([250, 300]));
+
+    // A guard that does not announce it (an older one, or one reached over HTTP/1.1): read here.
+    let mut older = worker.new_flow();
+    send(&host, &mut older, &api_request("/v1/chat/completions", BEARER), stream);
+    let usage: &[u8] = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n";
+    let seen = answer(&host, &mut older, 200, &[("content-type", "text/event-stream")], &[chunk, usage, done]);
+    assert_eq!(seen.body, [chunk, done].concat(), "the client did not ask for the usage chunk");
+    assert_eq!(sent_lines(&host, &mut worker)[0]["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2}));
 }
 
 #[test]
