@@ -1,11 +1,16 @@
 """Large requests and answers on the routes the gateway rewrites: a request at the filter's
 `max_request_body_bytes` reaches its backend rewritten, one byte more is a 413, and whole
 answers of 5 and 10 MiB come back translated. Whatever fails — a message over ext-proc's
-limit, an answer too large to buffer for its translation — fails as an OpenAI error: the
-backend never gets an unrewritten request, nor the client an untranslated answer. A rename
-alone is the filter's, so ext-proc's limit does not apply to it."""
+limit, an answer too large to buffer for its translation (even one wholly in before ext-proc
+has read its headers) — fails as an OpenAI error: the backend never gets an unrewritten
+request, nor the client an untranslated answer. A rename alone is the filter's, so ext-proc's
+limit does not apply to it."""
 
 import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import httpx2
 import pytest
@@ -111,6 +116,30 @@ def test_an_answer_too_large_to_translate_is_an_openai_error(stack):
     response = embeddings(stack.port, "nomic-embed-text", 120, new_request_id())
     assert_openai_error(response, 502, "answer_too_large")
     assert response.headers["x-should-retry"] == "false"
+
+
+def test_an_answer_too_large_to_translate_is_an_openai_error_while_ext_proc_reads_its_headers(stack):
+    """The whole answer reaches Envoy while its headers wait on ext-proc (a busy ext-proc, paused
+    here): still the 502, not a backend paused for good and a client left waiting."""
+    request_id = new_request_id()
+    body = {"model": "nomic-embed-text", "input": [f"text {i}" for i in range(120)], "dimensions": DIMENSIONS}
+    with ThreadPoolExecutor(1) as pool:
+        # The backend answers half a second after it has the request: ext-proc is paused by then.
+        answer = pool.submit(httpx2.post, f"http://127.0.0.1:{stack.port}/v1/embeddings", json=body, timeout=10,
+                             headers={"x-request-id": request_id, "x-sim-ttft-ms": "500"})
+        deadline = time.monotonic() + 10
+        while received_by(stack, "ollama", request_id) is None:
+            assert time.monotonic() < deadline and not answer.done(), "the backend never got the request"
+            time.sleep(0.01)
+        ext_proc = stack.pid("ext-proc")
+        os.kill(ext_proc, signal.SIGSTOP)
+        try:
+            # Less than ext_proc's message_timeout (2 s), which would end the wait otherwise.
+            wait([answer], timeout=1.5)
+        finally:
+            os.kill(ext_proc, signal.SIGCONT)
+        response = answer.result()
+    assert_openai_error(response, 502, "answer_too_large")
 
 
 @pytest.fixture(scope="module")

@@ -53,13 +53,21 @@ fn mutation(headers: HeaderChanges) -> Option<HeaderMutation> {
 /// Continues the request headers; `watch_response` asks Envoy to send this
 /// request's response headers too (the static configuration skips them), and
 /// `remove_owner` takes the owner the filter named off the backend's request.
+///
+/// A watched response's body is asked for whole until its headers are
+/// answered (they then say whole or streamed): the body that reaches Envoy
+/// while ext-proc reads the headers is then buffered up to Envoy's limit, and
+/// past it the answer is Envoy's 500 (`response_payload_too_large`). With no
+/// body mode yet, Envoy 1.40 holds that body with back-pressure instead: an
+/// answer that passes the limit before ext-proc answers its headers pauses
+/// the backend for good, and the client waits for the route's timeout.
 pub fn continue_request_headers(watch_response: bool, remove_owner: bool) -> ProcessingResponse {
     let owner = remove_owner.then(|| HeaderMutation { remove_headers: vec![OWNER.to_string()], ..Default::default() });
     let mut answer = respond(Response::RequestHeaders(HeadersResponse {
         response: owner.map(|owner| CommonResponse { header_mutation: Some(owner), ..Default::default() }),
     }));
     if watch_response {
-        answer.mode_override = Some(mode(HeaderSendMode::Send, BodySendMode::None));
+        answer.mode_override = Some(mode(HeaderSendMode::Send, BodySendMode::Buffered));
     }
     answer
 }

@@ -393,7 +393,10 @@ mod tests {
                 ("authorization", "Bearer sk-client"),
             ]))
             .unwrap();
-        assert!(first.mode_override.is_some(), "the response headers are asked for");
+        let mode = first.mode_override.expect("the response headers are asked for");
+        // Whole until the headers say otherwise: a body that comes before ext-proc answers them
+        // is then buffered within Envoy's limit, not held with back-pressure (Envoy 1.40).
+        assert_eq!((mode.response_header_mode, mode.response_body_mode), (1, 2), "sent, and buffered");
         let request = common(
             ex.on_message_now(body(
                 br#"{"model":"c","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
