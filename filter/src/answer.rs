@@ -1,7 +1,9 @@
 //! What the filter notes about an answer as it passes: its timing and its
 //! token usage, for the usage record and the key's token limits. Nothing is
 //! buffered: usage is read piece by piece, and a stream whose client did not
-//! ask for usage loses its usage chunk on the way.
+//! ask for usage loses its usage chunk on the way; or, for a stream through
+//! the stream guard over HTTP/2, the guard does both and hands the usage and
+//! the timings over in one trailer, and no piece is read here.
 
 use modelgate_proto::usage::{Usage, UsageRecord, UsageWatch};
 use modelgate_proto::usage_trailer::{UsageTrailer, MAX_GAPS};

@@ -296,6 +296,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_usage_trailer_of_a_chain_is_the_answering_backends() {
+        const STREAMS: &str = concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            "5e\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+        );
+        let (upstream, _) = upstream_by_cluster(&[("ca", UNAVAILABLE), ("cb", STREAMS)]).await;
+        let (chain, value) = CHAIN.trim_end().split_once(": ").unwrap();
+        let asked = [(chain, value), ("x-modelgate-usage", "read")];
+        let (head, body, trailers) =
+            http2_request_through(crate::server::StreamGuard::new(upstream), &asked, r#"{"model":"chained"}"#).await;
+        assert_eq!((head.headers["modelgate-backend"].to_str().unwrap(), head.status.as_u16()), ("b", 200));
+        assert!(body.contains("\"completion_tokens\":1"), "the client asked for the usage: {body}");
+        assert_eq!(
+            trailers.expect("the usage trailer")["modelgate-usage"].to_str().unwrap().split(' ').next(),
+            Some("4,1")
+        );
+    }
+
+    #[tokio::test]
     async fn the_last_failure_is_answered_and_the_last_backend_has_no_per_try_timeout() {
         let (upstream, seen) =
             upstream_by_cluster(&[("ca", UNAVAILABLE), ("cb", UNAVAILABLE), ("cc", UNAVAILABLE)]).await;
