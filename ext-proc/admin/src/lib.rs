@@ -3,6 +3,7 @@
 //! [`usage_store`] (local disk, or Redis for several gateways), and rate
 //! limits shared through Redis ([`shared_limits`]).
 
+mod low_priority;
 pub mod metrics;
 pub mod routes;
 pub mod shared_limits;

@@ -31,6 +31,7 @@
 //! people and scrapers, so bind the port to loopback or a network only the
 //! gateway and its operators reach.
 
+use crate::low_priority::LowPriority;
 use crate::metrics::{self, Metrics};
 use crate::shared_limits::SharedLimits;
 use crate::usage_report::Retention;
@@ -75,8 +76,10 @@ pub const DEFAULT_DEDUP: Dedup = Dedup { window_ms: 60 * 60_000 };
 pub struct Admin {
     metrics: Metrics,
     usage: Usage,
-    models: Mutex<HashSet<String>>,
+    models: Arc<Mutex<HashSet<String>>>,
     budgets: Option<Arc<Budgets>>,
+    /// Where the records are parsed and labelled: it cannot hold a pick.
+    records_thread: LowPriority,
 }
 
 /// Why a batch was not kept: the filter sends it again.
@@ -84,6 +87,8 @@ pub struct Admin {
 pub enum IngestError {
     Usage(usage_store::StoreError),
     Budgets(budgets::StoreError),
+    /// Labelling the records failed (a panic on their thread).
+    Labels,
 }
 
 impl std::fmt::Display for IngestError {
@@ -91,6 +96,7 @@ impl std::fmt::Display for IngestError {
         match self {
             IngestError::Usage(e) => write!(f, "usage store: {e}"),
             IngestError::Budgets(e) => write!(f, "budget store: {e}"),
+            IngestError::Labels => write!(f, "the records could not be labelled"),
         }
     }
 }
@@ -104,7 +110,13 @@ impl Admin {
     }
 
     pub fn with_usage(usage: Usage) -> Self {
-        Admin { metrics: Metrics::default(), usage, models: Mutex::new(HashSet::new()), budgets: None }
+        Admin {
+            metrics: Metrics::default(),
+            usage,
+            models: Arc::new(Mutex::new(HashSet::new())),
+            budgets: None,
+            records_thread: LowPriority::start(),
+        }
     }
 
     /// Settles `budgets`' reservations from the records, reports them on
@@ -129,8 +141,8 @@ impl Admin {
     pub async fn ingest(
         &self,
         batch: Option<&str>,
-        mut records: Vec<UsageRecord>,
-        mut tallies: Vec<Tally>,
+        records: Vec<UsageRecord>,
+        tallies: Vec<Tally>,
         now_ms: u64,
     ) -> Result<Outcome, IngestError> {
         if let Some(budgets) = &self.budgets {
@@ -142,19 +154,17 @@ impl Admin {
                 .collect();
             budgets.settle_all(&settlements).await.map_err(IngestError::Budgets)?;
         }
-        {
-            let mut models = self.models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for record in &mut records {
-                record.request_id = bounded(&record.request_id).to_string();
-                record.key = bounded(&record.key).to_string();
-                record.backend = bounded(&record.backend).to_string();
-                record.model = model_label(&mut models, &record.model, record.model_served);
-            }
-            for refused in tallies.iter_mut().flat_map(|tally| &mut tally.refused) {
-                refused.key = bounded(&refused.key).to_string();
-                refused.model = model_label(&mut models, &refused.model, refused.model_served);
-            }
-        }
+        let models = Arc::clone(&self.models);
+        let (records, tallies) = self
+            .records_thread
+            .run(move || {
+                let (mut records, mut tallies) = (records, tallies);
+                let mut models = models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                label(&mut models, &mut records, &mut tallies);
+                (records, tallies)
+            })
+            .await
+            .ok_or(IngestError::Labels)?;
         let outcome = self.usage.apply(batch, &records, &tallies, now_ms).await.map_err(IngestError::Usage)?;
         if outcome == Outcome::Applied {
             for (i, record) in records.iter().enumerate() {
@@ -191,7 +201,8 @@ impl Admin {
 /// Records counted in a row before the thread that also answers Envoy's
 /// ext_proc exchanges lets them go first: a second's batch from a busy worker
 /// (a thousand records and more) took milliseconds, and held every pick of a
-/// pool's replica waiting behind it.
+/// pool's replica waiting behind it. Their parse and labels are done on a
+/// thread of their own, of the lowest priority ([`LowPriority`]).
 const RECORDS_BETWEEN_YIELDS: usize = 64;
 
 /// What a request that used nothing is charged.
@@ -209,6 +220,20 @@ fn settlement(record: &UsageRecord) -> Option<(&str, Charge)> {
         None => Charge::Reserved,
     };
     Some((record.budget_reservation.as_deref()?, charge))
+}
+
+/// Bounds every value of the records and tallies that becomes a label or a log field.
+fn label(models: &mut HashSet<String>, records: &mut [UsageRecord], tallies: &mut [Tally]) {
+    for record in records {
+        record.request_id = bounded(&record.request_id).to_string();
+        record.key = bounded(&record.key).to_string();
+        record.backend = bounded(&record.backend).to_string();
+        record.model = model_label(models, &record.model, record.model_served);
+    }
+    for refused in tallies.iter_mut().flat_map(|tally| &mut tally.refused) {
+        refused.key = bounded(&refused.key).to_string();
+        refused.model = model_label(models, &refused.model, refused.model_served);
+    }
 }
 
 /// What a model name is shown as: itself once it is known (or vouched for
@@ -382,15 +407,9 @@ async fn post_records(
         Ok(batch) => batch,
         Err(error) => return error_response(&error),
     };
-    // Parsed off the threads that answer Envoy, for the same reason (RECORDS_BETWEEN_YIELDS).
-    let parsed = match tokio::task::spawn_blocking({
-        let body = body.clone();
-        move || parse_records(&body)
-    })
-    .await
-    {
-        Ok(parsed) => parsed,
-        Err(_) => parse_records(&body),
+    // Parsed where it cannot hold a pick (RECORDS_BETWEEN_YIELDS says why).
+    let Some(parsed) = admin.records_thread.run(move || parse_records(&body)).await else {
+        return usage_store_unavailable(&IngestError::Labels);
     };
     let accepted = parsed.records.len() + parsed.tallies.len();
     let outcome = match admin.ingest(batch, parsed.records, parsed.tallies, clock::unix_millis()).await {
