@@ -6,7 +6,7 @@
 //! the timings over in one trailer, and no piece is read here.
 
 use modelgate_proto::usage::{Usage, UsageRecord, UsageWatch};
-use modelgate_proto::usage_trailer::{UsageTrailer, MAX_GAPS};
+use modelgate_proto::usage_trailer::{keep_gap, UsageTrailer};
 
 /// How an answer's usage is found.
 #[derive(Debug)]
@@ -112,8 +112,8 @@ impl Answer {
             let now_us = now_us();
             self.first_piece_us.get_or_insert(now_us);
             if let Some(previous) = self.last_piece_us.replace(now_us) {
-                if self.stream && self.gaps_us.len() < MAX_GAPS {
-                    self.gaps_us.push(now_us.saturating_sub(previous));
+                if self.stream {
+                    keep_gap(&mut self.gaps_us, now_us.saturating_sub(previous));
                 }
             }
         }

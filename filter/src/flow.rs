@@ -557,9 +557,7 @@ impl Flow {
                 if matches!(&self.phase, Phase::Forwarded(Forwarded { answer, .. }) if answer.awaits_trailer()) {
                     host.log_error("the stream guard announced a usage trailer and ended the stream without it");
                 }
-                self.hand_over_answer(host, true);
-                // Before the answer's end leaves: the client's next request sees these tokens settled.
-                self.settle_tokens(host);
+                self.answer_ended(host);
             }
             return Action::Continue;
         };
@@ -597,10 +595,15 @@ impl Flow {
                 }
             }
         }
+        self.answer_ended(host);
+        Action::Continue
+    }
+
+    /// The answer ended whole, with its last piece or its trailers.
+    fn answer_ended<H: Host>(&mut self, host: &H) {
         self.hand_over_answer(host, true);
         // Before the answer's end leaves: the client's next request sees these tokens settled.
         self.settle_tokens(host);
-        Action::Continue
     }
 
     /// The request is over: its tokens are settled in the key's token

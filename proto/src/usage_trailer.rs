@@ -15,6 +15,13 @@ pub const MAX_GAPS: usize = 4096;
 /// gaps of up to 7 digits (10 s) fit; longer gaps leave the last ones out.
 pub const MAX_GAPS_BYTES: usize = 32 * 1024;
 
+/// Keeps one more gap of a stream's, unless it already has [`MAX_GAPS`].
+pub fn keep_gap(gaps_us: &mut Vec<u64>, gap_us: u64) {
+    if gaps_us.len() < MAX_GAPS {
+        gaps_us.push(gap_us);
+    }
+}
+
 /// What the trailer says.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct UsageTrailer {

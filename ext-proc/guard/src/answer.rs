@@ -63,11 +63,12 @@ pub(crate) async fn guard_response(
         }
     });
     let cut = reader.as_ref().map(|_| guard.cut());
-    if reader.is_some() && usage.is_some() {
+    let body = GuardedBody::relaying(body, first, reader, request_id, cut, api).with_usage(usage);
+    if body.sends_usage_trailer() {
         // The filter's sign that the usage comes in the trailer, and that it need read no piece.
         parts.headers.insert(TRAILER, HeaderValue::from_static(headers::USAGE_TRAILER));
     }
-    Response::from_parts(parts, GuardedBody::relaying(body, first, reader, request_id, cut, api).with_usage(usage))
+    Response::from_parts(parts, body)
 }
 
 /// A stream's answer for a success that is not a stream (a whole answer, an

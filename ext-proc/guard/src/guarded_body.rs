@@ -11,7 +11,7 @@ use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{error_event_in, CompleteEvents};
 use modelgate_proto::headers;
 use modelgate_proto::usage::UsageWatch;
-use modelgate_proto::usage_trailer::{UsageTrailer, MAX_GAPS};
+use modelgate_proto::usage_trailer::{keep_gap, UsageTrailer};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -64,9 +64,7 @@ impl TrailedUsage {
         if !piece.is_empty() {
             let now = Instant::now();
             if let Some(previous) = self.last_piece.replace(now) {
-                if self.gaps_us.len() < MAX_GAPS {
-                    self.gaps_us.push(now.duration_since(previous).as_micros() as u64);
-                }
+                keep_gap(&mut self.gaps_us, now.duration_since(previous).as_micros() as u64);
             }
         }
         match self.watch.pass(&piece, last) {
@@ -123,10 +121,16 @@ impl GuardedBody {
         GuardedBody { state: State::Relaying(upstream), first, reader, request_id, cut, api, usage: None }
     }
 
-    /// Reads the stream's usage as asked, and ends it with the usage trailer.
+    /// Reads the stream's usage as asked, and ends it with the usage trailer
+    /// (only an event stream: it is read event by event).
     pub(crate) fn with_usage(mut self, usage: Option<TrailedUsage>) -> Self {
         self.usage = usage.filter(|_| self.reader.is_some());
         self
+    }
+
+    /// True when it ends with the usage trailer.
+    pub(crate) fn sends_usage_trailer(&self) -> bool {
+        self.usage.is_some()
     }
 
     /// Ends a stream early: `complete` (whole events, or a translation's
