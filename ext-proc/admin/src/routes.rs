@@ -87,8 +87,8 @@ pub struct Admin {
 pub enum IngestError {
     Usage(usage_store::StoreError),
     Budgets(budgets::StoreError),
-    /// Labelling the records failed (a panic on their thread).
-    Labels,
+    /// Their parse or labels failed (a panic on the records' thread).
+    RecordsThread,
 }
 
 impl std::fmt::Display for IngestError {
@@ -96,7 +96,7 @@ impl std::fmt::Display for IngestError {
         match self {
             IngestError::Usage(e) => write!(f, "usage store: {e}"),
             IngestError::Budgets(e) => write!(f, "budget store: {e}"),
-            IngestError::Labels => write!(f, "the records could not be labelled"),
+            IngestError::RecordsThread => write!(f, "the records' thread failed on this batch"),
         }
     }
 }
@@ -141,8 +141,8 @@ impl Admin {
     pub async fn ingest(
         &self,
         batch: Option<&str>,
-        records: Vec<UsageRecord>,
-        tallies: Vec<Tally>,
+        mut records: Vec<UsageRecord>,
+        mut tallies: Vec<Tally>,
         now_ms: u64,
     ) -> Result<Outcome, IngestError> {
         if let Some(budgets) = &self.budgets {
@@ -158,13 +158,12 @@ impl Admin {
         let (records, tallies) = self
             .records_thread
             .run(move || {
-                let (mut records, mut tallies) = (records, tallies);
                 let mut models = models.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 label(&mut models, &mut records, &mut tallies);
                 (records, tallies)
             })
             .await
-            .ok_or(IngestError::Labels)?;
+            .ok_or(IngestError::RecordsThread)?;
         let outcome = self.usage.apply(batch, &records, &tallies, now_ms).await.map_err(IngestError::Usage)?;
         if outcome == Outcome::Applied {
             for (i, record) in records.iter().enumerate() {
@@ -409,7 +408,7 @@ async fn post_records(
     };
     // Parsed where it cannot hold a pick (RECORDS_BETWEEN_YIELDS says why).
     let Some(parsed) = admin.records_thread.run(move || parse_records(&body)).await else {
-        return usage_store_unavailable(&IngestError::Labels);
+        return usage_store_unavailable(&IngestError::RecordsThread);
     };
     let accepted = parsed.records.len() + parsed.tallies.len();
     let outcome = match admin.ingest(batch, parsed.records, parsed.tallies, clock::unix_millis()).await {
