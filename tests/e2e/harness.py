@@ -336,6 +336,19 @@ def report(line: str) -> None:
 
 
 
+def raw_http(port: int, request: bytes, timeout: float = 30) -> bytes:
+    """Sends `request` as it is and reads the answer, byte for byte, until the gateway closes the
+    connection (after `connection: close`, or a request it cannot read)."""
+    import socket
+
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
 @dataclass
 class H2Answer:
     status: int

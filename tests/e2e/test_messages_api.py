@@ -4,14 +4,13 @@ OpenAI-dialect pool and for Ollama. Every answer, errors included, is in Anthrop
 
 import base64
 import json
-import socket
 import uuid
 
 import anthropic
 import httpx2
 import pytest
 
-from harness import ALICE, LIMITED, held_at_gate, new_request_id as rid, open_gate, received_by
+from harness import ALICE, LIMITED, held_at_gate, new_request_id as rid, open_gate, raw_http, received_by
 
 # model -> the simulated backend that serves it, and the path it is asked on.
 MODELS = {
@@ -242,13 +241,9 @@ def test_the_first_event_arrives_while_the_backend_still_holds_the_rest(gateway,
 def broken_chunked_post(gateway, path: str) -> tuple[str, dict]:
     """A POST whose chunked body HTTP cannot read (its first chunk size is not a number): the
     status line and the JSON body of the answer."""
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=15) as connection:
-        connection.sendall(f"POST {path} HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {ALICE}\r\n"
-                           "content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
-                           "zz\r\n{}\r\n0\r\n\r\n".encode())
-        answer = b""
-        while chunk := connection.recv(65536):
-            answer += chunk
+    answer = raw_http(gateway.port, f"POST {path} HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {ALICE}\r\n"
+                                    "content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                                    "zz\r\n{}\r\n0\r\n\r\n".encode(), timeout=15)
     head, _, body = answer.decode().partition("\r\n\r\n")
     return head.splitlines()[0], json.loads(body)
 

@@ -5,14 +5,13 @@ usage report (tokens and cost per key, model and backend over a time window)."""
 import hashlib
 import json
 import re
-import socket
 import time
 
 import httpx2
 import pytest
 
 from harness import (EXT_PROC_ADMIN_PORT, Stack, edit_filter_config, envoy_stat, h2c_post, labels, metrics,
-                     new_request_id as rid, requests_counted, sdk, wait_for_requests)
+                     new_request_id as rid, raw_http, requests_counted, sdk, wait_for_requests)
 
 ALICE, BOB = "sk-alice-0001", "sk-bob-0002"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -101,12 +100,7 @@ def http1_stream(port: int, body: dict, headers: dict[str, str]) -> bytes:
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
                f"{head}content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
-    received = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(request)
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received
+    return raw_http(port, request)
 
 
 def test_a_guarded_streams_usage_comes_to_the_filter_in_a_trailer_no_client_sees(gateway):
