@@ -156,6 +156,8 @@ struct Passed {
     cache_miss: bool,
     /// The budget reservation its usage record settles.
     budget_reservation: Option<String>,
+    /// The answer's end is held until the store answers for the kept answer.
+    end_held: bool,
 }
 
 impl Passed {
@@ -374,14 +376,29 @@ impl Flow {
         }
     }
 
-    /// The answer to the call the request is held for.
+    /// The answer to the call the request or its answer is held for.
     pub fn on_call_answer<H: Host>(&mut self, host: &H, num_headers: usize, body_size: usize) {
-        match &self.phase {
+        match &mut self.phase {
             Phase::AwaitingSharedLimits(_) => self.on_shared_verdict(host, num_headers, body_size),
             Phase::AwaitingPoolModels(_) => self.on_pool_models(host, num_headers, body_size),
             Phase::AwaitingGate(_) => self.on_gate_verdict(host, num_headers, body_size),
+            Phase::Forwarded(Forwarded { gated: Some(passed), .. }) if passed.end_held => {
+                passed.end_held = false;
+                self.on_store_answer(host, num_headers);
+            }
             _ => {}
         }
+    }
+
+    /// The store took the kept answer, or did not in time: the answer's end leaves either way.
+    fn on_store_answer<H: Host>(&mut self, host: &H, num_headers: usize) {
+        if host.http_call_header(num_headers, ":status").as_deref() != Some(b"204") {
+            if let Some(metric) = self.gate.store_failures {
+                host.count(metric);
+            }
+            host.log_error("modelgate: ext-proc's gate store did not take an answer in time; it went on unkept");
+        }
+        host.resume_response();
     }
 
     /// What ext-proc said pools discovered: the held `/v1/models` is answered,
@@ -557,7 +574,7 @@ impl Flow {
                 if matches!(&self.phase, Phase::Forwarded(Forwarded { answer, .. }) if answer.awaits_trailer()) {
                     host.log_error("the stream guard announced a usage trailer and ended the stream without it");
                 }
-                self.answer_ended(host);
+                return self.answer_ended(host);
             }
             return Action::Continue;
         };
@@ -595,15 +612,20 @@ impl Flow {
                 }
             }
         }
-        self.answer_ended(host);
-        Action::Continue
+        self.answer_ended(host)
     }
 
-    /// The answer ended whole, with its last piece or its trailers.
-    fn answer_ended<H: Host>(&mut self, host: &H) {
-        self.hand_over_answer(host, true);
+    /// The answer ended whole, with its last piece or its trailers: that end
+    /// is held while the store takes a kept answer.
+    fn answer_ended<H: Host>(&mut self, host: &H) -> Action {
+        let held = self.hand_over_answer(host, true);
         // Before the answer's end leaves: the client's next request sees these tokens settled.
         self.settle_tokens(host);
+        if held {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
     }
 
     /// The request is over: its tokens are settled in the key's token
@@ -932,6 +954,7 @@ impl Flow {
                     keep: ticket.map(|ticket| Keep::new(ticket, max_bytes)),
                     cache_miss,
                     budget_reservation: budgets.then_some(reservation),
+                    end_held: false,
                 };
                 self.send_on(host, admitted, routing, body, passed)
             }
@@ -1031,19 +1054,21 @@ impl Flow {
 
     /// Hands the answer kept for the gate's store over, once: whole where it
     /// `ended` a success within its bound, else only to let its claim go.
-    /// The call outlives the request; nobody waits for its answer.
-    fn hand_over_answer<H: Host>(&mut self, host: &H, ended: bool) {
+    /// The call outlives the request. Whether the answer's end is held until
+    /// the store answers: so that a client's repeat, once it has the answer,
+    /// is a hit (or its idempotent replay) and not a second miss.
+    fn hand_over_answer<H: Host>(&mut self, host: &H, ended: bool) -> bool {
         let Phase::Forwarded(forwarded) = &mut self.phase else {
-            return;
+            return false;
         };
         let Some(keep) = forwarded.gated.as_mut().and_then(|gated| gated.keep.take()) else {
-            return;
+            return false;
         };
         let Some(call) = keep.into_call(&self.request_id, ended, forwarded.stream, forwarded.answer.usage()) else {
-            return;
+            return false;
         };
         let Some(cache) = self.router.cache() else {
-            return;
+            return false;
         };
         let headers = admin_call_headers("POST", GATE_STORE_PATH, "application/x-ndjson", self.router.internal_token());
         if !host.dispatch_detached(&cache.cluster, headers, &call, Duration::from_millis(cache.timeout_ms)) {
@@ -1051,7 +1076,12 @@ impl Flow {
                 host.count(metric);
             }
             host.log_error("modelgate: could not hand an answer to ext-proc's gate store");
+            return false;
         }
+        if let (true, Some(passed)) = (ended, forwarded.gated.as_mut()) {
+            passed.end_held = true;
+        }
+        ended
     }
 
     /// Sends an admitted request on to its backend: routing headers, and the body as the backend gets it.

@@ -60,12 +60,16 @@ pub trait Host {
     /// Sends an HTTP request to an Envoy cluster: the call's token, or `None` if Envoy would not send it.
     fn dispatch(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> Option<u32>;
 
-    /// Sends an HTTP request whose answer nobody waits for, and which outlives
-    /// the request that sends it (Envoy cancels a request's own calls when it ends).
+    /// Sends an HTTP request that outlives the request that sends it (Envoy
+    /// cancels a request's own calls when it ends). Its answer still comes to
+    /// the request, while the request lasts.
     fn dispatch_detached(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> bool;
 
     /// Lets a request held by the filter go on.
     fn resume_request(&self);
+
+    /// Lets an answer held by the filter go on.
+    fn resume_response(&self);
 
     /// An Envoy attribute, such as `response.code_details`.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
@@ -186,7 +190,9 @@ impl Host for Envoy {
             .ok()
     }
 
-    /// Made as the root context, so the call is the root's: a request's calls are cancelled when it ends.
+    /// Made as the root context, so the call is the root's: a request's calls
+    /// are cancelled when it ends. The SDK still hands its answer to the
+    /// request it was made in.
     fn dispatch_detached(&self, cluster: &str, headers: Vec<(&str, &str)>, body: &[u8], timeout: Duration) -> bool {
         let root = ROOT_CONTEXT.with(Cell::get);
         if root == 0 || hostcalls::set_effective_context(root).is_err() {
@@ -202,6 +208,12 @@ impl Host for Envoy {
     fn resume_request(&self) {
         if let Err(s) = hostcalls::resume_http_request() {
             log_failure("resuming a request", s);
+        }
+    }
+
+    fn resume_response(&self) {
+        if let Err(s) = hostcalls::resume_http_response() {
+            log_failure("resuming an answer", s);
         }
     }
 

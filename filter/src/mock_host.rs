@@ -251,6 +251,10 @@ impl Host for MockHost {
         self.state.borrow_mut().resumed = true;
     }
 
+    fn resume_response(&self) {
+        self.record("resume response".into());
+    }
+
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         let path = path.join(".");
         self.record(format!("property {path}"));

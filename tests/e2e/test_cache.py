@@ -91,6 +91,20 @@ def test_a_repeated_deterministic_request_is_answered_from_the_cache(gateway):
     assert backend_calls(gateway, LLAMA_BACKEND, prompt) == 1
 
 
+def test_a_repeat_sent_the_moment_the_answer_arrives_is_a_hit(gateway):
+    # The answer's end leaves once the store has it, so no repeat races the store.
+    alice = sdk(gateway, key=ALICE)
+    for stream in [False, True] * 10:
+        prompt = new_prompt("at once")
+        first = ask(alice, "cached-llama", prompt, max_tokens=4, stream=stream)
+        if stream:
+            streamed(first)  # the whole stream is read, to its end
+        else:
+            first.parse()
+        again = ask(alice, "cached-llama", prompt, max_tokens=4, stream=stream)
+        assert (first.headers["modelgate-cache"], again.headers["modelgate-cache"]) == ("miss", "hit"), stream
+
+
 def test_exact_repeats_of_a_hit_are_answered_by_envoy_alone(gateway):
     """After one hit from ext-proc's store, each Envoy worker answers byte-identical repeats from
     its own copy: the same answer, marked a hit, with no lookup in ext-proc."""

@@ -122,7 +122,8 @@ fn stream_body(host: &MockHost, flow: &mut Flow, pieces: &[&[u8]]) -> Vec<u8> {
         }
     }
     if trailed {
-        assert_eq!(flow.on_response_trailers(host), Action::Continue);
+        // Trailers held for the store leave when a test has it answer.
+        flow.on_response_trailers(host);
     }
     client
 }

@@ -116,6 +116,10 @@ impl Host for Quiet {
         self.call();
     }
 
+    fn resume_response(&self) {
+        self.call();
+    }
+
     fn property(&self, _path: &[&str]) -> Option<Vec<u8>> {
         self.call();
         None

@@ -69,6 +69,16 @@ fn gate_says(host: &MockHost, flow: &mut Flow, verdict: Value, bytes: &[u8]) {
     flow.on_call_answer(host, 1, answer.len());
 }
 
+/// The store answers the call an answer's end waits for with `status`
+/// (`None`: no answer in time), and that end leaves: the bytes it held.
+fn store_answers(host: &MockHost, flow: &mut Flow, status: Option<&str>) -> Vec<u8> {
+    let headers: Vec<(&str, &str)> = status.map(|status| (":status", status)).into_iter().collect();
+    host.set_call_response(&headers, b"");
+    flow.on_call_answer(host, headers.len(), 0);
+    assert_eq!(host.take_calls().last().map(String::as_str), Some("resume response"));
+    std::mem::take(&mut host.state.borrow_mut().response_body)
+}
+
 #[test]
 fn a_keyed_request_under_budgets_asks_the_gate_once_with_its_body_spliced_in() {
     let (host, _worker, mut flow) = gateway("deny");
@@ -194,19 +204,39 @@ fn a_miss_is_sent_on_marked_and_its_answer_handed_to_the_store() {
     let body: &[&[u8]] = &[b"{\"id\":\"x\",", b"\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}"];
     let seen = answer(&host, &mut flow, 200, &[("content-type", "application/json")], body);
     assert_eq!(seen.header("modelgate-cache"), Some("miss"));
+    assert_eq!(seen.body, body[0], "the answer's end waits for the store");
     let stored = calls_to(&host, "/v1/gate/store");
     assert_eq!(stored.len(), 1);
     let (head, bytes) = &stored[0];
-    assert_eq!(bytes, &seen.body, "the answer as the client got it");
+    assert_eq!(bytes, &body.concat(), "the answer as the client gets it");
     assert_eq!(
         (&head["ticket"], &head["complete"], &head["status"], &head["content_type"], &head["stream"]),
         (&ticket, &json!(true), &json!(200), &json!("application/json"), &json!(false))
     );
     assert_eq!(head["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2}));
     assert!(host.take_calls().contains(&"dispatch detached modelgate_admin".to_string()), "it outlives the request");
+    assert_eq!(store_answers(&host, &mut flow, Some("204")), body[1], "kept: the end leaves");
+    flow.on_log(&host);
+    assert_eq!(calls_to(&host, "/v1/gate/store").len(), 1, "handed over once");
     let records = sent_lines(&host, &mut worker);
     assert_eq!(records[0]["budget_reservation"], reservation, "settled with the record");
     assert!(records[0].get("served_from").is_none());
+}
+
+#[test]
+fn an_answers_end_goes_on_without_a_store_that_does_not_answer_in_time() {
+    let (host, _worker, mut flow) = gateway("deny");
+    send(&host, &mut flow, &team(&[("idempotency-key", "k")]), BOUNDED);
+    let ticket = json!({"claim": "c1", "window_secs": 60});
+    gate_says(&host, &mut flow, json!({"outcome": "proceed", "ticket": ticket}), b"");
+    let stream: &[&[u8]] = &[b"data: {\"choices\":[]}\n\n", b"data: [DONE]\n\n"];
+    host.state.borrow_mut().response_trailers = vec![("x-trailer".into(), "1".into())];
+    let seen = answer(&host, &mut flow, 200, &[("content-type", "text/event-stream")], stream);
+    assert_eq!(seen.body, stream.concat(), "a stream's pieces leave; its trailers wait for the store");
+    assert_eq!(store_answers(&host, &mut flow, None), b"");
+    let failures = host.state.borrow().counters.iter().find(|(n, _)| n == "modelgate.gate.store_failures").unwrap().1;
+    assert_eq!(failures, 1);
+    assert_eq!(host.state.borrow().errors.len(), 1);
 }
 
 #[test]
@@ -356,8 +386,12 @@ fn an_answer_over_the_entry_bound_is_not_kept_and_its_claim_let_go() {
         let ticket = json!({"cache_key": "k1", "ttl_secs": 60, "claim": claim, "window_secs": 60});
         gate_says(&host, &mut flow, json!({"outcome": "proceed", "ticket": ticket, "cache_miss": true}), b"");
         let large = format!(r#"{{"id":"{}"}}"#, "x".repeat(64));
-        let seen = answer(&host, &mut flow, 200, &[], &[large.as_bytes()]);
-        assert_eq!(seen.body, large.as_bytes(), "the client gets it whole all the same");
+        let mut seen = answer(&host, &mut flow, 200, &[], &[large.as_bytes()]).body;
+        if claim.is_some() {
+            // The claim is let go before the end leaves, so a repeat may run.
+            seen.extend(store_answers(&host, &mut flow, Some("204")));
+        }
+        assert_eq!(seen, large.as_bytes(), "the client gets it whole all the same");
         let stored = calls_to(&host, "/v1/gate/store");
         assert_eq!(stored.len(), store_calls);
         if let Some((head, bytes)) = stored.first() {
