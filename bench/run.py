@@ -70,7 +70,7 @@ RENAMED = "gpt-4o-mini"              # routed to BACKEND, renamed by the filter
 CHAINED = "resilient-llama"          # BACKEND first of a fallback chain, through the stream guard
 POOLED = "qwen3-8b"                  # the demo's pool of four replicas, each request's replica picked by ext-proc
 # Models of the demo's translated backends: the same simulator behind another dialect.
-TRANSLATED = {"anthropic": "claude-sonnet-4-5", "ollama": "llama3.2"}
+TRANSLATED = {"anthropic": "claude-sonnet-4-6", "ollama": "llama3.2"}
 CHAT = "/v1/chat/completions"
 # The client APIs besides chat completions, by scenario: each is sent to THROUGH_CHAT, an
 # OpenAI-dialect backend that does not serve them itself, so ext-proc translates the request into

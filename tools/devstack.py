@@ -704,7 +704,7 @@ Try it:
   print(client.chat.completions.create(model="llama-3.1-8b-instruct",
         messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
 
-  The same call works with model="claude-sonnet-4-5" (a simulated Anthropic API,
+  The same call works with model="claude-sonnet-4-6" (a simulated Anthropic API,
   translated), model="llama3.2" (a simulated Ollama, translated) and
   model="resilient-llama" (three backends tried in turn; the answer's modelgate-backend
   header says which served), and model="qwen3-8b" (a pool of four simulated vLLM

@@ -103,7 +103,7 @@ mod tests {
     fn profiles_round_trip_through_the_header_compactly() {
         let profile = BackendProfile {
             dialect: Dialect::Anthropic,
-            model: Some("claude-sonnet-4-5".into()),
+            model: Some("claude-sonnet-4-6".into()),
             api_key: Some(ApiKey::Env("ANTHROPIC_API_KEY".into())),
             defaults: json!({"max_tokens": 4096}).as_object().cloned().unwrap(),
             pool: None,
@@ -112,7 +112,7 @@ mod tests {
         let header = profile.to_header();
         assert_eq!(
             header,
-            r#"{"dialect":"anthropic","model":"claude-sonnet-4-5","api_key":{"env":"ANTHROPIC_API_KEY"},"defaults":{"max_tokens":4096}}"#
+            r#"{"dialect":"anthropic","model":"claude-sonnet-4-6","api_key":{"env":"ANTHROPIC_API_KEY"},"defaults":{"max_tokens":4096}}"#
         );
         assert_eq!(BackendProfile::from_header(header.as_bytes()).unwrap(), profile);
         let rename = BackendProfile { model: Some("m".into()), ..Default::default() };

@@ -10,7 +10,7 @@ import pytest
 
 from harness import assert_streams_as_generated, attempts_at, new_request_id as rid, sdk, WEATHER
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello there"}]
 
 

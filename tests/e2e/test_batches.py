@@ -95,7 +95,7 @@ def test_one_batch_reaches_openai_dialect_anthropic_and_ollama_backends(gateway)
     client = sdk(gateway)
     before = {name: len(backend_requests(gateway, name)) for name in ["vllm-llama", "anthropic", "ollama"]}
     models = {"llama-3.1-8b-instruct": "vllm-llama", "gpt-4o-mini": "vllm-llama",
-              "claude-sonnet-4-5": "anthropic", "llama3.2": "ollama"}
+              "claude-sonnet-4-6": "anthropic", "llama3.2": "ollama"}
     lines = [chat_line(f"{model}-{i}", model, max_tokens=3) for model in models for i in range(3)]
     batch = wait_for_batch(client, start_batch(client, lines).id)
     assert batch.status == "completed", batch
@@ -170,7 +170,7 @@ def test_a_rejected_input_fails_the_batch_naming_the_line(gateway, spec, case):
 
 def test_a_key_may_batch_only_its_models(gateway):
     client = sdk(gateway, LLAMA_ONLY)
-    batch = wait_for_batch(client, start_batch(client, [chat_line("a"), chat_line("b", "claude-sonnet-4-5")]).id)
+    batch = wait_for_batch(client, start_batch(client, [chat_line("a"), chat_line("b", "claude-sonnet-4-6")]).id)
     assert batch.status == "failed", batch
     assert (batch.errors.data[0].line, batch.errors.data[0].code) == (2, "model_not_found")
 
@@ -359,10 +359,10 @@ def test_a_keys_rate_limit_paces_its_batch_which_still_completes(gateway):
 def test_the_usage_report_shows_each_line_as_batch_traffic(gateway):
     client = sdk(gateway, ACCOUNTED)
     start = int(time.time()) // 60 * 60
-    lines = [chat_line(f"counted-{i}", "claude-sonnet-4-5", max_tokens=4) for i in range(5)]
+    lines = [chat_line(f"counted-{i}", "claude-sonnet-4-6", max_tokens=4) for i in range(5)]
     batch = wait_for_batch(client, start_batch(client, lines).id)
     assert batch.status == "completed", batch
-    client.chat.completions.create(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+    client.chat.completions.create(model="claude-sonnet-4-6", messages=[{"role": "user", "content": "hi"}],
                                    max_tokens=4)
 
     def rows() -> list[dict]:
@@ -376,7 +376,7 @@ def test_the_usage_report_shows_each_line_as_batch_traffic(gateway):
         time.sleep(0.1)
     by_traffic = {r.get("traffic"): r for r in rows()}
     batched = by_traffic["batch"]
-    assert (batched["model"], batched["requests"], batched["completion_tokens"]) == ("claude-sonnet-4-5", 5, 20)
+    assert (batched["model"], batched["requests"], batched["completion_tokens"]) == ("claude-sonnet-4-6", 5, 20)
     assert batched["cost_usd"] > 0
     assert by_traffic[next(t for t in by_traffic if t != "batch")]["requests"] == 1
 

@@ -80,7 +80,7 @@ def test_a_known_key_is_served_and_not_passed_on(keyed):
         model="llama-3.1-8b-instruct", messages=HELLO, extra_headers={"x-request-id": request_id})
     assert completion.choices[0].message.content
     assert "authorization" not in received_by(keyed, "vllm-llama", request_id)["headers"]
-    streamed = sdk(keyed, key=FULL).chat.completions.create(model="claude-sonnet-4-5", messages=HELLO, stream=True)
+    streamed = sdk(keyed, key=FULL).chat.completions.create(model="claude-sonnet-4-6", messages=HELLO, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
 
 
@@ -94,9 +94,9 @@ def test_a_key_sees_and_uses_only_its_models(keyed):
     client = sdk(keyed, key=LLAMA_ONLY)
     listed = [m.id for m in client.models.list()]
     assert listed and all(m.startswith("llama-") for m in listed), listed
-    assert "claude-sonnet-4-5" in [m.id for m in sdk(keyed, key=FULL).models.list()]
-    for call in [lambda: client.chat.completions.create(model="claude-sonnet-4-5", messages=HELLO),
-                 lambda: client.models.retrieve("claude-sonnet-4-5")]:
+    assert "claude-sonnet-4-6" in [m.id for m in sdk(keyed, key=FULL).models.list()]
+    for call in [lambda: client.chat.completions.create(model="claude-sonnet-4-6", messages=HELLO),
+                 lambda: client.models.retrieve("claude-sonnet-4-6")]:
         with pytest.raises(openai.NotFoundError) as err:
             call()
         assert err.value.body["code"] == "model_not_found"
@@ -280,7 +280,7 @@ def test_the_batch_runner_sends_a_line_as_its_key_under_the_keys_models_and_limi
                            headers=headers, timeout=30)
 
     assert line("paced", "llama-3.1-8b-instruct").status_code == 200
-    hidden = line("paced", "claude-sonnet-4-5")
+    hidden = line("paced", "claude-sonnet-4-6")
     assert (hidden.status_code, hidden.json()["error"]["code"]) == (404, "model_not_found")
     assert line("paced", "llama-3.1-8b-instruct").status_code == 200
     paced = line("paced", "llama-3.1-8b-instruct")

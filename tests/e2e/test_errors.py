@@ -273,11 +273,11 @@ def test_a_success_with_an_empty_body_is_a_502(stack, spec, model):
     spec.validate("ErrorResponse", err.value.response.json())
 
 
-@pytest.mark.parametrize("model", ["llama-3.1-8b-instruct", "claude-sonnet-4-5", "llama3.2", "resilient-llama"])
+@pytest.mark.parametrize("model", ["llama-3.1-8b-instruct", "claude-sonnet-4-6", "llama3.2", "resilient-llama"])
 @pytest.mark.parametrize("error_format, what", [
     ("empty", "a success without content"), ("openai", "a success of type `application/json`")])
 def test_a_stream_answered_without_a_stream_ends_with_an_error_event(stack, spec, model, error_format, what):
-    if model in ("claude-sonnet-4-5", "llama3.2") and error_format == "empty":
+    if model in ("claude-sonnet-4-6", "llama3.2") and error_format == "empty":
         pytest.skip("the Anthropic and Ollama faces answer injected failures in their own JSON shape")
     stream = sdk(stack, retries=0).chat.completions.create(
         model=model, messages=HELLO, stream=True,
@@ -327,7 +327,7 @@ def test_a_request_with_many_headers_gets_the_same_answer_whole_and_streamed(htt
 
 @pytest.mark.parametrize("model, backend, path", [
     ("llama-3.1-8b-instruct", "vllm-llama", "/v1/chat/completions"),
-    ("claude-sonnet-4-5", "anthropic", "/v1/messages"),
+    ("claude-sonnet-4-6", "anthropic", "/v1/messages"),
 ])
 @pytest.mark.parametrize("trailers", [False, True])
 def test_an_http2_request_ending_in_trailers_is_routed_as_any_other(stack, model, backend, path, trailers):

@@ -133,9 +133,9 @@ def test_ext_proc_down_fails_only_the_routes_that_need_it_and_they_recover_by_th
         # A rename alone is the filter's.
         assert ask(gateway, model="gpt-4o-mini").status_code == 200
         # Streams are rewritten by the stream guard, its own process.
-        streamed = ask(gateway, model="claude-sonnet-4-5", stream=True)
+        streamed = ask(gateway, model="claude-sonnet-4-6", stream=True)
         assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
-        for model in ["claude-sonnet-4-5", "llama3.2"]:
+        for model in ["claude-sonnet-4-6", "llama3.2"]:
             refused = ask(gateway, model=model)
             assert refused.status_code == 503, (model, refused.text)
             assert refused.json()["error"]["type"] == "server_error" and refused.headers["x-request-id"]
@@ -143,7 +143,7 @@ def test_ext_proc_down_fails_only_the_routes_that_need_it_and_they_recover_by_th
     finally:
         gateway.restart("ext-proc")
     start = time.monotonic()
-    while ask(gateway, model="claude-sonnet-4-5").status_code != 200:
+    while ask(gateway, model="claude-sonnet-4-6").status_code != 200:
         assert time.monotonic() - start < 15, "the translated route does not recover"
         time.sleep(0.2)
     report(f"ext-proc restart: translated route served again {time.monotonic() - start:.1f}s after ext-proc restarted")

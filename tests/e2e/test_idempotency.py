@@ -169,14 +169,14 @@ def test_a_messages_request_is_replayed_in_anthropics_api(gateway):
 
     def create():
         return claude.messages.with_raw_response.create(
-            model="claude-sonnet-4-5", max_tokens=20, messages=[{"role": "user", "content": prompt}],
+            model="claude-sonnet-4-6", max_tokens=20, messages=[{"role": "user", "content": prompt}],
             extra_headers={"Idempotency-Key": key})
 
     first, repeat = create(), create()
     assert repeat.headers[REPLAYED] == "true" and repeat.parse().id == first.parse().id
     assert backend_calls(gateway, "anthropic", prompt) == 1
     with pytest.raises(anthropic.UnprocessableEntityError) as refused:
-        claude.messages.create(model="claude-sonnet-4-5", max_tokens=21, messages=[{"role": "user", "content": prompt}],
+        claude.messages.create(model="claude-sonnet-4-6", max_tokens=21, messages=[{"role": "user", "content": prompt}],
                                extra_headers={"Idempotency-Key": key})
     assert refused.value.body["type"] == "error"
 

@@ -249,7 +249,7 @@ def test_the_models_are_the_configured_ones(client, manifests):
     assert {m.id for m in client.models.list()} == configured
 
 
-@pytest.mark.parametrize("model, backend", [("llama-3.1-8b-instruct", "llama-pool"), ("claude-sonnet-4-5", "anthropic"),
+@pytest.mark.parametrize("model, backend", [("llama-3.1-8b-instruct", "llama-pool"), ("claude-sonnet-4-6", "anthropic"),
                                             ("llama3.2", "ollama"), ("qwen3-8b", "vllm-pool")])
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_answer_names_the_backend_that_served_it(http, model, backend, stream):
@@ -272,7 +272,7 @@ def test_the_pool_is_found_by_the_dns_name_of_its_service(stack_resolving_the_po
 
 def test_a_batch_runs_through_the_admin_route(stack):
     client = openai.OpenAI(base_url=stack.base_url, api_key="sk-batch", max_retries=0, timeout=30)
-    lines = [chat_line("llama"), chat_line("claude", model="claude-sonnet-4-5"), chat_line("ollama", model="llama3.2")]
+    lines = [chat_line("llama"), chat_line("claude", model="claude-sonnet-4-6"), chat_line("ollama", model="llama3.2")]
     batch = wait_for_batch(client, start_batch(client, lines).id)
     assert batch.status == "completed", batch
     output, errors = results(client, batch, [line["custom_id"] for line in lines])

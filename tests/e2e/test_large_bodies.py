@@ -23,8 +23,8 @@ DIMENSIONS = 8192  # the simulator's largest embedding
 # model -> (backend, path the backend must get, what the request must carry there)
 TRANSLATED = {
     "gpt-4o-mini": ("vllm-llama", "/v1/chat/completions", lambda r: r["model"] == "llama-3.1-8b-instruct"),
-    "claude-sonnet-4-5": ("anthropic", "/v1/messages",
-                          lambda r: r["model"] == "claude-sonnet-4-5" and r["headers"].get("x-api-key")),
+    "claude-sonnet-4-6": ("anthropic", "/v1/messages",
+                          lambda r: r["model"] == "claude-sonnet-4-6" and r["headers"].get("x-api-key")),
     "llama3.2": ("ollama", "/api/chat", lambda r: r["model"] == "llama3.2"),
 }
 RENAMED_BY_THE_FILTER = "gpt-4o-mini"
@@ -101,7 +101,7 @@ def test_large_whole_answers_come_back_translated(stack, inputs, model, backend,
 @pytest.mark.parametrize("tokens", [950_000, 1_900_000])
 def test_a_large_anthropic_answer_comes_back_translated(stack, tokens):
     request_id = new_request_id()
-    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "write"}], "max_tokens": tokens}
+    body = {"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "write"}], "max_tokens": tokens}
     response = httpx2.post(f"http://127.0.0.1:{stack.port}/v1/chat/completions", json=body, timeout=60,
                            headers={"x-request-id": request_id, "x-sim-output-tokens": str(tokens)})
     assert response.status_code == 200, response.text[:300]

@@ -14,11 +14,11 @@ from harness import ALICE, LIMITED, held_at_gate, new_request_id as rid, open_ga
 
 # model -> the simulated backend that serves it, and the path it is asked on.
 MODELS = {
-    "claude-sonnet-4-5": ("anthropic", "/v1/messages"),
+    "claude-sonnet-4-6": ("anthropic", "/v1/messages"),
     "qwen-2.5-7b-instruct": ("sglang-qwen", "/v1/chat/completions"),
     "llama3.2": ("ollama", "/api/chat"),
 }
-NATIVE, TRANSLATED = "claude-sonnet-4-5", "qwen-2.5-7b-instruct"
+NATIVE, TRANSLATED = "claude-sonnet-4-6", "qwen-2.5-7b-instruct"
 HELLO = [{"role": "user", "content": "hello there"}]
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

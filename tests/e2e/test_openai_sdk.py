@@ -104,7 +104,7 @@ def test_models_list_and_retrieve(client, spec, http):
     ids = [m.id for m in client.models.list()]
     # the demo's exact names in configuration order, then the failing ones the tests add
     assert ids == ["llama-3.1-8b-instruct", "qwen-2.5-7b-instruct", "mistral-7b-instruct", "gpt-4o-mini",
-                   "text-embedding-3-small", "resilient-llama", "claude-sonnet-4-5", "llama3.2", "nomic-embed-text",
+                   "text-embedding-3-small", "resilient-llama", "claude-sonnet-4-6", "llama3.2", "nomic-embed-text",
                    "qwen3-8b", "dead-model", "empty-model", "ghost-model", "slow-model", "filekey-model", "shared-model"]
 
     model = client.models.retrieve("gpt-4o-mini")

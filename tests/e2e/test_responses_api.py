@@ -19,7 +19,7 @@ MODELS = {
     NATIVE: (["vllm-llama"], "/v1/responses"),
     "qwen-2.5-7b-instruct": (["sglang-qwen"], "/v1/chat/completions"),
     "mistral-7b-instruct": (["llamacpp-mistral"], "/v1/chat/completions"),
-    "claude-sonnet-4-5": (["anthropic"], "/v1/messages"),
+    "claude-sonnet-4-6": (["anthropic"], "/v1/messages"),
     "llama3.2": (["ollama"], "/api/chat"),
     "qwen3-8b": (POOL_REPLICAS, "/v1/chat/completions"),
 }
@@ -108,7 +108,7 @@ def test_a_streamed_function_call(gateway):
     assert events[-1].type == "response.completed" and events[-1].response.output[0].name == "get_weather"
 
 
-@pytest.mark.parametrize("model", [m for m in MODELS if m != "claude-sonnet-4-5"])
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "claude-sonnet-4-6"])
 def test_structured_output_parses(gateway, model):
     response = sdk(gateway, key=ALICE).responses.create(model=model, input="Who?", text={
         "format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
@@ -117,12 +117,12 @@ def test_structured_output_parses(gateway, model):
 
 def test_structured_output_claude_cannot_give_is_refused_by_name(gateway):
     with pytest.raises(openai.BadRequestError) as err:
-        sdk(gateway, key=ALICE).responses.create(model="claude-sonnet-4-5", input="Who?", text={
+        sdk(gateway, key=ALICE).responses.create(model="claude-sonnet-4-6", input="Who?", text={
             "format": {"type": "json_schema", "name": "person", "schema": PERSON}})
     assert err.value.body["param"] == "text.format"
 
 
-@pytest.mark.parametrize("model", [TRANSLATED, NATIVE, "claude-sonnet-4-5", "llama3.2"])
+@pytest.mark.parametrize("model", [TRANSLATED, NATIVE, "claude-sonnet-4-6", "llama3.2"])
 def test_previous_response_id_continues_the_conversation(gateway, model):
     alice = sdk(gateway, key=ALICE)
     first = alice.responses.create(model=model, input="My name is Ada.", max_output_tokens=3)
@@ -223,7 +223,7 @@ def usage_rows(gateway, start: int, model: str) -> list[dict]:
     return [r for r in answer.json()["data"] if (r["key"], r["model"]) == ("bob", model)]
 
 
-@pytest.mark.parametrize("model", [NATIVE, TRANSLATED, "claude-sonnet-4-5", "llama3.2"])
+@pytest.mark.parametrize("model", [NATIVE, TRANSLATED, "claude-sonnet-4-6", "llama3.2"])
 def test_the_first_event_arrives_while_the_backend_still_holds_the_rest(gateway, model):
     """The backend stops after its first token until the test has read the first text delta:
     had the gateway held events back, the delta would never come (the read times out)."""

@@ -91,7 +91,7 @@ class Whole(threading.Thread):
     def run(self):
         try:
             self.completion = sdk(self.stack).chat.completions.create(
-                model="claude-sonnet-4-5", messages=HELLO, max_tokens=5,
+                model="claude-sonnet-4-6", messages=HELLO, max_tokens=5,
                 extra_headers={"x-sim-ttft-ms": str(self.ttft_ms)})
         except openai.APIError as e:
             self.error = e

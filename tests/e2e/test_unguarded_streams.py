@@ -10,7 +10,7 @@ import pytest
 
 from harness import Stack, WEATHER, assert_streams_as_generated, edit_filter_config, sdk
 
-MODELS = ["claude-sonnet-4-5", "llama3.2"]
+MODELS = ["claude-sonnet-4-6", "llama3.2"]
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
@@ -46,7 +46,7 @@ def test_a_stream_with_usage_is_translated_by_ext_proc(unguarded, spec, model):
 
 
 # The simulated Claude calls a tool when it must; the simulated Ollama whenever it is offered one.
-@pytest.mark.parametrize("model, choice", [("claude-sonnet-4-5", {"tool_choice": "required"}), ("llama3.2", {})])
+@pytest.mark.parametrize("model, choice", [("claude-sonnet-4-6", {"tool_choice": "required"}), ("llama3.2", {})])
 def test_a_streamed_tool_call_is_translated_by_ext_proc(unguarded, model, choice):
     chunks = list(sdk(unguarded).chat.completions.create(
         model=model, messages=HELLO, tools=[WEATHER], stream=True, **choice))

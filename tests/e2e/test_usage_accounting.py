@@ -45,12 +45,12 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
     alice, bob = sdk(gateway, key=ALICE), sdk(gateway, key=BOB)
     whole = alice.chat.completions.create(model="llama-3.1-8b-instruct", messages=HELLO, max_tokens=7)
     # Bob asks for usage to learn what the same stream costs; Alice does not, and is counted all the same.
-    counted = bob.chat.completions.create(model="claude-sonnet-4-5", messages=HELLO, max_tokens=9, stream=True,
+    counted = bob.chat.completions.create(model="claude-sonnet-4-6", messages=HELLO, max_tokens=9, stream=True,
                                           stream_options={"include_usage": True})
     stream_usage = [chunk.usage for chunk in counted if chunk.usage][0]
     request_id = rid()
     # Its tokens come 20 ms apart, so the gaps between its chunks are measured.
-    unasked = list(alice.chat.completions.create(model="claude-sonnet-4-5", messages=HELLO, max_tokens=9, stream=True,
+    unasked = list(alice.chat.completions.create(model="claude-sonnet-4-6", messages=HELLO, max_tokens=9, stream=True,
                                                  extra_headers={"x-request-id": request_id, "x-sim-itl-ms": "20"}))
     assert all(chunk.usage is None for chunk in unasked)
     with pytest.raises(Exception):
@@ -60,7 +60,7 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
 
     m = metrics(gateway)
     llama = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="alice", traffic="interactive")
-    claude = labels(model="claude-sonnet-4-5", backend="anthropic", key="alice", traffic="interactive")
+    claude = labels(model="claude-sonnet-4-6", backend="anthropic", key="alice", traffic="interactive")
     assert m[f"modelgate_prompt_tokens_total{llama}"] == whole.usage.prompt_tokens
     assert m[f"modelgate_completion_tokens_total{llama}"] == whole.usage.completion_tokens == 7
     assert m[f"modelgate_prompt_tokens_total{claude}"] == stream_usage.prompt_tokens
@@ -70,14 +70,14 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
     not_found = labels(model="", backend="", key="alice", status="404", traffic="interactive")
     assert m[f"modelgate_errors_total{not_found}"] == 1
     # Timings: both streams had a first token; Alice's nine tokens came 20 ms apart.
-    timing = labels(model="claude-sonnet-4-5", backend="anthropic")
+    timing = labels(model="claude-sonnet-4-6", backend="anthropic")
     assert m[f"modelgate_time_to_first_token_seconds_count{timing}"] == 2
     gaps = m[f"modelgate_inter_token_latency_seconds_count{timing}"]
     assert gaps >= 8 and m[f"modelgate_inter_token_latency_seconds_sum{timing}"] >= 8 * 0.02 * 0.9
     assert m[f"modelgate_request_duration_seconds_count{labels(model='llama-3.1-8b-instruct', backend='llama-pool')}"] == 1
 
     rows = {(r["key"], r["model"], r["backend"]): r for r in report(gateway, start=start)}
-    row = rows[("alice", "claude-sonnet-4-5", "anthropic")]
+    row = rows[("alice", "claude-sonnet-4-6", "anthropic")]
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == \
         (1, stream_usage.prompt_tokens, stream_usage.completion_tokens)
     expected = (stream_usage.prompt_tokens * CLAUDE_PRICE[0] + stream_usage.completion_tokens * CLAUDE_PRICE[1]) / 1e6
@@ -91,7 +91,7 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
 
     # ext-proc logs each request in a span carrying its id, model, backend, status and tokens.
     line = next(line for line in gateway.log_tail("ext-proc", 200).splitlines() if request_id in line)
-    assert "claude-sonnet-4-5" in line and "anthropic" in line and f"completion_tokens={stream_usage.completion_tokens}" in line
+    assert "claude-sonnet-4-6" in line and "anthropic" in line and f"completion_tokens={stream_usage.completion_tokens}" in line
 
 
 def http1_stream(port: int, body: dict, headers: dict[str, str]) -> bytes:
@@ -107,7 +107,7 @@ def test_a_guarded_streams_usage_comes_to_the_filter_in_a_trailer_no_client_sees
     """The stream guard, reached over HTTP/2, reads a counted stream's usage and hands it to the
     filter in a trailer at the stream's end; the filter takes it out, so clients over HTTP/1.1 and
     HTTP/2 get exactly the stream they asked for, and the tokens are counted all the same."""
-    claude = labels(model="claude-sonnet-4-5", backend="anthropic", key="alice", traffic="interactive")
+    claude = labels(model="claude-sonnet-4-6", backend="anthropic", key="alice", traffic="interactive")
     llama = labels(model="llama-3.1-8b-instruct", backend="llama-pool", key="alice", traffic="interactive")
     before = metrics(gateway)
     counted_before = requests_counted(gateway)
@@ -120,7 +120,7 @@ def test_a_guarded_streams_usage_comes_to_the_filter_in_a_trailer_no_client_sees
     assert body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), body[-80:]
     assert b'"usage"' not in body, "the client did not ask for usage"
 
-    h2 = h2c_post(gateway.port, {"model": "claude-sonnet-4-5", "messages": HELLO, "max_tokens": 6, "stream": True,
+    h2 = h2c_post(gateway.port, {"model": "claude-sonnet-4-6", "messages": HELLO, "max_tokens": 6, "stream": True,
                                  "stream_options": {"include_usage": True}}, {"authorization": f"Bearer {ALICE}"})
     assert h2.status == 200 and "trailer" not in h2.headers and h2.trailers == {}, (h2.headers, h2.trailers)
     assert b"modelgate-usage" not in h2.data
