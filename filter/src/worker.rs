@@ -42,7 +42,7 @@ pub(crate) fn admin_call_headers<'a>(
 /// What this worker's requests share for the gate.
 #[derive(Debug, Default)]
 pub struct GateShared {
-    /// Envoy's counter of the times the gate gave no verdict.
+    /// Envoy's counter of the times the gate gave no verdict, or did not take a kept answer.
     pub store_failures: Option<u32>,
     /// Envoy's counter of the cache hits this worker answered from its own copies.
     pub local_hits: Option<u32>,

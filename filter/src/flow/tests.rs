@@ -122,8 +122,10 @@ fn stream_body(host: &MockHost, flow: &mut Flow, pieces: &[&[u8]]) -> Vec<u8> {
         }
     }
     if trailed {
-        // Trailers held for the store leave when a test has it answer.
-        flow.on_response_trailers(host);
+        let calls = host.state.borrow().dispatched.len();
+        let action = flow.on_response_trailers(host);
+        // Trailers are held only while the store takes the kept answer; a test has it answer.
+        assert_eq!(action == Action::Pause, host.state.borrow().dispatched.len() > calls);
     }
     client
 }
