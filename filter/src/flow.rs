@@ -244,6 +244,8 @@ struct Failed {
     attempts: u32,
     /// The body's `content-encoding`, where it is compressed: the rewritten body is not.
     encoding: Option<String>,
+    /// The bytes of the body held so far: an answer ending in trailers is rewritten then.
+    held: usize,
 }
 
 impl Flow {
@@ -542,13 +544,13 @@ impl Flow {
             .header(RESPONSE_HEADERS, "content-encoding")
             .map(|e| String::from_utf8_lossy(&e).into_owned())
             .filter(|e| !e.eq_ignore_ascii_case("identity"));
-        self.response = Response::Rewriting(Failed { status, details, attempts, encoding });
+        self.response = Response::Rewriting(Failed { status, details, attempts, encoding, held: 0 });
         host.remove_header(RESPONSE_HEADERS, "content-length");
         Action::Pause
     }
 
     pub fn on_response_body<H: Host>(&mut self, host: &H, body_size: usize, end_of_stream: bool) -> Action {
-        let Response::Rewriting(Failed { status, details, attempts, encoding }) = &self.response else {
+        let Response::Rewriting(failed) = &mut self.response else {
             if let Phase::Forwarded(Forwarded { answer, gated, .. }) = &mut self.phase {
                 let keep = gated.as_mut().and_then(|gated| gated.keep.as_mut());
                 let keeps = keep.as_ref().is_some_and(|keep| keep.wants_bytes());
@@ -579,8 +581,18 @@ impl Flow {
             return Action::Continue;
         };
         if !end_of_stream {
+            failed.held = body_size;
             return Action::Pause;
         }
+        self.rewrite_failed(host, body_size)
+    }
+
+    /// Rewrites an error answer held whole (`body_size` bytes) as an error in
+    /// the client's API, and lets it go.
+    fn rewrite_failed<H: Host>(&self, host: &H, body_size: usize) -> Action {
+        let Response::Rewriting(Failed { status, details, attempts, encoding, .. }) = &self.response else {
+            return Action::Continue;
+        };
         let body = host.body(BufferType::HttpResponseBody, body_size);
         // A compressed body is not read: it is always replaced, by a body that is not compressed.
         let readable =
@@ -602,8 +614,12 @@ impl Flow {
         Action::Continue
     }
 
-    /// A guarded stream's end: the stream guard's usage trailer, taken out.
+    /// An answer's end in trailers: an error answer's held body rewritten,
+    /// or a guarded stream's usage trailer taken out.
     pub fn on_response_trailers<H: Host>(&mut self, host: &H) -> Action {
+        if let Response::Rewriting(Failed { held, .. }) = &self.response {
+            return self.rewrite_failed(host, *held);
+        }
         if let Phase::Forwarded(Forwarded { answer, .. }) = &mut self.phase {
             if answer.awaits_trailer() {
                 if let Some(value) = host.header(RESPONSE_TRAILERS, headers::USAGE_TRAILER) {

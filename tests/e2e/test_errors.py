@@ -5,12 +5,15 @@ with retries off and then on."""
 
 
 import json
+import socket
+import threading
 
 import httpx2
 import openai
 import pytest
 
-from harness import Stack, attempts_at, edit_filter_config, envoy_stat, h2c_post, new_request_id as rid, sdk
+from harness import (Stack, attempts_at, edit_filter_config, envoy_stat, free_port, h2c_post, new_request_id as rid,
+                     sdk)
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -260,6 +263,64 @@ def test_a_compressed_error_answer_is_rewritten_uncompressed(unaccounted, spec):
     # The simulator's own gzip is real gzip, so the bug this guards against is not the simulator's.
     direct = httpx2.post(f"{unaccounted.backend_url('vllm-llama')}/v1/chat/completions", json=body, headers=headers)
     assert direct.headers["content-encoding"] == "gzip" and direct.json()["error"]["message"] == "simulated failure"
+
+
+PAGE = b"<html><title>Internal Server Error</title></html>"
+
+
+def serve_an_error_ending_in_trailers(listener: socket.socket) -> None:
+    """A backend whose every answer is a 500 HTML page, chunked, ending in a trailer."""
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            head, body = request.split(b"\r\n\r\n", 1)
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/html\r\n"
+                         b"transfer-encoding: chunked\r\ntrailer: x-failure\r\nconnection: close\r\n\r\n"
+                         + b"%x\r\n%s\r\n" % (len(PAGE), PAGE) + b"0\r\nx-failure: page\r\n\r\n")
+
+
+@pytest.fixture(scope="module")
+def trailing():
+    """A gateway whose `trailing-model` is served by a backend whose answers end in trailers,
+    which Envoy passes on (`enable_trailers` on the backend's cluster)."""
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port))
+    threading.Thread(target=serve_an_error_ending_in_trailers, args=(listener,), daemon=True).start()
+
+    def adjust(config: dict) -> None:
+        def route(routing: dict) -> None:
+            routing["backends"]["trailing"] = {"cluster": "trailing_pool"}
+            routing["models"].append({"match": "trailing-model", "backend": "trailing"})
+
+        edit_filter_config(config, route)
+        options = {"@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                   "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}
+        endpoint = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+        config["static_resources"]["clusters"].append({
+            "name": "trailing_pool", "type": "STATIC",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options},
+            "load_assignment": {"cluster_name": "trailing_pool", "endpoints": [{"lb_endpoints": [endpoint]}]}})
+
+    with Stack(adjust_config=adjust) as s:
+        yield s
+    listener.close()
+
+
+def test_a_backends_error_ending_in_trailers_is_rewritten_as_any_other(trailing, spec):
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk(trailing, retries=0).chat.completions.create(model="trailing-model", messages=HELLO)
+    assert err.value.status_code == 500
+    assert err.value.body == {"message": "The backend answered HTTP 500 with an HTML page: Internal Server Error",
+                              "type": "server_error", "param": None, "code": None}
+    assert err.value.response.headers["content-type"] == "application/json"
+    spec.validate("ErrorResponse", err.value.response.json())
 
 
 @pytest.mark.parametrize("model", ["llama-3.1-8b-instruct", "gpt-4o-mini"])

@@ -126,6 +126,10 @@ fn stream_body(host: &MockHost, flow: &mut Flow, pieces: &[&[u8]]) -> Vec<u8> {
         let action = flow.on_response_trailers(host);
         // Trailers are held only while the store takes the kept answer; a test has it answer.
         assert_eq!(action == Action::Pause, host.state.borrow().dispatched.len() > calls);
+        if action == Action::Continue && !buffered.is_empty() {
+            // What Envoy held for the filter goes on before the trailers.
+            client.append(&mut host.state.borrow_mut().response_body);
+        }
     }
     client
 }
@@ -310,6 +314,20 @@ fn a_backends_error_is_rewritten_as_an_openai_error() {
     assert_eq!(seen.error().0, "server_error");
     let message = seen.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.contains("500"), "{message}");
+}
+
+#[test]
+fn a_backends_error_ending_in_trailers_is_rewritten_too() {
+    let (host, _worker, mut flow) = configured("");
+    host.state.borrow_mut().properties.insert("response.code_details".into(), b"via_upstream".to_vec());
+    send(&host, &mut flow, &chat_headers(&[]), CHAT);
+    host.state.borrow_mut().response_trailers = vec![("grpc-status".into(), "13".into())];
+    let html: &[u8] = b"<html><body>Internal Server Error</body></html>";
+    let seen = answer(&host, &mut flow, 500, &[("content-type", "text/html")], &[&html[..20], &html[20..]]);
+    assert_eq!((seen.status, seen.header("content-type")), (500, Some("application/json")));
+    assert_eq!(seen.header("content-length"), Some(seen.body.len().to_string().as_str()));
+    assert_eq!(seen.error().0, "server_error");
+    assert_eq!(host.state.borrow().response_trailers, vec![("grpc-status".into(), "13".into())], "trailers go on");
 }
 
 #[test]
