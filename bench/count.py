@@ -168,7 +168,8 @@ def floor_making(calls: list[str]):
 
 def ext_proc_mode(**mode: str):
     """floor_ext_proc's configuration with its ext_proc processing mode changed by `mode`: the
-    answer's headers and whole body sent too (as ext-proc asks for them on a translated route, the
+    answer's headers and whole body sent too (as ext-proc asked for them on a translated route
+    before 2026-12-03), the answer's whole body alone (as it asks for a whole answer now: the
     ext_proc floor of a translation), or the request's headers not sent (its body alone, one
     message for the request, as a design in which the filter sets what the headers need would send)."""
     def adjust(config: dict) -> None:
@@ -205,6 +206,11 @@ def chain_variants() -> list[Variant]:
                 [named("floor_ext_proc_answers")], bare_listener=True),
         Variant("floor_ext_proc_body_only", FLOORS["floor_ext_proc"][1], ext_proc_mode(request_header_mode="SKIP"),
                 [named("floor_ext_proc_body_only")], bare_listener=True),
+        Variant("floor_ext_proc_answer_body", FLOORS["floor_ext_proc"][1], ext_proc_mode(response_body_mode="BUFFERED"),
+                [named("floor_ext_proc_answer_body")], bare_listener=True),
+        Variant("floor_ext_proc_bodies", FLOORS["floor_ext_proc"][1],
+                ext_proc_mode(request_header_mode="SKIP", response_body_mode="BUFFERED"),
+                [named("floor_ext_proc_bodies")], bare_listener=True),
         Variant("floor_on_demo", DEMO_CONFIG, floor_on_demo(), [named("floor_on_demo")]),
         *[Variant(f"floor_on_demo_without_{part}", DEMO_CONFIG, floor_on_demo(part),
                   [named(f"floor_on_demo_without_{part}")]) for part in DEMO_CHAIN_PARTS],

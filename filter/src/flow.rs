@@ -185,6 +185,11 @@ struct Forwarded {
     guarded: bool,
     answer: Answer,
     stream: bool,
+    /// ext_proc takes the answer's body alone and does not hold its headers:
+    /// this filter holds them until the translated body comes, so that an
+    /// answer too large to buffer still gets an error (Envoy's local reply)
+    /// instead of a client's stream reset after its headers.
+    holds_translated_headers: bool,
     /// What the gate said, where it was asked.
     gated: Option<Box<Passed>>,
 }
@@ -487,10 +492,15 @@ impl Flow {
         if let Response::Replied { .. } = self.response {
             return Action::Continue;
         }
-        let status = host
+        let backends = host
             .header(RESPONSE_HEADERS, ":status")
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
             .unwrap_or(200);
+        // Here, not in ext_proc, for a whole translated answer: ext_proc takes only its body.
+        let status = self.api.answer_status(backends);
+        if status != backends {
+            host.set_header(RESPONSE_HEADERS, ":status", &status.to_string());
+        }
         self.response = Response::Passing { status };
         let forwarded = match &mut self.phase {
             Phase::Forwarded(forwarded) => Some(forwarded),
@@ -521,7 +531,8 @@ impl Flow {
                 let error = GatewayError::bad_answer("a success and an empty body");
                 return self.respond(host, &Reply::from(error));
             }
-            return Action::Continue;
+            let holds = matches!(&self.phase, Phase::Forwarded(f) if f.holds_translated_headers) && !end_of_stream;
+            return if holds { Action::Pause } else { Action::Continue };
         }
         if let Phase::Forwarded(forwarded) = &mut self.phase {
             forwarded.answer.failed();
@@ -1143,6 +1154,7 @@ impl Flow {
         if let (true, Some(token)) = (guarded, self.router.internal_token()) {
             host.set_header(REQUEST_HEADERS, headers::INTERNAL_TOKEN, token);
         }
+        let holds_translated_headers = routing.answer_translated_whole();
         let mut answer = Answer::new(self.started_us, routing.stream, count_tokens, routing.usage_unasked);
         // The stream guard frames every event of a stream it relays: asked, it reads the
         // usage there and gives it in a trailer, and this filter reads no piece of the stream.
@@ -1160,6 +1172,7 @@ impl Flow {
             admission: admitted.admission,
             guarded,
             stream: routing.stream,
+            holds_translated_headers,
             gated: (!passed.is_nothing()).then(|| Box::new(passed)),
         });
         Action::Continue

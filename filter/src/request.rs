@@ -4,7 +4,7 @@
 //! these functions, and carry out the verdict.
 
 use crate::routing_fields::{read_routing_fields, RoutingFields};
-use modelgate_proto::client_api::{ClientApi, Passage};
+use modelgate_proto::client_api::{self, ClientApi, Passage};
 use modelgate_proto::config::{FailureMode, Price};
 use modelgate_proto::endpoint::{classify, Endpoint, Target};
 use modelgate_proto::error::{retry_header, GatewayError};
@@ -125,6 +125,8 @@ pub struct Routing {
     pub translated: bool,
     /// A translated Responses request: the response is stored, owned by the client's key.
     pub stores_response: bool,
+    /// The backend's answer is translated (by ext_proc, or for a stream the stream guard).
+    pub answers_translated: bool,
 }
 
 impl Routing {
@@ -143,14 +145,24 @@ impl Routing {
     /// The backend's profile headers. A translated request always engages
     /// ext_proc: with the profile when ext_proc also speaks the backend's
     /// dialect, else with the default profile (the stream guard, or each
-    /// member of a chain, speaks it).
+    /// member of a chain, speaks it). ext_proc is told too when an answer it
+    /// translates will be whole.
     pub fn profile_headers(&self) -> Vec<(&'static str, &str)> {
         let mut sent: Vec<(&'static str, &str)> =
             self.profile.iter().map(|profile| (self.profile_header(), profile.as_str())).collect();
         if self.translated && !sent.iter().any(|(name, _)| *name == headers::BACKEND) {
             sent.push((headers::BACKEND, DEFAULT_PROFILE));
         }
+        if self.answer_translated_whole() {
+            sent.push((headers::WHOLE_ANSWER, "1"));
+        }
         sent
+    }
+
+    /// ext_proc translates the answer, which will be whole: it takes the
+    /// answer's body alone, with its status, in one message.
+    pub fn answer_translated_whole(&self) -> bool {
+        self.answers_translated && !self.stream && (self.profile.is_some() || self.translated)
     }
 }
 
@@ -376,6 +388,7 @@ pub fn on_request_body(
         },
         translated,
         stores_response: translated && endpoint == Endpoint::Responses,
+        answers_translated: client_api::answers_translated(endpoint, &target.serves),
     })
 }
 
@@ -583,6 +596,7 @@ mod tests {
                 tokens: TokenEstimate::default(),
                 translated: false,
                 stores_response: false,
+                answers_translated: false,
             }
         );
         assert_eq!(
@@ -604,6 +618,7 @@ mod tests {
                 tokens: TokenEstimate::default(),
                 translated: false,
                 stores_response: false,
+                answers_translated: false,
             }
         );
     }
@@ -620,6 +635,37 @@ mod tests {
         assert_eq!((stream.cluster.as_str(), stream.stream_cluster.as_deref()), ("guard", Some("vllm_pool")));
         assert_eq!(stream.profile_header(), headers::BACKEND);
         assert_eq!(stream.profile.as_deref(), Some(r#"{"pool":"vllm-pool"}"#));
+    }
+
+    #[test]
+    fn ext_proc_is_told_when_the_answer_will_be_whole() {
+        let r = Router::from_json(
+            br#"{"stream_guard_cluster": "guard",
+                "backends": {"a": {"cluster": "cluster_a", "dialect": "anthropic"}},
+                "models": [{"match": "m", "backend": "a"}]}"#,
+        )
+        .unwrap();
+        let routed = |body: &[u8]| on_request_body(&r, body, None, Endpoint::ChatCompletions).unwrap();
+        let whole = routed(br#"{"model":"m"}"#);
+        let profile = r#"{"dialect":"anthropic"}"#;
+        assert_eq!(whole.profile_headers(), vec![(headers::BACKEND, profile), (headers::WHOLE_ANSWER, "1")]);
+        let guarded = routed(br#"{"model":"m","stream":true}"#);
+        assert_eq!(guarded.profile_headers(), vec![(headers::STREAM_BACKEND, profile)], "ext_proc sees no stream here");
+        let unguarded = Router::from_json(
+            br#"{"backends": {"a": {"cluster": "cluster_a", "dialect": "anthropic"}},
+                "models": [{"match": "m", "backend": "a"}]}"#,
+        )
+        .unwrap();
+        let stream = on_request_body(&unguarded, br#"{"model":"m","stream":true}"#, None, Endpoint::ChatCompletions);
+        assert_eq!(stream.unwrap().profile_headers(), vec![(headers::BACKEND, profile)], "a stream through ext_proc");
+        let keyed = Router::from_json(
+            br#"{"backends": {"a": {"cluster": "cluster_a", "api_key": {"env": "K"}}},
+                "models": [{"match": "m", "backend": "a"}]}"#,
+        )
+        .unwrap();
+        let untranslated = on_request_body(&keyed, br#"{"model":"m"}"#, None, Endpoint::ChatCompletions).unwrap();
+        let profile = r#"{"api_key":{"env":"K"}}"#;
+        assert_eq!(untranslated.profile_headers(), vec![(headers::BACKEND, profile)], "no answer to translate");
     }
 
     #[test]
@@ -649,6 +695,7 @@ mod tests {
                 tokens: TokenEstimate::default(),
                 translated: false,
                 stores_response: false,
+                answers_translated: false,
             }
         );
         let guarded = on_request_body(&r, br#"{"model":"m","stream":true}"#, None, Endpoint::ChatCompletions).unwrap();
@@ -674,6 +721,7 @@ mod tests {
                 tokens: TokenEstimate::default(),
                 translated: false,
                 stores_response: false,
+                answers_translated: false,
             }
         );
     }

@@ -40,6 +40,15 @@ impl ClientApi {
             _ => ClientApi::Openai,
         }
     }
+
+    /// The status a backend's answer `status` takes in this API. 529 is
+    /// Anthropic's own "overloaded": OpenAI's clients know it as 503, "try again".
+    pub fn answer_status(self, status: u16) -> u16 {
+        match (self, status) {
+            (ClientApi::Openai, 529) => 503,
+            _ => status,
+        }
+    }
 }
 
 /// How a request reaches its backend.
@@ -67,9 +76,31 @@ pub fn passage(endpoint: Endpoint, profile: &BackendProfile) -> Passage {
     }
 }
 
+/// Whether the gateway translates the backend's answers to a request to
+/// `endpoint`: a client API taken through chat, or OpenAI's own endpoints on
+/// a backend of another dialect. A client API the backend serves itself is
+/// answered in it already.
+pub fn answers_translated(endpoint: Endpoint, profile: &BackendProfile) -> bool {
+    match passage(endpoint, profile) {
+        Passage::ThroughChat | Passage::Estimated => true,
+        Passage::Native => {
+            profile.dialect != Dialect::Openai
+                && !matches!(endpoint, Endpoint::Responses | Endpoint::Messages | Endpoint::CountTokens)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overload_is_529_only_in_anthropics_api() {
+        assert_eq!(ClientApi::Openai.answer_status(529), 503);
+        assert_eq!(ClientApi::Anthropic.answer_status(529), 529);
+        assert_eq!(ClientApi::Openai.answer_status(503), 503);
+        assert_eq!(ClientApi::Openai.answer_status(200), 200);
+    }
 
     #[test]
     fn each_backend_serves_what_it_can_and_the_rest_goes_through_chat() {

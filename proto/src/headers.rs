@@ -15,6 +15,12 @@ pub const CLUSTER: &str = "x-modelgate-cluster";
 /// only translates that API.
 pub const BACKEND: &str = "x-modelgate-backend";
 
+/// Set by the filter, beside [`BACKEND`], on a request that asked for one
+/// answer, not a stream: ext_proc then takes a translated answer in one
+/// message, its body with its status, instead of its headers and then its
+/// body. ext_proc removes it before the request goes on.
+pub const WHOLE_ANSWER: &str = "x-modelgate-whole-answer";
+
 /// Set by the filter on a streaming request it sends through the stream guard:
 /// the backend's cluster, which the guard passes on as [`CLUSTER`].
 pub const STREAM_CLUSTER: &str = "x-modelgate-stream-cluster";
@@ -81,6 +87,7 @@ pub const USAGE_TRAILER: &str = "modelgate-usage";
 pub const INTERNAL: &[&str] = &[
     CLUSTER,
     BACKEND,
+    WHOLE_ANSWER,
     STREAM_CLUSTER,
     STREAM_BACKEND,
     CHAIN,

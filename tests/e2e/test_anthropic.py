@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from harness import assert_streams_as_generated, attempts_at, new_request_id as rid, sdk, WEATHER
+from harness import assert_streams_as_generated, attempts_at, envoy_stat, new_request_id as rid, sdk, WEATHER
 
 MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -45,6 +45,25 @@ def test_a_chat_with_a_system_prompt(stack, spec):
     assert headers["x-api-key"] == "sk-ant-demo-key"
     assert headers["anthropic-version"] == "2023-06-01"
     assert "authorization" not in headers, "the client's own key never reaches a third party"
+
+
+def ext_proc_messages(stack) -> int:
+    return envoy_stat(stack, r"^http\.modelgate\.ext_proc\.stream_msgs_sent$")
+
+
+def test_a_whole_answer_costs_ext_proc_three_messages_and_its_mark_stays_inside(stack):
+    # The request's headers and body, then the answer's body with its status: not the answer's headers.
+    for status in (None, 529):
+        before, request_id = ext_proc_messages(stack), rid()
+        failure = {"x-sim-fail-status": str(status), "x-sim-retry-after": "0"} if status else {}
+        try:
+            sdk(stack, 0).chat.completions.create(
+                model=MODEL, messages=HELLO, extra_headers={"x-request-id": request_id, **failure})
+        except openai.InternalServerError as err:
+            assert (status, err.status_code) == (529, 503)
+        assert ext_proc_messages(stack) - before == 3
+        [upstream] = sent(stack, request_id)
+        assert not [name for name in upstream["headers"] if name.startswith("x-modelgate")]
 
 
 def test_max_tokens_is_the_clients_when_given(stack):

@@ -25,6 +25,7 @@ use crate::openai;
 use crate::params::{self, invalid_role, invalid_type, stop_sequences, tool_arguments};
 use crate::stream::{self, RecordStream, RecordTranslator, StreamHead};
 use modelgate_proto::backend::{BackendProfile, Dialect};
+use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::clock;
 use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::{ErrorCode, ErrorType, GatewayError};
@@ -128,10 +129,7 @@ impl ResponseTranslator for AnthropicAnswer {
             let writer = ChunkWriter::new(self.include_usage);
             self.stream = Some(RecordStream::new(Framing::Sse, self.max_event_bytes, writer));
         }
-        // Overloaded is Anthropic's own status; OpenAI clients know 503 as "try again".
-        if status == 529 {
-            plan.status = 503;
-        }
+        plan.status = ClientApi::Openai.answer_status(status);
         plan
     }
 

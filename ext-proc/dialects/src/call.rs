@@ -9,7 +9,7 @@ use crate::dialect::{
     self, Credential, HeaderChanges, OutgoingRequest, RequestTranslator, ResponseContext, ResponseTranslator,
 };
 use modelgate_proto::backend::{BackendProfile, Dialect};
-use modelgate_proto::client_api::{passage, Passage};
+use modelgate_proto::client_api::{answers_translated, passage, Passage};
 use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::headers;
@@ -79,10 +79,8 @@ impl BackendCall {
             Passage::Native => None,
             Passage::ThroughChat | Passage::Estimated => client::request_for(endpoint),
         };
-        // A client API its backend serves natively is answered in it already: only
-        // chat completions' own endpoints have a dialect's answers to translate.
-        let translates_responses = client.is_some()
-            || (!client::is_client_api(endpoint) && dialect::registered(profile.dialect).answers.is_some());
+        // Decided as the filter decides it, which tells ext_proc when such an answer will be whole.
+        let translates_responses = answers_translated(endpoint, &profile);
         // The backend gets a chat completion when the client's API is translated.
         let backend_endpoint = if client.is_some() { Endpoint::ChatCompletions } else { endpoint };
         // An endpoint the backend lacks is refused before any key is read.

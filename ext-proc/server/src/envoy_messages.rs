@@ -15,7 +15,8 @@ use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use modelgate_dialects::dialect::HeaderChanges;
 use modelgate_proto::client_api::ClientApi;
 use modelgate_proto::error::{retry_header, GatewayError};
-use modelgate_proto::headers::{DESTINATION_ENDPOINT, OWNER};
+use modelgate_proto::headers::DESTINATION_ENDPOINT;
+use std::collections::HashMap;
 
 /// The dynamic metadata namespace Envoy's load balancers read the chosen
 /// endpoint from, and the one a data plane reports the served endpoint in.
@@ -50,27 +51,65 @@ fn mutation(headers: HeaderChanges) -> Option<HeaderMutation> {
     })
 }
 
-/// Continues the request headers; `watch_response` asks Envoy to send this
-/// request's response headers too (the static configuration skips them), and
-/// `remove_owner` takes the owner the filter named off the backend's request.
+/// How much of a request's response ext-proc asks Envoy for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Nothing: the static configuration's modes, which skip the response.
+    Nothing,
+    /// The headers, then the body whole or streamed as the headers say.
+    HeadersThenBody,
+    /// The body alone, whole, with its status among the message's attributes
+    /// (`response.code`): an answer to a request that did not ask for a stream.
+    WholeBody,
+}
+
+/// Continues the request headers, asking for the response as `watch` says,
+/// and takes the filter's `internal` headers meant for ext-proc alone (the
+/// owner, the whole-answer mark) off the backend's request.
 ///
-/// A watched response's body is asked for whole until its headers are
-/// answered (they then say whole or streamed): the body that reaches Envoy
-/// while ext-proc reads the headers is then buffered up to Envoy's limit, and
-/// past it the answer is Envoy's 500 (`response_payload_too_large`). With no
-/// body mode yet, Envoy 1.40 holds that body with back-pressure instead: an
-/// answer that passes the limit before ext-proc answers its headers pauses
-/// the backend for good, and the client waits for the route's timeout.
-pub fn continue_request_headers(watch_response: bool, remove_owner: bool) -> ProcessingResponse {
-    let owner = remove_owner.then(|| HeaderMutation { remove_headers: vec![OWNER.to_string()], ..Default::default() });
+/// A response watched from its headers has its body asked for whole until
+/// the headers are answered (they then say whole or streamed): the body that
+/// reaches Envoy while ext-proc reads the headers is then buffered up to
+/// Envoy's limit, and past it the answer is Envoy's 500
+/// (`response_payload_too_large`). With no body mode yet, Envoy 1.40 holds
+/// that body with back-pressure instead: an answer that passes the limit
+/// before ext-proc answers its headers pauses the backend for good, and the
+/// client waits for the route's timeout.
+///
+/// A response watched by its body alone costs one message instead of two.
+/// Envoy 1.40 then neither holds its headers (the filter after ext_proc holds
+/// them until the translated body comes, so that an answer too large to
+/// buffer still gets an error) nor applies a header change made in the
+/// body's answer: it drops the `content-length` itself, and the filter sets
+/// any status the client's API changes (Anthropic's 529 as 503).
+pub fn continue_request_headers(watch: Watch, internal: &[&str]) -> ProcessingResponse {
+    let removals = (!internal.is_empty()).then(|| HeaderMutation {
+        remove_headers: internal.iter().map(|name| name.to_string()).collect(),
+        ..Default::default()
+    });
     let mut answer = respond(Response::RequestHeaders(HeadersResponse {
-        response: owner.map(|owner| CommonResponse { header_mutation: Some(owner), ..Default::default() }),
+        response: removals.map(|removals| CommonResponse { header_mutation: Some(removals), ..Default::default() }),
     }));
-    if watch_response {
-        answer.mode_override = Some(mode(HeaderSendMode::Send, BodySendMode::Buffered));
-    }
+    answer.mode_override = match watch {
+        Watch::Nothing => None,
+        Watch::HeadersThenBody => Some(mode(HeaderSendMode::Send, BodySendMode::Buffered)),
+        Watch::WholeBody => Some(mode(HeaderSendMode::Skip, BodySendMode::Buffered)),
+    };
     answer
 }
+
+/// The response's status, from the message's attributes (`response.code`,
+/// under whichever filter name Envoy gives them).
+pub fn response_code(attributes: &HashMap<String, Struct>) -> Option<u16> {
+    attributes.values().find_map(|values| match values.fields.get(RESPONSE_CODE)?.kind {
+        Some(Kind::NumberValue(code)) if (100.0..1000.0).contains(&code) => Some(code as u16),
+        _ => None,
+    })
+}
+
+/// The attribute that carries the response's status, as ext_proc's
+/// `response_attributes` must name it.
+pub const RESPONSE_CODE: &str = "response.code";
 
 /// The processing mode for the rest of an exchange: the request body is
 /// still wanted whole; the response's headers and body as given.

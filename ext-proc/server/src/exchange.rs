@@ -4,7 +4,7 @@
 //! the stored responses of the Responses API, and only for the requests that
 //! continue or keep one; tested without Envoy.
 
-use crate::envoy_messages;
+use crate::envoy_messages::{self, Watch, RESPONSE_CODE};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, HttpHeaders, ProcessingRequest, ProcessingResponse,
 };
@@ -80,12 +80,19 @@ impl Exchange {
         let answer = match (&request, &mut self.active) {
             (Request::RequestHeaders(h), _) => {
                 self.api = ClientApi::of_path(envoy_messages::header(h, ":path").unwrap_or_default());
-                let owner = envoy_messages::header(h, headers::OWNER).is_some();
+                let internal: Vec<&str> = [headers::OWNER, headers::WHOLE_ANSWER]
+                    .into_iter()
+                    .filter(|name| envoy_messages::header(h, name).is_some())
+                    .collect();
                 match start(h, &self.keys, &self.pools) {
                     Ok(Some(active)) => {
-                        let watch = active.call.translates_responses();
+                        let watch = match active.call.translates_responses() {
+                            false => Watch::Nothing,
+                            true if internal.contains(&headers::WHOLE_ANSWER) => Watch::WholeBody,
+                            true => Watch::HeadersThenBody,
+                        };
                         self.active = Some(active);
-                        envoy_messages::continue_request_headers(watch, owner)
+                        envoy_messages::continue_request_headers(watch, &internal)
                     }
                     Ok(None) => envoy_messages::pass(&request),
                     Err(e) => envoy_messages::reject(&e, self.api),
@@ -111,10 +118,21 @@ impl Exchange {
                 *response = Some((status, plan.streamed));
                 envoy_messages::rewrite_response_headers(plan.headers, plan.streamed)
             }
-            (
-                Request::ResponseBody(body),
-                Some(Active { translation: Some(translation), response: Some((status, streamed)), owner, .. }),
-            ) => {
+            (Request::ResponseBody(body), Some(Active { translation: Some(translation), response, owner, .. })) => {
+                // A whole answer's headers were not asked for: its status comes with the body.
+                let (status, streamed) = match response {
+                    Some(seen) => seen,
+                    None => match envoy_messages::response_code(&message.attributes) {
+                        Some(status) => {
+                            plan_answer(translation.as_mut(), status, b"application/json");
+                            response.insert((status, false))
+                        }
+                        None => {
+                            let why = format_args!("ext_proc's response_attributes lack {RESPONSE_CODE}");
+                            return Some(envoy_messages::reject(&log_misconfiguration(&why), api));
+                        }
+                    },
+                };
                 let answer = if *streamed {
                     envoy_messages::replace_response_piece(translation.stream(&body.body, body.end_of_stream))
                 } else {
@@ -451,6 +469,67 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
             out,
             json!({"error": {"message": "Overloaded", "type": "server_error", "param": null, "code": "overloaded"}})
         );
+    }
+
+    /// A response body whose status Envoy sends among the attributes, as `response_attributes` asks.
+    fn body_with_status(bytes: &[u8], status: Option<u16>) -> ProcessingRequest {
+        let mut message = body(bytes, true, true);
+        let code = status.map(|code| (RESPONSE_CODE.to_string(), Value::from(code)));
+        let fields = code.into_iter().map(|(name, code)| {
+            let kind = Kind::NumberValue(code.as_f64().unwrap());
+            (name, envoy_types::pb::google::protobuf::Value { kind: Some(kind) })
+        });
+        let attributes = envoy_types::pb::google::protobuf::Struct { fields: fields.collect() };
+        message.attributes = [("envoy.filters.http.ext_proc".to_string(), attributes)].into();
+        message
+    }
+
+    /// An Anthropic exchange for a request that asked for one answer: its response watched by the body alone.
+    fn whole_anthropic_exchange() -> Exchange {
+        let mut ex = new_exchange(Arc::default(), Arc::default(), DEFAULT_MAX_EVENT_BYTES);
+        let first = ex
+            .on_message_now(request_headers(&[
+                (":path", "/v1/chat/completions"),
+                (headers::BACKEND, r#"{"dialect":"anthropic"}"#),
+                (headers::WHOLE_ANSWER, "1"),
+            ]))
+            .unwrap();
+        let mode = first.mode_override.expect("the response's body is asked for");
+        assert_eq!((mode.response_header_mode, mode.response_body_mode), (2, 2), "headers skipped, body buffered");
+        let removed = common(first).header_mutation.unwrap().remove_headers;
+        assert_eq!(removed, vec![headers::WHOLE_ANSWER], "the mark does not reach the backend");
+        ex.on_message_now(body(br#"{"model":"c","messages":[{"role":"user","content":"hi"}]}"#, true, false));
+        ex
+    }
+
+    #[test]
+    fn a_whole_answer_is_translated_from_its_body_alone() {
+        let mut ex = whole_anthropic_exchange();
+        let message = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-x",
+            "content":[{"type":"text","text":"Hello"}],"stop_reason":"end_turn",
+            "usage":{"input_tokens":3,"output_tokens":1}}"#;
+        let out: Value = serde_json::from_slice(&new_body(&common(
+            ex.on_message_now(body_with_status(message, Some(200))).unwrap(),
+        )))
+        .unwrap();
+        assert_eq!(out["object"], "chat.completion");
+        assert_eq!(out["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(out["usage"]["total_tokens"], 4);
+        // An error is translated by the status that came with it; the filter sets the client's status.
+        let mut ex = whole_anthropic_exchange();
+        let error = br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let out: Value =
+            serde_json::from_slice(&new_body(&common(ex.on_message_now(body_with_status(error, Some(529))).unwrap())))
+                .unwrap();
+        assert_eq!(out["error"]["code"], "overloaded");
+    }
+
+    #[test]
+    fn a_whole_answer_without_its_status_is_a_misconfiguration_not_a_guess() {
+        let mut ex = whole_anthropic_exchange();
+        let (status, _, error) = rejection(ex.on_message_now(body_with_status(b"{}", None)).unwrap());
+        assert_eq!(status, 500);
+        assert_eq!(error["error"]["code"], "gateway_misconfigured");
     }
 
     #[test]

@@ -331,6 +331,18 @@ fn a_backends_error_ending_in_trailers_is_rewritten_too() {
 }
 
 #[test]
+fn an_overload_answers_an_openai_client_503_whatever_status_the_backend_gave() {
+    let (host, _worker, mut flow) = configured("");
+    host.state.borrow_mut().properties.insert("response.code_details".into(), b"via_upstream".to_vec());
+    send(&host, &mut flow, &chat_headers(&[]), CHAT);
+    // As ext_proc leaves a whole answer from Anthropic: the envelope translated, the status not.
+    let overloaded: &[u8] =
+        br#"{"error":{"message":"Overloaded","type":"server_error","param":null,"code":"overloaded"}}"#;
+    let seen = answer(&host, &mut flow, 529, &[("content-type", "application/json")], &[overloaded]);
+    assert_eq!((seen.status, seen.error()), (503, ("server_error".into(), "overloaded".into())));
+}
+
+#[test]
 fn envoys_own_error_without_a_body_is_answered_anew_as_an_openai_error() {
     let (host, _worker, mut flow) = configured("");
     host.state.borrow_mut().properties.insert("response.code_details".into(), b"no_healthy_upstream".to_vec());
@@ -835,6 +847,32 @@ fn client_api_gateway() -> (MockHost, Worker, Flow) {
             {}}}"#,
         keyed("{}", "")
     ))
+}
+
+#[test]
+fn a_whole_answer_ext_proc_translates_is_held_until_its_body_comes_and_a_stream_is_not() {
+    let (host, _worker, mut flow) = client_api_gateway();
+    let chat = api_request("/v1/chat/completions", BEARER);
+    send(&host, &mut flow, &chat, br#"{"model":"claude","messages":[]}"#);
+    assert_eq!(host.request_header(headers::WHOLE_ANSWER).as_deref(), Some("1"), "ext_proc is told");
+    host.set_response(&[(":status", "200"), ("content-type", "application/json")], b"");
+    assert_eq!(flow.on_response_headers(&host, false), Action::Pause, "ext_proc does not hold them");
+    let translated: &[u8] =
+        br#"{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+    host.state.borrow_mut().response_body = translated.to_vec();
+    assert_eq!(flow.on_response_body(&host, translated.len(), true), Action::Continue);
+
+    let (host, _worker, mut flow) = client_api_gateway();
+    send(&host, &mut flow, &chat, br#"{"model":"claude","messages":[],"stream":true}"#);
+    assert_eq!(host.request_header(headers::WHOLE_ANSWER), None, "the stream guard translates streams");
+    host.set_response(&[(":status", "200"), ("content-type", "text/event-stream")], b"");
+    assert_eq!(flow.on_response_headers(&host, false), Action::Continue);
+
+    let (host, _worker, mut flow) = client_api_gateway();
+    send(&host, &mut flow, &chat, br#"{"model":"qwen","messages":[]}"#);
+    assert_eq!(host.request_header(headers::WHOLE_ANSWER), None, "nothing to translate");
+    host.set_response(&[(":status", "200"), ("content-type", "application/json")], b"");
+    assert_eq!(flow.on_response_headers(&host, false), Action::Continue);
 }
 
 fn api_request(path: &'static str, key: (&'static str, &'static str)) -> Vec<(&'static str, &'static str)> {

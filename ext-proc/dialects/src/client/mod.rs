@@ -84,12 +84,6 @@ impl ClientContext {
     }
 }
 
-/// Whether `endpoint` belongs to a client API besides chat completions: one
-/// that [`request_for`] translates when its backend does not serve it.
-pub fn is_client_api(endpoint: Endpoint) -> bool {
-    matches!(endpoint, Endpoint::Responses | Endpoint::Messages | Endpoint::CountTokens)
-}
-
 /// The translation into a chat completion of a request to `endpoint`, a
 /// client API the backend does not serve; `None` for chat completions'
 /// own endpoints, which every dialect takes.
