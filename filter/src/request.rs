@@ -639,33 +639,26 @@ mod tests {
 
     #[test]
     fn ext_proc_is_told_when_the_answer_will_be_whole() {
-        let r = Router::from_json(
-            br#"{"stream_guard_cluster": "guard",
-                "backends": {"a": {"cluster": "cluster_a", "dialect": "anthropic"}},
-                "models": [{"match": "m", "backend": "a"}]}"#,
-        )
-        .unwrap();
-        let routed = |body: &[u8]| on_request_body(&r, body, None, Endpoint::ChatCompletions).unwrap();
-        let whole = routed(br#"{"model":"m"}"#);
-        let profile = r#"{"dialect":"anthropic"}"#;
-        assert_eq!(whole.profile_headers(), vec![(headers::BACKEND, profile), (headers::WHOLE_ANSWER, "1")]);
-        let guarded = routed(br#"{"model":"m","stream":true}"#);
-        assert_eq!(guarded.profile_headers(), vec![(headers::STREAM_BACKEND, profile)], "ext_proc sees no stream here");
-        let unguarded = Router::from_json(
-            br#"{"backends": {"a": {"cluster": "cluster_a", "dialect": "anthropic"}},
-                "models": [{"match": "m", "backend": "a"}]}"#,
-        )
-        .unwrap();
-        let stream = on_request_body(&unguarded, br#"{"model":"m","stream":true}"#, None, Endpoint::ChatCompletions);
-        assert_eq!(stream.unwrap().profile_headers(), vec![(headers::BACKEND, profile)], "a stream through ext_proc");
+        let anthropic = r#""backends": {"a": {"cluster": "cluster_a", "dialect": "anthropic"}},
+                            "models": [{"match": "m", "backend": "a"}]"#;
+        let guarded = Router::from_json(format!(r#"{{"stream_guard_cluster": "guard", {anthropic}}}"#).as_bytes());
+        let unguarded = Router::from_json(format!("{{{anthropic}}}").as_bytes());
         let keyed = Router::from_json(
             br#"{"backends": {"a": {"cluster": "cluster_a", "api_key": {"env": "K"}}},
                 "models": [{"match": "m", "backend": "a"}]}"#,
-        )
-        .unwrap();
-        let untranslated = on_request_body(&keyed, br#"{"model":"m"}"#, None, Endpoint::ChatCompletions).unwrap();
-        let profile = r#"{"api_key":{"env":"K"}}"#;
-        assert_eq!(untranslated.profile_headers(), vec![(headers::BACKEND, profile)], "no answer to translate");
+        );
+        let sent = |router: &Result<Router, _>, body: &[u8]| {
+            let routing = on_request_body(router.as_ref().unwrap(), body, None, Endpoint::ChatCompletions).unwrap();
+            routing.profile_headers().into_iter().map(|(name, value)| (name, value.to_string())).collect::<Vec<_>>()
+        };
+        let profile = || r#"{"dialect":"anthropic"}"#.to_string();
+        let whole = vec![(headers::BACKEND, profile()), (headers::WHOLE_ANSWER, "1".to_string())];
+        assert_eq!(sent(&guarded, br#"{"model":"m"}"#), whole);
+        let stream = br#"{"model":"m","stream":true}"#;
+        assert_eq!(sent(&guarded, stream), vec![(headers::STREAM_BACKEND, profile())], "ext_proc sees no stream here");
+        assert_eq!(sent(&unguarded, stream), vec![(headers::BACKEND, profile())], "a stream through ext_proc");
+        let key = r#"{"api_key":{"env":"K"}}"#.to_string();
+        assert_eq!(sent(&keyed, br#"{"model":"m"}"#), vec![(headers::BACKEND, key)], "no answer to translate");
     }
 
     #[test]
