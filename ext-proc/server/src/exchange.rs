@@ -124,7 +124,8 @@ impl Exchange {
                     Some(seen) => seen,
                     None => match envoy_messages::response_code(&message.attributes) {
                         Some(status) => {
-                            plan_answer(translation.as_mut(), status, b"application/json");
+                            // Only the translation's own state matters: no header of this answer can change.
+                            translation.plan(status, b"application/json");
                             response.insert((status, false))
                         }
                         None => {
@@ -474,12 +475,9 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
     /// A response body whose status Envoy sends among the attributes, as `response_attributes` asks.
     fn body_with_status(bytes: &[u8], status: Option<u16>) -> ProcessingRequest {
         let mut message = body(bytes, true, true);
-        let code = status.map(|code| (RESPONSE_CODE.to_string(), Value::from(code)));
-        let fields = code.into_iter().map(|(name, code)| {
-            let kind = Kind::NumberValue(code.as_f64().unwrap());
-            (name, envoy_types::pb::google::protobuf::Value { kind: Some(kind) })
-        });
-        let attributes = envoy_types::pb::google::protobuf::Struct { fields: fields.collect() };
+        let code = |code| envoy_types::pb::google::protobuf::Value { kind: Some(Kind::NumberValue(f64::from(code))) };
+        let fields = status.map(|status| (RESPONSE_CODE.to_string(), code(status))).into_iter().collect();
+        let attributes = envoy_types::pb::google::protobuf::Struct { fields };
         message.attributes = [("envoy.filters.http.ext_proc".to_string(), attributes)].into();
         message
     }
