@@ -2,7 +2,8 @@
 """`make bench-count`: instructions Envoy executes per request, counted by callgrind, for bare
 Envoy, modelgate's routes and the floors beside them.
 
-    python bench/count.py [--requests N] [--rounds R] [--only VARIANT ...] [--split] [--streams] [--out DIR]
+    python bench/count.py [--requests N] [--rounds R] [--only VARIANT ...] [--split] [--services] [--streams]
+                          [--out DIR]
 
 Timing on a shared 2-core machine moves by tens of percent from one run to the next; instruction
 counts barely move. Each variant's Envoy runs under `valgrind --tool=callgrind` with
@@ -23,6 +24,11 @@ floor_wasm_header's minimal chain, the floor filter on the demo's chain with and
 parts, and the floor filter making modelgate's host calls one at a time; and the body read natively
 and in wasm with a longer conversation (`*_long`).
 
+`--services` also counts, in the same rounds, what ext-proc and the continue ext_proc service
+execute per request (each under callgrind too, every thread; the pools' metrics scrape slowed to
+SERVICE_SCRAPE_MS, since its work grows with wall time, which callgrind stretches): modelgate's
+own ext_proc work against the floor's, where Envoy's count leaves both out.
+
 `--streams` adds streamed answers as `make bench` asks the simulator for them (STREAM_HEADERS;
 stream_variants): bare Envoy, the two-pass floor, and the gateway's passthrough route through
 the stream guard, with and without accounting, and with the client asking for the usage chunk
@@ -40,6 +46,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,8 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from devstack import (ADMIN_PORT, DEMO_CONFIG, INNER_LISTENER_PORT, LISTENER_PORT, Stack, free_port,  # noqa: E402
-                      http_connection_manager, render_config)
+from devstack import (ADMIN_PORT, DEMO_CONFIG, EXT_PROC_PORT, INNER_LISTENER_PORT, LISTENER_PORT, Stack,  # noqa: E402
+                      free_port, http_connection_manager, render_config)
 from run import (BARE_CONFIG, CHAT, FLOORS, MODEL, POOLED, RENAMED, STREAM_HEADERS, TRANSLATED,  # noqa: E402
                  PROMPT, floor_ports, gateway, start_continue_ext_proc, with_cached_model, without_accounting)
 import yaml  # noqa: E402
@@ -57,6 +64,9 @@ import yaml  # noqa: E402
 # Envoy under callgrind starts in tens of seconds, and V8 compiling the filter takes more.
 START_TIMEOUT_S = 300
 WARMUP_REQUESTS = 20
+# The pools' metrics scrape while services are counted: every 50 ms by default, it would be counted
+# per request many times over under callgrind, where a request takes tens of times longer.
+SERVICE_SCRAPE_MS = 1000
 
 
 @dataclass
@@ -346,23 +356,80 @@ def read_dump(path: Path) -> dict[str, int]:
     return by_object
 
 
-def count(pid: int, port: int, route: Route, requests: int, dump: Path) -> tuple[dict[str, int], int]:
-    """Ir by object for `requests` requests of `route`, every thread's, and the worker thread's Ir.
-    callgrind dumps each thread apart (`--separate-threads`); the worker is the thread that executed
-    the most. Its count leaves out the main thread's timers (health checks, stats), whose work grows
-    with wall time, not requests, and so with how busy the machine is."""
+@dataclass
+class Counted:
+    """A process under callgrind, and where its dumps go (one file per thread)."""
+    pid: int
+    dump: Path
+
+    def zero(self) -> None:
+        control(self.pid, "--zero")
+
+    last: list[Path] = field(default_factory=list)
+
+    def threads(self) -> list[dict[str, int]]:
+        """Dumps the counters: Ir by object, for each thread (the files are kept in `last`)."""
+        before = set(self.dump.parent.glob(self.dump.name + "*"))
+        control(self.pid, "--dump")
+        self.last = sorted(set(self.dump.parent.glob(self.dump.name + "*")) - before)
+        return [read_dump(path) for path in self.last]
+
+
+def count(envoy: Counted, port: int, route: Route, requests: int,
+          services: dict[str, Counted]) -> tuple[dict[str, int], int, dict[str, int]]:
+    """Ir by object for `requests` requests of `route`, every thread's, the worker thread's Ir, and
+    each of `services`' Ir, every thread's. callgrind dumps each thread apart
+    (`--separate-threads`); Envoy's worker is the thread that executed the most. Its count leaves
+    out the main thread's timers (health checks, stats), whose work grows with wall time, not
+    requests, and so with how busy the machine is."""
     client = Client(port, route)
     client.send(WARMUP_REQUESTS, warming=True)
-    control(pid, "--zero")
+    for counted in [envoy, *services.values()]:
+        counted.zero()
     client.send(requests)
-    before = set(dump.parent.glob(dump.name + "*"))
-    control(pid, "--dump")
-    threads = [read_dump(path) for path in set(dump.parent.glob(dump.name + "*")) - before]
+    threads = envoy.threads()
     by_object: dict[str, int] = {}
     for thread in threads:
         for obj, ir in thread.items():
             by_object[obj] = by_object.get(obj, 0) + ir
-    return by_object, max(sum(thread.values()) for thread in threads)
+    served = {name: sum(sum(thread.values()) for thread in counted.threads()) for name, counted in services.items()}
+    return by_object, max(sum(thread.values()) for thread in threads), served
+
+
+def count_services(stack: Stack, floor_ext_proc: int) -> dict[str, Counted]:
+    """Starts ext-proc and the continue ext_proc service again under callgrind, counting from
+    now on; returns them by name."""
+    services = {}
+    for name, port in [("ext-proc", stack.ports[EXT_PROC_PORT]), ("continue-ext-proc", floor_ext_proc)]:
+        argv, env = stack.commands[name]
+        stack.kill(name)
+        stack.spawn(name, [*callgrind(name, stack.workdir), *argv], env)
+        stack.wait_for_port(port, timeout=START_TIMEOUT_S)
+        services[name] = Counted(stack.pid(name), stack.workdir / f"callgrind.{name}")
+        # What a process does once, after it listens (ext-proc's scrapers build their HTTP clients,
+        # loading the system's certificates), is no request's.
+        wait_until_idle(services[name].pid)
+        control(services[name].pid, "--instr=on")
+    return services
+
+
+def wait_until_idle(pid: int, timeout: float = START_TIMEOUT_S) -> None:
+    """Waits until the process has used under a tenth of a CPU for two seconds on end."""
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    deadline = time.monotonic() + timeout
+    quiet, last = 0, cpu_ticks()
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+        now = cpu_ticks()
+        quiet = quiet + 1 if now - last < os.sysconf("SC_CLK_TCK") // 10 else 0
+        last = now
+
+
+def slow_scrape(pools: dict) -> None:
+    for pool in pools["pools"].values():
+        pool.update(scrape_interval_ms=SERVICE_SCRAPE_MS, stale_after_ms=60 * SERVICE_SCRAPE_MS)
 
 
 def filter_tests() -> str:
@@ -387,6 +454,20 @@ def filter_configuration(variant: Variant) -> str:
 ANNOTATED = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(?:\S*?:)?(.+?) \[(.*)\]$")
 
 
+def by_function(dumps: list[Path], requests: int) -> list[tuple[str, float]]:
+    """Inclusive instructions per request of every function in callgrind dumps (a process's
+    threads, added up), the most first."""
+    functions: dict[str, float] = {}
+    for dump in dumps:
+        annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", str(dump)],
+                                   capture_output=True, text=True, check=True).stdout
+        for match in map(ANNOTATED.match, annotated.splitlines()):
+            if match:
+                name = match.group(2)
+                functions[name] = functions.get(name, 0) + int(match.group(1).replace(",", "")) / requests
+    return sorted(functions.items(), key=lambda item: -item[1])
+
+
 def count_native(binary: str, variant: Variant, route: Route, requests: int, workdir: Path) -> dict:
     """The filter's own instructions per request for `route`, run natively on a quiet host: the
     total, host calls, and the functions with the most inclusive instructions (callgrind's
@@ -402,10 +483,7 @@ def count_native(binary: str, variant: Variant, route: Route, requests: int, wor
                          env=env, capture_output=True, text=True, check=True)
     calls = float(re.search(r"host calls per request: ([\d.]+)", ran.stdout).group(1))
     total = sum(read_dump(dump).values())
-    annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=99", str(dump)],
-                               capture_output=True, text=True, check=True).stdout
-    functions = [(match.group(2), int(match.group(1).replace(",", "")) / requests)
-                 for match in map(ANNOTATED.match, annotated.splitlines()) if match]
+    functions = by_function([dump], requests)
     # The filter's and its libraries' functions; the request's callers (the test harness) and the
     # host's calls are not the filter's logic.
     top = [(name, ir) for name, ir in functions if ("modelgate_" in name or "serde" in name)
@@ -453,6 +531,20 @@ def markdown(results: dict) -> str:
         over = f"{row['ir'] - bare:+,.0f} ({row['ir'] / bare:.2f}x)" if bare else "n/a"
         split = " | ".join(f"{row['split'].get(k, 0):,.0f}" for k in ["envoy", UNNAMED_BELOW_4GIB, "libc", "jit", "other"])
         out.append(f"| {name} | {row['ir']:,.0f} | {over} | {row['spread']:.2%} | {split} | {row['worker']:,.0f} |")
+    services = results.get("services", {})
+    if services:
+        names = list(next(iter(services.values()))[0])
+        out += ["", "## What the ext_proc services execute per request", "",
+                f"Every thread's instructions, the mean of the rounds; the pools' metrics scrape every "
+                f"{SERVICE_SCRAPE_MS} ms (a route that calls neither shows what they do idle).", "",
+                "| route | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for route, rounds in services.items():
+            out.append(f"| {route} | " + " | ".join(f"{sum(r[n] for r in rounds) / len(rounds):,.0f}" for n in names)
+                       + " |")
+        for route, top in results.get("ext_proc_top", {}).items():
+            out += ["", f"### {route}: ext-proc's own functions by inclusive instructions per request (last round)", "",
+                    "| function | instructions per request |", "|---|---|"]
+            out += [f"| `{function}` | {ir:,.0f} |" for function, ir in top]
     native = results.get("native", {})
     if native:
         out += ["", "## The filter's own logic, natively (quiet host)", "",
@@ -475,6 +567,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variants to count, by name (default all but the split's)")
     parser.add_argument("--split", action="store_true",
                         help="also the passthrough route's split: chain_variants() (about 10 minutes more)")
+    parser.add_argument("--services", action="store_true",
+                        help="also what ext-proc and the continue ext_proc service execute per request")
     parser.add_argument("--streams", action="store_true",
                         help="also streamed answers: stream_variants() (about 5 minutes more at 100 requests)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
@@ -486,19 +580,28 @@ def main() -> None:
               if v.name in args.only] if args.only else [*headline, *optional]
     binary = filter_tests() if any(r.native for v in chosen for r in v.routes) else None
     results: dict = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "requests": args.requests,
-                     "rounds": args.rounds, "routes": {}, "worker": {}, "native": {}}
-    with Stack(log_level="error", envoy_concurrency=1, adjust_config=gateway()) as stack:
+                     "rounds": args.rounds, "routes": {}, "worker": {}, "native": {}, "services": {},
+                     "ext_proc_top": {}}
+    with Stack(log_level="error", envoy_concurrency=1, adjust_config=gateway(),
+               adjust_pools=slow_scrape if args.services else None) as stack:
         floor_ext_proc = start_continue_ext_proc(stack)
+        services = count_services(stack, floor_ext_proc) if args.services else {}
         for variant in chosen:
             print(f"counting {variant.name} under callgrind...", flush=True)
             ports = start_counted_envoy(stack, variant, floor_ext_proc)
-            pid = stack.pid(variant.name)
-            control(pid, "--instr=on")
+            envoy = Counted(stack.pid(variant.name), stack.workdir / f"callgrind.{variant.name}")
+            control(envoy.pid, "--instr=on")
             for route in variant.routes:
-                rounds = [count(pid, ports[LISTENER_PORT], route, args.requests,
-                                stack.workdir / f"callgrind.{variant.name}") for _ in range(args.rounds)]
-                results["routes"][route.name] = [{obj: ir / args.requests for obj, ir in r.items()} for r, _ in rounds]
-                results["worker"][route.name] = [worker / args.requests for _, worker in rounds]
+                rounds = [count(envoy, ports[LISTENER_PORT], route, args.requests, services)
+                          for _ in range(args.rounds)]
+                results["routes"][route.name] = [{obj: ir / args.requests for obj, ir in r.items()} for r, _, _ in rounds]
+                results["worker"][route.name] = [worker / args.requests for _, worker, _ in rounds]
+                if services:
+                    results["services"][route.name] = [{name: ir / args.requests for name, ir in served.items()}
+                                                       for _, _, served in rounds]
+                    results["ext_proc_top"][route.name] = [
+                        (name, ir) for name, ir in by_function(services["ext-proc"].last, args.requests)
+                        if name.lstrip("<").startswith("modelgate_")][:12]
                 if route.native:
                     results["native"][route.name] = count_native(binary, variant, route, args.requests, stack.workdir)
             stack.kill(variant.name)
