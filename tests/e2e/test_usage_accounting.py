@@ -89,7 +89,7 @@ def test_metrics_and_the_usage_report_show_the_exact_tokens_and_cost(gateway):
     # A window that ended before these requests holds none of them.
     assert report(gateway, start=0, end=start) == []
 
-    # ext-proc logs each request in a span carrying its id, model, backend, status and tokens.
+    # ext-proc logs each request in one line carrying its id, model, backend, status and tokens.
     line = next(line for line in gateway.log_tail("ext-proc", 200).splitlines() if request_id in line)
     assert "claude-sonnet-4-6" in line and "anthropic" in line and f"completion_tokens={stream_usage.completion_tokens}" in line
 

@@ -250,35 +250,31 @@ fn model_label(models: &mut HashSet<String>, model: &str, served: bool) -> Strin
     OTHER_MODELS.into()
 }
 
-/// One log line per request, inside a span that carries who asked what.
+/// One log line per request, on the target operators silence it by
+/// (`RUST_LOG=info,modelgate::requests=off`). One event, without a span: a
+/// span formats its fields once more, and this runs for every record on the
+/// thread that answers Envoy.
 fn log(record: &UsageRecord) {
-    let span = tracing::info_span!(
-        "request",
+    let usage = record.usage.map(|usage| (usage.prompt_tokens, usage.completion_tokens));
+    tracing::info!(
+        target: "modelgate::requests",
         request_id = record.request_id.as_str(),
         model = record.model.as_str(),
         backend = record.backend.as_str(),
         key = record.key.as_str(),
         status = record.status,
-        prompt_tokens = tracing::field::Empty,
-        completion_tokens = tracing::field::Empty,
+        prompt_tokens = usage.map(|(prompt, _)| prompt),
+        completion_tokens = usage.map(|(_, completion)| completion),
+        stream = record.stream,
+        latency_us = record.latency_us,
+        ttft_us = record.ttft_us,
+        cost_usd = record.cost_usd,
+        served_from = record.served_from.map(|source| match source {
+            ReplaySource::Cache => "cache",
+            ReplaySource::Idempotency => "idempotency",
+        }),
+        "request finished"
     );
-    if let Some(usage) = record.usage {
-        span.record("prompt_tokens", usage.prompt_tokens);
-        span.record("completion_tokens", usage.completion_tokens);
-    }
-    span.in_scope(|| {
-        tracing::info!(
-            stream = record.stream,
-            latency_us = record.latency_us,
-            ttft_us = record.ttft_us,
-            cost_usd = record.cost_usd,
-            served_from = record.served_from.map(|source| match source {
-                ReplaySource::Cache => "cache",
-                ReplaySource::Idempotency => "idempotency",
-            }),
-            "request finished"
-        );
-    });
 }
 
 /// An NDJSON body's records and tallies, and the lines that were neither.
