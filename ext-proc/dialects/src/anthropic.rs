@@ -30,7 +30,10 @@ use modelgate_proto::clock;
 use modelgate_proto::endpoint::Endpoint;
 use modelgate_proto::error::{ErrorCode, ErrorType, GatewayError};
 use modelgate_proto::framing::{self, error_event, Framing};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 
 /// The Messages API version requests are made with.
 pub const API_VERSION: &str = "2023-06-01";
@@ -134,17 +137,16 @@ impl ResponseTranslator for AnthropicAnswer {
     }
 
     fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
-        let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
-            // Not Anthropic's JSON (a proxy's page, say): the filter's error normaliser takes it from here.
-            return body.to_vec();
-        };
+        // Not Anthropic's JSON (a proxy's page, say): the filter's error normaliser takes it from here.
         if (200..300).contains(&status) {
-            chat_completion(&parsed).to_string().into_bytes()
-        } else {
-            match openai_error(status, &parsed) {
-                Some(error) => error.to_json(),
-                None => body.to_vec(),
-            }
+            return match serde_json::from_slice::<Message>(body) {
+                Ok(message) => chat_completion(&message),
+                Err(_) => body.to_vec(),
+            };
+        }
+        match serde_json::from_slice::<Value>(body).ok().and_then(|parsed| openai_error(status, &parsed)) {
+            Some(error) => error.to_json(),
+            None => body.to_vec(),
         }
     }
 
@@ -408,47 +410,163 @@ fn tool_choice(value: &Value) -> Result<Value, GatewayError> {
 
 // ---- responses ----
 
-fn finish_reason(stop_reason: &Value) -> Value {
-    match stop_reason.as_str() {
-        Some("end_turn" | "stop_sequence" | "pause_turn") => json!("stop"),
-        Some("max_tokens" | "model_context_window_exceeded") => json!("length"),
-        Some("tool_use") => json!("tool_calls"),
-        Some("refusal") => json!("content_filter"),
-        Some(_) => json!("stop"),
-        None => Value::Null,
+/// OpenAI's `finish_reason` for Anthropic's `stop_reason`.
+fn finish_reason(stop_reason: Option<&str>) -> Option<&'static str> {
+    match stop_reason? {
+        "end_turn" | "stop_sequence" | "pause_turn" => Some("stop"),
+        "max_tokens" | "model_context_window_exceeded" => Some("length"),
+        "tool_use" => Some("tool_calls"),
+        "refusal" => Some("content_filter"),
+        _ => Some("stop"),
     }
 }
 
-/// OpenAI usage from Anthropic's, whose `input_tokens` leaves out cached tokens.
-fn usage(usage: &Value) -> Value {
-    let count = |field: &str| usage[field].as_u64().unwrap_or(0);
-    let cached = count("cache_read_input_tokens");
-    let prompt = count("input_tokens") + cached + count("cache_creation_input_tokens");
-    let completion = count("output_tokens");
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-           "prompt_tokens_details": {"cached_tokens": cached}})
+/// Anthropic's token counts: a whole message's, or a stream's gathered from its events.
+#[derive(Deserialize, Default)]
+struct MessageUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
 }
 
-fn tool_call(block: &Value) -> Value {
-    json!({"id": block["id"], "type": "function",
-           "function": {"name": block["name"], "arguments": block["input"].to_string()}})
+/// OpenAI's `usage` of a chat completion.
+#[derive(Serialize)]
+struct ChatUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    prompt_tokens_details: CachedTokens,
+}
+
+#[derive(Serialize)]
+struct CachedTokens {
+    cached_tokens: u64,
+}
+
+impl MessageUsage {
+    /// OpenAI's usage: Anthropic's `input_tokens` leaves out cached tokens, which OpenAI's prompt counts.
+    fn chat(&self) -> ChatUsage {
+        let cached = self.cache_read_input_tokens.unwrap_or(0);
+        let prompt = self.input_tokens.unwrap_or(0) + cached + self.cache_creation_input_tokens.unwrap_or(0);
+        let completion = self.output_tokens.unwrap_or(0);
+        ChatUsage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: CachedTokens { cached_tokens: cached },
+        }
+    }
+}
+
+/// As much of a whole Messages API answer as a chat completion needs, read in
+/// place: the rest of it is skipped unread, and what is passed on as it is
+/// (`id`, `model`, a tool's `input`) is copied as the backend wrote it.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    content: Option<Vec<Block<'a>>>,
+    #[serde(borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+    usage: Option<MessageUsage>,
+}
+
+/// One content block of a message: text, a tool call, or one a chat completion has no place for.
+#[derive(Deserialize)]
+struct Block<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+}
+
+impl Block<'_> {
+    fn is(&self, kind: &str) -> bool {
+        self.kind.as_deref() == Some(kind)
+    }
+}
+
+#[derive(Serialize)]
+struct ChatCompletion<'a> {
+    id: Option<&'a RawValue>,
+    object: &'static str,
+    created: u64,
+    model: Option<&'a RawValue>,
+    choices: [Choice<'a>; 1],
+    usage: ChatUsage,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    message: Reply<'a>,
+    logprobs: (),
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    role: &'static str,
+    content: Option<String>,
+    refusal: (),
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCall<'a>>,
+}
+
+#[derive(Serialize)]
+struct ToolCall<'a> {
+    id: Option<&'a RawValue>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: Function<'a>,
+}
+
+#[derive(Serialize)]
+struct Function<'a> {
+    name: Option<&'a RawValue>,
+    arguments: &'a str,
+}
+
+/// A `tool_use` block as an OpenAI tool call, its input as the arguments' JSON text.
+fn tool_call<'a>(block: &Block<'a>) -> ToolCall<'a> {
+    ToolCall {
+        id: block.id,
+        kind: "function",
+        function: Function { name: block.name, arguments: block.input.map_or("null", RawValue::get) },
+    }
 }
 
 /// A whole Messages API answer as a `chat.completion`.
-fn chat_completion(message: &Value) -> Value {
-    let blocks = message["content"].as_array().map(Vec::as_slice).unwrap_or_default();
-    let text: String = blocks.iter().filter(|b| b["type"] == "text").filter_map(|b| b["text"].as_str()).collect();
-    let calls: Vec<Value> = blocks.iter().filter(|b| b["type"] == "tool_use").map(tool_call).collect();
-    let mut reply = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { json!(text) },
-                           "refusal": null});
-    if !calls.is_empty() {
-        reply["tool_calls"] = Value::Array(calls);
-    }
-    json!({
-        "id": message["id"], "object": "chat.completion", "created": clock::unix_seconds(), "model": message["model"],
-        "choices": [{"index": 0, "message": reply, "logprobs": null, "finish_reason": finish_reason(&message["stop_reason"])}],
-        "usage": usage(&message["usage"]),
-    })
+fn chat_completion(message: &Message) -> Vec<u8> {
+    let blocks = message.content.as_deref().unwrap_or_default();
+    let text: String = blocks.iter().filter(|b| b.is("text")).filter_map(|b| b.text.as_deref()).collect();
+    let tool_calls: Vec<ToolCall> = blocks.iter().filter(|b| b.is("tool_use")).map(tool_call).collect();
+    let content = if text.is_empty() && !tool_calls.is_empty() { None } else { Some(text) };
+    let completion = ChatCompletion {
+        id: message.id,
+        object: "chat.completion",
+        created: clock::unix_seconds(),
+        model: message.model,
+        choices: [Choice {
+            index: 0,
+            message: Reply { role: "assistant", content, refusal: (), tool_calls },
+            logprobs: (),
+            finish_reason: finish_reason(message.stop_reason.as_deref()),
+        }],
+        usage: message.usage.as_ref().map(MessageUsage::chat).unwrap_or_else(|| MessageUsage::default().chat()),
+    };
+    // Serializing these types into a Vec cannot fail.
+    serde_json::to_vec(&completion).unwrap_or_default()
 }
 
 /// An Anthropic error object (`{"type":"error","error":{...}}`) as an OpenAI error.
@@ -525,9 +643,12 @@ impl ChunkWriter {
                 if let Some(output) = data["usage"]["output_tokens"].as_u64() {
                     self.usage["output_tokens"] = json!(output);
                 }
-                self.delta(out, json!({}), finish_reason(&data["delta"]["stop_reason"]));
+                self.delta(out, json!({}), json!(finish_reason(data["delta"]["stop_reason"].as_str())));
             }
-            Some("message_stop") => self.head.write_end(out, usage(&self.usage)),
+            Some("message_stop") => {
+                let usage = MessageUsage::deserialize(&self.usage).unwrap_or_default();
+                self.head.write_end(out, usage.chat());
+            }
             Some("error") => {
                 if let Some(error) = openai_error(503, data) {
                     out.extend_from_slice(&error_event(&error));
@@ -742,7 +863,7 @@ mod tests {
         for (stop, finish) in
             [("end_turn", "stop"), ("max_tokens", "length"), ("stop_sequence", "stop"), ("refusal", "content_filter")]
         {
-            assert_eq!(finish_reason(&json!(stop)), json!(finish));
+            assert_eq!(finish_reason(Some(stop)), Some(finish));
         }
     }
 
@@ -848,6 +969,28 @@ mod tests {
             t.plan(200, b"text/event-stream");
             for piece in pieces {
                 let _ = t.stream(piece, false);
+            }
+        }
+
+        #[test]
+        fn any_whole_message_becomes_a_chat_completion_and_anything_else_passes_as_it_came(
+            id in any::<String>(), text in any::<String>(), query in any::<String>(),
+            junk in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let mut t = responses(false);
+            let message = json!({"id": id, "model": "m", "stop_reason": "end_turn", "content": [
+                {"type": "text", "text": text}, {"type": "tool_use", "id": "t", "name": "n", "input": {"q": query}}],
+                "usage": {"input_tokens": 1, "output_tokens": 2, "cache_read_input_tokens": null}});
+            let out: Value = serde_json::from_slice(&t.whole(200, message.to_string().as_bytes())).unwrap();
+            let reply = &out["choices"][0]["message"];
+            prop_assert_eq!(&out["id"], &json!(id));
+            // With a tool call and no text, the content is null, as OpenAI's.
+            prop_assert_eq!(&reply["content"], &if text.is_empty() { Value::Null } else { json!(text) });
+            let arguments: Value = serde_json::from_str(reply["tool_calls"][0]["function"]["arguments"].as_str().unwrap()).unwrap();
+            prop_assert_eq!(arguments, json!({"q": query}));
+            prop_assert_eq!(&out["usage"]["total_tokens"], &json!(3));
+            if serde_json::from_slice::<Message>(&junk).is_err() {
+                prop_assert_eq!(t.whole(200, &junk), junk);
             }
         }
 

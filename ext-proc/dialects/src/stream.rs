@@ -7,6 +7,7 @@ use crate::dialect::ResponsePlan;
 use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
 use modelgate_proto::framing::{error_event, CompleteEvents, Framing};
+use serde::Serialize;
 use serde_json::Value;
 
 /// The plan for an answer from a backend whose streams come in `framing`:
@@ -166,7 +167,7 @@ impl StreamHead {
     }
 
     /// Ends the stream: the usage chunk if it was asked for, then `[DONE]`.
-    pub fn write_end(&self, out: &mut Vec<u8>, usage: Value) {
+    pub fn write_end(&self, out: &mut Vec<u8>, usage: impl Serialize) {
         if self.include_usage {
             out.extend_from_slice(b"data: ");
             out.extend_from_slice(&self.prefix);
