@@ -15,6 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -67,7 +68,8 @@ type Histograms = Family<BackendLabels, Histogram, fn() -> Histogram>;
 
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    /// Locked only to add a collector and for a scrape: the counters themselves are atomics.
+    registry: Mutex<Registry>,
     requests: Family<KeyLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     prompt_tokens: Family<KeyLabels, Counter>,
@@ -86,7 +88,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut m = Metrics {
-            registry: Registry::default(),
+            registry: Mutex::new(Registry::default()),
             requests: Family::default(),
             errors: Family::default(),
             prompt_tokens: Family::default(),
@@ -101,7 +103,7 @@ impl Default for Metrics {
             dropped_records: Counter::default(),
             limit_store_errors: Counter::default(),
         };
-        let r = &mut m.registry;
+        let r = m.registry.get_mut().unwrap_or_else(PoisonError::into_inner);
         r.register("modelgate_requests", "Requests answered", m.requests.clone());
         r.register("modelgate_errors", "Requests answered with a status of 400 or more", m.errors.clone());
         r.register("modelgate_prompt_tokens", "Prompt tokens, as backends reported them", m.prompt_tokens.clone());
@@ -234,15 +236,16 @@ impl Metrics {
     }
 
     /// Metrics read at each scrape from a collector.
-    pub fn register_collector(&mut self, collector: Box<dyn Collector>) {
-        self.registry.register_collector(collector);
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner).register_collector(collector);
     }
 
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 }

@@ -74,11 +74,11 @@ pub const DEFAULT_DEDUP: Dedup = Dedup { window_ms: 60 * 60_000 };
 /// What the admin port keeps: metrics and the usage report's minutes, and
 /// the budgets its records settle.
 pub struct Admin {
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     usage: Usage,
     models: Arc<Mutex<HashSet<String>>>,
     budgets: Option<Arc<Budgets>>,
-    /// Where the records are parsed and labelled: it cannot hold a pick.
+    /// Where the records are parsed, labelled, counted and logged: it cannot hold a pick.
     records_thread: LowPriority,
 }
 
@@ -111,7 +111,7 @@ impl Admin {
 
     pub fn with_usage(usage: Usage) -> Self {
         Admin {
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             usage,
             models: Arc::new(Mutex::new(HashSet::new())),
             budgets: None,
@@ -128,7 +128,7 @@ impl Admin {
     }
 
     /// Adds metrics read from elsewhere at each scrape (the endpoint picker's, say) to `/metrics`.
-    pub fn with_collector(mut self, collector: Box<dyn Collector>) -> Self {
+    pub fn with_collector(self, collector: Box<dyn Collector>) -> Self {
         self.metrics.register_collector(collector);
         self
     }
@@ -166,43 +166,42 @@ impl Admin {
             .ok_or(IngestError::RecordsThread)?;
         let outcome = self.usage.apply(batch, &records, &tallies, now_ms).await.map_err(IngestError::Usage)?;
         if outcome == Outcome::Applied {
-            for (i, record) in records.iter().enumerate() {
-                if i % RECORDS_BETWEEN_YIELDS == RECORDS_BETWEEN_YIELDS - 1 {
-                    tokio::task::yield_now().await;
-                }
-                self.metrics.record(record);
-                log(record);
-            }
-            for tally in &tallies {
-                self.metrics.records_dropped(tally.dropped_records);
-                if tally.dropped_records > 0 {
-                    tracing::warn!(
-                        dropped = tally.dropped_records,
-                        "the gateway dropped usage records it could not send"
-                    );
-                }
-                for refused in &tally.refused {
-                    self.metrics.refused(refused);
-                    tracing::info!(
-                        key = refused.key.as_str(),
-                        model = refused.model.as_str(),
-                        status = refused.status,
-                        count = refused.count,
-                        "requests refused before any backend"
-                    );
-                }
-            }
+            let metrics = Arc::clone(&self.metrics);
+            self.records_thread
+                .run(move || count_and_log(&metrics, &records, &tallies))
+                .await
+                .ok_or(IngestError::RecordsThread)?;
         }
         Ok(outcome)
     }
 }
 
-/// Records counted in a row before the thread that also answers Envoy's
-/// ext_proc exchanges lets them go first: a second's batch from a busy worker
-/// (a thousand records and more) took milliseconds, and held every pick of a
-/// pool's replica waiting behind it. Their parse and labels are done on a
-/// thread of their own, of the lowest priority ([`LowPriority`]).
-const RECORDS_BETWEEN_YIELDS: usize = 64;
+/// Counts applied records and tallies into the metrics, and logs them. On the
+/// records' thread: a second's batch from a busy worker (a thousand records
+/// and more, a log line each) takes milliseconds, which on the thread that
+/// answers Envoy's ext_proc exchanges held every pick of a pool's replica.
+fn count_and_log(metrics: &Metrics, records: &[UsageRecord], tallies: &[Tally]) {
+    for record in records {
+        metrics.record(record);
+        log(record);
+    }
+    for tally in tallies {
+        metrics.records_dropped(tally.dropped_records);
+        if tally.dropped_records > 0 {
+            tracing::warn!(dropped = tally.dropped_records, "the gateway dropped usage records it could not send");
+        }
+        for refused in &tally.refused {
+            metrics.refused(refused);
+            tracing::info!(
+                key = refused.key.as_str(),
+                model = refused.model.as_str(),
+                status = refused.status,
+                count = refused.count,
+                "requests refused before any backend"
+            );
+        }
+    }
+}
 
 /// What a request that used nothing is charged.
 const NOTHING: Charge = Charge::Real { usd_micros: 0, tokens: 0 };
@@ -402,7 +401,7 @@ async fn post_records(
         Ok(batch) => batch,
         Err(error) => return error_response(&error),
     };
-    // Parsed where it cannot hold a pick (RECORDS_BETWEEN_YIELDS says why).
+    // Parsed where it cannot hold a pick (count_and_log says why).
     let Some(parsed) = admin.records_thread.run(move || parse_records(&body)).await else {
         return usage_store_unavailable(&IngestError::RecordsThread);
     };
