@@ -62,14 +62,16 @@ bench: setup build floors $(if $(SHORT),,$(PEER_VENV)/.litellm-$(LITELLM_VERSION
 bench-count: setup build floors
 	$(VPY) bench/count.py
 
-# The benchmark's floors: the wasm filter (bench/floor-filter) and the ext_proc service
-# (bench/continue-ext-proc), apart from `build`, whose load generator then compiles no gRPC crates.
+# The benchmark's floors: the wasm filter (bench/floor-filter), the ext_proc service
+# (bench/continue-ext-proc) and the relay (bench/floor-relay), apart from `build`, whose load
+# generator then compiles no gRPC crates.
 # The continue service is built in the same command as ext-proc and the guard: it then reuses their
 # gRPC crates as `build` compiled them (alone, it would compile them again with other features),
 # and adds no feature to theirs, so they are not rebuilt either.
 floors: wasm-target
 	cargo build --release --target wasm32-wasip1 -p modelgate-floor-filter
-	cargo build --release --locked -p modelgate-ext-proc -p modelgate-stream-guard -p modelgate-continue-ext-proc
+	cargo build --release --locked -p modelgate-ext-proc -p modelgate-stream-guard -p modelgate-continue-ext-proc \
+		-p modelgate-floor-relay
 
 # ext-proc and the guard are built by exactly the command ext-proc/Dockerfile runs (features are
 # unified per command), so the binaries the tests run are the ones the images hold. After `make

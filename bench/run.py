@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 from devstack import (ADMIN_PORT, BIN, DEMO_CONFIG, EXT_PROC_PORT, INNER_LISTENER_PORT, LISTENER_PORT,  # noqa: E402
-                      POOL_REPLICAS, Stack, edit_filter_config, free_port)
+                      POOL_REPLICAS, STREAM_GUARD_PORT, Stack, edit_filter_config, free_port)
 
 LOADGEN = ROOT / "target" / "release" / "modelgate-loadgen"
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
@@ -56,11 +56,14 @@ FLOORS = {"floor_wasm": ("floor-wasm-envoy", ROOT / "bench" / "floor-wasm.yaml")
           "floor_ext_proc": ("floor-ext-proc-envoy", ROOT / "bench" / "floor-ext-proc.yaml"),
           "floor_native_model": ("floor-native-model-envoy", ROOT / "bench" / "floor-native-model.yaml"),
           "floor_native_route": ("floor-native-route-envoy", ROOT / "bench" / "floor-native-route.yaml"),
-          "floor_two_pass": ("floor-two-pass-envoy", ROOT / "bench" / "floor-two-pass.yaml")}
+          "floor_two_pass": ("floor-two-pass-envoy", ROOT / "bench" / "floor-two-pass.yaml"),
+          "floor_relay": ("floor-relay-envoy", ROOT / "bench" / "floor-relay.yaml")}
 # What they load and call: the floor filter (bench/floor-filter) and the ext_proc service answering
 # "continue" (bench/continue-ext-proc), which floor_ext_proc's Envoy calls on EXT_PROC_PORT.
 FLOOR_FILTER = ROOT / "target" / "wasm32-wasip1" / "release" / "modelgate_floor_filter.wasm"
 CONTINUE_EXT_PROC = BIN / "modelgate-continue-ext-proc"
+# The process floor_relay's Envoy sends each request through between its passes (bench/floor-relay).
+FLOOR_RELAY = BIN / "modelgate-floor-relay"
 # Each route's floor: its added cost over it is modelgate's own.
 ROUTE_FLOORS = {**{s: "floor_wasm_header" for s in ["unaccounted", "passthrough", "cache_hit", "rate_limited", "rename"]},
                 **{s: "floor_ext_proc" for s in ["pool", "anthropic", "ollama"]}}
@@ -91,7 +94,7 @@ BATCH_TIMEOUT_S = 600
 # machine is otherwise so contended that the figures measure the scheduler, not the gateway.
 PINNING = ({name: "1" for name in ["envoy", "bare-envoy", "keyed-envoy", "quiet-envoy", "cached-envoy", "ext-proc",
                                     "stream-guard", "litellm", *(envoy for envoy, _ in FLOORS.values()),
-                                    "continue-ext-proc"]}
+                                    "continue-ext-proc", "floor-relay"]}
            | {name: "0" for name in ["vllm-llama", "sglang-qwen", "llamacpp-mistral", *TRANSLATED, *POOL_REPLICAS,
                                      "loadgen"]}
            if (os.cpu_count() or 1) >= 2 else {})
@@ -232,18 +235,24 @@ def start_continue_ext_proc(stack: Stack) -> int:
 
 def floor_ports(stack: Stack, ext_proc_port: int) -> dict[int, int]:
     """A floor Envoy's ports: a listener, a second listener and admin of its own, `stack`'s backend,
-    and the continue ext_proc service on `ext_proc_port`."""
+    the continue ext_proc service on `ext_proc_port`, and a port for floor_relay's relay."""
     return {LISTENER_PORT: free_port(), INNER_LISTENER_PORT: free_port(), ADMIN_PORT: free_port(),
-            8001: stack.ports[8001], EXT_PROC_PORT: ext_proc_port}
+            8001: stack.ports[8001], EXT_PROC_PORT: ext_proc_port, STREAM_GUARD_PORT: free_port()}
 
 
 def start_floors(stack: Stack) -> dict[str, int]:
     """Starts the continue ext_proc service and each floor's Envoy (FLOORS) in front of `stack`'s
     backend, pinned as the gateway is; returns each floor's listener port."""
     ext_proc_port = start_continue_ext_proc(stack)
+    if not FLOOR_RELAY.exists():
+        sys.exit(f"{FLOOR_RELAY} is missing: run `make bench`, which builds it")
     listeners = {}
     for scenario, (name, config) in FLOORS.items():
         ports = floor_ports(stack, ext_proc_port)
+        if scenario == "floor_relay":
+            stack.spawn("floor-relay", [str(FLOOR_RELAY), "--listen", f"127.0.0.1:{ports[STREAM_GUARD_PORT]}",
+                                        "--upstream", f"127.0.0.1:{ports[INNER_LISTENER_PORT]}"])
+            stack.wait_for_port(ports[STREAM_GUARD_PORT])
         stack.start_envoy(name, config, ports)
         listeners[scenario] = ports[LISTENER_PORT]
     return listeners
@@ -282,7 +291,7 @@ def measure(run: Run, stack: Stack) -> dict:
                "floor_wasm": ["floor-wasm-envoy"], "floor_wasm_header": ["floor-wasm-header-envoy"],
                "floor_ext_proc": ["floor-ext-proc-envoy", "continue-ext-proc"],
                "floor_native_model": ["floor-native-model-envoy"], "floor_native_route": ["floor-native-route-envoy"],
-               "floor_two_pass": ["floor-two-pass-envoy"],
+               "floor_two_pass": ["floor-two-pass-envoy"], "floor_relay": ["floor-relay-envoy", "floor-relay"],
                "passthrough": ["envoy", "ext-proc"], "cache_hit": ["cached-envoy", "ext-proc"],
                "rate_limited": ["keyed-envoy", "ext-proc"],
                "rename": ["envoy", "ext-proc"], "pool": ["envoy", "ext-proc"], "fallbacks": ["envoy", "stream-guard"], "litellm": ["litellm"],
@@ -321,12 +330,14 @@ def measure(run: Run, stack: Stack) -> dict:
     # timer jitter moves a gap's p99 by a millisecond or more from one run to the next, so the
     # scenarios are interleaved over rounds and each one's median round (by gap p99) counts.
     stream_rate = 20 if run.short else 100
-    # The two-pass floor: what a guarded stream's second pass through Envoy costs alone.
+    # The two-pass floor: what a guarded stream's second pass through Envoy costs alone; the relay
+    # floor: that, with a process between the passes that only copies bytes.
     guarded = ["passthrough", "rename", *TRANSLATED, *CLIENT_APIS]
-    streamed = ["direct", "bare", "floor_two_pass", *guarded]
+    streamed = ["direct", "bare", "floor_two_pass", "floor_relay", *guarded]
     stream_rounds: dict[str, list[dict]] = {s: [] for s in streamed}
     # Per stream, CPU time is steady where the gap's p99 is not: it says what a stream costs each process.
     stream_serving = {"direct": [BACKEND], "bare": ["bare-envoy"], "floor_two_pass": ["floor-two-pass-envoy"],
+                      "floor_relay": ["floor-relay-envoy", "floor-relay"],
                       **{s: ["envoy", "stream-guard", "ext-proc"] for s in guarded}}
     for _ in range(1 if run.short else 5):
         for s in streamed:
@@ -611,13 +622,17 @@ def targets(results: dict) -> list[tuple[str, str, str, bool | None]]:
         if route in ["passthrough", "rename"]:
             r = envoy_cpu(st[route]) / envoy_cpu(st["bare"])
             rows.append((f"streaming {route}: Envoy CPU per stream / bare Envoy's", f"{r:.2f}x", "<= 1.3x", r <= 1.3))
-    # What the guarded routes' two passes through Envoy cost with nothing else: the floor under both stream targets.
-    if not failed(st["floor_two_pass"]):
-        r = envoy_cpu(st["floor_two_pass"]) / envoy_cpu(st["bare"])
-        gap = st["floor_two_pass"]["chunk_gap"]["p99_ms"] - st["bare"]["chunk_gap"]["p99_ms"]
-        rows.append(("streaming floor, two passes through Envoy: Envoy CPU per stream / bare Envoy's", f"{r:.2f}x",
+    # What the guarded routes' two passes through Envoy cost with nothing else, and with a process
+    # that only relays between them: the floors under both stream targets.
+    for floor, what in [("floor_two_pass", "two passes through Envoy"),
+                        ("floor_relay", "two passes through Envoy, a relay process between")]:
+        if failed(st[floor]):
+            continue
+        r = envoy_cpu(st[floor]) / envoy_cpu(st["bare"])
+        gap = st[floor]["chunk_gap"]["p99_ms"] - st["bare"]["chunk_gap"]["p99_ms"]
+        rows.append((f"streaming floor, {what}: Envoy CPU per stream / bare Envoy's", f"{r:.2f}x",
                      "the floor under <= 1.3x", None))
-        rows.append(("streaming floor, two passes through Envoy: added gap between chunks (p99)", f"{gap:+.3f} ms",
+        rows.append((f"streaming floor, {what}: added gap between chunks (p99)", f"{gap:+.3f} ms",
                      "the floor under <= 0.2 ms", None))
     if "litellm" in tp:
         r = tp["passthrough"]["throughput_rps"] / tp["litellm"]["throughput_rps"]
