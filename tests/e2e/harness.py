@@ -62,6 +62,18 @@ def add_failing_backends(config: dict) -> None:
 
 # Where the `filekey` backend's API key is read from; tests rewrite it to rotate the key.
 KEY_FILE = Path(tempfile.mkdtemp(prefix="modelgate-keys-")) / "backend-key"
+# How long ext-proc and the stream guard use a key file's contents before reading it again
+# (credentials.rs, KEY_FILE_FRESH).
+KEY_FILE_FRESH_S = 1.0
+
+
+def rewrite_key_file(text: str | None) -> None:
+    """Writes KEY_FILE (removes it, with None), then waits until the gateway reads it again."""
+    if text is None:
+        KEY_FILE.unlink()
+    else:
+        KEY_FILE.write_text(text)
+    time.sleep(KEY_FILE_FRESH_S + 0.2)
 
 
 def add_keyed_backends(config: dict) -> None:

@@ -108,7 +108,7 @@ def test_client_headers_cannot_route_an_unknown_model(http):
 # Streams are rewritten by the stream guard, other requests by ext_proc: the same rules either way.
 @pytest.mark.parametrize("stream", [False, True])
 def test_backend_keys_come_from_configuration_not_from_clients(stack, stream):
-    from harness import KEY_FILE, attempts_at, sdk
+    from harness import attempts_at, rewrite_key_file, sdk
 
     def key_seen(model: str, client_key: str) -> str | None:
         rid = request_id()
@@ -124,23 +124,23 @@ def test_backend_keys_come_from_configuration_not_from_clients(stack, stream):
     assert key_seen("llama-3.1-8b-instruct", "sk-client") is None
     assert key_seen("shared-model", "sk-client") == "Bearer sk-client"
     assert key_seen("filekey-model", "sk-client") == "Bearer sk-from-file-1"
-    # A rotated secret is used from the next request on, without a restart.
-    KEY_FILE.write_text("sk-from-file-2")
+    # A rotated secret is used within a second, without a restart.
+    rewrite_key_file("sk-from-file-2")
     assert key_seen("filekey-model", "sk-client") == "Bearer sk-from-file-2"
-    KEY_FILE.write_text("sk-from-file-1\n")
+    rewrite_key_file("sk-from-file-1\n")
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_unreadable_key_is_a_500_that_names_no_secret(stack, stream):
-    from harness import KEY_FILE, sdk
+    from harness import KEY_FILE, rewrite_key_file, sdk
 
     saved = KEY_FILE.read_text()
-    KEY_FILE.unlink()
+    rewrite_key_file(None)
     try:
         with pytest.raises(openai.InternalServerError) as err:
             sdk(stack, retries=2).chat.completions.create(model="filekey-model", messages=HELLO, stream=stream)
     finally:
-        KEY_FILE.write_text(saved)
+        rewrite_key_file(saved)
     assert err.value.status_code == 500
     assert err.value.body["code"] == "backend_key_unavailable"
     assert str(KEY_FILE) not in err.value.message

@@ -1,6 +1,6 @@
 //! The API key a backend is called with: from the process's environment, from
-//! a file (a mounted secret, read on every request so a rotated key takes
-//! effect at once), or the client's own.
+//! a file (a mounted secret, read again once its last read is a second old, so
+//! a rotated key takes effect within a second), or the client's own.
 //!
 //! Where a key comes from arrives with each request, in the backend profile
 //! the filter sets, and anyone who can reach ext-proc or the stream guard can
@@ -11,7 +11,19 @@
 
 use modelgate_proto::backend::ApiKey;
 use modelgate_proto::error::GatewayError;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long a key file's contents serve before the file is read again. Within
+/// it a request costs no file read: nine system calls, with the path's
+/// resolution, of the twenty-five ext-proc makes for a translated request.
+pub const KEY_FILE_FRESH: Duration = Duration::from_secs(1);
+
+/// Key files remembered at most: a path is client-shaped (a profile sent to
+/// ext-proc), and one file has many spellings.
+const MOST_KEY_FILES: usize = 64;
 
 /// The key sources this process may read, from its command line.
 #[derive(Debug, Default, Clone)]
@@ -21,6 +33,43 @@ pub struct KeySources {
     /// Directories of key files, canonical: a file is read only when its own
     /// canonical path (`..` and symlinks resolved) lies inside one of them.
     dirs: Vec<PathBuf>,
+    /// Key files lately read, by the path a profile named.
+    read: ReadKeyFiles,
+}
+
+/// Key files' contents and when each was read; never printed.
+#[derive(Default, Clone)]
+struct ReadKeyFiles {
+    fresh_for: Duration,
+    files: Arc<Mutex<HashMap<String, (Instant, String)>>>,
+}
+
+impl std::fmt::Debug for ReadKeyFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadKeyFiles(fresh for {:?})", self.fresh_for)
+    }
+}
+
+impl ReadKeyFiles {
+    fn new(fresh_for: Duration) -> Self {
+        ReadKeyFiles { fresh_for, files: Arc::default() }
+    }
+
+    /// The key last read from `path`, if that was within `fresh_for`.
+    fn fresh(&self, path: &str) -> Option<String> {
+        let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        files.get(path).filter(|(read, _)| read.elapsed() < self.fresh_for).map(|(_, key)| key.clone())
+    }
+
+    fn keep(&self, path: &str, key: &str) {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if files.len() >= MOST_KEY_FILES {
+            files.retain(|_, (read, _)| read.elapsed() < self.fresh_for);
+        }
+        if files.len() < MOST_KEY_FILES || files.contains_key(path) {
+            files.insert(path.to_string(), (Instant::now(), key.to_string()));
+        }
+    }
 }
 
 /// The command-line options naming the allowed key sources, shared by ext-proc and the stream guard.
@@ -47,13 +96,22 @@ impl KeySourceArgs {
 
 impl KeySources {
     pub fn new(env: Vec<String>, dirs: &[PathBuf]) -> Result<Self, String> {
+        Self::with_key_files_fresh_for(env, dirs, KEY_FILE_FRESH)
+    }
+
+    /// The same, a key file read again once its contents are `fresh_for` old.
+    pub fn with_key_files_fresh_for(env: Vec<String>, dirs: &[PathBuf], fresh_for: Duration) -> Result<Self, String> {
         let dirs = dirs
             .iter()
             .map(|dir| {
                 std::fs::canonicalize(dir).map_err(|e| format!("key directory {} cannot be used: {e}", dir.display()))
             })
             .collect::<Result<_, _>>()?;
-        Ok(KeySources { env: env.into_iter().filter(|name| !name.is_empty()).collect(), dirs })
+        Ok(KeySources {
+            env: env.into_iter().filter(|name| !name.is_empty()).collect(),
+            dirs,
+            read: ReadKeyFiles::new(fresh_for),
+        })
     }
 
     /// The key for a backend whose profile says `source`; `client_key` is the
@@ -70,9 +128,15 @@ impl KeySources {
                 }
             }
             ApiKey::File(path) => {
+                if let Some(key) = self.read.fresh(path) {
+                    return Ok(Some(key));
+                }
                 let file = self.allowed_file(Path::new(path))?;
                 match std::fs::read_to_string(&file) {
-                    Ok(key) if !key.trim().is_empty() => Ok(Some(key.trim().to_string())),
+                    Ok(key) if !key.trim().is_empty() => {
+                        self.read.keep(path, key.trim());
+                        Ok(Some(key.trim().to_string()))
+                    }
                     Ok(_) => Err(log_key_unavailable(&format!("{path} is empty"))),
                     Err(e) => Err(log_key_unavailable(&format!("{path} cannot be read: {e}"))),
                 }
@@ -144,7 +208,8 @@ mod tests {
         let dir = scratch("files");
         let file = dir.join("backend");
         std::fs::write(&file, "sk-file\n").unwrap();
-        let sources = KeySources::new(Vec::new(), std::slice::from_ref(&dir)).unwrap();
+        let sources =
+            KeySources::with_key_files_fresh_for(Vec::new(), std::slice::from_ref(&dir), Duration::ZERO).unwrap();
         let source = ApiKey::File(file.display().to_string());
         assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-file"));
         std::fs::remove_file(&file).unwrap();
@@ -158,6 +223,31 @@ mod tests {
         );
         assert_eq!(sources.resolve(&ApiKey::Passthrough, Some(b"sk-raw")).unwrap().as_deref(), Some("sk-raw"));
         assert_eq!(sources.resolve(&ApiKey::Passthrough, None).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_file_is_read_again_once_its_contents_are_stale() {
+        let dir = scratch("fresh");
+        let file = dir.join("backend");
+        std::fs::write(&file, "sk-old").unwrap();
+        let source = ApiKey::File(file.display().to_string());
+        let sources =
+            KeySources::with_key_files_fresh_for(Vec::new(), std::slice::from_ref(&dir), Duration::from_secs(3600))
+                .unwrap();
+        assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-old"));
+        std::fs::write(&file, "sk-new").unwrap();
+        assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-old"), "still fresh: not read");
+        let stale =
+            KeySources::with_key_files_fresh_for(Vec::new(), std::slice::from_ref(&dir), Duration::ZERO).unwrap();
+        assert_eq!(stale.resolve(&source, None).unwrap().as_deref(), Some("sk-new"));
+        assert!(!format!("{sources:?}").contains("sk-"), "keys are never printed");
+        // However many spellings of paths are sent, the remembered ones stay bounded.
+        for n in 0..2 * MOST_KEY_FILES {
+            let spelling = format!("{}/{}backend", dir.display(), "./".repeat(n));
+            assert!(sources.resolve(&ApiKey::File(spelling), None).is_ok());
+        }
+        assert_eq!(sources.read.files.lock().unwrap().len(), MOST_KEY_FILES);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -222,7 +312,9 @@ mod tests {
         version("..2026_12_01_10_00_00.1", "sk-first\n");
         std::os::unix::fs::symlink("..2026_12_01_10_00_00.1", dir.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/anthropic-api-key", dir.join("anthropic-api-key")).unwrap();
-        let sources = KeySources::new(Vec::new(), std::slice::from_ref(&dir)).unwrap();
+        // Read on every request here; the second a read serves is tested apart.
+        let sources =
+            KeySources::with_key_files_fresh_for(Vec::new(), std::slice::from_ref(&dir), Duration::ZERO).unwrap();
         let source = ApiKey::File(dir.join("anthropic-api-key").display().to_string());
         assert_eq!(sources.resolve(&source, None).unwrap().as_deref(), Some("sk-first"));
 
