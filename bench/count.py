@@ -362,11 +362,11 @@ class Counted:
     """A process under callgrind, and where its dumps go (one file per thread)."""
     pid: int
     dump: Path
+    # The files of the last dump.
+    last: list[Path] = field(default_factory=list)
 
     def zero(self) -> None:
         control(self.pid, "--zero")
-
-    last: list[Path] = field(default_factory=list)
 
     def threads(self) -> list[dict[str, int]]:
         """Dumps the counters: Ir by object, for each thread (the files are kept in `last`)."""
