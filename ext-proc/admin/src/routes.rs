@@ -251,8 +251,7 @@ fn model_label(models: &mut HashSet<String>, model: &str, served: bool) -> Strin
 
 /// One log line per request, on the target operators silence it by
 /// (`RUST_LOG=info,modelgate::requests=off`). One event, without a span: a
-/// span formats its fields once more, and this runs for every record on the
-/// thread that answers Envoy.
+/// span formats its fields once more, for every record.
 fn log(record: &UsageRecord) {
     let usage = record.usage.map(|usage| (usage.prompt_tokens, usage.completion_tokens));
     tracing::info!(
