@@ -137,7 +137,8 @@ impl ResponseTranslator for AnthropicAnswer {
     }
 
     fn whole(&mut self, status: u16, body: &[u8]) -> Vec<u8> {
-        // Not Anthropic's JSON (a proxy's page, say): the filter's error normaliser takes it from here.
+        // A body that is not Anthropic's (a proxy's page, say) passes as it came: the filter's
+        // error normaliser takes it from here.
         if (200..300).contains(&status) {
             return match serde_json::from_slice::<Message>(body) {
                 Ok(message) => chat_completion(&message),
