@@ -69,7 +69,9 @@ fn check_one(
     let verdict = call(ext_proc, &[(bucket, per_minute, cost)], debiting)[0];
     let latest = redis_now(redis);
     let after = tat(redis, bucket);
-    assert!(latest - earliest < 1_000_000, "a call took over a second");
+    // Bounds the search below; a loaded machine (a build beside the tests) can stall a call for
+    // over a second, which is no wrong verdict.
+    assert!(latest - earliest < 10_000_000, "a call took over ten seconds");
     let reference = if debiting { overspend } else { spend };
     // A state at or before now is a full bucket, whatever its value: a refusal leaves it unwritten.
     let matched = (earliest..=latest).any(|now| {
@@ -120,7 +122,9 @@ fn check_request(ext_proc: &ExtProc, redis: &mut redis::Connection, buckets: &[B
     let verdicts = send(ext_proc, &request);
     let latest = redis_now(redis);
     let after: Vec<u64> = buckets.iter().map(|b| tat(redis, &b.name)).collect();
-    assert!(latest - earliest < 1_000_000, "a call took over a second");
+    // Bounds the search below; a loaded machine (a build beside the tests) can stall a call for
+    // over a second, which is no wrong verdict.
+    assert!(latest - earliest < 10_000_000, "a call took over ten seconds");
     let matched = (earliest..=latest).any(|now| {
         let store = MemoryBuckets::default();
         for (bucket, state) in buckets.iter().zip(&before) {
