@@ -17,11 +17,11 @@ def test_short_benchmark_runs_every_scenario(tmp_path):
     results = json.loads(result_file.read_text())
 
     floors = {"floor_wasm", "floor_wasm_header", "floor_ext_proc", "floor_native_model", "floor_native_route",
-              "floor_two_pass"}
+              "floor_two_pass", "floor_relay"}
     assert set(results["throughput"]) == {"direct", "bare", *floors, "unaccounted", "passthrough", "cache_hit",
                                           "rate_limited", "rename", "pool", "fallbacks", "anthropic", "ollama"}
-    assert set(results["streaming"]) == {"direct", "bare", "floor_two_pass", "passthrough", "rename", "anthropic",
-                                         "ollama", "responses", "messages"}
+    assert set(results["streaming"]) == {"direct", "bare", "floor_two_pass", "floor_relay", "passthrough", "rename",
+                                         "anthropic", "ollama", "responses", "messages"}
     runs = [*results["throughput"].values(), *results["latency"], *results["streaming"].values()]
     for run in runs:
         assert run["errors"] == 0, run
