@@ -23,6 +23,12 @@ impl Weigh for Vec<u8> {
     }
 }
 
+impl Weigh for String {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
 #[derive(Debug)]
 pub struct Lru<V> {
     max_bytes: usize,

@@ -10,20 +10,21 @@
 //! Keys never appear in logs or error messages; only where they come from does.
 
 use modelgate_proto::backend::ApiKey;
+use modelgate_proto::clock;
 use modelgate_proto::error::GatewayError;
-use std::collections::HashMap;
+use modelgate_proto::lru::Lru;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a key file's contents serve before the file is read again. Within
 /// it a request costs no file read: nine system calls, with the path's
 /// resolution, of the twenty-five ext-proc makes for a translated request.
 pub const KEY_FILE_FRESH: Duration = Duration::from_secs(1);
 
-/// Key files remembered at most: a path is client-shaped (a profile sent to
-/// ext-proc), and one file has many spellings.
-const MOST_KEY_FILES: usize = 64;
+/// The most memory key files are remembered in: a path is client-shaped (a
+/// profile sent to ext-proc), and one file has many spellings.
+const MOST_KEY_FILE_BYTES: usize = 32 * 1024;
 
 /// The key sources this process may read, from its command line.
 #[derive(Debug, Default, Clone)]
@@ -37,11 +38,11 @@ pub struct KeySources {
     read: ReadKeyFiles,
 }
 
-/// Key files' contents and when each was read; never printed.
+/// Key files' contents, each until it is `fresh_for` old; never printed.
 #[derive(Default, Clone)]
 struct ReadKeyFiles {
     fresh_for: Duration,
-    files: Arc<Mutex<HashMap<String, (Instant, String)>>>,
+    files: Arc<Mutex<Lru<String>>>,
 }
 
 impl std::fmt::Debug for ReadKeyFiles {
@@ -52,23 +53,17 @@ impl std::fmt::Debug for ReadKeyFiles {
 
 impl ReadKeyFiles {
     fn new(fresh_for: Duration) -> Self {
-        ReadKeyFiles { fresh_for, files: Arc::default() }
+        ReadKeyFiles { fresh_for, files: Arc::new(Mutex::new(Lru::new(MOST_KEY_FILE_BYTES))) }
     }
 
     /// The key last read from `path`, if that was within `fresh_for`.
     fn fresh(&self, path: &str) -> Option<String> {
-        let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-        files.get(path).filter(|(read, _)| read.elapsed() < self.fresh_for).map(|(_, key)| key.clone())
+        self.files.lock().unwrap_or_else(PoisonError::into_inner).get(path, clock::unix_millis()).cloned()
     }
 
     fn keep(&self, path: &str, key: &str) {
-        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-        if files.len() >= MOST_KEY_FILES {
-            files.retain(|_, (read, _)| read.elapsed() < self.fresh_for);
-        }
-        if files.len() < MOST_KEY_FILES || files.contains_key(path) {
-            files.insert(path.to_string(), (Instant::now(), key.to_string()));
-        }
+        let expires_ms = clock::unix_millis().saturating_add(self.fresh_for.as_millis() as u64);
+        self.files.lock().unwrap_or_else(PoisonError::into_inner).put(path, key.to_string(), expires_ms);
     }
 }
 
@@ -243,11 +238,12 @@ mod tests {
         assert_eq!(stale.resolve(&source, None).unwrap().as_deref(), Some("sk-new"));
         assert!(!format!("{sources:?}").contains("sk-"), "keys are never printed");
         // However many spellings of paths are sent, the remembered ones stay bounded.
-        for n in 0..2 * MOST_KEY_FILES {
+        for n in 0..128 {
             let spelling = format!("{}/{}backend", dir.display(), "./".repeat(n));
             assert!(sources.resolve(&ApiKey::File(spelling), None).is_ok());
         }
-        assert_eq!(sources.read.files.lock().unwrap().len(), MOST_KEY_FILES);
+        let held = sources.read.files.lock().unwrap().bytes();
+        assert!(held > 0 && held <= MOST_KEY_FILE_BYTES, "{held} bytes held");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
